@@ -1,0 +1,151 @@
+"""Shared fixtures: the loopback emulator, generated audio, settings in temp folders, and waiting helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import struct
+import threading
+import time
+import wave
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings
+from watcher.emulator import Emulator
+
+API_KEY = "test-key-5f1c2a9e"
+
+
+def write_tone(path: Path, seconds: float = 1.0, *, freq: float = 440.0, rate: int = 22050, channels: int = 2) -> Path:
+    """A small PCM WAV file whose content depends on ``freq`` and ``seconds``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = bytearray()
+    for i in range(int(seconds * rate)):
+        v = int(8000 * math.sin(2 * math.pi * freq * i / rate))
+        frames += struct.pack("<" + "h" * channels, *([v] * channels))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(frames))
+    return path
+
+
+def write_silent_wav(path: Path, megabytes: float) -> Path:
+    """A large WAV of digital silence, written fast (for upload and memory tests)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        block = bytes(1 << 20)
+        for _ in range(int(megabytes)):
+            w.writeframes(block)
+    return path
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)  # sleep-ok: the polling step of a deadline-bounded wait
+
+
+@pytest.fixture
+def emulator() -> Iterator[Emulator]:
+    """Both emulated services on 127.0.0.1, with fake (hash-derived) analysis results."""
+    with Emulator(analysis_key=API_KEY, use_local=False) as emu:
+        yield emu
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+def make_settings(tmp_path: Path, folder: Path, emulator_url: str, **analysis: Any) -> Settings:
+    """Settings for one fast-settling folder analysed through the emulator."""
+    return Settings(
+        state_dir=tmp_path / "state",
+        folders=(FolderConfig(path=folder, settle_seconds=0.3, rescan_interval=3600),),
+        analysis=AnalysisConfig(base_url=emulator_url, api_key=API_KEY, **analysis),
+        retry=RetryConfig(backoff_initial=0.2, backoff_max=1.0, max_attempts=4, needs_user_backoff=60),
+    )
+
+
+class DaemonThread:
+    """A Daemon running on its own event loop in a thread, stoppable like SIGTERM would."""
+
+    def __init__(self, settings: Settings) -> None:
+        from watcher.daemon import Daemon
+
+        self.daemon = Daemon(settings, handle_signals=False)
+        self.loop = asyncio.new_event_loop()
+        self.exit_code: int | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.exit_code = self.loop.run_until_complete(self.daemon.run())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.loop.close()
+
+    def start(self) -> DaemonThread:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0, *, force: bool = False) -> int | None:
+        """Stop as SIGTERM does (``force``: as a second SIGTERM, checkpointing in-flight work at once)."""
+        self.loop.call_soon_threadsafe(lambda: self.daemon.request_stop("test", force=force))
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the daemon did not stop"
+        if self.error:
+            raise self.error
+        return self.exit_code
+
+
+@pytest.fixture
+def run_daemon() -> Iterator[Callable[[Settings], DaemonThread]]:
+    started: list[DaemonThread] = []
+
+    def start(settings: Settings) -> DaemonThread:
+        d = DaemonThread(settings).start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d._thread.is_alive():
+            d.stop()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the developer's own config, keys or systemd environment."""
+    for name in list(os.environ):
+        if name.startswith("WATCHER_") or name in (
+            "ESSENTIA_API_KEY",
+            "NEURALANALOG_API_KEY",
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
+            "NOTIFY_SOCKET",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))

@@ -1,0 +1,5 @@
+"""`python -m watcher`: the same entry point as the `watcher` console script."""
+
+from watcher.cli import main
+
+raise SystemExit(main())

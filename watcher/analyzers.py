@@ -1,0 +1,122 @@
+"""The analysis backends the analyze stage can use, and the choice between them (``backend = "auto"``).
+
+``remote`` streams to the analysis service; ``local`` computes key, tempo and loudness with Essentia in a
+process pool (the optional ``local`` extra). ``auto`` takes remote when an API key is configured, else local.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+
+from watcher.config import AnalysisConfig
+from watcher.errors import BadInput, ConfigError
+from watcher.services.analysis import AnalysisClient, AnalysisReport, AudioSource, ModelResult
+from watcher.services.http import HttpPolicy
+
+log = structlog.get_logger("watcher.analysis")
+
+
+class RemoteAnalyzer:
+    """The analysis service, through :class:`AnalysisClient`."""
+
+    name = "remote"
+
+    def __init__(self, cfg: AnalysisConfig, **client_kwargs: Any) -> None:
+        key = cfg.api_key.get_secret_value() if cfg.api_key else None
+        policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
+        self.base_url = cfg.base_url
+        self.client = AnalysisClient(cfg.base_url, key, policy=policy, **client_kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "base_url": self.base_url}
+
+    async def analyze(
+        self,
+        audio: AudioSource,
+        models: Sequence[str],
+        on_result: Callable[[ModelResult], Awaitable[None] | None],
+    ) -> AnalysisReport:
+        return await self.client.analyze(audio, models, on_result)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class LocalBackend:
+    """Essentia on this machine, in a bounded process pool."""
+
+    name = "local"
+
+    def __init__(self, cfg: AnalysisConfig) -> None:
+        from watcher.local.pool import LocalAnalyzer
+
+        self.pool = LocalAnalyzer(workers=cfg.local_workers)
+        self._version: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self._version:
+            out["essentia_version"] = self._version
+        return out
+
+    async def analyze(
+        self,
+        audio: AudioSource,
+        models: Sequence[str],
+        on_result: Callable[[ModelResult], Awaitable[None] | None],
+    ) -> AnalysisReport:
+        path = getattr(audio, "path", None)
+        if path is None:
+            raise BadInput("the local backend needs a file on disk")
+        answer = await self.pool.analyze(str(path), list(models))
+        self._version = answer.get("essentia_version") or self._version
+        report = AnalysisReport(requests=1)
+        for spec, r in answer.get("results", {}).items():
+            result = ModelResult(spec, r["model_name"], r.get("model_version"), None, r["results"])
+            report.results[spec] = result
+            outcome = on_result(result)
+            if outcome is not None:
+                await outcome
+        for spec, message in answer.get("errors", {}).items():
+            report.errors.append(f"{spec}: {message}")
+        return report
+
+    async def aclose(self) -> None:
+        self.pool.close()
+
+
+Backend = RemoteAnalyzer | LocalBackend
+
+
+def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
+    """Which backend runs and why, in words for the start-up log line; ConfigError when none can."""
+    from watcher import local
+
+    has_key = cfg.api_key is not None
+    if cfg.backend == "remote":
+        if not has_key:
+            log.warning("analysis.no_key", next="requests go out without a key; the service may refuse them")
+        return "remote", 'backend = "remote" in the configuration'
+    if cfg.backend == "local":
+        if not local.available():
+            raise ConfigError(
+                'analysis.backend = "local" needs the local extra: pip install "watcher[local]" '
+                "(Essentia wheels: CPython 3.11-3.13 on Linux x86_64 and macOS)"
+            )
+        return "local", 'backend = "local" in the configuration'
+    if has_key:
+        return "remote", "an API key for the analysis service is configured"
+    if local.available():
+        return "local", "no API key is configured and the local extra (Essentia) is installed"
+    raise ConfigError(
+        "no analysis backend can run: set an API key (ESSENTIA_API_KEY, analysis.api_key or analysis.api_key_file) "
+        'for the remote service, or install the local extra: pip install "watcher[local]"; '
+        "or set analysis.enabled = false"
+    )
+
+
+def make_backend(cfg: AnalysisConfig, which: str, **client_kwargs: Any) -> Backend:
+    return RemoteAnalyzer(cfg, **client_kwargs) if which == "remote" else LocalBackend(cfg)

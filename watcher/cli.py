@@ -1,0 +1,199 @@
+"""The command line: parses arguments and calls the daemon, the store or the emulator; no business logic.
+
+Exit codes: 0 success; 1 some work failed (`scan`) or the daemon stopped on an internal failure;
+2 a usage or configuration error (the message names the key or argument); 3 start-up failed (the state
+folder or store cannot be used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watcher import __version__
+from watcher.config import Settings, find_config, load_settings, secrets_of
+from watcher.errors import ConfigError
+from watcher.log import configure_logging, register_secrets
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
+RESTART_STAGE = {"analyze": "pending"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="watcher",
+        description="Watch folders for new audio, analyse it, and archive its processed versions.",
+        epilog="Exit codes: 0 ok, 1 work failed, 2 usage or configuration error, 3 start-up failed.",
+    )
+    parser.add_argument("--version", action="version", version=f"watcher {__version__}")
+    parser.add_argument("--config", type=Path, help="config file (default: $WATCHER_CONFIG, else the platform's)")
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "console", "json"],
+        default="auto",
+        help="console on a terminal, JSON lines otherwise (default: auto)",
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log_level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("folders", nargs="*", type=Path, metavar="FOLDER", help="folders to watch (replace [[folders]])")
+
+    scan = sub.add_parser("scan", help="process what is in PATH now, then exit (1 if anything failed)")
+    scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    scan.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    status = sub.add_parser("status", help="counts per stage and every file that failed, with its reason")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    retry = sub.add_parser("retry", help="make failed files (or the given paths) due again")
+    retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    retry.add_argument("--failed", action="store_true", help="every failed file")
+
+    emulate = sub.add_parser("emulate", help="serve both services' emulators on loopback (tests, demos)")
+    emulate.add_argument("--host", default="127.0.0.1")
+    emulate.add_argument("--port", type=int, default=8765)
+    emulate.add_argument("--analysis-key", help="require this Bearer key on the analysis endpoint")
+    return parser
+
+
+def _settings(args: argparse.Namespace, folders: list[Path] | None = None) -> Settings:
+    path = find_config(args.config, os.environ)
+    overrides: dict[str, Any] = {}
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    settings = load_settings(path, os.environ, folders=folders, **overrides)
+    register_secrets(secrets_of(settings))
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level or "info")
+    log = structlog.get_logger("watcher.cli")
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"watcher: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (OSError, sqlite3.Error) as exc:
+        log.error("startup.failed", error=f"{type(exc).__name__}: {exc}", next="exiting with code 3")
+        print(f"watcher: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "emulate":
+        return _emulate(args)
+    if args.command == "run":
+        settings = _settings(args, args.folders or None)
+        configure_logging(args.log_format, settings.log_level)
+        from watcher.daemon import Daemon
+
+        return asyncio.run(Daemon(settings).run())
+    if args.command == "scan":
+        settings = _settings(args)
+        configure_logging(args.log_format, settings.log_level)
+        from watcher.daemon import scan
+
+        progress = sys.stderr.isatty() and not args.no_progress
+        code, problems = asyncio.run(scan(settings, args.paths, progress=progress))
+        for p in problems:
+            print(f"FAILED {p['path']} ({p['kind']}, {p['stage']}): {p['error']}", file=sys.stderr)
+        return code
+    if args.command == "status":
+        return _status(_settings(args), as_json=args.json)
+    if args.command == "retry":
+        return _retry(_settings(args), args.paths, args.failed)
+    raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
+
+
+def _open_store(settings: Settings) -> Any:
+    from watcher.daemon import store_path
+    from watcher.store import Store
+
+    path = store_path(settings)
+    if not path.exists():
+        raise ConfigError(f"no store at {path} yet: watcher has not run with state_dir = {settings.state_dir}")
+    return Store(path)
+
+
+def _status(settings: Settings, *, as_json: bool) -> int:
+    store = _open_store(settings)
+    try:
+        counts = store.counts()
+        problems = store.problems()
+    finally:
+        store.close()
+    if as_json:
+        payload = {
+            "state_dir": str(settings.state_dir),
+            "counts": counts,
+            "problems": [p.__dict__ for p in problems],
+        }
+        print(json.dumps(payload, indent=2, default=str))
+        return EXIT_OK
+    print(f"watcher {__version__}, state in {settings.state_dir}")
+    if not counts:
+        print("no files recorded yet")
+    for kind, stages in counts.items():
+        print(f"{kind}: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()))
+    if problems:
+        print("\nneeds attention:")
+        for p in problems:
+            when = ""
+            if p.next_attempt_at:
+                at = dt.datetime.fromtimestamp(p.next_attempt_at).strftime("%Y-%m-%d %H:%M:%S")
+                when = f"; next attempt {at}"
+            print(f"  {p.path}\n    {p.kind} {p.stage} ({p.error_kind}, {p.attempts} attempts{when}): {p.error}")
+    return EXIT_OK
+
+
+def _retry(settings: Settings, paths: list[Path], failed: bool) -> int:
+    if not paths and not failed:
+        raise ConfigError("say what to retry: PATH... or --failed")
+    store = _open_store(settings)
+    try:
+        selected: list[str] | None = None
+        if paths:
+            selected = []
+            for raw in paths:
+                p = os.path.abspath(raw)
+                selected.extend(
+                    j.file.path
+                    for j in store.jobs_of_current()
+                    if j.file.path == p or j.file.path.startswith(p.rstrip("/") + "/")
+                )
+        n = store.retry(paths=selected, failed_only=failed or not paths, restart_stage=RESTART_STAGE)
+    finally:
+        store.close()
+    print(f"{n} job(s) will be retried" + ("" if n else " (nothing matched)"))
+    return EXIT_OK
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from watcher.emulator import Emulator
+
+    emulator = Emulator(args.host, args.port, analysis_key=args.analysis_key)
+    print(f"analysis service emulator: {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        emulator.serve_forever()
+    return EXIT_OK

@@ -1,0 +1,293 @@
+"""Settings: a TOML file, overridden by ``WATCHER_...`` environment variables, resolved once into frozen objects.
+
+The file is found by ``--config PATH``, else ``$WATCHER_CONFIG``, else the platform's config folder; no file at
+all is fine. Unknown keys and bad values raise :class:`ConfigError` naming the key. API keys are resolved here
+(config, key file, ``ESSENTIA_API_KEY``/``NEURALANALOG_API_KEY``, systemd credentials) and travel as SecretStr.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from watcher.errors import ConfigError
+
+APP = "watcher"
+AUDIO_PATTERNS = (
+    "*.wav",
+    "*.wave",
+    "*.flac",
+    "*.mp3",
+    "*.m4a",
+    "*.aif",
+    "*.aiff",
+    "*.aifc",
+    "*.ogg",
+    "*.oga",
+)
+DEFAULT_MODELS = ("key", "bpm_degara", "loudness-ebur128")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FolderConfig(_Section):
+    """One watched folder and how files in it become work."""
+
+    path: Path
+    recursive: bool = True
+    poll: bool = False
+    poll_interval: float = Field(10.0, gt=0)
+    settle_seconds: float = Field(5.0, ge=0)
+    rescan_interval: float = Field(3600.0, gt=0)
+    include: tuple[str, ...] = AUDIO_PATTERNS
+    exclude: tuple[str, ...] = ()
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(os.path.abspath(value.expanduser()))
+
+
+class AnalysisConfig(_Section):
+    """The analysis service (Essentia API) and which models to ask for."""
+
+    enabled: bool = True
+    backend: Literal["auto", "remote", "local"] = "auto"
+    base_url: str = "https://api.essentia.upf.edu"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    models: tuple[str, ...] = DEFAULT_MODELS
+    concurrency: int = Field(2, ge=1, le=64)
+    rate_limit: float = Field(5.0, gt=0, description="requests per second, below the service's 10/s")
+    timeout: float = Field(300.0, gt=0, description="seconds to wait for the next event of a stream")
+    local_workers: int = Field(1, ge=1, le=32, description="processes for the local backend")
+
+    @field_validator("api_key", "api_key_file", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(m.strip() for m in value if m.strip())
+        if not cleaned:
+            raise ValueError("at least one model is needed")
+        for m in cleaned:
+            name, _, version = m.partition(":")
+            if not name or (":" in m and not version) or "," in m:
+                raise ValueError(f"{m!r} is not a model name or name:version")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("a model is listed twice")
+        return cleaned
+
+
+class SidecarConfig(_Section):
+    """Where the JSON results go."""
+
+    suffix: str = ".analysis.json"
+    directory: Path | None = None
+
+    @field_validator("directory", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value:
+            raise ValueError("must be a non-empty file name suffix such as '.analysis.json'")
+        return value
+
+
+class RetryConfig(_Section):
+    """How the store schedules another attempt after a transient failure."""
+
+    max_attempts: int = Field(8, ge=1)
+    backoff_initial: float = Field(30.0, gt=0)
+    backoff_max: float = Field(3600.0, gt=0)
+    needs_user_backoff: float = Field(900.0, gt=0, description="pause after a bad key or no credits")
+
+
+class Settings(BaseSettings):
+    """All of watcher's settings; frozen once loaded."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WATCHER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    state_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    folders: tuple[FolderConfig, ...] = ()
+    analysis: AnalysisConfig = AnalysisConfig()
+    sidecar: SidecarConfig = SidecarConfig()
+    retry: RetryConfig = RetryConfig()
+
+    @field_validator("state_dir")
+    @classmethod
+    def _abs_state(cls, value: Path) -> Path:
+        return Path(os.path.abspath(value.expanduser()))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _TOML_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+_TOML_FILE: dict[str, Path | None] = {"path": None}
+
+
+def default_config_path() -> Path:
+    """The platform's config file location (``~/.config/watcher/config.toml`` on Linux)."""
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
+    """``--config``, else ``$WATCHER_CONFIG``, else the platform file if it exists, else None."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist (given with --config)")
+        return explicit
+    if env.get("WATCHER_CONFIG"):
+        path = Path(env["WATCHER_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (given by WATCHER_CONFIG)")
+        return path
+    path = default_config_path()
+    return path if path.is_file() else None
+
+
+def _describe(error: Any) -> str:
+    loc = ""
+    for part in error["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if error["type"] == "missing":
+        return f"{loc}: required key is missing"
+    return f"{loc}: {error['msg']}"
+
+
+def load_settings(
+    config_path: Path | None,
+    env: Mapping[str, str],
+    *,
+    folders: list[Path] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Load, validate and resolve settings; ``folders`` from the command line replace the configured list.
+
+    A folder given on the command line keeps the options of a configured folder with the same path.
+    """
+    source = f" in {config_path}" if config_path else ""
+    if config_path is not None:
+        try:
+            with config_path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {config_path} cannot be read: {exc.strerror}") from exc
+    _TOML_FILE["path"] = config_path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration{source}: {problems}") from None
+    finally:
+        _TOML_FILE["path"] = None
+    if folders:
+        known = {f.path: f for f in settings.folders}
+        chosen = []
+        for raw in folders:
+            path = Path(os.path.abspath(raw.expanduser()))
+            chosen.append(known.get(path) or FolderConfig(path=path))
+        settings = settings.model_copy(update={"folders": tuple(chosen)})
+    return resolve_secrets(settings, env)
+
+
+def read_secret_file(path: Path, what: str) -> SecretStr:
+    """The stripped content of a key file; errors name the file, never its content."""
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{what}: {path} is empty")
+    return SecretStr(value)
+
+
+def resolve_key(
+    key: SecretStr | None,
+    key_file: Path | None,
+    env: Mapping[str, str],
+    *,
+    section: str,
+    env_name: str,
+    credential: str,
+) -> SecretStr | None:
+    """The first of: the config value, the key file, ``env_name``, ``$CREDENTIALS_DIRECTORY/credential``."""
+    if key is not None and key.get_secret_value():
+        return key
+    if key_file is not None:
+        return read_secret_file(key_file.expanduser(), f"{section}.api_key_file")
+    if env.get(env_name):
+        return SecretStr(env[env_name].strip())
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / credential).is_file():
+        return read_secret_file(Path(cred_dir) / credential, f"systemd credential {credential}")
+    return None
+
+
+def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """Fill in API keys from their other sources and the systemd state folder."""
+    analysis = settings.analysis
+    key = resolve_key(
+        analysis.api_key,
+        analysis.api_key_file,
+        env,
+        section="analysis",
+        env_name="ESSENTIA_API_KEY",
+        credential="essentia_api_key",
+    )
+    update: dict[str, Any] = {"analysis": analysis.model_copy(update={"api_key": key})}
+    if env.get("STATE_DIRECTORY") and "state_dir" not in settings.model_fields_set:
+        update["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
+    return settings.model_copy(update=update)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in the settings, for the log redactor."""
+    found = []
+    for section in (settings.analysis,):
+        if section.api_key is not None:
+            found.append(section.api_key.get_secret_value())
+    return [s for s in found if s]

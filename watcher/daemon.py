@@ -1,0 +1,314 @@
+"""The daemon: wires detection, the store, the stages and the runner; owns signals, locks and shutdown.
+
+Lifecycle: start-up (lock the state folder, open the store, choose backends, release stale leases), the
+main loop (detector and runner side by side), shutdown (the first SIGTERM/SIGINT stops claiming work and
+lets in-flight jobs finish for a grace period, then checkpoints them; a second signal checkpoints at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watcher import __version__
+from watcher.analyzers import Backend, choose_backend, make_backend
+from watcher.audiofile import Signature
+from watcher.config import FolderConfig, Settings
+from watcher.detect.detector import Detector
+from watcher.errors import ConfigError
+from watcher.runner import Outcome, Runner
+from watcher.stages.analyze import AnalyzeStage
+from watcher.stages.base import Stage
+from watcher.store import Store
+
+log = structlog.get_logger("watcher.daemon")
+GRACE_SECONDS = 6.0
+
+
+class StateLock:
+    """An exclusive lock on the state folder, so two daemons never work from one store."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "watcher.lock"
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ConfigError(
+                f"the state folder {self.path.parent} is in use by {holder}; stop that watcher first "
+                "or give this one another state_dir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"watcher pid {os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def store_path(settings: Settings) -> Path:
+    return settings.state_dir / "watcher.db"
+
+
+class StoreSink:
+    """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
+
+    def __init__(self, store: Store, stages: Sequence[Stage], wake: Any) -> None:
+        self.store = store
+        self.jobs = [(s.kind, s.first_stage) for s in stages]
+        self.wake = wake
+        self.recorded = 0
+
+    def known(self, path: str, sig: Signature) -> bool:
+        return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
+
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+        _, new = self.store.register_version(
+            folder=str(folder.path),
+            path=path,
+            rel_path=rel_path,
+            size=sig.size,
+            mtime_ns=sig.mtime_ns,
+            inode=sig.inode,
+            jobs=self.jobs,
+        )
+        if new:
+            self.recorded += 1
+            log.info(
+                "file.settled",
+                path=path,
+                size=sig.size,
+                next="queued for " + ", ".join(k for k, _ in self.jobs),
+            )
+            self.wake()
+
+
+class Pipeline:
+    """Everything that does work, built from settings; shared by `watcher run` and `watcher scan`."""
+
+    def __init__(self, settings: Settings, *, on_outcome: Any = None) -> None:
+        self.settings = settings
+        self.store = Store(store_path(settings))
+        self.backends: list[Backend] = []
+        stages: list[Stage] = []
+        if settings.analysis.enabled:
+            which, why = choose_backend(settings.analysis)
+            log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
+            backend = make_backend(settings.analysis, which)
+            self.backends.append(backend)
+            stages.append(
+                AnalyzeStage(
+                    self.store,
+                    backend,
+                    models=settings.analysis.models,
+                    sidecar=settings.sidecar,
+                    max_attempts=settings.retry.max_attempts,
+                )
+            )
+        if not stages:
+            raise ConfigError("nothing to do: analysis.enabled is false and no other pipeline is enabled")
+        self.stages = {s.kind: s for s in stages}
+        concurrency = {"analyze": settings.analysis.concurrency}
+        self.runner = Runner(
+            self.store,
+            self.stages,
+            concurrency=concurrency,
+            retry=settings.retry,
+            on_outcome=on_outcome or (lambda o: None),
+            rehint=self._rehint,
+        )
+        self.sink = StoreSink(self.store, stages, self.runner.wake)
+        self.detector: Detector | None = None
+
+    def make_detector(self, folders: Sequence[FolderConfig]) -> Detector:
+        self.detector = Detector(folders, self.sink)
+        return self.detector
+
+    def _rehint(self, path: str) -> None:
+        if self.detector is not None:
+            self.detector.hint(path)
+
+    async def aclose(self) -> None:
+        for backend in self.backends:
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+        self.store.close()
+
+
+class Daemon:
+    """`watcher run`: watch the configured folders until a signal says stop."""
+
+    def __init__(self, settings: Settings, *, handle_signals: bool = True) -> None:
+        if not settings.folders:
+            raise ConfigError("no folder to watch: give one (`watcher run FOLDER`) or add [[folders]] to the config")
+        self.settings = settings
+        self.handle_signals = handle_signals
+        self.stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._signals = 0
+
+    def _on_signal(self, signum: int) -> None:
+        self.request_stop(signal.Signals(signum).name)
+
+    def request_stop(self, reason: str, *, force: bool = False) -> None:
+        """First call: stop claiming work and let in-flight jobs finish (grace); second or ``force``: now."""
+        self._signals += 1
+        if self._signals == 1 and not force:
+            log.info("daemon.stopping", reason=reason, next=f"finishing in-flight work for up to {GRACE_SECONDS:.0f} s")
+        else:
+            log.warning("daemon.stopping_now", reason=reason, next="checkpointing in-flight work now")
+            self._force.set()
+        self.stop.set()
+
+    async def run(self) -> int:
+        lock = StateLock(self.settings.state_dir)
+        lock.acquire()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if self.handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        pipeline = Pipeline(self.settings)
+        try:
+            released = pipeline.store.release_leases()
+            if released:
+                log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
+            detector = pipeline.make_detector(self.settings.folders)
+            log.info(
+                "daemon.started",
+                version=__version__,
+                folders=[str(f.path) for f in self.settings.folders],
+                state_dir=str(self.settings.state_dir),
+            )
+            runner_task = asyncio.create_task(pipeline.runner.run(self.stop), name="runner")
+            detector_task = asyncio.create_task(
+                detector.run(self.stop, on_first_scan=lambda: log.info("daemon.ready")), name="detector"
+            )
+            stop_wait = asyncio.create_task(self.stop.wait())
+            done, _ = await asyncio.wait({runner_task, detector_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop_wait and task.exception() is not None:
+                    log.error("daemon.component_failed", error=repr(task.exception()), next="stopping with exit 1")
+                    self.stop.set()
+            await self._shutdown(runner_task, detector_task)
+            return 1 if any(t.done() and not t.cancelled() and t.exception() for t in done if t is not stop_wait) else 0
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await pipeline.aclose()
+            lock.release()
+            log.info("daemon.stopped")
+
+    async def _shutdown(self, runner_task: asyncio.Task[None], detector_task: asyncio.Task[None]) -> None:
+        started = time.monotonic()
+        force = asyncio.create_task(self._force.wait())
+        await asyncio.wait({runner_task, force}, timeout=GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        for task in (runner_task, detector_task):
+            if not task.done():
+                task.cancel()
+        results = await asyncio.gather(runner_task, detector_task, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                log.error("daemon.shutdown_error", error=repr(r))
+        log.info("daemon.checkpointed", seconds=round(time.monotonic() - started, 2))
+
+
+async def scan(
+    settings: Settings, paths: Sequence[Path], *, progress: bool = False
+) -> tuple[int, list[dict[str, Any]]]:
+    """`watcher scan`: register what is under ``paths`` now, process it, and report (exit code, problems)."""
+    lock = StateLock(settings.state_dir)
+    lock.acquire()
+    pipeline = Pipeline(settings)
+    try:
+        pipeline.store.release_leases()
+        folders, files = _scan_targets(settings, paths)
+        detector = pipeline.make_detector(folders)
+        for folder in folders:
+            if any(str(p) == str(folder.path) for p in paths):
+                await detector.scan(str(folder.path))
+        for f in files:
+            detector.hint(str(f))
+        await detector.settle_all()
+        targets = [str(p) for p in paths]
+        total = pipeline.store.pending()
+        bar = _progress(total, progress)
+        done_before = 0
+
+        def tick(outcome: Outcome) -> None:
+            nonlocal done_before
+            if bar is not None and outcome.stage in ("done", "failed", "skipped", "gone", "superseded"):
+                done_before += 1
+                bar.update(1)
+
+        pipeline.runner.on_outcome = tick
+        await pipeline.runner.drain()
+        if bar is not None:
+            bar.close()
+        problems = [
+            {"path": p.path, "kind": p.kind, "stage": p.stage, "error": p.error}
+            for p in pipeline.store.problems()
+            if any(p.path == t or p.path.startswith(t.rstrip("/") + "/") for t in targets)
+        ]
+        return (1 if problems else 0), problems
+    finally:
+        await pipeline.aclose()
+        lock.release()
+
+
+def _scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
+    """Folders to walk and single files to hint; a path inside a configured folder keeps that folder's options."""
+    configured = {str(f.path): f for f in settings.folders}
+    folders: dict[str, FolderConfig] = {}
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(os.path.abspath(raw))
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist")
+        owner = next(
+            (
+                f
+                for root, f in sorted(configured.items(), key=lambda kv: -len(kv[0]))
+                if str(path) == root or str(path).startswith(root.rstrip("/") + "/")
+            ),
+            None,
+        )
+        if path.is_dir():
+            folder = owner if owner and str(owner.path) == str(path) else FolderConfig(path=path)
+            if owner is not None and folder is not owner:
+                folder = owner.model_copy(update={"path": path})
+            folders[str(folder.path)] = folder
+        else:
+            folder = owner or FolderConfig(path=path.parent, recursive=False)
+            folders.setdefault(str(folder.path), folder)
+            files.append(path)
+    return list(folders.values()), files
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="watcher scan")

@@ -1,0 +1,297 @@
+"""Detection: observers, scans and rescans all feed one entry point, :meth:`Detector.hint`.
+
+A hint is only a hint: the path is filtered, then watched until it settles, then handed to the sink
+(which records it in the store). Detection knows nothing of HTTP or of the store's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from watcher.audiofile import Signature
+from watcher.config import FolderConfig
+from watcher.detect.filters import PathFilter
+from watcher.detect.scan import walk
+from watcher.detect.settle import Settler
+from watcher.detect.watch import FolderWatch, start_watch
+
+log = structlog.get_logger("watcher.detect")
+TICK = 0.25
+HEALTH_EVERY = 5.0
+
+
+class ReadySink(Protocol):
+    """Where settled files go (the daemon records them in the store)."""
+
+    def known(self, path: str, sig: Signature) -> bool:
+        """True when this exact version was already recorded (no need to wait for it to settle)."""
+        ...
+
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+        """A file version that stayed unchanged for its folder's settle window."""
+        ...
+
+
+@dataclass
+class FolderState:
+    """Detection's view of one watched folder, for logs and `watcher status`."""
+
+    config: FolderConfig
+    filter: PathFilter
+    watch: FolderWatch | None = None
+    available: bool = True
+    polling_decision: tuple[bool, str] = (False, "native events")
+    next_rescan: float = 0.0
+
+
+class Detector:
+    """Watches folders and turns every hint into settled files for the sink."""
+
+    def __init__(
+        self,
+        folders: Sequence[FolderConfig],
+        sink: ReadySink,
+        *,
+        excluded_dirs: Mapping[str, Sequence[str]] | None = None,
+        decide_polling: Callable[[FolderConfig], tuple[bool, str]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sink = sink
+        self._clock = clock
+        self._decide = decide_polling or (lambda f: (f.poll, "poll = true" if f.poll else "native events"))
+        self.folders: dict[str, FolderState] = {}
+        for f in folders:
+            root = str(f.path)
+            extra = (excluded_dirs or {}).get(root, ())
+            self.folders[root] = FolderState(f, PathFilter(f.include, f.exclude, extra))
+        self._lock = threading.Lock()
+        self.settler = Settler(clock, known=sink.known)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._pending_dirs: set[str] = set()
+
+    # -- the one entry point -----------------------------------------------------------------------------
+
+    def folder_of(self, path: str) -> FolderState | None:
+        best = None
+        for root, state in self.folders.items():
+            if (path == root or path.startswith(root.rstrip(os.sep) + os.sep)) and (
+                best is None or len(root) > len(best.config.path.as_posix())
+            ):
+                best = state
+        return best
+
+    def hint(self, path: str, *, is_dir: bool = False, closed: bool = False) -> None:
+        """Something may have happened at ``path`` (event loop thread only)."""
+        path = os.path.abspath(path)
+        state = self.folder_of(path)
+        if state is None:
+            return
+        root = str(state.config.path)
+        rel = os.path.relpath(path, root)
+        if is_dir:
+            if rel == "." or (state.config.recursive and state.filter.wants_dir(rel)):
+                self._pending_dirs.add(path)
+                self._wake.set()
+            return
+        if rel.startswith("..") or (not state.config.recursive and os.sep in rel):
+            return
+        if not state.filter.wants_file(rel):
+            return
+        with self._lock:
+            self.settler.hint(path, state.config.settle_seconds, closed=closed)
+        self._wake.set()
+
+    def hint_threadsafe(self, path: str, is_dir: bool, closed: bool) -> None:
+        """The observers' way in: hop onto the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: self.hint(path, is_dir=is_dir, closed=closed))
+
+    # -- scans ---------------------------------------------------------------------------------------------
+
+    async def scan(self, root: str | None = None, start: str | None = None) -> int:
+        """Hint every wanted file under a folder (or all folders); returns how many were hinted."""
+        states = [self.folders[root]] if root else list(self.folders.values())
+        count = 0
+        for state in states:
+            folder = str(state.config.path)
+            if not os.path.isdir(folder):
+                continue
+            paths = await asyncio.to_thread(
+                lambda f=folder, s=state: list(walk(f, s.filter, recursive=s.config.recursive, start=start))
+            )
+            for p in paths:
+                self.hint(p)
+            count += len(paths)
+            if start is None:
+                log.info("scan.done", folder=folder, files=len(paths))
+        return count
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def idle(self) -> bool:
+        """True when nothing is waiting to settle and no folder scan is queued."""
+        return not self.settler.candidates and not self._pending_dirs
+
+    async def check_once(self) -> None:
+        """Stat every candidate once and hand the settled ones to the sink."""
+        while self._pending_dirs:
+            directory = self._pending_dirs.pop()
+            state = self.folder_of(directory)
+            if state is not None:
+                await self.scan(str(state.config.path), start=directory)
+
+        def check() -> list:
+            with self._lock:
+                return self.settler.check()
+
+        for verdict in await asyncio.to_thread(check):
+            path = verdict.candidate.path
+            if verdict.outcome == "gone":
+                log.info("detect.vanished", path=path, next="nothing to do: it was deleted before it settled")
+            elif verdict.outcome == "ready" and verdict.signature is not None:
+                state = self.folder_of(path)
+                if state is None:
+                    continue
+                rel = os.path.relpath(path, state.config.path)
+                try:
+                    self.sink.ready(state.config, path, rel, verdict.signature)
+                except Exception:
+                    log.exception("detect.record_failed", path=path, next="it will be seen again at the next scan")
+
+    async def settle_all(self, timeout: float | None = None) -> None:
+        """Check repeatedly until every candidate settled or vanished (for `watcher scan`)."""
+        deadline = None if timeout is None else self._clock() + timeout
+        while not self.idle():
+            if deadline is not None and self._clock() > deadline:
+                raise TimeoutError("files were still changing")
+            await self.check_once()
+            if not self.idle():
+                await asyncio.sleep(TICK)
+
+    async def run(self, stop: asyncio.Event, on_first_scan: Callable[[], None] | None = None) -> None:
+        """Start the observers, scan everything once, then tick until ``stop`` is set."""
+        self._loop = asyncio.get_running_loop()
+        waker = asyncio.create_task(self._wake_on(stop))
+        try:
+            for root in self.folders:
+                self._ensure_watch(root)
+            await self.scan()
+            now = self._clock()
+            for state in self.folders.values():
+                state.next_rescan = now + state.config.rescan_interval * random.uniform(0.9, 1.1)
+            if on_first_scan:
+                on_first_scan()
+            next_health = self._clock() + HEALTH_EVERY
+            while not stop.is_set():
+                self._wake.clear()
+                await self.check_once()
+                now = self._clock()
+                if now >= next_health:
+                    self._health()
+                    next_health = now + HEALTH_EVERY
+                for root, state in self.folders.items():
+                    if now >= state.next_rescan and state.available:
+                        state.next_rescan = now + state.config.rescan_interval * random.uniform(0.9, 1.1)
+                        await self.scan(root)
+                if stop.is_set():
+                    break
+                if self.settler.candidates or self._pending_dirs:
+                    await _wait(stop, TICK)  # candidates are checked at a steady pace, events or not
+                else:
+                    await _wait(self._wake, HEALTH_EVERY)
+        finally:
+            waker.cancel()
+            for state in self.folders.values():
+                if state.watch is not None:
+                    await asyncio.to_thread(state.watch.stop)
+                    state.watch = None
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    def _ensure_watch(self, root: str) -> None:
+        state = self.folders[root]
+        if not os.path.isdir(root):
+            if state.available:
+                log.error("folder.unavailable", folder=root, next="waiting for it to come back; nothing is lost")
+            state.available = False
+            return
+        if not state.available:
+            log.info("folder.available", folder=root, next="watching and scanning it again")
+            state.available = True
+            self._pending_dirs.add(root)
+        polling, reason = self._decide(state.config)
+        state.watch = start_watch(
+            root,
+            recursive=state.config.recursive,
+            polling=polling,
+            poll_interval=state.config.poll_interval,
+            hint=self.hint_threadsafe,
+            reason=reason,
+        )
+        log.info(
+            "folder.watching",
+            folder=root,
+            mode="polling" if state.watch.polling else "native",
+            reason=state.watch.reason,
+            filter=repr(state.filter),
+        )
+
+    def _health(self) -> None:
+        """Restart dead observers (falling back to polling) and notice folders that vanished or returned."""
+        for root, state in self.folders.items():
+            if not os.path.isdir(root):
+                if state.available:
+                    log.error("folder.unavailable", folder=root, next="paused until it comes back; nothing is lost")
+                    state.available = False
+                if state.watch is not None:
+                    state.watch.stop()
+                    state.watch = None
+                continue
+            if state.watch is None:
+                self._ensure_watch(root)
+                continue
+            if not state.watch.alive():
+                log.error("watch.died", folder=root, next="restarting it with polling and rescanning the folder")
+                state.watch.stop()
+                state.config = state.config.model_copy(update={"poll": True})
+                state.watch = start_watch(
+                    root,
+                    recursive=state.config.recursive,
+                    polling=True,
+                    poll_interval=state.config.poll_interval,
+                    hint=self.hint_threadsafe,
+                    reason="the native observer died; polling instead",
+                )
+                self._pending_dirs.add(root)
+
+    def describe(self) -> list[dict[str, object]]:
+        """Per-folder watch mode and availability, for status and logs."""
+        return [
+            {
+                "folder": root,
+                "available": s.available,
+                "mode": None if s.watch is None else ("polling" if s.watch.polling else "native"),
+                "reason": None if s.watch is None else s.watch.reason,
+            }
+            for root, s in self.folders.items()
+        ]
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)

@@ -1,0 +1,223 @@
+"""The emulated Essentia API stream endpoint (``POST /v1/analysis/stream``), with switchable faults.
+
+Results are deterministic: the three models the local backend computes come from real analysis when the
+``local`` extra is installed; every other model gets stable values derived from the audio's sha256, shaped
+like the service's. The emulator echoes ``loudness_ebur128`` for ``loudness-ebur128``, as the service does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from watcher.emulator.server import App, Request
+
+STREAM_PATH = "/v1/analysis/stream"
+ROUTE = f"POST {STREAM_PATH}"
+KEYS = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
+CLASSIFIER_LABELS = {
+    "danceability": ["danceable", "not_danceable"],
+    "voice_instrumental": ["instrumental", "voice"],
+    "tonal_atonal": ["tonal", "atonal"],
+    "gender": ["female", "male"],
+}
+
+
+@dataclass
+class AnalysisFaults:
+    """Faults the next requests meet; counters decrease as requests consume them. Thread-safe via ``lock``."""
+
+    status_429: int = 0  # answer this many requests with 429
+    retry_after: float = 1.0
+    status_500: int = 0  # answer this many requests with 500
+    status_401: int = 0
+    drop_after: int | None = None  # drop the connection after this many `completed` events (once)
+    error_models: set[str] = field(default_factory=set)  # these models get an `error` event instead
+    eof_without_finished: int = 0  # end this many streams after the results but before `finished`
+    event_delay: float = 0.0  # seconds between events (slow answers)
+    read_delay: float = 0.0  # seconds per 64 KiB of request body read (a slow upload link)
+    reject_models: set[str] = field(default_factory=set)  # 422 when a request names one of these
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def take(self, name: str) -> bool:
+        """Consume one unit of a counted fault; True when it applies to this request."""
+        with self.lock:
+            value = getattr(self, name)
+            if value:
+                setattr(self, name, value - 1)
+                return True
+            return False
+
+
+def returned_name(requested: str) -> str:
+    """The spelling the service echoes for a requested model name (without version)."""
+    name = requested.split(":", 1)[0]
+    return {"loudness-ebur128": "loudness_ebur128", "genre_discogs_400": "genre_discogs400"}.get(name, name)
+
+
+def _fake_results(model: str, digest: bytes) -> dict[str, Any]:
+    """Stable, plausibly shaped results for a model, derived from the audio's hash."""
+    seed = int.from_bytes(hashlib.sha256(digest + model.encode()).digest()[:8], "big")
+    if model == "key":
+        return {
+            "key": [KEYS[seed % 12]],
+            "scale": ["major" if seed & 1 else "minor"],
+            "strength": [round(0.5 + (seed % 500) / 1000, 3)],
+        }
+    if model == "bpm_degara":
+        bpm = 80 + seed % 80
+        return {"bpm": float(bpm), "beat_positions": [round(i * 60 / bpm, 3) for i in range(8)]}
+    if model == "loudness_ebur128":
+        lufs = -8.0 - (seed % 160) / 10
+        return {
+            "integratedLoudness": [lufs],
+            "loudnessRange": [round(3 + (seed % 90) / 10, 1)],
+            "momentaryLoudness": [[lufs] * 4],
+            "shortTermLoudness": [[lufs] * 4],
+        }
+    labels = CLASSIFIER_LABELS.get(model, [model, f"not_{model}"])
+    p = round((seed % 1000) / 1000, 3)
+    return {"activations": {labels[0]: p, labels[1]: round(1 - p, 3)}}
+
+
+def _local_results(path: str, models: list[str]) -> dict[str, Any] | None:
+    """Real results from the local backend for the models it knows, or None without the extra."""
+    try:
+        from watcher import local
+    except ImportError:  # pragma: no cover - the package is always present
+        return None
+    if not local.available():
+        return None
+    wanted = [m for m in models if returned_name(m) in local.LOCAL_MODELS]
+    if not wanted:
+        return {}
+    from watcher.local.essentia_models import analyze_file
+
+    return analyze_file(path, wanted)
+
+
+class AnalysisEmulator:
+    """State and faults of the emulated analysis service; ``app`` plugs into an HTTPServerThread."""
+
+    def __init__(self, *, api_key: str | None = None, use_local: bool = True) -> None:
+        self.api_key = api_key
+        self.use_local = use_local
+        self.faults = AnalysisFaults()
+        self.app = App()
+        self.models_requested: list[list[str]] = []  # the `models` of every accepted request, in order
+        self.bytes_received = 0
+        self.bytes_in_flight = 0  # body bytes of the request being received now
+        self._lock = threading.Lock()
+        self.app.route("POST", STREAM_PATH, ROUTE)(self._stream)
+
+    def _stream(self, req: Request) -> None:
+        if self.api_key is not None and req.headers.get("Authorization") != f"Bearer {self.api_key}":
+            req.drain()
+            req.send_json(401, {"detail": "Invalid API key"})
+            return
+        if self.faults.take("status_401"):
+            req.drain()
+            req.send_json(401, {"detail": "Invalid API key"})
+            return
+        if self.faults.take("status_429"):
+            req.drain()
+            req.send_json(429, {"detail": "Too Many Requests"}, {"Retry-After": f"{self.faults.retry_after:g}"})
+            return
+        if self.faults.take("status_500"):
+            req.drain()
+            req.send_json(500, {"detail": "Internal Server Error"})
+            return
+        models = [m for m in ",".join(req.query.get("models", [])).split(",") if m]
+        if not models:
+            req.drain()
+            req.send_json(422, {"detail": "models: field required"})
+            return
+        rejected = [m for m in models if m.split(":")[0] in self.faults.reject_models]
+        if rejected:
+            req.drain()
+            req.send_json(422, {"detail": f"unknown model: {rejected[0]}"})
+            return
+        digest, path = self._receive(req)
+        with self._lock:
+            self.models_requested.append(models)
+        try:
+            self._answer(req, models, digest, path)
+        finally:
+            os.unlink(path)
+
+    def _receive(self, req: Request) -> tuple[bytes, str]:
+        """Stream the body to a temp file (the emulator, too, never holds audio in memory)."""
+        sha = hashlib.sha256()
+        suffix = os.path.splitext(req.headers.get("filename", "audio.bin"))[1][:8]
+        fd, path = tempfile.mkstemp(prefix="emulator-", suffix=suffix)
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in req.iter_body():
+                    if self.faults.read_delay:
+                        time.sleep(self.faults.read_delay)  # sleep-ok: emulating a slow link
+                    sha.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                    self.bytes_in_flight = size
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            self.bytes_in_flight = 0
+        with self._lock:
+            self.bytes_received += size
+        return sha.digest(), path
+
+    def _answer(self, req: Request, models: list[str], digest: bytes, path: str) -> None:
+        local = _local_results(path, models) if self.use_local else None
+        handler = req.handler
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+
+        def emit(payload: dict[str, Any]) -> None:
+            if self.faults.event_delay:
+                time.sleep(self.faults.event_delay)  # sleep-ok: emulating a slow service
+            handler.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+            handler.wfile.flush()
+
+        handler.wfile.write(b": keep-alive\n\n")
+        emit({"status": "started", "total_models": len(models)})
+        completed = 0
+        for spec in models:
+            name = returned_name(spec)
+            if name in self.faults.error_models:
+                emit({"status": "error", "error": f"model {name} failed to process the audio"})
+                continue
+            if local is not None and spec in local.get("errors", {}):
+                emit({"status": "error", "error": local["errors"][spec]})
+                continue
+            if local is not None and spec in local.get("results", {}):
+                results = local["results"][spec]["results"]
+            else:
+                results = _fake_results(name, digest)
+            version = spec.split(":", 1)[1] if ":" in spec else "1"
+            result = {"model_name": name, "model_version": version, "correlation_id": str(uuid.uuid4())}
+            emit({"status": "completed", "result": {**result, "results": results}})
+            completed += 1
+            with self.faults.lock:
+                drop = self.faults.drop_after is not None and completed >= self.faults.drop_after
+                if drop:
+                    self.faults.drop_after = None
+            if drop:
+                req.abort_connection()
+                return
+        if self.faults.take("eof_without_finished"):
+            return
+        emit({"status": "finished", "total_models": len(models)})

@@ -1,0 +1,206 @@
+"""Client of the analysis service's stream endpoint (Essentia API, server-sent events).
+
+The audio is streamed from disk as the raw request body. Each ``completed`` result is handed to the
+caller the moment it arrives (so it can be persisted); when a stream errs or ends before ``finished``,
+the next attempt asks only for the models still missing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+import structlog
+from httpx_sse import EventSource, SSEError
+
+from watcher.errors import NeedsUser, RetryLater
+from watcher.services.http import HttpPolicy, ServiceHTTP
+
+log = structlog.get_logger("watcher.analysis")
+SERVICE = "analysis service"
+STREAM_PATH = "/v1/analysis/stream"
+
+
+class AudioSource(Protocol):
+    """A file to send: its name, exact size, and a fresh chunk iterator per call."""
+
+    name: str
+    size: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model's answer: what was requested, and the name, version and results the service returned."""
+
+    requested: str
+    model_name: str
+    model_version: str | None
+    correlation_id: str | None
+    results: Any
+
+
+@dataclass
+class AnalysisReport:
+    """What an analysis produced: results per requested model, error messages, and whether all answered."""
+
+    results: dict[str, ModelResult] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    requests: int = 0
+
+    def missing(self, models: Sequence[str]) -> list[str]:
+        return [m for m in models if m not in self.results]
+
+
+OnResult = Callable[[ModelResult], Awaitable[None] | None]
+
+
+def normalise_model(name: str) -> str:
+    """A model name without version, case, dashes or underscores (``loudness-ebur128`` ~ ``loudness_ebur128``)."""
+    return re.sub(r"[^a-z0-9]", "", name.split(":", 1)[0].lower())
+
+
+def match_requested(model_name: str, candidates: Sequence[str]) -> str | None:
+    """Which requested spec a returned ``model_name`` answers: exact, then normalised, then a close spelling."""
+    for spec in candidates:
+        if spec.split(":", 1)[0] == model_name:
+            return spec
+    wanted = normalise_model(model_name)
+    for spec in candidates:
+        if normalise_model(spec) == wanted:
+            return spec
+    close = difflib.get_close_matches(wanted, [normalise_model(s) for s in candidates], n=2, cutoff=0.85)
+    if len(close) == 1:
+        return next(s for s in candidates if normalise_model(s) == close[0])
+    return None
+
+
+class AnalysisClient:
+    """Typed client for ``POST /v1/analysis/stream``; knows nothing of folders or the store."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        *,
+        policy: HttpPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def analyze(self, audio: AudioSource, models: Sequence[str], on_result: OnResult) -> AnalysisReport:
+        """Analyse ``audio`` with ``models``; retries ask only for what is missing.
+
+        Returns when every model answered, or when a stream finished with some models in error (the
+        report's errors say why). Raises RetryLater when attempts ran out on transient failures,
+        NeedsUser or BadInput when retrying cannot help.
+        """
+        report = AnalysisReport()
+        async for attempt in self.http.retrying():
+            with attempt:
+                missing = report.missing(models)
+                finished = await self._attempt(audio, missing, report, on_result)
+                still = report.missing(models)
+                if not still or finished:
+                    return report
+                raise RetryLater(
+                    f"the stream ended before `finished` with {len(still)} model(s) unanswered: {', '.join(still)}"
+                )
+        return report  # pragma: no cover - the loop returns or raises
+
+    async def _attempt(
+        self, audio: AudioSource, models: list[str], report: AnalysisReport, on_result: OnResult
+    ) -> bool:
+        """One request; returns True when ``finished`` arrived."""
+        headers = {
+            "filename": _header_safe(audio.name),
+            "Accept": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(audio.size),
+        }
+        report.requests += 1
+        log.debug("analysis.request", models=models, attempt=report.requests)
+        async with self.http.stream(
+            "POST", STREAM_PATH, params={"models": ",".join(models)}, headers=headers, content=audio.chunks()
+        ) as response:
+            content_type = response.headers.get("content-type", "")
+            if "text/event-stream" not in content_type:
+                body = (await response.aread())[:300].decode("utf-8", "replace")
+                raise NeedsUser(f"{SERVICE} answered {response.status_code} without an event stream: {body}")
+            try:
+                return await self._read_events(response, models, report, on_result)
+            except SSEError as exc:
+                raise RetryLater(f"{SERVICE} sent a malformed event stream: {exc}") from exc
+            except (httpx.HTTPError, httpx.StreamError) as exc:
+                raise RetryLater(f"{SERVICE} stream broke: {type(exc).__name__}: {exc}") from exc
+
+    async def _read_events(
+        self, response: httpx.Response, models: list[str], report: AnalysisReport, on_result: OnResult
+    ) -> bool:
+        pending = list(models)
+        async for sse in EventSource(response).aiter_sse():
+            if not sse.data:
+                continue
+            try:
+                event = json.loads(sse.data)
+            except ValueError:
+                log.warning("analysis.bad_event", data=sse.data[:200])
+                continue
+            status = event.get("status") if isinstance(event, dict) else None
+            if status == "completed":
+                result = event.get("result") or {}
+                name = str(result.get("model_name", ""))
+                spec = match_requested(name, pending)
+                if spec is None:
+                    log.warning("analysis.unexpected_model", model_name=name, requested=pending)
+                    spec = name
+                else:
+                    pending.remove(spec)
+                answer = ModelResult(
+                    requested=spec,
+                    model_name=name,
+                    model_version=_opt_str(result.get("model_version")),
+                    correlation_id=_opt_str(result.get("correlation_id")),
+                    results=result.get("results"),
+                )
+                report.results[spec] = answer
+                outcome = on_result(answer)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            elif status == "error":
+                message = str(event.get("error") or "unspecified error")
+                report.errors.append(message)
+                log.warning("analysis.model_error", error=message)
+            elif status == "finished":
+                return True
+            elif status != "started":
+                log.debug("analysis.unknown_event", status=status)
+        return False
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _header_safe(name: str) -> str:
+    """HTTP headers carry latin-1 at best: send non-ASCII names percent-encoded."""
+    try:
+        name.encode("ascii")
+        return name
+    except UnicodeEncodeError:
+        from urllib.parse import quote
+
+        return quote(name)

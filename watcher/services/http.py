@@ -1,0 +1,198 @@
+"""The one HTTP policy every service client shares.
+
+Timeouts, a client-side rate limit, a concurrency limit, retries with exponential backoff, jitter and
+``Retry-After`` (through stamina), and the translation of HTTP statuses and httpx exceptions into the three
+classes of :mod:`watcher.errors`. Clients built on it know nothing of folders, stages or the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import stamina
+from aiolimiter import AsyncLimiter
+
+from watcher.errors import BadInput, NeedsUser, RetryLater, WatcherError
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """How one service is called: limits, timeouts and the short in-process retry loop."""
+
+    rate_per_second: float = 5.0
+    concurrency: int = 2
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    attempts: int = 4
+    wait_initial: float = 1.0
+    wait_max: float = 30.0
+    wait_jitter: float = 1.0
+    # A Retry-After longer than this is not slept in-process: the store schedules the next attempt instead.
+    max_inline_retry_after: float = 60.0
+    retry_timeout: float = 600.0
+
+
+def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _detail(response: httpx.Response) -> str:
+    """A short, printable reason from an error response body (FastAPI's ``detail`` when present)."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        text = response.text.strip() if not response.is_stream_consumed or response.content else ""
+        return text[:200]
+    if isinstance(body, dict):
+        for key in ("detail", "error", "message"):
+            if key in body:
+                return str(body[key])[:300]
+    return str(body)[:200]
+
+
+def raise_for_status(response: httpx.Response, service: str) -> None:
+    """Translate a non-success status into RetryLater, NeedsUser or BadInput; return on 2xx and 3xx.
+
+    The body must already be read (``await response.aread()`` for streams) for the detail to show.
+    """
+    status = response.status_code
+    if status < 400:
+        return
+    detail = _detail(response)
+    what = f"{service} answered HTTP {status} to {response.request.method} {response.request.url.path}"
+    if detail:
+        what += f": {detail}"
+    if status in (408, 425, 429) or status >= 500:
+        raise RetryLater(what, retry_after=parse_retry_after(response.headers.get("Retry-After")))
+    if status == 401:
+        raise NeedsUser(f"{what} (the API key was refused: check it)")
+    if status == 402:
+        raise NeedsUser(f"{what} (the account is out of credits)")
+    if status == 403:
+        raise NeedsUser(f"{what} (the account may not do this: check the key and the plan)")
+    if status in (413, 415):
+        raise BadInput(what)
+    raise NeedsUser(what)
+
+
+def translate_transport_error(exc: Exception, service: str) -> WatcherError:
+    """Map an httpx (or httpx-sse) exception to one of ours; unknown ones are treated as transient."""
+    if isinstance(exc, WatcherError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return RetryLater(f"{service} timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return NeedsUser(f"{service} URL is not usable: {exc}")
+    if isinstance(exc, httpx.TransportError):
+        return RetryLater(f"{service} could not be reached: {type(exc).__name__}: {exc}")
+    if isinstance(exc, httpx.HTTPStatusError):
+        try:
+            raise_for_status(exc.response, service)
+        except WatcherError as ours:
+            return ours
+    if isinstance(exc, httpx.StreamError):
+        return RetryLater(f"{service} stream failed: {type(exc).__name__}")
+    return RetryLater(f"{service} request failed: {type(exc).__name__}: {exc}")
+
+
+class ServiceHTTP:
+    """An HTTP session to one service: base URL, auth headers, limits, retries and error translation."""
+
+    def __init__(
+        self,
+        service: str,
+        base_url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        policy: HttpPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.service = service
+        self.policy = policy or HttpPolicy()
+        p = self.policy
+        self.client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=dict(headers or {}),
+            timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._limiter = AsyncLimiter(max(p.rate_per_second, 0.001), 1.0)
+        self._slots = asyncio.Semaphore(max(1, p.concurrency))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _backoff_hook(self, exc: Exception) -> bool | float:
+        """stamina hook: retry only RetryLater; honour a short Retry-After, hand long ones to the store."""
+        if not isinstance(exc, RetryLater):
+            return False
+        if exc.retry_after is None:
+            return True
+        if exc.retry_after > self.policy.max_inline_retry_after:
+            return False
+        return exc.retry_after
+
+    def retrying(self, *, attempts: int | None = None) -> Any:
+        """A stamina retry context for a block that may raise RetryLater (each attempt a fresh block)."""
+        p = self.policy
+        return stamina.retry_context(
+            on=self._backoff_hook,
+            attempts=attempts or p.attempts,
+            timeout=p.retry_timeout,
+            wait_initial=p.wait_initial,
+            wait_max=p.wait_max,
+            wait_jitter=p.wait_jitter,
+        )
+
+    @asynccontextmanager
+    async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """One rate-limited attempt whose response body is read by the caller; errors are translated."""
+        async with self._slots:
+            await self._limiter.acquire()
+            try:
+                async with self.client.stream(method, url, **kwargs) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise_for_status(response, self.service)
+                    yield response
+            except WatcherError:
+                raise
+            except (httpx.HTTPError, httpx.StreamError) as exc:
+                raise translate_transport_error(exc, self.service) from exc
+
+    async def request(self, method: str, url: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
+        """A whole request and response; retried on RetryLater unless ``retry`` is False."""
+        if not retry:
+            return await self._once(method, url, **kwargs)
+        async for attempt in self.retrying():
+            with attempt:
+                return await self._once(method, url, **kwargs)
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _once(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        async with self.stream(method, url, **kwargs) as response:
+            await response.aread()
+            return response

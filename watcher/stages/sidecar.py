@@ -1,0 +1,108 @@
+"""The JSON sidecar: where it goes, what it holds (schema version 1), and how it is written atomically.
+
+Two pipelines contribute to one sidecar (analysis writes the results, the archive adds its IDs and
+delivery folder), so every write merges with the sidecar already on disk for the same content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from watcher import __version__
+from watcher.config import SidecarConfig
+from watcher.fsutil import write_json_atomic
+from watcher.store import FileVersion, StoredResult
+
+SCHEMA_VERSION = 1
+_locks: dict[str, asyncio.Lock] = {}
+
+
+def schema() -> dict[str, Any]:
+    """The sidecar's JSON Schema, shipped in the package."""
+    text = resources.files("watcher").joinpath("schemas/sidecar-v1.schema.json").read_text("utf-8")
+    return dict(json.loads(text))
+
+
+def sidecar_path(audio: str | Path, folder_root: str | Path, cfg: SidecarConfig) -> Path:
+    """``<name><suffix>`` beside the audio, or at the same relative place under ``cfg.directory``."""
+    audio = Path(audio)
+    name = audio.name + cfg.suffix
+    if cfg.directory is None:
+        return audio.with_name(name)
+    rel = Path(os.path.relpath(audio, folder_root))
+    return Path(cfg.directory) / rel.parent / name
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _read(path: Path, sha256: str) -> dict[str, Any]:
+    """The existing sidecar when it describes the same content, else an empty dict."""
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("source", {}).get("sha256") != sha256:
+        return {}
+    return doc
+
+
+def analysis_document(
+    version: FileVersion,
+    sha256: str,
+    *,
+    backend: Mapping[str, Any],
+    models: Sequence[str],
+    results: Mapping[str, StoredResult],
+    errors: Sequence[Mapping[str, str | None]],
+) -> dict[str, Any]:
+    """The analysis part of a sidecar for one file version."""
+    by_name: dict[str, Any] = {}
+    for spec in models:
+        r = results.get(spec)
+        if r is not None:
+            by_name[r.model_name] = {
+                "requested": r.requested,
+                "version": r.model_version,
+                "correlation_id": r.correlation_id,
+                "results": r.results,
+            }
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": {
+            "name": Path(version.path).name,
+            "path": version.path,
+            "size": version.size,
+            "sha256": sha256,
+            "mtime": _iso(version.mtime_ns / 1e9),
+        },
+        "backend": dict(backend),
+        "models_requested": list(models),
+        "models": by_name,
+        "errors": [dict(e) for e in errors],
+        "complete": all(spec in results for spec in models),
+    }
+
+
+async def write_sidecar(path: Path, sha256: str, update: Mapping[str, Any]) -> None:
+    """Merge ``update`` into the sidecar at ``path`` (kept if it describes the same content); write atomically."""
+    lock = _locks.setdefault(str(path), asyncio.Lock())
+    async with lock:
+
+        def merge_and_write() -> None:
+            doc = _read(path, sha256)
+            doc.update(update)
+            doc["created_at"] = _iso(dt.datetime.now(dt.UTC).timestamp())
+            doc["watcher_version"] = __version__
+            doc.setdefault("schema_version", SCHEMA_VERSION)
+            write_json_atomic(path, doc)
+
+        await asyncio.to_thread(merge_and_write)
