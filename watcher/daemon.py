@@ -32,6 +32,7 @@ from watcher.store import Store
 
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 6.0
+SCAN_SETTLE = 1.0
 
 
 class StateLock:
@@ -244,6 +245,8 @@ async def scan(
     try:
         pipeline.store.release_leases()
         folders, files = _scan_targets(settings, paths)
+        # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
+        folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
         detector = pipeline.make_detector(folders)
         for folder in folders:
             if any(str(p) == str(folder.path) for p in paths):

@@ -65,8 +65,10 @@ class Detector:
         excluded_dirs: Mapping[str, Sequence[str]] | None = None,
         decide_polling: Callable[[FolderConfig], tuple[bool, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        health_every: float = HEALTH_EVERY,
     ) -> None:
         self.sink = sink
+        self.health_every = health_every
         self._clock = clock
         self._decide = decide_polling or (lambda f: (f.poll, "poll = true" if f.poll else "native events"))
         self.folders: dict[str, FolderState] = {}
@@ -193,14 +195,14 @@ class Detector:
                 state.next_rescan = now + state.config.rescan_interval * random.uniform(0.9, 1.1)
             if on_first_scan:
                 on_first_scan()
-            next_health = self._clock() + HEALTH_EVERY
+            next_health = self._clock() + self.health_every
             while not stop.is_set():
                 self._wake.clear()
                 await self.check_once()
                 now = self._clock()
                 if now >= next_health:
                     self._health()
-                    next_health = now + HEALTH_EVERY
+                    next_health = now + self.health_every
                 for root, state in self.folders.items():
                     if now >= state.next_rescan and state.available:
                         state.next_rescan = now + state.config.rescan_interval * random.uniform(0.9, 1.1)
@@ -210,7 +212,7 @@ class Detector:
                 if self.settler.candidates or self._pending_dirs:
                     await _wait(stop, TICK)  # candidates are checked at a steady pace, events or not
                 else:
-                    await _wait(self._wake, HEALTH_EVERY)
+                    await _wait(self._wake, self.health_every)
         finally:
             waker.cancel()
             for state in self.folders.values():

@@ -20,7 +20,7 @@ import structlog
 from httpx_sse import EventSource, SSEError
 
 from watcher.errors import NeedsUser, RetryLater
-from watcher.services.http import HttpPolicy, ServiceHTTP
+from watcher.services.http import HttpPolicy, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.analysis")
 SERVICE = "analysis service"
@@ -145,7 +145,7 @@ class AnalysisClient:
             except SSEError as exc:
                 raise RetryLater(f"{SERVICE} sent a malformed event stream: {exc}") from exc
             except (httpx.HTTPError, httpx.StreamError) as exc:
-                raise RetryLater(f"{SERVICE} stream broke: {type(exc).__name__}: {exc}") from exc
+                raise translate_transport_error(exc, SERVICE) from exc
 
     async def _read_events(
         self, response: httpx.Response, models: list[str], report: AnalysisReport, on_result: OnResult

@@ -1,0 +1,108 @@
+"""The shared HTTP policy: statuses and foreign exceptions become our three error classes."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import httpx
+import pytest
+from httpx_sse import SSEError
+
+from watcher.errors import BadInput, NeedsUser, RetryLater
+from watcher.services.http import ServiceHTTP, parse_retry_after, raise_for_status, translate_transport_error
+
+
+def response(status: int, body: object = None, headers: dict | None = None) -> httpx.Response:
+    request = httpx.Request("POST", "https://service.invalid/v1/x")
+    return httpx.Response(
+        status, json=body if body is not None else {"detail": "why"}, headers=headers, request=request
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (408, RetryLater),
+        (429, RetryLater),
+        (500, RetryLater),
+        (503, RetryLater),
+        (401, NeedsUser),
+        (402, NeedsUser),
+        (403, NeedsUser),
+        (404, NeedsUser),
+        (422, NeedsUser),
+        (413, BadInput),
+        (415, BadInput),
+    ],
+)
+def test_status_classes(status, error):
+    """Each documented or likely status maps to exactly one class, and the message carries the detail."""
+    with pytest.raises(error) as err:
+        raise_for_status(response(status), "svc")
+    assert type(err.value) is error
+    assert f"HTTP {status}" in str(err.value) and "why" in str(err.value)
+
+
+def test_success_and_redirect_pass():
+    """2xx and 3xx are not errors."""
+    raise_for_status(response(200), "svc")
+    raise_for_status(response(307), "svc")
+
+
+def test_retry_after_forms():
+    """Retry-After in seconds or as an HTTP date; garbage is ignored."""
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    with pytest.raises(RetryLater) as err:
+        raise_for_status(response(429, headers={"Retry-After": "3"}), "svc")
+    assert err.value.retry_after == 3.0
+
+
+REQ = httpx.Request("GET", "https://service.invalid/")
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (httpx.ConnectError("refused", request=REQ), RetryLater),
+        (httpx.ConnectTimeout("slow", request=REQ), RetryLater),
+        (httpx.ReadTimeout("slow", request=REQ), RetryLater),
+        (httpx.WriteTimeout("slow", request=REQ), RetryLater),
+        (httpx.PoolTimeout("busy", request=REQ), RetryLater),
+        (httpx.ReadError("reset", request=REQ), RetryLater),
+        (httpx.WriteError("reset", request=REQ), RetryLater),
+        (httpx.RemoteProtocolError("eof", request=REQ), RetryLater),
+        (httpx.LocalProtocolError("bad", request=REQ), RetryLater),
+        (httpx.ProxyError("proxy", request=REQ), RetryLater),
+        (httpx.UnsupportedProtocol("ftp", request=REQ), NeedsUser),
+        (httpx.InvalidURL("bad url"), NeedsUser),
+        (httpx.HTTPStatusError("x", request=REQ, response=response(401)), NeedsUser),
+        (httpx.StreamConsumed(), RetryLater),
+        (SSEError("not sse"), RetryLater),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v.__name__,
+)
+def test_every_foreign_exception_maps(exc, error):
+    """Every httpx and httpx-sse exception becomes one of ours."""
+    assert isinstance(translate_transport_error(exc, "svc"), error)
+
+
+def test_client_translates_at_the_edge():
+    """A request through ServiceHTTP raises ours, with the httpx exception as its cause."""
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    async def go() -> None:
+        http = ServiceHTTP("svc", "https://service.invalid", transport=httpx.MockTransport(fail))
+        try:
+            await http.request("GET", "/x", retry=False)
+        finally:
+            await http.aclose()
+
+    with pytest.raises(RetryLater) as err:
+        asyncio.run(go())
+    assert isinstance(err.value.__cause__, httpx.ConnectError)
