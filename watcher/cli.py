@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8765)
     emulate.add_argument("--analysis-key", help="require this Bearer key on the analysis endpoint")
+    emulate.add_argument(
+        "--fake-analysis",
+        action="store_true",
+        help="answer every model with hash-derived values, even when local analysis is installed",
+    )
     return parser
 
 
@@ -187,7 +192,7 @@ def _retry(settings: Settings, paths: list[Path], failed: bool) -> int:
 def _emulate(args: argparse.Namespace) -> int:
     from watcher.emulator import Emulator
 
-    emulator = Emulator(args.host, args.port, analysis_key=args.analysis_key)
+    emulator = Emulator(args.host, args.port, analysis_key=args.analysis_key, use_local=not args.fake_analysis)
     print(f"analysis service emulator: {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
 
     def stop(signum: int, frame: Any) -> None:
