@@ -28,7 +28,6 @@ from watcher.errors import ConfigError
 from watcher.log import configure_logging, register_secrets
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
-RESTART_STAGE = {"analyze": "pending"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _open_store(settings: Settings) -> Any:
-    from watcher.daemon import store_path
+    from watcher.pipeline import store_path
     from watcher.store import Store
 
     path = store_path(settings)
@@ -182,6 +181,8 @@ def _retry(settings: Settings, paths: list[Path], failed: bool) -> int:
                     for j in store.jobs_of_current()
                     if j.file.path == p or j.file.path.startswith(p.rstrip("/") + "/")
                 )
+        from watcher.pipeline import RESTART_STAGE
+
         n = store.retry(paths=selected, failed_only=failed or not paths, restart_stage=RESTART_STAGE)
     finally:
         store.close()

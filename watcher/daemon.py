@@ -8,7 +8,6 @@ lets in-flight jobs finish for a grace period, then checkpoints them; a second s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import signal
@@ -20,15 +19,11 @@ from typing import Any
 import structlog
 
 from watcher import __version__
-from watcher.analyzers import Backend, choose_backend, make_backend
-from watcher.audiofile import Signature
 from watcher.config import FolderConfig, Settings
-from watcher.detect.detector import Detector
 from watcher.errors import ConfigError
-from watcher.runner import Outcome, Runner
-from watcher.stages.analyze import AnalyzeStage
-from watcher.stages.base import Stage
-from watcher.store import Store
+from watcher.pipeline import Pipeline
+from watcher.runner import Outcome
+from watcher.store import TERMINAL
 
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 6.0
@@ -68,95 +63,6 @@ class StateLock:
             self._fh = None
 
 
-def store_path(settings: Settings) -> Path:
-    return settings.state_dir / "watcher.db"
-
-
-class StoreSink:
-    """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
-
-    def __init__(self, store: Store, stages: Sequence[Stage], wake: Any) -> None:
-        self.store = store
-        self.jobs = [(s.kind, s.first_stage) for s in stages]
-        self.wake = wake
-        self.recorded = 0
-
-    def known(self, path: str, sig: Signature) -> bool:
-        return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
-
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
-        _, new = self.store.register_version(
-            folder=str(folder.path),
-            path=path,
-            rel_path=rel_path,
-            size=sig.size,
-            mtime_ns=sig.mtime_ns,
-            inode=sig.inode,
-            jobs=self.jobs,
-        )
-        if new:
-            self.recorded += 1
-            log.info(
-                "file.settled",
-                path=path,
-                size=sig.size,
-                next="queued for " + ", ".join(k for k, _ in self.jobs),
-            )
-            self.wake()
-
-
-class Pipeline:
-    """Everything that does work, built from settings; shared by `watcher run` and `watcher scan`."""
-
-    def __init__(self, settings: Settings, *, on_outcome: Any = None) -> None:
-        self.settings = settings
-        self.store = Store(store_path(settings))
-        self.backends: list[Backend] = []
-        stages: list[Stage] = []
-        if settings.analysis.enabled:
-            which, why = choose_backend(settings.analysis)
-            log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
-            backend = make_backend(settings.analysis, which)
-            self.backends.append(backend)
-            stages.append(
-                AnalyzeStage(
-                    self.store,
-                    backend,
-                    models=settings.analysis.models,
-                    sidecar=settings.sidecar,
-                    max_attempts=settings.retry.max_attempts,
-                )
-            )
-        if not stages:
-            raise ConfigError("nothing to do: analysis.enabled is false and no other pipeline is enabled")
-        self.stages = {s.kind: s for s in stages}
-        concurrency = {"analyze": settings.analysis.concurrency}
-        self.runner = Runner(
-            self.store,
-            self.stages,
-            concurrency=concurrency,
-            retry=settings.retry,
-            on_outcome=on_outcome or (lambda o: None),
-            rehint=self._rehint,
-        )
-        self.sink = StoreSink(self.store, stages, self.runner.wake)
-        self.detector: Detector | None = None
-
-    def make_detector(self, folders: Sequence[FolderConfig]) -> Detector:
-        self.detector = Detector(folders, self.sink)
-        return self.detector
-
-    def _rehint(self, path: str) -> None:
-        if self.detector is not None:
-            self.detector.hint(path)
-
-    async def aclose(self) -> None:
-        for backend in self.backends:
-            with contextlib.suppress(Exception):
-                await backend.aclose()
-        self.store.close()
-
-
 class Daemon:
     """`watcher run`: watch the configured folders until a signal says stop."""
 
@@ -185,11 +91,15 @@ class Daemon:
     async def run(self) -> int:
         lock = StateLock(self.settings.state_dir)
         lock.acquire()
+        try:
+            pipeline = Pipeline(self.settings)
+        except BaseException:
+            lock.release()
+            raise
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT) if self.handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
-        pipeline = Pipeline(self.settings)
         try:
             released = pipeline.store.release_leases()
             if released:
@@ -239,12 +149,16 @@ async def scan(
     settings: Settings, paths: Sequence[Path], *, progress: bool = False
 ) -> tuple[int, list[dict[str, Any]]]:
     """`watcher scan`: register what is under ``paths`` now, process it, and report (exit code, problems)."""
+    folders, files = _scan_targets(settings, paths)
     lock = StateLock(settings.state_dir)
     lock.acquire()
-    pipeline = Pipeline(settings)
+    try:
+        pipeline = Pipeline(settings, folders)
+    except BaseException:
+        lock.release()
+        raise
     try:
         pipeline.store.release_leases()
-        folders, files = _scan_targets(settings, paths)
         # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
         folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
         detector = pipeline.make_detector(folders)
@@ -257,15 +171,12 @@ async def scan(
         targets = [str(p) for p in paths]
         total = pipeline.store.pending()
         bar = _progress(total, progress)
-        done_before = 0
 
         def tick(outcome: Outcome) -> None:
-            nonlocal done_before
-            if bar is not None and outcome.stage in ("done", "failed", "skipped", "gone", "superseded"):
-                done_before += 1
+            if bar is not None and outcome.stage in TERMINAL:
                 bar.update(1)
 
-        pipeline.runner.on_outcome = tick
+        pipeline.hooks.append(tick)
         await pipeline.runner.drain()
         if bar is not None:
             bar.close()

@@ -64,6 +64,21 @@ SCHEMA = [
         PRIMARY KEY (sha256, backend, requested)
     );
     """,
+    # version 2: IDs returned by paid remote calls, keyed by content, so no call is ever paid twice
+    """
+    CREATE TABLE remote (
+        sha256 TEXT NOT NULL,
+        service TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        params TEXT NOT NULL,
+        remote_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (sha256, service, kind, params)
+    );
+    """,
 ]
 
 
@@ -105,6 +120,17 @@ class StoredResult:
     model_version: str | None
     correlation_id: str | None
     results: Any
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """An object a service created for some content (an upload, a processing job) and its last known state."""
+
+    kind: str
+    params: str
+    remote_id: str
+    state: str
+    error: str | None
 
 
 @dataclass
@@ -406,6 +432,49 @@ class Store:
                 ),
             )
 
+    # -- IDs returned by paid calls ----------------------------------------------------------------------
+
+    def remote_get(self, sha256: str, service: str, kind: str, params: str) -> RemoteObject | None:
+        """The object already created for this content, kind and parameters, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM remote WHERE sha256=? AND service=? AND kind=? AND params=?",
+                (sha256, service, kind, params),
+            ).fetchone()
+        return (
+            None
+            if row is None
+            else RemoteObject(row["kind"], row["params"], row["remote_id"], row["state"], row["error"])
+        )
+
+    def remote_put(
+        self, sha256: str, service: str, kind: str, params: str, remote_id: str, state: str = "requested"
+    ) -> None:
+        """Record an ID the moment a paid call returned it, before anything else happens."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO remote VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (sha256, service, kind, params, remote_id, state, now, now),
+            )
+
+    def remote_set_state(
+        self, sha256: str, service: str, kind: str, params: str, state: str, error: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE remote SET state=?, error=?, updated_at=? WHERE sha256=? AND service=? AND kind=? AND params=?",
+                (state, error, time.time(), sha256, service, kind, params),
+            )
+
+    def remote_forget(self, sha256: str, service: str, kind: str, params: str) -> None:
+        """Drop an object the service no longer knows (so it is created again, knowingly)."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM remote WHERE sha256=? AND service=? AND kind=? AND params=?",
+                (sha256, service, kind, params),
+            )
+
     # -- reporting and control -------------------------------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:
@@ -440,6 +509,12 @@ class Store:
             )
             for r in rows
         ]
+
+    def jobs_of_file(self, file_id: int) -> list[Job]:
+        """Every job of one file version."""
+        with self._lock:
+            rows = self._db.execute(_JOB_SELECT + "WHERE f.id=? ORDER BY j.kind", (file_id,)).fetchall()
+        return [self._job(r) for r in rows]
 
     def jobs_of_current(self) -> list[Job]:
         """Every job of every current file version (for the per-file view of `watcher status`)."""

@@ -55,6 +55,17 @@ def _read(path: Path, sha256: str) -> dict[str, Any]:
     return doc
 
 
+def source_document(version: FileVersion, sha256: str) -> dict[str, Any]:
+    """What a sidecar says about the audio file it describes."""
+    return {
+        "name": Path(version.path).name,
+        "path": version.path,
+        "size": version.size,
+        "sha256": sha256,
+        "mtime": _iso(version.mtime_ns / 1e9),
+    }
+
+
 def analysis_document(
     version: FileVersion,
     sha256: str,
@@ -77,13 +88,7 @@ def analysis_document(
             }
     return {
         "schema_version": SCHEMA_VERSION,
-        "source": {
-            "name": Path(version.path).name,
-            "path": version.path,
-            "size": version.size,
-            "sha256": sha256,
-            "mtime": _iso(version.mtime_ns / 1e9),
-        },
+        "source": source_document(version, sha256),
         "backend": dict(backend),
         "models_requested": list(models),
         "models": by_name,
