@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import signal
@@ -56,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="counts per stage and every file that failed, with its reason")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--all", action="store_true", help="list every file, not only those in progress")
 
     retry = sub.add_parser("retry", help="make failed files (or the given paths) due again")
     retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
@@ -119,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"FAILED {p['path']} ({p['kind']}, {p['stage']}): {p['error']}", file=sys.stderr)
         return code
     if args.command == "status":
-        return _status(_settings(args), as_json=args.json)
+        return _status(_settings(args), as_json=args.json, all_files=args.all)
     if args.command == "retry":
         return _retry(_settings(args), args.paths, args.failed)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
@@ -135,34 +135,15 @@ def _open_store(settings: Settings) -> Any:
     return Store(path)
 
 
-def _status(settings: Settings, *, as_json: bool) -> int:
+def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
+    from watcher.status import collect, render
+
     store = _open_store(settings)
     try:
-        counts = store.counts()
-        problems = store.problems()
+        report = collect(store, state_dir=str(settings.state_dir))
     finally:
         store.close()
-    if as_json:
-        payload = {
-            "state_dir": str(settings.state_dir),
-            "counts": counts,
-            "problems": [p.__dict__ for p in problems],
-        }
-        print(json.dumps(payload, indent=2, default=str))
-        return EXIT_OK
-    print(f"watcher {__version__}, state in {settings.state_dir}")
-    if not counts:
-        print("no files recorded yet")
-    for kind, stages in counts.items():
-        print(f"{kind}: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()))
-    if problems:
-        print("\nneeds attention:")
-        for p in problems:
-            when = ""
-            if p.next_attempt_at:
-                at = dt.datetime.fromtimestamp(p.next_attempt_at).strftime("%Y-%m-%d %H:%M:%S")
-                when = f"; next attempt {at}"
-            print(f"  {p.path}\n    {p.kind} {p.stage} ({p.error_kind}, {p.attempts} attempts{when}): {p.error}")
+    print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
     return EXIT_OK
 
 
