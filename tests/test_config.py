@@ -128,10 +128,15 @@ def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     return out
 
 
+PASS_THROUGH = {"archive.restore", "archive.master", "archive.stems"}
+
+
 def _toml_keys(data: dict, prefix: str = "") -> set[str]:
     out = set()
     for key, value in data.items():
-        if isinstance(value, dict):
+        if f"{prefix}{key}" in PASS_THROUGH:
+            out.add(f"{prefix}{key}")  # a table sent to the service as given
+        elif isinstance(value, dict):
             out |= _toml_keys(value, f"{prefix}{key}.")
         elif isinstance(value, list) and value and isinstance(value[0], dict):
             out |= _toml_keys(value[0], f"{prefix}{key}.")

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
     retry.add_argument("--failed", action="store_true", help="every failed file")
 
+    pause = sub.add_parser("pause", help="stop processing a folder's files (they are still recorded)")
+    pause.add_argument("folder", type=Path, metavar="FOLDER")
+    resume = sub.add_parser("resume", help="process a paused folder's files again")
+    resume.add_argument("folder", type=Path, metavar="FOLDER")
+
     emulate = sub.add_parser("emulate", help="serve both services' emulators on loopback (tests, demos)")
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8765)
@@ -106,8 +111,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = _settings(args, args.folders or None)
         configure_logging(args.log_format, settings.log_level)
         from watcher.daemon import Daemon
+        from watcher.sdnotify import notifier_from_environ
 
-        return asyncio.run(Daemon(settings).run())
+        def reload() -> Settings:
+            fresh = _settings(args, args.folders or None)
+            configure_logging(args.log_format, fresh.log_level)
+            return fresh
+
+        daemon = Daemon(settings, reload=reload, notifier=notifier_from_environ(os.environ))
+        return asyncio.run(daemon.run())
     if args.command == "scan":
         settings = _settings(args)
         configure_logging(args.log_format, settings.log_level)
@@ -120,6 +132,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return code
     if args.command == "status":
         return _status(_settings(args), as_json=args.json, all_files=args.all)
+    if args.command in ("pause", "resume"):
+        return _pause(_settings(args), args.folder, paused=args.command == "pause")
     if args.command == "retry":
         return _retry(_settings(args), args.paths, args.failed)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
@@ -140,10 +154,28 @@ def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
 
     store = _open_store(settings)
     try:
-        report = collect(store, state_dir=str(settings.state_dir))
+        report = collect(store, state_dir=str(settings.state_dir), configured=[str(f.path) for f in settings.folders])
     finally:
         store.close()
     print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
+    return EXIT_OK
+
+
+def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
+    from watcher.pipeline import store_path
+    from watcher.store import Store
+
+    path = os.path.abspath(folder.expanduser())
+    configured = [str(f.path) for f in settings.folders]
+    store = Store(store_path(settings))
+    try:
+        store.set_paused(path, paused)
+    finally:
+        store.close()
+    word = "paused" if paused else "resumed"
+    print(f"{path}: {word}" + ("" if path in configured or not configured else " (note: not a configured folder)"))
+    if paused:
+        print("new files are still recorded; nothing is processed until `watcher resume`")
     return EXIT_OK
 
 

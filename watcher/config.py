@@ -55,6 +55,20 @@ class FolderConfig(_Section):
     rescan_interval: float = Field(3600.0, gt=0)
     include: tuple[str, ...] = AUDIO_PATTERNS
     exclude: tuple[str, ...] = ()
+    # Archive options for this folder; unset means "as in [archive]".
+    output_dir: Path | None = None
+    done_dir: Path | None = None
+    failed_dir: Path | None = None
+
+    @field_validator("output_dir", "done_dir", "failed_dir", mode="before")
+    @classmethod
+    def _blank_path(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("output_dir", "done_dir", "failed_dir")
+    @classmethod
+    def _abs_opt(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(value.expanduser()))
 
     @field_validator("path")
     @classmethod
@@ -94,6 +108,75 @@ class AnalysisConfig(_Section):
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("a model is listed twice")
         return cleaned
+
+
+TRACK_VERSIONS = ("original", "restored", "mastered")
+STEM_VERSIONS = ("original_stems", "restored_stems", "mastered_stems")
+ArchiveVersion = Literal[
+    "original", "restored", "mastered", "original_stems", "restored_stems", "mastered_stems", "stems"
+]
+AudioFormat = Literal["wav", "flac", "mp3", "m4a"]
+
+
+class ArchiveConfig(_Section):
+    """The processing service (Neural Analog): which versions to make and where they are delivered."""
+
+    enabled: bool = False
+    base_url: str = "https://api.neuralanalog.com"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    versions: tuple[ArchiveVersion, ...] = ("original", "mastered")
+    stems_from: Literal["original", "restored", "mastered"] = "original"
+    format: AudioFormat = "wav"
+    original_format: AudioFormat | None = None
+    restored_format: AudioFormat | None = None
+    mastered_format: AudioFormat | None = None
+    output_dir: Path | None = None
+    concurrency: int = Field(2, ge=1, le=64)
+    rate_limit: float = Field(5.0, gt=0)
+    timeout: float = Field(300.0, gt=0)
+    poll_initial: float = Field(5.0, gt=0, description="seconds before the first status poll")
+    poll_max: float = Field(300.0, gt=0, description="the longest pause between two polls")
+    max_archive_bytes: int = Field(20 * 2**30, gt=0, description="uncompressed size a zip may hold")
+    max_archive_entries: int = Field(1000, gt=0)
+    restore: dict[str, Any] = Field(default_factory=dict)
+    master: dict[str, Any] = Field(default_factory=dict)
+    stems: dict[str, Any] = Field(default_factory=lambda: {"preset": "4_tracks"})
+
+    @field_validator(
+        "api_key", "api_key_file", "output_dir", "original_format", "restored_format", "mastered_format", mode="before"
+    )
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _abs_out(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(value.expanduser()))
+
+    @field_validator("versions")
+    @classmethod
+    def _versions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one version is needed")
+        if len(set(value)) != len(value):
+            raise ValueError("a version is listed twice")
+        return value
+
+    def wanted(self) -> tuple[str, ...]:
+        """The versions to deliver, with ``"stems"`` expanded to ``<stems_from>_stems``."""
+        out: list[str] = []
+        for v in self.versions:
+            v = f"{self.stems_from}_stems" if v == "stems" else v
+            if v not in out:
+                out.append(v)
+        return tuple(out)
+
+    def format_of(self, version: str) -> str:
+        """The file format asked for a track version (stems use ``format``)."""
+        specific = getattr(self, f"{version}_format", None) if version in TRACK_VERSIONS else None
+        return specific or self.format
 
 
 class SidecarConfig(_Section):
@@ -139,12 +222,17 @@ class Settings(BaseSettings):
     folders: tuple[FolderConfig, ...] = ()
     analysis: AnalysisConfig = AnalysisConfig()
     sidecar: SidecarConfig = SidecarConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     retry: RetryConfig = RetryConfig()
 
     @field_validator("state_dir")
     @classmethod
     def _abs_state(cls, value: Path) -> Path:
         return Path(os.path.abspath(value.expanduser()))
+
+    def output_dir_for(self, folder: FolderConfig) -> Path | None:
+        """Where a folder's deliveries go: its own output_dir, else the archive's."""
+        return folder.output_dir or self.archive.output_dir
 
     @classmethod
     def settings_customise_sources(
@@ -231,6 +319,13 @@ def load_settings(
             path = Path(os.path.abspath(raw.expanduser()))
             chosen.append(known.get(path) or FolderConfig(path=path))
         settings = settings.model_copy(update={"folders": tuple(chosen)})
+    if settings.archive.enabled and settings.archive.output_dir is None:
+        missing = [str(f.path) for f in settings.folders if f.output_dir is None]
+        if missing:
+            raise ConfigError(
+                f"invalid configuration{source}: archive.output_dir: required when the archive is enabled "
+                f"(or set output_dir on each [[folders]] entry; missing for {', '.join(missing)})"
+            )
     return resolve_secrets(settings, env)
 
 
@@ -278,7 +373,19 @@ def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
         env_name="ESSENTIA_API_KEY",
         credential="essentia_api_key",
     )
-    update: dict[str, Any] = {"analysis": analysis.model_copy(update={"api_key": key})}
+    archive = settings.archive
+    archive_key = resolve_key(
+        archive.api_key,
+        archive.api_key_file,
+        env,
+        section="archive",
+        env_name="NEURALANALOG_API_KEY",
+        credential="neuralanalog_api_key",
+    )
+    update: dict[str, Any] = {
+        "analysis": analysis.model_copy(update={"api_key": key}),
+        "archive": archive.model_copy(update={"api_key": archive_key}),
+    }
     if env.get("STATE_DIRECTORY") and "state_dir" not in settings.model_fields_set:
         update["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
     return settings.model_copy(update=update)
@@ -287,7 +394,7 @@ def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
 def secrets_of(settings: Settings) -> list[str]:
     """Every secret value in the settings, for the log redactor."""
     found = []
-    for section in (settings.analysis,):
+    for section in (settings.analysis, settings.archive):
         if section.api_key is not None:
             found.append(section.api_key.get_secret_value())
     return [s for s in found if s]

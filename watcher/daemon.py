@@ -8,11 +8,12 @@ lets in-flight jobs finish for a grace period, then checkpoints them; a second s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,12 @@ from watcher.config import FolderConfig, Settings
 from watcher.errors import ConfigError
 from watcher.pipeline import Pipeline
 from watcher.runner import Outcome
+from watcher.sdnotify import Notifier, NullNotifier
 from watcher.store import TERMINAL
 
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 6.0
+HEARTBEAT_SECONDS = 5.0
 SCAN_SETTLE = 1.0
 
 
@@ -64,42 +67,98 @@ class StateLock:
 
 
 class Daemon:
-    """`watcher run`: watch the configured folders until a signal says stop."""
+    """`watcher run`: watch the configured folders until a signal says stop; SIGHUP reloads the settings."""
 
-    def __init__(self, settings: Settings, *, handle_signals: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        handle_signals: bool = True,
+        reload: Callable[[], Settings] | None = None,
+        notifier: Notifier | None = None,
+        heartbeat: float = HEARTBEAT_SECONDS,
+    ) -> None:
         if not settings.folders:
             raise ConfigError("no folder to watch: give one (`watcher run FOLDER`) or add [[folders]] to the config")
         self.settings = settings
         self.handle_signals = handle_signals
+        self._reload = reload
+        self.notifier: Notifier = notifier or NullNotifier()
+        self.heartbeat = heartbeat
         self.stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
+        self._reload_requested = False
+        self.pipeline: Pipeline | None = None
 
     def _on_signal(self, signum: int) -> None:
-        self.request_stop(signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            self.request_reload()
+        else:
+            self.request_stop(signal.Signals(signum).name)
 
     def request_stop(self, reason: str, *, force: bool = False) -> None:
         """First call: stop claiming work and let in-flight jobs finish (grace); second or ``force``: now."""
         self._signals += 1
+        self._reload_requested = False
         if self._signals == 1 and not force:
             log.info("daemon.stopping", reason=reason, next=f"finishing in-flight work for up to {GRACE_SECONDS:.0f} s")
+            self.notifier.stopping()
+            self.notifier.extend_timeout(GRACE_SECONDS + 4)
         else:
             log.warning("daemon.stopping_now", reason=reason, next="checkpointing in-flight work now")
             self._force.set()
         self.stop.set()
 
+    def request_reload(self) -> None:
+        """Reload the settings: checkpoint, rebuild everything from the new settings, carry on from the store."""
+        if self._signals or self._reload is None:
+            return
+        log.info("daemon.reloading", next="checkpointing in-flight work, then starting again with the new settings")
+        self._reload_requested = True
+        self.notifier.reloading()
+        self.stop.set()
+
     async def run(self) -> int:
         lock = StateLock(self.settings.state_dir)
         lock.acquire()
-        try:
-            pipeline = Pipeline(self.settings)
-        except BaseException:
-            lock.release()
-            raise
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT) if self.handle_signals else ()
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if self.handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            while True:
+                code = await self._serve()
+                if not self._reload_requested:
+                    return code
+                self._reload_requested = False
+                self.stop = asyncio.Event()
+                self._force = asyncio.Event()
+                self._apply_reload()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            lock.release()
+            log.info("daemon.stopped")
+
+    def _apply_reload(self) -> None:
+        assert self._reload is not None
+        try:
+            new = self._reload()
+            if new.state_dir != self.settings.state_dir:
+                raise ConfigError("state_dir cannot change on reload; restart watcher to move the store")
+            if not new.folders:
+                raise ConfigError("the new configuration has no folder to watch")
+        except ConfigError as exc:
+            log.error("daemon.reload_failed", error=str(exc), next="carrying on with the previous settings")
+            return
+        self.settings = new
+        log.info("daemon.reloaded", folders=[str(f.path) for f in new.folders])
+
+    async def _serve(self) -> int:
+        """One life of the pipeline: start, run until stop (or reload), checkpoint."""
+        pipeline = Pipeline(self.settings)
+        self.pipeline = pipeline
         try:
             released = pipeline.store.release_leases()
             if released:
@@ -111,34 +170,60 @@ class Daemon:
                 folders=[str(f.path) for f in self.settings.folders],
                 state_dir=str(self.settings.state_dir),
             )
-            runner_task = asyncio.create_task(pipeline.runner.run(self.stop), name="runner")
-            detector_task = asyncio.create_task(
-                detector.run(self.stop, on_first_scan=lambda: log.info("daemon.ready")), name="detector"
-            )
-            stop_wait = asyncio.create_task(self.stop.wait())
-            done, _ = await asyncio.wait({runner_task, detector_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stop_wait and task.exception() is not None:
-                    log.error("daemon.component_failed", error=repr(task.exception()), next="stopping with exit 1")
-                    self.stop.set()
-            await self._shutdown(runner_task, detector_task)
-            return 1 if any(t.done() and not t.cancelled() and t.exception() for t in done if t is not stop_wait) else 0
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            await pipeline.aclose()
-            lock.release()
-            log.info("daemon.stopped")
 
-    async def _shutdown(self, runner_task: asyncio.Task[None], detector_task: asyncio.Task[None]) -> None:
+            def ready() -> None:
+                log.info("daemon.ready")
+                self.notifier.ready()
+
+            runner_task = asyncio.create_task(pipeline.runner.run(self.stop), name="runner")
+            detector_task = asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector")
+            beat_task = asyncio.create_task(self._beat(pipeline), name="heartbeat")
+            stop_wait = asyncio.create_task(self.stop.wait())
+            done, _ = await asyncio.wait(
+                {runner_task, detector_task, beat_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+            )
+            failed = [t for t in done if t is not stop_wait and not t.cancelled() and t.exception() is not None]
+            for task in failed:
+                log.error(
+                    "daemon.component_failed",
+                    component=task.get_name(),
+                    error=repr(task.exception()),
+                    next="stopping with exit 1 so the supervisor restarts watcher",
+                )
+                self.stop.set()
+                self._reload_requested = False
+            await self._shutdown(runner_task, detector_task, beat_task)
+            return 1 if failed else 0
+        finally:
+            await pipeline.aclose()
+            self.pipeline = None
+
+    async def _beat(self, pipeline: Pipeline) -> None:
+        """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store."""
+        interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
+        while not self.stop.is_set():
+            self.notifier.watchdog()
+            counts = pipeline.store.counts()
+            waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
+            failed = sum(stages.get("failed", 0) for stages in counts.values())
+            self.notifier.status(f"{waiting} queued, {pipeline.runner.busy} in progress, {failed} failed")
+            if pipeline.detector is not None:
+                for f in pipeline.detector.describe():
+                    pipeline.store.set_folder_health(
+                        str(f["folder"]), mode=f["mode"], reason=f["reason"], available=bool(f["available"])
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval)
+
+    async def _shutdown(self, runner_task: asyncio.Task[None], *others: asyncio.Task[None]) -> None:
         started = time.monotonic()
         force = asyncio.create_task(self._force.wait())
         await asyncio.wait({runner_task, force}, timeout=GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
         force.cancel()
-        for task in (runner_task, detector_task):
+        for task in (runner_task, *others):
             if not task.done():
                 task.cancel()
-        results = await asyncio.gather(runner_task, detector_task, return_exceptions=True)
+        results = await asyncio.gather(runner_task, *others, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 log.error("daemon.shutdown_error", error=repr(r))

@@ -18,9 +18,14 @@ class StatusSource(Protocol):
 
     def jobs_of_current(self) -> list[Job]: ...
 
+    def folder_states(self) -> list[dict[str, Any]]: ...
 
-def collect(store: StatusSource, *, state_dir: str, folders: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole report as plain data (the JSON output)."""
+
+def collect(store: StatusSource, *, state_dir: str, configured: list[str] | None = None) -> dict[str, Any]:
+    """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen."""
+    folders = {f["folder"]: f for f in store.folder_states()}
+    for path in configured or []:
+        folders.setdefault(path, {"folder": path, "paused": False, "mode": None, "reason": None, "available": None})
     files: dict[str, dict[str, Any]] = {}
     for job in store.jobs_of_current():
         entry = files.setdefault(job.file.path, {"path": job.file.path, "jobs": {}})
@@ -38,7 +43,7 @@ def collect(store: StatusSource, *, state_dir: str, folders: list[dict[str, Any]
         "version": __version__,
         "state_dir": state_dir,
         "counts": store.counts(),
-        "folders": folders or [],
+        "folders": list(folders.values()),
         "problems": [p.__dict__ for p in store.problems()],
         "files": list(files.values()),
     }

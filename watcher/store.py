@@ -79,7 +79,19 @@ SCHEMA = [
         PRIMARY KEY (sha256, service, kind, params)
     );
     """,
+    # version 3: folders paused by `watcher pause`, kept across restarts
+    """
+    CREATE TABLE folder_state (
+        path TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0,
+        mode TEXT,
+        reason TEXT,
+        available INTEGER,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
+_NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "
 
 
 @dataclass(frozen=True)
@@ -282,7 +294,8 @@ class Store:
             row = db.execute(
                 _JOB_SELECT + f"WHERE j.kind=? AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}) "
                 "AND j.next_attempt_at <= ? AND (j.lease_until IS NULL OR j.lease_until < ?) "
-                "ORDER BY j.next_attempt_at, j.id LIMIT 1",
+                + _NOT_PAUSED
+                + "ORDER BY j.next_attempt_at, j.id LIMIT 1",
                 (kind, *TERMINAL, now, now),
             ).fetchone()
             if row is None:
@@ -377,8 +390,8 @@ class Store:
         """When the earliest unfinished, unleased job of ``kind`` is due (None: nothing pending)."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT MIN(next_attempt_at) FROM jobs WHERE kind=? AND stage NOT IN "
-                f"({','.join('?' * len(TERMINAL))}) AND lease_owner IS NULL",
+                f"SELECT MIN(j.next_attempt_at) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.kind=? "
+                f"AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}) AND j.lease_owner IS NULL " + _NOT_PAUSED,
                 (kind, *TERMINAL),
             ).fetchone()
         return row[0]
@@ -474,6 +487,46 @@ class Store:
                 "DELETE FROM remote WHERE sha256=? AND service=? AND kind=? AND params=?",
                 (sha256, service, kind, params),
             )
+
+    # -- folders ---------------------------------------------------------------------------------------
+
+    def set_paused(self, folder: str, paused: bool) -> None:
+        """Pause or resume work on a folder's files (detection still records them, so nothing is lost)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO folder_state (path, paused, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET paused=excluded.paused, updated_at=excluded.updated_at",
+                (folder, int(paused), time.time()),
+            )
+
+    def paused_folders(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT path FROM folder_state WHERE paused=1")}
+
+    def set_folder_health(self, folder: str, *, mode: str | None, reason: str | None, available: bool) -> None:
+        """What the running daemon sees of a folder (watch mode, why, reachable), for `watcher status`."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO folder_state (path, mode, reason, available, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET mode=excluded.mode, reason=excluded.reason, "
+                "available=excluded.available, updated_at=excluded.updated_at",
+                (folder, mode, reason, int(available), time.time()),
+            )
+
+    def folder_states(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM folder_state ORDER BY path").fetchall()
+        return [
+            {
+                "folder": r["path"],
+                "paused": bool(r["paused"]),
+                "mode": r["mode"],
+                "reason": r["reason"],
+                "available": None if r["available"] is None else bool(r["available"]),
+                "updated_at": r["updated_at"],
+            }
+            for r in rows
+        ]
 
     # -- reporting and control -------------------------------------------------------------------------
 

@@ -1,0 +1,138 @@
+"""Running as a service: sd_notify messages on a socket the test owns, SIGHUP reload, pause and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import API_KEY, make_settings, wait_for, write_tone
+from watcher.sdnotify import NullNotifier, SystemdNotifier, notifier_from_environ
+from watcher.store import Store
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def start_watcher(tmp_path: Path, cfg: Path, url: str, **env_extra: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    env.update(
+        WATCHER_STATE_DIR=str(tmp_path / "state"), WATCHER_ANALYSIS__BASE_URL=url, ESSENTIA_API_KEY=API_KEY, **env_extra
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def folder_config(*folders: Path) -> str:
+    return "".join(f'[[folders]]\npath = "{f}"\nsettle_seconds = 0.2\n' for f in folders)
+
+
+def test_notify_socket_receives_the_lifecycle(tmp_path, inbox, emulator):
+    """Under Type=notify: READY=1 after the first scan, STATUS with counts, WATCHDOG=1, then STOPPING on SIGTERM."""
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(20)
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(folder_config(inbox))
+    proc = start_watcher(tmp_path, cfg, emulator.url, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="2000000")
+    messages: list[str] = []
+    try:
+        while not all(any(m.startswith(k) for m in messages) for k in ("READY=1", "WATCHDOG=1", "STATUS=")):
+            messages.append(sock.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        while not all(any(m.startswith(k) for m in messages) for k in ("STOPPING=1", "EXTEND_TIMEOUT_USEC=")):
+            messages.append(sock.recv(4096).decode())
+        proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+    assert proc.returncode == 0
+    status = next(m for m in messages if m.startswith("STATUS="))
+    assert "queued" in status and "failed" in status
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages)
+
+
+def test_sighup_reloads_config_without_losing_work(tmp_path, emulator):
+    """SIGHUP with a new folder in the config: the new folder is watched, the process keeps running."""
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(folder_config(first))
+    proc = start_watcher(tmp_path, cfg, emulator.url)
+    try:
+        write_tone(first / "a.wav", 0.2)
+        wait_for(lambda: (first / "a.wav.analysis.json").exists(), timeout=30)
+        write_tone(second / "b.wav", 0.2, freq=500)
+        cfg.write_text(folder_config(first, second))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: (second / "b.wav.analysis.json").exists(), timeout=30, what="new folder watched")
+        cfg.write_text("[analysis]\nmodles = 1\n")  # a broken config: reload fails, the daemon carries on
+        proc.send_signal(signal.SIGHUP)
+        write_tone(first / "c.wav", 0.2, freq=700)
+        wait_for(lambda: (first / "c.wav.analysis.json").exists(), timeout=30, what="old settings still in force")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert '"daemon.reloaded"' in err and '"daemon.reload_failed"' in err and "analysis.modles" in err
+    assert emulator.api.counts()["POST /v1/analysis/stream"] == 3
+
+
+def test_pause_survives_a_restart(tmp_path, inbox, emulator, run_daemon):
+    """A paused folder's files are recorded but not processed, across a restart, until resumed."""
+    settings = make_settings(tmp_path, inbox, emulator.url)
+    store = Store(tmp_path / "state" / "watcher.db")
+    store.set_paused(str(inbox), True)
+    store.close()
+    d = run_daemon(settings)
+    write_tone(inbox / "held.wav", 0.2)
+    store = Store(tmp_path / "state" / "watcher.db")
+    try:
+        wait_for(lambda: store.counts().get("analyze", {}).get("pending") == 1, what="file recorded")
+        d.stop()
+        d = run_daemon(settings)
+        assert store.counts()["analyze"] == {"pending": 1}
+        assert emulator.api.counts()["POST /v1/analysis/stream"] == 0
+        store.set_paused(str(inbox), False)
+        wait_for(lambda: (inbox / "held.wav.analysis.json").exists(), what="processed after resume")
+        d.stop()
+    finally:
+        store.close()
+
+
+def test_pause_and_resume_commands(tmp_path, inbox, emulator):
+    """`watcher pause` and `resume` keep the state in the store, and status shows it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    env.update(WATCHER_STATE_DIR=str(tmp_path / "state"), ESSENTIA_API_KEY=API_KEY)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "watcher", *args], env=env, capture_output=True, text=True, timeout=30
+        )
+
+    assert run("pause", str(inbox)).returncode == 0
+    assert f"{inbox}: paused" in run("status").stdout
+    assert run("resume", str(inbox)).returncode == 0
+    assert f"{inbox}: active" in run("status").stdout
+
+
+def test_notifier_from_environ_picks_the_null_object():
+    """Without NOTIFY_SOCKET nothing is sent; with it, abstract and path sockets are understood."""
+    assert isinstance(notifier_from_environ({}), NullNotifier)
+    n = notifier_from_environ({"NOTIFY_SOCKET": "@watcher-test", "WATCHDOG_USEC": "10000000"})
+    assert isinstance(n, SystemdNotifier) and n.watchdog_interval == 5.0 and n.address == "\0watcher-test"
+    n.close()
