@@ -169,3 +169,20 @@ def test_file_modified_during_upload_is_not_trusted(tmp_path, inbox, emulator, r
     finally:
         store.close()
     assert stages == ["superseded", "done"]
+
+
+def test_done_and_failed_folders(tmp_path, inbox, emulator, run_daemon):
+    """With done_dir and failed_dir set, finished sources (and their sidecars) move out of the inbox."""
+    from watcher.config import FolderConfig
+
+    settings = make_settings(tmp_path, inbox, emulator.url)
+    folder = FolderConfig(path=inbox, settle_seconds=0.3, done_dir=tmp_path / "done", failed_dir=tmp_path / "failed")
+    d = run_daemon(settings.model_copy(update={"folders": (folder,)}))
+    write_tone(inbox / "sub" / "ok.wav", 0.2)
+    (inbox / "broken.wav").write_text("not audio")
+    wait_for(lambda: (tmp_path / "done" / "sub" / "ok.wav").exists(), what="moved to done")
+    wait_for(lambda: (tmp_path / "failed" / "broken.wav").exists(), what="moved to failed")
+    d.stop()
+    assert (tmp_path / "done" / "sub" / "ok.wav.analysis.json").exists()
+    assert not (inbox / "sub" / "ok.wav").exists() and not (inbox / "broken.wav").exists()
+    load_valid(tmp_path / "done" / "sub" / "ok.wav.analysis.json")

@@ -267,3 +267,18 @@ def test_settler_close_event_shortens_the_wait(tmp_path):
     assert [v.outcome for v in s.check()] == ["waiting"]
     now[0] = 1.1
     assert [v.outcome for v in s.check()] == ["ready"]
+
+
+def test_dead_observer_falls_back_to_polling(tmp_path, watch):
+    """An observer thread that dies is noticed, replaced by polling, and files keep arriving."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    d, sink = watch(inbox)
+    assert d.detector.describe()[0]["mode"] == "native"
+    with structlog.testing.capture_logs() as logs:
+        d.detector.folders[str(inbox)].watch.observer.stop()  # the thread ends, as after an emitter crash
+        wait_for(lambda: d.detector.describe()[0]["mode"] == "polling", what="fallback to polling")
+        write_tone(inbox / "after.wav", 0.05)
+        wait_for(lambda: sink.names() == ["after.wav"])
+    assert any(e["event"] == "watch.died" for e in logs)
+    assert "polling" in d.detector.describe()[0]["reason"]
