@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "watcher"
 RULES = [
     ("watcher.detect", ["httpx", "httpx_sse", "watcher.services", "watcher.stages", "watcher.store", "sqlite3"]),
     ("watcher.services", ["watcher.stages", "watcher.detect", "watcher.store", "watchdog", "watcher.daemon"]),
-    ("watcher.stages", ["watchdog", "watcher.detect", "watcher.daemon", "httpx"]),
+    ("watcher.stages", ["watchdog", "watcher.detect", "watcher.daemon", "watcher.services", "httpx"]),
     ("watcher.store", ["httpx", "watcher.services", "watcher.stages", "watcher.detect", "watchdog"]),
     ("watcher.errors", ["watcher.", "httpx"]),
     ("watcher.config", ["watcher.store", "watcher.services", "watcher.stages", "watcher.detect", "httpx"]),

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8765)
     emulate.add_argument("--analysis-key", help="require this Bearer key on the analysis endpoint")
+    emulate.add_argument("--processing-key", help="require this X-API-Key on the processing endpoints")
     emulate.add_argument(
         "--fake-analysis",
         action="store_true",
@@ -206,8 +207,15 @@ def _retry(settings: Settings, paths: list[Path], failed: bool) -> int:
 def _emulate(args: argparse.Namespace) -> int:
     from watcher.emulator import Emulator
 
-    emulator = Emulator(args.host, args.port, analysis_key=args.analysis_key, use_local=not args.fake_analysis)
-    print(f"analysis service emulator: {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
+    emulator = Emulator(
+        args.host,
+        args.port,
+        analysis_key=args.analysis_key,
+        processing_key=args.processing_key,
+        use_local=not args.fake_analysis,
+    )
+    print(f"analysis service emulator:   {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
+    print(f"processing service emulator: {emulator.url}  (storage host: {emulator.storage.url})", flush=True)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -3,6 +3,8 @@
     WatcherError
     ├── ConfigError      the configuration is wrong: fix it, then start again (exit code 2)
     ├── RetryLater       transient: the network, a 429/5xx, a full disk; the store schedules another attempt
+    │   ├── NotSent      the request never left (no connection): safe to resend even when it is paid
+    │   └── ExpiredURL   a signed download URL was refused: ask for a fresh one
     ├── NeedsUser        a person must act: bad API key, no credits, a refused request (401/402/403, other 4xx)
     └── BadInput         this file cannot be processed as it is (empty, not audio, rejected by a service)
         └── FileChanged  the file changed or vanished while it was being read; its new version gets its own turn
@@ -30,9 +32,20 @@ class RetryLater(WatcherError):
 
     kind = "retry_later"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
+
+
+class NotSent(RetryLater):
+    """The request never reached the service (no connection): resending it cannot pay twice."""
+
+    kind = "retry_later"
+
+
+class ExpiredURL(RetryLater):
+    """A temporary download URL was refused (expired or revoked): ask for a fresh one."""
 
 
 class NeedsUser(WatcherError):

@@ -105,12 +105,15 @@ class Pipeline:
         self.detector: Detector | None = None
 
     def _archive_stage(self) -> Stage:
-        from watcher.services.processing import make_processor
+        from watcher.services.http import HttpPolicy
+        from watcher.services.neuralanalog import NeuralAnalogClient
         from watcher.stages.archive import ArchiveStage
         from watcher.stages.deliver import Deliverer
 
         cfg = self.settings.archive
-        processor = make_processor(cfg)
+        policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
+        key = cfg.api_key.get_secret_value() if cfg.api_key else None
+        processor = NeuralAnalogClient(cfg.base_url, key, policy=policy)
         self.closers.append(processor)
 
         def output_for(job: Job) -> Path | None:

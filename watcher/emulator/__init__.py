@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults
+from watcher.emulator.neuralanalog import NeuralAnalogEmulator, ProcessingFaults
 from watcher.emulator.server import App, HTTPServerThread, RecordedRequest, Request
 
 __all__ = [
@@ -13,13 +14,16 @@ __all__ = [
     "App",
     "Emulator",
     "HTTPServerThread",
+    "NeuralAnalogEmulator",
+    "ProcessingFaults",
     "RecordedRequest",
     "Request",
 ]
 
 
 class Emulator:
-    """Both services on one loopback address (``url``)."""
+    """Both services' APIs on one loopback address (``url``), and the processing service's storage host
+    on a second one (``storage``), as signed URLs point to another host."""
 
     def __init__(
         self,
@@ -27,21 +31,33 @@ class Emulator:
         port: int = 0,
         *,
         analysis_key: str | None = None,
+        processing_key: str | None = None,
         use_local: bool = True,
     ) -> None:
         self.analysis = AnalysisEmulator(api_key=analysis_key, use_local=use_local)
-        self.api = HTTPServerThread([self.analysis.app], host, port)
+        self.processing = NeuralAnalogEmulator(api_key=processing_key)
+        self.api = HTTPServerThread([self.analysis.app, self.processing.app], host, port)
+        self.storage = HTTPServerThread([self.processing.storage_app], host, 0)
+        self.processing.storage_url = self.storage.url
         self.url = self.api.url
 
     def start(self) -> Emulator:
         self.api.start()
+        self.storage.start()
         return self
 
     def stop(self) -> None:
         self.api.stop()
+        self.storage.stop()
+        self.processing.close()
 
     def serve_forever(self) -> None:
-        self.api.serve_forever()
+        self.storage.start()
+        try:
+            self.api.serve_forever()
+        finally:
+            self.storage.stop()
+            self.processing.close()
 
     def __enter__(self) -> Emulator:
         return self.start()

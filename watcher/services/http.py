@@ -19,7 +19,7 @@ import httpx
 import stamina
 from aiolimiter import AsyncLimiter
 
-from watcher.errors import BadInput, NeedsUser, RetryLater, WatcherError
+from watcher.errors import BadInput, NeedsUser, NotSent, RetryLater, WatcherError
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def raise_for_status(response: httpx.Response, service: str) -> None:
     if detail:
         what += f": {detail}"
     if status in (408, 425, 429) or status >= 500:
-        raise RetryLater(what, retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        raise RetryLater(what, retry_after=parse_retry_after(response.headers.get("Retry-After")), status=status)
     if status == 401:
         raise NeedsUser(f"{what} (the API key was refused: check it)")
     if status == 402:
@@ -101,6 +101,8 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
     """Map an httpx (or httpx-sse) exception to one of ours; unknown ones are treated as transient."""
     if isinstance(exc, WatcherError):
         return exc
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        return NotSent(f"{service} could not be reached: {type(exc).__name__}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
         return RetryLater(f"{service} timed out ({type(exc).__name__})")
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
@@ -155,11 +157,21 @@ class ServiceHTTP:
             return False
         return exc.retry_after
 
-    def retrying(self, *, attempts: int | None = None) -> Any:
-        """A stamina retry context for a block that may raise RetryLater (each attempt a fresh block)."""
+    def _paid_hook(self, exc: Exception) -> bool | float:
+        """For calls that cost money: resend only what provably did not reach the service (or got a 429)."""
+        if isinstance(exc, NotSent) or (isinstance(exc, RetryLater) and exc.status == 429):
+            return self._backoff_hook(exc)
+        return False
+
+    def retrying(self, *, attempts: int | None = None, paid: bool = False) -> Any:
+        """A stamina retry context for a block that may raise RetryLater (each attempt a fresh block).
+
+        ``paid``: the block makes a billed request; only NotSent and 429 are retried in-process, anything
+        else goes back to the store, whose later attempt is logged as a possible duplicate.
+        """
         p = self.policy
         return stamina.retry_context(
-            on=self._backoff_hook,
+            on=self._paid_hook if paid else self._backoff_hook,
             attempts=attempts or p.attempts,
             timeout=p.retry_timeout,
             wait_initial=p.wait_initial,
@@ -183,11 +195,13 @@ class ServiceHTTP:
             except (httpx.HTTPError, httpx.StreamError) as exc:
                 raise translate_transport_error(exc, self.service) from exc
 
-    async def request(self, method: str, url: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
-        """A whole request and response; retried on RetryLater unless ``retry`` is False."""
+    async def request(
+        self, method: str, url: str, *, retry: bool = True, paid: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """A whole request and response; retried on RetryLater unless ``retry`` is False (``paid``: see retrying)."""
         if not retry:
             return await self._once(method, url, **kwargs)
-        async for attempt in self.retrying():
+        async for attempt in self.retrying(paid=paid):
             with attempt:
                 return await self._once(method, url, **kwargs)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover

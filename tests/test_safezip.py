@@ -1,0 +1,111 @@
+"""Safe extraction of zips from the network: every trick refused, nothing left behind, CRCs checked."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from watcher.safezip import BadArchive, extract_zip
+
+LIMITS = {"max_total_bytes": 1 << 20, "max_entries": 10}
+
+
+def make_zip(path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return path
+
+
+def leftovers(dest: Path) -> list[Path]:
+    return list(dest.iterdir()) if dest.exists() else []
+
+
+def test_good_zip_is_extracted_with_hashes(tmp_path):
+    """Regular files and folders come out whole, with sizes and sha256 computed while extracting."""
+    z = make_zip(tmp_path / "ok.zip", [("a.wav", b"RIFF1234"), ("stems/b.wav", b"x" * 5000)])
+    out = extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert out.root.parent == tmp_path / "dest" and out.root.name.startswith(".watcher-tmp-")
+    assert {f.path: f.size for f in out.files} == {"a.wav": 8, "stems/b.wav": 5000}
+    assert (out.root / "stems" / "b.wav").read_bytes() == b"x" * 5000
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("../evil.wav", "'..'"),
+        ("a/../../evil.wav", "'..'"),
+        ("/etc/evil.wav", "absolute"),
+        ("C:/evil.wav", "absolute"),
+        ("..\\evil.wav", "'..'"),
+    ],
+)
+def test_escaping_names_are_refused(tmp_path, name, reason):
+    """Entries that would land outside the destination are refused and nothing is kept."""
+    z = make_zip(tmp_path / "bad.zip", [("fine.wav", b"ok"), (name, b"bad")])
+    dest = tmp_path / "dest"
+    with pytest.raises(BadArchive, match=reason) as err:
+        extract_zip(z, dest, **LIMITS)
+    assert "bad.zip" in str(err.value)
+    assert leftovers(dest) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "what"), [(0o120777, "a link"), (0o020644, "a special file"), (0o010644, "a special file")]
+)
+def test_links_and_devices_are_refused(tmp_path, mode, what):
+    """Symlinks, character devices and FIFOs inside a zip are never created."""
+    info = zipfile.ZipInfo("x.wav")
+    info.external_attr = mode << 16
+    z = make_zip(tmp_path / "l.zip", [(info, b"/etc/passwd")])
+    with pytest.raises(BadArchive, match=what):
+        extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_size_and_count_limits(tmp_path):
+    """Too many entries, or more bytes than allowed (declared or real), are refused."""
+    many = make_zip(tmp_path / "many.zip", [(f"{i}.wav", b"x") for i in range(11)])
+    with pytest.raises(BadArchive, match="11 entries"):
+        extract_zip(many, tmp_path / "d1", **LIMITS)
+    bomb = make_zip(tmp_path / "bomb.zip", [("big.wav", b"\0" * (2 << 20))])
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(BadArchive, match="more than the limit"):
+        extract_zip(bomb, tmp_path / "d2", **LIMITS)
+    assert leftovers(tmp_path / "d1") == [] and leftovers(tmp_path / "d2") == []
+
+
+def test_lying_header_is_caught_while_extracting(tmp_path):
+    """A header that understates the size does not get past the byte count."""
+    z = make_zip(tmp_path / "lie.zip", [("big.wav", b"\0" * (2 << 20))])
+    raw = bytearray(z.read_bytes())
+    with zipfile.ZipFile(z) as zf:
+        info = zf.infolist()[0]
+    # Patch the declared uncompressed size in the central directory to 10 bytes.
+    cd = raw.rfind(b"PK\x01\x02")
+    raw[cd + 24 : cd + 28] = (10).to_bytes(4, "little")
+    z.write_bytes(bytes(raw))
+    assert info.file_size == 2 << 20
+    with pytest.raises(BadArchive):
+        extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_truncated_and_corrupted_zips(tmp_path):
+    """A cut-off download and a flipped byte (CRC mismatch) are refused cleanly."""
+    z = make_zip(tmp_path / "t.zip", [("a.wav", b"abc" * 10000)])
+    data = z.read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadArchive, match="not a zip file"):
+        extract_zip(tmp_path / "cut.zip", tmp_path / "d1", **LIMITS)
+    stored = tmp_path / "s.zip"
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a.wav", b"abcdefgh" * 100)
+    raw = bytearray(stored.read_bytes())
+    raw[raw.find(b"abcdefgh") + 3] ^= 0xFF
+    stored.write_bytes(bytes(raw))
+    with pytest.raises(BadArchive, match="CRC"):
+        extract_zip(stored, tmp_path / "d2", **LIMITS)
+    assert leftovers(tmp_path / "d1") == [] and leftovers(tmp_path / "d2") == []

@@ -1,0 +1,266 @@
+"""Delivery: fetch the versions' zips (or single objects), extract them safely, and move the folder into place.
+
+Layout: ``<output_dir>/<path inside the watched folder, without extension>/`` holding the track versions,
+stems under ``stems/<version>/``, and ``manifest.json``. Everything is assembled in a temp folder inside
+the output folder and renamed into place. A newer version of the same source never overwrites an older
+delivery: the older folder is renamed to ``<name>.replaced-<UTC time>`` first, and the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from watcher import __version__
+from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
+from watcher.errors import ExpiredURL, RetryLater
+from watcher.fsutil import TEMP_PREFIX, fsync_dir, write_json_atomic
+from watcher.safezip import extract_zip
+from watcher.store import Job
+
+log = structlog.get_logger("watcher.deliver")
+AUDIO_SUFFIXES = {"wav", "wave", "flac", "mp3", "m4a", "aif", "aiff", "ogg"}
+ARCHIVE_TRIES = 3
+OBJECT_KIND = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
+VERSION_WORDS = {
+    "restored": ("restored", "upscaled", "restoration"),
+    "mastered": ("mastered", "master"),
+    "original": ("original",),
+}
+
+
+class Offer(Protocol):
+    download_url: str | None
+    email_notification_queued: bool
+    archive_incomplete: bool
+
+
+class Downloads(Protocol):
+    """What delivery needs from the processing service."""
+
+    async def request_archive(
+        self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
+    ) -> Offer: ...
+
+    async def download_archive(self, url: str, dest: Path) -> int: ...
+
+    async def download_object(self, kind: str, object_id: str, dest: Path, *, format: str) -> int: ...
+
+    async def stem_objects(self, creation_id: str) -> list[tuple[str, str]]:
+        """The (stem_id, name) pairs of a finished stem split, for fetching stems one by one."""
+        ...
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def attribute(rel: str, candidates: Sequence[str]) -> str | None:
+    """Which requested version a file in a zip belongs to, from its path; None when it cannot be told.
+
+    Files that are not audio (a README the service adds) belong to no version: they are ``info``.
+    """
+    if Path(rel).suffix.lower().lstrip(".") not in AUDIO_SUFFIXES:
+        return "info"
+    if len(candidates) == 1:
+        return candidates[0]
+    words = set(re.split(r"[^a-z0-9]+", rel.lower()))
+    found = []
+    for version in candidates:
+        base = version.removesuffix("_stems")
+        if words & set(VERSION_WORDS.get(base, (base,))):
+            found.append(version)
+    return found[0] if len(found) == 1 else None
+
+
+class Deliverer:
+    """Turns finished remote versions into one verified delivery folder per file version."""
+
+    def __init__(self, downloads: Downloads, cfg: ArchiveConfig, output_for: Callable[[Job], Path | None]) -> None:
+        self.downloads = downloads
+        self.cfg = cfg
+        self.output_for = output_for
+
+    def target(self, job: Job) -> Path:
+        out = self.output_for(job)
+        if out is None:
+            raise RetryLater("no output folder is configured for this file's folder")
+        rel = Path(job.file.rel_path)
+        return out / rel.parent / rel.stem
+
+    async def deliver(self, job: Job, versions: Sequence[str], ids: Mapping[str, str]) -> Path:
+        """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per file version."""
+        target = self.target(job)
+        sha256 = job.data["sha256"]
+        existing = _manifest(target)
+        if (
+            existing
+            and existing.get("source", {}).get("sha256") == sha256
+            and set(versions) <= set(existing.get("versions", []))
+        ):
+            log.info("deliver.already_there", path=job.file.path, delivery=str(target))
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+        staging.mkdir()
+        try:
+            files: list[dict[str, Any]] = []
+            tracks = [v for v in versions if v in TRACK_VERSIONS]
+            stems = [v for v in versions if v in STEM_VERSIONS]
+            if tracks:
+                files += await self._fetch_group(job, tracks, ids, staging, staging, stems=False)
+            if stems:
+                files += await self._fetch_group(job, stems, ids, staging, staging / "stems", stems=True)
+            manifest = {
+                "source": {
+                    "path": job.file.path,
+                    "name": Path(job.file.path).name,
+                    "sha256": sha256,
+                    "size": job.file.size,
+                },
+                "versions": sorted({f["version"] for f in files} - {"info", "unknown"}),
+                "files": files,
+                "ids": dict(ids),
+                "delivered_at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+                "watcher_version": __version__,
+            }
+            await asyncio.to_thread(write_json_atomic, staging / "manifest.json", manifest)
+            await asyncio.to_thread(self._place, staging, target, job)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            raise
+        log.info("deliver.done", path=job.file.path, delivery=str(target), files=len(files))
+        return target
+
+    async def _fetch_group(
+        self, job: Job, versions: list[str], ids: Mapping[str, str], staging: Path, dest: Path, *, stems: bool
+    ) -> list[dict[str, Any]]:
+        """One archive request for a group (tracks or stems), then single downloads for whatever it lacked."""
+        audio_id = ids["audio"]
+        formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
+        got: dict[str, list[dict[str, Any]]] = {}
+        for attempt in range(1, ARCHIVE_TRIES + 1):
+            offer = await self.downloads.request_archive(
+                audio_id=audio_id, versions=versions, format=self.cfg.format, formats=formats
+            )
+            if not offer.download_url:
+                break
+            zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
+            try:
+                await self.downloads.download_archive(offer.download_url, zip_path)
+            except ExpiredURL:
+                with contextlib.suppress(FileNotFoundError):
+                    zip_path.unlink()
+                if attempt == ARCHIVE_TRIES:
+                    raise
+                log.info("deliver.url_expired", path=job.file.path, next="asking for a fresh archive URL")
+                continue
+            try:
+                extracted = await asyncio.to_thread(
+                    extract_zip,
+                    zip_path,
+                    staging,
+                    max_total_bytes=self.cfg.max_archive_bytes,
+                    max_entries=self.cfg.max_archive_entries,
+                )
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    zip_path.unlink()
+            for entry in extracted.files:
+                version = attribute(entry.path, versions) or "unknown"
+                where = dest / entry.path
+                where.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(extracted.root / entry.path, where)
+                got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
+            shutil.rmtree(extracted.root, ignore_errors=True)
+            break
+        if offer.email_notification_queued or offer.archive_incomplete or not offer.download_url:
+            why = "queued for e-mail" if offer.email_notification_queued else "incomplete"
+            log.warning(
+                "deliver.fetching_singly",
+                path=job.file.path,
+                archive=why,
+                next="fetching what the archive lacks one object at a time",
+            )
+            for version in versions:
+                have = {Path(f["path"]).stem for f in got.get(version, [])}
+                if version in TRACK_VERSIONS and have:
+                    continue
+                got.setdefault(version, []).extend(await self._fetch_single(job, version, ids, staging, dest, have))
+        return [f for records in got.values() for f in records]
+
+    async def _fetch_single(
+        self, job: Job, version: str, ids: Mapping[str, str], staging: Path, dest: Path, have: set[str]
+    ) -> list[dict[str, Any]]:
+        """Download one version (a track, or the stems not in ``have``) with ``GET /download/{type}/{id}``."""
+        stem = Path(job.file.rel_path).stem
+        if version in TRACK_VERSIONS:
+            fmt = self.cfg.format_of(version)
+            op = "audio" if version == "original" else version
+            where = dest / f"{stem}.{version}.{fmt}"
+            await self.downloads.download_object(OBJECT_KIND[version], ids[op], where, format=fmt)
+            return [self._record(where, staging, version, ids, None)]
+        creation = ids["stems:" + version.removesuffix("_stems")]
+        records = []
+        for stem_id, name in await self.downloads.stem_objects(creation):
+            if name in have:
+                continue
+            where = dest / version / f"{name}.{self.cfg.format}"
+            where.parent.mkdir(parents=True, exist_ok=True)
+            await self.downloads.download_object("stem", stem_id, where, format=self.cfg.format)
+            records.append(self._record(where, staging, version, ids, None))
+        return records
+
+    def _record(self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None) -> dict:
+        op = (
+            "audio"
+            if version == "original"
+            else ("stems:" + version.removesuffix("_stems") if version in STEM_VERSIONS else version)
+        )
+        return {
+            "path": path.relative_to(staging).as_posix(),
+            "version": version,
+            "format": path.suffix.lstrip(".").lower(),
+            "size": path.stat().st_size,
+            "sha256": sha or _sha256(path),
+            "service_ids": {"audio_id": ids.get("audio"), "job_id": ids.get(op) if op != "audio" else None},
+        }
+
+    def _place(self, staging: Path, target: Path, job: Job) -> None:
+        """Rename the staged folder into place, keeping an older delivery of other content beside it."""
+        if target.exists():
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+            kept = target.with_name(f"{target.name}.replaced-{stamp}")
+            os.rename(target, kept)
+            log.warning(
+                "deliver.previous_kept",
+                path=job.file.path,
+                delivery=str(target),
+                previous=str(kept),
+                reason="a newer version of this source was delivered",
+            )
+        os.rename(staging, target)
+        fsync_dir(target.parent)
+
+
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((folder / "manifest.json").read_text("utf-8")))
+    except (OSError, ValueError):
+        return None
