@@ -6,13 +6,15 @@ process pool (the optional ``local`` extra). ``auto`` takes remote when an API k
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 
+from watcher.audiofile import Signature
 from watcher.config import AnalysisConfig
-from watcher.errors import BadInput, ConfigError
+from watcher.errors import BadInput, ConfigError, FileChanged
 from watcher.services.analysis import AnalysisClient, AnalysisReport, AudioSource, ModelResult
 from watcher.services.http import HttpPolicy
 
@@ -53,7 +55,7 @@ class LocalBackend:
     def __init__(self, cfg: AnalysisConfig) -> None:
         from watcher.local.pool import LocalAnalyzer
 
-        self.pool = LocalAnalyzer(workers=cfg.local_workers)
+        self.pool = LocalAnalyzer(workers=cfg.local_workers, max_seconds=cfg.local_max_seconds)
         self._version: str | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -69,9 +71,16 @@ class LocalBackend:
         on_result: Callable[[ModelResult], Awaitable[None] | None],
     ) -> AnalysisReport:
         path = getattr(audio, "path", None)
-        if path is None:
+        expected = getattr(audio, "expected", None)
+        if path is None or expected is None:
             raise BadInput("the local backend needs a file on disk")
         answer = await self.pool.analyze(str(path), list(models))
+        try:
+            changed = Signature.of(os.stat(path)) != expected
+        except FileNotFoundError:
+            changed = True
+        if changed:
+            raise FileChanged("the file changed while it was being analysed; its new version is analysed anew")
         self._version = answer.get("essentia_version") or self._version
         report = AnalysisReport(requests=1)
         for spec, r in answer.get("results", {}).items():
