@@ -1,6 +1,7 @@
 """The command line: parses arguments and calls the daemon, the store or the emulator; no business logic.
 
-Exit codes: 0 success; 1 some work failed (`scan`) or the daemon stopped on an internal failure;
+Exit codes: 0 success; 1 some work failed (`scan`), `doctor` found a problem, or the daemon stopped on an
+internal failure;
 2 a usage or configuration error (the message names the key or argument); 3 start-up failed (the state
 folder or store cannot be used).
 """
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="watcher",
         description="Watch folders for new audio, analyse it, and archive its processed versions.",
-        epilog="Exit codes: 0 ok, 1 work failed, 2 usage or configuration error, 3 start-up failed.",
+        epilog="Exit codes: 0 ok, 1 work failed (or doctor found a problem), 2 usage or configuration error, "
+        "3 start-up failed.",
     )
     parser.add_argument("--version", action="version", version=f"watcher {__version__}")
     parser.add_argument("--config", type=Path, help="config file (default: $WATCHER_CONFIG, else the platform's)")
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="make failed files (or the given paths) due again")
     retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
     retry.add_argument("--failed", action="store_true", help="every failed file")
+
+    doctor = sub.add_parser("doctor", help="check the config, folders, limits, disk space and the services")
+    doctor.add_argument("folders", nargs="*", type=Path, metavar="FOLDER", help="check these folders instead")
 
     pause = sub.add_parser("pause", help="stop processing a folder's files (they are still recorded)")
     pause.add_argument("folder", type=Path, metavar="FOLDER")
@@ -133,6 +138,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return code
     if args.command == "status":
         return _status(_settings(args), as_json=args.json, all_files=args.all)
+    if args.command == "doctor":
+        from watcher.doctor import run_doctor
+
+        findings = run_doctor(_settings(args, args.folders or None), find_config(args.config, os.environ))
+        for finding in findings:
+            print(finding.line())
+        bad = sum(not f.ok for f in findings)
+        print(f"\n{bad} problem(s) found" if bad else "\nno problems found")
+        return EXIT_FAILED if bad else EXIT_OK
     if args.command in ("pause", "resume"):
         return _pause(_settings(args), args.folder, paused=args.command == "pause")
     if args.command == "retry":

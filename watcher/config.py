@@ -49,7 +49,7 @@ class FolderConfig(_Section):
 
     path: Path
     recursive: bool = True
-    poll: bool = False
+    poll: bool | Literal["auto"] = "auto"
     poll_interval: float = Field(10.0, gt=0)
     settle_seconds: float = Field(5.0, ge=0)
     rescan_interval: float = Field(3600.0, gt=0)

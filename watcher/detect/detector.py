@@ -21,6 +21,8 @@ import structlog
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig
 from watcher.detect.filters import PathFilter
+from watcher.detect.fstype import decide_polling as decide_polling_for_type
+from watcher.detect.fstype import filesystem_type
 from watcher.detect.scan import walk
 from watcher.detect.settle import Settler
 from watcher.detect.watch import FolderWatch, start_watch
@@ -70,7 +72,7 @@ class Detector:
         self.sink = sink
         self.health_every = health_every
         self._clock = clock
-        self._decide = decide_polling or (lambda f: (f.poll, "poll = true" if f.poll else "native events"))
+        self._decide = decide_polling or (lambda f: decide_polling_for(str(f.path), f.poll))
         self.folders: dict[str, FolderState] = {}
         for f in folders:
             root = str(f.path)
@@ -297,3 +299,10 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     """Wait for ``event`` at most ``timeout`` seconds."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout)
+
+
+def decide_polling_for(path: str, poll: bool | str) -> tuple[bool, str]:
+    """Whether a folder is polled: as configured, or by its filesystem type when ``poll = "auto"``."""
+    if poll == "auto":
+        return decide_polling_for_type("auto", filesystem_type(path))
+    return decide_polling_for_type(bool(poll), None)

@@ -1,0 +1,190 @@
+"""`watcher doctor`: checks a sysadmin would otherwise do by hand, each problem printed with its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcher.config import Settings
+from watcher.detect.fstype import decide_polling, filesystem_type, inotify_max_user_watches
+from watcher.errors import WatcherError
+
+MIN_FREE_BYTES = 1 << 30
+MAX_DIRS_COUNTED = 200_000
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: what was looked at, what was found, and how to fix it when it is a problem."""
+
+    ok: bool
+    what: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        text = f"[{mark}] {self.what}: {self.detail}"
+        return text + (f"\n       fix: {self.fix}" if self.fix and not self.ok else "")
+
+
+def _count_dirs(root: Path) -> int:
+    count = 0
+    for _, dirs, _ in os.walk(root):
+        count += len(dirs)
+        if count > MAX_DIRS_COUNTED:
+            break
+    return count + 1
+
+
+def check_folders(settings: Settings) -> list[Finding]:
+    out: list[Finding] = []
+    total_dirs = 0
+    native = False
+    if not settings.folders:
+        out.append(
+            Finding(
+                False,
+                "folders",
+                "no folder is configured",
+                "add a [[folders]] table to the config, or give folders to `watcher run`",
+            )
+        )
+    for folder in settings.folders:
+        path = folder.path
+        if not path.is_dir():
+            out.append(
+                Finding(
+                    False,
+                    f"folder {path}",
+                    "does not exist or is not a folder (an unmounted share?)",
+                    "create it, mount the share, or fix [[folders]].path",
+                )
+            )
+            continue
+        if not os.access(path, os.R_OK | os.X_OK):
+            out.append(
+                Finding(
+                    False,
+                    f"folder {path}",
+                    "cannot be read by this user",
+                    f"give the service user read access: chmod/chgrp, or setfacl -m u:$USER:rx {path}",
+                )
+            )
+            continue
+        writable = os.access(path, os.W_OK)
+        needs_write = settings.sidecar.directory is None or folder.done_dir or folder.failed_dir
+        if needs_write and not writable:
+            out.append(
+                Finding(
+                    False,
+                    f"folder {path}",
+                    "is not writable, but sidecars go beside the audio",
+                    "grant write access, or set [sidecar].directory to a writable folder",
+                )
+            )
+        fstype = filesystem_type(path)
+        polled, reason = decide_polling(folder.poll, fstype)
+        out.append(Finding(True, f"folder {path}", f"{fstype or 'unknown'} filesystem; {reason}"))
+        if not polled and folder.recursive:
+            native = True
+            total_dirs += _count_dirs(path)
+    limit = inotify_max_user_watches()
+    if native and limit is not None:
+        ok = total_dirs < limit * 0.8
+        out.append(
+            Finding(
+                ok,
+                "inotify watches",
+                f"{total_dirs} folders to watch, limit {limit}",
+                "raise it: sysctl fs.inotify.max_user_watches=524288 (and persist in /etc/sysctl.d/), "
+                "or set poll = true on the largest folders",
+            )
+        )
+    return out
+
+
+def check_space(settings: Settings) -> list[Finding]:
+    places = {"state": settings.state_dir}
+    outs = [settings.archive.output_dir, *(f.output_dir for f in settings.folders)] if settings.archive.enabled else []
+    for out in outs:
+        if out is not None:
+            places[f"output {out}"] = out
+    found = []
+    for name, path in places.items():
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        writable = os.access(probe, os.W_OK)
+        ok = free >= MIN_FREE_BYTES and writable
+        found.append(
+            Finding(
+                ok,
+                f"{name} folder {path}",
+                f"{free / 2**30:.1f} GiB free" + ("" if writable else ", not writable"),
+                "free some space (at least 1 GiB) or point it elsewhere; make it writable by the service",
+            )
+        )
+    return found
+
+
+async def check_services(settings: Settings) -> list[Finding]:
+    from watcher.analyzers import choose_backend
+    from watcher.services.analysis import AnalysisClient
+    from watcher.services.http import HttpPolicy
+    from watcher.services.neuralanalog import NeuralAnalogClient
+
+    found = []
+    policy = HttpPolicy(attempts=1, read_timeout=15, connect_timeout=10)
+    if settings.analysis.enabled:
+        try:
+            which, why = choose_backend(settings.analysis)
+        except WatcherError as exc:
+            found.append(Finding(False, "analysis backend", str(exc), "see the message"))
+            which = ""
+        if which == "local":
+            found.append(Finding(True, "analysis backend", f"local ({why})"))
+        elif which == "remote":
+            key = settings.analysis.api_key.get_secret_value() if settings.analysis.api_key else None
+            client = AnalysisClient(settings.analysis.base_url, key, policy=policy)
+            found.append(
+                await _probe(
+                    client,
+                    f"analysis service {settings.analysis.base_url}",
+                    "check analysis.api_key / ESSENTIA_API_KEY / the essentia_api_key credential",
+                )
+            )
+    if settings.archive.enabled:
+        key = settings.archive.api_key.get_secret_value() if settings.archive.api_key else None
+        client2 = NeuralAnalogClient(settings.archive.base_url, key, policy=policy)
+        found.append(
+            await _probe(
+                client2,
+                f"processing service {settings.archive.base_url}",
+                "check archive.api_key / NEURALANALOG_API_KEY / the neuralanalog_api_key credential",
+            )
+        )
+    return found
+
+
+async def _probe(client: object, what: str, fix: str) -> Finding:
+    try:
+        detail = await client.check()  # type: ignore[attr-defined]
+        return Finding(True, what, detail)
+    except WatcherError as exc:
+        return Finding(False, what, str(exc), fix if "key" in str(exc) else "check base_url, DNS, the firewall")
+    finally:
+        await client.aclose()  # type: ignore[attr-defined]
+
+
+def run_doctor(settings: Settings, config_path: Path | None) -> list[Finding]:
+    """Every check, in the order a person would make them."""
+    found = [Finding(True, "configuration", f"valid ({config_path or 'no file: defaults and environment'})")]
+    found += check_folders(settings)
+    found += check_space(settings)
+    found += asyncio.run(check_services(settings))
+    return found
