@@ -208,6 +208,36 @@ class RetryConfig(_Section):
     needs_user_backoff: float = Field(900.0, gt=0, description="pause after a bad key or no credits")
 
 
+class MetricsConfig(_Section):
+    """The optional Prometheus endpoint."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class WebhooksConfig(_Section):
+    """Optional JSON POSTs when a file is done or failed."""
+
+    urls: tuple[str, ...] = ()
+    events: tuple[Literal["file.done", "file.failed"], ...] = ("file.done", "file.failed")
+    secret: SecretStr | None = None
+    timeout: float = Field(10.0, gt=0)
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _blank_secret(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return value
+
+
 class Settings(BaseSettings):
     """All of watcher's settings; frozen once loaded."""
 
@@ -225,6 +255,8 @@ class Settings(BaseSettings):
     sidecar: SidecarConfig = SidecarConfig()
     archive: ArchiveConfig = ArchiveConfig()
     retry: RetryConfig = RetryConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     @field_validator("state_dir")
     @classmethod
@@ -398,4 +430,6 @@ def secrets_of(settings: Settings) -> list[str]:
     for section in (settings.analysis, settings.archive):
         if section.api_key is not None:
             found.append(section.api_key.get_secret_value())
+    if settings.webhooks.secret is not None:
+        found.append(settings.webhooks.secret.get_secret_value())
     return [s for s in found if s]

@@ -22,10 +22,13 @@ import structlog
 from watcher import __version__
 from watcher.config import FolderConfig, Settings
 from watcher.errors import ConfigError
+from watcher.metrics import Metrics, NullMetrics
 from watcher.pipeline import Pipeline
 from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
+from watcher.services.http import add_observer, remove_observer
 from watcher.store import TERMINAL
+from watcher.webhooks import WebhookSender
 
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 6.0
@@ -90,6 +93,8 @@ class Daemon:
         self._signals = 0
         self._reload_requested = False
         self.pipeline: Pipeline | None = None
+        self.metrics: NullMetrics = NullMetrics()
+        self.metrics_address: tuple[str, int] | None = None
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -127,6 +132,7 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            self._start_metrics()
             while True:
                 code = await self._serve()
                 if not self._reload_requested:
@@ -138,8 +144,20 @@ class Daemon:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            self.metrics.stop()
+            remove_observer(self.metrics.request)
             lock.release()
             log.info("daemon.stopped")
+
+    def _start_metrics(self) -> None:
+        cfg = self.settings.metrics
+        if not cfg.enabled:
+            return
+        metrics = Metrics()
+        self.metrics_address = metrics.start_http(cfg.host, cfg.port)
+        self.metrics = metrics
+        add_observer(metrics.request)
+        log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
 
     def _apply_reload(self) -> None:
         assert self._reload is not None
@@ -159,6 +177,9 @@ class Daemon:
         """One life of the pipeline: start, run until stop (or reload), checkpoint."""
         pipeline = Pipeline(self.settings)
         self.pipeline = pipeline
+        pipeline.sink.on_new = self.metrics.file_seen
+        pipeline.hooks.append(lambda o: self.metrics.outcome(o.job.kind, o.stage))
+        webhooks = self._webhooks(pipeline)
         try:
             released = pipeline.store.release_leases()
             if released:
@@ -195,8 +216,40 @@ class Daemon:
             await self._shutdown(runner_task, detector_task, beat_task)
             return 1 if failed else 0
         finally:
+            if webhooks is not None:
+                await webhooks.aclose()
             await pipeline.aclose()
             self.pipeline = None
+
+    def _webhooks(self, pipeline: Pipeline) -> WebhookSender | None:
+        cfg = self.settings.webhooks
+        if not cfg.urls:
+            return None
+        sender = WebhookSender(
+            cfg.urls, secret=cfg.secret.get_secret_value() if cfg.secret else None, timeout=cfg.timeout
+        )
+        sender.start()
+        events = {"done": "file.done", "failed": "file.failed"}
+
+        def hook(outcome: Outcome) -> None:
+            event = events.get(outcome.stage)
+            if event in cfg.events:
+                job = outcome.job
+                sender.send(
+                    event,
+                    {
+                        "path": job.file.path,
+                        "pipeline": job.kind,
+                        "error": outcome.error if outcome.stage == "failed" else None,
+                        "error_kind": outcome.error_kind if outcome.stage == "failed" else None,
+                        "sha256": job.data.get("sha256") or job.file.sha256,
+                        "sidecar": job.data.get("sidecar"),
+                        "delivery": job.data.get("delivery"),
+                    },
+                )
+
+        pipeline.hooks.append(hook)
+        return sender
 
     async def _beat(self, pipeline: Pipeline) -> None:
         """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store."""
@@ -204,6 +257,7 @@ class Daemon:
         while not self.stop.is_set():
             self.notifier.watchdog()
             counts = pipeline.store.counts()
+            self.metrics.queue(counts, TERMINAL)
             waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
             failed = sum(stages.get("failed", 0) for stages in counts.values())
             self.notifier.status(f"{waiting} queued, {pipeline.runner.busy} in progress, {failed} failed")

@@ -35,10 +35,17 @@ def store_path(settings: Settings) -> Path:
 class StoreSink:
     """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
 
-    def __init__(self, store: Store, stages: Sequence[Stage], wake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        stages: Sequence[Stage],
+        wake: Callable[[], None],
+        on_new: Callable[[str], None] = lambda folder: None,
+    ) -> None:
         self.store = store
         self.jobs = [(s.kind, s.first_stage) for s in stages]
         self.wake = wake
+        self.on_new = on_new
 
     def known(self, path: str, sig: Signature) -> bool:
         return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
@@ -55,6 +62,7 @@ class StoreSink:
         )
         if new:
             log.info("file.settled", path=path, size=sig.size, next="queued for " + ", ".join(k for k, _ in self.jobs))
+            self.on_new(str(folder.path))
             self.wake()
 
 

@@ -8,9 +8,11 @@ classes of :mod:`watcher.errors`. Clients built on it know nothing of folders, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email.utils
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +121,27 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
     return RetryLater(f"{service} request failed: {type(exc).__name__}: {exc}")
 
 
+# (service, method, seconds, outcome, bytes sent): outcome is "ok" or an error kind. For metrics.
+RequestObserver = Callable[[str, str, float, str, int], None]
+_observers: list[RequestObserver] = []
+
+
+def add_observer(observer: RequestObserver) -> None:
+    """Be told about every request any service client makes (the metrics endpoint uses this)."""
+    _observers.append(observer)
+
+
+def remove_observer(observer: RequestObserver) -> None:
+    if observer in _observers:
+        _observers.remove(observer)
+
+
+def _notify(service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
+    for observer in list(_observers):
+        with contextlib.suppress(Exception):
+            observer(service, method, seconds, outcome, sent)
+
+
 class ServiceHTTP:
     """An HTTP session to one service: base URL, auth headers, limits, retries and error translation."""
 
@@ -184,16 +207,24 @@ class ServiceHTTP:
         """One rate-limited attempt whose response body is read by the caller; errors are translated."""
         async with self._slots:
             await self._limiter.acquire()
+            started = time.monotonic()
+            sent = int((kwargs.get("headers") or {}).get("Content-Length", 0) or 0)
+            outcome = "ok"
             try:
                 async with self.client.stream(method, url, **kwargs) as response:
                     if response.status_code >= 400:
                         await response.aread()
                         raise_for_status(response, self.service)
                     yield response
-            except WatcherError:
+            except WatcherError as exc:
+                outcome = exc.kind
                 raise
             except (httpx.HTTPError, httpx.StreamError) as exc:
-                raise translate_transport_error(exc, self.service) from exc
+                translated = translate_transport_error(exc, self.service)
+                outcome = translated.kind
+                raise translated from exc
+            finally:
+                _notify(self.service, method, time.monotonic() - started, outcome, sent if outcome == "ok" else 0)
 
     async def request(
         self, method: str, url: str, *, retry: bool = True, paid: bool = False, **kwargs: Any
