@@ -211,6 +211,10 @@ class _Server(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests: list[RecordedRequest] = []
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hangs up mid-request is normal here (faults, cancelled uploads): no traceback."""
+        log.debug("emulator.connection_error", client=str(client_address))
+
     def record(self, request: RecordedRequest) -> None:
         with self.lock:
             self.requests.append(request)
