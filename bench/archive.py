@@ -7,20 +7,15 @@ dominated by watcher's own work and the polling schedule, not by emulated proces
 
 from __future__ import annotations
 
-import asyncio
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _harness import DaemonInThread, quiet
 
 from tests.conftest import write_tone
 from watcher.config import AnalysisConfig, ArchiveConfig, FolderConfig, RetryConfig, Settings
-from watcher.daemon import Daemon
 from watcher.emulator import Emulator
-from watcher.log import configure_logging
 
 VERSIONS = ("original", "restored", "mastered", "mastered_stems")
 FAULTS = {
@@ -56,10 +51,7 @@ def run(name: str, faults: dict) -> None:
             ),
             retry=RetryConfig(backoff_initial=0.5, backoff_max=2),
         )
-        daemon = Daemon(settings, handle_signals=False)
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_until_complete, args=(daemon.run(),), daemon=True)
-        thread.start()
+        daemon = DaemonInThread(settings)
         src = write_tone(root / "take.wav", 5.0)
         data = src.read_bytes()
         with (inbox / "take.wav").open("wb") as fh:
@@ -69,14 +61,13 @@ def run(name: str, faults: dict) -> None:
         while not manifest.exists():
             time.sleep(0.005)
         elapsed = time.perf_counter() - dropped
-        loop.call_soon_threadsafe(daemon.stop.set)
-        thread.join(15)
+        daemon.stop()
         counts = dict(sorted((emu.api.counts() + emu.storage.counts()).items()))
         print(f"{name}: drop -> output folder {elapsed:.2f} s; requests: {counts}")
 
 
 def main() -> None:
-    configure_logging("json", "error", stream=open("/dev/null", "w"))  # noqa: SIM115
+    quiet()
     for name, faults in FAULTS.items():
         run(name, faults)
 

@@ -7,21 +7,16 @@ is detection tick + store + hashing + one analysis request + the atomic sidecar 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _harness import DaemonInThread, quiet
 
 from tests.conftest import write_tone
 from watcher.config import AnalysisConfig, FolderConfig, Settings
-from watcher.daemon import Daemon
 from watcher.emulator import Emulator
-from watcher.log import configure_logging
 
 
 def main() -> None:
@@ -29,7 +24,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=5.0, help="audio length of each file")
     args = parser.parse_args()
-    configure_logging("json", "warning", stream=open("/dev/null", "w"))  # noqa: SIM115
+    quiet()
     with tempfile.TemporaryDirectory() as tmp, Emulator(use_local=False) as emu:
         root = Path(tmp)
         inbox = root / "in"
@@ -39,10 +34,7 @@ def main() -> None:
             folders=(FolderConfig(path=inbox, settle_seconds=0),),
             analysis=AnalysisConfig(base_url=emu.url, api_key="bench-key", rate_limit=100),
         )
-        daemon = Daemon(settings, handle_signals=False)
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_until_complete, args=(daemon.run(),), daemon=True)
-        thread.start()
+        daemon = DaemonInThread(settings)
         sources = [write_tone(root / "src" / f"{i}.wav", args.seconds, freq=200 + i) for i in range(args.files)]
         times = []
         for src in sources:
@@ -55,8 +47,7 @@ def main() -> None:
             while not sidecar.exists():
                 time.sleep(0.002)
             times.append(time.perf_counter() - closed)
-        loop.call_soon_threadsafe(daemon.stop.set)
-        thread.join(15)
+        daemon.stop()
     times.sort()
     p95 = times[max(0, int(len(times) * 0.95) - 1)]
     print(f"files: {len(times)} x {args.seconds:g} s WAV ({len(data) / 1e6:.1f} MB each), settle_seconds = 0")

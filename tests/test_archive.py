@@ -13,6 +13,7 @@ from tests.conftest import API_KEY, make_settings, wait_for, write_tone
 from watcher.config import ArchiveConfig
 from watcher.emulator import Emulator
 from watcher.stages.sidecar import schema
+from watcher.status import collect, render
 from watcher.store import Store
 
 pytestmark = pytest.mark.timeout(90)
@@ -93,6 +94,13 @@ def test_clean_run_delivers_every_version(tmp_path, inbox, emu, run_daemon):
     assert doc["archive"]["delivery"] == str(folder)
     assert doc["complete"] is True  # the analysis half is there too
     assert not list((tmp_path / "out").rglob(".watcher-tmp-*"))
+    store = Store(tmp_path / "state" / "watcher.db")
+    try:
+        text = render(collect(store, state_dir="state"))
+    finally:
+        store.close()
+    assert "archive: done [original: delivered, restored: delivered, mastered: delivered, " in text
+    assert f"-> {folder}" in text
 
 
 @pytest.mark.parametrize("stop_when", ["audio", "restored", "stems:mastered"])

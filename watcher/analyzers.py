@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from watcher.audiofile import Signature
-from watcher.config import AnalysisConfig
+from watcher.config import AnalysisConfig, reveal
 from watcher.errors import BadInput, ConfigError, FileChanged
 from watcher.services.analysis import AnalysisClient, AnalysisReport, AudioSource, ModelResult
 from watcher.services.http import HttpPolicy
@@ -27,7 +27,7 @@ class RemoteAnalyzer:
     name = "remote"
 
     def __init__(self, cfg: AnalysisConfig, **client_kwargs: Any) -> None:
-        key = cfg.api_key.get_secret_value() if cfg.api_key else None
+        key = reveal(cfg.api_key)
         policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
         self.base_url = cfg.base_url
         self.client = AnalysisClient(cfg.base_url, key, policy=policy, **client_kwargs)

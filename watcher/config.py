@@ -362,6 +362,11 @@ def load_settings(
     return resolve_secrets(settings, env)
 
 
+def reveal(secret: SecretStr | None) -> str | None:
+    """The plain value of an optional secret, for the one place that sends it."""
+    return secret.get_secret_value() if secret is not None else None
+
+
 def read_secret_file(path: Path, what: str) -> SecretStr:
     """The stripped content of a key file; errors name the file, never its content."""
     try:

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from watcher import __version__
-from watcher.config import FolderConfig, Settings
+from watcher.config import FolderConfig, Settings, reveal
 from watcher.errors import ConfigError
 from watcher.metrics import Metrics, NullMetrics
 from watcher.pipeline import Pipeline
@@ -225,9 +225,7 @@ class Daemon:
         cfg = self.settings.webhooks
         if not cfg.urls:
             return None
-        sender = WebhookSender(
-            cfg.urls, secret=cfg.secret.get_secret_value() if cfg.secret else None, timeout=cfg.timeout
-        )
+        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout)
         sender.start()
         events = {"done": "file.done", "failed": "file.failed"}
 

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from watcher.config import Settings
+from watcher.config import Settings, reveal
 from watcher.detect.fstype import decide_polling, filesystem_type, inotify_max_user_watches
 from watcher.errors import WatcherError
 
@@ -149,7 +149,7 @@ async def check_services(settings: Settings) -> list[Finding]:
         if which == "local":
             found.append(Finding(True, "analysis backend", f"local ({why})"))
         elif which == "remote":
-            key = settings.analysis.api_key.get_secret_value() if settings.analysis.api_key else None
+            key = reveal(settings.analysis.api_key)
             client = AnalysisClient(settings.analysis.base_url, key, policy=policy)
             found.append(
                 await _probe(
@@ -159,7 +159,7 @@ async def check_services(settings: Settings) -> list[Finding]:
                 )
             )
     if settings.archive.enabled:
-        key = settings.archive.api_key.get_secret_value() if settings.archive.api_key else None
+        key = reveal(settings.archive.api_key)
         client2 = NeuralAnalogClient(settings.archive.base_url, key, policy=policy)
         found.append(
             await _probe(

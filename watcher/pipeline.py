@@ -15,7 +15,7 @@ import structlog
 
 from watcher.analyzers import Backend, choose_backend, make_backend
 from watcher.audiofile import Signature
-from watcher.config import FolderConfig, Settings
+from watcher.config import FolderConfig, Settings, reveal
 from watcher.detect.detector import Detector
 from watcher.errors import ConfigError
 from watcher.runner import Outcome, Runner
@@ -120,7 +120,7 @@ class Pipeline:
 
         cfg = self.settings.archive
         policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
-        key = cfg.api_key.get_secret_value() if cfg.api_key else None
+        key = reveal(cfg.api_key)
         processor = NeuralAnalogClient(cfg.base_url, key, policy=policy)
         self.closers.append(processor)
 

@@ -11,29 +11,20 @@ import difflib
 import inspect
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import structlog
 from httpx_sse import EventSource, SSEError
 
 from watcher.errors import NeedsUser, RetryLater
-from watcher.services.http import HttpPolicy, ServiceHTTP, translate_transport_error
+from watcher.services.http import AudioSource, HttpPolicy, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.analysis")
 SERVICE = "analysis service"
 STREAM_PATH = "/v1/analysis/stream"
-
-
-class AudioSource(Protocol):
-    """A file to send: its name, exact size, and a fresh chunk iterator per call."""
-
-    name: str
-    size: int
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,22 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import stamina
 from aiolimiter import AsyncLimiter
 
 from watcher.errors import BadInput, NeedsUser, NotSent, RetryLater, WatcherError
+
+
+class AudioSource(Protocol):
+    """A file to send as a request body: its name, exact size, and a fresh chunk iterator per call."""
+
+    name: str
+    size: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True)

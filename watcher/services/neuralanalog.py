@@ -14,28 +14,19 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import structlog
 
 from watcher.errors import ExpiredURL, NeedsUser, RetryLater
 from watcher.fsutil import TEMP_PREFIX, fsync_dir
-from watcher.services.http import HttpPolicy, ServiceHTTP, translate_transport_error
+from watcher.services.http import AudioSource, HttpPolicy, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.processing")
 SERVICE = "processing service"
 STORAGE = "storage host"
 EXPIRED = (403, 404, 410)
-
-
-class AudioSource(Protocol):
-    """A file to upload: its name, exact size, and a fresh chunk iterator per call."""
-
-    name: str
-    size: int
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True)
