@@ -1,0 +1,249 @@
+"""The store's core: one SQLite connection (WAL), transactions, migrations, file versions and jobs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
+from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
+
+
+class StoreBase:
+    """The connection, transactions, migrations, file versions and jobs."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(SCHEMA[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+
+    # -- file versions -------------------------------------------------------------------------------
+
+    def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        """True when this exact version of the path is already in the store."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+                (path, size, mtime_ns, inode),
+            ).fetchone()
+        return row is not None
+
+    def register_version(
+        self,
+        *,
+        folder: str,
+        path: str,
+        rel_path: str,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        jobs: Iterable[tuple[str, str]],
+        now: float | None = None,
+    ) -> tuple[int, bool]:
+        """Record a settled file version and its jobs ``(kind, first stage)``; (file id, whether new).
+
+        Older versions of the same path stop being current and their unfinished jobs become superseded.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT id FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+                (path, size, mtime_ns, inode),
+            ).fetchone()
+            if row is not None:
+                return int(row["id"]), False
+            old = [r["id"] for r in db.execute("SELECT id FROM files WHERE path=? AND current=1", (path,))]
+            for file_id in old:
+                db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
+                db.execute(
+                    "UPDATE jobs SET stage='superseded', lease_owner=NULL, lease_until=NULL, updated_at=?, "
+                    "last_error='a newer version of the file arrived' "
+                    f"WHERE file_id=? AND stage NOT IN ({','.join('?' * len(TERMINAL))})",
+                    (now, file_id, *TERMINAL),
+                )
+            cur = db.execute(
+                "INSERT INTO files (folder, path, rel_path, size, mtime_ns, inode, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (folder, path, rel_path, size, mtime_ns, inode, now),
+            )
+            file_id = int(cur.lastrowid or 0)
+            for kind, stage in jobs:
+                db.execute(
+                    "INSERT INTO jobs (file_id, kind, stage, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (file_id, kind, stage, now, now),
+                )
+            return file_id, True
+
+    def set_sha256(self, file_id: int, sha256: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE files SET sha256=? WHERE id=?", (sha256, file_id))
+
+    def current_version(self, path: str) -> FileVersion | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id AS fid, * FROM files WHERE path=? AND current=1 ORDER BY id DESC LIMIT 1", (path,)
+            ).fetchone()
+        return _version(row) if row else None
+
+    # -- jobs -----------------------------------------------------------------------------------------
+
+    def claim(self, kind: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
+        """Take the most overdue unleased job of ``kind``, leasing it to ``owner``; None when nothing is due."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(
+                _JOB_SELECT + f"WHERE j.kind=? AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}) "
+                "AND j.next_attempt_at <= ? AND (j.lease_until IS NULL OR j.lease_until < ?) "
+                + _NOT_PAUSED
+                + "ORDER BY j.next_attempt_at, j.id LIMIT 1",
+                (kind, *TERMINAL, now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET lease_owner=?, lease_until=?, updated_at=? WHERE id=?",
+                (owner, now + lease, now, row["id"]),
+            )
+        return self._job(row)
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        return Job(
+            id=row["id"],
+            kind=row["kind"],
+            stage=row["stage"],
+            attempts=row["attempts"],
+            data=json.loads(row["data"]),
+            file=_version(row),
+            last_error=row["last_error"],
+            error_kind=row["error_kind"],
+        )
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute(_JOB_SELECT + "WHERE j.id=?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None:
+        """Persist progress on a claimed job (new stage and/or data keys) before anything else happens."""
+        if stage is not None:
+            job.stage = stage
+        job.data.update(data)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET stage=?, data=?, updated_at=? WHERE id=?",
+                (job.stage, json.dumps(job.data), time.time(), job.id),
+            )
+
+    def release(
+        self,
+        job: Job,
+        *,
+        stage: str | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        error_kind: str | None = None,
+        count_attempt: bool = False,
+    ) -> None:
+        """Give a job back: finished (terminal stage), or scheduled for ``next_attempt_at`` with its error."""
+        if stage is not None:
+            job.stage = stage
+        if count_attempt:
+            job.attempts += 1
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET stage=?, data=?, attempts=?, next_attempt_at=?, last_error=?, error_kind=?, "
+                "lease_owner=NULL, lease_until=NULL, updated_at=? WHERE id=?",
+                (
+                    job.stage,
+                    json.dumps(job.data),
+                    job.attempts,
+                    next_attempt_at if next_attempt_at is not None else now,
+                    error,
+                    error_kind,
+                    now,
+                    job.id,
+                ),
+            )
+
+    def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
+        """Extend the leases ``owner`` holds on these jobs."""
+        ids = list(job_ids)
+        if not ids:
+            return
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE jobs SET lease_until=? WHERE lease_owner=? AND id IN ({','.join('?' * len(ids))})",
+                (time.time() + lease, owner, *ids),
+            )
+
+    def release_leases(self, owner: str | None = None) -> int:
+        """Drop leases (all, or one owner's): used at start-up under the state folder's lock, and at exit."""
+        with self._tx() as db:
+            if owner is None:
+                cur = db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL")
+            else:
+                cur = db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (owner,))
+            return cur.rowcount
+
+    def next_due(self, kind: str) -> float | None:
+        """When the earliest unfinished, unleased job of ``kind`` is due (None: nothing pending)."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT MIN(j.next_attempt_at) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.kind=? "
+                f"AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}) AND j.lease_owner IS NULL " + _NOT_PAUSED,
+                (kind, *TERMINAL),
+            ).fetchone()
+        return row[0]
+
+    def pending(self, kind: str | None = None, paths: Iterable[str] | None = None) -> int:
+        """How many unfinished jobs there are (of one kind, for some paths)."""
+        sql = "SELECT COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.stage NOT IN "
+        sql += f"({','.join('?' * len(TERMINAL))})"
+        args: list[Any] = [*TERMINAL]
+        if kind is not None:
+            sql += " AND j.kind=?"
+            args.append(kind)
+        if paths is not None:
+            plist = list(paths)
+            sql += f" AND f.path IN ({','.join('?' * len(plist))})"
+            args.extend(plist)
+        with self._lock:
+            return int(self._db.execute(sql, args).fetchone()[0])

@@ -1,0 +1,78 @@
+"""The store's tables, one migration per schema version (kept in SQLite's ``user_version``)."""
+
+from __future__ import annotations
+
+TERMINAL = frozenset({"done", "failed", "skipped", "superseded", "gone"})
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE files (
+        id INTEGER PRIMARY KEY,
+        folder TEXT NOT NULL,
+        path TEXT NOT NULL,
+        rel_path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        sha256 TEXT,
+        current INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL,
+        UNIQUE (path, size, mtime_ns, inode)
+    );
+    CREATE INDEX files_by_path ON files (path, current);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        file_id INTEGER NOT NULL REFERENCES files (id),
+        kind TEXT NOT NULL,
+        stage TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        error_kind TEXT,
+        lease_owner TEXT,
+        lease_until REAL,
+        data TEXT NOT NULL DEFAULT '{}',
+        updated_at REAL NOT NULL,
+        UNIQUE (file_id, kind)
+    );
+    CREATE INDEX jobs_due ON jobs (kind, stage, next_attempt_at);
+    CREATE TABLE results (
+        sha256 TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        requested TEXT NOT NULL,
+        model_name TEXT NOT NULL,
+        model_version TEXT,
+        correlation_id TEXT,
+        results TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (sha256, backend, requested)
+    );
+    """,
+    # version 2: IDs returned by paid remote calls, keyed by content, so no call is ever paid twice
+    """
+    CREATE TABLE remote (
+        sha256 TEXT NOT NULL,
+        service TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        params TEXT NOT NULL,
+        remote_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (sha256, service, kind, params)
+    );
+    """,
+    # version 3: folders paused by `watcher pause`, kept across restarts
+    """
+    CREATE TABLE folder_state (
+        path TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0,
+        mode TEXT,
+        reason TEXT,
+        available INTEGER,
+        updated_at REAL NOT NULL
+    );
+    """,
+]
+_NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "
