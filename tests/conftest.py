@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sqlite3
 import struct
 import threading
 import time
@@ -59,6 +60,20 @@ def wait_for(condition: Callable[[], Any], timeout: float = 15.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         time.sleep(interval)  # sleep-ok: the polling step of a deadline-bounded wait
+
+
+def query(tmp_path: Path, sql: str, *args: object) -> tuple | None:
+    """One row from the daemon's store (``tmp_path/state``) through a fresh read-only connection."""
+    db = tmp_path / "state" / "watcher.db"
+    if not db.exists():
+        return None
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute(sql, args).fetchone()
+    except sqlite3.OperationalError:
+        return None  # the schema is still being created
+    finally:
+        conn.close()
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import jsonschema
 import pytest
 
-from tests.conftest import API_KEY, make_settings, wait_for, write_tone
+from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
 from watcher.config import ArchiveConfig
 from watcher.emulator import Emulator
 from watcher.stages.sidecar import schema
@@ -53,17 +52,8 @@ def wait_delivery(tmp_path: Path, name: str, timeout: float = 30) -> dict:
 
 
 def job_state(tmp_path: Path, kind: str = "archive") -> tuple[str | None, dict]:
-    """The newest job of a kind, read without writing (the daemon owns the store)."""
-    db = tmp_path / "state" / "watcher.db"
-    if not db.exists():
-        return None, {}
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        row = conn.execute("SELECT stage, data FROM jobs WHERE kind=? ORDER BY id DESC", (kind,)).fetchone()
-    except sqlite3.OperationalError:
-        return None, {}
-    finally:
-        conn.close()
+    """The newest job of a kind."""
+    row = query(tmp_path, "SELECT stage, data FROM jobs WHERE kind=? ORDER BY id DESC", kind)
     return (row[0], json.loads(row[1])) if row else (None, {})
 
 
@@ -110,16 +100,7 @@ def test_restart_after_each_step_never_pays_twice(tmp_path, inbox, emu, run_daem
     settings = archive_settings(tmp_path, inbox, emu)
     d = run_daemon(settings)
     write_tone(inbox / "take.wav", 0.3)
-    db = tmp_path / "state" / "watcher.db"
-    wait_for(lambda: db.exists())
-    store = Store(db)
-    try:
-        wait_for(
-            lambda: store._db.execute("SELECT 1 FROM remote WHERE kind=?", (stop_when,)).fetchone(),
-            what=f"{stop_when} requested",
-        )
-    finally:
-        store.close()
+    wait_for(lambda: query(tmp_path, "SELECT 1 FROM remote WHERE kind=?", stop_when), what=f"{stop_when} requested")
     d.stop(force=True)
     d2 = run_daemon(settings)
     wait_delivery(tmp_path, "take")

@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.conftest import API_KEY, make_settings, wait_for, write_silent_wav, write_tone
+from tests.conftest import API_KEY, make_settings, query, wait_for, write_silent_wav, write_tone
 from watcher.stages.sidecar import schema
 from watcher.store import Store
 
@@ -103,20 +103,14 @@ def test_non_audio_and_empty_files_are_reported_not_sent(tmp_path, inbox, emulat
     d = run_daemon(make_settings(tmp_path, inbox, emulator.url))
     (inbox / "notes.wav").write_text("this is not audio\n")
     (inbox / "empty.wav").write_bytes(b"")
-    store_path = tmp_path / "state" / "watcher.db"
-    wait_for(lambda: store_path.exists())
-    store = Store(store_path)
+    judged = "SELECT SUM(stage='failed'), SUM(stage='skipped') FROM jobs WHERE kind='analyze'"
+    wait_for(lambda: query(tmp_path, judged) == (1, 1), what="both files settled and judged")
+    d.stop()
+    store = Store(tmp_path / "state" / "watcher.db")
     try:
-        wait_for(
-            lambda: (
-                store.counts().get("analyze", {}).get("failed") == 1 and store.counts()["analyze"].get("skipped") == 1
-            ),
-            what="both files settled and judged",
-        )
         problems = {Path(p.path).name: p for p in store.problems()}
     finally:
         store.close()
-    d.stop()
     assert "not audio" in (problems["notes.wav"].error or "")
     assert problems["notes.wav"].error_kind == "bad_input"
     assert emulator.api.counts()[ROUTE] == 0
@@ -129,19 +123,17 @@ def test_restart_mid_analysis_asks_no_model_twice(tmp_path, inbox, emulator, run
     settings = make_settings(tmp_path, inbox, emulator.url)
     d = run_daemon(settings)
     write_tone(inbox / "long take.wav", 0.5)
-    store_path = tmp_path / "state" / "watcher.db"
-    wait_for(lambda: store_path.exists())
-    store = Store(store_path)
-    wait_for(lambda: store._db.execute("SELECT COUNT(*) FROM results").fetchone()[0] >= 1, what="first model")
+    wait_for(lambda: (row := query(tmp_path, "SELECT COUNT(*) FROM results")) and row[0] >= 1, what="first model")
     assert d.stop(force=True) == 0
     assert not sidecar_of(inbox / "long take.wav").exists()
+    store = Store(tmp_path / "state" / "watcher.db")
     held = {r[0] for r in store._db.execute("SELECT requested FROM results")}
+    store.close()
     assert held and len(held) < 3
     emulator.analysis.faults.event_delay = 0.0
     d2 = run_daemon(settings)
     doc = load_valid(wait_for(lambda: (p := sidecar_of(inbox / "long take.wav")).exists() and p))
     d2.stop()
-    store.close()
     first, second = emulator.analysis.models_requested
     assert first == ["key", "bpm_degara", "loudness-ebur128"]
     assert set(second) == set(first) - held, "the restart asked again for a model it already held"

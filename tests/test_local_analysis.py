@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import cmath
 import math
+import os
+import signal
+import threading
 
 import pytest
 
@@ -11,12 +15,42 @@ pytest.importorskip("essentia", reason="the local extra (essentia) is not instal
 np = pytest.importorskip("numpy")
 
 from tests.audiogen import chord_progression, click_track, silence, sine, write_wav  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
 from watcher.local import LOCAL_MODELS, available  # noqa: E402
 from watcher.local.essentia_models import analyze_file  # noqa: E402
 from watcher.local.pool import LocalAnalyzer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 ALL = ["key", "bpm_degara", "loudness-ebur128"]
+
+
+def k_weighting_db(freq: float, rate: float) -> float:
+    """Gain of the BS.1770 K-weighting (shelf, then high-pass) at ``freq``, from its published design."""
+    k = math.tan(math.pi * 1681.974450955533 / rate)
+    q, vh = 0.7071752369554196, 10 ** (3.999843853973347 / 20)
+    vb, a0 = vh**0.4996667741545416, 1 + k / q + k * k
+    shelf = ([(vh + vb * k / q + k * k) / a0, 2 * (k * k - vh) / a0, (vh - vb * k / q + k * k) / a0],
+             [1, 2 * (k * k - 1) / a0, (1 - k / q + k * k) / a0])  # fmt: skip
+    k = math.tan(math.pi * 38.13547087602444 / rate)
+    q = 0.5003270373238773
+    a0 = 1 + k / q + k * k
+    highpass = ([1, -2, 1], [1, 2 * (k * k - 1) / a0, (1 - k / q + k * k) / a0])
+    z = cmath.exp(-2j * math.pi * freq / rate)
+    gain = 1.0
+    for b, a in (shelf, highpass):
+        gain *= abs((b[0] + b[1] * z + b[2] * z * z) / (a[0] + a[1] * z + a[2] * z * z))
+    return 20 * math.log10(gain)
+
+
+def expected_lufs(peak_dbfs: float, freq: float, channels: int, rate: float) -> float:
+    """BS.1770 loudness of a steady sine: -0.691 + 10·log10(Σ channel mean squares) + K-weighting gain."""
+    mean_square = (10 ** (peak_dbfs / 20)) ** 2 / 2
+    return -0.691 + 10 * math.log10(channels * mean_square) + k_weighting_db(freq, rate)
+
+
+def loudness(path, spec: str = "loudness-ebur128") -> dict:
+    """The loudness results for one file."""
+    return analyze_file(str(path), [spec])["results"][spec]["results"]
 
 
 def test_available_and_names():
@@ -26,89 +60,144 @@ def test_available_and_names():
 
 
 def test_click_track_reads_120_bpm(tmp_path):
-    """A 120 BPM click track reads 120 ± 1 BPM, with beats half a second apart."""
-    out = analyze_file(str(write_wav(tmp_path / "click.wav", click_track(120, 30))), ["bpm_degara"])
+    """A 120 BPM click track reads 120 ± 1 BPM, with beats half a second apart, in seconds."""
+    out = analyze_file(str(write_wav(tmp_path / "click.wav", click_track(120, 20))), ["bpm_degara"])
+    assert out["errors"] == {}
     result = out["results"]["bpm_degara"]
-    assert result["model_name"] == "bpm_degara"
+    assert result["model_name"] == "bpm_degara" and result["model_version"] == "1"
     assert abs(result["results"]["bpm"] - 120) <= 1, result["results"]["bpm"]
-    beats = np.diff(result["results"]["beat_positions"])
-    assert abs(float(np.median(beats)) - 0.5) < 0.02
+    beats = result["results"]["beat_positions"]
+    assert 35 <= len(beats) <= 41 and 0 <= beats[0] < 1 and beats[-1] < 20
+    assert abs(float(np.median(np.diff(beats))) - 0.5) < 0.02
 
 
-def test_chord_progression_reads_c_major(tmp_path):
-    """I-IV-V-I in C reads as C major, shaped like the service's key results."""
-    out = analyze_file(str(write_wav(tmp_path / "chords.wav", chord_progression())), ["key:1"])
-    results = out["results"]["key:1"]["results"]
-    assert results["key"] == ["C"] and results["scale"] == ["major"]
-    assert len(results["strength"]) == 1 and 0 < results["strength"][0] <= 1
+@pytest.mark.parametrize(("tonic", "scale"), [("C", "major"), ("A", "minor"), ("Eb", "major")])
+def test_chord_progression_reads_its_key(tmp_path, tonic, scale):
+    """I-IV-V-I in a key reads as that key, shaped like the service's key results (one-element lists)."""
+    music = chord_progression(tonic=tonic, scale=scale)
+    out = analyze_file(str(write_wav(tmp_path / "chords.wav", music)), ["key:1"])
+    result = out["results"]["key:1"]
+    assert result["model_name"] == "key"
+    assert result["results"]["key"] == [tonic] and result["results"]["scale"] == [scale]
+    assert len(result["results"]["strength"]) == 1 and 0 < result["results"]["strength"][0] <= 1
 
 
 def test_stereo_sine_integrated_loudness(tmp_path):
-    """A stereo 997 Hz sine peaking at -20 dBFS reads -20.0 LUFS within 0.1 LU (K-weighting is ~0 dB there)."""
-    level = -20.0
-    path = write_wav(tmp_path / "sine.wav", sine(997, 10, level, channels=2))
-    results = analyze_file(str(path), ["loudness-ebur128"])["results"]["loudness-ebur128"]
-    assert results["model_name"] == "loudness_ebur128"
-    r = results["results"]
-    # Two channels of mean square A²/2 each: -0.691 + 10·log10(A²) + K(997 Hz) ≈ 20·log10(A).
-    expected = 20 * math.log10(10 ** (level / 20))
-    assert abs(r["integratedLoudness"][0] - expected) < 0.1, r["integratedLoudness"]
-    assert len(r["momentaryLoudness"]) == 1 and len(r["momentaryLoudness"][0]) > 50
-    assert len(r["shortTermLoudness"][0]) > 50 and len(r["loudnessRange"]) == 1
+    """A stereo 997 Hz sine peaking at -20 dBFS reads its BS.1770 loudness (≈ -20.0 LUFS) within 0.1 LU."""
+    expected = expected_lufs(-20.0, 997, channels=2, rate=44100)
+    assert abs(expected + 20.0) < 0.05  # the calibration point of the standard
+    result = analyze_file(str(write_wav(tmp_path / "sine.wav", sine(997, 10, -20.0, channels=2))), ALL[2:])
+    assert result["results"]["loudness-ebur128"]["model_name"] == "loudness_ebur128"
+    r = result["results"]["loudness-ebur128"]["results"]
+    assert abs(r["integratedLoudness"][0] - expected) < 0.1, (r["integratedLoudness"], expected)
+    assert len(r["loudnessRange"]) == 1 and r["loudnessRange"][0] < 0.5
+    assert len(r["momentaryLoudness"]) == 1 and 90 <= len(r["momentaryLoudness"][0]) <= 101  # 10 Hz over 10 s
+    assert len(r["shortTermLoudness"]) == 1 and 65 <= len(r["shortTermLoudness"][0]) <= 101
 
 
 def test_mono_is_measured_as_one_channel(tmp_path):
-    """The same sine in a mono file reads 3 dB lower than in stereo: the channel is not doubled."""
-    mono = write_wav(tmp_path / "mono.wav", sine(997, 10, -20.0))
-    stereo = write_wav(tmp_path / "stereo.wav", sine(997, 10, -20.0, channels=2))
-    m = analyze_file(str(mono), ["loudness-ebur128"])["results"]["loudness-ebur128"]["results"]
-    s = analyze_file(str(stereo), ["loudness-ebur128"])["results"]["loudness-ebur128"]["results"]
-    assert abs((s["integratedLoudness"][0] - m["integratedLoudness"][0]) - 3.01) < 0.1
+    """The same sine in a mono file reads 10·log10(2) ≈ 3.01 dB lower than in stereo: the channel is not doubled."""
+    m = loudness(write_wav(tmp_path / "mono.wav", sine(997, 10, -20.0)))["integratedLoudness"][0]
+    s = loudness(write_wav(tmp_path / "stereo.wav", sine(997, 10, -20.0, channels=2)))["integratedLoudness"][0]
+    assert abs((s - m) - 10 * math.log10(2)) < 0.05
+    assert abs(m - expected_lufs(-20.0, 997, channels=1, rate=44100)) < 0.1
+
+
+def test_48k_file_is_resampled_for_key_and_tempo(tmp_path):
+    """A 48 kHz file reads the same key and tempo (resampled to 44.1 kHz) and its loudness at its own rate."""
+    rate = 48000
+    music = 0.6 * chord_progression(rate=rate) + 0.4 * click_track(120, 24, rate=rate)
+    path = write_wav(tmp_path / "48k.wav", np.stack([music, music], axis=1), rate)
+    out = analyze_file(str(path), ["key", "bpm_degara", "loudness_ebur128", "loudness-ebur128"])
+    assert out["errors"] == {}
+    assert out["results"]["key"]["results"]["key"] == ["C"]
+    assert abs(out["results"]["bpm_degara"]["results"]["bpm"] - 120) <= 1
+    both = out["results"]["loudness_ebur128"], out["results"]["loudness-ebur128"]
+    assert both[0] == both[1] and both[0]["model_name"] == "loudness_ebur128"
+    tone = loudness(write_wav(tmp_path / "tone48.wav", sine(997, 5, -20.0, rate=rate, channels=2), rate))
+    assert abs(tone["integratedLoudness"][0] - expected_lufs(-20.0, 997, 2, rate)) < 0.1
 
 
 def test_silence_and_short_clips_are_guarded(tmp_path):
     """Digital silence fails every model with a reason; a 1 s clip fails tempo but keeps key and loudness."""
     quiet = analyze_file(str(write_wav(tmp_path / "silence.wav", silence(5))), ALL)
     assert quiet["results"] == {}
-    assert all("digital silence" in quiet["errors"][m] for m in ALL)
+    assert all(quiet["errors"][m].startswith("digital silence: no ") for m in ALL), quiet["errors"]
     short = analyze_file(str(write_wav(tmp_path / "short.wav", sine(440, 1, -12, channels=2))), ALL)
-    assert "too short for tempo" in short["errors"]["bpm_degara"]
+    assert short["errors"]["bpm_degara"].startswith("too short for tempo (1.0 s")
     assert set(short["results"]) == {"key", "loudness-ebur128"}
+    assert short["results"]["key"]["results"]["key"] == ["A"]
+    blip = analyze_file(str(write_wav(tmp_path / "blip.wav", sine(440, 0.2, -12))), ["loudness-ebur128"])
+    assert blip["errors"]["loudness-ebur128"].startswith("too short for loudness")
 
 
-def test_unreadable_and_unknown(tmp_path):
-    """Bytes the decoder cannot read give per-model errors; a model it does not have is an error, not a guess."""
+def test_unreadable_and_many_channels(tmp_path):
+    """Bytes the decoder cannot read, and a 6-channel file, give every model an error naming the cause."""
     junk = tmp_path / "junk.wav"
     junk.write_bytes(np.random.default_rng(1).bytes(50_000))
     out = analyze_file(str(junk), ALL)
-    assert out["results"] == {} and all("cannot read" in out["errors"][m] for m in ALL)
+    assert out["results"] == {} and set(out["errors"]) == set(ALL)
+    assert all("cannot read this file" in e and "Invalid data" in e for e in out["errors"].values())
+    surround = write_wav(tmp_path / "six.wav", sine(440, 2, -12, channels=6))
+    out = analyze_file(str(surround), ALL)
+    assert out["results"] == {} and all("6 channels" in out["errors"][m] for m in ALL)
+
+
+def test_unknown_model_fails_alone(tmp_path):
+    """A model the local backend lacks (or another version) is an error naming what is available; others succeed."""
     path = write_wav(tmp_path / "tone.wav", sine(440, 2, -12))
-    mixed = analyze_file(str(path), ["key", "mood_happy"])
-    assert "key" in mixed["results"] and "not available in the local backend" in mixed["errors"]["mood_happy"]
+    out = analyze_file(str(path), ["key", "mood_happy", "key:2"])
+    assert set(out["results"]) == {"key"} and set(out["errors"]) == {"mood_happy", "key:2"}
+    assert out["errors"]["mood_happy"] == (
+        "model mood_happy is not available in the local backend; available: key, bpm_degara, loudness-ebur128"
+    )
+    assert out["essentia_version"]
 
 
 def test_files_over_the_limit_are_refused(tmp_path):
-    """A file longer than max_seconds is refused before decoding, for bounded memory."""
+    """A file longer than max_seconds is refused before decoding."""
     path = write_wav(tmp_path / "long.wav", sine(440, 3, -12))
     out = analyze_file(str(path), ALL, max_seconds=2)
-    assert all("over the local limit" in out["errors"][m] for m in ALL)
+    assert out["results"] == {} and all("over the configured local limit" in out["errors"][m] for m in ALL)
 
 
 def test_pool_runs_files_concurrently(tmp_path):
-    """Two files go through the process pool off the event loop, each with its own results."""
-    a = write_wav(tmp_path / "a.wav", sine(440, 3, -12, channels=2))
-    b = write_wav(tmp_path / "b.wav", sine(440, 3, -24, channels=2))
+    """Two files go through two worker processes off the event loop, each with its own results."""
+    a = write_wav(tmp_path / "a.wav", sine(997, 3, -12, channels=2))
+    b = write_wav(tmp_path / "b.wav", sine(997, 3, -24, channels=2))
 
     async def go():
         async with LocalAnalyzer(workers=2) as pool:
-            return await asyncio.gather(
-                pool.analyze(str(a), ["loudness-ebur128"]), pool.analyze(str(b), ["loudness-ebur128"])
-            )
+            answers = await asyncio.gather(pool.analyze(str(a), ALL[2:]), pool.analyze(str(b), ALL[2:]))
+            return answers, pool.worker_pids()
 
-    ra, rb = asyncio.run(go())
+    (ra, rb), pids = asyncio.run(go())
+    assert len(set(pids)) == 2 and os.getpid() not in pids
     la = ra["results"]["loudness-ebur128"]["results"]["integratedLoudness"][0]
     lb = rb["results"]["loudness-ebur128"]["results"]["integratedLoudness"][0]
-    assert abs((la - lb) - 12) < 0.2
+    assert abs((la - lb) - 12) < 0.1
+
+
+def test_worker_crash_is_an_error_and_the_pool_recovers(tmp_path):
+    """A worker killed mid-file fails that file's models with a clear error; the next file runs in a new pool."""
+    path = write_wav(tmp_path / "tone.wav", sine(997, 3, -12, channels=2))
+
+    async def go():
+        async with LocalAnalyzer(workers=1) as pool:
+
+            def kill() -> None:
+                os.kill(wait_for(pool.worker_pids, what="a worker process")[0], signal.SIGKILL)
+
+            killer = threading.Thread(target=kill)
+            killer.start()
+            crashed = await pool.analyze(str(path), ALL)
+            killer.join()
+            again = await pool.analyze(str(path), ALL[2:])
+            return crashed, again
+
+    crashed, again = asyncio.run(go())
+    assert crashed["results"] == {} and all("worker died" in crashed["errors"][m] for m in ALL)
+    assert again["errors"] == {} and "loudness-ebur128" in again["results"]
 
 
 def test_daemon_without_key_uses_local_analysis(tmp_path, run_daemon):

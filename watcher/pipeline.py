@@ -26,6 +26,7 @@ from watcher.store import TERMINAL, Job, Store
 
 log = structlog.get_logger("watcher.pipeline")
 RESTART_STAGE = {"analyze": "pending", "archive": "pending"}
+PAID_DRAIN_SECONDS = 3.0
 
 
 def store_path(settings: Settings) -> Path:
@@ -162,6 +163,10 @@ class Pipeline:
                 log.exception("pipeline.hook_failed", path=outcome.job.file.path)
 
     async def aclose(self) -> None:
+        for stage in self.stages.values():
+            drain = getattr(stage, "drain", None)
+            if drain is not None:
+                await drain(PAID_DRAIN_SECONDS)
         for closer in self.closers:
             with contextlib.suppress(Exception):
                 await closer.aclose()

@@ -7,11 +7,12 @@ scheduled through the store (the job comes back at its next poll time); no task 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -141,6 +142,7 @@ class ArchiveStage:
         self.deliverer = deliverer
         self.sidecar = sidecar
         self.plan = plan_ops(cfg)
+        self._in_flight: set[asyncio.Future[str]] = set()
 
     async def run(self, job: Job) -> StageResult:
         step = {
@@ -181,8 +183,7 @@ class ArchiveStage:
             version = job.file
             body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode))
             log.info("archive.upload_started", path=version.path, size=version.size)
-            audio_id = await self.processor.upload(body)
-            self.store.remote_put(sha256, SERVICE, "audio", op.key(self.plan), audio_id)
+            audio_id = await self._paid(self.processor.upload(body), sha256, "audio", op.key(self.plan))
             log.info("archive.uploaded", path=version.path, audio_id=audio_id)
         else:
             audio_id = known.remote_id
@@ -214,8 +215,7 @@ class ArchiveStage:
                 if dep != "complete":
                     waiting = True
                     continue
-                remote_id = await self._request(name, op, ids)
-                self.store.remote_put(sha256, SERVICE, name, key, remote_id)
+                remote_id = await self._paid(self._request(name, op, ids), sha256, name, key)
                 ids[name] = remote_id
                 self.store.commit(job, ids=ids)
                 log.info("archive.requested", path=job.file.path, what=name, id=remote_id)
@@ -262,6 +262,33 @@ class ArchiveStage:
             return StageResult("process", next_attempt_at=time.time() + delay)
         self.store.commit(job, stage="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
+
+    async def _paid(self, call: Coroutine[Any, Any, str], sha256: str, kind: str, key: str) -> str:
+        """Run a paid call so that its ID is stored even if this job is cancelled (shutdown) meanwhile.
+
+        The call runs as its own task, shielded from the job's cancellation; whenever it returns an ID, the
+        ID is committed at once. Shutdown waits briefly for such calls (:meth:`drain`).
+        """
+
+        async def call_and_record() -> str:
+            remote_id = await call
+            self.store.remote_put(sha256, SERVICE, kind, key, remote_id)
+            return remote_id
+
+        task = asyncio.ensure_future(call_and_record())
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self, timeout: float) -> None:
+        """Give paid calls still in flight (after their jobs were cancelled) a moment to return their IDs."""
+        if self._in_flight:
+            log.info(
+                "archive.draining", calls=len(self._in_flight), next=f"waiting up to {timeout:.0f} s for their IDs"
+            )
+            _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
+            for task in pending:
+                task.cancel()
 
     async def _request(self, name: str, op: Op, ids: Mapping[str, str]) -> str:
         audio_id = ids["audio"]
