@@ -53,6 +53,15 @@ class NeedsUser(WatcherError):
 
     kind = "needs_user"
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def account_problem(self) -> bool:
+        """The key was refused, the plan forbids it, or the credits ran out (not a problem with one request)."""
+        return self.status in (401, 402, 403)
+
 
 class BadInput(WatcherError):
     """This file cannot be processed as it stands; other files are unaffected."""

@@ -91,25 +91,10 @@ class AnalysisClient:
         await self.http.aclose()
 
     async def check(self) -> str:
-        """One cheap authenticated call: an empty request the service must refuse, after checking the key.
-
-        Returns a description when the key was accepted; raises NeedsUser (refused key) or RetryLater.
-        Nothing is analysed, so nothing is billed.
-        """
-        try:
-            await self.http.request(
-                "POST",
-                STREAM_PATH,
-                retry=False,
-                params={"models": ""},
-                content=b"",
-                headers={"Accept": "text/event-stream"},
-            )
-        except NeedsUser as exc:
-            if "API key was refused" in str(exc) or "may not do this" in str(exc) or "credits" in str(exc):
-                raise
-            return "reachable, key accepted (the empty test request was refused as expected)"
-        return "reachable, key accepted"
+        """One cheap authenticated call: an empty request, with no audio and no model, so nothing is billed."""
+        return await self.http.probe(
+            "POST", STREAM_PATH, params={"models": ""}, content=b"", headers={"Accept": "text/event-stream"}
+        )
 
     async def analyze(self, audio: AudioSource, models: Sequence[str], on_result: OnResult) -> AnalysisReport:
         """Analyse ``audio`` with ``models``; retries ask only for what is missing.

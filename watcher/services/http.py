@@ -98,14 +98,14 @@ def raise_for_status(response: httpx.Response, service: str) -> None:
     if status in (408, 425, 429) or status >= 500:
         raise RetryLater(what, retry_after=parse_retry_after(response.headers.get("Retry-After")), status=status)
     if status == 401:
-        raise NeedsUser(f"{what} (the API key was refused: check it)")
+        raise NeedsUser(f"{what} (the API key was refused: check it)", status=status)
     if status == 402:
-        raise NeedsUser(f"{what} (the account is out of credits)")
+        raise NeedsUser(f"{what} (the account is out of credits)", status=status)
     if status == 403:
-        raise NeedsUser(f"{what} (the account may not do this: check the key and the plan)")
+        raise NeedsUser(f"{what} (the account may not do this: check the key and the plan)", status=status)
     if status in (413, 415):
         raise BadInput(what)
-    raise NeedsUser(what)
+    raise NeedsUser(what, status=status)
 
 
 def translate_transport_error(exc: Exception, service: str) -> WatcherError:
@@ -234,6 +234,19 @@ class ServiceHTTP:
                 raise translated from exc
             finally:
                 _notify(self.service, method, time.monotonic() - started, outcome, sent if outcome == "ok" else 0)
+
+    async def probe(self, method: str, url: str, **kwargs: Any) -> str:
+        """One request that proves the service is reachable and takes the key, whatever it answers otherwise.
+
+        Raises NeedsUser for an account problem (401/402/403) and RetryLater when unreachable.
+        """
+        try:
+            await self.request(method, url, retry=False, **kwargs)
+        except NeedsUser as exc:
+            if exc.account_problem:
+                raise
+            return "reachable, key accepted (the test request itself was refused, as expected)"
+        return "reachable, key accepted"
 
     async def request(
         self, method: str, url: str, *, retry: bool = True, paid: bool = False, **kwargs: Any

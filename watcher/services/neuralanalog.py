@@ -100,13 +100,8 @@ class NeuralAnalogClient:
         await self.storage.aclose()
 
     async def check(self) -> str:
-        """One cheap authenticated call (the status of an ID that does not exist); raises NeedsUser on a bad key."""
-        try:
-            await self.http.request("GET", "/status/audio/watcher-doctor-check", retry=False)
-        except NeedsUser as exc:
-            if "API key was refused" in str(exc) or "may not do this" in str(exc) or "credits" in str(exc):
-                raise
-        return "reachable, key accepted"
+        """One cheap authenticated call: the status of an ID that does not exist."""
+        return await self.http.probe("GET", "/status/audio/watcher-doctor-check")
 
     # -- paid calls ----------------------------------------------------------------------------------------
 
