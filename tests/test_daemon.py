@@ -178,3 +178,35 @@ def test_done_and_failed_folders(tmp_path, inbox, emulator, run_daemon):
     assert (tmp_path / "done" / "sub" / "ok.wav.analysis.json").exists()
     assert not (inbox / "sub" / "ok.wav").exists() and not (inbox / "broken.wav").exists()
     load_valid(tmp_path / "done" / "sub" / "ok.wav.analysis.json")
+
+
+def test_unmounted_folder_is_retried_not_gone(tmp_path):
+    """A file whose watched folder vanished (share unmounted) is retried later, never marked gone."""
+    import asyncio
+
+    from watcher.config import ArchiveConfig, SidecarConfig
+    from watcher.errors import RetryLater
+    from watcher.stages.analyze import AnalyzeStage
+    from watcher.stages.archive import ArchiveStage
+
+    share = tmp_path / "share"
+    store = Store(tmp_path / "w.db")
+    try:
+        store.register_version(
+            folder=str(share),
+            path=str(share / "a.wav"),
+            rel_path="a.wav",
+            size=10,
+            mtime_ns=1,
+            inode=1,
+            jobs=[("analyze", "pending"), ("archive", "pending")],
+        )
+        for stage in (
+            AnalyzeStage(store, None, models=["key"], sidecar=SidecarConfig(), max_attempts=3),  # type: ignore[arg-type]
+            ArchiveStage(store, None, ArchiveConfig(), None, SidecarConfig()),
+        ):  # type: ignore[arg-type]
+            job = store.claim(stage.kind, "t")
+            with pytest.raises(RetryLater, match="not available"):
+                asyncio.run(stage.run(job))
+    finally:
+        store.close()
