@@ -1,13 +1,13 @@
 """Local analysis (key, bpm_degara, loudness-ebur128) of a generated stereo file: time and peak memory.
 
-Each run happens in a fresh child process so ru_maxrss is that analysis's own peak.
+Each run happens in a fresh child process, which reports its own peak resident size (VmHWM, Linux). The
+parent's ru_maxrss of children is not used: Linux carries a forking parent's peak across exec.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,8 +20,9 @@ CHILD = """
 import json, sys
 from watcher.local.essentia_models import analyze_file
 out = analyze_file(sys.argv[1], ["key", "bpm_degara", "loudness-ebur128"], max_seconds=7200)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({k: v["results"].get("bpm") or v["results"].get("key") or v["results"].get("integratedLoudness")
-                  for k, v in out["results"].items()} | {"errors": out["errors"]}))
+                  for k, v in out["results"].items()} | {"errors": out["errors"], "peak_kib": int(hwm)}))
 """
 
 
@@ -44,10 +45,11 @@ def main() -> None:
             started = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True)
             elapsed = time.perf_counter() - started
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            report = json.loads(proc.stdout)
+            peak = report.pop("peak_kib") / 1024
             print(
                 f"{minutes:g} min stereo 44.1 kHz WAV ({path.stat().st_size / 1e6:.0f} MB): {elapsed:.1f} s, "
-                f"peak RSS {peak:.0f} MiB (max over runs so far); results: {json.loads(proc.stdout)}"
+                f"peak RSS {peak:.0f} MiB; results: {report}"
             )
 
 

@@ -204,7 +204,7 @@ def test_daemon_without_key_uses_local_analysis(tmp_path, run_daemon):
     """No API key and the extra installed: `auto` picks local, and the sidecar says so, with real results."""
     import json
 
-    from tests.conftest import wait_for
+    from tests.conftest import query, wait_for
     from watcher.config import AnalysisConfig, FolderConfig, Settings
 
     inbox = tmp_path / "in"
@@ -216,13 +216,23 @@ def test_daemon_without_key_uses_local_analysis(tmp_path, run_daemon):
     )
     d = run_daemon(settings)
     write_wav(tmp_path / "chords.wav", chord_progression()).rename(inbox / "chords.wav")
+    write_wav(tmp_path / "quiet.wav", silence(3)).rename(inbox / "quiet.wav")
     sidecar = inbox / "chords.wav.analysis.json"
     wait_for(sidecar.exists, timeout=60)
+    wait_for((inbox / "quiet.wav.analysis.json").exists, timeout=60)
     d.stop()
     doc = json.loads(sidecar.read_text())
     assert doc["backend"]["name"] == "local" and doc["backend"]["essentia_version"]
     assert doc["models"]["key"]["results"]["key"] == ["C"]
     assert set(doc["models"]) == {"key", "bpm_degara", "loudness_ebur128"}
+    # Silence: a sidecar at once, each model's error named, no retry (the answer cannot change).
+    quiet = json.loads((inbox / "quiet.wav.analysis.json").read_text())
+    assert quiet["complete"] is False and quiet["models"] == {}
+    assert {e["model"] for e in quiet["errors"]} == {"key", "bpm_degara", "loudness-ebur128"}
+    assert all("digital silence" in e["message"] for e in quiet["errors"])
+    assert query(
+        tmp_path, "SELECT stage, attempts FROM jobs j JOIN files f ON f.id=j.file_id WHERE f.path LIKE '%quiet.wav'"
+    ) == ("failed", 0)
 
 
 def test_emulator_answers_with_local_analysis(tmp_path):

@@ -25,6 +25,7 @@ class RemoteAnalyzer:
     """The analysis service, through :class:`AnalysisClient`."""
 
     name = "remote"
+    final_errors = False
 
     def __init__(self, cfg: AnalysisConfig, **client_kwargs: Any) -> None:
         key = reveal(cfg.api_key)
@@ -51,6 +52,7 @@ class LocalBackend:
     """Essentia on this machine, in a bounded process pool."""
 
     name = "local"
+    final_errors = True  # the same file gives the same error again: retrying cannot help
 
     def __init__(self, cfg: AnalysisConfig) -> None:
         from watcher.local.pool import LocalAnalyzer
@@ -89,8 +91,7 @@ class LocalBackend:
             outcome = on_result(result)
             if outcome is not None:
                 await outcome
-        for spec, message in answer.get("errors", {}).items():
-            report.errors.append(f"{spec}: {message}")
+        report.model_errors.update(answer.get("errors", {}))
         return report
 
     async def aclose(self) -> None:

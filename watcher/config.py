@@ -89,7 +89,7 @@ class AnalysisConfig(_Section):
     rate_limit: float = Field(5.0, gt=0, description="requests per second, below the service's 10/s")
     timeout: float = Field(300.0, gt=0, description="seconds to wait for the next event of a stream")
     local_workers: int = Field(1, ge=1, le=32, description="processes for the local backend")
-    local_max_seconds: float = Field(1200.0, gt=0, description="longest file the local backend decodes")
+    local_max_seconds: float = Field(14400.0, gt=0, description="longest file the local backend decodes")
 
     @field_validator("api_key", "api_key_file", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ computed gets an error message; no value is ever invented.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,10 @@ def analyze_file(path: str, models: Sequence[str], *, max_seconds: float | None 
         measured = None if problem else _measure(essentia, ess, path, rate, set(wanted.values()))
     except RuntimeError as exc:
         problem, measured = f"the decoder cannot read this file: {exc}", None
+    finally:
+        # Connected streaming algorithms reference each other: their buffers (~10 MiB per minute of audio)
+        # are freed only by the cycle collector, which a worker might otherwise not run for many files.
+        gc.collect()
     if measured is None:
         for spec in wanted:
             out["errors"][spec] = problem

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import multiprocessing
+import signal
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,6 +38,7 @@ class LocalAnalyzer:
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 max_tasks_per_child=FILES_PER_WORKER,
+                initializer=_ignore_interrupts,
             )
         return self._pool
 
@@ -74,3 +76,8 @@ class LocalAnalyzer:
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group: only the daemon decides how its workers stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

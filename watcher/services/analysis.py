@@ -44,6 +44,7 @@ class AnalysisReport:
 
     results: dict[str, ModelResult] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    model_errors: dict[str, str] = field(default_factory=dict)  # errors that name their model (local backend)
     requests: int = 0
 
     def missing(self, models: Sequence[str]) -> list[str]:

@@ -33,6 +33,7 @@ class ModelAnswer(Protocol):
 class Report(Protocol):
     results: Mapping[str, Any]
     errors: list[str]
+    model_errors: dict[str, str]
 
 
 class AudioBody(Protocol):
@@ -46,6 +47,7 @@ class Analyzer(Protocol):
     """An analysis backend (the remote service, or local Essentia)."""
 
     name: str
+    final_errors: bool  # True when a model's error cannot change on retry (local analysis)
 
     def describe(self) -> dict[str, Any]:
         """What the sidecar records about the backend (never a secret)."""
@@ -125,6 +127,7 @@ class AnalyzeStage:
             body = FileBody(path, expected)
             report = await self.analyzer.analyze(body, missing, save)
             errors = [{"model": None, "message": m} for m in report.errors]
+            errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
             if errors:
                 self.store.commit(job, errors=[*job.data.get("errors", []), *errors][-20:])
         else:
@@ -137,11 +140,11 @@ class AnalyzeStage:
 
         results = self.store.results_for(sha256, backend)
         still = [m for m in self.models if m not in results]
-        if still and job.attempts + 1 < self.max_attempts:
+        if still and job.attempts + 1 < self.max_attempts and not self.analyzer.final_errors:
             detail = "; ".join(e["message"] or "" for e in errors) or "no answer"
             raise RetryLater(f"{len(still)} model(s) not answered ({', '.join(still)}): {detail}")
-        errors = list(job.data.get("errors", [])) if still else errors
-        if still:
+        if still and not self.analyzer.final_errors:
+            errors = list(job.data.get("errors", []))
             errors.append(
                 {"model": None, "message": f"no result after {job.attempts + 1} attempts: {', '.join(still)}"}
             )
