@@ -1,13 +1,13 @@
 """Peak memory of `watcher scan` while it streams a 1 GiB file to the analysis emulator.
 
-The emulator runs in its own process; the figure is the watcher process's peak RSS (ru_maxrss).
+The emulator runs in its own process; the figure is the watcher process's own peak RSS (VmHWM, read
+from /proc while it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -16,6 +16,15 @@ import wave
 from pathlib import Path
 
 import httpx
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """The process's peak resident size so far (Linux), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith("VmHWM")), 0)
+    except OSError:
+        return 0
 
 
 def main() -> None:
@@ -59,19 +68,24 @@ def main() -> None:
                 WATCHER_ANALYSIS__BASE_URL=url,
             )
             started = time.perf_counter()
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "watcher", "--log-format", "json", "scan", str(inbox)],
                 env=env,
-                capture_output=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 text=True,
             )
+            peak_kib = 0
+            while proc.poll() is None:  # VmHWM only grows: its last reading before exit is the peak
+                peak_kib = max(peak_kib, vm_hwm_kib(proc.pid))
+                time.sleep(0.02)
+            stderr = proc.stderr.read() if proc.stderr else ""
             elapsed = time.perf_counter() - started
-            peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         finally:
             emulator.terminate()
             emulator.wait(10)
         if proc.returncode != 0:
-            print(proc.stderr[-2000:])
+            print(stderr[-2000:])
             raise SystemExit(f"scan failed with exit {proc.returncode}")
         assert (inbox / "big.wav.analysis.json").exists()
     print(
