@@ -103,10 +103,10 @@ def make_settings(tmp_path: Path, folder: Path, emulator_url: str, **analysis: A
 class DaemonThread:
     """A Daemon running on its own event loop in a thread, stoppable like SIGTERM would."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **options: Any) -> None:
         from watcher.daemon import Daemon
 
-        self.daemon = Daemon(settings, handle_signals=False)
+        self.daemon = Daemon(settings, handle_signals=False, **options)
         self.loop = asyncio.new_event_loop()
         self.exit_code: int | None = None
         self.error: BaseException | None = None
@@ -136,11 +136,11 @@ class DaemonThread:
 
 
 @pytest.fixture
-def run_daemon() -> Iterator[Callable[[Settings], DaemonThread]]:
+def run_daemon() -> Iterator[Callable[..., DaemonThread]]:
     started: list[DaemonThread] = []
 
-    def start(settings: Settings) -> DaemonThread:
-        d = DaemonThread(settings).start()
+    def start(settings: Settings, **options: Any) -> DaemonThread:
+        d = DaemonThread(settings, **options).start()
         started.append(d)
         return d
 

@@ -282,3 +282,32 @@ def test_dead_observer_falls_back_to_polling(tmp_path, watch):
         wait_for(lambda: sink.names() == ["after.wav"])
     assert any(e["event"] == "watch.died" for e in logs)
     assert "polling" in d.detector.describe()[0]["reason"]
+
+
+def test_exhausted_inotify_falls_back_to_polling(tmp_path, watch):
+    """With every inotify instance of this user taken (a real kernel limit), the folder is polled instead."""
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "inotify_init1"):
+        pytest.skip("no inotify on this system")
+    taken: list[int] = []
+    try:
+        while len(taken) < 100_000:
+            fd = libc.inotify_init1(0)
+            if fd < 0:
+                assert ctypes.get_errno() in (errno.EMFILE, errno.ENFILE)
+                break
+            taken.append(fd)
+        inbox = tmp_path / "in"
+        inbox.mkdir()
+        with structlog.testing.capture_logs() as logs:
+            d, sink = watch(inbox)
+            wait_for(lambda: d.detector.describe()[0]["mode"] == "polling", what="fallback to polling")
+        assert any(e["event"] in ("watch.native_failed", "watch.died") for e in logs)
+    finally:
+        for fd in taken:
+            os.close(fd)
+    write_tone(inbox / "still seen.wav", 0.05)
+    wait_for(lambda: sink.names() == ["still seen.wav"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, make_settings, wait_for, write_tone
+from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
 from watcher.sdnotify import NullNotifier, SystemdNotifier, notifier_from_environ
 from watcher.store import Store
 
@@ -136,3 +136,30 @@ def test_notifier_from_environ_picks_the_null_object():
     n = notifier_from_environ({"NOTIFY_SOCKET": "@watcher-test", "WATCHDOG_USEC": "10000000"})
     assert isinstance(n, SystemdNotifier) and n.watchdog_interval == 5.0 and n.address == "\0watcher-test"
     n.close()
+
+
+def test_status_shows_how_each_folder_is_watched(tmp_path, inbox, emulator, run_daemon):
+    """The daemon records each folder's watch mode and reason; a dead observer shows up as polling."""
+    from watcher.status import collect, render
+
+    d = run_daemon(make_settings(tmp_path, inbox, emulator.url), heartbeat=0.1)
+
+    def folder_mode() -> str | None:
+        row = query(tmp_path, "SELECT mode || ': ' || reason FROM folder_state WHERE path=?", str(inbox))
+        return row[0] if row else None
+
+    wait_for(lambda: (folder_mode() or "").startswith("native: native events"), what="native mode recorded")
+    detector = d.daemon.pipeline.detector
+    d.loop.call_soon_threadsafe(detector.folders[str(inbox)].watch.observer.stop)
+    wait_for(
+        lambda: (folder_mode() or "").startswith("polling: the native observer died"),
+        timeout=30,
+        what="fallback recorded",
+    )
+    d.stop()
+    store = Store(tmp_path / "state" / "watcher.db")
+    try:
+        text = render(collect(store, state_dir="s", configured=[str(inbox)]))
+    finally:
+        store.close()
+    assert f"{inbox}: active (polling: the native observer died; polling instead)" in text

@@ -77,24 +77,27 @@ def start_watch(
 ) -> FolderWatch:
     """Start an observer on ``path``; a native one that cannot start (watch limit) falls back to polling."""
     if not polling:
-        observer: BaseObserver = Observer()
+        native: BaseObserver | None = None
         try:
-            observer.schedule(_HintHandler(hint), path, recursive=recursive)
-            observer.start()
-            return FolderWatch(observer, False, reason)
+            native = Observer()  # inotify: creating the observer already takes an instance
+            native.schedule(_HintHandler(hint), path, recursive=recursive)
+            native.start()
+            return FolderWatch(native, False, reason)
         except OSError as exc:
-            try:
-                observer.stop()
-            except Exception:
-                log.debug("watch.stop_after_failure_failed", path=path)
-            why = (
-                "the inotify watch limit is exhausted (raise fs.inotify.max_user_watches)"
-                if exc.errno in (errno.ENOSPC, errno.EMFILE)
-                else f"native watching failed: {exc.strerror or exc}"
-            )
+            if native is not None:
+                try:
+                    native.stop()
+                except Exception:
+                    log.debug("watch.stop_after_failure_failed", path=path)
+            if exc.errno == errno.ENOSPC:
+                why = "the inotify watch limit is exhausted (raise fs.inotify.max_user_watches)"
+            elif exc.errno == errno.EMFILE:
+                why = "no inotify instance is left (raise fs.inotify.max_user_instances, or the open-files limit)"
+            else:
+                why = f"native watching failed: {exc.strerror or exc}"
             log.error("watch.native_failed", path=path, error=why, next="polling this folder instead")
             reason = why + "; polling instead"
-    observer = PollingObserver(timeout=poll_interval)
+    observer: BaseObserver = PollingObserver(timeout=poll_interval)
     observer.schedule(_HintHandler(hint), path, recursive=recursive)
     observer.start()
     return FolderWatch(observer, True, reason)
