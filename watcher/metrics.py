@@ -1,7 +1,8 @@
-"""An optional Prometheus endpoint (prometheus-client, the ``metrics`` extra).
+"""An optional Prometheus endpoint (prometheus-client, the ``metrics`` extra, imported only when used).
 
-Files seen, done and failed per pipeline, queue depth, service latency and errors, bytes uploaded.
-A registry of its own, so several daemons (or tests) never share counters. ``NullMetrics`` when off.
+Files seen, done and failed, queue depth, service latency and errors, bytes uploaded. Each ``Metrics``
+has a registry of its own, so several daemons (or tests) in one process never share counters.
+``NullMetrics`` has the same recording methods and does nothing: the daemon uses it when metrics are off.
 """
 
 from __future__ import annotations
@@ -12,83 +13,151 @@ from typing import Any
 
 from watcher.errors import ConfigError
 
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
 
 class NullMetrics:
     """Metrics switched off: every call does nothing."""
 
     def file_seen(self, folder: str) -> None:
-        return
+        """A new file version settled in ``folder``."""
+
+    def file_done(self, stage: str) -> None:
+        """A job of pipeline ``stage`` (analyze, archive) finished."""
+
+    def file_failed(self, stage: str) -> None:
+        """A job of pipeline ``stage`` failed for good."""
+
+    def set_queue_depth(self, stage: str, depth: int) -> None:
+        """``depth`` unfinished jobs wait in pipeline ``stage``."""
+
+    def service_request(self, service: str, seconds: float) -> None:
+        """One request to ``service`` took ``seconds`` (whatever its outcome)."""
+
+    def service_error(self, service: str, kind: str) -> None:
+        """A request to ``service`` failed; ``kind`` is the error class (retry_later, needs_user, bad_input)."""
+
+    def bytes_uploaded(self, service: str, count: int) -> None:
+        """``count`` request body bytes were sent to ``service``."""
 
     def outcome(self, kind: str, stage: str) -> None:
-        return
+        """A runner outcome: job pipeline ``kind`` reached ``stage``; only "done" and "failed" are counted."""
+        if stage == "done":
+            self.file_done(kind)
+        elif stage == "failed":
+            self.file_failed(kind)
 
     def queue(self, counts: Mapping[str, Mapping[str, int]], terminal: frozenset[str]) -> None:
-        return
+        """Queue depth per pipeline from the store's counts ({pipeline: {stage: n}}), terminal stages left out."""
+        for kind, stages in counts.items():
+            self.set_queue_depth(kind, sum(n for s, n in stages.items() if s not in terminal))
 
     def request(self, service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
-        return
+        """A request observer for :func:`watcher.services.http.add_observer` (outcome "ok" or an error kind)."""
+        self.service_request(service, seconds)
+        if outcome != "ok":
+            self.service_error(service, outcome)
+        if sent:
+            self.bytes_uploaded(service, sent)
 
     def stop(self) -> None:
-        return
+        """Stop serving (nothing to stop here)."""
 
 
 class Metrics(NullMetrics):
-    """The real thing, served over HTTP by :meth:`start_http`."""
+    """The real thing, served over HTTP by :meth:`start_http`; raises ConfigError without prometheus-client."""
 
     def __init__(self) -> None:
         try:
             import prometheus_client as prom
         except ImportError as exc:
-            raise ConfigError('metrics.enabled needs prometheus-client: pip install "watcher[metrics]"') from exc
+            raise ConfigError(
+                'metrics.enabled = true needs prometheus-client: pip install "watcher[metrics]", '
+                "or set metrics.enabled = false"
+            ) from exc
         self._prom = prom
-        self.registry = prom.CollectorRegistry()
+        self.registry = prom.CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.seen = prom.Counter("watcher_files_seen", "File versions that settled, per folder", ["folder"], registry=r)
-        self.done = prom.Counter("watcher_files_done", "Jobs finished, per pipeline", ["stage"], registry=r)
-        self.failed = prom.Counter(
-            "watcher_files_failed", "Jobs that failed for good, per pipeline", ["stage"], registry=r
+        # prometheus-client adds the _total suffix to counters: watcher_files_seen -> watcher_files_seen_total.
+        self._seen = prom.Counter(
+            "watcher_files_seen", "File versions that settled, per folder", ["folder"], registry=r
         )
-        self.depth = prom.Gauge("watcher_queue_depth", "Unfinished jobs, per pipeline", ["stage"], registry=r)
-        self.latency = prom.Histogram(
+        self._done = prom.Counter("watcher_files_done", "Jobs finished, per pipeline", ["stage"], registry=r)
+        self._failed = prom.Counter("watcher_files_failed", "Jobs failed for good, per pipeline", ["stage"], registry=r)
+        self._depth = prom.Gauge("watcher_queue_depth", "Unfinished jobs, per pipeline", ["stage"], registry=r)
+        self._latency = prom.Histogram(
             "watcher_service_request_seconds",
-            "Service request time",
+            "Time of one request to a service",
             ["service"],
             registry=r,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            buckets=LATENCY_BUCKETS,
         )
-        self.errors = prom.Counter("watcher_service_errors", "Failed service requests", ["service", "kind"], registry=r)
-        self.uploaded = prom.Counter("watcher_bytes_uploaded", "Request body bytes sent", ["service"], registry=r)
+        self._errors = prom.Counter(
+            "watcher_service_errors", "Failed service requests, per error class", ["service", "kind"], registry=r
+        )
+        self._uploaded = prom.Counter(
+            "watcher_bytes_uploaded", "Request body bytes sent, per service", ["service"], registry=r
+        )
+        self._depth_labels: set[str] = set()
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None
 
     def file_seen(self, folder: str) -> None:
-        self.seen.labels(folder=folder).inc()
+        self._seen.labels(folder=folder).inc()
 
-    def outcome(self, kind: str, stage: str) -> None:
-        if stage == "done":
-            self.done.labels(stage=kind).inc()
-        elif stage == "failed":
-            self.failed.labels(stage=kind).inc()
+    def file_done(self, stage: str) -> None:
+        self._done.labels(stage=stage).inc()
+
+    def file_failed(self, stage: str) -> None:
+        self._failed.labels(stage=stage).inc()
+
+    def set_queue_depth(self, stage: str, depth: int) -> None:
+        self._depth_labels.add(stage)
+        self._depth.labels(stage=stage).set(depth)
 
     def queue(self, counts: Mapping[str, Mapping[str, int]], terminal: frozenset[str]) -> None:
-        for kind, stages in counts.items():
-            self.depth.labels(stage=kind).set(sum(n for s, n in stages.items() if s not in terminal))
+        # A pipeline that has emptied out no longer appears in the counts: show 0, not its last depth.
+        for kind in self._depth_labels - set(counts):
+            self.set_queue_depth(kind, 0)
+        super().queue(counts, terminal)
 
-    def request(self, service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
-        self.latency.labels(service=service).observe(seconds)
-        if outcome != "ok":
-            self.errors.labels(service=service, kind=outcome).inc()
-        if sent:
-            self.uploaded.labels(service=service).inc(sent)
+    def service_request(self, service: str, seconds: float) -> None:
+        self._latency.labels(service=service).observe(max(0.0, seconds))
+
+    def service_error(self, service: str, kind: str) -> None:
+        self._errors.labels(service=service, kind=kind).inc()
+
+    def bytes_uploaded(self, service: str, count: int) -> None:
+        if count > 0:
+            self._uploaded.labels(service=service).inc(count)
+
+    def exposition(self) -> str:
+        """The current values in Prometheus' text format, as /metrics serves them."""
+        return str(self._prom.generate_latest(self.registry).decode())
 
     def start_http(self, host: str, port: int) -> tuple[str, int]:
-        """Serve /metrics in a thread; port 0 picks a free one. Returns the address."""
-        server, thread = self._prom.start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics from a background thread; port 0 picks a free one. Returns the address it listens on."""
+        if self.address is not None:
+            return self.address
+        try:
+            server, thread = self._prom.start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics endpoint cannot listen on {host}:{port}: {exc.strerror or exc} "
+                "(change metrics.host or metrics.port)"
+            ) from exc
         self._server, self._thread = server, thread
-        return str(server.server_address[0]), int(server.server_address[1])
+        self.address = (str(server.server_address[0]), int(server.server_address[1]))
+        return self.address
 
     def stop(self) -> None:
+        """Stop serving and close the port; recorded values stay readable through :meth:`exposition`."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.address = None

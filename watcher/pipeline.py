@@ -26,7 +26,7 @@ from watcher.store import TERMINAL, Job, Store
 
 log = structlog.get_logger("watcher.pipeline")
 RESTART_STAGE = {"analyze": "pending", "archive": "pending"}
-PAID_DRAIN_SECONDS = 3.0
+PAID_DRAIN_SECONDS = 2.0
 
 
 def store_path(settings: Settings) -> Path:

@@ -1,8 +1,18 @@
-"""Optional webhooks: a JSON POST to each configured URL when a file's job is done or failed.
+"""Optional webhooks: a JSON POST to each configured URL when a file's job is done or has failed.
 
-Sending never blocks the daemon: events go into a bounded queue drained by one task, each POST is
-retried with backoff, and a full queue drops its oldest event with a warning. With a secret, each body
-is signed (``X-Watcher-Signature: sha256=<hex HMAC>``); the secret is never logged.
+Sending never blocks and never raises into the daemon: events go into a bounded queue drained by one
+task (a full queue drops its oldest event with a warning), and each POST is retried with backoff on a
+connection error, 408, 429 (honouring a short ``Retry-After``) or 5xx. Other 4xx answers are not retried.
+
+The body is the caller's payload under an envelope::
+
+    {"event": "file.done", "id": "<hex, the same on every retry>", "timestamp": "2026-01-02T03:04:05.678Z",
+     "watcher_version": "0.1.0", "host": "<hostname>",
+     "path": "/srv/audio/inbox/a.wav", "pipeline": "analyze", "error": null, "sidecar": "...", ...}
+
+Headers: ``X-Watcher-Event``, ``X-Watcher-Delivery`` (the id) and, with a secret, ``X-Watcher-Signature:
+sha256=<hex HMAC-SHA256 of the exact body bytes>``. The secret is never logged, nor are URLs beyond their
+scheme and host (webhook URLs often carry a token in their path).
 """
 
 from __future__ import annotations
@@ -13,98 +23,213 @@ import datetime as dt
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import stamina
 import structlog
 
 from watcher import __version__
+from watcher.errors import RetryLater
+from watcher.services.http import parse_retry_after
 
 log = structlog.get_logger("watcher.webhooks")
+EVENTS = ("file.done", "file.failed")
 QUEUE_SIZE = 1000
+ENVELOPE = ("event", "id", "timestamp", "watcher_version", "host")
+
+
+def safe_url(url: str) -> str:
+    """A URL as it may be logged: scheme, host and port only."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/…"
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Watcher-Signature`` value for ``body``: a receiver recomputes it with the shared secret."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def envelope(event: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The body sent for ``event``: envelope fields first, then the payload's (which cannot override them)."""
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    body: dict[str, Any] = {
+        "event": event,
+        "id": uuid.uuid4().hex,
+        "timestamp": now,
+        "watcher_version": __version__,
+        "host": socket.gethostname(),
+    }
+    body.update((k, v) for k, v in payload.items() if k not in ENVELOPE)
+    return body
 
 
 class WebhookSender:
-    """Posts events to URLs in the background; ``send`` only enqueues."""
+    """Posts events to URLs in the background: ``start()`` in the event loop, ``send()``, then ``aclose()``."""
 
     def __init__(
-        self, urls: Sequence[str], *, secret: str | None = None, timeout: float = 10.0, attempts: int = 5
+        self,
+        urls: Sequence[str],
+        *,
+        secret: str | None = None,
+        timeout: float = 10.0,
+        attempts: int = 5,
+        wait_initial: float = 1.0,
+        wait_max: float = 30.0,
+        wait_jitter: float = 1.0,
+        retry_timeout: float = 120.0,
+        queue_size: int = QUEUE_SIZE,
     ) -> None:
         self.urls = list(urls)
         self._secret = secret.encode() if secret else None
         self._timeout = timeout
         self._attempts = attempts
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+        self._wait = (wait_initial, wait_max, wait_jitter)
+        self._retry_timeout = retry_timeout
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(max(1, queue_size))
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
-        self.delivered = 0
+        self._busy = False
+        self.delivered = 0  # (event, URL) pairs accepted by the receiver
+        self.failed = 0  # (event, URL) pairs given up on
+        self.dropped = 0  # events pushed out of a full queue, or left unsent at close
+
+    def __repr__(self) -> str:
+        return f"WebhookSender(urls={[safe_url(u) for u in self.urls]}, signed={self._secret is not None})"
 
     def start(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+        """Start the worker task (call from inside the running event loop)."""
+        if self._task is not None:
+            return
+        self._client = httpx.AsyncClient(
+            timeout=self._timeout,
+            follow_redirects=False,
+            headers={"User-Agent": f"watcher/{__version__}"},
+        )
         self._task = asyncio.create_task(self._drain(), name="webhooks")
 
-    def send(self, event: str, payload: dict[str, Any]) -> None:
-        """Queue an event (``file.done`` or ``file.failed``) for every URL."""
-        body = {
-            "event": event,
-            "at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
-            "watcher_version": __version__,
-            **payload,
-        }
+    async def send(self, event: str, payload: Mapping[str, Any]) -> None:
+        """Queue ``event`` (``file.done``, ``file.failed``) for every URL; returns at once, never raises."""
+        self.send_nowait(event, payload)
+
+    def send_nowait(self, event: str, payload: Mapping[str, Any]) -> None:
+        """The same as :meth:`send`, for synchronous callers such as pipeline hooks (in the loop's thread)."""
+        try:
+            body = envelope(event, payload)
+        except Exception as exc:  # a caller's bad payload must not reach the daemon as an exception
+            log.error("webhook.bad_payload", hook_event=event, error=repr(exc))
+            return
         if self._queue.full():
-            dropped = self._queue.get_nowait()
+            old = self._queue.get_nowait()
+            self._queue.task_done()
+            self.dropped += 1
             log.warning(
                 "webhook.dropped",
-                path=dropped.get("path"),
-                event=dropped.get("event"),
-                reason="the queue is full (receiver down for long?)",
+                path=old.get("path"),
+                hook_event=old.get("event"),
+                reason=f"{self._queue.maxsize} events are waiting (is the receiver down?)",
             )
         self._queue.put_nowait(body)
 
     async def _drain(self) -> None:
         while True:
             body = await self._queue.get()
-            for url in self.urls:
-                await self._post(url, body)
-            self._queue.task_done()
+            self._busy = True
+            try:
+                await asyncio.gather(*(self._post(url, body) for url in self.urls))
+            except Exception as exc:  # never let the worker die: later events still go out
+                log.error("webhook.error", path=body.get("path"), error=repr(exc))
+            finally:
+                self._busy = False
+                self._queue.task_done()
+
+    def _retry_hook(self, exc: Exception) -> bool | float:
+        """stamina hook: retry connection errors and 408/429/5xx; a short Retry-After sets the wait."""
+        if isinstance(exc, RetryLater):
+            if exc.retry_after is not None and exc.retry_after <= self._wait[1]:
+                return exc.retry_after
+            return True
+        return isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.UnsupportedProtocol)
 
     async def _post(self, url: str, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "User-Agent": f"watcher/{__version__}"}
+        data = json.dumps(body, default=str).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Watcher-Event": str(body["event"]),
+            "X-Watcher-Delivery": str(body["id"]),
+        }
         if self._secret:
-            headers["X-Watcher-Signature"] = "sha256=" + hmac.new(self._secret, data, hashlib.sha256).hexdigest()
+            headers["X-Watcher-Signature"] = sign(self._secret, data)
         assert self._client is not None
+        where = safe_url(url)
         try:
             async for attempt in stamina.retry_context(
-                on=httpx.HTTPError, attempts=self._attempts, wait_initial=0.2, wait_max=30, timeout=120
+                on=self._retry_hook,
+                attempts=self._attempts,
+                timeout=self._retry_timeout,
+                wait_initial=self._wait[0],
+                wait_max=self._wait[1],
+                wait_jitter=self._wait[2],
             ):
                 with attempt:
                     response = await self._client.post(url, content=data, headers=headers)
-                    if response.status_code >= 500 or response.status_code == 429:
-                        response.raise_for_status()
-            if response.status_code >= 400:
-                log.warning("webhook.refused", url=url, status=response.status_code, path=body.get("path"))
-            else:
-                self.delivered += 1
-        except httpx.HTTPError as exc:
+                    status = response.status_code
+                    if status in (408, 429) or status >= 500:
+                        raise RetryLater(
+                            f"webhook receiver {where} answered HTTP {status}",
+                            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                            status=status,
+                        )
+        except Exception as exc:
+            self.failed += 1
             log.warning(
                 "webhook.failed",
-                url=url,
-                error=type(exc).__name__,
                 path=body.get("path"),
-                next="this event is dropped; later events are still sent",
+                hook_event=body["event"],
+                url=where,
+                error=str(exc) if isinstance(exc, RetryLater) else type(exc).__name__,
+                next="this event is not sent to this URL; later events still are",
             )
-
-    async def aclose(self, deadline: float = 3.0) -> None:
-        """Flush what is queued for up to ``deadline`` seconds, then stop."""
-        if self._task is None:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), deadline)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        if status >= 300:
+            self.failed += 1
+            log.warning(
+                "webhook.refused",
+                path=body.get("path"),
+                hook_event=body["event"],
+                url=where,
+                status=status,
+                next="not retried: check the receiver's URL and what it expects",
+            )
+        else:
+            self.delivered += 1
+            log.debug("webhook.delivered", path=body.get("path"), hook_event=body["event"], url=where)
+
+    async def aclose(self, deadline: float = 3.0) -> int:
+        """Send what is queued for up to ``deadline`` seconds, then stop; returns how many events were left unsent."""
+        interrupted = False
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), deadline)
+            interrupted = self._busy
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        unsent = self._queue.qsize() + int(interrupted)
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+        if unsent:
+            self.dropped += unsent
+            log.warning("webhook.unsent", events=unsent, reason=f"not delivered within {deadline:g} s of stopping")
         if self._client is not None:
             await self._client.aclose()
+            self._client = None
+        return unsent
