@@ -1,137 +1,342 @@
-"""The processing service client against the emulator: streamed uploads, the paid-call rule, downloads."""
+"""The processing service client against its emulator over loopback: streamed uploads, the paid-call rule,
+job states, retries, and downloads through signed URLs that never see the key."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import time
+import tracemalloc
+import zipfile
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import write_tone
+from tests.conftest import write_silent_wav, write_tone
 from watcher.audiofile import FileBody, signature
-from watcher.emulator import Emulator
-from watcher.errors import ExpiredURL, NeedsUser, RetryLater
+from watcher.emulator.neuralanalog import NeuralAnalogEmulator
+from watcher.emulator.server import HTTPServerThread
+from watcher.errors import NeedsUser, NotSent, RetryLater
 from watcher.services.http import HttpPolicy
-from watcher.services.neuralanalog import NeuralAnalogClient
+from watcher.services.multipart import MultipartBody
+from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
 
 KEY = "na-key-123456"
-FAST = HttpPolicy(wait_initial=0.02, wait_max=0.1, wait_jitter=0.01, attempts=3)
+FAST = HttpPolicy(rate_per_second=1000, wait_initial=0.02, wait_max=0.1, wait_jitter=0.01, attempts=3)
+T = TypeVar("T")
+
+
+@dataclass
+class Service:
+    emu: NeuralAnalogEmulator
+    api: HTTPServerThread
+    storage: HTTPServerThread
+
+    def run(self, fn: Callable[[NeuralAnalogClient], Awaitable[T]], key: str | None = KEY, url: str = "") -> T:
+        async def go() -> T:
+            async with NeuralAnalogClient(url or self.api.url, key, FAST) as client:
+                return await fn(client)
+
+        return asyncio.run(go())
+
+
+def serve() -> Iterator[Service]:
+    """One emulator and its two started servers, stopped afterwards (shared per module: a stop takes ~0.5 s)."""
+    emu = NeuralAnalogEmulator(api_key=KEY)
+    api, storage = emu.start_pair()
+    try:
+        yield Service(emu, api, storage)
+    finally:
+        api.stop()
+        storage.stop()
+        emu.close()
+
+
+def fresh(service: Service) -> Service:
+    """The shared emulator, reset: no objects, no faults, no recorded requests."""
+    service.emu.reset()
+    service.api.reset()
+    service.storage.reset()
+    return service
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Service]:
+    yield from serve()
 
 
 @pytest.fixture
-def emu():
-    with Emulator(processing_key=KEY, use_local=False) as e:
-        e.processing.faults.polls_needed = 0
-        yield e
+def na(servers: Service) -> Service:
+    return fresh(servers)
 
 
-def run(emu: Emulator, fn, key: str = KEY):
-    async def go():
-        client = NeuralAnalogClient(emu.url, key, policy=FAST)
-        try:
-            return await fn(client)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(go())
+def body(path: Path) -> FileBody:
+    return FileBody(path, signature(path))
 
 
-def test_upload_streams_the_exact_bytes(emu, tmp_path):
-    """The multipart upload carries the file byte for byte, with its name, and returns an audio_id."""
-    audio = write_tone(tmp_path / "Ça va.wav", 0.5)
-    audio_id = run(emu, lambda c: c.upload(FileBody(audio, signature(audio))))
-    stored = emu.processing.objects[audio_id]
-    assert hashlib.sha256(stored.path.read_bytes()).digest() == hashlib.sha256(audio.read_bytes()).digest()
-    assert stored.name == "Ça va.wav"
-    (request,) = emu.api.requests
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.startswith(".watcher-tmp-")]
+
+
+def test_upload_streams_the_exact_bytes(na: Service, tmp_path: Path) -> None:
+    """The multipart upload carries the file byte for byte under its name, with an exact Content-Length."""
+    audio = write_tone(tmp_path / 'Ça va "live".wav', 0.5)
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    stored = na.emu.objects[audio_id]
+    assert stored.sha256 == sha(audio) == sha(stored.path)
+    assert stored.name == 'Ça va "live".wav' and stored.params == {"file_source": "from_file"}
+    (request,) = na.api.requests
     assert request.headers["X-API-Key"] == KEY
-    assert int(request.headers["Content-Length"]) > audio.stat().st_size
+    assert "Transfer-Encoding" not in request.headers
+    expected = MultipartBody("audio", body(audio), {"file_source": "from_file"}).length
+    assert int(request.headers["Content-Length"]) == expected
 
 
-def test_paid_post_is_not_resent_after_a_500(emu, tmp_path):
-    """A 500 on a paid call goes back to the caller (the store decides), instead of an in-process resend."""
-    audio = write_tone(tmp_path / "a.wav", 0.2)
-    audio_id = run(emu, lambda c: c.upload(FileBody(audio, signature(audio))))
-    emu.processing.faults.status_500 = {"POST /master-audio": 1}
-    with pytest.raises(RetryLater, match="HTTP 500"):
-        run(emu, lambda c: c.master(audio_id, {"target_lufs": -14}))
-    assert emu.api.counts()["POST /master-audio"] == 1
+def test_upload_memory_stays_flat(na: Service, tmp_path: Path) -> None:
+    """A 32 MiB upload holds a few MiB at most (about 7 measured, whatever the size), on either side."""
+    audio = write_silent_wav(tmp_path / "big.wav", 32)
+    tracemalloc.start()
+    try:
+        audio_id = na.run(lambda c: c.upload(body(audio)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert na.emu.objects[audio_id].sha256 == sha(audio)
+    assert peak < 12 << 20, f"peak {peak / 2**20:.1f} MiB"
 
 
-def test_paid_post_is_resent_after_a_429(emu, tmp_path):
-    """A 429 means the service did nothing: the paid call is sent again after Retry-After."""
-    audio = write_tone(tmp_path / "a.wav", 0.2)
-    emu.processing.faults.status_429 = {"POST /from-file": 1}
-    run(emu, lambda c: c.upload(FileBody(audio, signature(audio))))
-    assert emu.api.counts()["POST /from-file"] == 2
+def test_each_job_kind_completes(na: Service, tmp_path: Path) -> None:
+    """Upload, restore, master and stems: in progress at the first poll, complete at the next, params passed."""
+    audio = write_tone(tmp_path / "a.wav", 0.3)
 
-
-def test_jobs_and_status(emu, tmp_path):
-    """Restore, master and stems return IDs whose status completes; a failed kind reports its message."""
-    audio = write_tone(tmp_path / "a.wav", 0.2)
-    emu.processing.faults.failed_kinds = {"upscaled"}
-
-    async def flow(c: NeuralAnalogClient):
-        audio_id = await c.upload(FileBody(audio, signature(audio)))
-        mastered = await c.master(audio_id, {"genre": "modern"})
+    async def flow(c: NeuralAnalogClient) -> dict[str, Any]:
+        audio_id = await c.upload(body(audio))
+        first = await c.status("audio", audio_id)
         restored = await c.restore(audio_id, {"preset": "universal_enhancer"})
-        stems = await c.create_stems("mastered_id", mastered, {"preset": "2_tracks"})
-        return (await c.status("mastered", mastered), await c.status("upscaled", restored), await c.stem_objects(stems))
+        mastered = await c.master(audio_id, {"target_lufs": -14, "genre": "modern"}, upscaled_id=restored)
+        split = await c.create_stems("mastered_id", mastered, {"preset": "4_tracks", "bit_depth": 24})
+        ids = {"audio": audio_id, "upscaled": restored, "mastered": mastered, "stem_split": split}
+        waiting = {k: await c.status(k, v) for k, v in ids.items()}
+        done = {k: await c.status(k, v) for k, v in ids.items()}
+        stems = await c.stem_objects(split)
+        return {"first": first, "waiting": waiting, "done": done, "stems": stems, "ids": ids}
 
-    mastered, restored, stems = run(emu, flow)
-    assert mastered.is_complete and not mastered.is_failed
-    assert restored.is_failed and restored.error_message == "emulated failure of upscaled"
-    assert [name for _, name in stems] == ["vocals", "accompaniment"]
+    out = na.run(flow)
+    assert isinstance(out["first"], JobStatus) and not out["first"].is_complete and out["first"].status == "in_progress"
+    assert all(s.is_complete and not s.is_failed for s in out["done"].values())
+    assert not any(s.is_complete for k, s in out["waiting"].items() if k != "audio")
+    assert [name for _, name in out["stems"]] == ["vocals", "drums", "bass", "other"]
+    mastered = na.emu.objects[out["ids"]["mastered"]]
+    assert mastered.params == {"target_lufs": -14, "genre": "modern", "audio_id": out["ids"]["audio"],
+                               "upscaled_id": out["ids"]["upscaled"]}  # fmt: skip
+    assert na.emu.objects[out["ids"]["stem_split"]].params["bit_depth"] == 24
+    stem_status = na.run(lambda c: c.status("stem", out["stems"][0][0]))
+    assert stem_status.is_complete and stem_status.audio_id == out["ids"]["audio"]
 
 
-def test_download_object_follows_307_without_the_key(emu, tmp_path):
-    """GET /download answers 307; storage gets no X-API-Key, an expired URL is asked for again."""
+def test_failed_job_surfaces_its_message(na: Service, tmp_path: Path) -> None:
+    """is_failed comes with the service's error_message."""
     audio = write_tone(tmp_path / "a.wav", 0.2)
-    emu.processing.faults.expired_urls = 1
+    na.emu.faults.failed_kinds = {"upscaled"}
+    na.emu.faults.polls_needed = 0
 
-    async def flow(c: NeuralAnalogClient):
-        audio_id = await c.upload(FileBody(audio, signature(audio)))
-        return await c.download_object("audio", audio_id, tmp_path / "out" / "a.wav", format="wav")
+    async def flow(c: NeuralAnalogClient) -> JobStatus:
+        return await c.status("upscaled", await c.restore(await c.upload(body(audio)), {}))
 
-    size = run(emu, flow)
-    assert size == audio.stat().st_size
-    assert (tmp_path / "out" / "a.wav").read_bytes() == audio.read_bytes()
-    assert emu.api.counts()["GET /download"] == 2
-    assert len(emu.storage.requests) == 2
-    assert all("x-api-key" not in {k.lower() for k in r.headers} for r in emu.storage.requests)
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".watcher-tmp-")]
+    status = na.run(flow)
+    assert status.is_failed and not status.is_complete
+    assert status.error_message == "emulated failure of upscaled"
 
 
-def test_expired_archive_url_raises_for_the_caller(emu, tmp_path):
-    """A refused archive URL is ExpiredURL (the caller asks for a new archive), leaving no partial file."""
-    emu.processing.faults.expired_urls = 5
-    url = emu.storage.url + "/signed/unknown"
+def test_retry_after_is_honoured(na: Service, tmp_path: Path) -> None:
+    """A 429 on a poll is retried after its Retry-After, not sooner."""
+    na.emu.faults.retry_after = 0.4
+    audio_id = na.run(lambda c: c.upload(body(write_tone(tmp_path / "a.wav", 0.2))))
+    na.emu.faults.status_429 = {"GET /status": 1}
+    started = time.monotonic()
+    na.run(lambda c: c.status("audio", audio_id))
+    assert time.monotonic() - started >= 0.4
+    assert na.api.counts()["GET /status"] == 2
+
+
+def test_server_errors_are_retried_for_reads(na: Service, tmp_path: Path) -> None:
+    """500s on status polls and archive offers are retried in-process until the answer comes."""
+    na.emu.faults.polls_needed = 0
+    audio_id = na.run(lambda c: c.upload(body(write_tone(tmp_path / "a.wav", 0.2))))
+    na.emu.faults.status_500 = {"GET /status": 2, "POST /download-archive": 1}
+
+    async def flow(c: NeuralAnalogClient) -> tuple[JobStatus, ArchiveOffer]:
+        return await c.status("audio", audio_id), await c.request_archive(audio_id=audio_id, versions=["original"])
+
+    status, offer = na.run(flow)
+    assert status.is_complete and offer.download_url
+    assert na.api.counts()["GET /status"] == 3 and na.api.counts()["POST /download-archive"] == 2
+
+
+@pytest.mark.parametrize(
+    "route", ["POST /from-file", "POST /upscale-audio", "POST /master-audio", "POST /create-stems"]
+)
+def test_paid_post_is_not_resent_after_a_500(na: Service, tmp_path: Path, route: str) -> None:
+    """A 500 on a paid call goes back to the caller as RetryLater; the call was made exactly once."""
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    na.emu.faults.status_500 = {route: 1}
+    call = {
+        "POST /from-file": lambda c: c.upload(body(audio)),
+        "POST /upscale-audio": lambda c: c.restore(audio_id, {}),
+        "POST /master-audio": lambda c: c.master(audio_id, {}),
+        "POST /create-stems": lambda c: c.create_stems("audio_id", audio_id, {"preset": "2_tracks"}),
+    }[route]
+    with pytest.raises(RetryLater, match="HTTP 500") as err:
+        na.run(call)
+    assert not isinstance(err.value, NotSent)
+    assert na.api.counts()[route] == (2 if route == "POST /from-file" else 1)
+
+
+def test_paid_post_is_resent_after_a_429(na: Service, tmp_path: Path) -> None:
+    """A 429 means the service did nothing: the upload is sent again and the service holds one copy."""
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    na.emu.faults.status_429 = {"POST /from-file": 1, "POST /master-audio": 1}
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    na.run(lambda c: c.master(audio_id, {}))
+    assert na.api.counts()["POST /from-file"] == 2 and na.api.counts()["POST /master-audio"] == 2
+    assert [o.kind for o in na.emu.objects.values()] == ["audio", "mastered"]
+
+
+def test_upload_cut_off_mid_body_is_resent(na: Service, tmp_path: Path) -> None:
+    """The connection dropped before the body was sent in full: nothing was accepted, so it is sent again."""
+    audio = write_silent_wav(tmp_path / "big.wav", 32)
+    na.emu.faults.drop_upload_after = 256 << 10
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    assert na.api.counts()["POST /from-file"] == 2
+    assert list(na.emu.objects) == [audio_id] and na.emu.objects[audio_id].sha256 == sha(audio)
+
+
+def test_lost_answer_after_a_whole_upload_is_not_resent(na: Service, tmp_path: Path) -> None:
+    """The service took the whole upload but the answer was lost: RetryLater for the caller, no resend."""
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    na.emu.faults.lose_answer = {"POST /from-file": 1}
+    with pytest.raises(RetryLater) as err:
+        na.run(lambda c: c.upload(body(audio)))
+    assert not isinstance(err.value, NotSent)
+    assert na.api.counts()["POST /from-file"] == 1 and len(na.emu.objects) == 1  # why a resend would pay twice
+
+
+def test_unreachable_service_is_not_sent(na: Service, tmp_path: Path) -> None:
+    """Nobody listening: NotSent after the in-process attempts (safe to resend later, even when paid)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    with pytest.raises(NotSent):
+        na.run(lambda c: c.upload(body(audio)), url=f"http://127.0.0.1:{port}")
+
+
+def test_account_and_request_problems_need_the_user(na: Service, tmp_path: Path) -> None:
+    """402 is an account problem and 422 carries its detail; no message contains the key."""
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    na.emu.faults.fail_with = {"POST /from-file": [402]}
+    with pytest.raises(NeedsUser, match="out of credits") as err:
+        na.run(lambda c: c.upload(body(audio)))
+    assert err.value.account_problem and KEY not in str(err.value)
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    with pytest.raises(NeedsUser, match="preset: must be one of") as err:
+        na.run(lambda c: c.create_stems("audio_id", audio_id, {"preset": "9_tracks"}))
+    assert err.value.status == 422 and not err.value.account_problem
+    with pytest.raises(NeedsUser, match="API key was refused"):
+        na.run(lambda c: c.status("audio", audio_id), key="wrong-key-999")
+
+
+@pytest.mark.parametrize("refusal", [403, 404, 410])
+def test_download_object_follows_307_without_the_key(na: Service, tmp_path: Path, refusal: int) -> None:
+    """GET /download answers 307; storage never sees a credential; an expired URL is asked for again."""
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    na.emu.faults.polls_needed = 0
+    na.emu.faults.expired_urls, na.emu.faults.expired_status = 1, refusal
+    dest = tmp_path / "out" / "a.wav"
+
+    async def flow(c: NeuralAnalogClient) -> int:
+        return await c.download_object("audio", await c.upload(body(audio)), dest, "wav", track=True)
+
+    assert na.run(flow) == audio.stat().st_size
+    assert sha(dest) == sha(audio)
+    assert na.api.counts()["GET /download"] == 2 and len(na.storage.requests) == 2
+    assert na.api.requests[-1].query == {"format": ["wav"], "track": ["true"]}
+    for r in na.storage.requests:
+        assert not {k.lower() for k in r.headers} & {"x-api-key", "authorization", "cookie"}
+    assert no_temp_files(tmp_path / "out")
+
+
+def test_urls_that_keep_expiring_end_in_expired_url(na: Service, tmp_path: Path) -> None:
+    """URLs expiring at once: the API is asked three times, then ExpiredURL; no file is left."""
+    na.emu.faults.polls_needed, na.emu.faults.url_ttl = 0, 0.0
+    audio_id = na.run(lambda c: c.upload(body(write_tone(tmp_path / "a.wav", 0.2))))
     with pytest.raises(ExpiredURL):
-        run(emu, lambda c: c.download_archive(url, tmp_path / "x.zip"))
-    assert not list(tmp_path.glob("*x.zip"))
+        na.run(lambda c: c.download_object("audio", audio_id, tmp_path / "out" / "a.wav"))
+    assert na.api.counts()["GET /download"] == 3
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_bad_key_needs_the_user(emu, tmp_path):
-    """A refused X-API-Key is an account problem, reported without the key."""
-    audio = write_tone(tmp_path / "a.wav", 0.2)
-    with pytest.raises(NeedsUser, match="API key was refused") as err:
-        run(emu, lambda c: c.upload(FileBody(audio, signature(audio))), key="wrong-key-999")
-    assert "wrong-key-999" not in str(err.value)
+def test_truncated_and_failing_downloads(na: Service, tmp_path: Path) -> None:
+    """A cut-off transfer or a storage 500 is retried; when it keeps failing, RetryLater and no partial file."""
+    na.emu.faults.polls_needed = 0
+    audio = write_tone(tmp_path / "a.wav", 1.0)
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    na.emu.faults.truncate_downloads, na.emu.faults.storage_500 = 1, 1
+    dest = tmp_path / "out" / "a.wav"
+    assert na.run(lambda c: c.download_object("audio", audio_id, dest)) == audio.stat().st_size
+    assert sha(dest) == sha(audio) and len(na.storage.requests) == 3
+    dest.unlink()
+    na.emu.faults.truncate_downloads = 10
+    with pytest.raises(RetryLater) as err:
+        na.run(lambda c: c.download_object("audio", audio_id, dest))
+    assert not isinstance(err.value, ExpiredURL)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_archive_offer_fields(emu, tmp_path):
-    """The archive offer exposes the URL and both awkward flags."""
-    audio = write_tone(tmp_path / "a.wav", 0.2)
-    emu.processing.faults.email_queued = 1
+def test_archive_is_streamed_to_disk(na: Service, tmp_path: Path) -> None:
+    """Two audio IDs in one zip: every version inside, byte for byte, labelled as emulated."""
+    na.emu.faults.polls_needed = 0
+    a, b = write_tone(tmp_path / "one.wav", 0.3), write_tone(tmp_path / "two.wav", 0.3, freq=220)
 
-    async def flow(c: NeuralAnalogClient):
-        audio_id = await c.upload(FileBody(audio, signature(audio)))
-        first = await c.request_archive(audio_id=audio_id, versions=["original"], format="wav", formats={})
-        second = await c.request_archive(audio_id=audio_id, versions=["original"], format="wav", formats={})
-        n = await c.download_archive(second.download_url, tmp_path / "a.zip")
-        return first, second, n
+    async def flow(c: NeuralAnalogClient) -> tuple[ArchiveOffer, int, list[str]]:
+        ids = [await c.upload(body(a)), await c.upload(body(b))]
+        for audio_id in ids:
+            await c.master(audio_id, {})
+        offer = await c.request_archive(ids=ids, versions=["original", "mastered"], format="flac")
+        assert offer.download_url
+        return offer, await c.download_archive(offer.download_url, tmp_path / "dl" / "x.zip"), ids
 
-    first, second, n = run(emu, flow)
-    assert first.email_notification_queued and first.download_url is None
-    assert second.download_url and not second.archive_incomplete and n == Path(tmp_path / "a.zip").stat().st_size
+    offer, size, _ = na.run(flow)
+    assert offer.expires_in_seconds == 86400 and not offer.archive_incomplete and not offer.email_notification_queued
+    zip_path = tmp_path / "dl" / "x.zip"
+    assert size == zip_path.stat().st_size and no_temp_files(tmp_path / "dl")
+    with zipfile.ZipFile(zip_path) as zf:
+        names = sorted(zf.namelist())
+        assert hashlib.sha256(zf.read("one/one (original).wav")).hexdigest() == sha(a)
+        note = zf.read("EMULATED.txt").decode()
+    assert names == sorted(
+        ["EMULATED.txt", "one/one (original).wav", "one/one (mastered).wav", "two/two (original).wav",
+         "two/two (mastered).wav"]
+    )  # fmt: skip
+    assert "original: flac was asked for; this is WAV" in note
+
+
+def test_archive_offer_without_a_url(na: Service, tmp_path: Path) -> None:
+    """An e-mail-queued offer has no URL; mixing track and stem versions is refused before any request."""
+    na.emu.faults.polls_needed, na.emu.faults.email_queued = 0, 1
+    audio_id = na.run(lambda c: c.upload(body(write_tone(tmp_path / "a.wav", 0.2))))
+    offer = na.run(lambda c: c.request_archive(audio_id=audio_id, versions=["original"]))
+    assert offer.email_notification_queued and offer.download_url is None
+    assert offer.email_notification_threshold_seconds == 60
+    with pytest.raises(ValueError, match="separate"):
+        na.run(lambda c: c.request_archive(audio_id=audio_id, versions=["original", "mastered_stems"]))
+    assert na.api.counts()["POST /download-archive"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,8 @@ LIMITS = {"max_total_bytes": 1 << 20, "max_entries": 10}
 
 
 def make_zip(path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Duplicate name", UserWarning)  # duplicates are one of the tests
         for name, data in entries:
             zf.writestr(name, data)
     return path
@@ -25,11 +28,13 @@ def leftovers(dest: Path) -> list[Path]:
 
 def test_good_zip_is_extracted_with_hashes(tmp_path):
     """Regular files and folders come out whole, with sizes and sha256 computed while extracting."""
-    z = make_zip(tmp_path / "ok.zip", [("a.wav", b"RIFF1234"), ("stems/b.wav", b"x" * 5000)])
+    z = make_zip(tmp_path / "ok.zip", [("stems/", b""), ("a.wav", b"RIFF1234"), ("stems/b.wav", b"x" * 5000)])
     out = extract_zip(z, tmp_path / "dest", **LIMITS)
     assert out.root.parent == tmp_path / "dest" and out.root.name.startswith(".watcher-tmp-")
     assert {f.path: f.size for f in out.files} == {"a.wav": 8, "stems/b.wav": 5000}
+    assert {f.path: f.sha256 for f in out.files}["a.wav"] == hashlib.sha256(b"RIFF1234").hexdigest()
     assert (out.root / "stems" / "b.wav").read_bytes() == b"x" * 5000
+    assert out.total_bytes == 5008 and list((tmp_path / "dest").iterdir()) == [out.root]
 
 
 @pytest.mark.parametrize(
@@ -109,3 +114,46 @@ def test_truncated_and_corrupted_zips(tmp_path):
     with pytest.raises(BadArchive, match="CRC"):
         extract_zip(stored, tmp_path / "d2", **LIMITS)
     assert leftovers(tmp_path / "d1") == [] and leftovers(tmp_path / "d2") == []
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        ([("a.wav", b"1"), ("a.wav", b"2")], "a duplicate name"),
+        ([("A.wav", b"1"), ("a.wav", b"2")], "a duplicate name"),
+        ([("x", b"file"), ("x/y.wav", b"2")], "which is a file"),
+        ([("bad\x01name.wav", b"1")], "control character"),
+        ([("./", b"")], "empty path"),
+    ],
+)
+def test_ambiguous_names_are_refused(tmp_path, entries, reason):
+    """Names that would overwrite each other, clash with a file, or cannot be written are refused."""
+    z = make_zip(tmp_path / "n.zip", entries)
+    with pytest.raises(BadArchive, match=reason):
+        extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_encrypted_and_windows_link_entries_are_refused(tmp_path):
+    """An entry flagged encrypted, or marked a Windows reparse point (a link), is never extracted."""
+    enc = make_zip(tmp_path / "enc.zip", [("secret.wav", b"data")])
+    raw = bytearray(enc.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # flag bits, local and central
+        raw[raw.find(signature) + offset] |= 0x1
+    enc.write_bytes(bytes(raw))
+    link = zipfile.ZipInfo("win.wav")
+    link.create_system, link.external_attr = 0, 0x400
+    for z, reason in [(enc, "encrypted"), (make_zip(tmp_path / "l.zip", [(link, b"C:/target")]), "a link")]:
+        with pytest.raises(BadArchive, match=reason):
+            extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_checks_run_before_anything_is_written(tmp_path):
+    """A bad entry at the end of the zip refuses it before the good entries in front are extracted."""
+    good = [(f"{i}.wav", b"x" * 1000) for i in range(5)]
+    z = make_zip(tmp_path / "late.zip", [*good, ("../late.wav", b"bad")])
+    dest = tmp_path / "dest"
+    with pytest.raises(BadArchive, match=r"'\.\./late\.wav'"):
+        extract_zip(z, dest, **LIMITS)
+    assert leftovers(dest) == [] and not (tmp_path / "late.wav").exists()

@@ -1,15 +1,22 @@
 """Extracting a zip that came from the network, safely.
 
-Only regular files under the destination: absolute paths, drive letters, ``..``, links and device entries
-are refused; the entry count and the total uncompressed size are capped (declared sizes are checked first,
-and real bytes are counted while extracting, since headers can lie); every entry is read whole so its CRC
-is checked. Extraction goes into a new temp folder inside the destination's parent; on any problem that
-folder is removed and :class:`BadArchive` names the zip and the entry.
+Only regular files under the destination: absolute paths, drive letters, ``..``, control characters,
+links, device entries, encrypted entries and duplicate names are refused; the entry count and the total
+uncompressed size are capped (declared sizes are checked first, and real bytes are counted while
+extracting, since headers can lie); every entry is read whole so its CRC is checked. Extraction goes into
+a new ``.watcher-tmp-`` folder inside ``dest_parent``; on any problem that folder is removed and
+:class:`BadArchive` names the zip and the entry. A full disk is RetryLater instead: the zip is not at fault.
+
+A zip that is cut short is BadArchive too: the client already turns a short download (Content-Length
+not met, dropped connection) into RetryLater, so a zip that arrived whole but unreadable is what the
+service sent, and fetching the same bytes again would not help.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import stat
 import tempfile
@@ -17,10 +24,13 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from watcher.errors import BadInput
+from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import TEMP_PREFIX
 
 CHUNK = 1 << 20
+# OS errors that mean "this disk", not "this zip".
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
+WINDOWS_REPARSE_POINT = 0x400  # a link, in the DOS attribute bits
 
 
 class BadArchive(BadInput):
@@ -31,7 +41,9 @@ class BadArchive(BadInput):
 
 @dataclass(frozen=True)
 class ExtractedFile:
-    path: str  # relative, POSIX separators
+    """One extracted regular file: its path relative to the root (POSIX separators), size and sha256."""
+
+    path: str
     size: int
     sha256: str
 
@@ -43,11 +55,16 @@ class ExtractedArchive:
     root: Path
     files: list[ExtractedFile] = field(default_factory=list)
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
 
 def _safe_name(name: str) -> PurePosixPath:
     """The entry's relative path, or ValueError saying why it cannot be written."""
-    if "\\" in name:
-        name = name.replace("\\", "/")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise ValueError("a control character in its name")
+    name = name.replace("\\", "/")
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         raise ValueError("absolute path")
     path = PurePosixPath(name)
@@ -59,12 +76,48 @@ def _safe_name(name: str) -> PurePosixPath:
 
 
 def _kind(info: zipfile.ZipInfo) -> str:
+    """``file``, ``dir``, or what else the entry's mode bits say it is (a link, a special file)."""
     mode = info.external_attr >> 16
-    if info.is_dir():
+    if info.external_attr & WINDOWS_REPARSE_POINT:
+        return "link"
+    if stat.S_IFMT(mode) == 0:  # no type bits at all: a plain entry from a simple zipper
+        return "dir" if info.is_dir() else "file"
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISDIR(mode):
         return "dir"
-    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits at all: a plain file from a simple zipper
-        return "link" if stat.S_ISLNK(mode) else "special file"
-    return "file"
+    return "file" if stat.S_ISREG(mode) and not info.is_dir() else "special file"
+
+
+def _check_all(infos: list[zipfile.ZipInfo], max_total_bytes: int, max_entries: int) -> tuple[str, str] | None:
+    """The first (entry, reason) that refuses the whole zip before anything is written, or None."""
+    if len(infos) > max_entries:
+        return "(all)", f"{len(infos)} entries, more than the limit of {max_entries}"
+    declared = sum(i.file_size for i in infos)
+    if declared > max_total_bytes:
+        return "(all)", f"{declared} bytes uncompressed, more than the limit of {max_total_bytes}"
+    seen: dict[str, str] = {}
+    for info in infos:
+        try:
+            rel = _safe_name(info.filename)
+        except ValueError as exc:
+            return info.filename, str(exc)
+        kind = _kind(info)
+        if kind not in ("file", "dir"):
+            return info.filename, f"a {kind}"
+        if info.flag_bits & 0x1:
+            return info.filename, "encrypted"
+        # Case-folded: the output may sit on a case-insensitive disk (macOS, SMB shares).
+        key = rel.as_posix().casefold()
+        if key in seen and not (kind == "dir" and seen[key] == "dir"):
+            return info.filename, "a duplicate name"
+        seen[key] = kind
+    for key in seen:
+        parents = PurePosixPath(key).parents
+        clash = next((p for p in parents if seen.get(p.as_posix()) == "file"), None)
+        if clash is not None:
+            return key, f"inside {clash.as_posix()!r}, which is a file"
+    return None
 
 
 def extract_zip(zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_entries: int) -> ExtractedArchive:
@@ -76,37 +129,40 @@ def extract_zip(zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_
     try:
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
-            if len(infos) > max_entries:
-                raise ValueError(f"{len(infos)} entries, more than the limit of {max_entries}")
-            declared = sum(i.file_size for i in infos)
-            if declared > max_total_bytes:
-                raise ValueError(f"{declared} bytes uncompressed, more than the limit of {max_total_bytes}")
+            refused = _check_all(infos, max_total_bytes, max_entries)
+            if refused:
+                entry = refused[0]
+                raise ValueError(refused[1])
             written = 0
             for info in infos:
                 entry = info.filename
                 rel = _safe_name(info.filename)
-                kind = _kind(info)
-                if kind == "dir":
-                    (root / rel).mkdir(parents=True, exist_ok=True)
+                target = root.joinpath(*rel.parts)
+                if os.path.commonpath([root, target]) != str(root):  # belt and braces after _safe_name
+                    raise ValueError("outside the destination")
+                if _kind(info) == "dir":
+                    target.mkdir(parents=True, exist_ok=True)
                     continue
-                if kind != "file":
-                    raise ValueError(f"a {kind}")
-                target = root / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 sha = hashlib.sha256()
                 size = 0
-                with zf.open(info) as src, target.open("wb") as out:
+                with zf.open(info) as src, target.open("xb") as out:
                     while chunk := src.read(CHUNK):
                         size += len(chunk)
                         written += len(chunk)
                         if written > max_total_bytes:
-                            raise ValueError(f"more than {max_total_bytes} bytes uncompressed (headers understated)")
+                            raise ValueError(f"more than the limit of {max_total_bytes} bytes (headers understated)")
                         sha.update(chunk)
                         out.write(chunk)
                 result.files.append(ExtractedFile(rel.as_posix(), size, sha.hexdigest()))
     except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         shutil.rmtree(root, ignore_errors=True)
         raise BadArchive(f"refused zip {zip_path.name}: entry {entry!r}: {exc}") from None
+    except OSError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        if exc.errno in DISK_ERRNOS or entry == "(none)":
+            raise RetryLater(f"could not extract zip {zip_path.name} into {dest_parent}: {exc.strerror}") from exc
+        raise BadArchive(f"refused zip {zip_path.name}: entry {entry!r}: {exc.strerror}") from None
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -1,40 +1,62 @@
 """The emulated processing service (Neural Analog) and its signed-URL storage host, with switchable faults.
 
-Jobs finish after ``faults.polls_needed`` status polls, so tests are fast and need no clock. Downloads
-answer 307 to a second server (the storage host, another address), which records what headers reached it.
+``app`` serves the API; ``storage_app`` must be served by a second HTTPServerThread (another host:port),
+as signed URLs point elsewhere: its recorded requests show which headers reached storage. Jobs finish
+after ``faults.polls_needed`` status polls (default 1: the first poll says in progress, the next complete),
+so tests need no clock. Processing is emulated (:mod:`watcher.emulator.audio_processing`).
+
+Wiring: ``api, storage = emu.start_pair()`` ... ``api.stop(); storage.stop(); emu.close()``, or use
+:class:`watcher.emulator.Emulator`, which serves both services.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import tempfile
 import threading
-import zipfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from watcher.audiofile import sniff_format
 from watcher.emulator import audio_processing as proc
-from watcher.emulator.server import App, Request
+from watcher.emulator.server import App, HTTPServerThread, Request
+from watcher.services.multipart import MultipartParser
 
 KIND_OF_VERSION = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
+JOB_ROUTES = {"upscaled": "POST /upscale-audio", "mastered": "POST /master-audio", "stem_split": "POST /create-stems"}
+SOURCE_FIELDS = ("stem_id", "mastered_id", "upscaled_id", "audio_id")  # most specific first
 
 
 @dataclass
 class ProcessingFaults:
-    """Faults for the next requests; counters go down as requests meet them."""
+    """Faults for the next requests; counters go down as requests meet them. Route names as in counts().
 
-    status_429: dict[str, int] = field(default_factory=dict)  # route name (or "*") -> how many 429s
+    Routes: ``POST /from-file``, ``GET /status``, ``POST /upscale-audio``, ``POST /master-audio``,
+    ``POST /create-stems``, ``POST /download-archive``, ``GET /download``; ``"*"`` matches any of them.
+    """
+
+    status_429: dict[str, int] = field(default_factory=dict)  # route -> how many 429s (with Retry-After)
     retry_after: float = 0.2
     status_500: dict[str, int] = field(default_factory=dict)
+    fail_with: dict[str, list[int]] = field(default_factory=dict)  # route -> statuses to answer, in order
+    lose_answer: dict[str, int] = field(default_factory=dict)  # do the work, then drop without answering
+    drop_upload_after: int | None = None  # read this many body bytes of the next upload, then hang up
     failed_kinds: set[str] = field(default_factory=set)  # audio, upscaled, mastered, stem_split -> is_failed
     polls_needed: int = 1  # status polls answered "in progress" before a job completes
+    polls_by_kind: dict[str, int] = field(default_factory=dict)  # per-kind override of polls_needed
     email_queued: int = 0  # archive requests answered with email_notification_queued and no URL
     archive_incomplete: int = 0  # archive zips missing one requested file, flagged archive_incomplete
-    expired_urls: int = 0  # storage GETs answered 403, as for an expired signature
-    zip_attack: str | None = None  # dotdot, absolute, symlink, oversized, truncated
+    expired_urls: int = 0  # storage GETs refused as for an expired signature
+    expired_status: int = 403  # ... with this status (403, 404, 410)
+    url_ttl: float | None = None  # seconds a signed URL stays valid (0: expired at once); None: forever
+    storage_500: int = 0  # storage GETs answered 500
+    truncate_downloads: int = 0  # storage GETs that send half the body, then drop the connection
+    zip_attack: str | None = None  # one of audio_processing.ATTACKS
+    zip_bomb_bytes: int = 64 << 20  # uncompressed size of the "oversized" entry
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, table: dict[str, int], route: str) -> bool:
@@ -52,40 +74,83 @@ class ProcessingFaults:
                 return True
             return False
 
+    def next_status(self, route: str) -> int | None:
+        with self.lock:
+            for key in (route, "*"):
+                if self.fail_with.get(key):
+                    return self.fail_with[key].pop(0)
+            return None
+
 
 @dataclass
 class Obj:
+    """One object the service holds: an upload, a processed version, a stem split or one stem."""
+
     kind: str  # audio, upscaled, mastered, stem_split, stem
-    path: Path  # the file (or, for stem_split, the folder of stems)
-    name: str
+    path: Path  # the file (for stem_split, the folder of stems)
+    name: str  # the uploaded file's name (for a stem, the stem's name)
     audio_id: str
-    polls: int = 0
+    polls: int = 0  # status polls seen
+    waited: int = 0  # of those, answered "in progress"
+    sha256: str = ""
+    size: int = 0
+    params: dict[str, Any] = field(default_factory=dict)  # the request body that created it
     stems: list[tuple[str, str]] = field(default_factory=list)  # stem_split: (stem_id, name)
     stems_from: str = ""  # stem_split: the kind of object it split
+    parent: str = ""  # stem: its stem_split's ID
+    failed: str | None = None  # error message once the job is known to fail
 
 
 class NeuralAnalogEmulator:
     """State of the emulated service; ``app`` is the API, ``storage_app`` the signed-URL host."""
 
-    def __init__(self, *, api_key: str | None = None) -> None:
+    def __init__(self, storage_url: Callable[[], str] | str = "", *, api_key: str | None = None) -> None:
+        self.storage_url = storage_url
         self.api_key = api_key
         self.faults = ProcessingFaults()
         self.objects: dict[str, Obj] = {}
-        self.signed: dict[str, Path] = {}
+        self.signed: dict[str, tuple[Path, float | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="watcher-emulator-"))
-        self.storage_url = ""  # set once the storage server listens
         self._lock = threading.Lock()
         self.app = App()
         self.storage_app = App()
         r = self.app.route
         r("POST", "/from-file", "POST /from-file")(self._upload)
         r("GET", r"/status/(?P<kind>[a-z_]+)/(?P<id>[\w-]+)", "GET /status")(self._status)
-        r("POST", "/upscale-audio", "POST /upscale-audio")(self._job("upscaled"))
-        r("POST", "/master-audio", "POST /master-audio")(self._job("mastered"))
-        r("POST", "/create-stems", "POST /create-stems")(self._job("stem_split"))
+        for kind, route in JOB_ROUTES.items():
+            r("POST", route.split(" ", 1)[1], route)(self._job(kind, route))
         r("POST", "/download-archive", "POST /download-archive")(self._archive)
         r("GET", r"/download/(?P<kind>[a-z_]+)/(?P<id>[\w-]+)", "GET /download")(self._download)
         self.storage_app.route("GET", r"/signed/(?P<token>\w+)", "GET /signed")(self._signed)
+
+    @property
+    def storage_url(self) -> str:
+        """Base URL of the storage host (signed URLs point there)."""
+        value = self._storage_url
+        return (value() if callable(value) else value).rstrip("/")
+
+    @storage_url.setter
+    def storage_url(self, value: Callable[[], str] | str) -> None:
+        self._storage_url = value
+
+    def start_pair(self, host: str = "127.0.0.1") -> tuple[HTTPServerThread, HTTPServerThread]:
+        """Serve the API and the storage host on two started loopback servers: ``(api, storage)``."""
+        api = HTTPServerThread([self.app], host)
+        storage = HTTPServerThread([self.storage_app], host)
+        self.storage_url = storage.url
+        return api.start(), storage.start()
+
+    def reset(self) -> None:
+        """Forget every object, signed URL and fault (for servers shared by several tests)."""
+        with self._lock:
+            self.faults = ProcessingFaults()
+            self.objects.clear()
+            self.signed.clear()
+        for child in self.workdir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -106,185 +171,256 @@ class NeuralAnalogEmulator:
             req.drain()
             req.send_json(500, {"detail": "Internal Server Error"})
             return True
+        status = self.faults.next_status(route)
+        if status is not None:
+            req.drain()
+            req.send_json(status, {"detail": f"emulated HTTP {status}"})
+            return True
         return False
+
+    def _answer(self, req: Request, route: str, payload: dict[str, Any]) -> None:
+        """Send the answer, unless the fault says the work is done but the answer gets lost."""
+        if self.faults.take(self.faults.lose_answer, route):
+            req.abort_connection()
+            return
+        req.send_json(200, payload)
 
     def _new_id(self) -> str:
         return secrets.token_hex(8)
 
     def _sign(self, path: Path) -> str:
         token = secrets.token_hex(12)
+        ttl = self.faults.url_ttl
         with self._lock:
-            self.signed[token] = path
+            self.signed[token] = (path, None if ttl is None else time.monotonic() + ttl)
         return f"{self.storage_url}/signed/{token}"
+
+    def _done(self, obj: Obj) -> bool:
+        """Whether the job has finished (completed or failed); stems finish with their split."""
+        if obj.kind == "stem":
+            return self._done(self.objects[obj.parent])
+        return obj.waited >= self.faults.polls_by_kind.get(obj.kind, self.faults.polls_needed)
+
+    def _error(self, obj: Obj) -> str | None:
+        if obj.kind == "stem":
+            return self._error(self.objects[obj.parent])
+        if obj.failed is None and obj.kind in self.faults.failed_kinds:
+            return f"emulated failure of {obj.kind}"
+        return obj.failed
 
     # -- routes ----------------------------------------------------------------------------------------
 
     def _upload(self, req: Request) -> None:
-        if self._guard(req, "POST /from-file"):
+        route = "POST /from-file"
+        if self._guard(req, route):
             return
-        raw = self.workdir / f"upload-{self._new_id()}.raw"
-        with raw.open("wb") as out:
-            for chunk in req.iter_body():
-                out.write(chunk)
-        boundary = req.headers.get("Content-Type", "").partition("boundary=")[2].strip('"')
+        boundary = req.headers.get("Content-Type", "").partition("boundary=")[2].strip().strip('"')
         audio_id = self._new_id()
+        dest = self.workdir / audio_id
+
+        def sink(field_name: str, filename: str) -> IO[bytes]:
+            return (dest if field_name == "audio" else self.workdir / f"{audio_id}-{field_name}").open("wb")
+
         try:
-            name, path = _extract_file_part(raw, boundary.encode(), self.workdir / audio_id)
+            parser = MultipartParser(boundary, sink)
         except ValueError as exc:
+            req.drain()
             req.send_json(422, {"detail": f"audio: {exc}"})
             return
-        finally:
-            raw.unlink()
+        try:
+            limit = self.faults.drop_upload_after
+            received = 0
+            for chunk in req.iter_body():
+                if limit is not None and received + len(chunk) >= limit:
+                    with self.faults.lock:
+                        self.faults.drop_upload_after = None
+                    req.abort_connection()
+                    raise ConnectionError("emulated: connection dropped during the upload")
+                received += len(chunk)
+                parser.feed(chunk)
+            parser.close()
+        except ValueError as exc:
+            parser.abort()
+            dest.unlink(missing_ok=True)
+            req.handler.close_connection = True  # the rest of the body was not read
+            req.send_json(422, {"detail": f"audio: {exc}"})
+            return
+        except BaseException:
+            parser.abort()
+            dest.unlink(missing_ok=True)
+            raise
+        part = next((p for p in parser.parts if p.name == "audio" and p.filename is not None), None)
+        if part is None:
+            req.send_json(422, {"detail": [{"loc": ["body", "audio"], "msg": "field required"}]})
+            return
+        obj = Obj("audio", dest, part.filename or "audio", audio_id, sha256=part.sha256, size=part.size)
+        obj.params = dict(parser.fields)
+        with dest.open("rb") as fh:
+            if sniff_format(fh.read(64)) is None:
+                obj.failed = "the file could not be decoded as audio (emulated check)"
         with self._lock:
-            self.objects[audio_id] = Obj("audio", path, name, audio_id)
-        req.send_json(200, {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"})
+            self.objects[audio_id] = obj
+        self._answer(req, route, {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"})
 
-    def _job(self, kind: str) -> Any:
-        route = {
-            "upscaled": "POST /upscale-audio",
-            "mastered": "POST /master-audio",
-            "stem_split": "POST /create-stems",
-        }[kind]
-
+    def _job(self, kind: str, route: str) -> Callable[[Request], None]:
         def handle(req: Request) -> None:
             if self._guard(req, route):
                 return
             body = req.json()
-            source_id = next(
-                (body[k] for k in ("upscaled_id", "mastered_id", "stem_id", "audio_id") if k in body), None
-            )
-            source = self.objects.get(str(source_id))
-            if source is None:
-                req.send_json(422, {"detail": "a known audio_id, upscaled_id or mastered_id is required"})
+            source_field = next((k for k in SOURCE_FIELDS if body.get(k)), None)
+            source = self.objects.get(str(body.get(source_field))) if source_field else None
+            if source is None or (source_field == "stem_id" and source.kind != "stem"):
+                req.send_json(422, {"detail": "a known audio_id, upscaled_id, mastered_id or stem_id is required"})
                 return
-            if kind == "stem_split" and "preset" not in body:
-                req.send_json(422, {"detail": "preset: field required"})
+            if kind == "mastered" and body.get("use_restored") and source.kind == "audio":
+                restored = self._latest("upscaled", source.audio_id)
+                source = restored or source
+            preset = str(body.get("preset", ""))
+            if kind == "stem_split" and preset not in proc.STEM_NAMES:
+                known = ", ".join(proc.STEM_NAMES)
+                req.send_json(422, {"detail": f"preset: must be one of {known} (got {preset!r})"})
                 return
             new_id = self._new_id()
             dest = self.workdir / new_id
+            obj = Obj(kind, dest, source.name, source.audio_id, params=dict(body), failed=self._error(source))
             if kind == "upscaled":
                 proc.restore(source.path, dest)
-                obj = Obj(kind, dest, source.name, source.audio_id)
             elif kind == "mastered":
                 proc.master(source.path, dest)
-                obj = Obj(kind, dest, source.name, source.audio_id)
             else:
-                files = proc.split(source.path, dest, str(body["preset"]))
-                obj = Obj(kind, dest, source.name, source.audio_id)
-                for f in files:
+                obj.stems_from = source.kind
+                for f in proc.split(source.path, dest, preset):
                     stem_id = self._new_id()
                     obj.stems.append((stem_id, f.stem))
-                    self.objects[stem_id] = Obj("stem", f, f.name, source.audio_id)
-                obj.stems_from = source.kind
+                    with self._lock:
+                        self.objects[stem_id] = Obj("stem", f, f.stem, source.audio_id, parent=new_id)
             with self._lock:
                 self.objects[new_id] = obj
-            req.send_json(200, {"creation_id": new_id} if kind == "stem_split" else {"id": new_id})
+            self._answer(req, route, {"creation_id": new_id} if kind == "stem_split" else {"id": new_id})
 
         return handle
 
     def _status(self, req: Request) -> None:
         if self._guard(req, "GET /status"):
             return
-        obj = self.objects.get(req.param("id"))
+        object_id = req.param("id")
+        obj = self.objects.get(object_id)
         if obj is None or obj.kind != req.param("kind"):
             req.send_json(404, {"detail": "Not Found"})
             return
         with self._lock:
             obj.polls += 1
-            done = obj.polls > self.faults.polls_needed
-        failed = done and obj.kind in self.faults.failed_kinds
-        payload: dict[str, Any] = {
-            "object_type": obj.kind,
-            "object_id": req.param("id"),
-            "status": "failed" if failed else ("completed" if done else "processing"),
-            "is_complete": done and not failed,
-            "is_failed": failed,
-            "error_message": f"emulated failure of {obj.kind}" if failed else None,
-            "download_url": f"/download/{obj.kind}/{req.param('id')}" if done and not failed else None,
-            "audio_id": obj.audio_id,
-            "status_details": {"stems": [{"stem_id": s, "name": n} for s, n in obj.stems]} if obj.stems else {},
-        }
-        req.send_json(200, payload)
+            done = self._done(obj)
+            if not done:
+                obj.waited += 1
+        error = self._error(obj) if done else None
+        complete = done and error is None
+        details: dict[str, Any] = {"emulated": True, "polls": obj.polls}
+        if obj.stems and complete:
+            details["stems"] = [{"stem_id": s, "name": n} for s, n in obj.stems]
+        req.send_json(
+            200,
+            {
+                "object_type": obj.kind,
+                "object_id": object_id,
+                "status": "failed" if error else ("completed" if complete else "in_progress"),
+                "is_complete": complete,
+                "is_failed": error is not None,
+                "error_message": error,
+                "download_url": f"/download/{obj.kind}/{object_id}" if complete and obj.kind != "stem_split" else None,
+                "audio_id": obj.audio_id,
+                "status_details": details,
+            },
+        )
 
     def _archive(self, req: Request) -> None:
         if self._guard(req, "POST /download-archive"):
             return
         body = req.json()
-        versions = list(body.get("versions") or [])
-        audio_id = str(body.get("id") or "")
-        if not versions or audio_id not in self.objects:
-            req.send_json(422, {"detail": "versions and a known id are required"})
+        versions = [str(v) for v in body.get("versions") or []]
+        ids = [str(i) for i in (body.get("ids") or ([body["id"]] if body.get("id") else []))]
+        problem = self._archive_problem(versions, ids)
+        if problem:
+            req.send_json(422, {"detail": problem})
             return
         if self.faults.take_count("email_queued"):
             req.send_json(
                 200,
                 {
                     "download_url": None,
+                    "expires_in_seconds": None,
                     "email_notification_queued": True,
                     "email_notification_threshold_seconds": 60,
                     "archive_incomplete": False,
                 },
             )
             return
-        incomplete = self.faults.take_count("archive_incomplete")
+        fmt = str(body.get("format") or "wav")
+        entries: list[tuple[str, Path]] = []
+        for audio_id in ids:
+            prefix = f"{Path(self.objects[audio_id].name).stem}/" if len(ids) > 1 else ""
+            entries += [(prefix + name, path) for name, path in self._entries(audio_id, versions)]
+        incomplete = self.faults.take_count("archive_incomplete") and len(entries) > 0
+        if incomplete:
+            entries.pop()
+        asked = {v: str(body.get(f"{v}_format") or fmt) for v in versions}
         zip_path = self.workdir / f"archive-{self._new_id()}.zip"
-        self._build_zip(zip_path, audio_id, versions, str(body.get("format", "wav")), incomplete)
+        proc.build_zip(zip_path, entries, proc.archive_note(asked), self.faults.zip_attack, self.faults.zip_bomb_bytes)
         req.send_json(
             200,
             {
                 "download_url": self._sign(zip_path),
                 "expires_in_seconds": 86400,
                 "email_notification_queued": False,
+                "email_notification_threshold_seconds": 60,
                 "archive_incomplete": incomplete,
             },
         )
 
-    def _build_zip(self, zip_path: Path, audio_id: str, versions: list[str], fmt: str, incomplete: bool) -> None:
-        source = self.objects[audio_id]
-        stem = Path(source.name).stem
-        entries: list[tuple[str, Path]] = []
+    def _archive_problem(self, versions: list[str], ids: list[str]) -> str | None:
+        """Why an archive request is refused (422), or None."""
+        if not versions or not ids:
+            return "versions and id (or ids) are required"
+        tracks = [v for v in versions if v in KIND_OF_VERSION]
+        stems = [v for v in versions if v.removesuffix("_stems") in KIND_OF_VERSION and v.endswith("_stems")]
+        if len(tracks) + len(stems) != len(versions):
+            return f"versions: unknown value in {versions}"
+        if tracks and stems:
+            return "track versions and stem versions are separate requests"
+        for audio_id in ids:
+            if audio_id not in self.objects or self.objects[audio_id].kind != "audio":
+                return f"unknown audio id {audio_id}"
+            for version in versions:
+                obj = self._source_of(version, audio_id)
+                if obj is None or not self._done(obj) or self._error(obj):
+                    return f"{version} of {audio_id} is not complete"
+        return None
+
+    def _source_of(self, version: str, audio_id: str) -> Obj | None:
+        if version == "original":
+            return self.objects[audio_id]
+        if version in KIND_OF_VERSION:
+            return self._latest(KIND_OF_VERSION[version], audio_id)
+        kind = KIND_OF_VERSION[version.removesuffix("_stems")]
+        found = [o for o in self.objects.values() if o.kind == "stem_split" and o.audio_id == audio_id]
+        found = [o for o in found if o.stems_from == kind]
+        return found[-1] if found else None
+
+    def _entries(self, audio_id: str, versions: list[str]) -> list[tuple[str, Path]]:
+        """(name in the zip, file) for each requested version; stems in a folder per version."""
+        stem = Path(self.objects[audio_id].name).stem
+        out: list[tuple[str, Path]] = []
         for version in versions:
+            obj = self._source_of(version, audio_id)
+            assert obj is not None
             if version in KIND_OF_VERSION:
-                obj = source if version == "original" else self._latest(KIND_OF_VERSION[version], audio_id)
-                if obj is not None:
-                    entries.append((f"{stem} ({version}).{fmt}", obj.path))
+                out.append((f"{stem} ({version}).wav", obj.path))
             else:
-                split = self._latest_split(audio_id, version.removesuffix("_stems"))
-                for _, name in split.stems if split else []:
-                    entries.append((f"{version}/{name}.{fmt}", split.path / f"{name}.wav"))  # type: ignore[union-attr]
-        if incomplete and entries:
-            entries.pop()
-        attack = self.faults.zip_attack
-        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("EMULATED.txt", proc.NOTE)
-            for arcname, path in entries:
-                zf.write(path, arcname)
-            if attack == "dotdot":
-                zf.writestr("../escaped.wav", b"RIFF")
-            elif attack == "absolute":
-                zf.writestr("/srv/absolute.wav", b"RIFF")
-            elif attack == "symlink":
-                info = zipfile.ZipInfo("link.wav")
-                info.external_attr = 0o120777 << 16
-                zf.writestr(info, "/etc/passwd")
-            elif attack == "oversized":
-                zf.writestr("huge.wav", b"\0" * (64 << 20))
-        if attack == "truncated":
-            size = zip_path.stat().st_size
-            with zip_path.open("r+b") as fh:
-                fh.truncate(size // 2)
+                out += [(f"{version}/{name}.wav", obj.path / f"{name}.wav") for _, name in obj.stems]
+        return out
 
     def _latest(self, kind: str, audio_id: str) -> Obj | None:
         found = [o for o in self.objects.values() if o.kind == kind and o.audio_id == audio_id]
-        return found[-1] if found else None
-
-    def _latest_split(self, audio_id: str, source: str) -> Obj | None:
-        kind = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}[source]
-        found = [
-            o
-            for o in self.objects.values()
-            if o.kind == "stem_split" and o.audio_id == audio_id and o.stems_from == kind
-        ]
         return found[-1] if found else None
 
     def _download(self, req: Request) -> None:
@@ -294,59 +430,32 @@ class NeuralAnalogEmulator:
         if obj is None or obj.kind != req.param("kind") or obj.kind == "stem_split":
             req.send_json(404, {"detail": "Not Found"})
             return
+        if not self._done(obj) or self._error(obj):
+            req.send_json(409, {"detail": f"{obj.kind} {req.param('id')} is not complete"})
+            return
         req.redirect(self._sign(obj.path))
 
     def _signed(self, req: Request) -> None:
         with self._lock:
-            path = self.signed.get(req.param("token"))
-        if path is None or self.faults.take_count("expired_urls"):
-            req.send_bytes(
-                403,
-                b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
-                "application/xml",
-            )
+            path, expires = self.signed.get(req.param("token"), (None, None))
+        f = self.faults
+        if path is None or (expires is not None and time.monotonic() >= expires) or f.take_count("expired_urls"):
+            body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+            req.send_bytes(f.expired_status if path is not None else 403, body, "application/xml")
             return
+        if f.take_count("storage_500"):
+            req.send_bytes(500, b"<Error><Code>InternalError</Code></Error>", "application/xml")
+            return
+        size = path.stat().st_size
+        truncate = f.take_count("truncate_downloads")
         handler = req.handler
         handler.send_response(200)
         handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(path.stat().st_size))
+        handler.send_header("Content-Length", str(size))
         handler.end_headers()
         with path.open("rb") as fh:
+            if truncate:
+                handler.wfile.write(fh.read(size // 2))
+                req.abort_connection()
+                return
             shutil.copyfileobj(fh, handler.wfile, 1 << 20)
-
-
-def _extract_file_part(raw: Path, boundary: bytes, dest: Path) -> tuple[str, Path]:
-    """Copy the ``audio`` part of a multipart body on disk to ``dest`` without loading it whole."""
-    if not boundary:
-        raise ValueError("not a multipart body")
-    size = raw.stat().st_size
-    with raw.open("rb") as fh:
-        head = fh.read(min(size, 1 << 16))
-        start_marker = b"--" + boundary + b"\r\n"
-        pos = head.find(start_marker)
-        header_end = head.find(b"\r\n\r\n", pos)
-        if pos < 0 or header_end < 0:
-            raise ValueError("no file part")
-        headers = head[pos + len(start_marker) : header_end].decode("utf-8", "replace")
-        if 'name="audio"' not in headers:
-            raise ValueError("field required")
-        name = headers.partition('filename="')[2].partition('"')[0] or "audio"
-        data_start = header_end + 4
-        tail_len = min(size, 1 << 16)
-        fh.seek(size - tail_len)
-        tail = fh.read()
-        end_in_tail = tail.find(b"\r\n--" + boundary)
-        if end_in_tail < 0:
-            raise ValueError("unterminated part")
-        data_end = size - tail_len + end_in_tail
-        fh.seek(data_start)
-        remaining = data_end - data_start
-        with dest.open("wb") as out:
-            while remaining > 0:
-                chunk = fh.read(min(1 << 20, remaining))
-                if not chunk:
-                    break
-                out.write(chunk)
-                remaining -= len(chunk)
-    os.utime(dest)
-    return name, dest

@@ -1,32 +1,50 @@
 """Client of the processing and archive service (Neural Analog): upload, process, poll, download.
 
-Every API call carries ``X-API-Key``; downloads follow the service's 307 to a signed storage URL by hand,
-with a separate HTTP client that never sends the key. Paid calls (upload, restore, master, stems) are
-resent in-process only when they provably never reached the service or got a 429; any other failure goes
-back to the caller (the store schedules it), since the service may have done the work.
+Every API call carries ``X-API-Key``. Downloads follow the API's 307 by hand with a second HTTP client
+that has no default headers at all, so the key can never reach the storage host.
+
+Paid calls (upload, restore, master, stems) are sent again in-process only when the service provably did
+no work: the connection was never made (NotSent), the upload's body was not yet sent in full when the
+connection failed (a partial multipart body cannot be accepted), or the service answered 429. A 5xx, a
+timeout or a dropped connection after the whole request was sent is ambiguous (the job may exist): it
+goes back to the caller as RetryLater, whose next attempt is the store's decision. Reads (status, archive
+offers, downloads) are retried on any RetryLater.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import httpx
 import structlog
 
-from watcher.errors import ExpiredURL, NeedsUser, RetryLater
+from watcher.errors import ExpiredURL, NeedsUser, NotSent, RetryLater
 from watcher.fsutil import TEMP_PREFIX, fsync_dir
-from watcher.services.http import AudioSource, HttpPolicy, ServiceHTTP, translate_transport_error
+from watcher.services.http import (
+    AudioSource,
+    HttpPolicy,
+    ServiceHTTP,
+    parse_retry_after,
+    translate_transport_error,
+)
+from watcher.services.multipart import MultipartBody
+
+__all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnalogClient"]
 
 log = structlog.get_logger("watcher.processing")
 SERVICE = "processing service"
 STORAGE = "storage host"
-EXPIRED = (403, 404, 410)
+REDIRECTS = (301, 302, 303, 307, 308)
+TRACK_VERSIONS = ("original", "restored", "mastered")
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,27 +71,7 @@ class ArchiveOffer:
     email_notification_queued: bool = False
     email_notification_threshold_seconds: int | None = None
     archive_incomplete: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _multipart(source: AudioSource, boundary: str) -> tuple[int, AsyncIterator[bytes]]:
-    """A multipart/form-data body with one file field ``audio``, streamed, and its exact length."""
-    safe = source.name.replace('"', "%22").replace("\r", "").replace("\n", "")
-    head = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="{safe}"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-    tail = (
-        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="file_source"\r\n\r\nfrom_file\r\n--{boundary}--\r\n'
-    ).encode()
-
-    async def body() -> AsyncIterator[bytes]:
-        yield head
-        async for chunk in source.chunks():
-            yield chunk
-        yield tail
-
-    return len(head) + source.size + len(tail), body()
+    extra: dict[str, Any] = field(default_factory=dict)  # undocumented fields, kept for the logs
 
 
 class NeuralAnalogClient:
@@ -83,21 +81,31 @@ class NeuralAnalogClient:
         self,
         base_url: str,
         api_key: str | None,
-        *,
         policy: HttpPolicy | None = None,
+        *,
         transport: httpx.AsyncBaseTransport | None = None,
+        storage_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
         p = self.http.policy
-        # Storage gets its own client: no default headers at all, so the key cannot leak there.
+        # Storage gets its own client with no default headers, so no credential can leak there. It may
+        # follow storage's own redirects: nothing secret travels with them.
         self.storage = httpx.AsyncClient(
-            timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout), follow_redirects=False
+            timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
+            transport=storage_transport,
+            follow_redirects=True,
         )
 
     async def aclose(self) -> None:
         await self.http.aclose()
         await self.storage.aclose()
+
+    async def __aenter__(self) -> NeuralAnalogClient:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
 
     async def check(self) -> str:
         """One cheap authenticated call: the status of an ID that does not exist."""
@@ -106,37 +114,41 @@ class NeuralAnalogClient:
     # -- paid calls ----------------------------------------------------------------------------------------
 
     async def upload(self, source: AudioSource) -> str:
-        """``POST /from-file`` with the file streamed as multipart; returns the ``audio_id``."""
+        """``POST /from-file``: the file streamed as multipart field ``audio``; returns the ``audio_id``.
+
+        Resent in-process only on NotSent, 429, or a connection lost before the body was sent in full.
+        """
         async for attempt in self.http.retrying(paid=True):
             with attempt:
-                boundary = uuid.uuid4().hex
-                length, body = _multipart(source, boundary)
-                response = await self.http.request(
-                    "POST",
-                    "/from-file",
-                    retry=False,
-                    content=body,
-                    headers={
-                        "Content-Type": f"multipart/form-data; boundary={boundary}",
-                        "Content-Length": str(length),
-                    },
-                )
+                body = MultipartBody("audio", source, {"file_source": "from_file"})
+                try:
+                    response = await self.http.request(
+                        "POST", "/from-file", retry=False, content=body, headers=body.headers
+                    )
+                except RetryLater as exc:
+                    if exc.status is None and not isinstance(exc, NotSent) and not body.complete:
+                        raise NotSent(
+                            f"{SERVICE}: the connection failed after {body.sent} of {source.size} bytes of the "
+                            f"upload ({exc}); a partial body cannot have been accepted"
+                        ) from exc
+                    raise
                 return self._id(response, "audio_id")
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def restore(self, audio_id: str, params: Mapping[str, Any]) -> str:
-        """``POST /upscale-audio``; returns the restored version's ``id``."""
+        """``POST /upscale-audio`` with ``params`` passed through; returns the restored version's ``id``."""
         return await self._paid_json("/upscale-audio", {**params, "audio_id": audio_id}, "id")
 
     async def master(self, audio_id: str, params: Mapping[str, Any], upscaled_id: str | None = None) -> str:
-        """``POST /master-audio``; returns the mastered version's ``id``."""
+        """``POST /master-audio`` (of the restored version when ``upscaled_id``); returns its ``id``."""
         body = {**params, "audio_id": audio_id}
         if upscaled_id:
             body["upscaled_id"] = upscaled_id
         return await self._paid_json("/master-audio", body, "id")
 
     async def create_stems(self, source_field: str, source_id: str, params: Mapping[str, Any]) -> str:
-        """``POST /create-stems`` from ``audio_id``, ``upscaled_id`` or ``mastered_id``; returns ``creation_id``."""
+        """``POST /create-stems`` from ``audio_id``, ``upscaled_id``, ``mastered_id`` or ``stem_id``; returns
+        the ``creation_id``."""
         return await self._paid_json("/create-stems", {**params, source_field: source_id}, "creation_id")
 
     async def _paid_json(self, path: str, body: Mapping[str, Any], id_field: str) -> str:
@@ -145,6 +157,7 @@ class NeuralAnalogClient:
 
     @staticmethod
     def _id(response: httpx.Response, id_field: str) -> str:
+        """The new object's ID; an answer without one needs a person (resending might pay twice)."""
         try:
             value = response.json().get(id_field)
         except (ValueError, AttributeError):
@@ -156,12 +169,17 @@ class NeuralAnalogClient:
     # -- state ---------------------------------------------------------------------------------------------
 
     async def status(self, kind: str, object_id: str) -> JobStatus:
-        """``GET /status/{kind}/{id}``."""
+        """``GET /status/{kind}/{id}`` (kind: audio, upscaled, mastered, stem_split, stem, workflow)."""
         response = await self.http.request("GET", f"/status/{kind}/{object_id}")
-        data = response.json()
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise RetryLater(f"{SERVICE} answered the status of {kind}/{object_id} with something not JSON")
         return JobStatus(
-            object_type=str(data.get("object_type", kind)),
-            object_id=str(data.get("object_id", object_id)),
+            object_type=str(data.get("object_type") or kind),
+            object_id=str(data.get("object_id") or object_id),
             is_complete=bool(data.get("is_complete")),
             is_failed=bool(data.get("is_failed")),
             status=data.get("status"),
@@ -184,20 +202,36 @@ class NeuralAnalogClient:
     # -- downloads -----------------------------------------------------------------------------------------
 
     async def request_archive(
-        self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
+        self,
+        *,
+        versions: Sequence[str],
+        audio_id: str | None = None,
+        ids: Sequence[str] | None = None,
+        format: str = "wav",
+        formats: Mapping[str, str] | None = None,
+        stem_ids: Sequence[str] | None = None,
+        stem_selections: Sequence[Mapping[str, Any]] | None = None,
     ) -> ArchiveOffer:
-        """``POST /download-archive`` for one audio ID (tracks and stems are separate requests)."""
-        body = {"id": audio_id, "versions": list(versions), "format": format, **formats}
+        """``POST /download-archive`` for one audio ID (``audio_id``) or several in one zip (``ids``).
+
+        Track versions and stem versions are separate requests (ValueError if mixed). ``formats`` holds
+        ``<version>_format`` overrides, passed through.
+        """
+        if (audio_id is None) == (ids is None):
+            raise ValueError("give exactly one of audio_id and ids")
+        tracks = [v for v in versions if v in TRACK_VERSIONS]
+        if tracks and len(tracks) != len(versions):
+            raise ValueError(f"track and stem versions must be separate archive requests: {list(versions)}")
+        body: dict[str, Any] = {"versions": list(versions), "format": format, **(formats or {})}
+        body.update({"id": audio_id} if audio_id is not None else {"ids": list(ids or [])})
+        if stem_ids is not None:
+            body["stem_ids"] = list(stem_ids)
+        if stem_selections is not None:
+            body["stem_selections"] = [dict(s) for s in stem_selections]
         data = (await self.http.request("POST", "/download-archive", json=body)).json()
-        known = {
-            "download_url",
-            "expires_in_seconds",
-            "email_notification_queued",
-            "email_notification_threshold_seconds",
-            "archive_incomplete",
-        }
+        known = {f for f in ArchiveOffer.__dataclass_fields__ if f != "extra"}
         return ArchiveOffer(
-            download_url=data.get("download_url"),
+            download_url=data.get("download_url") or None,
             expires_in_seconds=data.get("expires_in_seconds"),
             email_notification_queued=bool(data.get("email_notification_queued")),
             email_notification_threshold_seconds=data.get("email_notification_threshold_seconds"),
@@ -206,51 +240,108 @@ class NeuralAnalogClient:
         )
 
     async def download_archive(self, url: str, dest: Path) -> int:
-        """Stream a zip from its (signed) URL to ``dest``; ExpiredURL when storage refuses it."""
-        return await self._fetch(url, dest)
+        """Stream a zip from its signed URL to ``dest`` (atomically); returns its size.
 
-    async def download_object(self, kind: str, object_id: str, dest: Path, *, format: str) -> int:
-        """``GET /download/{kind}/{id}``: follow the 307 to storage (without the key) and stream it to ``dest``."""
-        for attempt in range(3):
-            response = await self.http.request(
-                "GET", f"/download/{kind}/{object_id}", params={"format": format, "track": "false"}
-            )
-            location = response.headers.get("Location")
-            if response.status_code not in (301, 302, 303, 307, 308) or not location:
-                raise NeedsUser(f"{SERVICE} answered {response.status_code} without a download location")
+        ExpiredURL when storage refuses the URL (ask for a fresh archive); RetryLater when it arrives short.
+        """
+        return await self._from_storage(url, dest)
+
+    async def download_object(
+        self, kind: str, object_id: str, dest: Path, format: str = "wav", *, track: bool = False, fresh_urls: int = 2
+    ) -> int:
+        """``GET /download/{kind}/{id}``: follow the 307 to storage without the key, stream to ``dest``.
+
+        An expired signed URL is asked for again up to ``fresh_urls`` times before ExpiredURL is raised.
+        Returns the bytes written.
+        """
+        path = f"/download/{kind}/{object_id}"
+        params = {"format": format, "track": "true" if track else "false"}
+        for ask in range(fresh_urls + 1):
+            location: str | None = None
+            async for attempt in self.http.retrying():
+                with attempt:
+                    async with self.http.stream("GET", path, params=params) as response:
+                        if response.status_code not in REDIRECTS:
+                            if response.status_code == 200:  # served directly by the API: take it
+                                return await _write_body(response, dest, SERVICE)
+                            raise NeedsUser(f"{SERVICE} answered {response.status_code} to GET {path}, not a 307")
+                        location = response.headers.get("Location")
+                        if not location:
+                            raise NeedsUser(f"{SERVICE} answered {response.status_code} without a Location")
+                        location = str(response.url.join(location))
+            assert location is not None
             try:
-                return await self._fetch(str(response.url.join(location)), dest)
+                return await self._from_storage(location, dest)
             except ExpiredURL:
-                if attempt == 2:
+                if ask == fresh_urls:
                     raise
-                log.info("download.url_expired", object=f"{kind}/{object_id}", next="asking for a fresh URL")
+                log.info("download.url_expired", path=str(dest), object=f"{kind}/{object_id}", next="asking again")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _fetch(self, url: str, dest: Path) -> int:
-        """GET ``url`` from storage with no credentials; write atomically; check the length."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
-        written = 0
+    async def _from_storage(self, url: str, dest: Path) -> int:
+        """GET ``url`` from storage with no credentials; 5xx and dropped transfers are retried here."""
+        expired: ExpiredURL | None = None
+        async for attempt in self.http.retrying():
+            with attempt:
+                try:
+                    return await self._storage_once(url, dest)
+                except ExpiredURL as exc:  # not retried here: the same URL will not work again
+                    expired = exc
+        assert expired is not None
+        raise expired
+
+    async def _storage_once(self, url: str, dest: Path) -> int:
         try:
-            async with self.storage.stream("GET", url) as response:
-                if response.status_code in EXPIRED:
-                    raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {response.status_code})")
-                if response.status_code >= 400:
-                    raise RetryLater(f"{STORAGE} answered HTTP {response.status_code}", status=response.status_code)
-                expected = response.headers.get("Content-Length")
-                with tmp.open("wb") as out:
-                    async for chunk in response.aiter_bytes(1 << 20):
-                        out.write(chunk)
-                        written += len(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-            if expected is not None and int(expected) != written:
-                raise RetryLater(f"{STORAGE} sent {written} of {expected} bytes")
-            os.replace(tmp, dest)
-            fsync_dir(dest.parent)
-            return written
+            async with self.storage.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
+                status = response.status_code
+                if status in (408, 425, 429) or status >= 500:
+                    raise RetryLater(
+                        f"{STORAGE} answered HTTP {status}",
+                        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                        status=status,
+                    )
+                if status >= 400:  # 403/404/410 (and S3's or GCS's 400): the signature is no good any more
+                    raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
+                return await _write_body(response, dest, STORAGE)
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise translate_transport_error(exc, STORAGE) from exc
+
+
+async def _write_body(response: httpx.Response, dest: Path, source: str) -> int:
+    """Stream a response body to a temp file beside ``dest``, check its length, fsync, rename into place.
+
+    A short body (Content-Length not met, or a dropped connection) is RetryLater; the temp file is removed.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
+    expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
+    written = 0
+    fh: IO[bytes] = await asyncio.to_thread(tmp.open, "xb")
+    try:
+        try:
+            async for chunk in response.aiter_bytes(CHUNK):
+                await asyncio.to_thread(fh.write, chunk)
+                written += len(chunk)
+            await asyncio.to_thread(_flush, fh)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            fh.close()
+        if expected is not None and expected.isdigit() and int(expected) != response.num_bytes_downloaded:
+            raise RetryLater(f"{source} sent {response.num_bytes_downloaded} of {expected} bytes of {dest.name}")
+        await asyncio.to_thread(_place, tmp, dest)
+        log.debug("download.written", path=str(dest), bytes=written)
+        return written
+    except (httpx.HTTPError, httpx.StreamError) as exc:
+        raise translate_transport_error(exc, source) from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _flush(fh: IO[bytes]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def _place(tmp: Path, dest: Path) -> None:
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
