@@ -10,14 +10,20 @@ import struct
 import threading
 import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from watcher.audiofile import FileBody, signature
 from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings
 from watcher.emulator import Emulator
+from watcher.emulator.neuralanalog import NeuralAnalogEmulator
+from watcher.emulator.server import HTTPServerThread
+from watcher.services.http import HttpPolicy
+from watcher.services.neuralanalog import NeuralAnalogClient
 
 API_KEY = "test-key-5f1c2a9e"
 
@@ -164,3 +170,60 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
+# -- the processing service's emulator, shared per module by the client and emulator tests --------------
+
+NA_KEY = "na-key-123456"
+NA_POLICY = HttpPolicy(rate_per_second=1000, wait_initial=0.02, wait_max=0.1, wait_jitter=0.01, attempts=3)
+T = TypeVar("T")
+
+
+@dataclass
+class Service:
+    emu: NeuralAnalogEmulator
+    api: HTTPServerThread
+    storage: HTTPServerThread
+
+    def run(self, fn: Callable[[NeuralAnalogClient], Awaitable[T]], key: str | None = NA_KEY, url: str = "") -> T:
+        async def go() -> T:
+            async with NeuralAnalogClient(url or self.api.url, key, NA_POLICY) as client:
+                return await fn(client)
+
+        return asyncio.run(go())
+
+
+def serve() -> Iterator[Service]:
+    """One emulator and its two started servers, stopped afterwards (shared per module: a stop takes ~0.5 s)."""
+    emu = NeuralAnalogEmulator(api_key=NA_KEY)
+    api, storage = emu.start_pair()
+    try:
+        yield Service(emu, api, storage)
+    finally:
+        api.stop()
+        storage.stop()
+        emu.close()
+
+
+def fresh(service: Service) -> Service:
+    """The shared emulator, reset: no objects, no faults, no recorded requests."""
+    service.emu.reset()
+    service.api.reset()
+    service.storage.reset()
+    return service
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Service]:
+    """The processing emulator shared by one test module."""
+    yield from serve()
+
+
+@pytest.fixture
+def na(servers: Service) -> Service:
+    """The module's processing emulator, reset for this test."""
+    return fresh(servers)
+
+
+def body(path: Path) -> FileBody:
+    return FileBody(path, signature(path))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.audiogen import sine, write_wav
-from tests.test_neuralanalog_client import Service, body, fresh, serve
+from tests.conftest import Service, body
 from watcher.emulator import audio_processing as proc
 from watcher.errors import NeedsUser
 from watcher.safezip import BadArchive, extract_zip
@@ -87,16 +87,6 @@ def test_multipart_file_first_and_malformed_bodies() -> None:
         parse(raw[:60], "XyZ", 5)
     with pytest.raises(ValueError, match="without a Content-Disposition"):
         parse(b"--XyZ\r\nContent-Type: text/plain\r\n\r\nx\r\n--XyZ--", "XyZ", 3)
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Service]:
-    yield from serve()
-
-
-@pytest.fixture
-def na(servers: Service) -> Service:
-    return fresh(servers)
 
 
 def read_pcm(path: Path) -> np.ndarray:

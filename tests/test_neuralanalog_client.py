@@ -3,79 +3,21 @@ job states, retries, and downloads through signed URLs that never see the key.""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import socket
 import time
 import tracemalloc
 import zipfile
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.conftest import write_silent_wav, write_tone
-from watcher.audiofile import FileBody, signature
-from watcher.emulator.neuralanalog import NeuralAnalogEmulator
-from watcher.emulator.server import HTTPServerThread
+from tests.conftest import NA_KEY as KEY
+from tests.conftest import Service, body, write_silent_wav, write_tone
 from watcher.errors import NeedsUser, NotSent, RetryLater
-from watcher.services.http import HttpPolicy
 from watcher.services.multipart import MultipartBody
 from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
-
-KEY = "na-key-123456"
-FAST = HttpPolicy(rate_per_second=1000, wait_initial=0.02, wait_max=0.1, wait_jitter=0.01, attempts=3)
-T = TypeVar("T")
-
-
-@dataclass
-class Service:
-    emu: NeuralAnalogEmulator
-    api: HTTPServerThread
-    storage: HTTPServerThread
-
-    def run(self, fn: Callable[[NeuralAnalogClient], Awaitable[T]], key: str | None = KEY, url: str = "") -> T:
-        async def go() -> T:
-            async with NeuralAnalogClient(url or self.api.url, key, FAST) as client:
-                return await fn(client)
-
-        return asyncio.run(go())
-
-
-def serve() -> Iterator[Service]:
-    """One emulator and its two started servers, stopped afterwards (shared per module: a stop takes ~0.5 s)."""
-    emu = NeuralAnalogEmulator(api_key=KEY)
-    api, storage = emu.start_pair()
-    try:
-        yield Service(emu, api, storage)
-    finally:
-        api.stop()
-        storage.stop()
-        emu.close()
-
-
-def fresh(service: Service) -> Service:
-    """The shared emulator, reset: no objects, no faults, no recorded requests."""
-    service.emu.reset()
-    service.api.reset()
-    service.storage.reset()
-    return service
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Service]:
-    yield from serve()
-
-
-@pytest.fixture
-def na(servers: Service) -> Service:
-    return fresh(servers)
-
-
-def body(path: Path) -> FileBody:
-    return FileBody(path, signature(path))
 
 
 def sha(path: Path) -> str:

@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from watcher.config import Settings, reveal
 from watcher.detect.fstype import decide_polling, filesystem_type, inotify_max_user_watches
@@ -138,7 +139,8 @@ async def check_services(settings: Settings) -> list[Finding]:
     from watcher.services.http import HttpPolicy
     from watcher.services.neuralanalog import NeuralAnalogClient
 
-    found = []
+    found: list[Finding] = []
+    probes: list[tuple[Any, str, str]] = []  # (client, what, how to fix a refusal)
     policy = HttpPolicy(attempts=1, read_timeout=15, connect_timeout=10)
     if settings.analysis.enabled:
         try:
@@ -149,25 +151,23 @@ async def check_services(settings: Settings) -> list[Finding]:
         if which == "local":
             found.append(Finding(True, "analysis backend", f"local ({why})"))
         elif which == "remote":
-            key = reveal(settings.analysis.api_key)
-            client = AnalysisClient(settings.analysis.base_url, key, policy=policy)
-            found.append(
-                await _probe(
-                    client,
+            probes.append(
+                (
+                    AnalysisClient(settings.analysis.base_url, reveal(settings.analysis.api_key), policy=policy),
                     f"analysis service {settings.analysis.base_url}",
                     "check analysis.api_key / ESSENTIA_API_KEY / the essentia_api_key credential",
                 )
             )
     if settings.archive.enabled:
-        key = reveal(settings.archive.api_key)
-        client2 = NeuralAnalogClient(settings.archive.base_url, key, policy=policy)
-        found.append(
-            await _probe(
-                client2,
+        probes.append(
+            (
+                NeuralAnalogClient(settings.archive.base_url, reveal(settings.archive.api_key), policy=policy),
                 f"processing service {settings.archive.base_url}",
                 "check archive.api_key / NEURALANALOG_API_KEY / the neuralanalog_api_key credential",
             )
         )
+    for client, what, fix in probes:
+        found.append(await _probe(client, what, fix))
     return found
 
 
