@@ -156,7 +156,7 @@ def test_slow_answers_beyond_the_timeout_are_retried(emulator, audio):
     """A stream silent for longer than the read timeout is a transient failure."""
     emulator.analysis.faults.event_delay = 1.0
     policy = HttpPolicy(read_timeout=0.3, attempts=1)
-    with pytest.raises(RetryLater, match="timed out|no event"):
+    with pytest.raises(RetryLater, match=r"timed out|no event"):
         analyse(emulator.url, audio, policy=policy)
 
 

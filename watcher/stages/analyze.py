@@ -15,7 +15,7 @@ import structlog
 
 from watcher.audiofile import FileBody, Signature
 from watcher.config import SidecarConfig
-from watcher.errors import Deferred, FileChanged, NotSent, RetryLater
+from watcher.errors import BadInput, Deferred, FileChanged, NotSent, RetryLater
 from watcher.stages.base import NullSpend, SpendObserver, StageResult
 from watcher.stages.precheck import Checked, precheck
 from watcher.stages.sidecar import analysis_document, sidecar_path, write_sidecar
@@ -129,13 +129,17 @@ class AnalyzeStage:
             detail = "; ".join(e["message"] or "" for e in job.data.get("errors", [])[-3:]) or "no answer"
             raise RetryLater(f"{len(still)} model(s) not answered ({', '.join(still)}): {detail}")
         await self._write(job, checked.sha256, results, list(job.data.get("errors", [])) if still else [])
+        if still:  # the backend's errors are final: the sidecar says so, and the file fails at once
+            job.data["partial_sidecar"] = True
+            errors = "; ".join(f"{e['model']}: {e['message']}" for e in job.data.get("errors", [])[-len(still) :])
+            raise BadInput(f"sidecar written without {', '.join(still)}: {errors}")
         log.info("analyze.done", path=job.file.path, sidecar=job.data.get("sidecar"))
         return StageResult("done")
 
     async def give_up(self, job: Job, error: str) -> None:
         """The runner gave up: write the sidecar with what was answered and why the rest is missing."""
         sha256 = job.data.get("sha256") or job.file.sha256
-        if not sha256:
+        if not sha256 or job.data.pop("partial_sidecar", False):
             return
         results = self.store.results_for(sha256, self.analyzer.key)
         errors = [*job.data.get("errors", []), {"model": None, "message": error}]
