@@ -91,7 +91,7 @@ class ControlMixin(_Base):
                 error_kind=r["error_kind"],
                 error=r["last_error"],
                 attempts=r["attempts"],
-                next_attempt_at=None if r["stage"] in TERMINAL else r["next_attempt_at"],
+                next_attempt_at=None if r["stage"] in TERMINAL or r["error_kind"] == "in_doubt" else r["next_attempt_at"],
                 data=json.loads(r["data"]),
             )
             for r in rows
