@@ -141,7 +141,7 @@ def test_superseded_jobs_cannot_commit_or_release(store):
     """A job whose file got a newer version can neither commit nor release: its late result is dropped."""
     from watcher.store import LeaseLost
 
-    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "pending")]}
+    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
     store.register_version(size=1, mtime_ns=1, inode=1, **args)
     job = store.claim("analyze", "a")
     assert store.is_live(job)
@@ -150,9 +150,9 @@ def test_superseded_jobs_cannot_commit_or_release(store):
     with pytest.raises(LeaseLost):
         store.commit(job, sidecar="/in/a.wav.analysis.json")
     with pytest.raises(LeaseLost):
-        store.release(job, stage="done")
+        store.release(job, state="done")
     newest = store.claim("analyze", "b")
-    assert newest is not None and newest.file.size == 2 and newest.stage == "pending"
+    assert newest is not None and newest.file.size == 2 and newest.step == "analyze" and newest.state == "pending"
 
 
 def test_names_that_are_not_utf8_round_trip(store):
@@ -169,7 +169,7 @@ def test_names_that_are_not_utf8_round_trip(store):
 
 def test_retention_forgets_old_replaced_versions_but_keeps_paid_work(store):
     """Replaced versions older than the retention are forgotten; the current one and the gate's rows stay."""
-    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "pending")]}
+    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
     store.register_version(size=1, mtime_ns=1, inode=1, now=0.0, **args)
     store.register_version(size=2, mtime_ns=2, inode=1, **args)
     take(store, MASTER, "a")

@@ -231,7 +231,7 @@ def test_daemon_without_key_uses_local_analysis(tmp_path, run_daemon):
     assert {e["model"] for e in quiet["errors"]} == {"key", "bpm_degara", "loudness-ebur128"}
     assert all("digital silence" in e["message"] for e in quiet["errors"])
     assert query(
-        tmp_path, "SELECT stage, attempts FROM jobs j JOIN files f ON f.id=j.file_id WHERE f.path LIKE '%quiet.wav'"
+        tmp_path, "SELECT state, attempts FROM jobs j JOIN files f ON f.id=j.file_id WHERE f.path LIKE '%quiet.wav'"
     ) == ("failed", 0)
 
 
@@ -255,14 +255,14 @@ def test_backend_choice_is_logged_with_its_reason(tmp_path, monkeypatch):
 
     import watcher.local
     from watcher.analyzers import choose_backend
+    from watcher.app import App
     from watcher.config import AnalysisConfig, Settings
     from watcher.errors import ConfigError
-    from watcher.pipeline import Pipeline
 
     assert choose_backend(AnalysisConfig(api_key=SecretStr("k-123456")))[0] == "remote"
     with capture_logs() as logs:
-        pipeline = Pipeline(Settings(state_dir=tmp_path / "s"))
-    asyncio.run(pipeline.aclose())
+        app = App.build(Settings(state_dir=tmp_path / "s"))
+    asyncio.run(app.aclose())
     (line,) = [e for e in logs if e["event"] == "analysis.backend"]
     assert line["backend"] == "local" and "no API key" in line["reason"]
     monkeypatch.setattr(watcher.local, "available", lambda: False)

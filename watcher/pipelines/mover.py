@@ -20,7 +20,7 @@ import structlog
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig, SidecarConfig
 from watcher.names import display
-from watcher.stages.sidecar import sidecar_path
+from watcher.pipelines.sidecar import sidecar_path
 from watcher.store import TERMINAL, Job
 
 log = structlog.get_logger("watcher.finish")
@@ -60,16 +60,16 @@ class SourceMover:
             await asyncio.wait(set(self._tasks), timeout=30)
 
     def after(self, job: Job) -> Path | None:
-        """Called when a job reached a terminal stage; returns where the source went, if it moved."""
+        """Called when a job ended (a final state); returns where the source went, if it moved."""
         folder = self.folders.get(job.file.folder)
         if folder is None or (folder.done_dir is None and folder.failed_dir is None):
             return None
         jobs = self.store.jobs_of_file(job.file.id)
-        if not job.file.current or any(j.stage not in TERMINAL for j in jobs):
+        if not job.file.current or any(j.state not in TERMINAL for j in jobs):
             return None
-        if any(j.stage in ("superseded", "gone") for j in jobs):
+        if any(j.state in ("superseded", "gone") for j in jobs):
             return None
-        failed = any(j.stage == "failed" for j in jobs)
+        failed = any(j.state == "failed" for j in jobs)
         destination = folder.failed_dir if failed else folder.done_dir
         if destination is None:
             return None
