@@ -3,6 +3,7 @@ job states, retries, and downloads through signed URLs that never see the key.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import time
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import NA_KEY as KEY
 from tests.conftest import Service, body, write_silent_wav, write_tone
 from watcher.errors import NeedsUser, NotSent, RetryLater
+from watcher.safezip import TooLarge
 from watcher.services.multipart import MultipartBody
 from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
 
@@ -282,3 +284,64 @@ def test_archive_offer_without_a_url(na: Service, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="separate"):
         na.run(lambda c: c.request_archive(audio_id=audio_id, versions=["original", "mastered_stems"]))
     assert na.api.counts()["POST /download-archive"] == 1
+
+
+# -- downloads bounded by what their source can justify ------------------------------------------------------
+
+
+@pytest.fixture
+def odd_storage() -> Any:
+    """A loopback storage host whose answers tests choose: ``routes[path] = handler(req)``."""
+    from watcher.emulator.server import App, HTTPServerThread
+
+    app = App()
+    routes: dict[str, Any] = {}
+
+    @app.route("GET", r"/(?P<name>[\w.-]+)", "GET")
+    def handle(req: Any) -> None:
+        routes[req.param("name")](req)
+
+    server = HTTPServerThread([app]).start()
+    server.routes = routes  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_download_over_its_bound_is_refused_by_content_length(na: Service, tmp_path: Path) -> None:
+    """A Content-Length above ``max_bytes`` is TooLarge before a byte is written, and not retried."""
+    na.emu.faults.polls_needed = 0
+    audio = write_tone(tmp_path / "a.wav", 1.0)
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    dest = tmp_path / "out" / "a.wav"
+    with pytest.raises(TooLarge, match=rf"announced {audio.stat().st_size} bytes for a\.wav, more than the 1000"):
+        na.run(lambda c: c.download_object("audio", audio_id, dest, max_bytes=1000))
+    assert len(na.storage.requests) == 1 and not dest.exists()
+    assert not (tmp_path / "out").exists() or no_temp_files(tmp_path / "out")
+    assert na.run(lambda c: c.download_object("audio", audio_id, dest, max_bytes=audio.stat().st_size)) > 0
+    assert sha(dest) == sha(audio)
+
+
+def test_download_without_a_length_is_counted_while_writing(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """A body with no Content-Length that runs past ``max_bytes`` is cut off: TooLarge, no file, no temp file."""
+    sent = {"bytes": 0}
+
+    def endless(req: Any) -> None:
+        h = req.handler
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Connection", "close")  # no Content-Length: the body ends when the connection does
+        h.end_headers()
+        h.close_connection = True
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # up to 64 MiB, unless the client hangs up first
+                h.wfile.write(bytes(1 << 20))
+                sent["bytes"] += 1 << 20
+
+    odd_storage.routes["zeros.zip"] = endless
+    dest = tmp_path / "dl" / "x.zip"
+    with pytest.raises(TooLarge, match=r"sent more than 3000000 bytes for x\.zip"):
+        na.run(lambda c: c.download_archive(f"{odd_storage.url}/zeros.zip", dest, max_bytes=3_000_000))
+    assert not dest.exists() and no_temp_files(tmp_path / "dl")
+    assert sent["bytes"] < 64 << 20

@@ -28,6 +28,8 @@ import structlog
 
 from watcher.errors import ExpiredURL, NeedsUser, NotSent, RetryLater
 from watcher.fsutil import TEMP_PREFIX, fsync_dir
+from watcher.names import display
+from watcher.safezip import TooLarge
 from watcher.services.http import (
     AudioSource,
     HttpPolicy,
@@ -239,20 +241,29 @@ class NeuralAnalogClient:
             extra={k: v for k, v in data.items() if k not in known},
         )
 
-    async def download_archive(self, url: str, dest: Path) -> int:
+    async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
         """Stream a zip from its signed URL to ``dest`` (atomically); returns its size.
 
-        ExpiredURL when storage refuses the URL (ask for a fresh archive); RetryLater when it arrives short.
+        ExpiredURL when storage refuses the URL (ask for a fresh archive); RetryLater when it arrives short;
+        TooLarge when it announces or sends more than ``max_bytes``.
         """
-        return await self._from_storage(url, dest)
+        return await self._from_storage(url, dest, max_bytes)
 
     async def download_object(
-        self, kind: str, object_id: str, dest: Path, format: str = "wav", *, track: bool = False, fresh_urls: int = 2
+        self,
+        kind: str,
+        object_id: str,
+        dest: Path,
+        format: str = "wav",
+        *,
+        track: bool = False,
+        fresh_urls: int = 2,
+        max_bytes: int | None = None,
     ) -> int:
         """``GET /download/{kind}/{id}``: follow the 307 to storage without the key, stream to ``dest``.
 
-        An expired signed URL is asked for again up to ``fresh_urls`` times before ExpiredURL is raised.
-        Returns the bytes written.
+        An expired signed URL is asked for again up to ``fresh_urls`` times before ExpiredURL is raised;
+        more than ``max_bytes`` (announced or sent) is TooLarge. Returns the bytes written.
         """
         path = f"/download/{kind}/{object_id}"
         params = {"format": format, "track": "true" if track else "false"}
@@ -263,7 +274,7 @@ class NeuralAnalogClient:
                     async with self.http.stream("GET", path, params=params) as response:
                         if response.status_code not in REDIRECTS:
                             if response.status_code == 200:  # served directly by the API: take it
-                                return await _write_body(response, dest, SERVICE)
+                                return await _write_body(response, dest, SERVICE, max_bytes)
                             raise NeedsUser(f"{SERVICE} answered {response.status_code} to GET {path}, not a 307")
                         location = response.headers.get("Location")
                         if not location:
@@ -271,26 +282,26 @@ class NeuralAnalogClient:
                         location = str(response.url.join(location))
             assert location is not None
             try:
-                return await self._from_storage(location, dest)
+                return await self._from_storage(location, dest, max_bytes)
             except ExpiredURL:
                 if ask == fresh_urls:
                     raise
                 log.info("download.url_expired", path=str(dest), object=f"{kind}/{object_id}", next="asking again")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _from_storage(self, url: str, dest: Path) -> int:
+    async def _from_storage(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
         """GET ``url`` from storage with no credentials; 5xx and dropped transfers are retried here."""
         expired: ExpiredURL | None = None
         async for attempt in self.http.retrying():
             with attempt:
                 try:
-                    return await self._storage_once(url, dest)
+                    return await self._storage_once(url, dest, max_bytes)
                 except ExpiredURL as exc:  # not retried here: the same URL will not work again
                     expired = exc
         assert expired is not None
         raise expired
 
-    async def _storage_once(self, url: str, dest: Path) -> int:
+    async def _storage_once(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
         try:
             async with self.storage.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
                 status = response.status_code
@@ -302,26 +313,37 @@ class NeuralAnalogClient:
                     )
                 if status >= 400:  # 403/404/410 (and S3's or GCS's 400): the signature is no good any more
                     raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
-                return await _write_body(response, dest, STORAGE)
+                return await _write_body(response, dest, STORAGE, max_bytes)
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise translate_transport_error(exc, STORAGE) from exc
 
 
-async def _write_body(response: httpx.Response, dest: Path, source: str) -> int:
+async def _write_body(response: httpx.Response, dest: Path, source: str, max_bytes: int | None = None) -> int:
     """Stream a response body to a temp file beside ``dest``, check its length, fsync, rename into place.
 
-    A short body (Content-Length not met, or a dropped connection) is RetryLater; the temp file is removed.
+    A short body (Content-Length not met, or a dropped connection) is RetryLater; more than ``max_bytes``
+    (announced by Content-Length, or counted while writing) is TooLarge. The temp file is removed either way.
     """
+    expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
+    if max_bytes is not None and expected is not None and expected.isdigit() and int(expected) > max_bytes:
+        raise TooLarge(
+            f"{source} announced {expected} bytes for {display(dest.name)}, more than the {max_bytes} bytes its "
+            "source can justify; nothing was written, the file is not delivered"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
-    expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
     written = 0
     fh: IO[bytes] = await asyncio.to_thread(tmp.open, "xb")
     try:
         try:
             async for chunk in response.aiter_bytes(CHUNK):
-                await asyncio.to_thread(fh.write, chunk)
                 written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    raise TooLarge(
+                        f"{source} sent more than {max_bytes} bytes for {display(dest.name)}, more than its source "
+                        "can justify; the partial file was removed, the file is not delivered"
+                    )
+                await asyncio.to_thread(fh.write, chunk)
             await asyncio.to_thread(_flush, fh)
         finally:
             fh.close()

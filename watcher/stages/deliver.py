@@ -26,13 +26,17 @@ from watcher import __version__
 from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
 from watcher.fsutil import TEMP_PREFIX, fsync_dir, write_json_atomic
-from watcher.safezip import extract_zip
+from watcher.names import display
+from watcher.safezip import FLOOR, SizeBound, extract_zip, size_bound
 from watcher.store import Job
 
 log = structlog.get_logger("watcher.deliver")
 AUDIO_SUFFIXES = {"wav", "wave", "flac", "mp3", "m4a", "aif", "aiff", "ogg"}
 ARCHIVE_TRIES = 3
 OBJECT_KIND = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
+# Stems per documented preset; a preset not listed here may hold up to UNKNOWN_PRESET_STEMS.
+PRESET_STEMS = {"2_tracks": 2, "4_tracks": 4, "6_tracks": 6, "acapella": 1, "instrumental": 1}
+UNKNOWN_PRESET_STEMS = 8
 VERSION_WORDS = {
     "restored": ("restored", "upscaled", "restoration"),
     "mastered": ("mastered", "master"),
@@ -53,9 +57,11 @@ class Downloads(Protocol):
         self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
     ) -> Offer: ...
 
-    async def download_archive(self, url: str, dest: Path) -> int: ...
+    async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int: ...
 
-    async def download_object(self, kind: str, object_id: str, dest: Path, *, format: str) -> int: ...
+    async def download_object(
+        self, kind: str, object_id: str, dest: Path, *, format: str, max_bytes: int | None = None
+    ) -> int: ...
 
     async def stem_objects(self, creation_id: str) -> list[tuple[str, str]]:
         """The (stem_id, name) pairs of a finished stem split, for fetching stems one by one."""
@@ -95,6 +101,30 @@ class Deliverer:
         self.downloads = downloads
         self.cfg = cfg
         self.output_for = output_for
+
+    def bound(self, job: Job, versions: Sequence[str]) -> SizeBound:
+        """What the source (``job.data["duration"]``, ``["channels"]``) justifies for ``versions``' files.
+
+        Track versions are one file each, a stem version the preset's stem count. Unknown duration: the
+        configured ``max_archive_bytes``, and the log says so.
+        """
+        duration = job.data.get("duration")
+        channels = job.data.get("channels")
+        preset = str(self.cfg.stems.get("preset", ""))
+        stems = PRESET_STEMS.get(preset, UNKNOWN_PRESET_STEMS)
+        files = sum(1 if v in TRACK_VERSIONS else stems for v in versions)
+        if not isinstance(duration, int | float) or isinstance(duration, bool) or duration < 0:
+            log.info(
+                "deliver.size_unbounded",
+                path=display(job.file.path),
+                reason="the source's duration is unknown",
+                limit=self.cfg.max_archive_bytes,
+                next="downloads and zips are capped by max_archive_bytes only",
+            )
+            duration = None
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+            channels = None
+        return size_bound(duration, channels, files, self.cfg.max_archive_bytes)
 
     def target(self, job: Job) -> Path:
         out = self.output_for(job)
@@ -154,6 +184,7 @@ class Deliverer:
         """One archive request for a group (tracks or stems), then single downloads for whatever it lacked."""
         audio_id = ids["audio"]
         formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
+        bound = self.bound(job, versions)
         got: dict[str, list[dict[str, Any]]] = {}
         for attempt in range(1, ARCHIVE_TRIES + 1):
             offer = await self.downloads.request_archive(
@@ -163,7 +194,10 @@ class Deliverer:
                 break
             zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
             try:
-                await self.downloads.download_archive(offer.download_url, zip_path)
+                # A zip of audio hardly compresses: its own size is bounded like its contents, plus headers.
+                await self.downloads.download_archive(
+                    offer.download_url, zip_path, max_bytes=min(bound.total + FLOOR, self.cfg.max_archive_bytes)
+                )
             except ExpiredURL:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
@@ -178,6 +212,7 @@ class Deliverer:
                     staging,
                     max_total_bytes=self.cfg.max_archive_bytes,
                     max_entries=self.cfg.max_archive_entries,
+                    bound=bound,
                 )
             finally:
                 with contextlib.suppress(FileNotFoundError):
@@ -202,11 +237,20 @@ class Deliverer:
                 have = {Path(f["path"]).stem for f in got.get(version, [])}
                 if version in TRACK_VERSIONS and have:
                     continue
-                got.setdefault(version, []).extend(await self._fetch_single(job, version, ids, staging, dest, have))
+                got.setdefault(version, []).extend(
+                    await self._fetch_single(job, version, ids, staging, dest, have, bound)
+                )
         return [f for records in got.values() for f in records]
 
     async def _fetch_single(
-        self, job: Job, version: str, ids: Mapping[str, str], staging: Path, dest: Path, have: set[str]
+        self,
+        job: Job,
+        version: str,
+        ids: Mapping[str, str],
+        staging: Path,
+        dest: Path,
+        have: set[str],
+        bound: SizeBound,
     ) -> list[dict[str, Any]]:
         """Download one version (a track, or the stems not in ``have``) with ``GET /download/{type}/{id}``."""
         stem = Path(job.file.rel_path).stem
@@ -214,7 +258,9 @@ class Deliverer:
             fmt = self.cfg.format_of(version)
             op = "audio" if version == "original" else version
             where = dest / f"{stem}.{version}.{fmt}"
-            await self.downloads.download_object(OBJECT_KIND[version], ids[op], where, format=fmt)
+            await self.downloads.download_object(
+                OBJECT_KIND[version], ids[op], where, format=fmt, max_bytes=bound.per_file
+            )
             return [self._record(where, staging, version, ids, None)]
         creation = ids["stems:" + version.removesuffix("_stems")]
         records = []
@@ -223,7 +269,9 @@ class Deliverer:
                 continue
             where = dest / version / f"{name}.{self.cfg.format}"
             where.parent.mkdir(parents=True, exist_ok=True)
-            await self.downloads.download_object("stem", stem_id, where, format=self.cfg.format)
+            await self.downloads.download_object(
+                "stem", stem_id, where, format=self.cfg.format, max_bytes=bound.per_file
+            )
             records.append(self._record(where, staging, version, ids, None))
         return records
 
