@@ -97,3 +97,19 @@ def test_single_downloads_are_bounded_by_the_source(na: Service, tmp_path: Path,
     job = make_job(source, inbox, "c" * 64, duration=20.0, channels=2)
     target = deliver(na, ArchiveConfig(), tmp_path / "out", job, ["original"], ids)
     assert (target / "take.original.wav").read_bytes() == source.read_bytes()
+
+
+def test_hostile_stem_names_land_as_safe_files_inside_the_delivery(na: Service, tmp_path: Path, inbox: Path) -> None:
+    """Stem names like ``../../evil``, ``""`` or ``.hidden`` become plain files under stems/<version>/."""
+    na.emu.faults.polls_needed, na.emu.faults.email_queued = 0, 1
+    source = write_tone(inbox / "take.wav", 0.5)
+    ids = processed(na, source, stems=True)
+    split = na.emu.objects[ids["stems:original"]]
+    split.stems = list(zip([s for s, _ in split.stems], ["../../evil", "", ".hidden", "-rf"], strict=True))
+    job = make_job(source, inbox, "d" * 64, duration=0.5, channels=2)
+    out = tmp_path / "out"
+    target = deliver(na, ArchiveConfig(), out, job, ["original_stems"], ids)
+    stems = sorted(p.relative_to(target).as_posix() for p in (target / "stems").rglob("*") if p.is_file())
+    assert stems == [f"stems/original_stems/{n}.wav" for n in ("evil", "hidden", "original_stems-2", "rf")]
+    everything = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert all(p.startswith(("inbox/", "out/take/")) for p in everything), everything

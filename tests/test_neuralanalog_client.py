@@ -16,10 +16,17 @@ import pytest
 
 from tests.conftest import NA_KEY as KEY
 from tests.conftest import Service, body, write_silent_wav, write_tone
-from watcher.errors import NeedsUser, NotSent, RetryLater
+from watcher.errors import BadInput, NeedsUser, NotSent, RetryLater
 from watcher.safezip import TooLarge
 from watcher.services.multipart import MultipartBody
-from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
+from watcher.services.neuralanalog import (
+    ArchiveOffer,
+    ExpiredURL,
+    JobStatus,
+    NeuralAnalogClient,
+    RefusedRedirect,
+    disposition_name,
+)
 
 
 def sha(path: Path) -> str:
@@ -345,3 +352,74 @@ def test_download_without_a_length_is_counted_while_writing(na: Service, odd_sto
         na.run(lambda c: c.download_archive(f"{odd_storage.url}/zeros.zip", dest, max_bytes=3_000_000))
     assert not dest.exists() and no_temp_files(tmp_path / "dl")
     assert sent["bytes"] < 64 << 20
+
+
+# -- names and redirects from the network -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "where"),
+    [
+        ("file:///etc/passwd", "file://"),
+        ("ftp://127.0.0.1/x.zip?X-Signature=secret123", "ftp://127.0.0.1"),
+        ("http://localhost:1/x.zip?X-Signature=secret123", "http://localhost"),
+    ],
+)
+def test_refused_redirects(na: Service, odd_storage: Any, tmp_path: Path, location: str, where: str) -> None:
+    """Storage redirecting off https and off the service's host is refused; the signature is never shown."""
+    odd_storage.routes["x.zip"] = lambda req: req.redirect(location)
+    dest = tmp_path / "dl" / "x.zip"
+    with pytest.raises(RefusedRedirect) as err:
+        na.run(lambda c: c.download_archive(f"{odd_storage.url}/x.zip?X-Signature=secret123", dest))
+    assert isinstance(err.value, BadInput) and where in str(err.value) and "x.zip" in str(err.value)
+    assert "secret123" not in str(err.value) and "passwd" not in str(err.value)
+    assert len(odd_storage.requests) == 1 and not dest.exists()
+
+
+def test_redirects_on_the_service_host_are_followed_up_to_five(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """Hops on the service's own host (loopback) are followed by hand; a sixth is refused."""
+    payload = b"PK-not-really-a-zip" * 100
+
+    def hop(req: Any) -> None:
+        n = int(req.param("name").removeprefix("hop"))
+        if n == 0:
+            req.send_bytes(200, payload, "application/zip")
+        else:
+            req.redirect(f"/hop{n - 1}")
+
+    for n in range(8):
+        odd_storage.routes[f"hop{n}"] = hop
+    dest = tmp_path / "dl" / "x.zip"
+    assert na.run(lambda c: c.download_archive(f"{odd_storage.url}/hop5", dest)) == len(payload)
+    assert dest.read_bytes() == payload and len(odd_storage.requests) == 6
+    with pytest.raises(RefusedRedirect, match="more than 5 times"):
+        na.run(lambda c: c.download_archive(f"{odd_storage.url}/hop6", tmp_path / "dl" / "y.zip"))
+    assert not (tmp_path / "dl" / "y.zip").exists() and no_temp_files(tmp_path / "dl")
+
+
+def test_content_disposition_never_chooses_the_path(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """A hostile Content-Disposition file name changes nothing: the body lands where the caller said."""
+    odd_storage.routes["x.zip"] = lambda req: req.send_bytes(
+        200, b"data", "application/zip", {"Content-Disposition": 'attachment; filename="../../escaped.zip"'}
+    )
+    dest = tmp_path / "a" / "b" / "x.zip"
+    assert na.run(lambda c: c.download_archive(f"{odd_storage.url}/x.zip", dest)) == 4
+    assert dest.read_bytes() == b"data" and not (tmp_path / "escaped.zip").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["x.zip"]
+    assert disposition_name('attachment; filename="../../escaped.zip"', "f") == "escaped.zip"
+    assert disposition_name("attachment; filename*=UTF-8''%2E%2E%2F%C3%A9t%C3%A9.wav", "f") == "été.wav"
+    assert disposition_name(None, "fallback") == "fallback"
+
+
+def test_stem_names_from_status_details_are_made_safe(na: Service, tmp_path: Path) -> None:
+    """Hostile stem names in status_details come back as one safe file name each (or "" to be named)."""
+    na.emu.faults.polls_needed = 0
+    audio = write_tone(tmp_path / "a.wav", 0.3)
+
+    async def flow(c: NeuralAnalogClient) -> list[tuple[str, str]]:
+        split = await c.create_stems("audio_id", await c.upload(body(audio)), {"preset": "4_tracks"})
+        obj = na.emu.objects[split]
+        obj.stems = list(zip([s for s, _ in obj.stems], ["../../evil", "", ".hidden", "a/b"], strict=True))
+        return await c.stem_objects(split)
+
+    assert [name for _, name in na.run(flow)] == ["evil", "", "hidden", "a_b"]

@@ -5,11 +5,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 TEMP_PREFIX = ".watcher-tmp-"
+MAX_COMPONENT_BYTES = 255
+_UNSAFE = re.compile(r"[/\\]")
+_DOTS = re.compile(r"\.{2,}")
+
+
+def safe_component(name: str, fallback: str) -> str:
+    """``name`` (from the network) as one safe file name: never a path, never hidden, never an option.
+
+    Separators become ``_``, control characters and undecodable bytes go, runs of dots become one dot,
+    leading dots, dashes and spaces and trailing dots and spaces go, and the result is cut to 255 UTF-8
+    bytes keeping its extension. An empty result gives ``fallback`` (itself made safe; it may be empty).
+    """
+    text = "".join("_" if unicodedata.category(c) in ("Cc", "Cs") else c for c in name)
+    text = _DOTS.sub(".", _UNSAFE.sub("_", text)).lstrip(". -_\u00a0").rstrip(". ")
+    if not text.strip("_"):
+        return safe_component(fallback, "") if fallback else ""
+    return _truncate(text, MAX_COMPONENT_BYTES)
+
+
+def _truncate(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` UTF-8 bytes on a character boundary, keeping a short extension."""
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix.encode("utf-8")) > 16 or not stem:
+        stem, suffix = name, ""
+    tail = f".{suffix}" if suffix else ""
+    room = limit - len(tail.encode("utf-8"))
+    cut = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
+    return cut + tail
 
 
 def fsync_dir(path: Path) -> None:

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import structlog
@@ -25,7 +25,7 @@ import structlog
 from watcher import __version__
 from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir, write_json_atomic
+from watcher.fsutil import TEMP_PREFIX, fsync_dir, safe_component, write_json_atomic
 from watcher.names import display
 from watcher.safezip import FLOOR, SizeBound, extract_zip, size_bound
 from watcher.store import Job
@@ -217,10 +217,9 @@ class Deliverer:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
-            for entry in extracted.files:
+            for index, entry in enumerate(extracted.files, 1):
                 version = attribute(entry.path, versions) or "unknown"
-                where = dest / entry.path
-                where.parent.mkdir(parents=True, exist_ok=True)
+                where = self._place_for(dest, entry.path, version, index, stems=stems)
                 os.replace(extracted.root / entry.path, where)
                 got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
             shutil.rmtree(extracted.root, ignore_errors=True)
@@ -264,16 +263,25 @@ class Deliverer:
             return [self._record(where, staging, version, ids, None)]
         creation = ids["stems:" + version.removesuffix("_stems")]
         records = []
-        for stem_id, name in await self.downloads.stem_objects(creation):
+        for index, (stem_id, raw) in enumerate(await self.downloads.stem_objects(creation), 1):
+            name = safe_component(raw, f"{version}-{index}")
             if name in have:
                 continue
-            where = dest / version / f"{name}.{self.cfg.format}"
+            where = _free(dest / version / f"{name}.{self.cfg.format}")
             where.parent.mkdir(parents=True, exist_ok=True)
             await self.downloads.download_object(
                 "stem", stem_id, where, format=self.cfg.format, max_bytes=bound.per_file
             )
             records.append(self._record(where, staging, version, ids, None))
         return records
+
+    @staticmethod
+    def _place_for(dest: Path, rel: str, version: str, index: int, *, stems: bool) -> Path:
+        """Where a zip entry goes: its base name made safe, stems in a folder per version; never a clash."""
+        name = safe_component(PurePosixPath(rel).name, f"{version}-{index}")
+        folder = dest / version if stems and version in STEM_VERSIONS else dest
+        folder.mkdir(parents=True, exist_ok=True)
+        return _free(folder / name)
 
     def _record(self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None) -> dict:
         op = (
@@ -305,6 +313,16 @@ class Deliverer:
             )
         os.rename(staging, target)
         fsync_dir(target.parent)
+
+
+def _free(path: Path) -> Path:
+    """``path``, or ``stem.N.suffix`` with the first N not taken (two network names made safe may clash)."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
