@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 import structlog
 
 from tests.conftest import NA_KEY, NA_POLICY, Service, body, write_silent_wav, write_tone
+from watcher import fsutil
 from watcher.config import ArchiveConfig
 from watcher.safezip import BadArchive, TooLarge
 from watcher.services.neuralanalog import NeuralAnalogClient
@@ -113,3 +116,22 @@ def test_hostile_stem_names_land_as_safe_files_inside_the_delivery(na: Service, 
     assert stems == [f"stems/original_stems/{n}.wav" for n in ("evil", "hidden", "original_stems-2", "rf")]
     everything = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert all(p.startswith(("inbox/", "out/take/")) for p in everything), everything
+
+
+def test_delivery_follows_the_umask(na: Service, tmp_path: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under umask 002, delivered files and the manifest are 0664 and folders 0775 (staging was private)."""
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setattr(fsutil, "UMASK", fsutil._read_umask())
+        na.emu.faults.polls_needed = 0
+        source = write_tone(inbox / "take.wav", 0.5)
+        ids = processed(na, source, stems=True)
+        job = make_job(source, inbox, "e" * 64, duration=0.5, channels=2)
+        target = deliver(na, ArchiveConfig(), tmp_path / "out", job, ["original", "mastered", "original_stems"], ids)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(target).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*")}
+    assert modes["manifest.json"] == 0o664 and modes["stems"] == 0o775
+    assert len(modes) >= 8
+    assert all(m == (0o775 if (target / p).is_dir() else 0o664) for p, m in modes.items()), modes
+    assert stat.S_IMODE(target.stat().st_mode) == 0o775

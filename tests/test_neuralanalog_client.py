@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import stat
+import threading
 import time
 import tracemalloc
 import zipfile
@@ -15,7 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import NA_KEY as KEY
-from tests.conftest import Service, body, write_silent_wav, write_tone
+from tests.conftest import Service, body, wait_for, write_silent_wav, write_tone
+from watcher import fsutil
 from watcher.errors import BadInput, NeedsUser, NotSent, RetryLater
 from watcher.safezip import TooLarge
 from watcher.services.multipart import MultipartBody
@@ -423,3 +426,33 @@ def test_stem_names_from_status_details_are_made_safe(na: Service, tmp_path: Pat
         return await c.stem_objects(split)
 
     assert [name for _, name in na.run(flow)] == ["evil", "", "hidden", "a_b"]
+
+
+def test_download_temp_is_private_until_renamed(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """While a body streams in, its temp file is 0600; once complete it has the umask's mode."""
+    release = threading.Event()
+
+    def slow(req: Any) -> None:
+        h = req.handler
+        h.send_response(200)
+        h.send_header("Content-Length", str(2 << 20))
+        h.end_headers()
+        h.wfile.write(bytes(1 << 20))
+        h.wfile.flush()
+        release.wait(10)
+        h.wfile.write(bytes(1 << 20))
+
+    odd_storage.routes["slow.zip"] = slow
+    dest = tmp_path / "dl" / "slow.zip"
+    result: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: result.update(n=na.run(lambda c: c.download_archive(f"{odd_storage.url}/slow.zip", dest)))
+    )
+    worker.start()
+    try:
+        temp = wait_for(lambda: next((tmp_path / "dl").glob(".watcher-tmp-*"), None), what="the temp file")
+        assert stat.S_IMODE(temp.stat().st_mode) == 0o600
+    finally:
+        release.set()
+        worker.join(15)
+    assert result["n"] == 2 << 20 and stat.S_IMODE(dest.stat().st_mode) == fsutil.file_mode()

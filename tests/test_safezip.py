@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+import stat
 import threading
 import warnings
 import zipfile
@@ -254,3 +255,11 @@ def test_audio_within_the_bound_is_extracted_and_the_total_is_bounded(tmp_path):
     with pytest.raises(BadArchive, match=r"400000 bytes uncompressed in all, more than the limit \(350000-byte bound"):
         extract_zip(z, tmp_path / "d2", max_total_bytes=20 << 30, max_entries=10, bound=tight)
     assert leftovers(tmp_path / "d2") == []
+
+
+def test_extracted_files_stay_private_until_delivered(tmp_path):
+    """Entries are written 0600 inside the private temp folder; delivery gives them their final mode."""
+    z = make_zip(tmp_path / "ok.zip", [("a.wav", b"RIFF1234"), ("stems/b.wav", b"x" * 10)])
+    out = extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert stat.S_IMODE(out.root.stat().st_mode) == 0o700
+    assert {stat.S_IMODE((out.root / f.path).stat().st_mode) for f in out.files} == {0o600}

@@ -1,4 +1,8 @@
-"""Atomic file outputs: write a temp file in the same folder, fsync, rename over the target, fsync the folder."""
+"""File-system helpers for outputs: atomic writes, modes that follow the umask, safe names, crash-safe moves.
+
+Outputs for people (sidecars, manifests, delivered files) get ``0o666 & ~umask`` (folders ``0o777 & ~umask``);
+temp files stay private (0600) until they are renamed into place.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,55 @@ from pathlib import Path
 from typing import Any
 
 TEMP_PREFIX = ".watcher-tmp-"
+PRIVATE_FILE = 0o600
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring it once at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # macOS: no /proc; at import no other thread of ours creates files yet
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """The mode of an output file for people: what ``open()`` would give under the process umask."""
+    return 0o666 & ~UMASK
+
+
+def dir_mode() -> int:
+    """The mode of an output folder for people."""
+    return 0o777 & ~UMASK
+
+
+def chmod_quietly(path: str | os.PathLike[str] | int, mode: int) -> None:
+    """chmod (or fchmod for an fd) where the filesystem allows it: some shares refuse or ignore modes."""
+    with contextlib.suppress(OSError):
+        if isinstance(path, int):
+            os.fchmod(path, mode)
+        else:
+            os.chmod(path, mode)
+
+
+def publish_tree(root: Path) -> None:
+    """Give ``root`` and everything under it the output modes (before it is renamed into place)."""
+    chmod_quietly(root, dir_mode())
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            chmod_quietly(os.path.join(folder, name), dir_mode())
+        for name in files:
+            chmod_quietly(os.path.join(folder, name), file_mode())
+
+
 MAX_COMPONENT_BYTES = 255
 _UNSAFE = re.compile(r"[/\\]")
 _DOTS = re.compile(r"\.{2,}")
@@ -70,6 +123,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+            chmod_quietly(fh.fileno(), file_mode())  # private (mkstemp: 0600) until complete
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -79,4 +133,5 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """``payload`` as indented UTF-8 JSON, written like :func:`write_bytes_atomic` (mode from the umask)."""
     write_bytes_atomic(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

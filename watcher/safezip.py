@@ -220,7 +220,8 @@ def extract_zip(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 sha = hashlib.sha256()
                 size = 0
-                with zf.open(info) as src, target.open("xb") as out:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+                with zf.open(info) as src, os.fdopen(fd, "wb") as out:  # private until delivered
                     while chunk := src.read(CHUNK):
                         size += len(chunk)
                         written += len(chunk)

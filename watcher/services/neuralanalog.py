@@ -29,7 +29,7 @@ import httpx
 import structlog
 
 from watcher.errors import BadInput, ExpiredURL, NeedsUser, NotSent, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir, safe_component
+from watcher.fsutil import PRIVATE_FILE, TEMP_PREFIX, chmod_quietly, file_mode, fsync_dir, safe_component
 from watcher.names import display
 from watcher.safezip import TooLarge
 from watcher.services.http import (
@@ -376,7 +376,7 @@ async def _write_body(response: httpx.Response, dest: Path, source: str, max_byt
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
     written = 0
-    fh: IO[bytes] = await asyncio.to_thread(tmp.open, "xb")
+    fh: IO[bytes] = await asyncio.to_thread(_open_private, tmp)
     try:
         try:
             async for chunk in response.aiter_bytes(CHUNK):
@@ -421,6 +421,13 @@ def _flush(fh: IO[bytes]) -> None:
     os.fsync(fh.fileno())
 
 
+def _open_private(tmp: Path) -> IO[bytes]:
+    """A new temp file only we can read (0600) until it is complete and renamed."""
+    return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
+
+
 def _place(tmp: Path, dest: Path) -> None:
+    """Rename the finished temp file into place with the output mode (the umask's)."""
+    chmod_quietly(tmp, file_mode())
     os.replace(tmp, dest)
     fsync_dir(dest.parent)

@@ -25,7 +25,7 @@ import structlog
 from watcher import __version__
 from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir, safe_component, write_json_atomic
+from watcher.fsutil import TEMP_PREFIX, fsync_dir, publish_tree, safe_component, write_json_atomic
 from watcher.names import display
 from watcher.safezip import FLOOR, SizeBound, extract_zip, size_bound
 from watcher.store import Job
@@ -148,7 +148,7 @@ class Deliverer:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
         await asyncio.to_thread(shutil.rmtree, staging, True)
-        staging.mkdir()
+        staging.mkdir(mode=0o700)  # private until renamed into place
         try:
             files: list[dict[str, Any]] = []
             tracks = [v for v in versions if v in TRACK_VERSIONS]
@@ -311,6 +311,7 @@ class Deliverer:
                 previous=str(kept),
                 reason="a newer version of this source was delivered",
             )
+        publish_tree(staging)
         os.rename(staging, target)
         fsync_dir(target.parent)
 
