@@ -7,9 +7,11 @@ temp files stay private (0600) until they are renamed into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -135,3 +137,64 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def write_json_atomic(path: Path, payload: Any) -> None:
     """``payload`` as indented UTF-8 JSON, written like :func:`write_bytes_atomic` (mode from the umask)."""
     write_bytes_atomic(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def free_name(path: Path) -> Path:
+    """``path`` if nothing is there, else ``stem.N.suffix`` with the first free N (1, 2, ...)."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def _rename_no_replace(src: Path, dst: Path) -> Path:
+    """Rename ``src`` to ``dst`` or the next free name, never over an existing file; returns where it went.
+
+    A hard link claims the name atomically (EEXIST if taken); where links are not supported, the name is
+    checked first and renamed (a narrow race, on filesystems that offer nothing better).
+    """
+    while True:
+        target = free_name(dst)
+        try:
+            os.link(src, target, follow_symlinks=False)
+        except FileExistsError:
+            continue  # taken between the check and the link: try the next name
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise
+            os.rename(src, target)  # no hard links here (some shares): check-then-rename
+            return target
+        os.unlink(src)
+        return target
+
+
+def move_file(src: Path, dst: Path) -> Path:
+    """Move ``src`` to ``dst`` (or ``stem.N.suffix`` when taken) so that a crash never loses or halves it.
+
+    Same device: a rename. Across devices: copy to a private temp name in the destination folder, fsync,
+    rename into place, fsync the folder, then remove the source. A failure (a full disk) leaves the source
+    untouched and no temp file behind, and raises the OSError. Returns the final path.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _rename_no_replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=dst.suffix, dir=dst.parent)
+    try:
+        with open(src, "rb") as source, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)  # the mode and mtime travel with the file, as with mv
+        final = _rename_no_replace(Path(tmp), dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    os.unlink(src)
+    fsync_dir(src.parent)
+    return final
