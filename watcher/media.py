@@ -1,0 +1,59 @@
+"""Duration, channels and sample rate of an audio file, read from its headers (no decoding).
+
+Used where a size or a cost depends on how long the audio is: the bounds on what a delivery may hold,
+and the minutes a dry run would send. ``mutagen`` reads WAV, AIFF, FLAC, MP3, M4A and Ogg headers in
+pure Python; when it cannot tell, :class:`AudioInfo` says why instead of guessing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mutagen
+
+from watcher.names import display
+
+FORMATS = "WAV, AIFF, FLAC, MP3, M4A, Ogg"
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the headers say; each field None when unknown, ``reason`` saying why when the duration is."""
+
+    duration: float | None
+    channels: int | None
+    sample_rate: int | None
+    reason: str | None = None
+
+
+def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
+    """The duration (seconds), channels and sample rate ``path``'s headers give; never raises for a bad file."""
+    try:
+        parsed = mutagen.File(os.fspath(path))
+    except mutagen.MutagenError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        if isinstance(cause, OSError):
+            return _unknown(f"{display(path)} cannot be read: {cause.strerror or cause}")
+        return _unknown(f"the headers of {display(path)} are damaged or not audio: {exc}")
+    except OSError as exc:
+        return _unknown(f"{display(path)} cannot be read: {exc.strerror or exc}")
+    if parsed is None or getattr(parsed, "info", None) is None:
+        return _unknown(f"{display(path)} is not in a format whose headers can be read ({FORMATS})")
+    info = parsed.info
+    channels = _positive_int(getattr(info, "channels", None))
+    rate = _positive_int(getattr(info, "sample_rate", None))
+    if rate is None and type(parsed).__name__ == "OggOpus":
+        rate = 48000  # Opus always decodes at 48 kHz; its header holds the input rate only
+    length = getattr(info, "length", None)
+    if not isinstance(length, int | float) or length <= 0:
+        return AudioInfo(None, channels, rate, f"the headers of {display(path)} give no duration")
+    return AudioInfo(float(length), channels, rate, None)
+
+
+def _unknown(reason: str) -> AudioInfo:
+    return AudioInfo(None, None, None, reason)
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
