@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import TEMP_PREFIX
+from watcher.names import display
 
 CHUNK = 1 << 20
 # OS errors that mean "this disk", not "this zip".
@@ -236,12 +237,14 @@ def extract_zip(
                 result.files.append(ExtractedFile(rel.as_posix(), size, sha.hexdigest()))
     except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         shutil.rmtree(root, ignore_errors=True)
-        raise BadArchive(f"refused zip {zip_path.name}: entry {entry!r}: {exc}") from None
+        raise BadArchive(f"refused zip {display(zip_path.name)}: entry {entry!r}: {exc}") from None
     except OSError as exc:
         shutil.rmtree(root, ignore_errors=True)
         if exc.errno in DISK_ERRNOS or entry == "(none)":
-            raise RetryLater(f"could not extract zip {zip_path.name} into {dest_parent}: {exc.strerror}") from exc
-        raise BadArchive(f"refused zip {zip_path.name}: entry {entry!r}: {exc.strerror}") from None
+            raise RetryLater(
+                f"could not extract zip {display(zip_path.name)} into {display(dest_parent)}: {exc.strerror}"
+            ) from exc
+        raise BadArchive(f"refused zip {display(zip_path.name)}: entry {entry!r}: {exc.strerror}") from None
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -302,7 +302,7 @@ class NeuralAnalogClient:
             except ExpiredURL:
                 if ask == fresh_urls:
                     raise
-                log.info("download.url_expired", path=str(dest), object=f"{kind}/{object_id}", next="asking again")
+                log.info("download.url_expired", path=display(dest), object=f"{kind}/{object_id}", next="asking again")
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_url(self, url: str, dest: Path) -> None:

@@ -143,7 +143,7 @@ class Deliverer:
             and existing.get("source", {}).get("sha256") == sha256
             and set(versions) <= set(existing.get("versions", []))
         ):
-            log.info("deliver.already_there", path=job.file.path, delivery=str(target))
+            log.info("deliver.already_there", path=display(job.file.path), delivery=display(target))
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
@@ -175,7 +175,7 @@ class Deliverer:
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
-        log.info("deliver.done", path=job.file.path, delivery=str(target), files=len(files))
+        log.info("deliver.done", path=display(job.file.path), delivery=display(target), files=len(files))
         return target
 
     async def _fetch_group(
@@ -203,7 +203,7 @@ class Deliverer:
                     zip_path.unlink()
                 if attempt == ARCHIVE_TRIES:
                     raise
-                log.info("deliver.url_expired", path=job.file.path, next="asking for a fresh archive URL")
+                log.info("deliver.url_expired", path=display(job.file.path), next="asking for a fresh archive URL")
                 continue
             try:
                 extracted = await asyncio.to_thread(
@@ -228,7 +228,7 @@ class Deliverer:
             why = "queued for e-mail" if offer.email_notification_queued else "incomplete"
             log.warning(
                 "deliver.fetching_singly",
-                path=job.file.path,
+                path=display(job.file.path),
                 archive=why,
                 next="fetching what the archive lacks one object at a time",
             )
@@ -306,9 +306,9 @@ class Deliverer:
             os.rename(target, kept)
             log.warning(
                 "deliver.previous_kept",
-                path=job.file.path,
-                delivery=str(target),
-                previous=str(kept),
+                path=display(job.file.path),
+                delivery=display(target),
+                previous=display(kept),
                 reason="a newer version of this source was delivered",
             )
         publish_tree(staging)
