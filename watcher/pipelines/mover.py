@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +18,7 @@ import structlog
 
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig, SidecarConfig
+from watcher.fsutil import move_file
 from watcher.names import display
 from watcher.pipelines.sidecar import sidecar_path
 from watcher.store import TERMINAL, Job
@@ -81,12 +81,9 @@ class SourceMover:
             log.warning("finish.not_moved", path=display(source), reason=why, next="the file stays where it is")
             return None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                target = target.with_name(f"{target.stem}.{job.file.id}{target.suffix}")
-            shutil.move(source, target)
+            target = move_file(source, target)  # crash-safe across devices; never over an existing file
             if self.sidecar.directory is None and side.exists():
-                shutil.move(side, target.with_name(target.name + self.sidecar.suffix))
+                move_file(side, target.with_name(target.name + self.sidecar.suffix))
         except OSError as exc:
             log.error(
                 "finish.move_failed",
