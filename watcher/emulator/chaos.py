@@ -33,6 +33,8 @@ from watcher.fsutil import TEMP_PREFIX
 ANALYSIS_KEY = "chaos-analysis-key"
 PROCESSING_KEY = "chaos-processing-key"
 SIDECAR_SUFFIX = ".analysis.json"
+START_MARK = "chaos.daemon_start"  # written to the daemon's log before each start
+READY_WAIT = 5.0  # seconds to wait for a start's `daemon.ready` before going on regardless
 # Paid operations a product's in-doubt ``operation`` may name, by a word it contains.
 OPERATION_WORDS = (
     ("upload", "upload"),
@@ -214,18 +216,18 @@ class DaemonProcess:
     def start(self) -> None:
         command = [self.plan.python, "-m", "watcher", "--config", str(self.cfg), "--log-format", "json", "run"]
         with self.log_path.open("ab") as log:
-            log.write(f'{{"event": "chaos.start", "start": {self.starts + 1}}}\n'.encode())
+            log.write(f'{{"event": "{START_MARK}", "start": {self.starts + 1}}}\n'.encode())
             log.flush()
             self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1
 
     def ready(self) -> bool:
-        """Whether this start has logged ``daemon.ready`` (its first scan is done)."""
+        """Whether the running process has logged ``daemon.ready`` (its first scan is done)."""
         try:
             text = self.log_path.read_text("utf-8", errors="replace")
         except FileNotFoundError:
             return False
-        return text.count("daemon.ready") >= self.starts
+        return "daemon.ready" in text.rpartition(START_MARK)[2]
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -285,6 +287,28 @@ def paid_operations(pipeline: str, operation: str) -> Callable[[str], bool]:
     return lambda paid_op: False
 
 
+def retried_pairs(
+    entries: list[dict[str, Any]], sha_of: dict[str, str], paid_before: Counter[tuple[str, str]]
+) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
+    """The (content, operation) pairs a ``watcher retry --in-doubt`` may pay once more: those the status's
+    in-doubt ``entries`` cover, among the pairs paid so far; and the entries naming no dropped file."""
+    retried: set[tuple[str, str]] = set()
+    strays: list[dict[str, Any]] = []
+    for entry in entries:
+        covers = paid_operations(str(entry.get("pipeline", "")), str(entry.get("operation", "")))
+        sha = sha_of.get(str(entry.get("path")))
+        if sha is None:
+            strays.append(entry)
+            continue
+        retried |= {(s, op) for (s, op) in paid_before if s == sha and covers(op)}
+    return retried, strays
+
+
+def overpaid(paid: Counter[tuple[str, str]], retried: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Pairs paid more than once, or more than twice when the user re-sent them after an in-doubt hold."""
+    return {pair: n for pair, n in paid.items() if n > (2 if pair in retried else 1)}
+
+
 class Scenario:
     """One chaos run; :meth:`run` returns its :class:`ChaosResult`."""
 
@@ -335,7 +359,13 @@ class Scenario:
         return report
 
     def _in_doubt(self, d: Drop, pipeline: str) -> bool:
-        return pipeline in self.shown_in_doubt.get(str(self.inbox / d.name), set())
+        """Whether the status showed this pipeline in doubt for this file or a copy of its content
+        (work is per content, so a copy may wait on its original's in-doubt operation)."""
+        return any(
+            pipeline in self.shown_in_doubt.get(str(self.inbox / other.name), set())
+            for other in self.dropped
+            if other.sha256 == d.sha256
+        )
 
     def _failed(self, report: dict[str, Any] | None) -> set[str]:
         """Paths with a job the product gave up on (so waiting longer will not help)."""
@@ -380,7 +410,7 @@ class Scenario:
                 daemon.start()
                 last = len(bursts) - 1
                 for k, burst in enumerate(bursts):
-                    _until(daemon.ready, 15)  # a daemon that never logs ready is still killed and checked
+                    _until(daemon.ready, READY_WAIT)  # one that never logs ready is still killed and checked
                     self.drop(burst)
                     plan.say(f"burst {k + 1}/{len(bursts)}: {len(burst)} files (start {daemon.starts})")
                     if k == last:
@@ -407,23 +437,14 @@ class Scenario:
         before = self.status(daemon) or self.last_status or {}
         entries = [e for e in before.get("in_doubt") or [] if isinstance(e, dict)]
         self.in_doubt_entries = entries
-        retried: set[tuple[str, str]] = set()
         sha_of = {str(self.inbox / d.name): d.sha256 for d in self.dropped}
-        paid_before = emu.paid()
-        for entry in entries:
-            covers = paid_operations(str(entry.get("pipeline", "")), str(entry.get("operation", "")))
-            sha = sha_of.get(str(entry.get("path")))
-            if sha is None:
-                problems.append(f"in doubt for a file never dropped: {entry}")
-                continue
-            retried |= {(s, op) for (s, op) in paid_before if s == sha and covers(op)}
-            if not any(s == sha and covers(op) for (s, op) in paid_before):
-                retried.add((sha, str(entry.get("operation"))))
+        retried, strays = retried_pairs(entries, sha_of, emu.paid())
+        problems += [f"in doubt for a file never dropped: {entry}" for entry in strays]
         retry = daemon.watcher("retry", "--in-doubt")
         if entries:
             _until(lambda: self.settled(daemon, need_delivery=True), plan.retry_timeout, 0.2)
         paid = emu.paid()
-        double = {k: n for k, n in paid.items() if n > (2 if k in retried else 1)}
+        double = overpaid(paid, retried)
         problems += self.check_files()
         problems += [
             f"paid {n} times for {op} of content {sha[:12]} ({self._names(sha)})" for (sha, op), n in double.items()
