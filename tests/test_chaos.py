@@ -59,3 +59,4 @@ def test_the_judge_allows_a_second_payment_only_after_an_in_doubt_retry() -> Non
     assert paid_operations("archive", "POST /master-audio")("master")
     assert paid_operations("analyze", "analyze:key")("analyze:key")
     assert not paid_operations("analyze", "analyze:key")("analyze:bpm_degara")
+    assert paid_operations("archive", "process")("stems") and not paid_operations("archive", "process")("analyze:key")

@@ -35,6 +35,7 @@ PROCESSING_KEY = "chaos-processing-key"
 SIDECAR_SUFFIX = ".analysis.json"
 START_MARK = "chaos.daemon_start"  # written to the daemon's log before each start
 READY_WAIT = 5.0  # seconds to wait for a start's `daemon.ready` before going on regardless
+ARCHIVE_OPERATIONS = frozenset({"upload", "restore", "master", "stems"})
 # Paid operations a product's in-doubt ``operation`` may name, by a word it contains.
 OPERATION_WORDS = (
     ("upload", "upload"),
@@ -284,6 +285,8 @@ def paid_operations(pipeline: str, operation: str) -> Callable[[str], bool]:
             return lambda paid_op, name=name: paid_op == name
     if pipeline == "analyze" or "analy" in op:
         return lambda paid_op: paid_op.startswith("analyze:")
+    if pipeline == "archive":  # an archive operation we cannot name: any of the archive's paid requests
+        return lambda paid_op: paid_op in ARCHIVE_OPERATIONS
     return lambda paid_op: False
 
 
