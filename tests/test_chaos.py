@@ -26,7 +26,8 @@ def test_kills_copies_and_faults_never_pay_twice(tmp_path: Path) -> None:
     print(result.table(), flush=True)
     assert (result.files, result.copies) == (100, 20) and result.kills >= 8
     assert sum(result.injected.values()) > 0, "chaos injected no fault: the run proves nothing"
-    assert not result.problems, f"seed {seed}: " + "\n".join(result.problems)
+    where = f"seed {seed}, daemon log {tmp_path / 'daemon.log'}"
+    assert not result.problems, f"{where}:\n" + "\n".join(result.problems)
 
 
 def test_the_plan_is_seeded_and_copies_are_identical(tmp_path: Path) -> None:

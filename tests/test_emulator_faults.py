@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, write_tone
+from tests.conftest import API_KEY, wait_for, write_tone
 from watcher.emulator import Emulator
 from watcher.emulator.neuralanalog import HOSTILE_STEM_NAMES
 
@@ -170,6 +170,18 @@ def test_reject_uploads_by_file_name(emulator: Emulator, client: httpx.Client, a
     assert emulator.processing.objects == {} and emulator.paid() == Counter()
     uploaded(client, audio, "Allowed.wav")
     assert emulator.paid() == Counter({(sha(audio), "upload"): 1})
+
+
+def test_complete_after_finishes_jobs_nobody_polls(emulator: Emulator, client: httpx.Client, audio: bytes) -> None:
+    """complete_after: a job nobody polls completes on its own, so the archive of its audio can take it."""
+    faults = emulator.processing.faults
+    faults.polls_needed, faults.complete_after = 50, 0.3
+    audio_id = uploaded(client, audio)
+    client.post("/master-audio", json={"audio_id": audio_id}).raise_for_status()
+    request = {"id": audio_id, "versions": ["original", "mastered"]}
+    first = client.post("/download-archive", json=request)
+    assert first.status_code == 422 and "not complete" in first.json()["detail"]
+    wait_for(lambda: client.post("/download-archive", json=request).status_code == 200, timeout=5, what="archive")
 
 
 # -- what could be billed ---------------------------------------------------------------------------------

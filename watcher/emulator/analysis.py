@@ -45,6 +45,7 @@ class AnalysisFaults:
     event_delay: float = 0.0  # seconds between events (slow answers)
     read_delay: float = 0.0  # seconds per 64 KiB of request body read (a slow upload link)
     reject_models: set[str] = field(default_factory=set)  # 422 when a request names one of these
+    # Both of these answer 200 to an accepted request, so its models count as paid (Emulator.paid).
     not_sse: int = 0  # answer this many streams 200 application/json {"result": "ok"}, no event stream
     keepalive_only: float = 0.0  # the next stream: headers, then only keep-alive comments for this long, then close
     keepalive_interval: float = 0.2  # seconds between those comments
