@@ -475,7 +475,7 @@ class Scenario:
             retry_exit=retry.returncode,
             double_paid=double,
             copied_contents=copied,
-            problems=problems,
+            problems=sorted(problems, key=lambda p: p.startswith("paid ")),  # the rarer kinds first
             seconds=time.monotonic() - started,
         )
 
