@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from watcher.emulator.chaos import ChaosPlan, overpaid, paid_operations, plan_drops, retried_pairs, run_chaos
+from watcher.emulator.chaos import (
+    ChaosPlan,
+    overpaid,
+    paid_operations,
+    plan_drops,
+    reported_resends,
+    retried_pairs,
+    run_chaos,
+)
 
 
 @pytest.mark.timeout(120)
@@ -56,8 +64,26 @@ def test_the_judge_allows_a_second_payment_only_after_an_in_doubt_retry() -> Non
     retried, strays = retried_pairs(entries, {"/in/a.wav": "a", "/in/b copy.wav": "b"}, paid)
     assert retried == {("a", "upload"), ("b", "analyze:key"), ("b", "analyze:bpm_degara")}
     assert strays == [entries[2]]
-    assert overpaid(paid, retried) == {("a", "master"): 2, ("b", "analyze:bpm_degara"): 3}
+    assert overpaid(paid, retried, Counter()) == {("a", "master"): 2, ("b", "analyze:bpm_degara"): 3}
+    assert overpaid(paid, retried, Counter({("a", "master"): 1, ("b", "analyze:bpm_degara"): 1})) == {
+        ("b", "analyze:bpm_degara"): 3
+    }
     assert paid_operations("archive", "POST /master-audio")("master")
     assert paid_operations("analyze", "analyze:key")("analyze:key")
     assert not paid_operations("analyze", "analyze:key")("analyze:bpm_degara")
     assert paid_operations("archive", "process")("stems") and not paid_operations("archive", "process")("analyze:key")
+
+
+def test_the_judge_reads_the_resends_watcher_reported(tmp_path: Path) -> None:
+    """Re-asks and re-sends the daemon logged (with their content) are what the judge allows, per operation."""
+    log = tmp_path / "daemon.log"
+    log.write_text(
+        '{"event": "analyze.reask", "sha256": "b", "models": ["key:1", "bpm_degara"]}\n'
+        '{"event": "archive.resend", "sha256": "a", "operation": "upload"}\n'
+        '{"event": "archive.resend", "sha256": "a", "operation": "stems:mastered"}\n'
+        "not json at all\n"
+        '{"event": "archive.uploaded", "sha256": "a"}\n'
+    )
+    assert reported_resends(log) == Counter(
+        {("b", "analyze:key"): 1, ("b", "analyze:bpm_degara"): 1, ("a", "upload"): 1, ("a", "stems"): 1}
+    )

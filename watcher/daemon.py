@@ -25,7 +25,9 @@ from watcher.app import App
 from watcher.config import Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
+from watcher.fsutil import sweep_temp
 from watcher.metrics import Metrics, NullMetrics
+from watcher.names import display
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.services.http import add_observer, remove_observer
 from watcher.store import TERMINAL
@@ -185,7 +187,7 @@ class Daemon:
         app = App.build(self.settings, subscribers=subscribers)
         self.app = app
         try:
-            self._recover(app)
+            await self._recover(app)
             detector = app.make_detector(self.settings.folders)
             log.info(
                 "daemon.started",
@@ -223,8 +225,9 @@ class Daemon:
             await app.aclose()
             self.app = None
 
-    def _recover(self, app: App) -> None:
-        """Under the state folder's lock no earlier life can still be working: take back what it held."""
+    async def _recover(self, app: App) -> None:
+        """Under the state folder's lock no earlier life can still be working: take back what it held, and
+        remove the temp files a kill left behind (half-written sidecars, downloads, staging folders)."""
         released = app.store.release_leases()
         if released:
             log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
@@ -237,6 +240,22 @@ class Daemon:
                 "analysis ones are asked again",
             )
         self._prune(app)
+        removed = await asyncio.to_thread(sweep_temp, self._our_folders())
+        if removed:
+            log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
+
+    def _our_folders(self) -> list[tuple[Path, bool]]:
+        """Every folder watcher writes into, with whether its subfolders count too."""
+        s = self.settings
+        roots = {f.path: f.recursive for f in s.folders}
+        for extra in (s.archive.output_dir, s.sidecar.directory, *(f.output_dir for f in s.folders)):
+            if extra is not None:
+                roots[extra] = True
+        for f in s.folders:
+            for moved in (f.done_dir, f.failed_dir):
+                if moved is not None:
+                    roots[moved] = True
+        return list(roots.items())
 
     def _webhook_sender(self) -> WebhookSender | None:
         cfg = self.settings.webhooks

@@ -198,3 +198,33 @@ def move_file(src: Path, dst: Path) -> Path:
     os.unlink(src)
     fsync_dir(src.parent)
     return final
+
+
+def sweep_temp(roots: list[tuple[Path, bool]]) -> list[Path]:
+    """Remove our own leftovers (``.watcher-tmp-*`` files and folders) under each ``(root, recursive)``.
+
+    Only safe while no watcher writes there: the daemon calls it at start-up, holding its state folder's lock,
+    for the folders it owns. Links are never followed. Returns what was removed.
+    """
+    removed: list[Path] = []
+    for root, recursive in roots:
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    found = list(entries)
+            except OSError:
+                continue
+            for entry in found:
+                with contextlib.suppress(OSError):
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if entry.name.startswith(TEMP_PREFIX):
+                        if is_dir:
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                    elif is_dir and recursive:
+                        stack.append(Path(entry.path))
+    return removed

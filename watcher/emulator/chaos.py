@@ -76,8 +76,9 @@ class ChaosResult:
     paid: Counter[tuple[str, str]]
     in_doubt: list[dict[str, Any]]
     retried: set[tuple[str, str]]  # (sha256, operation) pairs the user re-sent after the product held them
+    resent: Counter[tuple[str, str]]  # re-sends the product itself logged (a lost answer asked again, counted)
     retry_exit: int | None
-    double_paid: dict[tuple[str, str], int]  # pairs paid more than once without being retried
+    double_paid: dict[tuple[str, str], int]  # pairs paid more often than once plus the re-sends reported
     copied_contents: set[str]
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -100,7 +101,8 @@ class ChaosResult:
         ]
         rows += [(f"paid {op}", f"{n}  (pairs paid twice or more: {twice[op]})") for op, n in sorted(per_op.items())]
         rows += [
-            ("pairs paid twice, not retried", f"{len(self.double_paid)} ({on_copies} on content that has copies)"),
+            ("re-sends reported by watcher", f"{sum(self.resent.values())} " + _inline(_by_op(self.resent))),
+            ("pairs paid twice, unreported", f"{len(self.double_paid)} ({on_copies} on content that has copies)"),
             ("in doubt (shown)", str(len(self.in_doubt))),
             ("retried by the user", f"{len(self.retried)} (watcher retry --in-doubt exit {self.retry_exit})"),
             ("problems", str(len(self.problems))),
@@ -307,9 +309,39 @@ def retried_pairs(
     return retried, strays
 
 
-def overpaid(paid: Counter[tuple[str, str]], retried: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Pairs paid more than once, or more than twice when the user re-sent them after an in-doubt hold."""
-    return {pair: n for pair, n in paid.items() if n > (2 if pair in retried else 1)}
+def overpaid(
+    paid: Counter[tuple[str, str]], retried: set[tuple[str, str]], resent: Counter[tuple[str, str]]
+) -> dict[tuple[str, str], int]:
+    """Pairs paid more often than once plus the re-sends the product reported (a user's retry of an in-doubt
+    operation is one of them; it counts even if its log line was lost to a kill)."""
+    return {pair: n for pair, n in paid.items() if n > 1 + max(resent[pair], 1 if pair in retried else 0)}
+
+
+def reported_resends(log: Path) -> Counter[tuple[str, str]]:
+    """(content, operation) re-sends the daemon logged: ``analyze.reask`` (per model) and ``archive.resend``."""
+    found: Counter[tuple[str, str]] = Counter()
+    with contextlib.suppress(FileNotFoundError), log.open("r", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if '"analyze.reask"' not in line and '"archive.resend"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            sha = str(event.get("sha256", ""))
+            if event.get("event") == "analyze.reask":
+                for model in event.get("models") or []:
+                    found[(sha, f"analyze:{str(model).split(':', 1)[0]}")] += 1
+            elif event.get("event") == "archive.resend":
+                found[(sha, str(event.get("operation", "")).split(":", 1)[0])] += 1
+    return found
+
+
+def _by_op(pairs: Counter[tuple[str, str]]) -> Counter[str]:
+    out: Counter[str] = Counter()
+    for (_, op), n in pairs.items():
+        out[op] += n
+    return out
 
 
 class Scenario:
@@ -450,7 +482,8 @@ class Scenario:
         if entries:
             _until(lambda: self.settled(daemon, need_delivery=True), plan.retry_timeout, 0.2)
         paid = emu.paid()
-        double = overpaid(paid, retried)
+        resent = reported_resends(daemon.log_path)
+        double = overpaid(paid, retried, resent)
         problems += self.check_files()
         problems += [
             f"paid {n} times for {op} of content {sha[:12]} ({self._names(sha)})" for (sha, op), n in double.items()
@@ -472,6 +505,7 @@ class Scenario:
             paid=paid,
             in_doubt=entries,
             retried=retried,
+            resent=resent,
             retry_exit=retry.returncode,
             double_paid=double,
             copied_contents=copied,

@@ -163,7 +163,11 @@ class AnalyzePipeline:
             reasks = [m for m, t in zip(missing, tickets, strict=True) if t.resend]
             if reasks:
                 log.warning(
-                    "analyze.reask", path=path, models=reasks, next="asking again for models whose answer was lost"
+                    "analyze.reask",
+                    path=path,
+                    sha256=sha256,
+                    models=reasks,
+                    next="asking again for models whose answer was lost (each re-ask is counted)",
                 )
             missing = send
         log.info("analyze.started", path=path, models=missing)

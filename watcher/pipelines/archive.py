@@ -307,6 +307,7 @@ class ArchivePipeline:
             log.warning(
                 "archive.resend",
                 path=job.file.path,
+                sha256=op.sha256,
                 operation=op.name,
                 next="sending again a request whose answer was lost: the service may count it twice",
             )
