@@ -1,4 +1,4 @@
-"""The gate every paid call passes, and its ledger: the store's contract, tried against a real SQLite store.
+"""The gate every paid call passes, and its ledger: the store's contract, tried against every adapter.
 
 Each test plays two claimers (two jobs, or two daemons sharing a store) against one operation.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +16,6 @@ SHA = "ab" * 32
 UPLOAD = Operation(SHA, "processing http://x account:1", "upload", "p1", "reask")
 MASTER = Operation(SHA, "processing http://x account:1", "master", "p2", "hold")
 KEY = Operation(SHA, "analysis http://y account:2", "analyze:key", "", "reask")
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "w.db")
-    yield s
-    s.close()
 
 
 def take(store: Store, op: Operation, owner: str, **kw):

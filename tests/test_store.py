@@ -1,19 +1,11 @@
-"""The store: file versions, leases, scheduling, the result cache, and durability across reopenings."""
+"""The store's contract (every adapter): file versions, leases, scheduling, the result cache, durability across
+reopenings, and the SQLite adapter's own promises (WAL, migrations from earlier releases)."""
 
 from __future__ import annotations
 
 import sqlite3
 
-import pytest
-
 from watcher.store import Store, StoredResult
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "w.db")
-    yield s
-    s.close()
 
 
 def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int = 1, inode: int = 7):
@@ -68,18 +60,17 @@ def test_expired_lease_can_be_claimed(store):
     assert store.claim("analyze", "alive", now=211.0) is not None
 
 
-def test_commit_is_durable(tmp_path):
+def test_commit_is_durable(open_store):
     """Data committed on a job survives closing and reopening the store (a restart)."""
-    s = Store(tmp_path / "w.db")
+    s = open_store()
     register(s)
     job = s.claim("analyze", "a")
     s.commit(job, step="uploading", audio_id="abc")
     s.close()
-    s2 = Store(tmp_path / "w.db")
+    s2 = open_store()
     s2.release_leases()
     job2 = s2.claim("analyze", "b")
     assert job2 is not None and job2.step == "uploading" and job2.data["audio_id"] == "abc"
-    s2.close()
 
 
 def test_results_are_content_addressed(store):
@@ -156,3 +147,19 @@ def test_a_store_from_the_previous_release_is_migrated(tmp_path):
         assert set(store.results_for("ab", "analysis http://es account:2")) == {"key"}
     finally:
         store.close()
+
+
+def test_the_sqlite_adapter_offers_every_port(store):
+    """The adapter satisfies the whole contract a composition root may rely on (checked method by method)."""
+    import inspect
+
+    from watcher.store import ports
+
+    for port in (ports.Registry, ports.Jobs, ports.Results, ports.Gate, ports.Control, ports.StorePort):
+        for name, member in inspect.getmembers(port, inspect.isfunction):
+            if name.startswith("_"):
+                continue
+            mine = getattr(store, name, None)
+            assert callable(mine), f"{type(store).__name__} lacks {port.__name__}.{name}"
+            wanted = [p for p in inspect.signature(member).parameters if p != "self"]
+            assert [p for p in inspect.signature(mine).parameters] == wanted, f"{name} differs from the port"
