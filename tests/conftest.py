@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.pg import pg_cluster, pg_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 from watcher.audiofile import FileBody, signature
 from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings
 from watcher.emulator import Emulator
@@ -84,7 +85,7 @@ def query(tmp_path: Path, sql: str, *args: object) -> tuple | None:
 
 # -- the store's adapters: every contract test runs against each one ------------------------------------------
 
-ADAPTERS = ["sqlite"]
+ADAPTERS = ["sqlite", "postgres"]
 
 
 @pytest.fixture(params=ADAPTERS)
@@ -93,9 +94,15 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
     from watcher.store import Store
 
     opened: list[Any] = []
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
 
     def factory() -> Any:
-        store = Store(tmp_path / "contract.db")
+        if url:
+            from watcher.store.postgres import PostgresStore
+
+            store: Any = PostgresStore(url)
+        else:
+            store = Store(tmp_path / "contract.db")
         opened.append(store)
         return store
 
