@@ -1,6 +1,6 @@
 """The composition root: frozen settings in, the finished object graph out. Nothing else wires objects.
 
-    Settings ─▶ App.build ─┬─ store (SQLite, behind the ports the runner and pipelines declare)
+    Settings ─▶ App.build ─┬─ store (SQLite, or PostgreSQL for several machines, behind the ports)
                            ├─ backend for analysis (remote client, or the local Essentia pool)
                            ├─ processing client (archive) ── deliverer
                            ├─ pipelines: analyze, archive (each a Pipeline of steps)
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from watcher import markers
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig, Settings, reveal, service_identity
 from watcher.detect.detector import Detector
@@ -29,7 +31,7 @@ from watcher.events import Events, Subscriber
 from watcher.names import display
 from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
-from watcher.runner import Outcome, Runner
+from watcher.runner import LEASE, Outcome, Runner
 from watcher.store import TERMINAL, Job, Store
 
 log = structlog.get_logger("watcher.app")
@@ -39,6 +41,20 @@ PAID_DRAIN_SECONDS = 2.0
 def store_path(settings: Settings) -> Path:
     """Where the SQLite store lives."""
     return settings.state_dir / "watcher.db"
+
+
+def open_store(settings: Settings, *, readonly: bool = False) -> Any:
+    """The adapter the settings name: PostgreSQL (``[store] url``, shared by several machines) or SQLite."""
+    if not settings.store.url:
+        return Store(store_path(settings), readonly=readonly)
+    from watcher.store.postgres import PostgresStore
+
+    passfile = str(settings.store.passfile) if settings.store.passfile else None
+    store = PostgresStore(settings.store.url, passfile=passfile, readonly=readonly, lease=settings.store.lease_seconds)
+    store.use_folders(
+        {str(f.path): o.folder_id for f in settings.folders if (o := markers.inspect(f.path, store.store_id)).ours}
+    )
+    return store
 
 
 class StoreSink:
@@ -96,6 +112,8 @@ class App:
             retry=settings.retry,
             on_outcome=self._outcome,
             rehint=self._rehint,
+            owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}",
+            lease=settings.store.lease_seconds if settings.store.url else LEASE,
         )
         self.sink = StoreSink(store, pipelines, self.runner.wake, events)
         self.detector: Detector | None = None
@@ -109,7 +127,7 @@ class App:
         subscribers: Iterable[Subscriber] = (),
     ) -> App:
         """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`)."""
-        store = Store(store_path(settings))
+        store = open_store(settings)
         events = Events(subscribers)
         closers: list[Any] = []
         try:
@@ -125,6 +143,16 @@ class App:
             store.close()
             raise
         return cls(settings, folders if folders is not None else settings.folders, store, pipelines, events, closers)
+
+    def claim_folders(self) -> list[markers.Ownership]:
+        """Mark unmarked folders as this store's and read who owns each; a shared store then claims only in ours."""
+        node = self.settings.store.node_name
+        mine = markers.store_id(self.store, self.settings.state_dir)
+        owned = [markers.claim(Path(path), mine, node) for path in self.folders]
+        use = getattr(self.store, "use_folders", None)
+        if use is not None:
+            use({o.folder: o.folder_id for o in owned if o.ours})
+        return owned
 
     def excluded_dirs(self, folder: FolderConfig) -> list[str]:
         """Our own output folders inside a watched folder: never work, never watched for work."""

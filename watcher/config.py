@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -213,9 +214,36 @@ class RetryConfig(_Section):
 
 
 class StoreConfig(_Section):
-    """The durable store."""
+    """The durable store: SQLite under state_dir, or (``url``) one PostgreSQL database several machines share."""
 
     retention_days: float = Field(90.0, gt=0, description="forget replaced and deleted versions after this long")
+    url: str = Field("", description="postgresql://USER@HOST:PORT/DB (libpq); empty keeps SQLite under state_dir")
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, description="this machine, in status")
+    passfile: Path | None = Field(None, description="libpq password file (else PGPASSFILE or the pgpass credential)")
+    lease_seconds: float = Field(60.0, ge=2, description="shared store: a dead node's work is taken over after this")
+
+    @field_validator("node_name", mode="before")
+    @classmethod
+    def _default_node(cls, value: Any) -> Any:
+        return socket.gethostname() if value in ("", None) else value
+
+    @field_validator("passfile", mode="before")
+    @classmethod
+    def _blank_passfile(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("url")
+    @classmethod
+    def _pg_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or empty for SQLite under state_dir)")
+        if value:
+            from urllib.parse import urlsplit
+
+            if urlsplit(value).password or "password=" in value:
+                raise ValueError("must not carry the password: put it in a passfile ([store] passfile or PGPASSFILE)")
+        return value
 
 
 class MetricsConfig(_Section):
@@ -452,6 +480,9 @@ def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
         "analysis": analysis.model_copy(update={"api_key": key}),
         "archive": archive.model_copy(update={"api_key": archive_key}),
     }
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if settings.store.url and settings.store.passfile is None and cred_dir and (Path(cred_dir) / "pgpass").is_file():
+        update["store"] = settings.store.model_copy(update={"passfile": Path(cred_dir) / "pgpass"})
     if env.get("STATE_DIRECTORY") and "state_dir" not in settings.model_fields_set:
         update["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
     return settings.model_copy(update=update)

@@ -22,7 +22,7 @@ import structlog
 
 from watcher import __version__
 from watcher.app import App
-from watcher.config import Settings, reveal
+from watcher.config import FolderConfig, Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
 from watcher.fsutil import sweep_temp
@@ -187,8 +187,9 @@ class Daemon:
         app = App.build(self.settings, subscribers=subscribers)
         self.app = app
         try:
+            folders = self._owned_folders(app)
             await self._recover(app)
-            detector = app.make_detector(self.settings.folders)
+            detector = app.make_detector(folders)
             log.info(
                 "daemon.started",
                 version=__version__,
@@ -225,13 +226,37 @@ class Daemon:
             await app.aclose()
             self.app = None
 
+    def _owned_folders(self, app: App) -> list[FolderConfig]:
+        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone."""
+        folders = []
+        for owned, folder in zip(app.claim_folders(), self.settings.folders, strict=True):
+            if owned.ours:
+                folders.append(folder)
+                continue
+            log.warning(
+                "folder.owned_by_another_store",
+                folder=display(owned.folder),
+                owner=owned.owner,
+                next=f"not processing it; `watcher adopt {display(owned.folder)}` takes it over (see `watcher doctor`)",
+            )
+            app.store.set_folder_health(owned.folder, mode=None, reason=owned.reason, available=False)
+        if not folders:
+            raise ConfigError(
+                "every watched folder is owned by another store (its .watcher-folder marker names it): "
+                "point [store] at that store, or take a folder over with `watcher adopt FOLDER`"
+            )
+        return folders
+
     async def _recover(self, app: App) -> None:
         """Under the state folder's lock no earlier life can still be working: take back what it held, and
-        remove the temp files a kill left behind (half-written sidecars, downloads, staging folders)."""
-        released = app.store.release_leases()
+        remove the temp files a kill left behind (half-written sidecars, downloads, staging folders).
+        A shared store (several nodes) gives back only what this node's earlier lives held."""
+        if getattr(app.store, "shared", False):
+            released, doubtful = app.store.release_node(self.settings.store.node_name, app.runner.owner)
+        else:
+            released, doubtful = app.store.release_leases(), app.store.gate_recover()
         if released:
             log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
-        doubtful = app.store.gate_recover()
         if doubtful:
             log.warning(
                 "daemon.requests_in_doubt",
@@ -286,6 +311,10 @@ class Daemon:
             failed = sum(stages.get("failed", 0) for stages in counts.values())
             self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed")
             self._prune(app)
+            beat = getattr(app.store, "heartbeat", None)
+            if beat is not None:  # a shared store: this node is alive (`watcher status` lists nodes)
+                beat(self.settings.store.node_name, owner=app.runner.owner, version=__version__,
+                     folders=[str(f) for f in app.folders])  # fmt: skip
             if app.detector is not None:
                 for f in app.detector.describe():
                     app.store.set_folder_health(

@@ -91,8 +91,10 @@ class Runner:
         on_outcome: OutcomeHook = lambda o: None,
         rehint: Callable[[str], None] = lambda path: None,
         owner: str | None = None,
+        lease: float = LEASE,
     ) -> None:
         self.store = store
+        self.lease = lease  # seconds a claim holds without renewal: how soon another node takes over a dead one
         self.pipelines = dict(pipelines)
         self.concurrency = dict(concurrency)
         self.retry = retry
@@ -149,8 +151,8 @@ class Runner:
     async def _keep_leases(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), LEASE / 4)
-            self.store.renew(self.in_flight.keys(), self.owner, lease=LEASE)
+                await asyncio.wait_for(stop.wait(), self.lease / 4)
+            self.store.renew(self.in_flight.keys(), self.owner, lease=self.lease)
 
     def _paused(self, pipeline: Pipeline) -> float:
         return self._paused_until.get(pipeline.service, 0.0) if pipeline.service else 0.0
@@ -161,10 +163,11 @@ class Runner:
             wake.clear()
             now = time.time()
             paused = self._paused(pipeline)
-            job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=LEASE, now=now)
+            job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=self.lease, now=now)
             if job is None:
                 due = self.store.next_due(pipeline.name)
-                wait = 5.0 if due is None else min(5.0, max(0.05, due - time.time()))
+                # Nothing due: poll again, with jitter so nodes sharing a store do not poll in step.
+                wait = random.uniform(2.5, 5.0) if due is None else min(5.0, max(0.05, due - time.time()))
                 if paused > now:
                     wait = min(wait, paused - now)
                 with contextlib.suppress(TimeoutError):

@@ -192,10 +192,12 @@ class PostgresStore:
         clock: Callable[[], float] = time.time,
         pool_size: int = 4,
         readonly: bool = False,
+        lease: float = 600.0,
     ) -> None:
         """Connect (and create or migrate the schema, unless ``readonly``); ``clock`` is this node's clock."""
         self.url = url
         self.where = redact(url)
+        self.lease = lease  # the longest a paid operation stays taken without renewal (the runner's lease)
         self._clock = clock
         kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, "connect_timeout": 10}
         if passfile:
@@ -654,6 +656,7 @@ class PostgresStore:
         transaction: operation rows locked by primary key, the day's spend row locked for the cap check."""
         at = self._db_time(now)
         local_now = self._clock() if now is None else now
+        lease = min(lease, self.lease)
 
         def go(db: psycopg.Connection[Any]) -> list[Ticket]:
             tickets: dict[int, Ticket] = {}
@@ -980,6 +983,28 @@ class PostgresStore:
                 (name, owner, version, now, now, json.dumps(list(folders))),
             )
         )
+
+    def release_node(self, node: str, keep: str) -> tuple[int, int]:
+        """At a node's start: what its earlier lives (owners ``node:...`` other than ``keep``) held is given back
+        (jobs) or marked in doubt / to re-ask (operations in flight). (jobs, operations). Node names are unique."""
+        now = self._db_time()
+        mine = "left({col}, length(%(node)s) + 1) = %(node)s || ':' AND {col} <> %(keep)s"
+        args = {"node": node, "keep": keep, "now": now}
+
+        def go(db: psycopg.Connection[Any]) -> tuple[int, int]:
+            jobs = db.execute(
+                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE " + mine.format(col="lease_owner"), args
+            ).rowcount
+            ops = db.execute(
+                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
+                "since=CASE on_doubt WHEN 'hold' THEN %(now)s ELSE since END, holder=NULL, lease_until=NULL, "
+                "error='the daemon stopped while the request was in flight', updated_at=%(now)s "
+                "WHERE state='sending' AND " + mine.format(col="holder"),
+                args,
+            ).rowcount
+            return jobs, ops
+
+        return self._run(go)  # type: ignore[no-any-return]
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node that ever used this store: name, version, last heartbeat (this node's clock), jobs held."""
