@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="process a paused folder's files again")
     resume.add_argument("folder", type=Path, metavar="FOLDER")
 
+    adopt = sub.add_parser("adopt", help="take over a folder another store owns (rewrites its .watcher-folder)")
+    adopt.add_argument("folder", type=Path, metavar="FOLDER")
+
     emulate = sub.add_parser("emulate", help="serve both services' emulators on loopback (tests, demos)")
     emulate.add_argument("--host", default="127.0.0.1")
     emulate.add_argument("--port", type=int, default=8765)
@@ -164,6 +167,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_FAILED if bad else EXIT_OK
     if args.command in ("pause", "resume"):
         return _pause(_settings(args), args.folder, paused=args.command == "pause")
+    if args.command == "adopt":
+        return _adopt(_settings(args), args.folder)
     if args.command == "retry":
         return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
@@ -187,6 +192,19 @@ def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
     print(f"{path}: {word}" + ("" if path in configured or not configured else " (note: not a configured folder)"))
     if paused:
         print("new files are still recorded; nothing is processed until `watcher resume`")
+    return EXIT_OK
+
+
+def _adopt(settings: Settings, folder: Path) -> int:
+    from watcher.commands import adopt
+
+    path, before, mine = adopt(settings, folder)
+    if before == mine:
+        print(f"{display(path)}: already owned by this store ({mine})")
+    else:
+        print(f"{display(path)}: now owned by this store ({mine}); it was owned by {before or 'no store'}")
+        print("a daemon of the other store that is still running works on it until it stops: stop or reload it")
+        print("restart (or reload) this store's daemons to start processing it")
     return EXIT_OK
 
 

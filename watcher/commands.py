@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.app import App, store_path
+from watcher.app import open_store as open_adapter
 from watcher.config import FolderConfig, Settings, service_identity
 from watcher.daemon import StateLock
 from watcher.errors import ConfigError
@@ -21,6 +22,8 @@ SCAN_SETTLE = 1.0
 
 def open_store(settings: Settings) -> Store:
     """The store of a watcher that has run with these settings (ConfigError when there is none yet)."""
+    if settings.store.url:
+        return open_adapter(settings)  # type: ignore[no-any-return]  # the shared store: same ports
     path = store_path(settings)
     if not path.exists():
         raise ConfigError(f"no store at {path} yet: watcher has not run with state_dir = {settings.state_dir}")
@@ -45,8 +48,11 @@ async def scan(
         lock.release()
         raise
     try:
-        app.store.release_leases()
-        app.store.gate_recover()
+        if getattr(app.store, "shared", False):  # other nodes may be working: take back only our own
+            app.store.release_node(settings.store.node_name, app.runner.owner)
+        else:
+            app.store.release_leases()
+            app.store.gate_recover()
         # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
         folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
         detector = app.make_detector(folders)
@@ -148,12 +154,29 @@ def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in
 def pause(settings: Settings, folder: Path, *, paused: bool) -> str:
     """`watcher pause` / `resume`: kept in the store; returns the folder as recorded."""
     path = os.path.abspath(folder.expanduser())
-    store = Store(store_path(settings))
+    store = open_store(settings) if settings.store.url else Store(store_path(settings))
     try:
         store.set_paused(path, paused)
     finally:
         store.close()
     return path
+
+
+def adopt(settings: Settings, folder: Path) -> tuple[str, str | None, str]:
+    """`watcher adopt`: make this store the owner of ``folder``'s marker; (folder, previous owner, our store)."""
+    from watcher import markers
+
+    path = Path(os.path.abspath(folder.expanduser()))
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder")
+    store = open_adapter(settings)
+    try:
+        mine = markers.store_id(store, settings.state_dir)
+    finally:
+        store.close()
+    before = markers.read_marker(path)
+    markers.adopt(path, mine, settings.store.node_name)
+    return str(path), None if before is None else str(before.get("store")), mine
 
 
 def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:

@@ -56,6 +56,9 @@ def collect(
         entry = files.setdefault(job.file.path, {"path": shown, "jobs": {}})
         state = job.state
         info: dict[str, Any] = {"state": state, "step": job.step}
+        holder = getattr(job, "holder", None)  # a shared store names the node holding the job's lease
+        if holder:
+            info["node"] = node_of(holder)
         if job.last_error:
             info["error"] = job.last_error
         if state == "in_doubt":
@@ -85,9 +88,14 @@ def collect(
         row = dict(p.__dict__)
         row["path"] = display(p.path)
         problems.append(row)
+    nodes = getattr(store, "nodes", None)  # a shared store: every machine using it
     return {
         "version": __version__,
         "state_dir": state_dir,
+        "nodes": [
+            {**n, "last_heartbeat": _iso(n["last_heartbeat"])}
+            for n in (nodes() if nodes is not None else [])
+        ],
         "counts": store.counts(),
         "folders": list(folders.values()),
         "in_doubt": in_doubt,
@@ -95,6 +103,11 @@ def collect(
         "problems": problems,
         "files": list(files.values()),
     }
+
+
+def node_of(owner: str) -> str:
+    """The node name in a lease owner (``node:pid:started``)."""
+    return owner.rsplit(":", 2)[0]
 
 
 def _when(timestamp: float | None) -> str:
@@ -120,6 +133,13 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
             money.append(f"{service} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
     if money:
         lines.append(f"spent today ({spend['day']} UTC): " + "; ".join(money))
+    if report.get("nodes"):
+        lines.append("\nnodes:")
+        for n in report["nodes"]:
+            lines.append(
+                f"  {n['name']} (watcher {n['version']}): last heartbeat {n['last_heartbeat']} "
+                f"({n['seconds_since_heartbeat']:g} s ago), {n['jobs_held']} job(s) held"
+            )
     if report["folders"]:
         lines.append("\nfolders:")
         for f in report["folders"]:
@@ -154,7 +174,8 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
                 if j.get("delivery"):
                     extra += f" -> {j['delivery']}"
                 at = f" at {j['step']}" if j["state"] not in ("done", "skipped") else ""
-                lines.append(f"    {pipeline}: {j['state']}{at}{extra}")
+                on = f" on {j['node']}" if j.get("node") else ""
+                lines.append(f"    {pipeline}: {j['state']}{at}{on}{extra}")
         if not all_files and len(busy) > SHOWN_FILES:
             lines.append(f"  ... and {len(busy) - SHOWN_FILES} more (`watcher status --all` or `--json`)")
     return "\n".join(lines)

@@ -179,6 +179,10 @@ def redact(url: str) -> str:
     return f"postgresql://{user + '@' if user else ''}{host}:{port}/{params.get('dbname', '')}"
 
 
+class StoreUnreachable(ConnectionError):
+    """The database could not be reached at start (the message names it, never the password)."""
+
+
 class PostgresStore:
     """The store in PostgreSQL: safe for many threads of many daemons on many machines at once."""
 
@@ -215,7 +219,7 @@ class PostgresStore:
             self._pool.open(wait=True, timeout=30)
         except psycopg_pool.PoolTimeout as exc:
             self._pool.close()
-            raise psycopg.OperationalError(f"cannot reach the store at {self.where}: {exc}") from None
+            raise StoreUnreachable(f"cannot reach the store at {self.where}: {exc}") from None
         self._folders: dict[str, str] = {}  # local folder path -> folder ID
         self._paths: dict[str, str] = {}  # folder ID -> local folder path
         self._mine: list[str] | None = None  # claims only in these folder IDs (None: any)
@@ -278,7 +282,7 @@ class PostgresStore:
     def _meta(self, key: str) -> str:
         row = self._one("SELECT value FROM meta WHERE key=%s", (key,))
         if row is None:
-            raise psycopg.OperationalError(f"the store at {self.where} has no schema yet; start a daemon first")
+            raise StoreUnreachable(f"the store at {self.where} has no schema yet: start a daemon first")
         return str(row["value"])
 
     # -- clocks: callers speak their own clock, the database keeps its own ------------------------------

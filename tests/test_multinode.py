@@ -1,0 +1,260 @@
+"""Several daemons, one share, one PostgreSQL store: each file processed once, a killed node's work taken over,
+each paid operation counted at the emulator exactly as often as the gate let it be sent; clock skew and lost
+connections do not lead to double work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import API_KEY, wait_for, write_tone
+from watcher.emulator import Emulator
+from watcher.store import Operation
+from watcher.store.postgres import PostgresStore
+
+pytestmark = pytest.mark.timeout(180)
+LEASE = 3.0
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    with Emulator(analysis_key=API_KEY, use_local=False) as e:
+        yield e
+
+
+def node_config(tmp_path: Path, name: str, inbox: Path, emu: Emulator, url: str, **analysis: object) -> Path:
+    """One node's config file: its own state folder, the shared folder and the shared store."""
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in analysis.items())
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path / name}"\n'
+        f'[[folders]]\npath = "{inbox}"\nsettle_seconds = 0.3\nrescan_interval = 3600\n'
+        f'[analysis]\nbackend = "remote"\nbase_url = "{emu.url}"\napi_key = "{API_KEY}"\n{extra}'
+        f"[retry]\nbackoff_initial = 0.2\nbackoff_max = 1.0\nmax_attempts = 6\n"
+        f'[store]\nurl = "{url}"\nnode_name = "{name}"\nlease_seconds = {LEASE}\n'
+    )
+    return path
+
+
+class Node:
+    """A real `watcher run` process."""
+
+    def __init__(self, tmp_path: Path, name: str, config: Path) -> None:
+        self.name = name
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+        self.log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "watcher", "--config", str(config), "--log-format", "json", "run"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=40)
+        self.log.close()
+        return code
+
+
+def sql(url: str, query: str, *args: object) -> list[tuple]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, args).fetchall()  # type: ignore[arg-type]
+
+
+def done_count(url: str) -> int:
+    rows = sql(url, "SELECT COUNT(*) FROM jobs WHERE state='done'") if _has_schema(url) else [(0,)]
+    return int(rows[0][0])
+
+
+def _has_schema(url: str) -> bool:
+    return bool(sql(url, "SELECT 1 FROM pg_tables WHERE tablename='jobs'"))
+
+
+def make_files(inbox: Path, n: int) -> list[Path]:
+    """``n`` distinct short tones (distinct content: one paid stream each), written elsewhere and moved in."""
+    staging = inbox.parent / "staging"
+    out = []
+    for i in range(n):
+        src = write_tone(staging / f"f{i:03d}.wav", 0.2, freq=200 + 7 * i)
+        dest = inbox / src.name
+        os.rename(src, dest)
+        out.append(dest)
+    return out
+
+
+def paid_and_sent(emu: Emulator, url: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Per operation: how often the service billed it, and how often the gate let it be sent (every billed one
+    was let through the gate: a node never sends without taking it)."""
+    sends = {f"{sha}/{op}": int(n) for sha, op, n in sql(url, "SELECT sha256, operation, sends FROM operations")}
+    paid = {f"{sha}/{op}": n for (sha, op), n in emu.paid().items()}
+    assert set(paid) == set(sends)
+    assert all(paid[k] <= sends[k] for k in paid), "a paid request the gate did not let through"
+    return paid, sends
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_nodes_share_the_work_and_a_killed_one_is_taken_over(tmp_path, inbox, emu, pg_url, nodes):
+    """60 files, real daemons on one folder and one store; one SIGKILLed mid-run: every file done once, and no
+    paid operation sent more often than the gate counted (only streams the dead node had in flight are re-asked)."""
+    emu.analysis.faults.event_delay = 0.05  # a stream takes a moment, so the kill finds work in flight
+    names = [f"n{i}" for i in range(1, nodes + 1)]
+    running = {n: Node(tmp_path, n, node_config(tmp_path, n, inbox, emu, pg_url)) for n in names}
+    try:
+        wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
+        files = make_files(inbox, 60)
+        victim = names[0]
+        wait_for(
+            lambda: sql(pg_url, "SELECT 1 FROM jobs WHERE state='done'")
+            and sql(pg_url, "SELECT 1 FROM jobs WHERE lease_owner LIKE %s AND lease_until IS NOT NULL", victim + ":%"),
+            timeout=60,
+            what=f"{victim} holding a job after some files are done",
+        )
+        held = sql(pg_url, "SELECT COUNT(*) FROM jobs WHERE lease_owner LIKE %s", victim + ":%")[0][0]
+        killed_at = time.monotonic()
+        running[victim].stop(signal.SIGKILL)
+        wait_for(lambda: done_count(pg_url) == 60, timeout=90, what="all 60 files done")
+        takeover = time.monotonic() - killed_at
+        for f in files:
+            assert json.loads(Path(f"{f}.analysis.json").read_text())["source"]["name"] == f.name
+        states = sql(pg_url, "SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        assert states == [("done", 60)]
+        paid, sends = paid_and_sent(emu, pg_url)
+        assert len(paid) == 60 * 3  # three models per file, each one operation, each billed at least once
+        twice = {k: n for k, n in paid.items() if n > 1}
+        # Only a stream the dead node had in flight may be billed again (analysis answers are lost with it):
+        assert len(twice) <= 3 * held, f"billed more than once: {twice}"
+        resent = sum(n - 1 for n in sends.values())
+        by_node = dict(sql(pg_url, "SELECT name, 1 FROM nodes"))
+        assert set(by_node) == set(names)
+        print(
+            f"nodes={nodes} killed {victim} holding {held} job(s); all done {takeover:.1f} s later; operations "
+            f"{len(paid)}, billed {sum(paid.values())}, billed twice {len(twice)}, re-asked {resent}"
+        )
+    finally:
+        for n in running.values():
+            n.stop()
+
+
+def test_status_on_any_node_shows_every_node_and_the_holder(tmp_path, inbox, emu, pg_url):
+    """`watcher status --json` on one machine lists every node with its heartbeat, and who holds a job."""
+    emu.analysis.faults.event_delay = 0.5
+    configs = {n: node_config(tmp_path, n, inbox, emu, pg_url) for n in ("a", "b")}
+    running = [Node(tmp_path, n, c) for n, c in configs.items()]
+    try:
+        wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
+        wait_for(lambda: len(sql(pg_url, "SELECT name FROM nodes")) == 2, timeout=30, what="both heartbeats")
+        make_files(inbox, 2)
+        wait_for(lambda: sql(pg_url, "SELECT 1 FROM jobs WHERE lease_until IS NOT NULL"), what="a job held")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+        out = subprocess.run(
+            [sys.executable, "-m", "watcher", "--config", str(configs["a"]), "status", "--json"],
+            env=env, capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        report = json.loads(out.stdout)
+        assert {n["name"] for n in report["nodes"]} == {"a", "b"}
+        assert all(n["version"] and n["last_heartbeat"] for n in report["nodes"])
+        held = [j for f in report["files"] for j in f["jobs"].values() if j.get("node")]
+        assert held and {j["node"] for j in held} <= {"a", "b"}
+        assert "password" not in out.stdout
+    finally:
+        for n in running:
+            n.stop()
+
+
+# -- the adapter under a skewed clock and a partition --------------------------------------------------------
+
+
+def _register(store: PostgresStore, name: str = "a.wav") -> int:
+    return store.register_version(
+        folder="/share", path=f"/share/{name}", rel_path=name, size=1, mtime_ns=1, inode=1, jobs=[("analyze", "a")]
+    )[0]
+
+
+def test_a_node_whose_clock_is_ten_minutes_off_does_not_steal_leases(pg_url):
+    """Leases live in the database's clock: a node 10 minutes ahead sees a live lease as live, and one 10 minutes
+    behind still takes over an expired one."""
+    honest = PostgresStore(pg_url, lease=30)
+    ahead = PostgresStore(pg_url, clock=lambda: time.time() + 600, lease=30)
+    behind = PostgresStore(pg_url, clock=lambda: time.time() - 600, lease=30)
+    try:
+        _register(honest)
+        job = honest.claim("analyze", "honest:1:1", lease=30)
+        assert job is not None
+        # each node passes its own "now" (the runner does), here 10 minutes off
+        assert ahead.claim("analyze", "ahead:1:1", lease=30, now=time.time() + 600) is None
+        assert ahead.skew() == pytest.approx(-600, abs=1)
+        op = Operation("ab" * 32, "analysis http://x account:1", "analyze:key", "", "reask")
+        assert honest.gate_take([op], "honest:1:1", budget="analysis", seconds=1)[0].verdict == "send"
+        assert ahead.gate_take([op], "ahead:1:1", budget="analysis", seconds=1)[0].verdict == "wait"
+        honest.renew([job.id], "honest:1:1", lease=-1)  # the honest node dies: its lease runs out
+        late = behind.claim("analyze", "behind:1:1", lease=30, now=time.time() - 600)
+        assert late is not None and late.id == job.id
+        assert behind.next_due("analyze") is None
+    finally:
+        for s in (honest, ahead, behind):
+            s.close()
+
+
+def test_connections_killed_by_the_server_do_not_lead_to_double_work(pg_url, pg_cluster):
+    """A partition between a node and the database (its connections terminated): the node reconnects, its lease
+    and its gate entry still fence the work, and the other node neither claims the job nor sends the operation."""
+    a = PostgresStore(pg_url, lease=30)
+    b = PostgresStore(pg_url, lease=30)
+    try:
+        _register(a)
+        job = a.claim("analyze", "a:1:1")
+        assert job is not None
+        op = Operation("cd" * 32, "analysis http://x account:1", "analyze:key", "", "reask")
+        assert a.gate_take([op], "a:1:1", budget="analysis", seconds=1)[0].verdict == "send"
+        assert pg_cluster.terminate(pg_url) >= 2  # every connection of both nodes, mid-work
+        assert b.claim("analyze", "b:1:1") is None
+        assert b.gate_take([op], "b:1:1", budget="analysis", seconds=1)[0].verdict == "wait"
+        a.commit(job, step="streamed")  # a's pooled connection is gone: it reconnects and still holds the lease
+        a.gate_answered(op, "done")
+        a.release(job, state="done")
+        assert b.gate_take([op], "b:1:1", budget="analysis", seconds=1)[0].verdict == "answered"
+        assert b.gate_get(op)["sends"] == 1
+        assert b.counts() == {"analyze": {"done": 1}}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_files_are_matched_across_mounts_by_folder_id_and_relative_path(pg_url):
+    """Two machines mounting the share at different places see one file version (and one job), each with its own
+    absolute path; the inode (which SMB `noserverino` makes differ per client) is not part of the identity."""
+    one = PostgresStore(pg_url)
+    two = PostgresStore(pg_url)
+    try:
+        one.use_folders({"/mnt/nas/inbox": "folder-1"})
+        two.use_folders({"/Volumes/inbox": "folder-1"})
+        args = {"rel_path": "sub/x.wav", "size": 5, "mtime_ns": 9, "jobs": [("analyze", "a")]}
+        fid, new = one.register_version(folder="/mnt/nas/inbox", path="/mnt/nas/inbox/sub/x.wav", inode=11, **args)
+        assert new
+        assert two.known_version("/Volumes/inbox/sub/x.wav", 5, 9, 999)
+        assert two.register_version(folder="/Volumes/inbox", path="/Volumes/inbox/sub/x.wav", inode=999, **args) == (
+            fid,
+            False,
+        )
+        job = two.claim("analyze", "two:1:1")
+        assert job is not None and job.file.path == "/Volumes/inbox/sub/x.wav"
+        assert one.current_version("/mnt/nas/inbox/sub/x.wav").path == "/mnt/nas/inbox/sub/x.wav"
+        three = PostgresStore(pg_url)
+        three.use_folders({"/elsewhere": "folder-2"})
+        _register(one, "y.wav")  # a folder node three does not watch
+        assert three.claim("a", "three:1:1") is None
+        three.close()
+    finally:
+        one.close()
+        two.close()
