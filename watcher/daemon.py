@@ -228,11 +228,12 @@ class Daemon:
 
     def _owned_folders(self, app: App) -> list[FolderConfig]:
         """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone."""
-        folders = []
+        folders, foreign = [], []
         for owned, folder in zip(app.claim_folders(), self.settings.folders, strict=True):
             if owned.ours:
                 folders.append(folder)
                 continue
+            foreign.append(f"{display(owned.folder)} is owned by another store ({owned.owner})")
             log.warning(
                 "folder.owned_by_another_store",
                 folder=display(owned.folder),
@@ -242,8 +243,8 @@ class Daemon:
             app.store.set_folder_health(owned.folder, mode=None, reason=owned.reason, available=False)
         if not folders:
             raise ConfigError(
-                "every watched folder is owned by another store (its .watcher-folder marker names it): "
-                "point [store] at that store, or take a folder over with `watcher adopt FOLDER`"
+                f"nothing to watch: {'; '.join(foreign)} (its .watcher-folder marker names it); point [store] "
+                "at that store, or take the folder over deliberately with `watcher adopt FOLDER` (see `watcher doctor`)"
             )
         return folders
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -181,10 +182,56 @@ async def _probe(client: object, what: str, fix: str) -> Finding:
         await client.aclose()  # type: ignore[attr-defined]
 
 
+def check_store(settings: Settings) -> list[Finding]:
+    """The store is reachable (a shared one), and every folder's marker names it (else: how to take it over)."""
+    from watcher import markers
+
+    out: list[Finding] = []
+    mine: str | None = None
+    if settings.store.url:
+        from watcher.store.postgres import PostgresStore, redact
+
+        where = redact(settings.store.url)
+        try:
+            passfile = str(settings.store.passfile) if settings.store.passfile else None
+            store = PostgresStore(settings.store.url, passfile=passfile, readonly=True)
+        except Exception as exc:  # any driver error: reported, never raised
+            return [Finding(False, "store", f"{where}: {exc}", "check [store] url, the passfile and pg_hba.conf")]
+        try:
+            mine = store.store_id
+            nodes = store.nodes()
+        finally:
+            store.close()
+        alive = ", ".join(n["name"] for n in nodes) or "none yet"
+        out.append(
+            Finding(True, "store", f"PostgreSQL {where}; this node is {settings.store.node_name}; nodes: {alive}")
+        )
+    else:
+        with contextlib.suppress(OSError):
+            mine = (settings.state_dir / markers.STORE_ID_FILE).read_text(encoding="utf-8").strip() or None
+    for folder in settings.folders:
+        marker = markers.read_marker(folder.path) if folder.path.is_dir() else None
+        if marker is None or (mine is not None and marker.get("store") == mine):
+            continue
+        out.append(
+            Finding(
+                False,
+                f"folder {folder.path}",
+                f"owned by another store ({marker.get('store')}): its {markers.MARKER} names it, so this daemon "
+                "leaves the folder alone",
+                f"if the other store's daemons should keep it, point [store] url at their store (several machines) "
+                f"or drop the folder from this config; to take it over deliberately, stop them and run "
+                f"`watcher adopt {folder.path}`",
+            )
+        )
+    return out
+
+
 def run_doctor(settings: Settings, config_path: Path | None) -> list[Finding]:
     """Every check, in the order a person would make them."""
     found = [Finding(True, "configuration", f"valid ({config_path or 'no file: defaults and environment'})")]
     found += check_folders(settings)
+    found += check_store(settings)
     found += check_space(settings)
     found += asyncio.run(check_services(settings))
     return found
