@@ -158,7 +158,7 @@ class Daemon:
         cfg = self.settings.metrics
         if not cfg.enabled:
             return
-        metrics = Metrics()
+        metrics = Metrics(node=self.settings.store.node_name if self.settings.store.url else None)
         self.metrics_address = metrics.start_http(cfg.host, cfg.port)
         self.metrics = metrics
         add_observer(metrics.request)

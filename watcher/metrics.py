@@ -73,7 +73,8 @@ class NullMetrics:
 class Metrics(NullMetrics):
     """The real thing, served over HTTP by :meth:`start_http`; raises ConfigError without prometheus-client."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str | None = None) -> None:
+        """``node`` (several machines on one store): every sample served carries a ``node`` label."""
         try:
             import prometheus_client as prom
         except ImportError as exc:
@@ -116,6 +117,10 @@ class Metrics(NullMetrics):
             "watcher_audio_seconds", "Audio seconds covered by paid requests, per service", ["service"], registry=r
         )
         self._lag = prom.Gauge("watcher_loop_lag_seconds", "How late the event loop last woke up", registry=r)
+        self._served = r
+        if node:
+            self._served = prom.CollectorRegistry(auto_describe=False)
+            self._served.register(_NodeLabel(r, node))
         self._depth_labels: set[str] = set()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -160,14 +165,14 @@ class Metrics(NullMetrics):
 
     def exposition(self) -> str:
         """The current values in Prometheus' text format, as /metrics serves them."""
-        return str(self._prom.generate_latest(self.registry).decode())
+        return str(self._prom.generate_latest(self._served).decode())
 
     def start_http(self, host: str, port: int) -> tuple[str, int]:
         """Serve /metrics from a background thread; port 0 picks a free one. Returns the address it listens on."""
         if self.address is not None:
             return self.address
         try:
-            server, thread = self._prom.start_http_server(port, addr=host, registry=self.registry)
+            server, thread = self._prom.start_http_server(port, addr=host, registry=self._served)
         except OSError as exc:
             raise ConfigError(
                 f"metrics endpoint cannot listen on {host}:{port}: {exc.strerror or exc} "
@@ -187,3 +192,16 @@ class Metrics(NullMetrics):
             self._thread.join(timeout=5)
             self._thread = None
         self.address = None
+
+
+class _NodeLabel:
+    """A collector serving another registry's samples with a ``node`` label added."""
+
+    def __init__(self, inner: Any, node: str) -> None:
+        self.inner = inner
+        self.node = node
+
+    def collect(self) -> Any:
+        for family in self.inner.collect():
+            family.samples = [s._replace(labels={**s.labels, "node": self.node}) for s in family.samples]
+            yield family

@@ -572,14 +572,13 @@ class PostgresStore:
         return int(self._run(lambda db: db.execute(sql, args).rowcount))
 
     def next_due(self, pipeline: str) -> float | None:
-        """When (this node's clock) the earliest pending job of ``pipeline`` is due: unleased or lease expired."""
-        at = self._db_time()
+        """When (this node's clock) the earliest pending job of ``pipeline`` can be claimed: when it is due and,
+        if another node holds it, when that lease runs out (so a dead node's work is taken over on time)."""
         mine = "" if self._mine is None else "AND f.folder_id = ANY(%s) "
-        args: tuple[Any, ...] = (pipeline, at) + (() if self._mine is None else (self._mine,))
+        args: tuple[Any, ...] = (pipeline,) + (() if self._mine is None else (self._mine,))
         row = self._one(
             "SELECT MIN(GREATEST(j.next_attempt_at, COALESCE(j.lease_until, 0))) AS due FROM jobs j "
-            "JOIN files f ON f.id=j.file_id WHERE j.pipeline=%s AND j.state='pending' "
-            "AND (j.lease_owner IS NULL OR j.lease_until < %s) " + _NOT_PAUSED + mine,
+            "JOIN files f ON f.id=j.file_id WHERE j.pipeline=%s AND j.state='pending' " + _NOT_PAUSED + mine,
             args,
         )
         due = None if row is None else row["due"]
