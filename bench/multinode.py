@@ -113,7 +113,7 @@ def _takeover_once(cluster: Cluster, emu: Emulator, lease: float, run: int) -> f
         procs = {n: start(root, n, config(root, n, inbox, emu, url, lease)) for n in ("victim", "survivor")}
         try:
             wait(lambda: has_schema(url) and one(url, "SELECT COUNT(*) FROM nodes") == 2, 60, "nodes")
-            drop(inbox, 4, offset=1000 * (run + 1))
+            drop(inbox, 8, offset=1000 * (run + 1))
             held = "SELECT id FROM jobs WHERE lease_owner LIKE 'victim:%' AND state='pending' LIMIT 1"
             wait(lambda: one(url, held), 60, "the victim holding a job")
             job = one(url, held)
@@ -122,6 +122,10 @@ def _takeover_once(cluster: Cluster, emu: Emulator, lease: float, run: int) -> f
             mine = "SELECT lease_owner LIKE 'survivor:%%' OR state='done' FROM jobs WHERE id=%s"
             wait(lambda: one(url, mine, job), 120, "the survivor taking the job")
             return time.monotonic() - killed
+        except SystemExit:
+            for name in procs:
+                print(f"--- {name} log (tail) ---\n" + (root / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+            raise
         finally:
             for p in procs.values():
                 if p.poll() is None:

@@ -115,8 +115,12 @@ def test_nodes_share_the_work_and_a_killed_one_is_taken_over(tmp_path, inbox, em
         files = make_files(inbox, 60)
         victim = names[0]
         wait_for(
-            lambda: sql(pg_url, "SELECT 1 FROM jobs WHERE state='done'")
-            and sql(pg_url, "SELECT 1 FROM jobs WHERE lease_owner LIKE %s AND lease_until IS NOT NULL", victim + ":%"),
+            lambda: (
+                sql(pg_url, "SELECT 1 FROM jobs WHERE state='done'")
+                and sql(
+                    pg_url, "SELECT 1 FROM jobs WHERE lease_owner LIKE %s AND lease_until IS NOT NULL", victim + ":%"
+                )
+            ),
             timeout=60,
             what=f"{victim} holding a job after some files are done",
         )
@@ -143,6 +147,31 @@ def test_nodes_share_the_work_and_a_killed_one_is_taken_over(tmp_path, inbox, em
         )
     finally:
         for n in running.values():
+            n.stop()
+
+
+def test_a_node_cut_off_from_the_database_again_and_again_does_no_double_work(tmp_path, inbox, emu, pg_url, pg_cluster):
+    """Two daemons; one node's connections are killed by the server (pg_terminate_backend) every half second while
+    it works: it reconnects, every file is done once, and every paid operation is billed exactly once."""
+    emu.analysis.faults.event_delay = 0.05
+    running = [Node(tmp_path, n, node_config(tmp_path, n, inbox, emu, pg_url)) for n in ("p1", "p2")]
+    try:
+        wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
+        wait_for(lambda: len(sql(pg_url, "SELECT name FROM nodes")) == 2, timeout=30, what="both heartbeats")
+        make_files(inbox, 40)
+        cuts = 0
+        deadline = time.monotonic() + 90
+        while done_count(pg_url) < 40 and time.monotonic() < deadline:
+            cuts += pg_cluster.terminate(pg_url, application_name="watcher p1")
+            time.sleep(0.5)  # sleep-ok: the interval between two partitions, not a synchronisation
+        assert done_count(pg_url) == 40 and cuts > 0
+        assert all(n.proc.poll() is None for n in running), "a node died of a lost connection"
+        paid, _ = paid_and_sent(emu, pg_url)
+        assert len(paid) == 40 * 3 and set(paid.values()) == {1}
+        assert sql(pg_url, "SELECT state, COUNT(*) FROM jobs GROUP BY state") == [("done", 40)]
+        print(f"connections cut {cuts} times; 40 files done; {len(paid)} operations billed once each")
+    finally:
+        for n in running:
             n.stop()
 
 

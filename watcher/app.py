@@ -50,7 +50,13 @@ def open_store(settings: Settings, *, readonly: bool = False) -> Any:
     from watcher.store.postgres import PostgresStore
 
     passfile = str(settings.store.passfile) if settings.store.passfile else None
-    store = PostgresStore(settings.store.url, passfile=passfile, readonly=readonly, lease=settings.store.lease_seconds)
+    store = PostgresStore(
+        settings.store.url,
+        passfile=passfile,
+        readonly=readonly,
+        lease=settings.store.lease_seconds,
+        name=f"watcher {settings.store.node_name}",
+    )
     store.use_folders(
         {str(f.path): o.folder_id for f in settings.folders if (o := markers.inspect(f.path, store.store_id)).ours}
     )

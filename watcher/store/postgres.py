@@ -14,7 +14,8 @@ Design (see README "Several machines"):
   folder, plus size and mtime; not by the absolute path (mounts differ) nor the inode (SMB ``noserverino``
   numbers differ per client). Each node hands its local folder → folder ID map to :meth:`PostgresStore.use_folders`
   and gets its own absolute paths back.
-- Migrations are versioned (``schema_version``) and run under an advisory lock. psycopg 3 with a small pool;
+- Migrations are versioned (``schema_version``) and run under an advisory lock. psycopg 3 with a small pool
+  (:class:`_Pool`: a broken connection is replaced by a fresh connect at once);
   no LISTEN/NOTIFY (works behind PgBouncer in transaction mode): workers poll.
 """
 
@@ -30,7 +31,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-import psycopg_pool
 from psycopg.rows import dict_row
 
 from watcher.store.core import LeaseLost
@@ -197,29 +197,28 @@ class PostgresStore:
         pool_size: int = 4,
         readonly: bool = False,
         lease: float = 600.0,
+        name: str = "watcher",
     ) -> None:
-        """Connect (and create or migrate the schema, unless ``readonly``); ``clock`` is this node's clock."""
+        """Connect (and create or migrate the schema, unless ``readonly``); ``clock`` is this node's clock,
+        ``name`` the application name its connections show in ``pg_stat_activity``."""
         self.url = url
         self.where = redact(url)
         self.lease = lease  # the longest a paid operation stays taken without renewal (the runner's lease)
         self._clock = clock
-        kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row, "connect_timeout": 10}
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "row_factory": dict_row,
+            "connect_timeout": 10,
+            "application_name": name[:63],
+        }
         if passfile:
             kwargs["passfile"] = passfile
-        self._pool = psycopg_pool.ConnectionPool(
-            url,
-            min_size=1,
-            max_size=pool_size,
-            kwargs=kwargs,
-            check=psycopg_pool.ConnectionPool.check_connection,
-            open=False,
-            name="watcher-store",
-        )
+        self._pool = _Pool(url, kwargs, pool_size)
         try:
-            self._pool.open(wait=True, timeout=30)
-        except psycopg_pool.PoolTimeout as exc:
+            self._pool.check()
+        except psycopg.OperationalError as exc:
             self._pool.close()
-            raise StoreUnreachable(f"cannot reach the store at {self.where}: {exc}") from None
+            raise StoreUnreachable(f"cannot reach the store at {self.where}: {_first_line(exc)}") from None
         self._folders: dict[str, str] = {}  # local folder path -> folder ID
         self._paths: dict[str, str] = {}  # folder ID -> local folder path
         self._mine: list[str] | None = None  # claims only in these folder IDs (None: any)
@@ -237,7 +236,7 @@ class PostgresStore:
 
     @contextmanager
     def _tx(self) -> Iterator[psycopg.Connection[Any]]:
-        """One transaction on a pooled connection (a broken connection is retried once before any work)."""
+        """One transaction on a pooled connection."""
         with self._pool.connection() as conn, conn.transaction():
             yield conn
 
@@ -250,6 +249,7 @@ class PostgresStore:
                 with self._tx() as conn:
                     return fn(conn)
             except psycopg.OperationalError:
+                self._pool.drop_idle()  # a partition or a server restart breaks every idle connection too
                 if attempt == attempts - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))  # sleep-ok: a short pause before reconnecting
@@ -1028,6 +1028,53 @@ class PostgresStore:
             }
             for r in rows
         ]
+
+
+class _Pool:
+    """A small pool of psycopg connections: at most ``size`` in use at once, idle ones reused, broken ones dropped
+    and replaced on the next use (a fresh connect, bounded by ``connect_timeout``, never a wait on a background
+    reconnect: what a partition needs)."""
+
+    def __init__(self, url: str, kwargs: dict[str, Any], size: int) -> None:
+        self._url = url
+        self._kwargs = kwargs
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Open one connection now (so a wrong URL or password is reported at start)."""
+        with self.connection() as conn:
+            conn.execute("SELECT 1")
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._slots:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = psycopg.connect(self._url, **self._kwargs)
+            try:
+                yield conn
+            finally:
+                if conn.closed or conn.broken:
+                    conn.close()
+                else:
+                    with self._lock:
+                        self._idle.append(conn)
+
+    def drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def close(self) -> None:
+        self.drop_idle()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _set_state(db: psycopg.Connection[Any], op: Operation, state: str, now: float, *, error: str | None) -> None:
