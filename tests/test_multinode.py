@@ -150,6 +150,52 @@ def test_nodes_share_the_work_and_a_killed_one_is_taken_over(tmp_path, inbox, em
             n.stop()
 
 
+def test_processing_calls_are_never_repeated_when_a_node_is_killed(tmp_path, inbox, pg_url):
+    """Archive on two nodes, one SIGKILLed while it holds jobs: the survivor resumes the dead node's files from
+    their checkpoints with the stored IDs; no processing call (upload, master) is billed twice: a call cut off in
+    flight is held in doubt for the user instead."""
+    from tests.test_archive import PKEY
+
+    with Emulator(analysis_key=API_KEY, processing_key=PKEY, use_local=False) as emu:
+        emu.processing.faults.polls_needed = 4
+        archive = {
+            "enabled": True, "base_url": emu.url, "api_key": PKEY, "output_dir": str(tmp_path / "out"),
+            "poll_initial": 0.05, "poll_max": 0.2, "versions": ["original", "mastered"],
+        }  # fmt: skip
+        names = ("k1", "k2")
+        running = {}
+        for n in names:
+            config = node_config(tmp_path, n, inbox, emu, pg_url)
+            config.write_text(
+                config.read_text().replace('backend = "remote"', 'enabled = false\nbackend = "remote"')
+                + "[archive]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in archive.items())
+            )
+            running[n] = Node(tmp_path, n, config)
+        try:
+            wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
+            make_files(inbox, 16)
+            wait_for(
+                lambda: sql(pg_url, "SELECT 1 FROM jobs WHERE state='done'")
+                and sql(pg_url, "SELECT 1 FROM jobs WHERE lease_owner LIKE %s AND lease_until IS NOT NULL", "k1:%"),
+                timeout=60,
+                what="k1 holding a job after some files are done",
+            )
+            held = sql(pg_url, "SELECT COUNT(*) FROM jobs WHERE lease_owner LIKE %s", "k1:%")[0][0]
+            running["k1"].stop(signal.SIGKILL)
+            settled = "SELECT COUNT(*) FROM jobs WHERE state IN ('done', 'in_doubt')"
+            wait_for(lambda: sql(pg_url, settled)[0][0] == 16, timeout=120, what="every file done or held")
+            paid, sends = paid_and_sent(emu, pg_url)
+            assert paid and max(paid.values()) == 1, {k: n for k, n in paid.items() if n > 1}
+            assert max(sends.values()) == 1  # the gate never let a processing call out twice
+            doubt = sql(pg_url, "SELECT COUNT(*) FROM jobs WHERE state='in_doubt'")[0][0]
+            assert doubt <= held
+            print(f"archive: killed k1 holding {held}; {16 - doubt} done, {doubt} held in doubt; "
+                  f"{len(paid)} processing calls, each billed once")  # fmt: skip
+        finally:
+            for n in running.values():
+                n.stop()
+
+
 def test_a_node_cut_off_from_the_database_again_and_again_does_no_double_work(tmp_path, inbox, emu, pg_url, pg_cluster):
     """Two daemons; one node's connections are killed by the server (pg_terminate_backend) every half second while
     it works: it reconnects, every file is done once, and every paid operation is billed exactly once."""
