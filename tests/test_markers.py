@@ -97,3 +97,31 @@ def test_a_second_store_on_an_owned_folder_is_refused_until_adopted(tmp_path, in
     assert marker["store"].startswith("postgresql:") and marker["previous_store"] == owner
     refused = _watcher(first, "run")
     assert refused.returncode == 2 and "owned by another store (postgresql:" in refused.stderr
+
+
+def test_a_daemon_skips_only_the_folder_another_store_owns(tmp_path, emulator, run_daemon):
+    """With one of two folders owned by another store, the daemon works on the other one, never touches the
+    owned one, and `watcher status` shows it as owned by another store."""
+    from tests.conftest import make_settings
+    from watcher.commands import status
+    from watcher.config import FolderConfig
+
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    markers.claim(theirs, "sqlite:someone-else", "other-host")
+    settings = make_settings(tmp_path, mine, emulator.url)
+    settings = settings.model_copy(
+        update={"folders": (*settings.folders, FolderConfig(path=theirs, settle_seconds=0.3, rescan_interval=3600))}
+    )
+    write_tone(theirs / "b.wav", 0.2, freq=500)
+    d = run_daemon(settings)
+    write_tone(mine / "a.wav", 0.2)
+    wait_for((mine / "a.wav.analysis.json").exists, timeout=30, what="the sidecar in the folder it owns")
+    report = status(settings)
+    d.stop()
+    assert not (theirs / "b.wav.analysis.json").exists()
+    assert all(f["path"] != str(theirs / "b.wav") for f in report["files"])
+    shown = {f["folder"]: f for f in report["folders"]}
+    assert "owned by another store (sqlite:someone-else)" in shown[str(theirs)]["reason"]
+    assert shown[str(theirs)]["available"] is False

@@ -345,3 +345,23 @@ def test_prometheus_samples_carry_the_node():
     text = metrics.exposition()
     assert 'watcher_files_done_total{node="studio-a",pipeline="analyze"} 1.0' in text
     assert 'node="studio-a"' not in Metrics().exposition()
+
+
+def test_store_settings_from_the_environment_and_credentials(tmp_path, monkeypatch):
+    """`WATCHER_STORE__URL` works; a password in the URL is refused (it would reach logs); the systemd credential
+    `pgpass` becomes the passfile."""
+    from watcher.config import load_settings
+    from watcher.errors import ConfigError
+
+    env = {"WATCHER_STORE__URL": "postgresql://watcher@db.example:5432/watcher"}
+    monkeypatch.setenv("WATCHER_STORE__URL", env["WATCHER_STORE__URL"])
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "pgpass").write_text("db.example:5432:watcher:watcher:s3cret-pw\n")
+    settings = load_settings(None, {**env, "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")})
+    assert settings.store.url == env["WATCHER_STORE__URL"]
+    assert settings.store.passfile == tmp_path / "creds" / "pgpass"
+    assert settings.store.node_name  # the host name by default
+    monkeypatch.setenv("WATCHER_STORE__URL", "postgresql://watcher:s3cret-pw@db.example/watcher")
+    with pytest.raises(ConfigError) as refused:
+        load_settings(None, {})
+    assert "passfile" in str(refused.value) and "s3cret-pw" not in str(refused.value)

@@ -145,6 +145,8 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
         for f in report["folders"]:
             state = "paused" if f.get("paused") else ("unavailable" if f.get("available") is False else "active")
             mode = f" ({f['mode']}: {f['reason']})" if f.get("mode") else ""
+            if not f.get("mode") and f.get("reason"):  # e.g. owned by another store
+                mode = f" ({f['reason']})"
             lines.append(f"  {f['folder']}: {state}{mode}")
     if report.get("in_doubt"):
         lines.append("\nin doubt (sent, answer lost; `watcher retry --in-doubt` sends again, maybe billed twice):")
