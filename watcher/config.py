@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from watcher.errors import ConfigError
+from watcher.versions import TRACK_VERSIONS
 
 APP = "watcher"
 AUDIO_PATTERNS = (
@@ -113,8 +114,6 @@ class AnalysisConfig(_Section):
         return cleaned
 
 
-TRACK_VERSIONS = ("original", "restored", "mastered")
-STEM_VERSIONS = ("original_stems", "restored_stems", "mastered_stems")
 ArchiveVersion = Literal[
     "original", "restored", "mastered", "original_stems", "restored_stems", "mastered_stems", "stems"
 ]

@@ -11,23 +11,22 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from watcher.audiofile import check_audio
-from watcher.config import STEM_VERSIONS, FolderConfig, Settings
+from watcher.config import FolderConfig, Settings
 from watcher.detect.filters import PathFilter
 from watcher.detect.scan import walk
 from watcher.errors import BadInput
 from watcher.media import audio_info
 from watcher.names import display
+from watcher.versions import OPERATION_ORDER, operations_for
 
 ANALYSIS = "analysis (Essentia API)"
 PROCESSING = "processing (Neural Analog)"
 # The paid processing call each version needs, on top of the upload every version needs.
-VERSION_CALL = {"original": None, "restored": "restore", "mastered": "master"}
-CALL_ORDER = ("upload", "restore", "master", "stems:original", "stems:restored", "stems:mastered")
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def dry_run(
     report = DryRunReport()
     models = settings.analysis.models if settings.analysis.enabled else ()
     versions = settings.archive.wanted() if settings.archive.enabled else ()
-    needed_calls = _calls_for(versions)
+    needed_calls = operations_for(versions)
     seen: set[str] = set()
     for path, why in _files(settings, paths):
         if path in seen:
@@ -152,19 +151,6 @@ def dry_run(
         _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], estimate.seconds)
         _add(report.totals[PROCESSING], estimate.calls, estimate.seconds)
     return report
-
-
-def _calls_for(versions: Iterable[str]) -> tuple[str, ...]:
-    """The paid processing calls that delivering ``versions`` takes, in the order they are made."""
-    calls = set()
-    for version in versions:
-        calls.add("upload")
-        source = version.removesuffix("_stems") if version in STEM_VERSIONS else version
-        if VERSION_CALL.get(source):
-            calls.add(str(VERSION_CALL[source]))
-        if version in STEM_VERSIONS:
-            calls.add(f"stems:{source}")
-    return tuple(c for c in CALL_ORDER if c in calls)
 
 
 def _add(total: ServiceTotal, calls: Sequence[str], seconds: float | None) -> None:
@@ -231,7 +217,8 @@ def _hash(path: str) -> tuple[int, str]:
 
 
 def _ordered(by_call: dict[str, int]) -> list[tuple[str, int]]:
-    return sorted(by_call.items(), key=lambda kv: (CALL_ORDER.index(kv[0]) if kv[0] in CALL_ORDER else -1, kv[0]))
+    rank = {op: n for n, op in enumerate(OPERATION_ORDER)}
+    return sorted(by_call.items(), key=lambda kv: (rank.get(kv[0], -1), kv[0]))
 
 
 def _count(n: int, word: str) -> str:

@@ -18,18 +18,17 @@ from typing import Any, Protocol
 import structlog
 
 from watcher.audiofile import FileBody, Signature
-from watcher.config import STEM_VERSIONS, ArchiveConfig, SidecarConfig
+from watcher.config import ArchiveConfig, SidecarConfig
 from watcher.errors import BadInput, Deferred, InDoubt, NeedsUser, NotSent, Rejected, RetryLater
 from watcher.pipelines.base import NullSpend, SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
 from watcher.store import Job, Operation, Ticket
+from watcher.versions import TRACK_TYPES, VERSIONS, operation_of
 
 log = structlog.get_logger("watcher.archive")
 BUDGET = "processing"
-# The gate's name for each remote object the plan needs (what the service bills for).
-OPERATION = {"audio": "upload", "restored": "restore", "mastered": "master"}
 
 
 class StatusLike(Protocol):
@@ -118,25 +117,20 @@ class Op:
 def plan_ops(cfg: ArchiveConfig) -> dict[str, Op]:
     """The remote objects needed for the configured versions, in dependency order."""
     wanted = cfg.wanted()
-    ops: dict[str, Op] = {"audio": Op("audio", "audio", None, {})}
-    if "restored" in wanted or "restored_stems" in wanted:
-        ops["restored"] = Op("restored", "upscaled", "audio", cfg.restore)
-    if "mastered" in wanted or "mastered_stems" in wanted:
-        ops["mastered"] = Op("mastered", "mastered", "audio", cfg.master)
+    params = {"restored": cfg.restore, "mastered": cfg.master}
+    ops: dict[str, Op] = {"audio": Op("audio", TRACK_TYPES["original"], None, {})}
+    sources = {VERSIONS[v].source for v in wanted}
+    for track in ("restored", "mastered"):  # in dependency order: both build on the upload only
+        if track in sources:
+            ops[track] = Op(track, TRACK_TYPES[track], "audio", params[track])
     for v in wanted:
-        if v in STEM_VERSIONS:
-            source = v.removesuffix("_stems")
-            ops[f"stems:{source}"] = Op(
-                f"stems:{source}", "stem_split", "audio" if source == "original" else source, cfg.stems
-            )
+        version = VERSIONS[v]
+        if not version.track:
+            needs = VERSIONS[version.source].product
+            ops[version.product] = Op(version.product, version.object_type, needs, cfg.stems)
     return ops
 
 
-def version_op(version: str) -> str:
-    """The remote object a delivered version comes from."""
-    if version in STEM_VERSIONS:
-        return "stems:" + version.removesuffix("_stems")
-    return "audio" if version == "original" else version
 
 
 class ArchivePipeline:
@@ -188,7 +182,7 @@ class ArchivePipeline:
     def operation(self, sha256: str, name: str) -> Operation:
         """The gate's identity of one remote object of the plan for this content."""
         op = self.plan[name]
-        label = OPERATION.get(name, name)
+        label = operation_of(name)
         return Operation(sha256, self.where, label, op.key(self.plan), "reask" if name == "audio" else "hold")
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -265,9 +259,9 @@ class ArchivePipeline:
                 if row["remote_error"]:
                     errors[name] = row["remote_error"]
         versions = {
-            v: ("failed: " + errors.get(version_op(v), ""))
-            if states.get(version_op(v)) == "failed"
-            else ("ready" if states.get(version_op(v)) == "complete" else "processing")
+            v: ("failed: " + errors.get(VERSIONS[v].product, ""))
+            if states.get(VERSIONS[v].product) == "failed"
+            else ("ready" if states.get(VERSIONS[v].product) == "complete" else "processing")
             for v in self.cfg.wanted()
         }
         if states.get("audio") == "failed":

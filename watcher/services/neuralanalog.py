@@ -40,6 +40,7 @@ from watcher.services.http import (
     translate_transport_error,
 )
 from watcher.services.multipart import MultipartBody
+from watcher.versions import TRACK_VERSIONS
 
 __all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnalogClient", "RefusedRedirect"]
 
@@ -47,7 +48,6 @@ log = structlog.get_logger("watcher.processing")
 SERVICE = "processing service"
 STORAGE = "storage host"
 REDIRECTS = (301, 302, 303, 307, 308)
-TRACK_VERSIONS = ("original", "restored", "mastered")
 CHUNK = 1 << 20
 MAX_HOPS = 5
 
