@@ -134,4 +134,5 @@ def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
 
 
 def make_backend(cfg: AnalysisConfig, which: str, **client_kwargs: Any) -> Backend:
+    """The backend ``which`` names; ``client_kwargs`` (an observer, a transport) go to the remote client."""
     return RemoteAnalyzer(cfg, **client_kwargs) if which == "remote" else LocalBackend(cfg)

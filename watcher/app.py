@@ -30,6 +30,7 @@ from watcher.names import display
 from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
 from watcher.runner import Outcome, Runner
+from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, Job, Store
 
 log = structlog.get_logger("watcher.app")
@@ -107,18 +108,21 @@ class App:
         *,
         folders: Sequence[FolderConfig] | None = None,
         subscribers: Iterable[Subscriber] = (),
+        observer: RequestObserver | None = None,
     ) -> App:
-        """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`)."""
+        """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
+        of every HTTP request any client makes (metrics)."""
         store = Store(store_path(settings))
         events = Events(subscribers)
         closers: list[Any] = []
         try:
             pipelines: list[Pipeline] = []
             if settings.analysis.enabled:
-                pipelines.append(_analyze(settings, store, events, closers))
+                pipelines.append(_analyze(settings, store, events, closers, observer))
             if settings.archive.enabled:
                 chosen = folders if folders is not None else settings.folders
-                pipelines.append(_archive(settings, store, events, closers, {str(f.path): f for f in chosen}))
+                chosen_folders = {str(f.path): f for f in chosen}
+                pipelines.append(_archive(settings, store, events, closers, chosen_folders, observer))
             if not pipelines:
                 raise ConfigError("nothing to do: both analysis.enabled and archive.enabled are false")
         except BaseException:
@@ -174,13 +178,15 @@ def _concurrency(settings: Settings, pipelines: dict[str, Pipeline]) -> dict[str
     return out
 
 
-def _analyze(settings: Settings, store: Store, events: Events, closers: list[Any]) -> Pipeline:
+def _analyze(
+    settings: Settings, store: Store, events: Events, closers: list[Any], observer: RequestObserver | None
+) -> Pipeline:
     from watcher.analyzers import choose_backend, make_backend
     from watcher.pipelines.analyze import AnalyzePipeline
 
     which, why = choose_backend(settings.analysis)
     log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
-    backend = make_backend(settings.analysis, which)
+    backend = make_backend(settings.analysis, which, observer=observer)
     closers.append(backend)
     store.adopt_legacy(backend.name, backend.key)
     return AnalyzePipeline(
@@ -194,7 +200,12 @@ def _analyze(settings: Settings, store: Store, events: Events, closers: list[Any
 
 
 def _archive(
-    settings: Settings, store: Store, events: Events, closers: list[Any], folders: dict[str, FolderConfig]
+    settings: Settings,
+    store: Store,
+    events: Events,
+    closers: list[Any],
+    folders: dict[str, FolderConfig],
+    observer: RequestObserver | None,
 ) -> Pipeline:
     from watcher.pipelines.archive import ArchivePipeline
     from watcher.pipelines.deliver import Deliverer
@@ -203,7 +214,7 @@ def _archive(
 
     cfg = settings.archive
     policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
-    processor = NeuralAnalogClient(cfg.base_url, reveal(cfg.api_key), policy=policy)
+    processor = NeuralAnalogClient(cfg.base_url, reveal(cfg.api_key), policy=policy, observer=observer)
     closers.append(processor)
 
     def output_for(job: Job) -> Path | None:

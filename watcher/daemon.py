@@ -29,7 +29,6 @@ from watcher.fsutil import sweep_temp
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
 from watcher.sdnotify import Notifier, NullNotifier
-from watcher.services.http import add_observer, remove_observer
 from watcher.store import TERMINAL
 from watcher.webhooks import WebhookSender
 
@@ -149,7 +148,6 @@ class Daemon:
             for sig in signals:
                 loop.remove_signal_handler(sig)
             self.metrics.stop()
-            remove_observer(self.metrics.request)
             self.notifier.close()
             lock.release()
             log.info("daemon.stopped")
@@ -161,7 +159,6 @@ class Daemon:
         metrics = Metrics()
         self.metrics_address = metrics.start_http(cfg.host, cfg.port)
         self.metrics = metrics
-        add_observer(metrics.request)
         log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
 
     def _apply_reload(self) -> None:
@@ -184,7 +181,7 @@ class Daemon:
         subscribers: list[Subscriber] = [MetricsEvents(self.metrics)]
         if webhooks is not None:
             subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
-        app = App.build(self.settings, subscribers=subscribers)
+        app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
         try:
             await self._recover(app)
@@ -261,7 +258,7 @@ class Daemon:
         cfg = self.settings.webhooks
         if not cfg.urls:
             return None
-        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout)
+        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout, observer=self.metrics.request)
         sender.start()
         return sender
 

@@ -114,11 +114,3 @@ class SourceMover:
             if described != sha256:
                 return "the sidecar beside it describes other content"
         return None
-
-
-def inside(child: Path, parent: Path) -> bool:
-    """True when ``child`` is ``parent`` or below it."""
-    try:
-        return os.path.commonpath([child, parent]) == str(parent)
-    except ValueError:
-        return False

@@ -21,7 +21,7 @@ import structlog
 from httpx_sse import EventSource, SSEError
 
 from watcher.errors import Malformed, RetryLater
-from watcher.services.http import AudioSource, HttpPolicy, ServiceHTTP, translate_transport_error
+from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.analysis")
 SERVICE = "analysis service"
@@ -86,9 +86,12 @@ class AnalysisClient:
         policy: HttpPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         event_deadline: float | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
+        self.http = ServiceHTTP(
+            SERVICE, base_url, headers=headers, policy=policy, transport=transport, observer=observer
+        )
         self.event_deadline = event_deadline or self.http.policy.read_timeout
 
     async def aclose(self) -> None:

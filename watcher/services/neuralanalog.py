@@ -18,7 +18,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import Message
 from pathlib import Path
 from types import TracebackType
@@ -35,8 +35,8 @@ from watcher.safezip import TooLarge
 from watcher.services.http import (
     AudioSource,
     HttpPolicy,
+    RequestObserver,
     ServiceHTTP,
-    parse_retry_after,
     translate_transport_error,
 )
 from watcher.services.multipart import MultipartBody
@@ -96,17 +96,18 @@ class NeuralAnalogClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         storage_transport: httpx.AsyncBaseTransport | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
-        self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
-        p = self.http.policy
-        # Storage gets its own client with no default headers, so no credential can leak there. Its
-        # redirects are followed by hand, each target checked (https, or the service's own host).
-        self.storage = httpx.AsyncClient(
-            timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
-            transport=storage_transport,
-            follow_redirects=False,
+        self.http = ServiceHTTP(
+            SERVICE, base_url, headers=headers, policy=policy, transport=transport, observer=observer
         )
+        # Storage gets a session of its own with no default headers, so no credential can leak there, under
+        # the same policy (limits, timeouts, metrics; signed URLs can be long-lived tokens: never logged whole).
+        # Its redirects are followed by hand, each target checked (https, or the service's own host).
+        p = self.http.policy
+        storage = replace(p, redact_urls=True, rate_per_second=max(p.rate_per_second, 50.0))
+        self.storage = ServiceHTTP(STORAGE, "", policy=storage, transport=storage_transport, observer=observer)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -333,7 +334,7 @@ class NeuralAnalogClient:
     async def _from_storage(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
         """GET ``url`` from storage with no credentials; 5xx and dropped transfers are retried here."""
         expired: ExpiredURL | None = None
-        async for attempt in self.http.retrying():
+        async for attempt in self.storage.retrying():
             with attempt:
                 try:
                     return await self._storage_once(url, dest, max_bytes)
@@ -357,22 +358,11 @@ class NeuralAnalogClient:
 
     async def _storage_get(self, url: str, dest: Path, max_bytes: int | None) -> int | str:
         """The bytes written, or the next URL when storage redirects."""
-        try:
-            async with self.storage.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
-                status = response.status_code
-                if status in REDIRECTS and response.headers.get("Location"):
-                    return str(response.url.join(response.headers["Location"]))
-                if status in (408, 425, 429) or status >= 500:
-                    raise RetryLater(
-                        f"{STORAGE} answered HTTP {status}",
-                        retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                        status=status,
-                    )
-                if status >= 400:  # 403/404/410 (and S3's or GCS's 400): the signature is no good any more
-                    raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
-                return await _write_body(response, dest, STORAGE, max_bytes)
-        except (httpx.HTTPError, httpx.StreamError) as exc:
-            raise translate_transport_error(exc, STORAGE) from exc
+        headers = {"Accept-Encoding": "identity"}
+        async with self.storage.stream("GET", url, classify=_expired, headers=headers) as response:
+            if response.status_code in REDIRECTS and response.headers.get("Location"):
+                return str(response.url.join(response.headers["Location"]))
+            return await _write_body(response, dest, STORAGE, max_bytes)
 
 
 async def _write_body(response: httpx.Response, dest: Path, source: str, max_bytes: int | None = None) -> int:
@@ -415,6 +405,13 @@ async def _write_body(response: httpx.Response, dest: Path, source: str, max_byt
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _expired(response: httpx.Response) -> None:
+    """Storage's refusals: 403/404/410 (and S3's or GCS's 400) mean the signature is no good any more."""
+    status = response.status_code
+    if 400 <= status < 500 and status not in (408, 425, 429):
+        raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
 
 
 def _not_ready(exc: Rejected) -> bool:
