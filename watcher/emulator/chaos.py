@@ -318,22 +318,23 @@ def overpaid(
 
 
 def reported_resends(log: Path) -> Counter[tuple[str, str]]:
-    """(content, operation) re-sends the daemon logged: ``analyze.reask`` (per model) and ``archive.resend``."""
+    """(content, operation) re-sends the daemon logged (``paid.resend``: models re-asked, uploads re-sent,
+    held operations the user re-sent), named as the emulator bills them."""
     found: Counter[tuple[str, str]] = Counter()
     with contextlib.suppress(FileNotFoundError), log.open("r", encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            if '"analyze.reask"' not in line and '"archive.resend"' not in line:
+            if '"paid.resend"' not in line:
                 continue
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
+            if event.get("event") != "paid.resend":
+                continue
             sha = str(event.get("sha256", ""))
-            if event.get("event") == "analyze.reask":
-                for model in event.get("models") or []:
-                    found[(sha, f"analyze:{str(model).split(':', 1)[0]}")] += 1
-            elif event.get("event") == "archive.resend":
-                found[(sha, str(event.get("operation", "")).split(":", 1)[0])] += 1
+            for name in event.get("operations") or []:
+                kind, _, rest = str(name).partition(":")
+                found[(sha, f"analyze:{rest.split(':', 1)[0]}" if kind == "analyze" else kind)] += 1
     return found
 
 

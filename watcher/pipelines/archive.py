@@ -8,24 +8,23 @@ scheduled through the store (the job comes back at its next poll time); no task 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 import structlog
 
 from watcher.audiofile import FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
-from watcher.errors import BadInput, Deferred, InDoubt, NeedsUser, NotSent, Rejected, RetryLater
-from watcher.pipelines.base import NullSpend, SpendObserver, StepResult
+from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
+from watcher.pipelines.paid import GateStore, PaidCalls, Taken
+from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
-from watcher.store import Job, Operation, Ticket
-from watcher.versions import TRACK_TYPES, VERSIONS, operation_of
+from watcher.store import Job, Operation
+from watcher.versions import VERSIONS
 
 log = structlog.get_logger("watcher.archive")
 BUDGET = "processing"
@@ -64,8 +63,8 @@ class Processor(Protocol):
     async def create_stems(self, source_field: str, source_id: str, params: Mapping[str, Any]) -> str: ...
 
 
-class ArchiveStore(Protocol):
-    """The part of the store this pipeline uses."""
+class ArchiveStore(GateStore, Protocol):
+    """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
     def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
@@ -73,64 +72,9 @@ class ArchiveStore(Protocol):
 
     def is_live(self, job: Job) -> bool: ...
 
-    def gate_take(
-        self,
-        ops: Sequence[Operation],
-        owner: str,
-        *,
-        budget: str,
-        seconds: float,
-        cap_seconds: float | None = None,
-        resend_in_doubt: bool = False,
-    ) -> list[Ticket]: ...
-
-    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
-
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
-
     def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
 
-    def ledger_outcome(self, request: int, outcome: str) -> None: ...
-
     def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class Op:
-    """One remote object the versions need: its name, status kind, dependency and parameters."""
-
-    name: str  # audio, restored, mastered, stems:original, stems:restored, stems:mastered
-    status_kind: str  # as in GET /status/{kind}/{id}
-    needs: str | None
-    params: Mapping[str, Any]
-
-    def key(self, plan: Mapping[str, Op]) -> str:
-        """Parameters and the chain they build on, as a stable string: part of the store's key."""
-        chain: list[Any] = []
-        op: Op | None = self
-        while op is not None:
-            chain.append([op.name, dict(op.params)])
-            op = plan.get(op.needs) if op.needs else None
-        return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def plan_ops(cfg: ArchiveConfig) -> dict[str, Op]:
-    """The remote objects needed for the configured versions, in dependency order."""
-    wanted = cfg.wanted()
-    params = {"restored": cfg.restore, "mastered": cfg.master}
-    ops: dict[str, Op] = {"audio": Op("audio", TRACK_TYPES["original"], None, {})}
-    sources = {VERSIONS[v].source for v in wanted}
-    for track in ("restored", "mastered"):  # in dependency order: both build on the upload only
-        if track in sources:
-            ops[track] = Op(track, TRACK_TYPES[track], "audio", params[track])
-    for v in wanted:
-        version = VERSIONS[v]
-        if not version.track:
-            needs = VERSIONS[version.source].product
-            ops[version.product] = Op(version.product, version.object_type, needs, cfg.stems)
-    return ops
-
-
 
 
 class ArchivePipeline:
@@ -160,8 +104,13 @@ class ArchivePipeline:
         self.deliverer = deliverer
         self.sidecar = sidecar
         self.where = where  # the service's endpoint and account, as the gate keys its operations
-        self.spend = spend or NullSpend()
-        self.cap_seconds = cfg.daily_audio_minutes * 60 if cfg.daily_audio_minutes else None
+        self.paid = PaidCalls(
+            store,
+            BUDGET,
+            cap_minutes=cfg.daily_audio_minutes,
+            resend_in_doubt=cfg.in_doubt == "resend",
+            spend=spend,
+        )
         self.plan = plan_ops(cfg)
         self._in_flight: set[asyncio.Future[str]] = set()
 
@@ -180,10 +129,8 @@ class ArchivePipeline:
         """Nothing to add: the job's versions and error are in the store and `watcher status`."""
 
     def operation(self, sha256: str, name: str) -> Operation:
-        """The gate's identity of one remote object of the plan for this content."""
-        op = self.plan[name]
-        label = operation_of(name)
-        return Operation(sha256, self.where, label, op.key(self.plan), "reask" if name == "audio" else "hold")
+        """The gate's identity of one remote product of the plan for this content."""
+        return operation(self.plan, sha256, self.where, name)
 
     # -- steps -------------------------------------------------------------------------------------------
 
@@ -276,97 +223,39 @@ class ArchivePipeline:
         return await self._fetch(job)
 
     async def _paid(self, job: Job, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
-        """Send one paid request through the gate, or learn why not (answered already, wait, cap, in doubt).
+        """Send one paid request through the gate, or reuse its answer (see watcher.pipelines.paid).
 
         The request runs as its own task, shielded from the job's cancellation, so its outcome is recorded at
         the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
-        assert job.owner is not None, "a paid request needs a claimed job"
-        seconds = float(job.data.get("duration") or 0.0)
-        [ticket] = self.store.gate_take(
-            [op],
-            job.owner,
-            budget=BUDGET,
-            seconds=seconds,
-            cap_seconds=self.cap_seconds,
-            resend_in_doubt=self.cfg.in_doubt == "resend",
-        )
-        if ticket.verdict == "answered":
-            assert ticket.result is not None
-            log.info("archive.reused", path=job.file.path, operation=op.name, id=ticket.result, next="not sent again")
-            return ticket.result
-        if ticket.verdict != "send":
-            raise self._not_now(job, ticket)
-        if ticket.resend:
-            log.warning(
-                "archive.resend",
-                path=job.file.path,
-                sha256=op.sha256,
-                operation=op.name,
-                next="sending again a request whose answer was lost: the service may count it twice",
-            )
-        assert ticket.request is not None
-        task = asyncio.ensure_future(self._send(job, op, ticket.request, seconds, call))
+        taken = self.paid.take(job, [op], float(job.data.get("duration") or 0.0))
+        if op in taken.answered:
+            result = taken.answered[op]
+            assert result is not None
+            log.info("archive.reused", path=job.file.path, operation=op.name, id=result, next="not sent again")
+            return result
+        task = asyncio.ensure_future(self._send(taken, op, call))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return await asyncio.shield(task)
 
-    async def _send(
-        self, job: Job, op: Operation, request: int, seconds: float, call: Callable[[], Coroutine[Any, Any, str]]
-    ) -> str:
+    async def _send(self, taken: Taken, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """The request itself, and the gate's record of how it ended."""
         try:
             remote_id = await call()
         except (NotSent, Rejected, NeedsUser) as exc:
             # Provably not done: never connected, 429/503, a body cut short, or refused with an answer.
-            self.store.gate_release(op, "open", error=str(exc))
-            self._ledger(request, op, "not_sent", seconds)
+            self.paid.finish(taken, {}, "not_sent", str(exc))
             raise
         except BaseException as exc:
             # The whole request may have reached the service and its answer is lost: it may be done (and billed).
-            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RetryLater) else str(exc)
-            self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
-            self._ledger(request, op, "in_doubt", seconds)
+            why = str(exc) if isinstance(exc, RetryLater) else f"{type(exc).__name__}: {exc}"
+            self.paid.finish(taken, {}, "in_doubt", why)
             if op.on_doubt == "hold" and self.cfg.in_doubt == "hold" and isinstance(exc, Exception):
-                raise self._doubt(job, op, time.time(), why) from exc
+                raise self.paid.doubt(op, time.time(), why) from exc
             raise
-        self.store.gate_answered(op, remote_id)
-        self._ledger(request, op, "answered", seconds)
+        self.paid.finish(taken, {op: remote_id}, "answered", "")
         return remote_id
-
-    def _ledger(self, request: int, op: Operation, outcome: str, seconds: float) -> None:
-        self.store.ledger_outcome(request, outcome)
-        self.spend.paid(BUDGET, op.name, outcome, 0.0 if outcome == "not_sent" else seconds)
-
-    def _doubt(self, job: Job, op: Operation, since: float, why: str | None) -> InDoubt:
-        return InDoubt(
-            f"{op.name} was sent in full but its answer was lost ({why or 'no answer'}); it may have been done and "
-            "billed, so it is held: `watcher retry --in-doubt` (or `watcher retry PATH`) sends it again",
-            operation=op.name,
-            since=since,
-            keys=[[op.sha256, op.service, op.name, op.params]],
-        )
-
-    def _not_now(self, job: Job, ticket: Ticket) -> Exception:
-        """Why a paid request is not sent now, as the error the runner schedules by."""
-        op = ticket.op
-        if ticket.verdict == "in_doubt":
-            return self._doubt(job, op, ticket.since or time.time(), ticket.error)
-        if ticket.verdict == "capped":
-            assert ticket.until is not None and ticket.cap_seconds is not None
-            if ticket.first_cap:
-                self.spend.capped(BUDGET, ticket.spent_seconds, ticket.cap_seconds, ticket.until)
-            return Deferred(
-                f"the daily cap of {ticket.cap_seconds / 60:g} audio minutes for the processing service is reached "
-                f"({ticket.spent_seconds / 60:.1f} used today); {op.name} resumes after 00:00 UTC",
-                until=ticket.until,
-                code="capped",
-            )
-        return Deferred(
-            f"another copy of this content is already sending {op.name}; waiting for its answer instead of paying "
-            "twice",
-            until=ticket.until or time.time() + 1,
-        )
 
     async def drain(self, timeout: float) -> None:
         """Give paid calls still in flight (after their jobs were cancelled) a moment to return their IDs."""
