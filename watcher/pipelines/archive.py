@@ -30,6 +30,14 @@ log = structlog.get_logger("watcher.archive")
 BUDGET = "processing"
 
 
+def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str, str]) -> str:
+    """What `watcher status` says of a version: ready, processing, or failed with the service's reason."""
+    state = states.get(product)
+    if state == "failed":
+        return "failed: " + errors.get(product, "")
+    return "ready" if state == "complete" else "processing"
+
+
 class StatusLike(Protocol):
     is_complete: bool
     is_failed: bool
@@ -157,70 +165,62 @@ class ArchivePipeline:
 
     async def _process(self, job: Job) -> StepResult:
         """Request what is due, poll what is in flight; come back later while anything is in progress."""
-        sha256 = job.data["sha256"]
         ids: dict[str, str] = dict(job.data.get("ids", {}))
         states: dict[str, str] = {}
         errors: dict[str, str] = dict(job.data.get("op_errors", {}))
-        waiting = False
-        for name, plan_op in self.plan.items():
-            op = self.operation(sha256, name)
-            row = self.store.gate_get(op)
-            if row is None or row["state"] != "answered":
-                dep = states.get(plan_op.needs) if plan_op.needs else "complete"
-                if dep == "failed":
-                    states[name] = "failed"
-                    errors[name] = f"{plan_op.needs or 'audio'} failed"
-                    continue
-                if dep != "complete":
-                    waiting = True
-                    continue
-                remote_id = await self._paid(job, op, lambda n=name, p=plan_op: self._request(n, p, ids))
-                ids[name] = remote_id
-                self.store.commit(job, ids=ids)
-                log.info("archive.requested", path=job.file.path, what=name, id=remote_id)
-                waiting = True
-                states[name] = "requested"
-                continue
-            ids[name] = str(row["result"])
-            if row["remote_state"] in (None, "requested"):
-                status = await self.processor.status(plan_op.status_kind, ids[name])
-                if status.is_failed:
-                    message = status.error_message or "the service reported a failure"
-                    self.store.set_remote_state(op, "failed", message)
-                    log.error(
-                        "archive.processing_failed",
-                        path=job.file.path,
-                        what=name,
-                        error=message,
-                        next="delivering the other versions",
-                    )
-                    states[name], errors[name] = "failed", message
-                elif status.is_complete:
-                    self.store.set_remote_state(op, "complete")
-                    states[name] = "complete"
-                else:
-                    states[name] = "requested"
-                    waiting = True
-            else:
-                states[name] = row["remote_state"]
-                if row["remote_error"]:
-                    errors[name] = row["remote_error"]
-        versions = {
-            v: ("failed: " + errors.get(VERSIONS[v].product, ""))
-            if states.get(VERSIONS[v].product) == "failed"
-            else ("ready" if states.get(VERSIONS[v].product) == "complete" else "processing")
-            for v in self.cfg.wanted()
-        }
+        for name in self.plan:
+            states[name] = await self._advance(job, name, ids, states, errors)
+        versions = {v: _version_state(VERSIONS[v].product, states, errors) for v in self.cfg.wanted()}
         if states.get("audio") == "failed":
             self.store.commit(job, ids=ids, op_errors=errors, versions=versions)
             raise BadInput(f"the service could not process the upload: {errors.get('audio')}")
-        if waiting:
+        if any(state in ("waiting", "requested") for state in states.values()):
             polls = int(job.data.get("polls", 0)) + 1
             delay = min(self.cfg.poll_max, self.cfg.poll_initial * (1.5 ** (polls - 1)))
             self.store.commit(job, ids=ids, op_errors=errors, versions=versions, polls=polls)
             return StepResult.later("process", time.time() + delay)
         self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
+
+    async def _advance(
+        self, job: Job, name: str, ids: dict[str, str], states: Mapping[str, str], errors: dict[str, str]
+    ) -> str:
+        """Move one product of the plan on: request it once what it builds on is complete, else poll it.
+
+        Returns its state: waiting (for what it builds on), requested, complete or failed.
+        """
+        product = self.plan[name]
+        op = self.operation(job.data["sha256"], name)
+        row = self.store.gate_get(op)
+        if row is None or row["state"] != "answered":
+            before = states.get(product.needs) if product.needs else "complete"
+            if before == "failed":
+                errors[name] = f"{product.needs or 'audio'} failed"
+                return "failed"
+            if before != "complete":
+                return "waiting"
+            ids[name] = await self._paid(job, op, lambda: self._request(name, product, ids))
+            self.store.commit(job, ids=ids)
+            log.info("archive.requested", path=job.file.path, what=name, id=ids[name])
+            return "requested"
+        ids[name] = str(row["result"])
+        if row["remote_state"] not in (None, "requested"):
+            if row["remote_error"]:
+                errors[name] = row["remote_error"]
+            return str(row["remote_state"])
+        status = await self.processor.status(product.status_kind, ids[name])
+        if status.is_failed:
+            message = status.error_message or "the service reported a failure"
+            self.store.set_remote_state(op, "failed", message)
+            log.error(
+                "archive.processing_failed", path=job.file.path, what=name, error=message, next="delivering the others"
+            )
+            errors[name] = message
+            return "failed"
+        if status.is_complete:
+            self.store.set_remote_state(op, "complete")
+            return "complete"
+        return "requested"
 
     async def _paid(self, job: Job, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """Send one paid request through the gate, or reuse its answer (see watcher.pipelines.paid).
