@@ -131,7 +131,11 @@ class Runner:
                 if self.busy:
                     continue
                 now = time.time()
-                dues = [self.store.next_due(name) for name in self.pipelines]
+                dues = [
+                    self.store.next_due(name)
+                    for name, pipeline in self.pipelines.items()
+                    if self._paused(pipeline) <= now + horizon  # a paused service's work stays for later
+                ]
                 if all(d is None or d > now + horizon for d in dues):
                     stop.set()
                     return
