@@ -147,7 +147,7 @@ class AnalysisClient:
             try:
                 return await self._read_events(response, models, report, on_result)
             except SSEError as exc:
-                raise RetryLater(f"{SERVICE} sent a malformed event stream: {exc}") from exc
+                raise Malformed(f"{SERVICE} sent a malformed event stream: {exc}") from exc
             except (httpx.HTTPError, httpx.StreamError) as exc:
                 raise translate_transport_error(exc, SERVICE) from exc
 

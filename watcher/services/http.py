@@ -22,8 +22,9 @@ from typing import Any, Protocol
 import httpx
 import stamina
 from aiolimiter import AsyncLimiter
+from httpx_sse import SSEError
 
-from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater, WatcherError
+from watcher.errors import Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
 
 
 class AudioSource(Protocol):
@@ -132,6 +133,8 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
     """Map an httpx (or httpx-sse) exception to one of ours; unknown ones are treated as transient."""
     if isinstance(exc, WatcherError):
         return exc
+    if isinstance(exc, SSEError):
+        return Malformed(f"{service} sent a malformed event stream: {exc}")
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return NotSent(f"{service} could not be reached: {type(exc).__name__}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
