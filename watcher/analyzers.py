@@ -15,8 +15,8 @@ import structlog
 from watcher.audiofile import Signature
 from watcher.config import AnalysisConfig, reveal, service_identity
 from watcher.errors import BadInput, ConfigError, FileChanged
-from watcher.services.analysis import AnalysisClient, AnalysisReport, AudioSource, ModelResult
-from watcher.services.http import HttpPolicy
+from watcher.services.analysis import AnalysisClient, AnalysisReport, ModelResult
+from watcher.services.http import AudioSource, HttpPolicy
 
 log = structlog.get_logger("watcher.analysis")
 

@@ -172,9 +172,9 @@ class ArchiveConfig(_Section):
         """The versions to deliver, with ``"stems"`` expanded to ``<stems_from>_stems``."""
         out: list[str] = []
         for v in self.versions:
-            v = f"{self.stems_from}_stems" if v == "stems" else v
-            if v not in out:
-                out.append(v)
+            name = f"{self.stems_from}_stems" if v == "stems" else str(v)
+            if name not in out:
+                out.append(name)
         return tuple(out)
 
     def format_of(self, version: str) -> str:

@@ -285,8 +285,12 @@ class Daemon:
             self._prune(app)
             if app.detector is not None:
                 for f in app.detector.describe():
+                    mode, reason = f["mode"], f["reason"]
                     app.store.set_folder_health(
-                        str(f["folder"]), mode=f["mode"], reason=f["reason"], available=bool(f["available"])
+                        str(f["folder"]),
+                        mode=None if mode is None else str(mode),
+                        reason=None if reason is None else str(reason),
+                        available=bool(f["available"]),
                     )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)

@@ -75,7 +75,7 @@ class JobQueue(Protocol):
 def backoff(attempts: int, cfg: RetryConfig) -> float:
     """Seconds before the next attempt: exponential from ``backoff_initial``, capped, with ±20 % jitter."""
     base = min(cfg.backoff_max, cfg.backoff_initial * (2 ** max(0, attempts - 1)))
-    return base * random.uniform(0.8, 1.2)
+    return float(base * random.uniform(0.8, 1.2))
 
 
 class Runner:

@@ -27,22 +27,41 @@ BUDGET = "analysis"
 
 
 class ModelAnswer(Protocol):
-    requested: str
-    model_name: str
-    model_version: str | None
-    correlation_id: str | None
-    results: Any
+    @property
+    def requested(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def model_version(self) -> str | None: ...
+
+    @property
+    def correlation_id(self) -> str | None: ...
+
+    @property
+    def results(self) -> Any: ...
+
 
 
 class Report(Protocol):
-    results: Mapping[str, Any]
-    errors: list[str]
-    model_errors: dict[str, str]
+    @property
+    def results(self) -> Mapping[str, Any]: ...
+
+    @property
+    def errors(self) -> list[str]: ...
+
+    @property
+    def model_errors(self) -> dict[str, str]: ...
+
 
 
 class AudioBody(Protocol):
-    name: str
-    size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -50,10 +69,17 @@ class AudioBody(Protocol):
 class Analyzer(Protocol):
     """An analysis backend (the remote service, or local Essentia)."""
 
-    name: str
-    key: str  # where the work is done (endpoint and account, or "local"): results are cached under it
-    paid: bool  # True when each request is billed: requests then pass the gate
-    final_errors: bool  # True when a model's error cannot change on retry (local analysis)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...  # where the work is done (endpoint and account, or "local"): results are cached under it
+
+    @property
+    def paid(self) -> bool: ...  # True when each request is billed: requests then pass the gate
+
+    @property
+    def final_errors(self) -> bool: ...  # True when a model's error cannot change on retry (local analysis)
 
     def describe(self) -> dict[str, Any]:
         """What the sidecar records about the backend (never a secret)."""

@@ -39,20 +39,35 @@ def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str,
 
 
 class StatusLike(Protocol):
-    is_complete: bool
-    is_failed: bool
-    error_message: str | None
+    @property
+    def is_complete(self) -> bool: ...
+
+    @property
+    def is_failed(self) -> bool: ...
+
+    @property
+    def error_message(self) -> str | None: ...
+
 
 
 class OfferLike(Protocol):
-    download_url: str | None
-    email_notification_queued: bool
-    archive_incomplete: bool
+    @property
+    def download_url(self) -> str | None: ...
+
+    @property
+    def email_notification_queued(self) -> bool: ...
+
+    @property
+    def archive_incomplete(self) -> bool: ...
+
 
 
 class UploadBody(Protocol):
-    name: str
-    size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 

@@ -45,16 +45,30 @@ VERSION_WORDS = {
 
 
 class Offer(Protocol):
-    download_url: str | None
-    email_notification_queued: bool
-    archive_incomplete: bool
+    @property
+    def download_url(self) -> str | None: ...
+
+    @property
+    def email_notification_queued(self) -> bool: ...
+
+    @property
+    def archive_incomplete(self) -> bool: ...
+
 
 
 class Downloads(Protocol):
     """What delivery needs from the processing service."""
 
     async def request_archive(
-        self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
+        self,
+        *,
+        versions: Sequence[str],
+        audio_id: str | None = None,
+        ids: Sequence[str] | None = None,
+        format: str = "wav",
+        formats: Mapping[str, str] | None = None,
+        stem_ids: Sequence[str] | None = None,
+        stem_selections: Sequence[Mapping[str, Any]] | None = None,
     ) -> Offer: ...
 
     async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int: ...
@@ -298,7 +312,9 @@ class Deliverer:
         folder.mkdir(parents=True, exist_ok=True)
         return _free(folder / name)
 
-    def _record(self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None) -> dict:
+    def _record(
+        self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None
+    ) -> dict[str, Any]:
         product = VERSIONS[version].product if version in VERSIONS else "audio"
         return {
             "path": path.relative_to(staging).as_posix(),

@@ -30,8 +30,11 @@ from watcher.errors import Malformed, NeedsUser, NotSent, Rejected, RetryLater, 
 class AudioSource(Protocol):
     """A file to send as a request body: its name, exact size, and a fresh chunk iterator per call."""
 
-    name: str
-    size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 

@@ -145,13 +145,6 @@ def _expired(response: httpx.Response) -> None:
         raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
 
 
-def _expired(response: httpx.Response) -> None:
-    """Storage's refusals: 403/404/410 (and S3's or GCS's 400) mean the signature is no good any more."""
-    status = response.status_code
-    if 400 <= status < 500 and status not in (408, 425, 429):
-        raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
-
-
 def disposition_name(value: str | None, fallback: str) -> str:
     """The file name a ``Content-Disposition`` header suggests, as one safe name (for logs, never a path)."""
     if not value:
