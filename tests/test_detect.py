@@ -18,6 +18,7 @@ from watcher.config import FolderConfig
 from watcher.detect.detector import Detector
 from watcher.detect.filters import PathFilter
 from watcher.detect.settle import Settler
+from watcher.names import display
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -311,3 +312,159 @@ def test_exhausted_inotify_falls_back_to_polling(tmp_path, watch):
             os.close(fd)
     write_tone(inbox / "still seen.wav", 0.05)
     wait_for(lambda: sink.names() == ["still seen.wav"])
+
+
+# -- any name the OS gives, and failures that stay with their file --------------------------------------------
+
+ODD_NAMES = [
+    b"caf\xe9.wav",  # not UTF-8 (Latin-1 from an old share)
+    b"new\nline.wav",
+    b"-leading dash.wav",
+    b"a" * 251 + b".wav",  # 255 bytes, the longest name ext4 allows
+]
+
+
+def _write_bytes_name(folder: Path, name: bytes) -> str:
+    """Create a small WAV under a bytes name; return the path as detection carries it (``os.fsdecode``)."""
+    path = os.path.join(os.fsencode(folder), name)
+    tmp = folder / "writing.part"
+    write_tone(tmp, 0.05)
+    os.rename(os.fsencode(tmp), path)
+    return os.fsdecode(path)
+
+
+def _deep_file(folder: Path, depth: int) -> str:
+    """A file ``depth`` folders down (each a 20-byte name): a tree deeper than any real library."""
+    parts = [os.fsencode(folder)] + [b"level-%014d" % i for i in range(depth)]
+    os.makedirs(os.path.join(*parts))
+    return _write_bytes_name(Path(os.fsdecode(os.path.join(*parts))), b"deep.wav")
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["native", "polling"])
+def test_any_name_the_os_gives_is_settled_and_handed_over(tmp_path, watch, poll):
+    """Undecodable bytes, a newline, a leading dash, a 255-byte name and a 100-deep tree: found at start and
+    by events, and handed to the sink as the exact ``os.fsdecode`` path."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    before = {_write_bytes_name(inbox, b"old-" + n if len(n) < 250 else b"o" + n[1:]) for n in ODD_NAMES}
+    before.add(_deep_file(inbox / "old", 100))
+    _, sink = watch(inbox, poll=poll, poll_interval=0.2)
+    wait_for(lambda: {p for p, _ in sink.ready_files} == before, what="the start-up scan's files")
+    after = {_write_bytes_name(inbox, n) for n in ODD_NAMES}
+    # built beside the folder and moved in (mkdir -p in place races watchdog's recursive watch set-up, which
+    # only warns, but pytest turns that warning into an error in watchdog's thread)
+    deep = _deep_file(tmp_path / "album", 100)
+    os.rename(tmp_path / "album", inbox / "album")
+    after.add(deep.replace(str(tmp_path / "album"), str(inbox / "album"), 1))
+    wait_for(lambda: {p for p, _ in sink.ready_files} == before | after, what="the files found by events")
+    assert len(sink.ready_files) == len(before | after)
+
+
+class FlakySink(RecordingSink):
+    """Fails for names that are not UTF-8 the way a store that encodes paths as UTF-8 text would."""
+
+    def __init__(self, fail_in: str) -> None:
+        super().__init__()
+        self.fail_in = fail_in
+        self.calls: list[str] = []
+
+    def known(self, path: str, sig: Signature) -> bool:
+        if self.fail_in == "known":
+            path.encode("utf-8")
+        return super().known(path, sig)
+
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+        self.calls.append(path)
+        if self.fail_in == "ready":
+            path.encode("utf-8")
+        super().ready(folder, path, rel_path, sig)
+
+
+@pytest.mark.parametrize("fail_in", ["known", "ready"])
+def test_a_sink_failure_stays_with_its_file_and_is_logged_once(tmp_path, fail_in):
+    """sink.known or sink.ready raising for one file: logged once with the displayed name, other files go on."""
+    import io
+    import json
+
+    from watcher.log import configure_logging
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    bad = _write_bytes_name(inbox, b"caf\xe9.wav")
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    try:
+        sink = FlakySink(fail_in)
+        d = RunningDetector(FolderConfig(path=inbox, settle_seconds=0.2, rescan_interval=0.5), sink)
+        try:
+            write_tone(inbox / "good.wav", 0.05)
+            wait_for(lambda: sink.names() == ["good.wav"], what="the good file")
+            # rescans every 0.5 s bring the bad file back: it fails each time, and is logged once
+            wait_for(lambda: out.getvalue().count("caf\\\\xe9.wav") >= 1, what="the failure logged")
+            wait_for(lambda: fail_in == "known" or len(sink.calls) >= 3, what="the bad file tried at each rescan")
+            write_tone(inbox / "later.wav", 0.05)
+            wait_for(lambda: sorted(sink.names()) == ["good.wav", "later.wav"], what="detection still running")
+            assert d.thread.is_alive()
+        finally:
+            d.stop()
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    failures = [e for e in lines if e.get("level") == "error"]
+    assert len(failures) == 1, failures
+    event = "detect.check_failed" if fail_in == "known" else "detect.record_failed"
+    assert failures[0]["event"] == event and failures[0]["path"] == display(bad)
+    assert "UnicodeEncodeError" in failures[0]["error"]
+    assert bad not in {p for p, _ in sink.ready_files}
+
+
+def test_entries_that_are_not_regular_files_or_lead_outside_are_skipped(tmp_path, watch):
+    """A FIFO, a link loop, a link to a file outside the folder: reported, never handed over, never a hang."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    outside = write_tone(tmp_path / "secret" / "outside.wav", 0.05)
+    with structlog.testing.capture_logs() as logs:
+        d, sink = watch(inbox)
+        os.mkfifo(inbox / "pipe.wav")
+        os.symlink(inbox / "loop-b.wav", inbox / "loop-a.wav")
+        os.symlink(inbox / "loop-a.wav", inbox / "loop-b.wav")
+        os.symlink(outside, inbox / "link-out.wav")
+        write_tone(inbox / "real.wav", 0.05)
+        os.symlink(inbox / "real.wav", inbox / "link-in.wav")
+        wait_for(lambda: sorted(sink.names()) == ["link-in.wav", "real.wav"], what="the real file and its link")
+        wait_for(lambda: not d.detector.settler.candidates, what="every candidate decided")
+    reasons = {Path(e["path"]).name: e["error"] for e in logs if e["event"] == "detect.skipped"}
+    assert "pipe.wav" in reasons and "not a regular file" in reasons["pipe.wav"]
+    assert "link-out.wav" in reasons and "outside the watched folder" in reasons["link-out.wav"]
+    failed = {Path(e["path"]).name for e in logs if e["event"] == "detect.check_failed"}
+    assert {"loop-a.wav", "loop-b.wav"} <= failed
+
+
+def test_starting_a_watch_does_not_block_the_event_loop(tmp_path):
+    """A watch whose start is stuck (a share that does not answer) leaves the loop free for other work."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    release = threading.Event()
+
+    def slow_decision(folder: FolderConfig) -> tuple[bool, str]:
+        release.wait(10)  # stands for a filesystem that takes seconds to answer
+        return True, "polled (test)"
+
+    async def main() -> tuple[int, bool]:
+        det = Detector([FolderConfig(path=inbox, settle_seconds=0.2)], RecordingSink(), decide_polling=slow_decision)
+        stop = asyncio.Event()
+        started = asyncio.Event()
+        task = asyncio.create_task(det.run(stop, on_first_scan=started.set))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)  # sleep-ok: counting loop turns while the watch start hangs
+            ticks += 1
+        was_started = started.is_set()
+        release.set()
+        await asyncio.wait_for(started.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return ticks, was_started
+
+    ticks, was_started = asyncio.run(main())
+    assert ticks == 20 and not was_started
