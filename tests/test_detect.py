@@ -468,3 +468,30 @@ def test_starting_a_watch_does_not_block_the_event_loop(tmp_path):
 
     ticks, was_started = asyncio.run(main())
     assert ticks == 20 and not was_started
+
+
+def test_inotify_queue_overflow_rescans_the_folder_at_once(tmp_path, watch):
+    """A real kernel queue overflow (the reader held back while events pour in) triggers a rescan: a file
+    whose events were dropped is found long before the next periodic rescan."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 200_000:
+        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many events to overflow in a test")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    d, sink = watch(inbox, rescan_interval=3600)
+    observer = d.detector.folders[str(inbox)].watch.observer
+    assert d.detector.describe()[0]["mode"] == "native"
+    with structlog.testing.capture_logs() as logs:
+        # watchdog's reader thread takes this lock after each read: holding it stops the draining
+        reader_lock = observer._inotify_fd._lock
+        with reader_lock:
+            fds = [os.open(inbox / f"flood-{i}.txt", os.O_WRONLY | os.O_CREAT) for i in range(2)]
+            try:
+                for i in range(limit + 4096):  # alternating files: identical neighbours would be merged
+                    os.write(fds[i % 2], b"x")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            lost = write_tone(inbox / "lost in the overflow.wav", 0.05)
+        wait_for(lambda: sink.names() == [lost.name], timeout=10, what="the file found by the overflow rescan")
+    assert any(e["event"] == "watch.overflow" and e["folder"] == str(inbox) for e in logs)
