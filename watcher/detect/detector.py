@@ -12,6 +12,7 @@ bounded thread pool, never on the event loop: a share that answers slowly slows 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -92,7 +93,10 @@ class Detector:
             root = str(f.path)
             extra = (excluded_dirs or {}).get(root, ())
             self.folders[root] = FolderState(f, PathFilter(f.include, f.exclude, extra))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the one settle check at a time, never by the event loop
+        # hints wait here until the next check takes them into the settler: the loop never waits for a check
+        # that is stat-ing files on a slow share
+        self._hints: collections.deque[tuple[str, float, bool, str]] = collections.deque()
         self.settler = Settler(clock, known=sink.known)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
@@ -166,8 +170,7 @@ class Detector:
             return
         if not state.filter.wants_file(rel):
             return
-        with self._lock:
-            self.settler.hint(path, state.config.settle_seconds, closed=closed, root=root)
+        self._hints.append((path, state.config.settle_seconds, closed, root))
         self._wake.set()
 
     def hint_threadsafe(self, path: str, is_dir: bool, closed: bool) -> None:
@@ -204,7 +207,7 @@ class Detector:
 
     def idle(self) -> bool:
         """True when nothing is waiting to settle and no folder scan is queued."""
-        return not self.settler.candidates and not self._pending_dirs
+        return not self.settler.candidates and not self._pending_dirs and not self._hints
 
     async def check_once(self) -> None:
         """Stat every candidate once and hand the settled ones to the sink."""
@@ -216,6 +219,9 @@ class Detector:
 
         def check() -> list:
             with self._lock:
+                while self._hints:
+                    path, settle, closed, root = self._hints.popleft()
+                    self.settler.hint(path, settle, closed=closed, root=root)
                 return self.settler.check()
 
         for verdict in await self._fs(check):
@@ -281,7 +287,7 @@ class Detector:
                         await self.scan(root)
                 if stop.is_set():
                     break
-                if self.settler.candidates or self._pending_dirs:
+                if not self.idle():
                     await _wait(stop, TICK)  # candidates are checked at a steady pace, events or not
                 else:
                     await _wait(self._wake, self.health_every)
