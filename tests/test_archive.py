@@ -93,14 +93,17 @@ def test_clean_run_delivers_every_version(tmp_path, inbox, emu, run_daemon):
     assert f"-> {folder}" in text
 
 
-@pytest.mark.parametrize("stop_when", ["audio", "restored", "stems:mastered"])
+@pytest.mark.parametrize("stop_when", ["upload", "restore", "stems:mastered"])
 def test_restart_after_each_step_never_pays_twice(tmp_path, inbox, emu, run_daemon, stop_when):
     """Killed (checkpoint-now) right after an ID was stored, then restarted: every paid call happened once."""
     emu.processing.faults.polls_needed = 4
     settings = archive_settings(tmp_path, inbox, emu)
     d = run_daemon(settings)
     write_tone(inbox / "take.wav", 0.3)
-    wait_for(lambda: query(tmp_path, "SELECT 1 FROM remote WHERE kind=?", stop_when), what=f"{stop_when} requested")
+    wait_for(
+        lambda: query(tmp_path, "SELECT 1 FROM operations WHERE operation=? AND state='answered'", stop_when),
+        what=f"{stop_when} answered",
+    )
     d.stop(force=True)
     d2 = run_daemon(settings)
     wait_delivery(tmp_path, "take")

@@ -150,4 +150,4 @@ def test_retry_needs_a_target(tmp_path, emulator, inbox):
     write_tone(inbox / "x.wav", 0.1)
     assert watcher("scan", str(inbox), env=env).returncode == 0
     proc = watcher("retry", env=env)
-    assert proc.returncode == 2 and "PATH... or --failed" in proc.stderr
+    assert proc.returncode == 2 and "PATH..., --failed or --in-doubt" in proc.stderr

@@ -183,6 +183,7 @@ def test_done_and_failed_folders(tmp_path, inbox, emulator, run_daemon):
 def test_unmounted_folder_is_retried_not_gone(tmp_path):
     """A file whose watched folder vanished (share unmounted) is retried later, never marked gone."""
     import asyncio
+    from types import SimpleNamespace
 
     from watcher.config import ArchiveConfig, SidecarConfig
     from watcher.errors import RetryLater
@@ -201,10 +202,11 @@ def test_unmounted_folder_is_retried_not_gone(tmp_path):
             inode=1,
             jobs=[("analyze", "pending"), ("archive", "pending")],
         )
+        remote = SimpleNamespace(paid=True, key="analysis http://x account:none")
         for stage in (
-            AnalyzeStage(store, None, models=["key"], sidecar=SidecarConfig(), max_attempts=3),  # type: ignore[arg-type]
-            ArchiveStage(store, None, ArchiveConfig(), None, SidecarConfig()),
-        ):  # type: ignore[arg-type]
+            AnalyzeStage(store, remote, models=["key"], sidecar=SidecarConfig()),  # type: ignore[arg-type]
+            ArchiveStage(store, None, ArchiveConfig(), None, SidecarConfig(), where="processing"),  # type: ignore[arg-type]
+        ):
             job = store.claim(stage.kind, "t")
             with pytest.raises(RetryLater, match="not available"):
                 asyncio.run(stage.run(job))

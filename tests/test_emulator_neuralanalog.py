@@ -18,7 +18,7 @@ import pytest
 from tests.audiogen import sine, write_wav
 from tests.conftest import Service, body
 from watcher.emulator import audio_processing as proc
-from watcher.errors import NeedsUser
+from watcher.errors import Rejected, RetryLater
 from watcher.safezip import BadArchive, extract_zip
 from watcher.services.multipart import MultipartBody, MultipartParser
 from watcher.services.neuralanalog import NeuralAnalogClient
@@ -162,16 +162,16 @@ def test_archives_hold_tracks_or_stems(na: Service, tmp_path: Path) -> None:
 def test_archive_refusals(na: Service, tmp_path: Path) -> None:
     """Mixed track and stem versions, versions never made, and unfinished jobs are answered 422 or 409."""
     audio_id, _ = finished(na, tmp_path, stems=False)
-    for versions, detail in [
-        (["original", "restored"], "restored of .* is not complete"),
-        (["restored_stems"], "restored_stems of .* is not complete"),
-        (["loud"], "unknown value"),
+    for versions, detail, error in [
+        (["original", "restored"], "restored of .* is not complete", RetryLater),
+        (["restored_stems"], "restored_stems of .* is not complete", RetryLater),
+        (["loud"], "unknown value", Rejected),
     ]:
-        with pytest.raises(NeedsUser, match=detail):
+        with pytest.raises(error, match=detail):
             na.run(lambda c, v=versions: c.request_archive(audio_id=audio_id, versions=v))
     na.emu.faults.polls_needed = 1
     unfinished = na.run(lambda c: c.master(audio_id, {}))
-    with pytest.raises(NeedsUser, match="HTTP 409"):
+    with pytest.raises(Rejected, match="HTTP 409"):
         na.run(lambda c: c.download_object("mastered", unfinished, tmp_path / "m.wav"))
 
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from httpx_sse import SSEError
 
-from watcher.errors import BadInput, NeedsUser, RetryLater
+from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater
 from watcher.services.http import ServiceHTTP, parse_retry_after, raise_for_status, translate_transport_error
 
 
@@ -24,20 +24,22 @@ def response(status: int, body: object = None, headers: dict | None = None) -> h
     ("status", "error"),
     [
         (408, RetryLater),
-        (429, RetryLater),
+        (429, NotSent),
         (500, RetryLater),
-        (503, RetryLater),
+        (503, NotSent),
         (401, NeedsUser),
         (402, NeedsUser),
         (403, NeedsUser),
-        (404, NeedsUser),
-        (422, NeedsUser),
-        (413, BadInput),
-        (415, BadInput),
+        (400, Rejected),
+        (404, Rejected),
+        (409, Rejected),
+        (422, Rejected),
+        (413, Rejected),
+        (415, Rejected),
     ],
 )
 def test_status_classes(status, error):
-    """Each documented or likely status maps to exactly one class, and the message carries the detail."""
+    """Each status maps to exactly one class of one scope, and the message carries the detail."""
     with pytest.raises(error) as err:
         raise_for_status(response(status), "svc")
     assert type(err.value) is error

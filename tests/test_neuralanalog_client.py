@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import NA_KEY as KEY
 from tests.conftest import Service, body, write_silent_wav, write_tone
-from watcher.errors import NeedsUser, NotSent, RetryLater
+from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater
 from watcher.services.multipart import MultipartBody
 from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
 
@@ -190,9 +190,9 @@ def test_account_and_request_problems_need_the_user(na: Service, tmp_path: Path)
         na.run(lambda c: c.upload(body(audio)))
     assert err.value.account_problem and KEY not in str(err.value)
     audio_id = na.run(lambda c: c.upload(body(audio)))
-    with pytest.raises(NeedsUser, match="preset: must be one of") as err:
+    with pytest.raises(Rejected, match="preset: must be one of") as refused:
         na.run(lambda c: c.create_stems("audio_id", audio_id, {"preset": "9_tracks"}))
-    assert err.value.status == 422 and not err.value.account_problem
+    assert refused.value.status == 422 and refused.value.scope == "file"
     with pytest.raises(NeedsUser, match="API key was refused"):
         na.run(lambda c: c.status("audio", audio_id), key="wrong-key-999")
 

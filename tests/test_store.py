@@ -96,7 +96,7 @@ def test_retry_resets_failed_jobs(store):
     job.data["failed_in"] = "pending"
     store.release(job, stage="failed", error="bad", error_kind="bad_input")
     assert [p.error for p in store.problems()] == ["bad"]
-    assert store.retry(failed_only=True, restart_stage={"analyze": "pending"}) == 1
+    assert store.retry(failed=True, restart_stage={"analyze": "pending"}) == 1
     assert store.counts() == {"analyze": {"pending": 1}}
     assert store.problems() == []
 

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from watcher.audiofile import Signature
-from watcher.config import AnalysisConfig, reveal
+from watcher.config import AnalysisConfig, reveal, service_identity
 from watcher.errors import BadInput, ConfigError, FileChanged
 from watcher.services.analysis import AnalysisClient, AnalysisReport, AudioSource, ModelResult
 from watcher.services.http import HttpPolicy
@@ -25,13 +25,16 @@ class RemoteAnalyzer:
     """The analysis service, through :class:`AnalysisClient`."""
 
     name = "remote"
+    paid = True
     final_errors = False
 
     def __init__(self, cfg: AnalysisConfig, **client_kwargs: Any) -> None:
-        key = reveal(cfg.api_key)
         policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
         self.base_url = cfg.base_url
-        self.client = AnalysisClient(cfg.base_url, key, policy=policy, **client_kwargs)
+        self.key = service_identity("analysis", cfg.base_url, cfg.api_key)
+        self.client = AnalysisClient(
+            cfg.base_url, reveal(cfg.api_key), policy=policy, event_deadline=cfg.timeout, **client_kwargs
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "base_url": self.base_url}
@@ -52,6 +55,8 @@ class LocalBackend:
     """Essentia on this machine, in a bounded process pool."""
 
     name = "local"
+    key = "local"
+    paid = False
     final_errors = True  # the same file gives the same error again: retrying cannot help
 
     def __init__(self, cfg: AnalysisConfig) -> None:

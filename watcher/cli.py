@@ -59,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--all", action="store_true", help="list every file, not only those in progress")
 
-    retry = sub.add_parser("retry", help="make failed files (or the given paths) due again")
+    retry = sub.add_parser("retry", help="make failed or held files (or the given paths) due again")
     retry.add_argument("paths", nargs="*", type=Path, metavar="PATH")
     retry.add_argument("--failed", action="store_true", help="every failed file")
+    retry.add_argument(
+        "--in-doubt",
+        action="store_true",
+        help="send again every paid request held in doubt (its answer was lost: the service may count it twice)",
+    )
 
     doctor = sub.add_parser("doctor", help="check the config, folders, limits, disk space and the services")
     doctor.add_argument("folders", nargs="*", type=Path, metavar="FOLDER", help="check these folders instead")
@@ -150,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("pause", "resume"):
         return _pause(_settings(args), args.folder, paused=args.command == "pause")
     if args.command == "retry":
-        return _retry(_settings(args), args.paths, args.failed)
+        return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
@@ -169,7 +174,15 @@ def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
 
     store = _open_store(settings)
     try:
-        report = collect(store, state_dir=str(settings.state_dir), configured=[str(f.path) for f in settings.folders])
+        report = collect(
+            store,
+            state_dir=str(settings.state_dir),
+            configured=[str(f.path) for f in settings.folders],
+            caps={
+                "analysis": settings.analysis.daily_audio_minutes,
+                "processing": settings.archive.daily_audio_minutes,
+            },
+        )
     finally:
         store.close()
     print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
@@ -194,9 +207,9 @@ def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
     return EXIT_OK
 
 
-def _retry(settings: Settings, paths: list[Path], failed: bool) -> int:
-    if not paths and not failed:
-        raise ConfigError("say what to retry: PATH... or --failed")
+def _retry(settings: Settings, paths: list[Path], *, failed: bool, in_doubt: bool) -> int:
+    if not paths and not failed and not in_doubt:
+        raise ConfigError("say what to retry: PATH..., --failed or --in-doubt")
     store = _open_store(settings)
     try:
         selected: list[str] | None = None
@@ -211,7 +224,7 @@ def _retry(settings: Settings, paths: list[Path], failed: bool) -> int:
                 )
         from watcher.pipeline import RESTART_STAGE
 
-        n = store.retry(paths=selected, failed_only=failed or not paths, restart_stage=RESTART_STAGE)
+        n = store.retry(paths=selected, failed=failed, in_doubt=in_doubt, restart_stage=RESTART_STAGE)
     finally:
         store.close()
     print(f"{n} job(s) will be retried" + ("" if n else " (nothing matched)"))

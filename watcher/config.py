@@ -7,6 +7,7 @@ all is fine. Unknown keys and bad values raise :class:`ConfigError` naming the k
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -90,6 +91,7 @@ class AnalysisConfig(_Section):
     timeout: float = Field(300.0, gt=0, description="seconds to wait for the next event of a stream")
     local_workers: int = Field(1, ge=1, le=32, description="processes for the local backend")
     local_max_seconds: float = Field(14400.0, gt=0, description="longest file the local backend decodes")
+    daily_audio_minutes: float = Field(0.0, ge=0, description="audio minutes a UTC day may send (0: no cap)")
 
     @field_validator("api_key", "api_key_file", mode="before")
     @classmethod
@@ -140,6 +142,8 @@ class ArchiveConfig(_Section):
     poll_max: float = Field(300.0, gt=0, description="the longest pause between two polls")
     max_archive_bytes: int = Field(20 * 2**30, gt=0, description="uncompressed size a zip may hold")
     max_archive_entries: int = Field(1000, gt=0)
+    daily_audio_minutes: float = Field(0.0, ge=0, description="audio minutes a UTC day may send (0: no cap)")
+    in_doubt: Literal["hold", "resend"] = Field("hold", description="a paid request whose answer was lost")
     restore: dict[str, Any] = Field(default_factory=dict)
     master: dict[str, Any] = Field(default_factory=dict)
     stems: dict[str, Any] = Field(default_factory=lambda: {"preset": "4_tracks"})
@@ -208,6 +212,12 @@ class RetryConfig(_Section):
     needs_user_backoff: float = Field(900.0, gt=0, description="pause after a bad key or no credits")
 
 
+class StoreConfig(_Section):
+    """The durable store."""
+
+    retention_days: float = Field(90.0, gt=0, description="forget replaced and deleted versions after this long")
+
+
 class MetricsConfig(_Section):
     """The optional Prometheus endpoint."""
 
@@ -220,7 +230,12 @@ class WebhooksConfig(_Section):
     """Optional JSON POSTs when a file is done or failed."""
 
     urls: tuple[str, ...] = ()
-    events: tuple[Literal["file.done", "file.failed"], ...] = ("file.done", "file.failed")
+    events: tuple[Literal["file.done", "file.failed", "file.in_doubt", "spend.capped"], ...] = (
+        "file.done",
+        "file.failed",
+        "file.in_doubt",
+        "spend.capped",
+    )
     secret: SecretStr | None = None
     timeout: float = Field(10.0, gt=0)
 
@@ -255,6 +270,7 @@ class Settings(BaseSettings):
     sidecar: SidecarConfig = SidecarConfig()
     archive: ArchiveConfig = ArchiveConfig()
     retry: RetryConfig = RetryConfig()
+    store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
 
@@ -360,6 +376,18 @@ def load_settings(
                 f"(or set output_dir on each [[folders]] entry; missing for {', '.join(missing)})"
             )
     return resolve_secrets(settings, env)
+
+
+def service_identity(service: str, base_url: str, key: SecretStr | None) -> str:
+    """Where paid work is done, as the store keys it: the service, its endpoint and a fingerprint of the account.
+
+    The fingerprint is a keyed BLAKE2b of the API key, 48 bits: it tells accounts apart and cannot be reversed.
+    """
+    secret = reveal(key)
+    account = (
+        hashlib.blake2b(secret.encode(), digest_size=6, person=b"watcher-acct").hexdigest() if secret else "none"
+    )
+    return f"{service} {base_url.rstrip('/')} account:{account}"
 
 
 def reveal(secret: SecretStr | None) -> str | None:

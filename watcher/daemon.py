@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import fcntl
 import os
 import signal
@@ -23,6 +24,7 @@ from watcher import __version__
 from watcher.config import FolderConfig, Settings, reveal
 from watcher.errors import ConfigError
 from watcher.metrics import Metrics, NullMetrics
+from watcher.names import display
 from watcher.pipeline import Pipeline
 from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
@@ -34,6 +36,43 @@ log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
 SCAN_SETTLE = 1.0
+PRUNE_EVERY = 86400.0
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class SpendEvents:
+    """Where paid calls are reported as they end: Prometheus counters, and the `spend.capped` webhook."""
+
+    def __init__(self, metrics: NullMetrics, webhooks: WebhookSender | None, events: Sequence[str]) -> None:
+        self.metrics = metrics
+        self.webhooks = webhooks if "spend.capped" in events else None
+
+    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
+        self.metrics.paid_call(budget, operation, outcome, seconds)
+
+    def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
+        log.warning(
+            "spend.capped",
+            service=budget,
+            minutes_today=round(spent_seconds / 60, 2),
+            cap_minutes=round(cap_seconds / 60, 2),
+            next=f"no paid {budget} call is sent until {_iso(until)}; files wait, nothing is lost",
+        )
+        if self.webhooks is not None:
+            self.webhooks.send_nowait(
+                "spend.capped",
+                {
+                    "service": budget,
+                    "minutes_today": round(spent_seconds / 60, 2),
+                    "cap_minutes": round(cap_seconds / 60, 2),
+                    "resumes_at": _iso(until),
+                },
+            )
 
 
 class StateLock:
@@ -95,6 +134,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.metrics: NullMetrics = NullMetrics()
         self.metrics_address: tuple[str, int] | None = None
+        self._next_prune = 0.0
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -176,15 +216,27 @@ class Daemon:
 
     async def _serve(self) -> int:
         """One life of the pipeline: start, run until stop (or reload), checkpoint."""
-        pipeline = Pipeline(self.settings)
+        webhooks = self._webhook_sender()
+        pipeline = Pipeline(self.settings, spend=SpendEvents(self.metrics, webhooks, self.settings.webhooks.events))
         self.pipeline = pipeline
         pipeline.sink.on_new = self.metrics.file_seen
         pipeline.hooks.append(lambda o: self.metrics.outcome(o.job.kind, o.stage))
-        webhooks = self._webhooks(pipeline)
+        if webhooks is not None:
+            pipeline.hooks.append(self._webhook_hook(webhooks))
         try:
             released = pipeline.store.release_leases()
             if released:
                 log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
+            # This daemon holds the state folder's lock: no request of an earlier life can still be in flight.
+            doubtful = pipeline.store.gate_recover()
+            if doubtful:
+                log.warning(
+                    "daemon.requests_in_doubt",
+                    operations=doubtful,
+                    next="paid requests cut off by the last stop: processing ones are held (`watcher status`), "
+                    "analysis ones are asked again",
+                )
+            self._prune(pipeline)
             detector = pipeline.make_detector(self.settings.folders)
             log.info(
                 "daemon.started",
@@ -222,33 +274,48 @@ class Daemon:
             await pipeline.aclose()
             self.pipeline = None
 
-    def _webhooks(self, pipeline: Pipeline) -> WebhookSender | None:
+    def _webhook_sender(self) -> WebhookSender | None:
         cfg = self.settings.webhooks
         if not cfg.urls:
             return None
         sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout)
         sender.start()
-        events = {"done": "file.done", "failed": "file.failed"}
+        return sender
+
+    def _webhook_hook(self, sender: WebhookSender) -> Callable[[Outcome], None]:
+        wanted = self.settings.webhooks.events
+        events = {"done": "file.done", "failed": "file.failed", "in_doubt": "file.in_doubt"}
 
         def hook(outcome: Outcome) -> None:
             event = events.get(outcome.stage)
-            if event in cfg.events:
+            if event in wanted:
                 job = outcome.job
-                sender.send_nowait(
-                    event,
-                    {
-                        "path": job.file.path,
-                        "pipeline": job.kind,
-                        "error": outcome.error if outcome.stage == "failed" else None,
-                        "error_kind": outcome.error_kind if outcome.stage == "failed" else None,
-                        "sha256": job.data.get("sha256") or job.file.sha256,
-                        "sidecar": job.data.get("sidecar"),
-                        "delivery": job.data.get("delivery"),
-                    },
-                )
+                problem = outcome.stage in ("failed", "in_doubt")
+                payload = {
+                    "path": display(job.file.path),
+                    "pipeline": job.kind,
+                    "error": outcome.error if problem else None,
+                    "error_kind": outcome.error_kind if problem else None,
+                    "sha256": job.data.get("sha256") or job.file.sha256,
+                    "sidecar": job.data.get("sidecar"),
+                    "delivery": job.data.get("delivery"),
+                }
+                if outcome.stage == "in_doubt":
+                    doubt = job.data.get("in_doubt", {})
+                    payload.update(operation=doubt.get("operation"), since=_iso(doubt.get("since")))
+                sender.send_nowait(event, payload)
 
-        pipeline.hooks.append(hook)
-        return sender
+        return hook
+
+    def _prune(self, pipeline: Pipeline) -> None:
+        """Forget old replaced and deleted versions (results and paid IDs stay); once at start, then daily."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY
+        forgotten = pipeline.store.prune(self.settings.store.retention_days)
+        if forgotten:
+            log.info("store.pruned", versions=forgotten, older_than_days=self.settings.store.retention_days)
 
     async def _beat(self, pipeline: Pipeline) -> None:
         """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store."""
@@ -260,6 +327,7 @@ class Daemon:
             waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
             failed = sum(stages.get("failed", 0) for stages in counts.values())
             self.notifier.status(f"{waiting} queued, {pipeline.runner.busy} in progress, {failed} failed")
+            self._prune(pipeline)
             if pipeline.detector is not None:
                 for f in pipeline.detector.describe():
                     pipeline.store.set_folder_health(

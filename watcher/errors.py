@@ -1,35 +1,46 @@
-"""Every error watcher raises on purpose, classified by what should happen next.
+"""Every error watcher raises on purpose, classified by its *scope*: what it stops, and what happens next.
 
     WatcherError
     ├── ConfigError      the configuration is wrong: fix it, then start again (exit code 2)
-    ├── RetryLater       transient: the network, a 429/5xx, a full disk; the store schedules another attempt
-    │   ├── NotSent      the request never left (no connection): safe to resend even when it is paid
-    │   └── ExpiredURL   a signed download URL was refused: ask for a fresh one
-    ├── NeedsUser        a person must act: bad API key, no credits, a refused request (401/402/403, other 4xx)
-    └── BadInput         this file cannot be processed as it is (empty, not audio, rejected by a service)
-        └── FileChanged  the file changed or vanished while it was being read; its new version gets its own turn
+    ├── RetryLater       scope "transient": the network, a 429/5xx, a full disk; backed off, then retried
+    │   ├── NotSent      the request provably never reached the service: safe to resend even when it is paid
+    │   ├── ExpiredURL   a signed download URL was refused: ask for a fresh one
+    │   └── Deferred     not an error: wait (another copy is being paid for, a daily cap); no attempt is counted
+    ├── NeedsUser        scope "service": the key was refused, no credits (401/402/403): that service pauses
+    ├── InDoubt          scope "file": a paid request was sent whole and its answer lost; held for the user
+    └── BadInput         scope "file": this file cannot be processed as it is; other files are unaffected
+        ├── Rejected     the service refused this file (4xx) or answered nonsense: a few attempts, then failed
+        │   └── Malformed    an answer without the expected field, or a body that is not what was asked for
+        └── FileChanged  the file changed or vanished while it was being read; its new version is handled anew
 
 Foreign exceptions (httpx, httpx-sse, OSError) are translated at the edge with ``raise ... from``.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+Scope = Literal["transient", "service", "file", "config"]
+
 
 class WatcherError(Exception):
     """Base of every error watcher raises on purpose."""
 
-    kind = "error"
+    scope: Scope = "transient"
+    kind = "error"  # the word `watcher status` shows for this class
 
 
 class ConfigError(WatcherError):
     """The configuration is invalid; the message names the key and what is wrong with it."""
 
+    scope: Scope = "config"
     kind = "config"
 
 
 class RetryLater(WatcherError):
     """A transient failure: try again later, after ``retry_after`` seconds when the cause said so."""
 
+    scope: Scope = "transient"
     kind = "retry_later"
 
     def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None) -> None:
@@ -39,18 +50,31 @@ class RetryLater(WatcherError):
 
 
 class NotSent(RetryLater):
-    """The request never reached the service (no connection): resending it cannot pay twice."""
-
-    kind = "retry_later"
+    """The request never reached the service (no connection, a 429, a body cut short): resending cannot pay twice."""
 
 
 class ExpiredURL(RetryLater):
     """A temporary download URL was refused (expired or revoked): ask for a fresh one."""
 
 
-class NeedsUser(WatcherError):
-    """A failure only a person can fix (credentials, credits, a request the service refuses)."""
+class Deferred(RetryLater):
+    """Nothing went wrong, but the job must wait until ``until`` (a Unix time); no attempt is counted.
 
+    ``reason`` is what `watcher status` shows ("waiting for ...", "daily cap ... reached").
+    """
+
+    kind = "waiting"
+
+    def __init__(self, message: str, *, until: float, kind: str = "waiting") -> None:
+        super().__init__(message)
+        self.until = until
+        self.kind = kind
+
+
+class NeedsUser(WatcherError):
+    """The service refuses the account (key, credits, plan): the service pauses until a person acts."""
+
+    scope: Scope = "service"
     kind = "needs_user"
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
@@ -63,10 +87,45 @@ class NeedsUser(WatcherError):
         return self.status in (401, 402, 403)
 
 
-class BadInput(WatcherError):
-    """This file cannot be processed as it stands; other files are unaffected."""
+class InDoubt(WatcherError):
+    """A paid request was sent in full and its answer was lost: it may have been done (and billed).
 
+    The job is held (``[archive] in_doubt = "hold"``) until `watcher retry` says to send it again.
+    """
+
+    scope: Scope = "file"
+    kind = "in_doubt"
+
+    def __init__(self, message: str, *, operation: str, since: float, keys: list[list[str]]) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.since = since
+        self.keys = keys
+
+
+class BadInput(WatcherError):
+    """This file cannot be processed as it stands (empty, not audio); final at once, other files are unaffected."""
+
+    scope: Scope = "file"
     kind = "bad_input"
+    final = True  # False: a few more attempts may help (the service's answer, not the file itself)
+
+
+class Rejected(BadInput):
+    """The service refused this file's request (400, 404, 409, 413, 415, 422, ...): retried a few times, then failed."""
+
+    kind = "rejected"
+    final = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Malformed(Rejected):
+    """The service answered something that is not what was asked for (no ID, not an event stream, not JSON)."""
+
+    kind = "malformed"
 
 
 class FileChanged(BadInput):

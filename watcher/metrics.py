@@ -40,6 +40,12 @@ class NullMetrics:
     def bytes_uploaded(self, service: str, count: int) -> None:
         """``count`` request body bytes were sent to ``service``."""
 
+    def paid_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
+        """A paid request ended (answered, not_sent, in_doubt, partial), covering ``seconds`` of audio."""
+
+    def loop_lag(self, seconds: float) -> None:
+        """How late the event loop last woke up."""
+
     def outcome(self, kind: str, stage: str) -> None:
         """A runner outcome: job pipeline ``kind`` reached ``stage``; only "done" and "failed" are counted."""
         if stage == "done":
@@ -98,6 +104,16 @@ class Metrics(NullMetrics):
         self._uploaded = prom.Counter(
             "watcher_bytes_uploaded", "Request body bytes sent, per service", ["service"], registry=r
         )
+        self._paid = prom.Counter(
+            "watcher_paid_calls",
+            "Paid requests, per service, operation and outcome",
+            ["service", "operation", "outcome"],
+            registry=r,
+        )
+        self._audio = prom.Counter(
+            "watcher_audio_seconds", "Audio seconds covered by paid requests, per service", ["service"], registry=r
+        )
+        self._lag = prom.Gauge("watcher_loop_lag_seconds", "How late the event loop last woke up", registry=r)
         self._depth_labels: set[str] = set()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -121,6 +137,14 @@ class Metrics(NullMetrics):
         for kind in self._depth_labels - set(counts):
             self.set_queue_depth(kind, 0)
         super().queue(counts, terminal)
+
+    def paid_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
+        self._paid.labels(service=service, operation=operation, outcome=outcome).inc()
+        if seconds > 0:
+            self._audio.labels(service=service).inc(seconds)
+
+    def loop_lag(self, seconds: float) -> None:
+        self._lag.set(max(0.0, seconds))
 
     def service_request(self, service: str, seconds: float) -> None:
         self._latency.labels(service=service).observe(max(0.0, seconds))

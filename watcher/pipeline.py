@@ -15,12 +15,12 @@ import structlog
 
 from watcher.analyzers import Backend, choose_backend, make_backend
 from watcher.audiofile import Signature
-from watcher.config import FolderConfig, Settings, reveal
+from watcher.config import FolderConfig, Settings, reveal, service_identity
 from watcher.detect.detector import Detector
 from watcher.errors import ConfigError
 from watcher.runner import Outcome, Runner
 from watcher.stages.analyze import AnalyzeStage
-from watcher.stages.base import Stage
+from watcher.stages.base import NullSpend, SpendObserver, Stage
 from watcher.stages.finish import SourceMover, inside
 from watcher.store import TERMINAL, Job, Store
 
@@ -70,10 +70,17 @@ class StoreSink:
 class Pipeline:
     """Everything that does work, built from settings."""
 
-    def __init__(self, settings: Settings, folders: Sequence[FolderConfig] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        folders: Sequence[FolderConfig] | None = None,
+        *,
+        spend: SpendObserver | None = None,
+    ) -> None:
         self.settings = settings
         self.folders = {str(f.path): f for f in (folders if folders is not None else settings.folders)}
         self.store = Store(store_path(settings))
+        self.spend = spend or NullSpend()
         self.closers: list[Any] = []
         self.hooks: list[Callable[[Outcome], None]] = []
         stages: list[Stage] = []
@@ -83,13 +90,15 @@ class Pipeline:
             log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
             backend: Backend = make_backend(settings.analysis, which)
             self.closers.append(backend)
+            self.store.adopt_legacy(backend.name, backend.key)
             stages.append(
                 AnalyzeStage(
                     self.store,
                     backend,
                     models=settings.analysis.models,
                     sidecar=settings.sidecar,
-                    max_attempts=settings.retry.max_attempts,
+                    cap_minutes=settings.analysis.daily_audio_minutes,
+                    spend=self.spend,
                 )
             )
             concurrency["analyze"] = (
@@ -129,7 +138,17 @@ class Pipeline:
             folder = self.folders.get(job.file.folder)
             return folder.output_dir if folder and folder.output_dir else cfg.output_dir
 
-        return ArchiveStage(self.store, processor, cfg, Deliverer(processor, cfg, output_for), self.settings.sidecar)
+        where = service_identity("processing", cfg.base_url, cfg.api_key)
+        self.store.adopt_legacy("neuralanalog", where)
+        return ArchiveStage(
+            self.store,
+            processor,
+            cfg,
+            Deliverer(processor, cfg, output_for),
+            self.settings.sidecar,
+            where=where,
+            spend=self.spend,
+        )
 
     def excluded_dirs(self, folder: FolderConfig) -> list[str]:
         """Our own output folders inside a watched folder: never work, never watched for work."""
@@ -155,7 +174,7 @@ class Pipeline:
 
     def _outcome(self, outcome: Outcome) -> None:
         if outcome.stage in TERMINAL:
-            self.mover.after(outcome.job)
+            self.mover.schedule(outcome.job)
         for hook in self.hooks:
             try:
                 hook(outcome)
@@ -163,6 +182,7 @@ class Pipeline:
                 log.exception("pipeline.hook_failed", path=outcome.job.file.path)
 
     async def aclose(self) -> None:
+        await self.mover.wait()
         for stage in self.stages.values():
             drain = getattr(stage, "drain", None)
             if drain is not None:

@@ -1,8 +1,15 @@
-"""The runner: workers that claim due jobs from the store, run their stage, and schedule what comes next.
+"""The runner: the one scheduler. Workers claim due jobs from the store, run their pipeline, schedule what is next.
 
-Failures are classified here, once: RetryLater is retried with backoff (``Retry-After`` when given) until
-``max_attempts``; NeedsUser pauses that pipeline and retries after a long pause; BadInput fails the file;
-anything unexpected is logged with its traceback and retried like RetryLater. One bad file never stops it.
+Failures are classified here, once, by their scope (see watcher.errors), and attempts are counted here only:
+
+- transient (RetryLater): backed off (``Retry-After`` when given) until ``max_attempts``, then failed;
+- deferred (waiting for another copy's answer, a daily cap): scheduled for later, no attempt counted;
+- service (NeedsUser): that service's pipelines pause for ``needs_user_backoff``; other work goes on;
+- this file (BadInput): failed at once when final, else (the service refused it) a few attempts, then failed;
+- in doubt (InDoubt): held for the user, shown in `watcher status`, until `watcher retry`;
+- a job superseded meanwhile (LeaseLost): its late result is dropped; a newer version has its own job.
+
+One bad file never stops the runner.
 """
 
 from __future__ import annotations
@@ -15,29 +22,54 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
 from watcher.config import RetryConfig
-from watcher.errors import BadInput, FileChanged, NeedsUser, RetryLater
+from watcher.errors import BadInput, Deferred, FileChanged, InDoubt, NeedsUser, RetryLater
+from watcher.names import display
 from watcher.stages.base import Stage, StageResult
-from watcher.store import TERMINAL, Job, Store
+from watcher.store import TERMINAL, Job, LeaseLost
+from watcher.store.core import HELD
 
 log = structlog.get_logger("watcher.runner")
 LEASE = 600.0
+FILE_ATTEMPTS = 3  # attempts for a file the service refused (4xx, malformed answers) before it fails
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to a job in one run, for metrics and webhooks."""
+    """What happened to a job in one run, for metrics, webhooks and the mover."""
 
     job: Job
-    stage: str
+    stage: str  # the job's stage after the run, or "in_doubt" when it is held
     error: str | None = None
     error_kind: str | None = None
 
 
 OutcomeHook = Callable[[Outcome], None]
+
+
+class JobQueue(Protocol):
+    """The store as the runner needs it: claim with a lease, release, renew, and when work is next due."""
+
+    def claim(self, kind: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
+
+    def release(
+        self,
+        job: Job,
+        *,
+        stage: str | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        error_kind: str | None = None,
+        count_attempt: bool = False,
+    ) -> None: ...
+
+    def renew(self, job_ids: Any, owner: str, *, lease: float = 600.0) -> None: ...
+
+    def next_due(self, kind: str) -> float | None: ...
 
 
 def backoff(attempts: int, cfg: RetryConfig) -> float:
@@ -47,11 +79,11 @@ def backoff(attempts: int, cfg: RetryConfig) -> float:
 
 
 class Runner:
-    """Runs the stages' workers until stopped; ``wake()`` when new work may be due."""
+    """Runs the pipelines' workers until stopped; ``wake()`` when new work may be due."""
 
     def __init__(
         self,
-        store: Store,
+        store: JobQueue,
         stages: Mapping[str, Stage],
         *,
         concurrency: Mapping[str, int],
@@ -68,8 +100,8 @@ class Runner:
         self.rehint = rehint
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
         self._wake = {kind: asyncio.Event() for kind in self.stages}
-        self._paused_until: dict[str, float] = {}
-        self.in_flight: dict[int, asyncio.Task[None]] = {}
+        self._paused_until: dict[str, float] = {}  # service -> until when its pipelines pause
+        self.in_flight: dict[int, asyncio.Task[Any]] = {}
         self.busy = 0
 
     def wake(self, kind: str | None = None) -> None:
@@ -86,6 +118,30 @@ class Runner:
             tg.create_task(self._keep_leases(stop), name="leases")
             tg.create_task(self._wake_on(stop), name="stop-waker")
 
+    async def drain(self, *, horizon: float = 10.0) -> None:
+        """Run the same workers until no job is in flight and none is due within ``horizon`` seconds (`scan`).
+
+        Work scheduled further out (a long backoff, a cap, a job held in doubt) is left in the store.
+        """
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                if self.busy:
+                    continue
+                now = time.time()
+                dues = [self.store.next_due(kind) for kind in self.stages]
+                if all(d is None or d > now + horizon for d in dues):
+                    stop.set()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.run(stop)
+        finally:
+            watcher.cancel()
+
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self.wake()
@@ -96,12 +152,16 @@ class Runner:
                 await asyncio.wait_for(stop.wait(), LEASE / 4)
             self.store.renew(self.in_flight.keys(), self.owner, lease=LEASE)
 
+    def _paused(self, stage: Stage, now: float) -> float:
+        service = getattr(stage, "service", None)
+        return self._paused_until.get(service, 0.0) if service else 0.0
+
     async def _worker(self, kind: str, stage: Stage, stop: asyncio.Event) -> None:
         wake = self._wake[kind]
         while not stop.is_set():
             wake.clear()
             now = time.time()
-            paused = self._paused_until.get(kind, 0.0)
+            paused = self._paused(stage, now)
             job = None if paused > now else self.store.claim(kind, self.owner, lease=LEASE, now=now)
             if job is None:
                 due = self.store.next_due(kind)
@@ -115,133 +175,146 @@ class Runner:
 
     async def run_job(self, stage: Stage, job: Job) -> Outcome:
         """Run one claimed job to its next checkpoint and release it; never raises except on cancellation."""
-        path = job.file.path
         self.busy += 1
         task = asyncio.current_task()
         if task is not None:
             self.in_flight[job.id] = task
         try:
-            result = await stage.run(job)
-        except asyncio.CancelledError:
-            # Shutdown: every paid result is already committed; give the job back for the next start.
-            self.store.release(job, next_attempt_at=time.time(), error=job.last_error, error_kind=job.error_kind)
+            try:
+                result = await stage.run(job)
+            except asyncio.CancelledError:
+                # Shutdown: every paid result is already committed; give the job back for the next start.
+                with contextlib.suppress(LeaseLost):
+                    self.store.release(
+                        job, next_attempt_at=time.time(), error=job.last_error, error_kind=job.error_kind
+                    )
+                log.info("job.checkpointed", path=display(job.file.path), kind=job.kind, stage=job.stage)
+                raise
+            except Exception as exc:
+                return await self._failed(stage, job, exc)
+            return self._finish(job, result)
+        except LeaseLost as exc:
             log.info(
-                "job.checkpointed",
-                path=path,
+                "job.superseded_late",
+                path=display(job.file.path),
                 kind=job.kind,
-                stage=job.stage,
-                next="resumes at the next start",
+                reason=str(exc),
+                next="its paid results are kept; the newer version is handled by its own job",
             )
-            raise
-        except FileChanged as exc:
-            log.warning(
-                "job.file_changed",
-                path=path,
-                kind=job.kind,
-                error=str(exc),
-                next="its new version is picked up once it settles",
-            )
-            self.rehint(path)
-            return self._finish(job, StageResult("superseded", note=f"{exc}"), error_kind=exc.kind)
-        except BadInput as exc:
-            job.data.setdefault("failed_in", job.stage)
-            log.error(
-                "job.failed",
-                path=path,
-                kind=job.kind,
-                stage=job.stage,
-                error=str(exc),
-                next="nothing until the file changes or `watcher retry` is run",
-            )
-            return self._finish(job, StageResult("failed", note=str(exc)), error_kind=exc.kind)
-        except NeedsUser as exc:
-            pause = self.retry.needs_user_backoff
-            self._paused_until[job.kind] = time.time() + pause
-            log.error(
-                "job.needs_user",
-                path=path,
-                kind=job.kind,
-                stage=job.stage,
-                error=str(exc),
-                next=f"{job.kind} paused for {pause:.0f} s; fix the cause, then `watcher retry`",
-            )
-            self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_kind=exc.kind)
-            outcome = Outcome(job, job.stage, str(exc), exc.kind)
-            self.on_outcome(outcome)
-            return outcome
-        except RetryLater as exc:
-            return self._retry(job, str(exc), exc.kind, exc.retry_after)
-        except OSError as exc:
-            return self._retry(job, f"{exc.strerror or exc} ({exc.filename or path})", "retry_later", None)
-        except Exception as exc:
-            log.exception("job.crashed", path=path, kind=job.kind, stage=job.stage)
-            return self._retry(job, f"internal error: {type(exc).__name__}: {exc}", "internal", None)
+            return Outcome(job, "superseded", str(exc), "superseded")
         finally:
             self.busy -= 1
             self.in_flight.pop(job.id, None)
-        return self._finish(job, result)
+
+    async def _failed(self, stage: Stage, job: Job, exc: Exception) -> Outcome:
+        """Classify one failure by its scope and schedule the job accordingly (see the module docstring)."""
+        path = display(job.file.path)
+        if isinstance(exc, FileChanged):
+            log.warning("job.file_changed", path=path, kind=job.kind, error=str(exc), next="its new version is handled")
+            self.rehint(job.file.path)
+            return self._finish(job, StageResult("superseded", note=str(exc)), error_kind=exc.kind)
+        if isinstance(exc, Deferred):
+            log.info("job.deferred", path=path, kind=job.kind, reason=str(exc), until=round(exc.until, 1))
+            self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_kind=exc.kind)
+            return self._tell(Outcome(job, job.stage, str(exc), exc.kind))
+        if isinstance(exc, InDoubt):
+            job.data["in_doubt"] = {"operation": exc.operation, "since": exc.since, "keys": exc.keys}
+            log.warning(
+                "job.in_doubt",
+                path=path,
+                kind=job.kind,
+                operation=exc.operation,
+                error=str(exc),
+                next="held until `watcher retry --in-doubt` or `watcher retry PATH`",
+            )
+            self.store.release(job, next_attempt_at=HELD, error=str(exc), error_kind="in_doubt")
+            return self._tell(Outcome(job, "in_doubt", str(exc), "in_doubt"))
+        if isinstance(exc, BadInput) and (exc.final or job.attempts + 1 >= FILE_ATTEMPTS):
+            return await self._give_up(stage, job, str(exc), exc.kind, count=not exc.final)
+        if isinstance(exc, BadInput):
+            return self._retry(stage, job, str(exc), exc.kind, None)
+        if isinstance(exc, NeedsUser):
+            return self._pause_service(stage, job, exc)
+        if isinstance(exc, RetryLater):
+            return await self._retry_or_fail(stage, job, str(exc), exc.kind, exc.retry_after)
+        if isinstance(exc, OSError):
+            where = display(exc.filename) if isinstance(exc.filename, str) else path
+            return await self._retry_or_fail(stage, job, f"{exc.strerror or exc} ({where})", "retry_later", None)
+        log.exception("job.crashed", path=path, kind=job.kind, stage=job.stage)
+        return await self._retry_or_fail(stage, job, f"internal error: {type(exc).__name__}: {exc}", "internal", None)
+
+    def _pause_service(self, stage: Stage, job: Job, exc: NeedsUser) -> Outcome:
+        pause = self.retry.needs_user_backoff
+        service = getattr(stage, "service", None) or job.kind
+        self._paused_until[service] = time.time() + pause
+        log.error(
+            "service.paused",
+            path=display(job.file.path),
+            kind=job.kind,
+            service=service,
+            error=str(exc),
+            next=f"the {service} service is paused for {pause:.0f} s (other work goes on); fix the account, "
+            "then `watcher retry`",
+        )
+        self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_kind=exc.kind)
+        return self._tell(Outcome(job, job.stage, str(exc), exc.kind))
 
     def _finish(self, job: Job, result: StageResult, error_kind: str | None = None) -> Outcome:
         if result.stage in TERMINAL:
             self.store.release(job, stage=result.stage, error=result.note, error_kind=error_kind)
             if result.stage in ("done", "skipped", "gone", "superseded"):
-                log.info("job." + result.stage, path=job.file.path, kind=job.kind, reason=result.note)
+                log.info("job." + result.stage, path=display(job.file.path), kind=job.kind, reason=result.note)
         else:
             # A scheduled next step (e.g. polling a remote job): no attempt is counted.
             self.store.release(job, stage=result.stage, next_attempt_at=result.next_attempt_at)
             self.wake(job.kind)
-        outcome = Outcome(job, result.stage, result.note, error_kind)
-        self.on_outcome(outcome)
-        return outcome
+        return self._tell(Outcome(job, result.stage, result.note, error_kind))
 
-    def _retry(self, job: Job, error: str, kind: str, retry_after: float | None) -> Outcome:
+    async def _retry_or_fail(
+        self, stage: Stage, job: Job, error: str, kind: str, retry_after: float | None
+    ) -> Outcome:
+        if job.attempts + 1 >= self.retry.max_attempts:
+            return await self._give_up(stage, job, error, kind, count=True)
+        return self._retry(stage, job, error, kind, retry_after)
+
+    def _retry(self, stage: Stage, job: Job, error: str, kind: str, retry_after: float | None) -> Outcome:
         job.attempts += 1
-        if job.attempts >= self.retry.max_attempts:
-            job.data.setdefault("failed_in", job.stage)
-            log.error(
-                "job.failed",
-                path=job.file.path,
-                kind=job.kind,
-                stage=job.stage,
-                attempts=job.attempts,
-                error=error,
-                next="gave up; `watcher retry` tries again",
-            )
-            self.store.release(job, stage="failed", error=error, error_kind=kind)
-            outcome = Outcome(job, "failed", error, kind)
-        else:
-            delay = retry_after if retry_after is not None else backoff(job.attempts, self.retry)
-            log.warning(
-                "job.retry_later",
-                path=job.file.path,
-                kind=job.kind,
-                stage=job.stage,
-                attempts=job.attempts,
-                error=error,
-                next=f"retrying in {delay:.0f} s",
-            )
-            self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_kind=kind)
-            outcome = Outcome(job, job.stage, error, kind)
+        delay = retry_after if retry_after is not None else backoff(job.attempts, self.retry)
+        log.warning(
+            "job.retry_later",
+            path=display(job.file.path),
+            kind=job.kind,
+            stage=job.stage,
+            attempts=job.attempts,
+            error=error,
+            next=f"retrying in {delay:.0f} s",
+        )
+        self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_kind=kind)
+        return self._tell(Outcome(job, job.stage, error, kind))
+
+    async def _give_up(self, stage: Stage, job: Job, error: str, kind: str, *, count: bool) -> Outcome:
+        """Fail the job for good: the pipeline records what it knows, the store keeps the reason."""
+        if count:
+            job.attempts += 1
+        job.data.setdefault("failed_in", job.stage)
+        log.error(
+            "job.failed",
+            path=display(job.file.path),
+            kind=job.kind,
+            stage=job.stage,
+            attempts=job.attempts,
+            error=error,
+            next="nothing until the file changes or `watcher retry` is run",
+        )
+        try:
+            await stage.give_up(job, error)
+        except LeaseLost:
+            raise
+        except Exception:
+            log.exception("job.give_up_failed", path=display(job.file.path), kind=job.kind)
+        self.store.release(job, stage="failed", error=error, error_kind=kind)
+        return self._tell(Outcome(job, "failed", error, kind))
+
+    def _tell(self, outcome: Outcome) -> Outcome:
         self.on_outcome(outcome)
         return outcome
-
-    async def drain(self, kinds: list[str] | None = None) -> None:
-        """Run due jobs until none is due now (for `watcher scan`); later retries are left scheduled."""
-        kinds = kinds or list(self.stages)
-        while True:
-            ran = False
-            for kind in kinds:
-                sem = asyncio.Semaphore(max(1, self.concurrency.get(kind, 1)))
-
-                async def one(job: Job, k: str = kind, sem: asyncio.Semaphore = sem) -> None:
-                    async with sem:
-                        await self.run_job(self.stages[k], job)
-
-                jobs = []
-                while (job := self.store.claim(kind, self.owner, lease=LEASE)) is not None:
-                    jobs.append(job)
-                if jobs:
-                    ran = True
-                    await asyncio.gather(*(one(j) for j in jobs))
-            if not ran:
-                return

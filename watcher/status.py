@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any, Protocol
 
 from watcher import __version__
-from watcher.store import TERMINAL, Job, Problem
+from watcher.names import display
+from watcher.store import TERMINAL, Job, Problem, utc_day
 
 SHOWN_FILES = 40
 
@@ -20,18 +22,53 @@ class StatusSource(Protocol):
 
     def folder_states(self) -> list[dict[str, Any]]: ...
 
+    def spend_on(self, day: str) -> dict[str, dict[str, Any]]: ...
 
-def collect(store: StatusSource, *, state_dir: str, configured: list[str] | None = None) -> dict[str, Any]:
-    """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen."""
+
+def job_state(job: Job) -> str:
+    """One word for where a job stands: pending, in_doubt (held for the user), or its terminal stage."""
+    if job.stage in TERMINAL:
+        return job.stage
+    return "in_doubt" if job.error_kind == "in_doubt" else "pending"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if not timestamp:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def collect(
+    store: StatusSource,
+    *,
+    state_dir: str,
+    configured: list[str] | None = None,
+    caps: dict[str, float] | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen.
+
+    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section.
+    """
+    now = time.time() if now is None else now
     folders = {f["folder"]: f for f in store.folder_states()}
     for path in configured or []:
         folders.setdefault(path, {"folder": path, "paused": False, "mode": None, "reason": None, "available": None})
+    for f in folders.values():
+        f["folder"] = display(f["folder"])
     files: dict[str, dict[str, Any]] = {}
+    in_doubt: list[dict[str, Any]] = []
     for job in store.jobs_of_current():
-        entry = files.setdefault(job.file.path, {"path": job.file.path, "jobs": {}})
-        info: dict[str, Any] = {"stage": job.stage}
+        shown = display(job.file.path)
+        entry = files.setdefault(job.file.path, {"path": shown, "jobs": {}})
+        state = job_state(job)
+        info: dict[str, Any] = {"state": state, "step": job.data.get("failed_in", job.stage), "stage": job.stage}
         if job.last_error:
             info["error"] = job.last_error
+        if state == "in_doubt":
+            doubt = job.data.get("in_doubt", {})
+            info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
+            in_doubt.append({"path": shown, "pipeline": job.kind, **info["in_doubt"]})
         if job.kind == "archive":
             info["versions"] = job.data.get("versions", {})
             if job.data.get("delivery"):
@@ -39,12 +76,29 @@ def collect(store: StatusSource, *, state_dir: str, configured: list[str] | None
         if job.kind == "analyze" and job.data.get("sidecar"):
             info["sidecar"] = job.data["sidecar"]
         entry["jobs"][job.kind] = info
+    spent = store.spend_on(utc_day(now))
+    spend = {"day": utc_day(now)}
+    for service, cap in (caps or {"analysis": 0.0, "processing": 0.0}).items():
+        today = spent.get(service, {})
+        spend[service] = {
+            "minutes_today": round(today.get("seconds", 0.0) / 60, 2),
+            "paid_calls_today": today.get("calls", 0),
+            "cap_minutes": cap or None,
+            "capped_at": _iso(today.get("capped_at")),
+        }
+    problems = []
+    for p in store.problems():
+        row = dict(p.__dict__)
+        row["path"] = display(p.path)
+        problems.append(row)
     return {
         "version": __version__,
         "state_dir": state_dir,
         "counts": store.counts(),
         "folders": list(folders.values()),
-        "problems": [p.__dict__ for p in store.problems()],
+        "in_doubt": in_doubt,
+        "spend": spend,
+        "problems": problems,
         "files": list(files.values()),
     }
 
@@ -62,12 +116,26 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
         lines.append("no files recorded yet")
     for kind, stages in report["counts"].items():
         lines.append(f"{kind}: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()))
+    spend = report.get("spend", {})
+    money = []
+    for service in ("analysis", "processing"):
+        today = spend.get(service)
+        if today and (today["minutes_today"] or today["cap_minutes"]):
+            cap = f" of {today['cap_minutes']:g} (daily cap)" if today["cap_minutes"] else ""
+            calls = today["paid_calls_today"]
+            money.append(f"{service} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
+    if money:
+        lines.append(f"spent today ({spend['day']} UTC): " + "; ".join(money))
     if report["folders"]:
         lines.append("\nfolders:")
         for f in report["folders"]:
             state = "paused" if f.get("paused") else ("unavailable" if f.get("available") is False else "active")
             mode = f" ({f['mode']}: {f['reason']})" if f.get("mode") else ""
             lines.append(f"  {f['folder']}: {state}{mode}")
+    if report.get("in_doubt"):
+        lines.append("\nin doubt (sent, answer lost; `watcher retry --in-doubt` sends again, maybe billed twice):")
+        for d in report["in_doubt"]:
+            lines.append(f"  {d['path']}: {d['pipeline']} {d['operation']} in doubt since {d['since']}")
     if report["problems"]:
         lines.append("\nneeds attention:")
         for p in report["problems"]:

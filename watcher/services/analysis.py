@@ -7,6 +7,7 @@ the next attempt asks only for the models still missing.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import inspect
 import json
@@ -19,7 +20,7 @@ import httpx
 import structlog
 from httpx_sse import EventSource, SSEError
 
-from watcher.errors import NeedsUser, RetryLater
+from watcher.errors import Malformed, RetryLater
 from watcher.services.http import AudioSource, HttpPolicy, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.analysis")
@@ -84,9 +85,11 @@ class AnalysisClient:
         *,
         policy: HttpPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        event_deadline: float | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
+        self.event_deadline = event_deadline or self.http.policy.read_timeout
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -137,7 +140,7 @@ class AnalysisClient:
             content_type = response.headers.get("content-type", "")
             if "text/event-stream" not in content_type:
                 body = (await response.aread())[:300].decode("utf-8", "replace")
-                raise NeedsUser(f"{SERVICE} answered {response.status_code} without an event stream: {body}")
+                raise Malformed(f"{SERVICE} answered {response.status_code} without an event stream: {body!r}")
             try:
                 return await self._read_events(response, models, report, on_result)
             except SSEError as exc:
@@ -148,8 +151,33 @@ class AnalysisClient:
     async def _read_events(
         self, response: httpx.Response, models: list[str], report: AnalysisReport, on_result: OnResult
     ) -> bool:
+        """Dispatch events until ``finished`` (True) or the end of the stream (False).
+
+        Keep-alive comments do not count as events: a stream that sends nothing else for ``event_deadline``
+        seconds is broken off (RetryLater), and the next attempt asks again for the models still missing.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = self.event_deadline
+        try:
+            async with asyncio.timeout(deadline) as timer:
+                return await self._dispatch(response, models, report, on_result, timer, loop)
+        except TimeoutError:
+            raise RetryLater(
+                f"{SERVICE} sent no event for {deadline:g} s (only keep-alives); breaking the stream off"
+            ) from None
+
+    async def _dispatch(
+        self,
+        response: httpx.Response,
+        models: list[str],
+        report: AnalysisReport,
+        on_result: OnResult,
+        timer: asyncio.Timeout,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bool:
         pending = list(models)
         async for sse in EventSource(response).aiter_sse():
+            timer.reschedule(loop.time() + self.event_deadline)
             if not sse.data:
                 continue
             try:

@@ -21,7 +21,7 @@ import httpx
 import stamina
 from aiolimiter import AsyncLimiter
 
-from watcher.errors import BadInput, NeedsUser, NotSent, RetryLater, WatcherError
+from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater, WatcherError
 
 
 class AudioSource(Protocol):
@@ -83,9 +83,16 @@ def _detail(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
-def raise_for_status(response: httpx.Response, service: str) -> None:
-    """Translate a non-success status into RetryLater, NeedsUser or BadInput; return on 2xx and 3xx.
+# Answers that prove the request was not processed: safe to resend, even a paid one (RFC 9110: 429 asks the
+# client to slow down; 503 says the server is unable to handle the request now).
+NOT_PROCESSED = (429, 503)
 
+
+def raise_for_status(response: httpx.Response, service: str) -> None:
+    """Translate a non-success status into an error of the right scope; return on 2xx and 3xx.
+
+    transient: 408, 425, 429, 5xx (429 and 503 as NotSent: nothing was done); service: 401, 402, 403 (the account);
+    this file: every other 4xx (400, 404, 409, 413, 415, 422, ...), with the service's own message.
     The body must already be read (``await response.aread()`` for streams) for the detail to show.
     """
     status = response.status_code
@@ -95,17 +102,18 @@ def raise_for_status(response: httpx.Response, service: str) -> None:
     what = f"{service} answered HTTP {status} to {response.request.method} {response.request.url.path}"
     if detail:
         what += f": {detail}"
-    if status in (408, 425, 429) or status >= 500:
-        raise RetryLater(what, retry_after=parse_retry_after(response.headers.get("Retry-After")), status=status)
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    if status in NOT_PROCESSED:
+        raise NotSent(what, retry_after=retry_after, status=status)
+    if status in (408, 425) or status >= 500:
+        raise RetryLater(what, retry_after=retry_after, status=status)
     if status == 401:
         raise NeedsUser(f"{what} (the API key was refused: check it)", status=status)
     if status == 402:
         raise NeedsUser(f"{what} (the account is out of credits)", status=status)
     if status == 403:
         raise NeedsUser(f"{what} (the account may not do this: check the key and the plan)", status=status)
-    if status in (413, 415):
-        raise BadInput(what)
-    raise NeedsUser(what, status=status)
+    raise Rejected(what, status=status)
 
 
 def translate_transport_error(exc: Exception, service: str) -> WatcherError:
@@ -190,16 +198,16 @@ class ServiceHTTP:
         return exc.retry_after
 
     def _paid_hook(self, exc: Exception) -> bool | float:
-        """For calls that cost money: resend only what provably did not reach the service (or got a 429)."""
-        if isinstance(exc, NotSent) or (isinstance(exc, RetryLater) and exc.status == 429):
+        """For calls that cost money: resend only what provably did not reach the service (NotSent: 429, 503...)."""
+        if isinstance(exc, NotSent):
             return self._backoff_hook(exc)
         return False
 
     def retrying(self, *, attempts: int | None = None, paid: bool = False) -> Any:
         """A stamina retry context for a block that may raise RetryLater (each attempt a fresh block).
 
-        ``paid``: the block makes a billed request; only NotSent and 429 are retried in-process, anything
-        else goes back to the store, whose later attempt is logged as a possible duplicate.
+        ``paid``: the block makes a billed request; only NotSent (no connection, 429, 503) is retried in-process;
+        anything else goes back to the caller, whose gate decides (see watcher.store.gate).
         """
         p = self.policy
         return stamina.retry_context(
@@ -242,9 +250,7 @@ class ServiceHTTP:
         """
         try:
             await self.request(method, url, retry=False, **kwargs)
-        except NeedsUser as exc:
-            if exc.account_problem:
-                raise
+        except Rejected:
             return "reachable, key accepted (the test request itself was refused, as expected)"
         return "reachable, key accepted"
 

@@ -26,7 +26,7 @@ from typing import IO, Any
 import httpx
 import structlog
 
-from watcher.errors import ExpiredURL, NeedsUser, NotSent, RetryLater
+from watcher.errors import ExpiredURL, Malformed, NeedsUser, NotSent, Rejected, RetryLater
 from watcher.fsutil import TEMP_PREFIX, fsync_dir
 from watcher.services.http import (
     AudioSource,
@@ -157,13 +157,16 @@ class NeuralAnalogClient:
 
     @staticmethod
     def _id(response: httpx.Response, id_field: str) -> str:
-        """The new object's ID; an answer without one needs a person (resending might pay twice)."""
+        """The new object's ID; an answer without one is a service fault for this file (Malformed)."""
         try:
             value = response.json().get(id_field)
         except (ValueError, AttributeError):
             value = None
-        if not value:
-            raise NeedsUser(f"{SERVICE} answered {response.status_code} without {id_field!r}: {response.text[:200]}")
+        if not value or not isinstance(value, str | int):
+            raise Malformed(
+                f"{SERVICE} answered {response.status_code} to {response.request.url.path} without {id_field!r}: "
+                f"{response.text[:200]!r}"
+            )
         return str(value)
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -175,8 +178,8 @@ class NeuralAnalogClient:
             data = response.json()
         except ValueError:
             data = None
-        if not isinstance(data, dict):
-            raise RetryLater(f"{SERVICE} answered the status of {kind}/{object_id} with something not JSON")
+        if not isinstance(data, dict) or not isinstance(data.get("is_complete", False), bool):
+            raise Malformed(f"{SERVICE} answered the status of {kind}/{object_id} with something that is not a status")
         return JobStatus(
             object_type=str(data.get("object_type") or kind),
             object_id=str(data.get("object_id") or object_id),
@@ -228,7 +231,18 @@ class NeuralAnalogClient:
             body["stem_ids"] = list(stem_ids)
         if stem_selections is not None:
             body["stem_selections"] = [dict(s) for s in stem_selections]
-        data = (await self.http.request("POST", "/download-archive", json=body)).json()
+        try:
+            response = await self.http.request("POST", "/download-archive", json=body)
+        except Rejected as exc:
+            if _not_ready(exc):  # asked a moment too early: transient for this file
+                raise RetryLater(f"{exc} (the archive is not ready yet)", status=exc.status) from exc
+            raise
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise Malformed(f"{SERVICE} answered /download-archive with something that is not JSON")
         known = {f for f in ArchiveOffer.__dataclass_fields__ if f != "extra"}
         return ArchiveOffer(
             download_url=data.get("download_url") or None,
@@ -335,6 +349,14 @@ async def _write_body(response: httpx.Response, dest: Path, source: str) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _not_ready(exc: Rejected) -> bool:
+    """A refusal that says "not yet" (409, 425, or a 422 about versions not complete), not "never"."""
+    text = str(exc).lower()
+    return exc.status in (409, 425) or (
+        exc.status == 422 and any(w in text for w in ("not complete", "not ready", "in progress"))
+    )
 
 
 def _flush(fh: IO[bytes]) -> None:

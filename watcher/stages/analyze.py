@@ -1,25 +1,28 @@
-"""The analyze stage: check the file, hash it, ask the analyser only for models not yet paid for, write the sidecar.
+"""The analyze pipeline: check the file, ask the backend only for models not yet paid for, write the sidecar.
 
-Every model result is committed to the store the moment it arrives; content already analysed (same
-sha256, same backend) is answered from the store without a request.
+Every model result is committed to the store the moment it arrives. With a paid backend each model is an
+operation of the gate (content, endpoint and account, ``analyze:<model>``): two copies of one content never
+ask twice, a model another job is asking for is waited for, and a day's cap is never passed. A stream that
+breaks re-asks only the models not received; each re-ask is counted and logged.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
 
-from watcher.audiofile import FileBody, Signature, check_audio, sha256_file
+from watcher.audiofile import FileBody, Signature
 from watcher.config import SidecarConfig
-from watcher.errors import BadInput, FileChanged, RetryLater
-from watcher.stages.base import JobStore, StageResult
+from watcher.errors import BadInput, Deferred, FileChanged, NotSent, RetryLater
+from watcher.stages.base import NullSpend, SpendObserver, StageResult
+from watcher.stages.precheck import Checked, precheck
 from watcher.stages.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.store import Job, StoredResult
+from watcher.store import Job, Operation, StoredResult, Ticket
 
 log = structlog.get_logger("watcher.analyze")
+BUDGET = "analysis"
 
 
 class ModelAnswer(Protocol):
@@ -47,6 +50,8 @@ class Analyzer(Protocol):
     """An analysis backend (the remote service, or local Essentia)."""
 
     name: str
+    key: str  # where the work is done (endpoint and account, or "local"): results are cached under it
+    paid: bool  # True when each request is billed: requests then pass the gate
     final_errors: bool  # True when a model's error cannot change on retry (local analysis)
 
     def describe(self) -> dict[str, Any]:
@@ -61,6 +66,28 @@ class Analyzer(Protocol):
     ) -> Report: ...
 
 
+class AnalyzeStore(Protocol):
+    """The part of the store this pipeline uses."""
+
+    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+
+    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
+
+    def is_live(self, job: Job) -> bool: ...
+
+    def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
+
+    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None: ...
+
+    def gate_take(
+        self, ops: Sequence[Operation], owner: str, *, budget: str, seconds: float, cap_seconds: float | None = None
+    ) -> list[Ticket]: ...
+
+    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
+
+    def ledger_outcome(self, request: int, outcome: str) -> None: ...
+
+
 class AnalyzeStage:
     """Turns a settled file version into a sidecar."""
 
@@ -69,97 +96,155 @@ class AnalyzeStage:
 
     def __init__(
         self,
-        store: JobStore,
+        store: AnalyzeStore,
         analyzer: Analyzer,
         *,
         models: Sequence[str],
         sidecar: SidecarConfig,
-        max_attempts: int,
+        cap_minutes: float = 0.0,
+        spend: SpendObserver | None = None,
     ) -> None:
         self.store = store
         self.analyzer = analyzer
         self.models = list(models)
         self.sidecar = sidecar
-        self.max_attempts = max_attempts
+        self.cap_seconds = cap_minutes * 60 if cap_minutes else None
+        self.spend = spend or NullSpend()
+        self.service = "analysis" if analyzer.paid else None
 
     async def run(self, job: Job) -> StageResult:
-        version = job.file
-        path = version.path
-        if not os.path.isdir(version.folder):
-            raise RetryLater(f"the watched folder {version.folder} is not available (unmounted share?)")
-        expected = Signature(version.size, version.mtime_ns, version.inode)
-        try:
-            current = Signature.of(os.stat(path))
-        except FileNotFoundError:
-            return StageResult("gone", note="the file was deleted before it was analysed")
-        if current != expected:
-            raise FileChanged("the file changed after it settled; its new version will be analysed")
-        if version.size == 0:
-            return StageResult("skipped", note="the file is empty (0 bytes); a later write makes it a new version")
-        try:
-            check_audio(path)
-        except FileNotFoundError:
-            return StageResult("gone", note="the file was deleted before it was analysed")
-        sha256 = version.sha256 or job.data.get("sha256")
-        if sha256 is None:
-            sha256 = await sha256_file(path, expected)
-            self.store.set_sha256(version.id, sha256)
-            self.store.commit(job, sha256=sha256)
-
-        backend = self.analyzer.name
-        cached = self.store.results_for(sha256, backend)
-        missing = [m for m in self.models if m not in cached]
-        errors: list[dict[str, str | None]] = []
+        checked = await precheck(self.store, job)
+        if isinstance(checked, StageResult):
+            return checked
+        missing = [m for m in self.models if m not in self.store.results_for(checked.sha256, self.analyzer.key)]
         if missing:
-            log.info("analyze.started", path=path, models=missing, cached=len(self.models) - len(missing))
-
-            def save(answer: ModelAnswer) -> None:
-                stored = StoredResult(
-                    answer.requested,
-                    answer.model_name,
-                    answer.model_version,
-                    answer.correlation_id,
-                    answer.results,
-                )
-                self.store.save_result(sha256, backend, stored)
-                log.info("analyze.model_done", path=path, model=answer.model_name)
-
-            body = FileBody(path, expected)
-            report = await self.analyzer.analyze(body, missing, save)
-            errors = [{"model": None, "message": m} for m in report.errors]
-            errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
-            if errors:
-                self.store.commit(job, errors=[*job.data.get("errors", []), *errors][-20:])
+            await self._ask(job, checked, missing)
         else:
             log.info(
-                "analyze.cached",
-                path=path,
-                models=self.models,
-                next="writing the sidecar from stored results",
+                "analyze.cached", path=job.file.path, models=self.models, next="writing the sidecar from stored results"
+            )
+        results = self.store.results_for(checked.sha256, self.analyzer.key)
+        still = [m for m in self.models if m not in results]
+        if still and not self.analyzer.final_errors:
+            detail = "; ".join(e["message"] or "" for e in job.data.get("errors", [])[-3:]) or "no answer"
+            raise RetryLater(f"{len(still)} model(s) not answered ({', '.join(still)}): {detail}")
+        await self._write(job, checked.sha256, results, list(job.data.get("errors", [])) if still else [])
+        if still:  # the backend's errors are final: the sidecar says so, and the file fails at once
+            job.data["partial_sidecar"] = True
+            errors = "; ".join(f"{e['model']}: {e['message']}" for e in job.data.get("errors", [])[-len(still) :])
+            raise BadInput(f"sidecar written without {', '.join(still)}: {errors}")
+        log.info("analyze.done", path=job.file.path, sidecar=job.data.get("sidecar"))
+        return StageResult("done")
+
+    async def give_up(self, job: Job, error: str) -> None:
+        """The runner gave up: write the sidecar with what was answered and why the rest is missing."""
+        sha256 = job.data.get("sha256") or job.file.sha256
+        if not sha256 or job.data.pop("partial_sidecar", False):
+            return
+        results = self.store.results_for(sha256, self.analyzer.key)
+        errors = [*job.data.get("errors", []), {"model": None, "message": error}]
+        await self._write(job, sha256, results, errors)
+
+    async def _ask(self, job: Job, checked: Checked, missing: list[str]) -> None:
+        """Ask the backend for ``missing`` models: through the gate when paid; results are saved as they come."""
+        sha256, path = checked.sha256, job.file.path
+        ops = {m: Operation(sha256, self.analyzer.key, f"analyze:{m}", on_doubt="reask") for m in missing}
+        request = None
+        if self.analyzer.paid:
+            assert job.owner is not None, "a paid request needs a claimed job"
+            tickets = self.store.gate_take(
+                list(ops.values()), job.owner, budget=BUDGET, seconds=checked.seconds, cap_seconds=self.cap_seconds
+            )
+            send = [m for m, t in zip(missing, tickets, strict=True) if t.verdict == "send"]
+            if not send:
+                self._defer(job, tickets)  # raises unless every model was answered elsewhere meanwhile
+                return
+            request = next(t.request for t in tickets if t.verdict == "send")
+            reasks = [m for m, t in zip(missing, tickets, strict=True) if t.resend]
+            if reasks:
+                log.warning(
+                    "analyze.reask", path=path, models=reasks, next="asking again for models whose answer was lost"
+                )
+            missing = send
+        log.info("analyze.started", path=path, models=missing)
+        answered: set[str] = set()
+
+        def save(answer: ModelAnswer) -> None:
+            stored = StoredResult(
+                answer.requested, answer.model_name, answer.model_version, answer.correlation_id, answer.results
+            )
+            op = ops.get(answer.requested) if self.analyzer.paid else None
+            self.store.save_result(sha256, self.analyzer.key, stored, op)
+            answered.add(answer.requested)
+            log.info("analyze.model_done", path=path, model=answer.model_name)
+
+        body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode))
+        try:
+            report = await self.analyzer.analyze(body, missing, save)
+        except NotSent as exc:
+            self._settle(request, ops, missing, answered, "not_sent", str(exc), checked.seconds)
+            raise
+        except BaseException as exc:
+            self._settle(request, ops, missing, answered, "partial", f"{type(exc).__name__}: {exc}", checked.seconds)
+            raise
+        self._settle(request, ops, missing, answered, "answered", "no result in the stream", checked.seconds)
+        errors = [{"model": None, "message": m} for m in report.errors]
+        errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
+        if errors:
+            self.store.commit(job, errors=[*job.data.get("errors", []), *errors][-20:])
+
+    def _settle(
+        self,
+        request: int | None,
+        ops: Mapping[str, Operation],
+        sent: list[str],
+        answered: set[str],
+        outcome: str,
+        why: str,
+        seconds: float,
+    ) -> None:
+        """After a paid request: models not answered may be asked again (each re-ask counted); record the outcome."""
+        if request is None:
+            return
+        for model in sent:
+            if model not in answered:
+                self.store.gate_release(ops[model], "open" if outcome == "not_sent" else "reask", error=why)
+        if outcome == "answered" and len(answered) < len(sent):
+            outcome = "partial"
+        self.store.ledger_outcome(request, outcome)
+        self.spend.paid(BUDGET, "analyze", outcome, 0.0 if outcome == "not_sent" else seconds)
+
+    def _defer(self, job: Job, tickets: list[Ticket]) -> None:
+        """Nothing to send now: wait for another job's answer, for the cap to reset, or for the user."""
+        capped = next((t for t in tickets if t.verdict == "capped"), None)
+        if capped is not None:
+            assert capped.until is not None and capped.cap_seconds is not None
+            if capped.first_cap:
+                self.spend.capped(BUDGET, capped.spent_seconds, capped.cap_seconds, capped.until)
+            raise Deferred(
+                f"the daily cap of {capped.cap_seconds / 60:g} audio minutes for the analysis service is reached "
+                f"({capped.spent_seconds / 60:.1f} used today); resumes after 00:00 UTC",
+                until=capped.until,
+                kind="capped",
+            )
+        waiting = [t for t in tickets if t.verdict == "wait"]
+        if waiting:
+            until = min(t.until or 0.0 for t in waiting)
+            raise Deferred(
+                f"another copy of this content is being analysed ({', '.join(t.op.name for t in waiting)}); "
+                "waiting for its results instead of paying twice",
+                until=until,
             )
 
-        results = self.store.results_for(sha256, backend)
-        still = [m for m in self.models if m not in results]
-        if still and job.attempts + 1 < self.max_attempts and not self.analyzer.final_errors:
-            detail = "; ".join(e["message"] or "" for e in errors) or "no answer"
-            raise RetryLater(f"{len(still)} model(s) not answered ({', '.join(still)}): {detail}")
-        if still and not self.analyzer.final_errors:
-            errors = list(job.data.get("errors", []))
-            errors.append(
-                {"model": None, "message": f"no result after {job.attempts + 1} attempts: {', '.join(still)}"}
-            )
+    async def _write(
+        self, job: Job, sha256: str, results: Mapping[str, StoredResult], errors: Sequence[Mapping[str, Any]]
+    ) -> None:
         doc = analysis_document(
-            version,
-            sha256,
-            backend=self.analyzer.describe(),
-            models=self.models,
-            results=results,
-            errors=errors,
+            job.file, sha256, backend=self.analyzer.describe(), models=self.models, results=results, errors=errors
         )
-        target = sidecar_path(path, version.folder, self.sidecar)
-        await write_sidecar(target, sha256, doc)
-        self.store.commit(job, sidecar=str(target))
-        if still:
-            raise BadInput(f"sidecar written without {', '.join(still)}: {errors[-1]['message']}")
-        log.info("analyze.done", path=path, sidecar=str(target))
-        return StageResult("done")
+        target = sidecar_path(job.file.path, job.file.folder, self.sidecar)
+        written = await write_sidecar(target, sha256, doc, version=job.file, live=lambda: self.store.is_live(job))
+        if written:
+            self.store.commit(job, sidecar=str(target))
+        elif self.store.is_live(job):
+            raise FileChanged("the file changed before its sidecar was written; its new version is analysed anew")

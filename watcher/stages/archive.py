@@ -10,24 +10,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
-from watcher.audiofile import FileBody, Signature, check_audio, sha256_file
+from watcher.audiofile import FileBody, Signature
 from watcher.config import STEM_VERSIONS, ArchiveConfig, SidecarConfig
-from watcher.errors import BadInput, FileChanged, RetryLater
-from watcher.stages.base import StageResult
+from watcher.errors import BadInput, Deferred, InDoubt, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.stages.base import NullSpend, SpendObserver, StageResult
 from watcher.stages.deliver import Deliverer
+from watcher.stages.precheck import precheck
 from watcher.stages.sidecar import sidecar_path, source_document, write_sidecar
-from watcher.store import Job, RemoteObject
+from watcher.store import Job, Operation, Ticket
 
 log = structlog.get_logger("watcher.archive")
-SERVICE = "neuralanalog"
+BUDGET = "processing"
+# The gate's name for each remote object the plan needs (what the service bills for).
+OPERATION = {"audio": "upload", "restored": "restore", "mastered": "master"}
 
 
 class StatusLike(Protocol):
@@ -64,19 +66,34 @@ class Processor(Protocol):
 
 
 class ArchiveStore(Protocol):
+    """The part of the store this pipeline uses."""
+
     def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
 
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def remote_get(self, sha256: str, service: str, kind: str, params: str) -> RemoteObject | None: ...
+    def is_live(self, job: Job) -> bool: ...
 
-    def remote_put(
-        self, sha256: str, service: str, kind: str, params: str, remote_id: str, state: str = "requested"
-    ) -> None: ...
+    def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        resend_in_doubt: bool = False,
+    ) -> list[Ticket]: ...
 
-    def remote_set_state(
-        self, sha256: str, service: str, kind: str, params: str, state: str, error: str | None = None
-    ) -> None: ...
+    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
+
+    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
+
+    def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
+
+    def ledger_outcome(self, request: int, outcome: str) -> None: ...
+
+    def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,7 @@ class ArchiveStage:
 
     kind = "archive"
     first_stage = "pending"
+    service = "processing"
 
     def __init__(
         self,
@@ -135,12 +153,18 @@ class ArchiveStage:
         cfg: ArchiveConfig,
         deliverer: Deliverer,
         sidecar: SidecarConfig,
+        *,
+        where: str,
+        spend: SpendObserver | None = None,
     ) -> None:
         self.store = store
         self.processor = processor
         self.cfg = cfg
         self.deliverer = deliverer
         self.sidecar = sidecar
+        self.where = where  # the service's endpoint and account, as the gate keys its operations
+        self.spend = spend or NullSpend()
+        self.cap_seconds = cfg.daily_audio_minutes * 60 if cfg.daily_audio_minutes else None
         self.plan = plan_ops(cfg)
         self._in_flight: set[asyncio.Future[str]] = set()
 
@@ -155,44 +179,35 @@ class ArchiveStage:
             raise BadInput(f"unknown archive stage {job.stage!r} in the store")
         return await step(job)
 
+    async def give_up(self, job: Job, error: str) -> None:
+        """Nothing to add: the job's versions and error are in the store and `watcher status`."""
+
+    def operation(self, sha256: str, name: str) -> Operation:
+        """The gate's identity of one remote object of the plan for this content."""
+        op = self.plan[name]
+        label = OPERATION.get(name, name)
+        return Operation(sha256, self.where, label, op.key(self.plan), "reask" if name == "audio" else "hold")
+
     # -- steps -------------------------------------------------------------------------------------------
 
     async def _check(self, job: Job) -> StageResult:
-        version = job.file
-        if not os.path.isdir(version.folder):
-            raise RetryLater(f"the watched folder {version.folder} is not available (unmounted share?)")
-        expected = Signature(version.size, version.mtime_ns, version.inode)
-        try:
-            if Signature.of(os.stat(version.path)) != expected:
-                raise FileChanged("the file changed after it settled; its new version will be archived")
-        except FileNotFoundError:
-            return StageResult("gone", note="the file was deleted before it was archived")
-        if version.size == 0:
-            return StageResult("skipped", note="the file is empty (0 bytes)")
-        check_audio(version.path)
-        sha256 = version.sha256 or await sha256_file(version.path, expected)
-        self.store.set_sha256(version.id, sha256)
-        self.store.commit(job, stage="upload", sha256=sha256, versions=dict.fromkeys(self.cfg.wanted(), "pending"))
+        checked = await precheck(self.store, job)
+        if isinstance(checked, StageResult):
+            return checked
+        self.store.commit(job, stage="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
         return await self._upload(job)
 
     async def _upload(self, job: Job) -> StageResult:
-        sha256 = job.data["sha256"]
-        op = self.plan["audio"]
-        known = self.store.remote_get(sha256, SERVICE, "audio", op.key(self.plan))
-        if known is None:
-            version = job.file
+        version = job.file
+        op = self.operation(job.data["sha256"], "audio")
+
+        async def upload() -> str:
             body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode))
             log.info("archive.upload_started", path=version.path, size=version.size)
-            audio_id = await self._paid(self.processor.upload(body), sha256, "audio", op.key(self.plan))
-            log.info("archive.uploaded", path=version.path, audio_id=audio_id)
-        else:
-            audio_id = known.remote_id
-            log.info(
-                "archive.upload_reused",
-                path=job.file.path,
-                audio_id=audio_id,
-                next="this content was uploaded before; not uploading again",
-            )
+            return await self.processor.upload(body)
+
+        audio_id = await self._paid(job, op, upload)
+        log.info("archive.uploaded", path=version.path, audio_id=audio_id)
         self.store.commit(job, stage="process", audio_id=audio_id, polls=0)
         return await self._process(job)
 
@@ -203,31 +218,31 @@ class ArchiveStage:
         states: dict[str, str] = {}
         errors: dict[str, str] = dict(job.data.get("op_errors", {}))
         waiting = False
-        for name, op in self.plan.items():
-            key = op.key(self.plan)
-            obj = self.store.remote_get(sha256, SERVICE, name, key)
-            if obj is None:
-                dep = states.get(op.needs) if op.needs else "complete"
+        for name, plan_op in self.plan.items():
+            op = self.operation(sha256, name)
+            row = self.store.gate_get(op)
+            if row is None or row["state"] != "answered":
+                dep = states.get(plan_op.needs) if plan_op.needs else "complete"
                 if dep == "failed":
                     states[name] = "failed"
-                    errors[name] = f"{op.needs or 'audio'} failed"
+                    errors[name] = f"{plan_op.needs or 'audio'} failed"
                     continue
                 if dep != "complete":
                     waiting = True
                     continue
-                remote_id = await self._paid(self._request(name, op, ids), sha256, name, key)
+                remote_id = await self._paid(job, op, lambda n=name, p=plan_op: self._request(n, p, ids))
                 ids[name] = remote_id
                 self.store.commit(job, ids=ids)
                 log.info("archive.requested", path=job.file.path, what=name, id=remote_id)
                 waiting = True
                 states[name] = "requested"
                 continue
-            ids[name] = obj.remote_id
-            if obj.state == "requested":
-                status = await self.processor.status(op.status_kind, obj.remote_id)
+            ids[name] = str(row["result"])
+            if row["remote_state"] in (None, "requested"):
+                status = await self.processor.status(plan_op.status_kind, ids[name])
                 if status.is_failed:
                     message = status.error_message or "the service reported a failure"
-                    self.store.remote_set_state(sha256, SERVICE, name, key, "failed", message)
+                    self.store.set_remote_state(op, "failed", message)
                     log.error(
                         "archive.processing_failed",
                         path=job.file.path,
@@ -237,15 +252,15 @@ class ArchiveStage:
                     )
                     states[name], errors[name] = "failed", message
                 elif status.is_complete:
-                    self.store.remote_set_state(sha256, SERVICE, name, key, "complete")
+                    self.store.set_remote_state(op, "complete")
                     states[name] = "complete"
                 else:
                     states[name] = "requested"
                     waiting = True
             else:
-                states[name] = obj.state
-                if obj.error:
-                    errors[name] = obj.error
+                states[name] = row["remote_state"]
+                if row["remote_error"]:
+                    errors[name] = row["remote_error"]
         versions = {
             v: ("failed: " + errors.get(version_op(v), ""))
             if states.get(version_op(v)) == "failed"
@@ -263,22 +278,97 @@ class ArchiveStage:
         self.store.commit(job, stage="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
 
-    async def _paid(self, call: Coroutine[Any, Any, str], sha256: str, kind: str, key: str) -> str:
-        """Run a paid call so that its ID is stored even if this job is cancelled (shutdown) meanwhile.
+    async def _paid(self, job: Job, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
+        """Send one paid request through the gate, or learn why not (answered already, wait, cap, in doubt).
 
-        The call runs as its own task, shielded from the job's cancellation; whenever it returns an ID, the
-        ID is committed at once. Shutdown waits briefly for such calls (:meth:`drain`).
+        The request runs as its own task, shielded from the job's cancellation, so its outcome is recorded at
+        the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
-
-        async def call_and_record() -> str:
-            remote_id = await call
-            self.store.remote_put(sha256, SERVICE, kind, key, remote_id)
-            return remote_id
-
-        task = asyncio.ensure_future(call_and_record())
+        assert job.owner is not None, "a paid request needs a claimed job"
+        seconds = float(job.data.get("duration") or 0.0)
+        [ticket] = self.store.gate_take(
+            [op],
+            job.owner,
+            budget=BUDGET,
+            seconds=seconds,
+            cap_seconds=self.cap_seconds,
+            resend_in_doubt=self.cfg.in_doubt == "resend",
+        )
+        if ticket.verdict == "answered":
+            assert ticket.result is not None
+            log.info("archive.reused", path=job.file.path, operation=op.name, id=ticket.result, next="not sent again")
+            return ticket.result
+        if ticket.verdict != "send":
+            raise self._not_now(job, ticket)
+        if ticket.resend:
+            log.warning(
+                "archive.resend",
+                path=job.file.path,
+                operation=op.name,
+                next="sending again a request whose answer was lost: the service may count it twice",
+            )
+        assert ticket.request is not None
+        task = asyncio.ensure_future(self._send(job, op, ticket.request, seconds, call))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return await asyncio.shield(task)
+
+    async def _send(
+        self, job: Job, op: Operation, request: int, seconds: float, call: Callable[[], Coroutine[Any, Any, str]]
+    ) -> str:
+        """The request itself, and the gate's record of how it ended."""
+        try:
+            remote_id = await call()
+        except (NotSent, Rejected, NeedsUser) as exc:
+            # Provably not done: never connected, 429/503, a body cut short, or refused with an answer.
+            self.store.gate_release(op, "open", error=str(exc))
+            self._ledger(request, op, "not_sent", seconds)
+            raise
+        except BaseException as exc:
+            # The whole request may have reached the service and its answer is lost: it may be done (and billed).
+            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RetryLater) else str(exc)
+            self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
+            self._ledger(request, op, "in_doubt", seconds)
+            if op.on_doubt == "hold" and self.cfg.in_doubt == "hold" and isinstance(exc, Exception):
+                raise self._doubt(job, op, time.time(), why) from exc
+            raise
+        self.store.gate_answered(op, remote_id)
+        self._ledger(request, op, "answered", seconds)
+        return remote_id
+
+    def _ledger(self, request: int, op: Operation, outcome: str, seconds: float) -> None:
+        self.store.ledger_outcome(request, outcome)
+        self.spend.paid(BUDGET, op.name, outcome, 0.0 if outcome == "not_sent" else seconds)
+
+    def _doubt(self, job: Job, op: Operation, since: float, why: str | None) -> InDoubt:
+        return InDoubt(
+            f"{op.name} was sent in full but its answer was lost ({why or 'no answer'}); it may have been done and "
+            "billed, so it is held: `watcher retry --in-doubt` (or `watcher retry PATH`) sends it again",
+            operation=op.name,
+            since=since,
+            keys=[[op.sha256, op.service, op.name, op.params]],
+        )
+
+    def _not_now(self, job: Job, ticket: Ticket) -> Exception:
+        """Why a paid request is not sent now, as the error the runner schedules by."""
+        op = ticket.op
+        if ticket.verdict == "in_doubt":
+            return self._doubt(job, op, ticket.since or time.time(), ticket.error)
+        if ticket.verdict == "capped":
+            assert ticket.until is not None and ticket.cap_seconds is not None
+            if ticket.first_cap:
+                self.spend.capped(BUDGET, ticket.spent_seconds, ticket.cap_seconds, ticket.until)
+            return Deferred(
+                f"the daily cap of {ticket.cap_seconds / 60:g} audio minutes for the processing service is reached "
+                f"({ticket.spent_seconds / 60:.1f} used today); {op.name} resumes after 00:00 UTC",
+                until=ticket.until,
+                kind="capped",
+            )
+        return Deferred(
+            f"another copy of this content is already sending {op.name}; waiting for its answer instead of paying "
+            "twice",
+            until=ticket.until or time.time() + 1,
+        )
 
     async def drain(self, timeout: float) -> None:
         """Give paid calls still in flight (after their jobs were cancelled) a moment to return their IDs."""
@@ -289,8 +379,11 @@ class ArchiveStage:
             _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
             for task in pending:
                 task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
 
     async def _request(self, name: str, op: Op, ids: Mapping[str, str]) -> str:
+        """The request that creates one remote object of the plan."""
         audio_id = ids["audio"]
         if name == "restored":
             return await self.processor.restore(audio_id, op.params)
@@ -328,6 +421,8 @@ class ArchiveStage:
                     "delivery": str(delivery),
                 },
             },
+            version=job.file,
+            live=lambda: self.store.is_live(job),
         )
         failed = [v for v, s in versions.items() if s.startswith("failed")]
         note = f"delivered to {delivery}" + (f"; failed: {', '.join(failed)}" if failed else "")

@@ -1,11 +1,11 @@
-"""What every stage shares: the store interface stages need, and the result a stage returns."""
+"""What every pipeline shares: the result of one run, the observer of paid calls, and the pipeline protocol."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from watcher.store import Job, StoredResult
+from watcher.store import Job
 
 
 @dataclass(frozen=True)
@@ -20,26 +20,41 @@ class StageResult:
     note: str | None = None
 
 
-class JobStore(Protocol):
-    """The part of the store a stage may use (claim and release belong to the runner)."""
+class SpendObserver(Protocol):
+    """Told about every paid call as it ends (metrics, webhooks); must never raise."""
 
-    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
+    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
+        """One paid request ended: ``outcome`` is answered, not_sent, in_doubt or partial (some models missing)."""
+        ...
 
-    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+    def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
+        """A paid call was not sent because ``budget``'s daily cap would be passed (first time today)."""
+        ...
 
-    def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
-    def save_result(self, sha256: str, backend: str, result: StoredResult) -> None: ...
+class NullSpend:
+    """Nobody listens."""
+
+    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
+        return
+
+    def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
+        return
 
 
 class Stage(Protocol):
-    """One pipeline (``kind``): called with a claimed job, returns where the job goes next.
+    """One pipeline (``kind``: analyze, archive): called with a claimed job, returns where the job goes next.
 
-    It raises RetryLater, NeedsUser or BadInput (see watcher.errors) when it cannot go on; the runner
-    turns those into a schedule and a status line.
+    It raises the errors of watcher.errors when it cannot go on; the runner turns them into a schedule and a
+    status line, and counts attempts (nowhere else does). ``service`` names the remote service the pipeline
+    depends on (None when it runs locally): an account problem there pauses the pipeline. ``give_up`` is
+    called once when the runner fails a job for good, to leave a record of what is known (a partial sidecar).
     """
 
     kind: str
     first_stage: str
+    service: str | None
 
     async def run(self, job: Job) -> StageResult: ...
+
+    async def give_up(self, job: Job, error: str) -> None: ...

@@ -1,8 +1,14 @@
 """After a file version's pipelines all ended: move the source (and its sidecar) into the folder's done or
-failed folder, when one is configured. Default: leave it where it is."""
+failed folder, when one is configured. Default: leave it where it is.
+
+The mover moves exactly the version that finished, or nothing: the file on disk must still have the finished
+version's signature, and the sidecar must describe its content. Moves run in a worker thread, one at a time.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -11,7 +17,9 @@ from typing import Protocol
 
 import structlog
 
+from watcher.audiofile import Signature
 from watcher.config import FolderConfig, SidecarConfig
+from watcher.names import display
 from watcher.stages.sidecar import sidecar_path
 from watcher.store import TERMINAL, Job
 
@@ -29,6 +37,27 @@ class SourceMover:
         self.store = store
         self.folders = dict(folders)
         self.sidecar = sidecar
+        self._tasks: set[asyncio.Task[Path | None]] = set()
+        self._one_at_a_time = asyncio.Lock()
+
+    def schedule(self, job: Job) -> None:
+        """Consider moving ``job``'s file off the event loop (a cross-device move is a full copy)."""
+        folder = self.folders.get(job.file.folder)
+        if folder is None or (folder.done_dir is None and folder.failed_dir is None):
+            return
+
+        async def move() -> Path | None:
+            async with self._one_at_a_time:
+                return await asyncio.to_thread(self.after, job)
+
+        task = asyncio.ensure_future(move())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self) -> None:
+        """Let moves under way finish (at shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30)
 
     def after(self, job: Job) -> Path | None:
         """Called when a job reached a terminal stage; returns where the source went, if it moved."""
@@ -46,25 +75,48 @@ class SourceMover:
             return None
         source = Path(job.file.path)
         target = destination / job.file.rel_path
+        side = sidecar_path(source, folder.path, self.sidecar)
+        why = self._not_this_version(job, source, side)
+        if why:
+            log.warning("finish.not_moved", path=display(source), reason=why, next="the file stays where it is")
+            return None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 target = target.with_name(f"{target.stem}.{job.file.id}{target.suffix}")
-            side = sidecar_path(source, folder.path, self.sidecar)
             shutil.move(source, target)
             if self.sidecar.directory is None and side.exists():
                 shutil.move(side, target.with_name(target.name + self.sidecar.suffix))
         except OSError as exc:
             log.error(
                 "finish.move_failed",
-                path=str(source),
-                target=str(target),
+                path=display(source),
+                target=display(target),
                 error=exc.strerror,
                 next="the file stays where it is",
             )
             return None
-        log.info("finish.moved", path=str(source), target=str(target), outcome="failed" if failed else "done")
+        log.info("finish.moved", path=display(source), target=display(target), outcome="failed" if failed else "done")
         return target
+
+    def _not_this_version(self, job: Job, source: Path, side: Path) -> str | None:
+        """Why the file on disk is not the version that finished (then nothing moves), or None."""
+        version = job.file
+        try:
+            now = Signature.of(os.stat(source))
+        except OSError as exc:
+            return f"the file cannot be read ({exc.strerror})"
+        if now != Signature(version.size, version.mtime_ns, version.inode):
+            return "the file changed after this version finished; its new version is handled on its own"
+        sha256 = version.sha256 or job.data.get("sha256")
+        if self.sidecar.directory is None and side.exists() and sha256:
+            try:
+                described = json.loads(side.read_text("utf-8")).get("source", {}).get("sha256")
+            except (OSError, ValueError, AttributeError):
+                described = None
+            if described != sha256:
+                return "the sidecar beside it describes other content"
+        return None
 
 
 def inside(child: Path, parent: Path) -> bool:

@@ -10,18 +10,22 @@ import asyncio
 import datetime as dt
 import json
 import os
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from watcher import __version__
+from watcher.audiofile import Signature
 from watcher.config import SidecarConfig
 from watcher.fsutil import write_json_atomic
+from watcher.names import display
 from watcher.store import FileVersion, StoredResult
 
 SCHEMA_VERSION = 1
-_locks: dict[str, asyncio.Lock] = {}
+# One lock per sidecar path while some write holds it; a lock nobody holds is collected, so this never grows.
+_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 def schema() -> dict[str, Any]:
@@ -58,8 +62,8 @@ def _read(path: Path, sha256: str) -> dict[str, Any]:
 def source_document(version: FileVersion, sha256: str) -> dict[str, Any]:
     """What a sidecar says about the audio file it describes."""
     return {
-        "name": Path(version.path).name,
-        "path": version.path,
+        "name": display(Path(version.path).name),
+        "path": display(version.path),
         "size": version.size,
         "sha256": sha256,
         "mtime": _iso(version.mtime_ns / 1e9),
@@ -97,17 +101,41 @@ def analysis_document(
     }
 
 
-async def write_sidecar(path: Path, sha256: str, update: Mapping[str, Any]) -> None:
-    """Merge ``update`` into the sidecar at ``path`` (kept if it describes the same content); write atomically."""
-    lock = _locks.setdefault(str(path), asyncio.Lock())
-    async with lock:
+async def write_sidecar(
+    path: Path,
+    sha256: str,
+    update: Mapping[str, Any],
+    *,
+    version: FileVersion | None = None,
+    live: Callable[[], bool] = lambda: True,
+) -> bool:
+    """Merge ``update`` into the sidecar at ``path`` (kept if it describes the same content); write atomically.
 
-        def merge_and_write() -> None:
+    Nothing is written (False) when ``live()`` says the job was superseded, or when the audio on disk is no
+    longer ``version`` (a newer version will write its own sidecar): a late result never overwrites a newer one.
+    Both checks run under the path's lock, which every sidecar write in this process takes.
+    """
+    lock = _locks.get(str(path))
+    if lock is None:
+        lock = _locks[str(path)] = asyncio.Lock()
+    async with lock:
+        if not live():
+            return False
+
+        def merge_and_write() -> bool:
+            if version is not None:
+                try:
+                    now = Signature.of(os.stat(version.path))
+                except OSError:
+                    return False
+                if now != Signature(version.size, version.mtime_ns, version.inode):
+                    return False
             doc = _read(path, sha256)
             doc.update(update)
             doc["created_at"] = _iso(dt.datetime.now(dt.UTC).timestamp())
             doc["watcher_version"] = __version__
             doc.setdefault("schema_version", SCHEMA_VERSION)
             write_json_atomic(path, doc)
+            return True
 
-        await asyncio.to_thread(merge_and_write)
+        return await asyncio.to_thread(merge_and_write)

@@ -1,4 +1,4 @@
-"""Content-addressed records: analysis results per model, and IDs returned by paid remote calls."""
+"""Analysis results per content, backend (where the work was done) and model: paid for once, kept for good."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from watcher.store.models import RemoteObject, StoredResult
+from watcher.store.models import Operation, StoredResult
 
 if TYPE_CHECKING:
     from watcher.store.core import StoreBase
@@ -17,7 +17,7 @@ else:
 
 
 class CacheMixin(_Base):
-    """Results and remote IDs keyed by content hash, so nothing is paid for twice."""
+    """Analysis results keyed by content hash and backend, so nothing is paid for twice."""
 
     # -- analysis results (content-addressed) -----------------------------------------------------------
 
@@ -36,9 +36,18 @@ class CacheMixin(_Base):
             for r in rows
         }
 
-    def save_result(self, sha256: str, backend: str, result: StoredResult) -> None:
-        """Persist one model's results the moment they arrive (a lost result would be paid for again)."""
+    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None:
+        """Persist one model's results the moment they arrive (a lost result would be paid for again).
+
+        With ``op``, the model's paid operation is marked answered in the same transaction.
+        """
         with self._tx() as db:
+            if op is not None:
+                db.execute(
+                    "UPDATE operations SET state='answered', holder=NULL, lease_until=NULL, error=NULL, updated_at=? "
+                    "WHERE sha256=? AND service=? AND operation=? AND params=?",
+                    (time.time(), op.sha256, op.service, op.name, op.params),
+                )
             db.execute(
                 "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -51,47 +60,4 @@ class CacheMixin(_Base):
                     json.dumps(result.results),
                     time.time(),
                 ),
-            )
-
-    # -- IDs returned by paid calls ----------------------------------------------------------------------
-
-    def remote_get(self, sha256: str, service: str, kind: str, params: str) -> RemoteObject | None:
-        """The object already created for this content, kind and parameters, if any."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM remote WHERE sha256=? AND service=? AND kind=? AND params=?",
-                (sha256, service, kind, params),
-            ).fetchone()
-        return (
-            None
-            if row is None
-            else RemoteObject(row["kind"], row["params"], row["remote_id"], row["state"], row["error"])
-        )
-
-    def remote_put(
-        self, sha256: str, service: str, kind: str, params: str, remote_id: str, state: str = "requested"
-    ) -> None:
-        """Record an ID the moment a paid call returned it, before anything else happens."""
-        now = time.time()
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO remote VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                (sha256, service, kind, params, remote_id, state, now, now),
-            )
-
-    def remote_set_state(
-        self, sha256: str, service: str, kind: str, params: str, state: str, error: str | None = None
-    ) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE remote SET state=?, error=?, updated_at=? WHERE sha256=? AND service=? AND kind=? AND params=?",
-                (state, error, time.time(), sha256, service, kind, params),
-            )
-
-    def remote_forget(self, sha256: str, service: str, kind: str, params: str) -> None:
-        """Drop an object the service no longer knows (so it is created again, knowingly)."""
-        with self._tx() as db:
-            db.execute(
-                "DELETE FROM remote WHERE sha256=? AND service=? AND kind=? AND params=?",
-                (sha256, service, kind, params),
             )

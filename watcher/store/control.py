@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from watcher.names import from_db, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem
 from watcher.store.schema import TERMINAL
 
@@ -29,12 +30,12 @@ class ControlMixin(_Base):
             db.execute(
                 "INSERT INTO folder_state (path, paused, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (path) DO UPDATE SET paused=excluded.paused, updated_at=excluded.updated_at",
-                (folder, int(paused), time.time()),
+                (to_db(folder), int(paused), time.time()),
             )
 
     def paused_folders(self) -> set[str]:
         with self._lock:
-            return {r[0] for r in self._db.execute("SELECT path FROM folder_state WHERE paused=1")}
+            return {from_db(r[0]) for r in self._db.execute("SELECT path FROM folder_state WHERE paused=1")}
 
     def set_folder_health(self, folder: str, *, mode: str | None, reason: str | None, available: bool) -> None:
         """What the running daemon sees of a folder (watch mode, why, reachable), for `watcher status`."""
@@ -43,7 +44,7 @@ class ControlMixin(_Base):
                 "INSERT INTO folder_state (path, mode, reason, available, updated_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (path) DO UPDATE SET mode=excluded.mode, reason=excluded.reason, "
                 "available=excluded.available, updated_at=excluded.updated_at",
-                (folder, mode, reason, int(available), time.time()),
+                (to_db(folder), mode, reason, int(available), time.time()),
             )
 
     def folder_states(self) -> list[dict[str, Any]]:
@@ -51,7 +52,7 @@ class ControlMixin(_Base):
             rows = self._db.execute("SELECT * FROM folder_state ORDER BY path").fetchall()
         return [
             {
-                "folder": r["path"],
+                "folder": from_db(r["path"]),
                 "paused": bool(r["paused"]),
                 "mode": r["mode"],
                 "reason": r["reason"],
@@ -84,7 +85,7 @@ class ControlMixin(_Base):
             ).fetchall()
         return [
             Problem(
-                path=r["path"],
+                path=from_db(r["path"]),
                 kind=r["kind"],
                 stage=r["stage"],
                 error_kind=r["error_kind"],
@@ -109,12 +110,17 @@ class ControlMixin(_Base):
         return [self._job(r) for r in rows]
 
     def retry(
-        self, *, paths: Iterable[str] | None = None, failed_only: bool = True, restart_stage: dict[str, str]
+        self,
+        *,
+        paths: Iterable[str] | None = None,
+        failed: bool = False,
+        in_doubt: bool = False,
+        restart_stage: dict[str, str],
     ) -> int:
-        """Make failed (or all unfinished) jobs of current versions due now; returns how many were reset.
-
-        ``restart_stage`` maps a kind to the stage a failed job of that kind restarts from.
-        """
+        """Make jobs of current versions due now: those under ``paths`` that failed, wait or are held, every failed
+        one (``failed``), every one held in doubt (``in_doubt``). A held job's in-doubt operations may be sent again
+        (each re-send is counted by the gate). ``restart_stage`` maps a pipeline to the stage a failed job restarts
+        from when it did not record one. Returns how many jobs were reset."""
         now = time.time()
         changed = 0
         with self._tx() as db:
@@ -123,20 +129,28 @@ class ControlMixin(_Base):
             if paths is not None:
                 plist = list(paths)
                 sql += f" AND f.path IN ({','.join('?' * len(plist))})"
-                args.extend(plist)
+                args.extend(to_db(p) for p in plist)
             for row in db.execute(sql, args).fetchall():
-                failed = row["stage"] == "failed"
+                is_failed = row["stage"] == "failed"
+                held = row["error_kind"] == "in_doubt"
                 waiting = row["stage"] not in TERMINAL
-                if not (failed or (waiting and not failed_only) or (paths is not None and waiting)):
+                by_path = paths is not None and (is_failed or waiting)
+                if not (by_path or (failed and is_failed) or (in_doubt and held)):
                     continue
+                data = json.loads(row["data"])
                 stage = row["stage"]
-                if failed:
-                    data = json.loads(row["data"])
+                if is_failed:
                     stage = data.get("failed_in") or restart_stage.get(row["kind"], "pending")
+                for key in (data.pop("in_doubt", None) or {}).get("keys", []) if held else []:
+                    db.execute(
+                        "UPDATE operations SET state='reask', updated_at=? WHERE state='in_doubt' AND sha256=? "
+                        "AND service=? AND operation=? AND params=?",
+                        (now, *key),
+                    )
                 db.execute(
                     "UPDATE jobs SET stage=?, attempts=0, next_attempt_at=?, last_error=NULL, error_kind=NULL, "
-                    "updated_at=? WHERE id=?",
-                    (stage, now, now, row["id"]),
+                    "data=?, updated_at=? WHERE id=?",
+                    (stage, now, json.dumps(data), now, row["id"]),
                 )
                 changed += 1
         return changed

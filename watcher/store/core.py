@@ -11,8 +11,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from watcher.names import to_db
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
+
+HELD = 1e15  # next_attempt_at of a job held for the user (in doubt): never due until `watcher retry`
+
+
+class LeaseLost(Exception):
+    """A job's commit or release was refused: its lease was lost or it was superseded (a newer version arrived).
+
+    The work it did is kept where it was paid for (results, operation IDs); the job's row is not touched.
+    """
 
 
 class StoreBase:
@@ -71,7 +81,7 @@ class StoreBase:
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
-                (path, size, mtime_ns, inode),
+                (to_db(path), size, mtime_ns, inode),
             ).fetchone()
         return row is not None
 
@@ -95,11 +105,11 @@ class StoreBase:
         with self._tx() as db:
             row = db.execute(
                 "SELECT id FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
-                (path, size, mtime_ns, inode),
+                (to_db(path), size, mtime_ns, inode),
             ).fetchone()
             if row is not None:
                 return int(row["id"]), False
-            old = [r["id"] for r in db.execute("SELECT id FROM files WHERE path=? AND current=1", (path,))]
+            old = [r["id"] for r in db.execute("SELECT id FROM files WHERE path=? AND current=1", (to_db(path),))]
             for file_id in old:
                 db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
                 db.execute(
@@ -111,7 +121,7 @@ class StoreBase:
             cur = db.execute(
                 "INSERT INTO files (folder, path, rel_path, size, mtime_ns, inode, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (folder, path, rel_path, size, mtime_ns, inode, now),
+                (to_db(folder), to_db(path), to_db(rel_path), size, mtime_ns, inode, now),
             )
             file_id = int(cur.lastrowid or 0)
             for kind, stage in jobs:
@@ -128,7 +138,7 @@ class StoreBase:
     def current_version(self, path: str) -> FileVersion | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id AS fid, * FROM files WHERE path=? AND current=1 ORDER BY id DESC LIMIT 1", (path,)
+                "SELECT id AS fid, * FROM files WHERE path=? AND current=1 ORDER BY id DESC LIMIT 1", (to_db(path),)
             ).fetchone()
         return _version(row) if row else None
 
@@ -151,7 +161,9 @@ class StoreBase:
                 "UPDATE jobs SET lease_owner=?, lease_until=?, updated_at=? WHERE id=?",
                 (owner, now + lease, now, row["id"]),
             )
-        return self._job(row)
+        job = self._job(row)
+        job.owner = owner
+        return job
 
     def _job(self, row: sqlite3.Row) -> Job:
         return Job(
@@ -176,10 +188,11 @@ class StoreBase:
             job.stage = stage
         job.data.update(data)
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET stage=?, data=?, updated_at=? WHERE id=?",
-                (job.stage, json.dumps(job.data), time.time(), job.id),
+            cur = db.execute(
+                "UPDATE jobs SET stage=?, data=?, updated_at=? WHERE id=?" + _FENCE,
+                (job.stage, json.dumps(job.data), time.time(), job.id, job.owner, *_DEAD),
             )
+            _fenced(cur, job)
 
     def release(
         self,
@@ -198,9 +211,9 @@ class StoreBase:
             job.attempts += 1
         now = time.time()
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE jobs SET stage=?, data=?, attempts=?, next_attempt_at=?, last_error=?, error_kind=?, "
-                "lease_owner=NULL, lease_until=NULL, updated_at=? WHERE id=?",
+                "lease_owner=NULL, lease_until=NULL, updated_at=? WHERE id=?" + _FENCE,
                 (
                     job.stage,
                     json.dumps(job.data),
@@ -210,8 +223,18 @@ class StoreBase:
                     error_kind,
                     now,
                     job.id,
+                    job.owner,
+                    *_DEAD,
                 ),
             )
+            _fenced(cur, job)
+        job.owner = None
+
+    def is_live(self, job: Job) -> bool:
+        """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM jobs WHERE id=?" + _FENCE, (job.id, job.owner, *_DEAD)).fetchone()
+        return row is not None
 
     def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
         """Extend the leases ``owner`` holds on these jobs."""
@@ -222,6 +245,9 @@ class StoreBase:
             db.execute(
                 f"UPDATE jobs SET lease_until=? WHERE lease_owner=? AND id IN ({','.join('?' * len(ids))})",
                 (time.time() + lease, owner, *ids),
+            )
+            db.execute(
+                "UPDATE operations SET lease_until=? WHERE holder=? AND state='sending'", (time.time() + lease, owner)
             )
 
     def release_leases(self, owner: str | None = None) -> int:
@@ -254,6 +280,41 @@ class StoreBase:
         if paths is not None:
             plist = list(paths)
             sql += f" AND f.path IN ({','.join('?' * len(plist))})"
-            args.extend(plist)
+            args.extend(to_db(p) for p in plist)
         with self._lock:
             return int(self._db.execute(sql, args).fetchone()[0])
+
+    def prune(self, older_than_days: float, *, now: float | None = None) -> int:
+        """Forget file versions that were replaced or deleted and whose jobs all ended ``older_than_days`` ago.
+
+        Results and paid operation IDs are kept for good; so are current versions (they make a restart cheap).
+        Returns how many versions were forgotten.
+        """
+        cutoff = (time.time() if now is None else now) - older_than_days * 86400
+        terminal = ",".join("?" * len(TERMINAL))
+        with self._tx() as db:
+            ids = [
+                r[0]
+                for r in db.execute(
+                    f"SELECT f.id FROM files f WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
+                    f"(j.stage NOT IN ({terminal}) OR j.updated_at >= ?)) AND (f.current=0 OR NOT EXISTS "
+                    "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.stage != 'gone'))",
+                    (*TERMINAL, cutoff),
+                )
+            ]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM jobs WHERE file_id IN ({marks})", chunk)
+                db.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
+        return len(ids)
+
+
+# A job's row changes only while its holder keeps the lease and it has not been superseded.
+_DEAD = ("superseded", "gone")
+_FENCE = " AND lease_owner IS ? AND stage NOT IN (?, ?)"
+
+
+def _fenced(cur: sqlite3.Cursor, job: Job) -> None:
+    if cur.rowcount == 0:
+        raise LeaseLost(f"job {job.id} ({job.kind}) was superseded or its lease was lost; its result is not recorded")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from watcher.names import from_db
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Job:
     file: FileVersion
     last_error: str | None = None
     error_kind: str | None = None
+    owner: str | None = None  # who holds the lease: commits and releases by anyone else are refused
 
 
 @dataclass(frozen=True)
@@ -48,14 +51,39 @@ class StoredResult:
 
 
 @dataclass(frozen=True)
-class RemoteObject:
-    """An object a service created for some content (an upload, a processing job) and its last known state."""
+class Operation:
+    """A paid call's identity: what content, where (service endpoint and account), which operation, which parameters.
 
-    kind: str
-    params: str
-    remote_id: str
-    state: str
-    error: str | None
+    ``on_doubt`` says what a lost answer means: ``hold`` (held for the user: resending might pay twice) or
+    ``reask`` (asked again, counted: the analysis service keeps nothing, so a lost result is lost).
+    """
+
+    sha256: str
+    service: str
+    name: str
+    params: str = ""
+    on_doubt: Literal["hold", "reask"] = "hold"
+
+
+Verdict = Literal["send", "answered", "wait", "in_doubt", "capped"]
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """The gate's answer for one operation: send it (taken), or why not."""
+
+    verdict: Verdict
+    op: Operation
+    result: str | None = None  # answered: the stored ID
+    resend: bool = False  # send: it was sent before without an answer (counted, maybe a duplicate)
+    request: int | None = None  # send: the ledger line of this request
+    since: float | None = None  # in_doubt: since when
+    error: str | None = None  # in_doubt: why
+    until: float | None = None  # wait/capped: when to look again
+    holder: str | None = None  # wait: who is sending it
+    first_cap: bool = False  # capped: the first refusal today for this budget
+    spent_seconds: float = 0.0  # capped: audio seconds spent today
+    cap_seconds: float | None = None
 
 
 @dataclass
@@ -75,9 +103,9 @@ class Problem:
 def _version(row: sqlite3.Row) -> FileVersion:
     return FileVersion(
         id=row["fid"],
-        folder=row["folder"],
-        path=row["path"],
-        rel_path=row["rel_path"],
+        folder=from_db(row["folder"]),
+        path=from_db(row["path"]),
+        rel_path=from_db(row["rel_path"]),
         size=row["size"],
         mtime_ns=row["mtime_ns"],
         inode=row["inode"],

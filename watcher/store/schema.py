@@ -74,5 +74,56 @@ SCHEMA = [
         updated_at REAL NOT NULL
     );
     """,
+    # version 4: the gate for paid operations (replaces `remote`), the spend ledger, and per-day totals
+    """
+    CREATE TABLE operations (
+        sha256 TEXT NOT NULL,
+        service TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        params TEXT NOT NULL,
+        on_doubt TEXT NOT NULL,
+        state TEXT NOT NULL,
+        result TEXT,
+        remote_state TEXT,
+        remote_error TEXT,
+        holder TEXT,
+        lease_until REAL,
+        sends INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        since REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (sha256, service, operation, params)
+    );
+    INSERT INTO operations (sha256, service, operation, params, on_doubt, state, result, remote_state,
+                            remote_error, sends, created_at, updated_at)
+        SELECT sha256, 'legacy:' || service,
+               CASE kind WHEN 'audio' THEN 'upload' WHEN 'restored' THEN 'restore' WHEN 'mastered' THEN 'master'
+                    ELSE kind END,
+               params, 'hold', 'answered', remote_id, state, error, 1, created_at, updated_at FROM remote;
+    DROP TABLE remote;
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        day TEXT NOT NULL,
+        service TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        seconds REAL NOT NULL,
+        models INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT NOT NULL
+    );
+    CREATE INDEX ledger_by_day ON ledger (day, service);
+    CREATE TABLE spend (
+        day TEXT NOT NULL,
+        service TEXT NOT NULL,
+        seconds REAL NOT NULL DEFAULT 0,
+        calls INTEGER NOT NULL DEFAULT 0,
+        capped_at REAL,
+        PRIMARY KEY (day, service)
+    );
+    UPDATE results SET backend = 'legacy:' || backend;
+    CREATE INDEX jobs_by_file ON jobs (file_id);
+    """,
 ]
 _NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "

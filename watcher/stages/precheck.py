@@ -1,0 +1,73 @@
+"""The check every pipeline makes before paid work, written once: is the file still the version that settled,
+is it audio, what is its content hash and duration. All file system work runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from watcher.audiofile import Signature, check_audio, sha256_file
+from watcher.errors import FileChanged, RetryLater
+from watcher.media import audio_info
+from watcher.stages.base import StageResult
+from watcher.store import Job
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A file version ready for paid work: its content hash and what its header says."""
+
+    sha256: str
+    duration: float | None
+    channels: int | None
+
+    @property
+    def seconds(self) -> float:
+        """The audio seconds the ledger charges for this file (0 when the header gives no duration)."""
+        return self.duration or 0.0
+
+
+class PrecheckStore(Protocol):
+    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+
+    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
+
+
+def _look(job: Job) -> StageResult | tuple[str, float | None, int | None]:
+    """In a worker thread: the file's state, or (format, duration, channels)."""
+    version = job.file
+    if not os.path.isdir(version.folder):
+        raise RetryLater(f"the watched folder {version.folder} is not available (unmounted share?)")
+    try:
+        current = Signature.of(os.stat(version.path))
+        if current != Signature(version.size, version.mtime_ns, version.inode):
+            raise FileChanged("the file changed after it settled; its new version is handled anew")
+        if version.size == 0:
+            return StageResult("skipped", note="the file is empty (0 bytes); a later write makes it a new version")
+        fmt = check_audio(version.path)
+    except FileNotFoundError:
+        return StageResult("gone", note=f"the file was deleted before {job.kind} started")
+    info = audio_info(version.path)
+    return fmt, info.duration, info.channels
+
+
+async def precheck(store: PrecheckStore, job: Job) -> StageResult | Checked:
+    """Check the job's file version; a terminal StageResult (gone, skipped) or what paid work needs to know.
+
+    Raises FileChanged (a newer version is coming), BadInput (not audio) or RetryLater (folder unavailable).
+    The hash is computed once per version and shared by every pipeline through the store.
+    """
+    looked = await asyncio.to_thread(_look, job)
+    if isinstance(looked, StageResult):
+        return looked
+    _, duration, channels = looked
+    version = job.file
+    sha256 = version.sha256 or job.data.get("sha256")
+    if sha256 is None:
+        sha256 = await sha256_file(version.path, Signature(version.size, version.mtime_ns, version.inode))
+        store.set_sha256(version.id, sha256)
+    if job.data.get("sha256") != sha256 or job.data.get("duration") != duration:
+        store.commit(job, sha256=sha256, duration=duration, channels=channels)
+    return Checked(sha256, duration, channels)

@@ -1,0 +1,242 @@
+"""The gate every paid call passes, and the spend ledger it writes.
+
+A paid call is an :class:`Operation`: (content sha256, service endpoint and account, operation, parameters).
+Before a request is sent, :meth:`GateMixin.gate_take` records the intent and takes the operation, in one
+transaction, under the table's primary key, so a second job (or a second daemon on the same store) that needs
+the same operation is told to wait instead of sending. Each take writes a ledger line (the audio seconds the
+request covers) and checks the service's daily cap in the same transaction, so a cap is never exceeded.
+
+States of an operation::
+
+    open ──take──▶ sending ──answered──▶ answered (its ID is kept: never sent again)
+                      │  ├──not sent (provably)──▶ open
+                      │  └──answer lost──▶ in_doubt (on_doubt="hold": held for the user)
+                      │                    reask   (on_doubt="reask": asked again, counted)
+                      └──lease expired (a crash)──▶ in_doubt / reask
+    in_doubt ──`watcher retry`──▶ reask ──take──▶ sending (a re-send, counted and logged)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from watcher.store.models import Operation, Ticket
+
+if TYPE_CHECKING:
+    from watcher.store.core import StoreBase
+
+    _Base = StoreBase
+else:
+    _Base = object
+
+WAIT_SECONDS = 1.0
+_KEY = "sha256=? AND service=? AND operation=? AND params=?"
+
+
+def utc_day(now: float) -> str:
+    """The UTC calendar day of a timestamp, as the ledger keys it (``2026-11-29``)."""
+    return dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
+
+
+def next_utc_midnight(now: float) -> float:
+    """When the next UTC day starts (when a daily cap resets)."""
+    day = dt.datetime.fromtimestamp(now, dt.UTC).date() + dt.timedelta(days=1)
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
+
+
+def _key(op: Operation) -> tuple[str, str, str, str]:
+    return (op.sha256, op.service, op.name, op.params)
+
+
+class GateMixin(_Base):
+    """The paid-operation gate and the spend ledger (see the module docstring for the states)."""
+
+    def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        lease: float = 600.0,
+        resend_in_doubt: bool = False,
+        now: float | None = None,
+    ) -> list[Ticket]:
+        """Decide, for each operation of one request, whether this caller may send it; take those it may.
+
+        ``budget`` names the service whose daily cap applies and ``seconds`` the audio the request covers (once,
+        however many operations it carries). Operations held elsewhere come back as ``wait``; a cap the request
+        would pass makes every takeable one ``capped``. ``resend_in_doubt`` takes in-doubt ones too (policy).
+        """
+        now = time.time() if now is None else now
+        tickets: dict[int, Ticket] = {}
+        takeable: list[tuple[int, Operation, bool]] = []
+        with self._tx() as db:
+            for i, op in enumerate(ops):
+                row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
+                state = None if row is None else row["state"]
+                if state == "sending" and (row["lease_until"] or 0) < now:
+                    state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
+                    self._set_state(db, op, state, now, error="the daemon stopped while the request was in flight")
+                if state == "answered":
+                    tickets[i] = Ticket("answered", op, result=row["result"])
+                elif state == "sending":
+                    tickets[i] = Ticket("wait", op, until=now + WAIT_SECONDS, holder=row["holder"])
+                elif state == "in_doubt" and not resend_in_doubt:
+                    tickets[i] = Ticket("in_doubt", op, since=row["since"], error=row["error"])
+                else:
+                    takeable.append((i, op, state in ("reask", "in_doubt")))
+            if takeable:
+                day = utc_day(now)
+                db.execute("INSERT OR IGNORE INTO spend (day, service) VALUES (?, ?)", (day, budget))
+                spent = db.execute("SELECT * FROM spend WHERE day=? AND service=?", (day, budget)).fetchone()
+                if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
+                    first = spent["capped_at"] is None
+                    if first:
+                        db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
+                    for i, op, _ in takeable:
+                        tickets[i] = Ticket(
+                            "capped",
+                            op,
+                            until=next_utc_midnight(now),
+                            first_cap=first,
+                            spent_seconds=spent["seconds"],
+                            cap_seconds=cap_seconds,
+                        )
+                else:
+                    cur = db.execute(
+                        "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, 'sending')",
+                        (
+                            now,
+                            day,
+                            budget,
+                            ",".join(op.name for _, op, _ in takeable),
+                            takeable[0][1].sha256,
+                            seconds,
+                            sum(op.name.startswith("analyze:") for _, op, _ in takeable),
+                        ),
+                    )
+                    request = int(cur.lastrowid or 0)
+                    db.execute(
+                        "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?",
+                        (seconds, day, budget),
+                    )
+                    for i, op, resend in takeable:
+                        db.execute(
+                            "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
+                            "lease_until, sends, created_at, updated_at) "
+                            "VALUES (?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?) "
+                            "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='sending', "
+                            "holder=excluded.holder, lease_until=excluded.lease_until, sends=sends+1, error=NULL, "
+                            "since=NULL, updated_at=excluded.updated_at",
+                            (*_key(op), op.on_doubt, owner, now + lease, now, now),
+                        )
+                        tickets[i] = Ticket("send", op, resend=resend, request=request)
+        return [tickets[i] for i in range(len(ops))]
+
+    def _set_state(self, db: Any, op: Operation, state: str, now: float, *, error: str | None = None) -> None:
+        db.execute(
+            "UPDATE operations SET state=?, holder=NULL, lease_until=NULL, error=?, updated_at=?, "
+            f"since=CASE WHEN ?='in_doubt' THEN ? ELSE since END WHERE {_KEY}",
+            (state, error, now, state, now, *_key(op)),
+        )
+
+    def gate_answered(self, op: Operation, result: str | None = None) -> None:
+        """The service answered: keep its ID (processing) so the operation is never sent again."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE operations SET state='answered', result=?, remote_state=COALESCE(remote_state, 'requested'), "
+                f"holder=NULL, lease_until=NULL, error=NULL, since=NULL, updated_at=? WHERE {_KEY}",
+                (result, now, *_key(op)),
+            )
+
+    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None:
+        """No answer: ``open`` (provably not sent), ``reask`` (ask again, counted) or ``in_doubt`` (held)."""
+        assert state in ("open", "reask", "in_doubt"), state
+        with self._tx() as db:
+            self._set_state(db, op, state, time.time(), error=error)
+
+    def ledger_outcome(self, request: int, outcome: str) -> None:
+        """Record how a request ended (answered, not_sent, in_doubt, partial); a request not sent is not spent."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM ledger WHERE id=?", (request,)).fetchone()
+            if row is None or row["outcome"] == outcome:
+                return
+            db.execute("UPDATE ledger SET outcome=? WHERE id=?", (outcome, request))
+            if outcome == "not_sent" and row["outcome"] != "not_sent":
+                db.execute(
+                    "UPDATE spend SET seconds=MAX(0, seconds-?), calls=MAX(0, calls-1) WHERE day=? AND service=?",
+                    (row["seconds"], row["day"], row["service"]),
+                )
+
+    def gate_get(self, op: Operation) -> dict[str, Any] | None:
+        """The operation's row (state, result, remote_state, sends, ...), or None when never taken."""
+        with self._lock:
+            row = self._db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
+        return None if row is None else dict(row)
+
+    def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None:
+        """What the service last said of the object an answered operation created: requested, complete, failed."""
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE operations SET remote_state=?, remote_error=?, updated_at=? WHERE {_KEY}",
+                (state, error, time.time(), *_key(op)),
+            )
+
+    def forget_operation(self, op: Operation) -> None:
+        """Drop an answered operation whose object the service no longer knows, so it is created again knowingly."""
+        with self._tx() as db:
+            db.execute(f"DELETE FROM operations WHERE {_KEY}", _key(op))
+
+    def gate_resend(self, ops: Sequence[tuple[str, str, str, str]]) -> int:
+        """The user's word: in-doubt operations (keyed as stored) may be sent again; returns how many."""
+        changed = 0
+        with self._tx() as db:
+            for key in ops:
+                cur = db.execute(
+                    f"UPDATE operations SET state='reask', updated_at=? WHERE state='in_doubt' AND {_KEY}",
+                    (time.time(), *key),
+                )
+                changed += cur.rowcount
+        return changed
+
+    def gate_recover(self, holder: str | None = None) -> int:
+        """After a crash: operations left ``sending`` (by ``holder``, or by anyone) become in doubt or re-asks."""
+        now = time.time()
+        with self._tx() as db:
+            where = "state='sending'" + (" AND holder=?" if holder else "")
+            args: tuple[Any, ...] = (holder,) if holder else ()
+            cur = db.execute(
+                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
+                "since=CASE on_doubt WHEN 'hold' THEN ? ELSE since END, holder=NULL, lease_until=NULL, "
+                f"error='the daemon stopped while the request was in flight', updated_at=? WHERE {where}",
+                (now, now, *args),
+            )
+            return cur.rowcount
+
+    def in_doubt_operations(self) -> list[dict[str, Any]]:
+        """Every operation held in doubt, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM operations WHERE state='in_doubt' ORDER BY since").fetchall()
+        return [dict(r) for r in rows]
+
+    def spend_on(self, day: str) -> dict[str, dict[str, Any]]:
+        """Per budget (service): audio seconds and paid calls recorded on a UTC day, and when a cap was reached."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM spend WHERE day=?", (day,)).fetchall()
+        return {r["service"]: {"seconds": r["seconds"], "calls": r["calls"], "capped_at": r["capped_at"]} for r in rows}
+
+    def adopt_legacy(self, old: str, new: str) -> int:
+        """Give rows keyed before endpoints and accounts were part of the key (``legacy:<old>``) the current key."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE OR IGNORE operations SET service=? WHERE service=?", (new, f"legacy:{old}")
+            ).rowcount
+            n += db.execute("UPDATE OR IGNORE results SET backend=? WHERE backend=?", (new, f"legacy:{old}")).rowcount
+            return n
