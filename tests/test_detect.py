@@ -495,3 +495,26 @@ def test_inotify_queue_overflow_rescans_the_folder_at_once(tmp_path, watch):
             lost = write_tone(inbox / "lost in the overflow.wav", 0.05)
         wait_for(lambda: sink.names() == [lost.name], timeout=10, what="the file found by the overflow rescan")
     assert any(e["event"] == "watch.overflow" and e["folder"] == str(inbox) for e in logs)
+
+
+def test_a_share_unmounted_under_the_folder_is_noticed_and_rescanned(tmp_path, watch):
+    """A filesystem mounted on the watched folder, then unmounted: both changes are logged and rescanned."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    write_tone(inbox / "under the mount.wav", 0.05)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "share", str(inbox)], check=True)
+    try:
+        write_tone(inbox / "on the share.wav", 0.05)
+        with structlog.testing.capture_logs() as logs:
+            d, sink = watch(inbox)
+            wait_for(lambda: sink.names() == ["on the share.wav"], what="the share's file")
+            subprocess.run(["umount", "-l", str(inbox)], check=True)
+            wait_for(lambda: "under the mount.wav" in sink.names(), what="the folder rescanned after the unmount")
+        assert any(e["event"] == "folder.remounted" and e["folder"] == str(inbox) for e in logs)
+        assert d.detector.describe()[0]["available"] is True
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], check=False, capture_output=True)

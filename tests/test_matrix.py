@@ -144,14 +144,9 @@ def make_share_vanishes(ctx: Ctx) -> None:
     """The watched folder is a tmpfs with files in it, unmounted while the daemon works on them."""
     for i in range(20):
         write_tone(ctx.inbox / f"on the share {i:02d}.wav", 0.2, freq=200 + 10 * i)
-    ctx.bad.append(str(ctx.inbox / "on the share 00.wav"))
+    ctx.bad.append(str(ctx.inbox))
     wait_for(lambda: any(e.get("event") == "file.settled" for e in ctx.logs), timeout=30, what="work on the share")
     subprocess.run(["umount", "-l", str(ctx.inbox)], check=True)
-    wait_for(
-        lambda: any(e.get("event") in ("folder.unavailable", "scan.done") for e in ctx.logs[-200:]),
-        timeout=30,
-        what="detection to notice",
-    )
 
 
 def make_big(ctx: Ctx) -> None:
@@ -284,7 +279,7 @@ def test_bad_input(row: Row, tmp_path: Path, emu: Emulator, run_daemon: Callable
     if row.root and os.geteuid() != 0:
         pytest.skip("needs root (mknod or mount)")
     inbox, spare, out, state = tmp_path / "inbox", tmp_path / "spare", tmp_path / "out", tmp_path / "state"
-    for d in (inbox, spare, out):
+    for d in (inbox, spare, out, tmp_path / "staging"):  # staging: where the test writes before moving in
         d.mkdir()
     write_tone(tmp_path / "elsewhere" / "private.wav", 0.2, freq=999)
     ctx = Ctx(tmp_path, inbox, spare, out, emu, [])
@@ -343,6 +338,8 @@ def _run_row(row: Row, ctx: Ctx, state: Path, run_daemon: Callable[..., Any]) ->
         d.stop()
     ctx.status = status_json(state)
     _check_bad(row, ctx)
+    leftovers = [p for p in out.rglob(".watcher-tmp*")] if out.is_dir() else []
+    assert not leftovers, f"half-written output left behind: {leftovers}"
     after = snapshot(tmp, {inbox, spare, out, state})
     assert after == before, f"written outside the configured folders: {sorted(set(after) ^ set(before))}"
     assert not (Path("/srv/absolute.wav").exists() or (tmp.parent / "escape").exists())

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -69,6 +70,7 @@ class FolderState:
     available: bool = True
     polling_decision: tuple[bool, str] = (False, "native events")
     next_rescan: float = 0.0
+    device: int | None = None  # st_dev of the folder when its watch started: a change means a (un)mount
 
 
 class Detector:
@@ -114,6 +116,27 @@ class Detector:
         if timeout is None:
             return await future
         return await asyncio.wait_for(future, timeout)
+
+    async def _device(self, path: str) -> int | None:
+        """The folder's st_dev, or None when it is not a folder or does not answer in time (off the loop)."""
+
+        def device() -> int | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_dev if stat.S_ISDIR(st.st_mode) else None
+
+        try:
+            return await self._fs(device, FS_CALL_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "folder.slow",
+                folder=display(path),
+                reason=f"checking the folder took longer than {FS_CALL_TIMEOUT:.0f} s",
+                next="treating it as unavailable for now",
+            )
+            return None
 
     async def _isdir(self, path: str) -> bool:
         """``os.path.isdir`` off the loop; a folder that does not answer in time counts as not there."""
@@ -308,7 +331,8 @@ class Detector:
     async def _ensure_watch(self, root: str) -> None:
         """Start watching ``root`` (off the loop: a polling observer's first snapshot walks the whole folder)."""
         state = self.folders[root]
-        if not await self._isdir(root):
+        state.device = await self._device(root)
+        if state.device is None:
             if state.available:
                 log.error(
                     "folder.unavailable", folder=display(root), next="waiting for it to come back; nothing is lost"
@@ -350,7 +374,19 @@ class Detector:
     async def _health(self) -> None:
         """Restart dead observers (falling back to polling) and notice folders that vanished or returned."""
         for root, state in self.folders.items():
-            if not await self._isdir(root):
+            device = await self._device(root)
+            if device is not None and state.device is not None and device != state.device:
+                log.error(
+                    "folder.remounted",
+                    folder=display(root),
+                    reason="the filesystem under the folder changed: a share was unmounted, or mounted over it",
+                    next="watching it again and rescanning; files of a share that went away wait for it to return",
+                )
+                if state.watch is not None:
+                    old, state.watch = state.watch, None
+                    await self._fs(old.stop)
+                self._pending_dirs.add(root)
+            if device is None:
                 if state.available:
                     log.error(
                         "folder.unavailable", folder=display(root), next="paused until it comes back; nothing is lost"
