@@ -518,3 +518,35 @@ def test_a_share_unmounted_under_the_folder_is_noticed_and_rescanned(tmp_path, w
         assert d.detector.describe()[0]["available"] is True
     finally:
         subprocess.run(["umount", "-l", str(inbox)], check=False, capture_output=True)
+
+
+class _FussyFilter(PathFilter):
+    """A filter that fails on one name, as a bad user pattern or a bug would."""
+
+    def wants_file(self, rel: str) -> bool:
+        if "fussy" in rel:
+            raise ValueError("cannot match this name")
+        return super().wants_file(rel)
+
+
+def test_a_failing_filter_stays_with_its_file(tmp_path):
+    """The filter raising on one name, at a scan and on an event hint: that name is logged, the rest is work."""
+    from watcher.config import AUDIO_PATTERNS
+
+    inbox = tmp_path / "in"
+    write_tone(inbox / "fussy.wav", 0.05)
+    write_tone(inbox / "plain.wav", 0.05)
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
+    det.folders[str(inbox)].filter = _FussyFilter(AUDIO_PATTERNS)
+
+    async def main() -> None:
+        await det.scan()
+        det.hint(str(inbox / "fussy.wav"))
+        await det.settle_all(timeout=10)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    assert sink.names() == ["plain.wav"]
+    events = {e["event"] for e in logs if Path(e.get("path", "")).name == "fussy.wav"}
+    assert events == {"scan.entry_failed", "detect.hint_failed"}, logs
