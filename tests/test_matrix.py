@@ -78,6 +78,7 @@ class Row:
     clear_faults_after: bool = True
     analysis_faults: dict[str, Any] = field(default_factory=dict)
     what_user_sees: str = ""
+    core_gap: str = ""  # a known failure in code this test does not own: the row is a strict xfail until fixed
 
 
 def _bytes_name(folder: Path, name: bytes, seconds: float = 0.3, freq: float = 523.0) -> str:
@@ -164,9 +165,19 @@ def make_plain(name: str) -> Callable[[Ctx], None]:
 
 ROWS = [
     Row(
-        "invalid-utf8-name", make_name(b"caf\xe9 (latin-1).wav"), "done", what_user_sees="processed; shown as caf\\xe9"
+        "invalid-utf8-name",
+        make_name(b"caf\xe9 (latin-1).wav"),
+        "done",
+        archive=True,
+        core_gap="deliver.py writes the raw path into manifest.json: UnicodeEncodeError in write_json_atomic",
     ),
-    Row("newline-in-name", make_name(b"two\nlines.wav"), "done", what_user_sees="processed; shown as two\\x0alines"),
+    Row(
+        "newline-in-name",
+        make_name(b"two\nlines.wav"),
+        "done",
+        archive=True,
+        core_gap="the upload label keeps the newline; the service echoes it in zip entries, which safezip refuses",
+    ),
     Row("name-of-255-bytes", make_name(b"n" * 251 + b".wav"), "error", what_user_sees="sidecar name too long"),
     Row("symlink-loop", make_symlink_loop, "skipped", what_user_sees="detect.check_failed: too many levels of links"),
     Row("symlink-to-outside-file", make_link_outside, "skipped", what_user_sees="detect.skipped: link leads outside"),
@@ -274,7 +285,11 @@ def _done(tmp: Path, path: str, archive: bool) -> bool:
     return True
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+@pytest.mark.parametrize(
+    "row",
+    [pytest.param(r, marks=pytest.mark.xfail(strict=True, reason=r.core_gap)) if r.core_gap else r for r in ROWS],
+    ids=[r.id for r in ROWS],
+)
 def test_bad_input(row: Row, tmp_path: Path, emu: Emulator, run_daemon: Callable[..., Any]) -> None:
     if row.root and os.geteuid() != 0:
         pytest.skip("needs root (mknod or mount)")
@@ -348,6 +363,15 @@ def _run_row(row: Row, ctx: Ctx, state: Path, run_daemon: Callable[..., Any]) ->
 def _wait_bad_outcome(row: Row, ctx: Ctx) -> None:
     def reached() -> bool:
         if row.expect == "done":
+            for p in ctx.bad:
+                failed = query(
+                    ctx.tmp,
+                    "SELECT j.kind, j.last_error FROM jobs j JOIN files f ON f.id = j.file_id "
+                    "WHERE f.path = ? AND j.stage = 'failed'",
+                    to_db(p),
+                )
+                if failed:
+                    raise AssertionError(f"{display(p)} failed in {failed[0]}: {failed[1]}")
             return all(_done(ctx.tmp, p, row.archive) for p in ctx.bad)
         return all(ctx.mentions(p) or _failed_or_retrying(ctx.tmp, p) for p in ctx.bad)
 
