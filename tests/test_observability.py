@@ -96,3 +96,49 @@ def test_dead_webhook_url_does_not_hurt(tmp_path, inbox, emulator, run_daemon):
     write_tone(inbox / "x.wav", 0.2)
     wait_for(lambda: (inbox / "x.wav.analysis.json").exists())
     assert d.stop() == 0
+
+
+def test_in_doubt_and_cap_reach_webhooks_and_metrics(tmp_path, inbox, run_daemon):
+    """A held request sends `file.in_doubt`; a reached cap sends `spend.capped` once; /metrics counts paid calls."""
+    from tests.conftest import API_KEY
+    from tests.test_archive import PKEY, archive_settings
+    from watcher.emulator import Emulator
+
+    receiver = Receiver()
+    with Emulator(analysis_key=API_KEY, processing_key=PKEY, use_local=False) as emu:
+        try:
+            emu.processing.faults.polls_needed = 0
+            emu.processing.faults.lose_answer = {"POST /master-audio": 1}
+            settings = archive_settings(tmp_path, inbox, emu, versions=("original", "mastered"))
+            settings = settings.model_copy(
+                update={
+                    "analysis": settings.analysis.model_copy(update={"daily_audio_minutes": 0.5 / 60}),
+                    "webhooks": WebhooksConfig(urls=(receiver.url,)),
+                    "metrics": MetricsConfig(enabled=True, port=0),
+                }
+            )
+            d = run_daemon(settings)
+            write_tone(inbox / "one.wav", 0.4, freq=300)
+            write_tone(inbox / "two.wav", 0.4, freq=500)
+            write_tone(inbox / "three.wav", 0.4, freq=700)
+            wait_for(
+                lambda: {b["event"] for b, _ in receiver.bodies} >= {"file.in_doubt", "spend.capped"},
+                timeout=30,
+                what="the in-doubt and cap webhooks",
+            )
+            host, port = wait_for(lambda: d.daemon.metrics_address)
+            text = httpx.get(f"http://{host}:{port}/metrics").text
+            d.stop()
+        finally:
+            receiver.server.stop()
+    events = [b for b, _ in receiver.bodies]
+    doubt = [b for b in events if b["event"] == "file.in_doubt"]
+    assert doubt and doubt[0]["operation"] == "master" and doubt[0]["since"].endswith("Z")
+    assert "answer was lost" in doubt[0]["error"] and doubt[0]["pipeline"] == "archive"
+    (capped,) = [b for b in events if b["event"] == "spend.capped"]  # once a day, however many files wait
+    assert capped["service"] == "analysis" and capped["cap_minutes"] == pytest.approx(0.5 / 60, abs=0.01)
+    assert capped["resumes_at"].endswith("T00:00:00Z")
+    assert 'watcher_paid_calls_total{operation="master",outcome="in_doubt",service="processing"} 1.0' in text
+    assert 'watcher_paid_calls_total{operation="upload",outcome="answered",service="processing"}' in text
+    assert 'watcher_paid_calls_total{operation="analyze",outcome="answered",service="analysis"} 1.0' in text
+    assert 'watcher_audio_seconds_total{service="analysis"} 0.4' in text

@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="process what is in PATH now, then exit (1 if anything failed)")
     scan.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     scan.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    scan.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="send nothing and write nothing: print what each file would cost (models, versions, audio minutes)",
+    )
 
     status = sub.add_parser("status", help="counts per stage and every file that failed, with its reason")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -134,6 +139,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "scan":
         settings = _settings(args)
         configure_logging(args.log_format, settings.log_level)
+        if args.dry_run:
+            return _dry_run(settings, args.paths)
         from watcher.daemon import scan
 
         progress = sys.stderr.isatty() and not args.no_progress
@@ -228,6 +235,41 @@ def _retry(settings: Settings, paths: list[Path], *, failed: bool, in_doubt: boo
     finally:
         store.close()
     print(f"{n} job(s) will be retried" + ("" if n else " (nothing matched)"))
+    return EXIT_OK
+
+
+def _dry_run(settings: Settings, paths: list[Path]) -> int:
+    """`scan --dry-run`: what would be asked and paid for, from the store's knowledge, opened read-only."""
+    from watcher.analyzers import choose_backend
+    from watcher.config import service_identity
+    from watcher.dryrun import dry_run
+    from watcher.pipeline import store_path
+    from watcher.store import Store
+
+    analysis_key = ""
+    if settings.analysis.enabled:
+        which, _ = choose_backend(settings.analysis)
+        cfg = settings.analysis
+        analysis_key = "local" if which == "local" else service_identity("analysis", cfg.base_url, cfg.api_key)
+    archive = settings.archive
+    processing_key = service_identity("processing", archive.base_url, archive.api_key)
+    store = None
+    if store_path(settings).exists():
+        try:
+            store = Store(store_path(settings), readonly=True)
+        except sqlite3.Error as exc:
+            print(f"watcher: the store cannot be read ({exc}); assuming nothing is cached", file=sys.stderr)
+    try:
+        report = dry_run(
+            settings,
+            paths,
+            cached_models=lambda sha: set(store.results_for(sha, analysis_key)) if store else set(),
+            answered_operations=lambda sha: store.answered_operations(sha, processing_key) if store else set(),
+        )
+    finally:
+        if store is not None:
+            store.close()
+    print(report.render())
     return EXIT_OK
 
 

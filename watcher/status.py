@@ -81,7 +81,8 @@ def collect(
     for service, cap in (caps or {"analysis": 0.0, "processing": 0.0}).items():
         today = spent.get(service, {})
         spend[service] = {
-            "minutes_today": round(today.get("seconds", 0.0) / 60, 2),
+            "minutes_today": round(today.get("seconds", 0.0) / 60, 3),
+            "seconds_today": round(today.get("seconds", 0.0), 1),
             "paid_calls_today": today.get("calls", 0),
             "cap_minutes": cap or None,
             "capped_at": _iso(today.get("capped_at")),

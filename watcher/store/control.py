@@ -83,6 +83,7 @@ class ControlMixin(_Base):
                 f"AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}))) ORDER BY f.path, j.kind",
                 tuple(TERMINAL),
             ).fetchall()
+        held = ("in_doubt",)
         return [
             Problem(
                 path=from_db(r["path"]),
@@ -91,7 +92,7 @@ class ControlMixin(_Base):
                 error_kind=r["error_kind"],
                 error=r["last_error"],
                 attempts=r["attempts"],
-                next_attempt_at=None if r["stage"] in TERMINAL else r["next_attempt_at"],
+                next_attempt_at=None if r["stage"] in TERMINAL or r["error_kind"] in held else r["next_attempt_at"],
                 data=json.loads(r["data"]),
             )
             for r in rows

@@ -28,10 +28,19 @@ class LeaseLost(Exception):
 class StoreBase:
     """The connection, transactions, migrations, file versions and jobs."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        """Open (and create or migrate) the store at ``path``; ``readonly`` opens an existing one for reading only
+        (nothing is created or changed: `watcher scan --dry-run`)."""
         self.path = path
         self._lock = threading.RLock()
+        if readonly:
+            self._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            if self._db.execute("PRAGMA user_version").fetchone()[0] != len(SCHEMA):
+                self._db.close()
+                raise sqlite3.OperationalError(f"the store at {path} is from another version of watcher")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._enable_wal()

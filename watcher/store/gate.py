@@ -220,6 +220,14 @@ class GateMixin(_Base):
             )
             return cur.rowcount
 
+    def answered_operations(self, sha256: str, service: str) -> set[str]:
+        """The operations already answered for this content at this service (what would not be sent again)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT operation FROM operations WHERE sha256=? AND service=? AND state='answered'", (sha256, service)
+            ).fetchall()
+        return {r[0] for r in rows}
+
     def in_doubt_operations(self) -> list[dict[str, Any]]:
         """Every operation held in doubt, oldest first."""
         with self._lock:

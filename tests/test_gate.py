@@ -1,0 +1,180 @@
+"""The gate every paid call passes, and its ledger: the store's contract, tried against a real SQLite store.
+
+Each test plays two claimers (two jobs, or two daemons sharing a store) against one operation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from watcher.store import Operation, Store, utc_day
+
+SHA = "ab" * 32
+UPLOAD = Operation(SHA, "processing http://x account:1", "upload", "p1", "reask")
+MASTER = Operation(SHA, "processing http://x account:1", "master", "p2", "hold")
+KEY = Operation(SHA, "analysis http://y account:2", "analyze:key", "", "reask")
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(tmp_path / "w.db")
+    yield s
+    s.close()
+
+
+def take(store: Store, op: Operation, owner: str, **kw):
+    kw.setdefault("budget", "processing")
+    kw.setdefault("seconds", 10.0)
+    return store.gate_take([op], owner, **kw)[0]
+
+
+def test_second_taker_waits_then_reads_the_answer(store):
+    """While one job sends, another is told to wait; once answered, it gets the ID and sends nothing."""
+    first = take(store, MASTER, "a")
+    assert first.verdict == "send" and not first.resend
+    assert take(store, MASTER, "b").verdict == "wait"
+    store.gate_answered(MASTER, "m-1")
+    again = take(store, MASTER, "b")
+    assert (again.verdict, again.result) == ("answered", "m-1")
+    assert store.gate_get(MASTER)["sends"] == 1
+
+
+def test_one_winner_among_racing_threads(store):
+    """Twenty threads take the same operation at once: exactly one may send."""
+    verdicts: list[str] = []
+    barrier = threading.Barrier(20)
+
+    def race(n: int) -> None:
+        barrier.wait()
+        verdicts.append(take(store, MASTER, f"t{n}").verdict)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(verdicts) == ["send"] + ["wait"] * 19
+
+
+def test_lost_answer_is_held_until_the_user_says_resend(store):
+    """In doubt: no one sends it again, not even the same job, until `retry` turns it into a counted re-send."""
+    take(store, MASTER, "a")
+    store.gate_release(MASTER, "in_doubt", error="read timeout")
+    held = take(store, MASTER, "b")
+    assert held.verdict == "in_doubt" and held.since is not None and held.error == "read timeout"
+    assert store.gate_resend([(SHA, MASTER.service, "master", "p2")]) == 1
+    resent = take(store, MASTER, "b")
+    assert resent.verdict == "send" and resent.resend
+    assert store.gate_get(MASTER)["sends"] == 2
+
+
+def test_resend_policy_takes_in_doubt_operations(store):
+    """With in_doubt = "resend" the next take sends it again, flagged as a possible duplicate."""
+    take(store, MASTER, "a")
+    store.gate_release(MASTER, "in_doubt")
+    ticket = take(store, MASTER, "b", resend_in_doubt=True)
+    assert ticket.verdict == "send" and ticket.resend
+
+
+def test_not_sent_is_free_to_send_and_not_spent(store):
+    """Provably not sent: the next take sends without calling it a re-send, and the day's spend is given back."""
+    first = take(store, UPLOAD, "a")
+    store.gate_release(UPLOAD, "open", error="connect refused")
+    store.ledger_outcome(first.request, "not_sent")
+    assert store.spend_on(utc_day(time.time()))["processing"]["seconds"] == 0
+    again = take(store, UPLOAD, "b")
+    assert again.verdict == "send" and not again.resend
+
+
+def test_a_crash_leaves_the_intent_and_the_restart_treats_it_as_in_doubt(store):
+    """An operation left `sending` (its daemon killed) is in doubt after recovery, or re-asked when it may be."""
+    take(store, MASTER, "dead")
+    store.gate_take([KEY], "dead", budget="analysis", seconds=5)
+    assert store.gate_recover() == 2
+    assert take(store, MASTER, "alive").verdict == "in_doubt"
+    reask = store.gate_take([KEY], "alive", budget="analysis", seconds=5)[0]
+    assert reask.verdict == "send" and reask.resend
+
+
+def test_an_expired_lease_is_in_doubt_for_the_next_taker(store):
+    """A sender whose lease ran out (its node died) leaves the operation in doubt, not free to send."""
+    take(store, MASTER, "dead", lease=-1)
+    assert take(store, MASTER, "other").verdict == "in_doubt"
+
+
+def test_the_daily_cap_is_never_passed(store):
+    """A request that would pass the cap is not taken; the first refusal of the day says so once."""
+    caps = {"budget": "analysis", "cap_seconds": 25.0}
+    ops = [Operation(f"{n:064x}", KEY.service, "analyze:key", "", "reask") for n in range(4)]
+    verdicts = [store.gate_take([op], "a", seconds=10.0, **caps)[0] for op in ops]
+    assert [t.verdict for t in verdicts] == ["send", "send", "capped", "capped"]
+    assert [t.first_cap for t in verdicts[2:]] == [True, False]
+    assert verdicts[2].until is not None and verdicts[2].spent_seconds == 20.0
+    day = store.spend_on(utc_day(time.time()))["analysis"]
+    assert day["seconds"] == 20.0 and day["calls"] == 2 and day["capped_at"] is not None
+
+
+def test_one_request_for_several_models_is_one_ledger_line(store):
+    """A stream for three models charges the file's seconds once and records the model count."""
+    ops = [Operation(SHA, KEY.service, f"analyze:{m}", "", "reask") for m in ("key", "bpm", "loud")]
+    tickets = store.gate_take(ops, "a", budget="analysis", seconds=12.5)
+    assert {t.request for t in tickets} == {tickets[0].request}
+    day = store.spend_on(utc_day(time.time()))["analysis"]
+    assert (day["seconds"], day["calls"]) == (12.5, 1)
+
+
+def test_endpoint_and_account_are_part_of_the_key(store):
+    """The same content and operation on another endpoint or account is a different operation."""
+    take(store, MASTER, "a")
+    store.gate_answered(MASTER, "m-1")
+    elsewhere = Operation(SHA, "processing http://other account:1", "master", "p2", "hold")
+    other_account = Operation(SHA, "processing http://x account:9", "master", "p2", "hold")
+    assert take(store, elsewhere, "a").verdict == "send"
+    assert take(store, other_account, "a").verdict == "send"
+
+
+def test_superseded_jobs_cannot_commit_or_release(store):
+    """A job whose file got a newer version can neither commit nor release: its late result is dropped."""
+    from watcher.store import LeaseLost
+
+    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "pending")]}
+    store.register_version(size=1, mtime_ns=1, inode=1, **args)
+    job = store.claim("analyze", "a")
+    assert store.is_live(job)
+    store.register_version(size=2, mtime_ns=2, inode=1, **args)
+    assert not store.is_live(job)
+    with pytest.raises(LeaseLost):
+        store.commit(job, sidecar="/in/a.wav.analysis.json")
+    with pytest.raises(LeaseLost):
+        store.release(job, stage="done")
+    newest = store.claim("analyze", "b")
+    assert newest is not None and newest.file.size == 2 and newest.stage == "pending"
+
+
+def test_names_that_are_not_utf8_round_trip(store):
+    """A Latin-1 name from an old share is stored, found and handed back byte for byte."""
+    import os
+
+    path = os.fsdecode(b"/in/caf\xe9.wav")
+    store.register_version(folder="/in", path=path, rel_path=path[4:], size=1, mtime_ns=1, inode=1, jobs=[("a", "p")])
+    assert store.known_version(path, 1, 1, 1)
+    job = store.claim("a", "x")
+    assert os.fsencode(job.file.path) == b"/in/caf\xe9.wav"
+    assert store.current_version(path).id == job.file.id
+
+
+def test_retention_forgets_old_replaced_versions_but_keeps_paid_work(store):
+    """Replaced versions older than the retention are forgotten; the current one and the gate's rows stay."""
+    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "pending")]}
+    store.register_version(size=1, mtime_ns=1, inode=1, now=0.0, **args)
+    store.register_version(size=2, mtime_ns=2, inode=1, **args)
+    take(store, MASTER, "a")
+    store.gate_answered(MASTER, "m-1")
+    assert store.prune(90) == 0  # replaced just now: kept for the retention period
+    assert store.prune(90, now=time.time() + 91 * 86400) == 1
+    assert store.current_version("/in/a.wav").size == 2
+    assert store.gate_get(MASTER)["result"] == "m-1"

@@ -1,0 +1,46 @@
+"""The sidecar writer: merges, never writes for a version that is gone, and keeps no per-path state for long."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+from pathlib import Path
+
+from tests.conftest import write_tone
+from watcher.audiofile import signature
+from watcher.stages import sidecar
+from watcher.stages.sidecar import write_sidecar
+from watcher.store import FileVersion
+
+
+def version_of(path: Path) -> FileVersion:
+    sig = signature(path)
+    return FileVersion(1, str(path.parent), str(path), path.name, sig.size, sig.mtime_ns, sig.inode, None, True)
+
+
+def test_per_path_locks_do_not_pile_up(tmp_path):
+    """Writing sidecars for many files leaves no lock behind once the writes are over."""
+
+    async def many() -> None:
+        await asyncio.gather(*(write_sidecar(tmp_path / f"{n}.json", "ab", {"n": n}) for n in range(200)))
+
+    asyncio.run(many())
+    gc.collect()
+    assert len(sidecar._locks) == 0
+    assert json.loads((tmp_path / "7.json").read_text())["n"] == 7
+
+
+def test_nothing_is_written_for_a_version_that_changed_or_a_dead_job(tmp_path):
+    """A late result (the audio changed on disk, or the job was superseded) writes nothing."""
+    audio = write_tone(tmp_path / "a.wav", 0.2)
+    old = version_of(audio)
+    target = tmp_path / "a.wav.analysis.json"
+    assert not asyncio.run(write_sidecar(target, "ab", {"x": 1}, version=old, live=lambda: False))
+    write_tone(tmp_path / "b.wav", 0.3, freq=900)
+    os.replace(tmp_path / "b.wav", audio)  # a newer version is on disk now
+    assert not asyncio.run(write_sidecar(target, "ab", {"x": 1}, version=old))
+    assert not target.exists()
+    assert asyncio.run(write_sidecar(target, "cd", {"x": 2}, version=version_of(audio)))
+    assert json.loads(target.read_text())["x"] == 2
