@@ -59,9 +59,9 @@ def _overflow_aware_emitter() -> type | None:
         def on_thread_start(self) -> None:
             super().on_thread_start()
             group = self._inotify
-            if group is None:
-                return
-            rebuild = group.on_queue_overflow
+            rebuild = getattr(group, "on_queue_overflow", None)  # watchdog 7: the overflow callback
+            if group is None or rebuild is None:
+                return  # an older watchdog: lost events are found by the periodic rescan
 
             def overflowed() -> None:
                 try:
