@@ -550,3 +550,26 @@ def test_a_failing_filter_stays_with_its_file(tmp_path):
     assert sink.names() == ["plain.wav"]
     events = {e["event"] for e in logs if Path(e.get("path", "")).name == "fussy.wav"}
     assert events == {"scan.entry_failed", "detect.hint_failed"}, logs
+
+
+def test_a_link_loop_already_there_is_reported_once(tmp_path):
+    """A link loop found by scans (no event at all) is reported once, however many scans pass over it."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    os.symlink(inbox / "b.wav", inbox / "a.wav")
+    os.symlink(inbox / "a.wav", inbox / "b.wav")
+    write_tone(inbox / "real.wav", 0.05)
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
+
+    async def main() -> None:
+        for _ in range(3):
+            await det.scan()
+            await det.settle_all(timeout=10)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    assert sink.names() == ["real.wav"]
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert sorted(Path(e["path"]).name for e in errors) == ["a.wav", "b.wav"], errors
+    assert all(e["event"] == "detect.check_failed" and "symbolic links" in e["error"] for e in errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -42,7 +43,13 @@ def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: s
                         )
                         continue
                     yield entry.path
+            except FileNotFoundError:
+                continue  # vanished since the listing
             except OSError:
-                continue  # vanished, a link loop, a name too long: nothing to process here
+                # a link loop or a target that cannot be resolved: hand it over anyway, so the settler
+                # reports it (once) instead of every scan passing over it in silence
+                with contextlib.suppress(Exception):
+                    if entry.is_symlink() and path_filter.wants_file(os.path.relpath(entry.path, root)):
+                        yield entry.path
             except Exception as exc:  # a filter failing on one odd name must not end the whole scan
                 log.error("scan.entry_failed", path=entry.path, error=f"{type(exc).__name__}: {exc}", next="skipped")
