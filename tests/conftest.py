@@ -82,6 +82,34 @@ def query(tmp_path: Path, sql: str, *args: object) -> tuple | None:
         conn.close()
 
 
+# -- the store's adapters: every contract test runs against each one ------------------------------------------
+
+ADAPTERS = ["sqlite"]
+
+
+@pytest.fixture(params=ADAPTERS)
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """A factory opening the same (new, empty) store again and again, for one adapter; closed afterwards."""
+    from watcher.store import Store
+
+    opened: list[Any] = []
+
+    def factory() -> Any:
+        store = Store(tmp_path / "contract.db")
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], Any]) -> Any:
+    """A fresh store of the adapter under test."""
+    return open_store()
+
+
 @pytest.fixture
 def emulator() -> Iterator[Emulator]:
     """Both emulated services on 127.0.0.1, with fake (hash-derived) analysis results."""

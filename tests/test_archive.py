@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
 from watcher.config import ArchiveConfig
 from watcher.emulator import Emulator
-from watcher.stages.sidecar import schema
+from watcher.pipelines.sidecar import schema
 from watcher.status import collect, render
 from watcher.store import Store
 
@@ -51,9 +51,9 @@ def wait_delivery(tmp_path: Path, name: str, timeout: float = 30) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
-def job_state(tmp_path: Path, kind: str = "archive") -> tuple[str | None, dict]:
-    """The newest job of a kind."""
-    row = query(tmp_path, "SELECT stage, data FROM jobs WHERE kind=? ORDER BY id DESC", kind)
+def job_state(tmp_path: Path, pipeline: str = "archive") -> tuple[str | None, dict]:
+    """The state and data of the newest job of a pipeline."""
+    row = query(tmp_path, "SELECT state, data FROM jobs WHERE pipeline=? ORDER BY id DESC", pipeline)
     return (row[0], json.loads(row[1])) if row else (None, {})
 
 
@@ -173,7 +173,7 @@ def test_bad_zip_leaves_nothing_behind(tmp_path, inbox, emu, run_daemon, attack)
     d.stop()
     store = Store(tmp_path / "state" / "watcher.db")
     try:
-        (problem,) = [p for p in store.problems() if p.kind == "archive"]
+        (problem,) = [p for p in store.problems() if p.pipeline == "archive"]
     finally:
         store.close()
     expected = {
@@ -235,7 +235,7 @@ def test_analysis_failure_does_not_block_the_archive(tmp_path, inbox, emu, run_d
     d.stop()
     store = Store(tmp_path / "state" / "watcher.db")
     try:
-        problems = {p.kind: p for p in store.problems()}
+        problems = {p.pipeline: p for p in store.problems()}
     finally:
         store.close()
-    assert problems["analyze"].error_kind == "needs_user"
+    assert problems["analyze"].error_code == "needs_user"

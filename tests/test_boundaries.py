@@ -11,13 +11,13 @@ PKG = Path(__file__).resolve().parent.parent / "watcher"
 
 # (modules under this prefix, may not import anything under these prefixes)
 RULES = [
-    ("watcher.detect", ["httpx", "httpx_sse", "watcher.services", "watcher.stages", "watcher.store", "sqlite3"]),
-    ("watcher.services", ["watcher.stages", "watcher.detect", "watcher.store", "watchdog", "watcher.daemon"]),
-    ("watcher.stages", ["watchdog", "watcher.detect", "watcher.daemon", "watcher.services", "httpx"]),
-    ("watcher.store", ["httpx", "watcher.services", "watcher.stages", "watcher.detect", "watchdog"]),
+    ("watcher.detect", ["httpx", "httpx_sse", "watcher.services", "watcher.pipelines", "watcher.store", "sqlite3"]),
+    ("watcher.services", ["watcher.pipelines", "watcher.detect", "watcher.store", "watchdog", "watcher.daemon"]),
+    ("watcher.pipelines", ["watchdog", "watcher.detect", "watcher.daemon", "watcher.services", "httpx"]),
+    ("watcher.store", ["httpx", "watcher.services", "watcher.pipelines", "watcher.detect", "watchdog"]),
     ("watcher.errors", ["watcher.", "httpx"]),
-    ("watcher.config", ["watcher.store", "watcher.services", "watcher.stages", "watcher.detect", "httpx"]),
-    ("watcher.emulator", ["watcher.stages", "watcher.detect", "watcher.store", "watcher.daemon", "watcher.runner"]),
+    ("watcher.config", ["watcher.store", "watcher.services", "watcher.pipelines", "watcher.detect", "httpx"]),
+    ("watcher.emulator", ["watcher.pipelines", "watcher.detect", "watcher.store", "watcher.daemon", "watcher.runner"]),
 ]
 
 

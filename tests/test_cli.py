@@ -97,7 +97,7 @@ def test_scan_exit_codes_and_status(tmp_path, inbox, emulator):
     data = json.loads(status.stdout)
     assert data["counts"]["analyze"] == {"done": 1, "failed": 1}
     (problem,) = data["problems"]
-    assert problem["path"].endswith("bad.wav") and problem["error_kind"] == "bad_input"
+    assert problem["path"].endswith("bad.wav") and problem["error_code"] == "bad_input"
     human = watcher("status", env=env)
     assert "bad.wav" in human.stdout and "not audio" in human.stdout
     assert API_KEY not in status.stdout + human.stdout

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import API_KEY, make_settings, query, wait_for, write_silent_wav, write_tone
-from watcher.stages.sidecar import schema
+from watcher.config import service_identity
+from watcher.pipelines.sidecar import schema
 from watcher.store import Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,7 +105,7 @@ def test_non_audio_and_empty_files_are_reported_not_sent(tmp_path, inbox, emulat
     d = run_daemon(make_settings(tmp_path, inbox, emulator.url))
     (inbox / "notes.wav").write_text("this is not audio\n")
     (inbox / "empty.wav").write_bytes(b"")
-    judged = "SELECT SUM(stage='failed'), SUM(stage='skipped') FROM jobs WHERE kind='analyze'"
+    judged = "SELECT SUM(state='failed'), SUM(state='skipped') FROM jobs WHERE pipeline='analyze'"
     wait_for(lambda: query(tmp_path, judged) == (1, 1), what="both files settled and judged")
     d.stop()
     store = Store(tmp_path / "state" / "watcher.db")
@@ -112,7 +114,7 @@ def test_non_audio_and_empty_files_are_reported_not_sent(tmp_path, inbox, emulat
     finally:
         store.close()
     assert "not audio" in (problems["notes.wav"].error or "")
-    assert problems["notes.wav"].error_kind == "bad_input"
+    assert problems["notes.wav"].error_code == "bad_input"
     assert emulator.api.counts()[ROUTE] == 0
     assert not sidecar_of(inbox / "notes.wav").exists()
 
@@ -127,7 +129,8 @@ def test_restart_mid_analysis_asks_no_model_twice(tmp_path, inbox, emulator, run
     assert d.stop(force=True) == 0
     assert not sidecar_of(inbox / "long take.wav").exists()
     store = Store(tmp_path / "state" / "watcher.db")
-    held = {r[0] for r in store._db.execute("SELECT requested FROM results")}
+    content = hashlib.sha256((inbox / "long take.wav").read_bytes()).hexdigest()
+    held = set(store.results_for(content, service_identity("analysis", emulator.url, SecretStr(API_KEY))))
     store.close()
     assert held and len(held) < 3
     emulator.analysis.faults.event_delay = 0.0
@@ -157,10 +160,10 @@ def test_file_modified_during_upload_is_not_trusted(tmp_path, inbox, emulator, r
     assert doc["source"]["sha256"] == final_sha
     store = Store(tmp_path / "state" / "watcher.db")
     try:
-        stages = [r[0] for r in store._db.execute("SELECT stage FROM jobs ORDER BY id")]
+        states = [j.state for file_id in (1, 2) for j in store.jobs_of_file(file_id)]
     finally:
         store.close()
-    assert stages == ["superseded", "done"]
+    assert states == ["superseded", "done"]
 
 
 def test_done_and_failed_folders(tmp_path, inbox, emulator, run_daemon):
@@ -187,8 +190,8 @@ def test_unmounted_folder_is_retried_not_gone(tmp_path):
 
     from watcher.config import ArchiveConfig, SidecarConfig
     from watcher.errors import RetryLater
-    from watcher.stages.analyze import AnalyzeStage
-    from watcher.stages.archive import ArchiveStage
+    from watcher.pipelines.analyze import AnalyzePipeline
+    from watcher.pipelines.archive import ArchivePipeline
 
     share = tmp_path / "share"
     store = Store(tmp_path / "w.db")
@@ -200,15 +203,15 @@ def test_unmounted_folder_is_retried_not_gone(tmp_path):
             size=10,
             mtime_ns=1,
             inode=1,
-            jobs=[("analyze", "pending"), ("archive", "pending")],
+            jobs=[("analyze", "analyze"), ("archive", "check")],
         )
         remote = SimpleNamespace(paid=True, key="analysis http://x account:none")
-        for stage in (
-            AnalyzeStage(store, remote, models=["key"], sidecar=SidecarConfig()),  # type: ignore[arg-type]
-            ArchiveStage(store, None, ArchiveConfig(), None, SidecarConfig(), where="processing"),  # type: ignore[arg-type]
+        for pipeline in (
+            AnalyzePipeline(store, remote, models=["key"], sidecar=SidecarConfig()),  # type: ignore[arg-type]
+            ArchivePipeline(store, None, ArchiveConfig(), None, SidecarConfig(), where="processing"),  # type: ignore[arg-type]
         ):
-            job = store.claim(stage.kind, "t")
+            job = store.claim(pipeline.name, "t")
             with pytest.raises(RetryLater, match="not available"):
-                asyncio.run(stage.run(job))
+                asyncio.run(pipeline.run(job))
     finally:
         store.close()

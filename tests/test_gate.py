@@ -1,4 +1,4 @@
-"""The gate every paid call passes, and its ledger: the store's contract, tried against a real SQLite store.
+"""The gate every paid call passes, and its ledger: the store's contract, tried against every adapter.
 
 Each test plays two claimers (two jobs, or two daemons sharing a store) against one operation.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +16,6 @@ SHA = "ab" * 32
 UPLOAD = Operation(SHA, "processing http://x account:1", "upload", "p1", "reask")
 MASTER = Operation(SHA, "processing http://x account:1", "master", "p2", "hold")
 KEY = Operation(SHA, "analysis http://y account:2", "analyze:key", "", "reask")
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "w.db")
-    yield s
-    s.close()
 
 
 def take(store: Store, op: Operation, owner: str, **kw):
@@ -141,7 +133,7 @@ def test_superseded_jobs_cannot_commit_or_release(store):
     """A job whose file got a newer version can neither commit nor release: its late result is dropped."""
     from watcher.store import LeaseLost
 
-    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "pending")]}
+    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
     store.register_version(size=1, mtime_ns=1, inode=1, **args)
     job = store.claim("analyze", "a")
     assert store.is_live(job)
@@ -150,9 +142,9 @@ def test_superseded_jobs_cannot_commit_or_release(store):
     with pytest.raises(LeaseLost):
         store.commit(job, sidecar="/in/a.wav.analysis.json")
     with pytest.raises(LeaseLost):
-        store.release(job, stage="done")
+        store.release(job, state="done")
     newest = store.claim("analyze", "b")
-    assert newest is not None and newest.file.size == 2 and newest.stage == "pending"
+    assert newest is not None and newest.file.size == 2 and newest.step == "analyze" and newest.state == "pending"
 
 
 def test_names_that_are_not_utf8_round_trip(store):
@@ -169,7 +161,7 @@ def test_names_that_are_not_utf8_round_trip(store):
 
 def test_retention_forgets_old_replaced_versions_but_keeps_paid_work(store):
     """Replaced versions older than the retention are forgotten; the current one and the gate's rows stay."""
-    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "pending")]}
+    args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
     store.register_version(size=1, mtime_ns=1, inode=1, now=0.0, **args)
     store.register_version(size=2, mtime_ns=2, inode=1, **args)
     take(store, MASTER, "a")

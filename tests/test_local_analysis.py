@@ -6,6 +6,7 @@ import asyncio
 import cmath
 import math
 import os
+import re
 import signal
 import threading
 
@@ -119,12 +120,12 @@ def test_48k_file_is_resampled_for_key_and_tempo(tmp_path):
 
 
 def test_silence_and_short_clips_are_guarded(tmp_path):
-    """Digital silence fails every model with a reason; a 1 s clip fails tempo but keeps key and loudness."""
+    """Digital silence fails every model with a reason; a 1 s tone fails tempo but keeps key and loudness."""
     quiet = analyze_file(str(write_wav(tmp_path / "silence.wav", silence(5))), ALL)
     assert quiet["results"] == {}
     assert all(quiet["errors"][m].startswith("digital silence: no ") for m in ALL), quiet["errors"]
     short = analyze_file(str(write_wav(tmp_path / "short.wav", sine(440, 1, -12, channels=2))), ALL)
-    assert short["errors"]["bpm_degara"].startswith("too short for tempo (1.0 s")
+    assert re.match(r"(no beat was found|only \d beats? found) in 1\.0 s of audio", short["errors"]["bpm_degara"])
     assert set(short["results"]) == {"key", "loudness-ebur128"}
     assert short["results"]["key"]["results"]["key"] == ["A"]
     blip = analyze_file(str(write_wav(tmp_path / "blip.wav", sine(440, 0.2, -12))), ["loudness-ebur128"])
@@ -231,7 +232,7 @@ def test_daemon_without_key_uses_local_analysis(tmp_path, run_daemon):
     assert {e["model"] for e in quiet["errors"]} == {"key", "bpm_degara", "loudness-ebur128"}
     assert all("digital silence" in e["message"] for e in quiet["errors"])
     assert query(
-        tmp_path, "SELECT stage, attempts FROM jobs j JOIN files f ON f.id=j.file_id WHERE f.path LIKE '%quiet.wav'"
+        tmp_path, "SELECT state, attempts FROM jobs j JOIN files f ON f.id=j.file_id WHERE f.path LIKE '%quiet.wav'"
     ) == ("failed", 0)
 
 
@@ -255,14 +256,14 @@ def test_backend_choice_is_logged_with_its_reason(tmp_path, monkeypatch):
 
     import watcher.local
     from watcher.analyzers import choose_backend
+    from watcher.app import App
     from watcher.config import AnalysisConfig, Settings
     from watcher.errors import ConfigError
-    from watcher.pipeline import Pipeline
 
     assert choose_backend(AnalysisConfig(api_key=SecretStr("k-123456")))[0] == "remote"
     with capture_logs() as logs:
-        pipeline = Pipeline(Settings(state_dir=tmp_path / "s"))
-    asyncio.run(pipeline.aclose())
+        app = App.build(Settings(state_dir=tmp_path / "s"))
+    asyncio.run(app.aclose())
     (line,) = [e for e in logs if e["event"] == "analysis.backend"]
     assert line["backend"] == "local" and "no API key" in line["reason"]
     monkeypatch.setattr(watcher.local, "available", lambda: False)
@@ -270,3 +271,26 @@ def test_backend_choice_is_logged_with_its_reason(tmp_path, monkeypatch):
         choose_backend(AnalysisConfig())
     with pytest.raises(ConfigError, match="needs the local extra"):
         choose_backend(AnalysisConfig(backend="local"))
+
+
+@pytest.mark.parametrize("bpm", [100, 128])
+def test_tempo_of_a_five_second_clip(tmp_path, bpm):
+    """A 5.3 s click pattern (accent every fourth beat) gets its tempo within 2 BPM: no fixed length guard."""
+    out = analyze_file(str(write_wav(tmp_path / "short.wav", click_track(bpm, 5.3))), ["bpm_degara"])
+    assert out["errors"] == {}
+    result = out["results"]["bpm_degara"]["results"]
+    assert abs(result["bpm"] - bpm) <= 2, result["bpm"]
+    assert len(result["beat_positions"]) >= 4
+
+
+@pytest.mark.parametrize(
+    ("seconds", "reason"),
+    [(1.0, r"no beat was found in 1\.0 s of audio \(the tempo model gave 0 BPM\)"),
+     (2.0, r"only [0-3] beats? found in 2\.0 s of audio; a tempo needs at least 4")],
+)  # fmt: skip
+def test_degenerate_tempo_is_an_error_naming_why(tmp_path, seconds, reason):
+    """Clips too short for a tempo fail with the reason (0 BPM, or too few beats); loudness is still measured."""
+    clip = write_wav(tmp_path / "clip.wav", click_track(120, seconds))
+    out = analyze_file(str(clip), ["bpm_degara", "loudness-ebur128"])
+    assert re.fullmatch(reason, out["errors"]["bpm_degara"]), out["errors"]
+    assert set(out["results"]) == {"loudness-ebur128"}

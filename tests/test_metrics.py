@@ -47,9 +47,9 @@ def test_recorded_values_are_scraped(served):
     text = httpx.get(url, timeout=5).text
 
     assert sample(text, 'watcher_files_seen_total{folder="/srv/audio/inbox"}') == 2.0
-    assert sample(text, 'watcher_files_done_total{stage="analyze"}') == 1.0
-    assert sample(text, 'watcher_files_failed_total{stage="archive"}') == 1.0
-    assert sample(text, 'watcher_queue_depth{stage="analyze"}') == 7.0
+    assert sample(text, 'watcher_files_done_total{pipeline="analyze"}') == 1.0
+    assert sample(text, 'watcher_files_failed_total{pipeline="archive"}') == 1.0
+    assert sample(text, 'watcher_queue_depth{pipeline="analyze"}') == 7.0
     assert sample(text, 'watcher_service_request_seconds_count{service="analysis"}') == 2.0
     assert sample(text, 'watcher_service_request_seconds_sum{service="analysis"}') == pytest.approx(3.2)
     assert sample(text, 'watcher_service_request_seconds_bucket{le="0.25",service="analysis"}') == 1.0
@@ -57,7 +57,7 @@ def test_recorded_values_are_scraped(served):
     assert sample(text, 'watcher_bytes_uploaded_total{service="processing"}') == 1_048_576.0
     for name in ("counter", "gauge", "histogram"):
         assert f" {name}\n" in text
-    assert sample(metrics.exposition(), 'watcher_files_done_total{stage="analyze"}') == 1.0
+    assert sample(metrics.exposition(), 'watcher_files_done_total{pipeline="analyze"}') == 1.0
 
 
 def test_daemon_adapters_feed_the_same_metrics(served):
@@ -70,17 +70,17 @@ def test_daemon_adapters_feed_the_same_metrics(served):
     metrics.request("analysis", "POST", 0.5, "ok", 4096)
     metrics.request("analysis", "POST", 0.1, "needs_user", 0)
     text = httpx.get(url, timeout=5).text
-    assert sample(text, 'watcher_files_done_total{stage="analyze"}') == 1.0
-    assert sample(text, 'watcher_files_failed_total{stage="archive"}') == 1.0
-    assert sample(text, 'watcher_queue_depth{stage="analyze"}') == 3.0
-    assert sample(text, 'watcher_queue_depth{stage="archive"}') == 2.0
+    assert sample(text, 'watcher_files_done_total{pipeline="analyze"}') == 1.0
+    assert sample(text, 'watcher_files_failed_total{pipeline="archive"}') == 1.0
+    assert sample(text, 'watcher_queue_depth{pipeline="analyze"}') == 3.0
+    assert sample(text, 'watcher_queue_depth{pipeline="archive"}') == 2.0
     assert sample(text, 'watcher_service_request_seconds_count{service="analysis"}') == 2.0
     assert sample(text, 'watcher_service_errors_total{kind="needs_user",service="analysis"}') == 1.0
     assert sample(text, 'watcher_bytes_uploaded_total{service="analysis"}') == 4096.0
 
     metrics.queue({"analyze": {"queued": 1}}, frozenset({"done"}))
     text = httpx.get(url, timeout=5).text
-    assert sample(text, 'watcher_queue_depth{stage="archive"}') == 0.0, "an emptied pipeline shows 0"
+    assert sample(text, 'watcher_queue_depth{pipeline="archive"}') == 0.0, "an emptied pipeline shows 0"
 
 
 def test_two_instances_keep_their_own_counts():
@@ -89,8 +89,8 @@ def test_two_instances_keep_their_own_counts():
     a.file_done("analyze")
     a.file_done("analyze")
     b.file_done("analyze")
-    assert sample(a.exposition(), 'watcher_files_done_total{stage="analyze"}') == 2.0
-    assert sample(b.exposition(), 'watcher_files_done_total{stage="analyze"}') == 1.0
+    assert sample(a.exposition(), 'watcher_files_done_total{pipeline="analyze"}') == 2.0
+    assert sample(b.exposition(), 'watcher_files_done_total{pipeline="analyze"}') == 1.0
 
 
 def test_stop_closes_the_port():

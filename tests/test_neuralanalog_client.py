@@ -3,8 +3,11 @@ job states, retries, and downloads through signed URLs that never see the key.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
+import stat
+import threading
 import time
 import tracemalloc
 import zipfile
@@ -14,10 +17,19 @@ from typing import Any
 import pytest
 
 from tests.conftest import NA_KEY as KEY
-from tests.conftest import Service, body, write_silent_wav, write_tone
-from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater
+from tests.conftest import Service, body, wait_for, write_silent_wav, write_tone
+from watcher import fsutil
+from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.safezip import TooLarge
 from watcher.services.multipart import MultipartBody
-from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
+from watcher.services.neuralanalog import (
+    ArchiveOffer,
+    ExpiredURL,
+    JobStatus,
+    NeuralAnalogClient,
+    RefusedRedirect,
+    disposition_name,
+)
 
 
 def sha(path: Path) -> str:
@@ -282,3 +294,165 @@ def test_archive_offer_without_a_url(na: Service, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="separate"):
         na.run(lambda c: c.request_archive(audio_id=audio_id, versions=["original", "mastered_stems"]))
     assert na.api.counts()["POST /download-archive"] == 1
+
+
+# -- downloads bounded by what their source can justify ------------------------------------------------------
+
+
+@pytest.fixture
+def odd_storage() -> Any:
+    """A loopback storage host whose answers tests choose: ``routes[path] = handler(req)``."""
+    from watcher.emulator.server import App, HTTPServerThread
+
+    app = App()
+    routes: dict[str, Any] = {}
+
+    @app.route("GET", r"/(?P<name>[\w.-]+)", "GET")
+    def handle(req: Any) -> None:
+        routes[req.param("name")](req)
+
+    server = HTTPServerThread([app]).start()
+    server.routes = routes  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_download_over_its_bound_is_refused_by_content_length(na: Service, tmp_path: Path) -> None:
+    """A Content-Length above ``max_bytes`` is TooLarge before a byte is written, and not retried."""
+    na.emu.faults.polls_needed = 0
+    audio = write_tone(tmp_path / "a.wav", 1.0)
+    audio_id = na.run(lambda c: c.upload(body(audio)))
+    dest = tmp_path / "out" / "a.wav"
+    with pytest.raises(TooLarge, match=rf"announced {audio.stat().st_size} bytes for a\.wav, more than the 1000"):
+        na.run(lambda c: c.download_object("audio", audio_id, dest, max_bytes=1000))
+    assert len(na.storage.requests) == 1 and not dest.exists()
+    assert not (tmp_path / "out").exists() or no_temp_files(tmp_path / "out")
+    assert na.run(lambda c: c.download_object("audio", audio_id, dest, max_bytes=audio.stat().st_size)) > 0
+    assert sha(dest) == sha(audio)
+
+
+def test_download_without_a_length_is_counted_while_writing(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """A body with no Content-Length that runs past ``max_bytes`` is cut off: TooLarge, no file, no temp file."""
+    sent = {"bytes": 0}
+
+    def endless(req: Any) -> None:
+        h = req.handler
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Connection", "close")  # no Content-Length: the body ends when the connection does
+        h.end_headers()
+        h.close_connection = True
+        with contextlib.suppress(OSError):
+            for _ in range(64):  # up to 64 MiB, unless the client hangs up first
+                h.wfile.write(bytes(1 << 20))
+                sent["bytes"] += 1 << 20
+
+    odd_storage.routes["zeros.zip"] = endless
+    dest = tmp_path / "dl" / "x.zip"
+    with pytest.raises(TooLarge, match=r"sent more than 3000000 bytes for x\.zip"):
+        na.run(lambda c: c.download_archive(f"{odd_storage.url}/zeros.zip", dest, max_bytes=3_000_000))
+    assert not dest.exists() and no_temp_files(tmp_path / "dl")
+    assert sent["bytes"] < 64 << 20
+
+
+# -- names and redirects from the network -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("location", "where"),
+    [
+        ("file:///etc/passwd", "file://"),
+        ("ftp://127.0.0.1/x.zip?X-Signature=secret123", "ftp://127.0.0.1"),
+        ("http://localhost:1/x.zip?X-Signature=secret123", "http://localhost"),
+    ],
+)
+def test_refused_redirects(na: Service, odd_storage: Any, tmp_path: Path, location: str, where: str) -> None:
+    """Storage redirecting off https and off the service's host is refused; the signature is never shown."""
+    odd_storage.routes["x.zip"] = lambda req: req.redirect(location)
+    dest = tmp_path / "dl" / "x.zip"
+    with pytest.raises(RefusedRedirect) as err:
+        na.run(lambda c: c.download_archive(f"{odd_storage.url}/x.zip?X-Signature=secret123", dest))
+    assert isinstance(err.value, BadInput) and where in str(err.value) and "x.zip" in str(err.value)
+    assert "secret123" not in str(err.value) and "passwd" not in str(err.value)
+    assert len(odd_storage.requests) == 1 and not dest.exists()
+
+
+def test_redirects_on_the_service_host_are_followed_up_to_five(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """Hops on the service's own host (loopback) are followed by hand; a sixth is refused."""
+    payload = b"PK-not-really-a-zip" * 100
+
+    def hop(req: Any) -> None:
+        n = int(req.param("name").removeprefix("hop"))
+        if n == 0:
+            req.send_bytes(200, payload, "application/zip")
+        else:
+            req.redirect(f"/hop{n - 1}")
+
+    for n in range(8):
+        odd_storage.routes[f"hop{n}"] = hop
+    dest = tmp_path / "dl" / "x.zip"
+    assert na.run(lambda c: c.download_archive(f"{odd_storage.url}/hop5", dest)) == len(payload)
+    assert dest.read_bytes() == payload and len(odd_storage.requests) == 6
+    with pytest.raises(RefusedRedirect, match="more than 5 times"):
+        na.run(lambda c: c.download_archive(f"{odd_storage.url}/hop6", tmp_path / "dl" / "y.zip"))
+    assert not (tmp_path / "dl" / "y.zip").exists() and no_temp_files(tmp_path / "dl")
+
+
+def test_content_disposition_never_chooses_the_path(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """A hostile Content-Disposition file name changes nothing: the body lands where the caller said."""
+    odd_storage.routes["x.zip"] = lambda req: req.send_bytes(
+        200, b"data", "application/zip", {"Content-Disposition": 'attachment; filename="../../escaped.zip"'}
+    )
+    dest = tmp_path / "a" / "b" / "x.zip"
+    assert na.run(lambda c: c.download_archive(f"{odd_storage.url}/x.zip", dest)) == 4
+    assert dest.read_bytes() == b"data" and not (tmp_path / "escaped.zip").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["x.zip"]
+    assert disposition_name('attachment; filename="../../escaped.zip"', "f") == "escaped.zip"
+    assert disposition_name("attachment; filename*=UTF-8''%2E%2E%2F%C3%A9t%C3%A9.wav", "f") == "été.wav"
+    assert disposition_name(None, "fallback") == "fallback"
+
+
+def test_stem_names_from_status_details_are_made_safe(na: Service, tmp_path: Path) -> None:
+    """Hostile stem names in status_details come back as one safe file name each (or "" to be named)."""
+    na.emu.faults.polls_needed = 0
+    audio = write_tone(tmp_path / "a.wav", 0.3)
+
+    async def flow(c: NeuralAnalogClient) -> list[tuple[str, str]]:
+        split = await c.create_stems("audio_id", await c.upload(body(audio)), {"preset": "4_tracks"})
+        obj = na.emu.objects[split]
+        obj.stems = list(zip([s for s, _ in obj.stems], ["../../evil", "", ".hidden", "a/b"], strict=True))
+        return await c.stem_objects(split)
+
+    assert [name for _, name in na.run(flow)] == ["evil", "", "hidden", "a_b"]
+
+
+def test_download_temp_is_private_until_renamed(na: Service, odd_storage: Any, tmp_path: Path) -> None:
+    """While a body streams in, its temp file is 0600; once complete it has the umask's mode."""
+    release = threading.Event()
+
+    def slow(req: Any) -> None:
+        h = req.handler
+        h.send_response(200)
+        h.send_header("Content-Length", str(2 << 20))
+        h.end_headers()
+        h.wfile.write(bytes(1 << 20))
+        h.wfile.flush()
+        release.wait(10)
+        h.wfile.write(bytes(1 << 20))
+
+    odd_storage.routes["slow.zip"] = slow
+    dest = tmp_path / "dl" / "slow.zip"
+    result: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: result.update(n=na.run(lambda c: c.download_archive(f"{odd_storage.url}/slow.zip", dest)))
+    )
+    worker.start()
+    try:
+        temp = wait_for(lambda: next((tmp_path / "dl").glob(".watcher-tmp-*"), None), what="the temp file")
+        assert stat.S_IMODE(temp.stat().st_mode) == 0o600
+    finally:
+        release.set()
+        worker.join(15)
+    assert result["n"] == 2 << 20 and stat.S_IMODE(dest.stat().st_mode) == fsutil.file_mode()

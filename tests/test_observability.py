@@ -54,7 +54,7 @@ def test_metrics_endpoint(tmp_path, inbox, emulator, run_daemon):
     text = wait_for(
         lambda: (
             (t := httpx.get(f"http://{host}:{port}/metrics").text)
-            and 'watcher_files_done_total{stage="analyze"} 1.0' in t
+            and 'watcher_files_done_total{pipeline="analyze"} 1.0' in t
             and t
         )
     )

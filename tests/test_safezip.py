@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import random
+import stat
+import threading
 import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from watcher.safezip import BadArchive, extract_zip
+from watcher.safezip import BadArchive, SizeBound, extract_zip, size_bound
 
 LIMITS = {"max_total_bytes": 1 << 20, "max_entries": 10}
 
@@ -157,3 +161,105 @@ def test_checks_run_before_anything_is_written(tmp_path):
     with pytest.raises(BadArchive, match=r"'\.\./late\.wav'"):
         extract_zip(z, dest, **LIMITS)
     assert leftovers(dest) == [] and not (tmp_path / "late.wav").exists()
+
+
+# -- bounds derived from the source -------------------------------------------------------------------------
+
+
+def largest_file_while(dest: Path, action) -> tuple[int, BaseException | None]:
+    """Run ``action`` while a thread samples the largest regular file under ``dest``; (largest, raised)."""
+    largest = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal largest
+        while not stop.is_set():
+            for p in dest.rglob("*") if dest.exists() else ():
+                with contextlib.suppress(OSError):
+                    if p.is_file():
+                        largest = max(largest, p.stat().st_size)
+            stop.wait(0.001)
+
+    watcher_thread = threading.Thread(target=sample, daemon=True)
+    watcher_thread.start()
+    raised: BaseException | None = None
+    try:
+        action()
+    except BaseException as exc:  # reported to the caller
+        raised = exc
+    finally:
+        stop.set()
+        watcher_thread.join()
+    return largest, raised
+
+
+@pytest.fixture(scope="module")
+def two_gib_bomb(tmp_path_factory) -> Path:
+    """A zip holding one 2 GiB entry of zeros (a few MiB on disk), plus a real-looking small entry."""
+    z = tmp_path_factory.mktemp("bomb") / "bomb.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("vocals.wav", b"RIFF" + bytes(1000))
+        info = zipfile.ZipInfo("huge.wav")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with zf.open(info, "w", force_zip64=True) as out:
+            block = bytes(8 << 20)
+            for _ in range((2 << 30) // len(block)):
+                out.write(block)
+    return z
+
+
+def test_size_bound_follows_the_source():
+    """192 kHz x 4 bytes x channels x seconds x 1.5 + 1 MiB per file, x files, never above the cap."""
+    b = size_bound(3.0, 2, 4, 20 << 30)
+    assert b.per_file == 192_000 * 4 * 2 * 3 * 3 // 2 + (1 << 20)
+    assert b.total == b.per_file * 4 + (1 << 20)
+    assert size_bound(3.0, 1, 1, 20 << 30).per_file == b.per_file  # mono may come back stereo
+    assert size_bound(3.0, None, 1, 20 << 30).per_file == 192_000 * 4 * 8 * 3 * 3 // 2 + (1 << 20)
+    assert size_bound(None, 2, 4, 12345) == SizeBound(12345, 12345)
+    assert size_bound(3600.0, 2, 4, 1 << 30).total == 1 << 30
+
+
+def test_two_gib_of_zeros_for_a_three_second_source_is_refused(tmp_path, two_gib_bomb):
+    """The bomb is refused on its declared size before anything is written; the error names all it needs."""
+    dest = tmp_path / "dest"
+    bound = size_bound(3.0, 2, 2, 20 << 30)
+    largest, raised = largest_file_while(
+        dest, lambda: extract_zip(two_gib_bomb, dest, max_total_bytes=20 << 30, max_entries=10, bound=bound)
+    )
+    print(f"largest file written while refusing a 2 GiB entry: {largest} bytes")
+    assert isinstance(raised, BadArchive), raised
+    message = str(raised)
+    for part in ("bomb.zip", "'huge.wav'", str(2 << 30), f"{bound.per_file}-byte bound", "3.0 s", "2-channel"):
+        assert part in message, (part, message)
+    assert largest < 1 << 30 and largest <= bound.per_file
+    assert leftovers(dest) == []
+
+
+def test_bomb_without_a_bound_is_refused_by_its_ratio(tmp_path, two_gib_bomb):
+    """With the source's duration unknown, the compression ratio alone refuses a run of zeros."""
+    with pytest.raises(BadArchive, match=r"'huge\.wav'.*compressed \d+:1"):
+        extract_zip(two_gib_bomb, tmp_path / "dest", max_total_bytes=20 << 30, max_entries=10)
+    assert leftovers(tmp_path / "dest") == []
+
+
+def test_audio_within_the_bound_is_extracted_and_the_total_is_bounded(tmp_path):
+    """Entries that fit the per-file bound come out; more of them than the request justifies do not."""
+    seed = 7
+    print(f"random seed {seed}")
+    noise = random.Random(seed).randbytes(200_000)  # incompressible, like audio
+    z = make_zip(tmp_path / "ok.zip", [("a.wav", noise), ("b.wav", noise)])
+    bound = size_bound(0.05, 2, 2, 20 << 30)  # 0.05 s: 115 kB + 1 MiB per file
+    out = extract_zip(z, tmp_path / "d1", max_total_bytes=20 << 30, max_entries=10, bound=bound)
+    assert {f.path: f.size for f in out.files} == {"a.wav": 200_000, "b.wav": 200_000}
+    tight = SizeBound(per_file=300_000, total=350_000, duration=0.05, channels=2)
+    with pytest.raises(BadArchive, match=r"400000 bytes uncompressed in all, more than the limit \(350000-byte bound"):
+        extract_zip(z, tmp_path / "d2", max_total_bytes=20 << 30, max_entries=10, bound=tight)
+    assert leftovers(tmp_path / "d2") == []
+
+
+def test_extracted_files_stay_private_until_delivered(tmp_path):
+    """Entries are written 0600 inside the private temp folder; delivery gives them their final mode."""
+    z = make_zip(tmp_path / "ok.zip", [("a.wav", b"RIFF1234"), ("stems/b.wav", b"x" * 10)])
+    out = extract_zip(z, tmp_path / "dest", **LIMITS)
+    assert stat.S_IMODE(out.root.stat().st_mode) == 0o700
+    assert {stat.S_IMODE((out.root / f.path).stat().st_mode) for f in out.files} == {0o600}

@@ -149,7 +149,7 @@ def test_status_shows_how_each_folder_is_watched(tmp_path, inbox, emulator, run_
         return row[0] if row else None
 
     wait_for(lambda: (folder_mode() or "").startswith("native: native events"), what="native mode recorded")
-    detector = d.daemon.pipeline.detector
+    detector = d.daemon.app.detector
     d.loop.call_soon_threadsafe(detector.folders[str(inbox)].watch.observer.stop)
     wait_for(
         lambda: (folder_mode() or "").startswith("polling: the native observer died"),

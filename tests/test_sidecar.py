@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tests.conftest import write_tone
 from watcher.audiofile import signature
-from watcher.stages import sidecar
-from watcher.stages.sidecar import write_sidecar
+from watcher.pipelines import sidecar
+from watcher.pipelines.sidecar import write_sidecar
 from watcher.store import FileVersion
 
 

@@ -1,19 +1,11 @@
-"""The store: file versions, leases, scheduling, the result cache, and durability across reopenings."""
+"""The store's contract (every adapter): file versions, leases, scheduling, the result cache, durability across
+reopenings, and the SQLite adapter's own promises (WAL, migrations from earlier releases)."""
 
 from __future__ import annotations
 
 import sqlite3
 
-import pytest
-
 from watcher.store import Store, StoredResult
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "w.db")
-    yield s
-    s.close()
 
 
 def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int = 1, inode: int = 7):
@@ -24,7 +16,7 @@ def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int =
         size=size,
         mtime_ns=mtime,
         inode=inode,
-        jobs=[("analyze", "pending")],
+        jobs=[("analyze", "analyze")],
         now=100.0,
     )
 
@@ -42,8 +34,9 @@ def test_new_version_supersedes_unfinished_work(store):
     register(store, size=20, mtime=2)
     current = store.current_version("/in/a.wav")
     assert current is not None and current.size == 20
-    stages = [r[0] for r in store._db.execute("SELECT stage FROM jobs ORDER BY id")]
-    assert stages == ["superseded", "pending"]
+    old_id, new_id = current.id - 1, current.id
+    assert [j.state for j in store.jobs_of_file(old_id)] == ["superseded"]
+    assert [(j.state, j.step) for j in store.jobs_of_file(new_id)] == [("pending", "analyze")]
 
 
 def test_claim_leases_and_release_schedules(store):
@@ -52,7 +45,7 @@ def test_claim_leases_and_release_schedules(store):
     job = store.claim("analyze", "a", now=200.0)
     assert job is not None and job.file.path == "/in/a.wav"
     assert store.claim("analyze", "b", now=200.0) is None
-    store.release(job, next_attempt_at=500.0, error="boom", error_kind="retry_later", count_attempt=True)
+    store.release(job, next_attempt_at=500.0, error="boom", error_code="retry_later", count_attempt=True)
     assert store.claim("analyze", "b", now=499.0) is None
     assert store.next_due("analyze") == 500.0
     again = store.claim("analyze", "b", now=500.0)
@@ -67,18 +60,17 @@ def test_expired_lease_can_be_claimed(store):
     assert store.claim("analyze", "alive", now=211.0) is not None
 
 
-def test_commit_is_durable(tmp_path):
+def test_commit_is_durable(open_store):
     """Data committed on a job survives closing and reopening the store (a restart)."""
-    s = Store(tmp_path / "w.db")
+    s = open_store()
     register(s)
     job = s.claim("analyze", "a")
-    s.commit(job, stage="uploading", audio_id="abc")
+    s.commit(job, step="uploading", audio_id="abc")
     s.close()
-    s2 = Store(tmp_path / "w.db")
+    s2 = open_store()
     s2.release_leases()
     job2 = s2.claim("analyze", "b")
-    assert job2 is not None and job2.stage == "uploading" and job2.data["audio_id"] == "abc"
-    s2.close()
+    assert job2 is not None and job2.step == "uploading" and job2.data["audio_id"] == "abc"
 
 
 def test_results_are_content_addressed(store):
@@ -89,21 +81,85 @@ def test_results_are_content_addressed(store):
     assert store.results_for("ab" * 32, "local") == {}
 
 
-def test_retry_resets_failed_jobs(store):
-    """`retry --failed` makes failed jobs due again from the stage they failed in."""
+def test_retry_resets_failed_jobs_at_their_step(store):
+    """`retry --failed` makes failed jobs due again at the step they failed at."""
     register(store)
     job = store.claim("analyze", "a")
-    job.data["failed_in"] = "pending"
-    store.release(job, stage="failed", error="bad", error_kind="bad_input")
-    assert [p.error for p in store.problems()] == ["bad"]
-    assert store.retry(failed=True, restart_stage={"analyze": "pending"}) == 1
+    store.commit(job, step="upload")
+    store.release(job, state="failed", error="bad", error_code="bad_input")
+    (problem,) = store.problems()
+    assert (problem.error, problem.state, problem.step) == ("bad", "failed", "upload")
+    assert store.retry(failed=True) == 1
     assert store.counts() == {"analyze": {"pending": 1}}
     assert store.problems() == []
+    again = store.claim("analyze", "b")
+    assert again is not None and again.step == "upload" and again.attempts == 0
 
 
-def test_wal_mode(store):
-    """The store runs in WAL mode, so status readers never block the daemon."""
-    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    other = sqlite3.connect(store.path)
-    assert other.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
-    other.close()
+def test_wal_mode_lets_readers_in_while_a_writer_works(tmp_path):
+    """The store runs in WAL mode: a read-only reader (status) sees committed rows while the daemon writes."""
+    store = Store(tmp_path / "w.db")
+    register(store)
+    assert (tmp_path / "w.db-wal").exists()
+    reader = Store(tmp_path / "w.db", readonly=True)
+    try:
+        job = store.claim("analyze", "a")
+        assert reader.counts() == {"analyze": {"pending": 1}}
+        store.release(job, state="done")
+        assert reader.counts() == {"analyze": {"done": 1}}
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_a_store_from_the_previous_release_is_migrated(tmp_path):
+    """A version-3 store (stages, error kinds, a remote-ID table) upgrades with nothing lost and nothing re-paid."""
+    from watcher.store.schema import SCHEMA
+
+    db = sqlite3.connect(tmp_path / "w.db")
+    for script in SCHEMA[:3]:
+        db.executescript(script)
+    db.executescript(
+        """
+        PRAGMA user_version = 3;
+        INSERT INTO files VALUES (1, '/in', '/in/a.wav', 'a.wav', 10, 1, 7, 'ab', 1, 0);
+        INSERT INTO jobs (id, file_id, kind, stage, attempts, next_attempt_at, error_kind, last_error, data, updated_at)
+            VALUES (1, 1, 'archive', 'failed', 8, 0, 'retry_later', 'boom', '{"failed_in": "process"}', 0),
+                   (2, 1, 'analyze', 'pending', 0, 0, NULL, NULL, '{}', 0);
+        INSERT INTO remote VALUES ('ab', 'neuralanalog', 'audio', 'k1', 'audio-1', 'complete', NULL, 0, 0);
+        INSERT INTO results VALUES ('ab', 'remote', 'key', 'key', '1', NULL, '{"key": ["C"]}', 0);
+        """
+    )
+    db.close()
+    store = Store(tmp_path / "w.db")
+    try:
+        jobs = {j.pipeline: j for j in store.jobs_of_file(1)}
+        assert (jobs["archive"].state, jobs["archive"].step, jobs["archive"].error_code) == (
+            "failed",
+            "process",
+            "retry_later",
+        )
+        assert (jobs["analyze"].state, jobs["analyze"].step) == ("pending", "analyze")
+        where = "processing http://na account:1"
+        assert store.adopt_legacy("neuralanalog", where) == 1
+        assert store.adopt_legacy("remote", "analysis http://es account:2") == 1
+        assert store.answered_operations("ab", where) == {"upload"}
+        assert set(store.results_for("ab", "analysis http://es account:2")) == {"key"}
+    finally:
+        store.close()
+
+
+def test_the_sqlite_adapter_offers_every_port(store):
+    """The adapter satisfies the whole contract a composition root may rely on (checked method by method)."""
+    import inspect
+
+    from watcher.store import ports
+
+    for port in (ports.Registry, ports.Jobs, ports.Results, ports.Gate, ports.Control, ports.StorePort):
+        for name, member in inspect.getmembers(port, inspect.isfunction):
+            if name.startswith("_"):
+                continue
+            mine = getattr(store, name, None)
+            assert callable(mine), f"{type(store).__name__} lacks {port.__name__}.{name}"
+            wanted = [p for p in inspect.signature(member).parameters if p != "self"]
+            assert [p for p in inspect.signature(mine).parameters] == wanted, f"{name} differs from the port"

@@ -1,4 +1,4 @@
-"""The command line: parses arguments and calls the daemon, the store or the emulator; no business logic.
+"""The command line: parses arguments, calls the daemon or a command (watcher.commands), prints; no business logic.
 
 Exit codes: 0 success; 1 some work failed (`scan`), `doctor` found a problem, or the daemon stopped on an
 internal failure;
@@ -26,6 +26,7 @@ from watcher import __version__
 from watcher.config import Settings, find_config, load_settings, secrets_of
 from watcher.errors import ConfigError
 from watcher.log import configure_logging, register_secrets
+from watcher.names import display
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
 
@@ -139,14 +140,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "scan":
         settings = _settings(args)
         configure_logging(args.log_format, settings.log_level)
-        if args.dry_run:
-            return _dry_run(settings, args.paths)
-        from watcher.daemon import scan
+        from watcher import commands
 
+        if args.dry_run:
+            print(commands.dry_run(settings, args.paths).render(), end="")
+            return EXIT_OK
         progress = sys.stderr.isatty() and not args.no_progress
-        code, problems = asyncio.run(scan(settings, args.paths, progress=progress))
+        code, problems = asyncio.run(commands.scan(settings, args.paths, progress=progress))
         for p in problems:
-            print(f"FAILED {p['path']} ({p['kind']}, {p['stage']}): {p['error']}", file=sys.stderr)
+            word = "FAILED" if p["state"] == "failed" else p["state"].upper()
+            print(f"{word} {display(p['path'])} ({p['pipeline']}, {p['step']}): {p['error']}", file=sys.stderr)
         return code
     if args.command == "status":
         return _status(_settings(args), as_json=args.json, all_files=args.all)
@@ -166,47 +169,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
-def _open_store(settings: Settings) -> Any:
-    from watcher.pipeline import store_path
-    from watcher.store import Store
-
-    path = store_path(settings)
-    if not path.exists():
-        raise ConfigError(f"no store at {path} yet: watcher has not run with state_dir = {settings.state_dir}")
-    return Store(path)
-
-
 def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
-    from watcher.status import collect, render
+    from watcher.commands import status
+    from watcher.status import render
 
-    store = _open_store(settings)
-    try:
-        report = collect(
-            store,
-            state_dir=str(settings.state_dir),
-            configured=[str(f.path) for f in settings.folders],
-            caps={
-                "analysis": settings.analysis.daily_audio_minutes,
-                "processing": settings.archive.daily_audio_minutes,
-            },
-        )
-    finally:
-        store.close()
+    report = status(settings)
     print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
     return EXIT_OK
 
 
 def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
-    from watcher.pipeline import store_path
-    from watcher.store import Store
+    from watcher.commands import pause
 
-    path = os.path.abspath(folder.expanduser())
+    path = pause(settings, folder, paused=paused)
     configured = [str(f.path) for f in settings.folders]
-    store = Store(store_path(settings))
-    try:
-        store.set_paused(path, paused)
-    finally:
-        store.close()
     word = "paused" if paused else "resumed"
     print(f"{path}: {word}" + ("" if path in configured or not configured else " (note: not a configured folder)"))
     if paused:
@@ -215,61 +191,10 @@ def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
 
 
 def _retry(settings: Settings, paths: list[Path], *, failed: bool, in_doubt: bool) -> int:
-    if not paths and not failed and not in_doubt:
-        raise ConfigError("say what to retry: PATH..., --failed or --in-doubt")
-    store = _open_store(settings)
-    try:
-        selected: list[str] | None = None
-        if paths:
-            selected = []
-            for raw in paths:
-                p = os.path.abspath(raw)
-                selected.extend(
-                    j.file.path
-                    for j in store.jobs_of_current()
-                    if j.file.path == p or j.file.path.startswith(p.rstrip("/") + "/")
-                )
-        from watcher.pipeline import RESTART_STAGE
+    from watcher.commands import retry
 
-        n = store.retry(paths=selected, failed=failed, in_doubt=in_doubt, restart_stage=RESTART_STAGE)
-    finally:
-        store.close()
+    n = retry(settings, paths, failed=failed, in_doubt=in_doubt)
     print(f"{n} job(s) will be retried" + ("" if n else " (nothing matched)"))
-    return EXIT_OK
-
-
-def _dry_run(settings: Settings, paths: list[Path]) -> int:
-    """`scan --dry-run`: what would be asked and paid for, from the store's knowledge, opened read-only."""
-    from watcher.analyzers import choose_backend
-    from watcher.config import service_identity
-    from watcher.dryrun import dry_run
-    from watcher.pipeline import store_path
-    from watcher.store import Store
-
-    analysis_key = ""
-    if settings.analysis.enabled:
-        which, _ = choose_backend(settings.analysis)
-        cfg = settings.analysis
-        analysis_key = "local" if which == "local" else service_identity("analysis", cfg.base_url, cfg.api_key)
-    archive = settings.archive
-    processing_key = service_identity("processing", archive.base_url, archive.api_key)
-    store = None
-    if store_path(settings).exists():
-        try:
-            store = Store(store_path(settings), readonly=True)
-        except sqlite3.Error as exc:
-            print(f"watcher: the store cannot be read ({exc}); assuming nothing is cached", file=sys.stderr)
-    try:
-        report = dry_run(
-            settings,
-            paths,
-            cached_models=lambda sha: set(store.results_for(sha, analysis_key)) if store else set(),
-            answered_operations=lambda sha: store.answered_operations(sha, processing_key) if store else set(),
-        )
-    finally:
-        if store is not None:
-            store.close()
-    print(report.render())
     return EXIT_OK
 
 

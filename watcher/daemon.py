@@ -1,32 +1,33 @@
-"""The daemon: wires detection, the store, the stages and the runner; owns signals, locks and shutdown.
+"""The daemon's lifecycle, and nothing else: the state folder's lock, signals, reload, heartbeat, shutdown.
 
-Lifecycle: start-up (lock the state folder, open the store, choose backends, release stale leases), the
-main loop (detector and runner side by side), shutdown (the first SIGTERM/SIGINT stops claiming work and
-lets in-flight jobs finish for a grace period, then checkpoints them; a second signal checkpoints at once).
+Start-up: lock the state folder, build the object graph (watcher.app), give back leases and recover paid
+requests cut off by the last stop. Main loop: detector, runner and heartbeat side by side. Shutdown: the first
+SIGTERM/SIGINT stops claiming work and lets in-flight jobs finish for a grace period, then checkpoints them;
+a second signal checkpoints at once. SIGHUP rebuilds the graph from re-read settings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from watcher import __version__
-from watcher.config import FolderConfig, Settings, reveal
+from watcher.app import App
+from watcher.config import Settings, reveal
 from watcher.errors import ConfigError
+from watcher.events import MetricsEvents, Subscriber, WebhookEvents
+from watcher.fsutil import sweep_temp
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
-from watcher.pipeline import Pipeline
-from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.services.http import add_observer, remove_observer
 from watcher.store import TERMINAL
@@ -35,44 +36,7 @@ from watcher.webhooks import WebhookSender
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
-SCAN_SETTLE = 1.0
 PRUNE_EVERY = 86400.0
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-class SpendEvents:
-    """Where paid calls are reported as they end: Prometheus counters, and the `spend.capped` webhook."""
-
-    def __init__(self, metrics: NullMetrics, webhooks: WebhookSender | None, events: Sequence[str]) -> None:
-        self.metrics = metrics
-        self.webhooks = webhooks if "spend.capped" in events else None
-
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
-        self.metrics.paid_call(budget, operation, outcome, seconds)
-
-    def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
-        log.warning(
-            "spend.capped",
-            service=budget,
-            minutes_today=round(spent_seconds / 60, 2),
-            cap_minutes=round(cap_seconds / 60, 2),
-            next=f"no paid {budget} call is sent until {_iso(until)}; files wait, nothing is lost",
-        )
-        if self.webhooks is not None:
-            self.webhooks.send_nowait(
-                "spend.capped",
-                {
-                    "service": budget,
-                    "minutes_today": round(spent_seconds / 60, 2),
-                    "cap_minutes": round(cap_seconds / 60, 2),
-                    "resumes_at": _iso(until),
-                },
-            )
 
 
 class StateLock:
@@ -131,7 +95,7 @@ class Daemon:
         self._force = asyncio.Event()
         self._signals = 0
         self._reload_requested = False
-        self.pipeline: Pipeline | None = None
+        self.app: App | None = None
         self.metrics: NullMetrics = NullMetrics()
         self.metrics_address: tuple[str, int] | None = None
         self._next_prune = 0.0
@@ -215,29 +179,16 @@ class Daemon:
         log.info("daemon.reloaded", folders=[str(f.path) for f in new.folders])
 
     async def _serve(self) -> int:
-        """One life of the pipeline: start, run until stop (or reload), checkpoint."""
+        """One life of the object graph: build, start, run until stop (or reload), checkpoint."""
         webhooks = self._webhook_sender()
-        pipeline = Pipeline(self.settings, spend=SpendEvents(self.metrics, webhooks, self.settings.webhooks.events))
-        self.pipeline = pipeline
-        pipeline.sink.on_new = self.metrics.file_seen
-        pipeline.hooks.append(lambda o: self.metrics.outcome(o.job.kind, o.stage))
+        subscribers: list[Subscriber] = [MetricsEvents(self.metrics)]
         if webhooks is not None:
-            pipeline.hooks.append(self._webhook_hook(webhooks))
+            subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
+        app = App.build(self.settings, subscribers=subscribers)
+        self.app = app
         try:
-            released = pipeline.store.release_leases()
-            if released:
-                log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
-            # This daemon holds the state folder's lock: no request of an earlier life can still be in flight.
-            doubtful = pipeline.store.gate_recover()
-            if doubtful:
-                log.warning(
-                    "daemon.requests_in_doubt",
-                    operations=doubtful,
-                    next="paid requests cut off by the last stop: processing ones are held (`watcher status`), "
-                    "analysis ones are asked again",
-                )
-            self._prune(pipeline)
-            detector = pipeline.make_detector(self.settings.folders)
+            await self._recover(app)
+            detector = app.make_detector(self.settings.folders)
             log.info(
                 "daemon.started",
                 version=__version__,
@@ -249,9 +200,9 @@ class Daemon:
                 log.info("daemon.ready")
                 self.notifier.ready()
 
-            runner_task = asyncio.create_task(pipeline.runner.run(self.stop), name="runner")
+            runner_task = asyncio.create_task(app.runner.run(self.stop), name="runner")
             detector_task = asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector")
-            beat_task = asyncio.create_task(self._beat(pipeline), name="heartbeat")
+            beat_task = asyncio.create_task(self._beat(app), name="heartbeat")
             stop_wait = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait(
                 {runner_task, detector_task, beat_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED
@@ -271,8 +222,40 @@ class Daemon:
         finally:
             if webhooks is not None:
                 await webhooks.aclose(deadline=1.0)
-            await pipeline.aclose()
-            self.pipeline = None
+            await app.aclose()
+            self.app = None
+
+    async def _recover(self, app: App) -> None:
+        """Under the state folder's lock no earlier life can still be working: take back what it held, and
+        remove the temp files a kill left behind (half-written sidecars, downloads, staging folders)."""
+        released = app.store.release_leases()
+        if released:
+            log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
+        doubtful = app.store.gate_recover()
+        if doubtful:
+            log.warning(
+                "daemon.requests_in_doubt",
+                operations=doubtful,
+                next="paid requests cut off by the last stop: processing ones are held (`watcher status`), "
+                "analysis ones are asked again",
+            )
+        self._prune(app)
+        removed = await asyncio.to_thread(sweep_temp, self._our_folders())
+        if removed:
+            log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
+
+    def _our_folders(self) -> list[tuple[Path, bool]]:
+        """Every folder watcher writes into, with whether its subfolders count too."""
+        s = self.settings
+        roots = {f.path: f.recursive for f in s.folders}
+        for extra in (s.archive.output_dir, s.sidecar.directory, *(f.output_dir for f in s.folders)):
+            if extra is not None:
+                roots[extra] = True
+        for f in s.folders:
+            for moved in (f.done_dir, f.failed_dir):
+                if moved is not None:
+                    roots[moved] = True
+        return list(roots.items())
 
     def _webhook_sender(self) -> WebhookSender | None:
         cfg = self.settings.webhooks
@@ -282,55 +265,30 @@ class Daemon:
         sender.start()
         return sender
 
-    def _webhook_hook(self, sender: WebhookSender) -> Callable[[Outcome], None]:
-        wanted = self.settings.webhooks.events
-        events = {"done": "file.done", "failed": "file.failed", "in_doubt": "file.in_doubt"}
-
-        def hook(outcome: Outcome) -> None:
-            event = events.get(outcome.stage)
-            if event in wanted:
-                job = outcome.job
-                problem = outcome.stage in ("failed", "in_doubt")
-                payload = {
-                    "path": display(job.file.path),
-                    "pipeline": job.kind,
-                    "error": outcome.error if problem else None,
-                    "error_kind": outcome.error_kind if problem else None,
-                    "sha256": job.data.get("sha256") or job.file.sha256,
-                    "sidecar": job.data.get("sidecar"),
-                    "delivery": job.data.get("delivery"),
-                }
-                if outcome.stage == "in_doubt":
-                    doubt = job.data.get("in_doubt", {})
-                    payload.update(operation=doubt.get("operation"), since=_iso(doubt.get("since")))
-                sender.send_nowait(event, payload)
-
-        return hook
-
-    def _prune(self, pipeline: Pipeline) -> None:
+    def _prune(self, app: App) -> None:
         """Forget old replaced and deleted versions (results and paid IDs stay); once at start, then daily."""
         now = time.monotonic()
         if now < self._next_prune:
             return
         self._next_prune = now + PRUNE_EVERY
-        forgotten = pipeline.store.prune(self.settings.store.retention_days)
+        forgotten = app.store.prune(self.settings.store.retention_days)
         if forgotten:
             log.info("store.pruned", versions=forgotten, older_than_days=self.settings.store.retention_days)
 
-    async def _beat(self, pipeline: Pipeline) -> None:
+    async def _beat(self, app: App) -> None:
         """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store."""
         interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
         while not self.stop.is_set():
             self.notifier.watchdog()
-            counts = pipeline.store.counts()
+            counts = app.store.counts()
             self.metrics.queue(counts, TERMINAL)
             waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
             failed = sum(stages.get("failed", 0) for stages in counts.values())
-            self.notifier.status(f"{waiting} queued, {pipeline.runner.busy} in progress, {failed} failed")
-            self._prune(pipeline)
-            if pipeline.detector is not None:
-                for f in pipeline.detector.describe():
-                    pipeline.store.set_folder_health(
+            self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed")
+            self._prune(app)
+            if app.detector is not None:
+                for f in app.detector.describe():
+                    app.store.set_folder_health(
                         str(f["folder"]), mode=f["mode"], reason=f["reason"], available=bool(f["available"])
                     )
             with contextlib.suppress(TimeoutError):
@@ -349,86 +307,3 @@ class Daemon:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 log.error("daemon.shutdown_error", error=repr(r))
         log.info("daemon.checkpointed", seconds=round(time.monotonic() - started, 2))
-
-
-async def scan(
-    settings: Settings, paths: Sequence[Path], *, progress: bool = False
-) -> tuple[int, list[dict[str, Any]]]:
-    """`watcher scan`: register what is under ``paths`` now, process it, and report (exit code, problems)."""
-    folders, files = _scan_targets(settings, paths)
-    lock = StateLock(settings.state_dir)
-    lock.acquire()
-    try:
-        pipeline = Pipeline(settings, folders)
-    except BaseException:
-        lock.release()
-        raise
-    try:
-        pipeline.store.release_leases()
-        # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
-        folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
-        detector = pipeline.make_detector(folders)
-        for folder in folders:
-            if any(str(p) == str(folder.path) for p in paths):
-                await detector.scan(str(folder.path))
-        for f in files:
-            detector.hint(str(f))
-        await detector.settle_all()
-        targets = [str(p) for p in paths]
-        total = pipeline.store.pending()
-        bar = _progress(total, progress)
-
-        def tick(outcome: Outcome) -> None:
-            if bar is not None and outcome.stage in TERMINAL:
-                bar.update(1)
-
-        pipeline.hooks.append(tick)
-        await pipeline.runner.drain()
-        if bar is not None:
-            bar.close()
-        problems = [
-            {"path": p.path, "kind": p.kind, "stage": p.stage, "error": p.error}
-            for p in pipeline.store.problems()
-            if any(p.path == t or p.path.startswith(t.rstrip("/") + "/") for t in targets)
-        ]
-        return (1 if problems else 0), problems
-    finally:
-        await pipeline.aclose()
-        lock.release()
-
-
-def _scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
-    """Folders to walk and single files to hint; a path inside a configured folder keeps that folder's options."""
-    configured = {str(f.path): f for f in settings.folders}
-    folders: dict[str, FolderConfig] = {}
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(os.path.abspath(raw))
-        if not path.exists():
-            raise ConfigError(f"{path} does not exist")
-        owner = next(
-            (
-                f
-                for root, f in sorted(configured.items(), key=lambda kv: -len(kv[0]))
-                if str(path) == root or str(path).startswith(root.rstrip("/") + "/")
-            ),
-            None,
-        )
-        if path.is_dir():
-            folder = owner if owner and str(owner.path) == str(path) else FolderConfig(path=path)
-            if owner is not None and folder is not owner:
-                folder = owner.model_copy(update={"path": path})
-            folders[str(folder.path)] = folder
-        else:
-            folder = owner or FolderConfig(path=path.parent, recursive=False)
-            folders.setdefault(str(folder.path), folder)
-            files.append(path)
-    return list(folders.values()), files
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="file", desc="watcher scan")

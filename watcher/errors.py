@@ -27,21 +27,21 @@ class WatcherError(Exception):
     """Base of every error watcher raises on purpose."""
 
     scope: Scope = "transient"
-    kind = "error"  # the word `watcher status` shows for this class
+    code = "error"  # the error's code, as `watcher status` and the store show it
 
 
 class ConfigError(WatcherError):
     """The configuration is invalid; the message names the key and what is wrong with it."""
 
     scope: Scope = "config"
-    kind = "config"
+    code = "config"
 
 
 class RetryLater(WatcherError):
     """A transient failure: try again later, after ``retry_after`` seconds when the cause said so."""
 
     scope: Scope = "transient"
-    kind = "retry_later"
+    code = "retry_later"
 
     def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
@@ -63,19 +63,19 @@ class Deferred(RetryLater):
     ``reason`` is what `watcher status` shows ("waiting for ...", "daily cap ... reached").
     """
 
-    kind = "waiting"
+    code = "waiting"
 
-    def __init__(self, message: str, *, until: float, kind: str = "waiting") -> None:
+    def __init__(self, message: str, *, until: float, code: str = "waiting") -> None:
         super().__init__(message)
         self.until = until
-        self.kind = kind
+        self.code = code
 
 
 class NeedsUser(WatcherError):
     """The service refuses the account (key, credits, plan): the service pauses until a person acts."""
 
     scope: Scope = "service"
-    kind = "needs_user"
+    code = "needs_user"
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -94,7 +94,7 @@ class InDoubt(WatcherError):
     """
 
     scope: Scope = "file"
-    kind = "in_doubt"
+    code = "in_doubt"
 
     def __init__(self, message: str, *, operation: str, since: float, keys: list[list[str]]) -> None:
         super().__init__(message)
@@ -107,14 +107,14 @@ class BadInput(WatcherError):
     """This file cannot be processed as it stands (empty, not audio); final at once, other files are unaffected."""
 
     scope: Scope = "file"
-    kind = "bad_input"
+    code = "bad_input"
     final = True  # False: a few more attempts may help (the service's answer, not the file itself)
 
 
 class Rejected(BadInput):
     """The service refused this file's request (400, 404, 409, 413, 415, 422, ...): retried a few times, then failed."""
 
-    kind = "rejected"
+    code = "rejected"
     final = False
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
@@ -125,10 +125,10 @@ class Rejected(BadInput):
 class Malformed(Rejected):
     """The service answered something that is not what was asked for (no ID, not an event stream, not JSON)."""
 
-    kind = "malformed"
+    code = "malformed"
 
 
 class FileChanged(BadInput):
     """The file changed or disappeared while it was being processed; its newer version is handled anew."""
 
-    kind = "file_changed"
+    code = "file_changed"

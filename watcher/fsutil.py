@@ -1,15 +1,102 @@
-"""Atomic file outputs: write a temp file in the same folder, fsync, rename over the target, fsync the folder."""
+"""File-system helpers for outputs: atomic writes, modes that follow the umask, safe names, crash-safe moves.
+
+Outputs for people (sidecars, manifests, delivered files) get ``0o666 & ~umask`` (folders ``0o777 & ~umask``);
+temp files stay private (0600) until they are renamed into place.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 TEMP_PREFIX = ".watcher-tmp-"
+PRIVATE_FILE = 0o600
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring it once at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # macOS: no /proc; at import no other thread of ours creates files yet
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """The mode of an output file for people: what ``open()`` would give under the process umask."""
+    return 0o666 & ~UMASK
+
+
+def dir_mode() -> int:
+    """The mode of an output folder for people."""
+    return 0o777 & ~UMASK
+
+
+def chmod_quietly(path: str | os.PathLike[str] | int, mode: int) -> None:
+    """chmod (or fchmod for an fd) where the filesystem allows it: some shares refuse or ignore modes."""
+    with contextlib.suppress(OSError):
+        if isinstance(path, int):
+            os.fchmod(path, mode)
+        else:
+            os.chmod(path, mode)
+
+
+def publish_tree(root: Path) -> None:
+    """Give ``root`` and everything under it the output modes (before it is renamed into place)."""
+    chmod_quietly(root, dir_mode())
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            chmod_quietly(os.path.join(folder, name), dir_mode())
+        for name in files:
+            chmod_quietly(os.path.join(folder, name), file_mode())
+
+
+MAX_COMPONENT_BYTES = 255
+_UNSAFE = re.compile(r"[/\\]")
+_DOTS = re.compile(r"\.{2,}")
+
+
+def safe_component(name: str, fallback: str) -> str:
+    """``name`` (from the network) as one safe file name: never a path, never hidden, never an option.
+
+    Separators become ``_``, control characters and undecodable bytes go, runs of dots become one dot,
+    leading dots, dashes and spaces and trailing dots and spaces go, and the result is cut to 255 UTF-8
+    bytes keeping its extension. An empty result gives ``fallback`` (itself made safe; it may be empty).
+    """
+    text = "".join("_" if unicodedata.category(c) in ("Cc", "Cs") else c for c in name)
+    text = _DOTS.sub(".", _UNSAFE.sub("_", text)).lstrip(". -_\u00a0").rstrip(". ")
+    if not text.strip("_"):
+        return safe_component(fallback, "") if fallback else ""
+    return _truncate(text, MAX_COMPONENT_BYTES)
+
+
+def _truncate(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` UTF-8 bytes on a character boundary, keeping a short extension."""
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix.encode("utf-8")) > 16 or not stem:
+        stem, suffix = name, ""
+    tail = f".{suffix}" if suffix else ""
+    room = limit - len(tail.encode("utf-8"))
+    cut = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
+    return cut + tail
 
 
 def fsync_dir(path: Path) -> None:
@@ -38,6 +125,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+            chmod_quietly(fh.fileno(), file_mode())  # private (mkstemp: 0600) until complete
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -47,4 +135,96 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
+    """``payload`` as indented UTF-8 JSON, written like :func:`write_bytes_atomic` (mode from the umask)."""
     write_bytes_atomic(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def free_name(path: Path) -> Path:
+    """``path`` if nothing is there, else ``stem.N.suffix`` with the first free N (1, 2, ...)."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def _rename_no_replace(src: Path, dst: Path) -> Path:
+    """Rename ``src`` to ``dst`` or the next free name, never over an existing file; returns where it went.
+
+    A hard link claims the name atomically (EEXIST if taken); where links are not supported, the name is
+    checked first and renamed (a narrow race, on filesystems that offer nothing better).
+    """
+    while True:
+        target = free_name(dst)
+        try:
+            os.link(src, target, follow_symlinks=False)
+        except FileExistsError:
+            continue  # taken between the check and the link: try the next name
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise
+            os.rename(src, target)  # no hard links here (some shares): check-then-rename
+            return target
+        os.unlink(src)
+        return target
+
+
+def move_file(src: Path, dst: Path) -> Path:
+    """Move ``src`` to ``dst`` (or ``stem.N.suffix`` when taken) so that a crash never loses or halves it.
+
+    Same device: a rename. Across devices: copy to a private temp name in the destination folder, fsync,
+    rename into place, fsync the folder, then remove the source. A failure (a full disk) leaves the source
+    untouched and no temp file behind, and raises the OSError. Returns the final path.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _rename_no_replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=dst.suffix, dir=dst.parent)
+    try:
+        with open(src, "rb") as source, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)  # the mode and mtime travel with the file, as with mv
+        final = _rename_no_replace(Path(tmp), dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    os.unlink(src)
+    fsync_dir(src.parent)
+    return final
+
+
+def sweep_temp(roots: list[tuple[Path, bool]]) -> list[Path]:
+    """Remove our own leftovers (``.watcher-tmp-*`` files and folders) under each ``(root, recursive)``.
+
+    Only safe while no watcher writes there: the daemon calls it at start-up, holding its state folder's lock,
+    for the folders it owns. Links are never followed. Returns what was removed.
+    """
+    removed: list[Path] = []
+    for root, recursive in roots:
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    found = list(entries)
+            except OSError:
+                continue
+            for entry in found:
+                with contextlib.suppress(OSError):
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if entry.name.startswith(TEMP_PREFIX):
+                        if is_dir:
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                    elif is_dir and recursive:
+                        stack.append(Path(entry.path))
+    return removed

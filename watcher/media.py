@@ -1,36 +1,59 @@
-"""What an audio file's header says: duration, channels, sample rate (mutagen; nothing is decoded)."""
+"""Duration, channels and sample rate of an audio file, read from its headers (no decoding).
+
+Used where a size or a cost depends on how long the audio is: the bounds on what a delivery may hold,
+and the minutes a dry run would send. ``mutagen`` reads WAV, AIFF, FLAC, MP3, M4A and Ogg headers in
+pure Python; when it cannot tell, :class:`AudioInfo` says why instead of guessing.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
+
+import mutagen
+
+from watcher.names import display
+
+FORMATS = "WAV, AIFF, FLAC, MP3, M4A, Ogg"
 
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """Header facts of an audio file; ``reason`` says why the duration is unknown when it is."""
+    """What the headers say; each field None when unknown, ``reason`` saying why when the duration is."""
 
     duration: float | None
-    channels: int | None = None
-    sample_rate: int | None = None
+    channels: int | None
+    sample_rate: int | None
     reason: str | None = None
 
 
-def audio_info(path: str | Path) -> AudioInfo:
-    """The file's duration, channels and sample rate from its header (WAV, AIFF, FLAC, MP3, M4A, OGG)."""
-    import mutagen
-
+def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
+    """The duration (seconds), channels and sample rate ``path``'s headers give; never raises for a bad file."""
     try:
-        parsed = mutagen.File(path)
-    except (mutagen.MutagenError, OSError, ValueError) as exc:
-        return AudioInfo(None, reason=f"the header cannot be read: {exc}")
+        parsed = mutagen.File(os.fspath(path))
+    except mutagen.MutagenError as exc:
+        cause = exc.__cause__ or exc.__context__ or exc
+        if isinstance(cause, OSError):
+            return _unknown(f"{display(path)} cannot be read: {cause.strerror or cause}")
+        return _unknown(f"the headers of {display(path)} are damaged or not audio: {exc}")
+    except OSError as exc:
+        return _unknown(f"{display(path)} cannot be read: {exc.strerror or exc}")
     if parsed is None or getattr(parsed, "info", None) is None:
-        return AudioInfo(None, reason="the header is not one of WAV, AIFF, FLAC, MP3, M4A or OGG")
+        return _unknown(f"{display(path)} is not in a format whose headers can be read ({FORMATS})")
     info = parsed.info
+    channels = _positive_int(getattr(info, "channels", None))
+    rate = _positive_int(getattr(info, "sample_rate", None))
+    if rate is None and type(parsed).__name__ == "OggOpus":
+        rate = 48000  # Opus always decodes at 48 kHz; its header holds the input rate only
     length = getattr(info, "length", None)
-    return AudioInfo(
-        float(length) if length else None,
-        getattr(info, "channels", None),
-        getattr(info, "sample_rate", None),
-        None if length else "the header gives no duration",
-    )
+    if not isinstance(length, int | float) or length <= 0:
+        return AudioInfo(None, channels, rate, f"the headers of {display(path)} give no duration")
+    return AudioInfo(float(length), channels, rate, None)
+
+
+def _unknown(reason: str) -> AudioInfo:
+    return AudioInfo(None, None, None, reason)
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -22,14 +22,14 @@ class NullMetrics:
     def file_seen(self, folder: str) -> None:
         """A new file version settled in ``folder``."""
 
-    def file_done(self, stage: str) -> None:
-        """A job of pipeline ``stage`` (analyze, archive) finished."""
+    def file_done(self, pipeline: str) -> None:
+        """A job of ``pipeline`` (analyze, archive) finished."""
 
-    def file_failed(self, stage: str) -> None:
-        """A job of pipeline ``stage`` failed for good."""
+    def file_failed(self, pipeline: str) -> None:
+        """A job of ``pipeline`` failed for good."""
 
-    def set_queue_depth(self, stage: str, depth: int) -> None:
-        """``depth`` unfinished jobs wait in pipeline ``stage``."""
+    def set_queue_depth(self, pipeline: str, depth: int) -> None:
+        """``depth`` unfinished jobs wait in ``pipeline``."""
 
     def service_request(self, service: str, seconds: float) -> None:
         """One request to ``service`` took ``seconds`` (whatever its outcome)."""
@@ -46,17 +46,17 @@ class NullMetrics:
     def loop_lag(self, seconds: float) -> None:
         """How late the event loop last woke up."""
 
-    def outcome(self, kind: str, stage: str) -> None:
-        """A runner outcome: job pipeline ``kind`` reached ``stage``; only "done" and "failed" are counted."""
-        if stage == "done":
-            self.file_done(kind)
-        elif stage == "failed":
-            self.file_failed(kind)
+    def outcome(self, pipeline: str, state: str) -> None:
+        """A runner outcome: a job of ``pipeline`` reached ``state``; only "done" and "failed" are counted."""
+        if state == "done":
+            self.file_done(pipeline)
+        elif state == "failed":
+            self.file_failed(pipeline)
 
     def queue(self, counts: Mapping[str, Mapping[str, int]], terminal: frozenset[str]) -> None:
-        """Queue depth per pipeline from the store's counts ({pipeline: {stage: n}}), terminal stages left out."""
-        for kind, stages in counts.items():
-            self.set_queue_depth(kind, sum(n for s, n in stages.items() if s not in terminal))
+        """Queue depth per pipeline from the store's counts ({pipeline: {state: n}}), final states left out."""
+        for pipeline, states in counts.items():
+            self.set_queue_depth(pipeline, sum(n for s, n in states.items() if s not in terminal))
 
     def request(self, service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
         """A request observer for :func:`watcher.services.http.add_observer` (outcome "ok" or an error kind)."""
@@ -88,9 +88,11 @@ class Metrics(NullMetrics):
         self._seen = prom.Counter(
             "watcher_files_seen", "File versions that settled, per folder", ["folder"], registry=r
         )
-        self._done = prom.Counter("watcher_files_done", "Jobs finished, per pipeline", ["stage"], registry=r)
-        self._failed = prom.Counter("watcher_files_failed", "Jobs failed for good, per pipeline", ["stage"], registry=r)
-        self._depth = prom.Gauge("watcher_queue_depth", "Unfinished jobs, per pipeline", ["stage"], registry=r)
+        self._done = prom.Counter("watcher_files_done", "Jobs finished, per pipeline", ["pipeline"], registry=r)
+        self._failed = prom.Counter(
+            "watcher_files_failed", "Jobs failed for good, per pipeline", ["pipeline"], registry=r
+        )
+        self._depth = prom.Gauge("watcher_queue_depth", "Unfinished jobs, per pipeline", ["pipeline"], registry=r)
         self._latency = prom.Histogram(
             "watcher_service_request_seconds",
             "Time of one request to a service",
@@ -122,20 +124,20 @@ class Metrics(NullMetrics):
     def file_seen(self, folder: str) -> None:
         self._seen.labels(folder=folder).inc()
 
-    def file_done(self, stage: str) -> None:
-        self._done.labels(stage=stage).inc()
+    def file_done(self, pipeline: str) -> None:
+        self._done.labels(pipeline=pipeline).inc()
 
-    def file_failed(self, stage: str) -> None:
-        self._failed.labels(stage=stage).inc()
+    def file_failed(self, pipeline: str) -> None:
+        self._failed.labels(pipeline=pipeline).inc()
 
-    def set_queue_depth(self, stage: str, depth: int) -> None:
-        self._depth_labels.add(stage)
-        self._depth.labels(stage=stage).set(depth)
+    def set_queue_depth(self, pipeline: str, depth: int) -> None:
+        self._depth_labels.add(pipeline)
+        self._depth.labels(pipeline=pipeline).set(depth)
 
     def queue(self, counts: Mapping[str, Mapping[str, int]], terminal: frozenset[str]) -> None:
         # A pipeline that has emptied out no longer appears in the counts: show 0, not its last depth.
-        for kind in self._depth_labels - set(counts):
-            self.set_queue_depth(kind, 0)
+        for pipeline in self._depth_labels - set(counts):
+            self.set_queue_depth(pipeline, 0)
         super().queue(counts, terminal)
 
     def paid_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:

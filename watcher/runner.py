@@ -29,9 +29,8 @@ import structlog
 from watcher.config import RetryConfig
 from watcher.errors import BadInput, Deferred, FileChanged, InDoubt, NeedsUser, RetryLater
 from watcher.names import display
-from watcher.stages.base import Stage, StageResult
+from watcher.pipelines.base import Pipeline, StepResult
 from watcher.store import TERMINAL, Job, LeaseLost
-from watcher.store.core import HELD
 
 log = structlog.get_logger("watcher.runner")
 LEASE = 600.0
@@ -43,9 +42,9 @@ class Outcome:
     """What happened to a job in one run, for metrics, webhooks and the mover."""
 
     job: Job
-    stage: str  # the job's stage after the run, or "in_doubt" when it is held
+    state: str  # the job's state after the run: pending, in_doubt, or a final one
     error: str | None = None
-    error_kind: str | None = None
+    error_code: str | None = None
 
 
 OutcomeHook = Callable[[Outcome], None]
@@ -54,22 +53,23 @@ OutcomeHook = Callable[[Outcome], None]
 class JobQueue(Protocol):
     """The store as the runner needs it: claim with a lease, release, renew, and when work is next due."""
 
-    def claim(self, kind: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
+    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
 
     def release(
         self,
         job: Job,
         *,
-        stage: str | None = None,
+        state: str = "pending",
+        step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
-        error_kind: str | None = None,
+        error_code: str | None = None,
         count_attempt: bool = False,
     ) -> None: ...
 
     def renew(self, job_ids: Any, owner: str, *, lease: float = 600.0) -> None: ...
 
-    def next_due(self, kind: str) -> float | None: ...
+    def next_due(self, pipeline: str) -> float | None: ...
 
 
 def backoff(attempts: int, cfg: RetryConfig) -> float:
@@ -84,7 +84,7 @@ class Runner:
     def __init__(
         self,
         store: JobQueue,
-        stages: Mapping[str, Stage],
+        pipelines: Mapping[str, Pipeline],
         *,
         concurrency: Mapping[str, int],
         retry: RetryConfig,
@@ -93,28 +93,28 @@ class Runner:
         owner: str | None = None,
     ) -> None:
         self.store = store
-        self.stages = dict(stages)
+        self.pipelines = dict(pipelines)
         self.concurrency = dict(concurrency)
         self.retry = retry
         self.on_outcome = on_outcome
         self.rehint = rehint
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
-        self._wake = {kind: asyncio.Event() for kind in self.stages}
+        self._wake = {name: asyncio.Event() for name in self.pipelines}
         self._paused_until: dict[str, float] = {}  # service -> until when its pipelines pause
         self.in_flight: dict[int, asyncio.Task[Any]] = {}
         self.busy = 0
 
-    def wake(self, kind: str | None = None) -> None:
-        for k, event in self._wake.items():
-            if kind is None or k == kind:
+    def wake(self, pipeline: str | None = None) -> None:
+        for name, event in self._wake.items():
+            if pipeline is None or name == pipeline:
                 event.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start every worker and the lease keeper; return when ``stop`` is set and workers have left."""
         async with asyncio.TaskGroup() as tg:
-            for kind, stage in self.stages.items():
-                for n in range(max(1, self.concurrency.get(kind, 1))):
-                    tg.create_task(self._worker(kind, stage, stop), name=f"{kind}-{n}")
+            for name, pipeline in self.pipelines.items():
+                for n in range(max(1, self.concurrency.get(name, 1))):
+                    tg.create_task(self._worker(pipeline, stop), name=f"{name}-{n}")
             tg.create_task(self._keep_leases(stop), name="leases")
             tg.create_task(self._wake_on(stop), name="stop-waker")
 
@@ -131,7 +131,7 @@ class Runner:
                 if self.busy:
                     continue
                 now = time.time()
-                dues = [self.store.next_due(kind) for kind in self.stages]
+                dues = [self.store.next_due(name) for name in self.pipelines]
                 if all(d is None or d > now + horizon for d in dues):
                     stop.set()
                     return
@@ -152,28 +152,27 @@ class Runner:
                 await asyncio.wait_for(stop.wait(), LEASE / 4)
             self.store.renew(self.in_flight.keys(), self.owner, lease=LEASE)
 
-    def _paused(self, stage: Stage, now: float) -> float:
-        service = getattr(stage, "service", None)
-        return self._paused_until.get(service, 0.0) if service else 0.0
+    def _paused(self, pipeline: Pipeline) -> float:
+        return self._paused_until.get(pipeline.service, 0.0) if pipeline.service else 0.0
 
-    async def _worker(self, kind: str, stage: Stage, stop: asyncio.Event) -> None:
-        wake = self._wake[kind]
+    async def _worker(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
+        wake = self._wake[pipeline.name]
         while not stop.is_set():
             wake.clear()
             now = time.time()
-            paused = self._paused(stage, now)
-            job = None if paused > now else self.store.claim(kind, self.owner, lease=LEASE, now=now)
+            paused = self._paused(pipeline)
+            job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=LEASE, now=now)
             if job is None:
-                due = self.store.next_due(kind)
+                due = self.store.next_due(pipeline.name)
                 wait = 5.0 if due is None else min(5.0, max(0.05, due - time.time()))
                 if paused > now:
                     wait = min(wait, paused - now)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), wait)
                 continue
-            await self.run_job(stage, job)
+            await self.run_job(pipeline, job)
 
-    async def run_job(self, stage: Stage, job: Job) -> Outcome:
+    async def run_job(self, pipeline: Pipeline, job: Job) -> Outcome:
         """Run one claimed job to its next checkpoint and release it; never raises except on cancellation."""
         self.busy += 1
         task = asyncio.current_task()
@@ -181,23 +180,23 @@ class Runner:
             self.in_flight[job.id] = task
         try:
             try:
-                result = await stage.run(job)
+                result = await pipeline.run(job)
             except asyncio.CancelledError:
                 # Shutdown: every paid result is already committed; give the job back for the next start.
                 with contextlib.suppress(LeaseLost):
                     self.store.release(
-                        job, next_attempt_at=time.time(), error=job.last_error, error_kind=job.error_kind
+                        job, next_attempt_at=time.time(), error=job.last_error, error_code=job.error_code
                     )
-                log.info("job.checkpointed", path=display(job.file.path), kind=job.kind, stage=job.stage)
+                log.info("job.checkpointed", path=display(job.file.path), pipeline=job.pipeline, step=job.step)
                 raise
             except Exception as exc:
-                return await self._failed(stage, job, exc)
+                return await self._failed(pipeline, job, exc)
             return self._finish(job, result)
         except LeaseLost as exc:
             log.info(
                 "job.superseded_late",
                 path=display(job.file.path),
-                kind=job.kind,
+                pipeline=job.pipeline,
                 reason=str(exc),
                 next="its paid results are kept; the newer version is handled by its own job",
             )
@@ -206,114 +205,115 @@ class Runner:
             self.busy -= 1
             self.in_flight.pop(job.id, None)
 
-    async def _failed(self, stage: Stage, job: Job, exc: Exception) -> Outcome:
+    async def _failed(self, pipeline: Pipeline, job: Job, exc: Exception) -> Outcome:
         """Classify one failure by its scope and schedule the job accordingly (see the module docstring)."""
         path = display(job.file.path)
         if isinstance(exc, FileChanged):
-            log.warning("job.file_changed", path=path, kind=job.kind, error=str(exc), next="its new version is handled")
+            log.warning(
+                "job.file_changed", path=path, pipeline=job.pipeline, error=str(exc), next="its new version is handled"
+            )
             self.rehint(job.file.path)
-            return self._finish(job, StageResult("superseded", note=str(exc)), error_kind=exc.kind)
+            return self._finish(job, StepResult("superseded", note=str(exc)), error_code=exc.code)
         if isinstance(exc, Deferred):
-            log.info("job.deferred", path=path, kind=job.kind, reason=str(exc), until=round(exc.until, 1))
-            self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_kind=exc.kind)
-            return self._tell(Outcome(job, job.stage, str(exc), exc.kind))
+            log.info("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
+            self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_code=exc.code)
+            return self._tell(Outcome(job, "pending", str(exc), exc.code))
         if isinstance(exc, InDoubt):
             job.data["in_doubt"] = {"operation": exc.operation, "since": exc.since, "keys": exc.keys}
             log.warning(
                 "job.in_doubt",
                 path=path,
-                kind=job.kind,
+                pipeline=job.pipeline,
                 operation=exc.operation,
                 error=str(exc),
                 next="held until `watcher retry --in-doubt` or `watcher retry PATH`",
             )
-            self.store.release(job, next_attempt_at=HELD, error=str(exc), error_kind="in_doubt")
-            return self._tell(Outcome(job, "in_doubt", str(exc), "in_doubt"))
+            self.store.release(job, state="in_doubt", error=str(exc), error_code=exc.code)
+            return self._tell(Outcome(job, "in_doubt", str(exc), exc.code))
         if isinstance(exc, BadInput) and (exc.final or job.attempts + 1 >= FILE_ATTEMPTS):
-            return await self._give_up(stage, job, str(exc), exc.kind, count=not exc.final)
+            return await self._give_up(pipeline, job, str(exc), exc.code, count=not exc.final)
         if isinstance(exc, BadInput):
-            return self._retry(stage, job, str(exc), exc.kind, None)
+            return self._retry(job, str(exc), exc.code, None)
         if isinstance(exc, NeedsUser):
-            return self._pause_service(stage, job, exc)
+            return self._pause_service(pipeline, job, exc)
         if isinstance(exc, RetryLater):
-            return await self._retry_or_fail(stage, job, str(exc), exc.kind, exc.retry_after)
+            return await self._retry_or_fail(pipeline, job, str(exc), exc.code, exc.retry_after)
         if isinstance(exc, OSError):
             where = display(exc.filename) if isinstance(exc.filename, str) else path
-            return await self._retry_or_fail(stage, job, f"{exc.strerror or exc} ({where})", "retry_later", None)
-        log.exception("job.crashed", path=path, kind=job.kind, stage=job.stage)
-        return await self._retry_or_fail(stage, job, f"internal error: {type(exc).__name__}: {exc}", "internal", None)
+            return await self._retry_or_fail(pipeline, job, f"{exc.strerror or exc} ({where})", "retry_later", None)
+        log.exception("job.crashed", path=path, pipeline=job.pipeline, step=job.step)
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        return await self._retry_or_fail(pipeline, job, error, "internal", None)
 
-    def _pause_service(self, stage: Stage, job: Job, exc: NeedsUser) -> Outcome:
+    def _pause_service(self, pipeline: Pipeline, job: Job, exc: NeedsUser) -> Outcome:
         pause = self.retry.needs_user_backoff
-        service = getattr(stage, "service", None) or job.kind
+        service = pipeline.service or pipeline.name
         self._paused_until[service] = time.time() + pause
         log.error(
             "service.paused",
             path=display(job.file.path),
-            kind=job.kind,
+            pipeline=job.pipeline,
             service=service,
             error=str(exc),
             next=f"the {service} service is paused for {pause:.0f} s (other work goes on); fix the account, "
             "then `watcher retry`",
         )
-        self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_kind=exc.kind)
-        return self._tell(Outcome(job, job.stage, str(exc), exc.kind))
+        self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_code=exc.code)
+        return self._tell(Outcome(job, "pending", str(exc), exc.code))
 
-    def _finish(self, job: Job, result: StageResult, error_kind: str | None = None) -> Outcome:
-        if result.stage in TERMINAL:
-            self.store.release(job, stage=result.stage, error=result.note, error_kind=error_kind)
-            if result.stage in ("done", "skipped", "gone", "superseded"):
-                log.info("job." + result.stage, path=display(job.file.path), kind=job.kind, reason=result.note)
+    def _finish(self, job: Job, result: StepResult, error_code: str | None = None) -> Outcome:
+        if result.state in TERMINAL:
+            self.store.release(job, state=result.state, error=result.note, error_code=error_code)
+            log.info("job." + result.state, path=display(job.file.path), pipeline=job.pipeline, reason=result.note)
         else:
-            # A scheduled next step (e.g. polling a remote job): no attempt is counted.
-            self.store.release(job, stage=result.stage, next_attempt_at=result.next_attempt_at)
-            self.wake(job.kind)
-        return self._tell(Outcome(job, result.stage, result.note, error_kind))
+            # The next step is scheduled (e.g. polling a remote job): progress, so no attempt is counted.
+            self.store.release(job, step=result.step, next_attempt_at=result.at)
+            self.wake(job.pipeline)
+        return self._tell(Outcome(job, result.state, result.note, error_code))
 
     async def _retry_or_fail(
-        self, stage: Stage, job: Job, error: str, kind: str, retry_after: float | None
+        self, pipeline: Pipeline, job: Job, error: str, code: str, retry_after: float | None
     ) -> Outcome:
         if job.attempts + 1 >= self.retry.max_attempts:
-            return await self._give_up(stage, job, error, kind, count=True)
-        return self._retry(stage, job, error, kind, retry_after)
+            return await self._give_up(pipeline, job, error, code, count=True)
+        return self._retry(job, error, code, retry_after)
 
-    def _retry(self, stage: Stage, job: Job, error: str, kind: str, retry_after: float | None) -> Outcome:
+    def _retry(self, job: Job, error: str, code: str, retry_after: float | None) -> Outcome:
         job.attempts += 1
         delay = retry_after if retry_after is not None else backoff(job.attempts, self.retry)
         log.warning(
             "job.retry_later",
             path=display(job.file.path),
-            kind=job.kind,
-            stage=job.stage,
+            pipeline=job.pipeline,
+            step=job.step,
             attempts=job.attempts,
             error=error,
             next=f"retrying in {delay:.0f} s",
         )
-        self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_kind=kind)
-        return self._tell(Outcome(job, job.stage, error, kind))
+        self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_code=code)
+        return self._tell(Outcome(job, "pending", error, code))
 
-    async def _give_up(self, stage: Stage, job: Job, error: str, kind: str, *, count: bool) -> Outcome:
-        """Fail the job for good: the pipeline records what it knows, the store keeps the reason."""
+    async def _give_up(self, pipeline: Pipeline, job: Job, error: str, code: str, *, count: bool) -> Outcome:
+        """Fail the job for good, at the step it stopped at: the pipeline records what it knows."""
         if count:
             job.attempts += 1
-        job.data.setdefault("failed_in", job.stage)
         log.error(
             "job.failed",
             path=display(job.file.path),
-            kind=job.kind,
-            stage=job.stage,
+            pipeline=job.pipeline,
+            step=job.step,
             attempts=job.attempts,
             error=error,
             next="nothing until the file changes or `watcher retry` is run",
         )
         try:
-            await stage.give_up(job, error)
+            await pipeline.give_up(job, error)
         except LeaseLost:
             raise
         except Exception:
-            log.exception("job.give_up_failed", path=display(job.file.path), kind=job.kind)
-        self.store.release(job, stage="failed", error=error, error_kind=kind)
-        return self._tell(Outcome(job, "failed", error, kind))
+            log.exception("job.give_up_failed", path=display(job.file.path), pipeline=job.pipeline)
+        self.store.release(job, state="failed", error=error, error_code=code)
+        return self._tell(Outcome(job, "failed", error, code))
 
     def _tell(self, outcome: Outcome) -> Outcome:
         self.on_outcome(outcome)

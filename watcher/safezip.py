@@ -7,6 +7,10 @@ extracting, since headers can lie); every entry is read whole so its CRC is chec
 a new ``.watcher-tmp-`` folder inside ``dest_parent``; on any problem that folder is removed and
 :class:`BadArchive` names the zip and the entry. A full disk is RetryLater instead: the zip is not at fault.
 
+Sizes are also bounded by what the source can justify (:class:`SizeBound`, from its duration and channels):
+each entry's declared size against the per-file bound, their sum against the total, and each entry's
+compression ratio; while extracting, real bytes are counted against the same bounds.
+
 A zip that is cut short is BadArchive too: the client already turns a short download (Content-Length
 not met, dropped connection) into RetryLater, so a zip that arrived whole but unreadable is what the
 service sent, and fetching the same bytes again would not help.
@@ -26,17 +30,68 @@ from pathlib import Path, PurePosixPath
 
 from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import TEMP_PREFIX
+from watcher.names import display
 
 CHUNK = 1 << 20
 # OS errors that mean "this disk", not "this zip".
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
 WINDOWS_REPARSE_POINT = 0x400  # a link, in the DOS attribute bits
+MAX_RATE = 192_000  # Hz: the highest sample rate a delivered version can plausibly have
+MAX_SAMPLE_BYTES = 4  # 32-bit samples
+MARGIN = 1.5
+FLOOR = 1 << 20  # headers, metadata and very short clips
+UNKNOWN_CHANNELS = 8
+RATIO_MIN_BYTES = 4 << 20  # the compression ratio is checked on entries larger than this
+MAX_RATIO = 1000  # audio never compresses like this; a run of zeros (a zip bomb) does
 
 
 class BadArchive(BadInput):
     """The zip is unsafe or damaged; nothing of it was kept."""
 
     kind = "bad_archive"
+
+
+class TooLarge(BadInput):
+    """A download is larger than its source can justify; nothing of it was kept."""
+
+    kind = "bad_archive"
+
+
+@dataclass(frozen=True)
+class SizeBound:
+    """How many bytes one delivered file and a whole delivery may hold, and why (for error messages).
+
+    ``duration`` is None when the source's duration is unknown and the bound is the configured cap.
+    """
+
+    per_file: int
+    total: int
+    duration: float | None = None
+    channels: int | None = None
+
+    def describe(self, *, total: bool = False) -> str:
+        """The bound in words: ``6912000-byte bound for one file of a 3.0 s, 2-channel source``."""
+        limit = self.total if total else self.per_file
+        what = "the whole delivery" if total else "one file"
+        if self.duration is None:
+            return f"{limit}-byte limit for {what} (max_archive_bytes; the source's duration is unknown)"
+        ch = f"{self.channels}-channel" if self.channels else "unknown channel count"
+        return f"{limit}-byte bound for {what} of a {self.duration:.1f} s, {ch} source"
+
+
+def size_bound(duration: float | None, channels: int | None, files: int, cap: int) -> SizeBound:
+    """The bound a source of ``duration`` seconds and ``channels`` justifies for ``files`` delivered files.
+
+    Per file: 192 kHz x 4 bytes x channels x duration x 1.5, plus 1 MiB; total: that x ``files`` plus 1 MiB
+    (an info file), never above ``cap``. Output may be stereo from a mono source, so at least 2 channels are
+    assumed; unknown channels count as 8. Unknown duration: ``cap`` for both.
+    """
+    if duration is None or duration < 0:
+        return SizeBound(cap, cap)
+    ch = max(2, channels) if channels else UNKNOWN_CHANNELS
+    per_file = int(MAX_RATE * MAX_SAMPLE_BYTES * ch * duration * MARGIN) + FLOOR
+    per_file = min(per_file, cap)
+    return SizeBound(per_file, min(per_file * max(1, files) + FLOOR, cap), duration, channels)
 
 
 @dataclass(frozen=True)
@@ -89,13 +144,26 @@ def _kind(info: zipfile.ZipInfo) -> str:
     return "file" if stat.S_ISREG(mode) and not info.is_dir() else "special file"
 
 
-def _check_all(infos: list[zipfile.ZipInfo], max_total_bytes: int, max_entries: int) -> tuple[str, str] | None:
+def _check_all(
+    infos: list[zipfile.ZipInfo], max_total_bytes: int, max_entries: int, bound: SizeBound | None
+) -> tuple[str, str] | None:
     """The first (entry, reason) that refuses the whole zip before anything is written, or None."""
     if len(infos) > max_entries:
         return "(all)", f"{len(infos)} entries, more than the limit of {max_entries}"
     declared = sum(i.file_size for i in infos)
     if declared > max_total_bytes:
         return "(all)", f"{declared} bytes uncompressed, more than the limit of {max_total_bytes}"
+    for info in infos:
+        if bound is not None and info.file_size > bound.per_file:
+            return info.filename, f"{info.file_size} bytes uncompressed, more than the limit ({bound.describe()})"
+        ratio = info.file_size / max(1, info.compress_size)
+        if info.file_size > RATIO_MIN_BYTES and ratio > MAX_RATIO:
+            return info.filename, (
+                f"compressed {ratio:.0f}:1 ({info.compress_size} bytes to {info.file_size}), more than the limit "
+                f"of {MAX_RATIO}:1, which audio never reaches"
+            )
+    if bound is not None and declared > bound.total:
+        return "(all)", f"{declared} bytes uncompressed in all, more than the limit ({bound.describe(total=True)})"
     seen: dict[str, str] = {}
     for info in infos:
         try:
@@ -120,8 +188,15 @@ def _check_all(infos: list[zipfile.ZipInfo], max_total_bytes: int, max_entries: 
     return None
 
 
-def extract_zip(zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_entries: int) -> ExtractedArchive:
-    """Extract ``zip_path`` into a new ``.watcher-tmp-*`` folder in ``dest_parent``; BadArchive on any problem."""
+def extract_zip(
+    zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_entries: int, bound: SizeBound | None = None
+) -> ExtractedArchive:
+    """Extract ``zip_path`` into a new ``.watcher-tmp-*`` folder in ``dest_parent``; BadArchive on any problem.
+
+    ``bound`` (from the source's duration) caps each entry and the total below ``max_total_bytes``.
+    """
+    per_file = bound.per_file if bound is not None else max_total_bytes
+    total_limit = min(max_total_bytes, bound.total) if bound is not None else max_total_bytes
     dest_parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}zip-", dir=dest_parent))
     result = ExtractedArchive(root)
@@ -129,7 +204,7 @@ def extract_zip(zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_
     try:
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
-            refused = _check_all(infos, max_total_bytes, max_entries)
+            refused = _check_all(infos, max_total_bytes, max_entries, bound)
             if refused:
                 entry = refused[0]
                 raise ValueError(refused[1])
@@ -146,23 +221,30 @@ def extract_zip(zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_
                 target.parent.mkdir(parents=True, exist_ok=True)
                 sha = hashlib.sha256()
                 size = 0
-                with zf.open(info) as src, target.open("xb") as out:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+                with zf.open(info) as src, os.fdopen(fd, "wb") as out:  # private until delivered
                     while chunk := src.read(CHUNK):
                         size += len(chunk)
                         written += len(chunk)
-                        if written > max_total_bytes:
-                            raise ValueError(f"more than the limit of {max_total_bytes} bytes (headers understated)")
+                        if size > per_file:
+                            over = f"({bound.describe()})" if bound else f"of {per_file} bytes"
+                            raise ValueError(f"more than the limit {over} (headers understated)")
+                        if written > total_limit:
+                            over = f"({bound.describe(total=True)})" if bound else f"of {total_limit} bytes"
+                            raise ValueError(f"more than the limit {over} in all (headers understated)")
                         sha.update(chunk)
                         out.write(chunk)
                 result.files.append(ExtractedFile(rel.as_posix(), size, sha.hexdigest()))
     except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         shutil.rmtree(root, ignore_errors=True)
-        raise BadArchive(f"refused zip {zip_path.name}: entry {entry!r}: {exc}") from None
+        raise BadArchive(f"refused zip {display(zip_path.name)}: entry {entry!r}: {exc}") from None
     except OSError as exc:
         shutil.rmtree(root, ignore_errors=True)
         if exc.errno in DISK_ERRNOS or entry == "(none)":
-            raise RetryLater(f"could not extract zip {zip_path.name} into {dest_parent}: {exc.strerror}") from exc
-        raise BadArchive(f"refused zip {zip_path.name}: entry {entry!r}: {exc.strerror}") from None
+            raise RetryLater(
+                f"could not extract zip {display(zip_path.name)} into {display(dest_parent)}: {exc.strerror}"
+            ) from exc
+        raise BadArchive(f"refused zip {display(zip_path.name)}: entry {entry!r}: {exc.strerror}") from None
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise

@@ -25,13 +25,6 @@ class StatusSource(Protocol):
     def spend_on(self, day: str) -> dict[str, dict[str, Any]]: ...
 
 
-def job_state(job: Job) -> str:
-    """One word for where a job stands: pending, in_doubt (held for the user), or its terminal stage."""
-    if job.stage in TERMINAL:
-        return job.stage
-    return "in_doubt" if job.error_kind == "in_doubt" else "pending"
-
-
 def _iso(timestamp: float | None) -> str | None:
     if not timestamp:
         return None
@@ -61,21 +54,21 @@ def collect(
     for job in store.jobs_of_current():
         shown = display(job.file.path)
         entry = files.setdefault(job.file.path, {"path": shown, "jobs": {}})
-        state = job_state(job)
-        info: dict[str, Any] = {"state": state, "step": job.data.get("failed_in", job.stage), "stage": job.stage}
+        state = job.state
+        info: dict[str, Any] = {"state": state, "step": job.step}
         if job.last_error:
             info["error"] = job.last_error
         if state == "in_doubt":
             doubt = job.data.get("in_doubt", {})
             info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
-            in_doubt.append({"path": shown, "pipeline": job.kind, **info["in_doubt"]})
-        if job.kind == "archive":
+            in_doubt.append({"path": shown, "pipeline": job.pipeline, **info["in_doubt"]})
+        if job.pipeline == "archive":
             info["versions"] = job.data.get("versions", {})
             if job.data.get("delivery"):
                 info["delivery"] = job.data["delivery"]
-        if job.kind == "analyze" and job.data.get("sidecar"):
+        if job.pipeline == "analyze" and job.data.get("sidecar"):
             info["sidecar"] = job.data["sidecar"]
-        entry["jobs"][job.kind] = info
+        entry["jobs"][job.pipeline] = info
     spent = store.spend_on(utc_day(now))
     spend = {"day": utc_day(now)}
     for service, cap in (caps or {"analysis": 0.0, "processing": 0.0}).items():
@@ -115,8 +108,8 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
     lines = [f"watcher {report['version']}, state in {report['state_dir']}"]
     if not report["counts"]:
         lines.append("no files recorded yet")
-    for kind, stages in report["counts"].items():
-        lines.append(f"{kind}: " + ", ".join(f"{stage} {n}" for stage, n in stages.items()))
+    for pipeline, states in report["counts"].items():
+        lines.append(f"{pipeline}: " + ", ".join(f"{state} {n}" for state, n in states.items()))
     spend = report.get("spend", {})
     money = []
     for service in ("analysis", "processing"):
@@ -142,25 +135,26 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
         for p in report["problems"]:
             lines.append(f"  {p['path']}")
             lines.append(
-                f"    {p['kind']} {p['stage']} ({p['error_kind']}, {p['attempts']} attempts"
+                f"    {p['pipeline']} {p['state']} at {p['step']} ({p['error_code']}, {p['attempts']} attempts"
                 f"{_when(p['next_attempt_at'])}): {p['error']}"
             )
     busy = [
         f
         for f in report["files"]
-        if all_files or any(j["stage"] not in TERMINAL or j.get("versions") for j in f["jobs"].values())
+        if all_files or any(j["state"] not in TERMINAL or j.get("versions") for j in f["jobs"].values())
     ]
     if busy:
         lines.append("\nfiles:" if all_files else "\nfiles in progress or archived:")
         for f in busy[: None if all_files else SHOWN_FILES]:
             lines.append(f"  {f['path']}")
-            for kind, j in f["jobs"].items():
+            for pipeline, j in f["jobs"].items():
                 extra = ""
                 if j.get("versions"):
                     extra = " [" + ", ".join(f"{v}: {s}" for v, s in j["versions"].items()) + "]"
                 if j.get("delivery"):
                     extra += f" -> {j['delivery']}"
-                lines.append(f"    {kind}: {j['stage']}{extra}")
+                at = f" at {j['step']}" if j["state"] not in ("done", "skipped") else ""
+                lines.append(f"    {pipeline}: {j['state']}{at}{extra}")
         if not all_files and len(busy) > SHOWN_FILES:
             lines.append(f"  ... and {len(busy) - SHOWN_FILES} more (`watcher status --all` or `--json`)")
     return "\n".join(lines)

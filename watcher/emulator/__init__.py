@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from types import TracebackType
 
 from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults
+from watcher.emulator.faults import Chaos, Ledger
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator, ProcessingFaults
 from watcher.emulator.server import App, HTTPServerThread, RecordedRequest, Request
 
@@ -12,8 +14,10 @@ __all__ = [
     "AnalysisEmulator",
     "AnalysisFaults",
     "App",
+    "Chaos",
     "Emulator",
     "HTTPServerThread",
+    "Ledger",
     "NeuralAnalogEmulator",
     "ProcessingFaults",
     "RecordedRequest",
@@ -23,7 +27,10 @@ __all__ = [
 
 class Emulator:
     """Both services' APIs on one loopback address (``url``), and the processing service's storage host
-    on a second one (``storage``), as signed URLs point to another host."""
+    on a second one (``storage``), as signed URLs point to another host.
+
+    ``paid()`` counts what the two services could bill; ``chaos()`` turns on seeded random faults.
+    """
 
     def __init__(
         self,
@@ -34,12 +41,46 @@ class Emulator:
         processing_key: str | None = None,
         use_local: bool = True,
     ) -> None:
-        self.analysis = AnalysisEmulator(api_key=analysis_key, use_local=use_local)
-        self.processing = NeuralAnalogEmulator(api_key=processing_key)
+        self.ledger = Ledger()
+        self._chaos = Chaos()
+        self.analysis = AnalysisEmulator(
+            api_key=analysis_key, use_local=use_local, ledger=self.ledger, chaos=self._chaos
+        )
+        self.processing = NeuralAnalogEmulator(api_key=processing_key, ledger=self.ledger, chaos=self._chaos)
         self.api = HTTPServerThread([self.analysis.app, self.processing.app], host, port)
         self.storage = HTTPServerThread([self.processing.storage_app], host, 0)
         self.processing.storage_url = self.storage.url
         self.url = self.api.url
+
+    def paid(self) -> Counter[tuple[str, str]]:
+        """``(sha256 hex of the audio content, operation) -> requests accepted that could be billed``.
+
+        Operations: ``analyze:<model>`` per model of an accepted stream (version stripped), ``upload``,
+        ``restore``, ``master``, ``stems``. A request refused before any work (an injected 429, 5xx or 4xx)
+        is not counted; one whose work was done but whose answer was lost is.
+        """
+        return self.ledger.snapshot()
+
+    def chaos(self, seed: int, rate: float) -> None:
+        """From now on each request meets a random fault with probability ``rate`` (0 turns chaos off).
+
+        Faults: 429 with Retry-After, 500, 503; an analysis stream dropped after its first result; a paid
+        POST whose work is done and whose answer is lost; 500 or 503 from the storage host.
+        """
+        self._chaos.configure(seed, rate)
+
+    @property
+    def injected(self) -> list[tuple[str, str]]:
+        """``(route, fault)`` for every fault chaos injected, in order."""
+        return self._chaos.injected
+
+    def reset(self) -> None:
+        """Forget objects, faults, chaos, paid requests and recorded requests (servers keep running)."""
+        self.analysis.faults = AnalysisFaults()
+        self.analysis.models_requested.clear()
+        self.processing.reset()  # clears the shared ledger and chaos too
+        self.api.reset()
+        self.storage.reset()
 
     def start(self) -> Emulator:
         self.api.start()

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from watcher.emulator.faults import STREAM_FAULTS, Chaos, Ledger
 from watcher.emulator.server import App, Request
 
 STREAM_PATH = "/v1/analysis/stream"
@@ -44,6 +45,10 @@ class AnalysisFaults:
     event_delay: float = 0.0  # seconds between events (slow answers)
     read_delay: float = 0.0  # seconds per 64 KiB of request body read (a slow upload link)
     reject_models: set[str] = field(default_factory=set)  # 422 when a request names one of these
+    # Both of these answer 200 to an accepted request, so its models count as paid (Emulator.paid).
+    not_sse: int = 0  # answer this many streams 200 application/json {"result": "ok"}, no event stream
+    keepalive_only: float = 0.0  # the next stream: headers, then only keep-alive comments for this long, then close
+    keepalive_interval: float = 0.2  # seconds between those comments
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, name: str) -> bool:
@@ -104,12 +109,25 @@ def _local_results(path: str, models: list[str]) -> dict[str, Any] | None:
 
 
 class AnalysisEmulator:
-    """State and faults of the emulated analysis service; ``app`` plugs into an HTTPServerThread."""
+    """State and faults of the emulated analysis service; ``app`` plugs into an HTTPServerThread.
 
-    def __init__(self, *, api_key: str | None = None, use_local: bool = True) -> None:
+    ``ledger`` counts ``analyze:<model>`` per model of every stream the service accepted (its body received
+    and its models valid), whatever happens to the answer; refusals before any work are not counted.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        use_local: bool = True,
+        ledger: Ledger | None = None,
+        chaos: Chaos | None = None,
+    ) -> None:
         self.api_key = api_key
         self.use_local = use_local
         self.faults = AnalysisFaults()
+        self.ledger = ledger or Ledger()
+        self.chaos = chaos or Chaos()
         self.app = App()
         self.models_requested: list[list[str]] = []  # the `models` of every accepted request, in order
         self.bytes_received = 0
@@ -126,13 +144,19 @@ class AnalysisEmulator:
             req.drain()
             req.send_json(401, {"detail": "Invalid API key"})
             return
-        if self.faults.take("status_429"):
+        chaos = self.chaos.draw(ROUTE, STREAM_FAULTS)
+        if self.faults.take("status_429") or chaos == "429":
+            retry_after = self.chaos.retry_after if chaos else self.faults.retry_after
             req.drain()
-            req.send_json(429, {"detail": "Too Many Requests"}, {"Retry-After": f"{self.faults.retry_after:g}"})
+            req.send_json(429, {"detail": "Too Many Requests"}, {"Retry-After": f"{retry_after:g}"})
             return
-        if self.faults.take("status_500"):
+        if self.faults.take("status_500") or chaos == "500":
             req.drain()
             req.send_json(500, {"detail": "Internal Server Error"})
+            return
+        if chaos == "503":
+            req.drain()
+            req.send_json(503, {"detail": "Service Unavailable"})
             return
         models = [m for m in ",".join(req.query.get("models", [])).split(",") if m]
         if not models:
@@ -147,10 +171,41 @@ class AnalysisEmulator:
         digest, path = self._receive(req)
         with self._lock:
             self.models_requested.append(models)
+        for spec in models:
+            self.ledger.bill(digest.hex(), f"analyze:{spec.split(':', 1)[0]}")
         try:
-            self._answer(req, models, digest, path)
+            if self.faults.take("not_sse"):
+                req.send_json(200, {"result": "ok"})
+                return
+            with self.faults.lock:
+                keepalive, self.faults.keepalive_only = self.faults.keepalive_only, 0.0
+            if keepalive:
+                self._keepalive_only(req, keepalive)
+                return
+            if chaos == "drop_stream":
+                self._answer(req, models, digest, path, drop_early=True)
+            else:  # the four-argument call some tests wrap
+                self._answer(req, models, digest, path)
         finally:
             os.unlink(path)
+
+    def _keepalive_only(self, req: Request, seconds: float) -> None:
+        """Open an event stream and send nothing but comments for ``seconds``, then close it."""
+        handler = req.handler
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        deadline = time.monotonic() + seconds
+        while True:
+            handler.wfile.write(b": keep-alive\n\n")
+            handler.wfile.flush()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(self.faults.keepalive_interval, left))  # sleep-ok: emulating an idle stream
 
     def _receive(self, req: Request) -> tuple[bytes, str]:
         """Stream the body to a temp file (the emulator, too, never holds audio in memory)."""
@@ -176,7 +231,8 @@ class AnalysisEmulator:
             self.bytes_received += size
         return sha.digest(), path
 
-    def _answer(self, req: Request, models: list[str], digest: bytes, path: str) -> None:
+    def _answer(self, req: Request, models: list[str], digest: bytes, path: str, *, drop_early: bool = False) -> None:
+        """The event stream; ``drop_early`` (chaos) drops the connection after the first result."""
         local = _local_results(path, models) if self.use_local else None
         handler = req.handler
         handler.send_response(200)
@@ -215,6 +271,7 @@ class AnalysisEmulator:
                 drop = self.faults.drop_after is not None and completed >= self.faults.drop_after
                 if drop:
                     self.faults.drop_after = None
+            drop = drop or drop_early
             if drop:
                 req.abort_connection()
                 return

@@ -23,11 +23,15 @@ from typing import IO, Any
 
 from watcher.audiofile import sniff_format
 from watcher.emulator import audio_processing as proc
+from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, STORAGE_FAULTS, Chaos, Ledger
 from watcher.emulator.server import App, HTTPServerThread, Request
 from watcher.services.multipart import MultipartParser
 
 KIND_OF_VERSION = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
 JOB_ROUTES = {"upscaled": "POST /upscale-audio", "mastered": "POST /master-audio", "stem_split": "POST /create-stems"}
+OPERATION_OF_KIND = {"upscaled": "restore", "mastered": "master", "stem_split": "stems"}  # as billed
+PAID_ROUTES = ("POST /from-file", *JOB_ROUTES.values())
+HOSTILE_STEM_NAMES = ("../../escape", "/abs/evil", "a/b", "..", "")  # hostile_stem_names serves these
 SOURCE_FIELDS = ("stem_id", "mastered_id", "upscaled_id", "audio_id")  # most specific first
 
 
@@ -48,6 +52,7 @@ class ProcessingFaults:
     failed_kinds: set[str] = field(default_factory=set)  # audio, upscaled, mastered, stem_split -> is_failed
     polls_needed: int = 1  # status polls answered "in progress" before a job completes
     polls_by_kind: dict[str, int] = field(default_factory=dict)  # per-kind override of polls_needed
+    complete_after: float | None = None  # seconds after which a job completes even if nobody polled it
     email_queued: int = 0  # archive requests answered with email_notification_queued and no URL
     archive_incomplete: int = 0  # archive zips missing one requested file, flagged archive_incomplete
     expired_urls: int = 0  # storage GETs refused as for an expired signature
@@ -57,6 +62,12 @@ class ProcessingFaults:
     truncate_downloads: int = 0  # storage GETs that send half the body, then drop the connection
     zip_attack: str | None = None  # one of audio_processing.ATTACKS
     zip_bomb_bytes: int = 64 << 20  # uncompressed size of the "oversized" entry
+    no_id: dict[str, int] = field(default_factory=dict)  # route -> 200 {"status": "ok"} without the ID, no work
+    malformed_status: int = 0  # GET /status answers that are 200 with a body that is not JSON
+    hostile_stem_names: bool = False  # stem names in status_details become HOSTILE_STEM_NAMES
+    redirect_to: str | None = None  # every GET /download answers 307 with this Location
+    not_ready_archive: int = 0  # POST /download-archive answers 409 "archive not ready yet"
+    reject_uploads: set[str] = field(default_factory=set)  # uploads whose file name contains one of these: 422
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, table: dict[str, int], route: str) -> bool:
@@ -99,15 +110,29 @@ class Obj:
     stems_from: str = ""  # stem_split: the kind of object it split
     parent: str = ""  # stem: its stem_split's ID
     failed: str | None = None  # error message once the job is known to fail
+    created: float = field(default_factory=time.monotonic)
 
 
 class NeuralAnalogEmulator:
-    """State of the emulated service; ``app`` is the API, ``storage_app`` the signed-URL host."""
+    """State of the emulated service; ``app`` is the API, ``storage_app`` the signed-URL host.
 
-    def __init__(self, storage_url: Callable[[], str] | str = "", *, api_key: str | None = None) -> None:
+    ``ledger`` counts, per original upload's sha256, each ``upload``, ``restore``, ``master`` and ``stems``
+    request whose work was done, even when its answer was then lost; refusals before any work are not counted.
+    """
+
+    def __init__(
+        self,
+        storage_url: Callable[[], str] | str = "",
+        *,
+        api_key: str | None = None,
+        ledger: Ledger | None = None,
+        chaos: Chaos | None = None,
+    ) -> None:
         self.storage_url = storage_url
         self.api_key = api_key
         self.faults = ProcessingFaults()
+        self.ledger = ledger or Ledger()
+        self.chaos = chaos or Chaos()
         self.objects: dict[str, Obj] = {}
         self.signed: dict[str, tuple[Path, float | None]] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="watcher-emulator-"))
@@ -146,6 +171,8 @@ class NeuralAnalogEmulator:
             self.faults = ProcessingFaults()
             self.objects.clear()
             self.signed.clear()
+        self.ledger.clear()
+        self.chaos.clear()
         for child in self.workdir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
@@ -157,30 +184,37 @@ class NeuralAnalogEmulator:
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    def _guard(self, req: Request, route: str) -> bool:
-        """Auth and injected status faults; True when the request was answered already."""
+    def _guard(self, req: Request, route: str) -> str | None:
+        """Auth and injected faults. Returns ``"answered"`` when the request was answered already,
+        ``"lose_answer"`` when chaos chose to lose this paid request's answer after its work, else None."""
         if self.api_key is not None and req.headers.get("X-API-Key") != self.api_key:
             req.drain()
             req.send_json(401, {"detail": "Invalid API key"})
-            return True
-        if self.faults.take(self.faults.status_429, route):
+            return "answered"
+        chaos = self.chaos.draw(route, PAID_POST_FAULTS if route in PAID_ROUTES else REFUSALS)
+        if self.faults.take(self.faults.status_429, route) or chaos == "429":
+            retry_after = self.chaos.retry_after if chaos else self.faults.retry_after
             req.drain()
-            req.send_json(429, {"detail": "Too Many Requests"}, {"Retry-After": f"{self.faults.retry_after:g}"})
-            return True
-        if self.faults.take(self.faults.status_500, route):
+            req.send_json(429, {"detail": "Too Many Requests"}, {"Retry-After": f"{retry_after:g}"})
+            return "answered"
+        if self.faults.take(self.faults.status_500, route) or chaos == "500":
             req.drain()
             req.send_json(500, {"detail": "Internal Server Error"})
-            return True
-        status = self.faults.next_status(route)
+            return "answered"
+        status = 503 if chaos == "503" else self.faults.next_status(route)
         if status is not None:
             req.drain()
             req.send_json(status, {"detail": f"emulated HTTP {status}"})
-            return True
-        return False
+            return "answered"
+        if route in PAID_ROUTES and self.faults.take(self.faults.no_id, route):
+            req.drain()
+            req.send_json(200, {"status": "ok"})
+            return "answered"
+        return chaos
 
-    def _answer(self, req: Request, route: str, payload: dict[str, Any]) -> None:
-        """Send the answer, unless the fault says the work is done but the answer gets lost."""
-        if self.faults.take(self.faults.lose_answer, route):
+    def _answer(self, req: Request, route: str, payload: dict[str, Any], lose: bool = False) -> None:
+        """Send the answer, unless a fault (or ``lose``) says the work is done but the answer gets lost."""
+        if self.faults.take(self.faults.lose_answer, route) or lose:
             req.abort_connection()
             return
         req.send_json(200, payload)
@@ -199,6 +233,9 @@ class NeuralAnalogEmulator:
         """Whether the job has finished (completed or failed); stems finish with their split."""
         if obj.kind == "stem":
             return self._done(self.objects[obj.parent])
+        after = self.faults.complete_after
+        if after is not None and time.monotonic() - obj.created >= after:
+            return True  # a real service finishes work whether or not anyone asks about it
         return obj.waited >= self.faults.polls_by_kind.get(obj.kind, self.faults.polls_needed)
 
     def _error(self, obj: Obj) -> str | None:
@@ -212,7 +249,8 @@ class NeuralAnalogEmulator:
 
     def _upload(self, req: Request) -> None:
         route = "POST /from-file"
-        if self._guard(req, route):
+        guard = self._guard(req, route)
+        if guard == "answered":
             return
         boundary = req.headers.get("Content-Type", "").partition("boundary=")[2].strip().strip('"')
         audio_id = self._new_id()
@@ -253,6 +291,12 @@ class NeuralAnalogEmulator:
         if part is None:
             req.send_json(422, {"detail": [{"loc": ["body", "audio"], "msg": "field required"}]})
             return
+        name = part.filename or ""
+        refused = next((r for r in sorted(self.faults.reject_uploads) if r in name), None)
+        if refused is not None:
+            dest.unlink(missing_ok=True)
+            req.send_json(422, {"detail": f"audio: the file {name!r} was refused (it contains {refused!r})"})
+            return
         obj = Obj("audio", dest, part.filename or "audio", audio_id, sha256=part.sha256, size=part.size)
         obj.params = dict(parser.fields)
         with dest.open("rb") as fh:
@@ -260,11 +304,14 @@ class NeuralAnalogEmulator:
                 obj.failed = "the file could not be decoded as audio (emulated check)"
         with self._lock:
             self.objects[audio_id] = obj
-        self._answer(req, route, {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"})
+        self.ledger.bill(obj.sha256, "upload")
+        payload = {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"}
+        self._answer(req, route, payload, lose=guard == "lose_answer")
 
     def _job(self, kind: str, route: str) -> Callable[[Request], None]:
         def handle(req: Request) -> None:
-            if self._guard(req, route):
+            guard = self._guard(req, route)
+            if guard == "answered":
                 return
             body = req.json()
             source_field = next((k for k in SOURCE_FIELDS if body.get(k)), None)
@@ -296,12 +343,17 @@ class NeuralAnalogEmulator:
                         self.objects[stem_id] = Obj("stem", f, f.stem, source.audio_id, parent=new_id)
             with self._lock:
                 self.objects[new_id] = obj
-            self._answer(req, route, {"creation_id": new_id} if kind == "stem_split" else {"id": new_id})
+            self.ledger.bill(self.objects[source.audio_id].sha256, OPERATION_OF_KIND[kind])
+            payload = {"creation_id": new_id} if kind == "stem_split" else {"id": new_id}
+            self._answer(req, route, payload, lose=guard == "lose_answer")
 
         return handle
 
     def _status(self, req: Request) -> None:
-        if self._guard(req, "GET /status"):
+        if self._guard(req, "GET /status") == "answered":
+            return
+        if self.faults.take_count("malformed_status"):
+            req.send_bytes(200, b'{"object_type": "audio", "status": "compl', "application/json")
             return
         object_id = req.param("id")
         obj = self.objects.get(object_id)
@@ -317,7 +369,11 @@ class NeuralAnalogEmulator:
         complete = done and error is None
         details: dict[str, Any] = {"emulated": True, "polls": obj.polls}
         if obj.stems and complete:
-            details["stems"] = [{"stem_id": s, "name": n} for s, n in obj.stems]
+            hostile = self.faults.hostile_stem_names
+            details["stems"] = [
+                {"stem_id": s, "name": HOSTILE_STEM_NAMES[i % len(HOSTILE_STEM_NAMES)] if hostile else n}
+                for i, (s, n) in enumerate(obj.stems)
+            ]
         req.send_json(
             200,
             {
@@ -334,9 +390,12 @@ class NeuralAnalogEmulator:
         )
 
     def _archive(self, req: Request) -> None:
-        if self._guard(req, "POST /download-archive"):
+        if self._guard(req, "POST /download-archive") == "answered":
             return
         body = req.json()
+        if self.faults.take_count("not_ready_archive"):
+            req.send_json(409, {"detail": "archive not ready yet"})
+            return
         versions = [str(v) for v in body.get("versions") or []]
         ids = [str(i) for i in (body.get("ids") or ([body["id"]] if body.get("id") else []))]
         problem = self._archive_problem(versions, ids)
@@ -424,7 +483,10 @@ class NeuralAnalogEmulator:
         return found[-1] if found else None
 
     def _download(self, req: Request) -> None:
-        if self._guard(req, "GET /download"):
+        if self._guard(req, "GET /download") == "answered":
+            return
+        if self.faults.redirect_to is not None:
+            req.redirect(self.faults.redirect_to)
             return
         obj = self.objects.get(req.param("id"))
         if obj is None or obj.kind != req.param("kind") or obj.kind == "stem_split":
@@ -436,6 +498,10 @@ class NeuralAnalogEmulator:
         req.redirect(self._sign(obj.path))
 
     def _signed(self, req: Request) -> None:
+        chaos = self.chaos.draw("GET /signed", STORAGE_FAULTS)
+        if chaos is not None:
+            req.send_bytes(int(chaos), f"<Error><Code>Emulated{chaos}</Code></Error>".encode(), "application/xml")
+            return
         with self._lock:
             path, expires = self.signed.get(req.param("token"), (None, None))
         f = self.faults

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 KEY_RATE = 44100.0  # KeyExtractor and RhythmExtractor2013 are tuned for (and the latter requires) 44.1 kHz
-MIN_TEMPO_SECONDS = 6.0  # below this a tempo rests on a handful of beats; a 1 s clip reads 0 BPM
+MIN_BEATS = 4  # fewer beats than this cannot support a tempo
 MIN_LOUDNESS_SECONDS = 0.4  # one EBU R128 momentary block
 SILENT_BLOCK_LUFS = -300.0  # Essentia gives -300.691 LUFS for a block whose every sample is zero
 AVAILABLE = "key, bpm_degara, loudness-ebur128"
@@ -191,14 +191,23 @@ def _shape(pool: Any, names: set[str]) -> dict[str, dict[str, Any] | str]:
         bpm = float(pool["rhythm.bpm"]) if pool.containsKey("rhythm.bpm") else 0.0
         if mono_silent:
             out["bpm_degara"] = silent.format("tempo")
-        elif seconds < MIN_TEMPO_SECONDS:
-            out["bpm_degara"] = f"too short for tempo ({seconds:.1f} s; at least {MIN_TEMPO_SECONDS:.0f} s are needed)"
-        elif bpm <= 0:
-            out["bpm_degara"] = "no beat was found"
         else:
             ticks = [float(t) for t in _vector(pool, "rhythm.ticks")]
-            out["bpm_degara"] = {"bpm": bpm, "beat_positions": ticks}
+            problem = _degenerate_tempo(bpm, ticks, seconds)
+            out["bpm_degara"] = problem or {"bpm": bpm, "beat_positions": ticks}
     return out
+
+
+def _degenerate_tempo(bpm: float, ticks: list[float], seconds: float) -> str | None:
+    """Why a tempo result cannot be trusted (0 BPM, fewer than MIN_BEATS beats), or None when it can."""
+    if bpm <= 0:
+        return f"no beat was found in {seconds:.1f} s of audio (the tempo model gave 0 BPM)"
+    if len(ticks) < MIN_BEATS:
+        return (
+            f"only {len(ticks)} beat{'s' if len(ticks) != 1 else ''} found in {seconds:.1f} s of audio; "
+            f"a tempo needs at least {MIN_BEATS}"
+        )
+    return None
 
 
 def _vector(pool: Any, key: str) -> Any:

@@ -234,11 +234,11 @@ class ServiceHTTP:
                         raise_for_status(response, self.service)
                     yield response
             except WatcherError as exc:
-                outcome = exc.kind
+                outcome = exc.code
                 raise
             except (httpx.HTTPError, httpx.StreamError) as exc:
                 translated = translate_transport_error(exc, self.service)
-                outcome = translated.kind
+                outcome = translated.code
                 raise translated from exc
             finally:
                 _notify(self.service, method, time.monotonic() - started, outcome, sent if outcome == "ok" else 0)

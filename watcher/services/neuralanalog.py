@@ -19,15 +19,19 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 import structlog
 
-from watcher.errors import ExpiredURL, Malformed, NeedsUser, NotSent, Rejected, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir
+from watcher.errors import BadInput, ExpiredURL, Malformed, NotSent, Rejected, RetryLater
+from watcher.fsutil import PRIVATE_FILE, TEMP_PREFIX, chmod_quietly, file_mode, fsync_dir, safe_component
+from watcher.names import display
+from watcher.safezip import TooLarge
 from watcher.services.http import (
     AudioSource,
     HttpPolicy,
@@ -37,7 +41,7 @@ from watcher.services.http import (
 )
 from watcher.services.multipart import MultipartBody
 
-__all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnalogClient"]
+__all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnalogClient", "RefusedRedirect"]
 
 log = structlog.get_logger("watcher.processing")
 SERVICE = "processing service"
@@ -45,6 +49,13 @@ STORAGE = "storage host"
 REDIRECTS = (301, 302, 303, 307, 308)
 TRACK_VERSIONS = ("original", "restored", "mastered")
 CHUNK = 1 << 20
+MAX_HOPS = 5
+
+
+class RefusedRedirect(BadInput):
+    """A download was sent somewhere it must not go (not https, not the service's host, too many hops)."""
+
+    kind = "bad_input"
 
 
 @dataclass(frozen=True)
@@ -89,12 +100,12 @@ class NeuralAnalogClient:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
         p = self.http.policy
-        # Storage gets its own client with no default headers, so no credential can leak there. It may
-        # follow storage's own redirects: nothing secret travels with them.
+        # Storage gets its own client with no default headers, so no credential can leak there. Its
+        # redirects are followed by hand, each target checked (https, or the service's own host).
         self.storage = httpx.AsyncClient(
             timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
             transport=storage_transport,
-            follow_redirects=True,
+            follow_redirects=False,
         )
 
     async def aclose(self) -> None:
@@ -200,7 +211,12 @@ class NeuralAnalogClient:
         """
         details = (await self.status("stem_split", creation_id)).status_details or {}
         stems = details.get("stems", []) if isinstance(details, dict) else []
-        return [(str(s["stem_id"]), str(s.get("name") or s["stem_id"])) for s in stems if "stem_id" in s]
+        # Names come from the network: one safe file name each, or "" for the caller to name.
+        return [
+            (str(s["stem_id"]), safe_component(str(s.get("name") or ""), ""))
+            for s in stems
+            if isinstance(s, dict) and "stem_id" in s
+        ]
 
     # -- downloads -----------------------------------------------------------------------------------------
 
@@ -253,22 +269,32 @@ class NeuralAnalogClient:
             extra={k: v for k, v in data.items() if k not in known},
         )
 
-    async def download_archive(self, url: str, dest: Path) -> int:
+    async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int:
         """Stream a zip from its signed URL to ``dest`` (atomically); returns its size.
 
-        ExpiredURL when storage refuses the URL (ask for a fresh archive); RetryLater when it arrives short.
+        ExpiredURL when storage refuses the URL (ask for a fresh archive); RetryLater when it arrives short;
+        TooLarge when it announces or sends more than ``max_bytes``.
         """
-        return await self._from_storage(url, dest)
+        self._check_url(url, dest)
+        return await self._from_storage(url, dest, max_bytes)
 
     async def download_object(
-        self, kind: str, object_id: str, dest: Path, format: str = "wav", *, track: bool = False, fresh_urls: int = 2
+        self,
+        kind: str,
+        object_id: str,
+        dest: Path,
+        format: str = "wav",
+        *,
+        track: bool = False,
+        fresh_urls: int = 2,
+        max_bytes: int | None = None,
     ) -> int:
         """``GET /download/{kind}/{id}``: follow the 307 to storage without the key, stream to ``dest``.
 
-        An expired signed URL is asked for again up to ``fresh_urls`` times before ExpiredURL is raised.
-        Returns the bytes written.
+        An expired signed URL is asked for again up to ``fresh_urls`` times before ExpiredURL is raised;
+        more than ``max_bytes`` (announced or sent) is TooLarge. Returns the bytes written.
         """
-        path = f"/download/{kind}/{object_id}"
+        path = f"/download/{quote(kind, safe='')}/{quote(object_id, safe='')}"
         params = {"format": format, "track": "true" if track else "false"}
         for ask in range(fresh_urls + 1):
             location: str | None = None
@@ -277,37 +303,65 @@ class NeuralAnalogClient:
                     async with self.http.stream("GET", path, params=params) as response:
                         if response.status_code not in REDIRECTS:
                             if response.status_code == 200:  # served directly by the API: take it
-                                return await _write_body(response, dest, SERVICE)
-                            raise NeedsUser(f"{SERVICE} answered {response.status_code} to GET {path}, not a 307")
+                                return await _write_body(response, dest, SERVICE, max_bytes)
+                            raise Malformed(f"{SERVICE} answered {response.status_code} to GET {path}, not a 307")
                         location = response.headers.get("Location")
                         if not location:
-                            raise NeedsUser(f"{SERVICE} answered {response.status_code} without a Location")
+                            raise Malformed(f"{SERVICE} answered {response.status_code} without a Location")
                         location = str(response.url.join(location))
+                        self._check_url(location, dest)
             assert location is not None
             try:
-                return await self._from_storage(location, dest)
+                return await self._from_storage(location, dest, max_bytes)
             except ExpiredURL:
                 if ask == fresh_urls:
                     raise
-                log.info("download.url_expired", path=str(dest), object=f"{kind}/{object_id}", next="asking again")
+                log.info("download.url_expired", path=display(dest), object=f"{kind}/{object_id}", next="asking again")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _from_storage(self, url: str, dest: Path) -> int:
+    def _check_url(self, url: str, dest: Path) -> None:
+        """RefusedRedirect unless ``url`` is https, or on the service's own scheme and host (a loopback emulator)."""
+        parts = httpx.URL(url)
+        base = self.http.client.base_url
+        if parts.scheme == "https" or (parts.scheme, parts.host) == (base.scheme, base.host):
+            return
+        raise RefusedRedirect(
+            f"the download of {display(dest.name)} was sent to {parts.scheme}://{parts.host}, which is neither "
+            f"https nor the service's own host ({base.scheme}://{base.host}); not followed, this file is not delivered"
+        )
+
+    async def _from_storage(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
         """GET ``url`` from storage with no credentials; 5xx and dropped transfers are retried here."""
         expired: ExpiredURL | None = None
         async for attempt in self.http.retrying():
             with attempt:
                 try:
-                    return await self._storage_once(url, dest)
+                    return await self._storage_once(url, dest, max_bytes)
                 except ExpiredURL as exc:  # not retried here: the same URL will not work again
                     expired = exc
         assert expired is not None
         raise expired
 
-    async def _storage_once(self, url: str, dest: Path) -> int:
+    async def _storage_once(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
+        """One GET of a signed URL, following at most MAX_HOPS redirects by hand (each URL checked first)."""
+        for _hop in range(MAX_HOPS + 1):
+            self._check_url(url, dest)
+            got = await self._storage_get(url, dest, max_bytes)
+            if isinstance(got, int):
+                return got
+            url = got
+        raise RefusedRedirect(
+            f"{STORAGE} redirected the download of {display(dest.name)} more than {MAX_HOPS} times; "
+            "not followed further, this file is not delivered"
+        )
+
+    async def _storage_get(self, url: str, dest: Path, max_bytes: int | None) -> int | str:
+        """The bytes written, or the next URL when storage redirects."""
         try:
             async with self.storage.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
                 status = response.status_code
+                if status in REDIRECTS and response.headers.get("Location"):
+                    return str(response.url.join(response.headers["Location"]))
                 if status in (408, 425, 429) or status >= 500:
                     raise RetryLater(
                         f"{STORAGE} answered HTTP {status}",
@@ -316,33 +370,45 @@ class NeuralAnalogClient:
                     )
                 if status >= 400:  # 403/404/410 (and S3's or GCS's 400): the signature is no good any more
                     raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
-                return await _write_body(response, dest, STORAGE)
+                return await _write_body(response, dest, STORAGE, max_bytes)
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise translate_transport_error(exc, STORAGE) from exc
 
 
-async def _write_body(response: httpx.Response, dest: Path, source: str) -> int:
+async def _write_body(response: httpx.Response, dest: Path, source: str, max_bytes: int | None = None) -> int:
     """Stream a response body to a temp file beside ``dest``, check its length, fsync, rename into place.
 
-    A short body (Content-Length not met, or a dropped connection) is RetryLater; the temp file is removed.
+    A short body (Content-Length not met, or a dropped connection) is RetryLater; more than ``max_bytes``
+    (announced by Content-Length, or counted while writing) is TooLarge. The temp file is removed either way.
     """
+    expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
+    if max_bytes is not None and expected is not None and expected.isdigit() and int(expected) > max_bytes:
+        raise TooLarge(
+            f"{source} announced {expected} bytes for {display(dest.name)}, more than the {max_bytes} bytes its "
+            "source can justify; nothing was written, the file is not delivered"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
-    expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
     written = 0
-    fh: IO[bytes] = await asyncio.to_thread(tmp.open, "xb")
+    fh: IO[bytes] = await asyncio.to_thread(_open_private, tmp)
     try:
         try:
             async for chunk in response.aiter_bytes(CHUNK):
-                await asyncio.to_thread(fh.write, chunk)
                 written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    raise TooLarge(
+                        f"{source} sent more than {max_bytes} bytes for {display(dest.name)}, more than its source "
+                        "can justify; the partial file was removed, the file is not delivered"
+                    )
+                await asyncio.to_thread(fh.write, chunk)
             await asyncio.to_thread(_flush, fh)
         finally:
             fh.close()
         if expected is not None and expected.isdigit() and int(expected) != response.num_bytes_downloaded:
             raise RetryLater(f"{source} sent {response.num_bytes_downloaded} of {expected} bytes of {dest.name}")
         await asyncio.to_thread(_place, tmp, dest)
-        log.debug("download.written", path=str(dest), bytes=written)
+        served_as = disposition_name(response.headers.get("Content-Disposition"), "")
+        log.debug("download.written", path=display(dest), bytes=written, served_as=served_as or None)
         return written
     except (httpx.HTTPError, httpx.StreamError) as exc:
         raise translate_transport_error(exc, source) from exc
@@ -359,11 +425,31 @@ def _not_ready(exc: Rejected) -> bool:
     )
 
 
+def disposition_name(value: str | None, fallback: str) -> str:
+    """The file name a ``Content-Disposition`` header suggests, as one safe name (for logs, never a path)."""
+    if not value:
+        return safe_component("", fallback)
+    msg = Message()
+    msg["Content-Disposition"] = value
+    try:
+        name = msg.get_filename() or ""
+    except (ValueError, LookupError):
+        name = ""
+    return safe_component(str(name), fallback)
+
+
 def _flush(fh: IO[bytes]) -> None:
     fh.flush()
     os.fsync(fh.fileno())
 
 
+def _open_private(tmp: Path) -> IO[bytes]:
+    """A new temp file only we can read (0600) until it is complete and renamed."""
+    return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
+
+
 def _place(tmp: Path, dest: Path) -> None:
+    """Rename the finished temp file into place with the output mode (the umask's)."""
+    chmod_quietly(tmp, file_mode())
     os.replace(tmp, dest)
     fsync_dir(dest.parent)

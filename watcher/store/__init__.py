@@ -1,7 +1,7 @@
 """The durable store: SQLite in WAL mode, the single source of truth for every file version and its jobs.
 
 One row per file version (path, size, mtime, inode, content hash), one job per version and pipeline
-(``analyze``, ``archive``) with its stage, attempts, next attempt, last error and the IDs services returned,
+(``analyze``, ``archive``) with its step, state, attempts, next attempt, lease and last error,
 a content-addressed cache of analysis results, and the gate every paid operation passes (with its spend
 ledger). Stages use it through claim (with a lease), commit and release, and the gate; it knows nothing of
 the services.
@@ -14,9 +14,10 @@ from watcher.store.control import ControlMixin
 from watcher.store.core import LeaseLost, StoreBase
 from watcher.store.gate import GateMixin, next_utc_midnight, utc_day
 from watcher.store.models import FileVersion, Job, Operation, Problem, StoredResult, Ticket
-from watcher.store.schema import TERMINAL
+from watcher.store.schema import STATES, TERMINAL
 
 __all__ = [
+    "STATES",
     "TERMINAL",
     "FileVersion",
     "Job",

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem
-from watcher.store.schema import TERMINAL
 
 if TYPE_CHECKING:
     from watcher.store.core import StoreBase
@@ -65,34 +64,33 @@ class ControlMixin(_Base):
     # -- reporting and control -------------------------------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Jobs per kind and stage, for the current versions of files."""
+        """Jobs of the current file versions per pipeline and state."""
         out: dict[str, dict[str, int]] = {}
         with self._lock:
             for row in self._db.execute(
-                "SELECT j.kind, j.stage, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
-                "WHERE f.current=1 GROUP BY j.kind, j.stage ORDER BY j.kind, j.stage"
+                "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
+                "WHERE f.current=1 GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
             ):
-                out.setdefault(row["kind"], {})[row["stage"]] = row["n"]
+                out.setdefault(row["pipeline"], {})[row["state"]] = row["n"]
         return out
 
     def problems(self) -> list[Problem]:
-        """Current versions whose jobs failed, or are waiting to retry after an error."""
+        """Current versions whose jobs failed, are held in doubt, or wait to retry after an error."""
         with self._lock:
             rows = self._db.execute(
-                _JOB_SELECT + "WHERE f.current=1 AND (j.stage='failed' OR (j.last_error IS NOT NULL "
-                f"AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}))) ORDER BY f.path, j.kind",
-                tuple(TERMINAL),
+                _JOB_SELECT + "WHERE f.current=1 AND (j.state IN ('failed', 'in_doubt') OR (j.last_error IS NOT NULL "
+                "AND j.state='pending')) ORDER BY f.path, j.pipeline"
             ).fetchall()
-        held = ("in_doubt",)
         return [
             Problem(
                 path=from_db(r["path"]),
-                kind=r["kind"],
-                stage=r["stage"],
-                error_kind=r["error_kind"],
+                pipeline=r["pipeline"],
+                step=r["step"],
+                state=r["state"],
+                error_code=r["error_code"],
                 error=r["last_error"],
                 attempts=r["attempts"],
-                next_attempt_at=None if r["stage"] in TERMINAL or r["error_kind"] in held else r["next_attempt_at"],
+                next_attempt_at=r["next_attempt_at"] if r["state"] == "pending" else None,
                 data=json.loads(r["data"]),
             )
             for r in rows
@@ -101,13 +99,13 @@ class ControlMixin(_Base):
     def jobs_of_file(self, file_id: int) -> list[Job]:
         """Every job of one file version."""
         with self._lock:
-            rows = self._db.execute(_JOB_SELECT + "WHERE f.id=? ORDER BY j.kind", (file_id,)).fetchall()
+            rows = self._db.execute(_JOB_SELECT + "WHERE f.id=? ORDER BY j.pipeline", (file_id,)).fetchall()
         return [self._job(r) for r in rows]
 
     def jobs_of_current(self) -> list[Job]:
         """Every job of every current file version (for the per-file view of `watcher status`)."""
         with self._lock:
-            rows = self._db.execute(_JOB_SELECT + "WHERE f.current=1 ORDER BY f.path, j.kind").fetchall()
+            rows = self._db.execute(_JOB_SELECT + "WHERE f.current=1 ORDER BY f.path, j.pipeline").fetchall()
         return [self._job(r) for r in rows]
 
     def retry(
@@ -116,32 +114,24 @@ class ControlMixin(_Base):
         paths: Iterable[str] | None = None,
         failed: bool = False,
         in_doubt: bool = False,
-        restart_stage: dict[str, str],
     ) -> int:
-        """Make jobs of current versions due now: those under ``paths`` that failed, wait or are held, every failed
-        one (``failed``), every one held in doubt (``in_doubt``). A held job's in-doubt operations may be sent again
-        (each re-send is counted by the gate). ``restart_stage`` maps a pipeline to the stage a failed job restarts
-        from when it did not record one. Returns how many jobs were reset."""
+        """Make jobs of current versions due now, at the step they stopped at: those under ``paths`` that failed,
+        wait or are held, every failed one (``failed``), every one held in doubt (``in_doubt``). A held job's
+        operations may be sent again (each re-send is counted by the gate). Returns how many jobs were reset."""
         now = time.time()
         changed = 0
         with self._tx() as db:
-            sql = _JOB_SELECT + "WHERE f.current=1"
+            sql = _JOB_SELECT + "WHERE f.current=1 AND j.state IN ('pending', 'failed', 'in_doubt')"
             args: list[Any] = []
             if paths is not None:
                 plist = list(paths)
                 sql += f" AND f.path IN ({','.join('?' * len(plist))})"
                 args.extend(to_db(p) for p in plist)
             for row in db.execute(sql, args).fetchall():
-                is_failed = row["stage"] == "failed"
-                held = row["error_kind"] == "in_doubt"
-                waiting = row["stage"] not in TERMINAL
-                by_path = paths is not None and (is_failed or waiting)
-                if not (by_path or (failed and is_failed) or (in_doubt and held)):
+                held = row["state"] == "in_doubt"
+                if paths is None and not ((failed and row["state"] == "failed") or (in_doubt and held)):
                     continue
                 data = json.loads(row["data"])
-                stage = row["stage"]
-                if is_failed:
-                    stage = data.get("failed_in") or restart_stage.get(row["kind"], "pending")
                 for key in (data.pop("in_doubt", None) or {}).get("keys", []) if held else []:
                     db.execute(
                         "UPDATE operations SET state='reask', updated_at=? WHERE state='in_doubt' AND sha256=? "
@@ -149,9 +139,9 @@ class ControlMixin(_Base):
                         (now, *key),
                     )
                 db.execute(
-                    "UPDATE jobs SET stage=?, attempts=0, next_attempt_at=?, last_error=NULL, error_kind=NULL, "
+                    "UPDATE jobs SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL, error_code=NULL, "
                     "data=?, updated_at=? WHERE id=?",
-                    (stage, now, json.dumps(data), now, row["id"]),
+                    (now, json.dumps(data), now, row["id"]),
                 )
                 changed += 1
         return changed

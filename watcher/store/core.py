@@ -13,9 +13,7 @@ from typing import Any
 
 from watcher.names import to_db
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
-from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
-
-HELD = 1e15  # next_attempt_at of a job held for the user (in doubt): never due until `watcher retry`
+from watcher.store.schema import _NOT_PAUSED, SCHEMA, STATES, TERMINAL
 
 
 class LeaseLost(Exception):
@@ -106,7 +104,7 @@ class StoreBase:
         jobs: Iterable[tuple[str, str]],
         now: float | None = None,
     ) -> tuple[int, bool]:
-        """Record a settled file version and its jobs ``(kind, first stage)``; (file id, whether new).
+        """Record a settled file version and its jobs ``(pipeline, first step)``; (file id, whether new).
 
         Older versions of the same path stop being current and their unfinished jobs become superseded.
         """
@@ -122,9 +120,9 @@ class StoreBase:
             for file_id in old:
                 db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
                 db.execute(
-                    "UPDATE jobs SET stage='superseded', lease_owner=NULL, lease_until=NULL, updated_at=?, "
+                    "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=?, "
                     "last_error='a newer version of the file arrived' "
-                    f"WHERE file_id=? AND stage NOT IN ({','.join('?' * len(TERMINAL))})",
+                    f"WHERE file_id=? AND state NOT IN ({_TERMINAL_MARKS})",
                     (now, file_id, *TERMINAL),
                 )
             cur = db.execute(
@@ -133,10 +131,11 @@ class StoreBase:
                 (to_db(folder), to_db(path), to_db(rel_path), size, mtime_ns, inode, now),
             )
             file_id = int(cur.lastrowid or 0)
-            for kind, stage in jobs:
+            for pipeline, step in jobs:
                 db.execute(
-                    "INSERT INTO jobs (file_id, kind, stage, next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                    (file_id, kind, stage, now, now),
+                    "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?)",
+                    (file_id, pipeline, step, now, now),
                 )
             return file_id, True
 
@@ -153,16 +152,15 @@ class StoreBase:
 
     # -- jobs -----------------------------------------------------------------------------------------
 
-    def claim(self, kind: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
-        """Take the most overdue unleased job of ``kind``, leasing it to ``owner``; None when nothing is due."""
+    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
+        """Take the most overdue unleased pending job of ``pipeline``, leased to ``owner``; None when none is due."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                _JOB_SELECT + f"WHERE j.kind=? AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}) "
-                "AND j.next_attempt_at <= ? AND (j.lease_until IS NULL OR j.lease_until < ?) "
-                + _NOT_PAUSED
-                + "ORDER BY j.next_attempt_at, j.id LIMIT 1",
-                (kind, *TERMINAL, now, now),
+                _JOB_SELECT + "WHERE j.pipeline=? AND j.state='pending' AND j.next_attempt_at <= ? "
+                "AND (j.lease_until IS NULL OR j.lease_until < ?) " + _NOT_PAUSED + "ORDER BY j.next_attempt_at, j.id "
+                "LIMIT 1",
+                (pipeline, now, now),
             ).fetchone()
             if row is None:
                 return None
@@ -177,13 +175,14 @@ class StoreBase:
     def _job(self, row: sqlite3.Row) -> Job:
         return Job(
             id=row["id"],
-            kind=row["kind"],
-            stage=row["stage"],
+            pipeline=row["pipeline"],
+            step=row["step"],
+            state=row["state"],
             attempts=row["attempts"],
             data=json.loads(row["data"]),
             file=_version(row),
             last_error=row["last_error"],
-            error_kind=row["error_kind"],
+            error_code=row["error_code"],
         )
 
     def get_job(self, job_id: int) -> Job | None:
@@ -191,15 +190,15 @@ class StoreBase:
             row = self._db.execute(_JOB_SELECT + "WHERE j.id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
-    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None:
-        """Persist progress on a claimed job (new stage and/or data keys) before anything else happens."""
-        if stage is not None:
-            job.stage = stage
+    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+        """Persist progress on a claimed job (its next step and/or data keys) before anything else happens."""
+        if step is not None:
+            job.step = step
         job.data.update(data)
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET stage=?, data=?, updated_at=? WHERE id=?" + _FENCE,
-                (job.stage, json.dumps(job.data), time.time(), job.id, job.owner, *_DEAD),
+                "UPDATE jobs SET step=?, data=?, updated_at=? WHERE id=?" + _FENCE,
+                (job.step, json.dumps(job.data), time.time(), job.id, job.owner, *_DEAD),
             )
             _fenced(cur, job)
 
@@ -207,29 +206,33 @@ class StoreBase:
         self,
         job: Job,
         *,
-        stage: str | None = None,
+        state: str = "pending",
+        step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
-        error_kind: str | None = None,
+        error_code: str | None = None,
         count_attempt: bool = False,
     ) -> None:
-        """Give a job back: finished (terminal stage), or scheduled for ``next_attempt_at`` with its error."""
-        if stage is not None:
-            job.stage = stage
+        """Give a job back: ended (a final ``state``), held (``in_doubt``), or pending until ``next_attempt_at``."""
+        assert state in STATES, state
+        job.state = state
+        if step is not None:
+            job.step = step
         if count_attempt:
             job.attempts += 1
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET stage=?, data=?, attempts=?, next_attempt_at=?, last_error=?, error_kind=?, "
+                "UPDATE jobs SET state=?, step=?, data=?, attempts=?, next_attempt_at=?, last_error=?, error_code=?, "
                 "lease_owner=NULL, lease_until=NULL, updated_at=? WHERE id=?" + _FENCE,
                 (
-                    job.stage,
+                    job.state,
+                    job.step,
                     json.dumps(job.data),
                     job.attempts,
                     next_attempt_at if next_attempt_at is not None else now,
                     error,
-                    error_kind,
+                    error_code,
                     now,
                     job.id,
                     job.owner,
@@ -268,24 +271,23 @@ class StoreBase:
                 cur = db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (owner,))
             return cur.rowcount
 
-    def next_due(self, kind: str) -> float | None:
-        """When the earliest unfinished, unleased job of ``kind`` is due (None: nothing pending)."""
+    def next_due(self, pipeline: str) -> float | None:
+        """When the earliest pending, unleased job of ``pipeline`` is due (None: nothing pending)."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT MIN(j.next_attempt_at) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.kind=? "
-                f"AND j.stage NOT IN ({','.join('?' * len(TERMINAL))}) AND j.lease_owner IS NULL " + _NOT_PAUSED,
-                (kind, *TERMINAL),
+                "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=? "
+                "AND j.state='pending' AND j.lease_owner IS NULL " + _NOT_PAUSED,
+                (pipeline,),
             ).fetchone()
         return row[0]
 
-    def pending(self, kind: str | None = None, paths: Iterable[str] | None = None) -> int:
-        """How many unfinished jobs there are (of one kind, for some paths)."""
-        sql = "SELECT COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.stage NOT IN "
-        sql += f"({','.join('?' * len(TERMINAL))})"
-        args: list[Any] = [*TERMINAL]
-        if kind is not None:
-            sql += " AND j.kind=?"
-            args.append(kind)
+    def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
+        """How many jobs are pending (of one pipeline, for some paths)."""
+        sql = "SELECT COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.state='pending'"
+        args: list[Any] = []
+        if pipeline is not None:
+            sql += " AND j.pipeline=?"
+            args.append(pipeline)
         if paths is not None:
             plist = list(paths)
             sql += f" AND f.path IN ({','.join('?' * len(plist))})"
@@ -306,8 +308,8 @@ class StoreBase:
                 r[0]
                 for r in db.execute(
                     f"SELECT f.id FROM files f WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
-                    f"(j.stage NOT IN ({terminal}) OR j.updated_at >= ?)) AND (f.current=0 OR NOT EXISTS "
-                    "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.stage != 'gone'))",
+                    f"(j.state NOT IN ({terminal}) OR j.updated_at >= ?)) AND (f.current=0 OR NOT EXISTS "
+                    "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.state != 'gone'))",
                     (*TERMINAL, cutoff),
                 )
             ]
@@ -321,9 +323,12 @@ class StoreBase:
 
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
 _DEAD = ("superseded", "gone")
-_FENCE = " AND lease_owner IS ? AND stage NOT IN (?, ?)"
+_FENCE = " AND lease_owner IS ? AND state NOT IN (?, ?)"
+_TERMINAL_MARKS = ",".join("?" * len(TERMINAL))
 
 
 def _fenced(cur: sqlite3.Cursor, job: Job) -> None:
     if cur.rowcount == 0:
-        raise LeaseLost(f"job {job.id} ({job.kind}) was superseded or its lease was lost; its result is not recorded")
+        raise LeaseLost(
+            f"job {job.id} ({job.pipeline}) was superseded or its lease was lost; its result is not recorded"
+        )

@@ -26,16 +26,17 @@ class FileVersion:
 
 @dataclass
 class Job:
-    """A claimed unit of work: one pipeline (``kind``) for one file version."""
+    """One pipeline for one file version: the ``step`` it stands at and its ``state`` (see store.schema)."""
 
     id: int
-    kind: str
-    stage: str
+    pipeline: str
+    step: str
+    state: str
     attempts: int
     data: dict[str, Any]
     file: FileVersion
     last_error: str | None = None
-    error_kind: str | None = None
+    error_code: str | None = None
     owner: str | None = None  # who holds the lease: commits and releases by anyone else are refused
 
 
@@ -91,9 +92,10 @@ class Problem:
     """A job that needs attention, for `watcher status`."""
 
     path: str
-    kind: str
-    stage: str
-    error_kind: str | None
+    pipeline: str
+    step: str
+    state: str
+    error_code: str | None
     error: str | None
     attempts: int
     next_attempt_at: float | None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+# A job's state: pending (due at next_attempt_at, or leased), in_doubt (held for the user), or a final one.
 TERMINAL = frozenset({"done", "failed", "skipped", "superseded", "gone"})
+STATES = frozenset({"pending", "in_doubt"}) | TERMINAL
 SCHEMA = [
     # version 1
     """
@@ -124,6 +126,24 @@ SCHEMA = [
     );
     UPDATE results SET backend = 'legacy:' || backend;
     CREATE INDEX jobs_by_file ON jobs (file_id);
+    """,
+    # version 5: one word per idea. A job belongs to a *pipeline*, stands at a *step*, is in a *state*;
+    # its last error has a *code*. Failed and held jobs keep the step they stopped at.
+    """
+    ALTER TABLE jobs RENAME COLUMN kind TO pipeline;
+    ALTER TABLE jobs RENAME COLUMN stage TO step;
+    ALTER TABLE jobs RENAME COLUMN error_kind TO error_code;
+    ALTER TABLE jobs ADD COLUMN state TEXT NOT NULL DEFAULT 'pending';
+    UPDATE jobs SET state = CASE
+        WHEN step IN ('done', 'failed', 'skipped', 'superseded', 'gone') THEN step
+        WHEN error_code = 'in_doubt' THEN 'in_doubt'
+        ELSE 'pending' END;
+    UPDATE jobs SET step = COALESCE(json_extract(data, '$.failed_in'), 'pending')
+        WHERE state IN ('done', 'failed', 'skipped', 'superseded', 'gone');
+    UPDATE jobs SET step = CASE pipeline WHEN 'analyze' THEN 'analyze' ELSE 'check' END WHERE step = 'pending';
+    UPDATE jobs SET next_attempt_at = 0 WHERE state = 'in_doubt';
+    DROP INDEX jobs_due;
+    CREATE INDEX jobs_due ON jobs (pipeline, state, next_attempt_at);
     """,
 ]
 _NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "

@@ -1,4 +1,4 @@
-"""The analyze pipeline: check the file, ask the backend only for models not yet paid for, write the sidecar.
+"""The analyze pipeline, one step: check the file, ask the backend only for models not yet paid for, write the sidecar.
 
 Every model result is committed to the store the moment it arrives. With a paid backend each model is an
 operation of the gate (content, endpoint and account, ``analyze:<model>``): two copies of one content never
@@ -16,9 +16,9 @@ import structlog
 from watcher.audiofile import FileBody, Signature
 from watcher.config import SidecarConfig
 from watcher.errors import BadInput, Deferred, FileChanged, NotSent, RetryLater
-from watcher.stages.base import NullSpend, SpendObserver, StageResult
-from watcher.stages.precheck import Checked, precheck
-from watcher.stages.sidecar import analysis_document, sidecar_path, write_sidecar
+from watcher.pipelines.base import NullSpend, SpendObserver, StepResult
+from watcher.pipelines.precheck import Checked, precheck
+from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
 from watcher.store import Job, Operation, StoredResult, Ticket
 
 log = structlog.get_logger("watcher.analyze")
@@ -71,7 +71,7 @@ class AnalyzeStore(Protocol):
 
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
+    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
     def is_live(self, job: Job) -> bool: ...
 
@@ -88,11 +88,11 @@ class AnalyzeStore(Protocol):
     def ledger_outcome(self, request: int, outcome: str) -> None: ...
 
 
-class AnalyzeStage:
+class AnalyzePipeline:
     """Turns a settled file version into a sidecar."""
 
-    kind = "analyze"
-    first_stage = "pending"
+    name = "analyze"
+    first_step = "analyze"
 
     def __init__(
         self,
@@ -112,9 +112,9 @@ class AnalyzeStage:
         self.spend = spend or NullSpend()
         self.service = "analysis" if analyzer.paid else None
 
-    async def run(self, job: Job) -> StageResult:
+    async def run(self, job: Job) -> StepResult:
         checked = await precheck(self.store, job)
-        if isinstance(checked, StageResult):
+        if isinstance(checked, StepResult):
             return checked
         missing = [m for m in self.models if m not in self.store.results_for(checked.sha256, self.analyzer.key)]
         if missing:
@@ -134,7 +134,7 @@ class AnalyzeStage:
             errors = "; ".join(f"{e['model']}: {e['message']}" for e in job.data.get("errors", [])[-len(still) :])
             raise BadInput(f"sidecar written without {', '.join(still)}: {errors}")
         log.info("analyze.done", path=job.file.path, sidecar=job.data.get("sidecar"))
-        return StageResult("done")
+        return StepResult("done")
 
     async def give_up(self, job: Job, error: str) -> None:
         """The runner gave up: write the sidecar with what was answered and why the rest is missing."""
@@ -163,7 +163,11 @@ class AnalyzeStage:
             reasks = [m for m, t in zip(missing, tickets, strict=True) if t.resend]
             if reasks:
                 log.warning(
-                    "analyze.reask", path=path, models=reasks, next="asking again for models whose answer was lost"
+                    "analyze.reask",
+                    path=path,
+                    sha256=sha256,
+                    models=reasks,
+                    next="asking again for models whose answer was lost (each re-ask is counted)",
                 )
             missing = send
         log.info("analyze.started", path=path, models=missing)
@@ -225,7 +229,7 @@ class AnalyzeStage:
                 f"the daily cap of {capped.cap_seconds / 60:g} audio minutes for the analysis service is reached "
                 f"({capped.spent_seconds / 60:.1f} used today); resumes after 00:00 UTC",
                 until=capped.until,
-                kind="capped",
+                code="capped",
             )
         waiting = [t for t in tickets if t.verdict == "wait"]
         if waiting:

@@ -20,10 +20,10 @@ import structlog
 from watcher.audiofile import FileBody, Signature
 from watcher.config import STEM_VERSIONS, ArchiveConfig, SidecarConfig
 from watcher.errors import BadInput, Deferred, InDoubt, NeedsUser, NotSent, Rejected, RetryLater
-from watcher.stages.base import NullSpend, SpendObserver, StageResult
-from watcher.stages.deliver import Deliverer
-from watcher.stages.precheck import precheck
-from watcher.stages.sidecar import sidecar_path, source_document, write_sidecar
+from watcher.pipelines.base import NullSpend, SpendObserver, StepResult
+from watcher.pipelines.deliver import Deliverer
+from watcher.pipelines.precheck import precheck
+from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
 from watcher.store import Job, Operation, Ticket
 
 log = structlog.get_logger("watcher.archive")
@@ -52,7 +52,7 @@ class UploadBody(Protocol):
 
 
 class Processor(Protocol):
-    """The processing service as the archive stage needs it (implemented by the Neural Analog client)."""
+    """The processing service as the archive pipeline needs it (implemented by the Neural Analog client)."""
 
     async def upload(self, source: UploadBody) -> str: ...
 
@@ -68,7 +68,7 @@ class Processor(Protocol):
 class ArchiveStore(Protocol):
     """The part of the store this pipeline uses."""
 
-    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
+    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
@@ -139,11 +139,14 @@ def version_op(version: str) -> str:
     return "audio" if version == "original" else version
 
 
-class ArchiveStage:
-    """Drives one file version through the processing service to a delivery folder."""
+class ArchivePipeline:
+    """Drives one file version through the processing service to a delivery folder.
 
-    kind = "archive"
-    first_stage = "pending"
+    Steps: ``check`` → ``upload`` → ``process`` (request what is due, poll what is in flight) → ``fetch``.
+    """
+
+    name = "archive"
+    first_step = "check"
     service = "processing"
 
     def __init__(
@@ -168,15 +171,15 @@ class ArchiveStage:
         self.plan = plan_ops(cfg)
         self._in_flight: set[asyncio.Future[str]] = set()
 
-    async def run(self, job: Job) -> StageResult:
+    async def run(self, job: Job) -> StepResult:
         step = {
-            "pending": self._check,
+            "check": self._check,
             "upload": self._upload,
             "process": self._process,
             "fetch": self._fetch,
-        }.get(job.stage)
+        }.get(job.step)
         if step is None:
-            raise BadInput(f"unknown archive stage {job.stage!r} in the store")
+            raise BadInput(f"unknown archive step {job.step!r} in the store")
         return await step(job)
 
     async def give_up(self, job: Job, error: str) -> None:
@@ -190,14 +193,14 @@ class ArchiveStage:
 
     # -- steps -------------------------------------------------------------------------------------------
 
-    async def _check(self, job: Job) -> StageResult:
+    async def _check(self, job: Job) -> StepResult:
         checked = await precheck(self.store, job)
-        if isinstance(checked, StageResult):
+        if isinstance(checked, StepResult):
             return checked
-        self.store.commit(job, stage="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
+        self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
         return await self._upload(job)
 
-    async def _upload(self, job: Job) -> StageResult:
+    async def _upload(self, job: Job) -> StepResult:
         version = job.file
         op = self.operation(job.data["sha256"], "audio")
 
@@ -208,10 +211,10 @@ class ArchiveStage:
 
         audio_id = await self._paid(job, op, upload)
         log.info("archive.uploaded", path=version.path, audio_id=audio_id)
-        self.store.commit(job, stage="process", audio_id=audio_id, polls=0)
+        self.store.commit(job, step="process", audio_id=audio_id, polls=0)
         return await self._process(job)
 
-    async def _process(self, job: Job) -> StageResult:
+    async def _process(self, job: Job) -> StepResult:
         """Request what is due, poll what is in flight; come back later while anything is in progress."""
         sha256 = job.data["sha256"]
         ids: dict[str, str] = dict(job.data.get("ids", {}))
@@ -274,8 +277,8 @@ class ArchiveStage:
             polls = int(job.data.get("polls", 0)) + 1
             delay = min(self.cfg.poll_max, self.cfg.poll_initial * (1.5 ** (polls - 1)))
             self.store.commit(job, ids=ids, op_errors=errors, versions=versions, polls=polls)
-            return StageResult("process", next_attempt_at=time.time() + delay)
-        self.store.commit(job, stage="fetch", ids=ids, op_errors=errors, versions=versions)
+            return StepResult.later("process", time.time() + delay)
+        self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
 
     async def _paid(self, job: Job, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
@@ -304,6 +307,7 @@ class ArchiveStage:
             log.warning(
                 "archive.resend",
                 path=job.file.path,
+                sha256=op.sha256,
                 operation=op.name,
                 next="sending again a request whose answer was lost: the service may count it twice",
             )
@@ -362,7 +366,7 @@ class ArchiveStage:
                 f"the daily cap of {ticket.cap_seconds / 60:g} audio minutes for the processing service is reached "
                 f"({ticket.spent_seconds / 60:.1f} used today); {op.name} resumes after 00:00 UTC",
                 until=ticket.until,
-                kind="capped",
+                code="capped",
             )
         return Deferred(
             f"another copy of this content is already sending {op.name}; waiting for its answer instead of paying "
@@ -397,7 +401,7 @@ class ArchiveStage:
         }[source]
         return await self.processor.create_stems(field, source_id, op.params)
 
-    async def _fetch(self, job: Job) -> StageResult:
+    async def _fetch(self, job: Job) -> StepResult:
         ready = [v for v, state in job.data.get("versions", {}).items() if state == "ready"]
         if not ready:
             raise BadInput(
@@ -426,4 +430,4 @@ class ArchiveStage:
         )
         failed = [v for v, s in versions.items() if s.startswith("failed")]
         note = f"delivered to {delivery}" + (f"; failed: {', '.join(failed)}" if failed else "")
-        return StageResult("done", note=note)
+        return StepResult("done", note=note)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from watcher.audiofile import Signature, check_audio, sha256_file
 from watcher.errors import FileChanged, RetryLater
 from watcher.media import audio_info
-from watcher.stages.base import StageResult
+from watcher.pipelines.base import StepResult
 from watcher.store import Job
 
 
@@ -32,10 +32,10 @@ class Checked:
 class PrecheckStore(Protocol):
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def commit(self, job: Job, *, stage: str | None = None, **data: Any) -> None: ...
+    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
 
-def _look(job: Job) -> StageResult | tuple[str, float | None, int | None]:
+def _look(job: Job) -> StepResult | tuple[str, float | None, int | None]:
     """In a worker thread: the file's state, or (format, duration, channels)."""
     version = job.file
     if not os.path.isdir(version.folder):
@@ -45,22 +45,22 @@ def _look(job: Job) -> StageResult | tuple[str, float | None, int | None]:
         if current != Signature(version.size, version.mtime_ns, version.inode):
             raise FileChanged("the file changed after it settled; its new version is handled anew")
         if version.size == 0:
-            return StageResult("skipped", note="the file is empty (0 bytes); a later write makes it a new version")
+            return StepResult("skipped", note="the file is empty (0 bytes); a later write makes it a new version")
         fmt = check_audio(version.path)
     except FileNotFoundError:
-        return StageResult("gone", note=f"the file was deleted before {job.kind} started")
+        return StepResult("gone", note=f"the file was deleted before {job.pipeline} started")
     info = audio_info(version.path)
     return fmt, info.duration, info.channels
 
 
-async def precheck(store: PrecheckStore, job: Job) -> StageResult | Checked:
-    """Check the job's file version; a terminal StageResult (gone, skipped) or what paid work needs to know.
+async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
+    """Check the job's file version; a final StepResult (gone, skipped) or what paid work needs to know.
 
     Raises FileChanged (a newer version is coming), BadInput (not audio) or RetryLater (folder unavailable).
     The hash is computed once per version and shared by every pipeline through the store.
     """
     looked = await asyncio.to_thread(_look, job)
-    if isinstance(looked, StageResult):
+    if isinstance(looked, StepResult):
         return looked
     _, duration, channels = looked
     version = job.file

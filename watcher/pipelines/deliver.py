@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import structlog
@@ -25,14 +25,18 @@ import structlog
 from watcher import __version__
 from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir, write_json_atomic
-from watcher.safezip import extract_zip
+from watcher.fsutil import TEMP_PREFIX, fsync_dir, publish_tree, safe_component, write_json_atomic
+from watcher.names import display
+from watcher.safezip import FLOOR, SizeBound, extract_zip, size_bound
 from watcher.store import Job
 
 log = structlog.get_logger("watcher.deliver")
 AUDIO_SUFFIXES = {"wav", "wave", "flac", "mp3", "m4a", "aif", "aiff", "ogg"}
 ARCHIVE_TRIES = 3
 OBJECT_KIND = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
+# Stems per documented preset; a preset not listed here may hold up to UNKNOWN_PRESET_STEMS.
+PRESET_STEMS = {"2_tracks": 2, "4_tracks": 4, "6_tracks": 6, "acapella": 1, "instrumental": 1}
+UNKNOWN_PRESET_STEMS = 8
 VERSION_WORDS = {
     "restored": ("restored", "upscaled", "restoration"),
     "mastered": ("mastered", "master"),
@@ -53,9 +57,11 @@ class Downloads(Protocol):
         self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
     ) -> Offer: ...
 
-    async def download_archive(self, url: str, dest: Path) -> int: ...
+    async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int: ...
 
-    async def download_object(self, kind: str, object_id: str, dest: Path, *, format: str) -> int: ...
+    async def download_object(
+        self, kind: str, object_id: str, dest: Path, *, format: str, max_bytes: int | None = None
+    ) -> int: ...
 
     async def stem_objects(self, creation_id: str) -> list[tuple[str, str]]:
         """The (stem_id, name) pairs of a finished stem split, for fetching stems one by one."""
@@ -96,6 +102,30 @@ class Deliverer:
         self.cfg = cfg
         self.output_for = output_for
 
+    def bound(self, job: Job, versions: Sequence[str]) -> SizeBound:
+        """What the source (``job.data["duration"]``, ``["channels"]``) justifies for ``versions``' files.
+
+        Track versions are one file each, a stem version the preset's stem count. Unknown duration: the
+        configured ``max_archive_bytes``, and the log says so.
+        """
+        duration = job.data.get("duration")
+        channels = job.data.get("channels")
+        preset = str(self.cfg.stems.get("preset", ""))
+        stems = PRESET_STEMS.get(preset, UNKNOWN_PRESET_STEMS)
+        files = sum(1 if v in TRACK_VERSIONS else stems for v in versions)
+        if not isinstance(duration, int | float) or isinstance(duration, bool) or duration < 0:
+            log.info(
+                "deliver.size_unbounded",
+                path=display(job.file.path),
+                reason="the source's duration is unknown",
+                limit=self.cfg.max_archive_bytes,
+                next="downloads and zips are capped by max_archive_bytes only",
+            )
+            duration = None
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+            channels = None
+        return size_bound(duration, channels, files, self.cfg.max_archive_bytes)
+
     def target(self, job: Job) -> Path:
         out = self.output_for(job)
         if out is None:
@@ -113,12 +143,12 @@ class Deliverer:
             and existing.get("source", {}).get("sha256") == sha256
             and set(versions) <= set(existing.get("versions", []))
         ):
-            log.info("deliver.already_there", path=job.file.path, delivery=str(target))
+            log.info("deliver.already_there", path=display(job.file.path), delivery=display(target))
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
         await asyncio.to_thread(shutil.rmtree, staging, True)
-        staging.mkdir()
+        staging.mkdir(mode=0o700)  # private until renamed into place
         try:
             files: list[dict[str, Any]] = []
             tracks = [v for v in versions if v in TRACK_VERSIONS]
@@ -145,7 +175,7 @@ class Deliverer:
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
-        log.info("deliver.done", path=job.file.path, delivery=str(target), files=len(files))
+        log.info("deliver.done", path=display(job.file.path), delivery=display(target), files=len(files))
         return target
 
     async def _fetch_group(
@@ -154,6 +184,7 @@ class Deliverer:
         """One archive request for a group (tracks or stems), then single downloads for whatever it lacked."""
         audio_id = ids["audio"]
         formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
+        bound = self.bound(job, versions)
         got: dict[str, list[dict[str, Any]]] = {}
         for attempt in range(1, ARCHIVE_TRIES + 1):
             offer = await self.downloads.request_archive(
@@ -163,13 +194,16 @@ class Deliverer:
                 break
             zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
             try:
-                await self.downloads.download_archive(offer.download_url, zip_path)
+                # A zip of audio hardly compresses: its own size is bounded like its contents, plus headers.
+                await self.downloads.download_archive(
+                    offer.download_url, zip_path, max_bytes=min(bound.total + FLOOR, self.cfg.max_archive_bytes)
+                )
             except ExpiredURL:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
                 if attempt == ARCHIVE_TRIES:
                     raise
-                log.info("deliver.url_expired", path=job.file.path, next="asking for a fresh archive URL")
+                log.info("deliver.url_expired", path=display(job.file.path), next="asking for a fresh archive URL")
                 continue
             try:
                 extracted = await asyncio.to_thread(
@@ -178,14 +212,14 @@ class Deliverer:
                     staging,
                     max_total_bytes=self.cfg.max_archive_bytes,
                     max_entries=self.cfg.max_archive_entries,
+                    bound=bound,
                 )
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
-            for entry in extracted.files:
+            for index, entry in enumerate(extracted.files, 1):
                 version = attribute(entry.path, versions) or "unknown"
-                where = dest / entry.path
-                where.parent.mkdir(parents=True, exist_ok=True)
+                where = self._place_for(dest, entry.path, version, index, stems=stems)
                 os.replace(extracted.root / entry.path, where)
                 got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
             shutil.rmtree(extracted.root, ignore_errors=True)
@@ -194,7 +228,7 @@ class Deliverer:
             why = "queued for e-mail" if offer.email_notification_queued else "incomplete"
             log.warning(
                 "deliver.fetching_singly",
-                path=job.file.path,
+                path=display(job.file.path),
                 archive=why,
                 next="fetching what the archive lacks one object at a time",
             )
@@ -202,11 +236,20 @@ class Deliverer:
                 have = {Path(f["path"]).stem for f in got.get(version, [])}
                 if version in TRACK_VERSIONS and have:
                     continue
-                got.setdefault(version, []).extend(await self._fetch_single(job, version, ids, staging, dest, have))
+                got.setdefault(version, []).extend(
+                    await self._fetch_single(job, version, ids, staging, dest, have, bound)
+                )
         return [f for records in got.values() for f in records]
 
     async def _fetch_single(
-        self, job: Job, version: str, ids: Mapping[str, str], staging: Path, dest: Path, have: set[str]
+        self,
+        job: Job,
+        version: str,
+        ids: Mapping[str, str],
+        staging: Path,
+        dest: Path,
+        have: set[str],
+        bound: SizeBound,
     ) -> list[dict[str, Any]]:
         """Download one version (a track, or the stems not in ``have``) with ``GET /download/{type}/{id}``."""
         stem = Path(job.file.rel_path).stem
@@ -214,18 +257,31 @@ class Deliverer:
             fmt = self.cfg.format_of(version)
             op = "audio" if version == "original" else version
             where = dest / f"{stem}.{version}.{fmt}"
-            await self.downloads.download_object(OBJECT_KIND[version], ids[op], where, format=fmt)
+            await self.downloads.download_object(
+                OBJECT_KIND[version], ids[op], where, format=fmt, max_bytes=bound.per_file
+            )
             return [self._record(where, staging, version, ids, None)]
         creation = ids["stems:" + version.removesuffix("_stems")]
         records = []
-        for stem_id, name in await self.downloads.stem_objects(creation):
+        for index, (stem_id, raw) in enumerate(await self.downloads.stem_objects(creation), 1):
+            name = safe_component(raw, f"{version}-{index}")
             if name in have:
                 continue
-            where = dest / version / f"{name}.{self.cfg.format}"
+            where = _free(dest / version / f"{name}.{self.cfg.format}")
             where.parent.mkdir(parents=True, exist_ok=True)
-            await self.downloads.download_object("stem", stem_id, where, format=self.cfg.format)
+            await self.downloads.download_object(
+                "stem", stem_id, where, format=self.cfg.format, max_bytes=bound.per_file
+            )
             records.append(self._record(where, staging, version, ids, None))
         return records
+
+    @staticmethod
+    def _place_for(dest: Path, rel: str, version: str, index: int, *, stems: bool) -> Path:
+        """Where a zip entry goes: its base name made safe, stems in a folder per version; never a clash."""
+        name = safe_component(PurePosixPath(rel).name, f"{version}-{index}")
+        folder = dest / version if stems and version in STEM_VERSIONS else dest
+        folder.mkdir(parents=True, exist_ok=True)
+        return _free(folder / name)
 
     def _record(self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None) -> dict:
         op = (
@@ -250,13 +306,24 @@ class Deliverer:
             os.rename(target, kept)
             log.warning(
                 "deliver.previous_kept",
-                path=job.file.path,
-                delivery=str(target),
-                previous=str(kept),
+                path=display(job.file.path),
+                delivery=display(target),
+                previous=display(kept),
                 reason="a newer version of this source was delivered",
             )
+        publish_tree(staging)
         os.rename(staging, target)
         fsync_dir(target.parent)
+
+
+def _free(path: Path) -> Path:
+    """``path``, or ``stem.N.suffix`` with the first N not taken (two network names made safe may clash)."""
+    n = 1
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""What every pipeline shares: the result of one run, the observer of paid calls, and the pipeline protocol."""
+"""What every pipeline shares: the result of one step, the observer of paid calls, and the pipeline protocol."""
 
 from __future__ import annotations
 
@@ -9,15 +9,22 @@ from watcher.store import Job
 
 
 @dataclass(frozen=True)
-class StageResult:
-    """Where a job goes after one run: a terminal stage, or a stage to resume at ``next_attempt_at``.
+class StepResult:
+    """Where a job goes after one run: a final ``state`` (done, skipped, gone, superseded), or ``pending`` at
+    ``step`` from ``at`` (a Unix time; e.g. the next status poll).
 
     ``note`` is a human reason kept as the job's last message (for example why a file was skipped).
     """
 
-    stage: str
-    next_attempt_at: float | None = None
+    state: str
+    step: str | None = None
+    at: float | None = None
     note: str | None = None
+
+    @classmethod
+    def later(cls, step: str, at: float) -> StepResult:
+        """Come back to ``step`` at ``at`` (no attempt is counted: this is progress, not a failure)."""
+        return cls("pending", step, at)
 
 
 class SpendObserver(Protocol):
@@ -42,8 +49,9 @@ class NullSpend:
         return
 
 
-class Stage(Protocol):
-    """One pipeline (``kind``: analyze, archive): called with a claimed job, returns where the job goes next.
+class Pipeline(Protocol):
+    """What is done to every file version (``name``: analyze, archive), in steps; ``run`` takes a claimed job
+    from its step as far as it can go now and says where the job goes next.
 
     It raises the errors of watcher.errors when it cannot go on; the runner turns them into a schedule and a
     status line, and counts attempts (nowhere else does). ``service`` names the remote service the pipeline
@@ -51,10 +59,10 @@ class Stage(Protocol):
     called once when the runner fails a job for good, to leave a record of what is known (a partial sidecar).
     """
 
-    kind: str
-    first_stage: str
+    name: str
+    first_step: str
     service: str | None
 
-    async def run(self, job: Job) -> StageResult: ...
+    async def run(self, job: Job) -> StepResult: ...
 
     async def give_up(self, job: Job, error: str) -> None: ...

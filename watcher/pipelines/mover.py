@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -19,8 +18,9 @@ import structlog
 
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig, SidecarConfig
+from watcher.fsutil import move_file
 from watcher.names import display
-from watcher.stages.sidecar import sidecar_path
+from watcher.pipelines.sidecar import sidecar_path
 from watcher.store import TERMINAL, Job
 
 log = structlog.get_logger("watcher.finish")
@@ -60,16 +60,16 @@ class SourceMover:
             await asyncio.wait(set(self._tasks), timeout=30)
 
     def after(self, job: Job) -> Path | None:
-        """Called when a job reached a terminal stage; returns where the source went, if it moved."""
+        """Called when a job ended (a final state); returns where the source went, if it moved."""
         folder = self.folders.get(job.file.folder)
         if folder is None or (folder.done_dir is None and folder.failed_dir is None):
             return None
         jobs = self.store.jobs_of_file(job.file.id)
-        if not job.file.current or any(j.stage not in TERMINAL for j in jobs):
+        if not job.file.current or any(j.state not in TERMINAL for j in jobs):
             return None
-        if any(j.stage in ("superseded", "gone") for j in jobs):
+        if any(j.state in ("superseded", "gone") for j in jobs):
             return None
-        failed = any(j.stage == "failed" for j in jobs)
+        failed = any(j.state == "failed" for j in jobs)
         destination = folder.failed_dir if failed else folder.done_dir
         if destination is None:
             return None
@@ -81,12 +81,9 @@ class SourceMover:
             log.warning("finish.not_moved", path=display(source), reason=why, next="the file stays where it is")
             return None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                target = target.with_name(f"{target.stem}.{job.file.id}{target.suffix}")
-            shutil.move(source, target)
+            target = move_file(source, target)  # crash-safe across devices; never over an existing file
             if self.sidecar.directory is None and side.exists():
-                shutil.move(side, target.with_name(target.name + self.sidecar.suffix))
+                move_file(side, target.with_name(target.name + self.sidecar.suffix))
         except OSError as exc:
             log.error(
                 "finish.move_failed",

@@ -1,0 +1,162 @@
+"""File-system helpers: safe names from the network, umask-following outputs, crash-safe moves."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from watcher import fsutil
+from watcher.fsutil import safe_component
+
+
+@pytest.fixture
+def real_umask_002(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process umask set to 002 for this test (and read back as watcher reads it), then restored."""
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setattr(fsutil, "UMASK", fsutil._read_umask())
+        assert fsutil.UMASK == 0o002
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("vocals", "vocals"),
+        ("one (mastered).wav", "one (mastered).wav"),
+        ("../../etc/passwd", "etc_passwd"),
+        ("..\\..\\boot.ini", "boot.ini"),
+        ("a/b/c.wav", "a_b_c.wav"),
+        ("..", "stems-1"),
+        (".", "stems-1"),
+        ("", "stems-1"),
+        ("   ", "stems-1"),
+        (".hidden.wav", "hidden.wav"),
+        ("--rf.wav", "rf.wav"),
+        ("-", "stems-1"),
+        ("x\x00y\x1b\n.wav", "x_y__.wav"),
+        ("a..b.wav", "a.b.wav"),
+        ("trailing. ", "trailing"),
+        ("\udcff\udcfe", "stems-1"),
+    ],
+)
+def test_safe_component(name: str, expected: str) -> None:
+    """Whatever the network sends, the result is one plain, visible file name (or the fallback)."""
+    got = safe_component(name, "stems-1")
+    assert got == expected
+    assert "/" not in got and "\\" not in got and ".." not in got and not got.startswith((".", "-"))
+
+
+def test_safe_component_is_at_most_255_bytes_and_keeps_the_extension() -> None:
+    """A long multibyte name is cut on a character boundary, extension kept."""
+    got = safe_component("é" * 300 + ".wav", "x")
+    assert len(got.encode("utf-8")) <= 255 and got.endswith(".wav") and got.startswith("é")
+    got.encode("utf-8")  # valid UTF-8: no half character
+    assert safe_component("", "") == ""
+    assert safe_component("../", "../x") == "x"
+
+
+# -- outputs follow the umask ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_sidecars_follow_a_real_umask(tmp_path: Path, umask: int) -> None:
+    """In a process started with that umask, a JSON output is 0o666 & ~umask; nothing else is left behind."""
+    code = (
+        "import sys; from pathlib import Path; from watcher import fsutil;"
+        "fsutil.write_json_atomic(Path(sys.argv[1]), {'a': 1}); print(oct(fsutil.UMASK))"
+    )
+    target = tmp_path / "take.wav.analysis.json"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(target)], umask=umask, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == oct(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_publish_tree_gives_output_modes(tmp_path: Path, real_umask_002: None) -> None:
+    """Private temp files and folders get the umask's modes when published."""
+    root = tmp_path / "staging"
+    (root / "stems").mkdir(parents=True, mode=0o700)
+    (root / "stems" / "a.wav").write_bytes(b"x")
+    os.chmod(root / "stems" / "a.wav", 0o600)
+    fsutil.publish_tree(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o775
+    assert stat.S_IMODE((root / "stems").stat().st_mode) == 0o775
+    assert stat.S_IMODE((root / "stems" / "a.wav").stat().st_mode) == 0o664
+
+
+# -- crash-safe moves ----------------------------------------------------------------------------------------
+
+
+def temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(fsutil.TEMP_PREFIX)]
+
+
+def test_move_on_one_device_renames_and_never_overwrites(tmp_path: Path) -> None:
+    """A rename keeps the inode; a taken name gives ``stem.N.suffix``, the first free N."""
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "take.wav").write_bytes(b"older")
+    (done / "take.1.wav").write_bytes(b"older still")
+    src = tmp_path / "take.wav"
+    src.write_bytes(b"new")
+    inode = src.stat().st_ino
+    final = fsutil.move_file(src, done / "take.wav")
+    assert final == done / "take.2.wav" and final.read_bytes() == b"new" and final.stat().st_ino == inode
+    assert not src.exists() and (done / "take.wav").read_bytes() == b"older"
+    assert fsutil.move_file(final, tmp_path / "new" / "x.wav") == tmp_path / "new" / "x.wav"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted for this test (another device than tmp_path); skipped where mounting is refused."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {exc}")
+    try:
+        assert mnt.stat().st_dev != tmp_path.stat().st_dev
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def test_move_across_devices_copies_then_removes(tmp_path: Path, small_tmpfs: Path) -> None:
+    """Across devices: the bytes, mode and mtime arrive, the source goes, no temp file is left; never overwrites."""
+    src = tmp_path / "take.wav"
+    src.write_bytes(os.urandom(100_000))
+    os.chmod(src, 0o640)
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    data = src.read_bytes()
+    (small_tmpfs / "take.wav").write_bytes(b"already here")
+    final = fsutil.move_file(src, small_tmpfs / "take.wav")
+    assert final == small_tmpfs / "take.1.wav" and final.read_bytes() == data and not src.exists()
+    assert stat.S_IMODE(final.stat().st_mode) == 0o640 and final.stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert (small_tmpfs / "take.wav").read_bytes() == b"already here" and temp_files(small_tmpfs) == []
+
+
+def test_move_across_devices_to_a_full_disk_leaves_the_source(tmp_path: Path, small_tmpfs: Path) -> None:
+    """ENOSPC in the middle of the copy: OSError, the source untouched, nothing left at the destination."""
+    src = tmp_path / "big.wav"
+    src.write_bytes(os.urandom(2 << 20))  # twice the tmpfs
+    before = (src.read_bytes(), src.stat().st_mtime_ns, src.stat().st_ino)
+    with pytest.raises(OSError) as err:
+        fsutil.move_file(src, small_tmpfs / "big.wav")
+    assert err.value.errno == errno.ENOSPC
+    assert (src.read_bytes(), src.stat().st_mtime_ns, src.stat().st_ino) == before
+    assert list(small_tmpfs.iterdir()) == []

@@ -1,0 +1,217 @@
+"""The composition root: frozen settings in, the finished object graph out. Nothing else wires objects.
+
+    Settings ─▶ App.build ─┬─ store (SQLite, behind the ports the runner and pipelines declare)
+                           ├─ backend for analysis (remote client, or the local Essentia pool)
+                           ├─ processing client (archive) ── deliverer
+                           ├─ pipelines: analyze, archive (each a Pipeline of steps)
+                           ├─ runner (the one scheduler) ── mover (done/failed folders)
+                           ├─ sink (detection's way into the store) ── detector (made on demand)
+                           └─ events: the subscribers given (metrics, webhooks), told of every outcome
+
+`watcher run` (the daemon) and the short commands (`scan`, `retry`, `status`, ...) all start from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watcher.audiofile import Signature
+from watcher.config import FolderConfig, Settings, reveal, service_identity
+from watcher.detect.detector import Detector
+from watcher.errors import ConfigError
+from watcher.events import Events, Subscriber
+from watcher.names import display
+from watcher.pipelines.base import Pipeline
+from watcher.pipelines.mover import SourceMover
+from watcher.runner import Outcome, Runner
+from watcher.store import TERMINAL, Job, Store
+
+log = structlog.get_logger("watcher.app")
+PAID_DRAIN_SECONDS = 2.0
+
+
+def store_path(settings: Settings) -> Path:
+    """Where the SQLite store lives."""
+    return settings.state_dir / "watcher.db"
+
+
+class StoreSink:
+    """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
+
+    def __init__(self, store: Store, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events) -> None:
+        self.store = store
+        self.jobs = [(p.name, p.first_step) for p in pipelines]
+        self.wake = wake
+        self.events = events
+
+    def known(self, path: str, sig: Signature) -> bool:
+        return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
+
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+        _, new = self.store.register_version(
+            folder=str(folder.path),
+            path=path,
+            rel_path=rel_path,
+            size=sig.size,
+            mtime_ns=sig.mtime_ns,
+            inode=sig.inode,
+            jobs=self.jobs,
+        )
+        if new:
+            queued = ", ".join(name for name, _ in self.jobs)
+            log.info("file.settled", path=display(path), size=sig.size, next=f"queued for {queued}")
+            self.events.file_settled(str(folder.path), path)
+            self.wake()
+
+
+class App:
+    """Everything that does work, built from settings by :meth:`build`; closed with :meth:`aclose`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        folders: Sequence[FolderConfig],
+        store: Store,
+        pipelines: Sequence[Pipeline],
+        events: Events,
+        closers: list[Any],
+    ) -> None:
+        self.settings = settings
+        self.folders = {str(f.path): f for f in folders}
+        self.store = store
+        self.pipelines = {p.name: p for p in pipelines}
+        self.events = events
+        self.closers = closers
+        self.mover = SourceMover(store, self.folders, settings.sidecar)
+        self.runner = Runner(
+            store,
+            self.pipelines,
+            concurrency=_concurrency(settings, self.pipelines),
+            retry=settings.retry,
+            on_outcome=self._outcome,
+            rehint=self._rehint,
+        )
+        self.sink = StoreSink(store, pipelines, self.runner.wake, events)
+        self.detector: Detector | None = None
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        folders: Sequence[FolderConfig] | None = None,
+        subscribers: Iterable[Subscriber] = (),
+    ) -> App:
+        """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`)."""
+        store = Store(store_path(settings))
+        events = Events(subscribers)
+        closers: list[Any] = []
+        try:
+            pipelines: list[Pipeline] = []
+            if settings.analysis.enabled:
+                pipelines.append(_analyze(settings, store, events, closers))
+            if settings.archive.enabled:
+                chosen = folders if folders is not None else settings.folders
+                pipelines.append(_archive(settings, store, events, closers, {str(f.path): f for f in chosen}))
+            if not pipelines:
+                raise ConfigError("nothing to do: both analysis.enabled and archive.enabled are false")
+        except BaseException:
+            store.close()
+            raise
+        return cls(settings, folders if folders is not None else settings.folders, store, pipelines, events, closers)
+
+    def excluded_dirs(self, folder: FolderConfig) -> list[str]:
+        """Our own output folders inside a watched folder: never work, never watched for work."""
+        out = []
+        for d in (
+            folder.output_dir or self.settings.archive.output_dir,
+            folder.done_dir,
+            folder.failed_dir,
+            self.settings.sidecar.directory,
+        ):
+            if d is not None and Path(d).is_relative_to(folder.path) and Path(d) != folder.path:
+                out.append(os.path.relpath(d, folder.path))
+        return out
+
+    def make_detector(self, folders: Sequence[FolderConfig], **kwargs: Any) -> Detector:
+        excluded = {str(f.path): self.excluded_dirs(f) for f in folders}
+        self.detector = Detector(folders, self.sink, excluded_dirs=excluded, **kwargs)
+        return self.detector
+
+    def _rehint(self, path: str) -> None:
+        if self.detector is not None:
+            self.detector.hint(path)
+
+    def _outcome(self, outcome: Outcome) -> None:
+        if outcome.state in TERMINAL:
+            self.mover.schedule(outcome.job)
+        self.events.outcome(outcome)
+
+    async def aclose(self) -> None:
+        """Let paid calls in flight record their outcome, finish moves, close clients and the store."""
+        await self.mover.wait()
+        for pipeline in self.pipelines.values():
+            drain = getattr(pipeline, "drain", None)
+            if drain is not None:
+                await drain(PAID_DRAIN_SECONDS)
+        for closer in self.closers:
+            with contextlib.suppress(Exception):
+                await closer.aclose()
+        self.store.close()
+
+
+def _concurrency(settings: Settings, pipelines: dict[str, Pipeline]) -> dict[str, int]:
+    out = {"archive": settings.archive.concurrency}
+    analyze = pipelines.get("analyze")
+    remote = getattr(analyze, "service", None) is not None
+    out["analyze"] = settings.analysis.concurrency if remote else settings.analysis.local_workers
+    return out
+
+
+def _analyze(settings: Settings, store: Store, events: Events, closers: list[Any]) -> Pipeline:
+    from watcher.analyzers import choose_backend, make_backend
+    from watcher.pipelines.analyze import AnalyzePipeline
+
+    which, why = choose_backend(settings.analysis)
+    log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
+    backend = make_backend(settings.analysis, which)
+    closers.append(backend)
+    store.adopt_legacy(backend.name, backend.key)
+    return AnalyzePipeline(
+        store,
+        backend,
+        models=settings.analysis.models,
+        sidecar=settings.sidecar,
+        cap_minutes=settings.analysis.daily_audio_minutes,
+        spend=events,
+    )
+
+
+def _archive(
+    settings: Settings, store: Store, events: Events, closers: list[Any], folders: dict[str, FolderConfig]
+) -> Pipeline:
+    from watcher.pipelines.archive import ArchivePipeline
+    from watcher.pipelines.deliver import Deliverer
+    from watcher.services.http import HttpPolicy
+    from watcher.services.neuralanalog import NeuralAnalogClient
+
+    cfg = settings.archive
+    policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
+    processor = NeuralAnalogClient(cfg.base_url, reveal(cfg.api_key), policy=policy)
+    closers.append(processor)
+
+    def output_for(job: Job) -> Path | None:
+        folder = folders.get(job.file.folder)
+        return folder.output_dir if folder and folder.output_dir else cfg.output_dir
+
+    where = service_identity("processing", cfg.base_url, cfg.api_key)
+    store.adopt_legacy("neuralanalog", where)
+    return ArchivePipeline(
+        store, processor, cfg, Deliverer(processor, cfg, output_for), settings.sidecar, where=where, spend=events
+    )

@@ -1,0 +1,242 @@
+"""`watcher scan --dry-run`: what a scan would ask of the paid services, without asking or writing anything.
+
+Per file: the analysis models still missing for its content, the versions the archive would deliver and
+the paid processing calls they imply (minus those already answered), and its length from the headers.
+Totals per service: paid calls and minutes of audio. Files are only read (to hash them); nothing is sent,
+nothing is written, and the store is consulted only through the two callables the caller passes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watcher.audiofile import check_audio
+from watcher.config import STEM_VERSIONS, FolderConfig, Settings
+from watcher.detect.filters import PathFilter
+from watcher.detect.scan import walk
+from watcher.errors import BadInput
+from watcher.media import audio_info
+from watcher.names import display
+
+ANALYSIS = "analysis (Essentia API)"
+PROCESSING = "processing (Neural Analog)"
+# The paid processing call each version needs, on top of the upload every version needs.
+VERSION_CALL = {"original": None, "restored": "restore", "mastered": "master"}
+CALL_ORDER = ("upload", "restore", "master", "stems:original", "stems:restored", "stems:mastered")
+
+
+@dataclass(frozen=True)
+class FileEstimate:
+    """What a scan would do for one file."""
+
+    path: str
+    size: int
+    sha256: str
+    seconds: float | None
+    duration_note: str | None  # "unknown duration: <reason>" when ``seconds`` is None
+    models: tuple[str, ...]  # analysis models it would ask for
+    cached_models: tuple[str, ...]  # configured models already stored for this content
+    versions: tuple[str, ...]  # archive versions it would deliver
+    calls: tuple[str, ...]  # paid processing calls it would make (upload, restore, master, stems:<source>)
+
+
+@dataclass
+class ServiceTotal:
+    """Paid calls to one service and the audio they carry."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    unknown_duration: int = 0  # calls whose audio length is unknown (not in ``seconds``)
+    by_call: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class DryRunReport:
+    """The outcome of :func:`dry_run`; :meth:`render` gives the text a terminal prints."""
+
+    files: list[FileEstimate] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    totals: dict[str, ServiceTotal] = field(
+        default_factory=lambda: {ANALYSIS: ServiceTotal(), PROCESSING: ServiceTotal()}
+    )
+
+    def render(self) -> str:
+        """Human-readable text: one block per file, then the skipped files, then the totals per service."""
+        lines = [f"Dry run: {_count(len(self.files), 'file')}; nothing was sent and nothing was written.", ""]
+        for f in self.files:
+            length = _seconds(f.seconds) if f.seconds is not None else f.duration_note
+            lines.append(f"{display(f.path)}  ({length})")
+            if f.models:
+                cached = f"; already stored: {', '.join(f.cached_models)}" if f.cached_models else ""
+                lines.append(f"  analysis: would ask {', '.join(f.models)}{cached}")
+            else:
+                lines.append("  analysis: nothing to ask (every model is stored, or analysis is off)")
+            if f.versions:
+                calls = ", ".join(f.calls) if f.calls else "none (all answered before)"
+                lines.append(f"  archive: versions {', '.join(f.versions)}; paid calls: {calls}")
+        if self.skipped:
+            lines += ["", "Skipped:"]
+            lines += [f"  {display(path)}: {why}" for path, why in self.skipped]
+        lines += ["", "Totals:"]
+        for service, total in self.totals.items():
+            kinds = ", ".join(f"{name} {n}" for name, n in _ordered(total.by_call))
+            line = f"  {service}: {_count(total.calls, 'paid call')}, {total.seconds / 60:.1f} min of audio"
+            if kinds:
+                line += f" ({kinds})"
+            if total.unknown_duration:
+                line += f"; {_count(total.unknown_duration, 'call')} on audio of unknown duration not counted"
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+
+def dry_run(
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    cached_models: Callable[[str], set[str]],
+    answered_operations: Callable[[str], set[str]],
+) -> DryRunReport:
+    """What ``watcher scan PATHS`` would ask of the services, from the files, the config and the store's answers.
+
+    ``cached_models(sha256)``: the model specs already stored for that content; ``answered_operations(sha256)``:
+    the processing operations already answered (``upload``, ``restore``, ``master``, ``stems:<source>``).
+    """
+    report = DryRunReport()
+    models = settings.analysis.models if settings.analysis.enabled else ()
+    versions = settings.archive.wanted() if settings.archive.enabled else ()
+    needed_calls = _calls_for(versions)
+    seen: set[str] = set()
+    for path, why in _files(settings, paths):
+        if path in seen:
+            continue
+        seen.add(path)
+        if why is not None:
+            report.skipped.append((path, why))
+            continue
+        try:
+            size, sha256 = _hash(path)
+        except OSError as exc:
+            report.skipped.append((path, f"cannot be read ({exc.strerror or exc}); a scan would retry it"))
+            continue
+        if size == 0:
+            report.skipped.append((path, "empty; a scan skips it"))
+            continue
+        try:
+            check_audio(path)
+        except BadInput as exc:
+            report.skipped.append((path, f"a scan would refuse it, sending nothing: {exc}"))
+            continue
+        except OSError as exc:
+            report.skipped.append((path, f"cannot be read ({exc.strerror or exc}); a scan would retry it"))
+            continue
+        info = audio_info(path)
+        cached = set(cached_models(sha256))
+        answered = set(answered_operations(sha256))
+        estimate = FileEstimate(
+            path=path,
+            size=size,
+            sha256=sha256,
+            seconds=info.duration,
+            duration_note=None if info.duration is not None else f"unknown duration: {info.reason}",
+            models=tuple(m for m in models if m not in cached),
+            cached_models=tuple(m for m in models if m in cached),
+            versions=versions,
+            calls=tuple(c for c in needed_calls if c not in answered),
+        )
+        report.files.append(estimate)
+        _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], estimate.seconds)
+        _add(report.totals[PROCESSING], estimate.calls, estimate.seconds)
+    return report
+
+
+def _calls_for(versions: Iterable[str]) -> tuple[str, ...]:
+    """The paid processing calls that delivering ``versions`` takes, in the order they are made."""
+    calls = set()
+    for version in versions:
+        calls.add("upload")
+        source = version.removesuffix("_stems") if version in STEM_VERSIONS else version
+        if VERSION_CALL.get(source):
+            calls.add(str(VERSION_CALL[source]))
+        if version in STEM_VERSIONS:
+            calls.add(f"stems:{source}")
+    return tuple(c for c in CALL_ORDER if c in calls)
+
+
+def _add(total: ServiceTotal, calls: Sequence[str], seconds: float | None) -> None:
+    """Count ``calls`` (each carrying the file's audio once) into ``total``."""
+    for call in calls:
+        total.calls += 1
+        total.by_call[call] = total.by_call.get(call, 0) + 1
+        if seconds is None:
+            total.unknown_duration += 1
+        else:
+            total.seconds += seconds
+
+
+def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str | None]]:
+    """Each candidate file with None, or with why it is not work; folders walked with their owner's filters."""
+    for raw in paths:
+        path = Path(os.path.abspath(raw))
+        folder = _owner(settings, path)
+        path_filter = PathFilter(folder.include, folder.exclude, _excluded_dirs(settings, folder))
+        if path.is_dir():
+            start = str(path) if path != folder.path else None
+            for found in walk(str(folder.path), path_filter, recursive=folder.recursive, start=start):
+                yield found, None
+        elif path.is_file():
+            rel = os.path.relpath(path, folder.path)
+            yield str(path), None if path_filter.wants_file(rel) else "not work for its folder (include/exclude)"
+        else:
+            yield str(path), "does not exist"
+
+
+def _owner(settings: Settings, path: Path) -> FolderConfig:
+    """The configured folder ``path`` is in (the deepest), else default options rooted at it (or its parent)."""
+    owners = [f for f in settings.folders if path == f.path or f.path in path.parents]
+    if owners:
+        return max(owners, key=lambda f: len(f.path.parts))
+    return FolderConfig(path=path) if path.is_dir() else FolderConfig(path=path.parent, recursive=False)
+
+
+def _excluded_dirs(settings: Settings, folder: FolderConfig) -> list[str]:
+    """Our own output folders inside a watched folder, which a scan never enters."""
+    out = []
+    for d in (settings.output_dir_for(folder), folder.done_dir, folder.failed_dir, settings.sidecar.directory):
+        if d is not None and Path(d) != folder.path and folder.path in Path(d).parents:
+            out.append(os.path.relpath(d, folder.path))
+    return out
+
+
+def _hash(path: str) -> tuple[int, str]:
+    """(size, sha256) of the file, read only (without touching its access time where the OS allows)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError as exc:  # O_NOATIME is for the file's owner only
+        if not flags & getattr(os, "O_NOATIME", 0) or exc.errno != errno.EPERM:
+            raise
+        fd = os.open(path, os.O_RDONLY)
+    h = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _ordered(by_call: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(by_call.items(), key=lambda kv: (CALL_ORDER.index(kv[0]) if kv[0] in CALL_ORDER else -1, kv[0]))
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

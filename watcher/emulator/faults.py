@@ -1,0 +1,91 @@
+"""What the emulated services could bill, and a seeded random fault source (chaos mode).
+
+Both emulated services share one :class:`Ledger` and one :class:`Chaos`: the ledger counts every request a
+service accepted and could bill, per (sha256 of the audio content, operation); chaos makes each request
+meet a random fault with a fixed probability, from a seeded RNG, and records the faults it injected.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Sequence
+
+# Faults chaos draws from: any request may meet an HTTP refusal before any work is done ...
+REFUSALS: tuple[str, ...] = ("429", "500", "503")
+# ... an analysis stream may be dropped after its first result (the work is done, so it is paid) ...
+STREAM_FAULTS: tuple[str, ...] = (*REFUSALS, "drop_stream")
+# ... and a paid POST may do its work and then lose its answer (paid too).
+PAID_POST_FAULTS: tuple[str, ...] = (*REFUSALS, "lose_answer")
+# The storage host answers like an object store: no 429, but 500 and 503 happen.
+STORAGE_FAULTS: tuple[str, ...] = ("500", "503")
+
+
+class Ledger:
+    """Requests the services accepted and could bill: ``(content sha256 hex, operation) -> count``.
+
+    Operations: ``analyze:<model>`` (model as requested, version stripped), ``upload``, ``restore``,
+    ``master``, ``stems``. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paid: Counter[tuple[str, str]] = Counter()
+
+    def bill(self, sha256: str, operation: str) -> None:
+        with self._lock:
+            self._paid[(sha256, operation)] += 1
+
+    def snapshot(self) -> Counter[tuple[str, str]]:
+        with self._lock:
+            return Counter(self._paid)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._paid.clear()
+
+
+class Chaos:
+    """Each request meets a random fault with probability ``rate`` (seeded); ``injected`` lists them.
+
+    With ``rate`` 0 (the default) nothing is ever drawn, so the RNG is not advanced either.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rng = random.Random(0)
+        self.seed: int | None = None
+        self.rate = 0.0
+        self.retry_after = 0.1  # seconds sent in Retry-After with an injected 429
+        self._injected: list[tuple[str, str]] = []
+
+    def configure(self, seed: int, rate: float) -> None:
+        """Start (or, with ``rate`` 0, stop) drawing faults from a fresh RNG seeded with ``seed``."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"chaos rate must be between 0 and 1, got {rate}")
+        with self._lock:
+            self._rng = random.Random(seed)
+            self.seed = seed
+            self.rate = rate
+
+    def draw(self, route: str, choices: Sequence[str]) -> str | None:
+        """The fault this request meets (one of ``choices``), or None; an injected fault is recorded."""
+        with self._lock:
+            if self.rate <= 0.0 or self._rng.random() >= self.rate:
+                return None
+            fault = self._rng.choice(list(choices))
+            self._injected.append((route, fault))
+            return fault
+
+    @property
+    def injected(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._injected)
+
+    def clear(self) -> None:
+        """Stop injecting and forget what was injected."""
+        with self._lock:
+            self.rate = 0.0
+            self.seed = None
+            self._injected.clear()

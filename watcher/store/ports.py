@@ -1,0 +1,150 @@
+"""The store's ports: what every adapter (SQLite today, PostgreSQL for several machines) must offer.
+
+Consumers declare the small part they use (the runner's JobQueue, each pipeline's store Protocol, the
+detector's sink); this module names the whole contract once, grouped by who needs it, and
+``tests/test_store.py`` and ``tests/test_gate.py`` check every adapter against it. Guarantees an adapter must
+keep, whatever its database: a claim leases a job to one owner; commits and releases are refused
+(LeaseLost) once the lease is lost or the job superseded; the gate's take is one transaction under a
+unique key per operation, so no two takers can both send; a cap is checked in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from watcher.store.models import FileVersion, Job, Operation, Problem, StoredResult, Ticket
+
+
+class Registry(Protocol):
+    """File versions, as detection records them."""
+
+    def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool: ...
+
+    def register_version(
+        self,
+        *,
+        folder: str,
+        path: str,
+        rel_path: str,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        jobs: Iterable[tuple[str, str]],
+        now: float | None = None,
+    ) -> tuple[int, bool]: ...
+
+    def current_version(self, path: str) -> FileVersion | None: ...
+
+    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+
+
+class Jobs(Protocol):
+    """Claim with a lease, commit, release: the runner's and the pipelines' way to move a job on."""
+
+    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
+
+    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
+
+    def release(
+        self,
+        job: Job,
+        *,
+        state: str = "pending",
+        step: str | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        error_code: str | None = None,
+        count_attempt: bool = False,
+    ) -> None: ...
+
+    def is_live(self, job: Job) -> bool: ...
+
+    def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None: ...
+
+    def release_leases(self, owner: str | None = None) -> int: ...
+
+    def next_due(self, pipeline: str) -> float | None: ...
+
+    def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int: ...
+
+    def get_job(self, job_id: int) -> Job | None: ...
+
+
+class Results(Protocol):
+    """Analysis results by content, backend (where the work was done) and model."""
+
+    def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
+
+    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None: ...
+
+
+class Gate(Protocol):
+    """The paid-operation gate and its ledger (see watcher.store.gate for the states)."""
+
+    def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        lease: float = 600.0,
+        resend_in_doubt: bool = False,
+        now: float | None = None,
+    ) -> list[Ticket]: ...
+
+    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
+
+    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
+
+    def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
+
+    def gate_resend(self, ops: Sequence[tuple[str, str, str, str]]) -> int: ...
+
+    def gate_recover(self, holder: str | None = None) -> int: ...
+
+    def ledger_outcome(self, request: int, outcome: str) -> None: ...
+
+    def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
+
+    def forget_operation(self, op: Operation) -> None: ...
+
+    def answered_operations(self, sha256: str, service: str) -> set[str]: ...
+
+    def in_doubt_operations(self) -> list[dict[str, Any]]: ...
+
+    def spend_on(self, day: str) -> dict[str, dict[str, Any]]: ...
+
+    def adopt_legacy(self, old: str, new: str) -> int: ...
+
+
+class Control(Protocol):
+    """Folders, reports and retries: what `watcher status`, `retry`, `pause` and the web page use."""
+
+    def counts(self) -> dict[str, dict[str, int]]: ...
+
+    def problems(self) -> list[Problem]: ...
+
+    def jobs_of_file(self, file_id: int) -> list[Job]: ...
+
+    def jobs_of_current(self) -> list[Job]: ...
+
+    def retry(self, *, paths: Iterable[str] | None = None, failed: bool = False, in_doubt: bool = False) -> int: ...
+
+    def set_paused(self, folder: str, paused: bool) -> None: ...
+
+    def paused_folders(self) -> set[str]: ...
+
+    def set_folder_health(self, folder: str, *, mode: str | None, reason: str | None, available: bool) -> None: ...
+
+    def folder_states(self) -> list[dict[str, Any]]: ...
+
+    def prune(self, older_than_days: float, *, now: float | None = None) -> int: ...
+
+
+class StorePort(Registry, Jobs, Results, Gate, Control, Protocol):
+    """Everything an adapter offers; only the composition root needs the whole of it."""
+
+    def close(self) -> None: ...
