@@ -225,11 +225,8 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _header_safe(name: str) -> str:
-    """HTTP headers carry latin-1 at best: send non-ASCII names percent-encoded."""
-    try:
-        name.encode("ascii")
-        return name
-    except UnicodeEncodeError:
-        from urllib.parse import quote
+    """HTTP headers carry latin-1 at best: a name that is not printable ASCII goes percent-encoded from its
+    exact bytes (any name the OS gives, valid UTF-8 or not, control characters included)."""
+    from watcher.names import header_value
 
-        return quote(name)
+    return header_value(name)
