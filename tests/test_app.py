@@ -79,7 +79,10 @@ def test_our_own_folders_inside_a_watched_folder_are_never_work(tmp_path):
     )
     app = build(settings)
     try:
-        assert sorted(app.excluded_dirs(folder)) == ["done", "out", "sidecars"]
+        assert sorted(settings.own_dirs(folder)) == ["done", "out", "sidecars"]
+        detector = app.make_detector(settings.folders)
+        wanted = detector.folders[str(inbox)].filter.wants_dir
+        assert [wanted(d) for d in ("done", "out", "sidecars/x", "album")] == [False, False, False, True]
     finally:
         close(app)
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,21 +129,8 @@ class App:
             raise
         return cls(settings, folders if folders is not None else settings.folders, store, pipelines, events, closers)
 
-    def excluded_dirs(self, folder: FolderConfig) -> list[str]:
-        """Our own output folders inside a watched folder: never work, never watched for work."""
-        out = []
-        for d in (
-            folder.output_dir or self.settings.archive.output_dir,
-            folder.done_dir,
-            folder.failed_dir,
-            self.settings.sidecar.directory,
-        ):
-            if d is not None and Path(d).is_relative_to(folder.path) and Path(d) != folder.path:
-                out.append(os.path.relpath(d, folder.path))
-        return out
-
     def make_detector(self, folders: Sequence[FolderConfig], **kwargs: Any) -> Detector:
-        excluded = {str(f.path): self.excluded_dirs(f) for f in folders}
+        excluded = {str(f.path): self.settings.own_dirs(f) for f in folders}
         self.detector = Detector(folders, self.sink, excluded_dirs=excluded, **kwargs)
         return self.detector
 
@@ -219,7 +205,7 @@ def _archive(
 
     def output_for(job: Job) -> Path | None:
         folder = folders.get(job.file.folder)
-        return folder.output_dir if folder and folder.output_dir else cfg.output_dir
+        return settings.output_dir_for(folder) if folder is not None else cfg.output_dir
 
     where = service_identity("processing", cfg.base_url, cfg.api_key)
     store.adopt_legacy("neuralanalog", where)

@@ -95,9 +95,9 @@ class FileBody:
     mtime or inode differ from ``expected`` at any point, the iterator raises FileChanged.
     """
 
-    def __init__(self, path: str | Path, expected: Signature, *, chunk_size: int = CHUNK) -> None:
+    def __init__(self, path: str | Path, expected: Signature, *, chunk_size: int = CHUNK, name: str = "") -> None:
         self.path = Path(path)
-        self.name = self.path.name
+        self.name = name or self.path.name
         self.size = expected.size
         self.expected = expected
         self.chunk_size = chunk_size

@@ -26,6 +26,7 @@ from watcher.config import Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
 from watcher.fsutil import sweep_temp
+from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
 from watcher.sdnotify import Notifier, NullNotifier
@@ -134,8 +135,11 @@ class Daemon:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if self.handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        lag: LoopLag | None = None
         try:
             self._start_metrics()
+            # How late the loop wakes (watcher_loop_lag_seconds): the watchdog's pings depend on it.
+            lag = LoopLag(0.25, on_sample=self.metrics.loop_lag).start()
             while True:
                 code = await self._serve()
                 if not self._reload_requested:
@@ -145,6 +149,8 @@ class Daemon:
                 self._force = asyncio.Event()
                 self._apply_reload()
         finally:
+            if lag is not None:
+                await lag.stop()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             self.metrics.stop()

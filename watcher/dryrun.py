@@ -169,7 +169,7 @@ def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str
     for raw in paths:
         path = Path(os.path.abspath(raw))
         folder = _owner(settings, path)
-        path_filter = PathFilter(folder.include, folder.exclude, _excluded_dirs(settings, folder))
+        path_filter = PathFilter(folder.include, folder.exclude, settings.own_dirs(folder))
         if path.is_dir():
             start = str(path) if path != folder.path else None
             for found in walk(str(folder.path), path_filter, recursive=folder.recursive, start=start):
@@ -183,19 +183,10 @@ def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str
 
 def _owner(settings: Settings, path: Path) -> FolderConfig:
     """The configured folder ``path`` is in (the deepest), else default options rooted at it (or its parent)."""
-    owners = [f for f in settings.folders if path == f.path or f.path in path.parents]
-    if owners:
-        return max(owners, key=lambda f: len(f.path.parts))
+    owner = settings.folder_for(path)
+    if owner is not None:
+        return owner
     return FolderConfig(path=path) if path.is_dir() else FolderConfig(path=path.parent, recursive=False)
-
-
-def _excluded_dirs(settings: Settings, folder: FolderConfig) -> list[str]:
-    """Our own output folders inside a watched folder, which a scan never enters."""
-    out = []
-    for d in (settings.output_dir_for(folder), folder.done_dir, folder.failed_dir, settings.sidecar.directory):
-        if d is not None and Path(d) != folder.path and folder.path in Path(d).parents:
-            out.append(os.path.relpath(d, folder.path))
-    return out
 
 
 def _hash(path: str) -> tuple[int, str]:

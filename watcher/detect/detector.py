@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import os
 import random
 import stat
@@ -32,7 +33,7 @@ from watcher.detect.filters import PathFilter
 from watcher.detect.fstype import decide_polling as decide_polling_for_type
 from watcher.detect.fstype import filesystem_type
 from watcher.detect.scan import walk
-from watcher.detect.settle import Settler
+from watcher.detect.settle import Settler, Verdict
 from watcher.detect.watch import FolderWatch, start_watch
 from watcher.names import display
 
@@ -213,9 +214,7 @@ class Detector:
             if not await self._isdir(folder):
                 continue
             try:
-                paths = await self._fs(
-                    lambda f=folder, s=state: list(walk(f, s.filter, recursive=s.config.recursive, start=start))
-                )
+                paths = await self._fs(functools.partial(_walk_list, folder, state, start))
             except Exception as exc:
                 log.error("scan.failed", folder=display(folder), error=_reason(exc), next="trying at the next scan")
                 continue
@@ -240,7 +239,7 @@ class Detector:
             if state is not None:
                 await self.scan(str(state.config.path), start=directory)
 
-        def check() -> list:
+        def check() -> list[Verdict]:
             with self._lock:
                 while self._hints:
                     path, settle, closed, root = self._hints.popleft()
@@ -408,11 +407,12 @@ class Detector:
                 state.config = state.config.model_copy(update={"poll": True})
                 try:
                     state.watch = await self._fs(
-                        lambda s=state, r=root: start_watch(
-                            r,
-                            recursive=s.config.recursive,
+                        functools.partial(
+                            start_watch,
+                            root,
+                            recursive=state.config.recursive,
                             polling=True,
-                            poll_interval=s.config.poll_interval,
+                            poll_interval=state.config.poll_interval,
                             hint=self.hint_threadsafe,
                             reason="the native observer died; polling instead",
                         )
@@ -445,3 +445,8 @@ def decide_polling_for(path: str, poll: bool | str) -> tuple[bool, str]:
     if poll == "auto":
         return decide_polling_for_type("auto", filesystem_type(path))
     return decide_polling_for_type(bool(poll), None)
+
+
+def _walk_list(folder: str, state: FolderState, start: str | None) -> list[str]:
+    """In a worker thread: every wanted file under ``start`` (or the folder)."""
+    return list(walk(folder, state.filter, recursive=state.config.recursive, start=start))

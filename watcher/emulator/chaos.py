@@ -11,9 +11,11 @@ SIGKILLed at instants drawn from a seeded RNG and restarted. Used by ``tests/tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
+import operator
 import os
 import random
 import signal
@@ -284,7 +286,7 @@ def paid_operations(pipeline: str, operation: str) -> Callable[[str], bool]:
         return lambda paid_op: paid_op == op
     for word, name in OPERATION_WORDS:
         if word in op:
-            return lambda paid_op, name=name: paid_op == name
+            return functools.partial(operator.eq, name)
     if pipeline == "analyze" or "analy" in op:
         return lambda paid_op: paid_op.startswith("analyze:")
     if pipeline == "archive":  # an archive operation we cannot name: any of the archive's paid requests

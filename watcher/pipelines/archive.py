@@ -8,6 +8,7 @@ scheduled through the store (the job comes back at its next poll time); no task 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ import structlog
 from watcher.audiofile import FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
 from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.fsutil import safe_component
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.paid import GateStore, PaidCalls, Taken
@@ -169,7 +171,9 @@ class ArchivePipeline:
         op = self.operation(job.data["sha256"], "audio")
 
         async def upload() -> str:
-            body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode))
+            # The service echoes this name in its zips: one safe component, whatever bytes the name holds.
+            label = safe_component(os.path.basename(version.path), "audio.wav")
+            body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode), name=label)
             log.info("archive.upload_started", path=version.path, size=version.size)
             return await self.processor.upload(body)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -171,8 +172,8 @@ class Deliverer:
                 files += await self._fetch_group(job, stems, ids, staging, staging / "stems", stems=True)
             manifest = {
                 "source": {
-                    "path": job.file.path,
-                    "name": Path(job.file.path).name,
+                    "path": display(job.file.path),
+                    "name": display(Path(job.file.path).name),
                     "sha256": sha256,
                     "size": job.file.size,
                 },
@@ -184,6 +185,14 @@ class Deliverer:
             }
             await asyncio.to_thread(write_json_atomic, staging / "manifest.json", manifest)
             await asyncio.to_thread(self._place, staging, target, job)
+        except OSError as exc:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RetryLater(
+                    f"the output folder {display(target.parent)} is full ({exc.strerror}); nothing of this delivery "
+                    "was kept, it is tried again later"
+                ) from exc
+            raise
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
