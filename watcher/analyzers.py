@@ -6,6 +6,7 @@ process pool (the optional ``local`` extra). ``auto`` takes remote when an API k
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -83,7 +84,7 @@ class LocalBackend:
             raise BadInput("the local backend needs a file on disk")
         answer = await self.pool.analyze(str(path), list(models))
         try:
-            changed = Signature.of(os.stat(path)) != expected
+            changed = Signature.of(await asyncio.to_thread(os.stat, path)) != expected
         except FileNotFoundError:
             changed = True
         if changed:

@@ -67,7 +67,7 @@ class SourceMover:
         jobs = self.store.jobs_of_file(job.file.id)
         if not job.file.current or any(j.state not in TERMINAL for j in jobs):
             return None
-        if any(j.state in ("superseded", "gone") for j in jobs):
+        if any(j.state in ("superseded", "gone", "skipped") for j in jobs):  # only what was processed moves
             return None
         failed = any(j.state == "failed" for j in jobs)
         destination = folder.failed_dir if failed else folder.done_dir
