@@ -26,10 +26,10 @@ from watcher.config import FolderConfig, Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
 from watcher.fsutil import sweep_temp
+from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
 from watcher.sdnotify import Notifier, NullNotifier
-from watcher.services.http import add_observer, remove_observer
 from watcher.store import TERMINAL
 from watcher.webhooks import WebhookSender
 
@@ -135,8 +135,11 @@ class Daemon:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if self.handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        lag: LoopLag | None = None
         try:
             self._start_metrics()
+            # How late the loop wakes (watcher_loop_lag_seconds): the watchdog's pings depend on it.
+            lag = LoopLag(0.25, on_sample=self.metrics.loop_lag).start()
             while True:
                 code = await self._serve()
                 if not self._reload_requested:
@@ -146,10 +149,11 @@ class Daemon:
                 self._force = asyncio.Event()
                 self._apply_reload()
         finally:
+            if lag is not None:
+                await lag.stop()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             self.metrics.stop()
-            remove_observer(self.metrics.request)
             self.notifier.close()
             lock.release()
             log.info("daemon.stopped")
@@ -161,7 +165,6 @@ class Daemon:
         metrics = Metrics(node=self.settings.store.node_name if self.settings.store.url else None)
         self.metrics_address = metrics.start_http(cfg.host, cfg.port)
         self.metrics = metrics
-        add_observer(metrics.request)
         log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
 
     def _apply_reload(self) -> None:
@@ -184,7 +187,7 @@ class Daemon:
         subscribers: list[Subscriber] = [MetricsEvents(self.metrics)]
         if webhooks is not None:
             subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
-        app = App.build(self.settings, subscribers=subscribers)
+        app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
         try:
             folders = self._owned_folders(app)
@@ -252,8 +255,9 @@ class Daemon:
         """Under the state folder's lock no earlier life can still be working: take back what it held, and
         remove the temp files a kill left behind (half-written sidecars, downloads, staging folders).
         A shared store (several nodes) gives back only what this node's earlier lives held."""
-        if getattr(app.store, "shared", False):
-            released, doubtful = app.store.release_node(self.settings.store.node_name, app.runner.owner)
+        release_node = getattr(app.store, "release_node", None)  # a shared store (several nodes)
+        if release_node is not None:
+            released, doubtful = release_node(self.settings.store.node_name, app.runner.owner)
         else:
             released, doubtful = app.store.release_leases(), app.store.gate_recover()
         if released:
@@ -287,7 +291,7 @@ class Daemon:
         cfg = self.settings.webhooks
         if not cfg.urls:
             return None
-        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout)
+        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout, observer=self.metrics.request)
         sender.start()
         return sender
 
@@ -318,8 +322,12 @@ class Daemon:
                      folders=[str(f) for f in app.folders])  # fmt: skip
             if app.detector is not None:
                 for f in app.detector.describe():
+                    mode, reason = f["mode"], f["reason"]
                     app.store.set_folder_health(
-                        str(f["folder"]), mode=f["mode"], reason=f["reason"], available=bool(f["available"])
+                        str(f["folder"]),
+                        mode=None if mode is None else str(mode),
+                        reason=None if reason is None else str(reason),
+                        available=bool(f["available"]),
                     )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)

@@ -70,7 +70,6 @@ class Request:
                     remaining -= len(data)
                     yield data
                 rfile.readline(1024)
-            return
         remaining = int(self.headers.get("Content-Length") or 0)
         while remaining > 0:
             data = rfile.read(min(chunk_size, remaining))

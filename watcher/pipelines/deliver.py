@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
+import errno
 import json
 import os
 import re
@@ -23,17 +23,18 @@ from typing import Any, Protocol
 import structlog
 
 from watcher import __version__
-from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
+from watcher.audiofile import sha256_of
+from watcher.config import ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir, publish_tree, safe_component, write_json_atomic
+from watcher.fsutil import TEMP_PREFIX, free_name, fsync_dir, publish_tree, safe_component, write_json_atomic
 from watcher.names import display
-from watcher.safezip import FLOOR, SizeBound, extract_zip, size_bound
+from watcher.safezip import FLOOR, ExtractedArchive, SizeBound, extract_zip, size_bound
 from watcher.store import Job
+from watcher.versions import STEM_VERSIONS, TRACK_VERSIONS, VERSIONS
 
 log = structlog.get_logger("watcher.deliver")
 AUDIO_SUFFIXES = {"wav", "wave", "flac", "mp3", "m4a", "aif", "aiff", "ogg"}
 ARCHIVE_TRIES = 3
-OBJECT_KIND = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
 # Stems per documented preset; a preset not listed here may hold up to UNKNOWN_PRESET_STEMS.
 PRESET_STEMS = {"2_tracks": 2, "4_tracks": 4, "6_tracks": 6, "acapella": 1, "instrumental": 1}
 UNKNOWN_PRESET_STEMS = 8
@@ -45,16 +46,30 @@ VERSION_WORDS = {
 
 
 class Offer(Protocol):
-    download_url: str | None
-    email_notification_queued: bool
-    archive_incomplete: bool
+    @property
+    def download_url(self) -> str | None: ...
+
+    @property
+    def email_notification_queued(self) -> bool: ...
+
+    @property
+    def archive_incomplete(self) -> bool: ...
+
 
 
 class Downloads(Protocol):
     """What delivery needs from the processing service."""
 
     async def request_archive(
-        self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
+        self,
+        *,
+        versions: Sequence[str],
+        audio_id: str | None = None,
+        ids: Sequence[str] | None = None,
+        format: str = "wav",
+        formats: Mapping[str, str] | None = None,
+        stem_ids: Sequence[str] | None = None,
+        stem_selections: Sequence[Mapping[str, Any]] | None = None,
     ) -> Offer: ...
 
     async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int: ...
@@ -66,14 +81,6 @@ class Downloads(Protocol):
     async def stem_objects(self, creation_id: str) -> list[tuple[str, str]]:
         """The (stem_id, name) pairs of a finished stem split, for fetching stems one by one."""
         ...
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def attribute(rel: str, candidates: Sequence[str]) -> str | None:
@@ -137,7 +144,7 @@ class Deliverer:
         """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per file version."""
         target = self.target(job)
         sha256 = job.data["sha256"]
-        existing = _manifest(target)
+        existing = await asyncio.to_thread(_manifest, target)
         if (
             existing
             and existing.get("source", {}).get("sha256") == sha256
@@ -145,10 +152,8 @@ class Deliverer:
         ):
             log.info("deliver.already_there", path=display(job.file.path), delivery=display(target))
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
-        await asyncio.to_thread(shutil.rmtree, staging, True)
-        staging.mkdir(mode=0o700)  # private until renamed into place
+        await asyncio.to_thread(_fresh_staging, staging)
         try:
             files: list[dict[str, Any]] = []
             tracks = [v for v in versions if v in TRACK_VERSIONS]
@@ -159,8 +164,8 @@ class Deliverer:
                 files += await self._fetch_group(job, stems, ids, staging, staging / "stems", stems=True)
             manifest = {
                 "source": {
-                    "path": job.file.path,
-                    "name": Path(job.file.path).name,
+                    "path": display(job.file.path),
+                    "name": display(Path(job.file.path).name),
                     "sha256": sha256,
                     "size": job.file.size,
                 },
@@ -172,6 +177,14 @@ class Deliverer:
             }
             await asyncio.to_thread(write_json_atomic, staging / "manifest.json", manifest)
             await asyncio.to_thread(self._place, staging, target, job)
+        except OSError as exc:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RetryLater(
+                    f"the output folder {display(target.parent)} is full ({exc.strerror}); nothing of this delivery "
+                    "was kept, it is tried again later"
+                ) from exc
+            raise
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
@@ -182,48 +195,8 @@ class Deliverer:
         self, job: Job, versions: list[str], ids: Mapping[str, str], staging: Path, dest: Path, *, stems: bool
     ) -> list[dict[str, Any]]:
         """One archive request for a group (tracks or stems), then single downloads for whatever it lacked."""
-        audio_id = ids["audio"]
-        formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
         bound = self.bound(job, versions)
-        got: dict[str, list[dict[str, Any]]] = {}
-        for attempt in range(1, ARCHIVE_TRIES + 1):
-            offer = await self.downloads.request_archive(
-                audio_id=audio_id, versions=versions, format=self.cfg.format, formats=formats
-            )
-            if not offer.download_url:
-                break
-            zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
-            try:
-                # A zip of audio hardly compresses: its own size is bounded like its contents, plus headers.
-                await self.downloads.download_archive(
-                    offer.download_url, zip_path, max_bytes=min(bound.total + FLOOR, self.cfg.max_archive_bytes)
-                )
-            except ExpiredURL:
-                with contextlib.suppress(FileNotFoundError):
-                    zip_path.unlink()
-                if attempt == ARCHIVE_TRIES:
-                    raise
-                log.info("deliver.url_expired", path=display(job.file.path), next="asking for a fresh archive URL")
-                continue
-            try:
-                extracted = await asyncio.to_thread(
-                    extract_zip,
-                    zip_path,
-                    staging,
-                    max_total_bytes=self.cfg.max_archive_bytes,
-                    max_entries=self.cfg.max_archive_entries,
-                    bound=bound,
-                )
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    zip_path.unlink()
-            for index, entry in enumerate(extracted.files, 1):
-                version = attribute(entry.path, versions) or "unknown"
-                where = self._place_for(dest, entry.path, version, index, stems=stems)
-                os.replace(extracted.root / entry.path, where)
-                got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
-            shutil.rmtree(extracted.root, ignore_errors=True)
-            break
+        offer, got = await self._fetch_zip(job, versions, ids, staging, dest, bound, stems=stems)
         if offer.email_notification_queued or offer.archive_incomplete or not offer.download_url:
             why = "queued for e-mail" if offer.email_notification_queued else "incomplete"
             log.warning(
@@ -241,6 +214,70 @@ class Deliverer:
                 )
         return [f for records in got.values() for f in records]
 
+    async def _fetch_zip(
+        self,
+        job: Job,
+        versions: list[str],
+        ids: Mapping[str, str],
+        staging: Path,
+        dest: Path,
+        bound: SizeBound,
+        *,
+        stems: bool,
+    ) -> tuple[Offer, dict[str, list[dict[str, Any]]]]:
+        """Ask for the group's zip, download and extract it into the staging folder (a fresh URL when one
+        expired, up to ARCHIVE_TRIES); the offer, and the files it held per version."""
+        formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
+        zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
+        for attempt in range(1, ARCHIVE_TRIES + 1):
+            offer = await self.downloads.request_archive(
+                audio_id=ids["audio"], versions=versions, format=self.cfg.format, formats=formats
+            )
+            if not offer.download_url:
+                return offer, {}
+            try:
+                # A zip of audio hardly compresses: its own size is bounded like its contents, plus headers.
+                await self.downloads.download_archive(
+                    offer.download_url, zip_path, max_bytes=min(bound.total + FLOOR, self.cfg.max_archive_bytes)
+                )
+                extracted = await asyncio.to_thread(
+                    extract_zip,
+                    zip_path,
+                    staging,
+                    max_total_bytes=self.cfg.max_archive_bytes,
+                    max_entries=self.cfg.max_archive_entries,
+                    bound=bound,
+                )
+            except ExpiredURL:
+                if attempt == ARCHIVE_TRIES:
+                    raise
+                log.info("deliver.url_expired", path=display(job.file.path), next="asking for a fresh archive URL")
+                continue
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    zip_path.unlink()
+            return offer, await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _settle(
+        self,
+        extracted: ExtractedArchive,
+        versions: list[str],
+        dest: Path,
+        staging: Path,
+        ids: Mapping[str, str],
+        stems: bool,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """In a worker thread: move each extracted entry to its place in the staging folder, and record it."""
+        got: dict[str, list[dict[str, Any]]] = {}
+        for index, entry in enumerate(extracted.files, 1):
+            version = attribute(entry.path, versions) or "unknown"
+            where = self._place_for(dest, entry.path, version, index, stems=stems)
+            os.replace(extracted.root / entry.path, where)
+            got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
+        shutil.rmtree(extracted.root, ignore_errors=True)
+        return got
+
     async def _fetch_single(
         self,
         job: Job,
@@ -253,26 +290,26 @@ class Deliverer:
     ) -> list[dict[str, Any]]:
         """Download one version (a track, or the stems not in ``have``) with ``GET /download/{type}/{id}``."""
         stem = Path(job.file.rel_path).stem
-        if version in TRACK_VERSIONS:
+        wanted = VERSIONS[version]
+        if wanted.track:
             fmt = self.cfg.format_of(version)
-            op = "audio" if version == "original" else version
             where = dest / f"{stem}.{version}.{fmt}"
             await self.downloads.download_object(
-                OBJECT_KIND[version], ids[op], where, format=fmt, max_bytes=bound.per_file
+                wanted.object_type, ids[wanted.product], where, format=fmt, max_bytes=bound.per_file
             )
-            return [self._record(where, staging, version, ids, None)]
-        creation = ids["stems:" + version.removesuffix("_stems")]
+            return [await asyncio.to_thread(self._record, where, staging, version, ids, None)]
+        creation = ids[wanted.product]
         records = []
         for index, (stem_id, raw) in enumerate(await self.downloads.stem_objects(creation), 1):
             name = safe_component(raw, f"{version}-{index}")
             if name in have:
                 continue
-            where = _free(dest / version / f"{name}.{self.cfg.format}")
+            where = free_name(dest / version / f"{name}.{self.cfg.format}")
             where.parent.mkdir(parents=True, exist_ok=True)
             await self.downloads.download_object(
                 "stem", stem_id, where, format=self.cfg.format, max_bytes=bound.per_file
             )
-            records.append(self._record(where, staging, version, ids, None))
+            records.append(await asyncio.to_thread(self._record, where, staging, version, ids, None))
         return records
 
     @staticmethod
@@ -281,21 +318,19 @@ class Deliverer:
         name = safe_component(PurePosixPath(rel).name, f"{version}-{index}")
         folder = dest / version if stems and version in STEM_VERSIONS else dest
         folder.mkdir(parents=True, exist_ok=True)
-        return _free(folder / name)
+        return free_name(folder / name)
 
-    def _record(self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None) -> dict:
-        op = (
-            "audio"
-            if version == "original"
-            else ("stems:" + version.removesuffix("_stems") if version in STEM_VERSIONS else version)
-        )
+    def _record(
+        self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None
+    ) -> dict[str, Any]:
+        product = VERSIONS[version].product if version in VERSIONS else "audio"
         return {
             "path": path.relative_to(staging).as_posix(),
             "version": version,
             "format": path.suffix.lstrip(".").lower(),
             "size": path.stat().st_size,
-            "sha256": sha or _sha256(path),
-            "service_ids": {"audio_id": ids.get("audio"), "job_id": ids.get(op) if op != "audio" else None},
+            "sha256": sha or sha256_of(path)[1],
+            "service_ids": {"audio_id": ids.get("audio"), "job_id": ids.get(product) if product != "audio" else None},
         }
 
     def _place(self, staging: Path, target: Path, job: Job) -> None:
@@ -316,14 +351,11 @@ class Deliverer:
         fsync_dir(target.parent)
 
 
-def _free(path: Path) -> Path:
-    """``path``, or ``stem.N.suffix`` with the first N not taken (two network names made safe may clash)."""
-    n = 1
-    candidate = path
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
-        n += 1
-    return candidate
+def _fresh_staging(staging: Path) -> None:
+    """An empty staging folder, private until it is renamed into place (a leftover of a kill is replaced)."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:

@@ -176,7 +176,7 @@ def redact(url: str) -> str:
     user = params.get("user", "")
     host = params.get("host", "localhost")
     port = params.get("port", "5432")
-    return f"postgresql://{user + '@' if user else ''}{host}:{port}/{params.get('dbname', '')}"
+    return f"postgresql://{str(user) + '@' if user else ''}{host}:{port}/{params.get('dbname', '')}"
 
 
 class StoreUnreachable(ConnectionError):
@@ -270,7 +270,7 @@ class PostgresStore:
             if row is None:
                 db.execute("INSERT INTO schema_version VALUES (0)")
             for number, script in enumerate(SCHEMA[version:], start=version + 1):
-                db.execute(script)  # type: ignore[arg-type]  # our constant DDL
+                db.execute(script)  # our constant DDL
                 db.execute("UPDATE schema_version SET version=%s", (number,))
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('store_id', %s) ON CONFLICT (key) DO NOTHING",
@@ -430,7 +430,7 @@ class PostgresStore:
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (fid, rel, _b(folder), _b(path), size, mtime_ns, inode, at),
             ).fetchone()
-            file_id = int(new["id"])
+            file_id = int(_got(new)["id"])
             for pipeline, step in jobs:
                 db.execute(
                     "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
@@ -475,7 +475,8 @@ class PostgresStore:
                 "UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, updated_at=%(at)s WHERE id=%(id)s",
                 {**args, "id": row["id"]},
             )
-            return db.execute(_JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone()  # type: ignore[no-any-return]
+            job: dict[str, Any] = _got(db.execute(_JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())
+            return job
 
         row = self._run(go)
         if row is None:
@@ -565,8 +566,9 @@ class PostgresStore:
 
     def release_leases(self, owner: str | None = None) -> int:
         """Drop leases: one owner's (at its exit), or every one (only when no other daemon can be running)."""
+        args: tuple[Any, ...] = ()
         if owner is None:
-            sql, args = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL", ()
+            sql = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL"
         else:
             sql, args = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=%s", (owner,)
         return int(self._run(lambda db: db.execute(sql, args).rowcount))
@@ -596,7 +598,7 @@ class PostgresStore:
             if paths is not None:
                 sql += " AND j.file_id = ANY(%s)"
                 args.append(self._ids_of_paths(db, paths))
-            return int(db.execute(sql, args).fetchone()["n"])
+            return int(_got(db.execute(sql, args).fetchone())["n"])
 
         return int(self._run(go))
 
@@ -671,7 +673,7 @@ class PostgresStore:
                     (*_key(op), op.on_doubt, at, at),
                 )
             for i, op in enumerate(ops):
-                row = db.execute(f"SELECT * FROM operations WHERE {_KEY} FOR UPDATE", _key(op)).fetchone()
+                row = _got(db.execute(f"SELECT * FROM operations WHERE {_KEY} FOR UPDATE", _key(op)).fetchone())
                 state = row["state"]
                 if state == "sending" and (row["lease_until"] or 0) < at:
                     state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
@@ -687,9 +689,9 @@ class PostgresStore:
             if takeable:
                 day = utc_day(at)
                 db.execute("INSERT INTO spend (day, service) VALUES (%s, %s) ON CONFLICT DO NOTHING", (day, budget))
-                spent = db.execute(
-                    "SELECT * FROM spend WHERE day=%s AND service=%s FOR UPDATE", (day, budget)
-                ).fetchone()
+                spent = _got(
+                    db.execute("SELECT * FROM spend WHERE day=%s AND service=%s FOR UPDATE", (day, budget)).fetchone()
+                )
                 if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
                     first = spent["capped_at"] is None
                     if first:
@@ -704,19 +706,21 @@ class PostgresStore:
                             cap_seconds=cap_seconds,
                         )
                 else:
-                    request = db.execute(
-                        "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending') RETURNING id",
-                        (
-                            at,
-                            day,
-                            budget,
-                            ",".join(op.name for _, op, _ in takeable),
-                            takeable[0][1].sha256,
-                            seconds,
-                            sum(op.name.startswith("analyze:") for _, op, _ in takeable),
-                        ),
-                    ).fetchone()["id"]
+                    request = _got(
+                        db.execute(
+                            "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending') RETURNING id",
+                            (
+                                at,
+                                day,
+                                budget,
+                                ",".join(op.name for _, op, _ in takeable),
+                                takeable[0][1].sha256,
+                                seconds,
+                                sum(op.name.startswith("analyze:") for _, op, _ in takeable),
+                            ),
+                        ).fetchone()
+                    )["id"]
                     db.execute(
                         "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
                         (seconds, day, budget),
@@ -1071,6 +1075,12 @@ class _Pool:
 
     def close(self) -> None:
         self.drop_idle()
+
+
+def _got(row: Any) -> Any:
+    """A row a statement always returns (RETURNING, a row locked just after its insert)."""
+    assert row is not None
+    return row
 
 
 def _first_line(exc: BaseException) -> str:
