@@ -139,17 +139,7 @@ class Watches:
             self.rescan(root)
         try:
             polling, reason = await self.pool.call(functools.partial(self.decide, state.config))
-            state.watch = await self.pool.call(
-                functools.partial(
-                    start_watch,
-                    root,
-                    recursive=state.config.recursive,
-                    polling=polling,
-                    poll_interval=state.config.poll_interval,
-                    hint=self.hint,
-                    reason=reason,
-                )
-            )
+            state.watch = await self._start(root, state, polling, reason)
         except Exception as exc:
             log.error(
                 "watch.start_failed",
@@ -202,17 +192,7 @@ class Watches:
                 await self.pool.call(dead.stop)
                 state.config = state.config.model_copy(update={"poll": True})
                 try:
-                    state.watch = await self.pool.call(
-                        functools.partial(
-                            start_watch,
-                            root,
-                            recursive=state.config.recursive,
-                            polling=True,
-                            poll_interval=state.config.poll_interval,
-                            hint=self.hint,
-                            reason="the native observer died; polling instead",
-                        )
-                    )
+                    state.watch = await self._start(root, state, True, "the native observer died; polling instead")
                 except Exception as exc:
                     log.error(
                         "watch.start_failed", folder=display(root), error=reason_of(exc), next="trying again later"
@@ -230,6 +210,19 @@ class Watches:
             }
             for root, s in self.folders.items()
         ]
+
+    async def _start(self, root: str, state: FolderState, polling: bool, reason: str) -> FolderWatch:
+        """Start an observer on ``root`` off the loop (a polling observer's first snapshot walks the folder)."""
+        start = functools.partial(
+            start_watch,
+            root,
+            recursive=state.config.recursive,
+            polling=polling,
+            poll_interval=state.config.poll_interval,
+            hint=self.hint,
+            reason=reason,
+        )
+        return await self.pool.call(start)
 
     async def stop_all(self) -> None:
         for state in self.folders.values():
