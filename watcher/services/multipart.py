@@ -12,9 +12,6 @@ from collections.abc import AsyncIterator, Mapping
 from watcher.errors import FileChanged
 from watcher.services.http import AudioSource
 
-MAX_HEADER_BYTES = 16 << 10
-MAX_FIELD_BYTES = 1 << 20
-
 
 def _quote(value: str) -> str:
     """A header parameter value as browsers and httpx write it: UTF-8, with ``"`` and CR/LF escaped.
