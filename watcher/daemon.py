@@ -14,9 +14,9 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -33,6 +33,7 @@ from watcher.sdnotify import Notifier, NullNotifier
 from watcher.store import TERMINAL
 from watcher.webhooks import WebhookSender
 
+T = TypeVar("T")
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
@@ -190,8 +191,8 @@ class Daemon:
         app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
         try:
-            folders = self._owned_folders(app)
-            await self._recover(app)
+            # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
+            folders, _ = await self._fed(asyncio.gather(self._owned_folders(app), self._recover(app)))
             detector = app.make_detector(folders)
             log.info(
                 "daemon.started",
@@ -229,10 +230,20 @@ class Daemon:
             await app.aclose()
             self.app = None
 
-    def _owned_folders(self, app: App) -> list[FolderConfig]:
-        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone."""
+    async def _fed(self, work: Awaitable[T]) -> T:
+        """Await start-up ``work`` (slow on a slow share) while feeding the systemd watchdog."""
+        task = asyncio.ensure_future(work)
+        interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
+        while not (await asyncio.wait({task}, timeout=interval))[0]:
+            self.notifier.watchdog()
+        return task.result()
+
+    async def _owned_folders(self, app: App) -> list[FolderConfig]:
+        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone.
+        The markers are read and written in a worker thread (a share may take seconds per call)."""
         folders, foreign = [], []
-        for owned, folder in zip(app.claim_folders(), self.settings.folders, strict=True):
+        claimed = await asyncio.to_thread(app.claim_folders)
+        for owned, folder in zip(claimed, self.settings.folders, strict=True):
             if owned.ours:
                 folders.append(folder)
                 continue

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def store_id(store: Any, state_dir: Path) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
-def read_marker(folder: Path) -> dict[str, Any] | None:
+def read_marker(folder: Path, *, retry: bool = True) -> dict[str, Any] | None:
     """The folder's marker as written, None when there is none; an unreadable one reads as owned by nobody known."""
     try:
         raw = (folder / MARKER).read_text(encoding="utf-8")
@@ -69,7 +70,10 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(raw)
     except ValueError:
-        return {"store": "unknown (the marker is not valid JSON)", "folder_id": ""}
+        if not retry:
+            return {"store": "unknown (the marker is not valid JSON)", "folder_id": ""}
+        time.sleep(0.2)  # sleep-ok: another node may be writing it this instant (create, then one write)
+        return read_marker(folder, retry=False)
     return data if isinstance(data, dict) else {"store": "unknown (the marker is not an object)", "folder_id": ""}
 
 
@@ -87,10 +91,12 @@ def claim(folder: Path, store: str, node: str) -> Ownership:
 
     A folder that cannot be written to (a read-only share) is worked on unmarked, keyed by its local path.
     """
-    if read_marker(folder) is None:
-        with contextlib.suppress(FileExistsError, OSError):
-            _create(folder / MARKER, _marker(store, str(uuid.uuid4()), node))
-    return inspect(folder, store)
+    folder_id = str(uuid.uuid4())
+    try:
+        _create(folder / MARKER, _marker(store, folder_id, node))
+    except OSError:
+        return inspect(folder, store)  # marked already (by us, another node, another store) or read-only
+    return Ownership(str(folder), folder_id, store, True)
 
 
 def adopt(folder: Path, store: str, node: str) -> Ownership:
@@ -117,15 +123,7 @@ def _marker(store: str, folder_id: str, node: str, previous: Any = None) -> str:
 
 
 def _create(path: Path, text: str) -> None:
-    """Write ``path`` only if it does not exist, atomically (a hard link: one winner, also on NFS)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    try:
-        os.link(tmp, path)
-    except OSError as exc:  # SMB mounts may refuse hard links: fall back to an exclusive create
-        if isinstance(exc, FileExistsError):
-            raise
-        with open(path, "x", encoding="utf-8") as fh:
-            fh.write(text)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``path`` only if it does not exist: an exclusive create (one winner, also on NFSv3+ and SMB), then
+    one small write; few calls, since a slow share takes a second or more per call."""
+    with open(path, "x", encoding="utf-8") as fh:
+        fh.write(text)
