@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from watcher.names import text
 from watcher.store.core import LeaseLost
 from watcher.store.gate import WAIT_SECONDS, next_utc_midnight, utc_day
 from watcher.store.models import FileVersion, Job, Operation, Problem, StoredResult, Ticket
@@ -535,7 +536,7 @@ class PostgresStore:
                         json.dumps(job.data),
                         job.attempts,
                         due,
-                        error,
+                        text(error),
                         error_code,
                         now,
                         job.id,
@@ -815,7 +816,7 @@ class PostgresStore:
         self._run(
             lambda db: db.execute(
                 f"UPDATE operations SET remote_state=%s, remote_error=%s, updated_at=%s WHERE {_KEY}",
-                (state, error, now, *_key(op)),
+                (state, text(error), now, *_key(op)),
             )
         )
 
@@ -867,7 +868,7 @@ class PostgresStore:
                 "INSERT INTO folder_state (folder_id, folder, mode, reason, available, updated_at) "
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (folder_id) DO UPDATE SET mode=excluded.mode, "
                 "reason=excluded.reason, available=excluded.available, updated_at=excluded.updated_at",
-                (self._fid(folder), _b(folder), mode, reason, available, now),
+                (self._fid(folder), _b(folder), mode, text(reason), available, now),
             )
         )
 
@@ -1091,7 +1092,7 @@ def _set_state(db: psycopg.Connection[Any], op: Operation, state: str, now: floa
     db.execute(
         "UPDATE operations SET state=%s, holder=NULL, lease_until=NULL, error=%s, updated_at=%s, "
         f"since=CASE WHEN %s='in_doubt' THEN %s ELSE since END WHERE {_KEY}",
-        (state, error, now, state, now, *_key(op)),
+        (state, text(error), now, state, now, *_key(op)),
     )
 
 
