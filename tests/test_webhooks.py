@@ -8,7 +8,7 @@ import hmac
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -36,7 +36,7 @@ class Receiver:
     def __init__(self, script: tuple[int, ...] = (), gate: threading.Event | None = None) -> None:
         self.script = list(script)
         self.gate = gate
-        self.received: list[tuple[bytes, dict[str, str]]] = []
+        self.received: list[tuple[bytes, Mapping[str, str]]] = []
         self.lock = threading.Lock()
         app = App()
         app.route("POST", "/hooks/(?P<token>[a-z0-9]+)", "POST /hooks")(self.handle)
@@ -46,7 +46,7 @@ class Receiver:
     def handle(self, req: Request) -> None:
         raw = req.body()
         with self.lock:
-            self.received.append((raw, dict(req.headers.items())))
+            self.received.append((raw, req.headers))
             status = self.script.pop(0) if self.script else 200
         if self.gate is not None:
             self.gate.wait(10)
