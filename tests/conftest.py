@@ -196,6 +196,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             "NOTIFY_SOCKET",
         ):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("WATCHER_WEB__ENABLED", "false")  # tests that want the page say so in their settings
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 

@@ -98,6 +98,8 @@ class Daemon:
         self.app: App | None = None
         self.metrics: NullMetrics = NullMetrics()
         self.metrics_address: tuple[str, int] | None = None
+        self.web: Any = None  # watcher.web.server.WebServer while the page runs
+        self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self._next_prune = 0.0
 
     def _on_signal(self, signum: int) -> None:
@@ -136,6 +138,7 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            await self._start_web()
             self._start_metrics()
             while True:
                 code = await self._serve()
@@ -148,6 +151,8 @@ class Daemon:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            if self.web is not None:
+                await self.web.stop()
             self.metrics.stop()
             remove_observer(self.metrics.request)
             self.notifier.close()
@@ -159,10 +164,31 @@ class Daemon:
         if not cfg.enabled:
             return
         metrics = Metrics()
-        self.metrics_address = metrics.start_http(cfg.host, cfg.port)
+        if self.web is not None and self.web.address is not None:
+            self.web.ctx.metrics = metrics  # /metrics is served by the page's server (same token)
+            self.metrics_address = self.web.address
+        else:
+            self.metrics_address = metrics.start_http(cfg.host, cfg.port)
         self.metrics = metrics
         add_observer(metrics.request)
         log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
+
+    async def _start_web(self) -> None:
+        """The page and JSON API in this loop (``[web] enabled``); a taken port leaves the daemon running."""
+        if not self.settings.web.enabled:
+            return
+        from watcher.web.api import Context
+        from watcher.web.live import LiveEvents
+        from watcher.web.server import WebServer
+
+        live = LiveEvents()
+        web = WebServer(Context(self.settings, live, wake=self._wake))
+        if await web.start():  # if not, the state folder's web.json says why, for `watcher status`
+            self.web, self._live = web, live
+
+    def _wake(self) -> None:
+        if self.app is not None:
+            self.app.runner.wake()
 
     def _apply_reload(self) -> None:
         assert self._reload is not None
@@ -176,6 +202,8 @@ class Daemon:
             log.error("daemon.reload_failed", error=str(exc), next="carrying on with the previous settings")
             return
         self.settings = new
+        if self.web is not None:
+            self.web.ctx.settings = new
         log.info("daemon.reloaded", folders=[str(f.path) for f in new.folders])
 
     async def _serve(self) -> int:
@@ -184,6 +212,8 @@ class Daemon:
         subscribers: list[Subscriber] = [MetricsEvents(self.metrics)]
         if webhooks is not None:
             subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
+        if self._live is not None:
+            subscribers.append(self._live)
         app = App.build(self.settings, subscribers=subscribers)
         self.app = app
         try:

@@ -38,10 +38,12 @@ def collect(
     configured: list[str] | None = None,
     caps: dict[str, float] | None = None,
     now: float | None = None,
+    web: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen.
 
-    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section.
+    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section;
+    ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known.
     """
     now = time.time() if now is None else now
     folders = {f["folder"]: f for f in store.folder_states()}
@@ -94,6 +96,7 @@ def collect(
         "spend": spend,
         "problems": problems,
         "files": list(files.values()),
+        "web": web,
     }
 
 
@@ -120,6 +123,10 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
             money.append(f"{service} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
     if money:
         lines.append(f"spent today ({spend['day']} UTC): " + "; ".join(money))
+    web = report.get("web")
+    if web:
+        where = f"running at {web['url']}" if web.get("running") else f"not running ({web.get('problem')})"
+        lines.append(f"web page: {where}")
     if report["folders"]:
         lines.append("\nfolders:")
         for f in report["folders"]:
