@@ -99,6 +99,7 @@ class Daemon:
         self.metrics: NullMetrics = NullMetrics()
         self.metrics_address: tuple[str, int] | None = None
         self.web: Any = None  # watcher.web.server.WebServer while the page runs
+        self._page: Any = None  # the same, also when it could not start (its stop clears the state it left)
         self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self._next_prune = 0.0
 
@@ -151,8 +152,8 @@ class Daemon:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-            if self.web is not None:
-                await self.web.stop()
+            if self._page is not None:
+                await self._page.stop()
             self.metrics.stop()
             remove_observer(self.metrics.request)
             self.notifier.close()
@@ -183,6 +184,7 @@ class Daemon:
 
         live = LiveEvents()
         web = WebServer(Context(self.settings, live, wake=self._wake))
+        self._page = web
         if await web.start():  # if not, the state folder's web.json says why, for `watcher status`
             self.web, self._live = web, live
 

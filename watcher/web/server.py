@@ -83,6 +83,8 @@ def build_app(ctx: Context, token: str) -> Guard:
         return FileResponse(real, filename=os.path.basename(real), content_disposition_type=disposition)
 
     async def metrics(request: Request) -> Response:
+        if ctx.metrics is None:
+            return problem(404, "metrics are off ([metrics] enabled = false)")
         return PlainTextResponse(ctx.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     routes: list[Any] = [
@@ -92,10 +94,9 @@ def build_app(ctx: Context, token: str) -> Guard:
         Route("/file", file),
         Route("/audio", audio),
         *(Route(path, endpoint, methods=[method]) for method, path, endpoint in api.routes(ctx)),
+        Route("/metrics", metrics),
         Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
     ]
-    if ctx.metrics is not None:
-        routes.append(Route("/metrics", metrics))
     return Guard(Starlette(routes=routes), token)
 
 
