@@ -234,7 +234,7 @@ class WebConfig(_Section):
     token: SecretStr | None = None
     token_file: Path | None = None  # default: a random token kept in state_dir/web-token (mode 0600)
 
-    @field_validator("token", mode="before")
+    @field_validator("token", "token_file", mode="before")
     @classmethod
     def _blank_token(cls, value: Any) -> Any:
         return None if value in ("", None) else value
