@@ -100,6 +100,17 @@ def js(browser: Any, script: str, *args: Any) -> Any:
     return browser.execute_script(script, *args)
 
 
+def text_of(browser: Any, element_id: str) -> str | None:
+    """An element's text read in one script call, so a page reloading meanwhile cannot make it stale."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        return js(browser, "const e = document.getElementById(arguments[0]); return e ? e.textContent : null;",
+                  element_id)
+    except WebDriverException:  # the page was between two documents: ask again
+        return None
+
+
 def row_state(browser: Any, path: Path) -> str | None:
     return js(
         browser,
@@ -208,7 +219,7 @@ def test_retry_button_on_a_failed_file_sends_it_again(
     emu.analysis.faults.reject_models = set()
     browser.find_element("id", "retry").click()
     wait_for(lambda: emu.api.counts()[STREAM] == sent + 1, what="a new request to the service")
-    wait_for(lambda: browser.find_element("id", "state").text == "done", timeout=20, what="the page to show done")
+    wait_for(lambda: text_of(browser, "state") == "done", timeout=20, what="the page to show done")
     page.close()
 
 
