@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import sqlite3
@@ -10,7 +11,7 @@ import struct
 import threading
 import time
 import wave
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ import pytest
 
 from watcher.audiofile import FileBody, signature
 from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings
-from watcher.emulator import Emulator
+from watcher.emulator import App, Emulator, Request
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator
 from watcher.emulator.server import HTTPServerThread
 from watcher.services.http import HttpPolicy
@@ -80,6 +81,36 @@ def query(tmp_path: Path, sql: str, *args: object) -> tuple | None:
         return None  # the schema is still being created
     finally:
         conn.close()
+
+
+# -- a loopback webhook receiver, shared by the webhook and observability tests -------------------------------
+
+
+class Receiver:
+    """A loopback webhook receiver: answers the statuses in ``script`` first, then 200 (or waits on ``gate``)."""
+
+    def __init__(self, script: tuple[int, ...] = (), gate: threading.Event | None = None) -> None:
+        self.script = list(script)
+        self.gate = gate
+        self.received: list[tuple[bytes, Mapping[str, str]]] = []  # headers: case-insensitive
+        self.lock = threading.Lock()
+        app = App()
+        app.route("POST", "/hooks/(?P<token>[a-z0-9]+)", "POST /hooks")(self.handle)
+        self.server = HTTPServerThread([app]).start()
+        self.url = self.server.url + "/hooks/tok3n"
+
+    def handle(self, req: Request) -> None:
+        raw = req.body()
+        with self.lock:
+            self.received.append((raw, req.headers))
+            status = self.script.pop(0) if self.script else 200
+        if self.gate is not None:
+            self.gate.wait(10)
+        req.send_json(status, {"ok": status < 400}, headers={"Retry-After": "0"} if status == 429 else None)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(raw) for raw, _ in self.received]
 
 
 # -- the store's adapters: every contract test runs against each one ------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +210,21 @@ def test_body_is_the_exact_file(emulator, audio, tmp_path):
 def test_returned_names_match_requested_specs(returned, requested, expected):
     """Spelling differences between request and answer are matched; unrelated names are not."""
     assert match_requested(returned, requested) == expected
+
+
+def test_a_stream_of_keep_alives_only_is_broken_off_and_re_asked(emulator, audio):
+    """Keep-alive comments keep a socket busy but are not events: past the deadline the stream is broken off,
+    and the next attempt asks again (the read timeout alone would wait forever on them)."""
+    emulator.analysis.faults.keepalive_only = 5.0
+    emulator.analysis.faults.keepalive_interval = 0.05
+
+    async def go() -> Any:
+        client = AnalysisClient(emulator.url, API_KEY, policy=FAST, event_deadline=0.5)
+        try:
+            return await client.analyze(FileBody(audio, signature(audio)), MODELS, lambda r: None)
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(go())
+    assert set(report.results) == set(MODELS)
+    assert emulator.api.counts()["POST /v1/analysis/stream"] == 2  # the silent stream, then one that answered

@@ -61,3 +61,53 @@ def test_rules_cover_real_modules():
     """Each rule names a package that exists, so a rename cannot silently disable it."""
     for prefix, _ in RULES:
         assert any(m == prefix or m.startswith(prefix + ".") for m in MODULES), prefix
+
+
+# The layers of ARCHITECTURE.md, lowest first: a module may import from its own layer or any layer below,
+# never from one above. The emulator is tooling beside the product: only the CLI starts it (`watcher emulate`),
+# and it may use layers 0 to 2 only.
+LAYERS = [
+    ["watcher", "watcher.errors", "watcher.names", "watcher.versions"],
+    [
+        "watcher.config",
+        "watcher.audiofile",
+        "watcher.media",
+        "watcher.fsutil",
+        "watcher.safezip",
+        "watcher.metrics",
+        "watcher.log",
+        "watcher.sdnotify",
+    ],
+    ["watcher.store", "watcher.detect", "watcher.services", "watcher.local"],
+    ["watcher.pipelines", "watcher.analyzers", "watcher.webhooks", "watcher.status"],
+    ["watcher.runner", "watcher.events"],
+    ["watcher.app", "watcher.dryrun", "watcher.doctor"],
+    ["watcher.daemon", "watcher.commands", "watcher.web"],
+    ["watcher.cli", "watcher.__main__", "watcher.emulator"],
+]
+TOOLING_LIMIT = {"watcher.emulator": 2}
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """The layer of a module and the listed name it falls under (the longest that matches); (-1, "") if none."""
+    best, found = "", -1
+    for n, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > len(best):
+                best, found = name, n
+    return found, best
+
+
+def test_imports_only_go_down_the_layers():
+    """Every import between the package's parts goes to the same layer or a lower one; the emulator uses only the
+    lowest three; every module belongs to a layer, so a new one must be placed before it can land."""
+    assert [m for m in MODULES if layer_of(m)[0] < 0] == []
+    upward = []
+    for mod, imports in MODULES.items():
+        mine, name = layer_of(mod)
+        limit = TOOLING_LIMIT.get(name, mine)
+        for imp in imports:
+            theirs, other = layer_of(imp)
+            if imp.startswith("watcher") and other != name and theirs > limit:
+                upward.append(f"{mod} (layer {mine}) imports {imp} (layer {theirs})")
+    assert upward == []

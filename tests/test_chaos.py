@@ -78,9 +78,9 @@ def test_the_judge_reads_the_resends_watcher_reported(tmp_path: Path) -> None:
     """Re-asks and re-sends the daemon logged (with their content) are what the judge allows, per operation."""
     log = tmp_path / "daemon.log"
     log.write_text(
-        '{"event": "analyze.reask", "sha256": "b", "models": ["key:1", "bpm_degara"]}\n'
-        '{"event": "archive.resend", "sha256": "a", "operation": "upload"}\n'
-        '{"event": "archive.resend", "sha256": "a", "operation": "stems:mastered"}\n'
+        '{"event": "paid.resend", "sha256": "b", "operations": ["analyze:key:1", "analyze:bpm_degara"]}\n'
+        '{"event": "paid.resend", "sha256": "a", "operations": ["upload"]}\n'
+        '{"event": "paid.resend", "sha256": "a", "operations": ["stems:mastered"]}\n'
         "not json at all\n"
         '{"event": "archive.uploaded", "sha256": "a"}\n'
     )

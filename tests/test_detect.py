@@ -18,6 +18,7 @@ from watcher.config import FolderConfig
 from watcher.detect.detector import Detector
 from watcher.detect.filters import PathFilter
 from watcher.detect.settle import Settler
+from watcher.names import display
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -311,3 +312,264 @@ def test_exhausted_inotify_falls_back_to_polling(tmp_path, watch):
             os.close(fd)
     write_tone(inbox / "still seen.wav", 0.05)
     wait_for(lambda: sink.names() == ["still seen.wav"])
+
+
+# -- any name the OS gives, and failures that stay with their file --------------------------------------------
+
+ODD_NAMES = [
+    b"caf\xe9.wav",  # not UTF-8 (Latin-1 from an old share)
+    b"new\nline.wav",
+    b"-leading dash.wav",
+    b"a" * 251 + b".wav",  # 255 bytes, the longest name ext4 allows
+]
+
+
+def _write_bytes_name(folder: Path, name: bytes) -> str:
+    """Create a small WAV under a bytes name; return the path as detection carries it (``os.fsdecode``)."""
+    path = os.path.join(os.fsencode(folder), name)
+    tmp = folder / "writing.part"
+    write_tone(tmp, 0.05)
+    os.rename(os.fsencode(tmp), path)
+    return os.fsdecode(path)
+
+
+def _deep_file(folder: Path, depth: int) -> str:
+    """A file ``depth`` folders down (each a 20-byte name): a tree deeper than any real library."""
+    parts = [os.fsencode(folder)] + [b"level-%014d" % i for i in range(depth)]
+    os.makedirs(os.path.join(*parts))
+    return _write_bytes_name(Path(os.fsdecode(os.path.join(*parts))), b"deep.wav")
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["native", "polling"])
+def test_any_name_the_os_gives_is_settled_and_handed_over(tmp_path, watch, poll):
+    """Undecodable bytes, a newline, a leading dash, a 255-byte name and a 100-deep tree: found at start and
+    by events, and handed to the sink as the exact ``os.fsdecode`` path."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    before = {_write_bytes_name(inbox, b"old-" + n if len(n) < 250 else b"o" + n[1:]) for n in ODD_NAMES}
+    before.add(_deep_file(inbox / "old", 100))
+    _, sink = watch(inbox, poll=poll, poll_interval=0.2)
+    wait_for(lambda: {p for p, _ in sink.ready_files} == before, what="the start-up scan's files")
+    after = {_write_bytes_name(inbox, n) for n in ODD_NAMES}
+    # built beside the folder and moved in (mkdir -p in place races watchdog's recursive watch set-up, which
+    # only warns, but pytest turns that warning into an error in watchdog's thread)
+    deep = _deep_file(tmp_path / "album", 100)
+    os.rename(tmp_path / "album", inbox / "album")
+    after.add(deep.replace(str(tmp_path / "album"), str(inbox / "album"), 1))
+    wait_for(lambda: {p for p, _ in sink.ready_files} == before | after, what="the files found by events")
+    assert len(sink.ready_files) == len(before | after)
+
+
+class FlakySink(RecordingSink):
+    """Fails for names that are not UTF-8 the way a store that encodes paths as UTF-8 text would."""
+
+    def __init__(self, fail_in: str) -> None:
+        super().__init__()
+        self.fail_in = fail_in
+        self.calls: list[str] = []
+
+    def known(self, path: str, sig: Signature) -> bool:
+        if self.fail_in == "known":
+            path.encode("utf-8")
+        return super().known(path, sig)
+
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+        self.calls.append(path)
+        if self.fail_in == "ready":
+            path.encode("utf-8")
+        super().ready(folder, path, rel_path, sig)
+
+
+@pytest.mark.parametrize("fail_in", ["known", "ready"])
+def test_a_sink_failure_stays_with_its_file_and_is_logged_once(tmp_path, fail_in):
+    """sink.known or sink.ready raising for one file: logged once with the displayed name, other files go on."""
+    import io
+    import json
+
+    from watcher.log import configure_logging
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    bad = _write_bytes_name(inbox, b"caf\xe9.wav")
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    try:
+        sink = FlakySink(fail_in)
+        d = RunningDetector(FolderConfig(path=inbox, settle_seconds=0.2, rescan_interval=0.5), sink)
+        try:
+            write_tone(inbox / "good.wav", 0.05)
+            wait_for(lambda: sink.names() == ["good.wav"], what="the good file")
+            # rescans every 0.5 s bring the bad file back: it fails each time, and is logged once
+            wait_for(lambda: out.getvalue().count("caf\\\\xe9.wav") >= 1, what="the failure logged")
+            wait_for(lambda: fail_in == "known" or len(sink.calls) >= 3, what="the bad file tried at each rescan")
+            write_tone(inbox / "later.wav", 0.05)
+            wait_for(lambda: sorted(sink.names()) == ["good.wav", "later.wav"], what="detection still running")
+            assert d.thread.is_alive()
+        finally:
+            d.stop()
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    failures = [e for e in lines if e.get("level") == "error"]
+    assert len(failures) == 1, failures
+    event = "detect.check_failed" if fail_in == "known" else "detect.record_failed"
+    assert failures[0]["event"] == event and failures[0]["path"] == display(bad)
+    assert "UnicodeEncodeError" in failures[0]["error"]
+    assert bad not in {p for p, _ in sink.ready_files}
+
+
+def test_entries_that_are_not_regular_files_or_lead_outside_are_skipped(tmp_path, watch):
+    """A FIFO, a link loop, a link to a file outside the folder: reported, never handed over, never a hang."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    outside = write_tone(tmp_path / "secret" / "outside.wav", 0.05)
+    with structlog.testing.capture_logs() as logs:
+        d, sink = watch(inbox)
+        os.mkfifo(inbox / "pipe.wav")
+        os.symlink(inbox / "loop-b.wav", inbox / "loop-a.wav")
+        os.symlink(inbox / "loop-a.wav", inbox / "loop-b.wav")
+        os.symlink(outside, inbox / "link-out.wav")
+        write_tone(inbox / "real.wav", 0.05)
+        os.symlink(inbox / "real.wav", inbox / "link-in.wav")
+        wait_for(lambda: sorted(sink.names()) == ["link-in.wav", "real.wav"], what="the real file and its link")
+        wait_for(lambda: not d.detector.settler.candidates, what="every candidate decided")
+    reasons = {Path(e["path"]).name: e["error"] for e in logs if e["event"] == "detect.skipped"}
+    assert "pipe.wav" in reasons and "not a regular file" in reasons["pipe.wav"]
+    assert "link-out.wav" in reasons and "outside the watched folder" in reasons["link-out.wav"]
+    failed = {Path(e["path"]).name for e in logs if e["event"] == "detect.check_failed"}
+    assert {"loop-a.wav", "loop-b.wav"} <= failed
+
+
+def test_starting_a_watch_does_not_block_the_event_loop(tmp_path):
+    """A watch whose start is stuck (a share that does not answer) leaves the loop free for other work."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    release = threading.Event()
+
+    def slow_decision(folder: FolderConfig) -> tuple[bool, str]:
+        release.wait(10)  # stands for a filesystem that takes seconds to answer
+        return True, "polled (test)"
+
+    async def main() -> tuple[int, bool]:
+        det = Detector([FolderConfig(path=inbox, settle_seconds=0.2)], RecordingSink(), decide_polling=slow_decision)
+        stop = asyncio.Event()
+        started = asyncio.Event()
+        task = asyncio.create_task(det.run(stop, on_first_scan=started.set))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)  # sleep-ok: counting loop turns while the watch start hangs
+            ticks += 1
+        was_started = started.is_set()
+        release.set()
+        await asyncio.wait_for(started.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        return ticks, was_started
+
+    ticks, was_started = asyncio.run(main())
+    assert ticks == 20 and not was_started
+
+
+def test_inotify_queue_overflow_rescans_the_folder_at_once(tmp_path, watch):
+    """A real kernel queue overflow (the reader held back while events pour in) triggers a rescan: a file
+    whose events were dropped is found long before the next periodic rescan."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    if limit > 200_000:
+        pytest.skip(f"fs.inotify.max_queued_events is {limit}: too many events to overflow in a test")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    d, sink = watch(inbox, rescan_interval=3600)
+    observer = d.detector.folders[str(inbox)].watch.observer
+    assert d.detector.describe()[0]["mode"] == "native"
+    with structlog.testing.capture_logs() as logs:
+        # watchdog's reader thread takes this lock after each read: holding it stops the draining
+        reader_lock = observer._inotify_fd._lock
+        with reader_lock:
+            fds = [os.open(inbox / f"flood-{i}.txt", os.O_WRONLY | os.O_CREAT) for i in range(2)]
+            try:
+                for i in range(limit + 4096):  # alternating files: identical neighbours would be merged
+                    os.write(fds[i % 2], b"x")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            lost = write_tone(inbox / "lost in the overflow.wav", 0.05)
+        wait_for(lambda: sink.names() == [lost.name], timeout=10, what="the file found by the overflow rescan")
+    assert any(e["event"] == "watch.overflow" and e["folder"] == str(inbox) for e in logs)
+
+
+def test_a_share_unmounted_under_the_folder_is_noticed_and_rescanned(tmp_path, watch):
+    """A filesystem mounted on the watched folder, then unmounted: both changes are logged and rescanned."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    write_tone(inbox / "under the mount.wav", 0.05)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "share", str(inbox)], check=True)
+    try:
+        write_tone(inbox / "on the share.wav", 0.05)
+        with structlog.testing.capture_logs() as logs:
+            d, sink = watch(inbox)
+            wait_for(lambda: sink.names() == ["on the share.wav"], what="the share's file")
+            subprocess.run(["umount", "-l", str(inbox)], check=True)
+            wait_for(lambda: "under the mount.wav" in sink.names(), what="the folder rescanned after the unmount")
+        assert any(e["event"] == "folder.remounted" and e["folder"] == str(inbox) for e in logs)
+        assert d.detector.describe()[0]["available"] is True
+    finally:
+        subprocess.run(["umount", "-l", str(inbox)], check=False, capture_output=True)
+
+
+class _FussyFilter(PathFilter):
+    """A filter that fails on one name, as a bad user pattern or a bug would."""
+
+    def wants_file(self, rel: str) -> bool:
+        if "fussy" in rel:
+            raise ValueError("cannot match this name")
+        return super().wants_file(rel)
+
+
+def test_a_failing_filter_stays_with_its_file(tmp_path):
+    """The filter raising on one name, at a scan and on an event hint: that name is logged, the rest is work."""
+    from watcher.config import AUDIO_PATTERNS
+
+    inbox = tmp_path / "in"
+    write_tone(inbox / "fussy.wav", 0.05)
+    write_tone(inbox / "plain.wav", 0.05)
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
+    det.folders[str(inbox)].filter = _FussyFilter(AUDIO_PATTERNS)
+
+    async def main() -> None:
+        await det.scan()
+        det.hint(str(inbox / "fussy.wav"))
+        await det.settle_all(timeout=10)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    assert sink.names() == ["plain.wav"]
+    events = {e["event"] for e in logs if Path(e.get("path", "")).name == "fussy.wav"}
+    assert events == {"scan.entry_failed", "detect.hint_failed"}, logs
+
+
+def test_a_link_loop_already_there_is_reported_once(tmp_path):
+    """A link loop found by scans (no event at all) is reported once, however many scans pass over it."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    os.symlink(inbox / "b.wav", inbox / "a.wav")
+    os.symlink(inbox / "a.wav", inbox / "b.wav")
+    write_tone(inbox / "real.wav", 0.05)
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
+
+    async def main() -> None:
+        for _ in range(3):
+            await det.scan()
+            await det.settle_all(timeout=10)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    assert sink.names() == ["real.wav"]
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert sorted(Path(e["path"]).name for e in errors) == ["a.wav", "b.wav"], errors
+    assert all(e["event"] == "detect.check_failed" and "symbolic links" in e["error"] for e in errors)

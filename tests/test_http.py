@@ -9,7 +9,7 @@ import httpx
 import pytest
 from httpx_sse import SSEError
 
-from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater
+from watcher.errors import Malformed, NeedsUser, NotSent, Rejected, RetryLater
 from watcher.services.http import ServiceHTTP, parse_retry_after, raise_for_status, translate_transport_error
 
 
@@ -67,29 +67,32 @@ REQ = httpx.Request("GET", "https://service.invalid/")
 
 
 @pytest.mark.parametrize(
-    ("exc", "error"),
+    ("exc", "error", "phrase"),
     [
-        (httpx.ConnectError("refused", request=REQ), RetryLater),
-        (httpx.ConnectTimeout("slow", request=REQ), RetryLater),
-        (httpx.ReadTimeout("slow", request=REQ), RetryLater),
-        (httpx.WriteTimeout("slow", request=REQ), RetryLater),
-        (httpx.PoolTimeout("busy", request=REQ), RetryLater),
-        (httpx.ReadError("reset", request=REQ), RetryLater),
-        (httpx.WriteError("reset", request=REQ), RetryLater),
-        (httpx.RemoteProtocolError("eof", request=REQ), RetryLater),
-        (httpx.LocalProtocolError("bad", request=REQ), RetryLater),
-        (httpx.ProxyError("proxy", request=REQ), RetryLater),
-        (httpx.UnsupportedProtocol("ftp", request=REQ), NeedsUser),
-        (httpx.InvalidURL("bad url"), NeedsUser),
-        (httpx.HTTPStatusError("x", request=REQ, response=response(401)), NeedsUser),
-        (httpx.StreamConsumed(), RetryLater),
-        (SSEError("not sse"), RetryLater),
+        (httpx.ConnectError("refused", request=REQ), NotSent, "could not be reached: ConnectError"),
+        (httpx.ConnectTimeout("slow", request=REQ), NotSent, "could not be reached: ConnectTimeout"),
+        (httpx.PoolTimeout("busy", request=REQ), NotSent, "could not be reached: PoolTimeout"),
+        (httpx.ReadTimeout("slow", request=REQ), RetryLater, "timed out (ReadTimeout)"),
+        (httpx.WriteTimeout("slow", request=REQ), RetryLater, "timed out (WriteTimeout)"),
+        (httpx.ReadError("reset", request=REQ), RetryLater, "could not be reached: ReadError"),
+        (httpx.WriteError("reset", request=REQ), RetryLater, "could not be reached: WriteError"),
+        (httpx.RemoteProtocolError("eof", request=REQ), RetryLater, "could not be reached: RemoteProtocolError"),
+        (httpx.LocalProtocolError("bad", request=REQ), RetryLater, "could not be reached: LocalProtocolError"),
+        (httpx.ProxyError("proxy", request=REQ), RetryLater, "could not be reached: ProxyError"),
+        (httpx.UnsupportedProtocol("ftp", request=REQ), NeedsUser, "URL is not usable"),
+        (httpx.InvalidURL("bad url"), NeedsUser, "URL is not usable"),
+        (httpx.HTTPStatusError("x", request=REQ, response=response(401)), NeedsUser, "API key was refused"),
+        (httpx.HTTPStatusError("x", request=REQ, response=response(422)), Rejected, "HTTP 422"),
+        (httpx.StreamConsumed(), RetryLater, "stream failed: StreamConsumed"),
+        (SSEError("not sse"), Malformed, "malformed event stream"),
     ],
-    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v.__name__,
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else getattr(v, "__name__", str(v)),
 )
-def test_every_foreign_exception_maps(exc, error):
-    """Every httpx and httpx-sse exception becomes one of ours."""
-    assert isinstance(translate_transport_error(exc, "svc"), error)
+def test_every_foreign_exception_maps(exc, error, phrase):
+    """Every httpx and httpx-sse exception becomes exactly one of ours, by the branch that names its cause."""
+    ours = translate_transport_error(exc, "svc")
+    assert type(ours) is error
+    assert phrase in str(ours)
 
 
 def test_client_translates_at_the_edge():

@@ -42,3 +42,28 @@ def test_console_format_is_readable():
     configure_logging("console", "info", stream=out)
     structlog.get_logger("test").info("file.settled", path="/in/a.wav")
     assert "file.settled" in out.getvalue() and "/in/a.wav" in out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_odd_names_never_break_a_log_line(tmp_path, fmt):
+    """A name that is not UTF-8, or holds a newline, is logged in display form to a strict UTF-8 stream."""
+    import os
+
+    odd = os.fsdecode(b"/in/caf\xe9\nnext.wav")
+    with (tmp_path / "log").open("w", encoding="utf-8", errors="strict") as out:
+        configure_logging(fmt, "info", stream=out)
+        log = structlog.get_logger("test")
+        log.info("file.settled", path=odd, nested={"paths": [odd]}, raw=os.fsencode(odd))
+        try:
+            raise OSError(f"cannot open {odd}")
+        except OSError:
+            log.exception("stage.failed", path=odd)
+    text = (tmp_path / "log").read_bytes().decode("utf-8")  # strict: the file is valid UTF-8
+    assert text.count("/in/caf\\xe9\\x0anext.wav") >= 3 or text.count("/in/caf\\\\xe9\\\\x0anext.wav") >= 3
+    if fmt == "json":
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert lines[0]["path"] == lines[0]["nested"]["paths"][0] == lines[0]["raw"] == "/in/caf\\xe9\\x0anext.wav"
+        assert lines[1]["path"] == "/in/caf\\xe9\\x0anext.wav" and "cannot open /in/caf\\xe9" in lines[1]["exception"]
+    else:
+        first = text.splitlines()[0]
+        assert "file.settled" in first and "path=/in/caf\\xe9\\x0anext.wav" in first

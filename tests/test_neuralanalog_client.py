@@ -22,14 +22,8 @@ from watcher import fsutil
 from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
 from watcher.safezip import TooLarge
 from watcher.services.multipart import MultipartBody
-from watcher.services.neuralanalog import (
-    ArchiveOffer,
-    ExpiredURL,
-    JobStatus,
-    NeuralAnalogClient,
-    RefusedRedirect,
-    disposition_name,
-)
+from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
+from watcher.services.storage import RefusedRedirect, disposition_name
 
 
 def sha(path: Path) -> str:

@@ -174,3 +174,31 @@ def test_endpoint_switch_asks_the_new_endpoint(tmp_path, inbox, emu, run_daemon)
         doc = json.loads((inbox / "b.wav.analysis.json").read_text())
         assert doc["backend"]["base_url"] == other.url
     assert emu.api.counts()[STREAM] == 1
+
+
+def test_a_dry_run_sends_nothing_and_writes_nothing(tmp_path, inbox, emu):
+    """`watcher scan --dry-run` over a folder: 0 requests, 0 files written (not even the state folder), and a
+    per-file and per-service account of what a real scan would ask and cost."""
+    for n, seconds in enumerate((1.0, 2.0)):
+        write_tone(inbox / f"t{n}.wav", seconds, freq=300 + n * 100)
+    (inbox / "notes.wav").write_text("not audio")
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    done = cli(
+        tmp_path,
+        "scan",
+        "--dry-run",
+        str(inbox),
+        analysis__base_url=emu.url,
+        archive__enabled="true",
+        archive__base_url=emu.url,
+        archive__output_dir=str(tmp_path / "out"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    assert not (tmp_path / "state").exists() and emu.api.requests == []
+    out = done.stdout
+    assert "t0.wav  (1.0 s)" in out and "t1.wav  (2.0 s)" in out
+    assert "would ask key, bpm_degara, loudness-ebur128" in out and "paid calls: upload, master" in out
+    assert "notes.wav: a scan would refuse it" in out and "not audio" in out
+    assert "analysis (Essentia API): 2 paid calls" in out
+    assert "processing (Neural Analog): 4 paid calls" in out and "(upload 2, master 2)" in out

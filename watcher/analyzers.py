@@ -6,6 +6,7 @@ process pool (the optional ``local`` extra). ``auto`` takes remote when an API k
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -15,8 +16,8 @@ import structlog
 from watcher.audiofile import Signature
 from watcher.config import AnalysisConfig, reveal, service_identity
 from watcher.errors import BadInput, ConfigError, FileChanged
-from watcher.services.analysis import AnalysisClient, AnalysisReport, AudioSource, ModelResult
-from watcher.services.http import HttpPolicy
+from watcher.services.analysis import AnalysisClient, AnalysisReport, ModelResult
+from watcher.services.http import AudioSource, HttpPolicy
 
 log = structlog.get_logger("watcher.analysis")
 
@@ -83,7 +84,7 @@ class LocalBackend:
             raise BadInput("the local backend needs a file on disk")
         answer = await self.pool.analyze(str(path), list(models))
         try:
-            changed = Signature.of(os.stat(path)) != expected
+            changed = Signature.of(await asyncio.to_thread(os.stat, path)) != expected
         except FileNotFoundError:
             changed = True
         if changed:
@@ -134,4 +135,5 @@ def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
 
 
 def make_backend(cfg: AnalysisConfig, which: str, **client_kwargs: Any) -> Backend:
+    """The backend ``which`` names; ``client_kwargs`` (an observer, a transport) go to the remote client."""
     return RemoteAnalyzer(cfg, **client_kwargs) if which == "remote" else LocalBackend(cfg)

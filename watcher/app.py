@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from watcher.names import display
 from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
 from watcher.runner import Outcome, Runner
+from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, Job, Store
 
 log = structlog.get_logger("watcher.app")
@@ -107,18 +107,21 @@ class App:
         *,
         folders: Sequence[FolderConfig] | None = None,
         subscribers: Iterable[Subscriber] = (),
+        observer: RequestObserver | None = None,
     ) -> App:
-        """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`)."""
+        """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
+        of every HTTP request any client makes (metrics)."""
         store = Store(store_path(settings))
         events = Events(subscribers)
         closers: list[Any] = []
         try:
             pipelines: list[Pipeline] = []
             if settings.analysis.enabled:
-                pipelines.append(_analyze(settings, store, events, closers))
+                pipelines.append(_analyze(settings, store, events, closers, observer))
             if settings.archive.enabled:
                 chosen = folders if folders is not None else settings.folders
-                pipelines.append(_archive(settings, store, events, closers, {str(f.path): f for f in chosen}))
+                chosen_folders = {str(f.path): f for f in chosen}
+                pipelines.append(_archive(settings, store, events, closers, chosen_folders, observer))
             if not pipelines:
                 raise ConfigError("nothing to do: both analysis.enabled and archive.enabled are false")
         except BaseException:
@@ -126,21 +129,8 @@ class App:
             raise
         return cls(settings, folders if folders is not None else settings.folders, store, pipelines, events, closers)
 
-    def excluded_dirs(self, folder: FolderConfig) -> list[str]:
-        """Our own output folders inside a watched folder: never work, never watched for work."""
-        out = []
-        for d in (
-            folder.output_dir or self.settings.archive.output_dir,
-            folder.done_dir,
-            folder.failed_dir,
-            self.settings.sidecar.directory,
-        ):
-            if d is not None and Path(d).is_relative_to(folder.path) and Path(d) != folder.path:
-                out.append(os.path.relpath(d, folder.path))
-        return out
-
     def make_detector(self, folders: Sequence[FolderConfig], **kwargs: Any) -> Detector:
-        excluded = {str(f.path): self.excluded_dirs(f) for f in folders}
+        excluded = {str(f.path): self.settings.own_dirs(f) for f in folders}
         self.detector = Detector(folders, self.sink, excluded_dirs=excluded, **kwargs)
         return self.detector
 
@@ -174,13 +164,15 @@ def _concurrency(settings: Settings, pipelines: dict[str, Pipeline]) -> dict[str
     return out
 
 
-def _analyze(settings: Settings, store: Store, events: Events, closers: list[Any]) -> Pipeline:
+def _analyze(
+    settings: Settings, store: Store, events: Events, closers: list[Any], observer: RequestObserver | None
+) -> Pipeline:
     from watcher.analyzers import choose_backend, make_backend
     from watcher.pipelines.analyze import AnalyzePipeline
 
     which, why = choose_backend(settings.analysis)
     log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
-    backend = make_backend(settings.analysis, which)
+    backend = make_backend(settings.analysis, which, observer=observer)
     closers.append(backend)
     store.adopt_legacy(backend.name, backend.key)
     return AnalyzePipeline(
@@ -194,7 +186,12 @@ def _analyze(settings: Settings, store: Store, events: Events, closers: list[Any
 
 
 def _archive(
-    settings: Settings, store: Store, events: Events, closers: list[Any], folders: dict[str, FolderConfig]
+    settings: Settings,
+    store: Store,
+    events: Events,
+    closers: list[Any],
+    folders: dict[str, FolderConfig],
+    observer: RequestObserver | None,
 ) -> Pipeline:
     from watcher.pipelines.archive import ArchivePipeline
     from watcher.pipelines.deliver import Deliverer
@@ -203,12 +200,12 @@ def _archive(
 
     cfg = settings.archive
     policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
-    processor = NeuralAnalogClient(cfg.base_url, reveal(cfg.api_key), policy=policy)
+    processor = NeuralAnalogClient(cfg.base_url, reveal(cfg.api_key), policy=policy, observer=observer)
     closers.append(processor)
 
     def output_for(job: Job) -> Path | None:
         folder = folders.get(job.file.folder)
-        return folder.output_dir if folder and folder.output_dir else cfg.output_dir
+        return settings.output_dir_for(folder) if folder is not None else cfg.output_dir
 
     where = service_identity("processing", cfg.base_url, cfg.api_key)
     store.adopt_legacy("neuralanalog", where)

@@ -95,9 +95,9 @@ class FileBody:
     mtime or inode differ from ``expected`` at any point, the iterator raises FileChanged.
     """
 
-    def __init__(self, path: str | Path, expected: Signature, *, chunk_size: int = CHUNK) -> None:
+    def __init__(self, path: str | Path, expected: Signature, *, chunk_size: int = CHUNK, name: str = "") -> None:
         self.path = Path(path)
-        self.name = self.path.name
+        self.name = name or self.path.name
         self.size = expected.size
         self.expected = expected
         self.chunk_size = chunk_size
@@ -109,7 +109,7 @@ class FileBody:
         except FileNotFoundError as exc:
             raise FileChanged("the file disappeared before it was sent") from exc
         try:
-            self._check(os.fstat(fh.fileno()))
+            self._check(await asyncio.to_thread(os.fstat, fh.fileno()))
             remaining = self.size
             while remaining > 0:
                 chunk = await asyncio.to_thread(fh.read, min(self.chunk_size, remaining))
@@ -118,12 +118,12 @@ class FileBody:
                 remaining -= len(chunk)
                 self.bytes_sent += len(chunk)
                 yield chunk
-            self._check(os.fstat(fh.fileno()))
-            self._check(os.stat(self.path))
+            self._check(await asyncio.to_thread(os.fstat, fh.fileno()))
+            self._check(await asyncio.to_thread(os.stat, self.path))
         except FileNotFoundError as exc:
             raise FileChanged("the file disappeared while it was being sent") from exc
         finally:
-            fh.close()
+            await asyncio.to_thread(fh.close)
 
     def _check(self, st: os.stat_result) -> None:
         if Signature.of(st) != self.expected:

@@ -83,14 +83,13 @@ async def scan(
 
 def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
     """Folders to walk and single files to hint; a path inside a configured folder keeps that folder's options."""
-    configured = sorted(settings.folders, key=lambda f: -len(str(f.path)))
     folders: dict[str, FolderConfig] = {}
     files: list[Path] = []
     for raw in paths:
         path = Path(os.path.abspath(raw))
         if not path.exists():
             raise ConfigError(f"{path} does not exist")
-        owner = next((f for f in configured if path.is_relative_to(f.path)), None)
+        owner = settings.folder_for(path)
         if path.is_dir():
             folder = owner if owner is not None and owner.path == path else FolderConfig(path=path)
             if owner is not None and folder is not owner:

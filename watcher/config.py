@@ -12,10 +12,20 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +34,7 @@ from pydantic_settings import (
 )
 
 from watcher.errors import ConfigError
+from watcher.versions import TRACK_VERSIONS
 
 APP = "watcher"
 AUDIO_PATTERNS = (
@@ -41,6 +52,22 @@ AUDIO_PATTERNS = (
 DEFAULT_MODELS = ("key", "bpm_degara", "loudness-ebur128")
 
 
+def _blank_is_none(value: Any) -> Any:
+    """An empty string in TOML or the environment means "not set"."""
+    return None if value in ("", None) else value
+
+
+def _absolute(value: Path) -> Path:
+    """A path with ``~`` expanded, made absolute (never resolved: links are the user's business)."""
+    return Path(os.path.abspath(value.expanduser()))
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+OptionalPath = Annotated[AbsolutePath | None, BeforeValidator(_blank_is_none)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_none)]  # a file the user names, kept as given
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_blank_is_none)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,7 +75,7 @@ class _Section(BaseModel):
 class FolderConfig(_Section):
     """One watched folder and how files in it become work."""
 
-    path: Path
+    path: AbsolutePath
     recursive: bool = True
     poll: bool | Literal["auto"] = "auto"
     poll_interval: float = Field(10.0, gt=0)
@@ -57,24 +84,9 @@ class FolderConfig(_Section):
     include: tuple[str, ...] = AUDIO_PATTERNS
     exclude: tuple[str, ...] = ()
     # Archive options for this folder; unset means "as in [archive]".
-    output_dir: Path | None = None
-    done_dir: Path | None = None
-    failed_dir: Path | None = None
-
-    @field_validator("output_dir", "done_dir", "failed_dir", mode="before")
-    @classmethod
-    def _blank_path(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
-
-    @field_validator("output_dir", "done_dir", "failed_dir")
-    @classmethod
-    def _abs_opt(cls, value: Path | None) -> Path | None:
-        return None if value is None else Path(os.path.abspath(value.expanduser()))
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        return Path(os.path.abspath(value.expanduser()))
+    output_dir: OptionalPath = None
+    done_dir: OptionalPath = None
+    failed_dir: OptionalPath = None
 
 
 class AnalysisConfig(_Section):
@@ -83,8 +95,8 @@ class AnalysisConfig(_Section):
     enabled: bool = True
     backend: Literal["auto", "remote", "local"] = "auto"
     base_url: str = "https://api.essentia.upf.edu"
-    api_key: SecretStr | None = None
-    api_key_file: Path | None = None
+    api_key: OptionalSecret = None
+    api_key_file: OptionalFile = None
     models: tuple[str, ...] = DEFAULT_MODELS
     concurrency: int = Field(2, ge=1, le=64)
     rate_limit: float = Field(5.0, gt=0, description="requests per second, below the service's 10/s")
@@ -92,11 +104,6 @@ class AnalysisConfig(_Section):
     local_workers: int = Field(1, ge=1, le=32, description="processes for the local backend")
     local_max_seconds: float = Field(14400.0, gt=0, description="longest file the local backend decodes")
     daily_audio_minutes: float = Field(0.0, ge=0, description="audio minutes a UTC day may send (0: no cap)")
-
-    @field_validator("api_key", "api_key_file", mode="before")
-    @classmethod
-    def _blank_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
     @field_validator("models")
     @classmethod
@@ -113,12 +120,11 @@ class AnalysisConfig(_Section):
         return cleaned
 
 
-TRACK_VERSIONS = ("original", "restored", "mastered")
-STEM_VERSIONS = ("original_stems", "restored_stems", "mastered_stems")
 ArchiveVersion = Literal[
     "original", "restored", "mastered", "original_stems", "restored_stems", "mastered_stems", "stems"
 ]
 AudioFormat = Literal["wav", "flac", "mp3", "m4a"]
+OptionalFormat = Annotated[AudioFormat | None, BeforeValidator(_blank_is_none)]
 
 
 class ArchiveConfig(_Section):
@@ -126,15 +132,15 @@ class ArchiveConfig(_Section):
 
     enabled: bool = False
     base_url: str = "https://api.neuralanalog.com"
-    api_key: SecretStr | None = None
-    api_key_file: Path | None = None
+    api_key: OptionalSecret = None
+    api_key_file: OptionalFile = None
     versions: tuple[ArchiveVersion, ...] = ("original", "mastered")
     stems_from: Literal["original", "restored", "mastered"] = "original"
     format: AudioFormat = "wav"
-    original_format: AudioFormat | None = None
-    restored_format: AudioFormat | None = None
-    mastered_format: AudioFormat | None = None
-    output_dir: Path | None = None
+    original_format: OptionalFormat = None
+    restored_format: OptionalFormat = None
+    mastered_format: OptionalFormat = None
+    output_dir: OptionalPath = None
     concurrency: int = Field(2, ge=1, le=64)
     rate_limit: float = Field(5.0, gt=0)
     timeout: float = Field(300.0, gt=0)
@@ -147,18 +153,6 @@ class ArchiveConfig(_Section):
     restore: dict[str, Any] = Field(default_factory=dict)
     master: dict[str, Any] = Field(default_factory=dict)
     stems: dict[str, Any] = Field(default_factory=lambda: {"preset": "4_tracks"})
-
-    @field_validator(
-        "api_key", "api_key_file", "output_dir", "original_format", "restored_format", "mastered_format", mode="before"
-    )
-    @classmethod
-    def _blank_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
-
-    @field_validator("output_dir")
-    @classmethod
-    def _abs_out(cls, value: Path | None) -> Path | None:
-        return None if value is None else Path(os.path.abspath(value.expanduser()))
 
     @field_validator("versions")
     @classmethod
@@ -173,9 +167,9 @@ class ArchiveConfig(_Section):
         """The versions to deliver, with ``"stems"`` expanded to ``<stems_from>_stems``."""
         out: list[str] = []
         for v in self.versions:
-            v = f"{self.stems_from}_stems" if v == "stems" else v
-            if v not in out:
-                out.append(v)
+            name = f"{self.stems_from}_stems" if v == "stems" else str(v)
+            if name not in out:
+                out.append(name)
         return tuple(out)
 
     def format_of(self, version: str) -> str:
@@ -188,12 +182,7 @@ class SidecarConfig(_Section):
     """Where the JSON results go."""
 
     suffix: str = ".analysis.json"
-    directory: Path | None = None
-
-    @field_validator("directory", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
+    directory: OptionalPath = None
 
     @field_validator("suffix")
     @classmethod
@@ -258,13 +247,8 @@ class WebhooksConfig(_Section):
         "file.in_doubt",
         "spend.capped",
     )
-    secret: SecretStr | None = None
+    secret: OptionalSecret = None
     timeout: float = Field(10.0, gt=0)
-
-    @field_validator("secret", mode="before")
-    @classmethod
-    def _blank_secret(cls, value: Any) -> Any:
-        return None if value in ("", None) else value
 
     @field_validator("urls")
     @classmethod
@@ -285,7 +269,7 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    state_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
+    state_dir: AbsolutePath = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     folders: tuple[FolderConfig, ...] = ()
     analysis: AnalysisConfig = AnalysisConfig()
@@ -297,14 +281,34 @@ class Settings(BaseSettings):
     webhooks: WebhooksConfig = WebhooksConfig()
     web: WebConfig = WebConfig()
 
-    @field_validator("state_dir")
-    @classmethod
-    def _abs_state(cls, value: Path) -> Path:
-        return Path(os.path.abspath(value.expanduser()))
+    @model_validator(mode="after")
+    def _archive_needs_an_output(self) -> Settings:
+        """With the archive on, every folder needs somewhere to deliver: its own output_dir or the archive's."""
+        if self.archive.enabled and self.archive.output_dir is None:
+            missing = [str(f.path) for f in self.folders if f.output_dir is None]
+            if missing:
+                raise ValueError(
+                    "archive.output_dir: required when the archive is enabled (or set output_dir on each "
+                    f"[[folders]] entry; missing for {', '.join(missing)})"
+                )
+        return self
 
     def output_dir_for(self, folder: FolderConfig) -> Path | None:
         """Where a folder's deliveries go: its own output_dir, else the archive's."""
         return folder.output_dir or self.archive.output_dir
+
+    def folder_for(self, path: Path) -> FolderConfig | None:
+        """The configured folder ``path`` is in, or is (the deepest one), or None."""
+        owners = [f for f in self.folders if path.is_relative_to(f.path)]
+        return max(owners, key=lambda f: len(f.path.parts)) if owners else None
+
+    def own_dirs(self, folder: FolderConfig) -> list[str]:
+        """Our own output folders inside a watched folder (relative paths): never work, never watched or scanned."""
+        out = []
+        for d in (self.output_dir_for(folder), folder.done_dir, folder.failed_dir, self.sidecar.directory):
+            if d is not None and d != folder.path and d.is_relative_to(folder.path):
+                out.append(os.path.relpath(d, folder.path))
+        return out
 
     @classmethod
     def settings_customise_sources(
@@ -346,6 +350,7 @@ def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
 
 
 def _describe(error: Any) -> str:
+    """One validation error as "key: what is wrong" (a rule over several keys names its keys itself)."""
     loc = ""
     for part in error["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
@@ -353,7 +358,8 @@ def _describe(error: Any) -> str:
         return f"{loc}: unknown key"
     if error["type"] == "missing":
         return f"{loc}: required key is missing"
-    return f"{loc}: {error['msg']}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {message}" if loc else message
 
 
 def load_settings(
@@ -368,14 +374,23 @@ def load_settings(
     A folder given on the command line keeps the options of a configured folder with the same path.
     """
     source = f" in {config_path}" if config_path else ""
+    data: dict[str, Any] = {}
     if config_path is not None:
         try:
             with config_path.open("rb") as fh:
-                tomllib.load(fh)
+                data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from exc
         except OSError as exc:
             raise ConfigError(f"config file {config_path} cannot be read: {exc.strerror}") from exc
+    if folders:
+        configured = {
+            os.path.abspath(os.path.expanduser(str(f.get("path", "")))): f
+            for f in data.get("folders", [])
+            if isinstance(f, dict)
+        }
+        chosen = [os.path.abspath(raw.expanduser()) for raw in folders]
+        overrides["folders"] = [configured.get(path, {"path": path}) for path in chosen]
     _TOML_FILE["path"] = config_path
     try:
         settings = Settings(**overrides)
@@ -384,20 +399,6 @@ def load_settings(
         raise ConfigError(f"invalid configuration{source}: {problems}") from None
     finally:
         _TOML_FILE["path"] = None
-    if folders:
-        known = {f.path: f for f in settings.folders}
-        chosen = []
-        for raw in folders:
-            path = Path(os.path.abspath(raw.expanduser()))
-            chosen.append(known.get(path) or FolderConfig(path=path))
-        settings = settings.model_copy(update={"folders": tuple(chosen)})
-    if settings.archive.enabled and settings.archive.output_dir is None:
-        missing = [str(f.path) for f in settings.folders if f.output_dir is None]
-        if missing:
-            raise ConfigError(
-                f"invalid configuration{source}: archive.output_dir: required when the archive is enabled "
-                f"(or set output_dir on each [[folders]] entry; missing for {', '.join(missing)})"
-            )
     return resolve_secrets(settings, env)
 
 

@@ -26,10 +26,10 @@ from watcher.config import Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
 from watcher.fsutil import sweep_temp
+from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
 from watcher.sdnotify import Notifier, NullNotifier
-from watcher.services.http import add_observer, remove_observer
 from watcher.store import TERMINAL
 from watcher.webhooks import WebhookSender
 
@@ -138,9 +138,12 @@ class Daemon:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if self.handle_signals else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        lag: LoopLag | None = None
         try:
             await self._start_web()
             self._start_metrics()
+            # How late the loop wakes (watcher_loop_lag_seconds): the watchdog's pings depend on it.
+            lag = LoopLag(0.25, on_sample=self.metrics.loop_lag).start()
             while True:
                 code = await self._serve()
                 if not self._reload_requested:
@@ -150,12 +153,13 @@ class Daemon:
                 self._force = asyncio.Event()
                 self._apply_reload()
         finally:
+            if lag is not None:
+                await lag.stop()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             if self._page is not None:
                 await self._page.stop()
             self.metrics.stop()
-            remove_observer(self.metrics.request)
             self.notifier.close()
             lock.release()
             log.info("daemon.stopped")
@@ -171,7 +175,6 @@ class Daemon:
         else:
             self.metrics_address = metrics.start_http(cfg.host, cfg.port)
         self.metrics = metrics
-        add_observer(metrics.request)
         log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
 
     async def _start_web(self) -> None:
@@ -216,7 +219,7 @@ class Daemon:
             subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
         if self._live is not None:
             subscribers.append(self._live)
-        app = App.build(self.settings, subscribers=subscribers)
+        app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
         try:
             await self._recover(app)
@@ -293,7 +296,7 @@ class Daemon:
         cfg = self.settings.webhooks
         if not cfg.urls:
             return None
-        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout)
+        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout, observer=self.metrics.request)
         sender.start()
         return sender
 
@@ -320,8 +323,12 @@ class Daemon:
             self._prune(app)
             if app.detector is not None:
                 for f in app.detector.describe():
+                    mode, reason = f["mode"], f["reason"]
                     app.store.set_folder_health(
-                        str(f["folder"]), mode=f["mode"], reason=f["reason"], available=bool(f["available"])
+                        str(f["folder"]),
+                        mode=None if mode is None else str(mode),
+                        reason=None if reason is None else str(reason),
+                        available=bool(f["available"]),
                     )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)

@@ -11,23 +11,22 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from watcher.audiofile import check_audio
-from watcher.config import STEM_VERSIONS, FolderConfig, Settings
+from watcher.config import FolderConfig, Settings
 from watcher.detect.filters import PathFilter
 from watcher.detect.scan import walk
 from watcher.errors import BadInput
 from watcher.media import audio_info
 from watcher.names import display
+from watcher.versions import OPERATION_ORDER, operations_for
 
 ANALYSIS = "analysis (Essentia API)"
 PROCESSING = "processing (Neural Analog)"
 # The paid processing call each version needs, on top of the upload every version needs.
-VERSION_CALL = {"original": None, "restored": "restore", "mastered": "master"}
-CALL_ORDER = ("upload", "restore", "master", "stems:original", "stems:restored", "stems:mastered")
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ def dry_run(
     report = DryRunReport()
     models = settings.analysis.models if settings.analysis.enabled else ()
     versions = settings.archive.wanted() if settings.archive.enabled else ()
-    needed_calls = _calls_for(versions)
+    needed_calls = operations_for(versions)
     seen: set[str] = set()
     for path, why in _files(settings, paths):
         if path in seen:
@@ -154,19 +153,6 @@ def dry_run(
     return report
 
 
-def _calls_for(versions: Iterable[str]) -> tuple[str, ...]:
-    """The paid processing calls that delivering ``versions`` takes, in the order they are made."""
-    calls = set()
-    for version in versions:
-        calls.add("upload")
-        source = version.removesuffix("_stems") if version in STEM_VERSIONS else version
-        if VERSION_CALL.get(source):
-            calls.add(str(VERSION_CALL[source]))
-        if version in STEM_VERSIONS:
-            calls.add(f"stems:{source}")
-    return tuple(c for c in CALL_ORDER if c in calls)
-
-
 def _add(total: ServiceTotal, calls: Sequence[str], seconds: float | None) -> None:
     """Count ``calls`` (each carrying the file's audio once) into ``total``."""
     for call in calls:
@@ -183,7 +169,7 @@ def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str
     for raw in paths:
         path = Path(os.path.abspath(raw))
         folder = _owner(settings, path)
-        path_filter = PathFilter(folder.include, folder.exclude, _excluded_dirs(settings, folder))
+        path_filter = PathFilter(folder.include, folder.exclude, settings.own_dirs(folder))
         if path.is_dir():
             start = str(path) if path != folder.path else None
             for found in walk(str(folder.path), path_filter, recursive=folder.recursive, start=start):
@@ -197,19 +183,10 @@ def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str
 
 def _owner(settings: Settings, path: Path) -> FolderConfig:
     """The configured folder ``path`` is in (the deepest), else default options rooted at it (or its parent)."""
-    owners = [f for f in settings.folders if path == f.path or f.path in path.parents]
-    if owners:
-        return max(owners, key=lambda f: len(f.path.parts))
+    owner = settings.folder_for(path)
+    if owner is not None:
+        return owner
     return FolderConfig(path=path) if path.is_dir() else FolderConfig(path=path.parent, recursive=False)
-
-
-def _excluded_dirs(settings: Settings, folder: FolderConfig) -> list[str]:
-    """Our own output folders inside a watched folder, which a scan never enters."""
-    out = []
-    for d in (settings.output_dir_for(folder), folder.done_dir, folder.failed_dir, settings.sidecar.directory):
-        if d is not None and Path(d) != folder.path and folder.path in Path(d).parents:
-            out.append(os.path.relpath(d, folder.path))
-    return out
 
 
 def _hash(path: str) -> tuple[int, str]:
@@ -231,7 +208,8 @@ def _hash(path: str) -> tuple[int, str]:
 
 
 def _ordered(by_call: dict[str, int]) -> list[tuple[str, int]]:
-    return sorted(by_call.items(), key=lambda kv: (CALL_ORDER.index(kv[0]) if kv[0] in CALL_ORDER else -1, kv[0]))
+    rank = {op: n for n, op in enumerate(OPERATION_ORDER)}
+    return sorted(by_call.items(), key=lambda kv: (rank.get(kv[0], -1), kv[0]))
 
 
 def _count(n: int, word: str) -> str:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
+
+from watcher.names import display
 
 LogFormat = Literal["auto", "console", "json"]
 REDACTED = "[redacted]"
@@ -41,6 +45,48 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return {k: _scrub(v) for k, v in event_dict.items()}
 
 
+# Surrogate escapes (bytes of a name that is not UTF-8) or control characters other than tab and newline.
+_ODD = re.compile(r"[\ud800-\udfff\x00-\x08\x0b-\x1f\x7f]")
+_ODD_WITH_NEWLINE = re.compile(r"[\ud800-\udfff\x00-\x08\x0a-\x1f\x7f]")
+_MULTILINE = ("exception", "stack")  # tracebacks keep their line breaks
+
+
+def _printable(value: str, multiline: bool = False) -> str:
+    """``value`` as :func:`watcher.names.display` shows a name; never raises (any lone surrogate is escaped)."""
+    if not (_ODD if multiline else _ODD_WITH_NEWLINE).search(value):
+        return value
+    if multiline:
+        return "\n".join(_printable(line) for line in value.split("\n"))
+    try:
+        return display(value)
+    except UnicodeError:  # a surrogate that is not an escaped byte: show its code point instead
+        return (
+            value.encode("utf-8", "backslashreplace")
+            .decode("ascii", "replace")
+            .translate({c: f"\\x{c:02x}" for c in range(32)})
+        )
+
+
+def _shown(value: Any, multiline: bool = False) -> Any:
+    if isinstance(value, str):
+        return _printable(value, multiline)
+    if isinstance(value, os.PathLike):
+        return _printable(os.fspath(value)) if isinstance(os.fspath(value), str) else value
+    if isinstance(value, bytes):
+        return _printable(os.fsdecode(value))
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_shown(v) for v in value)
+    return value
+
+
+def printable_names(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: a field holding a name that is not valid UTF-8 or has control characters (a
+    newline) is shown as :func:`watcher.names.display` gives it, so no renderer or stream ever fails on it."""
+    return {k: _shown(v, k in _MULTILINE) for k, v in event_dict.items()}
+
+
 def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog (and route stdlib logging through the same renderer)."""
     stream = stream or sys.stderr
@@ -52,11 +98,11 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any
+    # Tracebacks become text before the last two steps, so their names are shown safely and secrets scrubbed.
+    tail: list[Any] = [structlog.processors.format_exc_info, printable_names, redact_secrets]
     if fmt == "json":
-        tail: list[Any] = [structlog.processors.format_exc_info, redact_secrets]
         renderer = structlog.processors.JSONRenderer()
     else:
-        tail = [redact_secrets]
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(

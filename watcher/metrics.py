@@ -59,7 +59,7 @@ class NullMetrics:
             self.set_queue_depth(pipeline, sum(n for s, n in states.items() if s not in terminal))
 
     def request(self, service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
-        """A request observer for :func:`watcher.services.http.add_observer` (outcome "ok" or an error kind)."""
+        """The HTTP policy's request observer (watcher.services.http.RequestObserver): outcome "ok" or a code."""
         self.service_request(service, seconds)
         if outcome != "ok":
             self.service_error(service, outcome)

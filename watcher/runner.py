@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
 import socket
@@ -35,6 +36,7 @@ from watcher.store import TERMINAL, Job, LeaseLost
 log = structlog.get_logger("watcher.runner")
 LEASE = 600.0
 FILE_ATTEMPTS = 3  # attempts for a file the service refused (4xx, malformed answers) before it fails
+FINAL_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ELOOP})
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class JobQueue(Protocol):
 def backoff(attempts: int, cfg: RetryConfig) -> float:
     """Seconds before the next attempt: exponential from ``backoff_initial``, capped, with ±20 % jitter."""
     base = min(cfg.backoff_max, cfg.backoff_initial * (2 ** max(0, attempts - 1)))
-    return base * random.uniform(0.8, 1.2)
+    return float(base * random.uniform(0.8, 1.2))
 
 
 class Runner:
@@ -131,7 +133,11 @@ class Runner:
                 if self.busy:
                     continue
                 now = time.time()
-                dues = [self.store.next_due(name) for name in self.pipelines]
+                dues = [
+                    self.store.next_due(name)
+                    for name, pipeline in self.pipelines.items()
+                    if self._paused(pipeline) <= now + horizon  # a paused service's work stays for later
+                ]
                 if all(d is None or d > now + horizon for d in dues):
                     stop.set()
                     return
@@ -239,8 +245,12 @@ class Runner:
         if isinstance(exc, RetryLater):
             return await self._retry_or_fail(pipeline, job, str(exc), exc.code, exc.retry_after)
         if isinstance(exc, OSError):
-            where = display(exc.filename) if isinstance(exc.filename, str) else path
-            return await self._retry_or_fail(pipeline, job, f"{exc.strerror or exc} ({where})", "retry_later", None)
+            named = exc.filename2 if isinstance(exc.filename2, str) else exc.filename
+            where = display(named) if isinstance(named, str) else path
+            error = f"{exc.strerror or exc} ({where})"
+            if exc.errno in FINAL_ERRNOS:  # a name too long, a file that is a folder: retrying cannot help
+                return await self._give_up(pipeline, job, error, "bad_input", count=False)
+            return await self._retry_or_fail(pipeline, job, error, "retry_later", None)
         log.exception("job.crashed", path=path, pipeline=job.pipeline, step=job.step)
         error = f"internal error: {type(exc).__name__}: {exc}"
         return await self._retry_or_fail(pipeline, job, error, "internal", None)

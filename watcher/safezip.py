@@ -213,7 +213,7 @@ def extract_zip(
                 entry = info.filename
                 rel = _safe_name(info.filename)
                 target = root.joinpath(*rel.parts)
-                if os.path.commonpath([root, target]) != str(root):  # belt and braces after _safe_name
+                if not target.is_relative_to(root):  # belt and braces after _safe_name
                     raise ValueError("outside the destination")
                 if _kind(info) == "dir":
                     target.mkdir(parents=True, exist_ok=True)

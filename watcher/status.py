@@ -45,35 +45,54 @@ def collect(
     ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section;
     ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known.
     """
-    now = time.time() if now is None else now
+    files, in_doubt = _files(store)
+    return {
+        "version": __version__,
+        "state_dir": state_dir,
+        "counts": store.counts(),
+        "folders": _folders(store, configured or []),
+        "in_doubt": in_doubt,
+        "spend": _spend(store, caps or {"analysis": 0.0, "processing": 0.0}, time.time() if now is None else now),
+        "problems": [{**p.__dict__, "path": display(p.path)} for p in store.problems()],
+        "files": files,
+        "web": web,
+    }
+
+
+def _folders(store: StatusSource, configured: list[str]) -> list[dict[str, Any]]:
     folders = {f["folder"]: f for f in store.folder_states()}
-    for path in configured or []:
+    for path in configured:
         folders.setdefault(path, {"folder": path, "paused": False, "mode": None, "reason": None, "available": None})
-    for f in folders.values():
-        f["folder"] = display(f["folder"])
+    return [{**f, "folder": display(f["folder"])} for f in folders.values()]
+
+
+def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every current file with its jobs, and the jobs held in doubt."""
     files: dict[str, dict[str, Any]] = {}
     in_doubt: list[dict[str, Any]] = []
     for job in store.jobs_of_current():
         shown = display(job.file.path)
-        entry = files.setdefault(job.file.path, {"path": shown, "jobs": {}})
-        state = job.state
-        info: dict[str, Any] = {"state": state, "step": job.step}
+        info: dict[str, Any] = {"state": job.state, "step": job.step}
         if job.last_error:
             info["error"] = job.last_error
-        if state == "in_doubt":
+        if job.state == "in_doubt":
             doubt = job.data.get("in_doubt", {})
             info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
             in_doubt.append({"path": shown, "pipeline": job.pipeline, **info["in_doubt"]})
+        for key in ("versions", "delivery", "sidecar"):
+            if job.data.get(key):
+                info[key] = job.data[key]
         if job.pipeline == "archive":
-            info["versions"] = job.data.get("versions", {})
-            if job.data.get("delivery"):
-                info["delivery"] = job.data["delivery"]
-        if job.pipeline == "analyze" and job.data.get("sidecar"):
-            info["sidecar"] = job.data["sidecar"]
-        entry["jobs"][job.pipeline] = info
+            info.setdefault("versions", {})
+        files.setdefault(job.file.path, {"path": shown, "jobs": {}})["jobs"][job.pipeline] = info
+    return list(files.values()), in_doubt
+
+
+def _spend(store: StatusSource, caps: dict[str, float], now: float) -> dict[str, Any]:
+    """Today's audio minutes and paid calls per service, against each one's cap."""
     spent = store.spend_on(utc_day(now))
-    spend = {"day": utc_day(now)}
-    for service, cap in (caps or {"analysis": 0.0, "processing": 0.0}).items():
+    spend: dict[str, Any] = {"day": utc_day(now)}
+    for service, cap in caps.items():
         today = spent.get(service, {})
         spend[service] = {
             "minutes_today": round(today.get("seconds", 0.0) / 60, 3),
@@ -82,22 +101,7 @@ def collect(
             "cap_minutes": cap or None,
             "capped_at": _iso(today.get("capped_at")),
         }
-    problems = []
-    for p in store.problems():
-        row = dict(p.__dict__)
-        row["path"] = display(p.path)
-        problems.append(row)
-    return {
-        "version": __version__,
-        "state_dir": state_dir,
-        "counts": store.counts(),
-        "folders": list(folders.values()),
-        "in_doubt": in_doubt,
-        "spend": spend,
-        "problems": problems,
-        "files": list(files.values()),
-        "web": web,
-    }
+    return spend
 
 
 def _when(timestamp: float | None) -> str:
@@ -107,22 +111,13 @@ def _when(timestamp: float | None) -> str:
 
 
 def render(report: dict[str, Any], *, all_files: bool = False) -> str:
-    """The report for a terminal: counts, folders, problems with reasons, and files still in progress."""
+    """The report for a terminal: counts, spend, folders, doubts, problems with reasons, files in progress."""
     lines = [f"watcher {report['version']}, state in {report['state_dir']}"]
     if not report["counts"]:
         lines.append("no files recorded yet")
     for pipeline, states in report["counts"].items():
         lines.append(f"{pipeline}: " + ", ".join(f"{state} {n}" for state, n in states.items()))
-    spend = report.get("spend", {})
-    money = []
-    for service in ("analysis", "processing"):
-        today = spend.get(service)
-        if today and (today["minutes_today"] or today["cap_minutes"]):
-            cap = f" of {today['cap_minutes']:g} (daily cap)" if today["cap_minutes"] else ""
-            calls = today["paid_calls_today"]
-            money.append(f"{service} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
-    if money:
-        lines.append(f"spent today ({spend['day']} UTC): " + "; ".join(money))
+    lines += _render_spend(report.get("spend", {}))
     web = report.get("web")
     if web:
         where = f"running at {web['url']}" if web.get("running") else f"not running ({web.get('problem')})"
@@ -145,23 +140,39 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
                 f"    {p['pipeline']} {p['state']} at {p['step']} ({p['error_code']}, {p['attempts']} attempts"
                 f"{_when(p['next_attempt_at'])}): {p['error']}"
             )
+    return "\n".join(lines + _render_files(report["files"], all_files))
+
+
+def _render_spend(spend: dict[str, Any]) -> list[str]:
+    money = []
+    for service in ("analysis", "processing"):
+        today = spend.get(service)
+        if today and (today["minutes_today"] or today["cap_minutes"]):
+            cap = f" of {today['cap_minutes']:g} (daily cap)" if today["cap_minutes"] else ""
+            calls = today["paid_calls_today"]
+            money.append(f"{service} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
+    return [f"spent today ({spend['day']} UTC): " + "; ".join(money)] if money else []
+
+
+def _render_files(files: list[dict[str, Any]], all_files: bool) -> list[str]:
     busy = [
         f
-        for f in report["files"]
+        for f in files
         if all_files or any(j["state"] not in TERMINAL or j.get("versions") for j in f["jobs"].values())
     ]
-    if busy:
-        lines.append("\nfiles:" if all_files else "\nfiles in progress or archived:")
-        for f in busy[: None if all_files else SHOWN_FILES]:
-            lines.append(f"  {f['path']}")
-            for pipeline, j in f["jobs"].items():
-                extra = ""
-                if j.get("versions"):
-                    extra = " [" + ", ".join(f"{v}: {s}" for v, s in j["versions"].items()) + "]"
-                if j.get("delivery"):
-                    extra += f" -> {j['delivery']}"
-                at = f" at {j['step']}" if j["state"] not in ("done", "skipped") else ""
-                lines.append(f"    {pipeline}: {j['state']}{at}{extra}")
-        if not all_files and len(busy) > SHOWN_FILES:
-            lines.append(f"  ... and {len(busy) - SHOWN_FILES} more (`watcher status --all` or `--json`)")
-    return "\n".join(lines)
+    if not busy:
+        return []
+    lines = ["\nfiles:" if all_files else "\nfiles in progress or archived:"]
+    for f in busy[: None if all_files else SHOWN_FILES]:
+        lines.append(f"  {f['path']}")
+        for pipeline, j in f["jobs"].items():
+            extra = ""
+            if j.get("versions"):
+                extra = " [" + ", ".join(f"{v}: {s}" for v, s in j["versions"].items()) + "]"
+            if j.get("delivery"):
+                extra += f" -> {j['delivery']}"
+            at = f" at {j['step']}" if j["state"] not in ("done", "skipped") else ""
+            lines.append(f"    {pipeline}: {j['state']}{at}{extra}")
+    if not all_files and len(busy) > SHOWN_FILES:
+        lines.append(f"  ... and {len(busy) - SHOWN_FILES} more (`watcher status --all` or `--json`)")
+    return lines

@@ -1,8 +1,9 @@
 """Optional webhooks: a JSON POST to each configured URL when a file's job is done or has failed.
 
 Sending never blocks and never raises into the daemon: events go into a bounded queue drained by one
-task (a full queue drops its oldest event with a warning), and each POST is retried with backoff on a
-connection error, 408, 429 (honouring a short ``Retry-After``) or 5xx. Other 4xx answers are not retried.
+task (a full queue drops its oldest event with a warning). Each POST goes through the same HTTP policy as
+every other client (watcher.services.http): retried with backoff on a connection error, 408, 425, 429
+(honouring a short ``Retry-After``) or 5xx; other 4xx answers are not retried.
 
 The body is the caller's payload under an envelope::
 
@@ -27,28 +28,17 @@ import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import httpx
-import stamina
 import structlog
 
 from watcher import __version__
-from watcher.errors import RetryLater
-from watcher.services.http import parse_retry_after
+from watcher.errors import RetryLater, WatcherError
+from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP, safe_url
 
 log = structlog.get_logger("watcher.webhooks")
 EVENTS = ("file.done", "file.failed")
 QUEUE_SIZE = 1000
 ENVELOPE = ("event", "id", "timestamp", "watcher_version", "host")
-
-
-def safe_url(url: str) -> str:
-    """A URL as it may be logged: scheme, host and port only."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}/…"
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -85,16 +75,27 @@ class WebhookSender:
         wait_jitter: float = 1.0,
         retry_timeout: float = 120.0,
         queue_size: int = QUEUE_SIZE,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.urls = list(urls)
         self._secret = secret.encode() if secret else None
-        self._timeout = timeout
-        self._attempts = attempts
-        self._wait = (wait_initial, wait_max, wait_jitter)
-        self._retry_timeout = retry_timeout
+        self._policy = HttpPolicy(
+            rate_per_second=50.0,
+            concurrency=4,
+            connect_timeout=min(timeout, 10.0),
+            read_timeout=timeout,
+            attempts=attempts,
+            wait_initial=wait_initial,
+            wait_max=wait_max,
+            wait_jitter=wait_jitter,
+            max_inline_retry_after=wait_max,
+            retry_timeout=retry_timeout,
+            redact_urls=True,
+        )
+        self._observer = observer
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(max(1, queue_size))
         self._task: asyncio.Task[None] | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._http: ServiceHTTP | None = None
         self._busy = False
         self.delivered = 0  # (event, URL) pairs accepted by the receiver
         self.failed = 0  # (event, URL) pairs given up on
@@ -107,19 +108,21 @@ class WebhookSender:
         """Start the worker task (call from inside the running event loop)."""
         if self._task is not None:
             return
-        self._client = httpx.AsyncClient(
-            timeout=self._timeout,
-            follow_redirects=False,
+        self._http = ServiceHTTP(
+            "webhook receiver",
+            "",
             headers={"User-Agent": f"watcher/{__version__}"},
+            policy=self._policy,
+            observer=self._observer,
         )
         self._task = asyncio.create_task(self._drain(), name="webhooks")
 
     async def send(self, event: str, payload: Mapping[str, Any]) -> None:
-        """Queue ``event`` (``file.done``, ``file.failed``) for every URL; returns at once, never raises."""
+        """Queue ``event`` for every URL; returns at once, never raises."""
         self.send_nowait(event, payload)
 
     def send_nowait(self, event: str, payload: Mapping[str, Any]) -> None:
-        """The same as :meth:`send`, for synchronous callers such as pipeline hooks (in the loop's thread)."""
+        """The same as :meth:`send`, for synchronous callers such as event subscribers (in the loop's thread)."""
         try:
             body = envelope(event, payload)
         except Exception as exc:  # a caller's bad payload must not reach the daemon as an exception
@@ -149,14 +152,6 @@ class WebhookSender:
                 self._busy = False
                 self._queue.task_done()
 
-    def _retry_hook(self, exc: Exception) -> bool | float:
-        """stamina hook: retry connection errors and 408/429/5xx; a short Retry-After sets the wait."""
-        if isinstance(exc, RetryLater):
-            if exc.retry_after is not None and exc.retry_after <= self._wait[1]:
-                return exc.retry_after
-            return True
-        return isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.UnsupportedProtocol)
-
     async def _post(self, url: str, body: dict[str, Any]) -> None:
         data = json.dumps(body, default=str).encode()
         headers = {
@@ -166,50 +161,28 @@ class WebhookSender:
         }
         if self._secret:
             headers["X-Watcher-Signature"] = sign(self._secret, data)
-        assert self._client is not None
+        assert self._http is not None
         where = safe_url(url)
         try:
-            async for attempt in stamina.retry_context(
-                on=self._retry_hook,
-                attempts=self._attempts,
-                timeout=self._retry_timeout,
-                wait_initial=self._wait[0],
-                wait_max=self._wait[1],
-                wait_jitter=self._wait[2],
-            ):
-                with attempt:
-                    response = await self._client.post(url, content=data, headers=headers)
-                    status = response.status_code
-                    if status in (408, 429) or status >= 500:
-                        raise RetryLater(
-                            f"webhook receiver {where} answered HTTP {status}",
-                            retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                            status=status,
-                        )
-        except Exception as exc:
+            await self._http.request("POST", url, content=data, headers=headers)
+        except WatcherError as exc:
             self.failed += 1
+            status = getattr(exc, "status", None)
+            refused = status is not None and not isinstance(exc, RetryLater)
             log.warning(
-                "webhook.failed",
-                path=body.get("path"),
-                hook_event=body["event"],
-                url=where,
-                error=str(exc) if isinstance(exc, RetryLater) else type(exc).__name__,
-                next="this event is not sent to this URL; later events still are",
-            )
-            return
-        if status >= 300:
-            self.failed += 1
-            log.warning(
-                "webhook.refused",
+                "webhook.refused" if refused else "webhook.failed",
                 path=body.get("path"),
                 hook_event=body["event"],
                 url=where,
                 status=status,
-                next="not retried: check the receiver's URL and what it expects",
+                error=str(exc),
+                next="not retried: check the receiver's URL and what it expects"
+                if refused
+                else "this event is not sent to this URL; later events still are",
             )
-        else:
-            self.delivered += 1
-            log.debug("webhook.delivered", path=body.get("path"), hook_event=body["event"], url=where)
+            return
+        self.delivered += 1
+        log.debug("webhook.delivered", path=body.get("path"), hook_event=body["event"], url=where)
 
     async def aclose(self, deadline: float = 3.0) -> int:
         """Send what is queued for up to ``deadline`` seconds, then stop; returns how many events were left unsent."""
@@ -229,7 +202,7 @@ class WebhookSender:
         if unsent:
             self.dropped += unsent
             log.warning("webhook.unsent", events=unsent, reason=f"not delivered within {deadline:g} s of stopping")
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         return unsent

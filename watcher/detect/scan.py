@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
 import structlog
 
 from watcher.detect.filters import PathFilter
+from watcher.detect.settle import link_stays_inside
 
 log = structlog.get_logger("watcher.detect")
 
@@ -26,12 +28,28 @@ def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: s
             log.warning("scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan")
             continue
         for entry in entries:
-            rel = os.path.relpath(entry.path, root)
             try:
+                rel = os.path.relpath(entry.path, root)
                 if entry.is_dir(follow_symlinks=False):
                     if recursive and path_filter.wants_dir(rel):
                         stack.append(entry.path)
                 elif entry.is_file() and path_filter.wants_file(rel):
+                    if entry.is_symlink() and not link_stays_inside(entry.path, root):
+                        log.warning(
+                            "scan.link_outside",
+                            path=entry.path,
+                            reason="a symbolic link to a file outside the watched folder",
+                            next="not processed",
+                        )
+                        continue
                     yield entry.path
+            except FileNotFoundError:
+                continue  # vanished since the listing
             except OSError:
-                continue
+                # a link loop or a target that cannot be resolved: hand it over anyway, so the settler
+                # reports it (once) instead of every scan passing over it in silence
+                with contextlib.suppress(Exception):
+                    if entry.is_symlink() and path_filter.wants_file(os.path.relpath(entry.path, root)):
+                        yield entry.path
+            except Exception as exc:  # a filter failing on one odd name must not end the whole scan
+                log.error("scan.entry_failed", path=entry.path, error=f"{type(exc).__name__}: {exc}", next="skipped")

@@ -2,13 +2,20 @@
 
 Events are only hints: a handler never raises (that would end watchdog's emitter thread) and never does
 work itself. A dead observer is reported and restarted by the detector, falling back to polling.
+
+When the kernel's inotify queue overflows, events were lost: watchdog (7.x) tells each watch group through
+``InotifyWatchGroup.on_queue_overflow`` (on its reader thread) and rebuilds recursive watches, but passes
+nothing on to handlers. :class:`OverflowAwareObserver` turns that call into a :class:`QueueOverflowEvent`
+on the observer's own queue, and the handler answers it with a hint to rescan the whole folder.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from watchdog.events import (
@@ -22,8 +29,10 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
 from watchdog.observers.polling import PollingObserver
+
+from watcher.names import display
 
 log = structlog.get_logger("watcher.detect")
 
@@ -31,24 +40,93 @@ log = structlog.get_logger("watcher.detect")
 HintFn = Callable[[str, bool, bool], None]
 
 
+@dataclass
+class QueueOverflowEvent(FileSystemEvent):
+    """The kernel dropped events for the watch on ``src_path`` (IN_Q_OVERFLOW): rescan it."""
+
+    event_type: str = field(default="overflow", init=False)
+    is_directory: bool = field(default=True, init=False)
+    is_synthetic: bool = field(default=True)
+
+
+def _overflow_aware_emitter() -> type | None:
+    """An inotify emitter that queues a :class:`QueueOverflowEvent` when its watch group hears of an overflow."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from watchdog.observers.inotify import InotifyEmitter
+
+    class OverflowAwareEmitter(InotifyEmitter):
+        def on_thread_start(self) -> None:
+            super().on_thread_start()
+            group = self._inotify
+            rebuild = getattr(group, "on_queue_overflow", None)  # watchdog 7: the overflow callback
+            if group is None or rebuild is None:
+                return  # an older watchdog: lost events are found by the periodic rescan
+
+            def overflowed() -> None:
+                try:
+                    rebuild()  # watchdog's own repair: re-adding recursive watches
+                finally:
+                    self.queue_event(QueueOverflowEvent(self.watch.path))
+
+            group.on_queue_overflow = overflowed  # type: ignore[method-assign]
+
+    return OverflowAwareEmitter
+
+
+_EMITTER = _overflow_aware_emitter()
+
+
+def native_observer() -> BaseObserver:
+    """The platform's native observer; on Linux one that reports inotify queue overflows to its handlers."""
+    if _EMITTER is None:
+        return Observer()
+    from watchdog.observers.inotify import InotifyObserver
+
+    observer = InotifyObserver(timeout=DEFAULT_OBSERVER_TIMEOUT)
+    observer._emitter_class = _EMITTER  # the emitter class every schedule() creates
+    return observer
+
+
+def _text(path: bytes | str) -> str:
+    """An event's path as watcher carries paths: ``str``, undecodable bytes as surrogate escapes."""
+    return os.fsdecode(path)
+
+
 class _HintHandler(FileSystemEventHandler):
     def __init__(self, hint: HintFn) -> None:
         self._hint = hint
 
+    def dispatch(self, event: FileSystemEvent) -> None:
+        """Every event goes to :meth:`on_any_event` only (our own overflow event has no ``on_*`` method)."""
+        self.on_any_event(event)
+
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            path = event.src_path if isinstance(event.src_path, str) else event.src_path.decode()
-            if isinstance(event, FileMovedEvent | DirMovedEvent):
-                dest = event.dest_path if isinstance(event.dest_path, str) else event.dest_path.decode()
-                self._hint(dest, isinstance(event, DirMovedEvent), False)
+            path = _text(event.src_path)
+            if isinstance(event, QueueOverflowEvent):
+                log.warning(
+                    "watch.overflow",
+                    folder=path,
+                    reason="the kernel's inotify queue overflowed and events were lost",
+                    next="rescanning the folder now",
+                )
+                self._hint(path, True, False)
+            elif isinstance(event, FileMovedEvent | DirMovedEvent):
+                self._hint(_text(event.dest_path), isinstance(event, DirMovedEvent), False)
             elif isinstance(event, DirCreatedEvent):
                 self._hint(path, True, False)
             elif isinstance(event, FileClosedEvent):
                 self._hint(path, False, True)
             elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
                 self._hint(path, False, False)
-        except Exception:  # a raising handler would silently end the emitter thread
-            log.exception("watch.handler_failed", path=getattr(event, "src_path", None))
+        except Exception as exc:  # a raising handler would silently end the emitter thread
+            log.error(
+                "watch.handler_failed",
+                path=display(_text(getattr(event, "src_path", ""))),
+                error=f"{type(exc).__name__}: {exc}",
+                next="event ignored; the next scan finds the file",
+            )
 
 
 @dataclass
@@ -79,7 +157,7 @@ def start_watch(
     if not polling:
         native: BaseObserver | None = None
         try:
-            native = Observer()  # inotify: creating the observer already takes an instance
+            native = native_observer()  # inotify: creating the observer already takes an instance
             native.schedule(_HintHandler(hint), path, recursive=recursive)
             native.start()
             return FolderWatch(native, False, reason)

@@ -11,9 +11,11 @@ SIGKILLed at instants drawn from a seeded RNG and restarted. Used by ``tests/tes
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
+import operator
 import os
 import random
 import signal
@@ -284,7 +286,7 @@ def paid_operations(pipeline: str, operation: str) -> Callable[[str], bool]:
         return lambda paid_op: paid_op == op
     for word, name in OPERATION_WORDS:
         if word in op:
-            return lambda paid_op, name=name: paid_op == name
+            return functools.partial(operator.eq, name)
     if pipeline == "analyze" or "analy" in op:
         return lambda paid_op: paid_op.startswith("analyze:")
     if pipeline == "archive":  # an archive operation we cannot name: any of the archive's paid requests
@@ -318,22 +320,23 @@ def overpaid(
 
 
 def reported_resends(log: Path) -> Counter[tuple[str, str]]:
-    """(content, operation) re-sends the daemon logged: ``analyze.reask`` (per model) and ``archive.resend``."""
+    """(content, operation) re-sends the daemon logged (``paid.resend``: models re-asked, uploads re-sent,
+    held operations the user re-sent), named as the emulator bills them."""
     found: Counter[tuple[str, str]] = Counter()
     with contextlib.suppress(FileNotFoundError), log.open("r", encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            if '"analyze.reask"' not in line and '"archive.resend"' not in line:
+            if '"paid.resend"' not in line:
                 continue
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
+            if event.get("event") != "paid.resend":
+                continue
             sha = str(event.get("sha256", ""))
-            if event.get("event") == "analyze.reask":
-                for model in event.get("models") or []:
-                    found[(sha, f"analyze:{str(model).split(':', 1)[0]}")] += 1
-            elif event.get("event") == "archive.resend":
-                found[(sha, str(event.get("operation", "")).split(":", 1)[0])] += 1
+            for name in event.get("operations") or []:
+                kind, _, rest = str(name).partition(":")
+                found[(sha, f"analyze:{rest.split(':', 1)[0]}" if kind == "analyze" else kind)] += 1
     return found
 
 

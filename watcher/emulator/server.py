@@ -28,7 +28,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.routing import Mount
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 log = structlog.get_logger("watcher.emulator")
 TRANSPORT_KEY = "watcher.transport"  # the scope key under which the connection's transport is kept
@@ -69,6 +69,12 @@ class Request:
     def param(self, name: str) -> str:
         return self.match.group(name)
 
+    async def _next_message(self) -> Message:
+        return await self._receive()
+
+    async def _deliver(self, message: Message) -> None:
+        await self._send(message)
+
     def _closing(self) -> bool:
         return self.aborted or (self._transport is not None and self._transport.is_closing())
 
@@ -76,7 +82,7 @@ class Request:
         """The request body in chunks as they arrive (the server undoes any transfer coding)."""
         self._body_read = True
         while not self._body_done:
-            message = anyio.from_thread.run(self._receive)
+            message = anyio.from_thread.run(self._next_message)
             if message["type"] == "http.disconnect":
                 raise ConnectionError("client closed the connection before the body ended")
             self._body_done = not message.get("more_body", False)
@@ -114,20 +120,20 @@ class Request:
         if not self._body_done and all(k != b"connection" for k, _ in pairs):
             pairs.append((b"connection", b"close"))
         self.started = True
-        anyio.from_thread.run(self._send, {"type": "http.response.start", "status": status, "headers": pairs})
+        anyio.from_thread.run(self._deliver, {"type": "http.response.start", "status": status, "headers": pairs})
 
     def write(self, data: bytes) -> None:
         """Send part of a started body; ConnectionResetError once the client has gone."""
         if self._closing():
             raise ConnectionResetError("the client connection is closed")
-        anyio.from_thread.run(self._send, {"type": "http.response.body", "body": data, "more_body": True})
+        anyio.from_thread.run(self._deliver, {"type": "http.response.body", "body": data, "more_body": True})
 
     def end(self, data: bytes = b"") -> None:
         """Finish a started body."""
         if self.ended or self._closing():
             return
         self.ended = True
-        anyio.from_thread.run(self._send, {"type": "http.response.body", "body": data, "more_body": False})
+        anyio.from_thread.run(self._deliver, {"type": "http.response.body", "body": data, "more_body": False})
 
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         self.send_bytes(status, json.dumps(payload).encode(), "application/json", headers)

@@ -15,33 +15,53 @@ import structlog
 
 from watcher.audiofile import FileBody, Signature
 from watcher.config import SidecarConfig
-from watcher.errors import BadInput, Deferred, FileChanged, NotSent, RetryLater
-from watcher.pipelines.base import NullSpend, SpendObserver, StepResult
+from watcher.errors import BadInput, FileChanged, NotSent, RetryLater
+from watcher.pipelines.base import SpendObserver, StepResult
+from watcher.pipelines.paid import GateStore, PaidCalls
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.store import Job, Operation, StoredResult, Ticket
+from watcher.store import Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
 BUDGET = "analysis"
 
 
 class ModelAnswer(Protocol):
-    requested: str
-    model_name: str
-    model_version: str | None
-    correlation_id: str | None
-    results: Any
+    @property
+    def requested(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def model_version(self) -> str | None: ...
+
+    @property
+    def correlation_id(self) -> str | None: ...
+
+    @property
+    def results(self) -> Any: ...
+
 
 
 class Report(Protocol):
-    results: Mapping[str, Any]
-    errors: list[str]
-    model_errors: dict[str, str]
+    @property
+    def results(self) -> Mapping[str, Any]: ...
+
+    @property
+    def errors(self) -> list[str]: ...
+
+    @property
+    def model_errors(self) -> dict[str, str]: ...
+
 
 
 class AudioBody(Protocol):
-    name: str
-    size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -49,10 +69,17 @@ class AudioBody(Protocol):
 class Analyzer(Protocol):
     """An analysis backend (the remote service, or local Essentia)."""
 
-    name: str
-    key: str  # where the work is done (endpoint and account, or "local"): results are cached under it
-    paid: bool  # True when each request is billed: requests then pass the gate
-    final_errors: bool  # True when a model's error cannot change on retry (local analysis)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...  # where the work is done (endpoint and account, or "local"): results are cached under it
+
+    @property
+    def paid(self) -> bool: ...  # True when each request is billed: requests then pass the gate
+
+    @property
+    def final_errors(self) -> bool: ...  # True when a model's error cannot change on retry (local analysis)
 
     def describe(self) -> dict[str, Any]:
         """What the sidecar records about the backend (never a secret)."""
@@ -66,8 +93,8 @@ class Analyzer(Protocol):
     ) -> Report: ...
 
 
-class AnalyzeStore(Protocol):
-    """The part of the store this pipeline uses."""
+class AnalyzeStore(GateStore, Protocol):
+    """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
@@ -78,14 +105,6 @@ class AnalyzeStore(Protocol):
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
     def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None: ...
-
-    def gate_take(
-        self, ops: Sequence[Operation], owner: str, *, budget: str, seconds: float, cap_seconds: float | None = None
-    ) -> list[Ticket]: ...
-
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
-
-    def ledger_outcome(self, request: int, outcome: str) -> None: ...
 
 
 class AnalyzePipeline:
@@ -108,9 +127,8 @@ class AnalyzePipeline:
         self.analyzer = analyzer
         self.models = list(models)
         self.sidecar = sidecar
-        self.cap_seconds = cap_minutes * 60 if cap_minutes else None
-        self.spend = spend or NullSpend()
         self.service = "analysis" if analyzer.paid else None
+        self.paid = PaidCalls(store, BUDGET, cap_minutes=cap_minutes, spend=spend) if analyzer.paid else None
 
     async def run(self, job: Job) -> StepResult:
         checked = await precheck(self.store, job)
@@ -146,99 +164,45 @@ class AnalyzePipeline:
         await self._write(job, sha256, results, errors)
 
     async def _ask(self, job: Job, checked: Checked, missing: list[str]) -> None:
-        """Ask the backend for ``missing`` models: through the gate when paid; results are saved as they come."""
+        """Ask the backend for ``missing`` models (through the gate when paid); results are saved as they come."""
         sha256, path = checked.sha256, job.file.path
         ops = {m: Operation(sha256, self.analyzer.key, f"analyze:{m}", on_doubt="reask") for m in missing}
-        request = None
-        if self.analyzer.paid:
-            assert job.owner is not None, "a paid request needs a claimed job"
-            tickets = self.store.gate_take(
-                list(ops.values()), job.owner, budget=BUDGET, seconds=checked.seconds, cap_seconds=self.cap_seconds
-            )
-            send = [m for m, t in zip(missing, tickets, strict=True) if t.verdict == "send"]
-            if not send:
-                self._defer(job, tickets)  # raises unless every model was answered elsewhere meanwhile
-                return
-            request = next(t.request for t in tickets if t.verdict == "send")
-            reasks = [m for m, t in zip(missing, tickets, strict=True) if t.resend]
-            if reasks:
-                log.warning(
-                    "analyze.reask",
-                    path=path,
-                    sha256=sha256,
-                    models=reasks,
-                    next="asking again for models whose answer was lost (each re-ask is counted)",
-                )
-            missing = send
+        taken = None
+        if self.paid is not None:
+            taken = self.paid.take(job, list(ops.values()), checked.seconds)
+            if not taken.send:
+                return  # every model was answered for another copy meanwhile
+            missing = [m for m in missing if ops[m] in taken.send]
         log.info("analyze.started", path=path, models=missing)
-        answered: set[str] = set()
+        answered: dict[Operation, str | None] = {}
 
         def save(answer: ModelAnswer) -> None:
             stored = StoredResult(
                 answer.requested, answer.model_name, answer.model_version, answer.correlation_id, answer.results
             )
-            op = ops.get(answer.requested) if self.analyzer.paid else None
-            self.store.save_result(sha256, self.analyzer.key, stored, op)
-            answered.add(answer.requested)
+            op = ops.get(answer.requested) if taken is not None else None
+            self.store.save_result(sha256, self.analyzer.key, stored, op)  # marks the operation answered too
+            if op is not None:
+                answered[op] = None
             log.info("analyze.model_done", path=path, model=answer.model_name)
 
         body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode))
+        outcome, why = "answered", "no result in the stream"
         try:
             report = await self.analyzer.analyze(body, missing, save)
         except NotSent as exc:
-            self._settle(request, ops, missing, answered, "not_sent", str(exc), checked.seconds)
+            outcome, why = "not_sent", str(exc)
             raise
         except BaseException as exc:
-            self._settle(request, ops, missing, answered, "partial", f"{type(exc).__name__}: {exc}", checked.seconds)
+            outcome, why = "partial", f"{type(exc).__name__}: {exc}"
             raise
-        self._settle(request, ops, missing, answered, "answered", "no result in the stream", checked.seconds)
+        finally:
+            if taken is not None and self.paid is not None:
+                self.paid.finish(taken, answered, outcome, why)
         errors = [{"model": None, "message": m} for m in report.errors]
         errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
         if errors:
             self.store.commit(job, errors=[*job.data.get("errors", []), *errors][-20:])
-
-    def _settle(
-        self,
-        request: int | None,
-        ops: Mapping[str, Operation],
-        sent: list[str],
-        answered: set[str],
-        outcome: str,
-        why: str,
-        seconds: float,
-    ) -> None:
-        """After a paid request: models not answered may be asked again (each re-ask counted); record the outcome."""
-        if request is None:
-            return
-        for model in sent:
-            if model not in answered:
-                self.store.gate_release(ops[model], "open" if outcome == "not_sent" else "reask", error=why)
-        if outcome == "answered" and len(answered) < len(sent):
-            outcome = "partial"
-        self.store.ledger_outcome(request, outcome)
-        self.spend.paid(BUDGET, "analyze", outcome, 0.0 if outcome == "not_sent" else seconds)
-
-    def _defer(self, job: Job, tickets: list[Ticket]) -> None:
-        """Nothing to send now: wait for another job's answer, for the cap to reset, or for the user."""
-        capped = next((t for t in tickets if t.verdict == "capped"), None)
-        if capped is not None:
-            assert capped.until is not None and capped.cap_seconds is not None
-            if capped.first_cap:
-                self.spend.capped(BUDGET, capped.spent_seconds, capped.cap_seconds, capped.until)
-            raise Deferred(
-                f"the daily cap of {capped.cap_seconds / 60:g} audio minutes for the analysis service is reached "
-                f"({capped.spent_seconds / 60:.1f} used today); resumes after 00:00 UTC",
-                until=capped.until,
-                code="capped",
-            )
-        waiting = [t for t in tickets if t.verdict == "wait"]
-        if waiting:
-            until = min(t.until or 0.0 for t in waiting)
-            raise Deferred(
-                f"another copy of this content is being analysed ({', '.join(t.op.name for t in waiting)}); "
-                "waiting for its results instead of paying twice",
-                until=until,
-            )
 
     async def _write(
         self, job: Job, sha256: str, results: Mapping[str, StoredResult], errors: Sequence[Mapping[str, Any]]

@@ -8,45 +8,68 @@ scheduled through the store (the job comes back at its next poll time); no task 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 import structlog
 
 from watcher.audiofile import FileBody, Signature
-from watcher.config import STEM_VERSIONS, ArchiveConfig, SidecarConfig
-from watcher.errors import BadInput, Deferred, InDoubt, NeedsUser, NotSent, Rejected, RetryLater
-from watcher.pipelines.base import NullSpend, SpendObserver, StepResult
+from watcher.config import ArchiveConfig, SidecarConfig
+from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.fsutil import safe_component
+from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
+from watcher.pipelines.paid import GateStore, PaidCalls, Taken
+from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
-from watcher.store import Job, Operation, Ticket
+from watcher.store import Job, Operation
+from watcher.versions import VERSIONS
 
 log = structlog.get_logger("watcher.archive")
 BUDGET = "processing"
-# The gate's name for each remote object the plan needs (what the service bills for).
-OPERATION = {"audio": "upload", "restored": "restore", "mastered": "master"}
+
+
+def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str, str]) -> str:
+    """What `watcher status` says of a version: ready, processing, or failed with the service's reason."""
+    state = states.get(product)
+    if state == "failed":
+        return "failed: " + errors.get(product, "")
+    return "ready" if state == "complete" else "processing"
 
 
 class StatusLike(Protocol):
-    is_complete: bool
-    is_failed: bool
-    error_message: str | None
+    @property
+    def is_complete(self) -> bool: ...
+
+    @property
+    def is_failed(self) -> bool: ...
+
+    @property
+    def error_message(self) -> str | None: ...
+
 
 
 class OfferLike(Protocol):
-    download_url: str | None
-    email_notification_queued: bool
-    archive_incomplete: bool
+    @property
+    def download_url(self) -> str | None: ...
+
+    @property
+    def email_notification_queued(self) -> bool: ...
+
+    @property
+    def archive_incomplete(self) -> bool: ...
+
 
 
 class UploadBody(Protocol):
-    name: str
-    size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -65,8 +88,8 @@ class Processor(Protocol):
     async def create_stems(self, source_field: str, source_id: str, params: Mapping[str, Any]) -> str: ...
 
 
-class ArchiveStore(Protocol):
-    """The part of the store this pipeline uses."""
+class ArchiveStore(GateStore, Protocol):
+    """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
     def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
@@ -74,69 +97,9 @@ class ArchiveStore(Protocol):
 
     def is_live(self, job: Job) -> bool: ...
 
-    def gate_take(
-        self,
-        ops: Sequence[Operation],
-        owner: str,
-        *,
-        budget: str,
-        seconds: float,
-        cap_seconds: float | None = None,
-        resend_in_doubt: bool = False,
-    ) -> list[Ticket]: ...
-
-    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
-
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
-
     def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
 
-    def ledger_outcome(self, request: int, outcome: str) -> None: ...
-
     def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
-
-
-@dataclass(frozen=True)
-class Op:
-    """One remote object the versions need: its name, status kind, dependency and parameters."""
-
-    name: str  # audio, restored, mastered, stems:original, stems:restored, stems:mastered
-    status_kind: str  # as in GET /status/{kind}/{id}
-    needs: str | None
-    params: Mapping[str, Any]
-
-    def key(self, plan: Mapping[str, Op]) -> str:
-        """Parameters and the chain they build on, as a stable string: part of the store's key."""
-        chain: list[Any] = []
-        op: Op | None = self
-        while op is not None:
-            chain.append([op.name, dict(op.params)])
-            op = plan.get(op.needs) if op.needs else None
-        return hashlib.sha256(json.dumps(chain, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def plan_ops(cfg: ArchiveConfig) -> dict[str, Op]:
-    """The remote objects needed for the configured versions, in dependency order."""
-    wanted = cfg.wanted()
-    ops: dict[str, Op] = {"audio": Op("audio", "audio", None, {})}
-    if "restored" in wanted or "restored_stems" in wanted:
-        ops["restored"] = Op("restored", "upscaled", "audio", cfg.restore)
-    if "mastered" in wanted or "mastered_stems" in wanted:
-        ops["mastered"] = Op("mastered", "mastered", "audio", cfg.master)
-    for v in wanted:
-        if v in STEM_VERSIONS:
-            source = v.removesuffix("_stems")
-            ops[f"stems:{source}"] = Op(
-                f"stems:{source}", "stem_split", "audio" if source == "original" else source, cfg.stems
-            )
-    return ops
-
-
-def version_op(version: str) -> str:
-    """The remote object a delivered version comes from."""
-    if version in STEM_VERSIONS:
-        return "stems:" + version.removesuffix("_stems")
-    return "audio" if version == "original" else version
 
 
 class ArchivePipeline:
@@ -166,8 +129,13 @@ class ArchivePipeline:
         self.deliverer = deliverer
         self.sidecar = sidecar
         self.where = where  # the service's endpoint and account, as the gate keys its operations
-        self.spend = spend or NullSpend()
-        self.cap_seconds = cfg.daily_audio_minutes * 60 if cfg.daily_audio_minutes else None
+        self.paid = PaidCalls(
+            store,
+            BUDGET,
+            cap_minutes=cfg.daily_audio_minutes,
+            resend_in_doubt=cfg.in_doubt == "resend",
+            spend=spend,
+        )
         self.plan = plan_ops(cfg)
         self._in_flight: set[asyncio.Future[str]] = set()
 
@@ -186,10 +154,8 @@ class ArchivePipeline:
         """Nothing to add: the job's versions and error are in the store and `watcher status`."""
 
     def operation(self, sha256: str, name: str) -> Operation:
-        """The gate's identity of one remote object of the plan for this content."""
-        op = self.plan[name]
-        label = OPERATION.get(name, name)
-        return Operation(sha256, self.where, label, op.key(self.plan), "reask" if name == "audio" else "hold")
+        """The gate's identity of one remote product of the plan for this content."""
+        return operation(self.plan, sha256, self.where, name)
 
     # -- steps -------------------------------------------------------------------------------------------
 
@@ -205,7 +171,9 @@ class ArchivePipeline:
         op = self.operation(job.data["sha256"], "audio")
 
         async def upload() -> str:
-            body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode))
+            # The service echoes this name in its zips: one safe component, whatever bytes the name holds.
+            label = safe_component(os.path.basename(version.path), "audio.wav")
+            body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode), name=label)
             log.info("archive.upload_started", path=version.path, size=version.size)
             return await self.processor.upload(body)
 
@@ -216,64 +184,16 @@ class ArchivePipeline:
 
     async def _process(self, job: Job) -> StepResult:
         """Request what is due, poll what is in flight; come back later while anything is in progress."""
-        sha256 = job.data["sha256"]
         ids: dict[str, str] = dict(job.data.get("ids", {}))
         states: dict[str, str] = {}
         errors: dict[str, str] = dict(job.data.get("op_errors", {}))
-        waiting = False
-        for name, plan_op in self.plan.items():
-            op = self.operation(sha256, name)
-            row = self.store.gate_get(op)
-            if row is None or row["state"] != "answered":
-                dep = states.get(plan_op.needs) if plan_op.needs else "complete"
-                if dep == "failed":
-                    states[name] = "failed"
-                    errors[name] = f"{plan_op.needs or 'audio'} failed"
-                    continue
-                if dep != "complete":
-                    waiting = True
-                    continue
-                remote_id = await self._paid(job, op, lambda n=name, p=plan_op: self._request(n, p, ids))
-                ids[name] = remote_id
-                self.store.commit(job, ids=ids)
-                log.info("archive.requested", path=job.file.path, what=name, id=remote_id)
-                waiting = True
-                states[name] = "requested"
-                continue
-            ids[name] = str(row["result"])
-            if row["remote_state"] in (None, "requested"):
-                status = await self.processor.status(plan_op.status_kind, ids[name])
-                if status.is_failed:
-                    message = status.error_message or "the service reported a failure"
-                    self.store.set_remote_state(op, "failed", message)
-                    log.error(
-                        "archive.processing_failed",
-                        path=job.file.path,
-                        what=name,
-                        error=message,
-                        next="delivering the other versions",
-                    )
-                    states[name], errors[name] = "failed", message
-                elif status.is_complete:
-                    self.store.set_remote_state(op, "complete")
-                    states[name] = "complete"
-                else:
-                    states[name] = "requested"
-                    waiting = True
-            else:
-                states[name] = row["remote_state"]
-                if row["remote_error"]:
-                    errors[name] = row["remote_error"]
-        versions = {
-            v: ("failed: " + errors.get(version_op(v), ""))
-            if states.get(version_op(v)) == "failed"
-            else ("ready" if states.get(version_op(v)) == "complete" else "processing")
-            for v in self.cfg.wanted()
-        }
+        for name in self.plan:
+            states[name] = await self._advance(job, name, ids, states, errors)
+        versions = {v: _version_state(VERSIONS[v].product, states, errors) for v in self.cfg.wanted()}
         if states.get("audio") == "failed":
             self.store.commit(job, ids=ids, op_errors=errors, versions=versions)
             raise BadInput(f"the service could not process the upload: {errors.get('audio')}")
-        if waiting:
+        if any(state in ("waiting", "requested") for state in states.values()):
             polls = int(job.data.get("polls", 0)) + 1
             delay = min(self.cfg.poll_max, self.cfg.poll_initial * (1.5 ** (polls - 1)))
             self.store.commit(job, ids=ids, op_errors=errors, versions=versions, polls=polls)
@@ -281,98 +201,80 @@ class ArchivePipeline:
         self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
 
+    async def _advance(
+        self, job: Job, name: str, ids: dict[str, str], states: Mapping[str, str], errors: dict[str, str]
+    ) -> str:
+        """Move one product of the plan on: request it once what it builds on is complete, else poll it.
+
+        Returns its state: waiting (for what it builds on), requested, complete or failed.
+        """
+        product = self.plan[name]
+        op = self.operation(job.data["sha256"], name)
+        row = self.store.gate_get(op)
+        if row is None or row["state"] != "answered":
+            before = states.get(product.needs) if product.needs else "complete"
+            if before == "failed":
+                errors[name] = f"{product.needs or 'audio'} failed"
+                return "failed"
+            if before != "complete":
+                return "waiting"
+            ids[name] = await self._paid(job, op, lambda: self._request(name, product, ids))
+            self.store.commit(job, ids=ids)
+            log.info("archive.requested", path=job.file.path, what=name, id=ids[name])
+            return "requested"
+        ids[name] = str(row["result"])
+        if row["remote_state"] not in (None, "requested"):
+            if row["remote_error"]:
+                errors[name] = row["remote_error"]
+            return str(row["remote_state"])
+        status = await self.processor.status(product.status_kind, ids[name])
+        if status.is_failed:
+            message = status.error_message or "the service reported a failure"
+            self.store.set_remote_state(op, "failed", message)
+            log.error(
+                "archive.processing_failed", path=job.file.path, what=name, error=message, next="delivering the others"
+            )
+            errors[name] = message
+            return "failed"
+        if status.is_complete:
+            self.store.set_remote_state(op, "complete")
+            return "complete"
+        return "requested"
+
     async def _paid(self, job: Job, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
-        """Send one paid request through the gate, or learn why not (answered already, wait, cap, in doubt).
+        """Send one paid request through the gate, or reuse its answer (see watcher.pipelines.paid).
 
         The request runs as its own task, shielded from the job's cancellation, so its outcome is recorded at
         the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
-        assert job.owner is not None, "a paid request needs a claimed job"
-        seconds = float(job.data.get("duration") or 0.0)
-        [ticket] = self.store.gate_take(
-            [op],
-            job.owner,
-            budget=BUDGET,
-            seconds=seconds,
-            cap_seconds=self.cap_seconds,
-            resend_in_doubt=self.cfg.in_doubt == "resend",
-        )
-        if ticket.verdict == "answered":
-            assert ticket.result is not None
-            log.info("archive.reused", path=job.file.path, operation=op.name, id=ticket.result, next="not sent again")
-            return ticket.result
-        if ticket.verdict != "send":
-            raise self._not_now(job, ticket)
-        if ticket.resend:
-            log.warning(
-                "archive.resend",
-                path=job.file.path,
-                sha256=op.sha256,
-                operation=op.name,
-                next="sending again a request whose answer was lost: the service may count it twice",
-            )
-        assert ticket.request is not None
-        task = asyncio.ensure_future(self._send(job, op, ticket.request, seconds, call))
+        taken = self.paid.take(job, [op], float(job.data.get("duration") or 0.0))
+        if op in taken.answered:
+            result = taken.answered[op]
+            assert result is not None
+            log.info("archive.reused", path=job.file.path, operation=op.name, id=result, next="not sent again")
+            return result
+        task = asyncio.ensure_future(self._send(taken, op, call))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return await asyncio.shield(task)
 
-    async def _send(
-        self, job: Job, op: Operation, request: int, seconds: float, call: Callable[[], Coroutine[Any, Any, str]]
-    ) -> str:
+    async def _send(self, taken: Taken, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """The request itself, and the gate's record of how it ended."""
         try:
             remote_id = await call()
         except (NotSent, Rejected, NeedsUser) as exc:
             # Provably not done: never connected, 429/503, a body cut short, or refused with an answer.
-            self.store.gate_release(op, "open", error=str(exc))
-            self._ledger(request, op, "not_sent", seconds)
+            self.paid.finish(taken, {}, "not_sent", str(exc))
             raise
         except BaseException as exc:
             # The whole request may have reached the service and its answer is lost: it may be done (and billed).
-            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RetryLater) else str(exc)
-            self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
-            self._ledger(request, op, "in_doubt", seconds)
+            why = str(exc) if isinstance(exc, RetryLater) else f"{type(exc).__name__}: {exc}"
+            self.paid.finish(taken, {}, "in_doubt", why)
             if op.on_doubt == "hold" and self.cfg.in_doubt == "hold" and isinstance(exc, Exception):
-                raise self._doubt(job, op, time.time(), why) from exc
+                raise self.paid.doubt(op, time.time(), why) from exc
             raise
-        self.store.gate_answered(op, remote_id)
-        self._ledger(request, op, "answered", seconds)
+        self.paid.finish(taken, {op: remote_id}, "answered", "")
         return remote_id
-
-    def _ledger(self, request: int, op: Operation, outcome: str, seconds: float) -> None:
-        self.store.ledger_outcome(request, outcome)
-        self.spend.paid(BUDGET, op.name, outcome, 0.0 if outcome == "not_sent" else seconds)
-
-    def _doubt(self, job: Job, op: Operation, since: float, why: str | None) -> InDoubt:
-        return InDoubt(
-            f"{op.name} was sent in full but its answer was lost ({why or 'no answer'}); it may have been done and "
-            "billed, so it is held: `watcher retry --in-doubt` (or `watcher retry PATH`) sends it again",
-            operation=op.name,
-            since=since,
-            keys=[[op.sha256, op.service, op.name, op.params]],
-        )
-
-    def _not_now(self, job: Job, ticket: Ticket) -> Exception:
-        """Why a paid request is not sent now, as the error the runner schedules by."""
-        op = ticket.op
-        if ticket.verdict == "in_doubt":
-            return self._doubt(job, op, ticket.since or time.time(), ticket.error)
-        if ticket.verdict == "capped":
-            assert ticket.until is not None and ticket.cap_seconds is not None
-            if ticket.first_cap:
-                self.spend.capped(BUDGET, ticket.spent_seconds, ticket.cap_seconds, ticket.until)
-            return Deferred(
-                f"the daily cap of {ticket.cap_seconds / 60:g} audio minutes for the processing service is reached "
-                f"({ticket.spent_seconds / 60:.1f} used today); {op.name} resumes after 00:00 UTC",
-                until=ticket.until,
-                code="capped",
-            )
-        return Deferred(
-            f"another copy of this content is already sending {op.name}; waiting for its answer instead of paying "
-            "twice",
-            until=ticket.until or time.time() + 1,
-        )
 
     async def drain(self, timeout: float) -> None:
         """Give paid calls still in flight (after their jobs were cancelled) a moment to return their IDs."""

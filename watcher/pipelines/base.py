@@ -59,9 +59,14 @@ class Pipeline(Protocol):
     called once when the runner fails a job for good, to leave a record of what is known (a partial sidecar).
     """
 
-    name: str
-    first_step: str
-    service: str | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def first_step(self) -> str: ...
+
+    @property
+    def service(self) -> str | None: ...
 
     async def run(self, job: Job) -> StepResult: ...
 

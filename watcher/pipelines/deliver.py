@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -23,17 +24,17 @@ from typing import Any, Protocol
 import structlog
 
 from watcher import __version__
-from watcher.config import STEM_VERSIONS, TRACK_VERSIONS, ArchiveConfig
+from watcher.config import ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
 from watcher.fsutil import TEMP_PREFIX, fsync_dir, publish_tree, safe_component, write_json_atomic
 from watcher.names import display
-from watcher.safezip import FLOOR, SizeBound, extract_zip, size_bound
+from watcher.safezip import FLOOR, ExtractedArchive, SizeBound, extract_zip, size_bound
 from watcher.store import Job
+from watcher.versions import STEM_VERSIONS, TRACK_VERSIONS, VERSIONS
 
 log = structlog.get_logger("watcher.deliver")
 AUDIO_SUFFIXES = {"wav", "wave", "flac", "mp3", "m4a", "aif", "aiff", "ogg"}
 ARCHIVE_TRIES = 3
-OBJECT_KIND = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
 # Stems per documented preset; a preset not listed here may hold up to UNKNOWN_PRESET_STEMS.
 PRESET_STEMS = {"2_tracks": 2, "4_tracks": 4, "6_tracks": 6, "acapella": 1, "instrumental": 1}
 UNKNOWN_PRESET_STEMS = 8
@@ -45,16 +46,30 @@ VERSION_WORDS = {
 
 
 class Offer(Protocol):
-    download_url: str | None
-    email_notification_queued: bool
-    archive_incomplete: bool
+    @property
+    def download_url(self) -> str | None: ...
+
+    @property
+    def email_notification_queued(self) -> bool: ...
+
+    @property
+    def archive_incomplete(self) -> bool: ...
+
 
 
 class Downloads(Protocol):
     """What delivery needs from the processing service."""
 
     async def request_archive(
-        self, *, audio_id: str, versions: Sequence[str], format: str, formats: Mapping[str, str]
+        self,
+        *,
+        versions: Sequence[str],
+        audio_id: str | None = None,
+        ids: Sequence[str] | None = None,
+        format: str = "wav",
+        formats: Mapping[str, str] | None = None,
+        stem_ids: Sequence[str] | None = None,
+        stem_selections: Sequence[Mapping[str, Any]] | None = None,
     ) -> Offer: ...
 
     async def download_archive(self, url: str, dest: Path, *, max_bytes: int | None = None) -> int: ...
@@ -137,7 +152,7 @@ class Deliverer:
         """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per file version."""
         target = self.target(job)
         sha256 = job.data["sha256"]
-        existing = _manifest(target)
+        existing = await asyncio.to_thread(_manifest, target)
         if (
             existing
             and existing.get("source", {}).get("sha256") == sha256
@@ -145,10 +160,8 @@ class Deliverer:
         ):
             log.info("deliver.already_there", path=display(job.file.path), delivery=display(target))
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
-        await asyncio.to_thread(shutil.rmtree, staging, True)
-        staging.mkdir(mode=0o700)  # private until renamed into place
+        await asyncio.to_thread(_fresh_staging, staging)
         try:
             files: list[dict[str, Any]] = []
             tracks = [v for v in versions if v in TRACK_VERSIONS]
@@ -159,8 +172,8 @@ class Deliverer:
                 files += await self._fetch_group(job, stems, ids, staging, staging / "stems", stems=True)
             manifest = {
                 "source": {
-                    "path": job.file.path,
-                    "name": Path(job.file.path).name,
+                    "path": display(job.file.path),
+                    "name": display(Path(job.file.path).name),
                     "sha256": sha256,
                     "size": job.file.size,
                 },
@@ -172,6 +185,14 @@ class Deliverer:
             }
             await asyncio.to_thread(write_json_atomic, staging / "manifest.json", manifest)
             await asyncio.to_thread(self._place, staging, target, job)
+        except OSError as exc:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RetryLater(
+                    f"the output folder {display(target.parent)} is full ({exc.strerror}); nothing of this delivery "
+                    "was kept, it is tried again later"
+                ) from exc
+            raise
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise
@@ -217,12 +238,10 @@ class Deliverer:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
-            for index, entry in enumerate(extracted.files, 1):
-                version = attribute(entry.path, versions) or "unknown"
-                where = self._place_for(dest, entry.path, version, index, stems=stems)
-                os.replace(extracted.root / entry.path, where)
-                got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
-            shutil.rmtree(extracted.root, ignore_errors=True)
+            for version, records in (
+                await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems)
+            ).items():
+                got.setdefault(version, []).extend(records)
             break
         if offer.email_notification_queued or offer.archive_incomplete or not offer.download_url:
             why = "queued for e-mail" if offer.email_notification_queued else "incomplete"
@@ -241,6 +260,25 @@ class Deliverer:
                 )
         return [f for records in got.values() for f in records]
 
+    def _settle(
+        self,
+        extracted: ExtractedArchive,
+        versions: list[str],
+        dest: Path,
+        staging: Path,
+        ids: Mapping[str, str],
+        stems: bool,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """In a worker thread: move each extracted entry to its place in the staging folder, and record it."""
+        got: dict[str, list[dict[str, Any]]] = {}
+        for index, entry in enumerate(extracted.files, 1):
+            version = attribute(entry.path, versions) or "unknown"
+            where = self._place_for(dest, entry.path, version, index, stems=stems)
+            os.replace(extracted.root / entry.path, where)
+            got.setdefault(version, []).append(self._record(where, staging, version, ids, entry.sha256))
+        shutil.rmtree(extracted.root, ignore_errors=True)
+        return got
+
     async def _fetch_single(
         self,
         job: Job,
@@ -253,15 +291,15 @@ class Deliverer:
     ) -> list[dict[str, Any]]:
         """Download one version (a track, or the stems not in ``have``) with ``GET /download/{type}/{id}``."""
         stem = Path(job.file.rel_path).stem
-        if version in TRACK_VERSIONS:
+        wanted = VERSIONS[version]
+        if wanted.track:
             fmt = self.cfg.format_of(version)
-            op = "audio" if version == "original" else version
             where = dest / f"{stem}.{version}.{fmt}"
             await self.downloads.download_object(
-                OBJECT_KIND[version], ids[op], where, format=fmt, max_bytes=bound.per_file
+                wanted.object_type, ids[wanted.product], where, format=fmt, max_bytes=bound.per_file
             )
-            return [self._record(where, staging, version, ids, None)]
-        creation = ids["stems:" + version.removesuffix("_stems")]
+            return [await asyncio.to_thread(self._record, where, staging, version, ids, None)]
+        creation = ids[wanted.product]
         records = []
         for index, (stem_id, raw) in enumerate(await self.downloads.stem_objects(creation), 1):
             name = safe_component(raw, f"{version}-{index}")
@@ -272,7 +310,7 @@ class Deliverer:
             await self.downloads.download_object(
                 "stem", stem_id, where, format=self.cfg.format, max_bytes=bound.per_file
             )
-            records.append(self._record(where, staging, version, ids, None))
+            records.append(await asyncio.to_thread(self._record, where, staging, version, ids, None))
         return records
 
     @staticmethod
@@ -283,19 +321,17 @@ class Deliverer:
         folder.mkdir(parents=True, exist_ok=True)
         return _free(folder / name)
 
-    def _record(self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None) -> dict:
-        op = (
-            "audio"
-            if version == "original"
-            else ("stems:" + version.removesuffix("_stems") if version in STEM_VERSIONS else version)
-        )
+    def _record(
+        self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None
+    ) -> dict[str, Any]:
+        product = VERSIONS[version].product if version in VERSIONS else "audio"
         return {
             "path": path.relative_to(staging).as_posix(),
             "version": version,
             "format": path.suffix.lstrip(".").lower(),
             "size": path.stat().st_size,
             "sha256": sha or _sha256(path),
-            "service_ids": {"audio_id": ids.get("audio"), "job_id": ids.get(op) if op != "audio" else None},
+            "service_ids": {"audio_id": ids.get("audio"), "job_id": ids.get(product) if product != "audio" else None},
         }
 
     def _place(self, staging: Path, target: Path, job: Job) -> None:
@@ -324,6 +360,13 @@ def _free(path: Path) -> Path:
         candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
         n += 1
     return candidate
+
+
+def _fresh_staging(staging: Path) -> None:
+    """An empty staging folder, private until it is renamed into place (a leftover of a kill is replaced)."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(mode=0o700)
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:

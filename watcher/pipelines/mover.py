@@ -67,7 +67,7 @@ class SourceMover:
         jobs = self.store.jobs_of_file(job.file.id)
         if not job.file.current or any(j.state not in TERMINAL for j in jobs):
             return None
-        if any(j.state in ("superseded", "gone") for j in jobs):
+        if any(j.state in ("superseded", "gone", "skipped") for j in jobs):  # only what was processed moves
             return None
         failed = any(j.state == "failed" for j in jobs)
         destination = folder.failed_dir if failed else folder.done_dir
@@ -114,11 +114,3 @@ class SourceMover:
             if described != sha256:
                 return "the sidecar beside it describes other content"
         return None
-
-
-def inside(child: Path, parent: Path) -> bool:
-    """True when ``child`` is ``parent`` or below it."""
-    try:
-        return os.path.commonpath([child, parent]) == str(parent)
-    except ValueError:
-        return False

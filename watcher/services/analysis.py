@@ -21,7 +21,7 @@ import structlog
 from httpx_sse import EventSource, SSEError
 
 from watcher.errors import Malformed, RetryLater
-from watcher.services.http import AudioSource, HttpPolicy, ServiceHTTP, translate_transport_error
+from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.analysis")
 SERVICE = "analysis service"
@@ -86,9 +86,12 @@ class AnalysisClient:
         policy: HttpPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         event_deadline: float | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
+        self.http = ServiceHTTP(
+            SERVICE, base_url, headers=headers, policy=policy, transport=transport, observer=observer
+        )
         self.event_deadline = event_deadline or self.http.policy.read_timeout
 
     async def aclose(self) -> None:
@@ -144,7 +147,7 @@ class AnalysisClient:
             try:
                 return await self._read_events(response, models, report, on_result)
             except SSEError as exc:
-                raise RetryLater(f"{SERVICE} sent a malformed event stream: {exc}") from exc
+                raise Malformed(f"{SERVICE} sent a malformed event stream: {exc}") from exc
             except (httpx.HTTPError, httpx.StreamError) as exc:
                 raise translate_transport_error(exc, SERVICE) from exc
 
@@ -222,11 +225,8 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _header_safe(name: str) -> str:
-    """HTTP headers carry latin-1 at best: send non-ASCII names percent-encoded."""
-    try:
-        name.encode("ascii")
-        return name
-    except UnicodeEncodeError:
-        from urllib.parse import quote
+    """HTTP headers carry latin-1 at best: a name that is not printable ASCII goes percent-encoded from its
+    exact bytes (any name the OS gives, valid UTF-8 or not, control characters included)."""
+    from watcher.names import header_value
 
-        return quote(name)
+    return header_value(name)

@@ -1,8 +1,10 @@
-"""The one HTTP policy every service client shares.
+"""The one HTTP policy every client shares: the analysis and processing services, the storage host, webhooks.
 
 Timeouts, a client-side rate limit, a concurrency limit, retries with exponential backoff, jitter and
-``Retry-After`` (through stamina), and the translation of HTTP statuses and httpx exceptions into the three
-classes of :mod:`watcher.errors`. Clients built on it know nothing of folders, stages or the store.
+``Retry-After`` (through stamina: the only in-process retry layer), the translation of HTTP statuses and httpx
+exceptions into the scopes of :mod:`watcher.errors`, redaction of URLs that carry tokens, and observation of
+every request (for metrics) through httpx event hooks and an observer the composition root passes in.
+Clients built on it know nothing of folders, pipelines or the store.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from typing import Any, Protocol
 import httpx
 import stamina
 from aiolimiter import AsyncLimiter
+from httpx_sse import SSEError
 
-from watcher.errors import NeedsUser, NotSent, Rejected, RetryLater, WatcherError
+from watcher.errors import Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
 
 
 class AudioSource(Protocol):
     """A file to send as a request body: its name, exact size, and a fresh chunk iterator per call."""
 
-    name: str
-    size: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -48,6 +54,15 @@ class HttpPolicy:
     # A Retry-After longer than this is not slept in-process: the store schedules the next attempt instead.
     max_inline_retry_after: float = 60.0
     retry_timeout: float = 600.0
+    # Show only scheme://host/… of a URL in messages (webhook URLs often carry a token in their path).
+    redact_urls: bool = False
+
+
+def safe_url(url: str | httpx.URL) -> str:
+    """A URL as it may be logged: scheme, host and port only."""
+    parts = httpx.URL(str(url))
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.host or '?'}{port}/…"
 
 
 def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
@@ -88,7 +103,7 @@ def _detail(response: httpx.Response) -> str:
 NOT_PROCESSED = (429, 503)
 
 
-def raise_for_status(response: httpx.Response, service: str) -> None:
+def raise_for_status(response: httpx.Response, service: str, *, redact: bool = False) -> None:
     """Translate a non-success status into an error of the right scope; return on 2xx and 3xx.
 
     transient: 408, 425, 429, 5xx (429 and 503 as NotSent: nothing was done); service: 401, 402, 403 (the account);
@@ -99,7 +114,8 @@ def raise_for_status(response: httpx.Response, service: str) -> None:
     if status < 400:
         return
     detail = _detail(response)
-    what = f"{service} answered HTTP {status} to {response.request.method} {response.request.url.path}"
+    where = safe_url(response.request.url) if redact else response.request.url.path
+    what = f"{service} answered HTTP {status} to {response.request.method} {where}"
     if detail:
         what += f": {detail}"
     retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -120,6 +136,8 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
     """Map an httpx (or httpx-sse) exception to one of ours; unknown ones are treated as transient."""
     if isinstance(exc, WatcherError):
         return exc
+    if isinstance(exc, SSEError):
+        return Malformed(f"{service} sent a malformed event stream: {exc}")
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return NotSent(f"{service} could not be reached: {type(exc).__name__}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
@@ -138,25 +156,19 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
     return RetryLater(f"{service} request failed: {type(exc).__name__}: {exc}")
 
 
-# (service, method, seconds, outcome, bytes sent): outcome is "ok" or an error kind. For metrics.
+# (service, method, seconds, outcome, bytes sent): outcome is "ok" or an error code. Must not raise.
 RequestObserver = Callable[[str, str, float, str, int], None]
-_observers: list[RequestObserver] = []
+Classify = Callable[[httpx.Response], None]
+_STARTED = "watcher.started"
 
 
-def add_observer(observer: RequestObserver) -> None:
-    """Be told about every request any service client makes (the metrics endpoint uses this)."""
-    _observers.append(observer)
-
-
-def remove_observer(observer: RequestObserver) -> None:
-    if observer in _observers:
-        _observers.remove(observer)
-
-
-def _notify(service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
-    for observer in list(_observers):
-        with contextlib.suppress(Exception):
-            observer(service, method, seconds, outcome, sent)
+def _code_of(status: int) -> str:
+    """The error code a status maps to, for the observer (the same classes raise_for_status raises)."""
+    if status < 400:
+        return "ok"
+    if status in NOT_PROCESSED or status in (408, 425) or status >= 500:
+        return RetryLater.code
+    return NeedsUser.code if status in (401, 402, 403) else Rejected.code
 
 
 class ServiceHTTP:
@@ -170,22 +182,42 @@ class ServiceHTTP:
         headers: Mapping[str, str] | None = None,
         policy: HttpPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.service = service
         self.policy = policy or HttpPolicy()
+        self.observer = observer
         p = self.policy
         self.client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=dict(headers or {}),
             timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
             transport=transport,
-            follow_redirects=False,
+            follow_redirects=False,  # redirects are followed by hand, each target checked
+            event_hooks={"request": [self._on_request], "response": [self._on_response]},
         )
         self._limiter = AsyncLimiter(max(p.rate_per_second, 0.001), 1.0)
         self._slots = asyncio.Semaphore(max(1, p.concurrency))
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def _on_request(self, request: httpx.Request) -> None:
+        request.extensions[_STARTED] = time.monotonic()
+
+    async def _on_response(self, response: httpx.Response) -> None:
+        """Every answer's status, time to headers and bytes sent, told to the observer (metrics)."""
+        request = response.request
+        outcome = _code_of(response.status_code)
+        sent = int(request.headers.get("Content-Length") or 0) if outcome == "ok" else 0
+        self._observe(request.method, request.extensions.get(_STARTED), outcome, sent)
+
+    def _observe(self, method: str, started: float | None, outcome: str, sent: int) -> None:
+        if self.observer is None:
+            return
+        seconds = time.monotonic() - started if started is not None else 0.0
+        with contextlib.suppress(Exception):
+            self.observer(self.service, method, seconds, outcome, sent)
 
     def _backoff_hook(self, exc: Exception) -> bool | float:
         """stamina hook: retry only RetryLater; honour a short Retry-After, hand long ones to the store."""
@@ -220,28 +252,34 @@ class ServiceHTTP:
         )
 
     @asynccontextmanager
-    async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-        """One rate-limited attempt whose response body is read by the caller; errors are translated."""
+    async def stream(
+        self, method: str, url: str, *, classify: Classify | None = None, **kwargs: Any
+    ) -> AsyncIterator[httpx.Response]:
+        """One rate-limited attempt whose response body is read by the caller; errors are translated.
+
+        A status of 400 or more is read and classified (``classify``, else :func:`raise_for_status`);
+        a request that got no answer at all is reported to the observer here, with its error's code.
+        """
         async with self._slots:
             await self._limiter.acquire()
             started = time.monotonic()
-            sent = int((kwargs.get("headers") or {}).get("Content-Length", 0) or 0)
-            outcome = "ok"
+            seen = False
             try:
                 async with self.client.stream(method, url, **kwargs) as response:
+                    seen = True
                     if response.status_code >= 400:
                         await response.aread()
-                        raise_for_status(response, self.service)
+                        if classify is not None:
+                            classify(response)
+                        raise_for_status(response, self.service, redact=self.policy.redact_urls)
                     yield response
-            except WatcherError as exc:
-                outcome = exc.code
+            except WatcherError:
                 raise
             except (httpx.HTTPError, httpx.StreamError) as exc:
                 translated = translate_transport_error(exc, self.service)
-                outcome = translated.code
+                if not seen:
+                    self._observe(method, started, translated.code, 0)
                 raise translated from exc
-            finally:
-                _notify(self.service, method, time.monotonic() - started, outcome, sent if outcome == "ok" else 0)
 
     async def probe(self, method: str, url: str, **kwargs: Any) -> str:
         """One request that proves the service is reachable and takes the key, whatever it answers otherwise.

@@ -22,7 +22,15 @@ MAX_FIELD_BYTES = 1 << 20
 
 
 def _quote(value: str) -> str:
-    """A header parameter value as browsers and httpx write it: UTF-8, with ``"`` and CR/LF escaped."""
+    """A header parameter value as browsers and httpx write it: UTF-8, with ``"`` and CR/LF escaped.
+
+    A name that is not valid UTF-8 (surrogate escapes from ``os.fsdecode``) is sent percent-encoded from
+    its exact bytes, so building the body never raises on it.
+    """
+    from watcher.names import header_value, is_text
+
+    if not is_text(value):
+        return header_value(value)
     return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 

@@ -13,49 +13,33 @@ offers, downloads) are retried on any RetryLater.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from email.message import Message
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import structlog
 
-from watcher.errors import BadInput, ExpiredURL, Malformed, NotSent, Rejected, RetryLater
-from watcher.fsutil import PRIVATE_FILE, TEMP_PREFIX, chmod_quietly, file_mode, fsync_dir, safe_component
+from watcher.errors import ExpiredURL, Malformed, NotSent, Rejected, RetryLater
+from watcher.fsutil import safe_component
 from watcher.names import display
-from watcher.safezip import TooLarge
 from watcher.services.http import (
     AudioSource,
     HttpPolicy,
+    RequestObserver,
     ServiceHTTP,
-    parse_retry_after,
-    translate_transport_error,
 )
 from watcher.services.multipart import MultipartBody
+from watcher.services.storage import REDIRECTS, RefusedRedirect, Storage, write_body
+from watcher.versions import TRACK_VERSIONS
 
 __all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnalogClient", "RefusedRedirect"]
 
 log = structlog.get_logger("watcher.processing")
 SERVICE = "processing service"
-STORAGE = "storage host"
-REDIRECTS = (301, 302, 303, 307, 308)
-TRACK_VERSIONS = ("original", "restored", "mastered")
-CHUNK = 1 << 20
-MAX_HOPS = 5
-
-
-class RefusedRedirect(BadInput):
-    """A download was sent somewhere it must not go (not https, not the service's host, too many hops)."""
-
-    kind = "bad_input"
 
 
 @dataclass(frozen=True)
@@ -96,17 +80,18 @@ class NeuralAnalogClient:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         storage_transport: httpx.AsyncBaseTransport | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
-        self.http = ServiceHTTP(SERVICE, base_url, headers=headers, policy=policy, transport=transport)
-        p = self.http.policy
-        # Storage gets its own client with no default headers, so no credential can leak there. Its
-        # redirects are followed by hand, each target checked (https, or the service's own host).
-        self.storage = httpx.AsyncClient(
-            timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
-            transport=storage_transport,
-            follow_redirects=False,
+        self.http = ServiceHTTP(
+            SERVICE, base_url, headers=headers, policy=policy, transport=transport, observer=observer
         )
+        # Storage gets a session of its own with no default headers, so no credential can leak there, under
+        # the same policy (limits, timeouts, metrics; signed URLs can be long-lived tokens: never logged whole).
+        # Its redirects are followed by hand, each target checked (https, or the service's own host).
+        p = self.http.policy
+        storage = replace(p, redact_urls=True, rate_per_second=max(p.rate_per_second, 50.0))
+        self.storage = Storage(self.http.client.base_url, storage, transport=storage_transport, observer=observer)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -275,8 +260,8 @@ class NeuralAnalogClient:
         ExpiredURL when storage refuses the URL (ask for a fresh archive); RetryLater when it arrives short;
         TooLarge when it announces or sends more than ``max_bytes``.
         """
-        self._check_url(url, dest)
-        return await self._from_storage(url, dest, max_bytes)
+        self.storage.check(url, dest)
+        return await self.storage.fetch(url, dest, max_bytes)
 
     async def download_object(
         self,
@@ -303,119 +288,21 @@ class NeuralAnalogClient:
                     async with self.http.stream("GET", path, params=params) as response:
                         if response.status_code not in REDIRECTS:
                             if response.status_code == 200:  # served directly by the API: take it
-                                return await _write_body(response, dest, SERVICE, max_bytes)
+                                return await write_body(response, dest, SERVICE, max_bytes)
                             raise Malformed(f"{SERVICE} answered {response.status_code} to GET {path}, not a 307")
                         location = response.headers.get("Location")
                         if not location:
                             raise Malformed(f"{SERVICE} answered {response.status_code} without a Location")
                         location = str(response.url.join(location))
-                        self._check_url(location, dest)
+                        self.storage.check(location, dest)
             assert location is not None
             try:
-                return await self._from_storage(location, dest, max_bytes)
+                return await self.storage.fetch(location, dest, max_bytes)
             except ExpiredURL:
                 if ask == fresh_urls:
                     raise
                 log.info("download.url_expired", path=display(dest), object=f"{kind}/{object_id}", next="asking again")
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _check_url(self, url: str, dest: Path) -> None:
-        """RefusedRedirect unless ``url`` is https, or on the service's own scheme and host (a loopback emulator)."""
-        parts = httpx.URL(url)
-        base = self.http.client.base_url
-        if parts.scheme == "https" or (parts.scheme, parts.host) == (base.scheme, base.host):
-            return
-        raise RefusedRedirect(
-            f"the download of {display(dest.name)} was sent to {parts.scheme}://{parts.host}, which is neither "
-            f"https nor the service's own host ({base.scheme}://{base.host}); not followed, this file is not delivered"
-        )
-
-    async def _from_storage(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
-        """GET ``url`` from storage with no credentials; 5xx and dropped transfers are retried here."""
-        expired: ExpiredURL | None = None
-        async for attempt in self.http.retrying():
-            with attempt:
-                try:
-                    return await self._storage_once(url, dest, max_bytes)
-                except ExpiredURL as exc:  # not retried here: the same URL will not work again
-                    expired = exc
-        assert expired is not None
-        raise expired
-
-    async def _storage_once(self, url: str, dest: Path, max_bytes: int | None = None) -> int:
-        """One GET of a signed URL, following at most MAX_HOPS redirects by hand (each URL checked first)."""
-        for _hop in range(MAX_HOPS + 1):
-            self._check_url(url, dest)
-            got = await self._storage_get(url, dest, max_bytes)
-            if isinstance(got, int):
-                return got
-            url = got
-        raise RefusedRedirect(
-            f"{STORAGE} redirected the download of {display(dest.name)} more than {MAX_HOPS} times; "
-            "not followed further, this file is not delivered"
-        )
-
-    async def _storage_get(self, url: str, dest: Path, max_bytes: int | None) -> int | str:
-        """The bytes written, or the next URL when storage redirects."""
-        try:
-            async with self.storage.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
-                status = response.status_code
-                if status in REDIRECTS and response.headers.get("Location"):
-                    return str(response.url.join(response.headers["Location"]))
-                if status in (408, 425, 429) or status >= 500:
-                    raise RetryLater(
-                        f"{STORAGE} answered HTTP {status}",
-                        retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                        status=status,
-                    )
-                if status >= 400:  # 403/404/410 (and S3's or GCS's 400): the signature is no good any more
-                    raise ExpiredURL(f"{STORAGE} refused the signed URL (HTTP {status})", status=status)
-                return await _write_body(response, dest, STORAGE, max_bytes)
-        except (httpx.HTTPError, httpx.StreamError) as exc:
-            raise translate_transport_error(exc, STORAGE) from exc
-
-
-async def _write_body(response: httpx.Response, dest: Path, source: str, max_bytes: int | None = None) -> int:
-    """Stream a response body to a temp file beside ``dest``, check its length, fsync, rename into place.
-
-    A short body (Content-Length not met, or a dropped connection) is RetryLater; more than ``max_bytes``
-    (announced by Content-Length, or counted while writing) is TooLarge. The temp file is removed either way.
-    """
-    expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
-    if max_bytes is not None and expected is not None and expected.isdigit() and int(expected) > max_bytes:
-        raise TooLarge(
-            f"{source} announced {expected} bytes for {display(dest.name)}, more than the {max_bytes} bytes its "
-            "source can justify; nothing was written, the file is not delivered"
-        )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
-    written = 0
-    fh: IO[bytes] = await asyncio.to_thread(_open_private, tmp)
-    try:
-        try:
-            async for chunk in response.aiter_bytes(CHUNK):
-                written += len(chunk)
-                if max_bytes is not None and written > max_bytes:
-                    raise TooLarge(
-                        f"{source} sent more than {max_bytes} bytes for {display(dest.name)}, more than its source "
-                        "can justify; the partial file was removed, the file is not delivered"
-                    )
-                await asyncio.to_thread(fh.write, chunk)
-            await asyncio.to_thread(_flush, fh)
-        finally:
-            fh.close()
-        if expected is not None and expected.isdigit() and int(expected) != response.num_bytes_downloaded:
-            raise RetryLater(f"{source} sent {response.num_bytes_downloaded} of {expected} bytes of {dest.name}")
-        await asyncio.to_thread(_place, tmp, dest)
-        served_as = disposition_name(response.headers.get("Content-Disposition"), "")
-        log.debug("download.written", path=display(dest), bytes=written, served_as=served_as or None)
-        return written
-    except (httpx.HTTPError, httpx.StreamError) as exc:
-        raise translate_transport_error(exc, source) from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
 
 def _not_ready(exc: Rejected) -> bool:
     """A refusal that says "not yet" (409, 425, or a 422 about versions not complete), not "never"."""
@@ -425,31 +312,3 @@ def _not_ready(exc: Rejected) -> bool:
     )
 
 
-def disposition_name(value: str | None, fallback: str) -> str:
-    """The file name a ``Content-Disposition`` header suggests, as one safe name (for logs, never a path)."""
-    if not value:
-        return safe_component("", fallback)
-    msg = Message()
-    msg["Content-Disposition"] = value
-    try:
-        name = msg.get_filename() or ""
-    except (ValueError, LookupError):
-        name = ""
-    return safe_component(str(name), fallback)
-
-
-def _flush(fh: IO[bytes]) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _open_private(tmp: Path) -> IO[bytes]:
-    """A new temp file only we can read (0600) until it is complete and renamed."""
-    return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE), "wb")
-
-
-def _place(tmp: Path, dest: Path) -> None:
-    """Rename the finished temp file into place with the output mode (the umask's)."""
-    chmod_quietly(tmp, file_mode())
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)

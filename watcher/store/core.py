@@ -279,7 +279,7 @@ class StoreBase:
                 "AND j.state='pending' AND j.lease_owner IS NULL " + _NOT_PAUSED,
                 (pipeline,),
             ).fetchone()
-        return row[0]
+        return None if row[0] is None else float(row[0])
 
     def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
         """How many jobs are pending (of one pipeline, for some paths)."""

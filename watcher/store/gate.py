@@ -77,67 +77,83 @@ class GateMixin(_Base):
         takeable: list[tuple[int, Operation, bool]] = []
         with self._tx() as db:
             for i, op in enumerate(ops):
-                row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
-                state = None if row is None else row["state"]
-                if state == "sending" and (row["lease_until"] or 0) < now:
-                    state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
-                    self._set_state(db, op, state, now, error="the daemon stopped while the request was in flight")
-                if state == "answered":
-                    tickets[i] = Ticket("answered", op, result=row["result"])
-                elif state == "sending":
-                    tickets[i] = Ticket("wait", op, until=now + WAIT_SECONDS, holder=row["holder"])
-                elif state == "in_doubt" and not resend_in_doubt:
-                    tickets[i] = Ticket("in_doubt", op, since=row["since"], error=row["error"])
+                ticket = self._verdict(db, op, now, resend_in_doubt)
+                if ticket is None:
+                    takeable.append((i, op, self._state(db, op) in ("reask", "in_doubt")))
                 else:
-                    takeable.append((i, op, state in ("reask", "in_doubt")))
+                    tickets[i] = ticket
             if takeable:
-                day = utc_day(now)
-                db.execute("INSERT OR IGNORE INTO spend (day, service) VALUES (?, ?)", (day, budget))
-                spent = db.execute("SELECT * FROM spend WHERE day=? AND service=?", (day, budget)).fetchone()
-                if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
-                    first = spent["capped_at"] is None
-                    if first:
-                        db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
-                    for i, op, _ in takeable:
-                        tickets[i] = Ticket(
-                            "capped",
-                            op,
-                            until=next_utc_midnight(now),
-                            first_cap=first,
-                            spent_seconds=spent["seconds"],
-                            cap_seconds=cap_seconds,
-                        )
-                else:
-                    cur = db.execute(
-                        "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, 'sending')",
-                        (
-                            now,
-                            day,
-                            budget,
-                            ",".join(op.name for _, op, _ in takeable),
-                            takeable[0][1].sha256,
-                            seconds,
-                            sum(op.name.startswith("analyze:") for _, op, _ in takeable),
-                        ),
-                    )
-                    request = int(cur.lastrowid or 0)
-                    db.execute(
-                        "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?",
-                        (seconds, day, budget),
-                    )
-                    for i, op, resend in takeable:
-                        db.execute(
-                            "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
-                            "lease_until, sends, created_at, updated_at) "
-                            "VALUES (?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?) "
-                            "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='sending', "
-                            "holder=excluded.holder, lease_until=excluded.lease_until, sends=sends+1, error=NULL, "
-                            "since=NULL, updated_at=excluded.updated_at",
-                            (*_key(op), op.on_doubt, owner, now + lease, now, now),
-                        )
-                        tickets[i] = Ticket("send", op, resend=resend, request=request)
+                tickets.update(self._charge(db, takeable, owner, budget, seconds, cap_seconds, lease, now))
         return [tickets[i] for i in range(len(ops))]
+
+    def _state(self, db: Any, op: Operation) -> str | None:
+        row = db.execute(f"SELECT state FROM operations WHERE {_KEY}", _key(op)).fetchone()
+        return None if row is None else str(row["state"])
+
+    def _verdict(self, db: Any, op: Operation, now: float, resend_in_doubt: bool) -> Ticket | None:
+        """Why ``op`` may not be sent by this taker (a Ticket), or None when it may take it."""
+        row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
+        state = None if row is None else row["state"]
+        if state == "sending" and (row["lease_until"] or 0) < now:
+            state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
+            self._set_state(db, op, state, now, error="the daemon stopped while the request was in flight")
+            row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
+        if state == "answered":
+            return Ticket("answered", op, result=row["result"])
+        if state == "sending":
+            return Ticket("wait", op, until=now + WAIT_SECONDS, holder=row["holder"])
+        if state == "in_doubt" and not resend_in_doubt:
+            return Ticket("in_doubt", op, since=row["since"], error=row["error"])
+        return None
+
+    def _charge(
+        self,
+        db: Any,
+        takeable: list[tuple[int, Operation, bool]],
+        owner: str,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None,
+        lease: float,
+        now: float,
+    ) -> dict[int, Ticket]:
+        """Check the day's cap and, within it, write the ledger line and take every takeable operation."""
+        day = utc_day(now)
+        db.execute("INSERT OR IGNORE INTO spend (day, service) VALUES (?, ?)", (day, budget))
+        spent = db.execute("SELECT * FROM spend WHERE day=? AND service=?", (day, budget)).fetchone()
+        if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
+            first = spent["capped_at"] is None
+            if first:
+                db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
+            until = next_utc_midnight(now)
+            return {
+                i: Ticket(
+                    "capped", op, until=until, first_cap=first, spent_seconds=spent["seconds"], cap_seconds=cap_seconds
+                )
+                for i, op, _ in takeable
+            }
+        names = ",".join(op.name for _, op, _ in takeable)
+        models = sum(op.name.startswith("analyze:") for _, op, _ in takeable)
+        cur = db.execute(
+            "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'sending')",
+            (now, day, budget, names, takeable[0][1].sha256, seconds, models),
+        )
+        request = int(cur.lastrowid or 0)
+        db.execute(
+            "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
+        )
+        for _, op, _ in takeable:
+            db.execute(
+                "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
+                "lease_until, sends, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?) "
+                "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='sending', "
+                "holder=excluded.holder, lease_until=excluded.lease_until, sends=sends+1, error=NULL, "
+                "since=NULL, updated_at=excluded.updated_at",
+                (*_key(op), op.on_doubt, owner, now + lease, now, now),
+            )
+        return {i: Ticket("send", op, resend=resend, request=request) for i, op, resend in takeable}
 
     def _set_state(self, db: Any, op: Operation, state: str, now: float, *, error: str | None = None) -> None:
         db.execute(

@@ -7,7 +7,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from starlette.requests import Request
@@ -135,7 +135,7 @@ def routes(ctx: Context) -> list[tuple[str, str, Callable[[Request], Any]]]:
             folder = (body or {}).get("folder")
             if not isinstance(folder, str) or not folder:
                 return problem(422, 'send JSON: {"folder": PATH}')
-            if os.path.abspath(folder) not in ctx.folders():
+            if str(PurePath(folder)) not in ctx.folders():  # as configured: absolute, no trailing slash
                 return problem(404, f"{display(folder)} is not a watched folder")
             recorded = await asyncio.to_thread(commands.pause, ctx.settings, Path(folder), paused=paused)
             ctx.wake()

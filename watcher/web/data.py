@@ -54,12 +54,15 @@ def _results(doc: Mapping[str, Any] | None, model: str) -> dict[str, Any]:
     return results if isinstance(results, dict) else {}
 
 
+def number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
 def summary(doc: Mapping[str, Any] | None) -> dict[str, Any]:
     """Key, scale, key strength, BPM, integrated loudness and loudness range from a sidecar (None if absent)."""
     key = _results(doc, "key")
     bpm = _results(doc, "bpm_degara")
     loud = _results(doc, "loudness_ebur128")
-    number = lambda v: float(v) if isinstance(v, int | float) else None  # noqa: E731
     return {
         "key": _first(key.get("key")),
         "scale": _first(key.get("scale")),

@@ -75,8 +75,9 @@ def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
 
 def plot(curves: dict[str, Any]) -> str:
     """Momentary and short-term loudness over time as SVG polylines (one point per value), beats as ticks."""
-    momentary, short = curves["momentary"], curves["short_term"]
-    hop = curves["hop_seconds"]
+    momentary: list[float] = curves["momentary"]
+    short: list[float] = curves["short_term"]
+    hop = float(curves["hop_seconds"])
     if not momentary and not short:
         return '<p class="muted">No loudness curve in the sidecar.</p>'
     duration = max(len(momentary), len(short), 1) * hop

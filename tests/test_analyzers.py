@@ -1,0 +1,87 @@
+"""Analysis backends and the analyze pipeline's step, alone: where work is done, and what is asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from tests.conftest import write_tone
+from watcher.analyzers import RemoteAnalyzer
+from watcher.audiofile import signature
+from watcher.config import AnalysisConfig, SidecarConfig
+from watcher.pipelines.analyze import AnalyzePipeline
+from watcher.services.analysis import AnalysisReport, ModelResult
+from watcher.store import Store
+
+
+def test_results_are_keyed_by_endpoint_and_account():
+    """Two endpoints, or two keys, are two places of work; the key itself is never in the identity."""
+    a = RemoteAnalyzer(AnalysisConfig(base_url="https://a.example", api_key=SecretStr("key-aaaa-1111")))
+    b = RemoteAnalyzer(AnalysisConfig(base_url="https://b.example", api_key=SecretStr("key-aaaa-1111")))
+    c = RemoteAnalyzer(AnalysisConfig(base_url="https://a.example", api_key=SecretStr("key-bbbb-2222")))
+    keys = {a.key, b.key, c.key}
+    assert len(keys) == 3 and all("key-" not in k for k in keys)
+    assert a.key.startswith("analysis https://a.example account:")
+    for analyzer in (a, b, c):
+        asyncio.run(analyzer.aclose())
+
+
+class Counting:
+    """An in-process backend that answers every model and counts what it was asked (a stand-in for a service)."""
+
+    name = "counting"
+    key = "counting"
+    paid = False
+    final_errors = False
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    async def analyze(
+        self, audio: Any, models: Sequence[str], on_result: Callable[[ModelResult], Awaitable[None] | None]
+    ) -> AnalysisReport:
+        self.asked.append(list(models))
+        report = AnalysisReport()
+        for spec in models:
+            result = ModelResult(spec, spec.split(":")[0], "1", None, {"value": spec})
+            report.results[spec] = result
+            on_result(result)
+        return report
+
+
+def test_the_step_asks_only_for_what_is_missing_and_writes_the_sidecar(tmp_path: Path):
+    """A second version with the same content is answered from the store; a new model is the only one asked."""
+    store = Store(tmp_path / "w.db")
+    backend = Counting()
+    try:
+        for n, models in enumerate((["key", "bpm"], ["key", "bpm"], ["key", "bpm", "mood"])):
+            audio = write_tone(tmp_path / f"{n}.wav", 0.2)  # the same content each time
+            sig = signature(audio)
+            store.register_version(
+                folder=str(tmp_path),
+                path=str(audio),
+                rel_path=audio.name,
+                size=sig.size,
+                mtime_ns=sig.mtime_ns,
+                inode=sig.inode,
+                jobs=[("analyze", "analyze")],
+            )
+            pipeline = AnalyzePipeline(store, backend, models=models, sidecar=SidecarConfig())
+            job = store.claim("analyze", "me")
+            assert job is not None
+            result = asyncio.run(pipeline.run(job))
+            assert result.state == "done"
+            doc = json.loads((tmp_path / f"{n}.wav.analysis.json").read_text())
+            assert doc["complete"] and sorted(doc["models"]) == sorted(models)
+            store.release(job, state=result.state)
+    finally:
+        store.close()
+    assert backend.asked == [["key", "bpm"], ["mood"]]

@@ -1,0 +1,58 @@
+"""`watcher status`: the report built from a real store in every state a user can meet, and its rendering."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from watcher.status import collect, render
+from watcher.store import Operation, Store
+
+
+def test_the_report_shows_states_doubts_spend_and_problems(tmp_path):
+    """Done, failed, held in doubt, waiting for a cap: each where a user looks, with paths shown safely."""
+    store = Store(tmp_path / "w.db")
+    try:
+        names = ["done.wav", "bad.wav", "held.wav", os.fsdecode(b"caf\xe9.wav")]
+        for n, name in enumerate(names):
+            store.register_version(
+                folder="/in",
+                path=f"/in/{name}",
+                rel_path=name,
+                size=1,
+                mtime_ns=1,
+                inode=n,
+                jobs=[("archive", "check")],
+            )
+        claimed = [store.claim("archive", "me") for _ in names]
+        by_name = {j.file.rel_path: j for j in claimed if j is not None}
+        store.release(by_name["done.wav"], state="done")
+        store.release(by_name["bad.wav"], state="failed", error="the content is not audio", error_code="bad_input")
+        by_name["held.wav"].data["in_doubt"] = {"operation": "master", "since": 1700000000.0, "keys": []}
+        store.release(by_name["held.wav"], state="in_doubt", step="process", error="answer lost", error_code="in_doubt")
+        store.release(
+            by_name[names[3]], next_attempt_at=time.time() + 3600, error="daily cap reached", error_code="capped"
+        )
+        op = Operation("ab" * 32, "processing x account:1", "upload")
+        store.gate_take([op], "me", budget="processing", seconds=90.0, cap_seconds=600.0)
+        report = collect(store, state_dir="/state", configured=["/in"], caps={"analysis": 0.0, "processing": 10.0})
+    finally:
+        store.close()
+    assert report["counts"] == {"archive": {"done": 1, "failed": 1, "in_doubt": 1, "pending": 1}}
+    assert report["in_doubt"] == [
+        {"path": "/in/held.wav", "pipeline": "archive", "operation": "master", "since": "2023-11-14T22:13:20Z"}
+    ]
+    assert report["spend"]["processing"]["minutes_today"] == 1.5 and report["spend"]["processing"]["cap_minutes"] == 10
+    assert {p["path"]: p["error_code"] for p in report["problems"]} == {
+        "/in/bad.wav": "bad_input",
+        "/in/caf\\xe9.wav": "capped",
+        "/in/held.wav": "in_doubt",
+    }
+    files = {f["path"]: f["jobs"]["archive"] for f in report["files"]}
+    assert files["/in/held.wav"]["state"] == "in_doubt" and files["/in/held.wav"]["step"] == "process"
+    text = render(report)
+    assert "in doubt since 2023-11-14T22:13:20Z" in text and "master" in text
+    assert "processing 1.5 of 10 (daily cap) audio min in 1 paid calls" in text
+    assert "archive failed at check (bad_input, 0 attempts): the content is not audio" in text
+    assert "caf\\xe9.wav" in text
+    text.encode("utf-8")  # printable whatever the names: no lone surrogate reaches a terminal

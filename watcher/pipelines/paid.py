@@ -1,0 +1,166 @@
+"""Paid calls, made one way only: through the store's gate (the states are drawn in watcher.store.gate).
+
+    take ─┬─ send ─▶ the request ─┬─ answered ............ its ID or results kept; never sent again
+          │                        ├─ not sent (provably) . free to send again, not spent
+          │                        └─ answer lost ........ in doubt (held for the user) or re-asked (counted)
+          ├─ answered already ...... reused: nothing is sent
+          ├─ wait .................. another job (another copy, another daemon) is sending it: Deferred
+          ├─ capped ................ the day's cap would be passed: Deferred until 00:00 UTC
+          └─ in doubt .............. held until `watcher retry`: InDoubt
+
+Both pipelines make their paid requests through :class:`PaidCalls`; nothing else calls the gate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from watcher.errors import Deferred, InDoubt
+from watcher.names import display
+from watcher.pipelines.base import NullSpend, SpendObserver
+from watcher.store import Job, Operation, Ticket
+
+log = structlog.get_logger("watcher.paid")
+
+
+class GateStore(Protocol):
+    """The store's gate, as paid calls use it."""
+
+    def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        resend_in_doubt: bool = False,
+    ) -> list[Ticket]: ...
+
+    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
+
+    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
+
+    def ledger_outcome(self, request: int, outcome: str) -> None: ...
+
+
+@dataclass
+class Taken:
+    """The gate's answer for one request's operations: what may be sent now, and what was answered already."""
+
+    tickets: list[Ticket]
+    seconds: float
+    send: list[Operation] = field(default_factory=list)
+    resends: list[Operation] = field(default_factory=list)
+    answered: dict[Operation, str | None] = field(default_factory=dict)
+    request: int | None = None  # the ledger line of the request, when something is to be sent
+
+
+class PaidCalls:
+    """One service's paid requests (``budget``: analysis or processing), its daily cap, and who is told."""
+
+    def __init__(
+        self,
+        store: GateStore,
+        budget: str,
+        *,
+        cap_minutes: float = 0.0,
+        resend_in_doubt: bool = False,
+        spend: SpendObserver | None = None,
+    ) -> None:
+        self.store = store
+        self.budget = budget
+        self.cap_seconds = cap_minutes * 60 if cap_minutes else None
+        self.resend_in_doubt = resend_in_doubt
+        self.spend = spend or NullSpend()
+
+    def take(self, job: Job, ops: Sequence[Operation], seconds: float) -> Taken:
+        """Take the operations of one request covering ``seconds`` of audio; raises when nothing may be sent
+        now and not everything was answered already (Deferred: wait or capped; InDoubt: held)."""
+        assert job.owner is not None, "a paid request needs a claimed job"
+        tickets = self.store.gate_take(
+            list(ops),
+            job.owner,
+            budget=self.budget,
+            seconds=seconds,
+            cap_seconds=self.cap_seconds,
+            resend_in_doubt=self.resend_in_doubt,
+        )
+        taken = Taken(tickets, seconds)
+        for ticket in tickets:
+            if ticket.verdict == "send":
+                taken.send.append(ticket.op)
+                taken.request = ticket.request
+                if ticket.resend:
+                    taken.resends.append(ticket.op)
+            elif ticket.verdict == "answered":
+                taken.answered[ticket.op] = ticket.result
+        if not taken.send and len(taken.answered) < len(tickets):
+            raise self.not_now(job, tickets)
+        if taken.resends:
+            log.warning(
+                "paid.resend",
+                path=display(job.file.path),
+                sha256=taken.resends[0].sha256,
+                operations=[op.name for op in taken.resends],
+                next="sending again a request whose answer was lost: the service may count it twice",
+            )
+        return taken
+
+    def finish(self, taken: Taken, results: Mapping[Operation, str | None], outcome: str, why: str) -> None:
+        """Record how the request ended: ``results`` holds the operations answered (with the ID to keep, or None
+        when it was kept already); the others are free again (``not_sent``) or in doubt / re-asked."""
+        if taken.request is None:
+            return
+        for op in taken.send:
+            if op in results:
+                if results[op] is not None:
+                    self.store.gate_answered(op, results[op])
+            elif outcome == "not_sent":
+                self.store.gate_release(op, "open", error=why)
+            else:
+                self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
+        if outcome == "answered" and len(results) < len(taken.send):
+            outcome = "partial"
+        self.store.ledger_outcome(taken.request, outcome)
+        operation = taken.send[0].name.split(":", 1)[0] if taken.send else "?"
+        self.spend.paid(self.budget, operation, outcome, 0.0 if outcome == "not_sent" else taken.seconds)
+
+    def doubt(self, op: Operation, since: float, why: str | None) -> InDoubt:
+        """The error that holds a job whose paid request ``op`` may have been done."""
+        return InDoubt(
+            f"{op.name} was sent in full but its answer was lost ({why or 'no answer'}); it may have been done and "
+            "billed, so it is held: `watcher retry --in-doubt` (or `watcher retry PATH`) sends it again",
+            operation=op.name,
+            since=since,
+            keys=[[op.sha256, op.service, op.name, op.params]],
+        )
+
+    def not_now(self, job: Job, tickets: Sequence[Ticket]) -> Exception:
+        """Why nothing is sent now, as the error the runner schedules by (cap first, then doubt, then wait)."""
+        capped = next((t for t in tickets if t.verdict == "capped"), None)
+        if capped is not None:
+            assert capped.until is not None and capped.cap_seconds is not None
+            if capped.first_cap:
+                self.spend.capped(self.budget, capped.spent_seconds, capped.cap_seconds, capped.until)
+            return Deferred(
+                f"the daily cap of {capped.cap_seconds / 60:g} audio minutes for the {self.budget} service is "
+                f"reached ({capped.spent_seconds / 60:.1f} used today); resumes after 00:00 UTC",
+                until=capped.until,
+                code="capped",
+            )
+        held = next((t for t in tickets if t.verdict == "in_doubt"), None)
+        if held is not None:
+            return self.doubt(held.op, held.since or time.time(), held.error)
+        waiting = [t for t in tickets if t.verdict == "wait"]
+        names = ", ".join(t.op.name for t in waiting)
+        return Deferred(
+            f"another copy of this content is already being sent ({names}); waiting for its answer instead of "
+            "paying twice",
+            until=min((t.until or time.time() + 1) for t in waiting) if waiting else time.time() + 1,
+        )
