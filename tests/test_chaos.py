@@ -25,6 +25,7 @@ from watcher.emulator.chaos import (
 )
 
 
+@pytest.mark.serial  # eight daemon processes in turn, killed at random instants: it runs alone
 @pytest.mark.timeout(120)
 def test_kills_copies_and_faults_never_pay_twice(tmp_path: Path) -> None:
     """100 files (20 identical copies), 8 SIGKILLs and 10 % faults: every promise holds."""

@@ -285,6 +285,7 @@ def test_dead_observer_falls_back_to_polling(tmp_path, watch):
     assert "polling" in d.detector.describe()[0]["reason"]
 
 
+@pytest.mark.serial  # it takes every inotify instance of this user: nothing else may watch meanwhile
 def test_exhausted_inotify_falls_back_to_polling(tmp_path, watch):
     """With every inotify instance of this user taken (a real kernel limit), the folder is polled instead."""
     import ctypes

@@ -197,6 +197,7 @@ def unmount(proc: subprocess.Popen[bytes], mountpoint: Path) -> None:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
 
 
+@pytest.mark.serial  # it measures the gaps between watchdog pings: a loaded machine would blur them
 def test_watchdog_pings_keep_pace_while_a_slow_share_is_scanned_and_polled(tmp_path, emulator):
     """Every stat on the share takes 1 s; the daemon still pings systemd's watchdog every ~1 s (gaps < 1.5 s)."""
     from tests.conftest import API_KEY, write_tone

@@ -163,3 +163,15 @@ def test_the_sqlite_adapter_offers_every_port(store):
             assert callable(mine), f"{type(store).__name__} lacks {port.__name__}.{name}"
             wanted = [p for p in inspect.signature(member).parameters if p != "self"]
             assert [p for p in inspect.signature(mine).parameters] == wanted, f"{name} differs from the port"
+
+
+def test_an_error_quoting_a_name_that_is_not_utf8_is_stored(store):
+    """A message naming a Latin-1 file (or any text with undecodable bytes) never makes a release fail."""
+    import os
+
+    register(store)
+    job = store.claim("analyze", "a")
+    message = f"delivered to {os.fsdecode(b'/out/caf' + bytes([0xE9]))}"
+    store.release(job, state="done", error=message)
+    (done,) = store.jobs_of_current()
+    assert done.state == "done" and done.last_error == "delivered to /out/caf\\xe9"

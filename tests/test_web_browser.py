@@ -136,6 +136,7 @@ def test_login_link_logs_in(tmp_path: Path, inbox: Path, emu: Emulator, run_daem
     page.close()
 
 
+@pytest.mark.serial  # it measures the sidecar-to-row latency: alone, not beside the parallel suite
 def test_overview_shows_a_dropped_file_moving_to_done_without_reload(
     tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
 ) -> None:

@@ -6,11 +6,13 @@ Audio is never read whole: hashing and uploads read fixed-size chunks in a worke
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from watcher.errors import BadInput, FileChanged
 
@@ -68,16 +70,37 @@ def check_audio(path: str | Path) -> str:
     return fmt
 
 
-def _hash_file(path: str | Path, expected: Signature) -> str:
+def _digest(fh: BinaryIO) -> tuple[int, str]:
+    """(bytes read, sha256 hex) of an open file, read to its end in fixed-size chunks."""
     sha = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(CHUNK):
+        sha.update(chunk)
+        size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def sha256_of(path: str | Path) -> tuple[int, str]:
+    """(size, sha256) of a file, read without touching its access time where the OS allows (blocking)."""
+    noatime = getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | noatime)
+    except PermissionError as exc:  # O_NOATIME is for the file's owner only
+        if not noatime or exc.errno != errno.EPERM:
+            raise
+        fd = os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as fh:
+        return _digest(fh)
+
+
+def _hash_file(path: str | Path, expected: Signature) -> str:
     with open(path, "rb") as fh:
         if Signature.of(os.fstat(fh.fileno())) != expected:
             raise FileChanged("the file changed after it settled")
-        while chunk := fh.read(CHUNK):
-            sha.update(chunk)
+        _, digest = _digest(fh)
         if Signature.of(os.fstat(fh.fileno())) != expected:
             raise FileChanged("the file changed while it was being hashed")
-    return sha.hexdigest()
+    return digest
 
 
 async def sha256_file(path: str | Path, expected: Signature) -> str:

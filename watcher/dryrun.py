@@ -8,14 +8,12 @@ nothing is written, and the store is consulted only through the two callables th
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watcher.audiofile import check_audio
+from watcher.audiofile import check_audio, sha256_of
 from watcher.config import FolderConfig, Settings
 from watcher.detect.filters import PathFilter
 from watcher.detect.scan import walk
@@ -118,7 +116,7 @@ def dry_run(
             report.skipped.append((path, why))
             continue
         try:
-            size, sha256 = _hash(path)
+            size, sha256 = sha256_of(path)
         except OSError as exc:
             report.skipped.append((path, f"cannot be read ({exc.strerror or exc}); a scan would retry it"))
             continue
@@ -187,24 +185,6 @@ def _owner(settings: Settings, path: Path) -> FolderConfig:
     if owner is not None:
         return owner
     return FolderConfig(path=path) if path.is_dir() else FolderConfig(path=path.parent, recursive=False)
-
-
-def _hash(path: str) -> tuple[int, str]:
-    """(size, sha256) of the file, read only (without touching its access time where the OS allows)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
-    try:
-        fd = os.open(path, flags)
-    except PermissionError as exc:  # O_NOATIME is for the file's owner only
-        if not flags & getattr(os, "O_NOATIME", 0) or exc.errno != errno.EPERM:
-            raise
-        fd = os.open(path, os.O_RDONLY)
-    h = hashlib.sha256()
-    size = 0
-    with os.fdopen(fd, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def _ordered(by_call: dict[str, int]) -> list[tuple[str, int]]:

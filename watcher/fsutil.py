@@ -135,8 +135,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """``payload`` as indented UTF-8 JSON, written like :func:`write_bytes_atomic` (mode from the umask)."""
-    write_bytes_atomic(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    """``payload`` as indented UTF-8 JSON, written like :func:`write_bytes_atomic` (mode from the umask).
+
+    A string holding undecodable bytes of a file name (surrogate escapes) is written as JSON ``\\udcXX`` escapes,
+    which read back to the same string: the file stays valid UTF-8 JSON whatever the names.
+    """
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
 def free_name(path: Path) -> Path:

@@ -35,6 +35,14 @@ def display(path: str | os.PathLike[str]) -> str:
     return text
 
 
+def text(value: str | None) -> str | None:
+    """A message that may quote a name, as valid UTF-8 text (undecodable bytes as ``\\xNN``): what the store
+    keeps as an error or a reason, so no name can make a write fail."""
+    if value is None or is_text(value):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def to_db(path: str) -> str | bytes:
     """What the store keeps for ``path``: the text itself, or its exact bytes when it is not valid UTF-8."""
     return path if is_text(path) else os.fsencode(path)

@@ -188,6 +188,48 @@ def _check_all(
     return None
 
 
+@dataclass
+class _Counter:
+    """Bytes written so far, against the per-file and total limits (the headers' sizes are not trusted)."""
+
+    per_file: int
+    total_limit: int
+    bound: SizeBound | None
+    written: int = 0
+
+    def add(self, size: int, chunk: int) -> None:
+        """Count ``chunk`` more bytes of an entry now ``size`` long; ValueError past a limit."""
+        self.written += chunk
+        if size > self.per_file:
+            over = f"({self.bound.describe()})" if self.bound else f"of {self.per_file} bytes"
+            raise ValueError(f"more than the limit {over} (headers understated)")
+        if self.written > self.total_limit:
+            over = f"({self.bound.describe(total=True)})" if self.bound else f"of {self.total_limit} bytes"
+            raise ValueError(f"more than the limit {over} in all (headers understated)")
+
+
+def _extract_one(zf: zipfile.ZipFile, info: zipfile.ZipInfo, root: Path, counter: _Counter) -> ExtractedFile | None:
+    """Write one entry under ``root`` (private until delivered), counting and hashing its bytes."""
+    rel = _safe_name(info.filename)
+    target = root.joinpath(*rel.parts)
+    if not target.is_relative_to(root):  # belt and braces after _safe_name
+        raise ValueError("outside the destination")
+    if _kind(info) == "dir":
+        target.mkdir(parents=True, exist_ok=True)
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sha = hashlib.sha256()
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    with zf.open(info) as src, os.fdopen(fd, "wb") as out:
+        while chunk := src.read(CHUNK):
+            size += len(chunk)
+            counter.add(size, len(chunk))
+            sha.update(chunk)
+            out.write(chunk)
+    return ExtractedFile(rel.as_posix(), size, sha.hexdigest())
+
+
 def extract_zip(
     zip_path: Path, dest_parent: Path, *, max_total_bytes: int, max_entries: int, bound: SizeBound | None = None
 ) -> ExtractedArchive:
@@ -208,33 +250,12 @@ def extract_zip(
             if refused:
                 entry = refused[0]
                 raise ValueError(refused[1])
-            written = 0
+            counter = _Counter(per_file, total_limit, bound)
             for info in infos:
                 entry = info.filename
-                rel = _safe_name(info.filename)
-                target = root.joinpath(*rel.parts)
-                if not target.is_relative_to(root):  # belt and braces after _safe_name
-                    raise ValueError("outside the destination")
-                if _kind(info) == "dir":
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                sha = hashlib.sha256()
-                size = 0
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-                with zf.open(info) as src, os.fdopen(fd, "wb") as out:  # private until delivered
-                    while chunk := src.read(CHUNK):
-                        size += len(chunk)
-                        written += len(chunk)
-                        if size > per_file:
-                            over = f"({bound.describe()})" if bound else f"of {per_file} bytes"
-                            raise ValueError(f"more than the limit {over} (headers understated)")
-                        if written > total_limit:
-                            over = f"({bound.describe(total=True)})" if bound else f"of {total_limit} bytes"
-                            raise ValueError(f"more than the limit {over} in all (headers understated)")
-                        sha.update(chunk)
-                        out.write(chunk)
-                result.files.append(ExtractedFile(rel.as_posix(), size, sha.hexdigest()))
+                extracted = _extract_one(zf, info, root, counter)
+                if extracted is not None:
+                    result.files.append(extracted)
     except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         shutil.rmtree(root, ignore_errors=True)
         raise BadArchive(f"refused zip {display(zip_path.name)}: entry {entry!r}: {exc}") from None

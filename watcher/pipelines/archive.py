@@ -19,6 +19,7 @@ from watcher.audiofile import FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
 from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
 from watcher.fsutil import safe_component
+from watcher.names import display
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.paid import GateStore, PaidCalls, Taken
@@ -304,16 +305,16 @@ class ArchivePipeline:
         return await self.processor.create_stems(field, source_id, op.params)
 
     async def _fetch(self, job: Job) -> StepResult:
-        ready = [v for v, state in job.data.get("versions", {}).items() if state == "ready"]
-        if not ready:
-            raise BadInput(
-                "no version could be made: " + "; ".join(f"{k}: {v}" for k, v in job.data.get("versions", {}).items())
-            )
-        delivery = await self.deliverer.deliver(job, ready, {k: v for k, v in job.data.get("ids", {}).items()})
-        versions = dict(job.data["versions"])
-        for v in ready:
-            versions[v] = "delivered"
-        self.store.commit(job, delivery=str(delivery), versions=versions)
+        """Deliver the ready versions, then say so in the sidecar; a delivery made before a stop is not redone."""
+        versions = dict(job.data.get("versions", {}))
+        ready = [v for v, state in versions.items() if state == "ready"]
+        if not ready and not job.data.get("delivery"):
+            raise BadInput("no version could be made: " + "; ".join(f"{k}: {v}" for k, v in versions.items()))
+        if ready:
+            delivered = await self.deliverer.deliver(job, ready, dict(job.data.get("ids", {})))
+            versions.update(dict.fromkeys(ready, "delivered"))
+            self.store.commit(job, delivery=str(delivered), versions=versions)
+        delivery = job.data["delivery"]
         ids = dict(job.data.get("ids", {}))
         await write_sidecar(
             sidecar_path(job.file.path, job.file.folder, self.sidecar),
@@ -324,7 +325,7 @@ class ArchivePipeline:
                     "audio_id": ids.get("audio", ""),
                     "jobs": {k: v for k, v in ids.items() if k != "audio"},
                     "versions": versions,
-                    "delivery": str(delivery),
+                    "delivery": display(delivery),
                 },
             },
             version=job.file,

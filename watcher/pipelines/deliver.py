@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
-import hashlib
 import json
 import os
 import re
@@ -24,9 +23,10 @@ from typing import Any, Protocol
 import structlog
 
 from watcher import __version__
+from watcher.audiofile import sha256_of
 from watcher.config import ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
-from watcher.fsutil import TEMP_PREFIX, fsync_dir, publish_tree, safe_component, write_json_atomic
+from watcher.fsutil import TEMP_PREFIX, free_name, fsync_dir, publish_tree, safe_component, write_json_atomic
 from watcher.names import display
 from watcher.safezip import FLOOR, ExtractedArchive, SizeBound, extract_zip, size_bound
 from watcher.store import Job
@@ -81,14 +81,6 @@ class Downloads(Protocol):
     async def stem_objects(self, creation_id: str) -> list[tuple[str, str]]:
         """The (stem_id, name) pairs of a finished stem split, for fetching stems one by one."""
         ...
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def attribute(rel: str, candidates: Sequence[str]) -> str | None:
@@ -203,46 +195,8 @@ class Deliverer:
         self, job: Job, versions: list[str], ids: Mapping[str, str], staging: Path, dest: Path, *, stems: bool
     ) -> list[dict[str, Any]]:
         """One archive request for a group (tracks or stems), then single downloads for whatever it lacked."""
-        audio_id = ids["audio"]
-        formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
         bound = self.bound(job, versions)
-        got: dict[str, list[dict[str, Any]]] = {}
-        for attempt in range(1, ARCHIVE_TRIES + 1):
-            offer = await self.downloads.request_archive(
-                audio_id=audio_id, versions=versions, format=self.cfg.format, formats=formats
-            )
-            if not offer.download_url:
-                break
-            zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
-            try:
-                # A zip of audio hardly compresses: its own size is bounded like its contents, plus headers.
-                await self.downloads.download_archive(
-                    offer.download_url, zip_path, max_bytes=min(bound.total + FLOOR, self.cfg.max_archive_bytes)
-                )
-            except ExpiredURL:
-                with contextlib.suppress(FileNotFoundError):
-                    zip_path.unlink()
-                if attempt == ARCHIVE_TRIES:
-                    raise
-                log.info("deliver.url_expired", path=display(job.file.path), next="asking for a fresh archive URL")
-                continue
-            try:
-                extracted = await asyncio.to_thread(
-                    extract_zip,
-                    zip_path,
-                    staging,
-                    max_total_bytes=self.cfg.max_archive_bytes,
-                    max_entries=self.cfg.max_archive_entries,
-                    bound=bound,
-                )
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    zip_path.unlink()
-            for version, records in (
-                await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems)
-            ).items():
-                got.setdefault(version, []).extend(records)
-            break
+        offer, got = await self._fetch_zip(job, versions, ids, staging, dest, bound, stems=stems)
         if offer.email_notification_queued or offer.archive_incomplete or not offer.download_url:
             why = "queued for e-mail" if offer.email_notification_queued else "incomplete"
             log.warning(
@@ -259,6 +213,51 @@ class Deliverer:
                     await self._fetch_single(job, version, ids, staging, dest, have, bound)
                 )
         return [f for records in got.values() for f in records]
+
+    async def _fetch_zip(
+        self,
+        job: Job,
+        versions: list[str],
+        ids: Mapping[str, str],
+        staging: Path,
+        dest: Path,
+        bound: SizeBound,
+        *,
+        stems: bool,
+    ) -> tuple[Offer, dict[str, list[dict[str, Any]]]]:
+        """Ask for the group's zip, download and extract it into the staging folder (a fresh URL when one
+        expired, up to ARCHIVE_TRIES); the offer, and the files it held per version."""
+        formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
+        zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
+        for attempt in range(1, ARCHIVE_TRIES + 1):
+            offer = await self.downloads.request_archive(
+                audio_id=ids["audio"], versions=versions, format=self.cfg.format, formats=formats
+            )
+            if not offer.download_url:
+                return offer, {}
+            try:
+                # A zip of audio hardly compresses: its own size is bounded like its contents, plus headers.
+                await self.downloads.download_archive(
+                    offer.download_url, zip_path, max_bytes=min(bound.total + FLOOR, self.cfg.max_archive_bytes)
+                )
+                extracted = await asyncio.to_thread(
+                    extract_zip,
+                    zip_path,
+                    staging,
+                    max_total_bytes=self.cfg.max_archive_bytes,
+                    max_entries=self.cfg.max_archive_entries,
+                    bound=bound,
+                )
+            except ExpiredURL:
+                if attempt == ARCHIVE_TRIES:
+                    raise
+                log.info("deliver.url_expired", path=display(job.file.path), next="asking for a fresh archive URL")
+                continue
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    zip_path.unlink()
+            return offer, await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _settle(
         self,
@@ -305,7 +304,7 @@ class Deliverer:
             name = safe_component(raw, f"{version}-{index}")
             if name in have:
                 continue
-            where = _free(dest / version / f"{name}.{self.cfg.format}")
+            where = free_name(dest / version / f"{name}.{self.cfg.format}")
             where.parent.mkdir(parents=True, exist_ok=True)
             await self.downloads.download_object(
                 "stem", stem_id, where, format=self.cfg.format, max_bytes=bound.per_file
@@ -319,7 +318,7 @@ class Deliverer:
         name = safe_component(PurePosixPath(rel).name, f"{version}-{index}")
         folder = dest / version if stems and version in STEM_VERSIONS else dest
         folder.mkdir(parents=True, exist_ok=True)
-        return _free(folder / name)
+        return free_name(folder / name)
 
     def _record(
         self, path: Path, staging: Path, version: str, ids: Mapping[str, str], sha: str | None
@@ -330,7 +329,7 @@ class Deliverer:
             "version": version,
             "format": path.suffix.lstrip(".").lower(),
             "size": path.stat().st_size,
-            "sha256": sha or _sha256(path),
+            "sha256": sha or sha256_of(path)[1],
             "service_ids": {"audio_id": ids.get("audio"), "job_id": ids.get(product) if product != "audio" else None},
         }
 
@@ -350,16 +349,6 @@ class Deliverer:
         publish_tree(staging)
         os.rename(staging, target)
         fsync_dir(target.parent)
-
-
-def _free(path: Path) -> Path:
-    """``path``, or ``stem.N.suffix`` with the first N not taken (two network names made safe may clash)."""
-    n = 1
-    candidate = path
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
-        n += 1
-    return candidate
 
 
 def _fresh_staging(staging: Path) -> None:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from watcher.names import from_db, to_db
+from watcher.names import from_db, text, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class ControlMixin(_Base):
                 "INSERT INTO folder_state (path, mode, reason, available, updated_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (path) DO UPDATE SET mode=excluded.mode, reason=excluded.reason, "
                 "available=excluded.available, updated_at=excluded.updated_at",
-                (to_db(folder), mode, reason, int(available), time.time()),
+                (to_db(folder), mode, text(reason), int(available), time.time()),
             )
 
     def folder_states(self) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from watcher.names import to_db
+from watcher.names import text, to_db
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, STATES, TERMINAL
 
@@ -231,7 +231,7 @@ class StoreBase:
                     json.dumps(job.data),
                     job.attempts,
                     next_attempt_at if next_attempt_at is not None else now,
-                    error,
+                    text(error),
                     error_code,
                     now,
                     job.id,

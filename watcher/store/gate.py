@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from watcher.names import text
 from watcher.store.models import Operation, Ticket
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class GateMixin(_Base):
         return {i: Ticket("send", op, resend=resend, request=request) for i, op, resend in takeable}
 
     def _set_state(self, db: Any, op: Operation, state: str, now: float, *, error: str | None = None) -> None:
+        error = text(error)
         db.execute(
             "UPDATE operations SET state=?, holder=NULL, lease_until=NULL, error=?, updated_at=?, "
             f"since=CASE WHEN ?='in_doubt' THEN ? ELSE since END WHERE {_KEY}",
@@ -202,7 +204,7 @@ class GateMixin(_Base):
         with self._tx() as db:
             db.execute(
                 f"UPDATE operations SET remote_state=?, remote_error=?, updated_at=? WHERE {_KEY}",
-                (state, error, time.time(), *_key(op)),
+                (state, text(error), time.time(), *_key(op)),
             )
 
     def forget_operation(self, op: Operation) -> None:
