@@ -18,9 +18,10 @@ import pytest
 from tests.audiogen import sine, write_wav
 from tests.conftest import Service, body
 from watcher.emulator import audio_processing as proc
+from watcher.emulator.multipart import MultipartParser
 from watcher.errors import Rejected, RetryLater
 from watcher.safezip import BadArchive, extract_zip
-from watcher.services.multipart import MultipartBody, MultipartParser
+from watcher.services.multipart import MultipartBody
 from watcher.services.neuralanalog import NeuralAnalogClient
 
 

@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides log_level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _work_commands(sub)
+    _control_commands(sub)
+    return parser
+
+
+def _work_commands(sub: Any) -> None:
+    """`run` and `scan`: the commands that process files."""
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("folders", nargs="*", type=Path, metavar="FOLDER", help="folders to watch (replace [[folders]])")
@@ -61,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="send nothing and write nothing: print what each file would cost (models, versions, audio minutes)",
     )
 
+
+def _control_commands(sub: Any) -> None:
+    """`status`, `retry`, `doctor`, `pause`, `resume` and `emulate`: the commands around the work."""
     status = sub.add_parser("status", help="counts per stage and every file that failed, with its reason")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--all", action="store_true", help="list every file, not only those in progress")
@@ -92,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer every model with hash-derived values, even when local analysis is installed",
     )
-    return parser
 
 
 def _settings(args: argparse.Namespace, folders: list[Path] | None = None) -> Settings:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watcher.config import Settings, reveal
+from watcher.config import FolderConfig, Settings, reveal
 from watcher.detect.fstype import decide_polling, filesystem_type, inotify_max_user_watches
 from watcher.errors import WatcherError
 
@@ -42,70 +42,55 @@ def _count_dirs(root: Path) -> int:
 
 
 def check_folders(settings: Settings) -> list[Finding]:
-    out: list[Finding] = []
-    total_dirs = 0
-    native = False
+    """Each folder: there, readable, writable where it must be, its filesystem; then inotify's watch limit."""
     if not settings.folders:
-        out.append(
+        return [
             Finding(
                 False,
                 "folders",
                 "no folder is configured",
                 "add a [[folders]] table to the config, or give folders to `watcher run`",
             )
-        )
+        ]
+    out: list[Finding] = []
+    native_dirs = 0
     for folder in settings.folders:
-        path = folder.path
-        if not path.is_dir():
-            out.append(
-                Finding(
-                    False,
-                    f"folder {path}",
-                    "does not exist or is not a folder (an unmounted share?)",
-                    "create it, mount the share, or fix [[folders]].path",
-                )
-            )
-            continue
-        if not os.access(path, os.R_OK | os.X_OK):
-            out.append(
-                Finding(
-                    False,
-                    f"folder {path}",
-                    "cannot be read by this user",
-                    f"give the service user read access: chmod/chgrp, or setfacl -m u:$USER:rx {path}",
-                )
-            )
-            continue
-        writable = os.access(path, os.W_OK)
-        needs_write = settings.sidecar.directory is None or folder.done_dir or folder.failed_dir
-        if needs_write and not writable:
-            out.append(
-                Finding(
-                    False,
-                    f"folder {path}",
-                    "is not writable, but sidecars go beside the audio",
-                    "grant write access, or set [sidecar].directory to a writable folder",
-                )
-            )
-        fstype = filesystem_type(path)
-        polled, reason = decide_polling(folder.poll, fstype)
-        out.append(Finding(True, f"folder {path}", f"{fstype or 'unknown'} filesystem; {reason}"))
-        if not polled and folder.recursive:
-            native = True
-            total_dirs += _count_dirs(path)
+        found, dirs = _check_folder(settings, folder)
+        out += found
+        native_dirs += dirs
     limit = inotify_max_user_watches()
-    if native and limit is not None:
-        ok = total_dirs < limit * 0.8
+    if native_dirs and limit is not None:
         out.append(
             Finding(
-                ok,
+                native_dirs < limit * 0.8,
                 "inotify watches",
-                f"{total_dirs} folders to watch, limit {limit}",
+                f"{native_dirs} folders to watch, limit {limit}",
                 "raise it: sysctl fs.inotify.max_user_watches=524288 (and persist in /etc/sysctl.d/), "
                 "or set poll = true on the largest folders",
             )
         )
     return out
+
+
+def _check_folder(settings: Settings, folder: FolderConfig) -> tuple[list[Finding], int]:
+    """One folder's findings, and how many folders a native watch of it takes (0 when polled)."""
+    path = folder.path
+    what = f"folder {path}"
+    if not path.is_dir():
+        fix = "create it, mount the share, or fix [[folders]].path"
+        return [Finding(False, what, "does not exist or is not a folder (an unmounted share?)", fix)], 0
+    if not os.access(path, os.R_OK | os.X_OK):
+        fix = f"give the service user read access: chmod/chgrp, or setfacl -m u:$USER:rx {path}"
+        return [Finding(False, what, "cannot be read by this user", fix)], 0
+    out = []
+    needs_write = settings.sidecar.directory is None or folder.done_dir or folder.failed_dir
+    if needs_write and not os.access(path, os.W_OK):
+        fix = "grant write access, or set [sidecar].directory to a writable folder"
+        out.append(Finding(False, what, "is not writable, but sidecars go beside the audio", fix))
+    fstype = filesystem_type(path)
+    polled, reason = decide_polling(folder.poll, fstype)
+    out.append(Finding(True, what, f"{fstype or 'unknown'} filesystem; {reason}"))
+    return out, (_count_dirs(path) if not polled and folder.recursive else 0)
 
 
 def check_space(settings: Settings) -> list[Finding]:

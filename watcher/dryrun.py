@@ -115,22 +115,11 @@ def dry_run(
         if why is not None:
             report.skipped.append((path, why))
             continue
-        try:
-            size, sha256 = sha256_of(path)
-        except OSError as exc:
-            report.skipped.append((path, f"cannot be read ({exc.strerror or exc}); a scan would retry it"))
+        looked = _look(path)
+        if isinstance(looked, str):
+            report.skipped.append((path, looked))
             continue
-        if size == 0:
-            report.skipped.append((path, "empty; a scan skips it"))
-            continue
-        try:
-            check_audio(path)
-        except BadInput as exc:
-            report.skipped.append((path, f"a scan would refuse it, sending nothing: {exc}"))
-            continue
-        except OSError as exc:
-            report.skipped.append((path, f"cannot be read ({exc.strerror or exc}); a scan would retry it"))
-            continue
+        size, sha256 = looked
         info = audio_info(path)
         cached = set(cached_models(sha256))
         answered = set(answered_operations(sha256))
@@ -149,6 +138,20 @@ def dry_run(
         _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], estimate.seconds)
         _add(report.totals[PROCESSING], estimate.calls, estimate.seconds)
     return report
+
+
+def _look(path: str) -> tuple[int, str] | str:
+    """(size, sha256) of a file a scan would send, or why a scan would not (read only)."""
+    try:
+        size, sha256 = sha256_of(path)
+        if size == 0:
+            return "empty; a scan skips it"
+        check_audio(path)
+    except BadInput as exc:
+        return f"a scan would refuse it, sending nothing: {exc}"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc}); a scan would retry it"
+    return size, sha256
 
 
 def _add(total: ServiceTotal, calls: Sequence[str], seconds: float | None) -> None:

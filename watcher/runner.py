@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -32,6 +32,7 @@ from watcher.errors import BadInput, Deferred, FileChanged, InDoubt, NeedsUser, 
 from watcher.names import display
 from watcher.pipelines.base import Pipeline, StepResult
 from watcher.store import TERMINAL, Job, LeaseLost
+from watcher.store.ports import Jobs as JobQueue
 
 log = structlog.get_logger("watcher.runner")
 LEASE = 600.0
@@ -50,28 +51,6 @@ class Outcome:
 
 
 OutcomeHook = Callable[[Outcome], None]
-
-
-class JobQueue(Protocol):
-    """The store as the runner needs it: claim with a lease, release, renew, and when work is next due."""
-
-    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
-
-    def release(
-        self,
-        job: Job,
-        *,
-        state: str = "pending",
-        step: str | None = None,
-        next_attempt_at: float | None = None,
-        error: str | None = None,
-        error_code: str | None = None,
-        count_attempt: bool = False,
-    ) -> None: ...
-
-    def renew(self, job_ids: Any, owner: str, *, lease: float = 600.0) -> None: ...
-
-    def next_due(self, pipeline: str) -> float | None: ...
 
 
 def backoff(attempts: int, cfg: RetryConfig) -> float:

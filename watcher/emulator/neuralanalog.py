@@ -24,8 +24,8 @@ from typing import IO, Any
 from watcher.audiofile import sniff_format
 from watcher.emulator import audio_processing as proc
 from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, STORAGE_FAULTS, Chaos, Ledger
+from watcher.emulator.multipart import MultipartParser
 from watcher.emulator.server import App, HTTPServerThread, Request
-from watcher.services.multipart import MultipartParser
 
 KIND_OF_VERSION = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
 JOB_ROUTES = {"upscaled": "POST /upscale-audio", "mastered": "POST /master-audio", "stem_split": "POST /create-stems"}

@@ -53,18 +53,6 @@ class StatusLike(Protocol):
 
 
 
-class OfferLike(Protocol):
-    @property
-    def download_url(self) -> str | None: ...
-
-    @property
-    def email_notification_queued(self) -> bool: ...
-
-    @property
-    def archive_incomplete(self) -> bool: ...
-
-
-
 class UploadBody(Protocol):
     @property
     def name(self) -> str: ...

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import structlog
 
@@ -24,29 +23,12 @@ from watcher.errors import Deferred, InDoubt
 from watcher.names import display
 from watcher.pipelines.base import NullSpend, SpendObserver
 from watcher.store import Job, Operation, Ticket
+from watcher.store.ports import Gate
 
 log = structlog.get_logger("watcher.paid")
 
 
-class GateStore(Protocol):
-    """The store's gate, as paid calls use it."""
-
-    def gate_take(
-        self,
-        ops: Sequence[Operation],
-        owner: str,
-        *,
-        budget: str,
-        seconds: float,
-        cap_seconds: float | None = None,
-        resend_in_doubt: bool = False,
-    ) -> list[Ticket]: ...
-
-    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
-
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
-
-    def ledger_outcome(self, request: int, outcome: str) -> None: ...
+GateStore = Gate  # the store's gate port (watcher.store.ports): the only door paid calls go through
 
 
 @dataclass

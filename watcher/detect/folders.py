@@ -1,0 +1,238 @@
+"""The watched folders: each one's observer, availability and health (a dead observer is restarted on polling,
+a folder that vanished, came back or was mounted over is noticed), and detection's bounded pool of threads
+for filesystem calls, so that a share that answers slowly slows detection, never the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from watcher.config import FolderConfig
+from watcher.detect.filters import PathFilter
+from watcher.detect.fstype import decide_polling as decide_polling_for_type
+from watcher.detect.fstype import filesystem_type
+from watcher.detect.watch import FolderWatch, HintFn, start_watch
+from watcher.names import display
+
+log = structlog.get_logger("watcher.detect")
+FS_THREADS = 4  # detection's own worker threads for filesystem calls (a hung share cannot take more)
+FS_CALL_TIMEOUT = 30.0  # a folder check that takes longer counts as "unavailable" (the thread is left to finish)
+T = TypeVar("T")
+
+
+def reason_of(exc: BaseException) -> str:
+    """An exception as the one-line reason a log shows."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class FolderState:
+    """Detection's view of one watched folder, for logs and `watcher status`."""
+
+    config: FolderConfig
+    filter: PathFilter
+    watch: FolderWatch | None = None
+    available: bool = True
+    polling_decision: tuple[bool, str] = (False, "native events")
+    next_rescan: float = 0.0
+    device: int | None = None  # st_dev of the folder when its watch started: a change means a (un)mount
+
+
+class FsPool:
+    """Detection's bounded pool of threads for filesystem calls."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run a blocking filesystem call in detection's bounded pool (raises TimeoutError after ``timeout``)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(FS_THREADS, thread_name_prefix="watcher-detect")
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        if timeout is None:
+            return await future
+        return await asyncio.wait_for(future, timeout)
+
+    async def device(self, path: str) -> int | None:
+        """The folder's st_dev, or None when it is not a folder or does not answer in time (off the loop)."""
+
+        def device() -> int | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_dev if stat.S_ISDIR(st.st_mode) else None
+
+        try:
+            return await self.call(device, FS_CALL_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "folder.slow",
+                folder=display(path),
+                reason=f"checking the folder took longer than {FS_CALL_TIMEOUT:.0f} s",
+                next="treating it as unavailable for now",
+            )
+            return None
+
+    async def isdir(self, path: str) -> bool:
+        """``os.path.isdir`` off the loop; a folder that does not answer in time counts as not there."""
+        try:
+            return await self.call(functools.partial(os.path.isdir, path), FS_CALL_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "folder.slow",
+                folder=path,
+                reason=f"checking the folder took longer than {FS_CALL_TIMEOUT:.0f} s",
+                next="treating it as unavailable for now",
+            )
+            return False
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+class Watches:
+    """The observers of the watched folders, started, checked and restarted off the event loop."""
+
+    def __init__(
+        self,
+        folders: dict[str, FolderState],
+        pool: FsPool,
+        *,
+        hint: HintFn,
+        rescan: Callable[[str], None],
+        decide: Callable[[FolderConfig], tuple[bool, str]],
+        health_every: float,
+    ) -> None:
+        self.folders = folders
+        self.pool = pool
+        self.hint = hint
+        self.rescan = rescan
+        self.decide = decide
+        self.health_every = health_every
+
+    async def ensure(self, root: str) -> None:
+        """Start watching ``root`` (off the loop: a polling observer's first snapshot walks the whole folder)."""
+        state = self.folders[root]
+        state.device = await self.pool.device(root)
+        if state.device is None:
+            if state.available:
+                log.error(
+                    "folder.unavailable", folder=display(root), next="waiting for it to come back; nothing is lost"
+                )
+            state.available = False
+            return
+        if not state.available:
+            log.info("folder.available", folder=display(root), next="watching and scanning it again")
+            state.available = True
+            self.rescan(root)
+        try:
+            polling, reason = await self.pool.call(functools.partial(self.decide, state.config))
+            state.watch = await self._start(root, state, polling, reason)
+        except Exception as exc:
+            log.error(
+                "watch.start_failed",
+                folder=display(root),
+                error=reason_of(exc),
+                next=f"rescans still find new files; trying again in {self.health_every:g} s",
+            )
+            return
+        log.info(
+            "folder.watching",
+            folder=display(root),
+            mode="polling" if state.watch.polling else "native",
+            reason=state.watch.reason,
+            filter=repr(state.filter),
+        )
+
+    async def health(self) -> None:
+        """Restart dead observers (falling back to polling) and notice folders that vanished or returned."""
+        for root, state in self.folders.items():
+            device = await self.pool.device(root)
+            if device is not None and state.device is not None and device != state.device:
+                log.error(
+                    "folder.remounted",
+                    folder=display(root),
+                    reason="the filesystem under the folder changed: a share was unmounted, or mounted over it",
+                    next="watching it again and rescanning; files of a share that went away wait for it to return",
+                )
+                if state.watch is not None:
+                    old, state.watch = state.watch, None
+                    await self.pool.call(old.stop)
+                self.rescan(root)
+            if device is None:
+                if state.available:
+                    log.error(
+                        "folder.unavailable", folder=display(root), next="paused until it comes back; nothing is lost"
+                    )
+                    state.available = False
+                if state.watch is not None:
+                    watch, state.watch = state.watch, None
+                    await self.pool.call(watch.stop)
+                continue
+            if state.watch is None:
+                await self.ensure(root)
+                continue
+            if not state.watch.alive():
+                log.error(
+                    "watch.died", folder=display(root), next="restarting it with polling and rescanning the folder"
+                )
+                dead, state.watch = state.watch, None
+                await self.pool.call(dead.stop)
+                state.config = state.config.model_copy(update={"poll": True})
+                try:
+                    state.watch = await self._start(root, state, True, "the native observer died; polling instead")
+                except Exception as exc:
+                    log.error(
+                        "watch.start_failed", folder=display(root), error=reason_of(exc), next="trying again later"
+                    )
+                self.rescan(root)
+
+    def describe(self) -> list[dict[str, object]]:
+        """Per-folder watch mode and availability, for status and logs."""
+        return [
+            {
+                "folder": root,
+                "available": s.available,
+                "mode": None if s.watch is None else ("polling" if s.watch.polling else "native"),
+                "reason": None if s.watch is None else s.watch.reason,
+            }
+            for root, s in self.folders.items()
+        ]
+
+    async def _start(self, root: str, state: FolderState, polling: bool, reason: str) -> FolderWatch:
+        """Start an observer on ``root`` off the loop (a polling observer's first snapshot walks the folder)."""
+        start = functools.partial(
+            start_watch,
+            root,
+            recursive=state.config.recursive,
+            polling=polling,
+            poll_interval=state.config.poll_interval,
+            hint=self.hint,
+            reason=reason,
+        )
+        return await self.pool.call(start)
+
+    async def stop_all(self) -> None:
+        for state in self.folders.values():
+            if state.watch is not None:
+                watch, state.watch = state.watch, None
+                await self.pool.call(watch.stop)
+
+
+def decide_polling_for(path: str, poll: bool | str) -> tuple[bool, str]:
+    """Whether a folder is polled: as configured, or by its filesystem type when ``poll = "auto"``."""
+    if poll == "auto":
+        return decide_polling_for_type("auto", filesystem_type(path))
+    return decide_polling_for_type(bool(poll), None)
