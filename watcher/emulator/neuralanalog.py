@@ -280,7 +280,6 @@ class NeuralAnalogEmulator:
         except ValueError as exc:
             parser.abort()
             dest.unlink(missing_ok=True)
-            req.handler.close_connection = True  # the rest of the body was not read
             req.send_json(422, {"detail": f"audio: {exc}"})
             return
         except BaseException:
@@ -514,14 +513,11 @@ class NeuralAnalogEmulator:
             return
         size = path.stat().st_size
         truncate = f.take_count("truncate_downloads")
-        handler = req.handler
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(size))
-        handler.end_headers()
+        req.start(200, {"Content-Type": "application/octet-stream", "Content-Length": str(size)})
         with path.open("rb") as fh:
             if truncate:
-                handler.wfile.write(fh.read(size // 2))
+                req.write(fh.read(size // 2))
                 req.abort_connection()
                 return
-            shutil.copyfileobj(fh, handler.wfile, 1 << 20)
+            while chunk := fh.read(1 << 20):
+                req.write(chunk)
