@@ -88,28 +88,42 @@ async def file_info(ctx: Context, path: str) -> dict[str, Any] | None:
 
 def routes(ctx: Context) -> list[tuple[str, str, Callable[[Request], Any]]]:
     """(method, path, endpoint) for every API route."""
+    api = _Api(ctx)
+    return [
+        ("GET", "/api/status", api.status),
+        ("GET", "/api/files", api.files),
+        ("GET", "/api/file", api.file),
+        ("POST", "/api/retry", api.retry),
+        ("POST", "/api/pause", api.pausing(True)),
+        ("POST", "/api/resume", api.pausing(False)),
+        ("GET", "/api/events", api.events),
+    ]
 
-    async def status(request: Request) -> Response:
-        return JSONResponse(await ctx.report())
 
-    async def files(request: Request) -> Response:
-        report = await ctx.report()
+class _Api:
+    """The endpoints, over the same commands and status document as the CLI."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(await self.ctx.report())
+
+    async def files(self, request: Request) -> Response:
+        report = await self.ctx.report()
         listing = await asyncio.to_thread(lambda: data.select(data.rows(report), request.query_params))
         return JSONResponse(listing)
 
-    async def file(request: Request) -> Response:
+    async def file(self, request: Request) -> Response:
         path = request.query_params.get("path", "")
         if not path:
             return problem(422, "path: give the audio file's path (?path=...)")
-        return await detail(path)
-
-    async def detail(path: str) -> Response:
-        info = await file_info(ctx, path)
+        info = await file_info(self.ctx, path)
         if info is None:
             return problem(404, f"{display(path)} is not a file watcher knows (not yet settled, or deleted)")
         return JSONResponse(info)
 
-    async def retry(request: Request) -> Response:
+    async def retry(self, request: Request) -> Response:
         body = await _body(request)
         if body is None:
             return problem(422, 'send JSON: {"paths": [...]}, {"failed": true} or {"in_doubt": true}')
@@ -119,40 +133,32 @@ def routes(ctx: Context) -> list[tuple[str, str, Callable[[Request], Any]]]:
         try:
             n = await asyncio.to_thread(
                 commands.retry,
-                ctx.settings,
+                self.ctx.settings,
                 [Path(p) for p in paths],
                 failed=bool(body.get("failed")),
                 in_doubt=bool(body.get("in_doubt")),
             )
         except ConfigError as exc:
             return problem(422, str(exc))
-        ctx.wake()
+        self.ctx.wake()
         return JSONResponse({"retried": n})
 
-    def pausing(paused: bool) -> Callable[[Request], Any]:
+    def pausing(self, paused: bool) -> Callable[[Request], Any]:
+        """The endpoint that pauses (or resumes) one watched folder."""
+
         async def endpoint(request: Request) -> Response:
             body = await _body(request)
             folder = (body or {}).get("folder")
             if not isinstance(folder, str) or not folder:
                 return problem(422, 'send JSON: {"folder": PATH}')
-            if str(PurePath(folder)) not in ctx.folders():  # as configured: absolute, no trailing slash
+            if str(PurePath(folder)) not in self.ctx.folders():  # as configured: absolute, no trailing slash
                 return problem(404, f"{display(folder)} is not a watched folder")
-            recorded = await asyncio.to_thread(commands.pause, ctx.settings, Path(folder), paused=paused)
-            ctx.wake()
+            recorded = await asyncio.to_thread(commands.pause, self.ctx.settings, Path(folder), paused=paused)
+            self.ctx.wake()
             return JSONResponse({"folder": display(recorded), "paused": paused})
 
         return endpoint
 
-    async def events(request: Request) -> Response:
+    async def events(self, request: Request) -> Response:
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(ctx.live.stream(), media_type="text/event-stream", headers=headers)
-
-    return [
-        ("GET", "/api/status", status),
-        ("GET", "/api/files", files),
-        ("GET", "/api/file", file),
-        ("POST", "/api/retry", retry),
-        ("POST", "/api/pause", pausing(True)),
-        ("POST", "/api/resume", pausing(False)),
-        ("GET", "/api/events", events),
-    ]
+        return StreamingResponse(self.ctx.live.stream(), media_type="text/event-stream", headers=headers)
