@@ -138,13 +138,8 @@ class WebServer:
         if not is_loopback(host):
             log.warning("web.exposed", listen=cfg.listen, next="anyone who can reach this address sees the login page")
         try:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-            sock.setblocking(False)
+            sock = _listen(host, port)
         except OSError as exc:
-            sock.close()
             taken = exc.errno == errno.EADDRINUSE
             self.problem = f"port {port} on {host} is {'already taken' if taken else 'unusable'}: {exc.strerror}"
             log.warning(
@@ -155,6 +150,21 @@ class WebServer:
             )
             self._record()
             return False
+        await self._serve(sock, token)
+        if fresh:
+            log.info(
+                "web.login",
+                url=f"{self.url}/login?token={quote(token)}",
+                next="open this link once; the token is kept in the state folder's web-token (mode 0600)",
+            )
+        else:
+            log.info("web.serving", url=self.url, next="log in with the link printed when the token was made")
+        register_secrets([token])  # never again in a log line
+        self._record()
+        return True
+
+    async def _serve(self, sock: socket.socket, token: str) -> None:
+        """Run uvicorn on the bound socket, in this event loop."""
         self._socket = sock
         bound = sock.getsockname()
         self.address = (str(bound[0]), int(bound[1]))
@@ -175,17 +185,6 @@ class WebServer:
         await server.startup(sockets=[sock])
         self._server = server
         self._task = asyncio.create_task(server.main_loop(), name="web")
-        if fresh:
-            log.info(
-                "web.login",
-                url=f"{self.url}/login?token={quote(token)}",
-                next="open this link once; the token is kept in the state folder's web-token (mode 0600)",
-            )
-        else:
-            log.info("web.serving", url=self.url, next="log in with the link printed when the token was made")
-        register_secrets([token])  # never again in a log line
-        self._record()
-        return True
 
     async def stop(self) -> None:
         self.ctx.live.close()
@@ -198,3 +197,17 @@ class WebServer:
         self.url = None
         with contextlib.suppress(OSError):
             self._state_path().unlink()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on ``host:port`` (OSError when the port is taken or unusable)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
