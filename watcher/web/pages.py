@@ -128,31 +128,8 @@ def file_page(info: dict[str, Any]) -> str:
     if info["state"] in ("failed", "in_doubt", "pending"):
         label = "Send again (may be billed twice)" if info["state"] == "in_doubt" else "Retry"
         retry_button = f'<button id="retry" type="button" data-path="{esc(info["path"])}">{label}</button>'
-    players = []
-    delivery = info.get("delivery") or {}
-    for f in delivery.get("files", []):
-        if f.get("format") not in ("wav", "flac", "mp3", "m4a", "ogg", "aiff", "aif"):
-            continue
-        src = "/audio?path=" + quote(f["absolute"])
-        players.append(
-            f'<li><span class="version">{esc(f.get("version"))}</span> {esc(f.get("path"))}'
-            f'<audio controls preload="metadata" src="{esc(src)}"></audio>'
-            f'<a href="{esc(src)}&amp;download=1" download>download</a></li>'
-        )
-    jobs = []
-    for j in info["jobs"]:
-        error = f'<div class="error">{esc(j["error_code"])}: {esc(j["error"])}</div>' if j["error"] else ""
-        versions = j["data"].get("versions") or {}
-        extra = ", ".join(f"{esc(k)}: {esc(v)}" for k, v in versions.items())
-        jobs.append(
-            f'<tr class="state-{esc(j["state"])}"><td>{esc(j["pipeline"])}</td><td>{esc(j["state"])}</td>'
-            f"<td>{esc(j['step'])}</td><td>{j['attempts']}</td><td>{extra}{error}</td></tr>"
-        )
-    for p in info["problems"]:
-        jobs.append(
-            f'<tr class="state-{esc(p["state"])}"><td>{esc(p["pipeline"])}</td><td colspan="4" class="error">'
-            f"{esc(p['error_code'])}: {esc(p['error'])}</td></tr>"
-        )
+    players = _players(info.get("delivery") or {})
+    jobs = _job_rows(info)
     body = f"""<h1 class="path">{esc(os.path.basename(info["path"]))}</h1>
 <p class="muted">{esc(info["path"])}</p>
 <p>State: <strong id="state" class="state-{esc(info["state"])}">{esc(info["state"])}</strong> {retry_button}</p>
@@ -172,6 +149,40 @@ def file_page(info: dict[str, Any]) -> str:
 <section><h2>Jobs</h2><table id="jobs" class="grid"><thead><tr><th>Pipeline</th><th>State</th><th>Step</th>
 <th>Attempts</th><th>Details</th></tr></thead><tbody>{"".join(jobs)}</tbody></table></section>"""
     return layout(os.path.basename(info["path"]), body, page="file", attrs=f'data-path="{esc(info["path"])}"')
+
+
+def _players(delivery: dict[str, Any]) -> list[str]:
+    """One audio player with a download link per delivered audio file."""
+    players = []
+    for f in delivery.get("files", []):
+        if f.get("format") not in ("wav", "flac", "mp3", "m4a", "ogg", "aiff", "aif"):
+            continue
+        src = "/audio?path=" + quote(f["absolute"])
+        players.append(
+            f'<li><span class="version">{esc(f.get("version"))}</span> {esc(f.get("path"))}'
+            f'<audio controls preload="metadata" src="{esc(src)}"></audio>'
+            f'<a href="{esc(src)}&amp;download=1" download>download</a></li>'
+        )
+    return players
+
+
+def _job_rows(info: dict[str, Any]) -> list[str]:
+    """The job table's rows: each job with its state, step, attempts, versions and error; then the problems."""
+    rows = []
+    for j in info["jobs"]:
+        error = f'<div class="error">{esc(j["error_code"])}: {esc(j["error"])}</div>' if j["error"] else ""
+        versions = j["data"].get("versions") or {}
+        extra = ", ".join(f"{esc(k)}: {esc(v)}" for k, v in versions.items())
+        rows.append(
+            f'<tr class="state-{esc(j["state"])}"><td>{esc(j["pipeline"])}</td><td>{esc(j["state"])}</td>'
+            f"<td>{esc(j['step'])}</td><td>{j['attempts']}</td><td>{extra}{error}</td></tr>"
+        )
+    for p in info["problems"]:
+        rows.append(
+            f'<tr class="state-{esc(p["state"])}"><td>{esc(p["pipeline"])}</td><td colspan="4" class="error">'
+            f"{esc(p['error_code'])}: {esc(p['error'])}</td></tr>"
+        )
+    return rows
 
 
 def not_found(detail: str) -> str:
