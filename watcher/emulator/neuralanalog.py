@@ -168,17 +168,7 @@ class NeuralAnalogEmulator:
             req.send_json(422, {"detail": f"audio: {exc}"})
             return
         try:
-            limit = self.faults.drop_upload_after
-            received = 0
-            for chunk in req.iter_body():
-                if limit is not None and received + len(chunk) >= limit:
-                    with self.faults.lock:
-                        self.faults.drop_upload_after = None
-                    req.abort_connection()
-                    raise ConnectionError("emulated: connection dropped during the upload")
-                received += len(chunk)
-                parser.feed(chunk)
-            parser.close()
+            self._feed(req, parser)
         except ValueError as exc:
             parser.abort()
             dest.unlink(missing_ok=True)
@@ -208,6 +198,20 @@ class NeuralAnalogEmulator:
         self.ledger.bill(obj.sha256, "upload")
         payload = {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"}
         self._answer(req, route, payload, lose=guard == "lose_answer")
+
+    def _feed(self, req: Request, parser: MultipartParser) -> None:
+        """Read the upload's body into the parser; the drop_upload_after fault hangs up part way."""
+        limit = self.faults.drop_upload_after
+        received = 0
+        for chunk in req.iter_body():
+            if limit is not None and received + len(chunk) >= limit:
+                with self.faults.lock:
+                    self.faults.drop_upload_after = None
+                req.abort_connection()
+                raise ConnectionError("emulated: connection dropped during the upload")
+            received += len(chunk)
+            parser.feed(chunk)
+        parser.close()
 
     def _job(self, kind: str, route: str) -> Callable[[Request], None]:
         def handle(req: Request) -> None:
