@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 import wave
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,7 +93,7 @@ class Receiver:
     def __init__(self, script: tuple[int, ...] = (), gate: threading.Event | None = None) -> None:
         self.script = list(script)
         self.gate = gate
-        self.received: list[tuple[bytes, dict[str, str]]] = []
+        self.received: list[tuple[bytes, Mapping[str, str]]] = []  # headers: case-insensitive
         self.lock = threading.Lock()
         app = App()
         app.route("POST", "/hooks/(?P<token>[a-z0-9]+)", "POST /hooks")(self.handle)
@@ -103,7 +103,7 @@ class Receiver:
     def handle(self, req: Request) -> None:
         raw = req.body()
         with self.lock:
-            self.received.append((raw, dict(req.headers.items())))
+            self.received.append((raw, req.headers))
             status = self.script.pop(0) if self.script else 200
         if self.gate is not None:
             self.gate.wait(10)
@@ -234,6 +234,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             "NOTIFY_SOCKET",
         ):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("WATCHER_WEB__ENABLED", "false")  # tests that want the page say so in their settings
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 

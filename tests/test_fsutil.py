@@ -160,3 +160,23 @@ def test_move_across_devices_to_a_full_disk_leaves_the_source(tmp_path: Path, sm
     assert err.value.errno == errno.ENOSPC
     assert (src.read_bytes(), src.stat().st_mtime_ns, src.stat().st_ino) == before
     assert list(small_tmpfs.iterdir()) == []
+
+
+def test_sweep_removes_only_our_leftovers_and_follows_no_link(tmp_path):
+    """`.watcher-tmp-*` files and folders go (below subfolders only where asked); anything else, and anything
+    behind a link, stays."""
+    from watcher.fsutil import sweep_temp
+
+    inbox, out, elsewhere = tmp_path / "inbox", tmp_path / "out", tmp_path / "elsewhere"
+    for folder in (inbox / "album", out / ".watcher-tmp-7-song", elsewhere):
+        folder.mkdir(parents=True)
+    (inbox / ".watcher-tmp-a.json").write_text("{")
+    (inbox / "album" / ".watcher-tmp-b.json").write_text("{")
+    (inbox / "take.wav").write_bytes(b"RIFF")
+    (out / ".watcher-tmp-7-song" / "x.wav").write_bytes(b"x")
+    (elsewhere / ".watcher-tmp-keep.json").write_text("{")
+    (out / "link").symlink_to(elsewhere)
+    removed = sweep_temp([(inbox, False), (out, True)])
+    assert sorted(p.name for p in removed) == [".watcher-tmp-7-song", ".watcher-tmp-a.json"]
+    assert (inbox / "album" / ".watcher-tmp-b.json").exists(), "not below a folder watched without recursion"
+    assert (inbox / "take.wav").exists() and (elsewhere / ".watcher-tmp-keep.json").exists()

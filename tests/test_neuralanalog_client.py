@@ -332,15 +332,11 @@ def test_download_without_a_length_is_counted_while_writing(na: Service, odd_sto
     sent = {"bytes": 0}
 
     def endless(req: Any) -> None:
-        h = req.handler
-        h.send_response(200)
-        h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Connection", "close")  # no Content-Length: the body ends when the connection does
-        h.end_headers()
-        h.close_connection = True
+        # No Content-Length: the body is chunked and ends when the handler does.
+        req.start(200, {"Content-Type": "application/octet-stream", "Connection": "close"})
         with contextlib.suppress(OSError):
             for _ in range(64):  # up to 64 MiB, unless the client hangs up first
-                h.wfile.write(bytes(1 << 20))
+                req.write(bytes(1 << 20))
                 sent["bytes"] += 1 << 20
 
     odd_storage.routes["zeros.zip"] = endless
@@ -427,14 +423,10 @@ def test_download_temp_is_private_until_renamed(na: Service, odd_storage: Any, t
     release = threading.Event()
 
     def slow(req: Any) -> None:
-        h = req.handler
-        h.send_response(200)
-        h.send_header("Content-Length", str(2 << 20))
-        h.end_headers()
-        h.wfile.write(bytes(1 << 20))
-        h.wfile.flush()
+        req.start(200, {"Content-Length": str(2 << 20)})
+        req.write(bytes(1 << 20))
         release.wait(10)
-        h.wfile.write(bytes(1 << 20))
+        req.write(bytes(1 << 20))
 
     odd_storage.routes["slow.zip"] = slow
     dest = tmp_path / "dl" / "slow.zip"

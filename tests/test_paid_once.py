@@ -54,6 +54,14 @@ def status(tmp_path: Path, **settings: str) -> dict:
     return json.loads(done.stdout)
 
 
+def sidecar_doc(audio: Path) -> dict:
+    """The sidecar of ``audio`` as it is now ({} while there is none, or while it is being replaced)."""
+    try:
+        return dict(json.loads(audio.with_name(audio.name + ".analysis.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -73,7 +81,7 @@ def test_identical_copies_at_once_are_paid_once(tmp_path, inbox, emu, run_daemon
         os.rename(tmp_path / f"{name}.wav", inbox / f"{name}.wav")
     for name in ("a", "b", "c"):
         wait_delivery(tmp_path, name)
-        wait_for((inbox / f"{name}.wav.analysis.json").exists, what=f"sidecar of {name}")
+        wait_for(lambda n=name: "complete" in sidecar_doc(inbox / f"{n}.wav"), what=f"the analysis in {name}'s sidecar")
     d.stop()
     assert models_asked(emu) == {"key": 1, "bpm_degara": 1, "loudness-ebur128": 1}
     counts = emu.api.counts()

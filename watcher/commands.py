@@ -131,9 +131,22 @@ def status(settings: Settings) -> dict[str, Any]:
                 "analysis": settings.analysis.daily_audio_minutes,
                 "processing": settings.archive.daily_audio_minutes,
             },
+            web=web_state(settings),
         )
     finally:
         store.close()
+
+
+def web_state(settings: Settings) -> dict[str, Any] | None:
+    """What the daemon last said about its page (state_dir/web.json): None when no daemon with the page runs."""
+    import json
+
+    try:
+        doc = json.loads((settings.state_dir / "web.json").read_text("utf-8"))
+        os.kill(int(doc["pid"]), 0)  # a daemon that died without stopping leaves the file behind
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in_doubt: bool = False) -> int:
@@ -147,6 +160,29 @@ def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in
             targets = [os.path.abspath(p) for p in paths]
             selected = [j.file.path for j in store.jobs_of_current() if under(j.file.path, targets)]
         return store.retry(paths=selected, failed=failed, in_doubt=in_doubt)
+    finally:
+        store.close()
+
+
+def jobs_of(settings: Settings, path: str) -> list[dict[str, Any]]:
+    """The jobs of a file's current version with attempts, step, state, error and what they recorded
+    (for the web page's file view); empty when the store does not know the file."""
+    store = open_store(settings)
+    try:
+        version = store.current_version(os.path.abspath(path))
+        jobs = store.jobs_of_file(version.id) if version is not None else []
+        return [
+            {
+                "pipeline": j.pipeline,
+                "step": j.step,
+                "state": j.state,
+                "attempts": j.attempts,
+                "error": j.last_error,
+                "error_code": j.error_code,
+                "data": j.data,
+            }
+            for j in jobs
+        ]
     finally:
         store.close()
 

@@ -243,6 +243,28 @@ class MetricsConfig(_Section):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class WebConfig(_Section):
+    """The local web page and JSON API (served inside the daemon)."""
+
+    enabled: bool = True
+    listen: str = Field("127.0.0.1:8765", description="host:port; a non-loopback host needs a token of 32+ characters")
+    token: SecretStr | None = None
+    token_file: Path | None = None  # default: a random token kept in state_dir/web-token (mode 0600)
+
+    @field_validator("token", "token_file", mode="before")
+    @classmethod
+    def _blank_token(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:8765)")
+        return value
+
+
 class WebhooksConfig(_Section):
     """Optional JSON POSTs when a file is done or failed."""
 
@@ -285,6 +307,7 @@ class Settings(BaseSettings):
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    web: WebConfig = WebConfig()
 
     @model_validator(mode="after")
     def _archive_needs_an_output(self) -> Settings:
@@ -497,4 +520,6 @@ def secrets_of(settings: Settings) -> list[str]:
             found.append(section.api_key.get_secret_value())
     if settings.webhooks.secret is not None:
         found.append(settings.webhooks.secret.get_secret_value())
+    if settings.web.token is not None:
+        found.append(settings.web.token.get_secret_value())
     return [s for s in found if s]

@@ -99,6 +99,9 @@ class Daemon:
         self.app: App | None = None
         self.metrics: NullMetrics = NullMetrics()
         self.metrics_address: tuple[str, int] | None = None
+        self.web: Any = None  # watcher.web.server.WebServer while the page runs
+        self._page: Any = None  # the same, also when it could not start (its stop clears the state it left)
+        self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self._next_prune = 0.0
 
     def _on_signal(self, signum: int) -> None:
@@ -138,6 +141,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         lag: LoopLag | None = None
         try:
+            await self._start_web()
             self._start_metrics()
             # How late the loop wakes (watcher_loop_lag_seconds): the watchdog's pings depend on it.
             lag = LoopLag(0.25, on_sample=self.metrics.loop_lag).start()
@@ -154,6 +158,8 @@ class Daemon:
                 await lag.stop()
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            if self._page is not None:
+                await self._page.stop()
             self.metrics.stop()
             self.notifier.close()
             lock.release()
@@ -164,9 +170,31 @@ class Daemon:
         if not cfg.enabled:
             return
         metrics = Metrics(node=self.settings.store.node_name if self.settings.store.url else None)
-        self.metrics_address = metrics.start_http(cfg.host, cfg.port)
+        if self.web is not None and self.web.address is not None:
+            self.web.ctx.metrics = metrics  # /metrics is served by the page's server (same token)
+            self.metrics_address = self.web.address
+        else:
+            self.metrics_address = metrics.start_http(cfg.host, cfg.port)
         self.metrics = metrics
         log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
+
+    async def _start_web(self) -> None:
+        """The page and JSON API in this loop (``[web] enabled``); a taken port leaves the daemon running."""
+        if not self.settings.web.enabled:
+            return
+        from watcher.web.api import Context
+        from watcher.web.live import LiveEvents
+        from watcher.web.server import WebServer
+
+        live = LiveEvents()
+        web = WebServer(Context(self.settings, live, wake=self._wake))
+        self._page = web
+        if await web.start():  # if not, the state folder's web.json says why, for `watcher status`
+            self.web, self._live = web, live
+
+    def _wake(self) -> None:
+        if self.app is not None:
+            self.app.runner.wake()
 
     def _apply_reload(self) -> None:
         assert self._reload is not None
@@ -180,6 +208,8 @@ class Daemon:
             log.error("daemon.reload_failed", error=str(exc), next="carrying on with the previous settings")
             return
         self.settings = new
+        if self.web is not None:
+            self.web.ctx.settings = new
         log.info("daemon.reloaded", folders=[str(f.path) for f in new.folders])
 
     async def _serve(self) -> int:
@@ -188,6 +218,8 @@ class Daemon:
         subscribers: list[Subscriber] = [MetricsEvents(self.metrics)]
         if webhooks is not None:
             subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
+        if self._live is not None:
+            subscribers.append(self._live)
         app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
         try:

@@ -38,10 +38,12 @@ def collect(
     configured: list[str] | None = None,
     caps: dict[str, float] | None = None,
     now: float | None = None,
+    web: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen.
 
-    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section.
+    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section;
+    ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known.
     """
     files, in_doubt = _files(store)
     return {
@@ -54,6 +56,7 @@ def collect(
         "spend": _spend(store, caps or {"analysis": 0.0, "processing": 0.0}, time.time() if now is None else now),
         "problems": [{**p.__dict__, "path": display(p.path)} for p in store.problems()],
         "files": files,
+        "web": web,
     }
 
 
@@ -130,6 +133,10 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
     for pipeline, states in report["counts"].items():
         lines.append(f"{pipeline}: " + ", ".join(f"{state} {n}" for state, n in states.items()))
     lines += _render_spend(report.get("spend", {}))
+    web = report.get("web")
+    if web:
+        where = f"running at {web['url']}" if web.get("running") else f"not running ({web.get('problem')})"
+        lines.append(f"web page: {where}")
     if report.get("nodes"):
         lines.append("\nnodes:")
         for n in report["nodes"]:

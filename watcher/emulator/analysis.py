@@ -22,6 +22,7 @@ from watcher.emulator.server import App, Request
 
 STREAM_PATH = "/v1/analysis/stream"
 ROUTE = f"POST {STREAM_PATH}"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "close"}
 KEYS = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 CLASSIFIER_LABELS = {
     "danceability": ["danceable", "not_danceable"],
@@ -191,17 +192,10 @@ class AnalysisEmulator:
 
     def _keepalive_only(self, req: Request, seconds: float) -> None:
         """Open an event stream and send nothing but comments for ``seconds``, then close it."""
-        handler = req.handler
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Cache-Control", "no-cache")
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.close_connection = True
+        req.start(200, SSE_HEADERS)
         deadline = time.monotonic() + seconds
         while True:
-            handler.wfile.write(b": keep-alive\n\n")
-            handler.wfile.flush()
+            req.write(b": keep-alive\n\n")
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -234,21 +228,14 @@ class AnalysisEmulator:
     def _answer(self, req: Request, models: list[str], digest: bytes, path: str, *, drop_early: bool = False) -> None:
         """The event stream; ``drop_early`` (chaos) drops the connection after the first result."""
         local = _local_results(path, models) if self.use_local else None
-        handler = req.handler
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/event-stream")
-        handler.send_header("Cache-Control", "no-cache")
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.close_connection = True
+        req.start(200, SSE_HEADERS)
 
         def emit(payload: dict[str, Any]) -> None:
             if self.faults.event_delay:
                 time.sleep(self.faults.event_delay)  # sleep-ok: emulating a slow service
-            handler.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-            handler.wfile.flush()
+            req.write(f"data: {json.dumps(payload)}\n\n".encode())
 
-        handler.wfile.write(b": keep-alive\n\n")
+        req.write(b": keep-alive\n\n")
         emit({"status": "started", "total_models": len(models)})
         completed = 0
         for spec in models:

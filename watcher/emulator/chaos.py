@@ -11,44 +11,44 @@ SIGKILLed at instants drawn from a seeded RNG and restarted. Used by ``tests/tes
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
-import operator
-import os
 import random
-import signal
-import subprocess
 import sys
 import time
 import wave
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from watcher.emulator import Emulator
+from watcher.emulator.chaos_daemon import ANALYSIS_KEY, PROCESSING_KEY, DaemonProcess, until, write_config
+from watcher.emulator.chaos_judge import (
+    ChaosResult,
+    job_state,
+    overpaid,
+    paid_operations,
+    reported_resends,
+    retried_pairs,
+)
 from watcher.fsutil import TEMP_PREFIX
 
-ANALYSIS_KEY = "chaos-analysis-key"
-PROCESSING_KEY = "chaos-processing-key"
+__all__ = [
+    "ChaosPlan",
+    "ChaosResult",
+    "overpaid",
+    "paid_operations",
+    "plan_drops",
+    "reported_resends",
+    "retried_pairs",
+    "run_chaos",
+]
+
 SIDECAR_SUFFIX = ".analysis.json"
-START_MARK = "chaos.daemon_start"  # written to the daemon's log before each start
 READY_WAIT = 5.0  # seconds to wait for a start's `daemon.ready` before going on regardless
-ARCHIVE_OPERATIONS = frozenset({"upload", "restore", "master", "stems"})
-# Paid operations a product's in-doubt ``operation`` may name, by a word it contains.
-OPERATION_WORDS = (
-    ("upload", "upload"),
-    ("from-file", "upload"),
-    ("restor", "restore"),
-    ("upscal", "restore"),
-    ("master", "master"),
-    ("stem", "stems"),
-)
-
-
 @dataclass
 class ChaosPlan:
     """What to run: ``files`` in all, ``copies`` of them byte-identical to others, ``kills`` SIGKILLs."""
@@ -64,58 +64,6 @@ class ChaosPlan:
     retry_timeout: float = 20.0  # seconds to wait after `watcher retry --in-doubt`
     python: str = sys.executable
     say: Callable[[str], None] = print  # progress lines
-
-
-@dataclass
-class ChaosResult:
-    """What happened and what was wrong; ``problems`` is empty when every promise held."""
-
-    seed: int
-    files: int
-    copies: int
-    kills: int
-    injected: Counter[str]
-    paid: Counter[tuple[str, str]]
-    in_doubt: list[dict[str, Any]]
-    retried: set[tuple[str, str]]  # (sha256, operation) pairs the user re-sent after the product held them
-    resent: Counter[tuple[str, str]]  # re-sends the product itself logged (a lost answer asked again, counted)
-    retry_exit: int | None
-    double_paid: dict[tuple[str, str], int]  # pairs paid more often than once plus the re-sends reported
-    copied_contents: set[str]
-    problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def table(self) -> str:
-        """The run's figures as a small text table."""
-        per_op: Counter[str] = Counter()
-        twice: Counter[str] = Counter()
-        for (sha, op), n in self.paid.items():
-            per_op[op] += n
-            if (sha, op) in self.double_paid:
-                twice[op] += 1
-        on_copies = sum(1 for sha, _ in self.double_paid if sha in self.copied_contents)
-        rows = [
-            ("seed", str(self.seed)),
-            ("files", str(self.files)),
-            ("copies (identical bytes)", str(self.copies)),
-            ("daemon SIGKILLs", str(self.kills)),
-            ("faults injected", f"{sum(self.injected.values())} " + _inline(self.injected)),
-        ]
-        rows += [(f"paid {op}", f"{n}  (pairs paid twice or more: {twice[op]})") for op, n in sorted(per_op.items())]
-        rows += [
-            ("re-sends reported by watcher", f"{sum(self.resent.values())} " + _inline(_by_op(self.resent))),
-            ("pairs paid twice, unreported", f"{len(self.double_paid)} ({on_copies} on content that has copies)"),
-            ("in doubt (shown)", str(len(self.in_doubt))),
-            ("retried by the user", f"{len(self.retried)} (watcher retry --in-doubt exit {self.retry_exit})"),
-            ("problems", str(len(self.problems))),
-            ("seconds", f"{self.seconds:.1f}"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
-def _inline(counts: Counter[str]) -> str:
-    return "(" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + ")" if counts else ""
 
 
 def wav_bytes(rng: random.Random) -> bytes:
@@ -161,190 +109,12 @@ def plan_drops(plan: ChaosPlan, rng: random.Random) -> list[list[Drop]]:
     return bursts
 
 
-def write_config(plan: ChaosPlan, url: str) -> Path:
-    """The daemon's TOML: one fast-settling folder, analysis and archive through the emulator, quick retries."""
-    root = plan.root
-    cfg = root / "watcher.toml"
-    cfg.write_text(
-        f"""state_dir = {json.dumps(str(root / "state"))}
-log_level = "info"
-
-[[folders]]
-path = {json.dumps(str(root / "inbox"))}
-settle_seconds = 0.2
-rescan_interval = 3600
-
-[analysis]
-backend = "remote"
-base_url = {json.dumps(url)}
-concurrency = 4
-rate_limit = 500
-
-[archive]
-enabled = true
-base_url = {json.dumps(url)}
-versions = ["original", "mastered"]
-output_dir = {json.dumps(str(root / "out"))}
-concurrency = 4
-rate_limit = 500
-poll_initial = 0.2
-poll_max = 0.5
-
-[retry]
-max_attempts = 50
-backoff_initial = 0.1
-backoff_max = 0.5
-needs_user_backoff = 5
-""",
-        "utf-8",
-    )
-    return cfg
-
-
-class DaemonProcess:
-    """``python -m watcher --config CFG run`` as a subprocess, logging (JSON lines) to one appended file."""
-
-    def __init__(self, plan: ChaosPlan, cfg: Path) -> None:
-        self.plan = plan
-        self.cfg = cfg
-        self.log_path = plan.root / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
-        self.env.update(ESSENTIA_API_KEY=ANALYSIS_KEY, NEURALANALOG_API_KEY=PROCESSING_KEY)
-
-    def watcher(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run one CLI command against the same config and state (status, retry)."""
-        command = [self.plan.python, "-m", "watcher", "--config", str(self.cfg), "--log-format", "json", *args]
-        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
-
-    def start(self) -> None:
-        command = [self.plan.python, "-m", "watcher", "--config", str(self.cfg), "--log-format", "json", "run"]
-        with self.log_path.open("ab") as log:
-            log.write(f'{{"event": "{START_MARK}", "start": {self.starts + 1}}}\n'.encode())
-            log.flush()
-            self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
-
-    def ready(self) -> bool:
-        """Whether the running process has logged ``daemon.ready`` (its first scan is done)."""
-        try:
-            text = self.log_path.read_text("utf-8", errors="replace")
-        except FileNotFoundError:
-            return False
-        return "daemon.ready" in text.rpartition(START_MARK)[2]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; SIGKILL if it does not stop within 20 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            return None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
-def _until(condition: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
-    """Poll ``condition`` until true or ``timeout`` seconds pass; returns whether it came true."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)  # sleep-ok: the polling step of a deadline-bounded wait
-    return True
-
-
 def _json_file(path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
-
-
-def job_state(job: dict[str, Any]) -> str | None:
-    """A status job's state (the contract's ``state``; older builds said ``stage``)."""
-    value = job.get("state", job.get("stage"))
-    return str(value) if value is not None else None
-
-
-def paid_operations(pipeline: str, operation: str) -> Callable[[str], bool]:
-    """Which paid operations (``Emulator.paid`` names) an in-doubt entry covers."""
-    op = operation.lower()
-    if op.startswith("analyze:"):
-        return lambda paid_op: paid_op == op
-    for word, name in OPERATION_WORDS:
-        if word in op:
-            return functools.partial(operator.eq, name)
-    if pipeline == "analyze" or "analy" in op:
-        return lambda paid_op: paid_op.startswith("analyze:")
-    if pipeline == "archive":  # an archive operation we cannot name: any of the archive's paid requests
-        return lambda paid_op: paid_op in ARCHIVE_OPERATIONS
-    return lambda paid_op: False
-
-
-def retried_pairs(
-    entries: list[dict[str, Any]], sha_of: dict[str, str], paid_before: Counter[tuple[str, str]]
-) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
-    """The (content, operation) pairs a ``watcher retry --in-doubt`` may pay once more: those the status's
-    in-doubt ``entries`` cover, among the pairs paid so far; and the entries naming no dropped file."""
-    retried: set[tuple[str, str]] = set()
-    strays: list[dict[str, Any]] = []
-    for entry in entries:
-        covers = paid_operations(str(entry.get("pipeline", "")), str(entry.get("operation", "")))
-        sha = sha_of.get(str(entry.get("path")))
-        if sha is None:
-            strays.append(entry)
-            continue
-        retried |= {(s, op) for (s, op) in paid_before if s == sha and covers(op)}
-    return retried, strays
-
-
-def overpaid(
-    paid: Counter[tuple[str, str]], retried: set[tuple[str, str]], resent: Counter[tuple[str, str]]
-) -> dict[tuple[str, str], int]:
-    """Pairs paid more often than once plus the re-sends the product reported (a user's retry of an in-doubt
-    operation is one of them; it counts even if its log line was lost to a kill)."""
-    return {pair: n for pair, n in paid.items() if n > 1 + max(resent[pair], 1 if pair in retried else 0)}
-
-
-def reported_resends(log: Path) -> Counter[tuple[str, str]]:
-    """(content, operation) re-sends the daemon logged (``paid.resend``: models re-asked, uploads re-sent,
-    held operations the user re-sent), named as the emulator bills them."""
-    found: Counter[tuple[str, str]] = Counter()
-    with contextlib.suppress(FileNotFoundError), log.open("r", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if '"paid.resend"' not in line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") != "paid.resend":
-                continue
-            sha = str(event.get("sha256", ""))
-            for name in event.get("operations") or []:
-                kind, _, rest = str(name).partition(":")
-                found[(sha, f"analyze:{rest.split(':', 1)[0]}" if kind == "analyze" else kind)] += 1
-    return found
-
-
-def _by_op(pairs: Counter[tuple[str, str]]) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for (_, op), n in pairs.items():
-        out[op] += n
-    return out
 
 
 class Scenario:
@@ -451,7 +221,7 @@ class Scenario:
                 daemon.start()
                 last = len(bursts) - 1
                 for k, burst in enumerate(bursts):
-                    _until(daemon.ready, READY_WAIT)  # one that never logs ready is still killed and checked
+                    until(daemon.ready, READY_WAIT)  # one that never logs ready is still killed and checked
                     self.drop(burst)
                     plan.say(f"burst {k + 1}/{len(bursts)}: {len(burst)} files (start {daemon.starts})")
                     if k == last:
@@ -471,7 +241,7 @@ class Scenario:
     def _finish(self, emu: Emulator, daemon: DaemonProcess, copied: set[str], started: float) -> ChaosResult:
         plan = self.plan
         problems: list[str] = []
-        if not _until(lambda: self.settled(daemon, need_delivery=False), plan.settle_timeout, 0.2):
+        if not until(lambda: self.settled(daemon, need_delivery=False), plan.settle_timeout, 0.2):
             problems.append(f"not settled {plan.settle_timeout:g} s after the last restart")
         if not daemon.alive():
             problems.append(f"the daemon exited on its own (code {daemon.proc.returncode if daemon.proc else None})")
@@ -483,7 +253,7 @@ class Scenario:
         problems += [f"in doubt for a file never dropped: {entry}" for entry in strays]
         retry = daemon.watcher("retry", "--in-doubt")
         if entries:
-            _until(lambda: self.settled(daemon, need_delivery=True), plan.retry_timeout, 0.2)
+            until(lambda: self.settled(daemon, need_delivery=True), plan.retry_timeout, 0.2)
         paid = emu.paid()
         resent = reported_resends(daemon.log_path)
         double = overpaid(paid, retried, resent)

@@ -1,4 +1,5 @@
-"""The emulated processing service (Neural Analog) and its signed-URL storage host, with switchable faults.
+"""The emulated processing service (Neural Analog) and its signed-URL storage host: the routes, with switchable
+faults. The state lives in watcher.emulator.processing_state, the artifacts in watcher.emulator.audio_processing.
 
 ``app`` serves the API; ``storage_app`` must be served by a second HTTPServerThread (another host:port),
 as signed URLs point elsewhere: its recorded requests show which headers reached storage. Jobs finish
@@ -11,13 +12,8 @@ Wiring: ``api, storage = emu.start_pair()`` ... ``api.stop(); storage.stop(); em
 
 from __future__ import annotations
 
-import secrets
-import shutil
-import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,93 +21,19 @@ from watcher.audiofile import sniff_format
 from watcher.emulator import audio_processing as proc
 from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, STORAGE_FAULTS, Chaos, Ledger
 from watcher.emulator.multipart import MultipartParser
+from watcher.emulator.processing_state import (
+    HOSTILE_STEM_NAMES,
+    JOB_ROUTES,
+    OPERATION_OF_KIND,
+    PAID_ROUTES,
+    SOURCE_FIELDS,
+    Obj,
+    ProcessingFaults,
+    ProcessingState,
+)
 from watcher.emulator.server import App, HTTPServerThread, Request
 
-KIND_OF_VERSION = {"original": "audio", "restored": "upscaled", "mastered": "mastered"}
-JOB_ROUTES = {"upscaled": "POST /upscale-audio", "mastered": "POST /master-audio", "stem_split": "POST /create-stems"}
-OPERATION_OF_KIND = {"upscaled": "restore", "mastered": "master", "stem_split": "stems"}  # as billed
-PAID_ROUTES = ("POST /from-file", *JOB_ROUTES.values())
-HOSTILE_STEM_NAMES = ("../../escape", "/abs/evil", "a/b", "..", "")  # hostile_stem_names serves these
-SOURCE_FIELDS = ("stem_id", "mastered_id", "upscaled_id", "audio_id")  # most specific first
-
-
-@dataclass
-class ProcessingFaults:
-    """Faults for the next requests; counters go down as requests meet them. Route names as in counts().
-
-    Routes: ``POST /from-file``, ``GET /status``, ``POST /upscale-audio``, ``POST /master-audio``,
-    ``POST /create-stems``, ``POST /download-archive``, ``GET /download``; ``"*"`` matches any of them.
-    """
-
-    status_429: dict[str, int] = field(default_factory=dict)  # route -> how many 429s (with Retry-After)
-    retry_after: float = 0.2
-    status_500: dict[str, int] = field(default_factory=dict)
-    fail_with: dict[str, list[int]] = field(default_factory=dict)  # route -> statuses to answer, in order
-    lose_answer: dict[str, int] = field(default_factory=dict)  # do the work, then drop without answering
-    drop_upload_after: int | None = None  # read this many body bytes of the next upload, then hang up
-    failed_kinds: set[str] = field(default_factory=set)  # audio, upscaled, mastered, stem_split -> is_failed
-    polls_needed: int = 1  # status polls answered "in progress" before a job completes
-    polls_by_kind: dict[str, int] = field(default_factory=dict)  # per-kind override of polls_needed
-    complete_after: float | None = None  # seconds after which a job completes even if nobody polled it
-    email_queued: int = 0  # archive requests answered with email_notification_queued and no URL
-    archive_incomplete: int = 0  # archive zips missing one requested file, flagged archive_incomplete
-    expired_urls: int = 0  # storage GETs refused as for an expired signature
-    expired_status: int = 403  # ... with this status (403, 404, 410)
-    url_ttl: float | None = None  # seconds a signed URL stays valid (0: expired at once); None: forever
-    storage_500: int = 0  # storage GETs answered 500
-    truncate_downloads: int = 0  # storage GETs that send half the body, then drop the connection
-    zip_attack: str | None = None  # one of audio_processing.ATTACKS
-    zip_bomb_bytes: int = 64 << 20  # uncompressed size of the "oversized" entry
-    no_id: dict[str, int] = field(default_factory=dict)  # route -> 200 {"status": "ok"} without the ID, no work
-    malformed_status: int = 0  # GET /status answers that are 200 with a body that is not JSON
-    hostile_stem_names: bool = False  # stem names in status_details become HOSTILE_STEM_NAMES
-    redirect_to: str | None = None  # every GET /download answers 307 with this Location
-    not_ready_archive: int = 0  # POST /download-archive answers 409 "archive not ready yet"
-    reject_uploads: set[str] = field(default_factory=set)  # uploads whose file name contains one of these: 422
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def take(self, table: dict[str, int], route: str) -> bool:
-        with self.lock:
-            for key in (route, "*"):
-                if table.get(key, 0) > 0:
-                    table[key] -= 1
-                    return True
-            return False
-
-    def take_count(self, name: str) -> bool:
-        with self.lock:
-            if getattr(self, name) > 0:
-                setattr(self, name, getattr(self, name) - 1)
-                return True
-            return False
-
-    def next_status(self, route: str) -> int | None:
-        with self.lock:
-            for key in (route, "*"):
-                if self.fail_with.get(key):
-                    return self.fail_with[key].pop(0)
-            return None
-
-
-@dataclass
-class Obj:
-    """One object the service holds: an upload, a processed version, a stem split or one stem."""
-
-    kind: str  # audio, upscaled, mastered, stem_split, stem
-    path: Path  # the file (for stem_split, the folder of stems)
-    name: str  # the uploaded file's name (for a stem, the stem's name)
-    audio_id: str
-    polls: int = 0  # status polls seen
-    waited: int = 0  # of those, answered "in progress"
-    sha256: str = ""
-    size: int = 0
-    params: dict[str, Any] = field(default_factory=dict)  # the request body that created it
-    stems: list[tuple[str, str]] = field(default_factory=list)  # stem_split: (stem_id, name)
-    stems_from: str = ""  # stem_split: the kind of object it split
-    parent: str = ""  # stem: its stem_split's ID
-    failed: str | None = None  # error message once the job is known to fail
-    created: float = field(default_factory=time.monotonic)
-
+__all__ = ["HOSTILE_STEM_NAMES", "NeuralAnalogEmulator", "Obj", "ProcessingFaults"]
 
 class NeuralAnalogEmulator:
     """State of the emulated service; ``app`` is the API, ``storage_app`` the signed-URL host.
@@ -130,13 +52,10 @@ class NeuralAnalogEmulator:
     ) -> None:
         self.storage_url = storage_url
         self.api_key = api_key
-        self.faults = ProcessingFaults()
+        self.state = ProcessingState()
         self.ledger = ledger or Ledger()
         self.chaos = chaos or Chaos()
-        self.objects: dict[str, Obj] = {}
-        self.signed: dict[str, tuple[Path, float | None]] = {}
-        self.workdir = Path(tempfile.mkdtemp(prefix="watcher-emulator-"))
-        self._lock = threading.Lock()
+        self._lock = self.state.lock
         self.app = App()
         self.storage_app = App()
         r = self.app.route
@@ -165,22 +84,31 @@ class NeuralAnalogEmulator:
         self.storage_url = storage.url
         return api.start(), storage.start()
 
+    @property
+    def faults(self) -> ProcessingFaults:
+        """The faults the next requests meet (switch them on by setting fields)."""
+        return self.state.faults
+
+    @property
+    def objects(self) -> dict[str, Obj]:
+        return self.state.objects
+
+    @property
+    def signed(self) -> dict[str, tuple[Path, float | None]]:
+        return self.state.signed
+
+    @property
+    def workdir(self) -> Path:
+        return self.state.workdir
+
     def reset(self) -> None:
         """Forget every object, signed URL and fault (for servers shared by several tests)."""
-        with self._lock:
-            self.faults = ProcessingFaults()
-            self.objects.clear()
-            self.signed.clear()
+        self.state.reset()
         self.ledger.clear()
         self.chaos.clear()
-        for child in self.workdir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
 
     def close(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.state.close()
 
     # -- plumbing --------------------------------------------------------------------------------------
 
@@ -219,32 +147,6 @@ class NeuralAnalogEmulator:
             return
         req.send_json(200, payload)
 
-    def _new_id(self) -> str:
-        return secrets.token_hex(8)
-
-    def _sign(self, path: Path) -> str:
-        token = secrets.token_hex(12)
-        ttl = self.faults.url_ttl
-        with self._lock:
-            self.signed[token] = (path, None if ttl is None else time.monotonic() + ttl)
-        return f"{self.storage_url}/signed/{token}"
-
-    def _done(self, obj: Obj) -> bool:
-        """Whether the job has finished (completed or failed); stems finish with their split."""
-        if obj.kind == "stem":
-            return self._done(self.objects[obj.parent])
-        after = self.faults.complete_after
-        if after is not None and time.monotonic() - obj.created >= after:
-            return True  # a real service finishes work whether or not anyone asks about it
-        return obj.waited >= self.faults.polls_by_kind.get(obj.kind, self.faults.polls_needed)
-
-    def _error(self, obj: Obj) -> str | None:
-        if obj.kind == "stem":
-            return self._error(self.objects[obj.parent])
-        if obj.failed is None and obj.kind in self.faults.failed_kinds:
-            return f"emulated failure of {obj.kind}"
-        return obj.failed
-
     # -- routes ----------------------------------------------------------------------------------------
 
     def _upload(self, req: Request) -> None:
@@ -253,7 +155,7 @@ class NeuralAnalogEmulator:
         if guard == "answered":
             return
         boundary = req.headers.get("Content-Type", "").partition("boundary=")[2].strip().strip('"')
-        audio_id = self._new_id()
+        audio_id = self.state.new_id()
         dest = self.workdir / audio_id
 
         def sink(field_name: str, filename: str) -> IO[bytes]:
@@ -266,21 +168,10 @@ class NeuralAnalogEmulator:
             req.send_json(422, {"detail": f"audio: {exc}"})
             return
         try:
-            limit = self.faults.drop_upload_after
-            received = 0
-            for chunk in req.iter_body():
-                if limit is not None and received + len(chunk) >= limit:
-                    with self.faults.lock:
-                        self.faults.drop_upload_after = None
-                    req.abort_connection()
-                    raise ConnectionError("emulated: connection dropped during the upload")
-                received += len(chunk)
-                parser.feed(chunk)
-            parser.close()
+            self._feed(req, parser)
         except ValueError as exc:
             parser.abort()
             dest.unlink(missing_ok=True)
-            req.handler.close_connection = True  # the rest of the body was not read
             req.send_json(422, {"detail": f"audio: {exc}"})
             return
         except BaseException:
@@ -308,6 +199,20 @@ class NeuralAnalogEmulator:
         payload = {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"}
         self._answer(req, route, payload, lose=guard == "lose_answer")
 
+    def _feed(self, req: Request, parser: MultipartParser) -> None:
+        """Read the upload's body into the parser; the drop_upload_after fault hangs up part way."""
+        limit = self.faults.drop_upload_after
+        received = 0
+        for chunk in req.iter_body():
+            if limit is not None and received + len(chunk) >= limit:
+                with self.faults.lock:
+                    self.faults.drop_upload_after = None
+                req.abort_connection()
+                raise ConnectionError("emulated: connection dropped during the upload")
+            received += len(chunk)
+            parser.feed(chunk)
+        parser.close()
+
     def _job(self, kind: str, route: str) -> Callable[[Request], None]:
         def handle(req: Request) -> None:
             guard = self._guard(req, route)
@@ -320,16 +225,16 @@ class NeuralAnalogEmulator:
                 req.send_json(422, {"detail": "a known audio_id, upscaled_id, mastered_id or stem_id is required"})
                 return
             if kind == "mastered" and body.get("use_restored") and source.kind == "audio":
-                restored = self._latest("upscaled", source.audio_id)
+                restored = self.state.latest("upscaled", source.audio_id)
                 source = restored or source
             preset = str(body.get("preset", ""))
             if kind == "stem_split" and preset not in proc.STEM_NAMES:
                 known = ", ".join(proc.STEM_NAMES)
                 req.send_json(422, {"detail": f"preset: must be one of {known} (got {preset!r})"})
                 return
-            new_id = self._new_id()
+            new_id = self.state.new_id()
             dest = self.workdir / new_id
-            obj = Obj(kind, dest, source.name, source.audio_id, params=dict(body), failed=self._error(source))
+            obj = Obj(kind, dest, source.name, source.audio_id, params=dict(body), failed=self.state.error(source))
             if kind == "upscaled":
                 proc.restore(source.path, dest)
             elif kind == "mastered":
@@ -337,7 +242,7 @@ class NeuralAnalogEmulator:
             else:
                 obj.stems_from = source.kind
                 for f in proc.split(source.path, dest, preset):
-                    stem_id = self._new_id()
+                    stem_id = self.state.new_id()
                     obj.stems.append((stem_id, f.stem))
                     with self._lock:
                         self.objects[stem_id] = Obj("stem", f, f.stem, source.audio_id, parent=new_id)
@@ -362,10 +267,10 @@ class NeuralAnalogEmulator:
             return
         with self._lock:
             obj.polls += 1
-            done = self._done(obj)
+            done = self.state.done(obj)
             if not done:
                 obj.waited += 1
-        error = self._error(obj) if done else None
+        error = self.state.error(obj) if done else None
         complete = done and error is None
         details: dict[str, Any] = {"emulated": True, "polls": obj.polls}
         if obj.stems and complete:
@@ -398,7 +303,7 @@ class NeuralAnalogEmulator:
             return
         versions = [str(v) for v in body.get("versions") or []]
         ids = [str(i) for i in (body.get("ids") or ([body["id"]] if body.get("id") else []))]
-        problem = self._archive_problem(versions, ids)
+        problem = self.state.archive_problem(versions, ids)
         if problem:
             req.send_json(422, {"detail": problem})
             return
@@ -418,69 +323,23 @@ class NeuralAnalogEmulator:
         entries: list[tuple[str, Path]] = []
         for audio_id in ids:
             prefix = f"{Path(self.objects[audio_id].name).stem}/" if len(ids) > 1 else ""
-            entries += [(prefix + name, path) for name, path in self._entries(audio_id, versions)]
+            entries += [(prefix + name, path) for name, path in self.state.entries(audio_id, versions)]
         incomplete = self.faults.take_count("archive_incomplete") and len(entries) > 0
         if incomplete:
             entries.pop()
         asked = {v: str(body.get(f"{v}_format") or fmt) for v in versions}
-        zip_path = self.workdir / f"archive-{self._new_id()}.zip"
+        zip_path = self.workdir / f"archive-{self.state.new_id()}.zip"
         proc.build_zip(zip_path, entries, proc.archive_note(asked), self.faults.zip_attack, self.faults.zip_bomb_bytes)
         req.send_json(
             200,
             {
-                "download_url": self._sign(zip_path),
+                "download_url": self.state.sign(zip_path, self.storage_url),
                 "expires_in_seconds": 86400,
                 "email_notification_queued": False,
                 "email_notification_threshold_seconds": 60,
                 "archive_incomplete": incomplete,
             },
         )
-
-    def _archive_problem(self, versions: list[str], ids: list[str]) -> str | None:
-        """Why an archive request is refused (422), or None."""
-        if not versions or not ids:
-            return "versions and id (or ids) are required"
-        tracks = [v for v in versions if v in KIND_OF_VERSION]
-        stems = [v for v in versions if v.removesuffix("_stems") in KIND_OF_VERSION and v.endswith("_stems")]
-        if len(tracks) + len(stems) != len(versions):
-            return f"versions: unknown value in {versions}"
-        if tracks and stems:
-            return "track versions and stem versions are separate requests"
-        for audio_id in ids:
-            if audio_id not in self.objects or self.objects[audio_id].kind != "audio":
-                return f"unknown audio id {audio_id}"
-            for version in versions:
-                obj = self._source_of(version, audio_id)
-                if obj is None or not self._done(obj) or self._error(obj):
-                    return f"{version} of {audio_id} is not complete"
-        return None
-
-    def _source_of(self, version: str, audio_id: str) -> Obj | None:
-        if version == "original":
-            return self.objects[audio_id]
-        if version in KIND_OF_VERSION:
-            return self._latest(KIND_OF_VERSION[version], audio_id)
-        kind = KIND_OF_VERSION[version.removesuffix("_stems")]
-        found = [o for o in self.objects.values() if o.kind == "stem_split" and o.audio_id == audio_id]
-        found = [o for o in found if o.stems_from == kind]
-        return found[-1] if found else None
-
-    def _entries(self, audio_id: str, versions: list[str]) -> list[tuple[str, Path]]:
-        """(name in the zip, file) for each requested version; stems in a folder per version."""
-        stem = Path(self.objects[audio_id].name).stem
-        out: list[tuple[str, Path]] = []
-        for version in versions:
-            obj = self._source_of(version, audio_id)
-            assert obj is not None
-            if version in KIND_OF_VERSION:
-                out.append((f"{stem} ({version}).wav", obj.path))
-            else:
-                out += [(f"{version}/{name}.wav", obj.path / f"{name}.wav") for _, name in obj.stems]
-        return out
-
-    def _latest(self, kind: str, audio_id: str) -> Obj | None:
-        found = [o for o in self.objects.values() if o.kind == kind and o.audio_id == audio_id]
-        return found[-1] if found else None
 
     def _download(self, req: Request) -> None:
         if self._guard(req, "GET /download") == "answered":
@@ -492,10 +351,10 @@ class NeuralAnalogEmulator:
         if obj is None or obj.kind != req.param("kind") or obj.kind == "stem_split":
             req.send_json(404, {"detail": "Not Found"})
             return
-        if not self._done(obj) or self._error(obj):
+        if not self.state.done(obj) or self.state.error(obj):
             req.send_json(409, {"detail": f"{obj.kind} {req.param('id')} is not complete"})
             return
-        req.redirect(self._sign(obj.path))
+        req.redirect(self.state.sign(obj.path, self.storage_url))
 
     def _signed(self, req: Request) -> None:
         chaos = self.chaos.draw("GET /signed", STORAGE_FAULTS)
@@ -514,14 +373,11 @@ class NeuralAnalogEmulator:
             return
         size = path.stat().st_size
         truncate = f.take_count("truncate_downloads")
-        handler = req.handler
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(size))
-        handler.end_headers()
+        req.start(200, {"Content-Type": "application/octet-stream", "Content-Length": str(size)})
         with path.open("rb") as fh:
             if truncate:
-                handler.wfile.write(fh.read(size // 2))
+                req.write(fh.read(size // 2))
                 req.abort_connection()
                 return
-            shutil.copyfileobj(fh, handler.wfile, 1 << 20)
+            while chunk := fh.read(1 << 20):
+                req.write(chunk)

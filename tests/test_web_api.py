@@ -1,0 +1,376 @@
+"""The web page's server over real HTTP, in a real daemon with the emulator: every endpoint, every auth rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import wait_for, write_tone
+from tests.webutil import Page, new_emulator, web_settings
+from watcher import commands
+from watcher.config import MetricsConfig
+from watcher.emulator import Emulator
+from watcher.log import _scrub
+from watcher.status import render
+from watcher.web import data
+
+ENDPOINTS = [
+    ("GET", "/"),
+    ("GET", "/files"),
+    ("GET", "/file?path=/nowhere.wav"),
+    ("GET", "/audio?path=/nowhere.wav"),
+    ("GET", "/static/app.js"),
+    ("GET", "/static/style.css"),
+    ("GET", "/api/status"),
+    ("GET", "/api/files"),
+    ("GET", "/api/file?path=/nowhere.wav"),
+    ("GET", "/api/events"),
+    ("GET", "/metrics"),
+    ("POST", "/api/retry"),
+    ("POST", "/api/pause"),
+    ("POST", "/api/resume"),
+]
+STREAM = "POST /v1/analysis/stream"
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    e = new_emulator()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def page(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> Iterator[Page]:
+    settings = web_settings(tmp_path, inbox, emu)
+    p = Page(run_daemon(settings), settings)
+    p.settings = settings  # type: ignore[attr-defined]
+    yield p
+    p.close()
+
+
+def status_of(client: httpx.Client, method: str, url: str) -> int:
+    with client.stream(method, url, json={} if method == "POST" else None) as r:
+        return r.status_code
+
+
+def settled(page: Page, path: Path, state: str = "done", timeout: float = 30) -> dict:
+    """The file's row once it reached ``state``."""
+
+    def row() -> dict | None:
+        rows = [r for r in page.json("/api/files")["files"] if r["path"] == str(path)]
+        return rows[0] if rows and rows[0]["state"] == state else None
+
+    return wait_for(row, timeout=timeout, what=f"{path.name} {state}")
+
+
+# -- auth -----------------------------------------------------------------------------------------
+
+
+def test_every_endpoint_needs_the_token(page: Page) -> None:
+    """Without a token, with a wrong Bearer token or a wrong cookie: 401 everywhere; with the token: served."""
+    wrong_bearer = httpx.Client(base_url=page.url, headers={"Authorization": "Bearer not-the-token"}, timeout=10)
+    wrong_cookie = httpx.Client(base_url=page.url, cookies={"watcher_session": "not-the-token"}, timeout=10)
+    for method, url in ENDPOINTS:
+        r = page.anonymous.request(method, url, json={} if method == "POST" else None)
+        assert r.status_code == 401, (method, url)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert status_of(wrong_bearer, method, url) == 401, (method, url)
+        assert status_of(wrong_cookie, method, url) == 401, (method, url)
+        assert status_of(page.client, method, url) in (200, 404, 422), (method, url)
+    assert page.token not in page.anonymous.get("/api/status").text
+    wrong_bearer.close()
+    wrong_cookie.close()
+
+
+def test_login_link_sets_a_strict_session_cookie(page: Page) -> None:
+    """/login with the token sets an HttpOnly, SameSite=Strict cookie that then authorises; a wrong token does not."""
+    r = page.anonymous.get("/login", params={"token": page.token})
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
+    session = httpx.Client(base_url=page.url, cookies={"watcher_session": r.cookies["watcher_session"]})
+    assert session.get("/api/status").status_code == 200
+    assert session.get("/").status_code == 200
+    bad = page.anonymous.get("/login", params={"token": page.token[:-1] + "x"})
+    assert bad.status_code == 401 and "set-cookie" not in bad.headers
+    assert page.anonymous.get("/login").status_code == 401
+    session.close()
+
+
+def test_cross_origin_post_is_refused(page: Page, inbox: Path) -> None:
+    """A POST whose Origin is another site is 403 even with the token, and changes nothing; this page's is fine."""
+    for origin in ("http://evil.example", "null", page.url.replace("127.0.0.1", "localhost")):
+        r = page.client.post("/api/pause", json={"folder": str(inbox)}, headers={"Origin": origin})
+        assert r.status_code == 403, origin
+    folders = page.json("/api/status")["folders"]
+    assert [f["paused"] for f in folders] == [False]
+    ok = page.client.post("/api/pause", json={"folder": str(inbox)}, headers={"Origin": page.url})
+    assert ok.status_code == 200 and ok.json() == {"folder": str(inbox), "paused": True}
+
+
+def test_answers_carry_a_strict_content_security_policy(page: Page) -> None:
+    for r in (page.client.get("/"), page.anonymous.get("/api/status"), page.client.get("/static/app.js")):
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_generated_token_is_private_logged_once_then_redacted(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon
+) -> None:
+    """The first start makes a 0600 token file and logs one login link; later starts log the page without it."""
+    settings = web_settings(tmp_path, inbox, emu)
+    with capture_logs() as logs:
+        d = run_daemon(settings)
+        first = Page(d, settings)
+        d.stop()
+        d2 = run_daemon(settings)
+        second = Page(d2, settings)
+        d2.stop()
+    token_file = settings.state_dir / "web-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and len(first.token) >= 32
+    logins = [e for e in logs if e["event"] == "web.login"]
+    assert len(logins) == 1 and logins[0]["url"] == f"{first.url}/login?token={first.token}"
+    serving = [e for e in logs if e["event"] == "web.serving"]
+    assert len(serving) == 1 and first.token not in json.dumps(serving[0])
+    assert second.token == first.token
+    assert _scrub(f"token {first.token} seen") == "token [redacted] seen"
+    first.close()
+    second.close()
+
+
+def test_configured_token_file_is_used(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    token_file = tmp_path / "my-token"
+    token_file.write_text("a-configured-token-of-enough-length\n")
+    settings = web_settings(tmp_path, inbox, emu, token_file=token_file)
+    d = run_daemon(settings)
+    url = wait_for(lambda: d.daemon.web and d.daemon.web.url)
+    assert httpx.get(f"{url}/api/status", headers={"Authorization": "Bearer a-configured-token-of-enough-length"})
+    assert not (settings.state_dir / "web-token").exists()
+
+
+# -- the JSON API ----------------------------------------------------------------------------------
+
+
+def test_status_is_the_cli_document(page: Page, inbox: Path) -> None:
+    """/api/status is what `watcher status --json` prints, including whether and where the page runs."""
+    write_tone(inbox / "one.wav", 1.0)
+    settled(page, inbox / "one.wav")
+    doc = page.json("/api/status")
+    assert doc == commands.status(page.settings)  # type: ignore[attr-defined]
+    assert doc["counts"] == {"analyze": {"done": 1}, "archive": {"done": 1}}
+    assert doc["web"]["running"] is True and doc["web"]["url"] == page.url
+    assert f"web page: running at {page.url}" in render(doc)
+
+
+def test_file_list_filters_and_pages(page: Page, inbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """state, folder, q, key, bpm_min/bpm_max and page select rows; key, tempo and loudness come from sidecars."""
+    names = ["alpha.wav", "beta.wav", "gamma.wav"]
+    for i, name in enumerate(names):
+        write_tone(inbox / name, 0.6 + i * 0.3, freq=220.0 * (i + 1))
+    for name in names:
+        settled(page, inbox / name)
+    rows = page.json("/api/files")["files"]
+    assert [r["name"] for r in rows] == names
+    for r in rows:
+        doc = json.loads((inbox / f"{r['name']}.analysis.json").read_text())
+        assert r["bpm"] == doc["models"]["bpm_degara"]["results"]["bpm"]
+        assert r["key"] == doc["models"]["key"]["results"]["key"][0]
+        assert r["integrated_lufs"] == doc["models"]["loudness_ebur128"]["results"]["integratedLoudness"][0]
+    assert page.json("/api/files", state="done")["total"] == 3
+    assert page.json("/api/files", state="failed")["total"] == 0
+    assert page.json("/api/files", folder=str(inbox))["total"] == 3
+    assert page.json("/api/files", folder="/elsewhere")["total"] == 0
+    assert [r["name"] for r in page.json("/api/files", q="ETA")["files"]] == ["beta.wav"]
+    first = rows[0]
+    by_key = page.json("/api/files", key=f"{first['key']} {first['scale']}")["files"]
+    assert first["path"] in [r["path"] for r in by_key]
+    assert all((r["key"], r["scale"]) == (first["key"], first["scale"]) for r in by_key)
+    bpm = first["bpm"]
+    in_range = page.json("/api/files", bpm_min=bpm - 0.5, bpm_max=bpm + 0.5)["files"]
+    assert first["path"] in [r["path"] for r in in_range] and all(abs(r["bpm"] - bpm) <= 0.5 for r in in_range)
+    assert page.json("/api/files", bpm_min=1000)["total"] == 0
+    monkeypatch.setattr(data, "PAGE_SIZE", 2)
+    second = page.json("/api/files", page=2)
+    assert second["total"] == 3 and second["pages"] == 2 and [r["name"] for r in second["files"]] == ["gamma.wav"]
+
+
+def test_file_detail_has_sidecar_jobs_and_delivery(page: Page, inbox: Path, tmp_path: Path) -> None:
+    audio = inbox / "song.wav"
+    write_tone(audio, 1.5)
+    settled(page, audio)
+    info = page.json("/api/file", path=str(audio))
+    sidecar = json.loads((inbox / "song.wav.analysis.json").read_text())
+    assert info["sidecar"] == sidecar and info["state"] == "done"
+    loud = sidecar["models"]["loudness_ebur128"]["results"]
+    assert info["curves"]["momentary"] == loud["momentaryLoudness"][0]
+    assert info["curves"]["beats"] == sidecar["models"]["bpm_degara"]["results"]["beat_positions"]
+    assert {(j["pipeline"], j["state"]) for j in info["jobs"]} == {("analyze", "done"), ("archive", "done")}
+    assert [j["attempts"] for j in info["jobs"]] == [0, 0]  # no failed attempt
+    manifest = json.loads((tmp_path / "out" / "song" / "manifest.json").read_text())
+    assert info["delivery"]["manifest"] == manifest
+    assert {f["version"] for f in info["delivery"]["files"]} >= {"mastered", "original"}
+    assert [f["path"] for f in info["delivery"]["files"]] == [f["path"] for f in manifest["files"]]
+    assert page.client.get("/api/file", params={"path": str(inbox / "other.wav")}).status_code == 404
+    assert page.client.get("/api/file").status_code == 422
+    html = page.client.get("/file", params={"path": str(audio)}).text
+    assert f'data-count="{len(loud["momentaryLoudness"][0])}"' in html
+
+
+def test_retry_sends_a_failed_file_again(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    """POST /api/retry {"paths": [...]} makes a failed file due now: the service gets a new request."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False)
+    page = Page(run_daemon(settings), settings)
+    emu.analysis.faults.reject_models = {"key"}
+    audio = inbox / "bad.wav"
+    write_tone(audio, 0.5)
+    failed = settled(page, audio, "failed")
+    assert "unknown model: key" in failed["jobs"]["analyze"]["error"]
+    sent = emu.api.counts()[STREAM]
+    emu.analysis.faults.reject_models = set()
+    r = page.client.post("/api/retry", json={"paths": [str(audio)]})
+    assert r.status_code == 200 and r.json() == {"retried": 1}
+    settled(page, audio, "done")
+    assert emu.api.counts()[STREAM] == sent + 1
+    assert page.client.post("/api/retry", json={"failed": True}).json() == {"retried": 0}
+    assert page.client.post("/api/retry", json={"in_doubt": True}).json() == {"retried": 0}
+    assert page.client.post("/api/retry", json={}).status_code == 422
+    assert page.client.post("/api/retry", json={"paths": "x"}).status_code == 422
+    assert page.client.post("/api/retry", content=b"{not json").status_code == 422
+    page.close()
+
+
+def test_pause_and_resume(page: Page, inbox: Path) -> None:
+    def paused() -> bool:
+        return page.json("/api/status")["folders"][0]["paused"]
+
+    assert page.client.post("/api/pause", json={"folder": str(inbox)}).json()["paused"] is True
+    assert paused() is True
+    assert page.client.post("/api/resume", json={"folder": str(inbox)}).json()["paused"] is False
+    assert paused() is False
+    assert page.client.post("/api/pause", json={"folder": "/not/watched"}).status_code == 404
+    assert page.client.post("/api/pause", json={}).status_code == 422
+
+
+def test_event_stream_tells_of_a_file_from_settled_to_done(page: Page, inbox: Path) -> None:
+    seen: list[tuple[str, dict]] = []
+    with page.client.stream("GET", "/api/events", timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        assert next(lines) == ": connected"
+        write_tone(inbox / "live.wav", 0.5)
+        event = None
+        for line in lines:
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event:
+                seen.append((event, json.loads(line[6:])))
+                if sum(1 for e, _ in seen if e == "done") == 2:
+                    break
+    kinds = [e for e, _ in seen]
+    assert kinds[0] == "settled" and seen[0][1]["path"] == str(inbox / "live.wav")
+    assert {m["pipeline"] for e, m in seen if e == "done"} == {"analyze", "archive"}
+    assert "spend" in kinds  # the paid calls of the archive pipeline
+
+
+def test_audio_is_served_with_ranges_only_from_watched_and_output_folders(
+    page: Page, inbox: Path, tmp_path: Path
+) -> None:
+    audio = inbox / "tone.wav"
+    write_tone(audio, 1.0)
+    settled(page, audio)
+    raw = audio.read_bytes()
+    r = page.client.get("/audio", params={"path": str(audio)}, headers={"Range": "bytes=100-199"})
+    assert r.status_code == 206 and r.content == raw[100:200]
+    assert r.headers["content-range"] == f"bytes 100-199/{len(raw)}"
+    whole = page.client.get("/audio", params={"path": str(audio)})
+    assert whole.status_code == 200 and whole.content == raw and whole.headers["accept-ranges"] == "bytes"
+    delivered = tmp_path / "out" / "tone" / "tone (mastered).wav"
+    assert page.client.get("/audio", params={"path": str(delivered)}).status_code == 200
+    outside = tmp_path / "secret.wav"
+    outside.write_bytes(b"RIFF secret")
+    (inbox / "link.wav").symlink_to(outside)
+    for path in (outside, inbox / "link.wav", inbox / ".." / "secret.wav", tmp_path / "state" / "web-token"):
+        r = page.client.get("/audio", params={"path": str(path)})
+        assert r.status_code == 404 and b"secret" not in r.content, path
+
+
+def test_metrics_move_onto_the_page_server(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    settings = web_settings(tmp_path, inbox, emu).model_copy(
+        update={"metrics": MetricsConfig(enabled=True, port=0)}
+    )
+    page = Page(run_daemon(settings), settings)
+    write_tone(inbox / "m.wav", 0.5)
+    settled(page, inbox / "m.wav")
+    assert page.daemon.daemon.metrics_address == page.daemon.daemon.web.address
+    assert page.anonymous.get("/metrics").status_code == 401
+    text = page.client.get("/metrics").text
+    assert 'watcher_files_done_total{pipeline="analyze"} 1.0' in text
+    page.close()
+
+
+# -- when the page cannot run ----------------------------------------------------------------------
+
+
+def test_taken_port_is_a_warning_and_the_daemon_runs_on(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon
+) -> None:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    settings = web_settings(tmp_path, inbox, emu, archive=False, listen=f"127.0.0.1:{port}")
+    with capture_logs() as logs:
+        d = run_daemon(settings)
+        write_tone(inbox / "still.wav", 0.5)
+        wait_for(lambda: (inbox / "still.wav.analysis.json").exists(), what="the sidecar")
+    warning = next(e for e in logs if e["event"] == "web.port_unavailable")
+    assert warning["log_level"] == "warning" and f"port {port}" in warning["error"]
+    assert d.daemon.web is None
+    web = commands.status(settings)["web"]
+    assert web["running"] is False and f"port {port} on 127.0.0.1 is already taken" in web["problem"]
+    assert f"web page: not running (port {port}" in render(commands.status(settings))
+    d.stop()
+    assert commands.status(settings)["web"] is None  # no daemon: nothing said about a page
+    holder.close()
+
+
+def test_non_loopback_needs_a_long_token(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    settings = web_settings(tmp_path, inbox, emu, archive=False, listen="0.0.0.0:0", token="short-token")
+    with capture_logs() as logs:
+        d = run_daemon(settings)
+        wait_for(lambda: commands.web_state(settings), what="the page's state")
+    assert d.daemon.web is None
+    assert "at least 32 characters" in commands.web_state(settings)["problem"]
+    assert any(e["event"] == "web.not_started" for e in logs)
+    d.stop()
+    long_token = "x" * 40
+    exposed = web_settings(tmp_path, inbox, emu, archive=False, listen="0.0.0.0:0", token=long_token)
+    with capture_logs() as logs:
+        d = run_daemon(exposed)
+        url = wait_for(lambda: d.daemon.web and d.daemon.web.url)
+    assert any(e["event"] == "web.exposed" and e["log_level"] == "warning" for e in logs)
+    port = url.rsplit(":", 1)[1]
+    assert httpx.get(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"Bearer {long_token}"})
+    assert not any(long_token in json.dumps(e, default=str) for e in logs)
+    d.stop()
+
+
+def test_web_section_defaults() -> None:
+    from watcher.config import WebConfig
+
+    cfg = WebConfig()
+    assert cfg.enabled is True and cfg.listen == "127.0.0.1:8765" and cfg.token is None
+    with pytest.raises(ValueError, match="not host:port"):
+        WebConfig(listen="8765")
+    assert os.environ["WATCHER_WEB__ENABLED"] == "false"  # the suite's daemons keep the page off by default

@@ -1,0 +1,265 @@
+"""The page in a real headless Chromium (Debian's chromium and chromedriver, driven by Selenium) against a real
+daemon and the emulator. Screenshots of every page go to a temp folder (printed), or to $WEB_SCREENSHOTS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.webutil import Page, new_emulator, web_settings
+from watcher.emulator import Emulator
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+SHOTS = Path(os.environ.get("WEB_SCREENSHOTS") or Path(tempfile.gettempdir()) / "watcher-web-screenshots")
+STREAM = "POST /v1/analysis/stream"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="watcher-chromium-")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--mute-audio",
+        "--autoplay-policy=no-user-gesture-required",
+        "--window-size=1200,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_script_timeout(20)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {SHOTS}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    from watcher import local
+
+    e = new_emulator() if not local.available() else Emulator(
+        analysis_key="test-key-5f1c2a9e", processing_key="na-web-key-1234", use_local=True
+    ).start()
+    e.processing.faults.polls_needed = 1
+    yield e
+    e.stop()
+
+
+def drop(path: Path, seconds: float = 4.0) -> Path:
+    """Music with a beat (A minor chords over a 120 BPM click), so that local analysis finds key and tempo."""
+    from tests.audiogen import chord_progression, click_track, write_wav
+
+    chords = chord_progression(seconds / 8, 2, tonic="A", scale="minor")
+    clicks = click_track(120, len(chords) / 44100)
+    tmp = write_wav(path.parent / f".{path.name}.part", 0.6 * chords + 0.5 * clicks[: len(chords)])
+    return tmp.replace(path)  # whole, so the detector never sees a half-written file
+
+
+def open_page(run_daemon: Any, settings: Any, browser: Any) -> Page:
+    """Start the daemon and log the browser in with the login link."""
+    page = Page(run_daemon(settings), settings)
+    browser.get(f"{page.url}/login?token={page.token}")
+    wait_for(lambda: browser.current_url == f"{page.url}/", what="the login redirect")
+    return page
+
+
+def shot(browser: Any, name: str) -> None:
+    browser.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def js(browser: Any, script: str, *args: Any) -> Any:
+    return browser.execute_script(script, *args)
+
+
+def text_of(browser: Any, element_id: str) -> str | None:
+    """An element's text read in one script call, so a page reloading meanwhile cannot make it stale."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        return js(browser, "const e = document.getElementById(arguments[0]); return e ? e.textContent : null;",
+                  element_id)
+    except WebDriverException:  # the page was between two documents: ask again
+        return None
+
+
+def row_state(browser: Any, path: Path) -> str | None:
+    return js(
+        browser,
+        "const r = [...document.querySelectorAll('#files tbody tr')].find(r => r.dataset.path === arguments[0]);"
+        "return r ? r.dataset.state : null;",
+        str(path),
+    )
+
+
+def test_login_link_logs_in(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any) -> None:
+    settings = web_settings(tmp_path, inbox, emu)
+    page = Page(run_daemon(settings), settings)
+    browser.delete_all_cookies()
+    browser.get(f"{page.url}/")
+    assert "log in with the link" in browser.find_element("tag name", "body").text
+    browser.get(f"{page.url}/login?token={page.token}")
+    wait_for(lambda: browser.current_url == f"{page.url}/")
+    assert browser.title == "Overview · watcher"
+    wait_for(lambda: browser.find_element("id", "live").text == "live", what="the event stream")
+    cookie = browser.get_cookie("watcher_session")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert js(browser, "return document.cookie") == ""  # HttpOnly: scripts cannot read it
+    page.close()
+
+
+@pytest.mark.serial  # it measures the sidecar-to-row latency: alone, not beside the parallel suite
+def test_overview_shows_a_dropped_file_moving_to_done_without_reload(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
+) -> None:
+    """The row appears and turns done from the event stream alone; prints sidecar-to-row latency."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False)
+    page = open_page(run_daemon, settings, browser)
+    wait_for(lambda: browser.find_element("id", "live").text == "live", what="the event stream")
+    js(
+        browser,
+        """window.notReloaded = true; window.doneAt = null;
+        new MutationObserver(() => {
+          const r = [...document.querySelectorAll('#files tbody tr')].find(r => r.dataset.path === arguments[0]);
+          if (r && r.dataset.state === 'done' && !window.doneAt) window.doneAt = Date.now();
+        }).observe(document.querySelector('#files tbody'), {childList: true, subtree: true});""",
+        str(inbox / "drop.wav"),
+    )
+    drop(inbox / "drop.wav")
+    wait_for(lambda: row_state(browser, inbox / "drop.wav") is not None, what="the row to appear")
+    wait_for(lambda: row_state(browser, inbox / "drop.wav") == "done", timeout=30, what="the row to turn done")
+    assert js(browser, "return window.notReloaded") is True
+    sidecar = inbox / "drop.wav.analysis.json"
+    latency = js(browser, "return window.doneAt") / 1000 - sidecar.stat().st_mtime
+    print(f"\nsidecar written -> row done on the open page: {latency * 1000:.0f} ms")
+    assert 0 <= latency < 2.0
+    shot(browser, "overview")
+    browser.get(f"{page.url}/files")
+    wait_for(lambda: row_state(browser, inbox / "drop.wav") == "done")
+    browser.find_element("name", "q").send_keys("nothing-matches")
+    browser.find_element("css selector", "#filters button").click()
+    wait_for(lambda: browser.find_element("id", "total").text == "0 file(s)", what="the filter")
+    browser.find_element("name", "q").clear()
+    browser.find_element("css selector", "#filters button").click()
+    wait_for(lambda: browser.find_element("id", "total").text == "1 file(s)")
+    shot(browser, "files")
+    page.close()
+
+
+def test_file_page_plots_loudness_and_plays_a_delivered_version(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
+) -> None:
+    settings = web_settings(tmp_path, inbox, emu)
+    page = open_page(run_daemon, settings, browser)
+    audio = inbox / "Track One.wav"
+    drop(audio, 8.0)
+    wait_for(lambda: row_state(browser, audio) == "done", timeout=40, what="the file to be delivered")
+    browser.find_element("link text", str(audio)).click()
+    wait_for(lambda: "/file?path=" in browser.current_url)
+    sidecar = json.loads((inbox / "Track One.wav.analysis.json").read_text())
+    momentary = sidecar["models"]["loudness_ebur128"]["results"]["momentaryLoudness"][0]
+    plot = browser.find_element("css selector", "#loudness-plot polyline[data-series=momentary]")
+    size = plot.size
+    assert size["width"] > 100 and size["height"] > 0
+    assert js(browser, "return arguments[0].points.numberOfItems", plot) == len(momentary)
+    beats = sidecar["models"]["bpm_degara"]["results"]["beat_positions"]
+    assert len(browser.find_elements("css selector", "#loudness-plot .beats line")) == len(beats)
+    bpm = sidecar["models"]["bpm_degara"]["results"]["bpm"]
+    assert browser.find_element("id", "bpm").text == f"{bpm:.1f} BPM"
+    players = browser.find_elements("css selector", "#players audio")
+    assert len(players) >= 2
+    js(browser, "arguments[0].play()", players[0])
+    wait_for(lambda: js(browser, "return arguments[0].readyState", players[0]) >= 2, what="the audio to play")
+    assert js(browser, "return arguments[0].error", players[0]) is None
+    shot(browser, "file")
+    page.close()
+
+
+def test_retry_button_on_a_failed_file_sends_it_again(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
+) -> None:
+    settings = web_settings(tmp_path, inbox, emu, archive=False)
+    page = open_page(run_daemon, settings, browser)
+    emu.analysis.faults.reject_models = {"key"}
+    audio = inbox / "refused.wav"
+    drop(audio)
+    wait_for(lambda: row_state(browser, audio) == "failed", timeout=30, what="the file to fail")
+    shot(browser, "overview-failure")
+    browser.get(f"{page.url}/file?path={audio}")
+    assert "unknown model: key" in browser.find_element("id", "jobs").text
+    shot(browser, "file-failed")
+    sent = emu.api.counts()[STREAM]
+    emu.analysis.faults.reject_models = set()
+    browser.find_element("id", "retry").click()
+    wait_for(lambda: emu.api.counts()[STREAM] == sent + 1, what="a new request to the service")
+    wait_for(lambda: text_of(browser, "state") == "done", timeout=20, what="the page to show done")
+    page.close()
+
+
+def test_cross_origin_post_is_refused_in_the_browser(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
+) -> None:
+    """Another origin on the same host (same site: the Strict cookie goes along) cannot pause a folder."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False)
+    page = open_page(run_daemon, settings, browser)
+    browser.get(f"{emu.url}/elsewhere")  # another origin: the emulator's port
+    result = browser.execute_async_script(
+        """const done = arguments[arguments.length - 1];
+        fetch(arguments[0] + '/api/pause', {method: 'POST', credentials: 'include', mode: 'no-cors',
+          headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({folder: arguments[1]})})
+          .then(r => done('sent ' + r.type), e => done('error ' + e));""",
+        page.url,
+        str(inbox),
+    )
+    assert result == "sent opaque"
+    assert page.json("/api/status")["folders"][0]["paused"] is False
+    browser.get(f"{page.url}/")
+    wait_for(lambda: browser.find_elements("css selector", "#folders tbody button"), what="the folder row")
+    browser.find_element("css selector", "#folders tbody button").click()  # this page's own origin: allowed
+    wait_for(lambda: page.json("/api/status")["folders"][0]["paused"] is True, what="the pause")
+    page.close()
+
+
+def test_screens_on_a_phone(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any) -> None:
+    """The overview fits a phone's width without sideways scrolling."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False)
+    page = open_page(run_daemon, settings, browser)
+    drop(inbox / "phone.wav")
+    wait_for(lambda: row_state(browser, inbox / "phone.wav") == "done", timeout=30)
+    browser.set_window_size(390, 844)
+    try:
+        time_limit = time.monotonic() + 5
+        wait_for(lambda: js(browser, "return window.innerWidth") <= 400 or time.monotonic() > time_limit)
+        assert js(browser, "return document.documentElement.scrollWidth <= window.innerWidth + 1") is True
+        shot(browser, "overview-phone")
+    finally:
+        browser.set_window_size(1200, 1000)
+    page.close()

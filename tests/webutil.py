@@ -1,0 +1,58 @@
+"""Shared by the web page's tests: a real daemon with the page on a free loopback port, and the emulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import API_KEY, make_settings, wait_for
+from watcher.config import ArchiveConfig, Settings, WebConfig
+from watcher.emulator import Emulator
+
+PKEY = "na-web-key-1234"
+
+
+def web_settings(tmp_path: Path, inbox: Path, emu: Emulator, *, archive: bool = True, **web: Any) -> Settings:
+    """One fast folder analysed (and, ``archive``, archived as original + mastered) through the emulator."""
+    web.setdefault("listen", "127.0.0.1:0")
+    settings = make_settings(tmp_path, inbox, emu.url)
+    update: dict[str, Any] = {"web": WebConfig(enabled=True, **web)}
+    if archive:
+        update["archive"] = ArchiveConfig(
+            enabled=True,
+            base_url=emu.url,
+            api_key=PKEY,
+            output_dir=tmp_path / "out",
+            poll_initial=0.05,
+            poll_max=0.2,
+            versions=("original", "mastered"),
+        )
+    return settings.model_copy(update=update)
+
+
+def new_emulator() -> Emulator:
+    emu = Emulator(analysis_key=API_KEY, processing_key=PKEY, use_local=False).start()
+    emu.processing.faults.polls_needed = 1
+    return emu
+
+
+class Page:
+    """The page of a running test daemon: its URL, its token, and an authorised HTTP client."""
+
+    def __init__(self, daemon: Any, settings: Settings) -> None:
+        self.daemon = daemon
+        self.url: str = wait_for(lambda: daemon.daemon.web and daemon.daemon.web.url, what="the page to listen")
+        self.token = (settings.state_dir / "web-token").read_text().strip()
+        self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        self.anonymous = httpx.Client(base_url=self.url, timeout=10)
+
+    def json(self, url: str, **params: Any) -> Any:
+        r = self.client.get(url, params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def close(self) -> None:
+        self.client.close()
+        self.anonymous.close()

@@ -1,0 +1,173 @@
+"""What the page shows, derived from the status document (:func:`watcher.status.collect`) and the files it
+names (sidecars, delivery manifests): file rows with key, tempo and loudness, filters, and one file's detail."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+PAGE_SIZE = 50
+LOUDNESS_HOP_SECONDS = 0.1  # EBU R128 momentary and short-term values come every 100 ms
+_sidecar_cache: dict[str, tuple[int, dict[str, Any]]] = {}
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """A JSON object from disk, or None when it is missing or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def sidecar(path: str | None) -> dict[str, Any] | None:
+    """A sidecar, cached by its modification time (file lists read many)."""
+    if not path:
+        return None
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    hit = _sidecar_cache.get(path)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    doc = read_json(path)
+    if doc is None:
+        return None
+    if len(_sidecar_cache) > 5000:
+        _sidecar_cache.clear()
+    _sidecar_cache[path] = (mtime, doc)
+    return doc
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _results(doc: Mapping[str, Any] | None, model: str) -> dict[str, Any]:
+    models = (doc or {}).get("models") or {}
+    entry = models.get(model) or {}
+    results = entry.get("results")
+    return results if isinstance(results, dict) else {}
+
+
+def number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def summary(doc: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Key, scale, key strength, BPM, integrated loudness and loudness range from a sidecar (None if absent)."""
+    key = _results(doc, "key")
+    bpm = _results(doc, "bpm_degara")
+    loud = _results(doc, "loudness_ebur128")
+    return {
+        "key": _first(key.get("key")),
+        "scale": _first(key.get("scale")),
+        "key_strength": number(_first(key.get("strength"))),
+        "bpm": number(bpm.get("bpm")),
+        "integrated_lufs": number(_first(loud.get("integratedLoudness"))),
+        "loudness_range": number(_first(loud.get("loudnessRange"))),
+    }
+
+
+def curves(doc: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The loudness curves over time and the beat positions, for the plot."""
+    loud = _results(doc, "loudness_ebur128")
+    bpm = _results(doc, "bpm_degara")
+
+    def series(name: str) -> list[float]:
+        values = _first(loud.get(name))
+        return [float(v) for v in values] if isinstance(values, list) else []
+
+    beats = bpm.get("beat_positions")
+    return {
+        "hop_seconds": LOUDNESS_HOP_SECONDS,
+        "momentary": series("momentaryLoudness"),
+        "short_term": series("shortTermLoudness"),
+        "beats": [float(b) for b in beats] if isinstance(beats, list) else [],
+    }
+
+
+def state_of(entry: Mapping[str, Any]) -> str:
+    """One word for a file's row: the worst of its jobs' states (failed, in_doubt, working, done)."""
+    states = {j["state"] for j in entry["jobs"].values()}
+    for word in ("failed", "in_doubt", "pending", "gone"):
+        if word in states:
+            return word
+    return "done" if states <= {"done", "skipped", "superseded"} else sorted(states)[0]
+
+
+def rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every current file of the status document as a row: path, folder, state, jobs and the sidecar summary."""
+    folders = sorted((f["folder"] for f in report["folders"]), key=len, reverse=True)
+    out = []
+    for entry in report["files"]:
+        analyze = entry["jobs"].get("analyze", {})
+        row = {
+            "path": entry["path"],
+            "name": os.path.basename(entry["path"]),
+            "folder": next((f for f in folders if entry["path"].startswith(f.rstrip("/") + "/")), None),
+            "state": state_of(entry),
+            "jobs": entry["jobs"],
+            **summary(sidecar(analyze.get("sidecar"))),
+        }
+        out.append(row)
+    out.sort(key=lambda r: (r["state"] not in ("failed", "in_doubt"), r["path"]))
+    return out
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def select(all_rows: Iterable[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
+    """Filter rows by ``state``, ``folder``, ``q`` (in the path), ``key`` (e.g. ``A minor`` or ``A``),
+    ``bpm_min``/``bpm_max``, and return page ``page`` (from 1) of ``PAGE_SIZE``."""
+    state, folder = query.get("state") or "", query.get("folder") or ""
+    text, key = (query.get("q") or "").lower(), (query.get("key") or "").strip().lower()
+    low, high = _float(query.get("bpm_min")), _float(query.get("bpm_max"))
+    chosen = []
+    for row in all_rows:
+        if state and row["state"] != state and state not in {j["state"] for j in row["jobs"].values()}:
+            continue
+        if folder and row["folder"] != folder.rstrip("/"):
+            continue
+        if text and text not in row["path"].lower():
+            continue
+        if key and key not in (f"{row['key']} {row['scale']}".lower(), str(row["key"]).lower()):
+            continue
+        if (low is not None or high is not None) and row["bpm"] is None:
+            continue
+        if (low is not None and row["bpm"] < low) or (high is not None and row["bpm"] > high):
+            continue
+        chosen.append(row)
+    try:
+        page = max(1, int(query.get("page") or 1))
+    except ValueError:
+        page = 1
+    start = (page - 1) * PAGE_SIZE
+    return {
+        "total": len(chosen),
+        "page": page,
+        "page_size": PAGE_SIZE,
+        "pages": max(1, -(-len(chosen) // PAGE_SIZE)),
+        "files": chosen[start : start + PAGE_SIZE],
+    }
+
+
+def deliveries(delivery: str | None) -> dict[str, Any] | None:
+    """A delivery folder with its manifest, and each delivered audio file's absolute path (for the players)."""
+    if not delivery:
+        return None
+    manifest = read_json(Path(delivery) / "manifest.json")
+    files = []
+    for f in (manifest or {}).get("files", []):
+        if isinstance(f, dict) and isinstance(f.get("path"), str):
+            files.append({**f, "absolute": str(Path(delivery) / f["path"])})
+    return {"folder": delivery, "manifest": manifest, "files": files}
