@@ -103,8 +103,9 @@ async function loadOverview() {
   }
   document.getElementById("spend").replaceChildren(...spend);
   const nodes = report.nodes || [];
-  document.getElementById("nodes-section").hidden = nodes.length < 2;
-  document.getElementById("nodes").replaceChildren(...nodes.map((n) => el("li", {}, JSON.stringify(n))));
+  document.getElementById("nodes-section").hidden = nodes.length === 0;
+  document.getElementById("nodes").replaceChildren(...nodes.map((n) => el("li", {},
+    `${n.name} (watcher ${n.version}): last heartbeat ${n.seconds_since_heartbeat} s ago, ${n.jobs_held} job(s) held`)));
   fill(document.querySelector("#files tbody"), listing.files.map(fileRow));
 }
 

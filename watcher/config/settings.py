@@ -1,0 +1,181 @@
+"""The whole of the settings and how they are loaded: file, environment, command line; errors name the key."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import (
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from watcher.config.secrets import resolve_secrets
+from watcher.config.sections import (
+    APP,
+    AbsolutePath,
+    AnalysisConfig,
+    ArchiveConfig,
+    FolderConfig,
+    MetricsConfig,
+    RetryConfig,
+    SidecarConfig,
+    StoreConfig,
+    WebConfig,
+    WebhooksConfig,
+)
+from watcher.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """All of watcher's settings; frozen once loaded."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WATCHER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    state_dir: AbsolutePath = Field(default_factory=lambda: Path(platformdirs.user_state_dir(APP)))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    folders: tuple[FolderConfig, ...] = ()
+    analysis: AnalysisConfig = AnalysisConfig()
+    sidecar: SidecarConfig = SidecarConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    retry: RetryConfig = RetryConfig()
+    store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
+    web: WebConfig = WebConfig()
+
+    @model_validator(mode="after")
+    def _archive_needs_an_output(self) -> Settings:
+        """With the archive on, every folder needs somewhere to deliver: its own output_dir or the archive's."""
+        if self.archive.enabled and self.archive.output_dir is None:
+            missing = [str(f.path) for f in self.folders if f.output_dir is None]
+            if missing:
+                raise ValueError(
+                    "archive.output_dir: required when the archive is enabled (or set output_dir on each "
+                    f"[[folders]] entry; missing for {', '.join(missing)})"
+                )
+        return self
+
+    def output_dir_for(self, folder: FolderConfig) -> Path | None:
+        """Where a folder's deliveries go: its own output_dir, else the archive's."""
+        return folder.output_dir or self.archive.output_dir
+
+    def folder_for(self, path: Path) -> FolderConfig | None:
+        """The configured folder ``path`` is in, or is (the deepest one), or None."""
+        owners = [f for f in self.folders if path.is_relative_to(f.path)]
+        return max(owners, key=lambda f: len(f.path.parts)) if owners else None
+
+    def own_dirs(self, folder: FolderConfig) -> list[str]:
+        """Our own output folders inside a watched folder (relative paths): never work, never watched or scanned."""
+        out = []
+        for d in (self.output_dir_for(folder), folder.done_dir, folder.failed_dir, self.sidecar.directory):
+            if d is not None and d != folder.path and d.is_relative_to(folder.path):
+                out.append(os.path.relpath(d, folder.path))
+        return out
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _TOML_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+_TOML_FILE: dict[str, Path | None] = {"path": None}
+
+
+def default_config_path() -> Path:
+    """The platform's config file location (``~/.config/watcher/config.toml`` on Linux)."""
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
+    """``--config``, else ``$WATCHER_CONFIG``, else the platform file if it exists, else None."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist (given with --config)")
+        return explicit
+    if env.get("WATCHER_CONFIG"):
+        path = Path(env["WATCHER_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (given by WATCHER_CONFIG)")
+        return path
+    path = default_config_path()
+    return path if path.is_file() else None
+
+
+def _describe(error: Any) -> str:
+    """One validation error as "key: what is wrong" (a rule over several keys names its keys itself)."""
+    loc = ""
+    for part in error["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if error["type"] == "missing":
+        return f"{loc}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {message}" if loc else message
+
+
+def load_settings(
+    config_path: Path | None,
+    env: Mapping[str, str],
+    *,
+    folders: list[Path] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Load, validate and resolve settings; ``folders`` from the command line replace the configured list.
+
+    A folder given on the command line keeps the options of a configured folder with the same path.
+    """
+    source = f" in {config_path}" if config_path else ""
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            with config_path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {config_path} cannot be read: {exc.strerror}") from exc
+    if folders:
+        configured = {
+            os.path.abspath(os.path.expanduser(str(f.get("path", "")))): f
+            for f in data.get("folders", [])
+            if isinstance(f, dict)
+        }
+        chosen = [os.path.abspath(raw.expanduser()) for raw in folders]
+        overrides["folders"] = [configured.get(path, {"path": path}) for path in chosen]
+    _TOML_FILE["path"] = config_path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration{source}: {problems}") from None
+    finally:
+        _TOML_FILE["path"] = None
+    return resolve_secrets(settings, env)
