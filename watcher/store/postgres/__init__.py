@@ -1,0 +1,35 @@
+"""The PostgreSQL adapter: the same store ports as SQLite, shared by several daemons on several machines.
+
+Design (see README "Several machines"):
+
+- Claims take ``SELECT ... FOR UPDATE SKIP LOCKED`` on the due job and stamp a lease in the *database's* clock;
+  the runner's lease keeper renews leases; an expired lease (a dead node) is simply claimable again by the next
+  claim: there is no sweeper. Every time a caller passes (``now``, ``next_attempt_at``) is read in the caller's
+  clock and converted to the database's with the node's measured skew (whole seconds, re-measured every minute),
+  so a node whose clock is off neither steals leases nor starves; times handed back are converted the same way.
+- The gate's take is one transaction under ``operations``' primary key, with the day's ``spend`` row locked
+  (``SELECT ... FOR UPDATE``), so two nodes never both send one operation and a cap is never passed.
+- Paths are ``bytea``: the exact bytes of the name (``os.fsencode``), whatever the encoding. A file is identified
+  across machines by the folder ID from the folder's marker (``watcher.markers``) and its path relative to that
+  folder, plus size and mtime; not by the absolute path (mounts differ) nor the inode (SMB ``noserverino``
+  numbers differ per client). Each node hands its local folder → folder ID map to :meth:`PostgresStore.use_folders`
+  and gets its own absolute paths back.
+- Migrations are versioned (``schema_version``) and run under an advisory lock. psycopg 3 with a small pool
+  (:class:`~watcher.store.postgres.pool.Pool`: a broken connection is replaced by a fresh connect at once);
+  no LISTEN/NOTIFY (works behind PgBouncer in transaction mode): workers poll.
+"""
+
+from __future__ import annotations
+
+from watcher.store.postgres.base import PgBase
+from watcher.store.postgres.control import PgControlMixin
+from watcher.store.postgres.gate import PgGateMixin
+from watcher.store.postgres.pool import StoreUnreachable, redact
+
+__all__ = ["PostgresStore", "StoreUnreachable", "redact"]
+
+
+class PostgresStore(PgGateMixin, PgControlMixin, PgBase):
+    """The store in PostgreSQL: safe for many threads of many daemons on many machines at once."""
+
+    shared = True  # several daemons use it at once: leases are not given back wholesale at start

@@ -1,0 +1,525 @@
+"""The PostgreSQL store's foundation: connection, clocks, folder IDs, files, jobs and results."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from watcher.names import text
+from watcher.store.core import LeaseLost
+from watcher.store.models import FileVersion, Job, Operation, StoredResult
+from watcher.store.postgres.pool import Pool, StoreUnreachable, first_line, redact
+from watcher.store.postgres.schema import (
+    FENCE,
+    JOB_SELECT,
+    KEY_WHERE,
+    LOCK_KEY,
+    NOT_PAUSED,
+    SCHEMA,
+    SKEW_REFRESH,
+    TERMINAL_STATES,
+)
+from watcher.store.schema import STATES
+
+
+def path_bytes(path: str) -> bytes:
+    """A path as the store keeps it: its exact bytes."""
+    return os.fsencode(path)
+
+
+def op_key(op: Operation) -> tuple[str, str, str, str]:
+    """An operation's primary key in ``operations``."""
+    return (op.sha256, op.service, op.name, op.params)
+
+
+class PgBase:
+    """Connection, clocks, folder IDs, the file registry, jobs and results: what the other parts build on."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        passfile: str | None = None,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 4,
+        readonly: bool = False,
+        lease: float = 600.0,
+        name: str = "watcher",
+    ) -> None:
+        """Connect (and create or migrate the schema, unless ``readonly``); ``clock`` is this node's clock,
+        ``name`` the application name its connections show in ``pg_stat_activity``."""
+        self.url = url
+        self.where = redact(url)
+        self.lease = lease  # the longest a paid operation stays taken without renewal (the runner's lease)
+        self._clock = clock
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "row_factory": dict_row,
+            "connect_timeout": 10,
+            "application_name": name[:63],
+        }
+        if passfile:
+            kwargs["passfile"] = passfile
+        self._pool = Pool(url, kwargs, pool_size)
+        try:
+            self._pool.check()
+        except psycopg.OperationalError as exc:
+            self._pool.close()
+            raise StoreUnreachable(f"cannot reach the store at {self.where}: {first_line(exc)}") from None
+        self._folders: dict[str, str] = {}  # local folder path -> folder ID
+        self._paths: dict[str, str] = {}  # folder ID -> local folder path
+        self._mine: list[str] | None = None  # claims only in these folder IDs (None: any)
+        self._skew = 0.0
+        self._skew_at = -SKEW_REFRESH
+        self._skew_lock = threading.Lock()
+        if not readonly:
+            self._migrate()
+        self.store_id = self._meta("store_id")
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction on a pooled connection."""
+        with self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    def _run(self, fn: Callable[[psycopg.Connection[Any]], Any], *, attempts: int = 3) -> Any:
+        """``fn`` in one transaction; a connection lost before commit (a partition, pg_terminate_backend, a
+        restart) is retried on a fresh connection. A commit whose answer was lost may run twice: every caller
+        is idempotent or fenced (a second claim by the same owner, a take that then waits on itself)."""
+        for attempt in range(attempts):
+            try:
+                with self._tx() as conn:
+                    return fn(conn)
+            except psycopg.OperationalError:
+                self._pool.drop_idle()  # a partition or a server restart breaks every idle connection too
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))  # sleep-ok: a short pause before reconnecting
+        return None
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
+        return self._run(lambda c: c.execute(sql, args).fetchone())  # type: ignore[no-any-return]
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return self._run(lambda c: c.execute(sql, args).fetchall())  # type: ignore[no-any-return]
+
+    def _migrate(self) -> None:
+        def go(db: psycopg.Connection[Any]) -> None:
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = 0 if row is None else int(row["version"])
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (0)")
+            for number, script in enumerate(SCHEMA[version:], start=version + 1):
+                db.execute(script)  # our constant DDL
+                db.execute("UPDATE schema_version SET version=%s", (number,))
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('store_id', %s) ON CONFLICT (key) DO NOTHING",
+                (f"postgresql:{uuid.uuid4()}",),
+            )
+
+        self._run(go)
+
+    def _meta(self, key: str) -> str:
+        row = self._one("SELECT value FROM meta WHERE key=%s", (key,))
+        if row is None:
+            raise StoreUnreachable(f"the store at {self.where} has no schema yet: start a daemon first")
+        return str(row["value"])
+
+    # -- clocks: callers speak their own clock, the database keeps its own ------------------------------
+
+    def skew(self) -> float:
+        """The database's clock minus this node's, in whole seconds (re-measured every minute)."""
+        now = time.monotonic()
+        with self._skew_lock:
+            if now - self._skew_at >= SKEW_REFRESH:
+                before = self._clock()
+                row = self._one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t")
+                after = self._clock()
+                assert row is not None
+                self._skew = float(round(row["t"] - (before + after) / 2))
+                self._skew_at = now
+            return self._skew
+
+    def _db_time(self, t: float | None = None) -> float:
+        """A time of this node's clock (default: now) in the database's clock."""
+        return (self._clock() if t is None else t) + self.skew()
+
+    def _local_time(self, t: float) -> float:
+        return t - self.skew()
+
+    # -- folders: local paths <-> folder IDs --------------------------------------------------------------
+
+    def use_folders(self, folders: dict[str, str], *, claim_only_these: bool = True) -> None:
+        """This node's watched folders (local path -> folder ID from the marker); claims stay within them."""
+        self._folders = dict(folders)
+        self._paths = {fid: path for path, fid in folders.items()}
+        self._mine = sorted(set(folders.values())) if claim_only_these and folders else None
+
+    def _fid(self, folder: str) -> str:
+        return self._folders.get(folder, folder)
+
+    def _locate(self, path: str) -> tuple[str, bytes] | None:
+        """(folder ID, relative path) of a local path under one of this node's folders, or None."""
+        best = None
+        for folder in self._folders:
+            prefix = folder.rstrip("/") + "/"
+            if path.startswith(prefix) and (best is None or len(folder) > len(best)):
+                best = folder
+        if best is None:
+            return None
+        return self._folders[best], path_bytes(os.path.relpath(path, best))
+
+    def _where_path(self, path: str, alias: str = "") -> tuple[str, tuple[Any, ...]]:
+        """A WHERE fragment naming the file at a local path (by folder ID and relative path when known)."""
+        located = self._locate(path)
+        if located is not None:
+            return f"{alias}folder_id=%s AND {alias}rel_path=%s", located
+        return f"{alias}path=%s", (path_bytes(path),)
+
+    def _ids_of_paths(self, db: psycopg.Connection[Any], paths: Iterable[str]) -> list[int]:
+        ids: list[int] = []
+        for p in paths:
+            where, args = self._where_path(p)
+            ids.extend(int(r["id"]) for r in db.execute(f"SELECT id FROM files WHERE {where}", args))
+        return ids
+
+    def _version(self, row: dict[str, Any]) -> FileVersion:
+        rel = os.fsdecode(bytes(row["rel_path"]))
+        local = self._paths.get(row["folder_id"])
+        if local is not None:
+            folder, path = local, os.path.join(local, rel)
+        else:
+            folder, path = os.fsdecode(bytes(row["folder"])), os.fsdecode(bytes(row["path"]))
+        return FileVersion(
+            id=int(row["fid"]),
+            folder=folder,
+            path=path,
+            rel_path=rel,
+            size=int(row["size"]),
+            mtime_ns=int(row["mtime_ns"]),
+            inode=int(row["inode"]),
+            sha256=row["sha256"],
+            current=bool(row["current"]),
+        )
+
+    def _job(self, row: dict[str, Any]) -> Job:
+        job = Job(
+            id=int(row["id"]),
+            pipeline=row["pipeline"],
+            step=row["step"],
+            state=row["state"],
+            attempts=int(row["attempts"]),
+            data=json.loads(row["data"]),
+            file=self._version(row),
+            last_error=row["last_error"],
+            error_code=row["error_code"],
+        )
+        job.holder = row.get("lease_owner") if row.get("lease_until") else None  # type: ignore[attr-defined]
+        return job
+
+    # -- registry --------------------------------------------------------------------------------------
+
+    def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        """True when this version (size and mtime at this relative path; inodes differ across mounts) is known."""
+        where, args = self._where_path(path)
+        return (
+            self._one(f"SELECT 1 FROM files WHERE {where} AND size=%s AND mtime_ns=%s", (*args, size, mtime_ns))
+            is not None
+        )
+
+    def register_version(
+        self,
+        *,
+        folder: str,
+        path: str,
+        rel_path: str,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        jobs: Iterable[tuple[str, str]],
+        now: float | None = None,
+    ) -> tuple[int, bool]:
+        """Record a settled file version and its jobs; (file id, whether new). Older versions are superseded."""
+        fid = self._fid(folder)
+        rel = path_bytes(rel_path)
+        jobs = list(jobs)
+        at = self._db_time(now)
+
+        def go(db: psycopg.Connection[Any]) -> tuple[int, bool]:
+            # One registrar per relative path at a time: nodes that see the same file race here.
+            db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{fid}/{rel.hex()}",))
+            row = db.execute(
+                "SELECT id FROM files WHERE folder_id=%s AND rel_path=%s AND size=%s AND mtime_ns=%s",
+                (fid, rel, size, mtime_ns),
+            ).fetchone()
+            if row is not None:
+                return int(row["id"]), False
+            old = [
+                r["id"]
+                for r in db.execute("SELECT id FROM files WHERE folder_id=%s AND rel_path=%s AND current", (fid, rel))
+            ]
+            if old:
+                db.execute("UPDATE files SET current=false WHERE id = ANY(%s)", (old,))
+                db.execute(
+                    "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=%s, "
+                    "last_error='a newer version of the file arrived' WHERE file_id = ANY(%s) AND state <> ALL(%s)",
+                    (at, old, list(TERMINAL_STATES)),
+                )
+            new = db.execute(
+                "INSERT INTO files (folder_id, rel_path, folder, path, size, mtime_ns, inode, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                (fid, rel, path_bytes(folder), path_bytes(path), size, mtime_ns, inode, at),
+            ).fetchone()
+            file_id = int(got(new)["id"])
+            for pipeline, step in jobs:
+                db.execute(
+                    "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
+                    "VALUES (%s, %s, %s, 'pending', %s, %s)",
+                    (file_id, pipeline, step, at, at),
+                )
+            return file_id, True
+
+        return self._run(go)  # type: ignore[no-any-return]
+
+    def current_version(self, path: str) -> FileVersion | None:
+        where, args = self._where_path(path, "f.")
+        row = self._one(
+            "SELECT f.id AS fid, f.* FROM files f WHERE " + where + " AND f.current ORDER BY f.id DESC LIMIT 1", args
+        )
+        return self._version(row) if row else None
+
+    def set_sha256(self, file_id: int, sha256: str) -> None:
+        self._run(lambda db: db.execute("UPDATE files SET sha256=%s WHERE id=%s", (sha256, file_id)))
+
+    # -- jobs -----------------------------------------------------------------------------------------
+
+    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
+        """Take the most overdue pending job whose lease is free or expired (database clock), leased to ``owner``."""
+        at = self._db_time(now)
+        mine = "" if self._mine is None else "AND f.folder_id = ANY(%(mine)s) "
+        args = {"pipeline": pipeline, "at": at, "owner": owner, "until": at + lease, "mine": self._mine}
+
+        def go(db: psycopg.Connection[Any]) -> dict[str, Any] | None:
+            row = db.execute(
+                "SELECT j.id FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=%(pipeline)s "
+                "AND j.state='pending' AND j.next_attempt_at <= %(at)s "
+                "AND (j.lease_until IS NULL OR j.lease_until < %(at)s) "
+                + NOT_PAUSED
+                + mine
+                + "ORDER BY j.next_attempt_at, j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+                args,
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, updated_at=%(at)s WHERE id=%(id)s",
+                {**args, "id": row["id"]},
+            )
+            job: dict[str, Any] = got(db.execute(JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())
+            return job
+
+        row = self._run(go)
+        if row is None:
+            return None
+        job = self._job(row)
+        job.owner = owner
+        return job
+
+    def get_job(self, job_id: int) -> Job | None:
+        row = self._one(JOB_SELECT + "WHERE j.id=%s", (job_id,))
+        return self._job(row) if row else None
+
+    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+        """Persist progress on a claimed job (its next step and/or data keys); LeaseLost once it is not ours."""
+        if step is not None:
+            job.step = step
+        job.data.update(data)
+        n = self._run(
+            lambda db: (
+                db.execute(
+                    "UPDATE jobs SET step=%s, data=%s, updated_at=%s WHERE id=%s" + FENCE,
+                    (job.step, json.dumps(job.data), self._db_time(), job.id, job.owner),
+                ).rowcount
+            )
+        )
+        fenced(n, job)
+
+    def release(
+        self,
+        job: Job,
+        *,
+        state: str = "pending",
+        step: str | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        error_code: str | None = None,
+        count_attempt: bool = False,
+    ) -> None:
+        """Give a job back: ended (a final ``state``), held (``in_doubt``), or pending until ``next_attempt_at``."""
+        assert state in STATES, state
+        job.state = state
+        if step is not None:
+            job.step = step
+        if count_attempt:
+            job.attempts += 1
+        now = self._db_time()
+        due = now if next_attempt_at is None else self._db_time(next_attempt_at)
+        n = self._run(
+            lambda db: (
+                db.execute(
+                    "UPDATE jobs SET state=%s, step=%s, data=%s, attempts=%s, next_attempt_at=%s, last_error=%s, "
+                    "error_code=%s, lease_owner=NULL, lease_until=NULL, updated_at=%s WHERE id=%s" + FENCE,
+                    (
+                        job.state,
+                        job.step,
+                        json.dumps(job.data),
+                        job.attempts,
+                        due,
+                        text(error),
+                        error_code,
+                        now,
+                        job.id,
+                        job.owner,
+                    ),
+                ).rowcount
+            )
+        )
+        fenced(n, job)
+        job.owner = None
+
+    def is_live(self, job: Job) -> bool:
+        """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
+        return self._one("SELECT 1 FROM jobs WHERE id=%s" + FENCE, (job.id, job.owner)) is not None
+
+    def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
+        """Extend the leases ``owner`` holds on these jobs and on the operations it is sending (database clock)."""
+        ids = list(job_ids)
+        if not ids:
+            return
+        until = self._db_time() + lease
+
+        def go(db: psycopg.Connection[Any]) -> None:
+            db.execute("UPDATE jobs SET lease_until=%s WHERE lease_owner=%s AND id = ANY(%s)", (until, owner, ids))
+            db.execute("UPDATE operations SET lease_until=%s WHERE holder=%s AND state='sending'", (until, owner))
+
+        self._run(go)
+
+    def release_leases(self, owner: str | None = None) -> int:
+        """Drop leases: one owner's (at its exit), or every one (only when no other daemon can be running)."""
+        args: tuple[Any, ...] = ()
+        if owner is None:
+            sql = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL"
+        else:
+            sql, args = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=%s", (owner,)
+        return int(self._run(lambda db: db.execute(sql, args).rowcount))
+
+    def next_due(self, pipeline: str) -> float | None:
+        """When (this node's clock) the earliest pending job of ``pipeline`` can be claimed: when it is due and,
+        if another node holds it, when that lease runs out (so a dead node's work is taken over on time)."""
+        mine = "" if self._mine is None else "AND f.folder_id = ANY(%s) "
+        args: tuple[Any, ...] = (pipeline,) + (() if self._mine is None else (self._mine,))
+        row = self._one(
+            "SELECT MIN(GREATEST(j.next_attempt_at, COALESCE(j.lease_until, 0))) AS due FROM jobs j "
+            "JOIN files f ON f.id=j.file_id WHERE j.pipeline=%s AND j.state='pending' " + NOT_PAUSED + mine,
+            args,
+        )
+        due = None if row is None else row["due"]
+        return None if due is None else self._local_time(float(due))
+
+    def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
+        """How many jobs are pending (of one pipeline, for some paths)."""
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            sql = "SELECT COUNT(*) AS n FROM jobs j WHERE j.state='pending'"
+            args: list[Any] = []
+            if pipeline is not None:
+                sql += " AND j.pipeline=%s"
+                args.append(pipeline)
+            if paths is not None:
+                sql += " AND j.file_id = ANY(%s)"
+                args.append(self._ids_of_paths(db, paths))
+            return int(got(db.execute(sql, args).fetchone())["n"])
+
+        return int(self._run(go))
+
+    # -- results ---------------------------------------------------------------------------------------
+
+    def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]:
+        """Results already paid for on this content with this backend (by any node), keyed by model spec."""
+        rows = self._all("SELECT * FROM results WHERE sha256=%s AND backend=%s", (sha256, backend))
+        return {
+            r["requested"]: StoredResult(
+                r["requested"], r["model_name"], r["model_version"], r["correlation_id"], json.loads(r["results"])
+            )
+            for r in rows
+        }
+
+    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None:
+        """Persist one model's results the moment they arrive; with ``op``, mark it answered in the same transaction."""
+        now = self._db_time()
+
+        def go(db: psycopg.Connection[Any]) -> None:
+            if op is not None:
+                db.execute(
+                    "UPDATE operations SET state='answered', holder=NULL, lease_until=NULL, error=NULL, "
+                    f"updated_at=%s WHERE {KEY_WHERE}",
+                    (now, *op_key(op)),
+                )
+            db.execute(
+                "INSERT INTO results VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sha256, backend, requested) "
+                "DO UPDATE SET model_name=excluded.model_name, model_version=excluded.model_version, "
+                "correlation_id=excluded.correlation_id, results=excluded.results, created_at=excluded.created_at",
+                (
+                    sha256,
+                    backend,
+                    result.requested,
+                    result.model_name,
+                    result.model_version,
+                    result.correlation_id,
+                    json.dumps(result.results),
+                    now,
+                ),
+            )
+
+        self._run(go)
+
+
+def got(row: Any) -> Any:
+    """A row a statement always returns (RETURNING, a row locked just after its insert)."""
+    assert row is not None
+    return row
+
+
+def set_op_state(db: psycopg.Connection[Any], op: Operation, state: str, now: float, *, error: str | None) -> None:
+    db.execute(
+        "UPDATE operations SET state=%s, holder=NULL, lease_until=NULL, error=%s, updated_at=%s, "
+        f"since=CASE WHEN %s='in_doubt' THEN %s ELSE since END WHERE {KEY_WHERE}",
+        (state, text(error), now, state, now, *op_key(op)),
+    )
+
+
+def opt_local(store: PgBase, t: float | None) -> float | None:
+    return None if t is None else store._local_time(t)
+
+
+def fenced(rowcount: int, job: Job) -> None:
+    if rowcount == 0:
+        raise LeaseLost(
+            f"job {job.id} ({job.pipeline}) was superseded or its lease was lost; its result is not recorded"
+        )

@@ -1,0 +1,226 @@
+"""The paid-operation gate and spend ledger in PostgreSQL: one transaction under the operation's key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from watcher.names import text
+from watcher.store.gate import WAIT_SECONDS, next_utc_midnight, utc_day
+from watcher.store.models import Operation, Ticket
+from watcher.store.postgres.base import got, op_key, opt_local, set_op_state
+from watcher.store.postgres.schema import (
+    KEY_WHERE,
+)
+
+if TYPE_CHECKING:
+    from watcher.store.postgres.base import PgBase as _Base
+else:
+    _Base = object
+
+
+class PgGateMixin(_Base):
+    """The gate (same states as watcher.store.gate)."""
+
+    # -- the gate (same states as watcher.store.gate) ----------------------------------------------------
+
+    def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        lease: float = 600.0,
+        resend_in_doubt: bool = False,
+        now: float | None = None,
+    ) -> list[Ticket]:
+        """Decide for each operation of one request whether this caller may send it, taking those it may, in one
+        transaction: operation rows locked by primary key, the day's spend row locked for the cap check."""
+        at = self._db_time(now)
+        local_now = self._clock() if now is None else now
+        lease = min(lease, self.lease)
+
+        def go(db: psycopg.Connection[Any]) -> list[Ticket]:
+            tickets: dict[int, Ticket] = {}
+            takeable: list[tuple[int, Operation, bool]] = []
+            for op in sorted(ops, key=op_key):  # a fixed lock order: no deadlock between two takers
+                db.execute(
+                    "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, created_at, "
+                    "updated_at) VALUES (%s, %s, %s, %s, %s, 'open', %s, %s) ON CONFLICT DO NOTHING",
+                    (*op_key(op), op.on_doubt, at, at),
+                )
+            for i, op in enumerate(ops):
+                row = got(db.execute(f"SELECT * FROM operations WHERE {KEY_WHERE} FOR UPDATE", op_key(op)).fetchone())
+                state = row["state"]
+                if state == "sending" and (row["lease_until"] or 0) < at:
+                    state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
+                    set_op_state(db, op, state, at, error="the daemon stopped while the request was in flight")
+                if state == "answered":
+                    tickets[i] = Ticket("answered", op, result=row["result"])
+                elif state == "sending":
+                    tickets[i] = Ticket("wait", op, until=local_now + WAIT_SECONDS, holder=row["holder"])
+                elif state == "in_doubt" and not resend_in_doubt:
+                    tickets[i] = Ticket("in_doubt", op, since=opt_local(self, row["since"]), error=row["error"])
+                else:
+                    takeable.append((i, op, state in ("reask", "in_doubt")))
+            if takeable:
+                day = utc_day(at)
+                db.execute("INSERT INTO spend (day, service) VALUES (%s, %s) ON CONFLICT DO NOTHING", (day, budget))
+                spent = got(
+                    db.execute("SELECT * FROM spend WHERE day=%s AND service=%s FOR UPDATE", (day, budget)).fetchone()
+                )
+                if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
+                    first = spent["capped_at"] is None
+                    if first:
+                        db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
+                    for i, op, _ in takeable:
+                        tickets[i] = Ticket(
+                            "capped",
+                            op,
+                            until=self._local_time(next_utc_midnight(at)),
+                            first_cap=first,
+                            spent_seconds=spent["seconds"],
+                            cap_seconds=cap_seconds,
+                        )
+                else:
+                    request = got(
+                        db.execute(
+                            "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending') RETURNING id",
+                            (
+                                at,
+                                day,
+                                budget,
+                                ",".join(op.name for _, op, _ in takeable),
+                                takeable[0][1].sha256,
+                                seconds,
+                                sum(op.name.startswith("analyze:") for _, op, _ in takeable),
+                            ),
+                        ).fetchone()
+                    )["id"]
+                    db.execute(
+                        "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
+                        (seconds, day, budget),
+                    )
+                    for i, op, resend in takeable:
+                        db.execute(
+                            "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, "
+                            f"sends=sends+1, error=NULL, since=NULL, updated_at=%s WHERE {KEY_WHERE}",
+                            (op.on_doubt, owner, at + lease, at, *op_key(op)),
+                        )
+                        tickets[i] = Ticket("send", op, resend=resend, request=int(request))
+            return [tickets[i] for i in range(len(ops))]
+
+        return self._run(go)  # type: ignore[no-any-return]
+
+    def gate_answered(self, op: Operation, result: str | None = None) -> None:
+        """The service answered: keep its ID so the operation is never sent again, by any node."""
+        now = self._db_time()
+        self._run(
+            lambda db: db.execute(
+                "UPDATE operations SET state='answered', result=%s, remote_state=COALESCE(remote_state, 'requested'), "
+                f"holder=NULL, lease_until=NULL, error=NULL, since=NULL, updated_at=%s WHERE {KEY_WHERE}",
+                (result, now, *op_key(op)),
+            )
+        )
+
+    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None:
+        """No answer: ``open`` (provably not sent), ``reask`` (ask again, counted) or ``in_doubt`` (held)."""
+        assert state in ("open", "reask", "in_doubt"), state
+        now = self._db_time()
+        self._run(lambda db: set_op_state(db, op, state, now, error=error))
+
+    def gate_get(self, op: Operation) -> dict[str, Any] | None:
+        """The operation's row, or None when never taken (an untaken ``open`` placeholder counts as never)."""
+        row = self._one(f"SELECT * FROM operations WHERE {KEY_WHERE}", op_key(op))
+        if row is None or (row["state"] == "open" and row["sends"] == 0):
+            return None
+        return dict(row)
+
+    def gate_resend(self, ops: Sequence[tuple[str, str, str, str]]) -> int:
+        """The user's word: in-doubt operations may be sent again; returns how many."""
+        now = self._db_time()
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            return sum(
+                db.execute(
+                    f"UPDATE operations SET state='reask', updated_at=%s WHERE state='in_doubt' AND {KEY_WHERE}",
+                    (now, *key),
+                ).rowcount
+                for key in ops
+            )
+
+        return int(self._run(go))
+
+    def gate_recover(self, holder: str | None = None) -> int:
+        """Operations left ``sending`` (by ``holder``, or by anyone) become in doubt or re-asks."""
+        now = self._db_time()
+        where = "state='sending'" + (" AND holder=%s" if holder else "")
+        args: tuple[Any, ...] = (now, now, *((holder,) if holder else ()))
+        return int(
+            self._run(
+                lambda db: (
+                    db.execute(
+                        "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
+                        "since=CASE on_doubt WHEN 'hold' THEN %s ELSE since END, holder=NULL, lease_until=NULL, "
+                        f"error='the daemon stopped while the request was in flight', updated_at=%s WHERE {where}",
+                        args,
+                    ).rowcount
+                )
+            )
+        )
+
+    def ledger_outcome(self, request: int, outcome: str) -> None:
+        """Record how a request ended; a request not sent is not spent."""
+
+        def go(db: psycopg.Connection[Any]) -> None:
+            row = db.execute("SELECT * FROM ledger WHERE id=%s FOR UPDATE", (request,)).fetchone()
+            if row is None or row["outcome"] == outcome:
+                return
+            db.execute("UPDATE ledger SET outcome=%s WHERE id=%s", (outcome, request))
+            if outcome == "not_sent":
+                db.execute(
+                    "UPDATE spend SET seconds=GREATEST(0, seconds-%s), calls=GREATEST(0, calls-1) "
+                    "WHERE day=%s AND service=%s",
+                    (row["seconds"], row["day"], row["service"]),
+                )
+
+        self._run(go)
+
+    def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None:
+        """What the service last said of the object an answered operation created."""
+        now = self._db_time()
+        self._run(
+            lambda db: db.execute(
+                f"UPDATE operations SET remote_state=%s, remote_error=%s, updated_at=%s WHERE {KEY_WHERE}",
+                (state, text(error), now, *op_key(op)),
+            )
+        )
+
+    def forget_operation(self, op: Operation) -> None:
+        """Drop an answered operation whose object the service no longer knows."""
+        self._run(lambda db: db.execute(f"DELETE FROM operations WHERE {KEY_WHERE}", op_key(op)))
+
+    def answered_operations(self, sha256: str, service: str) -> set[str]:
+        rows = self._all(
+            "SELECT operation FROM operations WHERE sha256=%s AND service=%s AND state='answered'", (sha256, service)
+        )
+        return {r["operation"] for r in rows}
+
+    def in_doubt_operations(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._all("SELECT * FROM operations WHERE state='in_doubt' ORDER BY since")]
+
+    def spend_on(self, day: str) -> dict[str, dict[str, Any]]:
+        rows = self._all("SELECT * FROM spend WHERE day=%s", (day,))
+        return {
+            r["service"]: {"seconds": r["seconds"], "calls": r["calls"], "capped_at": opt_local(self, r["capped_at"])}
+            for r in rows
+        }
+
+    def adopt_legacy(self, old: str, new: str) -> int:
+        """Nothing to adopt: this adapter never had keys from before endpoints were part of them."""
+        return 0

@@ -1,0 +1,125 @@
+"""The PostgreSQL schema (versioned migrations) and the SQL fragments the store's parts share."""
+
+from __future__ import annotations
+
+from watcher.store.schema import TERMINAL
+
+LOCK_KEY = 0x77617463  # the advisory lock migrations run under ("watc")
+SKEW_REFRESH = 60.0
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE files (
+        id bigserial PRIMARY KEY,
+        folder_id text NOT NULL,
+        rel_path bytea NOT NULL,
+        folder bytea NOT NULL,
+        path bytea NOT NULL,
+        size bigint NOT NULL,
+        mtime_ns bigint NOT NULL,
+        inode bigint NOT NULL,
+        sha256 text,
+        current boolean NOT NULL DEFAULT true,
+        created_at double precision NOT NULL,
+        UNIQUE (folder_id, rel_path, size, mtime_ns)
+    );
+    CREATE INDEX files_current ON files (folder_id, rel_path) WHERE current;
+    CREATE INDEX files_by_path ON files (path) WHERE current;
+    CREATE TABLE jobs (
+        id bigserial PRIMARY KEY,
+        file_id bigint NOT NULL REFERENCES files (id),
+        pipeline text NOT NULL,
+        step text NOT NULL,
+        state text NOT NULL DEFAULT 'pending',
+        attempts integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL,
+        last_error text,
+        error_code text,
+        lease_owner text,
+        lease_until double precision,
+        data text NOT NULL DEFAULT '{}',
+        updated_at double precision NOT NULL,
+        UNIQUE (file_id, pipeline)
+    );
+    CREATE INDEX jobs_due ON jobs (pipeline, state, next_attempt_at);
+    CREATE INDEX jobs_by_owner ON jobs (lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE TABLE results (
+        sha256 text NOT NULL,
+        backend text NOT NULL,
+        requested text NOT NULL,
+        model_name text NOT NULL,
+        model_version text,
+        correlation_id text,
+        results text NOT NULL,
+        created_at double precision NOT NULL,
+        PRIMARY KEY (sha256, backend, requested)
+    );
+    CREATE TABLE operations (
+        sha256 text NOT NULL,
+        service text NOT NULL,
+        operation text NOT NULL,
+        params text NOT NULL,
+        on_doubt text NOT NULL,
+        state text NOT NULL,
+        result text,
+        remote_state text,
+        remote_error text,
+        holder text,
+        lease_until double precision,
+        sends integer NOT NULL DEFAULT 0,
+        error text,
+        since double precision,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (sha256, service, operation, params)
+    );
+    CREATE TABLE ledger (
+        id bigserial PRIMARY KEY,
+        at double precision NOT NULL,
+        day text NOT NULL,
+        service text NOT NULL,
+        operation text NOT NULL,
+        sha256 text NOT NULL,
+        seconds double precision NOT NULL,
+        models integer NOT NULL DEFAULT 0,
+        outcome text NOT NULL
+    );
+    CREATE INDEX ledger_by_day ON ledger (day, service);
+    CREATE TABLE spend (
+        day text NOT NULL,
+        service text NOT NULL,
+        seconds double precision NOT NULL DEFAULT 0,
+        calls integer NOT NULL DEFAULT 0,
+        capped_at double precision,
+        PRIMARY KEY (day, service)
+    );
+    CREATE TABLE folder_state (
+        folder_id text PRIMARY KEY,
+        folder bytea NOT NULL,
+        paused boolean NOT NULL DEFAULT false,
+        mode text,
+        reason text,
+        available boolean,
+        updated_at double precision NOT NULL
+    );
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        owner text NOT NULL,
+        version text NOT NULL,
+        started_at double precision NOT NULL,
+        heartbeat_at double precision NOT NULL,
+        folders text NOT NULL DEFAULT '[]'
+    );
+    """,
+]
+NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
+JOB_SELECT = """
+    SELECT j.*, f.id AS fid, f.folder_id, f.folder, f.path, f.rel_path, f.size, f.mtime_ns, f.inode, f.sha256,
+           f.current
+    FROM jobs j JOIN files f ON f.id = j.file_id
+"""
+# A job's row changes only while its holder keeps the lease and it has not been superseded.
+FENCE = " AND lease_owner IS NOT DISTINCT FROM %s AND state NOT IN ('superseded', 'gone')"
+KEY_WHERE = "sha256=%s AND service=%s AND operation=%s AND params=%s"
+TERMINAL_STATES = tuple(sorted(TERMINAL))
