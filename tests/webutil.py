@@ -8,28 +8,20 @@ from typing import Any
 import httpx
 
 from tests.conftest import API_KEY, make_settings, wait_for
-from watcher.config import ArchiveConfig, Settings, WebConfig
+from tests.test_archive import PKEY, archive_settings
+from watcher.config import Settings, WebConfig
 from watcher.emulator import Emulator
-
-PKEY = "na-web-key-1234"
 
 
 def web_settings(tmp_path: Path, inbox: Path, emu: Emulator, *, archive: bool = True, **web: Any) -> Settings:
     """One fast folder analysed (and, ``archive``, archived as original + mastered) through the emulator."""
     web.setdefault("listen", "127.0.0.1:0")
-    settings = make_settings(tmp_path, inbox, emu.url)
-    update: dict[str, Any] = {"web": WebConfig(enabled=True, **web)}
-    if archive:
-        update["archive"] = ArchiveConfig(
-            enabled=True,
-            base_url=emu.url,
-            api_key=PKEY,
-            output_dir=tmp_path / "out",
-            poll_initial=0.05,
-            poll_max=0.2,
-            versions=("original", "mastered"),
-        )
-    return settings.model_copy(update=update)
+    settings = (
+        archive_settings(tmp_path, inbox, emu, versions=("original", "mastered"))
+        if archive
+        else make_settings(tmp_path, inbox, emu.url)
+    )
+    return settings.model_copy(update={"web": WebConfig(enabled=True, **web)})
 
 
 def new_emulator() -> Emulator:

@@ -13,7 +13,7 @@ from typing import Any
 
 from watcher.names import text, to_db
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
-from watcher.store.schema import _NOT_PAUSED, SCHEMA, STATES, TERMINAL
+from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
 
 
 class LeaseLost(Exception):
@@ -214,12 +214,7 @@ class StoreBase:
         count_attempt: bool = False,
     ) -> None:
         """Give a job back: ended (a final ``state``), held (``in_doubt``), or pending until ``next_attempt_at``."""
-        assert state in STATES, state
-        job.state = state
-        if step is not None:
-            job.step = step
-        if count_attempt:
-            job.attempts += 1
+        job.given_back(state, step, count_attempt=count_attempt)
         now = time.time()
         with self._tx() as db:
             cur = db.execute(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from watcher.names import from_db
+from watcher.store.schema import STATES
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class Job:
     last_error: str | None = None
     error_code: str | None = None
     owner: str | None = None  # who holds the lease: commits and releases by anyone else are refused
+
+    def given_back(self, state: str, step: str | None, *, count_attempt: bool) -> None:
+        """Update this copy as a store's ``release`` records it (both adapters call this first)."""
+        assert state in STATES, state
+        self.state = state
+        if step is not None:
+            self.step = step
+        if count_attempt:
+            self.attempts += 1
 
 
 @dataclass(frozen=True)

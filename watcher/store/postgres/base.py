@@ -28,7 +28,6 @@ from watcher.store.postgres.schema import (
     SKEW_REFRESH,
     TERMINAL_STATES,
 )
-from watcher.store.schema import STATES
 
 
 def path_bytes(path: str) -> bytes:
@@ -372,12 +371,7 @@ class PgBase:
         count_attempt: bool = False,
     ) -> None:
         """Give a job back: ended (a final ``state``), held (``in_doubt``), or pending until ``next_attempt_at``."""
-        assert state in STATES, state
-        job.state = state
-        if step is not None:
-            job.step = step
-        if count_attempt:
-            job.attempts += 1
+        job.given_back(state, step, count_attempt=count_attempt)
         now = self._db_time()
         due = now if next_attempt_at is None else self._db_time(next_attempt_at)
         n = self._run(
