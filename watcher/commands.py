@@ -12,8 +12,8 @@ from typing import Any
 from watcher.app import App, store_path
 from watcher.app import open_store as open_adapter
 from watcher.config import FolderConfig, Settings, service_identity
-from watcher.daemon import StateLock
 from watcher.errors import ConfigError
+from watcher.fsutil import StateLock
 from watcher.runner import Outcome
 from watcher.store import TERMINAL, Store
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +23,7 @@ from watcher.app import App
 from watcher.config import FolderConfig, Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import sweep_temp
+from watcher.fsutil import StateLock, sweep_temp
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
@@ -38,39 +36,6 @@ log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
 PRUNE_EVERY = 86400.0
-
-
-class StateLock:
-    """An exclusive lock on the state folder, so two daemons never work from one store."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "watcher.lock"
-        self._fh: Any = None
-
-    def acquire(self) -> None:
-        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise ConfigError(
-                f"the state folder {self.path.parent} is in use by {holder}; stop that watcher first "
-                "or give this one another state_dir"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"watcher pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
 
 
 class Daemon:

@@ -1,4 +1,4 @@
-"""File-system helpers for outputs: atomic writes, modes that follow the umask, safe names, crash-safe moves.
+"""File-system helpers: atomic writes, modes that follow the umask, safe names, crash-safe moves, the state lock.
 
 Outputs for people (sidecars, manifests, delivered files) get ``0o666 & ~umask`` (folders ``0o777 & ~umask``);
 temp files stay private (0600) until they are renamed into place.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any
+
+from watcher.errors import ConfigError
 
 TEMP_PREFIX = ".watcher-tmp-"
 PRIVATE_FILE = 0o600
@@ -233,3 +236,36 @@ def sweep_temp(roots: list[tuple[Path, bool]]) -> list[Path]:
                     elif is_dir and recursive:
                         stack.append(Path(entry.path))
     return removed
+
+
+class StateLock:
+    """An exclusive lock on the state folder, so two daemons never work from one store."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "watcher.lock"
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ConfigError(
+                f"the state folder {self.path.parent} is in use by {holder}; stop that watcher first "
+                "or give this one another state_dir"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"watcher pid {os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None

@@ -5,7 +5,7 @@ all is fine. Unknown keys and bad values raise :class:`ConfigError` naming the k
 (config, key file, ``ESSENTIA_API_KEY``/``NEURALANALOG_API_KEY``, systemd credentials) and travel as SecretStr.
 """
 
-from watcher.config.secrets import read_secret_file, resolve_key, resolve_secrets, reveal, secrets_of, service_identity
+from watcher.config.secrets import read_secret_file, resolve_key, reveal, service_identity
 from watcher.config.sections import (
     APP,
     AUDIO_PATTERNS,
@@ -22,7 +22,14 @@ from watcher.config.sections import (
     WebConfig,
     WebhooksConfig,
 )
-from watcher.config.settings import Settings, default_config_path, find_config, load_settings
+from watcher.config.settings import (
+    Settings,
+    default_config_path,
+    find_config,
+    load_settings,
+    resolve_secrets,
+    secrets_of,
+)
 
 __all__ = [
     "APP",

@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from watcher.config.secrets import resolve_secrets
+from watcher.config.secrets import resolve_key
 from watcher.config.sections import (
     APP,
     AbsolutePath,
@@ -179,3 +179,48 @@ def load_settings(
     finally:
         _TOML_FILE["path"] = None
     return resolve_secrets(settings, env)
+
+
+def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """Fill in API keys from their other sources and the systemd state folder."""
+    analysis = settings.analysis
+    key = resolve_key(
+        analysis.api_key,
+        analysis.api_key_file,
+        env,
+        section="analysis",
+        env_name="ESSENTIA_API_KEY",
+        credential="essentia_api_key",
+    )
+    archive = settings.archive
+    archive_key = resolve_key(
+        archive.api_key,
+        archive.api_key_file,
+        env,
+        section="archive",
+        env_name="NEURALANALOG_API_KEY",
+        credential="neuralanalog_api_key",
+    )
+    update: dict[str, Any] = {
+        "analysis": analysis.model_copy(update={"api_key": key}),
+        "archive": archive.model_copy(update={"api_key": archive_key}),
+    }
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if settings.store.url and settings.store.passfile is None and cred_dir and (Path(cred_dir) / "pgpass").is_file():
+        update["store"] = settings.store.model_copy(update={"passfile": Path(cred_dir) / "pgpass"})
+    if env.get("STATE_DIRECTORY") and "state_dir" not in settings.model_fields_set:
+        update["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
+    return settings.model_copy(update=update)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in the settings, for the log redactor."""
+    found = []
+    for section in (settings.analysis, settings.archive):
+        if section.api_key is not None:
+            found.append(section.api_key.get_secret_value())
+    if settings.webhooks.secret is not None:
+        found.append(settings.webhooks.secret.get_secret_value())
+    if settings.web.token is not None:
+        found.append(settings.web.token.get_secret_value())
+    return [s for s in found if s]
