@@ -66,10 +66,7 @@ def browser() -> Iterator[Any]:
 def emu() -> Iterator[Emulator]:
     from watcher import local
 
-    e = new_emulator() if not local.available() else Emulator(
-        analysis_key="test-key-5f1c2a9e", processing_key="na-web-key-1234", use_local=True
-    ).start()
-    e.processing.faults.polls_needed = 1
+    e = new_emulator(use_local=local.available())  # real loudness curves to plot where Essentia is here
     yield e
     e.stop()
 

@@ -24,8 +24,9 @@ def web_settings(tmp_path: Path, inbox: Path, emu: Emulator, *, archive: bool = 
     return settings.model_copy(update={"web": WebConfig(enabled=True, **web)})
 
 
-def new_emulator() -> Emulator:
-    emu = Emulator(analysis_key=API_KEY, processing_key=PKEY, use_local=False).start()
+def new_emulator(*, use_local: bool = False) -> Emulator:
+    """Both services on a free loopback port, with the keys ``web_settings`` sends; archives ready at once."""
+    emu = Emulator(analysis_key=API_KEY, processing_key=PKEY, use_local=use_local).start()
     emu.processing.faults.polls_needed = 1
     return emu
 
