@@ -43,6 +43,9 @@ FLOOR = 1 << 20  # headers, metadata and very short clips
 UNKNOWN_CHANNELS = 8
 RATIO_MIN_BYTES = 4 << 20  # the compression ratio is checked on entries larger than this
 MAX_RATIO = 1000  # audio never compresses like this; a run of zeros (a zip bomb) does
+# What zipfile raises for an archive it cannot read: corrupt, truncated, or (NotImplementedError) an entry in a
+# compression method it does not support, such as Deflate64. Each refuses the archive, never the daemon.
+_UNREADABLE = (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError)
 
 
 class BadArchive(BadInput):
@@ -256,7 +259,7 @@ def extract_zip(
                 extracted = _extract_one(zf, info, root, counter)
                 if extracted is not None:
                     result.files.append(extracted)
-    except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
+    except _UNREADABLE as exc:
         shutil.rmtree(root, ignore_errors=True)
         raise BadArchive(f"refused zip {display(zip_path.name)}: entry {entry!r}: {exc}") from None
     except OSError as exc:
