@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from tests.conftest import Emulator, make_settings, write_tone
-from watcher.config import ArchiveConfig, FolderConfig, Settings
+from watcher.config import DEFAULT_MODELS, ArchiveConfig, FolderConfig, Settings
 from watcher.dryrun import ANALYSIS, PROCESSING, dry_run
 
 
@@ -109,3 +109,26 @@ def test_paths_inside_a_configured_folder_use_its_options(tmp_path: Path) -> Non
         "missing.wav": "does not exist",
     }
     assert os.listdir(tmp_path) == ["inbox"]
+
+
+def test_identical_copies_are_counted_once(tmp_path: Path, inbox: Path) -> None:
+    """Two copies of one take in a run: the gate pays once, so the estimate counts them once and says so."""
+    first = write_tone(inbox / "a take.wav", 2.0)
+    copy = inbox / "z copy.wav"
+    copy.write_bytes(first.read_bytes())
+    settings = archive_settings(tmp_path, inbox, "http://127.0.0.1:9", versions=("original", "mastered"))
+    asked: list[str] = []
+    report = dry_run(
+        settings,
+        [inbox],
+        cached_models=lambda sha256: asked.append(sha256) or set(),
+        answered_operations=lambda _sha: set(),
+    )
+    paid, dup = sorted(report.files, key=lambda f: f.same_as is not None)  # the walk's order is the folder's
+    assert {paid.path, dup.path} == {str(first), str(copy)}
+    assert paid.same_as is None and paid.calls == ("upload", "master") and paid.models == DEFAULT_MODELS
+    assert dup.same_as == paid.path and dup.models == () and dup.calls == () and dup.cached_models == ()
+    assert asked == [sha(first)]  # the store is asked once per content
+    assert report.totals[ANALYSIS].calls == 1 and abs(report.totals[ANALYSIS].seconds - 2.0) < 0.01
+    assert report.totals[PROCESSING].by_call == {"upload": 1, "master": 1}
+    assert f"same content as {paid.path}: paid once, for both" in report.render()

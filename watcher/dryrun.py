@@ -24,7 +24,6 @@ from watcher.versions import OPERATION_ORDER, operations_for
 
 ANALYSIS = "analysis (Essentia API)"
 PROCESSING = "processing (Neural Analog)"
-# The paid processing call each version needs, on top of the upload every version needs.
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,7 @@ class FileEstimate:
     cached_models: tuple[str, ...]  # configured models already stored for this content
     versions: tuple[str, ...]  # archive versions it would deliver
     calls: tuple[str, ...]  # paid processing calls it would make (upload, restore, master, stems:<source>)
+    same_as: str | None = None  # an earlier file of this run with the same content: the gate pays for it once
 
 
 @dataclass
@@ -68,12 +68,14 @@ class DryRunReport:
         for f in self.files:
             length = _seconds(f.seconds) if f.seconds is not None else f.duration_note
             lines.append(f"{display(f.path)}  ({length})")
-            if f.models:
+            if f.same_as is not None:
+                lines.append(f"  same content as {display(f.same_as)}: paid once, for both")
+            elif f.models:
                 cached = f"; already stored: {', '.join(f.cached_models)}" if f.cached_models else ""
                 lines.append(f"  analysis: would ask {', '.join(f.models)}{cached}")
             else:
                 lines.append("  analysis: nothing to ask (every model is stored, or analysis is off)")
-            if f.versions:
+            if f.versions and f.same_as is None:
                 calls = ", ".join(f.calls) if f.calls else "none (all answered before)"
                 lines.append(f"  archive: versions {', '.join(f.versions)}; paid calls: {calls}")
         if self.skipped:
@@ -108,6 +110,7 @@ def dry_run(
     versions = settings.archive.wanted() if settings.archive.enabled else ()
     needed_calls = operations_for(versions)
     seen: set[str] = set()
+    first_with: dict[str, str] = {}  # content -> the first file of this run that has it
     for path, why in _files(settings, paths):
         if path in seen:
             continue
@@ -121,8 +124,10 @@ def dry_run(
             continue
         size, sha256 = looked
         info = audio_info(path)
-        cached = set(cached_models(sha256))
-        answered = set(answered_operations(sha256))
+        same_as = first_with.setdefault(sha256, path)
+        copy = same_as != path
+        cached = set(models) if copy else set(cached_models(sha256))
+        answered = set(needed_calls) if copy else set(answered_operations(sha256))
         estimate = FileEstimate(
             path=path,
             size=size,
@@ -130,9 +135,10 @@ def dry_run(
             seconds=info.duration,
             duration_note=None if info.duration is not None else f"unknown duration: {info.reason}",
             models=tuple(m for m in models if m not in cached),
-            cached_models=tuple(m for m in models if m in cached),
+            cached_models=() if copy else tuple(m for m in models if m in cached),
             versions=versions,
             calls=tuple(c for c in needed_calls if c not in answered),
+            same_as=same_as if copy else None,
         )
         report.files.append(estimate)
         _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], estimate.seconds)
