@@ -13,7 +13,7 @@ from watcher.app import App, store_path
 from watcher.app import open_store as open_adapter
 from watcher.config import FolderConfig, Settings, service_identity
 from watcher.errors import ConfigError
-from watcher.fsutil import StateLock
+from watcher.fsutil import StateLock, read_json_object
 from watcher.runner import Outcome
 from watcher.store import TERMINAL, Store
 
@@ -139,14 +139,14 @@ def status(settings: Settings) -> dict[str, Any]:
 
 def web_state(settings: Settings) -> dict[str, Any] | None:
     """What the daemon last said about its page (state_dir/web.json): None when no daemon with the page runs."""
-    import json
-
+    doc = read_json_object(settings.state_dir / "web.json")
+    if doc is None:
+        return None
     try:
-        doc = json.loads((settings.state_dir / "web.json").read_text("utf-8"))
         os.kill(int(doc["pid"]), 0)  # a daemon that died without stopping leaves the file behind
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return doc
 
 
 def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in_doubt: bool = False) -> int:

@@ -147,6 +147,16 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8", "backslashreplace"))
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON object from disk (a sidecar, a manifest, a state file), or None when it is missing, unreadable or not
+    an object: every reader of our own files treats those alike."""
+    try:
+        doc = json.loads(Path(path).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def free_name(path: Path) -> Path:
     """``path`` if nothing is there, else ``stem.N.suffix`` with the first free N (1, 2, ...)."""
     candidate, n = path, 1

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,15 @@ from watcher import __version__
 from watcher.audiofile import sha256_of
 from watcher.config import ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
-from watcher.fsutil import TEMP_PREFIX, free_name, fsync_dir, publish_tree, safe_component, write_json_atomic
+from watcher.fsutil import (
+    TEMP_PREFIX,
+    free_name,
+    fsync_dir,
+    publish_tree,
+    read_json_object,
+    safe_component,
+    write_json_atomic,
+)
 from watcher.names import display
 from watcher.safezip import FLOOR, ExtractedArchive, SizeBound, extract_zip, size_bound
 from watcher.store import Job
@@ -359,7 +366,4 @@ def _fresh_staging(staging: Path) -> None:
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads((folder / "manifest.json").read_text("utf-8")))
-    except (OSError, ValueError):
-        return None
+    return read_json_object(folder / "manifest.json")

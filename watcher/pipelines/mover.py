@@ -8,7 +8,6 @@ version's signature, and the sidecar must describe its content. Moves run in a w
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ import structlog
 
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig, SidecarConfig
-from watcher.fsutil import move_file
+from watcher.fsutil import move_file, read_json_object
 from watcher.names import display
 from watcher.pipelines.sidecar import sidecar_path
 from watcher.store import TERMINAL, Job
@@ -107,10 +106,7 @@ class SourceMover:
             return "the file changed after this version finished; its new version is handled on its own"
         sha256 = version.sha256 or job.data.get("sha256")
         if self.sidecar.directory is None and side.exists() and sha256:
-            try:
-                described = json.loads(side.read_text("utf-8")).get("source", {}).get("sha256")
-            except (OSError, ValueError, AttributeError):
-                described = None
-            if described != sha256:
+            described = (read_json_object(side) or {}).get("source")
+            if not isinstance(described, dict) or described.get("sha256") != sha256:
                 return "the sidecar beside it describes other content"
         return None

@@ -19,7 +19,7 @@ from typing import Any
 from watcher import __version__
 from watcher.audiofile import Signature
 from watcher.config import SidecarConfig
-from watcher.fsutil import write_json_atomic
+from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.names import display
 from watcher.store import FileVersion, StoredResult
 
@@ -50,11 +50,8 @@ def _iso(timestamp: float) -> str:
 
 def _read(path: Path, sha256: str) -> dict[str, Any]:
     """The existing sidecar when it describes the same content, else an empty dict."""
-    try:
-        doc = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(doc, dict) or doc.get("source", {}).get("sha256") != sha256:
+    doc = read_json_object(path)
+    if doc is None or doc.get("source", {}).get("sha256") != sha256:
         return {}
     return doc
 

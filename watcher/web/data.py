@@ -3,24 +3,16 @@ names (sidecars, delivery manifests): file rows with key, tempo and loudness, fi
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from watcher.fsutil import read_json_object
+
 PAGE_SIZE = 50
 LOUDNESS_HOP_SECONDS = 0.1  # EBU R128 momentary and short-term values come every 100 ms
 _sidecar_cache: dict[str, tuple[int, dict[str, Any]]] = {}
-
-
-def read_json(path: str | Path) -> dict[str, Any] | None:
-    """A JSON object from disk, or None when it is missing or not an object."""
-    try:
-        doc = json.loads(Path(path).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def sidecar(path: str | None) -> dict[str, Any] | None:
@@ -34,7 +26,7 @@ def sidecar(path: str | None) -> dict[str, Any] | None:
     hit = _sidecar_cache.get(path)
     if hit is not None and hit[0] == mtime:
         return hit[1]
-    doc = read_json(path)
+    doc = read_json_object(path)
     if doc is None:
         return None
     if len(_sidecar_cache) > 5000:
@@ -165,7 +157,7 @@ def deliveries(delivery: str | None) -> dict[str, Any] | None:
     """A delivery folder with its manifest, and each delivered audio file's absolute path (for the players)."""
     if not delivery:
         return None
-    manifest = read_json(Path(delivery) / "manifest.json")
+    manifest = read_json_object(Path(delivery) / "manifest.json")
     files = []
     for f in (manifest or {}).get("files", []):
         if isinstance(f, dict) and isinstance(f.get("path"), str):
