@@ -185,7 +185,8 @@ class AnalyzePipeline:
                 return  # every model was answered for another copy meanwhile
             missing = [m for m in missing if ops[m] in taken.send]
         url = self.audio_url(job.file)
-        log.info("analyze.started", path=path, models=missing, audio_url=url and without_query(url))
+        via = {} if url is None else {"audio_url": without_query(url)}
+        log.info("analyze.started", path=path, models=missing, **via)
         answered: dict[Operation, str | None] = {}
 
         def save(answer: ModelAnswer) -> None:

@@ -154,7 +154,7 @@ class AnalysisClient:
             content = b""
         report.requests += 1
         shown = None if audio_url is None else without_query(audio_url)
-        log.debug("analysis.request", models=models, attempt=report.requests, audio_url=shown)
+        log.debug("analysis.request", models=models, attempt=report.requests, **({"audio_url": shown} if shown else {}))
         try:
             async with self.http.stream(
                 "POST", STREAM_PATH, params={"models": ",".join(models)}, headers=headers, content=content
@@ -164,8 +164,10 @@ class AnalysisClient:
             if audio_url is None or shown is None:
                 raise
             _hide_query(exc, audio_url, shown)  # the service may quote the URL: its query may hold a token
-            if type(exc) is Rejected:
-                raise Rejected(f"{exc} (the audio was to be fetched from {shown})", status=exc.status) from exc
+            if type(exc) is Rejected:  # most likely the service could not fetch the URL: say where it looked
+                where = "" if shown in str(exc) else f" {shown}"
+                hint = f"; check that the CDN serves this file at its audio-url{where}"
+                raise Rejected(f"{exc}{hint}", status=exc.status) from exc
             raise
 
     async def _read_response(
