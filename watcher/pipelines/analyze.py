@@ -3,7 +3,9 @@
 Every model result is committed to the store the moment it arrives. With a paid backend each model is an
 operation of the gate (content, endpoint and account, ``analyze:<model>``): two copies of one content never
 ask twice, a model another job is asking for is waited for, and a day's cap is never passed. A stream that
-breaks re-asks only the models not received; each re-ask is counted and logged.
+breaks re-asks only the models not received; each re-ask is counted and logged. When the file's folder has an
+audio URL template the service fetches the file from there (no body is sent); the file is still hashed here and
+the gate goes by that content, exactly as with a body.
 """
 
 from __future__ import annotations
