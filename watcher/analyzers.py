@@ -45,8 +45,10 @@ class RemoteAnalyzer:
         audio: AudioSource,
         models: Sequence[str],
         on_result: Callable[[ModelResult], Awaitable[None] | None],
+        *,
+        audio_url: str | None = None,
     ) -> AnalysisReport:
-        return await self.client.analyze(audio, models, on_result)
+        return await self.client.analyze(audio, models, on_result, audio_url=audio_url)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -77,6 +79,8 @@ class LocalBackend:
         audio: AudioSource,
         models: Sequence[str],
         on_result: Callable[[ModelResult], Awaitable[None] | None],
+        *,
+        audio_url: str | None = None,  # never given: the composition root keeps URL templates for the service
     ) -> AnalysisReport:
         path = getattr(audio, "path", None)
         expected = getattr(audio, "expected", None)

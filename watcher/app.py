@@ -33,7 +33,7 @@ from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
 from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
-from watcher.store import TERMINAL, Job, Store
+from watcher.store import TERMINAL, FileVersion, Job, Store
 
 log = structlog.get_logger("watcher.app")
 PAID_DRAIN_SECONDS = 2.0
@@ -203,13 +203,22 @@ def _analyze(
     settings: Settings, store: Store, events: Events, closers: list[Any], observer: RequestObserver | None
 ) -> Pipeline:
     from watcher.analyzers import choose_backend, make_backend
-    from watcher.pipelines.analyze import AnalyzePipeline
+    from watcher.config.audio_url import without_query
+    from watcher.pipelines.analyze import AnalyzePipeline, no_audio_url
 
     which, why = choose_backend(settings.analysis)
     log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
     backend = make_backend(settings.analysis, which, observer=observer)
     closers.append(backend)
     store.adopt_legacy(backend.name, backend.key)
+    templates = settings.audio_url_templates()
+    if templates and not backend.paid:
+        log.warning(
+            "analysis.audio_url_ignored",
+            backend=which,
+            templates=[without_query(t) for t in templates],
+            next="the local backend reads each file from disk; audio_url_template is used by the remote service only",
+        )
     return AnalyzePipeline(
         store,
         backend,
@@ -217,7 +226,13 @@ def _analyze(
         sidecar=settings.sidecar,
         cap_minutes=settings.analysis.daily_audio_minutes,
         spend=events,
+        audio_url=_audio_urls(settings) if templates and backend.paid else no_audio_url,
     )
+
+
+def _audio_urls(settings: Settings) -> Callable[[FileVersion], str | None]:
+    """Where the analysis service fetches each file, from its folder's ``audio_url_template``."""
+    return lambda version: settings.audio_url_for(version.folder, version.rel_path)
 
 
 def _archive(

@@ -220,7 +220,7 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
     from watcher.analyzers import choose_backend
     from watcher.dryrun import dry_run as plan
 
-    analysis_key = ""
+    analysis_key, which = "", "remote"
     if settings.analysis.enabled:
         which, _ = choose_backend(settings.analysis)
         cfg = settings.analysis
@@ -239,6 +239,7 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
             paths,
             cached_models=lambda sha: set(store.results_for(sha, analysis_key)) if store else set(),
             answered_operations=lambda sha: store.answered_operations(sha, processing_key) if store else set(),
+            remote=which == "remote",
         )
     finally:
         if store is not None:

@@ -1,6 +1,7 @@
 """`watcher scan --dry-run`: what a scan would ask of the paid services, without asking or writing anything.
 
-Per file: the analysis models still missing for its content, the versions the archive would deliver and
+Per file: the analysis models still missing for its content and how the service would get the audio (its
+bytes, or the URL of the folder's ``audio_url_template``), the versions the archive would deliver and
 the paid processing calls they imply (minus those already answered), and its length from the headers.
 Totals per service: paid calls and minutes of audio. Files are only read (to hash them); nothing is sent,
 nothing is written, and the store is consulted only through the two callables the caller passes.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from watcher.audiofile import check_audio, sha256_of
 from watcher.config import FolderConfig, Settings
+from watcher.config.audio_url import without_query
 from watcher.detect.filters import PathFilter
 from watcher.detect.scan import walk
 from watcher.errors import BadInput
@@ -40,6 +42,7 @@ class FileEstimate:
     versions: tuple[str, ...]  # archive versions it would deliver
     calls: tuple[str, ...]  # paid processing calls it would make (upload, restore, master, stems:<source>)
     same_as: str | None = None  # an earlier file of this run with the same content: the gate pays for it once
+    analysis_input: str = "body"  # "body", "local" (read here), or "audio-url <URL without its query>"
 
 
 @dataclass
@@ -72,7 +75,7 @@ class DryRunReport:
                 lines.append(f"  same content as {display(f.same_as)}: paid once, for both")
             elif f.models:
                 cached = f"; already stored: {', '.join(f.cached_models)}" if f.cached_models else ""
-                lines.append(f"  analysis: would ask {', '.join(f.models)}{cached}")
+                lines.append(f"  analysis: would ask {', '.join(f.models)}{cached}; input: {_input_text(f)}")
             else:
                 lines.append("  analysis: nothing to ask (every model is stored, or analysis is off)")
             if f.versions and f.same_as is None:
@@ -99,11 +102,13 @@ def dry_run(
     *,
     cached_models: Callable[[str], set[str]],
     answered_operations: Callable[[str], set[str]],
+    remote: bool = True,
 ) -> DryRunReport:
     """What ``watcher scan PATHS`` would ask of the services, from the files, the config and the store's answers.
 
     ``cached_models(sha256)``: the model specs already stored for that content; ``answered_operations(sha256)``:
     the processing operations already answered (``upload``, ``restore``, ``master``, ``stems:<source>``).
+    ``remote``: analysis goes to the service (URL templates apply), else it runs locally.
     """
     report = DryRunReport()
     models = settings.analysis.models if settings.analysis.enabled else ()
@@ -111,7 +116,7 @@ def dry_run(
     needed_calls = operations_for(versions)
     seen: set[str] = set()
     first_with: dict[str, str] = {}  # content -> the first file of this run that has it
-    for path, why in _files(settings, paths):
+    for path, why, folder in _files(settings, paths):
         if path in seen:
             continue
         seen.add(path)
@@ -139,6 +144,7 @@ def dry_run(
             versions=versions,
             calls=tuple(c for c in needed_calls if c not in answered),
             same_as=same_as if copy else None,
+            analysis_input=_input_of(settings, folder, path) if remote else "local",
         )
         report.files.append(estimate)
         _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], estimate.seconds)
@@ -171,8 +177,23 @@ def _add(total: ServiceTotal, calls: Sequence[str], seconds: float | None) -> No
             total.seconds += seconds
 
 
-def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str | None]]:
-    """Each candidate file with None, or with why it is not work; folders walked with their owner's filters."""
+def _input_of(settings: Settings, folder: FolderConfig, path: str) -> str:
+    """How the analysis service would get ``path``: ``body``, or ``audio-url <URL without its query>``."""
+    url = settings.audio_url_for(str(folder.path), os.path.relpath(path, folder.path))
+    return "body" if url is None else f"audio-url {without_query(url)}"
+
+
+def _input_text(f: FileEstimate) -> str:
+    if f.analysis_input == "body":
+        return "the file's bytes in the request"
+    if f.analysis_input == "local":
+        return "read here (local backend)"
+    return f"the service fetches {f.analysis_input.removeprefix('audio-url ')}"
+
+
+def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str | None, FolderConfig]]:
+    """Each candidate file with None, or with why it is not work, and its folder; folders walked with their
+    owner's filters."""
     for raw in paths:
         path = Path(os.path.abspath(raw))
         folder = _owner(settings, path)
@@ -180,12 +201,13 @@ def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str
         if path.is_dir():
             start = str(path) if path != folder.path else None
             for found in walk(str(folder.path), path_filter, recursive=folder.recursive, start=start):
-                yield found, None
+                yield found, None, folder
         elif path.is_file():
             rel = os.path.relpath(path, folder.path)
-            yield str(path), None if path_filter.wants_file(rel) else "not work for its folder (include/exclude)"
+            wanted = path_filter.wants_file(rel)
+            yield str(path), None if wanted else "not work for its folder (include/exclude)", folder
         else:
-            yield str(path), "does not exist"
+            yield str(path), "does not exist", folder
 
 
 def _owner(settings: Settings, path: Path) -> FolderConfig:

@@ -17,6 +17,7 @@ from pydantic import (
     field_validator,
 )
 
+from watcher.config.audio_url import check_template
 from watcher.versions import TRACK_VERSIONS
 
 APP = "watcher"
@@ -51,6 +52,17 @@ OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_none)]  # a file
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_blank_is_none)]
 
 
+SEND_BODY = "body"  # audio_url_template's value that says "send the file's bytes", whatever [analysis] says
+
+
+def _url_template(value: str | None) -> str | None:
+    """An audio URL template, checked once; ``"body"`` is kept as it is."""
+    if value is None:
+        return None
+    value = value.strip()
+    return check_template(value) if value and value != SEND_BODY else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,6 +82,9 @@ class FolderConfig(_Section):
     output_dir: OptionalPath = None
     done_dir: OptionalPath = None
     failed_dir: OptionalPath = None
+    # The analysis service fetches this folder's files from this URL; unset or "": as in [analysis]; "body": send
+    # the files' bytes.
+    audio_url_template: Annotated[str | None, BeforeValidator(_blank_is_none), AfterValidator(_url_template)] = None
 
 
 class AnalysisConfig(_Section):
@@ -87,6 +102,9 @@ class AnalysisConfig(_Section):
     local_workers: int = Field(1, ge=1, le=32, description="processes for the local backend")
     local_max_seconds: float = Field(14400.0, gt=0, description="longest file the local backend decodes")
     daily_audio_minutes: float = Field(0.0, ge=0, description="audio minutes a UTC day may send (0: no cap)")
+    audio_url_template: Annotated[str, AfterValidator(_url_template)] = Field(
+        "", description="the service fetches each file from this URL instead of receiving it (remote backend only)"
+    )
 
     @field_validator("models")
     @classmethod

@@ -21,9 +21,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from watcher.config.audio_url import expand, query_secrets
 from watcher.config.secrets import resolve_key
 from watcher.config.sections import (
     APP,
+    SEND_BODY,
     AbsolutePath,
     AnalysisConfig,
     ArchiveConfig,
@@ -80,6 +82,23 @@ class Settings(BaseSettings):
         """The configured folder ``path`` is in, or is (the deepest one), or None."""
         owners = [f for f in self.folders if path.is_relative_to(f.path)]
         return max(owners, key=lambda f: len(f.path.parts)) if owners else None
+
+    def audio_url_template_for(self, folder: FolderConfig) -> str:
+        """The folder's audio URL template: its own when set, else [analysis]'s; "" when its bytes are sent."""
+        template = self.analysis.audio_url_template if folder.audio_url_template is None else folder.audio_url_template
+        return "" if template == SEND_BODY else template
+
+    def audio_url_templates(self) -> list[str]:
+        """Every audio URL template in use (global and per folder), for checks and the log redactor."""
+        found = [self.analysis.audio_url_template, *(f.audio_url_template or "" for f in self.folders)]
+        return [t for t in dict.fromkeys(found) if t and t != SEND_BODY]
+
+    def audio_url_for(self, folder: str, rel_path: str) -> str | None:
+        """The URL the analysis service fetches the file at ``rel_path`` in the watched ``folder`` from, or None
+        when the file's bytes are sent (no template for that folder)."""
+        owner = self.folder_for(Path(folder))
+        template = self.audio_url_template_for(owner) if owner is not None else self.analysis.audio_url_template
+        return expand(template, folder, rel_path) if template else None
 
     def own_dirs(self, folder: FolderConfig) -> list[str]:
         """Our own output folders inside a watched folder (relative paths): never work, never watched or scanned."""
@@ -223,4 +242,6 @@ def secrets_of(settings: Settings) -> list[str]:
         found.append(settings.webhooks.secret.get_secret_value())
     if settings.web.token is not None:
         found.append(settings.web.token.get_secret_value())
+    for template in settings.audio_url_templates():
+        found += query_secrets(template)
     return [s for s in found if s]

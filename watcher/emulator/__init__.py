@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from types import TracebackType
 
-from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults
+from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults, StreamInput
 from watcher.emulator.faults import Chaos, Ledger
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator, ProcessingFaults
 from watcher.emulator.server import App, HTTPServerThread, RecordedRequest, Request
@@ -22,6 +22,7 @@ __all__ = [
     "ProcessingFaults",
     "RecordedRequest",
     "Request",
+    "StreamInput",
 ]
 
 
@@ -78,6 +79,7 @@ class Emulator:
         """Forget objects, faults, chaos, paid requests and recorded requests (servers keep running)."""
         self.analysis.faults = AnalysisFaults()
         self.analysis.models_requested.clear()
+        self.analysis.inputs.clear()
         self.processing.reset()  # clears the shared ledger and chaos too
         self.api.reset()
         self.storage.reset()

@@ -3,6 +3,7 @@
 Results are deterministic: the three models the local backend computes come from real analysis when the
 ``local`` extra is installed; every other model gets stable values derived from the audio's sha256, shaped
 like the service's. The emulator echoes ``loudness_ebur128`` for ``loudness-ebur128``, as the service does.
+The audio comes as the request body, or (an empty body and an ``audio-url`` header) is fetched from that URL.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import httpx
 
 from watcher.emulator.faults import STREAM_FAULTS, Chaos, Ledger
 from watcher.emulator.server import App, Request
@@ -60,6 +63,16 @@ class AnalysisFaults:
                 setattr(self, name, value - 1)
                 return True
             return False
+
+
+@dataclass(frozen=True)
+class StreamInput:
+    """How one request brought its audio: its kind, the ``audio-url`` it named, and the body bytes it carried."""
+
+    kind: Literal["body", "audio-url", "both"]
+    url: str | None
+    body_bytes: int
+    fetch_status: int | None = None  # the CDN's answer to the emulator's GET (None: no fetch, or no answer)
 
 
 def returned_name(requested: str) -> str:
@@ -133,6 +146,7 @@ class AnalysisEmulator:
         self.models_requested: list[list[str]] = []  # the `models` of every accepted request, in order
         self.bytes_received = 0
         self.bytes_in_flight = 0  # body bytes of the request being received now
+        self.inputs: list[StreamInput] = []  # how every request that got past validation brought its audio
         self._lock = threading.Lock()
         self.app.route("POST", STREAM_PATH, ROUTE)(self._stream)
 
@@ -169,7 +183,10 @@ class AnalysisEmulator:
             req.drain()
             req.send_json(422, {"detail": f"unknown model: {rejected[0]}"})
             return
-        digest, path = self._receive(req)
+        received = self._input(req)
+        if received is None:
+            return
+        digest, path = received
         with self._lock:
             self.models_requested.append(models)
         for spec in models:
@@ -200,6 +217,54 @@ class AnalysisEmulator:
             if left <= 0:
                 return
             time.sleep(min(self.faults.keepalive_interval, left))  # sleep-ok: emulating an idle stream
+
+    def _input(self, req: Request) -> tuple[bytes, str] | None:
+        """The request's audio in a temp file, from its body or its ``audio-url``; None when refused (answered)."""
+        url = req.headers.get("audio-url")
+        digest, path = self._receive(req)
+        size = os.path.getsize(path)
+        if url is None:
+            self._note(StreamInput("body", None, size))
+            return digest, path
+        os.unlink(path)
+        if size:
+            self._note(StreamInput("both", url, size))
+            req.send_json(400, {"detail": "send the audio as the request body or as audio-url, not both"})
+            return None
+        try:
+            status, digest, path = self._fetch(url, req.headers.get("filename", ""))
+        except httpx.HTTPError as exc:
+            self._note(StreamInput("audio-url", url, 0))
+            req.send_json(422, {"detail": f"could not download the audio from audio-url {url}: {exc}"})
+            return None
+        self._note(StreamInput("audio-url", url, 0, status))
+        if status != 200:
+            os.unlink(path)
+            req.send_json(422, {"detail": f"could not download the audio from audio-url {url}: HTTP {status}"})
+            return None
+        return digest, path
+
+    def _note(self, record: StreamInput) -> None:
+        with self._lock:
+            self.inputs.append(record)
+
+    def _fetch(self, url: str, filename: str) -> tuple[int, bytes, str]:
+        """GET ``url`` into a temp file, as the service downloads from a CDN: (status, sha256, path)."""
+        sha = hashlib.sha256()
+        fd, path = tempfile.mkstemp(prefix="emulator-", suffix=os.path.splitext(filename)[1][:8])
+        try:
+            with (
+                os.fdopen(fd, "wb") as out,
+                httpx.stream("GET", url, follow_redirects=True, timeout=10.0) as response,
+            ):
+                if response.status_code == 200:
+                    for chunk in response.iter_bytes(1 << 16):
+                        sha.update(chunk)
+                        out.write(chunk)
+                return response.status_code, sha.digest(), path
+        except BaseException:
+            os.unlink(path)
+            raise
 
     def _receive(self, req: Request) -> tuple[bytes, str]:
         """Stream the body to a temp file (the emulator, too, never holds audio in memory)."""

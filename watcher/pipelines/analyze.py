@@ -3,7 +3,9 @@
 Every model result is committed to the store the moment it arrives. With a paid backend each model is an
 operation of the gate (content, endpoint and account, ``analyze:<model>``): two copies of one content never
 ask twice, a model another job is asking for is waited for, and a day's cap is never passed. A stream that
-breaks re-asks only the models not received; each re-ask is counted and logged.
+breaks re-asks only the models not received; each re-ask is counted and logged. When the file's folder has an
+audio URL template the service fetches the file from there (no body is sent); the file is still hashed here and
+the gate goes by that content, exactly as with a body.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ import structlog
 
 from watcher.audiofile import FileBody, Signature
 from watcher.config import SidecarConfig
+from watcher.config.audio_url import without_query
 from watcher.errors import BadInput, FileChanged, NotSent, RetryLater
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.store import Job, Operation, StoredResult
+from watcher.store import FileVersion, Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
 BUDGET = "analysis"
+AudioURL = Callable[[FileVersion], str | None]  # where the service fetches a file itself (None: send its bytes)
+
+
+def no_audio_url(version: FileVersion) -> str | None:
+    """Every file's bytes are sent in the request body."""
+    return None
 
 
 class ModelAnswer(Protocol):
@@ -90,6 +99,8 @@ class Analyzer(Protocol):
         audio: AudioBody,
         models: Sequence[str],
         on_result: Callable[[ModelAnswer], Awaitable[None] | None],
+        *,
+        audio_url: str | None = None,
     ) -> Report: ...
 
 
@@ -122,8 +133,10 @@ class AnalyzePipeline:
         sidecar: SidecarConfig,
         cap_minutes: float = 0.0,
         spend: SpendObserver | None = None,
+        audio_url: AudioURL = no_audio_url,
     ) -> None:
         self.store = store
+        self.audio_url = audio_url
         self.analyzer = analyzer
         self.models = list(models)
         self.sidecar = sidecar
@@ -173,7 +186,9 @@ class AnalyzePipeline:
             if not taken.send:
                 return  # every model was answered for another copy meanwhile
             missing = [m for m in missing if ops[m] in taken.send]
-        log.info("analyze.started", path=path, models=missing)
+        url = self.audio_url(job.file)
+        via = {} if url is None else {"audio_url": without_query(url)}
+        log.info("analyze.started", path=path, models=missing, **via)
         answered: dict[Operation, str | None] = {}
 
         def save(answer: ModelAnswer) -> None:
@@ -189,7 +204,10 @@ class AnalyzePipeline:
         body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode))
         outcome, why = "answered", "no result in the stream"
         try:
-            report = await self.analyzer.analyze(body, missing, save)
+            if url is None:
+                report = await self.analyzer.analyze(body, missing, save)
+            else:  # the service fetches the audio: the gate above still went by the local file's content
+                report = await self.analyzer.analyze(body, missing, save, audio_url=url)
         except NotSent as exc:
             outcome, why = "not_sent", str(exc)
             raise
@@ -207,9 +225,11 @@ class AnalyzePipeline:
     async def _write(
         self, job: Job, sha256: str, results: Mapping[str, StoredResult], errors: Sequence[Mapping[str, Any]]
     ) -> None:
-        doc = analysis_document(
-            job.file, sha256, backend=self.analyzer.describe(), models=self.models, results=results, errors=errors
-        )
+        backend = self.analyzer.describe()
+        if self.analyzer.paid:  # how the service gets this file: its bytes, or a URL it fetches (never its query)
+            url = self.audio_url(job.file)
+            backend |= {"input": "body"} if url is None else {"input": "audio-url", "audio_url": without_query(url)}
+        doc = analysis_document(job.file, sha256, backend=backend, models=self.models, results=results, errors=errors)
         target = sidecar_path(job.file.path, job.file.folder, self.sidecar)
         written = await write_sidecar(target, sha256, doc, version=job.file, live=lambda: self.store.is_live(job))
         if written:

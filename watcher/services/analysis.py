@@ -1,8 +1,9 @@
 """Client of the analysis service's stream endpoint (Essentia API, server-sent events).
 
-The audio is streamed from disk as the raw request body. Each ``completed`` result is handed to the
-caller the moment it arrives (so it can be persisted); when a stream errs or ends before ``finished``,
-the next attempt asks only for the models still missing.
+The audio is streamed from disk as the raw request body, or (``audio_url``) the request has an empty body and an
+``audio-url`` header naming where the service fetches it: one or the other, never both. Each ``completed`` result
+is handed to the caller the moment it arrives (so it can be persisted); when a stream errs or ends before
+``finished``, the next attempt asks only for the models still missing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import difflib
 import inspect
 import json
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,8 @@ import httpx
 import structlog
 from httpx_sse import EventSource, SSEError
 
-from watcher.errors import Malformed, RetryLater
+from watcher.config.audio_url import without_query
+from watcher.errors import Malformed, Rejected, RetryLater, WatcherError
 from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
 
 log = structlog.get_logger("watcher.analysis")
@@ -103,8 +105,13 @@ class AnalysisClient:
             "POST", STREAM_PATH, params={"models": ""}, content=b"", headers={"Accept": "text/event-stream"}
         )
 
-    async def analyze(self, audio: AudioSource, models: Sequence[str], on_result: OnResult) -> AnalysisReport:
+    async def analyze(
+        self, audio: AudioSource, models: Sequence[str], on_result: OnResult, *, audio_url: str | None = None
+    ) -> AnalysisReport:
         """Analyse ``audio`` with ``models``; retries ask only for what is missing.
+
+        With ``audio_url`` the service fetches the audio from there (every attempt sends the header again) and
+        no byte of ``audio`` is sent; its name still goes in the ``filename`` header.
 
         Returns when every model answered, or when a stream finished with some models in error (the
         report's errors say why). Raises RetryLater when attempts ran out on transient failures,
@@ -114,7 +121,7 @@ class AnalysisClient:
         async for attempt in self.http.retrying():
             with attempt:
                 missing = report.missing(models)
-                finished = await self._attempt(audio, missing, report, on_result)
+                finished = await self._attempt(audio, missing, report, on_result, audio_url)
                 still = report.missing(models)
                 if not still or finished:
                     return report
@@ -124,7 +131,12 @@ class AnalysisClient:
         return report  # pragma: no cover - the loop returns or raises
 
     async def _attempt(
-        self, audio: AudioSource, models: list[str], report: AnalysisReport, on_result: OnResult
+        self,
+        audio: AudioSource,
+        models: list[str],
+        report: AnalysisReport,
+        on_result: OnResult,
+        audio_url: str | None = None,
     ) -> bool:
         """One request; returns True when ``finished`` arrived."""
         headers = {
@@ -132,24 +144,46 @@ class AnalysisClient:
             "Accept": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(audio.size),
         }
+        content: bytes | AsyncIterator[bytes]
+        if audio_url is None:
+            headers |= {"Content-Type": "application/octet-stream", "Content-Length": str(audio.size)}
+            content = audio.chunks()
+        else:  # an empty body (Content-Length: 0): the service fetches the audio itself
+            headers["audio-url"] = audio_url
+            content = b""
         report.requests += 1
-        log.debug("analysis.request", models=models, attempt=report.requests)
-        async with self.http.stream(
-            "POST", STREAM_PATH, params={"models": ",".join(models)}, headers=headers, content=audio.chunks()
-        ) as response:
-            content_type = response.headers.get("content-type", "")
-            if "text/event-stream" not in content_type:
-                body = (await response.aread())[:300].decode("utf-8", "replace")
-                raise Malformed(f"{SERVICE} answered {response.status_code} without an event stream: {body!r}")
-            try:
-                return await self._read_events(response, models, report, on_result)
-            except SSEError as exc:
-                raise Malformed(f"{SERVICE} sent a malformed event stream: {exc}") from exc
-            except (httpx.HTTPError, httpx.StreamError) as exc:
-                raise translate_transport_error(exc, SERVICE) from exc
+        shown = None if audio_url is None else without_query(audio_url)
+        log.debug("analysis.request", models=models, attempt=report.requests, **({"audio_url": shown} if shown else {}))
+        try:
+            async with self.http.stream(
+                "POST", STREAM_PATH, params={"models": ",".join(models)}, headers=headers, content=content
+            ) as response:
+                return await self._read_response(response, models, report, on_result)
+        except WatcherError as exc:
+            if audio_url is None or shown is None:
+                raise
+            _hide_query(exc, audio_url, shown)  # the service may quote the URL: its query may hold a token
+            if type(exc) is Rejected:  # most likely the service could not fetch the URL: say where it looked
+                where = "" if shown in str(exc) else f" {shown}"
+                hint = f"; check that the CDN serves this file at its audio-url{where}"
+                raise Rejected(f"{exc}{hint}", status=exc.status) from exc
+            raise
+
+    async def _read_response(
+        self, response: httpx.Response, models: list[str], report: AnalysisReport, on_result: OnResult
+    ) -> bool:
+        """The answer to one request: an event stream read to its end, or Malformed."""
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            body = (await response.aread())[:300].decode("utf-8", "replace")
+            raise Malformed(f"{SERVICE} answered {response.status_code} without an event stream: {body!r}")
+        try:
+            return await self._read_events(response, models, report, on_result)
+        except SSEError as exc:
+            raise Malformed(f"{SERVICE} sent a malformed event stream: {exc}") from exc
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            raise translate_transport_error(exc, SERVICE) from exc
 
     async def _read_events(
         self, response: httpx.Response, models: list[str], report: AnalysisReport, on_result: OnResult
@@ -218,6 +252,15 @@ class AnalysisClient:
             elif status != "started":
                 log.debug("analysis.unknown_event", status=status)
         return False
+
+
+def _hide_query(exc: Exception, url: str, shown: str) -> None:
+    """Remove ``url``'s query from ``exc``'s message wherever the service echoed it (in place)."""
+    query = url.partition("?")[2]
+    if query:
+        exc.args = tuple(
+            a.replace(url, shown).replace(query, "…") if isinstance(a, str) else a for a in exc.args
+        )
 
 
 def _opt_str(value: Any) -> str | None:
