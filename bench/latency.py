@@ -1,11 +1,12 @@
 """Time from a complete file's rename into a watched folder to the start of its analysis request.
 
-A file written elsewhere on the same disk is renamed into the watched folder (native events); the emulator
-stamps the analysis request's arrival (headers received). The figure is arrival - rename - settle window:
-what detection, the store, the runner and the pipeline add beyond the window the user asked for.
+A file written elsewhere on the same disk is renamed into the natively watched folder of a `watcher run`
+process; the emulator (in this process) stamps the analysis request's arrival (headers received). The
+figure is arrival - rename - settle window: what detection, the store, the runner and the pipeline add
+beyond the window the user asked for.
 
 References measured in the same run, on the same folder and the same emulator: a bare watchdog observer's
-rename -> event delivery, and a bare httpx POST round trip (keep-alive, a small body).
+rename -> event delivery, and a bare httpx POST (keep-alive, a small body): start -> arrival, and round trip.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from _harness import DaemonInThread, quiet
+from _harness import quiet
 from watchdog.events import FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from tests.conftest import write_tone
-from watcher.config import AnalysisConfig, FolderConfig, Settings
 from watcher.emulator import Emulator
 
 STREAM_ROUTE = "POST /v1/analysis/stream"
@@ -46,15 +48,23 @@ def wait(condition: object, timeout: float = 30.0) -> None:
 
 
 def product(root: Path, emu: Emulator, files: int, settle: float) -> list[float]:
-    """rename -> analysis request arrival, minus the settle window, for ``files`` files, one at a time."""
+    """rename -> analysis request arrival, minus the settle window, for ``files`` files, one at a time.
+
+    The daemon runs as its own process (`watcher run`), as in production: in this process it would share
+    the interpreter lock with the emulator's server thread, and its arrivals would wait for that lock.
+    """
     inbox, staging = root / "in", root / "staging"
     inbox.mkdir()
-    settings = Settings(
-        state_dir=root / "state",
-        folders=(FolderConfig(path=inbox, settle_seconds=settle),),
-        analysis=AnalysisConfig(base_url=emu.url, api_key="bench-key", rate_limit=1000),
+    cfg = root / "watcher.toml"
+    cfg.write_text(
+        f'state_dir = "{root / "state"}"\nlog_level = "warning"\n'
+        f'[[folders]]\npath = "{inbox}"\nsettle_seconds = {settle}\n'
+        f'[analysis]\nbackend = "remote"\nbase_url = "{emu.url}"\napi_key = "bench-key"\nrate_limit = 1000\n'
     )
-    daemon = DaemonInThread(settings)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - the child keeps it
+    daemon = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "run"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)  # fmt: skip
     times = []
     try:
         for i in range(WARM_UP + files):
@@ -70,7 +80,9 @@ def product(root: Path, emu: Emulator, files: int, settle: float) -> list[float]
             if i >= WARM_UP:
                 times.append(arrived - renamed - settle)
     finally:
-        daemon.stop()
+        daemon.terminate()
+        daemon.wait(30)
+        log.close()
     return times
 
 
@@ -109,17 +121,19 @@ def bare_observer(folder: Path, files: int) -> list[float]:
     return times
 
 
-def bare_post(emu: Emulator, requests: int) -> list[float]:
-    """A bare httpx POST round trip to the emulator's analysis route (refused at once: a wrong key)."""
-    times = []
+def bare_post(emu: Emulator, requests: int) -> tuple[list[float], list[float]]:
+    """A bare httpx POST to the emulator's analysis route (refused at once: a wrong key), keep-alive:
+    (start -> arrival at the emulator, whole round trip)."""
+    arrivals, round_trips = [], []
     body = b"\0" * 1024
     with httpx.Client(base_url=emu.url, timeout=10) as client:
         client.post("/v1/analysis/stream", params={"models": "key"}, content=body)  # open the connection
         for _ in range(requests):
             started = time.monotonic()
             client.post("/v1/analysis/stream", params={"models": "key"}, content=body)
-            times.append(time.monotonic() - started)
-    return times
+            round_trips.append(time.monotonic() - started)
+            arrivals.append(emu.api.requests[-1].arrived - started)
+    return arrivals, round_trips
 
 
 def main() -> None:
@@ -132,11 +146,12 @@ def main() -> None:
         root = Path(tmp)
         times = product(root, emu, args.files, args.settle)
         observer = bare_observer(root / "in", args.files)
-        post = bare_post(emu, args.files)
+        post_arrival, post_round_trip = bare_post(emu, args.files)
     print(f"{args.files} files renamed one at a time into a natively watched folder, settle_seconds = {args.settle:g}")
     print(summary("watcher: rename -> request start - settle", times))
     print(summary("reference: bare watchdog rename -> event", observer))
-    print(summary("reference: bare httpx POST round trip", post))
+    print(summary("reference: bare httpx POST start -> arrival", post_arrival))
+    print(summary("reference: bare httpx POST round trip", post_round_trip))
 
 
 if __name__ == "__main__":
