@@ -784,3 +784,43 @@ def test_a_batch_the_sink_refuses_is_recorded_file_by_file(tmp_path):
     assert sink.batches == [] and sorted(sink.calls) == sorted([bad, str(inbox / "a.wav"), str(inbox / "b.wav")])
     errors = [e for e in logs if e["log_level"] == "error"]
     assert [(e["event"], e["path"]) for e in errors] == [("detect.record_failed", display(bad))]
+
+
+def test_the_loop_sleeps_while_nothing_is_due(tmp_path):
+    """No tick and no spinning: with nothing to settle (and a folder that is away, whose rescan is overdue), the
+    loop wakes only for its health checks."""
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=tmp_path / "away", rescan_interval=0.01)], sink, health_every=0.1)
+    checks = 0
+    check_once = det.check_once
+
+    async def counting_check() -> float | None:
+        nonlocal checks
+        checks += 1
+        return await check_once()
+
+    det.check_once = counting_check  # type: ignore[method-assign]
+    healths = 0
+    health = det.watches.health
+
+    async def counting_health() -> None:
+        nonlocal healths
+        healths += 1
+        await health()
+
+    det.watches.health = counting_health  # type: ignore[method-assign]
+
+    async def main() -> None:
+        stop, started = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(det.run(stop, on_first_scan=started.set))
+        await started.wait()
+        deadline = asyncio.get_running_loop().time() + 20
+        while healths < 5:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)  # sleep-ok: the polling step of a deadline-bounded wait
+        stop.set()
+        await running
+
+    asyncio.run(main())
+    assert det.describe()[0]["available"] is False
+    assert checks <= healths + 2, (checks, healths)

@@ -173,7 +173,9 @@ class Detector:
             try:
                 paths = await self._pool.call(functools.partial(_walk_list, folder, state, start))
             except Exception as exc:
-                log.error("scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan")
+                log.error(
+                    "scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan"
+                )
                 continue
             for p in paths:
                 self.hint(p)
@@ -304,7 +306,8 @@ class Detector:
                     break
                 if self._hints or self._pending_dirs:
                     continue  # hints came while checking (a scan's, or events'): take them now
-                wake_at = min(next_health, *(s.next_rescan for s in self.folders.values()))
+                # an unavailable folder's rescan waits for the health check that finds it back
+                wake_at = min([next_health, *(s.next_rescan for s in self.folders.values() if s.available)])
                 if next_deadline is not None:
                     wake_at = min(wake_at, next_deadline)
                 await _wait(self._wake, wake_at - self._clock())  # a hint or ``stop`` wakes it sooner
