@@ -542,8 +542,11 @@ def test_entries_that_are_not_regular_files_or_lead_outside_are_skipped(tmp_path
     with structlog.testing.capture_logs() as logs:
         d, sink = watch(inbox)
         os.mkfifo(inbox / "pipe.wav")
-        os.symlink(inbox / "loop-b.wav", inbox / "loop-a.wav")
-        os.symlink(inbox / "loop-a.wav", inbox / "loop-b.wav")
+        staging = tmp_path / "staging"  # the loop arrives whole: a link seen alone would only be dangling
+        staging.mkdir()
+        os.symlink(inbox / "loops" / "loop-b.wav", staging / "loop-a.wav")
+        os.symlink(inbox / "loops" / "loop-a.wav", staging / "loop-b.wav")
+        staging.rename(inbox / "loops")
         os.symlink(outside, inbox / "link-out.wav")
         write_tone(inbox / "real.wav", 0.05)
         os.symlink(inbox / "real.wav", inbox / "link-in.wav")
