@@ -93,9 +93,9 @@ def test_subscribers_and_the_request_observer_hear_everything(tmp_path, inbox, e
     requests: list[tuple[str, str, str]] = []
     settings = make_settings(tmp_path, inbox, emulator.url)
     app = build(
-        settings, subscribers=[recorder], observer=lambda svc, method, secs, outcome, sent: requests.append(
-            (svc, method, outcome)
-        )
+        settings,
+        subscribers=[recorder],
+        observer=lambda svc, method, secs, outcome, sent: requests.append((svc, method, outcome)),
     )
 
     async def main() -> None:
@@ -127,3 +127,30 @@ def test_a_build_that_fails_closes_the_store(tmp_path):
     again = build(Settings(state_dir=tmp_path / "s", analysis=AnalysisConfig(api_key=SecretStr(API_KEY))))
     close(again)
     assert Path(tmp_path / "s" / "watcher.db").exists()
+
+
+def test_files_settled_together_are_recorded_at_once_and_told_once(tmp_path):
+    """The sink's batch: every new version registered with its jobs, an already known one left alone, each new
+    file told to subscribers once and the workers woken once."""
+    from watcher.audiofile import Signature
+    from watcher.detect.detector import Settled
+
+    folder = FolderConfig(path=tmp_path / "in")
+    recorder = Recorder()
+    app = build(Settings(state_dir=tmp_path / "s", analysis=AnalysisConfig(api_key=SecretStr("k-123456"))),
+                subscribers=[recorder])  # fmt: skip
+    woken: list[None] = []
+    app.sink.wake = lambda: woken.append(None)
+    try:
+        known = Settled(folder, str(tmp_path / "in" / "c.wav"), "c.wav", Signature(3, 3, 3))
+        app.sink.ready(known.folder, known.path, known.rel_path, known.signature)
+        files = [Settled(folder, str(tmp_path / "in" / f"{n}.wav"), f"{n}.wav", Signature(1, 1, i)) for i, n in
+                 enumerate("ab")] + [known]  # fmt: skip
+        app.sink.ready_many(files)
+        assert recorder.settled == [known.path, files[0].path, files[1].path]
+        assert len(woken) == 2  # once for the single file, once for the batch
+        assert app.store.counts() == {"analyze": {"pending": 3}}
+        app.sink.ready_many(files)  # all known now: nothing told, nobody woken
+        assert len(recorder.settled) == 3 and len(woken) == 2
+    finally:
+        close(app)

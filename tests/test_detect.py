@@ -6,7 +6,9 @@ import asyncio
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,9 @@ import structlog
 from tests.conftest import wait_for, write_tone
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig
-from watcher.detect.detector import Detector
+from watcher.detect.detector import Detector, Settled
 from watcher.detect.filters import PathFilter
-from watcher.detect.settle import Settler
+from watcher.detect.settle import CLOSE_CONFIRM_SECONDS, Settler, Verdict
 from watcher.names import display
 
 pytestmark = pytest.mark.timeout(30)
@@ -28,6 +30,7 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.ready_files: list[tuple[str, Signature]] = []
+        self.batches: list[int] = []  # the size of each ready_many call
         self.lock = threading.Lock()
 
     def known(self, path: str, sig: Signature) -> bool:
@@ -37,6 +40,12 @@ class RecordingSink:
     def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
         with self.lock:
             self.ready_files.append((path, sig))
+
+    def ready_many(self, files: Sequence[Settled]) -> None:
+        with self.lock:
+            self.batches.append(len(files))
+        for f in files:
+            self.ready(f.folder, f.path, f.rel_path, f.signature)
 
     def names(self) -> list[str]:
         with self.lock:
@@ -237,37 +246,137 @@ def test_user_excludes_and_path_patterns():
     assert not f.wants_file("out/x/a.wav") and not f.wants_dir("out")
 
 
+def outcomes(verdicts: list[Verdict]) -> list[tuple[str, str]]:
+    return sorted((Path(v.candidate.path).name, v.outcome) for v in verdicts)
+
+
 def test_settler_needs_a_full_quiet_window(tmp_path):
     """A file is ready only after its signature stayed the same for the whole settle window."""
     now = [0.0]
     path = write_tone(tmp_path / "a.wav", 0.05)
     s = Settler(lambda: now[0])
     s.hint(str(path), 2.0)
-    assert [v.outcome for v in s.check()] == ["waiting"]
+    assert s.next_deadline() == 0.0  # a new path is looked at once
+    assert outcomes(s.check()) == [("a.wav", "waiting")]
+    assert s.next_deadline() == 2.0
     now[0] = 1.5
-    assert [v.outcome for v in s.check()] == ["waiting"]
+    assert s.check() == []  # not due: not looked at
     with path.open("ab") as fh:
         fh.write(b"\0\0")
-    now[0] = 2.5
-    assert [v.outcome for v in s.check()] == ["waiting"]  # changed: the window starts again
+    now[0] = 2.0
+    assert outcomes(s.check()) == [("a.wav", "waiting")]  # changed: the window starts again
+    assert s.next_deadline() == 4.0
+    now[0] = 3.9
+    assert s.check() == []
     now[0] = 4.0
-    assert [v.outcome for v in s.check()] == ["waiting"]
-    now[0] = 4.6
-    assert [v.outcome for v in s.check()] == ["ready"]
-    assert not s.candidates
+    assert outcomes(s.check()) == [("a.wav", "ready")]
+    assert not s.candidates and s.next_deadline() is None
 
 
-def test_settler_close_event_shortens_the_wait(tmp_path):
-    """After a close-after-write event one quiet second is enough, never less."""
+def test_deadlines_fire_without_a_tick(tmp_path):
+    """With an injected clock, each check stats exactly the candidates that are due, and says the next deadline;
+    a write hint moves its file's deadline."""
+    now = [0.0]
+    stats: Counter[str] = Counter()
+
+    def counting_stat(path: str) -> os.stat_result:
+        stats[Path(path).name] += 1
+        return os.stat(path)
+
+    s = Settler(lambda: now[0], stat=counting_stat)
+    for name, settle in (("a.wav", 1.0), ("b.wav", 3.0), ("c.wav", 2.0)):
+        s.hint(str(write_tone(tmp_path / name, 0.05)), settle)
+    assert outcomes(s.check()) == [("a.wav", "waiting"), ("b.wav", "waiting"), ("c.wav", "waiting")]
+    assert s.next_deadline() == 1.0
+    now[0] = 0.5
+    assert s.check() == [] and sum(stats.values()) == 3  # between deadlines nothing is looked at
+    now[0] = 1.0
+    assert outcomes(s.check()) == [("a.wav", "ready")]
+    assert s.next_deadline() == 2.0
+    now[0] = 1.5
+    s.hint(str(tmp_path / "b.wav"), 3.0)  # activity on b: its quiet period starts again
+    now[0] = 2.0
+    assert outcomes(s.check()) == [("c.wav", "ready")]
+    assert s.next_deadline() == 4.5
+    now[0] = 3.0  # b's first deadline, moved: not looked at
+    assert s.check() == [] and stats["b.wav"] == 1
+    now[0] = 4.5
+    assert outcomes(s.check()) == [("b.wav", "ready")]
+    assert s.next_deadline() is None
+    assert stats == {"a.wav": 2, "b.wav": 2, "c.wav": 2}
+
+
+def test_a_zero_window_still_needs_two_equal_stats(tmp_path):
+    """settle_seconds = 0: never ready on a single stat; the second one follows at once."""
+    s = Settler(lambda: 0.0)
+    s.hint(str(write_tone(tmp_path / "a.wav", 0.05)), 0.0)
+    assert outcomes(s.check()) == [("a.wav", "waiting")]
+    assert s.next_deadline() == 0.0
+    assert outcomes(s.check()) == [("a.wav", "ready")]
+
+
+def test_a_close_matching_the_last_stat_is_taken_at_once(tmp_path):
+    """A close whose stat equals the stat taken after the last write is ready at once, whatever the window."""
     now = [0.0]
     path = write_tone(tmp_path / "a.wav", 0.05)
     s = Settler(lambda: now[0])
+    s.hint(str(path), 30.0)  # created
+    assert outcomes(s.check()) == [("a.wav", "waiting")]  # the last stat, after the writes
+    now[0] = 0.01
     s.hint(str(path), 30.0, closed=True)
+    assert s.next_deadline() == 0.01
+    assert outcomes(s.check()) == [("a.wav", "ready")]
+
+
+def test_a_close_after_unstated_writes_is_confirmed_by_a_second_stat(tmp_path):
+    """The close is the first thing seen, or follows write hints no stat followed: the stat at the close
+    becomes the last stat, and a second equal one shortly after makes the file ready."""
+    now = [0.0]
+    first = write_tone(tmp_path / "first.wav", 0.05)
+    later = write_tone(tmp_path / "later.wav", 0.05)
+    s = Settler(lambda: now[0])
+    s.hint(str(first), 30.0, closed=True)  # nothing seen before the close
+    s.hint(str(later), 30.0)
+    assert outcomes(s.check()) == [("first.wav", "waiting"), ("later.wav", "waiting")]
+    now[0] = 0.1
+    with later.open("ab") as fh:
+        fh.write(b"\0\0")
+    s.hint(str(later), 30.0)  # written after its last stat
+    s.hint(str(later), 30.0, closed=True)  # and closed, no stat in between
+    assert s.next_deadline() == 0.05
+    now[0] = 0.05
+    assert outcomes(s.check()) == [("first.wav", "ready")]
+    now[0] = 0.1
+    assert outcomes(s.check()) == [("later.wav", "waiting")]
+    assert s.next_deadline() == pytest.approx(0.1 + CLOSE_CONFIRM_SECONDS)
+    now[0] = 0.1 + CLOSE_CONFIRM_SECONDS
+    assert outcomes(s.check()) == [("later.wav", "ready")]
+
+
+def test_a_writer_that_reopens_after_its_close_is_not_taken_early(tmp_path):
+    """A close is refused when the file changed since the last stat (the writer is back before its events
+    arrive), and cancelled by a write hint after it (the writer's events arrived): both wait the full window."""
+    now = [0.0]
+    unseen = write_tone(tmp_path / "unseen.wav", 0.05)
+    seen = write_tone(tmp_path / "seen.wav", 0.05)
+    s = Settler(lambda: now[0])
+    s.hint(str(unseen), 30.0)
+    s.hint(str(seen), 30.0)
     s.check()
-    now[0] = 0.9
-    assert [v.outcome for v in s.check()] == ["waiting"]
-    now[0] = 1.1
-    assert [v.outcome for v in s.check()] == ["ready"]
+    now[0] = 1.0
+    for path in (unseen, seen):
+        s.hint(str(path), 30.0, closed=True)
+        with path.open("ab") as fh:  # reopened and appended
+            fh.write(b"\0\0")
+    s.hint(str(seen), 30.0)  # the append's event came in
+    assert outcomes(s.check()) == [("unseen.wav", "waiting")]  # seen.wav is no longer due
+    assert s.next_deadline() == 31.0
+    now[0] = 30.9
+    assert s.check() == []
+    now[0] = 31.0  # seen.wav's stat changed since the last one: its window starts again at this check
+    assert outcomes(s.check()) == [("seen.wav", "waiting"), ("unseen.wav", "ready")]
+    now[0] = 61.0
+    assert outcomes(s.check()) == [("seen.wav", "ready")]
 
 
 def test_dead_observer_falls_back_to_polling(tmp_path, watch):
@@ -380,6 +489,12 @@ class FlakySink(RecordingSink):
             path.encode("utf-8")
         super().ready(folder, path, rel_path, sig)
 
+    def ready_many(self, files: Sequence[Settled]) -> None:
+        if self.fail_in == "ready":  # all or none, as one store transaction
+            for f in files:
+                f.path.encode("utf-8")
+        super().ready_many(files)
+
 
 @pytest.mark.parametrize("fail_in", ["known", "ready"])
 def test_a_sink_failure_stays_with_its_file_and_is_logged_once(tmp_path, fail_in):
@@ -427,8 +542,11 @@ def test_entries_that_are_not_regular_files_or_lead_outside_are_skipped(tmp_path
     with structlog.testing.capture_logs() as logs:
         d, sink = watch(inbox)
         os.mkfifo(inbox / "pipe.wav")
-        os.symlink(inbox / "loop-b.wav", inbox / "loop-a.wav")
-        os.symlink(inbox / "loop-a.wav", inbox / "loop-b.wav")
+        staging = tmp_path / "staging"  # the loop arrives whole: a link seen alone would only be dangling
+        staging.mkdir()
+        os.symlink(inbox / "loops" / "loop-b.wav", staging / "loop-a.wav")
+        os.symlink(inbox / "loops" / "loop-a.wav", staging / "loop-b.wav")
+        staging.rename(inbox / "loops")
         os.symlink(outside, inbox / "link-out.wav")
         write_tone(inbox / "real.wav", 0.05)
         os.symlink(inbox / "real.wav", inbox / "link-in.wav")
@@ -574,3 +692,138 @@ def test_a_link_loop_already_there_is_reported_once(tmp_path):
     errors = [e for e in logs if e["log_level"] == "error"]
     assert sorted(Path(e["path"]).name for e in errors) == ["a.wav", "b.wav"], errors
     assert all(e["event"] == "detect.check_failed" and "symbolic links" in e["error"] for e in errors)
+
+
+def test_a_close_after_write_is_taken_long_before_the_window(tmp_path, watch):
+    """Real inotify events: a file written and closed in a folder with a 30 s window is ready at once."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    _, sink = watch(inbox, settle_seconds=30)
+    data = write_tone(tmp_path / "src.wav", 0.2).read_bytes()
+    with (inbox / "a.wav").open("wb") as fh:
+        fh.write(data)
+    wait_for(lambda: sink.names() == ["a.wav"], timeout=10, what="the closed file, well before its 30 s window")
+    assert sink.ready_files[0][1].size == len(data)
+
+
+def test_a_burst_of_hints_creates_no_task_per_file(tmp_path):
+    """Thousands of new files at once: the loop runs a handful of tasks (one timer heap, no task per file),
+    every file reaches the sink once, and files that settle together reach it in one call."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.2)], sink, health_every=0.5)
+    count = 2000
+
+    def write_all() -> None:
+        for i in range(count):
+            (inbox / f"{i}.wav").write_bytes(b"RIFF")
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop, started = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(det.run(stop, on_first_scan=started.set))
+        await started.wait()
+        writer = asyncio.create_task(asyncio.to_thread(write_all))
+        most, deadline = 0, loop.time() + 60
+        while len(sink.ready_files) < count:
+            most = max(most, len(asyncio.all_tasks()))
+            assert loop.time() < deadline, f"{len(sink.ready_files)} of {count} files settled"
+            await asyncio.sleep(0.005)  # sleep-ok: the sampling step of a deadline-bounded wait
+        await writer
+        stop.set()
+        await running
+        return most
+
+    most = asyncio.run(main())
+    assert most <= 6, most  # this test, the detector, its stop waker, the writer: tasks do not grow with files
+    assert len({p for p, _ in sink.ready_files}) == len(sink.ready_files) == count
+    assert max(sink.batches) > 1
+
+
+def test_settle_all_looks_at_each_file_at_its_deadline_only(tmp_path):
+    """`watcher scan` waits for deadlines: each file is stat-ed when first seen and once at its deadline."""
+    inbox = tmp_path / "in"
+    for name in ("a.wav", "b.wav", "c.wav"):
+        write_tone(inbox / name, 0.05)
+    stats: Counter[str] = Counter()
+
+    def counting_stat(path: str) -> os.stat_result:
+        stats[Path(path).name] += 1
+        return os.stat(path)
+
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.6)], sink)
+    det.settler = Settler(time.monotonic, stat=counting_stat, known=sink.known)
+
+    async def main() -> None:
+        await det.scan()
+        await det.settle_all(timeout=10)
+
+    asyncio.run(main())
+    assert sorted(sink.names()) == ["a.wav", "b.wav", "c.wav"]
+    assert stats == {"a.wav": 2, "b.wav": 2, "c.wav": 2}
+    assert sink.batches == [3]  # settled together: one call
+
+
+def test_a_batch_the_sink_refuses_is_recorded_file_by_file(tmp_path):
+    """When the sink refuses the files that settled together, each is tried alone: the good ones are recorded,
+    the bad one is logged once and never leaves the detector."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    bad = _write_bytes_name(inbox, b"caf\xe9.wav")
+    write_tone(inbox / "a.wav", 0.05)
+    write_tone(inbox / "b.wav", 0.05)
+    sink = FlakySink("ready")
+    det = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
+
+    async def main() -> None:
+        await det.scan()
+        await det.settle_all(timeout=10)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    assert sorted(sink.names()) == ["a.wav", "b.wav"]
+    assert sink.batches == [] and sorted(sink.calls) == sorted([bad, str(inbox / "a.wav"), str(inbox / "b.wav")])
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [(e["event"], e["path"]) for e in errors] == [("detect.record_failed", display(bad))]
+
+
+def test_the_loop_sleeps_while_nothing_is_due(tmp_path):
+    """No tick and no spinning: with nothing to settle (and a folder that is away, whose rescan is overdue), the
+    loop wakes only for its health checks."""
+    sink = RecordingSink()
+    det = Detector([FolderConfig(path=tmp_path / "away", rescan_interval=0.01)], sink, health_every=0.1)
+    checks = 0
+    check_once = det.check_once
+
+    async def counting_check() -> float | None:
+        nonlocal checks
+        checks += 1
+        return await check_once()
+
+    det.check_once = counting_check  # type: ignore[method-assign]
+    healths = 0
+    health = det.watches.health
+
+    async def counting_health() -> None:
+        nonlocal healths
+        healths += 1
+        await health()
+
+    det.watches.health = counting_health  # type: ignore[method-assign]
+
+    async def main() -> None:
+        stop, started = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(det.run(stop, on_first_scan=started.set))
+        await started.wait()
+        deadline = asyncio.get_running_loop().time() + 20
+        while healths < 5:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)  # sleep-ok: the polling step of a deadline-bounded wait
+        stop.set()
+        await running
+
+    asyncio.run(main())
+    assert det.describe()[0]["available"] is False
+    assert checks <= healths + 2, (checks, healths)

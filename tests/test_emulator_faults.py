@@ -273,3 +273,22 @@ def test_chaos_storage_and_retry_after(emulator: Emulator, client: httpx.Client,
     assert retry_after == {"0.1"}
     emulator.chaos(7, 0.0)
     assert httpx.get(signed, timeout=10).content == audio
+
+
+def test_a_request_is_stamped_when_it_arrives_before_its_body(emulator: Emulator, client: httpx.Client) -> None:
+    """``arrived`` is taken when the headers reach the server: between the client's start and its last chunk."""
+    seen: list[float] = []
+    started = time.monotonic()
+
+    def body() -> Iterator[bytes]:
+        yield b"RIFF"
+        recorded = wait_for(lambda: emulator.api.requests, what="the request recorded before its body ends")
+        seen.append(time.monotonic())
+        assert len(recorded) == 1
+        yield b"\0" * 64
+
+    response = client.post(STREAM, params={"models": "tempo"}, content=body(), headers={"Authorization": "Bearer x"})
+    assert response.status_code == 401  # the emulator's key is another one: answered after the body is drained
+    (request,) = emulator.api.requests
+    assert request.route == "POST /v1/analysis/stream"
+    assert started <= request.arrived <= seen[0]

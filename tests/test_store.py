@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from watcher.store import Store, StoredResult
+import pytest
+
+from watcher.store import NewVersion, Store, StoredResult
 
 
 def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int = 1, inode: int = 7):
@@ -37,6 +39,47 @@ def test_new_version_supersedes_unfinished_work(store):
     old_id, new_id = current.id - 1, current.id
     assert [j.state for j in store.jobs_of_file(old_id)] == ["superseded"]
     assert [(j.state, j.step) for j in store.jobs_of_file(new_id)] == [("pending", "analyze")]
+
+
+def test_versions_registered_together_keep_the_one_by_one_rules(store):
+    """register_versions: each version as register_version would (supersession, one job per pipeline, a known
+    version not again), answers in order."""
+    old_id, _ = register(store, "/in/a.wav")
+    known_id, _ = register(store, "/in/c.wav")
+    jobs = [("analyze", "analyze"), ("archive", "check")]
+    answers = store.register_versions(
+        [
+            NewVersion("/in", "/in/a.wav", "a.wav", 20, 2, 7),  # a new version of a.wav
+            NewVersion("/in", "/in/b.wav", "b.wav", 5, 1, 8),
+            NewVersion("/in", "/in/c.wav", "c.wav", 10, 1, 7),  # already known
+        ],
+        jobs=jobs,
+        now=200.0,
+    )
+    assert [new for _, new in answers] == [True, True, False]
+    assert answers[2][0] == known_id
+    assert [j.state for j in store.jobs_of_file(old_id)] == ["superseded"]
+    for (file_id, _), path in zip(answers[:2], ("/in/a.wav", "/in/b.wav"), strict=True):
+        current = store.current_version(path)
+        assert current is not None and current.id == file_id
+        assert sorted((j.pipeline, j.step, j.state) for j in store.jobs_of_file(file_id)) == [
+            ("analyze", "analyze", "pending"),
+            ("archive", "check", "pending"),
+        ]
+    assert store.counts() == {"analyze": {"pending": 3}, "archive": {"pending": 2}}  # current versions only
+
+
+def test_versions_registered_together_are_all_or_none(store):
+    """One transaction: a version the database refuses leaves none of its batch recorded."""
+    register(store, "/in/a.wav")
+    with pytest.raises(Exception):  # noqa: B017 - each database names an out-of-range integer its own way
+        store.register_versions(
+            [NewVersion("/in", "/in/b.wav", "b.wav", 5, 1, 8), NewVersion("/in", "/in/c.wav", "c.wav", 2**70, 1, 9)],
+            jobs=[("analyze", "analyze")],
+        )
+    assert store.current_version("/in/b.wav") is None
+    assert store.counts() == {"analyze": {"pending": 1}}
+    assert [new for _, new in store.register_versions([], jobs=[("analyze", "analyze")])] == []
 
 
 def test_claim_leases_and_release_schedules(store):

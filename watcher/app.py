@@ -25,7 +25,7 @@ import structlog
 from watcher import markers
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig, Settings, reveal, service_identity
-from watcher.detect.detector import Detector
+from watcher.detect.detector import Detector, Settled
 from watcher.errors import ConfigError
 from watcher.events import Events, Subscriber
 from watcher.names import display
@@ -33,7 +33,7 @@ from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
 from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
-from watcher.store import TERMINAL, FileVersion, Job, Store
+from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
 
 log = structlog.get_logger("watcher.app")
 PAID_DRAIN_SECONDS = 2.0
@@ -87,10 +87,26 @@ class StoreSink:
             jobs=self.jobs,
         )
         if new:
-            queued = ", ".join(name for name, _ in self.jobs)
-            log.info("file.settled", path=display(path), size=sig.size, next=f"queued for {queued}")
-            self.events.file_settled(str(folder.path), path)
+            self._settled(str(folder.path), path, sig)
             self.wake()
+
+    def ready_many(self, files: Sequence[Settled]) -> None:
+        """Files settled together: registered in one store transaction, then the workers are woken once."""
+        versions = []
+        for f in files:
+            sig = f.signature
+            versions.append(NewVersion(str(f.folder.path), f.path, f.rel_path, sig.size, sig.mtime_ns, sig.inode))
+        answers = self.store.register_versions(versions, jobs=self.jobs)
+        new = [f for f, (_, is_new) in zip(files, answers, strict=True) if is_new]
+        for f in new:
+            self._settled(str(f.folder.path), f.path, f.signature)
+        if new:
+            self.wake()
+
+    def _settled(self, folder: str, path: str, sig: Signature) -> None:
+        queued = ", ".join(name for name, _ in self.jobs)
+        log.info("file.settled", path=display(path), size=sig.size, next=f"queued for {queued}")
+        self.events.file_settled(folder, path)
 
 
 class App:

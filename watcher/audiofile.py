@@ -103,12 +103,17 @@ def _hash_file(path: str | Path, expected: Signature) -> str:
     return digest
 
 
-async def sha256_file(path: str | Path, expected: Signature) -> str:
-    """The file's sha256, read in chunks off the event loop; FileChanged if it moves underneath."""
+def hash_file(path: str | Path, expected: Signature) -> str:
+    """The file's sha256, read in chunks (blocking: call it in a worker thread); FileChanged if it moves underneath."""
     try:
-        return await asyncio.to_thread(_hash_file, path, expected)
+        return _hash_file(path, expected)
     except FileNotFoundError as exc:
         raise FileChanged("the file disappeared") from exc
+
+
+async def sha256_file(path: str | Path, expected: Signature) -> str:
+    """:func:`hash_file` off the event loop."""
+    return await asyncio.to_thread(hash_file, path, expected)
 
 
 class FileBody:

@@ -156,7 +156,8 @@ class Runner:
                 if paused > now:
                     wait = min(wait, paused - now)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
+                    async with asyncio.timeout(wait):  # woken at once by wake(): no task is made per wait
+                        await wake.wait()
                 continue
             await self.run_job(pipeline, job)
 

@@ -3,6 +3,9 @@
 A hint is only a hint: the path is filtered, then watched until it settles, then handed to the sink
 (which records it in the store). Detection knows nothing of HTTP or of the store's tables.
 
+There is no tick: the loop sleeps until the settler's earliest deadline, a hint, a rescan or a health check,
+whichever comes first. The files that settle in one check reach the sink together (one store transaction).
+
 Paths are ``str`` exactly as ``os.fsdecode`` gives them (undecodable bytes as surrogate escapes), so any name
 the OS allows goes through. A failure about one path (its filter, stat, ``sink.known``, ``sink.ready``) is
 logged once with the displayed name and never leaves the detector. Every filesystem call runs in a small
@@ -20,6 +23,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -33,8 +37,17 @@ from watcher.detect.settle import Settler, Verdict
 from watcher.names import display
 
 log = structlog.get_logger("watcher.detect")
-TICK = 0.25
 HEALTH_EVERY = 5.0
+
+
+@dataclass(frozen=True)
+class Settled:
+    """One settled file version, as the sink records it."""
+
+    folder: FolderConfig
+    path: str
+    rel_path: str
+    signature: Signature
 
 
 class ReadySink(Protocol):
@@ -46,6 +59,10 @@ class ReadySink(Protocol):
 
     def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
         """A file version that stayed unchanged for its folder's settle window."""
+        ...
+
+    def ready_many(self, files: Sequence[Settled]) -> None:
+        """Several settled versions at once, all or none (one transaction): when it raises, none is recorded."""
         ...
 
 
@@ -173,22 +190,27 @@ class Detector:
         """True when nothing is waiting to settle and no folder scan is queued."""
         return not self.settler.candidates and not self._pending_dirs and not self._hints
 
-    async def check_once(self) -> None:
-        """Stat every candidate once and hand the settled ones to the sink."""
+    async def check_once(self) -> float | None:
+        """Take the new hints, stat the candidates that are due, hand the settled ones to the sink.
+
+        Returns the next deadline (detection's clock), None when no candidate waits.
+        """
         while self._pending_dirs:
             directory = self._pending_dirs.pop()
             state = self.folder_of(directory)
             if state is not None:
                 await self.scan(str(state.config.path), start=directory)
 
-        def check() -> list[Verdict]:
+        def check() -> tuple[list[Verdict], float | None]:
             with self._lock:
                 while self._hints:
                     path, settle, closed, root = self._hints.popleft()
                     self.settler.hint(path, settle, closed=closed, root=root)
-                return self.settler.check()
+                return self.settler.check(), self.settler.next_deadline()
 
-        for verdict in await self._pool.call(check):
+        verdicts, next_deadline = await self._pool.call(check)
+        settled: list[Settled] = []
+        for verdict in verdicts:
             path = verdict.candidate.path
             if verdict.outcome == "gone":
                 log.info("detect.vanished", path=display(path), next="nothing to do: it was deleted before it settled")
@@ -199,35 +221,64 @@ class Detector:
                     "detect.check_failed", path, verdict.error or "", "not processed; the next scan looks again"
                 )
             elif verdict.outcome == "ready" and verdict.signature is not None:
-                self._ready(path, verdict.signature)
+                settled.extend(self._settled(path, verdict.signature))
+        self._record(settled)
+        return next_deadline
 
-    def _ready(self, path: str, sig: Signature) -> None:
-        """Hand one settled file to the sink; a failure there is this file's alone."""
+    def _settled(self, path: str, sig: Signature) -> list[Settled]:
+        """The settled file as the sink takes it (none when its folder is no longer watched). Never raises."""
         try:
             state = self.folder_of(path)
             if state is None:
+                return []
+            return [Settled(state.config, path, os.path.relpath(path, state.config.path), sig)]
+        except Exception as exc:
+            self._report_failure("detect.record_failed", path, reason_of(exc), "it will be seen again at the next scan")
+            return []
+
+    def _record(self, files: list[Settled]) -> None:
+        """Hand the files settled in one check to the sink in one call; if that fails, each file alone, so that
+        a failure stays with its file."""
+        if len(files) > 1:
+            try:
+                self.sink.ready_many(files)
+            except Exception as exc:
+                log.debug("detect.batch_failed", files=len(files), error=reason_of(exc), next="recording one by one")
+            else:
+                for f in files:
+                    self._failed.pop(f.path, None)
                 return
-            rel = os.path.relpath(path, state.config.path)
-            self.sink.ready(state.config, path, rel, sig)
+        for f in files:
+            self._ready(f)
+
+    def _ready(self, f: Settled) -> None:
+        """Hand one settled file to the sink; a failure there is this file's alone."""
+        try:
+            self.sink.ready(f.folder, f.path, f.rel_path, f.signature)
         except Exception as exc:
             self._report_failure(
-                "detect.record_failed", path, reason_of(exc), "it will be seen again at the next scan"
+                "detect.record_failed", f.path, reason_of(exc), "it will be seen again at the next scan"
             )
         else:
-            self._failed.pop(path, None)
+            self._failed.pop(f.path, None)
 
     async def settle_all(self, timeout: float | None = None) -> None:
-        """Check repeatedly until every candidate settled or vanished (for `watcher scan`)."""
+        """Check at each deadline until every candidate settled or vanished (for `watcher scan`)."""
         deadline = None if timeout is None else self._clock() + timeout
         while not self.idle():
             if deadline is not None and self._clock() > deadline:
                 raise TimeoutError("files were still changing")
-            await self.check_once()
-            if not self.idle():
-                await asyncio.sleep(TICK)
+            self._wake.clear()
+            next_deadline = await self.check_once()
+            if self.idle() or self._hints or self._pending_dirs:
+                continue
+            wake_at = self._clock() if next_deadline is None else next_deadline
+            if deadline is not None:
+                wake_at = min(wake_at, deadline + 0.001)
+            await _wait(self._wake, wake_at - self._clock())
 
     async def run(self, stop: asyncio.Event, on_first_scan: Callable[[], None] | None = None) -> None:
-        """Start the observers, scan everything once, then tick until ``stop`` is set."""
+        """Start the observers, scan everything once, then check at each deadline or hint until ``stop`` is set."""
         self._loop = asyncio.get_running_loop()
         waker = asyncio.create_task(self._wake_on(stop))
         try:
@@ -242,7 +293,7 @@ class Detector:
             next_health = self._clock() + self.health_every
             while not stop.is_set():
                 self._wake.clear()
-                await self.check_once()
+                next_deadline = await self.check_once()
                 now = self._clock()
                 if now >= next_health:
                     await self.watches.health()
@@ -253,10 +304,13 @@ class Detector:
                         await self.scan(root)
                 if stop.is_set():
                     break
-                if not self.idle():
-                    await _wait(stop, TICK)  # candidates are checked at a steady pace, events or not
-                else:
-                    await _wait(self._wake, self.health_every)
+                if self._hints or self._pending_dirs:
+                    continue  # hints came while checking (a scan's, or events'): take them now
+                # an unavailable folder's rescan waits for the health check that finds it back
+                wake_at = min([next_health, *(s.next_rescan for s in self.folders.values() if s.available)])
+                if next_deadline is not None:
+                    wake_at = min(wake_at, next_deadline)
+                await _wait(self._wake, wake_at - self._clock())  # a hint or ``stop`` wakes it sooner
         finally:
             waker.cancel()
             await self.watches.stop_all()
@@ -272,9 +326,12 @@ class Detector:
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
-    """Wait for ``event`` at most ``timeout`` seconds."""
+    """Wait for ``event`` at most ``timeout`` seconds (no task is created for the wait)."""
+    if event.is_set() or timeout <= 0:
+        return
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 def _walk_list(folder: str, state: FolderState, start: str | None) -> list[str]:

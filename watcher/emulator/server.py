@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,13 +37,18 @@ TRANSPORT_KEY = "watcher.transport"  # the scope key under which the connection'
 
 @dataclass
 class RecordedRequest:
-    """What the server saw of one request (the body is not kept)."""
+    """What the server saw of one request (the body is not kept).
+
+    ``arrived`` is ``time.monotonic()`` when the request's headers reached the server (before its body is
+    read), for measuring how long a client took to start a request after some event.
+    """
 
     method: str
     route: str
     path: str
     query: dict[str, list[str]]
     headers: Headers  # a case-insensitive mapping
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class Request:
@@ -195,11 +201,12 @@ class _Dispatcher:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.monotonic()
         method, path = scope["method"], scope["path"]
         headers = Headers(scope=scope)
         found = self._find(method, path)
         if found is None:
-            self.record(RecordedRequest(method, "unknown", path, {}, headers))
+            self.record(RecordedRequest(method, "unknown", path, {}, headers, arrived))
             data = json.dumps({"detail": "Not Found"}).encode()
             pairs = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
             await send({"type": "http.response.start", "status": 404, "headers": pairs})
@@ -207,7 +214,7 @@ class _Dispatcher:
             return
         route, match = found
         request = Request(scope, receive, send, match)
-        self.record(RecordedRequest(method, route.name, path, request.query, headers))
+        self.record(RecordedRequest(method, route.name, path, request.query, headers, arrived))
         if self._limiter is None:  # handlers block (slow links, long streams): many may run at once
             self._limiter = anyio.CapacityLimiter(256)
         await anyio.to_thread.run_sync(self._run, route, request, limiter=self._limiter)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from watcher.audiofile import Signature, check_audio, sha256_file
+from watcher.audiofile import Signature, check_audio, hash_file
 from watcher.errors import FileChanged, RetryLater
 from watcher.media import audio_info
 from watcher.pipelines.base import StepResult
@@ -35,8 +35,11 @@ class PrecheckStore(Protocol):
     def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
 
-def _look(job: Job) -> StepResult | tuple[str, float | None, int | None]:
-    """In a worker thread: the file's state, or (format, duration, channels)."""
+def _look(job: Job, known: str | None) -> StepResult | tuple[str, float | None, int | None, str]:
+    """In a worker thread: the file's state, or (format, duration, channels, sha256: ``known``, else hashed now).
+
+    One thread hop for the whole look, hash included: it is on the way from a settled file to its request.
+    """
     version = job.file
     if not os.path.isdir(version.folder):
         raise RetryLater(f"the watched folder {version.folder} is not available (unmounted share?)")
@@ -50,7 +53,8 @@ def _look(job: Job) -> StepResult | tuple[str, float | None, int | None]:
     except FileNotFoundError:
         return StepResult("gone", note=f"the file was deleted before {job.pipeline} started")
     info = audio_info(version.path)
-    return fmt, info.duration, info.channels
+    expected = Signature(version.size, version.mtime_ns, version.inode)
+    return fmt, info.duration, info.channels, known or hash_file(version.path, expected)
 
 
 async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
@@ -59,14 +63,13 @@ async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
     Raises FileChanged (a newer version is coming), BadInput (not audio) or RetryLater (folder unavailable).
     The hash is computed once per version and shared by every pipeline through the store.
     """
-    looked = await asyncio.to_thread(_look, job)
+    version = job.file
+    known: str | None = version.sha256 or job.data.get("sha256")
+    looked = await asyncio.to_thread(_look, job, known)
     if isinstance(looked, StepResult):
         return looked
-    _, duration, channels = looked
-    version = job.file
-    sha256 = version.sha256 or job.data.get("sha256")
-    if sha256 is None:
-        sha256 = await sha256_file(version.path, Signature(version.size, version.mtime_ns, version.inode))
+    _, duration, channels, sha256 = looked
+    if known is None:
         store.set_sha256(version.id, sha256)
     if job.data.get("sha256") != sha256 or job.data.get("duration") != duration:
         store.commit(job, sha256=sha256, duration=duration, channels=channels)

@@ -6,13 +6,13 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from watcher.names import text, to_db
-from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
+from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
 
 
@@ -109,35 +109,52 @@ class StoreBase:
         Older versions of the same path stop being current and their unfinished jobs become superseded.
         """
         now = time.time() if now is None else now
+        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode)
         with self._tx() as db:
-            row = db.execute(
-                "SELECT id FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
-                (to_db(path), size, mtime_ns, inode),
-            ).fetchone()
-            if row is not None:
-                return int(row["id"]), False
-            old = [r["id"] for r in db.execute("SELECT id FROM files WHERE path=? AND current=1", (to_db(path),))]
-            for file_id in old:
-                db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
-                db.execute(
-                    "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=?, "
-                    "last_error='a newer version of the file arrived' "
-                    f"WHERE file_id=? AND state NOT IN ({_TERMINAL_MARKS})",
-                    (now, file_id, *TERMINAL),
-                )
-            cur = db.execute(
-                "INSERT INTO files (folder, path, rel_path, size, mtime_ns, inode, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (to_db(folder), to_db(path), to_db(rel_path), size, mtime_ns, inode, now),
+            return self._register(db, version, list(jobs), now)
+
+    def register_versions(
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
+    ) -> list[tuple[int, bool]]:
+        """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
+        now = time.time() if now is None else now
+        jobs = list(jobs)
+        with self._tx() as db:
+            return [self._register(db, v, jobs, now) for v in versions]
+
+    def _register(
+        self, db: sqlite3.Connection, v: NewVersion, jobs: list[tuple[str, str]], now: float
+    ) -> tuple[int, bool]:
+        """One version in an open transaction (see :meth:`register_version`)."""
+        folder, path, rel_path, size, mtime_ns, inode = v.folder, v.path, v.rel_path, v.size, v.mtime_ns, v.inode
+        row = db.execute(
+            "SELECT id FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+            (to_db(path), size, mtime_ns, inode),
+        ).fetchone()
+        if row is not None:
+            return int(row["id"]), False
+        old = [r["id"] for r in db.execute("SELECT id FROM files WHERE path=? AND current=1", (to_db(path),))]
+        for file_id in old:
+            db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
+            db.execute(
+                "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=?, "
+                "last_error='a newer version of the file arrived' "
+                f"WHERE file_id=? AND state NOT IN ({_TERMINAL_MARKS})",
+                (now, file_id, *TERMINAL),
             )
-            file_id = int(cur.lastrowid or 0)
-            for pipeline, step in jobs:
-                db.execute(
-                    "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
-                    "VALUES (?, ?, ?, 'pending', ?, ?)",
-                    (file_id, pipeline, step, now, now),
-                )
-            return file_id, True
+        cur = db.execute(
+            "INSERT INTO files (folder, path, rel_path, size, mtime_ns, inode, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (to_db(folder), to_db(path), to_db(rel_path), size, mtime_ns, inode, now),
+        )
+        file_id = int(cur.lastrowid or 0)
+        for pipeline, step in jobs:
+            db.execute(
+                "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)",
+                (file_id, pipeline, step, now, now),
+            )
+        return file_id, True
 
     def set_sha256(self, file_id: int, sha256: str) -> None:
         with self._tx() as db:

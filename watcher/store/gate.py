@@ -261,8 +261,6 @@ class GateMixin(_Base):
     def adopt_legacy(self, old: str, new: str) -> int:
         """Give rows keyed before endpoints and accounts were part of the key (``legacy:<old>``) the current key."""
         with self._tx() as db:
-            n = db.execute(
-                "UPDATE OR IGNORE operations SET service=? WHERE service=?", (new, f"legacy:{old}")
-            ).rowcount
+            n = db.execute("UPDATE OR IGNORE operations SET service=? WHERE service=?", (new, f"legacy:{old}")).rowcount
             n += db.execute("UPDATE OR IGNORE results SET backend=? WHERE backend=?", (new, f"legacy:{old}")).rowcount
             return n

@@ -25,6 +25,18 @@ class FileVersion:
     current: bool
 
 
+@dataclass(frozen=True)
+class NewVersion:
+    """A settled file version for :meth:`register_versions`: what detection saw of it."""
+
+    folder: str
+    path: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+
 @dataclass
 class Job:
     """One pipeline for one file version: the ``step`` it stands at and its ``state`` (see store.schema)."""

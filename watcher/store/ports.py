@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from watcher.store.models import FileVersion, Job, Operation, Problem, StoredResult, Ticket
+from watcher.store.models import FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
 
 
 class Registry(Protocol):
@@ -33,6 +33,10 @@ class Registry(Protocol):
         jobs: Iterable[tuple[str, str]],
         now: float | None = None,
     ) -> tuple[int, bool]: ...
+
+    def register_versions(
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
+    ) -> list[tuple[int, bool]]: ...
 
     def current_version(self, path: str) -> FileVersion | None: ...
 

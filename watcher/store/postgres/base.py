@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 from watcher.names import text
 from watcher.store.core import LeaseLost
-from watcher.store.models import FileVersion, Job, Operation, StoredResult
+from watcher.store.models import FileVersion, Job, NewVersion, Operation, StoredResult
 from watcher.store.postgres.pool import Pool, StoreUnreachable, first_line, redact
 from watcher.store.postgres.schema import (
     FENCE,
@@ -255,46 +255,67 @@ class PgBase:
         now: float | None = None,
     ) -> tuple[int, bool]:
         """Record a settled file version and its jobs; (file id, whether new). Older versions are superseded."""
-        fid = self._fid(folder)
-        rel = path_bytes(rel_path)
+        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode)
+        jobs = list(jobs)
+        at = self._db_time(now)
+        return self._run(lambda db: self._register(db, version, jobs, at))  # type: ignore[no-any-return]
+
+    def register_versions(
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
+    ) -> list[tuple[int, bool]]:
+        """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
         jobs = list(jobs)
         at = self._db_time(now)
 
-        def go(db: psycopg.Connection[Any]) -> tuple[int, bool]:
-            # One registrar per relative path at a time: nodes that see the same file race here.
-            db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{fid}/{rel.hex()}",))
-            row = db.execute(
-                "SELECT id FROM files WHERE folder_id=%s AND rel_path=%s AND size=%s AND mtime_ns=%s",
-                (fid, rel, size, mtime_ns),
-            ).fetchone()
-            if row is not None:
-                return int(row["id"]), False
-            old = [
-                r["id"]
-                for r in db.execute("SELECT id FROM files WHERE folder_id=%s AND rel_path=%s AND current", (fid, rel))
-            ]
-            if old:
-                db.execute("UPDATE files SET current=false WHERE id = ANY(%s)", (old,))
-                db.execute(
-                    "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=%s, "
-                    "last_error='a newer version of the file arrived' WHERE file_id = ANY(%s) AND state <> ALL(%s)",
-                    (at, old, list(TERMINAL_STATES)),
-                )
-            new = db.execute(
-                "INSERT INTO files (folder_id, rel_path, folder, path, size, mtime_ns, inode, created_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (fid, rel, path_bytes(folder), path_bytes(path), size, mtime_ns, inode, at),
-            ).fetchone()
-            file_id = int(got(new)["id"])
-            for pipeline, step in jobs:
-                db.execute(
-                    "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
-                    "VALUES (%s, %s, %s, 'pending', %s, %s)",
-                    (file_id, pipeline, step, at, at),
-                )
-            return file_id, True
+        def go(db: psycopg.Connection[Any]) -> list[tuple[int, bool]]:
+            # the per-path locks in one order, so that two nodes registering overlapping batches cannot deadlock
+            for key in sorted({self._register_lock(v) for v in versions}):
+                db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+            return [self._register(db, v, jobs, at) for v in versions]
 
         return self._run(go)  # type: ignore[no-any-return]
+
+    def _register_lock(self, v: NewVersion) -> str:
+        return f"{self._fid(v.folder)}/{path_bytes(v.rel_path).hex()}"
+
+    def _register(
+        self, db: psycopg.Connection[Any], v: NewVersion, jobs: list[tuple[str, str]], at: float
+    ) -> tuple[int, bool]:
+        """One version in an open transaction (see :meth:`register_version`)."""
+        fid = self._fid(v.folder)
+        rel = path_bytes(v.rel_path)
+        # One registrar per relative path at a time: nodes that see the same file race here.
+        db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (self._register_lock(v),))
+        row = db.execute(
+            "SELECT id FROM files WHERE folder_id=%s AND rel_path=%s AND size=%s AND mtime_ns=%s",
+            (fid, rel, v.size, v.mtime_ns),
+        ).fetchone()
+        if row is not None:
+            return int(row["id"]), False
+        old = [
+            r["id"]
+            for r in db.execute("SELECT id FROM files WHERE folder_id=%s AND rel_path=%s AND current", (fid, rel))
+        ]
+        if old:
+            db.execute("UPDATE files SET current=false WHERE id = ANY(%s)", (old,))
+            db.execute(
+                "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=%s, "
+                "last_error='a newer version of the file arrived' WHERE file_id = ANY(%s) AND state <> ALL(%s)",
+                (at, old, list(TERMINAL_STATES)),
+            )
+        new = db.execute(
+            "INSERT INTO files (folder_id, rel_path, folder, path, size, mtime_ns, inode, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (fid, rel, path_bytes(v.folder), path_bytes(v.path), v.size, v.mtime_ns, v.inode, at),
+        ).fetchone()
+        file_id = int(got(new)["id"])
+        for pipeline, step in jobs:
+            db.execute(
+                "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
+                "VALUES (%s, %s, %s, 'pending', %s, %s)",
+                (file_id, pipeline, step, at, at),
+            )
+        return file_id, True
 
     def current_version(self, path: str) -> FileVersion | None:
         where, args = self._where_path(path, "f.")
