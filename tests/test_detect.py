@@ -38,6 +38,10 @@ class RecordingSink:
         with self.lock:
             self.ready_files.append((path, sig))
 
+    def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        with self.lock:
+            return {p: (s.size, s.mtime_ns, s.inode) for p, s in self.ready_files if p.startswith(folder + os.sep)}
+
     def names(self) -> list[str]:
         with self.lock:
             return [Path(p).name for p, _ in self.ready_files]
