@@ -1,18 +1,21 @@
-"""The start-up walk against a real store: files already recorded as they are cost no question and no hint."""
+"""The start-up walk against a real store: files already recorded as they are cost no question and no hint; and
+the filter's string fast path the walk relies on."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import pytest
 import structlog
 
 from watcher.app import StoreSink
-from watcher.config import FolderConfig
+from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.detector import Detector
+from watcher.detect.filters import PathFilter
 from watcher.events import Events
 from watcher.store import Store
 
@@ -105,3 +108,37 @@ def test_a_store_that_cannot_answer_leaves_every_file_to_the_one_by_one_check(tm
         assert asyncio.run(twice()) == [3, 3]
     failures = [e for e in logs if e["event"] == "scan.recorded_failed"]
     assert [e["log_level"] for e in failures] == ["error", "debug"]
+
+
+class _PathlibFilter(PathFilter):
+    """The filter's rules read through pathlib for every path: what the string fast path must agree with."""
+
+    def wants_dir(self, rel: str) -> bool:
+        return not self._excluded_path(PurePosixPath(rel))
+
+    def wants_file(self, rel: str) -> bool:
+        path = PurePosixPath(rel)
+        if self._excluded_path(path):
+            return False
+        return bool(self._inc_name.fullmatch(path.name) or self._inc_path.fullmatch(path.as_posix()))
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "own_dirs"),
+    [
+        (AUDIO_PATTERNS, (), ()),
+        (AUDIO_PATTERNS, ("keep/*.wav", "*.mp3"), ("out", "done/sub")),
+        (("*.wav", "albums/*/*.wav"), ("b*",), (".",)),
+    ],
+)
+def test_the_filters_fast_path_agrees_with_pathlib(include, exclude, own_dirs):
+    """Every combination of odd components (".", "", excluded names, own folders, path patterns) is judged the same
+    by the string fast path a walk uses as by pathlib."""
+    parts = ["a", "b.wav", "@eaDir", "out", "done", "sub", ".", "", "x.WAV", ".DS_Store", "c.part", ".t.wav.Ab12Cd"]
+    fast, slow = PathFilter(include, exclude, own_dirs), _PathlibFilter(include, exclude, own_dirs)
+    for k in (1, 2, 3):
+        for combo in itertools.product(parts, repeat=k):
+            joined = "/".join(combo)
+            for rel in (joined, joined + "/", "./" + joined, "albums/" + joined, "keep/" + joined):
+                assert fast.wants_file(rel) == slow.wants_file(rel), rel
+                assert fast.wants_dir(rel) == slow.wants_dir(rel), rel

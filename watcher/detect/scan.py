@@ -58,6 +58,8 @@ def walk_entries(
     stack = [start or root]
     while stack:
         current = stack.pop()
+        # paths relative to the folder, built by joining names: one relpath per folder, not one per file
+        base = "" if current == root else os.path.relpath(current, root) + os.sep
         try:
             with os.scandir(current) as it:
                 entries = list(it)
@@ -68,7 +70,7 @@ def walk_entries(
             continue
         for entry in entries:
             try:
-                rel = os.path.relpath(entry.path, root)
+                rel = base + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     if recursive and path_filter.wants_dir(rel):
                         stack.append(entry.path)
