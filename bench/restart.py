@@ -42,13 +42,16 @@ def main() -> None:
             env = _proc.env_for(tree, root / f"state-empty{run}", empty, web=args.web)
             with _proc.running(tree, empty, env, root) as daemon:
                 fixed.append(daemon.wait_ready())
-        ready, idle, finds = [], [], []
+        ready, idle, finds, cpu, find_cpu = [], [], [], [], []
         for _ in range(args.runs):
-            finds.append(_proc.find_pass(full)[0])
+            wall, used = _proc.find_pass(full)
+            finds.append(wall)
+            find_cpu.append(used)
             env = _proc.env_for(tree, root / "state-full", full, web=args.web)
             with _proc.running(tree, full, env, root) as daemon:
                 ready.append(daemon.wait_ready())
                 idle.append(daemon.wait_quiet())
+                cpu.append(daemon.cpu())
                 daemon.stop()
     ms = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms"  # noqa: E731
     print(f"watcher from {tree}, web page {'on' if args.web else 'off'}, median of {args.runs} runs")
@@ -57,6 +60,7 @@ def main() -> None:
         f"restart over {args.files} done files: spawn -> READY {ms(ready)}, -> idle {ms(idle)}"
         f"   | find -printf: {ms(finds)}"
     )
+    print(f"  CPU used by then: watcher {ms(cpu)}   | find: {ms(find_cpu)}")
     rest = statistics.median(idle) - statistics.median(fixed)
     print(f"idle minus fixed start: {rest * 1000:.0f} ms = {rest / statistics.median(finds):.1f} x find")
 
