@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-import stamina
 from aiolimiter import AsyncLimiter
 from httpx_sse import SSEError
 
@@ -254,6 +253,8 @@ class ServiceHTTP:
         ``paid``: the block makes a billed request; only NotSent (no connection, 429, 503) is retried in-process;
         anything else goes back to the caller, whose gate decides (see watcher.store.gate).
         """
+        import stamina  # here, not at the top: with tenacity it costs a start that may never send ~10 ms
+
         p = self.policy
         return stamina.retry_context(
             on=self._paid_hook if paid else self._backoff_hook,
