@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ def record_done(state_dir: Path, folder: Path, paths: list[Path]) -> None:
     from watcher.store import Store
 
     store = Store(state_dir / "watcher.db")
+    store._db.execute("PRAGMA synchronous=OFF")  # only to build the bench's store quickly; the daemon reopens it
     try:
         for p in paths:
             st = p.stat()
@@ -79,8 +81,10 @@ def env_for(
         WATCHER_WEB__LISTEN="127.0.0.1:0",
         WATCHER_METRICS__ENABLED="false",
     )
-    if poll:
-        env["WATCHER_FOLDERS"] = f'[{{"path": "{folder}", "poll": true, "poll_interval": {interval}}}]'
+    if poll:  # a folder's options come from a config file (the command line's folders take only their paths)
+        config = state_dir.parent / f"{state_dir.name}.toml"
+        config.write_text(f'[[folders]]\npath = "{folder}"\npoll = true\npoll_interval = {interval}\n')
+        env["WATCHER_CONFIG"] = str(config)
     return env
 
 
@@ -94,7 +98,9 @@ class Daemon:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
         env = dict(env, NOTIFY_SOCKET=str(self.sock_path))
-        args = [sys.executable, "-m", "watcher", "run", str(folder)]
+        args = [sys.executable, "-m", "watcher", "run"]
+        if "WATCHER_CONFIG" not in env:
+            args.append(str(folder))
         self.spawned = time.perf_counter()
         self.proc = subprocess.Popen(args, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -107,7 +113,16 @@ class Daemon:
             except TimeoutError:
                 raise SystemExit(f"no READY within {timeout} s: {self.stop()}") from None
             if "READY=1" in msg.split("\n"):
-                return time.perf_counter() - self.spawned
+                ready = time.perf_counter() - self.spawned
+                threading.Thread(target=self._drain, daemon=True).start()
+                return ready
+
+    def _drain(self) -> None:
+        """Keep reading the notify socket (watchdog pings, status lines), so the daemon's sends never fail."""
+        self.sock.settimeout(None)
+        with contextlib.suppress(OSError):
+            while self.sock.recv(4096):
+                pass
 
     def cpu(self) -> float:
         """The daemon's CPU seconds so far (utime + stime of all its threads)."""

@@ -35,13 +35,14 @@ def main() -> None:
         _proc.record_done(root / "state-full", full, paths)
 
         spawn = [_proc.python_spawn() for _ in range(args.runs)]
-        fixed = []
+        fixed, fixed_cpu = [], []
         for run in range(args.runs):
             empty = root / f"empty{run}"  # a fresh folder: the first start marks a folder as its store's
             empty.mkdir()
             env = _proc.env_for(tree, root / f"state-empty{run}", empty, web=args.web)
             with _proc.running(tree, empty, env, root) as daemon:
                 fixed.append(daemon.wait_ready())
+                fixed_cpu.append(daemon.cpu())
         ready, idle, finds, cpu, find_cpu = [], [], [], [], []
         for _ in range(args.runs):
             wall, used = _proc.find_pass(full)
@@ -55,7 +56,7 @@ def main() -> None:
                 daemon.stop()
     ms = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms"  # noqa: E731
     print(f"watcher from {tree}, web page {'on' if args.web else 'off'}, median of {args.runs} runs")
-    print(f"fixed start (empty folder): spawn -> READY {ms(fixed)}   | python -c pass: {ms(spawn)}")
+    print(f"fixed start (empty folder): spawn -> READY {ms(fixed)} (CPU {ms(fixed_cpu)})   | python -c pass: {ms(spawn)}")
     print(
         f"restart over {args.files} done files: spawn -> READY {ms(ready)}, -> idle {ms(idle)}"
         f"   | find -printf: {ms(finds)}"
