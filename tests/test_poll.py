@@ -68,6 +68,19 @@ def test_a_quiet_tree_is_not_listed(tree):
     assert rec.take() == ([], [])
 
 
+def test_files_arriving_while_the_first_snapshot_is_taken_are_hinted(tree):
+    """The first snapshot runs beside the start-up scan: files of a folder changed since the poller started are
+    hinted (the scan may have listed that folder before they came); quiet folders' files are not."""
+    rec = Recorder()
+    started = time.time()
+    (tree / "a" / "b" / "during.wav").write_bytes(b"RIFF")
+    p = DirPoller(str(tree), recursive=True, hint=rec.hint, interval=60, rescan_interval=3600, scandir=rec.scandir)
+    p.snapshot(hint_since=started)
+    hints, listed = rec.take()
+    assert hints == [(str(tree / "a/b/during.wav"), False), (str(tree / "a/b/two.wav"), False)]
+    assert len(listed) == 4
+
+
 def test_a_new_file_in_a_nested_folder_is_found_by_listing_only_its_folder(tree):
     """A file created two levels down is hinted; only its folder (whose mtime changed) is listed."""
     rec = Recorder()

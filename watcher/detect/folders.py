@@ -123,7 +123,7 @@ class Watches:
         self.health_every = health_every
 
     async def ensure(self, root: str) -> None:
-        """Start watching ``root`` (off the loop: a poller's first snapshot lists every directory of the folder)."""
+        """Start watching ``root`` (off the loop: a native observer adds a watch per directory of the folder)."""
         state = self.folders[root]
         state.device = await self.pool.device(root)
         if state.device is None:
@@ -212,7 +212,7 @@ class Watches:
         ]
 
     async def _start(self, root: str, state: FolderState, polling: bool, reason: str) -> FolderWatch:
-        """Start an observer on ``root`` off the loop (a poller's first snapshot lists the folder's directories)."""
+        """Start an observer (or poller) on ``root`` off the loop (a native one adds a watch per directory)."""
         start = functools.partial(
             start_watch,
             root,

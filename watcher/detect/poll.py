@@ -71,12 +71,17 @@ class DirPoller:
     # -- the thread ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Take the first snapshot (no hints: the start-up scan finds what is there), then poll in a thread."""
-        self.snapshot()
-        self._thread = threading.Thread(target=self._run, name=f"watcher-poll {self.root}", daemon=True)
+        """Take the first snapshot and then poll, in a thread of its own (on a slow share the snapshot takes a
+        stat per entry: the start-up scan does not wait for it)."""
+        since = self._clock()
+        self._thread = threading.Thread(target=self._run, args=(since,), name=f"watcher-poll {self.root}", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, since: float) -> None:
+        try:
+            self.snapshot(hint_since=since)
+        except Exception as exc:
+            log.error("poll.failed", folder=self.root, error=f"{type(exc).__name__}: {exc}", next="polling on")
         while not self._stop.wait(self.interval):
             try:
                 self.poll()
@@ -95,10 +100,15 @@ class DirPoller:
 
     # -- polling -------------------------------------------------------------------------------------------
 
-    def snapshot(self) -> None:
-        """List the whole tree, hinting nothing; the next full listing is due ``rescan_interval`` from now."""
+    def snapshot(self, *, hint_since: float | None = None) -> None:
+        """List the whole tree; the next full listing is due ``rescan_interval`` from now.
+
+        Files are not hinted (the start-up scan finds what is there), except, with ``hint_since``, those in a
+        directory changed since then: taken while the scan runs, the snapshot may hold a file the scan's
+        listing missed, and its directory's mtime says so.
+        """
         self.dirs.clear()
-        self._list_tree(self.root)
+        self._list_tree(self.root, hint_since)
         self._next_full = self._clock() + self.rescan_interval
 
     def poll(self, *, full: bool = False) -> None:
@@ -141,7 +151,7 @@ class DirPoller:
             was = before.get(name)
             if entry[0]:
                 if was is None or not was[0]:
-                    self._list_tree(child)
+                    self._list_tree(child, None)
                     self.hint(child, True, False)  # the detector scans the new directory
             elif was != entry:
                 self.hint(child, False, False)
@@ -149,8 +159,9 @@ class DirPoller:
             if was[0] and (name not in entries or not entries[name][0]):
                 self._forget(os.path.join(path, name))
 
-    def _list_tree(self, top: str) -> None:
-        """List ``top`` and (when recursive) every directory under it into the snapshot, hinting nothing."""
+    def _list_tree(self, top: str, hint_since: float | None) -> None:
+        """List ``top`` and (when recursive) every directory under it into the snapshot; hint the files of those
+        changed since ``hint_since`` (less :data:`RECENT_SECONDS`, for coarse mtimes and clock skew)."""
         stack = [top]
         while stack:
             path = stack.pop()
@@ -164,6 +175,10 @@ class DirPoller:
                 continue
             self.dirs[path] = _Dir(st.st_mtime_ns, st.st_ino, listed_at, entries)
             stack.extend(os.path.join(path, name) for name, entry in entries.items() if entry[0])
+            if hint_since is not None and st.st_mtime_ns / 1e9 >= hint_since - RECENT_SECONDS:
+                for name, entry in entries.items():
+                    if not entry[0]:
+                        self.hint(os.path.join(path, name), False, False)
 
     def _list(self, path: str) -> dict[str, Entry] | None:
         """The entries of one directory (sub-directories only when recursive); None when it cannot be listed."""
