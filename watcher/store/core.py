@@ -98,10 +98,12 @@ class StoreBase:
         What a folder scan compares its listing with, so a file already recorded as it is costs no query.
         """
         with self._lock:
-            rows = self._db.execute(
+            cur = self._db.cursor()
+            cur.row_factory = None  # plain tuples: a folder may hold a hundred thousand rows
+            rows = cur.execute(
                 "SELECT path, size, mtime_ns, inode FROM files WHERE folder=? AND current=1", (to_db(folder),)
             ).fetchall()
-        return {from_db(r[0]): (r[1], r[2], r[3]) for r in rows}
+        return {(p if isinstance(p, str) else from_db(p)): (size, mtime, inode) for p, size, mtime, inode in rows}
 
     def register_version(
         self,
