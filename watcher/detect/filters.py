@@ -102,7 +102,9 @@ class PathFilter:
             return False
         if self._any_exc_path and self._exc_path.fullmatch(rel):
             return False
-        if any(d == "." or rel == d or rel.startswith(d + "/") for d in self._excluded_dir_texts):
+        if self._excluded_dir_texts and any(
+            d == "." or rel == d or rel.startswith(d + "/") for d in self._excluded_dir_texts
+        ):
             return False
         if self._wanted_name.fullmatch(name):
             return True
