@@ -135,6 +135,22 @@ def test_a_removed_folder_is_forgotten_with_everything_under_it(tree):
     assert rec.take() == ([], [str(tree)])
 
 
+def test_the_folder_itself_going_and_coming_back_is_scanned_again(tree, tmp_path):
+    """The watched folder moved away is forgotten; when a folder is back at its path, it is hinted whole."""
+    rec = Recorder()
+    p = poller(tree, rec)
+    os.rename(tree, tmp_path / "away")
+    p.poll()
+    assert p.dirs == {} and rec.take()[0] == []
+    p.poll()
+    assert rec.take() == ([], [])
+    (tmp_path / "away" / "a" / "later.wav").write_bytes(b"RIFF")
+    os.rename(tmp_path / "away", tree)
+    p.poll()
+    assert rec.take()[0] == [(str(tree), True)]
+    assert str(tree / "a/b") in p.dirs
+
+
 def test_a_folder_moved_in_is_hinted_as_a_folder_and_watched(tree, tmp_path):
     """A directory that appears is hinted as one (the detector scans it) and its files are polled from then on."""
     album = tmp_path / "album"

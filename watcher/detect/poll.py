@@ -117,6 +117,11 @@ class DirPoller:
         if now >= self._next_full:
             full = True
             self._next_full = now + self.rescan_interval
+        if self.root not in self.dirs:  # the folder itself was gone (moved away, or a share went): back now?
+            self._list_tree(self.root, None)
+            if self.root in self.dirs:
+                self.hint(self.root, True, False)  # everything in it is news: the detector scans it
+            return
         for path in list(self.dirs):
             known = self.dirs.get(path)
             if known is None:
