@@ -47,6 +47,10 @@ class RecordingSink:
         for f in files:
             self.ready(f.folder, f.path, f.rel_path, f.signature)
 
+    def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        with self.lock:
+            return {p: (s.size, s.mtime_ns, s.inode) for p, s in self.ready_files if p.startswith(folder + os.sep)}
+
     def names(self) -> list[str]:
         with self.lock:
             return [Path(p).name for p, _ in self.ready_files]

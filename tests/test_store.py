@@ -14,7 +14,7 @@ def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int =
     return store.register_version(
         folder="/in",
         path=path,
-        rel_path=path.rsplit("/", 1)[1],
+        rel_path=path.removeprefix("/in/"),
         size=size,
         mtime_ns=mtime,
         inode=inode,
@@ -80,6 +80,20 @@ def test_versions_registered_together_are_all_or_none(store):
     assert store.current_version("/in/b.wav") is None
     assert store.counts() == {"analyze": {"pending": 1}}
     assert [new for _, new in store.register_versions([], jobs=[("analyze", "analyze")])] == []
+
+
+def test_a_folders_current_versions_come_in_one_answer(store):
+    """current_signatures gives each current version of one folder (not replaced ones, not other folders')."""
+    register(store, "/in/a.wav", size=10, mtime=1, inode=7)
+    register(store, "/in/a.wav", size=20, mtime=2, inode=7)  # replaces the first
+    register(store, "/in/sub/b.wav", size=30, mtime=3, inode=8)
+    store.register_version(
+        folder="/other", path="/other/c.wav", rel_path="c.wav", size=1, mtime_ns=1, inode=1, jobs=[]
+    )
+    found = store.current_signatures("/in")
+    assert {p: sig[:2] for p, sig in found.items()} == {"/in/a.wav": (20, 2), "/in/sub/b.wav": (30, 3)}
+    assert found["/in/sub/b.wav"][2] in (8, None)  # None: an adapter shared across mounts does not compare it
+    assert store.current_signatures("/nowhere") == {}
 
 
 def test_claim_leases_and_release_schedules(store):

@@ -76,6 +76,9 @@ class StoreSink:
     def known(self, path: str, sig: Signature) -> bool:
         return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
 
+    def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        return self.store.current_signatures(folder)
+
     def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
         _, new = self.store.register_version(
             folder=str(folder.path),

@@ -32,7 +32,7 @@ from watcher.audiofile import Signature
 from watcher.config import FolderConfig
 from watcher.detect.filters import PathFilter
 from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
-from watcher.detect.scan import walk
+from watcher.detect.scan import Recorded, changed_files
 from watcher.detect.settle import Settler, Verdict
 from watcher.names import display
 
@@ -63,6 +63,10 @@ class ReadySink(Protocol):
 
     def ready_many(self, files: Sequence[Settled]) -> None:
         """Several settled versions at once, all or none (one transaction): when it raises, none is recorded."""
+        ...
+
+    def recorded(self, folder: str) -> Recorded:
+        """Every version recorded as current under ``folder``, in one answer (what a whole-folder scan skips)."""
         ...
 
 
@@ -170,8 +174,10 @@ class Detector:
             folder = str(state.config.path)
             if not await self._pool.isdir(folder):
                 continue
+            # a whole folder is compared with the store's one answer for it; a new sub-folder is all new
+            recorded = await self._recorded(folder) if start in (None, folder) else {}
             try:
-                paths = await self._pool.call(functools.partial(_walk_list, folder, state, start))
+                paths, seen = await self._pool.call(functools.partial(_walk_changed, folder, state, start, recorded))
             except Exception as exc:
                 log.error(
                     "scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan"
@@ -181,8 +187,19 @@ class Detector:
                 self.hint(p)
             count += len(paths)
             if start is None:
-                log.info("scan.done", folder=display(folder), files=len(paths))
+                log.info("scan.done", folder=display(folder), files=seen, new_or_changed=len(paths))
         return count
+
+    async def _recorded(self, folder: str) -> Recorded:
+        """The sink's recorded versions of ``folder`` (off the loop); none when asking fails (every file is
+        then hinted and checked one by one, as if new)."""
+        try:
+            return await self._pool.call(functools.partial(self.sink.recorded, folder))
+        except Exception as exc:
+            self._report_failure(
+                "scan.recorded_failed", folder, reason_of(exc), "checking every file of the folder one by one"
+            )
+            return {}
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -334,6 +351,7 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
             await event.wait()
 
 
-def _walk_list(folder: str, state: FolderState, start: str | None) -> list[str]:
-    """In a worker thread: every wanted file under ``start`` (or the folder)."""
-    return list(walk(folder, state.filter, recursive=state.config.recursive, start=start))
+def _walk_changed(folder: str, state: FolderState, start: str | None, recorded: Recorded) -> tuple[list[str], int]:
+    """In a worker thread: the wanted files under ``start`` (or the folder) not recorded as they are, and how many
+    wanted files there were."""
+    return changed_files(folder, state.filter, recorded, recursive=state.config.recursive, start=start)

@@ -32,15 +32,20 @@ ALWAYS_EXCLUDED = (
 )
 
 
-def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+NEVER = "(?!)"
+DIR_CACHE = 4096  # folders whose names were checked, remembered for the files in them (a walk asks per file)
+
+
+def _sources(patterns: Iterable[str]) -> tuple[str, str]:
     """Name patterns (no '/') match any path component; path patterns match the whole relative path."""
     names = [fnmatch.translate(p) for p in patterns if "/" not in p]
     paths = [fnmatch.translate(p.strip("/")) for p in patterns if "/" in p]
-    never = "(?!)"
-    return (
-        re.compile("|".join(names) or never, re.IGNORECASE),
-        re.compile("|".join(paths) or never, re.IGNORECASE),
-    )
+    return "|".join(names) or NEVER, "|".join(paths) or NEVER
+
+
+def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    names, paths = _sources(patterns)
+    return re.compile(names, re.IGNORECASE), re.compile(paths, re.IGNORECASE)
 
 
 class PathFilter:
@@ -52,11 +57,29 @@ class PathFilter:
         self._inc_name, self._inc_path = _compile(self.include)
         self._exc_name, self._exc_path = _compile(self.exclude)
         self._excluded_dirs = tuple(PurePosixPath(p) for p in extra_excluded_dirs)
+        self._excluded_dir_texts = tuple(d.as_posix() for d in self._excluded_dirs)
+        # one match for a file's own name: included by name and not excluded by name
+        inc_names, _ = _sources(self.include)
+        exc_names, exc_paths = _sources(self.exclude)
+        self._wanted_name = re.compile(f"(?!(?:{exc_names}))(?:{inc_names})", re.IGNORECASE)
+        self._any_exc_path = exc_paths != NEVER
+        self._dir_names_excluded: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"PathFilter(include={list(self.include)!r}, exclude={list(self.exclude)!r})"
 
-    def _excluded(self, rel: PurePosixPath) -> bool:
+    def _excluded(self, rel: str) -> bool:
+        """Whether any component, the whole path, or a folder it is in is excluded. A walk asks this for every
+        file, so a plain relative path ("a/b.wav") is matched as a string; anything else goes through pathlib."""
+        if not _plain(rel):
+            return self._excluded_path(PurePosixPath(rel))
+        if any(self._exc_name.fullmatch(part) for part in rel.split("/")):
+            return True
+        if self._exc_path.fullmatch(rel):
+            return True
+        return any(d == "." or rel == d or rel.startswith(d + "/") for d in self._excluded_dir_texts)
+
+    def _excluded_path(self, rel: PurePosixPath) -> bool:
         if any(self._exc_name.fullmatch(part) for part in rel.parts):
             return True
         if self._exc_path.fullmatch(rel.as_posix()):
@@ -65,11 +88,41 @@ class PathFilter:
 
     def wants_dir(self, rel: str) -> bool:
         """False for folders whose contents are never work (``@eaDir``, our own output)."""
-        return not self._excluded(PurePosixPath(rel))
+        return not self._excluded(rel)
 
     def wants_file(self, rel: str) -> bool:
         """True when the file matches an include pattern and no exclude pattern."""
-        p = PurePosixPath(rel)
-        if self._excluded(p):
+        if not _plain(rel):
+            path = PurePosixPath(rel)
+            if self._excluded_path(path):
+                return False
+            return bool(self._inc_name.fullmatch(path.name) or self._inc_path.fullmatch(path.as_posix()))
+        folder, _, name = rel.rpartition("/")
+        if folder and self._names_excluded(folder):
             return False
-        return bool(self._inc_name.fullmatch(p.name) or self._inc_path.fullmatch(p.as_posix()))
+        if self._any_exc_path and self._exc_path.fullmatch(rel):
+            return False
+        if self._excluded_dir_texts and any(
+            d == "." or rel == d or rel.startswith(d + "/") for d in self._excluded_dir_texts
+        ):
+            return False
+        if self._wanted_name.fullmatch(name):
+            return True
+        return not self._exc_name.fullmatch(name) and bool(self._inc_path.fullmatch(rel))
+
+    def _names_excluded(self, folder: str) -> bool:
+        """Whether a component of ``folder`` (a plain relative path) has an excluded name; remembered."""
+        found = self._dir_names_excluded.get(folder)
+        if found is None:
+            found = any(self._exc_name.fullmatch(part) for part in folder.split("/"))
+            if len(self._dir_names_excluded) >= DIR_CACHE:
+                self._dir_names_excluded.clear()
+            self._dir_names_excluded[folder] = found
+        return found
+
+
+def _plain(rel: str) -> bool:
+    """A relative path as pathlib would write it back (no empty, "." or trailing component), matched as is."""
+    return not (
+        not rel or rel == "." or rel.startswith(("/", "./")) or rel.endswith(("/", "/.")) or "//" in rel or "/./" in rel
+    )

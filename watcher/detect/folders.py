@@ -123,7 +123,7 @@ class Watches:
         self.health_every = health_every
 
     async def ensure(self, root: str) -> None:
-        """Start watching ``root`` (off the loop: a polling observer's first snapshot walks the whole folder)."""
+        """Start watching ``root`` (off the loop: a native observer adds a watch per directory of the folder)."""
         state = self.folders[root]
         state.device = await self.pool.device(root)
         if state.device is None:
@@ -212,13 +212,14 @@ class Watches:
         ]
 
     async def _start(self, root: str, state: FolderState, polling: bool, reason: str) -> FolderWatch:
-        """Start an observer on ``root`` off the loop (a polling observer's first snapshot walks the folder)."""
+        """Start an observer (or poller) on ``root`` off the loop (a native one adds a watch per directory)."""
         start = functools.partial(
             start_watch,
             root,
             recursive=state.config.recursive,
             polling=polling,
             poll_interval=state.config.poll_interval,
+            rescan_interval=state.config.rescan_interval,
             hint=self.hint,
             reason=reason,
         )

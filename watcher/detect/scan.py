@@ -1,10 +1,14 @@
-"""Walking a watched folder for the files already there (at start, on rescans, for `watcher scan`)."""
+"""Walking a watched folder for the files already there (at start, on rescans, for `watcher scan`).
+
+A whole-folder walk is compared with what the store recorded (one answer per folder, :func:`changed_files`), so a
+restart over thousands of files already done costs one ``stat`` each and no question to the store.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import structlog
 
@@ -14,11 +18,48 @@ from watcher.detect.settle import link_stays_inside
 log = structlog.get_logger("watcher.detect")
 
 
+# path -> (size, mtime_ns, inode) of the version the store holds; an inode of None is not compared
+Recorded = Mapping[str, tuple[int, int, int | None]]
+
+
 def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None) -> Iterator[str]:
     """Yield the absolute paths of wanted files under ``start`` (default: ``root``); unreadable folders are logged."""
+    for entry in walk_entries(root, path_filter, recursive=recursive, start=start):
+        yield entry.path
+
+
+def changed_files(
+    root: str, path_filter: PathFilter, recorded: Recorded, *, recursive: bool = True, start: str | None = None
+) -> tuple[list[str], int]:
+    """The wanted files under ``start`` that are not in ``recorded`` as they are now (new, changed, or not
+    stat-able: the settler looks at those), and how many wanted files the walk saw."""
+    changed: list[str] = []
+    seen = 0
+    for entry in walk_entries(root, path_filter, recursive=recursive, start=start):
+        seen += 1
+        old = recorded.get(entry.path)
+        if old is not None:
+            try:
+                st = entry.stat()  # follows a link, as the settler's stat does
+            except OSError:
+                pass
+            else:
+                size, mtime_ns, inode = old
+                if st.st_size == size and st.st_mtime_ns == mtime_ns and inode in (None, st.st_ino):
+                    continue
+        changed.append(entry.path)
+    return changed, seen
+
+
+def walk_entries(
+    root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None
+) -> Iterator[os.DirEntry[str]]:
+    """:func:`walk`, yielding each wanted file's directory entry (its ``stat()`` is cached)."""
     stack = [start or root]
     while stack:
         current = stack.pop()
+        # paths relative to the folder, built by joining names: one relpath per folder, not one per file
+        base = "" if current == root else os.path.relpath(current, root) + os.sep
         try:
             with os.scandir(current) as it:
                 entries = list(it)
@@ -29,7 +70,7 @@ def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: s
             continue
         for entry in entries:
             try:
-                rel = os.path.relpath(entry.path, root)
+                rel = base + entry.name
                 if entry.is_dir(follow_symlinks=False):
                     if recursive and path_filter.wants_dir(rel):
                         stack.append(entry.path)
@@ -42,7 +83,7 @@ def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: s
                             next="not processed",
                         )
                         continue
-                    yield entry.path
+                    yield entry
             except FileNotFoundError:
                 continue  # vanished since the listing
             except OSError:
@@ -50,6 +91,6 @@ def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: s
                 # reports it (once) instead of every scan passing over it in silence
                 with contextlib.suppress(Exception):
                     if entry.is_symlink() and path_filter.wants_file(os.path.relpath(entry.path, root)):
-                        yield entry.path
+                        yield entry
             except Exception as exc:  # a filter failing on one odd name must not end the whole scan
                 log.error("scan.entry_failed", path=entry.path, error=f"{type(exc).__name__}: {exc}", next="skipped")

@@ -1,4 +1,5 @@
-"""watchdog observers, one per folder, turning filesystem events into hints; with a health check.
+"""watchdog observers, one per folder, turning filesystem events into hints; with a health check. A folder
+that is polled (a share) gets our own :class:`~watcher.detect.poll.DirPoller` instead of an observer.
 
 Events are only hints: a handler never raises (that would end watchdog's emitter thread) and never does
 work itself. A dead observer is reported and restarted by the detector, falling back to polling.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -30,14 +30,12 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver
-from watchdog.observers.polling import PollingObserver
 
+from watcher.detect.poll import DirPoller, HintFn
 from watcher.names import display
 
 log = structlog.get_logger("watcher.detect")
-
-# hint(path, is_dir, closed)
-HintFn = Callable[[str, bool, bool], None]
+__all__ = ["FolderWatch", "HintFn", "start_watch"]
 
 
 @dataclass
@@ -131,16 +129,16 @@ class _HintHandler(FileSystemEventHandler):
 
 @dataclass
 class FolderWatch:
-    """The observer running for one folder and how it watches (native or polling)."""
+    """The observer (or poller) running for one folder and how it watches (native or polling)."""
 
-    observer: BaseObserver
+    observer: BaseObserver | DirPoller
     polling: bool
     reason: str
 
     def alive(self) -> bool:
         if not self.observer.is_alive():
             return False
-        return all(e.is_alive() for e in self.observer.emitters)
+        return not isinstance(self.observer, BaseObserver) or all(e.is_alive() for e in self.observer.emitters)
 
     def stop(self) -> None:
         try:
@@ -151,9 +149,17 @@ class FolderWatch:
 
 
 def start_watch(
-    path: str, *, recursive: bool, polling: bool, poll_interval: float, hint: HintFn, reason: str
+    path: str,
+    *,
+    recursive: bool,
+    polling: bool,
+    poll_interval: float,
+    hint: HintFn,
+    reason: str,
+    rescan_interval: float = 3600.0,
 ) -> FolderWatch:
-    """Start an observer on ``path``; a native one that cannot start (watch limit) falls back to polling."""
+    """Start an observer on ``path``; a native one that cannot start (watch limit) falls back to polling, which
+    lists every directory at start and again in full every ``rescan_interval``."""
     if not polling:
         native: BaseObserver | None = None
         try:
@@ -175,7 +181,6 @@ def start_watch(
                 why = f"native watching failed: {exc.strerror or exc}"
             log.error("watch.native_failed", path=path, error=why, next="polling this folder instead")
             reason = why + "; polling instead"
-    observer: BaseObserver = PollingObserver(timeout=poll_interval)
-    observer.schedule(_HintHandler(hint), path, recursive=recursive)
-    observer.start()
-    return FolderWatch(observer, True, reason)
+    poller = DirPoller(path, recursive=recursive, hint=hint, interval=poll_interval, rescan_interval=rescan_interval)
+    poller.start()
+    return FolderWatch(poller, True, reason)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-import stamina
 from aiolimiter import AsyncLimiter
 from httpx_sse import SSEError
 
@@ -187,20 +186,33 @@ class ServiceHTTP:
         self.service = service
         self.policy = policy or HttpPolicy()
         self.observer = observer
+        self.base_url = httpx.URL(base_url.rstrip("/"))
+        self._headers = dict(headers or {})
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
         p = self.policy
-        self.client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=dict(headers or {}),
-            timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
-            transport=transport,
-            follow_redirects=False,  # redirects are followed by hand, each target checked
-            event_hooks={"request": [self._on_request], "response": [self._on_response]},
-        )
         self._limiter = AsyncLimiter(max(p.rate_per_second, 0.001), 1.0)
         self._slots = asyncio.Semaphore(max(1, p.concurrency))
 
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The session, made at its first use: making one loads the HTTP transport and the TLS certificates
+        (a tenth of a second), which a daemon with nothing to send need not pay at start."""
+        if self._client is None:
+            p = self.policy
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=self._headers,
+                timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
+                transport=self._transport,
+                follow_redirects=False,  # redirects are followed by hand, each target checked
+                event_hooks={"request": [self._on_request], "response": [self._on_response]},
+            )
+        return self._client
+
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     async def _on_request(self, request: httpx.Request) -> None:
         request.extensions[_STARTED] = time.monotonic()
@@ -241,6 +253,8 @@ class ServiceHTTP:
         ``paid``: the block makes a billed request; only NotSent (no connection, 429, 503) is retried in-process;
         anything else goes back to the caller, whose gate decides (see watcher.store.gate).
         """
+        import stamina  # here, not at the top: with tenacity it costs a start that may never send ~10 ms
+
         p = self.policy
         return stamina.retry_context(
             on=self._paid_hook if paid else self._backoff_hook,

@@ -91,7 +91,7 @@ class NeuralAnalogClient:
         # Its redirects are followed by hand, each target checked (https, or the service's own host).
         p = self.http.policy
         storage = replace(p, redact_urls=True, rate_per_second=max(p.rate_per_second, 50.0))
-        self.storage = Storage(self.http.client.base_url, storage, transport=storage_transport, observer=observer)
+        self.storage = Storage(self.http.base_url, storage, transport=storage_transport, observer=observer)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from watcher.names import text, to_db
+from watcher.names import from_db, text, to_db
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
 
@@ -91,6 +91,19 @@ class StoreBase:
                 (to_db(path), size, mtime_ns, inode),
             ).fetchone()
         return row is not None
+
+    def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        """Every current version recorded under ``folder``, in one query: path -> (size, mtime_ns, inode).
+
+        What a folder scan compares its listing with, so a file already recorded as it is costs no query.
+        """
+        with self._lock:
+            cur = self._db.cursor()
+            cur.row_factory = None  # plain tuples: a folder may hold a hundred thousand rows
+            rows = cur.execute(
+                "SELECT path, size, mtime_ns, inode FROM files WHERE folder=? AND current=1", (to_db(folder),)
+            ).fetchall()
+        return {(p if isinstance(p, str) else from_db(p)): (size, mtime, inode) for p, size, mtime, inode in rows}
 
     def register_version(
         self,

@@ -21,6 +21,11 @@ class Registry(Protocol):
 
     def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool: ...
 
+    def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        """One query: the current versions under ``folder``, local path -> (size, mtime_ns, inode); the inode
+        is None where the adapter does not compare it (a store shared across mounts)."""
+        ...
+
     def register_version(
         self,
         *,

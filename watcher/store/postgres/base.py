@@ -242,6 +242,16 @@ class PgBase:
             is not None
         )
 
+    def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        """Every current version under ``folder``, in one query: local path -> (size, mtime_ns, None); the inode
+        is not compared, as in :meth:`known_version` (another node sees other inodes through its mount)."""
+        fid = self._fid(folder)
+        rows = self._all("SELECT rel_path, size, mtime_ns FROM files WHERE folder_id=%s AND current", (fid,))
+        return {
+            os.path.join(folder, os.fsdecode(bytes(r["rel_path"]))): (int(r["size"]), int(r["mtime_ns"]), None)
+            for r in rows
+        }
+
     def register_version(
         self,
         *,

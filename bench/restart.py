@@ -1,0 +1,76 @@
+"""Restart over a folder of files already done: `watcher run` from spawn to idle, beside `find -printf`.
+
+Builds a folder of ``--files`` small files recorded as done in the store (through the store's API), then times
+the daemon from spawn to READY=1 (its systemd readiness, sent once the first scan is done) and to idle (the
+last CPU tick before it stays quiet), beside one `find DIR -printf '%s %T@ %i\n'` over the same tree. Also the
+fixed start: spawn to READY on an empty folder (a restart: the store exists), beside `python -c pass`.
+
+    python bench/restart.py [--files 10000] [--runs 3] [--tree PATH-OF-ANOTHER-CHECKOUT] [--web]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import _proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=10000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tree", type=Path, default=_proc.HERE, help="the checkout whose watcher is measured")
+    parser.add_argument("--web", action="store_true", help="with the web page on (its default)")
+    args = parser.parse_args()
+    tree = args.tree.resolve()
+    _proc.use_tree(tree)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        full = root / "in"
+        full.mkdir()
+        paths = _proc.make_files(full, args.files)
+        _proc.record_done(root / "state-full", full, paths)
+
+        spawn = [_proc.python_spawn() for _ in range(args.runs)]
+        fixed, fixed_cpu = [], []
+        empty = root / "empty"
+        empty.mkdir()
+        env = _proc.env_for(tree, root / "state-empty", empty, web=args.web)
+        for run in range(args.runs + 1):  # the first run creates the store and marks the folder: not counted
+            with _proc.running(tree, empty, env, root) as daemon:
+                ready = daemon.wait_ready()
+                if run:
+                    fixed.append(ready)
+                    fixed_cpu.append(daemon.cpu())
+                daemon.stop()
+        ready, idle, finds, cpu, find_cpu = [], [], [], [], []
+        env = _proc.env_for(tree, root / "state-full", full, web=args.web)
+        for run in range(args.runs + 1):  # the first run marks the folder: not counted
+            wall, used = _proc.find_pass(full)
+            with _proc.running(tree, full, env, root) as daemon:
+                ready_at, idle_at = daemon.wait_ready(), daemon.wait_quiet()
+                if run:
+                    finds.append(wall)
+                    find_cpu.append(used)
+                    ready.append(ready_at)
+                    idle.append(idle_at)
+                    cpu.append(daemon.cpu())
+                daemon.stop()
+    ms = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms"  # noqa: E731
+    print(f"watcher from {tree}, web page {'on' if args.web else 'off'}, median of {args.runs} runs")
+    print(f"fixed start (empty folder): spawn -> READY {ms(fixed)}   | python -c pass: {ms(spawn)}")
+    print(f"  CPU used by then: watcher {ms(fixed_cpu)}")
+    print(
+        f"restart over {args.files} done files: spawn -> READY {ms(ready)}, -> idle {ms(idle)}"
+        f"   | find -printf: {ms(finds)}"
+    )
+    print(f"  CPU used by then: watcher {ms(cpu)}   | find: {ms(find_cpu)}")
+    rest = statistics.median(idle) - statistics.median(fixed)
+    print(f"idle minus fixed start: {rest * 1000:.0f} ms = {rest / statistics.median(finds):.1f} x find")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The start-up walk against a real store: files already recorded as they are cost no question and no hint; and
+the filter's string fast path the walk relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+
+import pytest
+import structlog
+
+from watcher.app import StoreSink
+from watcher.config import AUDIO_PATTERNS, FolderConfig
+from watcher.detect.detector import Detector
+from watcher.detect.filters import PathFilter
+from watcher.events import Events
+from watcher.store import Store
+
+pytestmark = pytest.mark.timeout(60)
+KNOWN = 10_000
+
+
+def build(root: Path, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = root / f"d{i // 500:02d}" / f"f{i:05d}.wav"
+        if i % 500 == 0:
+            path.parent.mkdir(parents=True)
+        path.write_bytes(b"RIFF")
+        paths.append(path)
+    return paths
+
+
+def test_a_restart_over_known_files_asks_the_store_once_and_hints_only_what_is_new(tmp_path):
+    """10,000 files recorded as they are: the walk makes one query for the folder; only the new file, the
+    rewritten one and the one never recorded become candidates, and only they are looked up one by one."""
+    inbox = tmp_path / "in"
+    paths = build(inbox, KNOWN)
+    store = Store(tmp_path / "state" / "watcher.db")
+    store._db.execute("PRAGMA synchronous=OFF")  # 10,000 registrations: durability is not what is tested here
+    try:
+        for p in paths:
+            st = p.stat()
+            store.register_version(
+                folder=str(inbox),
+                path=str(p),
+                rel_path=os.path.relpath(p, inbox),
+                size=st.st_size,
+                mtime_ns=st.st_mtime_ns,
+                inode=st.st_ino,
+                jobs=[],
+            )
+        changed = paths[17]
+        changed.write_bytes(b"RIFF, rewritten longer")
+        new = inbox / "d03" / "new.wav"
+        new.write_bytes(b"RIFF")
+        (inbox / "notes.txt").write_text("not audio")  # filtered out: neither hinted nor asked about
+
+        pipeline = SimpleNamespace(name="analyze", first_step="analyze")
+        sink = StoreSink(store, [pipeline], wake=lambda: None, events=Events())  # type: ignore[list-item]
+        detector = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+
+        async def scan() -> int:
+            return await detector.scan()
+
+        hinted = asyncio.run(scan())
+        assert statements == [f"SELECT path, size, mtime_ns, inode FROM files WHERE folder='{inbox}' AND current=1"]
+        assert hinted == 2
+        assert sorted(p for p, *_ in detector._hints) == sorted([str(changed), str(new)])
+
+        statements.clear()
+        asyncio.run(detector.settle_all(timeout=20))
+        lookups = [s for s in statements if s.startswith("SELECT 1 FROM files")]
+        assert len(lookups) == 2  # known_version for the two candidates only, not for 10,000 files
+        versions = {p: store.current_version(p) for p in (str(changed), str(new))}
+        assert all(v is not None for v in versions.values())
+        assert versions[str(changed)].size == len(b"RIFF, rewritten longer")  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_a_store_that_cannot_answer_leaves_every_file_to_the_one_by_one_check(tmp_path):
+    """The folder query failing is logged once; every file is then hinted, as if nothing was recorded."""
+    inbox = tmp_path / "in"
+    build(inbox, 3)
+
+    class Failing:
+        def known(self, path: str, sig: object) -> bool:
+            return False
+
+        def ready(self, *args: object) -> None:
+            return None
+
+        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+            raise OSError("the store is away")
+
+    detector = Detector([FolderConfig(path=inbox)], Failing())
+
+    async def twice() -> list[int]:
+        return [await detector.scan(), await detector.scan()]
+
+    with structlog.testing.capture_logs() as logs:
+        assert asyncio.run(twice()) == [3, 3]
+    failures = [e for e in logs if e["event"] == "scan.recorded_failed"]
+    assert [e["log_level"] for e in failures] == ["error", "debug"]
+
+
+class _PathlibFilter(PathFilter):
+    """The filter's rules read through pathlib for every path: what the string fast path must agree with."""
+
+    def wants_dir(self, rel: str) -> bool:
+        return not self._excluded_path(PurePosixPath(rel))
+
+    def wants_file(self, rel: str) -> bool:
+        path = PurePosixPath(rel)
+        if self._excluded_path(path):
+            return False
+        return bool(self._inc_name.fullmatch(path.name) or self._inc_path.fullmatch(path.as_posix()))
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "own_dirs"),
+    [
+        (AUDIO_PATTERNS, (), ()),
+        (AUDIO_PATTERNS, ("keep/*.wav", "*.mp3"), ("out", "done/sub")),
+        (("*.wav", "albums/*/*.wav"), ("b*",), (".",)),
+    ],
+)
+def test_the_filters_fast_path_agrees_with_pathlib(include, exclude, own_dirs):
+    """Every combination of odd components (".", "", excluded names, own folders, path patterns) is judged the same
+    by the string fast path a walk uses as by pathlib."""
+    parts = ["a", "b.wav", "@eaDir", "out", "done", "sub", ".", "", "x.WAV", ".DS_Store", "c.part", ".t.wav.Ab12Cd"]
+    fast, slow = PathFilter(include, exclude, own_dirs), _PathlibFilter(include, exclude, own_dirs)
+    for k in (1, 2, 3):
+        for combo in itertools.product(parts, repeat=k):
+            joined = "/".join(combo)
+            for rel in (joined, joined + "/", "./" + joined, "albums/" + joined, "keep/" + joined):
+                assert fast.wants_file(rel) == slow.wants_file(rel), rel
+                assert fast.wants_dir(rel) == slow.wants_dir(rel), rel
