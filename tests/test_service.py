@@ -163,3 +163,33 @@ def test_status_shows_how_each_folder_is_watched(tmp_path, inbox, emulator, run_
     finally:
         store.close()
     assert f"{inbox}: active (polling: the native observer died; polling instead)" in text
+
+
+def test_an_idle_heartbeat_neither_counts_the_queue_nor_rewrites_folder_health(
+    tmp_path, inbox, emulator, run_daemon, monkeypatch
+):
+    """Between changes the heartbeat only pings: the queue is counted again after a file settled or a job ran,
+    and a folder's health is written when it changed (idle CPU stays flat however many jobs the store holds)."""
+    from watcher.store.control import ControlMixin
+
+    calls = {"beats": 0, "counts": 0, "health": 0}
+
+    def tally(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(NullNotifier, "watchdog", tally("beats", NullNotifier.watchdog))
+    monkeypatch.setattr(ControlMixin, "counts", tally("counts", ControlMixin.counts))
+    monkeypatch.setattr(ControlMixin, "set_folder_health", tally("health", ControlMixin.set_folder_health))
+    d = run_daemon(make_settings(tmp_path, inbox, emulator.url), heartbeat=0.02)
+    write_tone(inbox / "a.wav", 0.3)
+    wait_for(lambda: (inbox / "a.wav.analysis.json").exists(), what="the sidecar")
+    wait_for(lambda: calls["counts"] >= 1 and calls["health"] >= 1, what="a first count and health")
+    settled = dict(calls)
+    wait_for(lambda: calls["beats"] >= settled["beats"] + 50, timeout=30, what="fifty more heartbeats")
+    d.stop()
+    assert calls["counts"] - settled["counts"] <= 1  # at most the count after the last job's outcome
+    assert calls["health"] == settled["health"]  # nothing changed: nothing written

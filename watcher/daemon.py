@@ -27,6 +27,7 @@ from watcher.fsutil import StateLock, sweep_temp
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
+from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.store import TERMINAL
 from watcher.webhooks import WebhookSender
@@ -35,7 +36,21 @@ T = TypeVar("T")
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
+REFRESH_SECONDS = 60.0  # the heartbeat counts the queue and writes folder health at least this often
 PRUNE_EVERY = 86400.0
+
+
+class _Changes(Subscriber):
+    """Counts what changes the queue here (files settled, jobs run), so the heartbeat counts it only then."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def file_settled(self, folder: str, path: str) -> None:
+        self.count += 1
+
+    def outcome(self, outcome: Outcome) -> None:
+        self.count += 1
 
 
 class Daemon:
@@ -180,7 +195,8 @@ class Daemon:
     async def _serve(self) -> int:
         """One life of the object graph: build, start, run until stop (or reload), checkpoint."""
         webhooks = self._webhook_sender()
-        subscribers: list[Subscriber] = [MetricsEvents(self.metrics)]
+        changes = _Changes()
+        subscribers: list[Subscriber] = [MetricsEvents(self.metrics), changes]
         if webhooks is not None:
             subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
         if self._live is not None:
@@ -204,7 +220,7 @@ class Daemon:
 
             runner_task = asyncio.create_task(app.runner.run(self.stop), name="runner")
             detector_task = asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector")
-            beat_task = asyncio.create_task(self._beat(app), name="heartbeat")
+            beat_task = asyncio.create_task(self._beat(app, changes), name="heartbeat")
             stop_wait = asyncio.create_task(self.stop.wait())
             done, _ = await asyncio.wait(
                 {runner_task, detector_task, beat_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED
@@ -313,16 +329,27 @@ class Daemon:
         if forgotten:
             log.info("store.pruned", versions=forgotten, older_than_days=self.settings.store.retention_days)
 
-    async def _beat(self, app: App) -> None:
-        """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store."""
+    async def _beat(self, app: App, changes: _Changes) -> None:
+        """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store.
+
+        Idle costs next to nothing: the queue is counted again only after a file settled or a job ran here (or
+        once every ``REFRESH_SECONDS``, for what other nodes and commands changed), and a folder's health is
+        written only when it changed (or as often, so `watcher status` sees it is current).
+        """
         interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
+        seen, refreshed = -1, 0.0
+        health: dict[str, tuple[object, ...]] = {}
         while not self.stop.is_set():
             self.notifier.watchdog()
-            counts = app.store.counts()
-            self.metrics.queue(counts, TERMINAL)
-            waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
-            failed = sum(stages.get("failed", 0) for stages in counts.values())
-            self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed")
+            now = time.monotonic()
+            stale = now - refreshed >= REFRESH_SECONDS
+            if changes.count != seen or stale:
+                seen = changes.count
+                counts = app.store.counts()
+                self.metrics.queue(counts, TERMINAL)
+                waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
+                failed = sum(stages.get("failed", 0) for stages in counts.values())
+                self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed")
             self._prune(app)
             beat = getattr(app.store, "heartbeat", None)
             if beat is not None:  # a shared store: this node is alive (`watcher status` lists nodes)
@@ -330,13 +357,19 @@ class Daemon:
                      folders=[str(f) for f in app.folders])  # fmt: skip
             if app.detector is not None:
                 for f in app.detector.describe():
-                    mode, reason = f["mode"], f["reason"]
+                    folder, mode, reason = str(f["folder"]), f["mode"], f["reason"]
+                    seen_now = (mode, reason, bool(f["available"]))
+                    if health.get(folder) == seen_now and not stale:
+                        continue
+                    health[folder] = seen_now
                     app.store.set_folder_health(
-                        str(f["folder"]),
+                        folder,
                         mode=None if mode is None else str(mode),
                         reason=None if reason is None else str(reason),
                         available=bool(f["available"]),
                     )
+            if stale:
+                refreshed = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval)
 
