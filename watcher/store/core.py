@@ -189,7 +189,8 @@ class StoreBase:
         ``owner``; None when none is due. Each lane is read through its partial index: the cost follows the due."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            for lane in self._order.lanes(pipeline):
+            lanes = self._order.lanes(pipeline)
+            for lane in lanes:
                 row = db.execute(
                     _JOB_SELECT + f"WHERE j.pipeline=? AND j.state='pending' AND {LANES[lane]} "
                     "AND j.next_attempt_at <= ? AND (j.lease_until IS NULL OR j.lease_until < ?) "
@@ -205,7 +206,7 @@ class StoreBase:
                 "UPDATE jobs SET lease_owner=?, lease_until=?, updated_at=? WHERE id=?",
                 (owner, now + lease, now, row["id"]),
             )
-            self._order.claimed(pipeline, lane)
+            self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
         return job
@@ -307,19 +308,17 @@ class StoreBase:
     def next_due(self, pipeline: str) -> float | None:
         """When the earliest pending, unleased job of ``pipeline`` is due (None: nothing pending): the head of
         each lane's index, past the jobs leased or paused."""
-        dues = []
+        heads = [
+            "SELECT (SELECT j.next_attempt_at FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=? "
+            f"AND j.state='pending' AND {lane} AND j.lease_owner IS NULL {_NOT_PAUSED}"
+            "ORDER BY j.next_attempt_at LIMIT 1) AS due"
+            for lane in LANES.values()
+        ]
         with self._lock:
-            for lane in LANES.values():
-                row = self._db.execute(
-                    "SELECT j.next_attempt_at FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=? "
-                    f"AND j.state='pending' AND {lane} AND j.lease_owner IS NULL "
-                    + _NOT_PAUSED
-                    + "ORDER BY j.next_attempt_at LIMIT 1",
-                    (pipeline,),
-                ).fetchone()
-                if row is not None:
-                    dues.append(float(row[0]))
-        return min(dues, default=None)
+            row = self._db.execute(
+                f"SELECT MIN(due) FROM ({' UNION ALL '.join(heads)})", (pipeline,) * len(heads)
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
 
     def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
         """How many jobs are pending (of one pipeline, for some paths): counted in the lanes' indexes."""

@@ -10,9 +10,10 @@ SQLite, 2 in PostgreSQL), so a claim or a next-due reads only the few rows at th
 
 Within a lane the order is the old one: most overdue first (``next_attempt_at``, then ``id``). Between lanes,
 :class:`ClaimOrder` alternates fairly: the in-flight lane goes first, but after :data:`IN_FLIGHT_RUN` in-flight
-claims in a row the next claim tries the new lane first. So with thousands of polls due, new uploads still get
-at least one claim in ``IN_FLIGHT_RUN + 1``; with thousands of uploads due, a poll that falls due is the very
-next claim (uploads reset the run). A pipeline with one lane (analyze) is claimed exactly as before.
+claims in a row the next claim tries the new lane first (when none is due there, the run simply starts again).
+So with thousands of polls due, new uploads still get at least one claim in ``IN_FLIGHT_RUN + 1``; with thousands
+of uploads due, a poll that falls due is the very next claim (uploads reset the run). A pipeline with one lane
+(analyze) is claimed exactly as before.
 
 Why a counted alternation and not aging ("an upload due for more than X seconds goes first"): aging turns into
 plain oldest-first exactly when a backlog is large, the moment the priority matters (thousands of files dropped
@@ -50,7 +51,9 @@ class ClaimOrder:
             turn = self._streak.get(pipeline, 0) >= self.run
         return ("new", "in_flight") if turn else ("in_flight", "new")
 
-    def claimed(self, pipeline: str, lane: str) -> None:
-        """A job of ``lane`` was claimed: the in-flight run grows, or new work was served and the run restarts."""
+    def claimed(self, pipeline: str, lanes: tuple[str, str], lane: str) -> None:
+        """A job of ``lane`` was claimed, trying ``lanes`` in this order: the in-flight run grows, or new work had
+        its turn (served, or none was due) and the run starts again."""
         with self._lock:
-            self._streak[pipeline] = self._streak.get(pipeline, 0) + 1 if lane == "in_flight" else 0
+            turn = lane == "new" or lanes[0] == "new"
+            self._streak[pipeline] = 0 if turn else self._streak.get(pipeline, 0) + 1

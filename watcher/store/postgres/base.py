@@ -374,7 +374,7 @@ class PgBase:
         if got_one is None:
             return None
         lane, row = got_one
-        self._order.claimed(pipeline, lane)
+        self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
         return job
