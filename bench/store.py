@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--pg", action="store_true", help="also on a throwaway PostgreSQL cluster")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="watcher-bench-store-") as tmp:
-        for rows in (REFERENCE_ROWS, args.rows):
+        for rows in sorted({REFERENCE_ROWS, args.rows}):
             sqlite_rows(rows, args.calls, Path(tmp))
     if args.pg:
         from tests.pg import Cluster, _bindir
@@ -108,7 +108,7 @@ def main() -> None:
             raise SystemExit("no PostgreSQL server installed (Debian: apt-get install postgresql)")
         cluster = Cluster(bindir).start()
         try:
-            for rows in (REFERENCE_ROWS, args.rows):
+            for rows in sorted({REFERENCE_ROWS, args.rows}):
                 pg_rows(cluster, rows, max(1, args.calls // 4))
         finally:
             cluster.stop()
