@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from tests.bigstore import FOLDER, FOLDER_ID, fill_postgres, fill_sqlite
-from watcher.store import Operation, Store
+from watcher.store import NewVersion, Operation, Store
 
 BIG, SMALL = 1_000_000, 1_000
 BIG_TABLES = ("jobs", "files", "operations", "ledger")
@@ -48,6 +48,10 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     )  # fmt: skip
     yield "register a new version", lambda: store.register_version(
         folder=FOLDER, path=path, rel_path="f77.wav", size=2000, mtime_ns=78, inode=77,
+        jobs=[("analyze", "analyze"), ("archive", "check")], now=now,
+    )  # fmt: skip
+    yield "register several", lambda: store.register_versions(
+        [NewVersion(FOLDER, f"{FOLDER}/f{k}.wav", f"f{k}.wav", 3000, 79, k) for k in (78, 79, 80)],
         jobs=[("analyze", "analyze"), ("archive", "check")], now=now,
     )  # fmt: skip
     job = store.claim("archive", "me:1:1", now=now)
