@@ -158,6 +158,7 @@ SCHEMA = [
     CREATE INDEX operations_sending ON operations (holder) WHERE state = 'sending';
     CREATE INDEX operations_in_doubt ON operations (since) WHERE state = 'in_doubt';
     CREATE INDEX files_replaced ON files (id) WHERE current = 0;
+    CREATE INDEX files_current ON files (folder) WHERE current = 1;
     CREATE INDEX jobs_gone ON jobs (file_id) WHERE state = 'gone';
     """,
 ]
