@@ -4,6 +4,7 @@ reopenings, and the SQLite adapter's own promises (WAL, migrations from earlier 
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -232,3 +233,133 @@ def test_an_error_quoting_a_name_that_is_not_utf8_is_stored(store):
     store.release(job, state="done", error=message)
     (done,) = store.jobs_of_current()
     assert done.state == "done" and done.last_error == "delivered to /out/caf\\xe9"
+
+
+def _archive_jobs(store: Store, step: str, count: int, *, at: float, start: int = 0) -> None:
+    """``count`` archive jobs standing at ``step``, due at ``at`` (one file each)."""
+    for n in range(start, start + count):
+        store.register_version(
+            folder="/in", path=f"/in/{step}{n}.wav", rel_path=f"{step}{n}.wav", size=10, mtime_ns=1, inode=n,
+            jobs=[("archive", step)], now=at,
+        )  # fmt: skip
+
+
+def test_due_polls_go_first_but_new_uploads_get_a_bounded_share(store):
+    """With two thousand polls due (and due earlier), new uploads still get one claim in every IN_FLIGHT_RUN + 1."""
+    from watcher.store.lanes import IN_FLIGHT_RUN
+
+    _archive_jobs(store, "process", 2000, at=100.0)
+    _archive_jobs(store, "check", 20, at=150.0)
+    claimed = [store.claim("archive", "w", now=1000.0) for _ in range(120)]
+    steps = "".join("n" if job is not None and job.step == "check" else "p" for job in claimed)
+    assert None not in claimed
+    assert steps[: IN_FLIGHT_RUN + 1] == "p" * IN_FLIGHT_RUN + "n"  # polls first, then the uploads' turn
+    assert steps.count("n") == 20  # every upload was claimed within the first 20 turns ...
+    assert "p" * (IN_FLIGHT_RUN + 1) not in steps[: steps.rindex("n")]  # ... never behind more than the run
+    assert steps[20 * (IN_FLIGHT_RUN + 1) :] == "p" * (120 - 20 * (IN_FLIGHT_RUN + 1))  # then polls again
+
+
+def test_a_due_poll_or_delivery_is_claimed_before_thousands_of_due_uploads(store):
+    """With two thousand new uploads due (and due earlier), a poll or delivery that falls due is the next claim."""
+    _archive_jobs(store, "check", 2000, at=100.0)
+    for _ in range(10):  # uploads are being served
+        job = store.claim("archive", "w", now=1000.0)
+        assert job is not None and job.step == "check"
+    _archive_jobs(store, "process", 1, at=900.0)
+    _archive_jobs(store, "fetch", 1, at=950.0)
+    assert [store.claim("archive", "w", now=1000.0).step for _ in range(3)] == ["process", "fetch", "check"]
+    assert store.next_due("archive") == 100.0  # the uploads still waiting
+
+
+def test_a_pipeline_with_one_lane_is_claimed_oldest_first(store):
+    """Analysis jobs (one step) are claimed by due time then id, as before the lanes."""
+    for n, at in enumerate([300.0, 100.0, 200.0, 100.0]):
+        store.register_version(
+            folder="/in", path=f"/in/a{n}.wav", rel_path=f"a{n}.wav", size=10, mtime_ns=1, inode=n,
+            jobs=[("analyze", "analyze")], now=at,
+        )  # fmt: skip
+    order = [store.claim("analyze", "w", now=1000.0).file.path for _ in range(4)]
+    assert order == ["/in/a1.wav", "/in/a3.wav", "/in/a2.wav", "/in/a0.wav"]
+    assert store.claim("analyze", "w", now=1000.0) is None
+
+
+def test_a_version_5_store_gets_the_claim_indexes(tmp_path):
+    """Migration 6 replaces the one due-index by the lanes' partial indexes; pending work is claimed in lane order."""
+    from watcher.store.schema import SCHEMA
+
+    db = sqlite3.connect(tmp_path / "w.db")
+    for script in SCHEMA[:5]:
+        db.executescript(script)
+    db.executescript(
+        """
+        PRAGMA user_version = 5;
+        INSERT INTO files VALUES (1, '/in', '/in/a.wav', 'a.wav', 10, 1, 7, 'ab', 1, 0),
+                                 (2, '/in', '/in/b.wav', 'b.wav', 10, 1, 8, 'cd', 1, 0);
+        INSERT INTO jobs (id, file_id, pipeline, step, state, next_attempt_at, data, updated_at)
+            VALUES (1, 1, 'archive', 'upload', 'pending', 10, '{}', 0),
+                   (2, 2, 'archive', 'process', 'pending', 20, '{}', 0);
+        """
+    )
+    db.close()
+    store = Store(tmp_path / "w.db")
+    try:
+        indexes = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"jobs_due_in_flight", "jobs_due_new", "jobs_by_owner", "operations_sending"} <= indexes
+        assert "jobs_due" not in indexes
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 6
+        assert [store.claim("archive", "w", now=100.0).step for _ in range(2)] == ["process", "upload"]
+    finally:
+        store.close()
+
+
+def test_a_version_1_postgres_store_gets_the_claim_indexes(pg_url):
+    """PostgreSQL migration 2 adds the lanes' partial indexes to a store made by the first release."""
+    import psycopg
+
+    from watcher.store.postgres import PostgresStore
+    from watcher.store.postgres.schema import SCHEMA
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(SCHEMA[0])
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL); INSERT INTO schema_version VALUES (1)")
+        conn.execute("INSERT INTO meta VALUES ('store_id', 'postgresql:old')")
+        conn.execute(
+            "INSERT INTO files (id, folder_id, rel_path, folder, path, size, mtime_ns, inode, created_at) VALUES "
+            "(1, 'f', 'a.wav', '/in', '/in/a.wav', 10, 1, 7, 0), (2, 'f', 'b.wav', '/in', '/in/b.wav', 10, 1, 8, 0)"
+        )
+        conn.execute(
+            "INSERT INTO jobs (id, file_id, pipeline, step, next_attempt_at, updated_at) VALUES "
+            "(1, 1, 'archive', 'upload', 10, 0), (2, 2, 'archive', 'fetch', 20, 0)"
+        )
+    store = PostgresStore(pg_url)
+    try:
+        assert store.store_id == "postgresql:old"
+        rows = store._all("SELECT indexname FROM pg_indexes WHERE tablename IN ('jobs', 'operations', 'files')")
+        indexes = {r["indexname"] for r in rows}
+        assert {"jobs_due_in_flight", "jobs_due_new", "operations_sending", "files_replaced", "jobs_gone"} <= indexes
+        assert "jobs_due" not in indexes
+        assert store._one("SELECT version FROM schema_version") == {"version": len(SCHEMA)}
+        now = store._local_time(100.0)
+        assert [store.claim("archive", "w", now=now).step for _ in range(2)] == ["fetch", "upload"]
+    finally:
+        store.close()
+
+
+def test_retention_forgets_deleted_files_and_keeps_current_ones(store):
+    """A current version whose jobs all ended ``gone`` (deleted) is forgotten after the retention; one with a job
+    still done, or any pending, stays."""
+    for name in ("gone", "done", "mixed"):
+        store.register_version(
+            folder="/in", path=f"/in/{name}.wav", rel_path=f"{name}.wav", size=1, mtime_ns=1, inode=1,
+            jobs=[("analyze", "analyze"), ("archive", "check")], now=0.0,
+        )  # fmt: skip
+    ends = {"gone": ("gone", "gone"), "done": ("done", "done"), "mixed": ("gone", "done")}
+    for pipeline in ("analyze", "archive"):
+        for _ in range(3):
+            job = store.claim(pipeline, "w")
+            store.release(job, state=ends[job.file.path[4:-4]][pipeline == "archive"])
+    later = time.time() + 91 * 86400
+    assert store.prune(90) == 0  # ended just now: kept for the retention period
+    assert store.prune(90, now=later) == 1
+    assert store.current_version("/in/gone.wav") is None
+    assert store.current_version("/in/done.wav") is not None and store.current_version("/in/mixed.wav") is not None

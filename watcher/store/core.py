@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.names import from_db, text, to_db
+from watcher.store.lanes import LANES, ClaimOrder
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
 
@@ -31,6 +32,7 @@ class StoreBase:
         (nothing is created or changed: `watcher scan --dry-run`)."""
         self.path = path
         self._lock = threading.RLock()
+        self._order = ClaimOrder()
         if readonly:
             self._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -183,21 +185,28 @@ class StoreBase:
     # -- jobs -----------------------------------------------------------------------------------------
 
     def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
-        """Take the most overdue unleased pending job of ``pipeline``, leased to ``owner``; None when none is due."""
+        """Take the most overdue unleased pending job of ``pipeline`` in claim order (see store.lanes), leased to
+        ``owner``; None when none is due. Each lane is read through its partial index: the cost follows the due."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute(
-                _JOB_SELECT + "WHERE j.pipeline=? AND j.state='pending' AND j.next_attempt_at <= ? "
-                "AND (j.lease_until IS NULL OR j.lease_until < ?) " + _NOT_PAUSED + "ORDER BY j.next_attempt_at, j.id "
-                "LIMIT 1",
-                (pipeline, now, now),
-            ).fetchone()
-            if row is None:
+            lanes = self._order.lanes(pipeline)
+            for lane in lanes:
+                row = db.execute(
+                    _JOB_SELECT + f"WHERE j.pipeline=? AND j.state='pending' AND {LANES[lane]} "
+                    "AND j.next_attempt_at <= ? AND (j.lease_until IS NULL OR j.lease_until < ?) "
+                    + _NOT_PAUSED
+                    + "ORDER BY j.next_attempt_at, j.id LIMIT 1",
+                    (pipeline, now, now),
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
                 return None
             db.execute(
                 "UPDATE jobs SET lease_owner=?, lease_until=?, updated_at=? WHERE id=?",
                 (owner, now + lease, now, row["id"]),
             )
+            self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
         return job
@@ -297,34 +306,47 @@ class StoreBase:
             return cur.rowcount
 
     def next_due(self, pipeline: str) -> float | None:
-        """When the earliest pending, unleased job of ``pipeline`` is due (None: nothing pending)."""
+        """When the earliest pending, unleased job of ``pipeline`` is due (None: nothing pending): the head of
+        each lane's index, past the jobs leased or paused."""
+        heads = [
+            "SELECT (SELECT j.next_attempt_at FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=? "
+            f"AND j.state='pending' AND {lane} AND j.lease_owner IS NULL {_NOT_PAUSED}"
+            "ORDER BY j.next_attempt_at LIMIT 1) AS due"
+            for lane in LANES.values()
+        ]
         with self._lock:
             row = self._db.execute(
-                "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=? "
-                "AND j.state='pending' AND j.lease_owner IS NULL " + _NOT_PAUSED,
-                (pipeline,),
+                f"SELECT MIN(due) FROM ({' UNION ALL '.join(heads)})", (pipeline,) * len(heads)
             ).fetchone()
         return None if row[0] is None else float(row[0])
 
     def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
-        """How many jobs are pending (of one pipeline, for some paths)."""
-        sql = "SELECT COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.state='pending'"
+        """How many jobs are pending (of one pipeline, for some paths): counted in the lanes' indexes."""
+        where = ""
         args: list[Any] = []
         if pipeline is not None:
-            sql += " AND j.pipeline=?"
+            where += " AND j.pipeline=?"
             args.append(pipeline)
         if paths is not None:
             plist = list(paths)
-            sql += f" AND f.path IN ({','.join('?' * len(plist))})"
+            where += f" AND j.file_id IN (SELECT id FROM files WHERE path IN ({','.join('?' * len(plist))}))"
             args.extend(to_db(p) for p in plist)
         with self._lock:
-            return int(self._db.execute(sql, args).fetchone()[0])
+            return sum(
+                int(
+                    self._db.execute(
+                        f"SELECT COUNT(*) FROM jobs j WHERE j.state='pending' AND {lane}" + where, args
+                    ).fetchone()[0]
+                )
+                for lane in LANES.values()
+            )
 
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
         """Forget file versions that were replaced or deleted and whose jobs all ended ``older_than_days`` ago.
 
         Results and paid operation IDs are kept for good; so are current versions (they make a restart cheap).
-        Returns how many versions were forgotten.
+        Returns how many versions were forgotten. Only replaced versions and those with a job ``gone`` are read
+        (through ``files_replaced`` and ``jobs_gone``), never every file.
         """
         cutoff = (time.time() if now is None else now) - older_than_days * 86400
         terminal = ",".join("?" * len(TERMINAL))
@@ -332,7 +354,9 @@ class StoreBase:
             ids = [
                 r[0]
                 for r in db.execute(
-                    f"SELECT f.id FROM files f WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
+                    "SELECT f.id FROM files f WHERE f.id IN (SELECT id FROM files INDEXED BY files_replaced "
+                    "WHERE current=0 UNION SELECT file_id FROM jobs WHERE state='gone') "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
                     f"(j.state NOT IN ({terminal}) OR j.updated_at >= ?)) AND (f.current=0 OR NOT EXISTS "
                     "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.state != 'gone'))",
                     (*TERMINAL, cutoff),

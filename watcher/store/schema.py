@@ -145,5 +145,21 @@ SCHEMA = [
     DROP INDEX jobs_due;
     CREATE INDEX jobs_due ON jobs (pipeline, state, next_attempt_at);
     """,
+    # version 6: what the daemon reads at every claim, poll and lease renewal is found through an index, so
+    # its cost follows the work due, not the size of the store. Pending jobs stand in two lanes (see
+    # store.lanes), each a partial index in claim order; the predicates must read as the lanes' conditions.
+    """
+    DROP INDEX jobs_due;
+    CREATE INDEX jobs_due_in_flight ON jobs (pipeline, next_attempt_at)
+        WHERE state = 'pending' AND step IN ('process', 'fetch');
+    CREATE INDEX jobs_due_new ON jobs (pipeline, next_attempt_at)
+        WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
+    CREATE INDEX jobs_by_owner ON jobs (lease_owner) WHERE lease_owner IS NOT NULL;
+    CREATE INDEX operations_sending ON operations (holder) WHERE state = 'sending';
+    CREATE INDEX operations_in_doubt ON operations (since) WHERE state = 'in_doubt';
+    CREATE INDEX files_replaced ON files (id) WHERE current = 0;
+    CREATE INDEX files_current ON files (folder) WHERE current = 1;
+    CREATE INDEX jobs_gone ON jobs (file_id) WHERE state = 'gone';
+    """,
 ]
 _NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 
 from watcher.names import text
 from watcher.store.core import LeaseLost
+from watcher.store.lanes import LANES, ClaimOrder
 from watcher.store.models import FileVersion, Job, NewVersion, Operation, StoredResult
 from watcher.store.postgres.pool import Pool, StoreUnreachable, first_line, redact
 from watcher.store.postgres.schema import (
@@ -77,6 +78,7 @@ class PgBase:
         self._folders: dict[str, str] = {}  # local folder path -> folder ID
         self._paths: dict[str, str] = {}  # folder ID -> local folder path
         self._mine: list[str] | None = None  # claims only in these folder IDs (None: any)
+        self._order = ClaimOrder()
         self._skew = 0.0
         self._skew_at = -SKEW_REFRESH
         self._skew_lock = threading.Lock()
@@ -340,33 +342,39 @@ class PgBase:
     # -- jobs -----------------------------------------------------------------------------------------
 
     def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
-        """Take the most overdue pending job whose lease is free or expired (database clock), leased to ``owner``."""
+        """Take the most overdue pending job whose lease is free or expired (database clock) in claim order (see
+        store.lanes), leased to ``owner``. Each lane is read through its partial index: the cost follows the due."""
         at = self._db_time(now)
         mine = "" if self._mine is None else "AND f.folder_id = ANY(%(mine)s) "
         args = {"pipeline": pipeline, "at": at, "owner": owner, "until": at + lease, "mine": self._mine}
+        lanes = self._order.lanes(pipeline)
 
-        def go(db: psycopg.Connection[Any]) -> dict[str, Any] | None:
-            row = db.execute(
-                "SELECT j.id FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=%(pipeline)s "
-                "AND j.state='pending' AND j.next_attempt_at <= %(at)s "
-                "AND (j.lease_until IS NULL OR j.lease_until < %(at)s) "
-                + NOT_PAUSED
-                + mine
-                + "ORDER BY j.next_attempt_at, j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
-                args,
-            ).fetchone()
-            if row is None:
+        def go(db: psycopg.Connection[Any]) -> tuple[str, dict[str, Any]] | None:
+            for lane in lanes:
+                row = db.execute(
+                    "SELECT j.id FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=%(pipeline)s "
+                    f"AND j.state='pending' AND {LANES[lane]} AND j.next_attempt_at <= %(at)s "
+                    "AND (j.lease_until IS NULL OR j.lease_until < %(at)s) "
+                    + NOT_PAUSED
+                    + mine
+                    + "ORDER BY j.next_attempt_at, j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+                    args,
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
                 return None
             db.execute(
                 "UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, updated_at=%(at)s WHERE id=%(id)s",
                 {**args, "id": row["id"]},
             )
-            job: dict[str, Any] = got(db.execute(JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())
-            return job
+            return lane, got(db.execute(JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())
 
-        row = self._run(go)
-        if row is None:
+        got_one = self._run(go)
+        if got_one is None:
             return None
+        lane, row = got_one
+        self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
         return job
@@ -456,30 +464,42 @@ class PgBase:
 
     def next_due(self, pipeline: str) -> float | None:
         """When (this node's clock) the earliest pending job of ``pipeline`` can be claimed: when it is due and,
-        if another node holds it, when that lease runs out (so a dead node's work is taken over on time)."""
-        mine = "" if self._mine is None else "AND f.folder_id = ANY(%s) "
-        args: tuple[Any, ...] = (pipeline,) + (() if self._mine is None else (self._mine,))
-        row = self._one(
-            "SELECT MIN(GREATEST(j.next_attempt_at, COALESCE(j.lease_until, 0))) AS due FROM jobs j "
-            "JOIN files f ON f.id=j.file_id WHERE j.pipeline=%s AND j.state='pending' " + NOT_PAUSED + mine,
-            args,
+        if another node holds it, when that lease runs out (so a dead node's work is taken over on time).
+
+        Read as the head of each lane's index (unleased jobs) and the leased ones (few: the jobs in flight,
+        through ``jobs_by_owner``); a lease's owner and its end are always set and cleared together."""
+        mine = "" if self._mine is None else "AND f.folder_id = ANY(%(mine)s) "
+        pending = "FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=%(pipeline)s AND j.state='pending' "
+        heads = [
+            f"(SELECT j.next_attempt_at {pending}AND {lane} AND j.lease_owner IS NULL {NOT_PAUSED}{mine}"
+            "ORDER BY j.next_attempt_at LIMIT 1)"
+            for lane in LANES.values()
+        ]
+        leased = (
+            f"(SELECT MIN(GREATEST(j.next_attempt_at, COALESCE(j.lease_until, 0))) {pending}"
+            f"AND j.lease_owner IS NOT NULL {NOT_PAUSED}{mine})"
         )
+        sql = f"SELECT LEAST({', '.join([*heads, leased])}) AS due"
+        row = self._run(lambda db: db.execute(sql, {"pipeline": pipeline, "mine": self._mine}).fetchone())
         due = None if row is None else row["due"]
         return None if due is None else self._local_time(float(due))
 
     def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
-        """How many jobs are pending (of one pipeline, for some paths)."""
+        """How many jobs are pending (of one pipeline, for some paths): counted in the lanes' indexes."""
 
         def go(db: psycopg.Connection[Any]) -> int:
-            sql = "SELECT COUNT(*) AS n FROM jobs j WHERE j.state='pending'"
+            where = ""
             args: list[Any] = []
             if pipeline is not None:
-                sql += " AND j.pipeline=%s"
+                where += " AND j.pipeline=%s"
                 args.append(pipeline)
             if paths is not None:
-                sql += " AND j.file_id = ANY(%s)"
+                where += " AND j.file_id = ANY(%s)"
                 args.append(self._ids_of_paths(db, paths))
-            return int(got(db.execute(sql, args).fetchone())["n"])
+            counts = [
+                f"(SELECT COUNT(*) FROM jobs j WHERE j.state='pending' AND {lane}{where})" for lane in LANES.values()
+            ]
+            return int(got(db.execute(f"SELECT {' + '.join(counts)} AS n", args * len(counts)).fetchone())["n"])
 
         return int(self._run(go))
 

@@ -140,14 +140,17 @@ class PgControlMixin(_Base):
         return int(self._run(go))
 
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
-        """Forget replaced or deleted versions whose jobs all ended long ago; results and paid IDs stay."""
+        """Forget replaced or deleted versions whose jobs all ended long ago; results and paid IDs stay. Only
+        replaced versions and those with a job ``gone`` are read (``files_replaced``, ``jobs_gone``)."""
         cutoff = self._db_time(now) - older_than_days * 86400
 
         def go(db: psycopg.Connection[Any]) -> int:
             ids = [
                 r["id"]
                 for r in db.execute(
-                    "SELECT f.id FROM files f WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
+                    "SELECT f.id FROM files f WHERE f.id IN (SELECT id FROM files WHERE NOT current "
+                    "UNION SELECT file_id FROM jobs WHERE state='gone') "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
                     "(j.state <> ALL(%s) OR j.updated_at >= %s)) AND (NOT f.current OR NOT EXISTS "
                     "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.state <> 'gone'))",
                     (list(TERMINAL_STATES), cutoff),

@@ -112,6 +112,20 @@ SCHEMA = [
         folders text NOT NULL DEFAULT '[]'
     );
     """,
+    # version 2: claims, next-due and lease renewals read through indexes, so their cost follows the work due,
+    # not the size of the store. Pending jobs stand in two lanes (see watcher.store.lanes), each a partial
+    # index in claim order; the predicates must read as the lanes' conditions.
+    """
+    DROP INDEX jobs_due;
+    CREATE INDEX jobs_due_in_flight ON jobs (pipeline, next_attempt_at, id)
+        WHERE state = 'pending' AND step IN ('process', 'fetch');
+    CREATE INDEX jobs_due_new ON jobs (pipeline, next_attempt_at, id)
+        WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
+    CREATE INDEX operations_sending ON operations (holder) WHERE state = 'sending';
+    CREATE INDEX operations_in_doubt ON operations (since) WHERE state = 'in_doubt';
+    CREATE INDEX files_replaced ON files (id) WHERE NOT current;
+    CREATE INDEX jobs_gone ON jobs (file_id) WHERE state = 'gone';
+    """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
 JOB_SELECT = """

@@ -1,0 +1,59 @@
+"""The claim order both adapters follow: due work already at the service first, new work never starved.
+
+A pipeline's pending jobs stand in one of two *lanes*, each with its own partial index (schema version 6 in
+SQLite, 2 in PostgreSQL), so a claim or a next-due reads only the few rows at the head of a lane:
+
+- ``in_flight``: jobs whose remote work is under way, at the steps in :data:`IN_FLIGHT_STEPS` (archive's
+  ``process``: request versions and poll their status; ``fetch``: deliver). Serving them first turns paid work
+  into deliveries and keeps a poll near its due time;
+- ``new``: every other step (archive's ``check`` and ``upload``, analyze's only step): work not started yet.
+
+Within a lane the order is the old one: most overdue first (``next_attempt_at``, then ``id``). Between lanes,
+:class:`ClaimOrder` alternates fairly: the in-flight lane goes first, but after :data:`IN_FLIGHT_RUN` in-flight
+claims in a row the next claim tries the new lane first (when none is due there, the run simply starts again).
+So with thousands of polls due, new uploads still get at least one claim in ``IN_FLIGHT_RUN + 1``; with thousands
+of uploads due, a poll that falls due is the very next claim (uploads reset the run). A pipeline with one lane
+(analyze) is claimed exactly as before.
+
+Why a counted alternation and not aging ("an upload due for more than X seconds goes first"): aging turns into
+plain oldest-first exactly when a backlog is large, the moment the priority matters (thousands of files dropped
+an hour ago would all be "aged" and polls would wait behind them), and it needs a second clock in the order.
+A count bounds both sides' share whatever the backlog, and a test can check it without a clock. The run is
+counted per store object (one per daemon): on a shared PostgreSQL store each node keeps its own alternation,
+which keeps the same bounds for each node's claims; a restart only restarts the count.
+"""
+
+from __future__ import annotations
+
+import threading
+
+IN_FLIGHT_STEPS = ("process", "fetch")
+IN_FLIGHT_RUN = 3  # in-flight claims in a row while new work may wait; then new work goes first once
+# The lanes' conditions, written exactly as the partial indexes' predicates (a query must repeat a partial
+# index's condition to use it); ``j`` is the jobs table's alias in every query.
+LANES = {
+    "in_flight": "j.step IN ('process', 'fetch')",
+    "new": "j.step NOT IN ('process', 'fetch')",
+}
+
+
+class ClaimOrder:
+    """Which lane a pipeline's next claim tries first; told of each claim made (thread-safe)."""
+
+    def __init__(self, run: int = IN_FLIGHT_RUN) -> None:
+        self.run = run
+        self._streak: dict[str, int] = {}  # pipeline -> in-flight claims since the last new one
+        self._lock = threading.Lock()
+
+    def lanes(self, pipeline: str) -> tuple[str, str]:
+        """The two lanes of ``pipeline`` in the order this claim tries them."""
+        with self._lock:
+            turn = self._streak.get(pipeline, 0) >= self.run
+        return ("new", "in_flight") if turn else ("in_flight", "new")
+
+    def claimed(self, pipeline: str, lanes: tuple[str, str], lane: str) -> None:
+        """A job of ``lane`` was claimed, trying ``lanes`` in this order: the in-flight run grows, or new work had
+        its turn (served, or none was due) and the run starts again."""
+        with self._lock:
+            turn = lane == "new" or lanes[0] == "new"
+            self._streak[pipeline] = 0 if turn else self._streak.get(pipeline, 0) + 1
