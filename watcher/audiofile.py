@@ -17,7 +17,7 @@ from typing import BinaryIO
 from watcher.errors import BadInput, FileChanged
 
 CHUNK = 1 << 20  # read size while hashing
-BODY_CHUNK = 4 << 20  # read size of a streamed request body: few thread hops and socket writes per GiB
+BODY_CHUNK = 2 << 20  # read size of a streamed request body: few thread hops and socket writes per GiB
 SMALL = 1 << 20  # a file this size or smaller is read whole, once: its hash and its request body come from that read
 
 

@@ -145,7 +145,8 @@ class AnalyzePipeline:
         checked = await precheck(self.store, job)
         if isinstance(checked, StepResult):
             return checked
-        missing = [m for m in self.models if m not in self.store.results_for(checked.sha256, self.analyzer.key)]
+        cached = self.store.results_for(checked.sha256, self.analyzer.key)
+        missing = [m for m in self.models if m not in cached]
         if missing:
             await self._ask(job, checked, missing)
         else:
