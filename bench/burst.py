@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="[analysis] concurrency (default: the config's)")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--profile", type=Path, help="run the daemon under cProfile, writing its stats here")
-    parser.add_argument("--py-spy", type=Path, help="sample the daemon with py-spy (on PATH) into this raw file")
+    parser.add_argument(
+        "--py-spy", type=Path, help="sample the daemon's GIL holder with py-spy (on PATH) into this raw file"
+    )
     args = parser.parse_args()
     from watcher.config import AnalysisConfig
 
@@ -132,6 +134,7 @@ def main() -> None:
                         "--rate",
                         "200",
                         "--threads",
+                        "--gil",  # only the thread holding the GIL: what bounds the event loop
                         "--output",
                         str(args.py_spy.resolve()),
                     ],
