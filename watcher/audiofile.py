@@ -1,6 +1,7 @@
 """Audio files on disk: what a file's content says it is, its hash, and a change-checked streamed body.
 
-Audio is never read whole: hashing and uploads read fixed-size chunks in a worker thread.
+Memory stays flat whatever the size: a file of ``SMALL`` bytes or less is read whole, once, for its hash and its
+body; anything larger is hashed and streamed in fixed-size chunks, read in worker threads.
 """
 
 from __future__ import annotations
