@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import IO
 
 import mutagen
 
@@ -27,10 +28,13 @@ class AudioInfo:
     reason: str | None = None
 
 
-def audio_info(path: str | os.PathLike[str]) -> AudioInfo:
-    """The duration (seconds), channels and sample rate ``path``'s headers give; never raises for a bad file."""
+def audio_info(path: str | os.PathLike[str], fileobj: IO[bytes] | None = None) -> AudioInfo:
+    """The duration (seconds), channels and sample rate ``path``'s headers give; never raises for a bad file.
+
+    ``fileobj`` (its content, already read, named ``path``) is parsed instead of opening ``path`` again.
+    """
     try:
-        parsed = mutagen.File(os.fspath(path))
+        parsed = mutagen.File(fileobj if fileobj is not None else os.fspath(path))
     except mutagen.MutagenError as exc:
         cause = exc.__cause__ or exc.__context__ or exc
         if isinstance(cause, OSError):

@@ -28,6 +28,8 @@ def is_text(path: str) -> bool:
 
 def display(path: str | os.PathLike[str]) -> str:
     """``path`` for people: undecodable bytes as ``\\xNN``, control characters (a newline) escaped too."""
+    if isinstance(path, str) and path.isprintable():  # the common case, shown as it is (no surrogate is printable)
+        return path
     raw = os.fsencode(path)
     text = raw.decode("utf-8", "backslashreplace")
     if any(ord(c) < 32 or ord(c) == 0x7F for c in text):

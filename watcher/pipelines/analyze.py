@@ -109,8 +109,6 @@ class AnalyzeStore(GateStore, Protocol):
 
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
-
     def is_live(self, job: Job) -> bool: ...
 
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
@@ -147,7 +145,8 @@ class AnalyzePipeline:
         checked = await precheck(self.store, job)
         if isinstance(checked, StepResult):
             return checked
-        missing = [m for m in self.models if m not in self.store.results_for(checked.sha256, self.analyzer.key)]
+        cached = self.store.results_for(checked.sha256, self.analyzer.key)
+        missing = [m for m in self.models if m not in cached]
         if missing:
             await self._ask(job, checked, missing)
         else:
@@ -199,9 +198,9 @@ class AnalyzePipeline:
             self.store.save_result(sha256, self.analyzer.key, stored, op)  # marks the operation answered too
             if op is not None:
                 answered[op] = None
-            log.info("analyze.model_done", path=path, model=answer.model_name)
+            log.debug("analyze.model_done", path=path, model=answer.model_name)  # analyze.done tells the file's end
 
-        body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode))
+        body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode), content=checked.content)
         outcome, why = "answered", "no result in the stream"
         try:
             if url is None:
@@ -219,8 +218,8 @@ class AnalyzePipeline:
                 self.paid.finish(taken, answered, outcome, why)
         errors = [{"model": None, "message": m} for m in report.errors]
         errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
-        if errors:
-            self.store.commit(job, errors=[*job.data.get("errors", []), *errors][-20:])
+        if errors:  # written with the step's release, in its one transaction
+            job.data["errors"] = [*job.data.get("errors", []), *errors][-20:]
 
     async def _write(
         self, job: Job, sha256: str, results: Mapping[str, StoredResult], errors: Sequence[Mapping[str, Any]]
@@ -232,7 +231,7 @@ class AnalyzePipeline:
         doc = analysis_document(job.file, sha256, backend=backend, models=self.models, results=results, errors=errors)
         target = sidecar_path(job.file.path, job.file.folder, self.sidecar)
         written = await write_sidecar(target, sha256, doc, version=job.file, live=lambda: self.store.is_live(job))
-        if written:
-            self.store.commit(job, sidecar=str(target))
+        if written:  # recorded by the release that ends the step (the sidecar itself is on disk already)
+            job.data["sidecar"] = str(target)
         elif self.store.is_live(job):
             raise FileChanged("the file changed before its sidecar was written; its new version is analysed anew")

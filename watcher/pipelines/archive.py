@@ -153,16 +153,18 @@ class ArchivePipeline:
         if isinstance(checked, StepResult):
             return checked
         self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
-        return await self._upload(job)
+        return await self._upload(job, checked.content)
 
-    async def _upload(self, job: Job) -> StepResult:
+    async def _upload(self, job: Job, content: bytes | None = None) -> StepResult:
+        """Upload the file (from ``content``, a small file's settled bytes read by the check, else from disk)."""
         version = job.file
         op = self.operation(job.data["sha256"], "audio")
 
         async def upload() -> str:
             # The service echoes this name in its zips: one safe component, whatever bytes the name holds.
             label = safe_component(os.path.basename(version.path), "audio.wav")
-            body = FileBody(version.path, Signature(version.size, version.mtime_ns, version.inode), name=label)
+            settled = Signature(version.size, version.mtime_ns, version.inode)
+            body = FileBody(version.path, settled, name=label, content=content)
             log.info("archive.upload_started", path=version.path, size=version.size)
             return await self.processor.upload(body)
 
@@ -185,7 +187,8 @@ class ArchivePipeline:
         if any(state in ("waiting", "requested") for state in states.values()):
             polls = int(job.data.get("polls", 0)) + 1
             delay = min(self.cfg.poll_max, self.cfg.poll_initial * (1.5 ** (polls - 1)))
-            self.store.commit(job, ids=ids, op_errors=errors, versions=versions, polls=polls)
+            # Recorded by the release that schedules the next poll (every ID is kept by the gate already).
+            job.data.update(ids=ids, op_errors=errors, versions=versions, polls=polls)
             return StepResult.later("process", time.time() + delay)
         self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)

@@ -1,14 +1,21 @@
 """The check every pipeline makes before paid work, written once: is the file still the version that settled,
-is it audio, what is its content hash and duration. All file system work runs in a worker thread."""
+is it audio, what is its content hash and duration. All file system work runs in one worker-thread hop.
+
+The hash is needed before any paid request (the gate is keyed by it), so it is computed on this first read.
+A small file (``audiofile.SMALL``) is read whole here, once: its hash, format and duration come from that
+read, and its request body is sent from it. A larger file is hashed here and streamed again from disk (the
+page cache, when it is fresh), checked against its settled signature before and after.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from watcher.audiofile import Signature, check_audio, hash_file
+from watcher.audiofile import SMALL, Signature, audio_format, check_audio, read_settled
 from watcher.errors import FileChanged, RetryLater
 from watcher.media import audio_info
 from watcher.pipelines.base import StepResult
@@ -17,11 +24,12 @@ from watcher.store import Job
 
 @dataclass(frozen=True)
 class Checked:
-    """A file version ready for paid work: its content hash and what its header says."""
+    """A file version ready for paid work: its content hash, what its header says, and its content when small."""
 
     sha256: str
     duration: float | None
     channels: int | None
+    content: bytes | None = None  # the whole settled version when it is small: its body needs no second read
 
     @property
     def seconds(self) -> float:
@@ -32,45 +40,49 @@ class Checked:
 class PrecheckStore(Protocol):
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
-
-def _look(job: Job, known: str | None) -> StepResult | tuple[str, float | None, int | None, str]:
-    """In a worker thread: the file's state, or (format, duration, channels, sha256: ``known``, else hashed now).
-
-    One thread hop for the whole look, hash included: it is on the way from a settled file to its request.
-    """
+def _look(job: Job, sha256: str | None) -> StepResult | Checked:
+    """In a worker thread: the file's state, or what paid work needs (hashing it unless ``sha256`` is known)."""
     version = job.file
+    settled = Signature(version.size, version.mtime_ns, version.inode)
     if not os.path.isdir(version.folder):
         raise RetryLater(f"the watched folder {version.folder} is not available (unmounted share?)")
     try:
         current = Signature.of(os.stat(version.path))
-        if current != Signature(version.size, version.mtime_ns, version.inode):
+        if current != settled:
             raise FileChanged("the file changed after it settled; its new version is handled anew")
         if version.size == 0:
             return StepResult("skipped", note="the file is empty (0 bytes); a later write makes it a new version")
-        fmt = check_audio(version.path)
+        if version.size <= SMALL:
+            digest, content = read_settled(version.path, settled, hashed=sha256 is None)
+            assert content is not None
+            audio_format(content)
+            header = io.BytesIO(content)
+            header.name = version.path  # mutagen guesses some formats from the name
+            info = audio_info(version.path, fileobj=header)
+            return Checked(sha256 or digest, info.duration, info.channels, content)
+        check_audio(version.path)
+        if sha256 is None:
+            sha256, _ = read_settled(version.path, settled)
     except FileNotFoundError:
         return StepResult("gone", note=f"the file was deleted before {job.pipeline} started")
     info = audio_info(version.path)
-    expected = Signature(version.size, version.mtime_ns, version.inode)
-    return fmt, info.duration, info.channels, known or hash_file(version.path, expected)
+    return Checked(sha256, info.duration, info.channels)
 
 
 async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
     """Check the job's file version; a final StepResult (gone, skipped) or what paid work needs to know.
 
     Raises FileChanged (a newer version is coming), BadInput (not audio) or RetryLater (folder unavailable).
-    The hash is computed once per version and shared by every pipeline through the store.
+    The hash is computed once per version and shared by every pipeline through the store; the job's data
+    takes it too, written with the job's next commit or release (the step's one transaction).
     """
     version = job.file
-    known: str | None = version.sha256 or job.data.get("sha256")
-    looked = await asyncio.to_thread(_look, job, known)
-    if isinstance(looked, StepResult):
-        return looked
-    _, duration, channels, sha256 = looked
+    known = version.sha256 or job.data.get("sha256")
+    checked = await asyncio.to_thread(_look, job, known)
+    if isinstance(checked, StepResult):
+        return checked
     if known is None:
-        store.set_sha256(version.id, sha256)
-    if job.data.get("sha256") != sha256 or job.data.get("duration") != duration:
-        store.commit(job, sha256=sha256, duration=duration, channels=channels)
-    return Checked(sha256, duration, channels)
+        store.set_sha256(version.id, checked.sha256)
+    job.data.update(sha256=checked.sha256, duration=checked.duration, channels=checked.channels)
+    return checked

@@ -78,21 +78,17 @@ class GateMixin(_Base):
         takeable: list[tuple[int, Operation, bool]] = []
         with self._tx() as db:
             for i, op in enumerate(ops):
-                ticket = self._verdict(db, op, now, resend_in_doubt)
+                ticket, state = self._verdict(db, op, now, resend_in_doubt)
                 if ticket is None:
-                    takeable.append((i, op, self._state(db, op) in ("reask", "in_doubt")))
+                    takeable.append((i, op, state in ("reask", "in_doubt")))
                 else:
                     tickets[i] = ticket
             if takeable:
                 tickets.update(self._charge(db, takeable, owner, budget, seconds, cap_seconds, lease, now))
         return [tickets[i] for i in range(len(ops))]
 
-    def _state(self, db: Any, op: Operation) -> str | None:
-        row = db.execute(f"SELECT state FROM operations WHERE {_KEY}", _key(op)).fetchone()
-        return None if row is None else str(row["state"])
-
-    def _verdict(self, db: Any, op: Operation, now: float, resend_in_doubt: bool) -> Ticket | None:
-        """Why ``op`` may not be sent by this taker (a Ticket), or None when it may take it."""
+    def _verdict(self, db: Any, op: Operation, now: float, resend_in_doubt: bool) -> tuple[Ticket | None, str | None]:
+        """Why ``op`` may not be sent by this taker (a Ticket), or None when it may take it; and its state."""
         row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
         state = None if row is None else row["state"]
         if state == "sending" and (row["lease_until"] or 0) < now:
@@ -100,12 +96,12 @@ class GateMixin(_Base):
             self._set_state(db, op, state, now, error="the daemon stopped while the request was in flight")
             row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
         if state == "answered":
-            return Ticket("answered", op, result=row["result"])
+            return Ticket("answered", op, result=row["result"]), state
         if state == "sending":
-            return Ticket("wait", op, until=now + WAIT_SECONDS, holder=row["holder"])
+            return Ticket("wait", op, until=now + WAIT_SECONDS, holder=row["holder"]), state
         if state == "in_doubt" and not resend_in_doubt:
-            return Ticket("in_doubt", op, since=row["since"], error=row["error"])
-        return None
+            return Ticket("in_doubt", op, since=row["since"], error=row["error"]), state
+        return None, state
 
     def _charge(
         self,
