@@ -167,3 +167,28 @@ def test_polls_keep_to_half_the_processing_rate_while_uploads_wait(tmp_path, inb
         # At most half of 10/s over the window, plus the share's one-second burst.
         assert len(polls) <= 5 * (end - start) + 5, f"{len(polls)} polls in {end - start:.1f} s"
         assert set(emu.paid().values()) == {1}  # each upload paid once
+
+
+def test_each_services_rate_is_a_gauge(tmp_path, inbox, emulator):
+    """watcher_service_rate shows the adaptive rate of each service: the configured one, then half after a 429."""
+    from tests.test_metrics import sample
+    from watcher.app import App
+    from watcher.metrics import Metrics
+
+    metrics = Metrics()
+    app = App.build(make_settings(tmp_path, inbox, emulator.url))
+    for service, current in app.rates().items():
+        metrics.watch_rate(service, current)
+    series = 'watcher_service_rate{service="analysis service"}'
+    assert sample(metrics.exposition(), series) == 10.0
+    emulator.analysis.faults.status_429 = 1
+    emulator.analysis.faults.retry_after = 600  # recovery starts after the pause: the rate stays at half
+
+    async def refused_once() -> None:
+        analyzer = app.pipelines["analyze"].analyzer  # type: ignore[attr-defined]
+        with pytest.raises(NotSent):
+            await analyzer.analyze(body(write_tone(tmp_path / "a.wav", 0.2)), MODELS, lambda *_: None)
+        await app.aclose()
+
+    asyncio.run(refused_once())
+    assert sample(metrics.exposition(), series) == 5.0
