@@ -8,7 +8,8 @@ below the current level blocks every caller). Its public ``acquire(amount)`` is 
 drains at the configured ceiling ``C`` units/s, and at a current rate ``r`` each request takes ``C / r``
 units, so requests leave at ``r`` per second. The bucket holds one second at the ceiling (at least one
 request): the burst watcher always allowed, and the largest price, which puts the rate's floor at
-1 request/s (below that, a Retry-After pause does the waiting).
+1 request/s (below that, a Retry-After pause does the waiting). A hand-written pacer without any burst was
+tried in its place and measured no better, against a service counting with or without a burst.
 """
 
 from __future__ import annotations
