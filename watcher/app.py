@@ -173,6 +173,18 @@ class App:
             raise
         return cls(settings, folders if folders is not None else settings.folders, store, pipelines, events, closers)
 
+    def rates(self) -> dict[str, Callable[[], float]]:
+        """The current adaptive rate of each service session the graph holds, by service name (for metrics)."""
+        from watcher.services.http import ServiceHTTP
+
+        out: dict[str, Callable[[], float]] = {}
+        for closer in self.closers:
+            for holder in (closer, getattr(closer, "client", None), getattr(closer, "storage", None)):
+                http = getattr(holder, "http", None)
+                if isinstance(http, ServiceHTTP):
+                    out[http.service] = http.pace.current
+        return out
+
     def claim_folders(self) -> list[markers.Ownership]:
         """Mark unmarked folders as this store's and read who owns each; a shared store then claims only in ours."""
         node = self.settings.store.node_name

@@ -203,6 +203,8 @@ class Daemon:
             subscribers.append(self._live)
         app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
+        for service, current in app.rates().items():
+            self.metrics.watch_rate(service, current)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
             folders, _ = await self._fed(asyncio.gather(self._owned_folders(app), self._recover(app)))

@@ -8,7 +8,7 @@ has a registry of its own, so several daemons (or tests) in one process never sh
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from watcher.errors import ConfigError
@@ -45,6 +45,9 @@ class NullMetrics:
 
     def loop_lag(self, seconds: float) -> None:
         """How late the event loop last woke up."""
+
+    def watch_rate(self, service: str, current: Callable[[], float]) -> None:
+        """``current()`` is the rate ``service`` is sent at now, in requests/s (the adaptive rate)."""
 
     def outcome(self, pipeline: str, state: str) -> None:
         """A runner outcome: a job of ``pipeline`` reached ``state``; only "done" and "failed" are counted."""
@@ -117,6 +120,12 @@ class Metrics(NullMetrics):
             "watcher_audio_seconds", "Audio seconds covered by paid requests, per service", ["service"], registry=r
         )
         self._lag = prom.Gauge("watcher_loop_lag_seconds", "How late the event loop last woke up", registry=r)
+        self._rate = prom.Gauge(
+            "watcher_service_rate",
+            "Requests per second a service is sent at now: the configured rate, halved on a 429, recovered additively",
+            ["service"],
+            registry=r,
+        )
         self._served = r
         if node:
             self._served = prom.CollectorRegistry(auto_describe=False)
@@ -152,6 +161,9 @@ class Metrics(NullMetrics):
 
     def loop_lag(self, seconds: float) -> None:
         self._lag.set(max(0.0, seconds))
+
+    def watch_rate(self, service: str, current: Callable[[], float]) -> None:
+        self._rate.labels(service=service).set_function(current)
 
     def service_request(self, service: str, seconds: float) -> None:
         self._latency.labels(service=service).observe(max(0.0, seconds))

@@ -6,7 +6,7 @@ from collections import Counter
 from types import TracebackType
 
 from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults, StreamInput
-from watcher.emulator.faults import Chaos, Ledger
+from watcher.emulator.faults import Chaos, Ledger, RateLimit
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator, ProcessingFaults
 from watcher.emulator.server import App, HTTPServerThread, RecordedRequest, Request
 
@@ -20,6 +20,7 @@ __all__ = [
     "Ledger",
     "NeuralAnalogEmulator",
     "ProcessingFaults",
+    "RateLimit",
     "RecordedRequest",
     "Request",
     "StreamInput",
@@ -30,7 +31,8 @@ class Emulator:
     """Both services' APIs on one loopback address (``url``), and the processing service's storage host
     on a second one (``storage``), as signed URLs point to another host.
 
-    ``paid()`` counts what the two services could bill; ``chaos()`` turns on seeded random faults.
+    ``paid()`` counts what the two services could bill; ``chaos()`` turns on seeded random faults; ``limit()``
+    enforces a rate limit per API key. ``processing.faults.polls_needed`` set very high keeps jobs in progress.
     """
 
     def __init__(
@@ -70,6 +72,20 @@ class Emulator:
         """
         self._chaos.configure(seed, rate)
 
+    def limit(self, per_second: float | None, *, burst: float | None = None) -> tuple[RateLimit, RateLimit] | None:
+        """Each service refuses more than ``per_second`` requests per API key with 429 and Retry-After (a token
+        bucket of ``burst`` requests, one second's worth by default); None lifts the limits.
+
+        Returns the (analysis, processing) limits, whose ``admitted`` and ``refused`` count requests per route.
+        """
+        if per_second is None:
+            self.analysis.app.limit = self.processing.app.limit = None
+            return None
+        analysis = RateLimit(per_second, key_header="Authorization", burst=burst)
+        processing = RateLimit(per_second, key_header="X-API-Key", burst=burst)
+        self.analysis.app.limit, self.processing.app.limit = analysis, processing
+        return analysis, processing
+
     @property
     def injected(self) -> list[tuple[str, str]]:
         """``(route, fault)`` for every fault chaos injected, in order."""
@@ -83,6 +99,7 @@ class Emulator:
         self.processing.reset()  # clears the shared ledger and chaos too
         self.api.reset()
         self.storage.reset()
+        self.limit(None)
 
     def start(self) -> Emulator:
         self.api.start()

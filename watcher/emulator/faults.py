@@ -89,3 +89,40 @@ class Chaos:
             self.rate = 0.0
             self.seed = None
             self._injected.clear()
+
+
+class RateLimit:
+    """A service-side rate limit per API key: a token bucket of ``burst`` requests refilled at ``per_second``.
+
+    A request over it is refused with 429 and a Retry-After saying when the next one will be let in; refusals
+    are counted per route. ``burst`` defaults to one second's worth (``per_second``), as token-bucket
+    limiters are usually set; ``burst=1`` makes it strict (no two requests closer than 1/per_second).
+    """
+
+    def __init__(self, per_second: float, *, key_header: str, burst: float | None = None) -> None:
+        self.per_second = per_second
+        self.burst = max(1.0, burst if burst is not None else per_second)
+        self.key_header = key_header
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self.refused: Counter[str] = Counter()
+        self.admitted: Counter[str] = Counter()
+
+    def admit(self, key: str, route: str, now: float) -> float | None:
+        """None when this request may go in; else the seconds until one may (the Retry-After)."""
+        with self._lock:
+            tokens, at = self._tokens.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.per_second)
+            if tokens >= 1.0:
+                self._tokens[key] = (tokens - 1.0, now)
+                self.admitted[route] += 1
+                return None
+            self._tokens[key] = (tokens, now)
+            self.refused[route] += 1
+            return (1.0 - tokens) / self.per_second
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tokens.clear()
+            self.refused.clear()
+            self.admitted.clear()

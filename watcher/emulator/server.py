@@ -31,6 +31,8 @@ from starlette.datastructures import Headers
 from starlette.routing import Mount
 from starlette.types import Message, Receive, Scope, Send
 
+from watcher.emulator.faults import RateLimit
+
 log = structlog.get_logger("watcher.emulator")
 TRANSPORT_KEY = "watcher.transport"  # the scope key under which the connection's transport is kept
 
@@ -49,6 +51,7 @@ class RecordedRequest:
     query: dict[str, list[str]]
     headers: Headers  # a case-insensitive mapping
     arrived: float = field(default_factory=time.monotonic)
+    refused: bool = False  # answered 429 by the service's rate limit (App.limit)
 
 
 class Request:
@@ -172,9 +175,10 @@ class Route:
 
 @dataclass
 class App:
-    """A set of routes; an emulated service is one or more apps."""
+    """A set of routes; an emulated service is one or more apps. ``limit``: the service's rate limit per key."""
 
     routes: list[Route] = field(default_factory=list)
+    limit: RateLimit | None = None
 
     def route(self, method: str, pattern: str, name: str | None = None) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
@@ -192,13 +196,30 @@ class _Dispatcher:
         self.record = record
         self._limiter: anyio.CapacityLimiter | None = None
 
-    def _find(self, method: str, path: str) -> tuple[Route, re.Match[str]] | None:
+    def _find(self, method: str, path: str) -> tuple[App, Route, re.Match[str]] | None:
         for app in self.apps:
             for route in app.routes:
                 match = route.pattern.match(path) if route.method == method else None
                 if match is not None:
-                    return route, match
+                    return app, route, match
         return None
+
+    @staticmethod
+    async def _refuse(receive: Receive, send: Send, retry_after: float) -> None:
+        """429 with Retry-After, the body read first so the client is never cut off mid-upload."""
+        message: Message = {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+        data = json.dumps({"detail": "Too Many Requests"}).encode()
+        pairs = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            (b"retry-after", f"{max(0.001, retry_after):.3f}".encode()),
+        ]
+        await send({"type": "http.response.start", "status": 429, "headers": pairs})
+        await send({"type": "http.response.body", "body": data})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.monotonic()
@@ -212,9 +233,13 @@ class _Dispatcher:
             await send({"type": "http.response.start", "status": 404, "headers": pairs})
             await send({"type": "http.response.body", "body": data})
             return
-        route, match = found
+        app, route, match = found
         request = Request(scope, receive, send, match)
-        self.record(RecordedRequest(method, route.name, path, request.query, headers, arrived))
+        wait = app.limit.admit(headers.get(app.limit.key_header, ""), route.name, arrived) if app.limit else None
+        self.record(RecordedRequest(method, route.name, path, request.query, headers, arrived, wait is not None))
+        if wait is not None:
+            await self._refuse(receive, send, wait)
+            return
         if self._limiter is None:  # handlers block (slow links, long streams): many may run at once
             self._limiter = anyio.CapacityLimiter(256)
         await anyio.to_thread.run_sync(self._run, route, request, limiter=self._limiter)

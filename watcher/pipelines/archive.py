@@ -68,7 +68,9 @@ class Processor(Protocol):
 
     async def upload(self, source: UploadBody) -> str: ...
 
-    async def status(self, kind: str, object_id: str) -> StatusLike: ...
+    async def poll(self, kind: str, object_id: str) -> StatusLike:
+        """The status of a remote job, within the service's share for polls (Deferred when its turn is later)."""
+        ...
 
     async def restore(self, audio_id: str, params: Mapping[str, Any]) -> str: ...
 
@@ -219,7 +221,7 @@ class ArchivePipeline:
             if row["remote_error"]:
                 errors[name] = row["remote_error"]
             return str(row["remote_state"])
-        status = await self.processor.status(product.status_kind, ids[name])
+        status = await self.processor.poll(product.status_kind, ids[name])
         if status.is_failed:
             message = status.error_message or "the service reported a failure"
             self.store.set_remote_state(op, "failed", message)

@@ -1,6 +1,8 @@
 """The one HTTP policy every client shares: the analysis and processing services, the storage host, webhooks.
 
-Timeouts, a client-side rate limit, a concurrency limit, retries with exponential backoff, jitter and
+Timeouts, an adaptive client-side rate limit (halved on a 429, recovered additively, see
+:mod:`watcher.services.ratelimit`; no request before a ``Retry-After`` is over), a capped share of it for
+status polls, a concurrency limit, retries with exponential backoff, jitter and
 ``Retry-After`` (through stamina: the only in-process retry layer), the translation of HTTP statuses and httpx
 exceptions into the scopes of :mod:`watcher.errors`, redaction of URLs that carry tokens, and observation of
 every request (for metrics) through httpx event hooks and an observer the composition root passes in.
@@ -20,10 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
-from aiolimiter import AsyncLimiter
+import structlog
 from httpx_sse import SSEError
 
-from watcher.errors import Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
+from watcher.errors import Deferred, Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
+from watcher.services.ratelimit import AdaptiveRate, Bucket, PollShare
+
+log = structlog.get_logger("watcher.http")
 
 
 class AudioSource(Protocol):
@@ -42,7 +47,11 @@ class AudioSource(Protocol):
 class HttpPolicy:
     """How one service is called: limits, timeouts and the short in-process retry loop."""
 
+    # The ceiling of the adaptive rate: a 429 halves the rate, each 429-free second adds rate_recovery back.
     rate_per_second: float = 5.0
+    rate_recovery: float = 1.0
+    # Status polls (``poll=True``) may use at most this fraction of the current rate; other requests use the rest.
+    poll_share: float = 0.5
     concurrency: int = 2
     connect_timeout: float = 10.0
     read_timeout: float = 120.0
@@ -191,7 +200,11 @@ class ServiceHTTP:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         p = self.policy
-        self._limiter = AsyncLimiter(max(p.rate_per_second, 0.001), 1.0)
+        ceiling = max(p.rate_per_second, 0.001)
+        self._bucket = Bucket(ceiling)
+        self.pace = AdaptiveRate(ceiling, floor=self._bucket.floor, recovery=p.rate_recovery)
+        self._polls = PollShare(min(1.0, max(p.poll_share, 0.01)), ceiling)
+        self._resume_at = 0.0  # monotonic: no request before this (the service's Retry-After)
         self._slots = asyncio.Semaphore(max(1, p.concurrency))
 
     @property
@@ -209,6 +222,49 @@ class ServiceHTTP:
                 event_hooks={"request": [self._on_request], "response": [self._on_response]},
             )
         return self._client
+
+    @property
+    def rate(self) -> float:
+        """Requests per second this service is sent now (the adaptive rate)."""
+        return self.pace.current()
+
+    def _throttled(self, response: httpx.Response, started: float) -> None:
+        """A 429 (or 503) answer: honour its Retry-After for every request to this service; a 429 also halves
+        the rate. Called for every such answer, whether the request is then retried in-process or not."""
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        now = time.monotonic()
+        if retry_after:
+            self._resume_at = max(self._resume_at, now + retry_after)
+        if response.status_code == 429:
+            before = self.pace.current(now)
+            if self.pace.cut(started, resume_at=self._resume_at):
+                log.warning(
+                    "service.rate_cut",
+                    service=self.service,
+                    rate=round(before, 2),
+                    now=round(self.pace.current(), 2),
+                    retry_after=retry_after,
+                    next=f"+{self.policy.rate_recovery:g}/s each second, up to {self.pace.ceiling:g}/s",
+                )
+
+    async def _honour_pause(self) -> None:
+        """Wait out the service's Retry-After; a long one is not slept here: NotSent hands it to the store."""
+        wait = self._resume_at - time.monotonic()
+        if wait > self.policy.max_inline_retry_after:
+            raise NotSent(f"{self.service} asked for no requests for another {wait:.0f} s", retry_after=wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _poll_turn(self) -> None:
+        """A status poll's turn within its share: now, or Deferred to its appointment (no attempt counted)."""
+        wait = self._polls.admit(self.pace.current(), time.monotonic())
+        if wait is not None:
+            raise Deferred(
+                f"{self.service}: status polls are at their share of the rate; next turn in {wait:.1f} s",
+                until=time.time() + wait,
+                code="waiting",
+            )
+        await self._polls.bucket.take(self._polls.fraction * self.pace.current())
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -233,7 +289,7 @@ class ServiceHTTP:
 
     def _backoff_hook(self, exc: Exception) -> bool | float:
         """stamina hook: retry only RetryLater; honour a short Retry-After, hand long ones to the store."""
-        if not isinstance(exc, RetryLater):
+        if not isinstance(exc, RetryLater) or isinstance(exc, Deferred):
             return False
         if exc.retry_after is None:
             return True
@@ -267,20 +323,27 @@ class ServiceHTTP:
 
     @asynccontextmanager
     async def stream(
-        self, method: str, url: str, *, classify: Classify | None = None, **kwargs: Any
+        self, method: str, url: str, *, classify: Classify | None = None, poll: bool = False, **kwargs: Any
     ) -> AsyncIterator[httpx.Response]:
         """One rate-limited attempt whose response body is read by the caller; errors are translated.
 
         A status of 400 or more is read and classified (``classify``, else :func:`raise_for_status`);
         a request that got no answer at all is reported to the observer here, with its error's code.
+        ``poll``: a status poll, held to ``policy.poll_share`` of the rate (Deferred when its turn is later).
         """
+        await self._honour_pause()
+        if poll:
+            await self._poll_turn()
         async with self._slots:
-            await self._limiter.acquire()
+            await self._bucket.take(self.pace.current())
+            await self._honour_pause()  # a 429 may have come in while this one waited
             started = time.monotonic()
             seen = False
             try:
                 async with self.client.stream(method, url, **kwargs) as response:
                     seen = True
+                    if response.status_code in NOT_PROCESSED:
+                        self._throttled(response, started)
                     if response.status_code >= 400:
                         await response.aread()
                         if classify is not None:

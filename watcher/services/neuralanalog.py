@@ -169,7 +169,15 @@ class NeuralAnalogClient:
 
     async def status(self, kind: str, object_id: str) -> JobStatus:
         """``GET /status/{kind}/{id}`` (kind: audio, upscaled, mastered, stem_split, stem, workflow)."""
-        response = await self.http.request("GET", f"/status/{kind}/{object_id}")
+        return await self._status(kind, object_id, poll=False)
+
+    async def poll(self, kind: str, object_id: str) -> JobStatus:
+        """:meth:`status` as a progress poll: held to the policy's poll share of the rate, so new work (uploads,
+        version and archive requests) keeps the rest; Deferred (no attempt counted) when its turn is later."""
+        return await self._status(kind, object_id, poll=True)
+
+    async def _status(self, kind: str, object_id: str, *, poll: bool) -> JobStatus:
+        response = await self.http.request("GET", f"/status/{kind}/{object_id}", poll=poll)
         try:
             data = response.json()
         except ValueError:
