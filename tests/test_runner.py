@@ -142,6 +142,23 @@ def test_waiting_counts_no_attempt_and_in_doubt_is_held(store):
     assert store.retry(in_doubt=True) == 1 and job_of(store, b).state == "pending"
 
 
+def test_a_routine_deferral_is_no_problem_to_show(store):
+    """A status poll waiting for its turn (routine pacing) is rescheduled with no attempt and no error, so
+    `watcher status` and the web page do not list it; an earlier error of the job is cleared."""
+    until = time.time() + 3600
+    turns = iter([RetryLater("service hiccup"), Deferred("polls at their share", until=until, routine=True)])
+
+    def act(job: Job) -> StepResult:
+        raise next(turns)
+
+    a = add(store, "a.wav")
+    drain(store, Scripted("p", act))
+    job = job_of(store, a)
+    assert (job.state, job.attempts, job.last_error, job.error_code) == ("pending", 1, None, None)
+    assert store.next_due("p") == pytest.approx(until)
+    assert store.problems() == []
+
+
 def test_a_changed_file_is_superseded_and_hinted_again(store):
     """FileChanged ends the job as superseded and hands the path back to detection."""
     hinted: list[str] = []

@@ -65,10 +65,12 @@ class Deferred(RetryLater):
 
     code = "waiting"
 
-    def __init__(self, message: str, *, until: float, code: str = "waiting") -> None:
+    def __init__(self, message: str, *, until: float, code: str = "waiting", routine: bool = False) -> None:
         super().__init__(message)
         self.until = until
         self.code = code
+        # routine: ordinary pacing (a status poll waiting for its turn), not worth a line in the log or status
+        self.routine = routine
 
 
 class NeedsUser(WatcherError):

@@ -204,6 +204,10 @@ class Runner:
             self.rehint(job.file.path)
             return self._finish(job, StepResult("superseded", note=str(exc)), error_code=exc.code)
         if isinstance(exc, Deferred):
+            if exc.routine:  # pacing, not a problem: nothing for `watcher status` to show
+                log.debug("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
+                self.store.release(job, next_attempt_at=exc.until)
+                return self._tell(Outcome(job, "pending"))
             log.info("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
             self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_code=exc.code)
             return self._tell(Outcome(job, "pending", str(exc), exc.code))

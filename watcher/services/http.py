@@ -263,6 +263,7 @@ class ServiceHTTP:
                 f"{self.service}: status polls are at their share of the rate; next turn in {wait:.1f} s",
                 until=time.time() + wait,
                 code="waiting",
+                routine=True,
             )
         await self._polls.bucket.take(self._polls.fraction * self.pace.current())
 
