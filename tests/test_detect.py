@@ -145,14 +145,19 @@ def test_moved_in_folder_is_scanned(tmp_path, watch):
 
 
 def test_deleted_before_settling_is_not_work(tmp_path, watch):
-    """A file removed before its settle window ended never reaches the sink, and that is logged."""
+    """A file removed before its settle window ended never reaches the sink, and that is logged.
+
+    The writer still holds it open while it is removed: a closed file would be taken at once (the close rule)."""
     inbox = tmp_path / "in"
     inbox.mkdir()
-    d, sink = watch(inbox, settle_seconds=1.0)
+    d, sink = watch(inbox, settle_seconds=30.0)
+    doomed = inbox / "doomed.wav"
     with structlog.testing.capture_logs() as logs:
-        doomed = write_tone(inbox / "doomed.wav", 0.1)
-        wait_for(lambda: str(doomed) in d.detector.settler.candidates)
-        doomed.unlink()
+        with doomed.open("wb") as writer:
+            writer.write(b"RIFF" + bytes(4096))
+            writer.flush()
+            wait_for(lambda: str(doomed) in d.detector.settler.candidates)
+            doomed.unlink()
         write_tone(inbox / "kept.wav", 0.1)
         wait_for(lambda: sink.names() == ["kept.wav"], what="kept.wav settled")
     assert any(e["event"] == "detect.vanished" and e["path"] == str(doomed) for e in logs)
