@@ -239,3 +239,29 @@ def test_analysis_failure_does_not_block_the_archive(tmp_path, inbox, emu, run_d
     finally:
         store.close()
     assert problems["analyze"].error_code == "needs_user"
+
+
+def test_a_stop_while_a_paid_call_waits_for_its_turn_frees_it(tmp_path, inbox, emu, run_daemon):
+    """The upload was taken at the gate, refused with 429 and Retry-After 30 s, and waits for its turn when the
+    daemon stops: nothing left the machine, so the operation is free again (not held in doubt), and the next
+    start uploads it once."""
+    emu.processing.faults.status_429 = {"POST /from-file": 1}
+    emu.processing.faults.retry_after = 30
+    settings = archive_settings(tmp_path, inbox, emu)
+    d = run_daemon(settings)
+    write_tone(inbox / "take.wav", 0.3)
+    wait_for(lambda: emu.api.counts()["POST /from-file"] == 1, what="the refused upload")
+    wait_for(
+        lambda: query(tmp_path, "SELECT 1 FROM operations WHERE operation='upload' AND state='sending'"),
+        what="the upload taken at the gate",
+    )
+    d.stop(force=True)
+    states = query(tmp_path, "SELECT state, count(*) FROM operations WHERE operation='upload' GROUP BY state")
+    assert states == ("open", 1)
+    assert job_state(tmp_path)[0] == "pending"
+    emu.processing.faults.status_429 = {}
+    d2 = run_daemon(settings)
+    wait_delivery(tmp_path, "take")
+    d2.stop()
+    assert emu.api.counts()["POST /from-file"] == 2  # the refused one, then the one that was done
+    assert emu.paid()[next(k for k in emu.paid() if k[1] == "upload")] == 1

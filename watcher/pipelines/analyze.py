@@ -23,6 +23,7 @@ from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
+from watcher.services.http import expect_sending, handed_over
 from watcher.store import FileVersion, Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
@@ -202,6 +203,7 @@ class AnalyzePipeline:
 
         body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode), content=checked.content)
         outcome, why = "answered", "no result in the stream"
+        expect_sending()
         try:
             if url is None:
                 report = await self.analyzer.analyze(body, missing, save)
@@ -211,7 +213,9 @@ class AnalyzePipeline:
             outcome, why = "not_sent", str(exc)
             raise
         except BaseException as exc:
-            outcome, why = "partial", f"{type(exc).__name__}: {exc}"
+            # stopped while waiting for its turn, nothing sent: the models are free again, not re-asked
+            outcome = "partial" if handed_over() else "not_sent"
+            why = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             if taken is not None and self.paid is not None:

@@ -26,6 +26,7 @@ from watcher.pipelines.paid import GateStore, PaidCalls, Taken
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
+from watcher.services.http import expect_sending, handed_over
 from watcher.store import Job, Operation
 from watcher.versions import VERSIONS
 
@@ -254,6 +255,7 @@ class ArchivePipeline:
 
     async def _send(self, taken: Taken, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """The request itself, and the gate's record of how it ended."""
+        expect_sending()
         try:
             remote_id = await call()
         except (NotSent, Rejected, NeedsUser) as exc:
@@ -261,6 +263,9 @@ class ArchivePipeline:
             self.paid.finish(taken, {}, "not_sent", str(exc))
             raise
         except BaseException as exc:
+            if not handed_over():  # stopped while waiting for its turn: nothing left this machine
+                self.paid.finish(taken, {}, "not_sent", f"stopped before it was sent ({type(exc).__name__})")
+                raise
             # The whole request may have reached the service and its answer is lost: it may be done (and billed).
             why = str(exc) if isinstance(exc, RetryLater) else f"{type(exc).__name__}: {exc}"
             self.paid.finish(taken, {}, "in_doubt", why)
