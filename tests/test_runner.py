@@ -198,3 +198,43 @@ def test_an_unexpected_exception_is_retried_as_internal(store):
     drain(store, Scripted("p", act))
     job = job_of(store, fid)
     assert (job.state, job.attempts) == ("done", 1)
+
+
+def test_idle_workers_leave_the_looking_to_one_lookout(store):
+    """With 40 idle workers only one looks at the store on a timer; work added behind the runner's back (another
+    node, `watcher retry`) is still found by it, and the other workers join in once it finds some."""
+    claims: list[str] = []
+    done: list[str] = []
+    looked, finished = asyncio.Event(), asyncio.Event()
+    real_claim = store.claim
+
+    def claim(*args: Any, **kwargs: Any) -> Job | None:
+        task = asyncio.current_task()
+        claims.append(task.get_name() if task else "?")
+        if len(claims) >= 40 + 30:  # a claim per worker at start, then 30 idle looks
+            looked.set()
+        return real_claim(*args, **kwargs)
+
+    def act(job: Job) -> StepResult:
+        done.append(job.file.rel_path)
+        if len(done) == 5:
+            finished.set()
+        return StepResult("done")
+
+    store.claim = claim  # type: ignore[method-assign]
+
+    async def go() -> None:
+        runner = Runner(store, {"p": Scripted("p", act)}, concurrency={"p": 40}, retry=RETRY, look_every=(0.01, 0.02))
+        stop = asyncio.Event()
+        task = asyncio.create_task(runner.run(stop))
+        await asyncio.wait_for(looked.wait(), 10)
+        idle_looks = set(claims[40:70])
+        for n in range(5):  # added without waking the runner, as another process would
+            add(store, f"late-{n}.wav")
+        await asyncio.wait_for(finished.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert len(idle_looks) == 1, f"idle looks came from {sorted(idle_looks)}"
+
+    asyncio.run(go())
+    assert sorted(done) == [f"late-{n}.wav" for n in range(5)]

@@ -36,6 +36,8 @@ from watcher.store.ports import Jobs as JobQueue
 
 log = structlog.get_logger("watcher.runner")
 LEASE = 600.0
+LOOK_EVERY = (2.5, 5.0)  # seconds between two looks at the store by an idle lookout (jittered)
+PEER_WAIT = 60.0  # how long an idle worker other than the lookout sleeps when it knows of no work due
 FILE_ATTEMPTS = 3  # attempts for a file the service refused (4xx, malformed answers) before it fails
 FINAL_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.ELOOP})
 
@@ -73,6 +75,7 @@ class Runner:
         rehint: Callable[[str], None] = lambda path: None,
         owner: str | None = None,
         lease: float = LEASE,
+        look_every: tuple[float, float] = LOOK_EVERY,
     ) -> None:
         self.store = store
         self.lease = lease  # seconds a claim holds without renewal: how soon another node takes over a dead one
@@ -84,6 +87,8 @@ class Runner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
         self._wake = {name: asyncio.Event() for name in self.pipelines}
         self._paused_until: dict[str, float] = {}  # service -> until when its pipelines pause
+        self.look_every = look_every  # seconds (a random pick between the two) an idle lookout waits between looks
+        self._lookout: dict[str, object] = {}  # pipeline -> the idle worker that looks at the store on a timer
         self.in_flight: dict[int, asyncio.Task[Any]] = {}
         self.busy = 0
 
@@ -143,7 +148,11 @@ class Runner:
         return self._paused_until.get(pipeline.service, 0.0) if pipeline.service else 0.0
 
     async def _worker(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
+        """Claim and run jobs until ``stop``. When nothing is due, one idle worker of the pipeline (the lookout)
+        looks at the store on a timer, for work other nodes or commands add; the other idle ones sleep until
+        woken or until work they know of falls due, so 40 idle workers query the store as often as one."""
         wake = self._wake[pipeline.name]
+        me = object()
         while not stop.is_set():
             wake.clear()
             now = time.time()
@@ -151,14 +160,24 @@ class Runner:
             job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=self.lease, now=now)
             if job is None:
                 due = self.store.next_due(pipeline.name)
-                # Nothing due: poll again, with jitter so nodes sharing a store do not poll in step.
-                wait = random.uniform(2.5, 5.0) if due is None else min(5.0, max(0.05, due - time.time()))
+                lookout = self._lookout.setdefault(pipeline.name, me) is me
+                if lookout:  # nothing due: look again, with jitter so nodes sharing a store do not look in step
+                    wait = (
+                        random.uniform(*self.look_every)
+                        if due is None
+                        else min(self.look_every[1], max(0.05, due - time.time()))
+                    )
+                else:
+                    wait = PEER_WAIT if due is None else min(PEER_WAIT, max(0.05, due - time.time()))
                 if paused > now:
                     wait = min(wait, paused - now)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):  # woken at once by wake(): no task is made per wait
                         await wake.wait()
                 continue
+            if self._lookout.get(pipeline.name) is me:
+                del self._lookout[pipeline.name]  # busy now: the next worker to go idle keeps the lookout
+                wake.set()  # and the idle ones look too: more than one job may have fallen due
             await self.run_job(pipeline, job)
 
     async def run_job(self, pipeline: Pipeline, job: Job) -> Outcome:
