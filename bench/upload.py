@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from watcher.audiofile import FileBody, signature
+from watcher.audiofile import UPLOAD_CHUNK, FileBody, signature
 from watcher.services.http import HttpPolicy
 from watcher.services.neuralanalog import NeuralAnalogClient
 
@@ -75,7 +75,8 @@ async def watcher_upload(url: str, path: Path) -> tuple[float, float]:
     policy = HttpPolicy(rate_per_second=100.0, concurrency=1, read_timeout=600.0)
     async with NeuralAnalogClient(url, "bench-key", policy) as client:
         started, cpu = time.perf_counter(), time.process_time()
-        audio_id = await client.upload(FileBody(path, signature(path)))
+        body = FileBody(path, signature(path), chunk_size=UPLOAD_CHUNK)  # as the archive pipeline sends it
+        audio_id = await client.upload(body)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert audio_id == "discarded", audio_id
     return elapsed, cpu

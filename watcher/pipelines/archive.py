@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from watcher.audiofile import FileBody, Signature
+from watcher.audiofile import UPLOAD_CHUNK, FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
 from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
 from watcher.fsutil import safe_component
@@ -167,7 +167,7 @@ class ArchivePipeline:
             # The service echoes this name in its zips: one safe component, whatever bytes the name holds.
             label = safe_component(os.path.basename(version.path), "audio.wav")
             settled = Signature(version.size, version.mtime_ns, version.inode)
-            body = FileBody(version.path, settled, name=label, content=content)
+            body = FileBody(version.path, settled, name=label, content=content, chunk_size=UPLOAD_CHUNK)
             log.info("archive.upload_started", path=version.path, size=version.size)
             return await self.processor.upload(body)
 
