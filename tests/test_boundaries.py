@@ -67,7 +67,7 @@ def test_rules_cover_real_modules():
 # never from one above. The emulator is tooling beside the product: only the CLI starts it (`watcher emulate`),
 # and it may use layers 0 to 2 only.
 LAYERS = [
-    ["watcher", "watcher.errors", "watcher.names", "watcher.versions"],
+    ["watcher", "watcher.errors", "watcher.names", "watcher.sending", "watcher.versions"],
     [
         "watcher.config",
         "watcher.audiofile",

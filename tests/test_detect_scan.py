@@ -17,7 +17,7 @@ from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.detector import Detector
 from watcher.detect.filters import PathFilter
 from watcher.events import Events
-from watcher.store import Store
+from watcher.store import NewVersion, Store
 
 pytestmark = pytest.mark.timeout(60)
 KNOWN = 10_000
@@ -42,17 +42,12 @@ def test_a_restart_over_known_files_asks_the_store_once_and_hints_only_what_is_n
     store = Store(tmp_path / "state" / "watcher.db")
     store._db.execute("PRAGMA synchronous=OFF")  # 10,000 registrations: durability is not what is tested here
     try:
-        for p in paths:
-            st = p.stat()
-            store.register_version(
-                folder=str(inbox),
-                path=str(p),
-                rel_path=os.path.relpath(p, inbox),
-                size=st.st_size,
-                mtime_ns=st.st_mtime_ns,
-                inode=st.st_ino,
-                jobs=[],
-            )
+        stats = [(p, p.stat()) for p in paths]
+        store.register_versions(
+            [NewVersion(str(inbox), str(p), os.path.relpath(p, inbox), st.st_size, st.st_mtime_ns, st.st_ino)
+             for p, st in stats],
+            jobs=[],
+        )  # fmt: skip
         changed = paths[17]
         changed.write_bytes(b"RIFF, rewritten longer")
         new = inbox / "d03" / "new.wav"

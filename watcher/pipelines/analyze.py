@@ -23,7 +23,7 @@ from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.services.http import expect_sending, handed_over
+from watcher.sending import expect_sending, handed_over
 from watcher.store import FileVersion, Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")

@@ -26,7 +26,7 @@ from watcher.pipelines.paid import GateStore, PaidCalls, Taken
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
-from watcher.services.http import expect_sending, handed_over
+from watcher.sending import expect_sending, handed_over
 from watcher.store import Job, Operation
 from watcher.versions import VERSIONS
 

@@ -18,7 +18,6 @@ import email.utils
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +26,7 @@ import structlog
 from httpx_sse import SSEError
 
 from watcher.errors import Deferred, Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
+from watcher.sending import mark_handed_over
 from watcher.services.ratelimit import AdaptiveRate, Bucket, PollShare
 
 log = structlog.get_logger("watcher.http")
@@ -170,20 +170,6 @@ RequestObserver = Callable[[str, str, float, str, int], None]
 Classify = Callable[[httpx.Response], None]
 _STARTED = "watcher.started"
 
-# Whether the current task has handed a request to the transport. A paid call stopped before that (it was
-# waiting for its turn: the concurrency slot, the rate, a Retry-After) provably sent nothing, so its gate
-# operation is freed rather than held in doubt.
-_HANDED_OVER: ContextVar[bool] = ContextVar("watcher_request_handed_over", default=False)
-
-
-def expect_sending() -> None:
-    """Mark the start of a paid call in this task: nothing has been handed to the transport yet."""
-    _HANDED_OVER.set(False)
-
-
-def handed_over() -> bool:
-    """True once a request of this task's current paid call reached the transport (it may have been sent)."""
-    return _HANDED_OVER.get()
 
 
 def _code_of(status: int) -> str:
@@ -356,7 +342,7 @@ class ServiceHTTP:
             await self._honour_pause()  # a 429 may have come in while this one waited
             started = time.monotonic()
             seen = False
-            _HANDED_OVER.set(True)
+            mark_handed_over()
             try:
                 async with self.client.stream(method, url, **kwargs) as response:
                     seen = True
@@ -370,14 +356,14 @@ class ServiceHTTP:
                     yield response
             except WatcherError as exc:
                 if isinstance(exc, NotSent):  # provably not processed (429, 503): as if never handed over
-                    _HANDED_OVER.set(False)
+                    mark_handed_over(False)
                 raise
             except (httpx.HTTPError, httpx.StreamError) as exc:
                 translated = translate_transport_error(exc, self.service)
                 if not seen:
                     self._observe(method, started, translated.code, 0)
                 if isinstance(translated, NotSent):  # never connected
-                    _HANDED_OVER.set(False)
+                    mark_handed_over(False)
                 raise translated from exc
 
     async def probe(self, method: str, url: str, **kwargs: Any) -> str:
