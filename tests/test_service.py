@@ -182,7 +182,7 @@ def test_an_idle_heartbeat_neither_counts_the_queue_nor_rewrites_folder_health(
         return wrapper
 
     monkeypatch.setattr(NullNotifier, "watchdog", tally("beats", NullNotifier.watchdog))
-    monkeypatch.setattr(ControlMixin, "counts", tally("counts", ControlMixin.counts))
+    monkeypatch.setattr(ControlMixin, "open_counts", tally("counts", ControlMixin.open_counts))
     monkeypatch.setattr(ControlMixin, "set_folder_health", tally("health", ControlMixin.set_folder_health))
     d = run_daemon(make_settings(tmp_path, inbox, emulator.url), heartbeat=0.02)
     write_tone(inbox / "a.wav", 0.3)

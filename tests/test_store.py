@@ -97,6 +97,22 @@ def test_a_folders_current_versions_come_in_one_answer(store):
     assert store.current_signatures("/nowhere") == {}
 
 
+def test_open_counts_are_the_counts_of_the_states_still_open(store):
+    """open_counts (the heartbeat's) equals counts for pending, in_doubt and failed, and leaves the rest out."""
+    for n in range(5):
+        register(store, f"/in/{n}.wav", inode=n)
+    register(store, "/in/0.wav", size=99, mtime=9, inode=0)  # replaces 0.wav: its first job is not counted
+    for state in ("done", "failed", "skipped", "in_doubt"):  # four of the five current jobs end; one stays pending
+        claimed = store.claim("analyze", "me", now=time.time() + 1)
+        assert claimed is not None
+        store.release(claimed, state=state)
+    everything = store.counts()
+    opened = store.open_counts()
+    still_open = ("pending", "in_doubt", "failed")
+    assert opened == {p: {s: n for s, n in by.items() if s in still_open} for p, by in everything.items()}
+    assert sum(opened["analyze"].values()) == 3 and "done" not in opened["analyze"]
+
+
 def test_claim_leases_and_release_schedules(store):
     """A claimed job is invisible to other claimers until released; a release with a time schedules it."""
     register(store)
@@ -306,7 +322,7 @@ def test_a_version_5_store_gets_the_claim_indexes(tmp_path):
         indexes = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"jobs_due_in_flight", "jobs_due_new", "jobs_by_owner", "operations_sending"} <= indexes
         assert "jobs_due" not in indexes
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 6
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 7
         assert [store.claim("archive", "w", now=100.0).step for _ in range(2)] == ["process", "upload"]
     finally:
         store.close()

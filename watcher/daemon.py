@@ -347,7 +347,9 @@ class Daemon:
             stale = now - refreshed >= REFRESH_SECONDS
             if changes.count != seen or stale:
                 seen = changes.count
-                counts = app.store.counts()
+                # through an index: finished jobs are not read; a pipeline with nothing open shows 0
+                counts: dict[str, dict[str, int]] = {name: {} for name in app.runner.pipelines}
+                counts |= app.store.open_counts()
                 self.metrics.queue(counts, TERMINAL)
                 waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
                 failed = sum(stages.get("failed", 0) for stages in counts.values())

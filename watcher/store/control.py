@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem
+from watcher.store.schema import OPEN_STATES
 
 if TYPE_CHECKING:
     from watcher.store.core import StoreBase
@@ -70,6 +71,18 @@ class ControlMixin(_Base):
             for row in self._db.execute(
                 "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
                 "WHERE f.current=1 GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
+            ):
+                out.setdefault(row["pipeline"], {})[row["state"]] = row["n"]
+        return out
+
+    def open_counts(self) -> dict[str, dict[str, int]]:
+        """Like :meth:`counts`, for the states still open only (pending, in_doubt, failed): what the heartbeat
+        shows, read through the ``jobs_open`` index, so its cost follows the open jobs, not the finished ones."""
+        out: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for row in self._db.execute(
+                "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
+                "WHERE " + OPEN_STATES + " AND f.current=1 GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
             ):
                 out.setdefault(row["pipeline"], {})[row["state"]] = row["n"]
         return out

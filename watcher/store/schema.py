@@ -161,5 +161,12 @@ SCHEMA = [
     CREATE INDEX files_current ON files (folder) WHERE current = 1;
     CREATE INDEX jobs_gone ON jobs (file_id) WHERE state = 'gone';
     """,
+    # version 7: the heartbeat counts the jobs still open (pending, held, failed) through an index, not by
+    # reading every finished job; the predicate must read as OPEN_STATES below.
+    """
+    CREATE INDEX jobs_open ON jobs (pipeline, state) WHERE state IN ('pending', 'in_doubt', 'failed');
+    """,
 ]
+# The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.
+OPEN_STATES = "j.state IN ('pending', 'in_doubt', 'failed')"
 _NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "

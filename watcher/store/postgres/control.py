@@ -17,6 +17,7 @@ from watcher.store.postgres.schema import (
     KEY_WHERE,
     TERMINAL_STATES,
 )
+from watcher.store.schema import OPEN_STATES
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -74,6 +75,16 @@ class PgControlMixin(_Base):
         for row in self._all(
             "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
             "WHERE f.current GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
+        ):
+            out.setdefault(row["pipeline"], {})[row["state"]] = int(row["n"])
+        return out
+
+    def open_counts(self) -> dict[str, dict[str, int]]:
+        """Like :meth:`counts`, for the open states only, read through the ``jobs_open`` index (the heartbeat)."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self._all(
+            "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
+            "WHERE " + OPEN_STATES + " AND f.current GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
         ):
             out.setdefault(row["pipeline"], {})[row["state"]] = int(row["n"])
         return out

@@ -126,6 +126,11 @@ SCHEMA = [
     CREATE INDEX files_replaced ON files (id) WHERE NOT current;
     CREATE INDEX jobs_gone ON jobs (file_id) WHERE state = 'gone';
     """,
+    # version 3: the heartbeat counts the jobs still open (pending, held, failed) through an index, not by
+    # reading every finished job; the predicate must read as OPEN_STATES in watcher.store.schema.
+    """
+    CREATE INDEX jobs_open ON jobs (pipeline, state) WHERE state IN ('pending', 'in_doubt', 'failed');
+    """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
 JOB_SELECT = """
