@@ -68,6 +68,23 @@ def test_a_quiet_tree_is_not_listed(tree):
     assert rec.take() == ([], [])
 
 
+def test_a_file_made_while_its_folder_is_listed_by_the_first_snapshot_is_hinted(tree):
+    """A file created between the folder's stat and its listing: listed by the snapshot, and still hinted (once
+    the folder's mtime is read after the listing), rather than held in the snapshot unhinted for good."""
+    rec = Recorder()
+    raced = tree / "c" / "raced.wav"
+
+    def scandir(path: str):
+        if path == str(tree / "c") and not raced.exists():
+            raced.write_bytes(b"RIFF")  # the copy lands just as the folder is being listed
+        return rec.scandir(path)
+
+    p = DirPoller(str(tree), recursive=True, hint=rec.hint, interval=60, rescan_interval=3600, scandir=scandir)
+    p.snapshot(hint_since=time.time())
+    p.poll()
+    assert (str(raced), False) in rec.take()[0]
+
+
 def test_files_arriving_while_the_first_snapshot_is_taken_are_hinted(tree):
     """The first snapshot runs beside the start-up scan: files of a folder changed since the poller started are
     hinted (the scan may have listed that folder before they came); quiet folders' files are not."""

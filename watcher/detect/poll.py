@@ -170,13 +170,15 @@ class DirPoller:
         stack = [top]
         while stack:
             path = stack.pop()
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
+            if not os.path.isdir(path):
+                continue  # gone (or never there): nothing to list
             listed_at = self._clock()
             entries = self._list(path)
             if entries is None:
+                continue
+            try:  # after the listing: a file made between a stat and the listing would be listed unhinted for good
+                st = os.stat(path)
+            except OSError:
                 continue
             self.dirs[path] = _Dir(st.st_mtime_ns, st.st_ino, listed_at, entries)
             stack.extend(os.path.join(path, name) for name, entry in entries.items() if entry[0])
