@@ -70,6 +70,11 @@ def env_for(
 ) -> dict[str, str]:
     """Settings through the environment: remote analysis that is never called (nothing is pending), no archive."""
     env = dict(os.environ)
+    # As installed: a wheel's modules are compiled once. PYTHONDONTWRITEBYTECODE (set in some shells and
+    # containers) would make every start compile the checkout's sources again; the bytecode goes to a cache
+    # beside the state folder instead (the first, uncounted run fills it), never into the tree.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(state_dir.parent / "pycache")
     env.update(
         PYTHONPATH=str(tree),
         WATCHER_STATE_DIR=str(state_dir),

@@ -55,6 +55,8 @@ def test_toml_and_env_override(tmp_path, monkeypatch):
         ("[[folders]]\nrecursive = true\n", "folders[0].path: required key is missing"),
         ("[[folders]]\npath = '/x'\nsettle_seconds = -1\n", "folders[0].settle_seconds:"),
         ("[analysis]\nmodels = ['key:']\n", "analysis.models:"),
+        ("[analysis]\nbase_url = 'http://[::1'\n", "analysis.base_url: 'http://[::1' is not a usable URL"),
+        ("[archive]\nbase_url = 'api.neuralanalog.com'\n", "archive.base_url: 'api.neuralanalog.com' is not an http"),
         ("bogus = 1\n", "bogus: unknown key"),
         ("[analysis\n", "is not valid TOML"),
     ],

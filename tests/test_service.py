@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -193,3 +194,55 @@ def test_an_idle_heartbeat_neither_counts_the_queue_nor_rewrites_folder_health(
     d.stop()
     assert calls["counts"] - settled["counts"] <= 1  # at most the count after the last job's outcome
     assert calls["health"] == settled["health"]  # nothing changed: nothing written
+
+
+# What a start with nothing to send must not load: the HTTP stack and its retry library (the first request loads
+# them), the audio header reader (the first file), and the web page's server (only when the page is on).
+LOADED_ON_FIRST_USE = ("httpx", "httpx_sse", "stamina", "tenacity", "mutagen")
+WEB_STACK = ("uvicorn", "starlette", "h11", "anyio", "click")  # click: uvicorn's package imports its CLI
+_PROBE = """
+import json, os, signal, sys
+from watcher import sdnotify
+
+class Probe(sdnotify.NullNotifier):
+    def ready(self):
+        page = os.path.join(os.environ["WATCHER_STATE_DIR"], "web.json")
+        seen = {"modules": sorted(sys.modules), "page": json.load(open(page)) if os.path.exists(page) else None}
+        with open(sys.argv[1], "w") as out:
+            json.dump(seen, out)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+sdnotify.notifier_from_environ = lambda environ: Probe()
+from watcher.cli import main
+raise SystemExit(main(["--log-format", "json", "run", sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("web", [False, True], ids=["page off", "page on"])
+@pytest.mark.parametrize("archive", [False, True], ids=["analysis", "analysis and archive"])
+def test_ready_before_loading_what_only_work_needs(tmp_path, inbox, web, archive):
+    """`watcher run` reaches READY without the modules only a request, a file or the page needs; with the page
+    on, its server is up before READY."""
+    modules = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    env.update(
+        WATCHER_STATE_DIR=str(tmp_path / "state"),
+        WATCHER_ANALYSIS__BASE_URL="http://127.0.0.1:9",  # never called: nothing is pending
+        ESSENTIA_API_KEY=API_KEY,
+        WATCHER_WEB__ENABLED=str(web).lower(),
+        WATCHER_WEB__LISTEN="127.0.0.1:0",
+        WATCHER_ARCHIVE__ENABLED=str(archive).lower(),
+        WATCHER_ARCHIVE__OUTPUT_DIR=str(tmp_path / "out"),
+        NEURALANALOG_API_KEY="na-key-123456",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(modules), str(inbox)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(modules.read_text())
+    loaded = {name.partition(".")[0] for name in seen["modules"]}
+    assert "watcher" in loaded and "watchdog" in loaded and "pydantic_settings" in loaded
+    assert sorted(loaded.intersection(LOADED_ON_FIRST_USE if web else LOADED_ON_FIRST_USE + WEB_STACK)) == []
+    if web:
+        assert {"uvicorn", "starlette"} <= loaded
+        assert seen["page"]["running"] is True

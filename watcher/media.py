@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass
 from typing import IO
 
-import mutagen
-
 from watcher.names import display
 
 FORMATS = "WAV, AIFF, FLAC, MP3, M4A, Ogg"
@@ -33,6 +31,8 @@ def audio_info(path: str | os.PathLike[str], fileobj: IO[bytes] | None = None) -
 
     ``fileobj`` (its content, already read, named ``path``) is parsed instead of opening ``path`` again.
     """
+    import mutagen  # here, not at the top: the daemon starts without it (it is needed for the first file)
+
     try:
         parsed = mutagen.File(fileobj if fileobj is not None else os.fspath(path))
     except mutagen.MutagenError as exc:

@@ -63,6 +63,24 @@ def _url_template(value: str | None) -> str | None:
     return check_template(value) if value and value != SEND_BODY else value
 
 
+def _service_url(value: str) -> str:
+    """A service's base URL: http(s) with a host and a valid port, checked when the settings load (the HTTP
+    client that would refuse it is made only at the first request)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a usable URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+ServiceURL = Annotated[str, AfterValidator(_service_url)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,7 +110,7 @@ class AnalysisConfig(_Section):
 
     enabled: bool = True
     backend: Literal["auto", "remote", "local"] = "auto"
-    base_url: str = "https://api.essentia.upf.edu"
+    base_url: ServiceURL = "https://api.essentia.upf.edu"
     api_key: OptionalSecret = None
     api_key_file: OptionalFile = None
     models: tuple[str, ...] = DEFAULT_MODELS
@@ -137,7 +155,7 @@ class ArchiveConfig(_Section):
     """The processing service (Neural Analog): which versions to make and where they are delivered."""
 
     enabled: bool = False
-    base_url: str = "https://api.neuralanalog.com"
+    base_url: ServiceURL = "https://api.neuralanalog.com"
     api_key: OptionalSecret = None
     api_key_file: OptionalFile = None
     versions: tuple[ArchiveVersion, ...] = ("original", "mastered")

@@ -15,15 +15,16 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import structlog
-from httpx_sse import EventSource, SSEError
 
 from watcher.config.audio_url import without_query
 from watcher.errors import Malformed, Rejected, RetryLater, WatcherError
 from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
+
+if TYPE_CHECKING:  # imported at the first request (see watcher.services.http)
+    import httpx
 
 log = structlog.get_logger("watcher.analysis")
 SERVICE = "analysis service"
@@ -174,6 +175,9 @@ class AnalysisClient:
         self, response: httpx.Response, models: list[str], report: AnalysisReport, on_result: OnResult
     ) -> bool:
         """The answer to one request: an event stream read to its end, or Malformed."""
+        import httpx
+        from httpx_sse import SSEError
+
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             body = (await response.aread())[:300].decode("utf-8", "replace")
@@ -212,6 +216,8 @@ class AnalysisClient:
         timer: asyncio.Timeout,
         loop: asyncio.AbstractEventLoop,
     ) -> bool:
+        from httpx_sse import EventSource
+
         pending = list(models)
         async for sse in EventSource(response).aiter_sse():
             timer.reschedule(loop.time() + self.event_deadline)

@@ -19,15 +19,16 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
 import structlog
-from httpx_sse import SSEError
 
 from watcher.errors import Deferred, Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
 from watcher.sending import mark_handed_over
 from watcher.services.ratelimit import AdaptiveRate, Bucket, PollShare
+
+if TYPE_CHECKING:  # httpx (with httpx-sse) is imported at the first request: a daemon with nothing to send
+    import httpx  # starts without it (about a tenth of its start-up)
 
 log = structlog.get_logger("watcher.http")
 
@@ -69,6 +70,8 @@ class HttpPolicy:
 
 def safe_url(url: str | httpx.URL) -> str:
     """A URL as it may be logged: scheme, host and port only."""
+    import httpx
+
     parts = httpx.URL(str(url))
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.host or '?'}{port}/…"
@@ -145,6 +148,9 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
     """Map an httpx (or httpx-sse) exception to one of ours; unknown ones are treated as transient."""
     if isinstance(exc, WatcherError):
         return exc
+    import httpx
+    from httpx_sse import SSEError
+
     if isinstance(exc, SSEError):
         return Malformed(f"{service} sent a malformed event stream: {exc}")
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
@@ -167,7 +173,7 @@ def translate_transport_error(exc: Exception, service: str) -> WatcherError:
 
 # (service, method, seconds, outcome, bytes sent): outcome is "ok" or an error code. Must not raise.
 RequestObserver = Callable[[str, str, float, str, int], None]
-Classify = Callable[[httpx.Response], None]
+Classify = Callable[["httpx.Response"], None]
 _STARTED = "watcher.started"
 
 
@@ -197,7 +203,7 @@ class ServiceHTTP:
         self.service = service
         self.policy = policy or HttpPolicy()
         self.observer = observer
-        self.base_url = httpx.URL(base_url.rstrip("/"))
+        self._base_url = base_url.rstrip("/")
         self._headers = dict(headers or {})
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -210,10 +216,19 @@ class ServiceHTTP:
         self._slots = asyncio.Semaphore(max(1, p.concurrency))
 
     @property
+    def base_url(self) -> httpx.URL:
+        """The service's base URL (parsed at the first use, with httpx; a bad one raises httpx.InvalidURL)."""
+        import httpx
+
+        return httpx.URL(self._base_url)
+
+    @property
     def client(self) -> httpx.AsyncClient:
         """The session, made at its first use: making one loads the HTTP transport and the TLS certificates
         (a tenth of a second), which a daemon with nothing to send need not pay at start."""
         if self._client is None:
+            import httpx
+
             p = self.policy
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
@@ -334,6 +349,8 @@ class ServiceHTTP:
         a request that got no answer at all is reported to the observer here, with its error's code.
         ``poll``: a status poll, held to ``policy.poll_share`` of the rate (Deferred when its turn is later).
         """
+        import httpx
+
         await self._honour_pause()
         if poll:
             await self._poll_turn()
@@ -358,7 +375,7 @@ class ServiceHTTP:
                 if isinstance(exc, NotSent):  # provably not processed (429, 503): as if never handed over
                     mark_handed_over(False)
                 raise
-            except (httpx.HTTPError, httpx.StreamError) as exc:
+            except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
                 translated = translate_transport_error(exc, self.service)
                 if not seen:
                     self._observe(method, started, translated.code, 0)

@@ -17,10 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
 import structlog
 
 from watcher.errors import ExpiredURL, Malformed, NotSent, Rejected, RetryLater
@@ -35,6 +34,9 @@ from watcher.services.http import (
 from watcher.services.multipart import MultipartBody
 from watcher.services.storage import REDIRECTS, RefusedRedirect, Storage, write_body
 from watcher.versions import TRACK_VERSIONS
+
+if TYPE_CHECKING:  # imported at the first request (see watcher.services.http)
+    import httpx
 
 __all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnalogClient", "RefusedRedirect"]
 
@@ -91,7 +93,7 @@ class NeuralAnalogClient:
         # Its redirects are followed by hand, each target checked (https, or the service's own host).
         p = self.http.policy
         storage = replace(p, redact_urls=True, rate_per_second=max(p.rate_per_second, 50.0))
-        self.storage = Storage(self.http.base_url, storage, transport=storage_transport, observer=observer)
+        self.storage = Storage(base_url.rstrip("/"), storage, transport=storage_transport, observer=observer)
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -10,9 +10,8 @@ import os
 import uuid
 from email.message import Message
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import httpx
 import structlog
 
 from watcher.errors import BadInput, ExpiredURL, RetryLater
@@ -20,6 +19,9 @@ from watcher.fsutil import PRIVATE_FILE, TEMP_PREFIX, chmod_quietly, file_mode, 
 from watcher.names import display
 from watcher.safezip import TooLarge
 from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
+
+if TYPE_CHECKING:  # imported at the first download (see watcher.services.http)
+    import httpx
 
 log = structlog.get_logger("watcher.storage")
 STORAGE = "storage host"
@@ -39,7 +41,7 @@ class Storage:
 
     def __init__(
         self,
-        home: httpx.URL,
+        home: str,
         policy: HttpPolicy,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -53,8 +55,10 @@ class Storage:
 
     def check(self, url: str, dest: Path) -> None:
         """RefusedRedirect unless ``url`` is https, or on the service's own scheme and host (a loopback emulator)."""
+        import httpx
+
         parts = httpx.URL(url)
-        base = self.home
+        base = httpx.URL(self.home)
         if parts.scheme == "https" or (parts.scheme, parts.host) == (base.scheme, base.host):
             return
         raise RefusedRedirect(
@@ -102,6 +106,8 @@ async def write_body(response: httpx.Response, dest: Path, source: str, max_byte
     A short body (Content-Length not met, or a dropped connection) is RetryLater; more than ``max_bytes``
     (announced by Content-Length, or counted while writing) is TooLarge. The temp file is removed either way.
     """
+    import httpx
+
     expected = response.headers.get("Content-Length")  # counts the bytes on the wire (num_bytes_downloaded)
     if max_bytes is not None and expected is not None and expected.isdigit() and int(expected) > max_bytes:
         raise TooLarge(
