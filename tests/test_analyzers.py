@@ -85,3 +85,50 @@ def test_the_step_asks_only_for_what_is_missing_and_writes_the_sidecar(tmp_path:
     finally:
         store.close()
     assert backend.asked == [["key", "bpm"], ["mood"]]
+
+
+class Rich(Counting):
+    """Answers with nested numbers and lists, as real models do."""
+
+    async def analyze(
+        self, audio: Any, models: Sequence[str], on_result: Callable[[ModelResult], Awaitable[None] | None]
+    ) -> AnalysisReport:
+        self.asked.append(list(models))
+        report = AnalysisReport()
+        for spec in models:
+            values = {"bpm": 120.0, "beats": [0.5, 1, 2.5e-07], "labels": {"é": [0.25]}, "n": None}
+            result = ModelResult(spec, spec, "2.1", "c-1", values)
+            report.results[spec] = result
+            on_result(result)
+        return report
+
+
+def test_a_sidecar_from_fresh_answers_has_the_bytes_of_one_from_the_store(tmp_path: Path):
+    """The results a step just received are written as the store gives them back to a later copy, byte for byte."""
+    store = Store(tmp_path / "w.db")
+    backend = Rich()
+    texts = []
+    try:
+        for n in range(2):
+            audio = write_tone(tmp_path / f"{n}.wav", 0.2)  # the same content: the second is answered by the store
+            sig = signature(audio)
+            store.register_version(
+                folder=str(tmp_path),
+                path=str(audio),
+                rel_path=audio.name,
+                size=sig.size,
+                mtime_ns=sig.mtime_ns,
+                inode=sig.inode,
+                jobs=[("analyze", "analyze")],
+            )
+            pipeline = AnalyzePipeline(store, backend, models=["key", "bpm"], sidecar=SidecarConfig())
+            job = store.claim("analyze", "me")
+            assert job is not None
+            assert asyncio.run(pipeline.run(job)).state == "done"
+            store.release(job, state="done")
+            text = (tmp_path / f"{n}.wav.analysis.json").read_text()
+            texts.append(text[text.index('"models": {') : text.index('"errors"')])
+    finally:
+        store.close()
+    assert backend.asked == [["key", "bpm"]]
+    assert '"beats": [' in texts[0] and texts[0] == texts[1]

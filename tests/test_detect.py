@@ -836,3 +836,25 @@ def test_the_loop_sleeps_while_nothing_is_due(tmp_path):
     asyncio.run(main())
     assert det.describe()[0]["available"] is False
     assert checks <= healths + 2, (checks, healths)
+
+
+@pytest.mark.parametrize(
+    ("path", "root"),
+    [
+        ("/in/a.wav", "/in"),
+        ("/in/sub/a.wav", "/in"),
+        ("/in", "/in"),
+        ("/a.wav", "/"),
+        ("/in/.hidden/a.wav", "/in"),
+        ("/in//sub/./a.wav", "/in"),
+        ("/in/sub/../a.wav", "/in"),
+        ("/in/sub/", "/in"),
+    ],
+)
+def test_a_hinted_path_is_placed_in_its_folder_as_os_path_would(path, root):
+    """The fast way a hint's path is normalised and made relative to its folder agrees with os.path."""
+    from watcher.detect.detector import _absolute, _inside
+
+    normal = _absolute(path)
+    assert normal == os.path.abspath(path)
+    assert _inside(normal, root) == os.path.relpath(normal, root)

@@ -67,3 +67,19 @@ def test_odd_names_never_break_a_log_line(tmp_path, fmt):
     else:
         first = text.splitlines()[0]
         assert "file.settled" in first and "path=/in/caf\\xe9\\x0anext.wav" in first
+
+
+def test_processors_rewrite_only_the_fields_that_need_it():
+    """A secret inside a longer secret is redacted whole; plain text, numbers and None pass as they are, and a
+    field with a secret or an odd name is rewritten in the event itself."""
+    from watcher.log import printable_names, redact_secrets
+
+    register_secrets(["tok-1234", "tok-1234-extended"])
+    plain = "/in/a.wav"
+    event = {"event": "x", "path": plain, "n": 3, "f": 0.5, "none": None, "key": "use tok-1234-extended now"}
+    out = redact_secrets(None, "info", event)
+    assert out is event and out["key"] == "use [redacted] now"
+    assert out["path"] is plain and out["n"] == 3 and out["f"] == 0.5 and out["none"] is None
+    odd = "/in/a\nb.wav"
+    out = printable_names(None, "info", {"path": odd, "ok": plain, "exception": "Traceback\n  line"})
+    assert out["path"] == "/in/a\\x0ab.wav" and out["ok"] is plain and out["exception"] == "Traceback\n  line"

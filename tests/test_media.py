@@ -57,8 +57,19 @@ def write_with_essentia(path: Path, fmt: str, seconds: float, rate: int, channel
 
 @pytest.mark.parametrize(("channels", "rate"), [(1, 22050), (2, 44100), (6, 48000)])
 def test_wav(tmp_path: Path, channels: int, rate: int) -> None:
-    info = audio_info(write_wav(tmp_path / "a.wav", SECONDS, rate, channels))
-    assert info == AudioInfo(SECONDS, channels, rate, None)
+    """A WAV's headers give the same answer whether its container is known already or sniffed by mutagen."""
+    path = write_wav(tmp_path / "a.wav", SECONDS, rate, channels)
+    assert audio_info(path) == AudioInfo(SECONDS, channels, rate, None)
+    assert audio_info(path, container="wav") == AudioInfo(SECONDS, channels, rate, None)
+
+
+def test_a_file_that_only_looks_like_a_wav_is_not_audio_said_so(tmp_path: Path) -> None:
+    """Parsed as a WAV at once, a damaged one still has no duration and a reason, as when mutagen guesses."""
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(write_wav(tmp_path / "whole.wav", 1.0, RATE, 2).read_bytes()[:30])
+    sniffed, known = audio_info(cut), audio_info(cut, container="wav")
+    assert sniffed.duration is None and known.duration is None
+    assert sniffed.reason and known.reason and "cut.wav" in known.reason
 
 
 @pytest.mark.parametrize(("channels", "rate"), [(1, 22050), (2, 44100), (2, 96000)])

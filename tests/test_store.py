@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from watcher.store import NewVersion, Store, StoredResult
+from watcher.store import NewVersion, Store, StoredResult, utc_day
 
 
 def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int = 1, inode: int = 7):
@@ -379,3 +379,37 @@ def test_retention_forgets_deleted_files_and_keeps_current_ones(store):
     assert store.prune(90, now=later) == 1
     assert store.current_version("/in/gone.wav") is None
     assert store.current_version("/in/done.wav") is not None and store.current_version("/in/mixed.wav") is not None
+
+
+def test_one_analysed_files_round_trips_to_sqlite_stay_few(tmp_path):
+    """The store work of one analysed file (register, claim, hash, a paid request of three models, each result,
+    the ledger's outcome, the release) is a bounded number of statements, and leaves the same rows as ever."""
+    from watcher.store import Operation
+
+    store = Store(tmp_path / "s.db")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.register_versions([NewVersion("/in", "/in/a.wav", "a.wav", 10, 1, 7)], jobs=[("analyze", "analyze")])
+    job = store.claim("analyze", "me")
+    assert job is not None
+    store.set_sha256(job.file.id, "ab" * 32)
+    store.results_for("ab" * 32, "remote")
+    ops = [Operation("ab" * 32, "remote", f"analyze:m{i}", "", "reask") for i in range(3)]
+    tickets = store.gate_take(ops, "me", budget="analysis", seconds=2.5)
+    assert [t.verdict for t in tickets] == ["send"] * 3
+    for i, op in enumerate(ops):
+        store.save_result("ab" * 32, "remote", StoredResult(f"m{i}", f"m{i}", "1", None, {"x": i}), op)
+    store.ledger_outcome(tickets[0].request or 0, "answered")
+    store.is_live(job)
+    store.release(job, state="done")
+    store._db.set_trace_callback(None)
+
+    # 47 before reads and writes were folded; each result keeps its own transaction (committed as it arrives)
+    assert len(statements) <= 33, "\n".join(statements)
+    assert {r["state"] for r in store.in_doubt_operations()} == set()
+    assert all(store.gate_get(op)["state"] == "answered" for op in ops)  # type: ignore[index]
+    assert set(store.results_for("ab" * 32, "remote")) == {"m0", "m1", "m2"}
+    spent = store.spend_on(utc_day(time.time()))["analysis"]
+    assert spent["seconds"] == 2.5 and spent["calls"] == 1
+    assert store.get_job(job.id).state == "done"  # type: ignore[union-attr]
+    store.close()

@@ -61,6 +61,9 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     yield "set_sha256", lambda: store.set_sha256(job.file.id, "ab" * 32)
     yield "gate_take", lambda: store.gate_take([op], "me:1:1", budget="processing", seconds=1.0)
     yield "gate_answered", lambda: store.gate_answered(op, "audio-1")
+    models = [Operation("cd" * 32, "analysis http://a account:1", f"analyze:m{i}", "", "reask") for i in range(3)]
+    yield "gate_take of three models", lambda: store.gate_take(models, "me:1:1", budget="analysis", seconds=1.0)
+    yield "ledger_outcome", lambda: store.ledger_outcome(1, "answered")
     yield "answered_operations", lambda: store.answered_operations(op.sha256, op.service)
     yield "commit", lambda: store.commit(job, step="process", audio_id="audio-1")
     yield "renew", lambda: store.renew([job.id], "me:1:1")

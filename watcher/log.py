@@ -16,19 +16,21 @@ from watcher.names import display
 LogFormat = Literal["auto", "console", "json"]
 REDACTED = "[redacted]"
 _secrets: set[str] = set()
+_secret_pattern: re.Pattern[str] | None = None  # every registered secret, longest first
+_PLAIN = frozenset({int, float, bool, type(None)})  # values no processor here ever changes
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Values that must never appear in a log line (API keys); short values are ignored as unsafe to match."""
+    global _secret_pattern
     _secrets.update(v for v in values if v and len(v) >= 4)
+    if _secrets:
+        _secret_pattern = re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True)))
 
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
+        return value if _secret_pattern is None else _secret_pattern.sub(REDACTED, value)
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -39,10 +41,20 @@ def _scrub(value: Any) -> Any:
 
 
 def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: replace every registered secret in every field, tracebacks included."""
-    if not _secrets:
+    """structlog processor: replace every registered secret in every field, tracebacks included.
+
+    Only a field that holds a secret, or a container or an exception, is rewritten (in place)."""
+    pattern = _secret_pattern
+    if pattern is None:
         return event_dict
-    return {k: _scrub(v) for k, v in event_dict.items()}
+    for key, value in event_dict.items():
+        kind = type(value)
+        if kind is str:
+            if pattern.search(value) is not None:
+                event_dict[key] = pattern.sub(REDACTED, value)
+        elif kind not in _PLAIN:
+            event_dict[key] = _scrub(value)
+    return event_dict
 
 
 # Surrogate escapes (bytes of a name that is not UTF-8) or control characters other than tab and newline.
@@ -83,8 +95,18 @@ def _shown(value: Any, multiline: bool = False) -> Any:
 
 def printable_names(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: a field holding a name that is not valid UTF-8 or has control characters (a
-    newline) is shown as :func:`watcher.names.display` gives it, so no renderer or stream ever fails on it."""
-    return {k: _shown(v, k in _MULTILINE) for k, v in event_dict.items()}
+    newline) is shown as :func:`watcher.names.display` gives it, so no renderer or stream ever fails on it.
+
+    Only such a field, or a container, a path or bytes, is rewritten (in place): plain text and numbers pass."""
+    for key, value in event_dict.items():
+        kind = type(value)
+        if kind is str:
+            multiline = key in _MULTILINE
+            if (_ODD if multiline else _ODD_WITH_NEWLINE).search(value) is not None:
+                event_dict[key] = _printable(value, multiline)
+        elif kind not in _PLAIN:
+            event_dict[key] = _shown(value, key in _MULTILINE)
+    return event_dict
 
 
 def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: TextIO | None = None) -> None:

@@ -26,15 +26,21 @@ class AudioInfo:
     reason: str | None = None
 
 
-def audio_info(path: str | os.PathLike[str], fileobj: IO[bytes] | None = None) -> AudioInfo:
+def audio_info(
+    path: str | os.PathLike[str], fileobj: IO[bytes] | None = None, *, container: str | None = None
+) -> AudioInfo:
     """The duration (seconds), channels and sample rate ``path``'s headers give; never raises for a bad file.
 
     ``fileobj`` (its content, already read, named ``path``) is parsed instead of opening ``path`` again.
+    ``container`` is what the first bytes showed (``audiofile.sniff_format``): a WAV is then parsed as one at once,
+    without asking every format mutagen knows to score the file (the same parser such a file gets anyway).
     """
     import mutagen  # here, not at the top: the daemon starts without it (it is needed for the first file)
+    from mutagen.wave import WAVE
 
+    options = [WAVE] if container == "wav" else None
     try:
-        parsed = mutagen.File(fileobj if fileobj is not None else os.fspath(path))
+        parsed = mutagen.File(fileobj if fileobj is not None else os.fspath(path), options=options)
     except mutagen.MutagenError as exc:
         cause = exc.__cause__ or exc.__context__ or exc
         if isinstance(cause, OSError):

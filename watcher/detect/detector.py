@@ -140,12 +140,12 @@ class Detector:
             self._report_failure("detect.hint_failed", path, reason_of(exc), "ignored; the next scan looks again")
 
     def _hint(self, path: str, *, is_dir: bool, closed: bool) -> None:
-        path = os.path.abspath(path)
+        path = _absolute(path)
         state = self.folder_of(path)
         if state is None:
             return
         root = str(state.config.path)
-        rel = os.path.relpath(path, root)
+        rel = _inside(path, root)
         if is_dir:
             if rel == "." or (state.config.recursive and state.filter.wants_dir(rel)):
                 self._pending_dirs.add(path)
@@ -248,7 +248,7 @@ class Detector:
             state = self.folder_of(path)
             if state is None:
                 return []
-            return [Settled(state.config, path, os.path.relpath(path, state.config.path), sig)]
+            return [Settled(state.config, path, _inside(path, str(state.config.path)), sig)]
         except Exception as exc:
             self._report_failure("detect.record_failed", path, reason_of(exc), "it will be seen again at the next scan")
             return []
@@ -349,6 +349,26 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
+
+
+def _absolute(path: str) -> str:
+    """``os.path.abspath(path)``, without its work for a path that is absolute and normal already (an observer's):
+    no ``.`` or ``..`` part, no doubled or trailing separator."""
+    sep = os.sep
+    if path[:1] == sep and f"{sep}." not in path and sep + sep not in path and not path.endswith(sep):
+        return path
+    return os.path.abspath(path)
+
+
+def _inside(path: str, root: str) -> str:
+    """``os.path.relpath(path, root)`` for a normal ``path`` that :meth:`Detector.folder_of` placed under ``root``
+    (so it is ``root`` or starts with it and a separator): a slice, not two more normalisations."""
+    if path == root:
+        return "."
+    prefix = root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix) and root == _absolute(root):
+        return path[len(prefix) :]
+    return os.path.relpath(path, root)
 
 
 def _walk_changed(folder: str, state: FolderState, start: str | None, recorded: Recorded) -> tuple[list[str], int]:

@@ -146,15 +146,18 @@ class AnalyzePipeline:
         checked = await precheck(self.store, job)
         if isinstance(checked, StepResult):
             return checked
-        cached = self.store.results_for(checked.sha256, self.analyzer.key)
-        missing = [m for m in self.models if m not in cached]
+        results = self.store.results_for(checked.sha256, self.analyzer.key)
+        missing = [m for m in self.models if m not in results]
         if missing:
-            await self._ask(job, checked, missing)
+            saved = await self._ask(job, checked, missing)
+            if all(m in saved for m in missing):  # every result came to this job and is stored as it is here
+                results |= saved
+            else:  # some were answered for another copy (or not at all): the store has the whole answer
+                results = self.store.results_for(checked.sha256, self.analyzer.key)
         else:
             log.info(
                 "analyze.cached", path=job.file.path, models=self.models, next="writing the sidecar from stored results"
             )
-        results = self.store.results_for(checked.sha256, self.analyzer.key)
         still = [m for m in self.models if m not in results]
         if still and not self.analyzer.final_errors:
             detail = "; ".join(e["message"] or "" for e in job.data.get("errors", [])[-3:]) or "no answer"
@@ -176,20 +179,22 @@ class AnalyzePipeline:
         errors = [*job.data.get("errors", []), {"model": None, "message": error}]
         await self._write(job, sha256, results, errors)
 
-    async def _ask(self, job: Job, checked: Checked, missing: list[str]) -> None:
-        """Ask the backend for ``missing`` models (through the gate when paid); results are saved as they come."""
+    async def _ask(self, job: Job, checked: Checked, missing: list[str]) -> dict[str, StoredResult]:
+        """Ask the backend for ``missing`` models (through the gate when paid); results are saved as they come,
+        and returned as saved (by requested model)."""
         sha256, path = checked.sha256, job.file.path
         ops = {m: Operation(sha256, self.analyzer.key, f"analyze:{m}", on_doubt="reask") for m in missing}
         taken = None
         if self.paid is not None:
             taken = self.paid.take(job, list(ops.values()), checked.seconds)
             if not taken.send:
-                return  # every model was answered for another copy meanwhile
+                return {}  # every model was answered for another copy meanwhile
             missing = [m for m in missing if ops[m] in taken.send]
         url = self.audio_url(job.file)
         via = {} if url is None else {"audio_url": without_query(url)}
         log.info("analyze.started", path=path, models=missing, **via)
         answered: dict[Operation, str | None] = {}
+        saved: dict[str, StoredResult] = {}
 
         def save(answer: ModelAnswer) -> None:
             stored = StoredResult(
@@ -197,6 +202,7 @@ class AnalyzePipeline:
             )
             op = ops.get(answer.requested) if taken is not None else None
             self.store.save_result(sha256, self.analyzer.key, stored, op)  # marks the operation answered too
+            saved[answer.requested] = stored
             if op is not None:
                 answered[op] = None
             log.debug("analyze.model_done", path=path, model=answer.model_name)  # analyze.done tells the file's end
@@ -224,6 +230,7 @@ class AnalyzePipeline:
         errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
         if errors:  # written with the step's release, in its one transaction
             job.data["errors"] = [*job.data.get("errors", []), *errors][-20:]
+        return saved
 
     async def _write(
         self, job: Job, sha256: str, results: Mapping[str, StoredResult], errors: Sequence[Mapping[str, Any]]

@@ -56,10 +56,10 @@ def _look(job: Job, sha256: str | None) -> StepResult | Checked:
         if version.size <= SMALL:
             digest, content = read_settled(version.path, settled, hashed=sha256 is None)
             assert content is not None
-            audio_format(content)
+            container = audio_format(content)
             header = io.BytesIO(content)
             header.name = version.path  # mutagen guesses some formats from the name
-            info = audio_info(version.path, fileobj=header)
+            info = audio_info(version.path, fileobj=header, container=container)
             return Checked(sha256 or digest, info.duration, info.channels, content)
         check_audio(version.path)
         if sha256 is None:

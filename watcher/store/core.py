@@ -74,6 +74,12 @@ class StoreBase:
                 raise
             self._db.execute("COMMIT")
 
+    def _write(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement as its own transaction: SQLite takes the write lock as a writing statement starts (waiting
+        for it as ``BEGIN IMMEDIATE`` does) and commits when it ends, with no BEGIN and COMMIT round trips."""
+        with self._lock:
+            return self._db.execute(sql, args)
+
     def _migrate(self) -> None:
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -142,13 +148,16 @@ class StoreBase:
     ) -> tuple[int, bool]:
         """One version in an open transaction (see :meth:`register_version`)."""
         folder, path, rel_path, size, mtime_ns, inode = v.folder, v.path, v.rel_path, v.size, v.mtime_ns, v.inode
-        row = db.execute(
-            "SELECT id FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
-            (to_db(path), size, mtime_ns, inode),
-        ).fetchone()
-        if row is not None:
-            return int(row["id"]), False
-        old = [r["id"] for r in db.execute("SELECT id FROM files WHERE path=? AND current=1", (to_db(path),))]
+        # this exact version (known: nothing to do) and the path's current one (to replace), in one read
+        rows = db.execute(
+            "SELECT id, current, size=? AND mtime_ns=? AND inode=? AS same FROM files "
+            "WHERE path=? AND (current=1 OR (size=? AND mtime_ns=? AND inode=?))",
+            (size, mtime_ns, inode, to_db(path), size, mtime_ns, inode),
+        ).fetchall()
+        for r in rows:
+            if r["same"]:
+                return int(r["id"]), False
+        old = [r["id"] for r in rows if r["current"]]
         for file_id in old:
             db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
             db.execute(
@@ -172,8 +181,7 @@ class StoreBase:
         return file_id, True
 
     def set_sha256(self, file_id: int, sha256: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE files SET sha256=? WHERE id=?", (sha256, file_id))
+        self._write("UPDATE files SET sha256=? WHERE id=?", (sha256, file_id))
 
     def current_version(self, path: str) -> FileVersion | None:
         with self._lock:
@@ -234,12 +242,11 @@ class StoreBase:
         if step is not None:
             job.step = step
         job.data.update(data)
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET step=?, data=?, updated_at=? WHERE id=?" + _FENCE,
-                (job.step, json.dumps(job.data), time.time(), job.id, job.owner, *_DEAD),
-            )
-            _fenced(cur, job)
+        cur = self._write(
+            "UPDATE jobs SET step=?, data=?, updated_at=? WHERE id=?" + _FENCE,
+            (job.step, json.dumps(job.data), time.time(), job.id, job.owner, *_DEAD),
+        )
+        _fenced(cur, job)
 
     def release(
         self,
@@ -255,25 +262,24 @@ class StoreBase:
         """Give a job back: ended (a final ``state``), held (``in_doubt``), or pending until ``next_attempt_at``."""
         job.given_back(state, step, count_attempt=count_attempt)
         now = time.time()
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, step=?, data=?, attempts=?, next_attempt_at=?, last_error=?, error_code=?, "
-                "lease_owner=NULL, lease_until=NULL, updated_at=? WHERE id=?" + _FENCE,
-                (
-                    job.state,
-                    job.step,
-                    json.dumps(job.data),
-                    job.attempts,
-                    next_attempt_at if next_attempt_at is not None else now,
-                    text(error),
-                    error_code,
-                    now,
-                    job.id,
-                    job.owner,
-                    *_DEAD,
-                ),
-            )
-            _fenced(cur, job)
+        cur = self._write(
+            "UPDATE jobs SET state=?, step=?, data=?, attempts=?, next_attempt_at=?, last_error=?, error_code=?, "
+            "lease_owner=NULL, lease_until=NULL, updated_at=? WHERE id=?" + _FENCE,
+            (
+                job.state,
+                job.step,
+                json.dumps(job.data),
+                job.attempts,
+                next_attempt_at if next_attempt_at is not None else now,
+                text(error),
+                error_code,
+                now,
+                job.id,
+                job.owner,
+                *_DEAD,
+            ),
+        )
+        _fenced(cur, job)
         job.owner = None
 
     def is_live(self, job: Job) -> bool:

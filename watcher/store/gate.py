@@ -52,6 +52,17 @@ def _key(op: Operation) -> tuple[str, str, str, str]:
     return (op.sha256, op.service, op.name, op.params)
 
 
+def _rows_by_key(db: Any, ops: Sequence[Operation]) -> dict[tuple[str, str, str, str], Any]:
+    """The rows of ``ops`` already taken once, read in one statement (one primary-key search each), by key."""
+    if not ops:
+        return {}
+    rows = db.execute(
+        "SELECT * FROM operations WHERE " + " OR ".join([f"({_KEY})"] * len(ops)),
+        [v for op in ops for v in _key(op)],
+    ).fetchall()
+    return {(r["sha256"], r["service"], r["operation"], r["params"]): r for r in rows}
+
+
 class GateMixin(_Base):
     """The paid-operation gate and the spend ledger (see the module docstring for the states)."""
 
@@ -77,8 +88,9 @@ class GateMixin(_Base):
         tickets: dict[int, Ticket] = {}
         takeable: list[tuple[int, Operation, bool]] = []
         with self._tx() as db:
+            rows = _rows_by_key(db, ops)
             for i, op in enumerate(ops):
-                ticket, state = self._verdict(db, op, now, resend_in_doubt)
+                ticket, state = self._verdict(db, op, rows.get(_key(op)), now, resend_in_doubt)
                 if ticket is None:
                     takeable.append((i, op, state in ("reask", "in_doubt")))
                 else:
@@ -87,9 +99,11 @@ class GateMixin(_Base):
                 tickets.update(self._charge(db, takeable, owner, budget, seconds, cap_seconds, lease, now))
         return [tickets[i] for i in range(len(ops))]
 
-    def _verdict(self, db: Any, op: Operation, now: float, resend_in_doubt: bool) -> tuple[Ticket | None, str | None]:
-        """Why ``op`` may not be sent by this taker (a Ticket), or None when it may take it; and its state."""
-        row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
+    def _verdict(
+        self, db: Any, op: Operation, row: Any, now: float, resend_in_doubt: bool
+    ) -> tuple[Ticket | None, str | None]:
+        """Why ``op`` (its ``row``, None when never taken) may not be sent by this taker (a Ticket), or None when
+        it may take it; and its state."""
         state = None if row is None else row["state"]
         if state == "sending" and (row["lease_until"] or 0) < now:
             state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
@@ -114,21 +128,41 @@ class GateMixin(_Base):
         lease: float,
         now: float,
     ) -> dict[int, Ticket]:
-        """Check the day's cap and, within it, write the ledger line and take every takeable operation."""
+        """Check the day's cap and, within it, write the ledger line and take every takeable operation.
+
+        Without a cap the day's spend row is made and charged by one statement; with one it is read first."""
         day = utc_day(now)
-        db.execute("INSERT OR IGNORE INTO spend (day, service) VALUES (?, ?)", (day, budget))
-        spent = db.execute("SELECT * FROM spend WHERE day=? AND service=?", (day, budget)).fetchone()
-        if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
-            first = spent["capped_at"] is None
-            if first:
-                db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
-            until = next_utc_midnight(now)
-            return {
-                i: Ticket(
-                    "capped", op, until=until, first_cap=first, spent_seconds=spent["seconds"], cap_seconds=cap_seconds
-                )
-                for i, op, _ in takeable
-            }
+        if cap_seconds is None:
+            db.execute(
+                "INSERT INTO spend (day, service, seconds, calls) VALUES (?, ?, ?, 1) ON CONFLICT (day, service) "
+                "DO UPDATE SET seconds=seconds+excluded.seconds, calls=calls+1",
+                (day, budget, seconds),
+            )
+        else:
+            spent = db.execute(
+                "INSERT INTO spend (day, service) VALUES (?, ?) ON CONFLICT (day, service) DO UPDATE SET day=day "
+                "RETURNING seconds, capped_at",
+                (day, budget),
+            ).fetchone()
+            if spent["seconds"] + seconds > cap_seconds:
+                first = spent["capped_at"] is None
+                if first:
+                    db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
+                until = next_utc_midnight(now)
+                return {
+                    i: Ticket(
+                        "capped",
+                        op,
+                        until=until,
+                        first_cap=first,
+                        spent_seconds=spent["seconds"],
+                        cap_seconds=cap_seconds,
+                    )
+                    for i, op, _ in takeable
+                }
+            db.execute(
+                "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
+            )
         names = ",".join(op.name for _, op, _ in takeable)
         models = sum(op.name.startswith("analyze:") for _, op, _ in takeable)
         cur = db.execute(
@@ -137,19 +171,15 @@ class GateMixin(_Base):
             (now, day, budget, names, takeable[0][1].sha256, seconds, models),
         )
         request = int(cur.lastrowid or 0)
+        rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?)"] * len(takeable))
         db.execute(
-            "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
+            "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
+            f"lease_until, sends, created_at, updated_at) VALUES {rows} "
+            "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='sending', "
+            "holder=excluded.holder, lease_until=excluded.lease_until, sends=sends+1, error=NULL, "
+            "since=NULL, updated_at=excluded.updated_at",
+            [v for _, op, _ in takeable for v in (*_key(op), op.on_doubt, owner, now + lease, now, now)],
         )
-        for _, op, _ in takeable:
-            db.execute(
-                "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
-                "lease_until, sends, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?) "
-                "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='sending', "
-                "holder=excluded.holder, lease_until=excluded.lease_until, sends=sends+1, error=NULL, "
-                "since=NULL, updated_at=excluded.updated_at",
-                (*_key(op), op.on_doubt, owner, now + lease, now, now),
-            )
         return {i: Ticket("send", op, resend=resend, request=request) for i, op, resend in takeable}
 
     def _set_state(self, db: Any, op: Operation, state: str, now: float, *, error: str | None = None) -> None:
@@ -178,12 +208,13 @@ class GateMixin(_Base):
 
     def ledger_outcome(self, request: int, outcome: str) -> None:
         """Record how a request ended (answered, not_sent, in_doubt, partial); a request not sent is not spent."""
+        changed = "UPDATE ledger SET outcome=? WHERE id=? AND outcome<>? RETURNING seconds, day, service"
+        if outcome != "not_sent":  # nothing else to change: one statement is the transaction
+            self._write(changed, (outcome, request, outcome)).fetchall()
+            return
         with self._tx() as db:
-            row = db.execute("SELECT * FROM ledger WHERE id=?", (request,)).fetchone()
-            if row is None or row["outcome"] == outcome:
-                return
-            db.execute("UPDATE ledger SET outcome=? WHERE id=?", (outcome, request))
-            if outcome == "not_sent" and row["outcome"] != "not_sent":
+            row = db.execute(changed, (outcome, request, outcome)).fetchone()
+            if row is not None:  # it was spent before: the update changed it
                 db.execute(
                     "UPDATE spend SET seconds=MAX(0, seconds-?), calls=MAX(0, calls-1) WHERE day=? AND service=?",
                     (row["seconds"], row["day"], row["service"]),

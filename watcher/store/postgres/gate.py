@@ -21,6 +21,20 @@ else:
     _Base = object
 
 
+# Operation keys in the order Python sorts them (code points: the "C" collation), the order rows are locked in.
+_IN_KEY_ORDER = ", ".join(f'{c} COLLATE "C"' for c in ("sha256", "service", "operation", "params"))
+
+
+def _any_key(count: int) -> str:
+    """A condition matching any of ``count`` operation keys (one primary-key search each)."""
+    return " OR ".join([f"({KEY_WHERE})"] * count)
+
+
+def op_key_of(row: Any) -> tuple[str, str, str, str]:
+    """An operations row's key, as :func:`op_key` gives an Operation's."""
+    return (row["sha256"], row["service"], row["operation"], row["params"])
+
+
 class PgGateMixin(_Base):
     """The gate (same states as watcher.store.gate)."""
 
@@ -40,6 +54,8 @@ class PgGateMixin(_Base):
     ) -> list[Ticket]:
         """Decide for each operation of one request whether this caller may send it, taking those it may, in one
         transaction: operation rows locked by primary key, the day's spend row locked for the cap check."""
+        if not ops:
+            return []
         at = self._db_time(now)
         local_now = self._clock() if now is None else now
         lease = min(lease, self.lease)
@@ -47,14 +63,22 @@ class PgGateMixin(_Base):
         def go(db: psycopg.Connection[Any]) -> list[Ticket]:
             tickets: dict[int, Ticket] = {}
             takeable: list[tuple[int, Operation, bool]] = []
-            for op in sorted(ops, key=op_key):  # a fixed lock order: no deadlock between two takers
-                db.execute(
-                    "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, created_at, "
-                    "updated_at) VALUES (%s, %s, %s, %s, %s, 'open', %s, %s) ON CONFLICT DO NOTHING",
-                    (*op_key(op), op.on_doubt, at, at),
-                )
+            keys = sorted({op_key(op): op for op in ops}.items())  # a fixed lock order: no deadlock between takers
+            db.execute(
+                "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, created_at, updated_at) "
+                f"VALUES {','.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(keys))} ON CONFLICT DO NOTHING",
+                [v for key, op in keys for v in (*key, op.on_doubt, "open", at, at)],
+            )
+            rows = {
+                op_key_of(r): r
+                for r in db.execute(
+                    f"SELECT * FROM operations WHERE {_any_key(len(keys))} "
+                    f"ORDER BY {_IN_KEY_ORDER} FOR UPDATE",  # locked in the same order as inserted
+                    [v for key, _ in keys for v in key],
+                ).fetchall()
+            }
             for i, op in enumerate(ops):
-                row = got(db.execute(f"SELECT * FROM operations WHERE {KEY_WHERE} FOR UPDATE", op_key(op)).fetchone())
+                row = rows[op_key(op)]
                 state = row["state"]
                 if state == "sending" and (row["lease_until"] or 0) < at:
                     state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
@@ -68,52 +92,72 @@ class PgGateMixin(_Base):
                 else:
                     takeable.append((i, op, state in ("reask", "in_doubt")))
             if takeable:
-                day = utc_day(at)
-                db.execute("INSERT INTO spend (day, service) VALUES (%s, %s) ON CONFLICT DO NOTHING", (day, budget))
-                spent = got(
-                    db.execute("SELECT * FROM spend WHERE day=%s AND service=%s FOR UPDATE", (day, budget)).fetchone()
+                tickets.update(charge(db, takeable))
+            return [tickets[i] for i in range(len(ops))]
+
+        def charge(db: psycopg.Connection[Any], takeable: list[tuple[int, Operation, bool]]) -> dict[int, Ticket]:
+            """The day's cap checked (its spend row locked) and, within it, the ledger line and every take."""
+            day = utc_day(at)
+            if cap_seconds is None:  # the day's row made and charged by one statement
+                db.execute(
+                    "INSERT INTO spend (day, service, seconds, calls) VALUES (%s, %s, %s, 1) "
+                    "ON CONFLICT (day, service) DO UPDATE SET seconds=spend.seconds+excluded.seconds, "
+                    "calls=spend.calls+1",
+                    (day, budget, seconds),
                 )
-                if cap_seconds is not None and spent["seconds"] + seconds > cap_seconds:
+            else:
+                spent = got(
+                    db.execute(
+                        "INSERT INTO spend (day, service) VALUES (%s, %s) ON CONFLICT (day, service) "
+                        "DO UPDATE SET day=excluded.day RETURNING seconds, capped_at",
+                        (day, budget),
+                    ).fetchone()
+                )
+                if spent["seconds"] + seconds > cap_seconds:
                     first = spent["capped_at"] is None
                     if first:
                         db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
-                    for i, op, _ in takeable:
-                        tickets[i] = Ticket(
+                    until = self._local_time(next_utc_midnight(at))
+                    return {
+                        i: Ticket(
                             "capped",
                             op,
-                            until=self._local_time(next_utc_midnight(at)),
+                            until=until,
                             first_cap=first,
                             spent_seconds=spent["seconds"],
                             cap_seconds=cap_seconds,
                         )
-                else:
-                    request = got(
-                        db.execute(
-                            "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
-                            "VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending') RETURNING id",
-                            (
-                                at,
-                                day,
-                                budget,
-                                ",".join(op.name for _, op, _ in takeable),
-                                takeable[0][1].sha256,
-                                seconds,
-                                sum(op.name.startswith("analyze:") for _, op, _ in takeable),
-                            ),
-                        ).fetchone()
-                    )["id"]
-                    db.execute(
-                        "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
-                        (seconds, day, budget),
-                    )
-                    for i, op, resend in takeable:
-                        db.execute(
-                            "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, "
-                            f"sends=sends+1, error=NULL, since=NULL, updated_at=%s WHERE {KEY_WHERE}",
-                            (op.on_doubt, owner, at + lease, at, *op_key(op)),
-                        )
-                        tickets[i] = Ticket("send", op, resend=resend, request=int(request))
-            return [tickets[i] for i in range(len(ops))]
+                        for i, op, _ in takeable
+                    }
+                db.execute(
+                    "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
+                    (seconds, day, budget),
+                )
+            request = got(
+                db.execute(
+                    "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending') RETURNING id",
+                    (
+                        at,
+                        day,
+                        budget,
+                        ",".join(op.name for _, op, _ in takeable),
+                        takeable[0][1].sha256,
+                        seconds,
+                        sum(op.name.startswith("analyze:") for _, op, _ in takeable),
+                    ),
+                ).fetchone()
+            )["id"]
+            by_doubt: dict[str, set[tuple[str, str, str, str]]] = {}
+            for _, op, _ in takeable:
+                by_doubt.setdefault(op.on_doubt, set()).add(op_key(op))
+            for on_doubt, keys in by_doubt.items():  # one statement (one policy for every model, as a rule)
+                db.execute(
+                    "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, sends=sends+1, "
+                    f"error=NULL, since=NULL, updated_at=%s WHERE {_any_key(len(keys))}",
+                    [on_doubt, owner, at + lease, at, *(v for key in sorted(keys) for v in key)],
+                )
+            return {i: Ticket("send", op, resend=resend, request=int(request)) for i, op, resend in takeable}
 
         return self._run(go)  # type: ignore[no-any-return]
 
@@ -178,11 +222,11 @@ class PgGateMixin(_Base):
         """Record how a request ended; a request not sent is not spent."""
 
         def go(db: psycopg.Connection[Any]) -> None:
-            row = db.execute("SELECT * FROM ledger WHERE id=%s FOR UPDATE", (request,)).fetchone()
-            if row is None or row["outcome"] == outcome:
-                return
-            db.execute("UPDATE ledger SET outcome=%s WHERE id=%s", (outcome, request))
-            if outcome == "not_sent":
+            row = db.execute(
+                "UPDATE ledger SET outcome=%s WHERE id=%s AND outcome<>%s RETURNING seconds, day, service",
+                (outcome, request, outcome),
+            ).fetchone()
+            if row is not None and outcome == "not_sent":  # it was not "not_sent" before: the update changed it
                 db.execute(
                     "UPDATE spend SET seconds=GREATEST(0, seconds-%s), calls=GREATEST(0, calls-1) "
                     "WHERE day=%s AND service=%s",
