@@ -656,6 +656,16 @@ class _FussyFilter(PathFilter):
             raise ValueError("cannot match this name")
         return super().wants_file(rel)
 
+    def file_matcher(self, folder: str) -> Callable[[str], object]:
+        match = super().file_matcher(folder)
+
+        def fussy(name: str) -> object:
+            if "fussy" in name:
+                raise ValueError("cannot match this name")
+            return match(name)
+
+        return fussy
+
 
 def test_a_failing_filter_stays_with_its_file(tmp_path):
     """The filter raising on one name, at a scan and on an event hint: that name is logged, the rest is work."""
