@@ -222,3 +222,41 @@ def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path):
     assert sorted(os.path.relpath(p, inbox) for p in changed) == sorted(
         ["a/same.wav", "a/resized.wav", "a/touched.wav", "a/replaced.wav", "a/new.wav", os.path.relpath(os.fsdecode(odd), inbox)]
     )
+
+
+def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
+    """`Detector.run` asks the store about each folder while the observers start, once, and its first scan
+    compares with that answer: only the file not recorded as it is gets hinted; a missing folder costs nothing."""
+    inbox, missing = tmp_path / "in", tmp_path / "not-there"
+    paths = build(inbox, 3)
+    new = inbox / "d00" / "new.wav"
+    new.write_bytes(b"RIFF")
+
+    class Sink:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def known(self, path: str, sig: object) -> bool:
+            return False
+
+        def ready(self, *args: object) -> None:
+            return None
+
+        def ready_many(self, files: object) -> None:
+            return None
+
+        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+            self.asked.append(folder)
+            return {str(p): (st.st_size, st.st_mtime_ns, st.st_ino) for p in paths if (st := p.stat())}
+
+    sink = Sink()
+    detector = Detector([FolderConfig(path=inbox), FolderConfig(path=missing)], sink)
+
+    async def first_scan() -> None:
+        stop = asyncio.Event()
+        await detector.run(stop, on_first_scan=stop.set)
+
+    asyncio.run(first_scan())
+    assert sink.asked.count(str(inbox)) == 1
+    assert set(sink.asked) <= {str(inbox), str(missing)}
+    assert [p for p, *_ in detector._hints] == [str(new)]
