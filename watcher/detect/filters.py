@@ -124,7 +124,9 @@ class PathFilter:
             return _nothing
         wanted_name = self._wanted_name.fullmatch
         # an own folder's name in this folder ("out" beside the files): a file with that name is excluded
-        own = frozenset(d[len(base) :] for d in self._excluded_dir_texts if d.startswith(base) and "/" not in d[len(base) :])
+        own = frozenset(
+            d[len(base) :] for d in self._excluded_dir_texts if d.startswith(base) and "/" not in d[len(base) :]
+        )
         if not own and not self._any_exc_path and self._inc_path.pattern == NEVER:
             return wanted_name  # a match or None
         exc_path = self._exc_path.fullmatch if self._any_exc_path else None
