@@ -224,8 +224,8 @@ def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path):
 
 
 def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
-    """`Detector.run` asks the store about each folder while the observers start, once, and its first scan
-    compares with that answer: only the file not recorded as it is gets hinted; a missing folder costs nothing."""
+    """`Detector.run` asks the store about the first folder while the observers start, and its first scan
+    compares with that answer: the folder is asked once, and only the file not recorded as it is gets hinted."""
     inbox, missing = tmp_path / "in", tmp_path / "not-there"
     paths = build(inbox, 3)
     new = inbox / "d00" / "new.wav"

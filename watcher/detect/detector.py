@@ -171,10 +171,10 @@ class Detector:
         root: str | None = None,
         start: str | None = None,
         *,
-        asked: Mapping[str, asyncio.Future[Recorded]] | None = None,
+        asked: dict[str, asyncio.Future[Recorded]] | None = None,
     ) -> int:
         """Hint every wanted file under a folder (or all folders); returns how many were hinted. ``asked``: the
-        store's answers for whole folders, already on their way (see :meth:`run`)."""
+        store's answers for whole folders, already on their way (see :meth:`run`); each is taken out when used."""
         states = [self.folders[root]] if root else list(self.folders.values())
         count = 0
         for state in states:
@@ -185,7 +185,7 @@ class Detector:
             if start not in (None, folder):
                 recorded: Recorded = {}
             elif asked is not None and folder in asked:
-                recorded = await asked[folder]
+                recorded = await asked.pop(folder)
             else:
                 recorded = await self._recorded(folder)
             try:
@@ -311,15 +311,18 @@ class Detector:
         self._loop = asyncio.get_running_loop()
         waker = asyncio.create_task(self._wake_on(stop))
         try:
-            # the store's answers do not depend on the watches: asked while the observers start (in other threads)
-            asked = {root: asyncio.ensure_future(self._recorded(root)) for root in self.folders}
+            # the store's answer does not depend on the watches: asked while the observers start (in another
+            # thread); for the first folder only, so one query at a time uses the pool and one answer the memory
+            asked: dict[str, asyncio.Future[Recorded]] = {
+                root: asyncio.ensure_future(self._recorded(root)) for root in list(self.folders)[:1]
+            }
             try:
                 for root in self.folders:
                     await self.watches.ensure(root)
                 await self.scan(asked=asked)
             finally:
                 for answer in asked.values():
-                    answer.cancel()  # a folder that was not there: its answer is not needed
+                    answer.cancel()  # the folder was not there: its answer is not needed
             now = self._clock()
             for state in self.folders.values():
                 state.next_rescan = now + state.config.rescan_interval * random.uniform(0.9, 1.1)
