@@ -5,7 +5,10 @@ the daemon from spawn to READY=1 (its systemd readiness, sent once the first sca
 last CPU tick before it stays quiet), beside one `find DIR -printf '%s %T@ %i\n'` over the same tree. Also the
 fixed start: spawn to READY on an empty folder (a restart: the store exists), beside `python -c pass`.
 
-    python bench/restart.py [--files 10000] [--runs 3] [--tree PATH-OF-ANOTHER-CHECKOUT] [--web]
+    python bench/restart.py [--files 10000] [--runs 3] [--tree PATH-OF-ANOTHER-CHECKOUT] [--web] [--poll]
+
+``--poll`` watches the folders by polling (as a share is watched): the poller's first snapshot then walks the
+tree beside the first scan, and idle comes after both.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tree", type=Path, default=_proc.HERE, help="the checkout whose watcher is measured")
     parser.add_argument("--web", action="store_true", help="with the web page on (its default)")
+    parser.add_argument("--poll", action="store_true", help="watch the folders by polling, as a share is watched")
     args = parser.parse_args()
     tree = args.tree.resolve()
     _proc.use_tree(tree)
@@ -38,7 +42,7 @@ def main() -> None:
         fixed, fixed_cpu = [], []
         empty = root / "empty"
         empty.mkdir()
-        env = _proc.env_for(tree, root / "state-empty", empty, web=args.web)
+        env = _proc.env_for(tree, root / "state-empty", empty, web=args.web, poll=args.poll)
         for run in range(args.runs + 1):  # the first run creates the store and marks the folder: not counted
             with _proc.running(tree, empty, env, root) as daemon:
                 ready = daemon.wait_ready()
@@ -47,7 +51,7 @@ def main() -> None:
                     fixed_cpu.append(daemon.cpu())
                 daemon.stop()
         ready, idle, finds, cpu, find_cpu = [], [], [], [], []
-        env = _proc.env_for(tree, root / "state-full", full, web=args.web)
+        env = _proc.env_for(tree, root / "state-full", full, web=args.web, poll=args.poll)
         for run in range(args.runs + 1):  # the first run marks the folder: not counted
             wall, used = _proc.find_pass(full)
             with _proc.running(tree, full, env, root) as daemon:
@@ -60,7 +64,8 @@ def main() -> None:
                     cpu.append(daemon.cpu())
                 daemon.stop()
     ms = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms"  # noqa: E731
-    print(f"watcher from {tree}, web page {'on' if args.web else 'off'}, median of {args.runs} runs")
+    mode = "polled" if args.poll else "native events"
+    print(f"watcher from {tree}, web page {'on' if args.web else 'off'}, {mode}, median of {args.runs} runs")
     print(f"fixed start (empty folder): spawn -> READY {ms(fixed)}   | python -c pass: {ms(spawn)}")
     print(f"  CPU used by then: watcher {ms(fixed_cpu)}")
     print(

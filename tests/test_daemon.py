@@ -215,3 +215,15 @@ def test_unmounted_folder_is_retried_not_gone(tmp_path):
                 asyncio.run(pipeline.run(job))
     finally:
         store.close()
+
+
+def test_start_up_objects_are_kept_out_of_the_collector_while_the_daemon_runs(tmp_path, inbox, emulator, run_daemon):
+    """Once started, what start-up built is frozen (the collector's passes skip it: the first scan does not pay
+    for a full pass over it); when the daemon stops it is handed back, so its cycles can be collected."""
+    import gc
+
+    gc.unfreeze()
+    d = run_daemon(make_settings(tmp_path, inbox, emulator.url))
+    wait_for(lambda: gc.get_freeze_count() > 0, what="start-up objects frozen")
+    assert d.stop() == 0
+    assert gc.get_freeze_count() == 0

@@ -19,6 +19,7 @@ from watcher.audiofile import Signature
 from watcher.config import FolderConfig
 from watcher.detect.detector import Detector, Settled
 from watcher.detect.filters import PathFilter
+from watcher.detect.poll import DirPoller
 from watcher.detect.settle import CLOSE_CONFIRM_SECONDS, Settler, Verdict
 from watcher.names import display
 
@@ -656,6 +657,16 @@ class _FussyFilter(PathFilter):
             raise ValueError("cannot match this name")
         return super().wants_file(rel)
 
+    def file_matcher(self, folder: str) -> Callable[[str], object]:
+        match = super().file_matcher(folder)
+
+        def fussy(name: str) -> object:
+            if "fussy" in name:
+                raise ValueError("cannot match this name")
+            return match(name)
+
+        return fussy
+
 
 def test_a_failing_filter_stays_with_its_file(tmp_path):
     """The filter raising on one name, at a scan and on an event hint: that name is logged, the rest is work."""
@@ -858,3 +869,41 @@ def test_a_hinted_path_is_placed_in_its_folder_as_os_path_would(path, root):
     normal = _absolute(path)
     assert normal == os.path.abspath(path)
     assert _inside(normal, root) == os.path.relpath(normal, root)
+
+
+def test_the_observer_is_not_woken_by_listing_or_reading_the_folder(tmp_path):
+    """Only the events the handler acts on are asked of the kernel: a scan listing the folders and a job reading a
+    file send nothing through the observer, while a new file still does."""
+    import sys
+
+    from watchdog.events import FileSystemEventHandler
+
+    from watcher.detect.watch import start_watch
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("inotify's event mask is what is checked")
+    inbox = tmp_path / "in"
+    write_tone(inbox / "sub" / "old.wav", 0.05)
+    hints: list[tuple[str, bool, bool]] = []
+    fw = start_watch(str(inbox), recursive=True, polling=False, poll_interval=1.0, hint=lambda *h: hints.append(h),
+                     reason="test")  # fmt: skip
+    seen: list[str] = []
+
+    class Recorder(FileSystemEventHandler):
+        def on_any_event(self, event: object) -> None:
+            seen.append(type(event).__name__)
+
+    try:
+        observer = fw.observer
+        assert not isinstance(observer, DirPoller)
+        observer.add_handler_for_watch(Recorder(), next(iter(observer.emitters)).watch)
+        for folder in (inbox, inbox / "sub"):
+            with os.scandir(folder) as it:
+                list(it)
+        (inbox / "sub" / "old.wav").read_bytes()
+        (inbox / "new.wav").write_bytes(b"RIFF")
+        wait_for(lambda: "FileClosedEvent" in seen, what="the new file's events")
+    finally:
+        fw.stop()
+    assert not {"FileOpenedEvent", "FileClosedNoWriteEvent", "DirModifiedEvent"} & set(seen), seen
+    assert {h[0] for h in hints} == {str(inbox / "new.wav")}

@@ -137,3 +137,125 @@ def test_the_filters_fast_path_agrees_with_pathlib(include, exclude, own_dirs):
             for rel in (joined, joined + "/", "./" + joined, "albums/" + joined, "keep/" + joined):
                 assert fast.wants_file(rel) == slow.wants_file(rel), rel
                 assert fast.wants_dir(rel) == slow.wants_dir(rel), rel
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "own_dirs"),
+    [
+        (AUDIO_PATTERNS, (), ()),
+        (AUDIO_PATTERNS, ("keep/*.wav", "*.mp3"), ("out", "done/sub", "a/out")),
+        (("*.wav", "albums/*/*.wav"), ("b*",), (".",)),
+        (("*.wav", "*/x.*"), ("@eaDir", ".hidden"), ("sub",)),
+    ],
+)
+def test_the_per_folder_matcher_agrees_with_wants_file(include, exclude, own_dirs):
+    """What a walk asks once per folder judges every name as :meth:`PathFilter.wants_file` judges the whole
+    relative path: odd, hidden, excluded and not UTF-8 names, in plain, excluded, own and odd folders."""
+    undecodable = os.fsdecode(b"caf\xe9.wav")  # a Latin-1 name: not UTF-8, carried as surrogate escapes
+    names = ["b.wav", "x.WAV", "a", "out", "sub", "done", "@eaDir", ".DS_Store", "c.part", ".t.wav.Ab12Cd",
+             ".hidden", ".hidden.wav", "b", "notes.txt", "x.mp3", undecodable, "~$x.wav", "._b.wav"]  # fmt: skip
+    folders = ["", "a", "a/b", "out", "out/x", "done", "done/sub", "done/sub/deep", "keep", "albums", "albums/one",
+               "@eaDir", "a/@eaDir", ".hidden", "a/.hidden", ".trash", "sub", "a/out", "b", "bx", undecodable,
+               "./a", "a/", "a//b", "."]  # fmt: skip
+    path_filter = PathFilter(include, exclude, own_dirs)
+    for folder in folders:
+        match = path_filter.file_matcher(folder)
+        for name in names:
+            rel = f"{folder}/{name}" if folder else name
+            assert bool(match(name)) == path_filter.wants_file(rel), (folder, name)
+
+
+def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path):
+    """The start-up walk over recorded files: new files (one in a hidden folder, one not UTF-8 named) and those
+    whose size, mtime or inode changed are hinted; files as recorded, excluded folders (``@eaDir``, a hidden one
+    the user excluded, own output) and non-audio files are not; a link to outside the folder is refused."""
+    from watcher.detect.scan import changed_files
+
+    inbox = tmp_path / "in"
+    files = {
+        "same.wav": b"RIFF",
+        "a/same.wav": b"RIFF",
+        "a/resized.wav": b"RIFF",
+        "a/touched.wav": b"RIFF",
+        "a/replaced.wav": b"RIFF",
+        "a/new.wav": b"RIFF",
+        "@eaDir/thumb.wav": b"RIFF",
+        "a/@eaDir/thumb.wav": b"RIFF",
+        ".secret/x.wav": b"RIFF",
+        ".visible/x.wav": b"RIFF",
+        "out/result.wav": b"RIFF",
+        "a/notes.txt": b"text",
+    }
+    for rel, data in files.items():
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(data)
+    odd = os.fsencode(str(inbox / "a")) + b"/caf\xe9.wav"
+    with open(odd, "wb") as fh:
+        fh.write(b"RIFF")
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(b"RIFF")
+    os.symlink(outside, inbox / "a" / "link.wav")
+
+    def sig(rel: str) -> tuple[int, int, int]:
+        st = (inbox / rel).stat()
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    recorded: dict[str, tuple[int, int, int | None]] = {
+        str(inbox / rel): sig(rel) for rel in files if rel not in ("a/new.wav", ".visible/x.wav")
+    }
+    recorded[str(inbox / "a" / "same.wav")] = (*sig("a/same.wav")[:2], None)  # a store that keeps no inode
+    (inbox / "a" / "resized.wav").write_bytes(b"RIFF, longer")
+    os.utime(inbox / "a" / "touched.wav", ns=(1, 1))
+    replaced = recorded[str(inbox / "a" / "replaced.wav")]
+    recorded[str(inbox / "a" / "replaced.wav")] = (replaced[0], replaced[1], replaced[2] + 1)
+
+    path_filter = PathFilter(AUDIO_PATTERNS, (".secret",), ("out",))
+    with structlog.testing.capture_logs() as logs:
+        changed, seen = changed_files(str(inbox), path_filter, recorded)
+    expected = {"a/resized.wav", "a/touched.wav", "a/replaced.wav", "a/new.wav", ".visible/x.wav"}
+    assert sorted(changed) == sorted([str(inbox / rel) for rel in expected] + [os.fsdecode(odd)])
+    assert seen == 2 + len(expected) + 1  # the two unchanged, the changed, the odd name; not the refused link
+    assert [e["event"] for e in logs] == ["scan.link_outside"]
+
+    start = str(inbox / "a")  # a sub-folder's scan (a new folder): every wanted file in it, as new
+    changed, _ = changed_files(str(inbox), path_filter, {}, start=start)
+    in_a = ["same.wav", "resized.wav", "touched.wav", "replaced.wav", "new.wav", os.path.basename(os.fsdecode(odd))]
+    assert sorted(changed) == sorted(os.path.join(start, name) for name in in_a)
+
+
+def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
+    """`Detector.run` asks the store about the first folder while the observers start, and its first scan
+    compares with that answer: the folder is asked once, and only the file not recorded as it is gets hinted."""
+    inbox, missing = tmp_path / "in", tmp_path / "not-there"
+    paths = build(inbox, 3)
+    new = inbox / "d00" / "new.wav"
+    new.write_bytes(b"RIFF")
+
+    class Sink:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def known(self, path: str, sig: object) -> bool:
+            return False
+
+        def ready(self, *args: object) -> None:
+            return None
+
+        def ready_many(self, files: object) -> None:
+            return None
+
+        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+            self.asked.append(folder)
+            return {str(p): (st.st_size, st.st_mtime_ns, st.st_ino) for p in paths if (st := p.stat())}
+
+    sink = Sink()
+    detector = Detector([FolderConfig(path=inbox), FolderConfig(path=missing)], sink)
+
+    async def first_scan() -> None:
+        stop = asyncio.Event()
+        await detector.run(stop, on_first_scan=stop.set)
+
+    asyncio.run(first_scan())
+    assert sink.asked.count(str(inbox)) == 1
+    assert set(sink.asked) <= {str(inbox), str(missing)}
+    assert [p for p, *_ in detector._hints] == [str(new)]

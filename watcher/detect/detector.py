@@ -166,8 +166,15 @@ class Detector:
 
     # -- scans ---------------------------------------------------------------------------------------------
 
-    async def scan(self, root: str | None = None, start: str | None = None) -> int:
-        """Hint every wanted file under a folder (or all folders); returns how many were hinted."""
+    async def scan(
+        self,
+        root: str | None = None,
+        start: str | None = None,
+        *,
+        asked: dict[str, asyncio.Future[Recorded]] | None = None,
+    ) -> int:
+        """Hint every wanted file under a folder (or all folders); returns how many were hinted. ``asked``: the
+        store's answers for whole folders, already on their way (see :meth:`run`); each is taken out when used."""
         states = [self.folders[root]] if root else list(self.folders.values())
         count = 0
         for state in states:
@@ -175,7 +182,12 @@ class Detector:
             if not await self._pool.isdir(folder):
                 continue
             # a whole folder is compared with the store's one answer for it; a new sub-folder is all new
-            recorded = await self._recorded(folder) if start in (None, folder) else {}
+            if start not in (None, folder):
+                recorded: Recorded = {}
+            elif asked is not None and folder in asked:
+                recorded = await asked.pop(folder)
+            else:
+                recorded = await self._recorded(folder)
             try:
                 paths, seen = await self._pool.call(functools.partial(_walk_changed, folder, state, start, recorded))
             except Exception as exc:
@@ -299,9 +311,18 @@ class Detector:
         self._loop = asyncio.get_running_loop()
         waker = asyncio.create_task(self._wake_on(stop))
         try:
-            for root in self.folders:
-                await self.watches.ensure(root)
-            await self.scan()
+            # the store's answer does not depend on the watches: asked while the observers start (in another
+            # thread); for the first folder only, so one query at a time uses the pool and one answer the memory
+            asked: dict[str, asyncio.Future[Recorded]] = {
+                root: asyncio.ensure_future(self._recorded(root)) for root in list(self.folders)[:1]
+            }
+            try:
+                for root in self.folders:
+                    await self.watches.ensure(root)
+                await self.scan(asked=asked)
+            finally:
+                for answer in asked.values():
+                    answer.cancel()  # the folder was not there: its answer is not needed
             now = self._clock()
             for state in self.folders.values():
                 state.next_rescan = now + state.config.rescan_interval * random.uniform(0.9, 1.1)

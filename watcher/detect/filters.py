@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
 
 # Temp and OS files that are never work, whatever the configuration says.
@@ -110,6 +110,40 @@ class PathFilter:
             return True
         return not self._exc_name.fullmatch(name) and bool(self._inc_path.fullmatch(rel))
 
+    def file_matcher(self, folder: str) -> Callable[[str], object]:
+        """:meth:`wants_file` for the names listed in one folder (relative to the watched one, "" for itself):
+        ``bool(file_matcher(folder)(name)) == wants_file(folder + "/" + name)`` for any name without "/" (the
+        answer is only truthy or not). What holds for the whole folder is decided once, so a walk's usual file
+        costs one regular expression."""
+        if folder and not _plain(folder):
+            return lambda name: self.wants_file(f"{folder}/{name}")
+        base = f"{folder}/" if folder else ""
+        if (folder and self._names_excluded(folder)) or any(
+            d == "." or folder == d or folder.startswith(d + "/") for d in self._excluded_dir_texts
+        ):
+            return _nothing
+        wanted_name = self._wanted_name.fullmatch
+        # an own folder's name in this folder ("out" beside the files): a file with that name is excluded
+        own = frozenset(
+            d[len(base) :] for d in self._excluded_dir_texts if d.startswith(base) and "/" not in d[len(base) :]
+        )
+        if not own and not self._any_exc_path and self._inc_path.pattern == NEVER:
+            return wanted_name  # a match or None
+        exc_path = self._exc_path.fullmatch if self._any_exc_path else None
+        exc_name, inc_path = self._exc_name.fullmatch, self._inc_path.fullmatch
+
+        def wanted(name: str) -> bool:
+            if name in own:
+                return False
+            rel = base + name
+            if exc_path is not None and exc_path(rel):
+                return False
+            if wanted_name(name):
+                return True
+            return not exc_name(name) and inc_path(rel) is not None
+
+        return wanted
+
     def _names_excluded(self, folder: str) -> bool:
         """Whether a component of ``folder`` (a plain relative path) has an excluded name; remembered."""
         found = self._dir_names_excluded.get(folder)
@@ -119,6 +153,10 @@ class PathFilter:
                 self._dir_names_excluded.clear()
             self._dir_names_excluded[folder] = found
         return found
+
+
+def _nothing(name: str) -> bool:
+    return False
 
 
 def _plain(rel: str) -> bool:

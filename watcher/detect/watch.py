@@ -74,6 +74,19 @@ def _overflow_aware_emitter() -> type | None:
 
 _EMITTER = _overflow_aware_emitter()
 
+# The events the handler acts on, and all an observer is asked for: watchdog derives the inotify mask from them,
+# so opening and reading (IN_OPEN, IN_CLOSE_NOWRITE: every folder a scan lists, every file a job reads) and
+# deletions no longer wake the observer's threads for an event the handler would drop.
+HINTED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    QueueOverflowEvent,
+]
+
 
 def native_observer() -> BaseObserver:
     """The platform's native observer; on Linux one that reports inotify queue overflows to its handlers."""
@@ -164,7 +177,7 @@ def start_watch(
         native: BaseObserver | None = None
         try:
             native = native_observer()  # inotify: creating the observer already takes an instance
-            native.schedule(_HintHandler(hint), path, recursive=recursive)
+            native.schedule(_HintHandler(hint), path, recursive=recursive, event_filter=HINTED_EVENTS)
             native.start()
             return FolderWatch(native, False, reason)
         except OSError as exc:
