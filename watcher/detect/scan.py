@@ -24,8 +24,8 @@ Recorded = Mapping[str, tuple[int, int, int | None]]
 
 def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None) -> Iterator[str]:
     """Yield the absolute paths of wanted files under ``start`` (default: ``root``); unreadable folders are logged."""
-    for entry in walk_entries(root, path_filter, recursive=recursive, start=start):
-        yield entry.path
+    for path, _ in walk_entries(root, path_filter, recursive=recursive, start=start):
+        yield path
 
 
 def changed_files(
@@ -34,14 +34,39 @@ def changed_files(
     """The wanted files under ``start`` that are not in ``recorded`` as they are now (new, changed, or not
     stat-able: the settler looks at those), and how many wanted files the walk saw.
 
-    The same walk as :func:`walk_entries`, written for a restart over many files already recorded: the filter is
-    asked once per folder (:meth:`PathFilter.file_matcher`), each folder is listed through a descriptor (a file's
-    ``stat`` then resolves its name only, not the whole path), and an unchanged file costs a ``stat``, a regular
+    Written for a restart over many files already recorded: an unchanged file costs a ``stat``, a regular
     expression and a dictionary look-up.
     """
     changed: list[str] = []
     seen = 0
     get = recorded.get
+    for path, entry in walk_entries(root, path_filter, recursive=recursive, start=start):
+        seen += 1
+        old = get(path)
+        if old is not None:
+            try:
+                st = entry.stat()  # follows a link, as the settler's stat does
+            except OSError:
+                pass
+            else:
+                size, mtime_ns, inode = old
+                if st.st_size == size and st.st_mtime_ns == mtime_ns and (inode is None or inode == st.st_ino):
+                    continue
+        changed.append(path)
+    return changed, seen
+
+
+def walk_entries(
+    root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Each wanted file under ``start`` (default: ``root``) as its absolute path and its directory entry.
+
+    The entry's ``stat()`` is valid only until the next item: each folder is listed through a descriptor (a
+    file's ``stat`` then resolves its name only, not the whole path, as ``find`` does), closed when the folder
+    is done. The filter is asked once per folder (:meth:`PathFilter.file_matcher`), so a file costs one regular
+    expression. A link that cannot be resolved is yielded anyway (its ``stat()`` raises), so the settler reports
+    it once instead of every scan passing over it in silence.
+    """
     stack = [start or root]
     while stack:
         current = stack.pop()
@@ -85,73 +110,16 @@ def changed_files(
                 except FileNotFoundError:
                     continue  # vanished since the listing
                 except OSError:
-                    # a link loop or a target that cannot be resolved: hand it over anyway, so the settler
-                    # reports it (once) instead of every scan passing over it in silence
+                    # a link loop or a target that cannot be resolved: yielded (see above)
+                    unresolved = False
                     with contextlib.suppress(Exception):
-                        if entry.is_symlink() and wanted(name):
-                            seen += 1
-                            changed.append(path)
+                        unresolved = entry.is_symlink() and bool(wanted(name))
+                    if unresolved:
+                        yield path, entry
                     continue
                 except Exception as exc:  # a filter failing on one odd name must not end the whole scan
                     log.error("scan.entry_failed", path=path, error=f"{type(exc).__name__}: {exc}", next="skipped")
                     continue
-                seen += 1
-                old = get(path)
-                if old is not None:
-                    try:
-                        st = entry.stat()  # follows a link, as the settler's stat does
-                    except OSError:
-                        pass
-                    else:
-                        size, mtime_ns, inode = old
-                        if st.st_size == size and st.st_mtime_ns == mtime_ns and (inode is None or inode == st.st_ino):
-                            continue
-                changed.append(path)
+                yield path, entry
         finally:
             os.close(fd)
-    return changed, seen
-
-
-def walk_entries(
-    root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None
-) -> Iterator[os.DirEntry[str]]:
-    """:func:`walk`, yielding each wanted file's directory entry (its ``stat()`` is cached)."""
-    stack = [start or root]
-    while stack:
-        current = stack.pop()
-        # paths relative to the folder, built by joining names: one relpath per folder, not one per file
-        base = "" if current == root else os.path.relpath(current, root) + os.sep
-        try:
-            with os.scandir(current) as it:
-                entries = list(it)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan")
-            continue
-        for entry in entries:
-            try:
-                rel = base + entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    if recursive and path_filter.wants_dir(rel):
-                        stack.append(entry.path)
-                elif entry.is_file() and path_filter.wants_file(rel):
-                    if entry.is_symlink() and not link_stays_inside(entry.path, root):
-                        log.warning(
-                            "scan.link_outside",
-                            path=entry.path,
-                            reason="a symbolic link to a file outside the watched folder",
-                            next="not processed",
-                        )
-                        continue
-                    yield entry
-            except FileNotFoundError:
-                continue  # vanished since the listing
-            except OSError:
-                # a link loop or a target that cannot be resolved: hand it over anyway, so the settler
-                # reports it (once) instead of every scan passing over it in silence
-                with contextlib.suppress(Exception):
-                    if entry.is_symlink() and path_filter.wants_file(os.path.relpath(entry.path, root)):
-                        yield entry
-            except Exception as exc:  # a filter failing on one odd name must not end the whole scan
-                log.error("scan.entry_failed", path=entry.path, error=f"{type(exc).__name__}: {exc}", next="skipped")
