@@ -229,12 +229,14 @@ class ServiceHTTP:
         if self._client is None:
             import httpx
 
+            from watcher.services.netio import asyncio_transport
+
             p = self.policy
             self._client = httpx.AsyncClient(
                 base_url=self.base_url,
                 headers=self._headers,
                 timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
-                transport=self._transport,
+                transport=self._transport or asyncio_transport(),
                 follow_redirects=False,  # redirects are followed by hand, each target checked
                 event_hooks={"request": [self._on_request], "response": [self._on_response]},
             )

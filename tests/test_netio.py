@@ -1,0 +1,307 @@
+"""The asyncio network backend under httpx: it is the one in use, and it times out, fails, cancels and does TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpcore
+import httpx
+import pytest
+
+from watcher.errors import NotSent, RetryLater
+from watcher.services.http import HttpPolicy, ServiceHTTP
+from watcher.services.netio import AsyncioBackend, SocketStream, TLSStream, asyncio_transport
+
+QUICK = HttpPolicy(read_timeout=0.5, connect_timeout=2.0, attempts=1)
+
+
+class RawServer:
+    """A loopback TCP server whose connections a test steers: each is handed to ``handle`` in its own thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.handle = handle
+        self.accepted = 0
+        self.closed_by_client = 0
+        self.stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            self.handle(conn)
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.sock.close()
+        self._acceptor.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], RawServer]]:
+    made: list[RawServer] = []
+
+    def make(handle: Callable[[socket.socket], None]) -> RawServer:
+        made.append(RawServer(handle))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def _head(conn: socket.socket) -> tuple[bytes, bytes]:
+    """The request line and headers, and whatever body bytes came with them."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = conn.recv(65536)
+        if not got:
+            return b"", b""
+        data += got
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _answer(conn: socket.socket, body: bytes = b"ok") -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def _hold(server_stop: threading.Event, conn: socket.socket) -> None:
+    """Keep a connection open without reading or answering, until the test ends."""
+    server_stop.wait(30)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_the_client_uses_the_asyncio_backend(emulator, monkeypatch):
+    """The pool httpx builds carries our backend, and a request really opens its connection through it."""
+    opened: list[str] = []
+    original = AsyncioBackend.connect_tcp
+
+    async def counting(self, host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(f"{host}:{port}")
+        return await original(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
+
+    async def go() -> tuple[int, object]:
+        http = ServiceHTTP("svc", emulator.url, policy=QUICK)
+        try:
+            pool = http.client._transport._pool  # type: ignore[attr-defined]
+            assert isinstance(pool, httpcore.AsyncConnectionPool)
+            assert isinstance(pool._network_backend, AsyncioBackend)
+            async with http.client.stream("GET", "/status/audio/none") as response:
+                stream = response.extensions["network_stream"]
+                await response.aread()
+            return response.status_code, stream
+        finally:
+            await http.aclose()
+
+    status, stream = run(go())
+    assert status == 404 and isinstance(stream, SocketStream)
+    assert opened == [f"127.0.0.1:{httpx.URL(emulator.url).port}"]
+
+
+def test_a_server_that_never_answers_is_a_read_timeout(raw_server):
+    """Accepted, request read, no answer: the read timeout fires and becomes RetryLater (ReadTimeout)."""
+
+    def handle(conn: socket.socket) -> None:
+        _head(conn)
+        server.stop.wait(10)
+
+    server = raw_server(handle)
+
+    async def go() -> None:
+        http = ServiceHTTP("svc", server.url, policy=QUICK)
+        try:
+            await http.request("GET", "/", retry=False)
+        finally:
+            await http.aclose()
+
+    with pytest.raises(RetryLater, match=r"timed out \(ReadTimeout\)") as err:
+        run(go())
+    assert isinstance(err.value.__cause__, httpx.ReadTimeout)
+
+
+def test_a_server_that_never_reads_the_body_is_a_write_timeout(raw_server):
+    """A body far larger than the socket buffers, to a server that reads nothing: the write timeout fires."""
+    server = raw_server(lambda conn: _hold(server.stop, conn))
+
+    left: list[int] = []
+
+    async def go() -> None:
+        http = ServiceHTTP("svc", server.url, policy=QUICK)
+        try:
+            await http.request("POST", "/", retry=False, content=bytes(64 << 20))
+        finally:
+            left.append(len(http.client._transport._pool.connections))  # type: ignore[attr-defined]
+            await http.aclose()
+
+    with pytest.raises(RetryLater, match=r"timed out \(WriteTimeout\)") as err:
+        run(go())
+    assert isinstance(err.value.__cause__, httpx.WriteTimeout)
+    assert left == [0]  # the half-written connection was dropped, not kept for reuse
+
+
+def test_connection_refused_is_not_sent():
+    """Nothing listening: NotSent naming ConnectError, as with httpx's default backend."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def go() -> None:
+        http = ServiceHTTP("svc", f"http://127.0.0.1:{port}", policy=QUICK)
+        try:
+            await http.request("GET", "/", retry=False)
+        finally:
+            await http.aclose()
+
+    with pytest.raises(NotSent, match="could not be reached: ConnectError") as err:
+        run(go())
+    assert isinstance(err.value.__cause__, httpx.ConnectError)
+
+
+def test_a_write_cancelled_midway_leaves_the_client_usable(raw_server):
+    """A request cancelled while its body is being written: that connection is closed, never reused; the next
+    request on the same client opens a fresh one and gets its answer."""
+
+    holding = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        head, _ = _head(conn)
+        if head.startswith(b"POST /hold"):
+            holding.set()
+            _hold(server.stop, conn)
+        elif head:
+            _answer(conn, b"fresh")
+
+    server = raw_server(handle)
+
+    async def go() -> bytes:
+        http = ServiceHTTP("svc", server.url, policy=HttpPolicy(read_timeout=30, attempts=1))
+        try:
+            upload = asyncio.ensure_future(http.request("POST", "/hold", retry=False, content=bytes(64 << 20)))
+            # its headers reached the server, which reads no further: the client is stuck in the body's write
+            assert await asyncio.get_running_loop().run_in_executor(None, holding.wait, 10)
+            assert not upload.done()
+            upload.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await upload
+            assert http.client._transport._pool.connections == []  # type: ignore[attr-defined]
+            response = await http.request("GET", "/next", retry=False)
+            return response.content
+        finally:
+            await http.aclose()
+
+    assert run(go()) == b"fresh"
+    assert server.accepted == 2  # the cancelled connection was not reused
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """Answers a GET with 3 MiB and a POST with the length and sum of what it read (keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = bytes(range(256)) * (3 << 12)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        body = f"{len(data)} {sum(data[::4096])}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_tls_round_trip(tls_files):
+    """https through start_tls: certificate and host name checked, a large body each way, the connection kept."""
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    sent = bytes(range(256)) * (5 << 12)  # 5 MiB: more than the transport buffers, so writes wait for drain
+
+    async def go() -> tuple[list[httpx.Response], object, int]:
+        opened = 0
+        async with httpx.AsyncClient(transport=asyncio_transport(client_ctx)) as client:
+            pool = client._transport._pool  # type: ignore[attr-defined]
+            url = f"https://localhost:{server.server_address[1]}/"
+            got = await client.get(url)
+            stream = got.extensions["network_stream"]
+            posted = await client.post(url, content=sent)
+            opened = len(pool.connections)
+        return [got, posted], stream, opened
+
+    try:
+        (got, posted), stream, opened = run(go())
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            run(_get_with_default_trust(f"https://127.0.0.1:{server.server_address[1]}/"))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert got.status_code == 200 and got.content == bytes(range(256)) * (3 << 12)
+    assert posted.text == f"{len(sent)} {sum(sent[::4096])}"
+    assert isinstance(stream, TLSStream) and stream.get_extra_info("ssl_object") is not None
+    assert opened == 1
+
+
+async def _get_with_default_trust(url: str) -> None:
+    async with httpx.AsyncClient(transport=asyncio_transport()) as client:
+        await client.get(url)
