@@ -17,7 +17,10 @@ import httpcore
 import httpx
 import pytest
 
+from tests.conftest import API_KEY, write_tone
+from watcher.audiofile import FileBody, signature
 from watcher.errors import NotSent, RetryLater
+from watcher.services.analysis import AnalysisClient
 from watcher.services.http import HttpPolicy, ServiceHTTP
 from watcher.services.netio import AsyncioBackend, SocketStream, TLSStream, asyncio_transport
 
@@ -305,3 +308,33 @@ def test_tls_round_trip(tls_files):
 async def _get_with_default_trust(url: str) -> None:
     async with httpx.AsyncClient(transport=asyncio_transport()) as client:
         await client.get(url)
+
+
+@pytest.mark.parametrize("close_streams", [False, True])
+def test_event_streams_with_and_without_keep_alive(emulator, tmp_path, monkeypatch, close_streams):
+    """Analysis works whether the service keeps the connection after a stream or closes it; kept, one
+    connection serves every request."""
+    emulator.analysis.faults.close_streams = close_streams
+    opened: list[int] = []
+    original = AsyncioBackend.connect_tcp
+
+    async def counting(self, host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        opened.append(port)
+        return await original(self, host, port, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
+    audio = write_tone(tmp_path / "a.wav", 0.25)
+
+    async def go() -> list[set[str]]:
+        client = AnalysisClient(emulator.url, API_KEY, policy=QUICK)
+        try:
+            reports = []
+            for _ in range(3):
+                report = await client.analyze(FileBody(audio, signature(audio)), ["key", "bpm_degara"], lambda r: None)
+                reports.append(set(report.results))
+            return reports
+        finally:
+            await client.aclose()
+
+    assert run(go()) == [{"key", "bpm_degara"}] * 3
+    assert len(opened) == (3 if close_streams else 1)
