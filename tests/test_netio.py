@@ -124,6 +124,8 @@ def test_the_client_uses_the_asyncio_backend(emulator, monkeypatch):
             assert isinstance(pool._network_backend, AsyncioBackend)
             async with http.client.stream("GET", "/status/audio/none") as response:
                 stream = response.extensions["network_stream"]
+                nodelay = stream.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert nodelay  # set, as asyncio's own transports do
                 await response.aread()
             return response.status_code, stream
         finally:
