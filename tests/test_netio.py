@@ -340,3 +340,43 @@ def test_event_streams_with_and_without_keep_alive(emulator, tmp_path, monkeypat
 
     assert run(go()) == [{"key", "bpm_degara"}] * 3
     assert len(opened) == (3 if close_streams else 1)
+
+
+def test_a_stream_left_open_after_finished_is_closed_not_waited_for(raw_server, tmp_path):
+    """A service that keeps the stream open after `finished`: the report is complete at once, and the connection
+    is dropped after the short wait for the stream's end rather than kept."""
+
+    def handle(conn: socket.socket) -> None:
+        head, body = _head(conn)
+        length = int(
+            next(v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length")
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        events = [
+            b'{"status": "started", "total_models": 1}',
+            b'{"status": "completed", "result": {"model_name": "key", "results": {}}}',
+            b'{"status": "finished", "total_models": 1}',
+        ]
+        payload = b"".join(b"data: %s\n\n" % e for e in events)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+            % (len(payload), payload)
+        )
+        server.stop.wait(30)  # no terminating chunk: the stream stays open
+
+    server = raw_server(handle)
+    audio = write_tone(tmp_path / "a.wav", 0.25)
+    left: list[int] = []
+
+    async def go() -> set[str]:
+        client = AnalysisClient(server.url, API_KEY, policy=QUICK)
+        try:
+            report = await client.analyze(FileBody(audio, signature(audio)), ["key"], lambda r: None)
+            left.append(len(client.http.client._transport._pool.connections))  # type: ignore[attr-defined]
+            return set(report.results)
+        finally:
+            await client.aclose()
+
+    assert run(go()) == {"key"}
+    assert left == [0]

@@ -267,6 +267,9 @@ class AnalysisClient:
 
 async def _read_to_end(events: AsyncIterator[Any]) -> None:
     """The rest of a finished stream, if it ends within STREAM_END_WAIT (anything after `finished` is ignored)."""
+    import httpx
+    from httpx_sse import SSEError
+
     try:
         async with asyncio.timeout(STREAM_END_WAIT):
             async for _ in events:
