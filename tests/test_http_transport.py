@@ -1,19 +1,13 @@
-"""The asyncio network backend under httpx: it is the one in use, and it times out, fails, cancels and does TLS."""
+"""The HTTP client against servers that misbehave on the wire: timeouts, refusal, cancellation, kept streams."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
-import ssl
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import httpcore
 import httpx
 import pytest
 
@@ -22,7 +16,6 @@ from watcher.audiofile import FileBody, signature
 from watcher.errors import NotSent, RetryLater
 from watcher.services.analysis import AnalysisClient
 from watcher.services.http import HttpPolicy, ServiceHTTP
-from watcher.services.netio import AsyncioBackend, SocketStream, TLSStream, asyncio_transport
 
 QUICK = HttpPolicy(read_timeout=0.5, connect_timeout=2.0, attempts=1)
 
@@ -103,37 +96,6 @@ def _hold(server_stop: threading.Event, conn: socket.socket) -> None:
 
 def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
-
-
-def test_the_client_uses_the_asyncio_backend(emulator, monkeypatch):
-    """The pool httpx builds carries our backend, and a request really opens its connection through it."""
-    opened: list[str] = []
-    original = AsyncioBackend.connect_tcp
-
-    async def counting(self, host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
-        opened.append(f"{host}:{port}")
-        return await original(self, host, port, *args, **kwargs)
-
-    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
-
-    async def go() -> tuple[int, object]:
-        http = ServiceHTTP("svc", emulator.url, policy=QUICK)
-        try:
-            pool = http.client._transport._pool  # type: ignore[attr-defined]
-            assert isinstance(pool, httpcore.AsyncConnectionPool)
-            assert isinstance(pool._network_backend, AsyncioBackend)
-            async with http.client.stream("GET", "/status/audio/none") as response:
-                stream = response.extensions["network_stream"]
-                nodelay = stream.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-                assert nodelay  # set, as asyncio's own transports do
-                await response.aread()
-            return response.status_code, stream
-        finally:
-            await http.aclose()
-
-    status, stream = run(go())
-    assert status == 404 and isinstance(stream, SocketStream)
-    assert opened == [f"127.0.0.1:{httpx.URL(emulator.url).port}"]
 
 
 def test_a_server_that_never_answers_is_a_read_timeout(raw_server):
@@ -231,101 +193,13 @@ def test_a_write_cancelled_midway_leaves_the_client_usable(raw_server):
     assert server.accepted == 2  # the cancelled connection was not reused
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
-class _Echo(BaseHTTPRequestHandler):
-    """Answers a GET with 3 MiB and a POST with the length and sum of what it read (keep-alive)."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = bytes(range(256)) * (3 << 12)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        data = self.rfile.read(int(self.headers["Content-Length"]))
-        body = f"{len(data)} {sum(data[::4096])}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def test_tls_round_trip(tls_files):
-    """https through start_tls: certificate and host name checked, a large body each way, the connection kept."""
-    cert, key = tls_files
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    client_ctx = ssl.create_default_context(cafile=str(cert))
-    sent = bytes(range(256)) * (5 << 12)  # 5 MiB: more than the transport buffers, so writes wait for drain
-
-    async def go() -> tuple[list[httpx.Response], object, int]:
-        opened = 0
-        async with httpx.AsyncClient(transport=asyncio_transport(client_ctx)) as client:
-            pool = client._transport._pool  # type: ignore[attr-defined]
-            url = f"https://localhost:{server.server_address[1]}/"
-            got = await client.get(url)
-            stream = got.extensions["network_stream"]
-            posted = await client.post(url, content=sent)
-            opened = len(pool.connections)
-        return [got, posted], stream, opened
-
-    try:
-        (got, posted), stream, opened = run(go())
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            run(_get_with_default_trust(f"https://127.0.0.1:{server.server_address[1]}/"))
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-    assert got.status_code == 200 and got.content == bytes(range(256)) * (3 << 12)
-    assert posted.text == f"{len(sent)} {sum(sent[::4096])}"
-    assert isinstance(stream, TLSStream) and stream.get_extra_info("ssl_object") is not None
-    assert opened == 1
-
-
-async def _get_with_default_trust(url: str) -> None:
-    async with httpx.AsyncClient(transport=asyncio_transport()) as client:
-        await client.get(url)
-
-
 @pytest.mark.parametrize("close_streams", [False, True])
-def test_event_streams_with_and_without_keep_alive(emulator, tmp_path, monkeypatch, close_streams):
+def test_event_streams_with_and_without_keep_alive(emulator, tmp_path, close_streams):
     """Analysis works whether the service keeps the connection after a stream or closes it; kept, one
     connection serves every request."""
     emulator.analysis.faults.close_streams = close_streams
-    opened: list[int] = []
-    original = AsyncioBackend.connect_tcp
-
-    async def counting(self, host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
-        opened.append(port)
-        return await original(self, host, port, *args, **kwargs)
-
-    monkeypatch.setattr(AsyncioBackend, "connect_tcp", counting)
     audio = write_tone(tmp_path / "a.wav", 0.25)
+    pooled: list[list[object]] = []  # the pool's connections after each analysis
 
     async def go() -> list[set[str]]:
         client = AnalysisClient(emulator.url, API_KEY, policy=QUICK)
@@ -334,12 +208,16 @@ def test_event_streams_with_and_without_keep_alive(emulator, tmp_path, monkeypat
             for _ in range(3):
                 report = await client.analyze(FileBody(audio, signature(audio)), ["key", "bpm_degara"], lambda r: None)
                 reports.append(set(report.results))
+                pooled.append(list(client.http.client._transport._pool.connections))  # type: ignore[attr-defined]
             return reports
         finally:
             await client.aclose()
 
     assert run(go()) == [{"key", "bpm_degara"}] * 3
-    assert len(opened) == (3 if close_streams else 1)
+    if close_streams:
+        assert pooled == [[], [], []]
+    else:
+        assert len(pooled[0]) == 1 and pooled == [pooled[0]] * 3  # the same connection each time
 
 
 def test_a_stream_left_open_after_finished_is_closed_not_waited_for(raw_server, tmp_path):
