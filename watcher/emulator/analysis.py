@@ -25,7 +25,9 @@ from watcher.emulator.server import App, Request
 
 STREAM_PATH = "/v1/analysis/stream"
 ROUTE = f"POST {STREAM_PATH}"
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "close"}
+# Chunked event streams on a kept-alive connection, as an HTTP/1.1 server answers by default; the service's
+# documentation is silent on it, so ``AnalysisFaults.close_streams`` serves them with ``Connection: close``.
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 KEYS = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 CLASSIFIER_LABELS = {
     "danceability": ["danceable", "not_danceable"],
@@ -53,6 +55,7 @@ class AnalysisFaults:
     not_sse: int = 0  # answer this many streams 200 application/json {"result": "ok"}, no event stream
     keepalive_only: float = 0.0  # the next stream: headers, then only keep-alive comments for this long, then close
     keepalive_interval: float = 0.2  # seconds between those comments
+    close_streams: bool = False  # end every event stream with the connection (``Connection: close``)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, name: str) -> bool:
@@ -207,9 +210,12 @@ class AnalysisEmulator:
         finally:
             os.unlink(path)
 
+    def _sse_headers(self) -> dict[str, str]:
+        return {**SSE_HEADERS, "Connection": "close"} if self.faults.close_streams else SSE_HEADERS
+
     def _keepalive_only(self, req: Request, seconds: float) -> None:
         """Open an event stream and send nothing but comments for ``seconds``, then close it."""
-        req.start(200, SSE_HEADERS)
+        req.start(200, self._sse_headers())
         deadline = time.monotonic() + seconds
         while True:
             req.write(b": keep-alive\n\n")
@@ -293,7 +299,7 @@ class AnalysisEmulator:
     def _answer(self, req: Request, models: list[str], digest: bytes, path: str, *, drop_early: bool = False) -> None:
         """The event stream; ``drop_early`` (chaos) drops the connection after the first result."""
         local = _local_results(path, models) if self.use_local else None
-        req.start(200, SSE_HEADERS)
+        req.start(200, self._sse_headers())
 
         def emit(payload: dict[str, Any]) -> None:
             if self.faults.event_delay:

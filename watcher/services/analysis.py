@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # imported at the first request (see watcher.services.http)
 log = structlog.get_logger("watcher.analysis")
 SERVICE = "analysis service"
 STREAM_PATH = "/v1/analysis/stream"
+# After `finished`, how long the stream's end is waited for: read, it leaves the connection free for the next
+# request (no new TCP connection); a service that keeps the stream open longer just has it closed.
+STREAM_END_WAIT = 0.1
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,8 @@ class AnalysisClient:
         from httpx_sse import EventSource
 
         pending = list(models)
-        async for sse in EventSource(response).aiter_sse():
+        events = EventSource(response).aiter_sse()
+        async for sse in events:
             timer.reschedule(loop.time() + self.event_deadline)
             if not sse.data:
                 continue
@@ -254,10 +258,24 @@ class AnalysisClient:
                 report.errors.append(message)
                 log.warning("analysis.model_error", error=message)
             elif status == "finished":
+                await _read_to_end(events)
                 return True
             elif status != "started":
                 log.debug("analysis.unknown_event", status=status)
         return False
+
+
+async def _read_to_end(events: AsyncIterator[Any]) -> None:
+    """The rest of a finished stream, if it ends within STREAM_END_WAIT (anything after `finished` is ignored)."""
+    import httpx
+    from httpx_sse import SSEError
+
+    try:
+        async with asyncio.timeout(STREAM_END_WAIT):
+            async for _ in events:
+                pass
+    except (TimeoutError, httpx.HTTPError, httpx.StreamError, SSEError):
+        pass  # the connection is closed instead of kept: the results are in already
 
 
 def _hide_query(exc: Exception, url: str, shown: str) -> None:
