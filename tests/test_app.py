@@ -99,19 +99,19 @@ def test_subscribers_and_the_request_observer_hear_everything(tmp_path, inbox, e
     )
 
     async def main() -> None:
-        stop = asyncio.Event()
-        recorder.done = asyncio.Event()
-        detector = app.make_detector(settings.folders)
-        tasks = [asyncio.create_task(app.runner.run(stop)), asyncio.create_task(detector.run(stop))]
-        write_tone(inbox / "a.wav", 0.3)
-        await recorder.done.wait()
-        stop.set()
-        await asyncio.gather(*tasks)
+        try:
+            stop = asyncio.Event()
+            recorder.done = asyncio.Event()
+            detector = app.make_detector(settings.folders)
+            tasks = [asyncio.create_task(app.runner.run(stop)), asyncio.create_task(detector.run(stop))]
+            write_tone(inbox / "a.wav", 0.3)
+            await recorder.done.wait()
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:  # on the loop that made the client's connection (kept alive): another loop cannot close it
+            await app.aclose()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 30))
-    finally:
-        close(app)
+    asyncio.run(asyncio.wait_for(main(), 30))
     assert recorder.settled == [str(inbox / "a.wav")]
     assert [(o.job.pipeline, o.state) for o in recorder.outcomes] == [("analyze", "done")]
     assert recorder.paid_calls == [("analysis", "analyze", "answered", pytest.approx(0.3))]
