@@ -51,10 +51,33 @@ class Counting:
         self.asked.append(list(models))
         report = AnalysisReport()
         for spec in models:
-            result = ModelResult(spec, spec.split(":")[0], "1", None, {"value": spec})
+            result = self.answer(spec)
             report.results[spec] = result
             on_result(result)
         return report
+
+    def answer(self, spec: str) -> ModelResult:
+        return ModelResult(spec, spec.split(":")[0], "1", None, {"value": spec})
+
+
+def analyse_one(store: Store, backend: Counting, audio: Path, models: list[str]) -> None:
+    """Register ``audio`` as a new version, run its analysis step to done with ``backend`` and release the job."""
+    sig = signature(audio)
+    store.register_version(
+        folder=str(audio.parent),
+        path=str(audio),
+        rel_path=audio.name,
+        size=sig.size,
+        mtime_ns=sig.mtime_ns,
+        inode=sig.inode,
+        jobs=[("analyze", "analyze")],
+    )
+    pipeline = AnalyzePipeline(store, backend, models=models, sidecar=SidecarConfig())
+    job = store.claim("analyze", "me")
+    assert job is not None
+    result = asyncio.run(pipeline.run(job))
+    assert result.state == "done"
+    store.release(job, state=result.state)
 
 
 def test_the_step_asks_only_for_what_is_missing_and_writes_the_sidecar(tmp_path: Path):
@@ -64,24 +87,9 @@ def test_the_step_asks_only_for_what_is_missing_and_writes_the_sidecar(tmp_path:
     try:
         for n, models in enumerate((["key", "bpm"], ["key", "bpm"], ["key", "bpm", "mood"])):
             audio = write_tone(tmp_path / f"{n}.wav", 0.2)  # the same content each time
-            sig = signature(audio)
-            store.register_version(
-                folder=str(tmp_path),
-                path=str(audio),
-                rel_path=audio.name,
-                size=sig.size,
-                mtime_ns=sig.mtime_ns,
-                inode=sig.inode,
-                jobs=[("analyze", "analyze")],
-            )
-            pipeline = AnalyzePipeline(store, backend, models=models, sidecar=SidecarConfig())
-            job = store.claim("analyze", "me")
-            assert job is not None
-            result = asyncio.run(pipeline.run(job))
-            assert result.state == "done"
+            analyse_one(store, backend, audio, models)
             doc = json.loads((tmp_path / f"{n}.wav.analysis.json").read_text())
             assert doc["complete"] and sorted(doc["models"]) == sorted(models)
-            store.release(job, state=result.state)
     finally:
         store.close()
     assert backend.asked == [["key", "bpm"], ["mood"]]
@@ -90,17 +98,9 @@ def test_the_step_asks_only_for_what_is_missing_and_writes_the_sidecar(tmp_path:
 class Rich(Counting):
     """Answers with nested numbers and lists, as real models do."""
 
-    async def analyze(
-        self, audio: Any, models: Sequence[str], on_result: Callable[[ModelResult], Awaitable[None] | None]
-    ) -> AnalysisReport:
-        self.asked.append(list(models))
-        report = AnalysisReport()
-        for spec in models:
-            values = {"bpm": 120.0, "beats": [0.5, 1, 2.5e-07], "labels": {"é": [0.25]}, "n": None}
-            result = ModelResult(spec, spec, "2.1", "c-1", values)
-            report.results[spec] = result
-            on_result(result)
-        return report
+    def answer(self, spec: str) -> ModelResult:
+        values = {"bpm": 120.0, "beats": [0.5, 1, 2.5e-07], "labels": {"é": [0.25]}, "n": None}
+        return ModelResult(spec, spec, "2.1", "c-1", values)
 
 
 def test_a_sidecar_from_fresh_answers_has_the_bytes_of_one_from_the_store(tmp_path: Path):
@@ -111,21 +111,7 @@ def test_a_sidecar_from_fresh_answers_has_the_bytes_of_one_from_the_store(tmp_pa
     try:
         for n in range(2):
             audio = write_tone(tmp_path / f"{n}.wav", 0.2)  # the same content: the second is answered by the store
-            sig = signature(audio)
-            store.register_version(
-                folder=str(tmp_path),
-                path=str(audio),
-                rel_path=audio.name,
-                size=sig.size,
-                mtime_ns=sig.mtime_ns,
-                inode=sig.inode,
-                jobs=[("analyze", "analyze")],
-            )
-            pipeline = AnalyzePipeline(store, backend, models=["key", "bpm"], sidecar=SidecarConfig())
-            job = store.claim("analyze", "me")
-            assert job is not None
-            assert asyncio.run(pipeline.run(job)).state == "done"
-            store.release(job, state="done")
+            analyse_one(store, backend, audio, ["key", "bpm"])
             text = (tmp_path / f"{n}.wav.analysis.json").read_text()
             texts.append(text[text.index('"models": {') : text.index('"errors"')])
     finally:

@@ -63,6 +63,16 @@ def _rows_by_key(db: Any, ops: Sequence[Operation]) -> dict[tuple[str, str, str,
     return {(r["sha256"], r["service"], r["operation"], r["params"]): r for r in rows}
 
 
+def capped_tickets(
+    takeable: Sequence[tuple[int, Operation, bool]], until: float, first: bool, spent: float, cap: float
+) -> dict[int, Ticket]:
+    """The answer to every takeable operation when the day's cap would be passed (both stores give the same)."""
+    return {
+        i: Ticket("capped", op, until=until, first_cap=first, spent_seconds=spent, cap_seconds=cap)
+        for i, op, _ in takeable
+    }
+
+
 class GateMixin(_Base):
     """The paid-operation gate and the spend ledger (see the module docstring for the states)."""
 
@@ -148,18 +158,7 @@ class GateMixin(_Base):
                 first = spent["capped_at"] is None
                 if first:
                     db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
-                until = next_utc_midnight(now)
-                return {
-                    i: Ticket(
-                        "capped",
-                        op,
-                        until=until,
-                        first_cap=first,
-                        spent_seconds=spent["seconds"],
-                        cap_seconds=cap_seconds,
-                    )
-                    for i, op, _ in takeable
-                }
+                return capped_tickets(takeable, next_utc_midnight(now), first, spent["seconds"], cap_seconds)
             db.execute(
                 "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
             )

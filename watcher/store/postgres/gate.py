@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from watcher.names import text
-from watcher.store.gate import WAIT_SECONDS, next_utc_midnight, utc_day
+from watcher.store.gate import WAIT_SECONDS, capped_tickets, next_utc_midnight, utc_day
 from watcher.store.models import Operation, Ticket
 from watcher.store.postgres.base import got, op_key, opt_local, set_op_state
 from watcher.store.postgres.schema import (
@@ -118,17 +118,7 @@ class PgGateMixin(_Base):
                     if first:
                         db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
                     until = self._local_time(next_utc_midnight(at))
-                    return {
-                        i: Ticket(
-                            "capped",
-                            op,
-                            until=until,
-                            first_cap=first,
-                            spent_seconds=spent["seconds"],
-                            cap_seconds=cap_seconds,
-                        )
-                        for i, op, _ in takeable
-                    }
+                    return capped_tickets(takeable, until, first, spent["seconds"], cap_seconds)
                 db.execute(
                     "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
                     (seconds, day, budget),
