@@ -250,6 +250,7 @@ class Daemon:
             await app.aclose()
             self.app = None
             gc.unfreeze()  # the graph's cycles can be collected again (after a reload, the old graph's)
+            gc.collect()  # now: else the next graph's freeze would keep this one's cycles for its whole life
 
     async def _fed(self, work: Awaitable[T]) -> T:
         """Await start-up ``work`` (slow on a slow share) while feeding the systemd watchdog."""
