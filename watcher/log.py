@@ -99,13 +99,10 @@ def printable_names(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mu
 
     Only such a field, or a container, a path or bytes, is rewritten (in place): plain text and numbers pass."""
     for key, value in event_dict.items():
-        kind = type(value)
-        if kind is str:
-            multiline = key in _MULTILINE
-            if (_ODD if multiline else _ODD_WITH_NEWLINE).search(value) is not None:
-                event_dict[key] = _printable(value, multiline)
-        elif kind not in _PLAIN:
-            event_dict[key] = _shown(value, key in _MULTILINE)
+        if type(value) not in _PLAIN:
+            shown = _shown(value, key in _MULTILINE)
+            if shown is not value:  # printable text comes back as it is
+                event_dict[key] = shown
     return event_dict
 
 
