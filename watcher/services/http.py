@@ -317,7 +317,7 @@ class ServiceHTTP:
         with contextlib.suppress(Exception):
             self.observer(self.service, method, seconds, outcome, sent)
 
-    def _backoff_hook(self, exc: Exception) -> bool | float:
+    def _backoff_hook(self, exc: BaseException) -> bool | float:
         """stamina hook: retry only RetryLater; honour a short Retry-After, hand long ones to the store."""
         if not isinstance(exc, RetryLater) or isinstance(exc, Deferred):
             return False
@@ -327,7 +327,7 @@ class ServiceHTTP:
             return False
         return exc.retry_after
 
-    def _paid_hook(self, exc: Exception) -> bool | float:
+    def _paid_hook(self, exc: BaseException) -> bool | float:
         """For calls that cost money: resend only what provably did not reach the service (NotSent: 429, 503...)."""
         if isinstance(exc, NotSent):
             return self._backoff_hook(exc)
