@@ -159,6 +159,28 @@ def test_configured_token_file_is_used(tmp_path: Path, inbox: Path, emu: Emulato
     assert not (settings.state_dir / "web-token").exists()
 
 
+def test_healthz_needs_no_token_and_says_only_whether_the_daemon_is_healthy(page: Page) -> None:
+    """/healthz answers anyone with 200 {"healthy": true}, or 503 {"healthy": false} when the heartbeat is stale."""
+    r = page.anonymous.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"healthy": True}
+    assert r.headers["cache-control"] == "no-store"
+    page.daemon.daemon.web.ctx.healthy = lambda: False
+    r = page.anonymous.get("/healthz")
+    assert r.status_code == 503 and r.json() == {"healthy": False}
+    assert page.anonymous.get("/api/status").status_code == 401, "only /healthz is open"
+
+
+def test_daemon_is_unhealthy_once_its_heartbeat_stops(tmp_path: Path, inbox: Path, emu: Emulator) -> None:
+    """Healthy while the heartbeat ran within three beats; a stopped heartbeat turns it unhealthy, a beat back."""
+    from watcher.daemon import Daemon
+
+    daemon = Daemon(web_settings(tmp_path, inbox, emu), handle_signals=False, heartbeat=0.05)
+    assert daemon.healthy()
+    wait_for(lambda: not daemon.healthy(), timeout=5, what="the stale heartbeat to show")
+    daemon._alive()
+    assert daemon.healthy()
+
+
 # -- the JSON API ----------------------------------------------------------------------------------
 
 

@@ -84,6 +84,17 @@ class Daemon:
         self._page: Any = None  # the same, also when it could not start (its stop clears the state it left)
         self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self._next_prune = 0.0
+        self._alive_at = time.monotonic()
+
+    def _alive(self) -> None:
+        """The loop got round to the heartbeat: ping the systemd watchdog, and remember when (for /healthz)."""
+        self._alive_at = time.monotonic()
+        self.notifier.watchdog()
+
+    def healthy(self) -> bool:
+        """Whether the heartbeat ran lately, as the systemd watchdog would judge it (the page's /healthz)."""
+        interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
+        return time.monotonic() - self._alive_at <= 3 * interval
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -168,7 +179,7 @@ class Daemon:
         from watcher.web.server import WebServer
 
         live = LiveEvents()
-        web = WebServer(Context(self.settings, live, wake=self._wake))
+        web = WebServer(Context(self.settings, live, wake=self._wake, healthy=self.healthy))
         self._page = web
         if await web.start():  # if not, the state folder's web.json says why, for `watcher status`
             self.web, self._live = web, live
@@ -257,7 +268,7 @@ class Daemon:
         task = asyncio.ensure_future(work)
         interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
         while not (await asyncio.wait({task}, timeout=interval))[0]:
-            self.notifier.watchdog()
+            self._alive()
         return task.result()
 
     async def _owned_folders(self, app: App) -> list[FolderConfig]:
@@ -349,7 +360,7 @@ class Daemon:
         seen, refreshed = -1, 0.0
         health: dict[str, tuple[object, ...]] = {}
         while not self.stop.is_set():
-            self.notifier.watchdog()
+            self._alive()
             now = time.monotonic()
             stale = now - refreshed >= REFRESH_SECONDS
             if changes.count != seen or stale:

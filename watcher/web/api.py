@@ -29,6 +29,7 @@ class Context:
     settings: Settings
     live: LiveEvents
     wake: Callable[[], None] = lambda: None
+    healthy: Callable[[], bool] = lambda: True
     metrics: Any = None
     status_extra: dict[str, Any] = field(default_factory=dict)
 

@@ -30,7 +30,7 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]
-OPEN_PATHS = ("/login",)  # the only path that needs no token (it takes one)
+OPEN_PATHS = ("/login", "/healthz")  # need no token: /login takes one, /healthz says only healthy or not
 
 
 def split_listen(listen: str) -> tuple[str, int]:

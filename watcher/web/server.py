@@ -21,7 +21,14 @@ import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -82,6 +89,11 @@ def build_app(ctx: Context, token: str) -> Guard:
         disposition = "attachment" if request.query_params.get("download") else "inline"
         return FileResponse(real, filename=os.path.basename(real), content_disposition_type=disposition)
 
+    async def healthz(request: Request) -> Response:
+        """Open to all (container health checks): only whether the daemon's heartbeat is current, nothing else."""
+        healthy = ctx.healthy()
+        return JSONResponse({"healthy": healthy}, status_code=200 if healthy else 503)
+
     async def metrics(request: Request) -> Response:
         if ctx.metrics is None:
             return problem(404, "metrics are off ([metrics] enabled = false)")
@@ -95,6 +107,7 @@ def build_app(ctx: Context, token: str) -> Guard:
         Route("/audio", audio),
         *(Route(path, endpoint, methods=[method]) for method, path, endpoint in api.routes(ctx)),
         Route("/metrics", metrics),
+        Route("/healthz", healthz),
         Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
     ]
     return Guard(Starlette(routes=routes), token)
