@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from watcher import __version__
+from watcher import __version__, clihelp
 from watcher.config import Settings, find_config, load_settings, secrets_of
 from watcher.errors import ConfigError
 from watcher.log import configure_logging, register_secrets
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _work_commands(sub)
     _control_commands(sub)
+    clihelp.add_completion_command(sub)
+    clihelp.finish(parser, sub)  # examples in each --help; global options also after the command
     return parser
 
 
@@ -119,6 +121,7 @@ def _settings(args: argparse.Namespace, folders: list[Path] | None = None) -> Se
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    clihelp.complete(parser)  # a shell asking for completions is answered here, and nothing runs
     args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level or "info")
     log = structlog.get_logger("watcher.cli")
@@ -136,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "emulate":
         return _emulate(args)
+    if args.command == "completion":
+        print(clihelp.completion_script(args.shell), end="")
+        return EXIT_OK
     if args.command == "run":
         settings = _settings(args, args.folders or None)
         configure_logging(args.log_format, settings.log_level)
