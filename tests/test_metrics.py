@@ -138,4 +138,5 @@ def test_without_prometheus_client_metrics_is_a_config_error():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert 'ConfigError: metrics.enabled = true needs prometheus-client: pip install "watcher[metrics]"' in proc.stdout
+    needs = 'ConfigError: metrics.enabled = true needs prometheus-client: pip install "watcher-audio[metrics]"'
+    assert needs in proc.stdout

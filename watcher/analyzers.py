@@ -123,7 +123,7 @@ def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
     if cfg.backend == "local":
         if not local.available():
             raise ConfigError(
-                'analysis.backend = "local" needs the local extra: pip install "watcher[local]" '
+                'analysis.backend = "local" needs the local extra: pip install "watcher-audio[local]" '
                 "(Essentia wheels: CPython 3.11-3.13 on Linux x86_64 and macOS)"
             )
         return "local", 'backend = "local" in the configuration'
@@ -133,7 +133,7 @@ def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
         return "local", "no API key is configured and the local extra (Essentia) is installed"
     raise ConfigError(
         "no analysis backend can run: set an API key (ESSENTIA_API_KEY, analysis.api_key or analysis.api_key_file) "
-        'for the remote service, or install the local extra: pip install "watcher[local]"; '
+        'for the remote service, or install the local extra: pip install "watcher-audio[local]"; '
         "or set analysis.enabled = false"
     )
 

@@ -82,7 +82,7 @@ class Metrics(NullMetrics):
             import prometheus_client as prom
         except ImportError as exc:
             raise ConfigError(
-                'metrics.enabled = true needs prometheus-client: pip install "watcher[metrics]", '
+                'metrics.enabled = true needs prometheus-client: pip install "watcher-audio[metrics]", '
                 "or set metrics.enabled = false"
             ) from exc
         self._prom = prom
