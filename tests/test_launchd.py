@@ -53,3 +53,12 @@ def test_logs_and_umask(plist):
 def test_holds_no_api_key(plist):
     """No key is passed through the environment of a file any local user can read."""
     assert not any("KEY" in name.upper() for name in plist["EnvironmentVariables"])
+
+
+def test_install_steps_name_the_extras_and_the_log_folder():
+    """The install comment installs [local,metrics] and creates the log folder launchd will not create."""
+    text = PLIST.read_text()
+    assert '[local,metrics]"' in text
+    with PLIST.open("rb") as fh:
+        log_dir = str(Path(plistlib.load(fh)["StandardOutPath"]).parent)
+    assert f"mkdir -p /usr/local/etc/watcher {log_dir}" in text

@@ -104,7 +104,7 @@ def test_unit_contract(name):
         "User": "watcher",
         "ConfigurationDirectory": "watcher",
         "ProtectSystem": "strict",
-        "ProtectHome": "yes",
+        "ProtectHome": "read-only",
         "PrivateTmp": "yes",
         "PrivateDevices": "yes",
         "NoNewPrivileges": "yes",
@@ -140,9 +140,37 @@ def test_unit_contract(name):
     assert d["LoadCredential"] == [
         f"essentia_api_key:{folder}essentia_api_key",
         f"neuralanalog_api_key:{folder}neuralanalog_api_key",
+        f"pgpass:{folder}pgpass",
     ]
     assert d["ReadWritePaths"] == ["-/srv/audio/inbox -/srv/audio/output"]
     assert "Environment" not in d, "keys come by LoadCredential=, never by Environment="
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+def test_every_credential_is_optional(name):
+    """Each LoadCredential= has a blank SetCredential= of the same name: systemd's default when the file is absent."""
+    d = unit(name)
+    loaded = [v.split(":", 1)[0] for v in d["LoadCredential"]]
+    assert d["SetCredential"] == [f"{cred}:\\n" for cred in loaded]
+
+
+def test_blank_credential_means_no_key(tmp_path, monkeypatch):
+    """A blank credential (the units' default) is no key at all; a credential with a key is that key."""
+    from watcher.config import load_settings
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "essentia_api_key").write_text("\n")
+    (creds / "neuralanalog_api_key").write_text("na-key\n")
+    settings = load_settings(None, {"CREDENTIALS_DIRECTORY": str(creds)}, state_dir=tmp_path / "state")
+    assert settings.analysis.api_key is None
+    assert settings.archive.api_key is not None and settings.archive.api_key.get_secret_value() == "na-key"
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+def test_install_comment_installs_local_and_metrics(name):
+    """The unit's install steps install the extras it is hardened for: local analysis and metrics."""
+    assert 'pip install "/path/to/watcher[local,metrics]"' in (SYSTEMD / name).read_text()
 
 
 def test_template_differs_only_where_an_instance_must():

@@ -56,5 +56,15 @@ def resolve_key(
         return SecretStr(env[env_name].strip())
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / credential).is_file():
-        return read_secret_file(Path(cred_dir) / credential, f"systemd credential {credential}")
+        return read_credential(Path(cred_dir) / credential, credential)
     return None
+
+
+def read_credential(path: Path, name: str) -> SecretStr | None:
+    """A systemd credential (or a container secret), None when blank: the units default each key to a blank
+    credential (``SetCredential=ID:\\n``), so that a key file that is not there means "no key", not a failed start."""
+    try:
+        blank = not path.read_text(encoding="utf-8").strip()
+    except OSError:
+        blank = False  # read_secret_file says what is wrong
+    return None if blank else read_secret_file(path, f"systemd credential {name}")
