@@ -5,4 +5,4 @@ archive); a job stands at a *step* and is in a *state*; a paid call is an *opera
 *backend* is where analysis runs; an error has a *scope*. ARCHITECTURE.md draws who talks to whom.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

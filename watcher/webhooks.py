@@ -8,7 +8,7 @@ every other client (watcher.services.http): retried with backoff on a connection
 The body is the caller's payload under an envelope::
 
     {"event": "file.done", "id": "<hex, the same on every retry>", "timestamp": "2026-01-02T03:04:05.678Z",
-     "watcher_version": "0.1.0", "host": "<hostname>",
+     "watcher_version": "0.2.0", "host": "<hostname>",
      "path": "/srv/audio/inbox/a.wav", "pipeline": "analyze", "error": null, "sidecar": "...", ...}
 
 Headers: ``X-Watcher-Event``, ``X-Watcher-Delivery`` (the id) and, with a secret, ``X-Watcher-Signature:
