@@ -83,7 +83,7 @@ LAYERS = [
     ["watcher.runner", "watcher.events"],
     ["watcher.app", "watcher.dryrun", "watcher.doctor"],
     ["watcher.daemon", "watcher.commands", "watcher.web"],
-    ["watcher.cli", "watcher.__main__", "watcher.emulator"],
+    ["watcher.cli", "watcher.clihelp", "watcher.__main__", "watcher.emulator"],
 ]
 TOOLING_LIMIT = {"watcher.emulator": 2}
 
