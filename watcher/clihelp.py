@@ -15,7 +15,7 @@ from typing import Any
 GLOBAL_OPTIONS = ("--config", "--log-format", "--log-level")
 SHELLS = ("bash", "zsh", "fish")
 
-# Each line must parse as written (tests/test_cli.py parses them); text after " #" is a comment, after " |" or
+# Each line must parse as written (tests/test_clihelp.py parses them); text after " #" is a comment, after " |" or
 # " >" shell plumbing.
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "run": (
