@@ -6,7 +6,8 @@ the package index the way this machine does). Its tarball is cached under ``~/.c
 everything that goes into it, so only the first run pays for debootstrap (about a minute).
 
 The daemon gets its own socket, data and exec folders, no bridge and no iptables rules; containers use the host's
-network. When dockerd cannot start (not root, no cgroups, no overlay), the tests skip and say why.
+network. When dockerd cannot start (not root, no cgroups, no overlay), the tests skip and say why; a missing
+docker or debootstrap is a skip too, except in CI, where .ci/run installs both.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ SUITE = "bookworm"
 PACKAGES = ("python3", "python3-venv", "ca-certificates", "tini", "tzdata")
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "watcher-tests"
+
+
+def _missing(reason: str) -> None:
+    """A tool .ci/run installs is missing: a failure in CI (the env var CI is set), a skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def _mirror() -> str:
@@ -58,7 +66,7 @@ def base_tarball() -> Path:
     if tarball.is_file():
         return tarball
     if shutil.which("debootstrap") is None:
-        pytest.skip("debootstrap is not installed (.ci/run installs it)")
+        _missing("debootstrap is not installed (.ci/run installs it)")
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="watcher-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
@@ -93,7 +101,7 @@ class Dockerd:
 
     def start(self) -> Dockerd:
         if shutil.which("dockerd") is None or shutil.which("docker") is None:
-            pytest.skip("docker is not installed (.ci/run installs docker.io)")
+            _missing("docker is not installed (.ci/run installs docker.io)")
         if os.geteuid() != 0:
             pytest.skip("dockerd needs root")
         r = self.root
