@@ -267,7 +267,7 @@ def test_backend_choice_is_logged_with_its_reason(tmp_path, monkeypatch):
     (line,) = [e for e in logs if e["event"] == "analysis.backend"]
     assert line["backend"] == "local" and "no API key" in line["reason"]
     monkeypatch.setattr(watcher.local, "available", lambda: False)
-    with pytest.raises(ConfigError, match=r'pip install "watcher\[local\]"'):
+    with pytest.raises(ConfigError, match=r'pip install "watcher-audio\[local\]"'):
         choose_backend(AnalysisConfig())
     with pytest.raises(ConfigError, match="needs the local extra"):
         choose_backend(AnalysisConfig(backend="local"))
