@@ -26,7 +26,6 @@ from watcher.pipelines.sidecar import sidecar_path
 
 ROOT = Path(__file__).resolve().parent.parent
 PUID, PGID = 4321, 4322
-pytestmark = [pytest.mark.serial, pytest.mark.timeout(1200)]
 
 
 def _free_port() -> int:
@@ -61,6 +60,8 @@ def health(dockerd: Dockerd, name: str) -> str:  # noqa: F811
     return dockerd.docker("inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()
 
 
+@pytest.mark.serial
+@pytest.mark.timeout(1200)
 def test_container_analyses_a_dropped_file_as_puid_turns_healthy_and_stops_cleanly(
     dockerd: Dockerd,  # noqa: F811
     image: str,
@@ -111,6 +112,8 @@ def test_container_analyses_a_dropped_file_as_puid_turns_healthy_and_stops_clean
         dockerd.docker("rm", "-f", "w1", check=False)
 
 
+@pytest.mark.serial
+@pytest.mark.timeout(1200)
 def test_container_honours_tz(dockerd: Dockerd, image: str) -> None:  # noqa: F811
     """TZ picks the local time zone from the image's tzdata (schedules and logs in local time)."""
     proc = dockerd.docker("run", "--rm", "--network", "host", "-e", "TZ=Europe/Berlin", "--entrypoint",
@@ -119,6 +122,8 @@ def test_container_honours_tz(dockerd: Dockerd, image: str) -> None:  # noqa: F8
     assert proc.stdout.strip() == "CET"
 
 
+@pytest.mark.serial
+@pytest.mark.timeout(1200)
 def test_bad_puid_is_refused_with_a_clear_message(dockerd: Dockerd, image: str, tmp_path: Path) -> None:  # noqa: F811
     """A PUID that is not a number stops the entrypoint with exit 2, naming the variable."""
     proc = dockerd.docker("run", "--rm", "--network", "host", "-e", "PUID=admin", "-v", f"{tmp_path}:/config",
