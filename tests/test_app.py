@@ -154,3 +154,32 @@ def test_files_settled_together_are_recorded_at_once_and_told_once(tmp_path):
         assert len(recorder.settled) == 3 and len(woken) == 2
     finally:
         close(app)
+
+
+def test_one_bandwidth_limit_is_shared_by_every_service_session(tmp_path):
+    """`bwlimit` gives the analysis, processing and storage sessions the same limit; "off" gives none."""
+    from watcher.services.http import ServiceHTTP
+
+    def sessions(app: App) -> list[ServiceHTTP]:
+        found = []
+        for closer in app.closers:
+            for holder in (closer, getattr(closer, "client", None), getattr(closer, "storage", None)):
+                http = getattr(holder, "http", None)
+                if isinstance(http, ServiceHTTP):
+                    found.append(http)
+        return found
+
+    remote = AnalysisConfig(api_key=SecretStr("k-123456"))
+    archive = ArchiveConfig(enabled=True, output_dir=tmp_path / "out")
+    for name, limit in (("on", "08:00,512k 19:00,off"), ("off", "off")):
+        app = build(Settings(state_dir=tmp_path / name, analysis=remote, archive=archive, bwlimit=limit))
+        try:
+            limits = [http.policy.bandwidth for http in sessions(app)]
+            assert {http.service for http in sessions(app)} >= {"analysis service", "processing service"}
+            if limit == "off":
+                assert limits == [None] * len(limits)
+            else:
+                assert len(limits) == 3 and limits[0] is not None and all(b is limits[0] for b in limits)
+                assert str(limits[0].table) == limit
+        finally:
+            close(app)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -18,6 +18,9 @@ from watcher.config import AnalysisConfig, reveal, service_identity
 from watcher.errors import BadInput, ConfigError, FileChanged
 from watcher.services.analysis import AnalysisClient, AnalysisReport, ModelResult
 from watcher.services.http import AudioSource, HttpPolicy
+
+if TYPE_CHECKING:
+    from watcher.services.bandwidth import Bandwidth
 
 log = structlog.get_logger("watcher.analysis")
 
@@ -29,8 +32,10 @@ class RemoteAnalyzer:
     paid = True
     final_errors = False
 
-    def __init__(self, cfg: AnalysisConfig, **client_kwargs: Any) -> None:
-        policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
+    def __init__(self, cfg: AnalysisConfig, *, bandwidth: Bandwidth | None = None, **client_kwargs: Any) -> None:
+        policy = HttpPolicy(
+            rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout, bandwidth=bandwidth
+        )
         self.base_url = cfg.base_url
         self.key = service_identity("analysis", cfg.base_url, cfg.api_key)
         self.client = AnalysisClient(
@@ -138,6 +143,9 @@ def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
     )
 
 
-def make_backend(cfg: AnalysisConfig, which: str, **client_kwargs: Any) -> Backend:
-    """The backend ``which`` names; ``client_kwargs`` (an observer, a transport) go to the remote client."""
-    return RemoteAnalyzer(cfg, **client_kwargs) if which == "remote" else LocalBackend(cfg)
+def make_backend(
+    cfg: AnalysisConfig, which: str, *, bandwidth: Bandwidth | None = None, **client_kwargs: Any
+) -> Backend:
+    """The backend ``which`` names; ``bandwidth`` and ``client_kwargs`` (an observer, a transport) go to the
+    remote client."""
+    return RemoteAnalyzer(cfg, bandwidth=bandwidth, **client_kwargs) if which == "remote" else LocalBackend(cfg)

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,6 +34,9 @@ from watcher.pipelines.mover import SourceMover
 from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
+
+if TYPE_CHECKING:
+    from watcher.services.bandwidth import Bandwidth
 
 log = structlog.get_logger("watcher.app")
 PAID_DRAIN_SECONDS = 2.0
@@ -158,14 +161,15 @@ class App:
         store = open_store(settings)
         events = Events(subscribers)
         closers: list[Any] = []
+        bandwidth = _bandwidth(settings)
         try:
             pipelines: list[Pipeline] = []
             if settings.analysis.enabled:
-                pipelines.append(_analyze(settings, store, events, closers, observer))
+                pipelines.append(_analyze(settings, store, events, closers, observer, bandwidth))
             if settings.archive.enabled:
                 chosen = folders if folders is not None else settings.folders
                 chosen_folders = {str(f.path): f for f in chosen}
-                pipelines.append(_archive(settings, store, events, closers, chosen_folders, observer))
+                pipelines.append(_archive(settings, store, events, closers, chosen_folders, observer, bandwidth))
             if not pipelines:
                 raise ConfigError("nothing to do: both analysis.enabled and archive.enabled are false")
         except BaseException:
@@ -230,8 +234,26 @@ def _concurrency(settings: Settings, pipelines: dict[str, Pipeline]) -> dict[str
     return out
 
 
+def _bandwidth(settings: Settings) -> Bandwidth | None:
+    """The one bandwidth limit every client of the graph shares (``bwlimit``), or None when it is off."""
+    from watcher.config.bwlimit import parse_bwlimit
+
+    table = parse_bwlimit(settings.bwlimit)
+    if table.is_off:
+        return None
+    from watcher.services.bandwidth import Bandwidth
+
+    log.info("bandwidth.limit", bwlimit=str(table), next="every request and download of both services shares it")
+    return Bandwidth(table)
+
+
 def _analyze(
-    settings: Settings, store: Store, events: Events, closers: list[Any], observer: RequestObserver | None
+    settings: Settings,
+    store: Store,
+    events: Events,
+    closers: list[Any],
+    observer: RequestObserver | None,
+    bandwidth: Bandwidth | None,
 ) -> Pipeline:
     from watcher.analyzers import choose_backend, make_backend
     from watcher.config.audio_url import without_query
@@ -239,7 +261,7 @@ def _analyze(
 
     which, why = choose_backend(settings.analysis)
     log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
-    backend = make_backend(settings.analysis, which, observer=observer)
+    backend = make_backend(settings.analysis, which, observer=observer, bandwidth=bandwidth)
     closers.append(backend)
     store.adopt_legacy(backend.name, backend.key)
     templates = settings.audio_url_templates()
@@ -273,6 +295,7 @@ def _archive(
     closers: list[Any],
     folders: dict[str, FolderConfig],
     observer: RequestObserver | None,
+    bandwidth: Bandwidth | None,
 ) -> Pipeline:
     from watcher.pipelines.archive import ArchivePipeline
     from watcher.pipelines.deliver import Deliverer
@@ -280,7 +303,9 @@ def _archive(
     from watcher.services.neuralanalog import NeuralAnalogClient
 
     cfg = settings.archive
-    policy = HttpPolicy(rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout)
+    policy = HttpPolicy(
+        rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout, bandwidth=bandwidth
+    )
     processor = NeuralAnalogClient(cfg.base_url, reveal(cfg.api_key), policy=policy, observer=observer)
     closers.append(processor)
 

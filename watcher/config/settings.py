@@ -12,6 +12,7 @@ import platformdirs
 from pydantic import (
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -22,6 +23,7 @@ from pydantic_settings import (
 )
 
 from watcher.config.audio_url import expand, query_secrets
+from watcher.config.bwlimit import parse_bwlimit
 from watcher.config.secrets import resolve_key
 from watcher.config.sections import (
     APP,
@@ -61,6 +63,15 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     web: WebConfig = WebConfig()
+    # rclone's --bwlimit syntax for every byte either service sends or receives: "4M", "512k:off", a timetable
+    # "08:00,1M 19:00,off" (local time); "off" for none.
+    bwlimit: str = "off"
+
+    @field_validator("bwlimit")
+    @classmethod
+    def _bwlimit_parses(cls, value: str) -> str:
+        """A bandwidth limit that cannot be read is refused at load, naming the key, not at the first upload."""
+        return str(parse_bwlimit(value))
 
     @model_validator(mode="after")
     def _archive_needs_an_output(self) -> Settings:

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     # httpx (with httpx-sse) is imported at the first request: a daemon with nothing to send
     import httpx  # starts without it (about a tenth of its start-up)
 
+    from watcher.services.bandwidth import Bandwidth
+
 log = structlog.get_logger("watcher.http")
 
 
@@ -70,6 +72,8 @@ class HttpPolicy:
     retry_timeout: float = 600.0
     # Show only scheme://host/… of a URL in messages (webhook URLs often carry a token in their path).
     redact_urls: bool = False
+    # The bandwidth limit every client of the graph shares (``bwlimit``); None: none.
+    bandwidth: Bandwidth | None = None
 
 
 def safe_url(url: str | httpx.URL) -> str:
@@ -246,11 +250,20 @@ class ServiceHTTP:
                 base_url=self.base_url,
                 headers=self._headers,
                 timeout=httpx.Timeout(p.read_timeout, connect=p.connect_timeout),
-                transport=self._transport or httpx.AsyncHTTPTransport(verify=tls_context()),
+                transport=self._metered(self._transport or httpx.AsyncHTTPTransport(verify=tls_context())),
                 follow_redirects=False,  # redirects are followed by hand, each target checked
                 event_hooks={"request": [self._on_request], "response": [self._on_response]},
             )
         return self._client
+
+    def _metered(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+        """``transport`` under the shared bandwidth limit, when one is configured."""
+        bandwidth = self.policy.bandwidth
+        if bandwidth is None or bandwidth.is_off:
+            return transport
+        from watcher.services.bandwidth import throttled
+
+        return throttled(transport, bandwidth)
 
     @property
     def rate(self) -> float:
