@@ -454,6 +454,7 @@ def test_a_non_utf8_file_name_breaks_no_route(page: Page, inbox: Path, tmp_path:
     for url in ("/", "/files", "/api/events"):
         with page.client.stream("GET", url) as r:
             assert r.status_code == 200, url
+    assert commands.current_path(page.settings, shown) == str(audio)  # type: ignore[attr-defined]
     retried = page.client.post("/api/retry", json={"paths": [shown]})
     assert retried.status_code == 200
 
