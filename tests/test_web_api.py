@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -501,18 +502,29 @@ def test_host_header_must_be_the_pages(tmp_path: Path, inbox: Path, emu: Emulato
 
 
 def test_login_is_rate_limited(page: Page) -> None:
-    """After ten wrong tokens in a minute every login waits (429 with Retry-After), even a right one."""
-    for _ in range(10):
-        assert page.anonymous.post("/login", data={"token": "guess"}).status_code == 401
-    r = page.anonymous.post("/login", data={"token": "guess"})
-    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
-    assert page.anonymous.post("/login", data={"token": page.token}).status_code == 429
-    assert page.anonymous.get(page.login_link()).status_code == 429
+    """After ten failed logins in a minute every token tried waits (429 with Retry-After), even the right one;
+    a valid login link (as `watcher web` prints) still lets the user in."""
+    started = time.monotonic()
+    for i in range(9):
+        assert page.anonymous.post("/login", data={"token": f"guess-{i}"}).status_code == 401
+    assert page.anonymous.get("/login", params={"nonce": "1.forged.link"}).status_code == 429  # the tenth
+    for guess in ("guess", page.token):
+        r = page.anonymous.post("/login", data={"token": guess})
+        assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 61, guess
+        assert "set-cookie" not in r.headers
+    assert time.monotonic() - started < 30  # all within the minute
+    assert page.anonymous.get(page.login_link()).status_code == 303
     assert page.client.get("/api/status").status_code == 200  # the Bearer token still works
 
 
-def test_large_deep_or_nul_requests_are_refused_with_4xx(page: Page, inbox: Path) -> None:
-    """Bodies over 1 MiB are 413 before they are read; JSON nested too deep and NUL bytes in paths are 4xx."""
+def test_large_deep_or_nul_requests_are_refused_with_4xx(
+    page: Page, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies over 1 MiB are 413 before they are read, one that does not come 408; JSON nested too deep and
+    NUL bytes in paths are 4xx."""
+    from watcher.web import auth
+
+    monkeypatch.setattr(auth, "BODY_SECONDS", 0.5)
     with socket.create_connection(("127.0.0.1", page.port), timeout=10) as sock:
         sock.sendall(
             f"POST /api/retry HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\nAuthorization: Bearer {page.token}\r\n"
@@ -533,6 +545,12 @@ def test_large_deep_or_nul_requests_are_refused_with_4xx(page: Page, inbox: Path
     for url in ("/audio", "/file", "/api/file"):
         r = page.client.get(url, params={"path": nul})
         assert 400 <= r.status_code < 500, url
+    with socket.create_connection(("127.0.0.1", page.port), timeout=30) as sock:  # headers, then no body
+        sock.sendall(
+            f"POST /api/retry HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\nAuthorization: Bearer {page.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{".encode()
+        )
+        assert sock.recv(65536).decode().startswith("HTTP/1.1 408")
     assert page.client.post("/api/retry", json={"paths": [nul]}).status_code == 422
     assert page.client.post("/api/pause", json={"folder": nul}).status_code == 422
     assert page.client.get("/api/status").status_code == 200  # and the page still answers

@@ -4,6 +4,7 @@ allow-list, the Origin check on POSTs, the body size limit and the security head
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -33,6 +34,7 @@ LOGIN_SECONDS = 15 * 60  # how long a login link stays valid (and it works once)
 LOGIN_ATTEMPTS = 10  # failed logins allowed per LOGIN_WINDOW, for everyone together, then 429
 LOGIN_WINDOW = 60.0
 MAX_BODY = 1024 * 1024  # bytes a request body may have; larger ones are refused (413) before they are read
+BODY_SECONDS = 10.0  # a request body must arrive within this, once its headers are in (else 408)
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -223,9 +225,9 @@ def allowed_hosts(listen_host: str, port: int, configured: Iterable[str]) -> tup
 
 class Guard:
     """ASGI middleware in front of the whole page, in this order: a Host header not allowed is 400; a POST
-    whose Origin is not this page's is 403; a body over :data:`MAX_BODY` is 413; every path but
-    :data:`OPEN_PATHS` needs a Bearer token or a session cookie (else 401). Every answer gets the security
-    headers."""
+    whose Origin is not this page's is 403; every path but :data:`OPEN_PATHS` needs a Bearer token or a
+    session cookie (else 401); a body over :data:`MAX_BODY` is 413, one slower than :data:`BODY_SECONDS` 408.
+    Every answer gets the security headers."""
 
     def __init__(
         self, app: ASGIApp, sessions: Sessions, *, cookie: str, hosts: frozenset[str], any_address: bool = False
@@ -293,7 +295,12 @@ class Guard:
             await plain(send_secure, 401, "log in with the link watcher printed at start, or send a Bearer token")
             return
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await _bounded_body(headers, receive)
+            try:
+                async with asyncio.timeout(BODY_SECONDS):
+                    body = await _bounded_body(headers, receive)
+            except TimeoutError:
+                await plain(send_secure, 408, f"request body not received within {BODY_SECONDS:.0f} s")
+                return
             if body is None:
                 await plain(send_secure, 413, f"request body over {MAX_BODY} bytes refused")
                 return
@@ -349,7 +356,7 @@ async def plain(send: Send, status: int, text: str, extra: list[tuple[bytes, byt
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="watcher"'))
-    if status in (400, 413):
+    if status in (400, 408, 413):
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
     await send({"type": "http.response.body", "body": body})

@@ -91,7 +91,6 @@ def guarded_protocol(gate: Gate, header_seconds: float | None = None) -> type[H1
         _waiting_from: Any = None  # the request cycle current when the deadline was armed
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            gate.connections = self.connections
             gate.started()
             super().connection_made(transport)
             self._arm()

@@ -80,35 +80,47 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
     """The whole ASGI app: pages, API, audio, static files and (metrics on) /metrics, behind the guard."""
     cookie = cookie_name(port)
 
-    async def login(request: Request) -> Response:
-        """GET with a login link's nonce, or POST the token from the form: a session; else the form."""
-        wait = sessions.throttled()
-        if wait:
-            headers = {"Retry-After": str(int(wait) + 1)}
-            response = pages.render(request, "login", 429, title="Log in", message="Too many failed logins: "
-                                    f"wait {int(wait) + 1} s and try again.")
-            response.headers.update(headers)
-            return response
-        if request.method == "POST":
-            form = parse_qs((await request.body())[:MAX_LOGIN_FORM].decode("utf-8", "replace"))
-            good = same(form.get("token", [""])[0].strip(), sessions.token)
-        else:
-            nonce = request.query_params.get("nonce", "")
-            if not nonce:
-                return pages.render(request, "login", title="Log in", message=None)
-            good = sessions.redeem(nonce)
-        if not good:
-            sessions.failed()
-            message = "That token is not the page's." if request.method == "POST" else (
-                "This login link is not valid: it was used already, has expired (after 15 minutes) or is not this "
-                "page's. `watcher web` prints a new one."
-            )
-            return pages.render(request, "login", 401, title="Log in", message=message)
+    def logged_in() -> Response:
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
             cookie, sessions.open(), max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
         )
         return response
+
+    def refused(request: Request, message: str) -> Response:
+        """401 with the form; 429 with Retry-After once too many logins failed this minute."""
+        sessions.failed()
+        wait = sessions.throttled()
+        if not wait:
+            return pages.render(request, "login", 401, title="Log in", message=message)
+        message = f"Too many failed logins: wait {int(wait) + 1} s and try again."
+        response = pages.render(request, "login", 429, title="Log in", message=message)
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
+
+    async def login(request: Request) -> Response:
+        """A login link (GET ``?nonce=``) or the token from the form (POST) opens a session; else the form.
+
+        Failures are counted for everyone together: past the limit every token tried waits (429) before it is
+        even compared. A valid login link still works then (it tells nothing about the token, and a guessed
+        one would need its 192-bit signature), so `watcher web` always lets the user in."""
+        if request.method == "GET":
+            nonce = request.query_params.get("nonce", "")
+            if not nonce:
+                return pages.render(request, "login", title="Log in", message=None)
+            if sessions.redeem(nonce):
+                return logged_in()
+            return refused(
+                request,
+                "This login link is not valid: it was used already, has expired (after 15 minutes) or is not this "
+                "page's. `watcher web` prints a new one.",
+            )
+        if sessions.throttled():
+            return refused(request, "")
+        form = parse_qs((await request.body())[:MAX_LOGIN_FORM].decode("utf-8", "replace"))
+        if same(form.get("token", [""])[0].strip(), sessions.token):
+            return logged_in()
+        return refused(request, "That token is not the page's.")
 
     async def logout(request: Request) -> Response:
         sid = request.cookies.get(cookie)
