@@ -444,12 +444,16 @@ def test_a_non_utf8_file_name_breaks_no_route(page: Page, inbox: Path, tmp_path:
     entry = next(f for f in status["files"] if f["path"] == shown)
     assert entry["jobs"]["analyze"]["sidecar"] == shown + ".analysis.json"
     assert "\\xe9" in entry["jobs"]["archive"]["delivery"]
-    assert [r["path"] for r in page.json("/api/files")["files"]] == [shown]
+    rows = page.json("/api/files")["files"]
+    assert [r["path"] for r in rows] == [shown] and rows[0]["bpm"] is not None  # its sidecar read too
     info = page.json("/api/file", path=shown)
     assert info["path"] == shown and info["state"] == "done"
     assert info["summary"]["bpm"] is not None  # the sidecar was read from its real name
     assert info["sidecar_path"] == shown + ".analysis.json"
     assert info["delivery"]["files"] and all("\\xe9" in f["absolute"] for f in info["delivery"]["files"])
+    mastered = next(f["absolute"] for f in info["delivery"]["files"] if f["version"] == "mastered")
+    played = page.client.get("/audio", params={"path": mastered})  # in a folder named after the file
+    assert played.status_code == 200 and played.headers["content-type"].startswith("audio/")
     html = page.client.get("/file", params={"path": shown})
     assert html.status_code == 200 and "caf\\xe9 \\xff.wav" in html.text
     for url in ("/", "/files", "/api/events"):

@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from watcher.errors import ConfigError
 from watcher.log import register_secrets
-from watcher.names import display
+from watcher.names import display, find_shown
 from watcher.web import api, limits, pages
 from watcher.web.api import Context, path_param, problem
 from watcher.web.auth import (
@@ -152,7 +152,7 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
         kind = audio_type(path) if path else None
         if path is None or kind is None:
             return problem(404, "the page plays only audio files (wav, flac, mp3, m4a, ogg, aiff) from its folders")
-        real = await asyncio.to_thread(contained, path, ctx.audio_roots())
+        real = await asyncio.to_thread(lambda: contained(find_shown(path) or path, ctx.audio_roots()))
         if real is None:
             return problem(404, "no such audio file in the watched or output folders")
         disposition = "attachment" if request.query_params.get("download") else "inline"
