@@ -483,6 +483,8 @@ def test_audio_serves_only_audio_as_audio(page: Page, inbox: Path) -> None:
     r = page.client.get("/audio", params={"path": str(audio)})
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
     assert r.headers["x-content-type-options"] == "nosniff"
+    (inbox / "evil.wav").symlink_to(inbox / "evil.html")  # named as audio, pointing at HTML
+    assert page.client.get("/audio", params={"path": str(inbox / "evil.wav")}).status_code == 404
     disguised = inbox / "evil.mp3"  # script in a file named as audio: served as audio/mpeg, never as script
     disguised.write_bytes(b"fetch('/api/status')")
     r = page.client.get("/audio", params={"path": str(disguised)})

@@ -64,6 +64,7 @@ def _low_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, HARD))
 
 
+@pytest.mark.serial  # 400 connections and a count of the daemon's open files: alone, not beside the suite
 def test_idle_connections_cannot_starve_the_daemon_of_files(tmp_path: Path, inbox: Path, emu: Emulator) -> None:
     """Under a low open-files limit, 400 idle connections to the page leave files processed and the log quiet:
     the soft limit is raised to the hard one, the connections beyond the cap are closed at once, and the held

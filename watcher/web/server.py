@@ -148,13 +148,12 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
         return pages.render(request, "file", **pages.file_context(info))
 
     async def audio(request: Request) -> Response:
+        """An audio file of the folders, always as its fixed audio type (by the real file's extension)."""
         path = path_param(request.query_params.get("path"))
-        kind = audio_type(path) if path else None
-        if path is None or kind is None:
-            return problem(404, "the page plays only audio files (wav, flac, mp3, m4a, ogg, aiff) from its folders")
-        real = await asyncio.to_thread(lambda: contained(find_shown(path) or path, ctx.audio_roots()))
-        if real is None:
-            return problem(404, "no such audio file in the watched or output folders")
+        real = await asyncio.to_thread(lambda: path and contained(find_shown(path) or path, ctx.audio_roots()))
+        kind = audio_type(real) if real else None
+        if not real or kind is None:
+            return problem(404, "no such audio file (wav, flac, mp3, m4a, ogg, aiff) in the watched or output folders")
         disposition = "attachment" if request.query_params.get("download") else "inline"
         return FileResponse(
             real, media_type=kind, filename=os.path.basename(real), content_disposition_type=disposition
