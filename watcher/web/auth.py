@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -145,7 +145,7 @@ class Sessions:
         self.token = token
         self._live: OrderedDict[str, float] = OrderedDict()  # session id -> expiry (wall clock)
         self._used: dict[str, float] = {}  # login nonces already used -> their expiry
-        self._failures: list[float] = []  # monotonic times of recent failed logins
+        self._failures: deque[float] = deque(maxlen=LOGIN_ATTEMPTS)  # when the last failed logins were
 
     def open(self, *, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -193,11 +193,9 @@ class Sessions:
     def throttled(self) -> float:
         """Seconds until another login may be tried (0: now); after :data:`LOGIN_ATTEMPTS` failures a minute,
         from anyone, logins wait."""
-        now = time.monotonic()
-        self._failures = [t for t in self._failures if now - t < LOGIN_WINDOW]
         if len(self._failures) < LOGIN_ATTEMPTS:
             return 0.0
-        return max(0.1, LOGIN_WINDOW - (now - self._failures[0]))
+        return max(0.0, LOGIN_WINDOW - (time.monotonic() - self._failures[0]))
 
     def failed(self) -> None:
         self._failures.append(time.monotonic())

@@ -87,9 +87,11 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
         )
         return response
 
-    def refused(request: Request, message: str) -> Response:
-        """401 with the form; 429 with Retry-After once too many logins failed this minute."""
-        sessions.failed()
+    def refused(request: Request, message: str, *, tried: bool = True) -> Response:
+        """401 with the form; 429 with Retry-After once too many logins failed this minute (``tried``: this
+        request was a failed login, not one turned away unread)."""
+        if tried:
+            sessions.failed()
         wait = sessions.throttled()
         if not wait:
             return pages.render(request, "login", 401, title="Log in", message=message)
@@ -116,7 +118,7 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
                 "page's. `watcher web` prints a new one.",
             )
         if sessions.throttled():
-            return refused(request, "")
+            return refused(request, "", tried=False)
         form = parse_qs((await request.body())[:MAX_LOGIN_FORM].decode("utf-8", "replace"))
         if same(form.get("token", [""])[0].strip(), sessions.token):
             return logged_in()
