@@ -617,3 +617,15 @@ def test_watcher_web_prints_a_fresh_login_link(page: Page, capsys: pytest.Captur
     assert link.startswith(f"{page.url}/login?nonce=") and page.token not in link
     assert page.anonymous.get(link).status_code == 303
     assert page.anonymous.get(link).status_code == 401
+
+
+def test_pages_escape_what_a_file_name_holds(page: Page, inbox: Path) -> None:
+    """A file named like markup is text on its page (the templates escape every value), never markup."""
+    audio = inbox / "<img src=x onerror=alert(1)> & \"q\".wav"
+    write_tone(audio, 0.5)
+    settled(page, audio)
+    html = page.client.get("/file", params={"path": str(audio)}).text
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34;.wav" in html
+    missing = page.client.get("/file", params={"path": "<script>x</script>"})
+    assert missing.status_code == 404 and "<script>x" not in missing.text
