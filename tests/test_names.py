@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from watcher.names import display, from_db, header_value, is_text, to_db
+from watcher.names import display, find_shown, from_db, header_value, is_text, to_db
 
 ODD = [
     os.fsdecode(b"caf\xe9.wav"),  # Latin-1 from an old SMB share
@@ -70,3 +70,17 @@ def test_upload_and_stream_headers_take_any_name(name):
     assert "\n" not in quoted and "\r" not in quoted and '"' not in quoted
     header = _header_safe(name)
     assert header.isascii() and all(32 <= ord(c) < 127 for c in header)
+
+
+def test_find_shown_finds_the_name_display_showed(tmp_path):
+    """A path as display() shows it leads back to the real file, folder by folder; a missing one to None."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    real = folder / os.fsdecode(b"take \xff.wav")
+    real.write_bytes(b"x")
+    plain = tmp_path / "plain.wav"
+    plain.write_bytes(b"y")
+    assert find_shown(display(str(real))) == str(real)
+    assert find_shown(str(plain)) == str(plain)
+    assert find_shown(str(tmp_path / "caf\\xe9" / "other.wav")) is None
+    assert find_shown(str(tmp_path / "missing.wav")) is None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,32 +81,69 @@ def settled(page: Page, path: Path, state: str = "done", timeout: float = 30) ->
 def test_every_endpoint_needs_the_token(page: Page) -> None:
     """Without a token, with a wrong Bearer token or a wrong cookie: 401 everywhere; with the token: served."""
     wrong_bearer = httpx.Client(base_url=page.url, headers={"Authorization": "Bearer not-the-token"}, timeout=10)
-    wrong_cookie = httpx.Client(base_url=page.url, cookies={"watcher_session": "not-the-token"}, timeout=10)
+    wrong_cookie = httpx.Client(base_url=page.url, cookies={page.cookie: "not-a-session"}, timeout=10)
+    token_cookie = httpx.Client(base_url=page.url, cookies={page.cookie: page.token}, timeout=10)
     for method, url in ENDPOINTS:
         r = page.anonymous.request(method, url, json={} if method == "POST" else None)
         assert r.status_code == 401, (method, url)
         assert r.headers["www-authenticate"].startswith("Bearer")
         assert status_of(wrong_bearer, method, url) == 401, (method, url)
         assert status_of(wrong_cookie, method, url) == 401, (method, url)
+        assert status_of(token_cookie, method, url) == 401, (method, url)  # the cookie is a session, not the token
         assert status_of(page.client, method, url) in (200, 404, 422), (method, url)
     assert page.token not in page.anonymous.get("/api/status").text
-    wrong_bearer.close()
-    wrong_cookie.close()
+    for client in (wrong_bearer, wrong_cookie, token_cookie):
+        client.close()
 
 
-def test_login_link_sets_a_strict_session_cookie(page: Page) -> None:
-    """/login with the token sets an HttpOnly, SameSite=Strict cookie that then authorises; a wrong token does not."""
-    r = page.anonymous.get("/login", params={"token": page.token})
+def test_login_link_opens_a_session_once(page: Page) -> None:
+    """A login link sets an HttpOnly, SameSite=Strict cookie named for the port, with a lifetime, holding a random
+    session (not the token); the link works once; the token in the URL logs nobody in; logout ends the session."""
+    link = page.login_link()
+    assert page.token not in link
+    r = page.anonymous.get(link)
     assert r.status_code == 303 and r.headers["location"] == "/"
     cookie = r.headers["set-cookie"].lower()
+    assert cookie.startswith(f"{page.cookie}=")
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
-    session = httpx.Client(base_url=page.url, cookies={"watcher_session": r.cookies["watcher_session"]})
+    assert f"max-age={12 * 3600}" in cookie
+    sid = r.cookies[page.cookie]
+    assert sid != page.token and len(sid) >= 32
+    session = httpx.Client(base_url=page.url, cookies={page.cookie: sid}, timeout=10)
     assert session.get("/api/status").status_code == 200
     assert session.get("/").status_code == 200
-    bad = page.anonymous.get("/login", params={"token": page.token[:-1] + "x"})
-    assert bad.status_code == 401 and "set-cookie" not in bad.headers
-    assert page.anonymous.get("/login").status_code == 401
+    again = page.anonymous.get(link)  # used already
+    assert again.status_code == 401 and "set-cookie" not in again.headers
+    assert page.anonymous.get("/login", params={"token": page.token}).status_code == 200  # the form, no session
+    assert "set-cookie" not in page.anonymous.get("/login", params={"token": page.token}).headers
+    forged = link[:-3] + ("aaa" if not link.endswith("aaa") else "bbb")
+    assert page.anonymous.get(forged).status_code == 401
+    form = page.anonymous.post("/login", data={"token": page.token})  # the form: the token, in a POST body
+    assert form.status_code == 303 and form.cookies[page.cookie] not in (sid, page.token)
+    out = session.post("/logout")
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    assert session.get("/api/status").status_code == 401  # revoked on the server, not only forgotten
     session.close()
+
+
+def test_two_daemons_keep_their_own_sessions(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    """Two pages on one machine set cookies of different names: logging into one does not log out of the other."""
+    pages = []
+    for name in ("one", "two"):
+        folder = tmp_path / name / "in"
+        folder.mkdir(parents=True)
+        settings = web_settings(tmp_path / name, folder, emu, archive=False)
+        pages.append(Page(run_daemon(settings), settings))
+    first, second = pages
+    assert first.cookie != second.cookie
+    browser = httpx.Client(timeout=10)  # one cookie jar for both, as a browser has for 127.0.0.1
+    assert browser.get(first.login_link()).status_code == 303
+    assert browser.get(second.login_link()).status_code == 303
+    assert browser.get(f"{first.url}/api/status").status_code == 200
+    assert browser.get(f"{second.url}/api/status").status_code == 200
+    browser.close()
+    for p in pages:
+        p.close()
 
 
 def test_cross_origin_post_is_refused(page: Page, inbox: Path) -> None:
@@ -125,10 +165,10 @@ def test_answers_carry_a_strict_content_security_policy(page: Page) -> None:
         assert r.headers["x-content-type-options"] == "nosniff"
 
 
-def test_generated_token_is_private_logged_once_then_redacted(
+def test_generated_token_is_private_and_never_logged(
     tmp_path: Path, inbox: Path, emu: Emulator, run_daemon
 ) -> None:
-    """The first start makes a 0600 token file and logs one login link; later starts log the page without it."""
+    """The first start makes a 0600 token file; every start logs a one-time login link, never the token."""
     settings = web_settings(tmp_path, inbox, emu)
     with capture_logs() as logs:
         d = run_daemon(settings)
@@ -140,9 +180,9 @@ def test_generated_token_is_private_logged_once_then_redacted(
     token_file = settings.state_dir / "web-token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and len(first.token) >= 32
     logins = [e for e in logs if e["event"] == "web.login"]
-    assert len(logins) == 1 and logins[0]["url"] == f"{first.url}/login?token={first.token}"
-    serving = [e for e in logs if e["event"] == "web.serving"]
-    assert len(serving) == 1 and first.token not in json.dumps(serving[0])
+    assert [e["url"].split("/login?nonce=")[0] for e in logins] == [first.url, second.url]
+    assert logins[0]["url"] != logins[1]["url"]
+    assert not any(first.token in json.dumps(e, default=str) for e in logs)
     assert second.token == first.token
     assert _scrub(f"token {first.token} seen") == "token [redacted] seen"
     first.close()
@@ -367,8 +407,20 @@ def test_taken_port_is_a_warning_and_the_daemon_runs_on(
     holder.close()
 
 
+def test_short_token_is_refused(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    """A configured token of three characters leaves the daemon running without the page, saying why."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False, token="abc")
+    with capture_logs() as logs:
+        d = run_daemon(settings)
+        wait_for(lambda: commands.web_state(settings), what="the page's state")
+    assert d.daemon.web is None
+    assert "has 3 characters, fewer than 16" in commands.web_state(settings)["problem"]
+    assert any(e["event"] == "web.not_started" for e in logs)
+
+
 def test_non_loopback_needs_a_long_token(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
-    settings = web_settings(tmp_path, inbox, emu, archive=False, listen="0.0.0.0:0", token="short-token")
+    """Beyond loopback: a 32-character token, and a warning naming a reachable address and the cleartext."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False, listen="0.0.0.0:0", token="a-token-of-twenty-chars")
     with capture_logs() as logs:
         d = run_daemon(settings)
         wait_for(lambda: commands.web_state(settings), what="the page's state")
@@ -381,8 +433,11 @@ def test_non_loopback_needs_a_long_token(tmp_path: Path, inbox: Path, emu: Emula
     with capture_logs() as logs:
         d = run_daemon(exposed)
         url = wait_for(lambda: d.daemon.web and d.daemon.web.url)
-    assert any(e["event"] == "web.exposed" and e["log_level"] == "warning" for e in logs)
+    warning = next(e for e in logs if e["event"] == "web.exposed")
     port = url.rsplit(":", 1)[1]
+    assert warning["log_level"] == "warning" and "cleartext" in warning["next"]
+    assert "0.0.0.0" not in warning["url"] and warning["url"].endswith(f":{port}")  # an address a phone can use
+    assert url == f"http://127.0.0.1:{port}"
     assert httpx.get(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"Bearer {long_token}"})
     assert not any(long_token in json.dumps(e, default=str) for e in logs)
     d.stop()
@@ -396,3 +451,203 @@ def test_web_section_defaults() -> None:
     with pytest.raises(ValueError, match="not host:port"):
         WebConfig(listen="8765")
     assert os.environ["WATCHER_WEB__ENABLED"] == "false"  # the suite's daemons keep the page off by default
+
+
+# -- the issue's findings, one test each ---------------------------------------------------------------
+
+
+def test_a_non_utf8_file_name_breaks_no_route(page: Page, inbox: Path, tmp_path: Path) -> None:
+    """A dropped file whose name is not UTF-8 is shown (as \\xNN) by every page and API route, none answers 500."""
+    audio = inbox / os.fsdecode(b"caf\xe9 \xff.wav")
+    write_tone(audio, 0.8)
+    shown = str(inbox / "caf\\xe9 \\xff.wav")
+    settled(page, Path(shown))
+    status = page.json("/api/status")
+    entry = next(f for f in status["files"] if f["path"] == shown)
+    assert entry["jobs"]["analyze"]["sidecar"] == shown + ".analysis.json"
+    assert "\\xe9" in entry["jobs"]["archive"]["delivery"]
+    rows = page.json("/api/files")["files"]
+    assert [r["path"] for r in rows] == [shown] and rows[0]["bpm"] is not None  # its sidecar read too
+    info = page.json("/api/file", path=shown)
+    assert info["path"] == shown and info["state"] == "done"
+    assert info["summary"]["bpm"] is not None  # the sidecar was read from its real name
+    assert info["sidecar_path"] == shown + ".analysis.json"
+    assert info["delivery"]["files"] and all("\\xe9" in f["absolute"] for f in info["delivery"]["files"])
+    mastered = next(f["absolute"] for f in info["delivery"]["files"] if f["version"] == "mastered")
+    played = page.client.get("/audio", params={"path": mastered})  # in a folder named after the file
+    assert played.status_code == 200 and played.headers["content-type"].startswith("audio/")
+    html = page.client.get("/file", params={"path": shown})
+    assert html.status_code == 200 and "caf\\xe9 \\xff.wav" in html.text
+    for url in ("/", "/files", "/api/events"):
+        with page.client.stream("GET", url) as r:
+            assert r.status_code == 200, url
+    assert commands.current_path(page.settings, shown) == str(audio)  # type: ignore[attr-defined]
+    retried = page.client.post("/api/retry", json={"paths": [shown]})
+    assert retried.status_code == 200
+
+
+def test_audio_serves_only_audio_as_audio(page: Page, inbox: Path) -> None:
+    """Dropped HTML, script, SVG and JSON files are not served by /audio; audio comes as a fixed audio/* type."""
+    audio = inbox / "tone.wav"
+    write_tone(audio, 0.5)
+    settled(page, audio)
+    planted = {
+        "evil.html": b"<script>fetch('/api/retry')</script>",
+        "evil.js": b"fetch('/api/status')",
+        "evil.svg": b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>",
+        "tone.wav.analysis.json": None,  # the sidecar: through the API only
+    }
+    for name, content in planted.items():
+        if content is not None:
+            (inbox / name).write_bytes(content)
+        r = page.client.get("/audio", params={"path": str(inbox / name)})
+        assert r.status_code == 404 and r.headers["content-type"] == "application/json", name
+    r = page.client.get("/audio", params={"path": str(audio)})
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    (inbox / "evil.wav").symlink_to(inbox / "evil.html")  # named as audio, pointing at HTML
+    assert page.client.get("/audio", params={"path": str(inbox / "evil.wav")}).status_code == 404
+    disguised = inbox / "evil.mp3"  # script in a file named as audio: served as audio/mpeg, never as script
+    disguised.write_bytes(b"fetch('/api/status')")
+    r = page.client.get("/audio", params={"path": str(disguised)})
+    assert r.headers["content-type"] == "audio/mpeg" and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_host_header_must_be_the_pages(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
+    """A Host other than the listen address, localhost, 127.0.0.1, [::1] or a configured name is refused (400)
+    before the token is even looked at: DNS rebinding reaches nothing, not even /login."""
+    settings = web_settings(tmp_path, inbox, emu, archive=False, allowed_hosts=("nas.local", "proxy.example:443"))
+    page = Page(run_daemon(settings), settings)
+    port = page.port
+    for host in ("evil.example", f"evil.example:{port}", "localhost:1", "proxy.example:80", f"127.0.0.2:{port}"):
+        for url in ("/login", "/api/status", "/healthz"):
+            r = page.client.get(url, headers={"Host": host})
+            assert r.status_code == 400 and "allowed_hosts" in r.text, (host, url)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "nas.local", f"nas.local:{port}",
+                 "proxy.example:443"):  # fmt: skip
+        assert page.client.get("/api/status", headers={"Host": host}).status_code == 200, host
+    page.close()
+
+
+def test_login_is_rate_limited(page: Page) -> None:
+    """After ten failed logins in a minute every token tried waits (429 with Retry-After), even the right one;
+    a valid login link (as `watcher web` prints) still lets the user in."""
+    started = time.monotonic()
+    for i in range(9):
+        assert page.anonymous.post("/login", data={"token": f"guess-{i}"}).status_code == 401
+    assert page.anonymous.get("/login", params={"nonce": "1.forged.link"}).status_code == 429  # the tenth
+    for guess in ("guess", page.token):
+        r = page.anonymous.post("/login", data={"token": guess})
+        assert r.status_code == 429 and 0 < int(r.headers["retry-after"]) <= 61, guess
+        assert "set-cookie" not in r.headers
+    assert time.monotonic() - started < 30  # all within the minute
+    assert page.anonymous.get(page.login_link()).status_code == 303
+    assert page.client.get("/api/status").status_code == 200  # the Bearer token still works
+
+
+def test_large_deep_or_nul_requests_are_refused_with_4xx(
+    page: Page, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies over 1 MiB are 413 before they are read, one that does not come 408; JSON nested too deep and
+    NUL bytes in paths are 4xx."""
+    from watcher.web import auth
+
+    monkeypatch.setattr(auth, "BODY_SECONDS", 0.5)
+    with socket.create_connection(("127.0.0.1", page.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /api/retry HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\nAuthorization: Bearer {page.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 300000000\r\n\r\n{".encode()
+        )
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield b" " * 100_000
+
+    r = page.client.post("/api/retry", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert page.client.post("/api/retry", content=b'{"paths": ' + deep + b"}").status_code == 422
+    assert page.client.post("/api/pause", content=b'{"folder": ' + deep + b"}").status_code == 422
+    nul = str(inbox / "a\x00.wav")
+    for url in ("/audio", "/file", "/api/file"):
+        r = page.client.get(url, params={"path": nul})
+        assert 400 <= r.status_code < 500, url
+    with socket.create_connection(("127.0.0.1", page.port), timeout=30) as sock:  # headers, then no body
+        sock.sendall(
+            f"POST /api/retry HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\nAuthorization: Bearer {page.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 20\r\n\r\n{".encode()
+        )
+        assert sock.recv(65536).decode().startswith("HTTP/1.1 408")
+    assert page.client.post("/api/retry", json={"paths": [nul]}).status_code == 422
+    assert page.client.post("/api/pause", json={"folder": nul}).status_code == 422
+    assert page.client.get("/api/status").status_code == 200  # and the page still answers
+
+
+def test_login_link_is_shown_after_a_taken_port_at_first_start(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon
+) -> None:
+    """The token is made while the port is taken; the next start, with the port free, still logs a login link."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    settings = web_settings(tmp_path, inbox, emu, archive=False, listen=f"127.0.0.1:{port}")
+    with capture_logs() as logs:
+        run_daemon(settings).stop()
+    assert not [e for e in logs if e["event"] == "web.login"]
+    assert (settings.state_dir / "web-token").exists()
+    holder.close()
+    with capture_logs() as logs:
+        d = run_daemon(settings)
+        page = Page(d, settings)
+    login = next(e for e in logs if e["event"] == "web.login")
+    assert login["url"].startswith(f"http://127.0.0.1:{port}/login?nonce=")
+    assert page.anonymous.get(login["url"]).status_code == 303
+    page.close()
+
+
+def test_refused_requests_leave_the_log_quiet(page: Page, caplog: pytest.LogCaptureFixture) -> None:
+    """WebSocket attempts, garbage and over-long headers are answered or closed without a log line each."""
+    caplog.set_level(logging.DEBUG)
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", page.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{page.port}\r\nConnection: Upgrade\r\n"
+                "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
+                "\r\n".encode()
+            )
+            sock.recv(4096)
+        with socket.create_connection(("127.0.0.1", page.port), timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            sock.recv(4096)
+        with socket.create_connection(("127.0.0.1", page.port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n")
+            with contextlib.suppress(OSError):
+                sock.recv(4096)
+    assert page.client.get("/api/status").status_code == 200
+    lines = [r for r in caplog.records if r.name.startswith("uvicorn")]
+    assert lines == [], [r.getMessage() for r in lines]
+
+
+def test_watcher_web_prints_a_fresh_login_link(page: Page, capsys: pytest.CaptureFixture[str]) -> None:
+    """`watcher web` prints a new one-time link for the running page; it logs in once and holds no token."""
+    from watcher.cli import _web
+
+    assert _web(page.settings) == 0  # type: ignore[attr-defined]
+    link = capsys.readouterr().out.strip()
+    assert link.startswith(f"{page.url}/login?nonce=") and page.token not in link
+    assert page.anonymous.get(link).status_code == 303
+    assert page.anonymous.get(link).status_code == 401
+
+
+def test_pages_escape_what_a_file_name_holds(page: Page, inbox: Path) -> None:
+    """A file named like markup is text on its page (the templates escape every value), never markup."""
+    audio = inbox / "<img src=x onerror=alert(1)> & \"q\".wav"
+    write_tone(audio, 0.5)
+    settled(page, audio)
+    html = page.client.get("/file", params={"path": str(audio)}).text
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34;.wav" in html
+    missing = page.client.get("/file", params={"path": "<script>x</script>"})
+    assert missing.status_code == 404 and "<script>x" not in missing.text

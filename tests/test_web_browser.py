@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 SHOTS = Path(os.environ.get("WEB_SCREENSHOTS") or Path(tempfile.gettempdir()) / "watcher-web-screenshots")
 STREAM = "POST /v1/analysis/stream"
+AXE = "axe-core@4.14.1"  # the accessibility checker, from the npm registry
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +85,9 @@ def drop(path: Path, seconds: float = 4.0) -> Path:
 
 
 def open_page(run_daemon: Any, settings: Any, browser: Any) -> Page:
-    """Start the daemon and log the browser in with the login link."""
+    """Start the daemon and log the browser in with a login link."""
     page = Page(run_daemon(settings), settings)
-    browser.get(f"{page.url}/login?token={page.token}")
+    browser.get(page.login_link())
     wait_for(lambda: browser.current_url == f"{page.url}/", what="the login redirect")
     return page
 
@@ -117,19 +120,105 @@ def row_state(browser: Any, path: Path) -> str | None:
     )
 
 
-def test_login_link_logs_in(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any) -> None:
+def test_login_link_logs_in_and_logout_ends_the_session(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
+) -> None:
+    """The login link opens a session (an HttpOnly, Strict cookie named for the port); Log out ends it."""
     settings = web_settings(tmp_path, inbox, emu)
     page = Page(run_daemon(settings), settings)
     browser.delete_all_cookies()
     browser.get(f"{page.url}/")
     assert "log in with the link" in browser.find_element("tag name", "body").text
-    browser.get(f"{page.url}/login?token={page.token}")
+    browser.get(page.login_link())
     wait_for(lambda: browser.current_url == f"{page.url}/")
     assert browser.title == "Overview · watcher"
     wait_for(lambda: browser.find_element("id", "live").text == "live", what="the event stream")
-    cookie = browser.get_cookie("watcher_session")
-    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    cookie = browser.get_cookie(page.cookie)
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["value"] != page.token
+    assert cookie.get("expiry") and cookie["expiry"] - time.time() <= 12 * 3600 + 60
     assert js(browser, "return document.cookie") == ""  # HttpOnly: scripts cannot read it
+    browser.find_element("css selector", "form.logout button").click()
+    wait_for(lambda: browser.current_url == f"{page.url}/login", what=f"the login form, at {browser.current_url}: "
+             f"{browser.find_element('tag name', 'body').text[:300]}")
+    assert browser.get_cookie(page.cookie) is None
+    browser.add_cookie({"name": page.cookie, "value": cookie["value"], "path": "/"})  # kept by someone
+    browser.get(f"{page.url}/api/status")
+    assert "log in with the link" in browser.find_element("tag name", "body").text  # revoked on the server
+    browser.get(f"{page.url}/login")
+    browser.find_element("id", "token").send_keys(page.token)
+    browser.find_element("css selector", "form.login button").click()
+    wait_for(lambda: browser.current_url == f"{page.url}/", what="the form's login")
+    page.close()
+
+
+def axe_script() -> str:
+    """axe-core's axe.min.js, fetched once with `npm pack` into a cache folder (skip when npm cannot)."""
+    cache = Path(os.environ.get("WATCHER_TEST_CACHE") or Path.home() / ".cache" / "watcher-tests") / AXE
+    script = cache / "axe.min.js"
+    if not script.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("needs npm to fetch axe-core")
+        with tempfile.TemporaryDirectory() as tmp:
+            packed = subprocess.run(
+                [npm, "pack", AXE, "--pack-destination", tmp], capture_output=True, text=True, timeout=120
+            )
+            if packed.returncode != 0:
+                pytest.skip(f"npm pack {AXE} failed: {packed.stderr.strip()[-200:]}")
+            with tarfile.open(Path(tmp) / packed.stdout.strip().splitlines()[-1]) as tar:
+                member = tar.extractfile("package/axe.min.js")
+                assert member is not None
+                cache.mkdir(parents=True, exist_ok=True)
+                partial = cache / "axe.min.js.part"
+                partial.write_bytes(member.read())
+                partial.replace(script)
+    return script.read_text()
+
+
+def serious_violations(browser: Any) -> list[str]:
+    """axe-core's serious and critical violations on the open page, one line each."""
+    if not js(browser, "return typeof window.axe !== 'undefined'"):
+        js(browser, axe_script())
+    result = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations), e => done(String(e)));"
+    )
+    assert isinstance(result, list), result
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in result
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+def test_pages_have_no_serious_accessibility_violation(
+    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon: Any, browser: Any
+) -> None:
+    """axe-core finds no serious or critical violation on the overview, the file list and a file's page (one of
+    the files has a name that is not UTF-8: both lists still fill in)."""
+    settings = web_settings(tmp_path, inbox, emu)
+    page = open_page(run_daemon, settings, browser)
+    audio = inbox / "Checked.wav"
+    drop(audio)
+    odd = drop(inbox / os.fsdecode(b"Caf\xe9.wav"))
+    shown = Path(str(inbox / "Caf\\xe9.wav"))  # as the page shows it
+    for path in (audio, shown):
+        wait_for(lambda p=path: row_state(browser, p) == "done", timeout=40, what=f"{path.name} to be delivered")
+    found = {"overview": serious_violations(browser)}
+    browser.get(f"{page.url}/files")
+    wait_for(lambda: row_state(browser, audio) == "done" and row_state(browser, shown) == "done")
+    assert odd.exists()
+    found["files"] = serious_violations(browser)
+    browser.get(f"{page.url}/file?path={audio}")
+    wait_for(lambda: browser.find_elements("css selector", "#players audio"), what="the players")
+    found["file"] = serious_violations(browser)
+    dark = [{"name": "prefers-color-scheme", "value": "dark"}]
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": dark})
+    try:
+        found["file, dark"] = serious_violations(browser)
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+    assert found == {"overview": [], "files": [], "file": [], "file, dark": []}
     page.close()
 
 

@@ -11,6 +11,7 @@ from tests.conftest import API_KEY, make_settings, wait_for
 from tests.test_archive import PKEY, archive_settings
 from watcher.config import Settings, WebConfig
 from watcher.emulator import Emulator
+from watcher.web.auth import login_link
 
 
 def web_settings(tmp_path: Path, inbox: Path, emu: Emulator, *, archive: bool = True, **web: Any) -> Settings:
@@ -40,6 +41,19 @@ class Page:
         self.token = (settings.state_dir / "web-token").read_text().strip()
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
         self.anonymous = httpx.Client(base_url=self.url, timeout=10)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.cookie = f"watcher_session_{self.port}"
+
+    def login_link(self) -> str:
+        """A fresh one-time login link, as `watcher web` prints."""
+        return login_link(self.url, self.token)
+
+    def session(self) -> httpx.Client:
+        """A client logged in through a login link, as a browser is (a session cookie, no token)."""
+        client = httpx.Client(base_url=self.url, timeout=10)
+        r = client.get(self.login_link())
+        assert r.status_code == 303, r.text
+        return client
 
     def json(self, url: str, **params: Any) -> Any:
         r = self.client.get(url, params=params)

@@ -94,6 +94,8 @@ def _control_commands(sub: Any) -> None:
     resume = sub.add_parser("resume", help="process a paused folder's files again")
     resume.add_argument("folder", type=Path, metavar="FOLDER")
 
+    sub.add_parser("web", help="print a new one-time login link for the running daemon's page")
+
     adopt = sub.add_parser("adopt", help="take over a folder another store owns (rewrites its .watcher-folder)")
     adopt.add_argument("folder", type=Path, metavar="FOLDER")
 
@@ -182,11 +184,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_FAILED if bad else EXIT_OK
     if args.command in ("pause", "resume"):
         return _pause(_settings(args), args.folder, paused=args.command == "pause")
+    if args.command == "web":
+        return _web(_settings(args))
     if args.command == "adopt":
         return _adopt(_settings(args), args.folder)
     if args.command == "retry":
         return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
+
+
+def _web(settings: Settings) -> int:
+    """`watcher web`: a fresh login link (valid 15 minutes, once) for the page the running daemon serves."""
+    from watcher import commands
+    from watcher.web.auth import load_token, login_link
+
+    state = commands.web_state(settings)
+    if not state or not state.get("running"):
+        why = (state or {}).get("problem") or "no daemon with the page runs here (`watcher run`, [web] enabled)"
+        print(f"watcher: the page is not running: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    print(login_link(str(state["url"]), load_token(settings)))
+    return 0
 
 
 def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:

@@ -164,6 +164,20 @@ def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in
         store.close()
 
 
+def current_path(settings: Settings, shown: str) -> str | None:
+    """The path of the current file that :func:`watcher.names.display` shows as ``shown`` (the page and its API
+    name files that way), or None. A name that is valid text is itself; any other is found among the files."""
+    from watcher.names import display
+
+    store = open_store(settings)
+    try:
+        if store.current_version(os.path.abspath(shown)) is not None:
+            return os.path.abspath(shown)
+        return next((j.file.path for j in store.jobs_of_current() if display(j.file.path) == shown), None)
+    finally:
+        store.close()
+
+
 def jobs_of(settings: Settings, path: str) -> list[dict[str, Any]]:
     """The jobs of a file's current version with attempts, step, state, error and what they recorded
     (for the web page's file view); empty when the store does not know the file."""

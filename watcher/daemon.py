@@ -24,7 +24,7 @@ from watcher.app import App
 from watcher.config import FolderConfig, Settings, reveal
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import StateLock, sweep_temp
+from watcher.fsutil import StateLock, raise_open_files_limit, sweep_temp
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
@@ -85,6 +85,7 @@ class Daemon:
         self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self._next_prune = 0.0
         self._alive_at = time.monotonic()
+        self.open_files = 0  # the open-files soft limit, once raised at start
 
     def _alive(self) -> None:
         """The loop got round to the heartbeat: ping the systemd watchdog, and remember when (for /healthz)."""
@@ -132,6 +133,8 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         lag: LoopLag | None = None
+        # systemd's default soft limit (1024) is low for folders, files and the page's connections at once
+        self.open_files = raise_open_files_limit()
         try:
             await self._start_web()
             self._start_metrics()
@@ -230,6 +233,7 @@ class Daemon:
                 version=__version__,
                 folders=[str(f.path) for f in self.settings.folders],
                 state_dir=str(self.settings.state_dir),
+                open_files=self.open_files,
             )
 
             def ready() -> None:

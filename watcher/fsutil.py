@@ -358,3 +358,19 @@ class StateLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def raise_open_files_limit(ceiling: int = 1 << 16) -> int:
+    """Raise this process's soft limit of open files to its hard limit (at most ``ceiling``), as a daemon that
+    holds folders, sockets and files at once needs: systemd's default soft limit is 1024. Returns the soft
+    limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return ceiling if soft == resource.RLIM_INFINITY else soft
+    with contextlib.suppress(ValueError, OSError):  # macOS refuses above its own OPEN_MAX
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
+    return soft

@@ -61,3 +61,29 @@ def header_value(name: str) -> str:
     if raw.isascii() and all(32 <= b < 127 for b in raw):
         return name
     return quote(raw, safe="")
+
+
+def find_shown(shown: str) -> str | None:
+    """The existing path that :func:`display` shows as ``shown``: ``shown`` itself when it exists, else the
+    path found name by name in each folder (a name with undecodable bytes, as the page shows it); None if
+    none. Only a path whose display has an escape is looked for in its folders."""
+    if os.path.lexists(shown):
+        return shown
+    if "\\x" not in shown:
+        return None
+    current = os.sep if shown.startswith(os.sep) else ""
+    for part in shown.split(os.sep):
+        if not part:
+            continue
+        candidate = os.path.join(current, part)
+        if not os.path.lexists(candidate):
+            try:
+                entries = os.listdir(current or ".")
+            except OSError:
+                return None
+            match = next((e for e in entries if display(e) == part), None)
+            if match is None:
+                return None
+            candidate = os.path.join(current, match)
+        current = candidate
+    return current

@@ -94,9 +94,11 @@ def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, An
             doubt = job.data.get("in_doubt", {})
             info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
             in_doubt.append({"path": shown, "pipeline": job.pipeline, **info["in_doubt"]})
-        for key in ("versions", "delivery", "sidecar"):
+        if job.data.get("versions"):
+            info["versions"] = job.data["versions"]
+        for key in ("delivery", "sidecar"):  # paths named after the file: shown as text whatever its bytes
             if job.data.get(key):
-                info[key] = job.data[key]
+                info[key] = display(job.data[key])
         if job.pipeline == "archive":
             info.setdefault("versions", {})
         files.setdefault(job.file.path, {"path": shown, "jobs": {}})["jobs"][job.pipeline] = info

@@ -277,11 +277,24 @@ class WebConfig(_Section):
     listen: str = Field("127.0.0.1:8765", description="host:port; a non-loopback host needs a token of 32+ characters")
     token: SecretStr | None = None
     token_file: Path | None = None  # default: a random token kept in state_dir/web-token (mode 0600)
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Host names (name or name:port) the page answers to besides the listen address, localhost, "
+        "127.0.0.1 and [::1]: a LAN name, a container's or a reverse proxy's",
+    )
 
     @field_validator("token", "token_file", mode="before")
     @classmethod
     def _blank_token(cls, value: Any) -> Any:
         return None if value in ("", None) else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if not host or any(c in host for c in "/@ ,\t") or "://" in host:
+                raise ValueError(f"{host!r} is not a host name (give nas.local or nas.local:8765, no scheme or path)")
+        return tuple(h.lower() for h in value)
 
     @field_validator("listen")
     @classmethod

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from watcher import commands
 from watcher.config import Settings
 from watcher.errors import ConfigError
-from watcher.names import display
+from watcher.names import display, is_text
 from watcher.web import data
 from watcher.web.live import LiveEvents
 
@@ -51,39 +51,76 @@ class Context:
         return [os.path.realpath(r) for r in roots]
 
 
+def shown(value: Any) -> Any:
+    """``value`` with every string that is not valid text (a name's undecodable bytes) as
+    :func:`watcher.names.display` shows it: the last net under the answers, whose paths are already shown."""
+    if isinstance(value, str):
+        return value if is_text(value) else display(value)
+    if isinstance(value, dict):
+        return {shown(k): shown(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [shown(v) for v in value]
+    return value
+
+
+class Answer(JSONResponse):
+    """A JSON answer that any file name can be in."""
+
+    def render(self, content: Any) -> bytes:
+        return super().render(shown(content))
+
+
 def problem(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
+    return Answer({"detail": detail}, status_code=status)
+
+
+def path_param(value: str | None) -> str | None:
+    """A path given in a query or body: None when absent, empty or not a possible path (a NUL byte)."""
+    if not value or "\x00" in value:
+        return None
+    return value
 
 
 async def _body(request: Request) -> dict[str, Any] | None:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
         return None
     return body if isinstance(body, dict) else None
 
 
 async def file_info(ctx: Context, path: str) -> dict[str, Any] | None:
-    """Everything about one file: its sidecar (summary and curves), jobs with errors, delivery and manifest."""
+    """Everything about one file, named as the page shows it: its sidecar (summary and curves), jobs with
+    errors, delivery and manifest. Every path in it is shown through :func:`watcher.names.display`."""
     report = await ctx.report()
     entry = next((f for f in report["files"] if f["path"] == path), None)
     if entry is None:
         return None
-    jobs = await asyncio.to_thread(commands.jobs_of, ctx.settings, path)
-    analyze = entry["jobs"].get("analyze", {})
-    archive = entry["jobs"].get("archive", {})
-    doc = await asyncio.to_thread(data.sidecar, analyze.get("sidecar"))
+    real = await asyncio.to_thread(commands.current_path, ctx.settings, path)
+    if real is None:
+        return None
+    jobs = await asyncio.to_thread(commands.jobs_of, ctx.settings, real)
+    recorded = {j["pipeline"]: j["data"] for j in jobs}
+    sidecar_path = recorded.get("analyze", {}).get("sidecar")
+    doc = await asyncio.to_thread(data.sidecar, sidecar_path)
+    delivery = await asyncio.to_thread(data.deliveries, recorded.get("archive", {}).get("delivery"))
+    if delivery is not None:
+        delivery = {
+            **delivery,
+            "folder": display(delivery["folder"]),
+            "files": [{**f, "path": display(f["path"]), "absolute": display(f["absolute"])} for f in delivery["files"]],
+        }
     return {
         "path": path,
         "state": data.state_of(entry),
         "status": entry["jobs"],
-        "jobs": jobs,
+        "jobs": shown(jobs),
         "problems": [p for p in report["problems"] if p["path"] == path],
         "summary": data.summary(doc),
         "curves": data.curves(doc),
-        "sidecar_path": analyze.get("sidecar"),
-        "sidecar": doc,
-        "delivery": await asyncio.to_thread(data.deliveries, archive.get("delivery")),
+        "sidecar_path": display(sidecar_path) if sidecar_path else None,
+        "sidecar": shown(doc),
+        "delivery": delivery,
     }
 
 
@@ -108,41 +145,42 @@ class _Api:
         self.ctx = ctx
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse(await self.ctx.report())
+        return Answer(await self.ctx.report())
 
     async def files(self, request: Request) -> Response:
         report = await self.ctx.report()
         listing = await asyncio.to_thread(lambda: data.select(data.rows(report), request.query_params))
-        return JSONResponse(listing)
+        return Answer(listing)
 
     async def file(self, request: Request) -> Response:
-        path = request.query_params.get("path", "")
-        if not path:
+        path = path_param(request.query_params.get("path"))
+        if path is None:
             return problem(422, "path: give the audio file's path (?path=...)")
         info = await file_info(self.ctx, path)
         if info is None:
             return problem(404, f"{display(path)} is not a file watcher knows (not yet settled, or deleted)")
-        return JSONResponse(info)
+        return Answer(info)
 
     async def retry(self, request: Request) -> Response:
         body = await _body(request)
         if body is None:
             return problem(422, 'send JSON: {"paths": [...]}, {"failed": true} or {"in_doubt": true}')
         paths = body.get("paths") or []
-        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        if not isinstance(paths, list) or not all(isinstance(p, str) and path_param(p) for p in paths):
             return problem(422, "paths: a list of file or folder paths")
+        real = [await asyncio.to_thread(commands.current_path, self.ctx.settings, p) or p for p in paths]
         try:
             n = await asyncio.to_thread(
                 commands.retry,
                 self.ctx.settings,
-                [Path(p) for p in paths],
+                [Path(p) for p in real],
                 failed=bool(body.get("failed")),
                 in_doubt=bool(body.get("in_doubt")),
             )
         except ConfigError as exc:
             return problem(422, str(exc))
         self.ctx.wake()
-        return JSONResponse({"retried": n})
+        return Answer({"retried": n})
 
     def pausing(self, paused: bool) -> Callable[[Request], Any]:
         """The endpoint that pauses (or resumes) one watched folder."""
@@ -150,13 +188,13 @@ class _Api:
         async def endpoint(request: Request) -> Response:
             body = await _body(request)
             folder = (body or {}).get("folder")
-            if not isinstance(folder, str) or not folder:
+            if not isinstance(folder, str) or not path_param(folder):
                 return problem(422, 'send JSON: {"folder": PATH}')
             if str(PurePath(folder)) not in self.ctx.folders():  # as configured: absolute, no trailing slash
                 return problem(404, f"{display(folder)} is not a watched folder")
             recorded = await asyncio.to_thread(commands.pause, self.ctx.settings, Path(folder), paused=paused)
             self.ctx.wake()
-            return JSONResponse({"folder": display(recorded), "paused": paused})
+            return Answer({"folder": display(recorded), "paused": paused})
 
         return endpoint
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.fsutil import read_json_object
+from watcher.names import find_shown
 
 PAGE_SIZE = 50
 LOUDNESS_HOP_SECONDS = 0.1  # EBU R128 momentary and short-term values come every 100 ms
@@ -16,13 +17,17 @@ _sidecar_cache: dict[str, tuple[int, dict[str, Any]]] = {}
 
 
 def sidecar(path: str | None) -> dict[str, Any] | None:
-    """A sidecar, cached by its modification time (file lists read many)."""
+    """A sidecar, by its path or as :func:`watcher.names.display` shows it, cached by its modification time
+    (file lists read many)."""
     if not path:
         return None
     try:
         mtime = os.stat(path).st_mtime_ns
     except OSError:
-        return None
+        real = find_shown(path)
+        if real is None or real == path:
+            return None
+        return sidecar(real)
     hit = _sidecar_cache.get(path)
     if hit is not None and hit[0] == mtime:
         return hit[1]

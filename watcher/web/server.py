@@ -1,8 +1,9 @@
 """The page's server: Starlette on uvicorn inside the daemon's own event loop (no second process or thread).
 
 :class:`WebServer` binds ``[web] listen`` itself, so a taken port is known at once: a warning naming the port,
-and the daemon runs on without the page. The token's login link is logged once, when the token is generated;
-after that the token is redacted from every log line.
+and the daemon runs on without the page. Once the port is bound, a one-time login link (a nonce signed with
+the token, never the token) is logged; the token itself is redacted from every log line. Connections are
+capped and timed (see :mod:`watcher.web.limits`).
 """
 
 from __future__ import annotations
@@ -11,36 +12,44 @@ import asyncio
 import contextlib
 import errno
 import os
+import resource
 import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs
 
 import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import (
-    FileResponse,
-    HTMLResponse,
-    JSONResponse,
-    PlainTextResponse,
-    RedirectResponse,
-    Response,
-)
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from watcher.errors import ConfigError
 from watcher.log import register_secrets
-from watcher.names import display
-from watcher.web import api, pages
-from watcher.web.api import Context, problem
-from watcher.web.auth import COOKIE, Guard, check_exposure, is_loopback, load_token, same, split_listen
+from watcher.names import display, find_shown
+from watcher.web import api, limits, pages
+from watcher.web.api import Context, path_param, problem
+from watcher.web.auth import (
+    COOKIE_PREFIX,
+    SESSION_SECONDS,
+    Guard,
+    Sessions,
+    allowed_hosts,
+    check_token,
+    is_loopback,
+    is_wildcard,
+    load_token,
+    login_link,
+    same,
+    split_listen,
+)
 
 log = structlog.get_logger("watcher.web")
 STATE_FILE = "web.json"  # tells `watcher status` whether the page runs, and where
+MAX_LOGIN_FORM = 4096  # bytes: a token, and room for a browser's form encoding
 
 
 def static_dir() -> Path:
@@ -58,36 +67,99 @@ def contained(path: str, roots: list[str]) -> str | None:
     return None
 
 
-def build_app(ctx: Context, token: str) -> Guard:
+def audio_type(path: str) -> str | None:
+    """The one type /audio serves ``path`` as (by its extension), or None when the page plays no such file."""
+    return pages.AUDIO_TYPES.get(os.path.splitext(path)[1].lstrip(".").lower())
+
+
+def cookie_name(port: int) -> str:
+    return f"{COOKIE_PREFIX}{port}"
+
+
+def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[str], any_address: bool) -> Guard:
     """The whole ASGI app: pages, API, audio, static files and (metrics on) /metrics, behind the guard."""
+    cookie = cookie_name(port)
+
+    def logged_in() -> Response:
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            cookie, sessions.open(), max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
+        )
+        return response
+
+    def refused(request: Request, message: str, *, tried: bool = True) -> Response:
+        """401 with the form; 429 with Retry-After once too many logins failed this minute (``tried``: this
+        request was a failed login, not one turned away unread)."""
+        if tried:
+            sessions.failed()
+        wait = sessions.throttled()
+        if not wait:
+            return pages.render(request, "login", 401, title="Log in", message=message)
+        message = f"Too many failed logins: wait {int(wait) + 1} s and try again."
+        response = pages.render(request, "login", 429, title="Log in", message=message)
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
 
     async def login(request: Request) -> Response:
-        given = request.query_params.get("token", "")
-        if not given or not same(given, token):
-            return problem(401, "this login link is not valid (the token is in the state folder's web-token)")
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        """A login link (GET ``?nonce=``) or the token from the form (POST) opens a session; else the form.
+
+        Failures are counted for everyone together: past the limit every token tried waits (429) before it is
+        even compared. A valid login link still works then (it tells nothing about the token, and a guessed
+        one would need its 192-bit signature), so `watcher web` always lets the user in."""
+        if request.method == "GET":
+            nonce = request.query_params.get("nonce", "")
+            if not nonce:
+                return pages.render(request, "login", title="Log in", message=None)
+            if sessions.redeem(nonce):
+                return logged_in()
+            return refused(
+                request,
+                "This login link is not valid: it was used already, has expired (after 15 minutes) or is not this "
+                "page's. `watcher web` prints a new one.",
+            )
+        if sessions.throttled():
+            return refused(request, "", tried=False)
+        form = parse_qs((await request.body())[:MAX_LOGIN_FORM].decode("utf-8", "replace"))
+        if same(form.get("token", [""])[0].strip(), sessions.token):
+            return logged_in()
+        return refused(request, "That token is not the page's.")
+
+    async def logout(request: Request) -> Response:
+        sid = request.cookies.get(cookie)
+        if sid:
+            sessions.revoke(sid)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(cookie, httponly=True, samesite="strict", path="/")
         return response
 
     async def overview(request: Request) -> Response:
-        return HTMLResponse(pages.overview())
+        return pages.render(request, "overview", title="Overview")
 
     async def files(request: Request) -> Response:
-        return HTMLResponse(pages.file_list([display(f) for f in ctx.folders()]))
+        return pages.render(
+            request, "files", title="Files", states=pages.STATES, folders=[display(f) for f in ctx.folders()]
+        )
 
     async def file(request: Request) -> Response:
-        path = request.query_params.get("path", "")
+        path = path_param(request.query_params.get("path"))
         info = await api.file_info(ctx, path) if path else None
         if info is None:
-            return HTMLResponse(pages.not_found(f"{display(path)} is not a file watcher knows"), status_code=404)
-        return HTMLResponse(pages.file_page(info))
+            shown = display(path or "that path")
+            detail = f"{shown} is not a file watcher knows"
+            return pages.render(request, "message", 404, title="Not found", page="none", detail=detail)
+        return pages.render(request, "file", **pages.file_context(info))
 
     async def audio(request: Request) -> Response:
-        real = contained(request.query_params.get("path", ""), ctx.audio_roots())
-        if real is None:
-            return problem(404, "no such audio file in the watched or output folders")
+        """An audio file of the folders, always as its fixed audio type (by the real file's extension)."""
+        path = path_param(request.query_params.get("path"))
+        real = await asyncio.to_thread(lambda: path and contained(find_shown(path) or path, ctx.audio_roots()))
+        kind = audio_type(real) if real else None
+        if not real or kind is None:
+            return problem(404, "no such audio file (wav, flac, mp3, m4a, ogg, aiff) in the watched or output folders")
         disposition = "attachment" if request.query_params.get("download") else "inline"
-        return FileResponse(real, filename=os.path.basename(real), content_disposition_type=disposition)
+        return FileResponse(
+            real, media_type=kind, filename=os.path.basename(real), content_disposition_type=disposition
+        )
 
     async def healthz(request: Request) -> Response:
         """Open to all (container health checks): only whether the daemon's heartbeat is current, nothing else."""
@@ -100,7 +172,8 @@ def build_app(ctx: Context, token: str) -> Guard:
         return PlainTextResponse(ctx.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     routes: list[Any] = [
-        Route("/login", login),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/", overview),
         Route("/files", files),
         Route("/file", file),
@@ -110,7 +183,16 @@ def build_app(ctx: Context, token: str) -> Guard:
         Route("/healthz", healthz),
         Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
     ]
-    return Guard(Starlette(routes=routes), token)
+    return Guard(Starlette(routes=routes), sessions, cookie=cookie, hosts=hosts, any_address=any_address)
+
+
+def reachable_address() -> str | None:
+    """This machine's address on its default route (a UDP socket's choice: nothing is sent), or None."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere, only used to pick the source
+        address = str(probe.getsockname()[0])
+        return None if address.startswith(("0.", "127.")) else address
+    return None
 
 
 class WebServer:
@@ -125,6 +207,7 @@ class WebServer:
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
+        self.sessions: Sessions | None = None  # the page's logins, while it runs
 
     def _state_path(self) -> Path:
         return self.ctx.settings.state_dir / STATE_FILE
@@ -141,17 +224,17 @@ class WebServer:
         cfg = self.ctx.settings.web
         host, port = split_listen(cfg.listen)
         try:
-            token, fresh = load_token(self.ctx.settings)
-            check_exposure(host, token)
+            token = load_token(self.ctx.settings)
+            check_token(host, token)
         except ConfigError as exc:
             self.problem = str(exc)
             log.error("web.not_started", error=str(exc), next="running without the page")
             self._record()
             return False
-        if not is_loopback(host):
-            log.warning("web.exposed", listen=cfg.listen, next="anyone who can reach this address sees the login page")
+        register_secrets([token])  # never in a log line
+        gate = limits.Gate(limits.connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         try:
-            sock = _listen(host, port)
+            sock = limits.listen(host, port, gate)
         except OSError as exc:
             taken = exc.errno == errno.EADDRINUSE
             self.problem = f"port {port} on {host} is {'already taken' if taken else 'unusable'}: {exc.strerror}"
@@ -163,37 +246,58 @@ class WebServer:
             )
             self._record()
             return False
-        await self._serve(sock, token)
-        if fresh:
-            log.info(
-                "web.login",
-                url=f"{self.url}/login?token={quote(token)}",
-                next="open this link once; the token is kept in the state folder's web-token (mode 0600)",
+        await self._serve(sock, token, host, gate)
+        assert self.url is not None and self.address is not None
+        if not is_loopback(host):
+            shown = (reachable_address() or socket.gethostname()) if is_wildcard(host) else host
+            reach = f"http://{f'[{shown}]' if ':' in shown else shown}:{self.address[1]}"
+            log.warning(
+                "web.exposed",
+                listen=cfg.listen,
+                url=reach,
+                next="anyone who can reach this address sees the login page, and the token, login links and "
+                "session cookies cross the network in cleartext (plain HTTP): use a network you trust, or "
+                "listen on 127.0.0.1 behind a TLS reverse proxy; names used to reach it go in [web] allowed_hosts",
             )
-        else:
-            log.info("web.serving", url=self.url, next="log in with the link printed when the token was made")
-        register_secrets([token])  # never again in a log line
+        log.info(
+            "web.login",
+            url=login_link(self.url, token),
+            next="open this link within 15 minutes, once; `watcher web` prints a new one",
+        )
         self._record()
         return True
 
-    async def _serve(self, sock: socket.socket, token: str) -> None:
-        """Run uvicorn on the bound socket, in this event loop."""
+    async def _serve(self, sock: socket.socket, token: str, host: str, gate: limits.Gate) -> None:
+        """Run uvicorn on the bound socket, in this event loop, with the connection cap and timeouts."""
         self._socket = sock
         bound = sock.getsockname()
         self.address = (str(bound[0]), int(bound[1]))
-        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
+        if is_wildcard(host):  # what `watcher status` and the login link name: usable from this machine
+            shown = "[::1]" if ":" in host else "127.0.0.1"
+        else:
+            shown = f"[{bound[0]}]" if ":" in str(bound[0]) else str(bound[0])
         self.url = f"http://{shown}:{bound[1]}"
+        hosts, any_address = allowed_hosts(host, self.address[1], self.ctx.settings.web.allowed_hosts)
+        self.sessions = Sessions(token)
         config = uvicorn.Config(
-            build_app(self.ctx, token),
+            build_app(self.ctx, self.sessions, port=self.address[1], hosts=hosts, any_address=any_address),
             lifespan="off",
             access_log=False,
             log_config=None,
             log_level="warning",
             timeout_graceful_shutdown=1,
             ws="none",
+            http=limits.guarded_protocol(gate),
+            limit_concurrency=gate.cap + 1,  # uvicorn counts the asking connection too
+            timeout_keep_alive=limits.KEEP_ALIVE_SECONDS,
+            h11_max_incomplete_event_size=limits.MAX_HEADER_BYTES,
+            backlog=limits.BACKLOG,
+            server_header=False,
         )
         config.load()
+        limits.quiet_uvicorn_log()
         server = uvicorn.Server(config)
+        gate.connections = server.server_state.connections
         server.lifespan = config.lifespan_class(config)
         await server.startup(sockets=[sock])
         self._server = server
@@ -210,17 +314,3 @@ class WebServer:
         self.url = None
         with contextlib.suppress(OSError):
             self._state_path().unlink()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket on ``host:port`` (OSError when the port is taken or unusable)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
