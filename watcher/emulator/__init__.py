@@ -6,7 +6,7 @@ from collections import Counter
 from types import TracebackType
 
 from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults, StreamInput
-from watcher.emulator.faults import Chaos, Ledger, RateLimit
+from watcher.emulator.faults import Chaos, Charge, Ledger, RateLimit
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator, ProcessingFaults
 from watcher.emulator.server import App, HTTPServerThread, RecordedRequest, Request
 
@@ -15,6 +15,7 @@ __all__ = [
     "AnalysisFaults",
     "App",
     "Chaos",
+    "Charge",
     "Emulator",
     "HTTPServerThread",
     "Ledger",
@@ -63,6 +64,11 @@ class Emulator:
         is not counted; one whose work was done but whose answer was lost is.
         """
         return self.ledger.snapshot()
+
+    def bill(self, account: str | None = None) -> list[Charge]:
+        """The bill: every request the services accepted and could bill, in order (of one ``account``: see
+        ``faults.account_of``), with its content, operations and audio seconds."""
+        return self.ledger.charges(account)
 
     def chaos(self, seed: int, rate: float) -> None:
         """From now on each request meets a random fault with probability ``rate`` (0 turns chaos off).

@@ -17,16 +17,16 @@ import structlog
 
 from watcher.audiofile import UPLOAD_CHUNK, FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
-from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import safe_component
 from watcher.names import display
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
-from watcher.pipelines.paid import GateStore, PaidCalls, Taken
+from watcher.pipelines.paid import GateStore, PaidCalls, Taken, outcome_of
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
-from watcher.sending import expect_sending, handed_over
+from watcher.sending import expect_sending
 from watcher.store import Job, Operation
 from watcher.versions import VERSIONS
 
@@ -242,7 +242,8 @@ class ArchivePipeline:
         The request runs as its own task, shielded from the job's cancellation, so its outcome is recorded at
         the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
-        taken = self.paid.take(job, [op], float(job.data.get("duration") or 0.0))
+        seconds = float(job.data.get("charged") or job.data.get("duration") or 0.0)
+        taken = self.paid.take(job, [op], seconds, estimated=bool(job.data.get("estimated")))
         if op in taken.answered:
             result = taken.answered[op]
             assert result is not None
@@ -258,16 +259,16 @@ class ArchivePipeline:
         expect_sending()
         try:
             remote_id = await call()
-        except (NotSent, Rejected, NeedsUser) as exc:
-            # Provably not done: never connected, 429/503, a body cut short, or refused with an answer.
-            self.paid.finish(taken, {}, "not_sent", str(exc))
-            raise
         except BaseException as exc:
-            if not handed_over():  # stopped while waiting for its turn: nothing left this machine
-                self.paid.finish(taken, {}, "not_sent", f"stopped before it was sent ({type(exc).__name__})")
+            outcome = outcome_of(exc)
+            if outcome != "in_doubt":
+                # Provably not done: never connected, 429/503, a body cut short, stopped before it left, or refused
+                # with an answer (4xx): free again, and not paid.
+                self.paid.finish(taken, {}, outcome, str(exc) or f"stopped before it was sent ({type(exc).__name__})")
                 raise
-            # The whole request may have reached the service and its answer is lost: it may be done (and billed).
-            why = str(exc) if isinstance(exc, RetryLater) else f"{type(exc).__name__}: {exc}"
+            # The whole request may have reached the service and its answer is lost or cannot be read (a 2xx
+            # without its ID, a 3xx): it may be done (and billed).
+            why = str(exc) if isinstance(exc, RetryLater | BadInput) else f"{type(exc).__name__}: {exc}"
             self.paid.finish(taken, {}, "in_doubt", why)
             if op.on_doubt == "hold" and self.cfg.in_doubt == "hold" and isinstance(exc, Exception):
                 raise self.paid.doubt(op, time.time(), why) from exc
