@@ -51,7 +51,10 @@ BILL_STATS: dict[str, int] = {"checked": 0, "exempt": 0, "discrepant": 0}
 def _bill_is_the_oracle(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
     """After a test whose emulator billed anything: the bill equals watcher's ledger (tests/billcheck.py), unless
     the test is marked ``bill_exempt`` with the reason it must differ."""
-    seen = {id(c) for ledger in list(_LEDGERS) for c in ledger.charges()}
+    before = [c for ledger in list(_LEDGERS) for c in ledger.charges()]  # held, so that no id() is reused
+    seen = {id(c) for c in before}
+    # a test's own PostgreSQL store is read after the test: made now, it is dropped after this check
+    pg = request.getfixturevalue("pg_url") if "pg_url" in request.fixturenames else None
     yield
     new = [c for ledger in list(_LEDGERS) for c in ledger.charges() if id(c) not in seen]
     if not new:
@@ -61,8 +64,8 @@ def _bill_is_the_oracle(request: pytest.FixtureRequest, tmp_path: Path) -> Itera
     found: list[str] = []
     if exempt is None:
         lines = sqlite_lines(tmp_path)
-        if "pg_url" in request.fixturenames:
-            lines += postgres_lines(request.getfixturevalue("pg_url"))
+        if pg is not None:
+            lines += postgres_lines(pg)
         found = discrepancies(new, lines)
         outcome = "discrepant" if found else "checked"
     BILL_STATS[outcome] += 1

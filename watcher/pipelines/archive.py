@@ -11,6 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -19,6 +20,7 @@ from watcher.audiofile import UPLOAD_CHUNK, FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
 from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import safe_component
+from watcher.media import audio_info
 from watcher.names import display
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
@@ -32,6 +34,16 @@ from watcher.versions import VERSIONS
 
 log = structlog.get_logger("watcher.archive")
 BUDGET = "processing"
+
+
+def _track_seconds(folder: Path) -> float | None:
+    """The duration of a delivered full-length track (the original first), or None when none tells it."""
+    tracks = sorted(folder.glob("*.wav"), key=lambda p: "(original)" not in p.name)
+    for track in tracks:
+        seconds = audio_info(track, container="wav").duration
+        if seconds:
+            return seconds
+    return None
 
 
 def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str, str]) -> str:
@@ -288,6 +300,16 @@ class ArchivePipeline:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
 
+    async def _settle(self, job: Job, delivered: Path) -> None:
+        """The source's headers gave no duration, so its paid calls were charged an upper bound: a delivered
+        full-length track (decoded by the service, with a WAV header) tells the real one; the ledger settles to it."""
+        seconds = await asyncio.to_thread(_track_seconds, delivered)
+        if seconds is None:
+            return
+        settled = self.store.ledger_settle(job.data["sha256"], seconds)
+        job.data.update(estimated=False, charged=seconds, duration=job.data.get("duration") or seconds)
+        log.info("archive.duration_settled", path=job.file.path, seconds=round(seconds, 3), ledger_lines=settled)
+
     async def _request(self, name: str, op: Op, ids: Mapping[str, str]) -> str:
         """The request that creates one remote object of the plan."""
         audio_id = ids["audio"]
@@ -312,6 +334,8 @@ class ArchivePipeline:
         if ready:
             delivered = await self.deliverer.deliver(job, ready, dict(job.data.get("ids", {})))
             versions.update(dict.fromkeys(ready, "delivered"))
+            if job.data.get("estimated"):
+                await self._settle(job, delivered)
             self.store.commit(job, delivery=str(delivered), versions=versions)
         delivery = job.data["delivery"]
         ids = dict(job.data.get("ids", {}))

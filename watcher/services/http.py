@@ -3,7 +3,8 @@
 Timeouts, an adaptive client-side rate limit (halved on a 429, recovered additively, see
 :mod:`watcher.services.ratelimit`; no request before a ``Retry-After`` is over), a capped share of it for
 status polls, a concurrency limit, retries with exponential backoff, jitter and
-``Retry-After`` (through stamina: the only in-process retry layer), the translation of HTTP statuses and httpx
+``Retry-After`` (through stamina: the only in-process retry layer, never around a request to a paid endpoint,
+which is sent once on the gate's ticket: see :mod:`watcher.sending`), the translation of HTTP statuses and httpx
 exceptions into the scopes of :mod:`watcher.errors`, redaction of URLs that carry tokens, and observation of
 every request (for metrics) through httpx event hooks and an observer the composition root passes in.
 Clients built on it know nothing of folders, pipelines or the store.

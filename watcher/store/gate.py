@@ -246,20 +246,21 @@ class GateMixin(_Base):
                     (row["seconds"], row["day"], row["service"]),
                 )
 
-    def ledger_settle(self, request: int, seconds: float) -> None:
-        """An estimated line's real audio seconds, now known: the line and the day's spend follow it."""
+    def ledger_settle(self, sha256: str, seconds: float) -> int:
+        """The real audio seconds of a content whose lines were charged an estimate: every such line, and the
+        day's spend of each, follows it; returns how many lines were settled."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT seconds, day, service, outcome FROM ledger WHERE id=? AND estimated", (request,)
-            ).fetchone()
-            if row is None:
-                return
-            db.execute("UPDATE ledger SET seconds=?, estimated=0 WHERE id=?", (seconds, request))
-            if row["outcome"] not in UNPAID:
-                db.execute(
-                    "UPDATE spend SET seconds=MAX(0, seconds+?) WHERE day=? AND service=?",
-                    (seconds - row["seconds"], row["day"], row["service"]),
-                )
+            rows = db.execute(
+                "SELECT id, seconds, day, service, outcome FROM ledger WHERE sha256=? AND estimated", (sha256,)
+            ).fetchall()
+            for row in rows:
+                db.execute("UPDATE ledger SET seconds=?, estimated=0 WHERE id=?", (seconds, row["id"]))
+                if row["outcome"] not in UNPAID:
+                    db.execute(
+                        "UPDATE spend SET seconds=MAX(0, seconds+?) WHERE day=? AND service=?",
+                        (seconds - row["seconds"], row["day"], row["service"]),
+                    )
+            return len(rows)
 
     def ledger_lines(self, first_day: str, last_day: str) -> list[dict[str, Any]]:
         """Every ledger line of the UTC days ``first_day`` to ``last_day`` (inclusive, ISO dates), oldest first."""

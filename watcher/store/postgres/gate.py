@@ -233,23 +233,24 @@ class PgGateMixin(_Base):
 
         self._run(go)
 
-    def ledger_settle(self, request: int, seconds: float) -> None:
-        """An estimated line's real audio seconds, now known: the line and the day's spend follow it."""
+    def ledger_settle(self, sha256: str, seconds: float) -> int:
+        """The real audio seconds of a content whose lines were charged an estimate (see watcher.store.gate)."""
 
-        def go(db: psycopg.Connection[Any]) -> None:
-            row = db.execute(
-                "SELECT seconds, day, service, outcome FROM ledger WHERE id=%s AND estimated FOR UPDATE", (request,)
-            ).fetchone()
-            if row is None:
-                return
-            db.execute("UPDATE ledger SET seconds=%s, estimated=false WHERE id=%s", (seconds, request))
-            if row["outcome"] not in UNPAID:
-                db.execute(
-                    "UPDATE spend SET seconds=GREATEST(0, seconds+%s) WHERE day=%s AND service=%s",
-                    (seconds - row["seconds"], row["day"], row["service"]),
-                )
+        def go(db: psycopg.Connection[Any]) -> int:
+            rows = db.execute(
+                "SELECT id, seconds, day, service, outcome FROM ledger WHERE sha256=%s AND estimated FOR UPDATE",
+                (sha256,),
+            ).fetchall()
+            for row in rows:
+                db.execute("UPDATE ledger SET seconds=%s, estimated=false WHERE id=%s", (seconds, row["id"]))
+                if row["outcome"] not in UNPAID:
+                    db.execute(
+                        "UPDATE spend SET seconds=GREATEST(0, seconds+%s) WHERE day=%s AND service=%s",
+                        (seconds - row["seconds"], row["day"], row["service"]),
+                    )
+            return len(rows)
 
-        self._run(go)
+        return int(self._run(go))
 
     def ledger_lines(self, first_day: str, last_day: str) -> list[dict[str, Any]]:
         """Every ledger line of the UTC days ``first_day`` to ``last_day`` (inclusive), oldest first."""
