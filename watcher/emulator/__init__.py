@@ -32,7 +32,8 @@ class Emulator:
     """Both services' APIs on one loopback address (``url``), and the processing service's storage host
     on a second one (``storage``), as signed URLs point to another host.
 
-    ``paid()`` counts what the two services could bill; ``chaos()`` turns on seeded random faults; ``limit()``
+    ``bill()`` is what the two services could bill, per account (``paid()`` counts it per content and operation);
+    ``chaos()`` turns on seeded random faults; ``limit()``
     enforces a rate limit per API key. ``processing.faults.polls_needed`` set very high keeps jobs in progress.
     """
 
