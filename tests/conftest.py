@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import wave
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +19,89 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tests.billcheck import discrepancies, postgres_lines, sqlite_lines
 from tests.pg import pg_cluster, pg_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 from watcher.audiofile import FileBody, signature
 from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings
-from watcher.emulator import App, Emulator, Request
+from watcher.emulator import App, Emulator, Ledger, Request
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator
 from watcher.emulator.server import HTTPServerThread
 from watcher.services.http import HttpPolicy
 from watcher.services.neuralanalog import NeuralAnalogClient
 
 API_KEY = "test-key-5f1c2a9e"
+
+
+# -- the bill is the oracle: every test whose emulator billed anything is held against watcher's ledger ---------
+
+_LEDGERS: weakref.WeakSet[Ledger] = weakref.WeakSet()
+_ledger_init = Ledger.__init__
+
+
+def _tracked_init(self: Ledger) -> None:
+    _ledger_init(self)
+    _LEDGERS.add(self)
+
+
+Ledger.__init__ = _tracked_init  # type: ignore[method-assign]  # every emulator's bill, wherever it is made
+BILL_STATS: dict[str, int] = {"checked": 0, "exempt": 0, "discrepant": 0}
+
+
+@pytest.fixture(autouse=True)
+def _bill_is_the_oracle(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """After a test whose emulator billed anything: the bill equals watcher's ledger (tests/billcheck.py), unless
+    the test is marked ``bill_exempt`` with the reason it must differ."""
+    before = [c for ledger in list(_LEDGERS) for c in ledger.charges()]  # held, so that no id() is reused
+    seen = {id(c) for c in before}
+    # a test's own PostgreSQL store is read after the test: made now, it is dropped after this check
+    pg = request.getfixturevalue("pg_url") if "pg_url" in request.fixturenames else None
+    yield
+    new = [c for ledger in list(_LEDGERS) for c in ledger.charges() if id(c) not in seen]
+    if not new:
+        return
+    exempt = request.node.get_closest_marker("bill_exempt")
+    outcome = "exempt" if exempt is not None else "checked"
+    found: list[str] = []
+    if exempt is None:
+        lines = sqlite_lines(tmp_path)
+        if pg is not None:
+            lines += postgres_lines(pg)
+        found = discrepancies(new, lines)
+        outcome = "discrepant" if found else "checked"
+    BILL_STATS[outcome] += 1
+    report = os.environ.get("BILL_REPORT")
+    if report:
+        with open(report, "a") as out:
+            out.write(json.dumps({"test": request.node.nodeid, "outcome": outcome, "found": found}) + "\n")
+    if found:
+        pytest.fail("the bill differs from watcher's ledger:\n  " + "\n  ".join(found), pytrace=False)
+
+
+@pytest.fixture
+def gate_stand_in(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """For tests of a service client alone (no store, no gate): every paid request gets a fresh ticket, as a
+    gate's take would give it; returns the requests ticketed. The wire guard itself is tested in test_wire.py."""
+    import watcher.services.http as http
+    from watcher.sending import WireTicket, issue, spend_ticket
+
+    ticketed: list[str] = []
+
+    def stand_in(what: str, covers: Any = None) -> WireTicket:
+        ticketed.append(what)
+        issue(WireTicket(-len(ticketed), tuple(covers or ("paid",))))
+        return spend_ticket(what, covers)
+
+    monkeypatch.setattr(http, "spend_ticket", stand_in)
+    return ticketed
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line: how many tests were held against the bill, and with what result."""
+    if any(BILL_STATS.values()):
+        terminalreporter.write_line(
+            f"bill vs ledger: {BILL_STATS['checked'] + BILL_STATS['discrepant']} tests checked, "
+            f"{BILL_STATS['discrepant']} with discrepancies, {BILL_STATS['exempt']} exempt (marked bill_exempt)"
+        )
 
 
 def write_tone(path: Path, seconds: float = 1.0, *, freq: float = 440.0, rate: int = 22050, channels: int = 2) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import jsonschema
@@ -241,27 +242,22 @@ def test_analysis_failure_does_not_block_the_archive(tmp_path, inbox, emu, run_d
     assert problems["analyze"].error_code == "needs_user"
 
 
-def test_a_stop_while_a_paid_call_waits_for_its_turn_frees_it(tmp_path, inbox, emu, run_daemon):
-    """The upload was taken at the gate, refused with 429 and Retry-After 30 s, and waits for its turn when the
-    daemon stops: nothing left the machine, so the operation is free again (not held in doubt), and the next
-    start uploads it once."""
+def test_a_paid_call_refused_with_429_is_freed_and_retried_as_a_new_take(tmp_path, inbox, emu, run_daemon):
+    """The upload meets 429 with Retry-After: it provably did nothing, so its operation is free again and its
+    ledger line is not spent; the retry is not a loop below the gate but the job's next attempt, a new take
+    (a second ledger line), and the service bills the upload once."""
     emu.processing.faults.status_429 = {"POST /from-file": 1}
-    emu.processing.faults.retry_after = 30
+    emu.processing.faults.retry_after = 0.5
     settings = archive_settings(tmp_path, inbox, emu)
     d = run_daemon(settings)
     write_tone(inbox / "take.wav", 0.3)
-    wait_for(lambda: emu.api.counts()["POST /from-file"] == 1, what="the refused upload")
-    wait_for(
-        lambda: query(tmp_path, "SELECT 1 FROM operations WHERE operation='upload' AND state='sending'"),
-        what="the upload taken at the gate",
-    )
-    d.stop(force=True)
-    states = query(tmp_path, "SELECT state, count(*) FROM operations WHERE operation='upload' GROUP BY state")
-    assert states == ("open", 1)
-    assert job_state(tmp_path)[0] == "pending"
-    emu.processing.faults.status_429 = {}
-    d2 = run_daemon(settings)
     wait_delivery(tmp_path, "take")
-    d2.stop()
+    d.stop()
     assert emu.api.counts()["POST /from-file"] == 2  # the refused one, then the one that was done
     assert emu.paid()[next(k for k in emu.paid() if k[1] == "upload")] == 1
+    db = sqlite3.connect(tmp_path / "state" / "watcher.db")
+    try:
+        lines = db.execute("SELECT outcome FROM ledger WHERE operation='upload' ORDER BY id").fetchall()
+    finally:
+        db.close()
+    assert lines == [("not_sent",), ("answered",)]

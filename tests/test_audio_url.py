@@ -28,7 +28,7 @@ from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings, 
 from watcher.config.audio_url import check_template, expand, without_query
 from watcher.dryrun import dry_run
 from watcher.emulator import Emulator, StreamInput
-from watcher.errors import ConfigError
+from watcher.errors import ConfigError, RetryLater
 from watcher.services.analysis import AnalysisClient
 from watcher.services.http import HttpPolicy
 
@@ -199,28 +199,36 @@ def test_identical_copies_through_urls_are_paid_once(tmp_path, inbox, emu, run_d
 # -- the client and the emulator --------------------------------------------------------------------------------
 
 
+@pytest.mark.bill_exempt("the analysis client alone, with no store: no ledger to hold the bill against")
+@pytest.mark.usefixtures("gate_stand_in")
 def test_a_reask_after_a_dropped_stream_sends_the_header_again(tmp_path, emu):
-    """The stream drops after one result: the second request asks only for the rest, again by URL, no body."""
+    """The stream drops after one result; the re-ask (the next call, as the gate's next take makes it) asks only
+    for the rest, again by URL, no body."""
     audio = write_tone(tmp_path / "t.wav", 0.3)
     emu.analysis.faults.drop_after = 1
     policy = HttpPolicy(rate_per_second=100, wait_initial=0.01, wait_max=0.02, wait_jitter=0.0)
+    seen: list[Any] = []
 
     async def go() -> Any:
         client = AnalysisClient(emu.url, API_KEY, policy=policy)
         try:
-            return await client.analyze(body(audio), ["key", "bpm_degara"], lambda r: None, audio_url=url)
+            with pytest.raises(RetryLater):
+                await client.analyze(body(audio), ["key", "bpm_degara"], seen.append, audio_url=url)
+            rest = [m for m in ["key", "bpm_degara"] if m not in {r.requested for r in seen}]
+            return await client.analyze(body(audio), rest, seen.append, audio_url=url)
         finally:
             await client.aclose()
 
     with StaticServer({"/m": tmp_path}) as cdn:
         url = f"{cdn.url}/m/t.wav"
-        report = asyncio.run(go())
+        asyncio.run(go())
         fetched = cdn.paths()
-    assert sorted(report.results) == ["bpm_degara", "key"] and report.requests == 2
+    assert sorted(r.requested for r in seen) == ["bpm_degara", "key"]
     assert emu.analysis.models_requested == [["key", "bpm_degara"], ["bpm_degara"]]
     assert emu.analysis.inputs == [StreamInput("audio-url", url, 0, 200)] * 2 and fetched == Counter({"/m/t.wav": 2})
 
 
+@pytest.mark.bill_exempt("the emulator alone, driven by raw HTTP: no watcher, no ledger")
 def test_the_emulator_refuses_body_and_url_together_and_unfetchable_urls(tmp_path, emu):
     """Body and URL: 400; a URL that answers 404: 422 with a detail; neither is billed. A URL that works gives
     the results the same bytes give as a body."""

@@ -21,6 +21,11 @@ from watcher.services.neuralanalog import NeuralAnalogClient
 from watcher.store import Job
 from watcher.store.models import FileVersion
 
+pytestmark = [
+    pytest.mark.bill_exempt("delivery from objects uploaded by the client alone: no gate, no ledger"),
+    pytest.mark.usefixtures("gate_stand_in"),
+]
+
 
 def make_job(source: Path, inbox: Path, sha256: str, **data: Any) -> Job:
     """A claimed archive job for ``source`` (inside ``inbox``), with ``data`` as the pipeline left it."""

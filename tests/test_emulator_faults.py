@@ -21,6 +21,11 @@ from tests.conftest import API_KEY, wait_for, write_tone
 from watcher.emulator import Emulator
 from watcher.emulator.neuralanalog import HOSTILE_STEM_NAMES
 
+pytestmark = [
+    pytest.mark.bill_exempt("the emulator's own faults, driven by raw HTTP: no watcher, no ledger"),
+    pytest.mark.usefixtures("gate_stand_in"),
+]
+
 STREAM = "/v1/analysis/stream"
 
 

@@ -24,6 +24,11 @@ from watcher.safezip import BadArchive, extract_zip
 from watcher.services.multipart import MultipartBody
 from watcher.services.neuralanalog import NeuralAnalogClient
 
+pytestmark = [
+    pytest.mark.bill_exempt("the emulator's own behaviour, through the client alone: no ledger"),
+    pytest.mark.usefixtures("gate_stand_in"),
+]
+
 
 class Blob:
     """An in-memory AudioSource for parser tests."""

@@ -170,3 +170,44 @@ def test_retention_forgets_old_replaced_versions_but_keeps_paid_work(store):
     assert store.prune(90, now=time.time() + 91 * 86400) == 1
     assert store.current_version("/in/a.wav").size == 2
     assert store.gate_get(MASTER)["result"] == "m-1"
+
+
+def test_a_refused_request_is_recorded_and_not_spent(store):
+    """A request the service refused (401, 422) is a `refused` line: taken back out of the day's seconds and
+    paid calls, once, and its operation is free again."""
+    first = take(store, MASTER, "a", seconds=12.0)
+    store.gate_release(MASTER, "open", error="HTTP 401")
+    store.ledger_outcome(first.request, "refused")
+    store.ledger_outcome(first.request, "refused")
+    day = store.spend_on(utc_day(time.time()))["processing"]
+    assert (day["seconds"], day["calls"]) == (0, 0)
+    (line,) = store.ledger_lines(utc_day(time.time()), utc_day(time.time()))
+    assert (line["outcome"], line["kind"], line["estimated"]) == ("refused", "first", False)
+    assert take(store, MASTER, "b").verdict == "send"
+
+
+def test_an_estimated_charge_settles_to_the_real_length(store):
+    """A take of unknown length is charged its upper bound, marked estimated; settling the content sets every
+    such line, and the day's spend, to the real seconds."""
+    today = utc_day(time.time())
+    line = take(store, KEY, "a", budget="analysis", seconds=30.0, estimated=True)
+    store.ledger_outcome(line.request, "answered")
+    assert store.spend_on(today)["analysis"]["seconds"] == 30.0
+    assert store.ledger_settle(SHA, 12.5) == 1
+    assert store.spend_on(today)["analysis"]["seconds"] == 12.5
+    (settled,) = store.ledger_lines(today, today)
+    assert (settled["seconds"], settled["estimated"]) == (12.5, False)
+    assert store.ledger_settle(SHA, 99.0) == 0  # settled once: a later length does not move it
+
+
+def test_a_take_of_an_in_doubt_operation_is_a_reported_resend(store):
+    """Sent again after the user's word, a held operation's take is a `resend` line; a re-asked model's a `reask`."""
+    take(store, MASTER, "a")
+    store.gate_release(MASTER, "in_doubt", error="lost")
+    store.gate_resend([(MASTER.sha256, MASTER.service, MASTER.name, MASTER.params)])
+    assert take(store, MASTER, "b").resend
+    take(store, KEY, "a", budget="analysis")
+    store.gate_release(KEY, "reask", error="stream cut")
+    take(store, KEY, "b", budget="analysis")
+    kinds = [line["kind"] for line in store.ledger_lines(utc_day(time.time()), utc_day(time.time()))]
+    assert kinds == ["first", "resend", "first", "reask"]

@@ -17,6 +17,11 @@ from watcher.errors import NotSent, RetryLater
 from watcher.services.analysis import AnalysisClient
 from watcher.services.http import HttpPolicy, ServiceHTTP
 
+pytestmark = [
+    pytest.mark.bill_exempt("the HTTP transport alone, with no store: no ledger to hold the bill against"),
+    pytest.mark.usefixtures("gate_stand_in"),
+]
+
 QUICK = HttpPolicy(read_timeout=0.5, connect_timeout=2.0, attempts=1)
 
 

@@ -236,6 +236,8 @@ def test_daemon_without_key_uses_local_analysis(tmp_path, run_daemon):
     ) == ("failed", 0)
 
 
+@pytest.mark.bill_exempt("the emulator through the analysis client alone: no store, no ledger")
+@pytest.mark.usefixtures("gate_stand_in")
 def test_emulator_answers_with_local_analysis(tmp_path):
     """The emulator's three local models come from real analysis when the extra is installed."""
     from tests.test_analysis_client import analyse

@@ -25,6 +25,11 @@ from watcher.services.multipart import MultipartBody
 from watcher.services.neuralanalog import ArchiveOffer, ExpiredURL, JobStatus, NeuralAnalogClient
 from watcher.services.storage import RefusedRedirect, disposition_name
 
+pytestmark = [
+    pytest.mark.bill_exempt("the processing client alone, with no store: no ledger to hold the bill against"),
+    pytest.mark.usefixtures("gate_stand_in"),
+]
+
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -149,23 +154,22 @@ def test_paid_post_is_not_resent_after_a_500(na: Service, tmp_path: Path, route:
     assert na.api.counts()[route] == (2 if route == "POST /from-file" else 1)
 
 
-def test_paid_post_is_resent_after_a_429(na: Service, tmp_path: Path) -> None:
-    """A 429 means the service did nothing: the upload is sent again and the service holds one copy."""
+def test_paid_post_refused_with_429_is_not_sent_and_not_resent_here(na: Service, tmp_path: Path) -> None:
+    """A 429 means the service did nothing: NotSent after one request; sending again is the gate's next take."""
     audio = write_tone(tmp_path / "a.wav", 0.2)
-    na.emu.faults.status_429 = {"POST /from-file": 1, "POST /master-audio": 1}
-    audio_id = na.run(lambda c: c.upload(body(audio)))
-    na.run(lambda c: c.master(audio_id, {}))
-    assert na.api.counts()["POST /from-file"] == 2 and na.api.counts()["POST /master-audio"] == 2
-    assert [o.kind for o in na.emu.objects.values()] == ["audio", "mastered"]
+    na.emu.faults.status_429 = {"POST /from-file": 1}
+    with pytest.raises(NotSent):
+        na.run(lambda c: c.upload(body(audio)))
+    assert na.api.counts()["POST /from-file"] == 1 and not na.emu.objects
 
 
-def test_upload_cut_off_mid_body_is_resent(na: Service, tmp_path: Path) -> None:
-    """The connection dropped before the body was sent in full: nothing was accepted, so it is sent again."""
+def test_upload_cut_off_mid_body_is_not_sent(na: Service, tmp_path: Path) -> None:
+    """The connection dropped before the body was sent in full: nothing was accepted (NotSent), nothing resent."""
     audio = write_silent_wav(tmp_path / "big.wav", 32)
     na.emu.faults.drop_upload_after = 256 << 10
-    audio_id = na.run(lambda c: c.upload(body(audio)))
-    assert na.api.counts()["POST /from-file"] == 2
-    assert list(na.emu.objects) == [audio_id] and na.emu.objects[audio_id].sha256 == sha(audio)
+    with pytest.raises(NotSent, match="partial body"):
+        na.run(lambda c: c.upload(body(audio)))
+    assert na.api.counts()["POST /from-file"] == 1 and not na.emu.objects
 
 
 def test_lost_answer_after_a_whole_upload_is_not_resent(na: Service, tmp_path: Path) -> None:

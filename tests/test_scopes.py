@@ -29,10 +29,10 @@ def emu():
         yield e
 
 
-def problem(tmp_path: Path, name: str, pipeline: str) -> dict | None:
-    """The status's problem row for one file and pipeline, once it has failed."""
+def problem(tmp_path: Path, name: str, pipeline: str, state: str = "failed") -> dict | None:
+    """The status's problem row for one file and pipeline, once it is in ``state`` (failed, in_doubt)."""
     for p in status(tmp_path)["problems"]:
-        if p["path"].endswith(name) and p["pipeline"] == pipeline and p["state"] == "failed":
+        if p["path"].endswith(name) and p["pipeline"] == pipeline and p["state"] == state:
             return p
     return None
 
@@ -58,17 +58,18 @@ def test_a_422_on_one_upload_fails_that_file_only(tmp_path, inbox, emu, run_daem
     assert not [p for p in status(tmp_path)["problems"] if "paused" in (p["error"] or "")]
 
 
-def test_an_answer_without_its_id_is_a_fault_for_that_file(tmp_path, inbox, emu, run_daemon):
-    """200 without the ID field on mastering: bounded retries, then that file fails saying so; no pause."""
+def test_an_answer_without_its_id_is_held_in_doubt(tmp_path, inbox, emu, run_daemon):
+    """200 without the ID field on mastering: the whole request was sent, so the work may be done: the file is
+    held in doubt after one request, never re-sent on its own, and the service is not paused."""
     emu.processing.faults.no_id = {"POST /master-audio": 100}
     settings = archive_settings(tmp_path, inbox, emu, versions=("original", "mastered"))
     d = run_daemon(settings.model_copy(update={"retry": FAST}))
     write_tone(inbox / "x.wav", 0.3)
-    failed = wait_for(lambda: problem(tmp_path, "x.wav", "archive"), what="the archive failing")
+    held = wait_for(lambda: problem(tmp_path, "x.wav", "archive", "in_doubt"), what="the archive held")
     d.stop()
-    assert failed["error_code"] == "malformed" and "without 'id'" in failed["error"]
-    assert failed["step"] == "process" and failed["attempts"] == 3
-    assert emu.api.counts()["POST /master-audio"] == 3
+    assert held["error_code"] == "in_doubt" and "without 'id'" in held["error"]
+    assert held["step"] == "process"
+    assert emu.api.counts()["POST /master-audio"] == 1
 
 
 def test_a_body_that_is_not_an_event_stream_is_a_fault_for_that_file(tmp_path, inbox, emu, run_daemon):

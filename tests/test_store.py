@@ -322,7 +322,7 @@ def test_a_version_5_store_gets_the_claim_indexes(tmp_path):
         indexes = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"jobs_due_in_flight", "jobs_due_new", "jobs_by_owner", "operations_sending"} <= indexes
         assert "jobs_due" not in indexes
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 7
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 8
         assert [store.claim("archive", "w", now=100.0).step for _ in range(2)] == ["process", "upload"]
     finally:
         store.close()

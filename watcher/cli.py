@@ -86,6 +86,11 @@ def _control_commands(sub: Any) -> None:
         help="send again every paid request held in doubt (its answer was lost: the service may count it twice)",
     )
 
+    spend = sub.add_parser("spend", help="the spend ledger of a billing period, to hold against the invoice")
+    spend.add_argument("--from", dest="first", required=True, metavar="DATE", help="first UTC day (YYYY-MM-DD)")
+    spend.add_argument("--to", dest="last", required=True, metavar="DATE", help="last UTC day, included")
+    spend.add_argument("--csv", action="store_true", help="one CSV row per paid request (default: a summary)")
+
     doctor = sub.add_parser("doctor", help="check the config, folders, limits, disk space and the services")
     doctor.add_argument("folders", nargs="*", type=Path, metavar="FOLDER", help="check these folders instead")
 
@@ -190,6 +195,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _adopt(_settings(args), args.folder)
     if args.command == "retry":
         return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
+    if args.command == "spend":
+        return _spend(_settings(args), args.first, args.last, as_csv=args.csv)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
@@ -205,6 +212,36 @@ def _web(settings: Settings) -> int:
         return EXIT_FAILED
     print(login_link(str(state["url"]), load_token(settings)))
     return 0
+def _spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
+    """`watcher spend`: the ledger lines of a period as CSV, or per service and day: requests paid, audio
+    minutes (how much of it estimated), and requests not paid (not sent, refused)."""
+    import csv
+
+    from watcher.commands import SPEND_FIELDS, spend
+
+    lines = spend(settings, first, last)
+    if as_csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=SPEND_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(lines)
+        return EXIT_OK
+    totals: dict[tuple[str, str], list[float]] = {}
+    for line in lines:
+        total = totals.setdefault((line["day"], line["service"]), [0, 0.0, 0.0, 0])
+        if line["paid"]:
+            total[0] += 1
+            total[1] += line["seconds"]
+            total[2] += line["seconds"] if line["estimated"] else 0.0
+        else:
+            total[3] += 1
+    print(f"spend from {first} to {last} (UTC days)")
+    for (day, service), (paid, seconds, estimated, unpaid) in sorted(totals.items()):
+        note = f" ({estimated / 60:.2f} of them estimated)" if estimated else ""
+        print(f"  {day} {service}: {int(paid)} paid request(s), {seconds / 60:.2f} audio minutes{note}; "
+              f"{int(unpaid)} not paid (not sent or refused)")
+    if not totals:
+        print("  nothing recorded")
+    return EXIT_OK
 
 
 def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:

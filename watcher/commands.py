@@ -258,3 +258,43 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
     finally:
         if store is not None:
             store.close()
+
+
+SPEND_FIELDS = ("day", "at", "service", "endpoint", "operation", "sha256", "models", "seconds", "estimated", "kind",
+                "outcome", "paid")
+
+
+def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, Any]]:
+    """`watcher spend`: every ledger line of the UTC days ``first_day`` to ``last_day`` (ISO dates, inclusive),
+    to hold against a service's invoice; ``paid`` is False for requests not sent or refused (never billed)."""
+    import datetime as dt
+
+    for value in (first_day, last_day):
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            raise ConfigError(f"{value!r} is not a date: give --from and --to as YYYY-MM-DD (UTC days)") from None
+    if last_day < first_day:
+        raise ConfigError(f"--to {last_day} is before --from {first_day}")
+    store = open_store(settings)
+    try:
+        lines = store.ledger_lines(first_day, last_day)
+    finally:
+        store.close()
+    return [
+        {
+            "day": line["day"],
+            "at": dt.datetime.fromtimestamp(line["at"], dt.UTC).isoformat(timespec="seconds"),
+            "service": line["service"],
+            "endpoint": " ".join(str(line.get("endpoint") or "").split()[:2]),  # service and URL, not the account
+            "operation": line["operation"],
+            "sha256": line["sha256"],
+            "models": line["models"],
+            "seconds": round(float(line["seconds"]), 3),
+            "estimated": bool(line["estimated"]),
+            "kind": line["kind"],
+            "outcome": line["outcome"],
+            "paid": line["outcome"] not in ("not_sent", "refused"),
+        }
+        for line in lines
+    ]

@@ -20,7 +20,7 @@ from watcher.config.audio_url import without_query
 from watcher.detect.filters import PathFilter
 from watcher.detect.scan import walk
 from watcher.errors import BadInput
-from watcher.media import audio_info
+from watcher.media import audio_info, charged_seconds
 from watcher.names import display
 from watcher.versions import OPERATION_ORDER, operations_for
 
@@ -35,8 +35,8 @@ class FileEstimate:
     path: str
     size: int
     sha256: str
-    seconds: float | None
-    duration_note: str | None  # "unknown duration: <reason>" when ``seconds`` is None
+    seconds: float | None  # what a paid request is charged: the duration, or an upper bound when it is unknown
+    duration_note: str | None  # "estimated: ..." when ``seconds`` is an upper bound (the headers give no duration)
     models: tuple[str, ...]  # analysis models it would ask for
     cached_models: tuple[str, ...]  # configured models already stored for this content
     versions: tuple[str, ...]  # archive versions it would deliver
@@ -51,7 +51,7 @@ class ServiceTotal:
 
     calls: int = 0
     seconds: float = 0.0
-    unknown_duration: int = 0  # calls whose audio length is unknown (not in ``seconds``)
+    unknown_duration: int = 0  # calls whose audio length is unknown (in ``seconds`` at an upper bound)
     by_call: dict[str, int] = field(default_factory=dict)
 
 
@@ -69,7 +69,7 @@ class DryRunReport:
         """Human-readable text: one block per file, then the skipped files, then the totals per service."""
         lines = [f"Dry run: {_count(len(self.files), 'file')}; nothing was sent and nothing was written.", ""]
         for f in self.files:
-            length = _seconds(f.seconds) if f.seconds is not None else f.duration_note
+            length = _seconds(f.seconds or 0.0) + (f", {f.duration_note}" if f.duration_note else "")
             lines.append(f"{display(f.path)}  ({length})")
             if f.same_as is not None:
                 lines.append(f"  same content as {display(f.same_as)}: paid once, for both")
@@ -91,7 +91,10 @@ class DryRunReport:
             if kinds:
                 line += f" ({kinds})"
             if total.unknown_duration:
-                line += f"; {_count(total.unknown_duration, 'call')} on audio of unknown duration not counted"
+                line += (
+                    f"; {_count(total.unknown_duration, 'call')} on audio of unknown duration, counted at an upper "
+                    "bound (estimated) and settled to the real length in the ledger"
+                )
             lines.append(line)
         return "\n".join(lines) + "\n"
 
@@ -127,8 +130,9 @@ def dry_run(
         if isinstance(looked, str):
             report.skipped.append((path, looked))
             continue
-        size, sha256 = looked
-        info = audio_info(path)
+        size, sha256, container = looked
+        info = audio_info(path, container=container)
+        charged, estimated = charged_seconds(info, size, container)
         same_as = first_with.setdefault(sha256, path)
         copy = same_as != path
         cached = set(models) if copy else set(cached_models(sha256))
@@ -137,8 +141,8 @@ def dry_run(
             path=path,
             size=size,
             sha256=sha256,
-            seconds=info.duration,
-            duration_note=None if info.duration is not None else f"unknown duration: {info.reason}",
+            seconds=charged,
+            duration_note=f"estimated: at most that ({info.reason})" if estimated else None,
             models=tuple(m for m in models if m not in cached),
             cached_models=() if copy else tuple(m for m in models if m in cached),
             versions=versions,
@@ -147,34 +151,33 @@ def dry_run(
             analysis_input=_input_of(settings, folder, path) if remote else "local",
         )
         report.files.append(estimate)
-        _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], estimate.seconds)
-        _add(report.totals[PROCESSING], estimate.calls, estimate.seconds)
+        _add(report.totals[ANALYSIS], ["stream"] if estimate.models else [], charged, estimated=estimated)
+        _add(report.totals[PROCESSING], estimate.calls, charged, estimated=estimated)
     return report
 
 
-def _look(path: str) -> tuple[int, str] | str:
-    """(size, sha256) of a file a scan would send, or why a scan would not (read only)."""
+def _look(path: str) -> tuple[int, str, str] | str:
+    """(size, sha256, format) of a file a scan would send, or why a scan would not (read only)."""
     try:
         size, sha256 = sha256_of(path)
         if size == 0:
             return "empty; a scan skips it"
-        check_audio(path)
+        container = check_audio(path)
     except BadInput as exc:
         return f"a scan would refuse it, sending nothing: {exc}"
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc}); a scan would retry it"
-    return size, sha256
+    return size, sha256, container
 
 
-def _add(total: ServiceTotal, calls: Sequence[str], seconds: float | None) -> None:
+def _add(total: ServiceTotal, calls: Sequence[str], seconds: float, *, estimated: bool = False) -> None:
     """Count ``calls`` (each carrying the file's audio once) into ``total``."""
     for call in calls:
         total.calls += 1
         total.by_call[call] = total.by_call.get(call, 0) + 1
-        if seconds is None:
+        total.seconds += seconds
+        if estimated:
             total.unknown_duration += 1
-        else:
-            total.seconds += seconds
 
 
 def _input_of(settings: Settings, folder: FolderConfig, path: str) -> str:

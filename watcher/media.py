@@ -61,6 +61,26 @@ def audio_info(
     return AudioInfo(float(length), channels, rate, None)
 
 
+# The lowest byte rate a file of each container plausibly has: its size over this is an upper bound of its length.
+# Lossy formats: 32 kbit/s; PCM: 8 kHz, 8-bit, mono (the header's rate and channels, when given, at 8 bits);
+# FLAC: an eighth of that (near-silence compresses far below any PCM rate).
+LOWEST_BYTE_RATE = {"mp3": 4000.0, "ogg": 4000.0, "m4a": 4000.0, "wav": 8000.0, "aiff": 8000.0, "flac": 1000.0}
+
+
+def charged_seconds(info: AudioInfo, size: int, container: str | None) -> tuple[float, bool]:
+    """The audio seconds a paid request for this file is charged: ``(seconds, estimated)``.
+
+    The header's duration when it gives one; else an upper bound from the size over the format's lowest plausible
+    byte rate (``estimated``), never 0, to be settled to the real duration once it is known.
+    """
+    if info.duration:
+        return info.duration, False
+    rate = LOWEST_BYTE_RATE.get(container or "", 1000.0)
+    if container in ("wav", "aiff") and info.sample_rate and info.channels:
+        rate = float(info.sample_rate * info.channels)  # 8 bits a sample: the lowest PCM depth
+    return max(size, 1) / rate, True
+
+
 def _unknown(reason: str) -> AudioInfo:
     return AudioInfo(None, None, None, reason)
 

@@ -1,15 +1,37 @@
-"""Whether the current paid call's request has left this machine, told by the HTTP policy to the paid-call gate.
+"""Whether the current paid call's request has left this machine, and the ticket that lets it leave at all.
 
 A paid call stopped before its request reached the transport (waiting for its concurrency slot, its turn in the
 rate, a Retry-After) provably sent nothing, so its gate operation is freed rather than held in doubt. The flag
 lives in a context variable: each task (each paid call) sees its own.
+
+The gate owns the wire: a request to a paid endpoint leaves only with a :class:`WireTicket` the gate issued for
+it (one take: one ledger line, exactly the operations it covers). The HTTP policy spends the ticket as the
+request is handed over; a second request on the same ticket (a retry below the gate) is refused with
+:class:`NoTicket` before a byte is sent. The one paid-endpoint request without a ticket is the key check
+(``doctor``), which carries no audio and no model and is sent as a probe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 _HANDED_OVER: ContextVar[bool] = ContextVar("watcher_request_handed_over", default=False)
+_TICKET: ContextVar[WireTicket | None] = ContextVar("watcher_wire_ticket", default=None)
+
+
+class NoTicket(RuntimeError):
+    """A paid request was about to be sent without a fresh ticket from the gate: a bug, never sent."""
+
+
+@dataclass
+class WireTicket:
+    """The gate's leave for one request: its ledger line and exactly the operations it covers; used once."""
+
+    request: int
+    operations: tuple[str, ...]
+    used: bool = field(default=False)
 
 
 def expect_sending() -> None:
@@ -25,3 +47,31 @@ def mark_handed_over(sent: bool = True) -> None:
 def handed_over() -> bool:
     """True once a request of this task's current paid call reached the transport (it may have been sent)."""
     return _HANDED_OVER.get()
+
+
+def issue(ticket: WireTicket) -> WireTicket:
+    """The gate: this task (and the tasks it starts from now on) may send one request on ``ticket``."""
+    _TICKET.set(ticket)
+    return ticket
+
+
+def spend_ticket(what: str, covers: Collection[str] | None = None) -> WireTicket:
+    """The HTTP policy, before a paid request is handed over: use the current ticket, or raise NoTicket.
+
+    ``covers``: the operations the request carries (the analysis stream's models), which must be exactly the
+    ticket's; a ticket already used (a re-send) or missing refuses the request.
+    """
+    ticket = _TICKET.get()
+    if ticket is None:
+        raise NoTicket(f"{what}: a paid request without a ticket from the gate was refused before sending")
+    if ticket.used:
+        raise NoTicket(
+            f"{what}: a paid request was about to be sent again on ticket {ticket.request}; a retry is a new take"
+        )
+    if covers is not None and set(covers) != set(ticket.operations):
+        raise NoTicket(
+            f"{what}: the request covers {sorted(covers)} but its ticket {ticket.request} names "
+            f"{sorted(ticket.operations)}"
+        )
+    ticket.used = True
+    return ticket

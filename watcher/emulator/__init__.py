@@ -6,7 +6,7 @@ from collections import Counter
 from types import TracebackType
 
 from watcher.emulator.analysis import AnalysisEmulator, AnalysisFaults, StreamInput
-from watcher.emulator.faults import Chaos, Ledger, RateLimit
+from watcher.emulator.faults import Chaos, Charge, Ledger, RateLimit
 from watcher.emulator.neuralanalog import NeuralAnalogEmulator, ProcessingFaults
 from watcher.emulator.server import App, HTTPServerThread, RecordedRequest, Request
 
@@ -15,6 +15,7 @@ __all__ = [
     "AnalysisFaults",
     "App",
     "Chaos",
+    "Charge",
     "Emulator",
     "HTTPServerThread",
     "Ledger",
@@ -31,7 +32,8 @@ class Emulator:
     """Both services' APIs on one loopback address (``url``), and the processing service's storage host
     on a second one (``storage``), as signed URLs point to another host.
 
-    ``paid()`` counts what the two services could bill; ``chaos()`` turns on seeded random faults; ``limit()``
+    ``bill()`` is what the two services could bill, per account (``paid()`` counts it per content and operation);
+    ``chaos()`` turns on seeded random faults; ``limit()``
     enforces a rate limit per API key. ``processing.faults.polls_needed`` set very high keeps jobs in progress.
     """
 
@@ -63,6 +65,11 @@ class Emulator:
         is not counted; one whose work was done but whose answer was lost is.
         """
         return self.ledger.snapshot()
+
+    def bill(self, account: str | None = None) -> list[Charge]:
+        """The bill: every request the services accepted and could bill, in order (of one ``account``: see
+        ``faults.account_of``), with its content, operations and audio seconds."""
+        return self.ledger.charges(account)
 
     def chaos(self, seed: int, rate: float) -> None:
         """From now on each request meets a random fault with probability ``rate`` (0 turns chaos off).

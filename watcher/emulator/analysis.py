@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import httpx
 
-from watcher.emulator.faults import STREAM_FAULTS, Chaos, Ledger
+from watcher.emulator.faults import STREAM_FAULTS, Chaos, Ledger, account_of
 from watcher.emulator.server import App, Request
 
 STREAM_PATH = "/v1/analysis/stream"
@@ -56,6 +56,8 @@ class AnalysisFaults:
     keepalive_only: float = 0.0  # the next stream: headers, then only keep-alive comments for this long, then close
     keepalive_interval: float = 0.2  # seconds between those comments
     close_streams: bool = False  # end every event stream with the connection (``Connection: close``)
+    # requested model name -> the name (or ``name:version``) its answer carries: another model's answer
+    answer_as: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, name: str) -> bool:
@@ -107,6 +109,16 @@ def _fake_results(model: str, digest: bytes) -> dict[str, Any]:
     labels = CLASSIFIER_LABELS.get(model, [model, f"not_{model}"])
     p = round((seed % 1000) / 1000, 3)
     return {"activations": {labels[0]: p, labels[1]: round(1 - p, 3)}}
+
+
+def _seconds(path: str) -> float | None:
+    """The audio seconds the service bills for a file (its headers' duration), or None when they give none."""
+    from watcher.audiofile import sniff_format
+    from watcher.media import audio_info
+
+    with open(path, "rb") as fh:
+        container = sniff_format(fh.read(64))
+    return audio_info(path, container=container).duration
 
 
 def _local_results(path: str, models: list[str]) -> dict[str, Any] | None:
@@ -192,8 +204,14 @@ class AnalysisEmulator:
         digest, path = received
         with self._lock:
             self.models_requested.append(models)
-        for spec in models:
-            self.ledger.bill(digest.hex(), f"analyze:{spec.split(':', 1)[0]}")
+        self.ledger.charge(
+            "analysis",
+            req.headers.get("Host", ""),
+            account_of(req.headers.get("Authorization", "").removeprefix("Bearer ") or None),
+            digest.hex(),
+            [f"analyze:{spec.split(':', 1)[0]}" for spec in models],
+            _seconds(path),
+        )
         try:
             if self.faults.take("not_sse"):
                 req.send_json(200, {"result": "ok"})
@@ -322,6 +340,10 @@ class AnalysisEmulator:
             else:
                 results = _fake_results(name, digest)
             version = spec.split(":", 1)[1] if ":" in spec else "1"
+            swapped = self.faults.answer_as.get(spec.split(":", 1)[0])
+            if swapped is not None:  # another model's answer under its own name
+                name, _, other = swapped.partition(":")
+                version = other or version
             result = {"model_name": name, "model_version": version, "correlation_id": str(uuid.uuid4())}
             emit({"status": "completed", "result": {**result, "results": results}})
             completed += 1

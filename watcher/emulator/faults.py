@@ -1,16 +1,20 @@
 """What the emulated services could bill, and a seeded random fault source (chaos mode).
 
-Both emulated services share one :class:`Ledger` and one :class:`Chaos`: the ledger counts every request a
-service accepted and could bill, per (sha256 of the audio content, operation); chaos makes each request
-meet a random fault with a fixed probability, from a seeded RNG, and records the faults it injected.
+Both emulated services share one :class:`Ledger` and one :class:`Chaos`: the ledger keeps the bill, one
+:class:`Charge` per request a service accepted and could bill (its account, content, operations and audio seconds),
+whatever became of its answer; a request refused before any work (401, 429, 5xx, 4xx) is not on it. Tests hold
+it against watcher's own ledger. Chaos makes each request meet a random fault with a fixed probability, from a
+seeded RNG, and records the faults it injected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # Faults chaos draws from: any request may meet an HTTP refusal before any work is done ...
 REFUSALS: tuple[str, ...] = ("429", "500", "503")
@@ -22,28 +26,58 @@ PAID_POST_FAULTS: tuple[str, ...] = (*REFUSALS, "lose_answer")
 STORAGE_FAULTS: tuple[str, ...] = ("500", "503")
 
 
-class Ledger:
-    """Requests the services accepted and could bill: ``(content sha256 hex, operation) -> count``.
+def account_of(key: str | None) -> str:
+    """The account a request's key names on the bill: a fingerprint (the bill never holds a key), the same one
+    watcher's ledger names its endpoint's account by (``config.secrets.service_identity``)."""
+    if not key:
+        return "account:none"
+    return "account:" + hashlib.blake2b(key.encode(), digest_size=6, person=b"watcher-acct").hexdigest()
 
-    Operations: ``analyze:<model>`` (model as requested, version stripped), ``upload``, ``restore``,
-    ``master``, ``stems``. Thread-safe.
+
+@dataclass(frozen=True)
+class Charge:
+    """One request a service accepted and could bill: its account, the audio content, the operations it did
+    (``analyze:<model>`` per model, or ``upload``, ``restore``, ``master``, ``stems``) and the audio's seconds
+    (None when the emulator cannot tell)."""
+
+    service: str  # analysis, processing
+    host: str  # the host:port the request was sent to (its Host header)
+    account: str
+    sha256: str
+    operations: tuple[str, ...]
+    seconds: float | None
+
+
+class Ledger:
+    """The bill: the requests the services accepted and could bill, in order. Thread-safe.
+
+    ``snapshot()`` counts them per ``(content sha256 hex, operation)``: ``analyze:<model>`` (model as requested,
+    version stripped), ``upload``, ``restore``, ``master``, ``stems``.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._paid: Counter[tuple[str, str]] = Counter()
+        self._charges: list[Charge] = []
 
-    def bill(self, sha256: str, operation: str) -> None:
+    def charge(
+        self, service: str, host: str, account: str, sha256: str, operations: Sequence[str], seconds: float | None
+    ) -> None:
+        """One accepted request goes on the bill."""
         with self._lock:
-            self._paid[(sha256, operation)] += 1
+            self._charges.append(Charge(service, host, account, sha256, tuple(operations), seconds))
+
+    def charges(self, account: str | None = None) -> list[Charge]:
+        """The bill, in order (of one ``account`` when given)."""
+        with self._lock:
+            return [c for c in self._charges if account is None or c.account == account]
 
     def snapshot(self) -> Counter[tuple[str, str]]:
         with self._lock:
-            return Counter(self._paid)
+            return Counter((c.sha256, op) for c in self._charges for op in c.operations)
 
     def clear(self) -> None:
         with self._lock:
-            self._paid.clear()
+            self._charges.clear()
 
 
 class Chaos:

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from watcher.audiofile import sniff_format
 from watcher.emulator import audio_processing as proc
-from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, STORAGE_FAULTS, Chaos, Ledger
+from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, STORAGE_FAULTS, Chaos, Ledger, account_of
 from watcher.emulator.multipart import MultipartParser
 from watcher.emulator.processing_state import (
     HOSTILE_STEM_NAMES,
@@ -34,6 +34,15 @@ from watcher.emulator.processing_state import (
 from watcher.emulator.server import App, HTTPServerThread, Request
 
 __all__ = ["HOSTILE_STEM_NAMES", "NeuralAnalogEmulator", "Obj", "ProcessingFaults"]
+
+
+def _seconds(path: Path) -> float | None:
+    """The audio seconds the service bills for an upload (its headers' duration), or None when they give none."""
+    from watcher.media import audio_info
+
+    with path.open("rb") as fh:
+        container = sniff_format(fh.read(64))
+    return audio_info(path, container=container).duration
 
 class NeuralAnalogEmulator:
     """State of the emulated service; ``app`` is the API, ``storage_app`` the signed-URL host.
@@ -140,10 +149,24 @@ class NeuralAnalogEmulator:
             return "answered"
         return chaos
 
+    def _bill(self, req: Request, source: Obj, operation: str) -> None:
+        """The work is done: it goes on the bill of the request's account, for the uploaded audio's content."""
+        account = account_of(req.headers.get("X-API-Key"))
+        host = req.headers.get("Host", "")
+        self.ledger.charge("processing", host, account, source.sha256, [operation], source.seconds)
+
     def _answer(self, req: Request, route: str, payload: dict[str, Any], lose: bool = False) -> None:
-        """Send the answer, unless a fault (or ``lose``) says the work is done but the answer gets lost."""
+        """Send the answer, unless a fault (or ``lose``) says the work is done but the answer gets lost, or
+        comes without its ID (``done_without_id``) or as a redirect (``done_then_303``)."""
         if self.faults.take(self.faults.lose_answer, route) or lose:
             req.abort_connection()
+            return
+        if self.faults.take(self.faults.done_without_id, route):
+            req.send_json(200, {"status": "ok", "message": "queued"})
+            return
+        if self.faults.take(self.faults.done_then_303, route):
+            req.drain()
+            req.send_bytes(303, b"", "text/plain", headers={"Location": "/status/audio/elsewhere"})
             return
         req.send_json(200, payload)
 
@@ -189,13 +212,14 @@ class NeuralAnalogEmulator:
             req.send_json(422, {"detail": f"audio: the file {name!r} was refused (it contains {refused!r})"})
             return
         obj = Obj("audio", dest, part.filename or "audio", audio_id, sha256=part.sha256, size=part.size)
+        obj.seconds = _seconds(dest)
         obj.params = dict(parser.fields)
         with dest.open("rb") as fh:
             if sniff_format(fh.read(64)) is None:
                 obj.failed = "the file could not be decoded as audio (emulated check)"
         with self._lock:
             self.objects[audio_id] = obj
-        self.ledger.bill(obj.sha256, "upload")
+        self._bill(req, obj, "upload")
         payload = {"audio_id": audio_id, "status": "in_progress", "message": "Upload received"}
         self._answer(req, route, payload, lose=guard == "lose_answer")
 
@@ -248,7 +272,7 @@ class NeuralAnalogEmulator:
                         self.objects[stem_id] = Obj("stem", f, f.stem, source.audio_id, parent=new_id)
             with self._lock:
                 self.objects[new_id] = obj
-            self.ledger.bill(self.objects[source.audio_id].sha256, OPERATION_OF_KIND[kind])
+            self._bill(req, self.objects[source.audio_id], OPERATION_OF_KIND[kind])
             payload = {"creation_id": new_id} if kind == "stem_split" else {"id": new_id}
             self._answer(req, route, payload, lose=guard == "lose_answer")
 

@@ -52,6 +52,8 @@ class ProcessingFaults:
     zip_attack: str | None = None  # one of audio_processing.ATTACKS
     zip_bomb_bytes: int = 64 << 20  # uncompressed size of the "oversized" entry
     no_id: dict[str, int] = field(default_factory=dict)  # route -> 200 {"status": "ok"} without the ID, no work
+    done_without_id: dict[str, int] = field(default_factory=dict)  # route -> the work done (billed), 200 without ID
+    done_then_303: dict[str, int] = field(default_factory=dict)  # route -> the work done (billed), then a 303
     malformed_status: int = 0  # GET /status answers that are 200 with a body that is not JSON
     hostile_stem_names: bool = False  # stem names in status_details become HOSTILE_STEM_NAMES
     redirect_to: str | None = None  # every GET /download answers 307 with this Location
@@ -99,6 +101,7 @@ class Obj:
     stems_from: str = ""  # stem_split: the kind of object it split
     parent: str = ""  # stem: its stem_split's ID
     failed: str | None = None  # error message once the job is known to fail
+    seconds: float | None = None  # audio: the seconds its headers give (what the bill charges for it)
     created: float = field(default_factory=time.monotonic)
 
 

@@ -2,8 +2,10 @@
 
 Every model result is committed to the store the moment it arrives. With a paid backend each model is an
 operation of the gate (content, endpoint and account, ``analyze:<model>``): two copies of one content never
-ask twice, a model another job is asking for is waited for, and a day's cap is never passed. A stream that
-breaks re-asks only the models not received; each re-ask is counted and logged. When the file's folder has an
+ask twice, a model another job is asking for is waited for, and a day's cap is never passed. One run sends at
+most one request, on the gate's ticket; a stream that breaks (or ends, or answers what cannot be read) leaves the
+models not received to the next run, whose take re-asks only those: counted, charged and capped, a ``reask`` line
+in the ledger. When the file's folder has an
 audio URL template the service fetches the file from there (no body is sent); the file is still hashed here and
 the gate goes by that content, exactly as with a body.
 """
@@ -20,10 +22,10 @@ from watcher.config import SidecarConfig
 from watcher.config.audio_url import without_query
 from watcher.errors import BadInput, FileChanged, NotSent, RetryLater
 from watcher.pipelines.base import SpendObserver, StepResult
-from watcher.pipelines.paid import GateStore, PaidCalls
+from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.sending import expect_sending, handed_over
+from watcher.sending import expect_sending
 from watcher.store import FileVersion, Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
@@ -186,7 +188,7 @@ class AnalyzePipeline:
         ops = {m: Operation(sha256, self.analyzer.key, f"analyze:{m}", on_doubt="reask") for m in missing}
         taken = None
         if self.paid is not None:
-            taken = self.paid.take(job, list(ops.values()), checked.seconds)
+            taken = self.paid.take(job, list(ops.values()), checked.seconds, estimated=checked.estimated)
             if not taken.send:
                 return {}  # every model was answered for another copy meanwhile
             missing = [m for m in missing if ops[m] in taken.send]
@@ -215,13 +217,13 @@ class AnalyzePipeline:
                 report = await self.analyzer.analyze(body, missing, save)
             else:  # the service fetches the audio: the gate above still went by the local file's content
                 report = await self.analyzer.analyze(body, missing, save, audio_url=url)
-        except NotSent as exc:
-            outcome, why = "not_sent", str(exc)
-            raise
         except BaseException as exc:
-            # stopped while waiting for its turn, nothing sent: the models are free again, not re-asked
-            outcome = "partial" if handed_over() else "not_sent"
-            why = f"{type(exc).__name__}: {exc}"
+            # not sent (or stopped while waiting for its turn) or refused: the models are free again, not paid;
+            # else the models not received are re-asked by the next run's take
+            outcome = outcome_of(exc)
+            if outcome == "in_doubt" and answered:
+                outcome = "partial"
+            why = str(exc) if isinstance(exc, NotSent) else f"{type(exc).__name__}: {exc}"
             raise
         finally:
             if taken is not None and self.paid is not None:

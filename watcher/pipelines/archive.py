@@ -11,27 +11,39 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from watcher.audiofile import UPLOAD_CHUNK, FileBody, Signature
 from watcher.config import ArchiveConfig, SidecarConfig
-from watcher.errors import BadInput, NeedsUser, NotSent, Rejected, RetryLater
+from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import safe_component
+from watcher.media import audio_info
 from watcher.names import display
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
-from watcher.pipelines.paid import GateStore, PaidCalls, Taken
+from watcher.pipelines.paid import GateStore, PaidCalls, Taken, outcome_of
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
-from watcher.sending import expect_sending, handed_over
+from watcher.sending import expect_sending
 from watcher.store import Job, Operation
 from watcher.versions import VERSIONS
 
 log = structlog.get_logger("watcher.archive")
 BUDGET = "processing"
+
+
+def _track_seconds(folder: Path) -> float | None:
+    """The duration of a delivered full-length track (the original first), or None when none tells it."""
+    tracks = sorted(folder.glob("*.wav"), key=lambda p: "(original)" not in p.name)
+    for track in tracks:
+        seconds = audio_info(track, container="wav").duration
+        if seconds:
+            return seconds
+    return None
 
 
 def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str, str]) -> str:
@@ -242,7 +254,8 @@ class ArchivePipeline:
         The request runs as its own task, shielded from the job's cancellation, so its outcome is recorded at
         the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
-        taken = self.paid.take(job, [op], float(job.data.get("duration") or 0.0))
+        seconds = float(job.data.get("charged") or job.data.get("duration") or 0.0)
+        taken = self.paid.take(job, [op], seconds, estimated=bool(job.data.get("estimated")))
         if op in taken.answered:
             result = taken.answered[op]
             assert result is not None
@@ -258,16 +271,16 @@ class ArchivePipeline:
         expect_sending()
         try:
             remote_id = await call()
-        except (NotSent, Rejected, NeedsUser) as exc:
-            # Provably not done: never connected, 429/503, a body cut short, or refused with an answer.
-            self.paid.finish(taken, {}, "not_sent", str(exc))
-            raise
         except BaseException as exc:
-            if not handed_over():  # stopped while waiting for its turn: nothing left this machine
-                self.paid.finish(taken, {}, "not_sent", f"stopped before it was sent ({type(exc).__name__})")
+            outcome = outcome_of(exc)
+            if outcome != "in_doubt":
+                # Provably not done: never connected, 429/503, a body cut short, stopped before it left, or refused
+                # with an answer (4xx): free again, and not paid.
+                self.paid.finish(taken, {}, outcome, str(exc) or f"stopped before it was sent ({type(exc).__name__})")
                 raise
-            # The whole request may have reached the service and its answer is lost: it may be done (and billed).
-            why = str(exc) if isinstance(exc, RetryLater) else f"{type(exc).__name__}: {exc}"
+            # The whole request may have reached the service and its answer is lost or cannot be read (a 2xx
+            # without its ID, a 3xx): it may be done (and billed).
+            why = str(exc) if isinstance(exc, RetryLater | BadInput) else f"{type(exc).__name__}: {exc}"
             self.paid.finish(taken, {}, "in_doubt", why)
             if op.on_doubt == "hold" and self.cfg.in_doubt == "hold" and isinstance(exc, Exception):
                 raise self.paid.doubt(op, time.time(), why) from exc
@@ -286,6 +299,16 @@ class ArchivePipeline:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+
+    async def _settle(self, job: Job, delivered: Path) -> None:
+        """The source's headers gave no duration, so its paid calls were charged an upper bound: a delivered
+        full-length track (decoded by the service, with a WAV header) tells the real one; the ledger settles to it."""
+        seconds = await asyncio.to_thread(_track_seconds, delivered)
+        if seconds is None:
+            return
+        settled = self.store.ledger_settle(job.data["sha256"], seconds)
+        job.data.update(estimated=False, charged=seconds, duration=job.data.get("duration") or seconds)
+        log.info("archive.duration_settled", path=job.file.path, seconds=round(seconds, 3), ledger_lines=settled)
 
     async def _request(self, name: str, op: Op, ids: Mapping[str, str]) -> str:
         """The request that creates one remote object of the plan."""
@@ -311,6 +334,8 @@ class ArchivePipeline:
         if ready:
             delivered = await self.deliverer.deliver(job, ready, dict(job.data.get("ids", {})))
             versions.update(dict.fromkeys(ready, "delivered"))
+            if job.data.get("estimated"):
+                await self._settle(job, delivered)
             self.store.commit(job, delivery=str(delivered), versions=versions)
         delivery = job.data["delivery"]
         ids = dict(job.data.get("ids", {}))

@@ -1,14 +1,19 @@
 """Paid calls, made one way only: through the store's gate (the states are drawn in watcher.store.gate).
 
     take ─┬─ send ─▶ the request ─┬─ answered ............ its ID or results kept; never sent again
-          │                        ├─ not sent (provably) . free to send again, not spent
+          │    (one wire ticket)   ├─ not sent (provably) . free to send again, not spent
+          │                        ├─ refused (4xx) ....... free again, not spent, not a paid call
           │                        └─ answer lost ........ in doubt (held for the user) or re-asked (counted)
+          │                           or unreadable (a 2xx without its ID, a 3xx, a body not the documented shape)
           ├─ answered already ...... reused: nothing is sent
           ├─ wait .................. another job (another copy, another daemon) is sending it: Deferred
           ├─ capped ................ the day's cap would be passed: Deferred until 00:00 UTC
           └─ in doubt .............. held until `watcher retry`: InDoubt
 
-Both pipelines make their paid requests through :class:`PaidCalls`; nothing else calls the gate.
+Both pipelines make their paid requests through :class:`PaidCalls`; nothing else calls the gate. A take that may
+send issues the wire ticket (watcher.sending) the HTTP policy requires for exactly one request to a paid endpoint:
+a retry, whatever its cause (even a NotSent: no connection, a 429), is the runner's next attempt, hence a new take,
+counted, charged and capped like the first; there is no retry loop below the gate.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from watcher.errors import Deferred, InDoubt
+from watcher.errors import Deferred, InDoubt, Malformed, NeedsUser, NotSent, Rejected
 from watcher.names import display
 from watcher.pipelines.base import NullSpend, SpendObserver
+from watcher.sending import WireTicket, handed_over, issue
 from watcher.store import Job, Operation, Ticket
 from watcher.store.ports import Gate
 
@@ -29,6 +35,23 @@ log = structlog.get_logger("watcher.paid")
 
 
 GateStore = Gate  # the store's gate port (watcher.store.ports): the only door paid calls go through
+
+
+def outcome_of(exc: BaseException) -> str:
+    """How a paid request that raised ``exc`` ended, as the ledger records it.
+
+    ``not_sent``: provably not processed (NotSent: never connected, 429/503, a body cut short; or stopped before
+    it was handed over); ``refused``: the service answered 4xx before any work (a bad key, a refused file);
+    ``in_doubt``: everything else once the whole request may have been sent (5xx, a timeout, a cut stream, and
+    any answer that cannot be read: a 2xx without the expected ID, a 3xx, a body not of the documented shape).
+    """
+    if isinstance(exc, NotSent) or not handed_over():
+        return "not_sent"
+    if isinstance(exc, Malformed):
+        return "in_doubt"
+    if isinstance(exc, Rejected | NeedsUser) and exc.status is not None and 400 <= exc.status < 500:
+        return "refused"
+    return "in_doubt"
 
 
 @dataclass
@@ -41,6 +64,7 @@ class Taken:
     resends: list[Operation] = field(default_factory=list)
     answered: dict[Operation, str | None] = field(default_factory=dict)
     request: int | None = None  # the ledger line of the request, when something is to be sent
+    estimated: bool = False  # ``seconds`` is an upper bound (no duration in the headers)
 
 
 class PaidCalls:
@@ -61,9 +85,10 @@ class PaidCalls:
         self.resend_in_doubt = resend_in_doubt
         self.spend = spend or NullSpend()
 
-    def take(self, job: Job, ops: Sequence[Operation], seconds: float) -> Taken:
-        """Take the operations of one request covering ``seconds`` of audio; raises when nothing may be sent
-        now and not everything was answered already (Deferred: wait or capped; InDoubt: held)."""
+    def take(self, job: Job, ops: Sequence[Operation], seconds: float, *, estimated: bool = False) -> Taken:
+        """Take the operations of one request covering ``seconds`` of audio (``estimated``: an upper bound); raises
+        when nothing may be sent now and not everything was answered already (Deferred: wait or capped; InDoubt:
+        held). When something may be sent, this task holds the wire ticket for exactly that one request."""
         assert job.owner is not None, "a paid request needs a claimed job"
         tickets = self.store.gate_take(
             list(ops),
@@ -72,8 +97,9 @@ class PaidCalls:
             seconds=seconds,
             cap_seconds=self.cap_seconds,
             resend_in_doubt=self.resend_in_doubt,
+            estimated=estimated,
         )
-        taken = Taken(tickets, seconds)
+        taken = Taken(tickets, seconds, estimated=estimated)
         for ticket in tickets:
             if ticket.verdict == "send":
                 taken.send.append(ticket.op)
@@ -84,6 +110,8 @@ class PaidCalls:
                 taken.answered[ticket.op] = ticket.result
         if not taken.send and len(taken.answered) < len(tickets):
             raise self.not_now(job, tickets)
+        if taken.send and taken.request is not None:
+            issue(WireTicket(taken.request, tuple(op.name for op in taken.send)))
         if taken.resends:
             log.warning(
                 "paid.resend",
@@ -96,14 +124,14 @@ class PaidCalls:
 
     def finish(self, taken: Taken, results: Mapping[Operation, str | None], outcome: str, why: str) -> None:
         """Record how the request ended: ``results`` holds the operations answered (with the ID to keep, or None
-        when it was kept already); the others are free again (``not_sent``) or in doubt / re-asked."""
+        when it was kept already); the others are free again (``not_sent``, ``refused``) or in doubt / re-asked."""
         if taken.request is None:
             return
         for op in taken.send:
             if op in results:
                 if results[op] is not None:
                     self.store.gate_answered(op, results[op])
-            elif outcome == "not_sent":
+            elif outcome in ("not_sent", "refused"):
                 self.store.gate_release(op, "open", error=why)
             else:
                 self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
@@ -111,7 +139,8 @@ class PaidCalls:
             outcome = "partial"
         self.store.ledger_outcome(taken.request, outcome)
         operation = taken.send[0].name.split(":", 1)[0] if taken.send else "?"
-        self.spend.paid(self.budget, operation, outcome, 0.0 if outcome == "not_sent" else taken.seconds)
+        unpaid = outcome in ("not_sent", "refused")
+        self.spend.paid(self.budget, operation, outcome, 0.0 if unpaid else taken.seconds)
 
     def doubt(self, op: Operation, since: float, why: str | None) -> InDoubt:
         """The error that holds a job whose paid request ``op`` may have been done."""

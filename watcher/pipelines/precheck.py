@@ -17,7 +17,7 @@ from typing import Protocol
 
 from watcher.audiofile import SMALL, Signature, audio_format, check_audio, read_settled
 from watcher.errors import FileChanged, RetryLater
-from watcher.media import audio_info
+from watcher.media import audio_info, charged_seconds
 from watcher.pipelines.base import StepResult
 from watcher.store import Job
 
@@ -30,11 +30,13 @@ class Checked:
     duration: float | None
     channels: int | None
     content: bytes | None = None  # the whole settled version when it is small: its body needs no second read
+    charged: float = 0.0  # the audio seconds a paid request for it is charged (see media.charged_seconds)
+    estimated: bool = False  # ``charged`` is an upper bound: the headers give no duration
 
     @property
     def seconds(self) -> float:
-        """The audio seconds the ledger charges for this file (0 when the header gives no duration)."""
-        return self.duration or 0.0
+        """The audio seconds the ledger charges for this file: its duration, or an upper bound (never 0)."""
+        return self.charged
 
 
 class PrecheckStore(Protocol):
@@ -60,14 +62,16 @@ def _look(job: Job, sha256: str | None) -> StepResult | Checked:
             header = io.BytesIO(content)
             header.name = version.path  # mutagen guesses some formats from the name
             info = audio_info(version.path, fileobj=header, container=container)
-            return Checked(sha256 or digest, info.duration, info.channels, content)
-        check_audio(version.path)
+            charged, estimated = charged_seconds(info, version.size, container)
+            return Checked(sha256 or digest, info.duration, info.channels, content, charged, estimated)
+        container = check_audio(version.path)
         if sha256 is None:
             sha256, _ = read_settled(version.path, settled)
     except FileNotFoundError:
         return StepResult("gone", note=f"the file was deleted before {job.pipeline} started")
     info = audio_info(version.path)
-    return Checked(sha256, info.duration, info.channels)
+    charged, estimated = charged_seconds(info, version.size, container)
+    return Checked(sha256, info.duration, info.channels, None, charged, estimated)
 
 
 async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
@@ -84,5 +88,11 @@ async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
         return checked
     if known is None:
         store.set_sha256(version.id, checked.sha256)
-    job.data.update(sha256=checked.sha256, duration=checked.duration, channels=checked.channels)
+    job.data.update(
+        sha256=checked.sha256,
+        duration=checked.duration,
+        channels=checked.channels,
+        charged=checked.charged,
+        estimated=checked.estimated,
+    )
     return checked

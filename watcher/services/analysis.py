@@ -2,17 +2,20 @@
 
 The audio is streamed from disk as the raw request body, or (``audio_url``) the request has an empty body and an
 ``audio-url`` header naming where the service fetches it: one or the other, never both. Each ``completed`` result
-is handed to the caller the moment it arrives (so it can be persisted); when a stream errs or ends before
-``finished``, the next attempt asks only for the models still missing.
+is handed to the caller the moment it arrives (so it can be persisted). One call is one request, sent on the
+gate's ticket (watcher.sending): when a stream errs or ends before ``finished``, the error goes back to the
+caller, whose next take asks only for the models still missing. There is no retry loop here.
+
+Answers are matched to the asked models by one rule (:func:`model_key`): the name lower-cased with ``-`` and
+``_`` removed, the version compared exactly when both sides give one. An answer that matches no model still
+pending is not a result: it goes to the report's errors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
 import inspect
 import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,24 +64,31 @@ class AnalysisReport:
 OnResult = Callable[[ModelResult], Awaitable[None] | None]
 
 
-def normalise_model(name: str) -> str:
-    """A model name without version, case, dashes or underscores (``loudness-ebur128`` ~ ``loudness_ebur128``)."""
-    return re.sub(r"[^a-z0-9]", "", name.split(":", 1)[0].lower())
+def model_key(name: str) -> str:
+    """A model name as answers are matched by: lower-case, ``-`` and ``_`` removed, no version.
+
+    ``loudness-ebur128`` ~ ``loudness_ebur128``, ``genre_discogs_400`` ~ ``genre_discogs400``; ``mood_happy`` and
+    ``mood_sad``, or ``x-1`` and ``x-2``, stay apart: nothing is matched by likeness.
+    """
+    return name.split(":", 1)[0].lower().replace("-", "").replace("_", "")
 
 
-def match_requested(model_name: str, candidates: Sequence[str]) -> str | None:
-    """Which requested spec a returned ``model_name`` answers: exact, then normalised, then a close spelling."""
+def match_requested(model_name: str, model_version: str | None, candidates: Sequence[str]) -> str | None:
+    """The one requested spec (``name`` or ``name:version``) a returned model answers, or None.
+
+    Names are equal under :func:`model_key`; a version asked for must equal the version returned (when the
+    answer gives one). Two candidates that both match make the answer ambiguous: None.
+    """
+    wanted = model_key(model_name)
+    found = []
     for spec in candidates:
-        if spec.split(":", 1)[0] == model_name:
-            return spec
-    wanted = normalise_model(model_name)
-    for spec in candidates:
-        if normalise_model(spec) == wanted:
-            return spec
-    close = difflib.get_close_matches(wanted, [normalise_model(s) for s in candidates], n=2, cutoff=0.85)
-    if len(close) == 1:
-        return next(s for s in candidates if normalise_model(s) == close[0])
-    return None
+        name, _, version = spec.partition(":")
+        if model_key(name) != wanted:
+            continue
+        if version and model_version is not None and version.strip() != model_version.strip():
+            continue
+        found.append(spec)
+    return found[0] if len(found) == 1 else None
 
 
 class AnalysisClient:
@@ -96,7 +106,13 @@ class AnalysisClient:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = ServiceHTTP(
-            SERVICE, base_url, headers=headers, policy=policy, transport=transport, observer=observer
+            SERVICE,
+            base_url,
+            headers=headers,
+            policy=policy,
+            transport=transport,
+            observer=observer,
+            paid_routes={("POST", STREAM_PATH)},
         )
         self.event_deadline = event_deadline or self.http.policy.read_timeout
 
@@ -112,27 +128,24 @@ class AnalysisClient:
     async def analyze(
         self, audio: AudioSource, models: Sequence[str], on_result: OnResult, *, audio_url: str | None = None
     ) -> AnalysisReport:
-        """Analyse ``audio`` with ``models``; retries ask only for what is missing.
+        """Analyse ``audio`` with ``models`` in one request, sent on the gate's ticket for exactly these models.
 
-        With ``audio_url`` the service fetches the audio from there (every attempt sends the header again) and
-        no byte of ``audio`` is sent; its name still goes in the ``filename`` header.
+        With ``audio_url`` the service fetches the audio from there and no byte of ``audio`` is sent; its name
+        still goes in the ``filename`` header.
 
-        Returns when every model answered, or when a stream finished with some models in error (the
-        report's errors say why). Raises RetryLater when attempts ran out on transient failures,
+        Returns when the stream finished (some models may have answered with an error: the report says why).
+        Raises RetryLater when the stream broke or ended before ``finished`` (every result received was handed
+        to ``on_result`` first): asking again for the rest is a new take at the gate, never a loop here.
         NeedsUser or BadInput when retrying cannot help.
         """
         report = AnalysisReport()
-        async for attempt in self.http.retrying():
-            with attempt:
-                missing = report.missing(models)
-                finished = await self._attempt(audio, missing, report, on_result, audio_url)
-                still = report.missing(models)
-                if not still or finished:
-                    return report
-                raise RetryLater(
-                    f"the stream ended before `finished` with {len(still)} model(s) unanswered: {', '.join(still)}"
-                )
-        return report  # pragma: no cover - the loop returns or raises
+        finished = await self._attempt(audio, list(models), report, on_result, audio_url)
+        still = report.missing(models)
+        if still and not finished:
+            raise RetryLater(
+                f"the stream ended before `finished` with {len(still)} model(s) unanswered: {', '.join(still)}"
+            )
+        return report
 
     async def _attempt(
         self,
@@ -161,7 +174,12 @@ class AnalysisClient:
         log.debug("analysis.request", models=models, attempt=report.requests, **({"audio_url": shown} if shown else {}))
         try:
             async with self.http.stream(
-                "POST", STREAM_PATH, params={"models": ",".join(models)}, headers=headers, content=content
+                "POST",
+                STREAM_PATH,
+                params={"models": ",".join(models)},
+                headers=headers,
+                content=content,
+                covers=[f"analyze:{m}" for m in models],
             ) as response:
                 return await self._read_response(response, models, report, on_result)
         except WatcherError as exc:
@@ -236,16 +254,20 @@ class AnalysisClient:
             if status == "completed":
                 result = event.get("result") or {}
                 name = str(result.get("model_name", ""))
-                spec = match_requested(name, pending)
-                if spec is None:
-                    log.warning("analysis.unexpected_model", model_name=name, requested=pending)
-                    spec = name
-                else:
-                    pending.remove(spec)
+                version = _opt_str(result.get("model_version"))
+                spec = match_requested(name, version, pending)
+                if spec is None:  # another model's answer (or a second one) is never stored as an asked one
+                    shown = f"{name}:{version}" if version else name
+                    asked = ", ".join(pending)
+                    message = f"an answer for model {shown!r}, which matches no model still asked ({asked})"
+                    report.errors.append(message)
+                    log.warning("analysis.unexpected_model", model_name=name, version=version, requested=pending)
+                    continue
+                pending.remove(spec)
                 answer = ModelResult(
                     requested=spec,
                     model_name=name,
-                    model_version=_opt_str(result.get("model_version")),
+                    model_version=version,
                     correlation_id=_opt_str(result.get("correlation_id")),
                     results=result.get("results"),
                 )

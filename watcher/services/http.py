@@ -3,7 +3,8 @@
 Timeouts, an adaptive client-side rate limit (halved on a 429, recovered additively, see
 :mod:`watcher.services.ratelimit`; no request before a ``Retry-After`` is over), a capped share of it for
 status polls, a concurrency limit, retries with exponential backoff, jitter and
-``Retry-After`` (through stamina: the only in-process retry layer), the translation of HTTP statuses and httpx
+``Retry-After`` (through stamina: the only in-process retry layer, never around a request to a paid endpoint,
+which is sent once on the gate's ticket: see :mod:`watcher.sending`), the translation of HTTP statuses and httpx
 exceptions into the scopes of :mod:`watcher.errors`, redaction of URLs that carry tokens, and observation of
 every request (for metrics) through httpx event hooks and an observer the composition root passes in.
 Clients built on it know nothing of folders, pipelines or the store.
@@ -17,7 +18,7 @@ import datetime as dt
 import email.utils
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from watcher.errors import Deferred, Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
-from watcher.sending import mark_handed_over
+from watcher.sending import mark_handed_over, spend_ticket
 from watcher.services.ratelimit import AdaptiveRate, Bucket, PollShare
 
 if TYPE_CHECKING:
@@ -215,9 +216,12 @@ class ServiceHTTP:
         policy: HttpPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         observer: RequestObserver | None = None,
+        paid_routes: Collection[tuple[str, str]] = (),
     ) -> None:
         self.service = service
         self.policy = policy or HttpPolicy()
+        # (method, path) of every billed endpoint: sent only on a ticket from the gate, never retried here
+        self.paid_routes = frozenset(paid_routes)
         self.observer = observer
         self._base_url = base_url.rstrip("/")
         self._headers = dict(headers or {})
@@ -340,23 +344,21 @@ class ServiceHTTP:
             return False
         return exc.retry_after
 
-    def _paid_hook(self, exc: BaseException) -> bool | float:
-        """For calls that cost money: resend only what provably did not reach the service (NotSent: 429, 503...)."""
-        if isinstance(exc, NotSent):
-            return self._backoff_hook(exc)
-        return False
+    def is_paid(self, method: str, url: str) -> bool:
+        """Whether a request goes to a billed endpoint (sent only on a ticket from the gate)."""
+        return (method.upper(), url.partition("?")[0]) in self.paid_routes
 
-    def retrying(self, *, attempts: int | None = None, paid: bool = False) -> Any:
+    def retrying(self, *, attempts: int | None = None) -> Any:
         """A stamina retry context for a block that may raise RetryLater (each attempt a fresh block).
 
-        ``paid``: the block makes a billed request; only NotSent (no connection, 429, 503) is retried in-process;
-        anything else goes back to the caller, whose gate decides (see watcher.store.gate).
+        Never around a paid request: the ticket of its first attempt is spent, so a second one is refused
+        (NoTicket); a paid request is retried by a new take at the gate (see watcher.pipelines.paid).
         """
         import stamina  # here, not at the top: with tenacity it costs a start that may never send ~10 ms
 
         p = self.policy
         return stamina.retry_context(
-            on=self._paid_hook if paid else self._backoff_hook,
+            on=self._backoff_hook,
             attempts=attempts or p.attempts,
             timeout=p.retry_timeout,
             wait_initial=p.wait_initial,
@@ -366,15 +368,27 @@ class ServiceHTTP:
 
     @asynccontextmanager
     async def stream(
-        self, method: str, url: str, *, classify: Classify | None = None, poll: bool = False, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        classify: Classify | None = None,
+        poll: bool = False,
+        probe: bool = False,
+        covers: Collection[str] | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[httpx.Response]:
         """One rate-limited attempt whose response body is read by the caller; errors are translated.
 
         A status of 400 or more is read and classified (``classify``, else :func:`raise_for_status`);
         a request that got no answer at all is reported to the observer here, with its error's code.
         ``poll``: a status poll, held to ``policy.poll_share`` of the rate (Deferred when its turn is later).
+        A request to a paid endpoint spends the gate's ticket (``covers``: the operations it carries) as it is
+        handed over, or is refused with NoTicket; ``probe`` marks the key check, which carries no paid work.
         """
         import httpx
+
+        paid = not probe and self.is_paid(method, url)
 
         await self._honour_pause()
         if poll:
@@ -384,6 +398,8 @@ class ServiceHTTP:
             await self._honour_pause()  # a 429 may have come in while this one waited
             started = time.monotonic()
             seen = False
+            if paid:
+                spend_ticket(f"{self.service} {method} {url}", covers)
             mark_handed_over()
             try:
                 async with self.client.stream(method, url, **kwargs) as response:
@@ -414,18 +430,17 @@ class ServiceHTTP:
         Raises NeedsUser for an account problem (401/402/403) and RetryLater when unreachable.
         """
         try:
-            await self.request(method, url, retry=False, **kwargs)
+            await self.request(method, url, retry=False, probe=True, **kwargs)
         except Rejected:
             return "reachable, key accepted (the test request itself was refused, as expected)"
         return "reachable, key accepted"
 
-    async def request(
-        self, method: str, url: str, *, retry: bool = True, paid: bool = False, **kwargs: Any
-    ) -> httpx.Response:
-        """A whole request and response; retried on RetryLater unless ``retry`` is False (``paid``: see retrying)."""
-        if not retry:
+    async def request(self, method: str, url: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
+        """A whole request and response; retried on RetryLater unless ``retry`` is False or it is paid (one
+        attempt on its ticket: a retry is the gate's new take)."""
+        if not retry or (not kwargs.get("probe") and self.is_paid(method, url)):
             return await self._once(method, url, **kwargs)
-        async for attempt in self.retrying(paid=paid):
+        async for attempt in self.retrying():
             with attempt:
                 return await self._once(method, url, **kwargs)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover

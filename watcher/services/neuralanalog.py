@@ -3,12 +3,11 @@
 Every API call carries ``X-API-Key``. Downloads follow the API's 307 by hand with a second HTTP client
 that has no default headers at all, so the key can never reach the storage host.
 
-Paid calls (upload, restore, master, stems) are sent again in-process only when the service provably did
-no work: the connection was never made (NotSent), the upload's body was not yet sent in full when the
-connection failed (a partial multipart body cannot be accepted), or the service answered 429. A 5xx, a
-timeout or a dropped connection after the whole request was sent is ambiguous (the job may exist): it
-goes back to the caller as RetryLater, whose next attempt is the store's decision. Reads (status, archive
-offers, downloads) are retried on any RetryLater.
+Paid calls (upload, restore, master, stems) are one request each, on the gate's ticket, never sent again
+here: NotSent says the service provably did no work (the connection was never made, the upload's body was
+not yet sent in full when it failed, a 429 or 503), RetryLater (a 5xx, a timeout, a dropped connection after
+the whole request was sent) and Malformed (a 2xx without the new object's ID, a 3xx) that it may have; the
+caller's gate decides what comes next. Reads (status, archive offers, downloads) are retried on any RetryLater.
 """
 
 from __future__ import annotations
@@ -42,6 +41,9 @@ __all__ = ["ArchiveOffer", "AudioSource", "ExpiredURL", "JobStatus", "NeuralAnal
 
 log = structlog.get_logger("watcher.processing")
 SERVICE = "processing service"
+# The billed endpoints: each request to one of these needs the gate's ticket (watcher.sending).
+PAID_PATHS = ("/from-file", "/from-link", "/upscale-audio", "/master-audio", "/create-stems", "/run-workflow")
+PAID_ROUTES = frozenset(("POST", p) for p in PAID_PATHS)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,13 @@ class NeuralAnalogClient:
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = ServiceHTTP(
-            SERVICE, base_url, headers=headers, policy=policy, transport=transport, observer=observer
+            SERVICE,
+            base_url,
+            headers=headers,
+            policy=policy,
+            transport=transport,
+            observer=observer,
+            paid_routes=PAID_ROUTES,
         )
         # Storage gets a session of its own with no default headers, so no credential can leak there, under
         # the same policy (limits, timeouts, metrics; signed URLs can be long-lived tokens: never logged whole).
@@ -114,24 +122,19 @@ class NeuralAnalogClient:
     async def upload(self, source: AudioSource) -> str:
         """``POST /from-file``: the file streamed as multipart field ``audio``; returns the ``audio_id``.
 
-        Resent in-process only on NotSent, 429, or a connection lost before the body was sent in full.
+        Sent once, on the gate's ticket; a connection lost before the body was sent in full is NotSent.
         """
-        async for attempt in self.http.retrying(paid=True):
-            with attempt:
-                body = MultipartBody("audio", source, {"file_source": "from_file"})
-                try:
-                    response = await self.http.request(
-                        "POST", "/from-file", retry=False, content=body, headers=body.headers
-                    )
-                except RetryLater as exc:
-                    if exc.status is None and not isinstance(exc, NotSent) and not body.complete:
-                        raise NotSent(
-                            f"{SERVICE}: the connection failed after {body.sent} of {source.size} bytes of the "
-                            f"upload ({exc}); a partial body cannot have been accepted"
-                        ) from exc
-                    raise
-                return self._id(response, "audio_id")
-        raise AssertionError("unreachable")  # pragma: no cover
+        body = MultipartBody("audio", source, {"file_source": "from_file"})
+        try:
+            response = await self.http.request("POST", "/from-file", content=body, headers=body.headers)
+        except RetryLater as exc:
+            if exc.status is None and not isinstance(exc, NotSent) and not body.complete:
+                raise NotSent(
+                    f"{SERVICE}: the connection failed after {body.sent} of {source.size} bytes of the "
+                    f"upload ({exc}); a partial body cannot have been accepted"
+                ) from exc
+            raise
+        return self._id(response, "audio_id")
 
     async def restore(self, audio_id: str, params: Mapping[str, Any]) -> str:
         """``POST /upscale-audio`` with ``params`` passed through; returns the restored version's ``id``."""
@@ -150,20 +153,21 @@ class NeuralAnalogClient:
         return await self._paid_json("/create-stems", {**params, source_field: source_id}, "creation_id")
 
     async def _paid_json(self, path: str, body: Mapping[str, Any], id_field: str) -> str:
-        response = await self.http.request("POST", path, paid=True, json=dict(body))
+        response = await self.http.request("POST", path, json=dict(body))
         return self._id(response, id_field)
 
     @staticmethod
     def _id(response: httpx.Response, id_field: str) -> str:
-        """The new object's ID; an answer without one is a service fault for this file (Malformed)."""
+        """The new object's ID. An answer without one (a 2xx without it, a 3xx, a body that is not JSON) is
+        Malformed: the whole request was sent, so the work may be done and billed: the gate holds it in doubt."""
         try:
-            value = response.json().get(id_field)
+            value = response.json().get(id_field) if response.status_code < 300 else None
         except (ValueError, AttributeError):
             value = None
         if not value or not isinstance(value, str | int):
             raise Malformed(
                 f"{SERVICE} answered {response.status_code} to {response.request.url.path} without {id_field!r}: "
-                f"{response.text[:200]!r}"
+                f"{response.text[:200]!r}; the work may have been done"
             )
         return str(value)
 

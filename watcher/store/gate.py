@@ -14,6 +14,13 @@ States of an operation::
                       │                    reask   (on_doubt="reask": asked again, counted)
                       └──lease expired (a crash)──▶ in_doubt / reask
     in_doubt ──`watcher retry`──▶ reask ──take──▶ sending (a re-send, counted and logged)
+
+Each take is one ledger line: the request's operations, its content and endpoint, the audio seconds charged
+(``estimated`` when the headers gave no duration: an upper bound, settled later to the real one), whether it is a
+``first`` send, a ``reask`` (models asked again after a stream that did not answer them all) or a ``resend``
+(an in-doubt request sent again), and its outcome: ``answered``, ``partial``, ``in_doubt``, or not paid at all:
+``not_sent`` (provably never reached the service) and ``refused`` (the service said no before any work, e.g.
+401/403/422): those two are taken back out of the day's spend.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ else:
     _Base = object
 
 WAIT_SECONDS = 1.0
+UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
 _KEY = "sha256=? AND service=? AND operation=? AND params=?"
 
 
@@ -63,6 +71,14 @@ def _rows_by_key(db: Any, ops: Sequence[Operation]) -> dict[tuple[str, str, str,
     return {(r["sha256"], r["service"], r["operation"], r["params"]): r for r in rows}
 
 
+def ledger_kind(takeable: Sequence[tuple[int, Operation, bool]]) -> str:
+    """What a take is, as its ledger line says: ``first``, ``reask`` (re-asked models) or ``resend`` (held ones)."""
+    again = [op for _, op, resend in takeable if resend]
+    if not again:
+        return "first"
+    return "reask" if all(op.on_doubt == "reask" for op in again) else "resend"
+
+
 def capped_tickets(
     takeable: Sequence[tuple[int, Operation, bool]], until: float, first: bool, spent: float, cap: float
 ) -> dict[int, Ticket]:
@@ -86,12 +102,14 @@ class GateMixin(_Base):
         cap_seconds: float | None = None,
         lease: float = 600.0,
         resend_in_doubt: bool = False,
+        estimated: bool = False,
         now: float | None = None,
     ) -> list[Ticket]:
         """Decide, for each operation of one request, whether this caller may send it; take those it may.
 
         ``budget`` names the service whose daily cap applies and ``seconds`` the audio the request covers (once,
-        however many operations it carries). Operations held elsewhere come back as ``wait``; a cap the request
+        however many operations it carries; ``estimated``: an upper bound, settled by ``ledger_settle``).
+        Operations held elsewhere come back as ``wait``; a cap the request
         would pass makes every takeable one ``capped``. ``resend_in_doubt`` takes in-doubt ones too (policy).
         """
         now = time.time() if now is None else now
@@ -106,7 +124,9 @@ class GateMixin(_Base):
                 else:
                     tickets[i] = ticket
             if takeable:
-                tickets.update(self._charge(db, takeable, owner, budget, seconds, cap_seconds, lease, now))
+                tickets.update(
+                    self._charge(db, takeable, owner, budget, seconds, cap_seconds, lease, now, estimated=estimated)
+                )
         return [tickets[i] for i in range(len(ops))]
 
     def _verdict(
@@ -137,6 +157,8 @@ class GateMixin(_Base):
         cap_seconds: float | None,
         lease: float,
         now: float,
+        *,
+        estimated: bool = False,
     ) -> dict[int, Ticket]:
         """Check the day's cap and, within it, write the ledger line and take every takeable operation.
 
@@ -164,10 +186,11 @@ class GateMixin(_Base):
             )
         names = ",".join(op.name for _, op, _ in takeable)
         models = sum(op.name.startswith("analyze:") for _, op, _ in takeable)
+        lead = takeable[0][1]
         cur = db.execute(
-            "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 'sending')",
-            (now, day, budget, names, takeable[0][1].sha256, seconds, models),
+            "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome, kind, estimated, "
+            "endpoint) VALUES (?, ?, ?, ?, ?, ?, ?, 'sending', ?, ?, ?)",
+            (now, day, budget, names, lead.sha256, seconds, models, ledger_kind(takeable), estimated, lead.service),
         )
         request = int(cur.lastrowid or 0)
         rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?)"] * len(takeable))
@@ -206,18 +229,46 @@ class GateMixin(_Base):
             self._set_state(db, op, state, time.time(), error=error)
 
     def ledger_outcome(self, request: int, outcome: str) -> None:
-        """Record how a request ended (answered, not_sent, in_doubt, partial); a request not sent is not spent."""
-        changed = "UPDATE ledger SET outcome=? WHERE id=? AND outcome<>? RETURNING seconds, day, service"
-        if outcome != "not_sent":  # nothing else to change: one statement is the transaction
-            self._write(changed, (outcome, request, outcome)).fetchall()
+        """Record how a request ended (answered, partial, in_doubt, not_sent, refused); one not paid (UNPAID) is
+        taken back out of the day's spend, once."""
+        if outcome not in UNPAID:  # nothing else to change: one statement is the transaction
+            self._write("UPDATE ledger SET outcome=? WHERE id=? AND outcome<>?", (outcome, request, outcome))
             return
         with self._tx() as db:
-            row = db.execute(changed, (outcome, request, outcome)).fetchone()
+            row = db.execute(
+                "UPDATE ledger SET outcome=? WHERE id=? AND outcome NOT IN ('not_sent', 'refused') "
+                "RETURNING seconds, day, service",
+                (outcome, request),
+            ).fetchone()
             if row is not None:  # it was spent before: the update changed it
                 db.execute(
                     "UPDATE spend SET seconds=MAX(0, seconds-?), calls=MAX(0, calls-1) WHERE day=? AND service=?",
                     (row["seconds"], row["day"], row["service"]),
                 )
+
+    def ledger_settle(self, sha256: str, seconds: float) -> int:
+        """The real audio seconds of a content whose lines were charged an estimate: every such line, and the
+        day's spend of each, follows it; returns how many lines were settled."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, seconds, day, service, outcome FROM ledger WHERE sha256=? AND estimated", (sha256,)
+            ).fetchall()
+            for row in rows:
+                db.execute("UPDATE ledger SET seconds=?, estimated=0 WHERE id=?", (seconds, row["id"]))
+                if row["outcome"] not in UNPAID:
+                    db.execute(
+                        "UPDATE spend SET seconds=MAX(0, seconds+?) WHERE day=? AND service=?",
+                        (seconds - row["seconds"], row["day"], row["service"]),
+                    )
+            return len(rows)
+
+    def ledger_lines(self, first_day: str, last_day: str) -> list[dict[str, Any]]:
+        """Every ledger line of the UTC days ``first_day`` to ``last_day`` (inclusive, ISO dates), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM ledger WHERE day BETWEEN ? AND ? ORDER BY id", (first_day, last_day)
+            ).fetchall()
+        return [dict(r) | {"estimated": bool(r["estimated"])} for r in rows]
 
     def gate_get(self, op: Operation) -> dict[str, Any] | None:
         """The operation's row (state, result, remote_state, sends, ...), or None when never taken."""

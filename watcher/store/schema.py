@@ -166,6 +166,14 @@ SCHEMA = [
     """
     CREATE INDEX jobs_open ON jobs (pipeline, state) WHERE state IN ('pending', 'in_doubt', 'failed');
     """,
+    # version 8: a ledger line says what it is held against the bill by: the endpoint and account it went to,
+    # whether it is a first send, a re-ask or a re-send, and whether its seconds are an estimate (no duration
+    # in the headers: an upper bound) or settled. Old lines are first sends with settled seconds.
+    """
+    ALTER TABLE ledger ADD COLUMN kind TEXT NOT NULL DEFAULT 'first';
+    ALTER TABLE ledger ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE ledger ADD COLUMN endpoint TEXT NOT NULL DEFAULT '';
+    """,
 ]
 # The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.
 OPEN_STATES = "j.state IN ('pending', 'in_doubt', 'failed')"

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from watcher.names import text
-from watcher.store.gate import WAIT_SECONDS, capped_tickets, next_utc_midnight, utc_day
+from watcher.store.gate import UNPAID, WAIT_SECONDS, capped_tickets, ledger_kind, next_utc_midnight, utc_day
 from watcher.store.models import Operation, Ticket
 from watcher.store.postgres.base import got, op_key, opt_local, set_op_state
 from watcher.store.postgres.schema import (
@@ -50,6 +50,7 @@ class PgGateMixin(_Base):
         cap_seconds: float | None = None,
         lease: float = 600.0,
         resend_in_doubt: bool = False,
+        estimated: bool = False,
         now: float | None = None,
     ) -> list[Ticket]:
         """Decide for each operation of one request whether this caller may send it, taking those it may, in one
@@ -125,8 +126,8 @@ class PgGateMixin(_Base):
                 )
             request = got(
                 db.execute(
-                    "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending') RETURNING id",
+                    "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome, kind, "
+                    "estimated, endpoint) VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending', %s, %s, %s) RETURNING id",
                     (
                         at,
                         day,
@@ -135,6 +136,9 @@ class PgGateMixin(_Base):
                         takeable[0][1].sha256,
                         seconds,
                         sum(op.name.startswith("analyze:") for _, op, _ in takeable),
+                        ledger_kind(takeable),
+                        estimated,
+                        takeable[0][1].service,
                     ),
                 ).fetchone()
             )["id"]
@@ -209,14 +213,18 @@ class PgGateMixin(_Base):
         )
 
     def ledger_outcome(self, request: int, outcome: str) -> None:
-        """Record how a request ended; a request not sent is not spent."""
+        """Record how a request ended; one not paid (UNPAID: not sent, refused) is taken back out of the spend."""
 
         def go(db: psycopg.Connection[Any]) -> None:
+            if outcome not in UNPAID:
+                db.execute("UPDATE ledger SET outcome=%s WHERE id=%s AND outcome<>%s", (outcome, request, outcome))
+                return
             row = db.execute(
-                "UPDATE ledger SET outcome=%s WHERE id=%s AND outcome<>%s RETURNING seconds, day, service",
-                (outcome, request, outcome),
+                "UPDATE ledger SET outcome=%s WHERE id=%s AND outcome NOT IN ('not_sent', 'refused') "
+                "RETURNING seconds, day, service",
+                (outcome, request),
             ).fetchone()
-            if row is not None and outcome == "not_sent":  # it was not "not_sent" before: the update changed it
+            if row is not None:  # it was spent before: the update changed it
                 db.execute(
                     "UPDATE spend SET seconds=GREATEST(0, seconds-%s), calls=GREATEST(0, calls-1) "
                     "WHERE day=%s AND service=%s",
@@ -224,6 +232,29 @@ class PgGateMixin(_Base):
                 )
 
         self._run(go)
+
+    def ledger_settle(self, sha256: str, seconds: float) -> int:
+        """The real audio seconds of a content whose lines were charged an estimate (see watcher.store.gate)."""
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            rows = db.execute(
+                "SELECT id, seconds, day, service, outcome FROM ledger WHERE sha256=%s AND estimated FOR UPDATE",
+                (sha256,),
+            ).fetchall()
+            for row in rows:
+                db.execute("UPDATE ledger SET seconds=%s, estimated=false WHERE id=%s", (seconds, row["id"]))
+                if row["outcome"] not in UNPAID:
+                    db.execute(
+                        "UPDATE spend SET seconds=GREATEST(0, seconds+%s) WHERE day=%s AND service=%s",
+                        (seconds - row["seconds"], row["day"], row["service"]),
+                    )
+            return len(rows)
+
+        return int(self._run(go))
+
+    def ledger_lines(self, first_day: str, last_day: str) -> list[dict[str, Any]]:
+        """Every ledger line of the UTC days ``first_day`` to ``last_day`` (inclusive), oldest first."""
+        return self._all("SELECT * FROM ledger WHERE day BETWEEN %s AND %s ORDER BY id", (first_day, last_day))
 
     def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None:
         """What the service last said of the object an answered operation created."""

@@ -131,6 +131,12 @@ SCHEMA = [
     """
     CREATE INDEX jobs_open ON jobs (pipeline, state) WHERE state IN ('pending', 'in_doubt', 'failed');
     """,
+    # version 4: a ledger line says what it is held against the bill by (as version 8 of watcher.store.schema).
+    """
+    ALTER TABLE ledger ADD COLUMN kind text NOT NULL DEFAULT 'first';
+    ALTER TABLE ledger ADD COLUMN estimated boolean NOT NULL DEFAULT false;
+    ALTER TABLE ledger ADD COLUMN endpoint text NOT NULL DEFAULT '';
+    """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
 JOB_SELECT = """
