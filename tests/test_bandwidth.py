@@ -22,6 +22,13 @@ from watcher.services.neuralanalog import NeuralAnalogClient
 KiB = 1024
 MiB = 1024 * 1024
 
+# The uploads below are the processing client's alone (no store, no gate): each gets a stand-in ticket, and the
+# bill has no ledger to be held against.
+pytestmark = [
+    pytest.mark.usefixtures("gate_stand_in"),
+    pytest.mark.bill_exempt("the processing client alone, with no store: no ledger to hold the bill against"),
+]
+
 
 @pytest.mark.parametrize(
     ("text", "up", "down"),
