@@ -8,8 +8,10 @@ whichever comes first. The files that settle in one check reach the sink togethe
 
 Paths are ``str`` exactly as ``os.fsdecode`` gives them (undecodable bytes as surrogate escapes), so any name
 the OS allows goes through. A failure about one path (its filter, stat, ``sink.known``, ``sink.ready``) is
-logged once with the displayed name and never leaves the detector. Every filesystem call runs in a small
-bounded thread pool, never on the event loop: a share that answers slowly slows detection, not the daemon.
+logged once with the displayed name and never leaves the detector. Every filesystem call, and the sink's
+questions (``known``, ``recorded``), run in a small bounded thread pool, never on the event loop: a share that
+answers slowly slows detection, not the daemon. The sink's ``ready_many`` and ``ready`` (recording what settled,
+one store transaction per check, then waking the workers) are called on the event loop.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class Settled:
 
 
 class ReadySink(Protocol):
-    """Where settled files go (the daemon records them in the store)."""
+    """Where settled files go (the daemon records them in the store). ``known`` and ``recorded`` are called from a
+    worker thread, ``ready`` and ``ready_many`` on the event loop."""
 
     def known(self, path: str, sig: Signature) -> bool:
         """True when this exact version was already recorded (no need to wait for it to settle)."""
