@@ -8,10 +8,9 @@ whichever comes first. The files that settle in one check reach the sink togethe
 
 Paths are ``str`` exactly as ``os.fsdecode`` gives them (undecodable bytes as surrogate escapes), so any name
 the OS allows goes through. A failure about one path (its filter, stat, ``sink.known``, ``sink.ready``) is
-logged once with the displayed name and never leaves the detector. Every filesystem call, and the sink's
-questions (``known``, ``recorded``), run in a small bounded thread pool, never on the event loop: a share that
-answers slowly slows detection, not the daemon. The sink's ``ready_many`` and ``ready`` (recording what settled,
-one store transaction per check, then waking the workers) are called on the event loop.
+logged once with the displayed name and never leaves the detector. Filesystem calls and the sink's questions
+run in a small bounded thread pool: a share that answers slowly slows detection, not the daemon. Only the sink's
+``ready``/``ready_many`` (one store transaction per check, then the workers' wake-up) run on the event loop.
 """
 
 from __future__ import annotations
@@ -53,8 +52,7 @@ class Settled:
 
 
 class ReadySink(Protocol):
-    """Where settled files go (the daemon records them in the store). ``known`` and ``recorded`` are called from a
-    worker thread, ``ready`` and ``ready_many`` on the event loop."""
+    """Where settled files go (the store); ``known`` and ``recorded`` are asked off the loop, the rest on it."""
 
     def known(self, path: str, sig: Signature) -> bool:
         """True when this exact version was already recorded (no need to wait for it to settle)."""
