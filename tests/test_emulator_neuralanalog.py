@@ -82,17 +82,42 @@ def test_multipart_round_trip_in_any_chunking(step: int) -> None:
 
 
 def test_multipart_file_first_and_malformed_bodies() -> None:
-    """Parts may come in any order; a body without its closing boundary is an error."""
+    """Parts may come in any order; a body without its closing boundary, or with a preamble (as the service's own
+    parser, python-multipart, refuses one), is an error."""
     raw = (
-        b"preamble\r\n--XyZ\r\nContent-Disposition: form-data; name=audio; filename=x.wav\r\n\r\nRIFF"
+        b"--XyZ\r\nContent-Disposition: form-data; name=audio; filename=x.wav\r\n\r\nRIFF"
         b'\r\n--XyZ\r\nContent-Disposition: form-data; name="file_source"\r\n\r\nfrom_file\r\n--XyZ--\r\nepilogue'
     )
     parser, files = parse(raw, "XyZ", 5)
     assert files == {"audio": b"RIFF"} and parser.fields == {"file_source": "from_file"}
     with pytest.raises(ValueError, match="ended early"):
         parse(raw[:60], "XyZ", 5)
+    with pytest.raises(ValueError, match="boundary"):
+        parse(b"preamble\r\n" + raw, "XyZ", 5)
     with pytest.raises(ValueError, match="without a Content-Disposition"):
         parse(b"--XyZ\r\nContent-Type: text/plain\r\n\r\nx\r\n--XyZ--", "XyZ", 3)
+
+
+def test_multipart_streams_files_to_their_sink_and_bounds_fields_and_headers() -> None:
+    """A file part reaches its sink while the body is still arriving (whatever its size); a text field over 1 MiB
+    and part headers over 16 KiB are refused."""
+    from watcher.emulator.multipart import MAX_FIELD_BYTES, MAX_HEADER_BYTES
+
+    data = bytes(range(256)) * (3 * MAX_FIELD_BYTES // 256)
+    head = b"--XyZ\r\nContent-Disposition: form-data; name=audio; filename=x.wav\r\n\r\n"
+    sink = io.BytesIO()
+    parser = MultipartParser("XyZ", lambda field, filename: sink)
+    parser.feed(head + data)
+    assert len(sink.getvalue()) >= len(data) - 16 and sink.getvalue() == data[: len(sink.getvalue())]
+    parser.feed(b"\r\n--XyZ--\r\n")
+    parser.close()
+    assert parser.parts[0].size == len(data) and parser.parts[0].sha256 == hashlib.sha256(data).hexdigest()
+    field = b"--XyZ\r\nContent-Disposition: form-data; name=note\r\n\r\n" + b"n" * (MAX_FIELD_BYTES + 1)
+    with pytest.raises(ValueError, match="'note' is too large"):
+        parse(field + b"\r\n--XyZ--\r\n", "XyZ", 1 << 16)
+    headers = b"".join(b"X-Pad: " + b"p" * 4000 + b"\r\n" for _ in range(MAX_HEADER_BYTES // 4000 + 1))
+    with pytest.raises(ValueError, match="part headers too long"):
+        parse(b"--XyZ\r\n" + headers + b"Content-Disposition: form-data; name=a\r\n\r\nx\r\n--XyZ--", "XyZ", 999)
 
 
 def read_pcm(path: Path) -> np.ndarray:

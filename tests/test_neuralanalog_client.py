@@ -198,11 +198,11 @@ def test_account_and_request_problems_need_the_user(na: Service, tmp_path: Path)
     na.emu.faults.fail_with = {"POST /from-file": [402]}
     with pytest.raises(NeedsUser, match="out of credits") as err:
         na.run(lambda c: c.upload(body(audio)))
-    assert err.value.account_problem and KEY not in str(err.value)
+    assert err.value.status == 402 and KEY not in str(err.value)
     audio_id = na.run(lambda c: c.upload(body(audio)))
     with pytest.raises(Rejected, match="preset: must be one of") as refused:
         na.run(lambda c: c.create_stems("audio_id", audio_id, {"preset": "9_tracks"}))
-    assert refused.value.status == 422 and refused.value.scope == "file"
+    assert refused.value.status == 422 and refused.value.final is False
     with pytest.raises(NeedsUser, match="API key was refused"):
         na.run(lambda c: c.status("audio", audio_id), key="wrong-key-999")
 

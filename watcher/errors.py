@@ -1,14 +1,15 @@
-"""Every error watcher raises on purpose, classified by its *scope*: what it stops, and what happens next.
+"""Every error watcher raises on purpose. Its class is its *scope*: what it stops, and what happens next; a job's
+failures are told apart by their class in one place, the runner (watcher.runner); the CLI exits 2 on ConfigError.
 
     WatcherError
     ├── ConfigError      the configuration is wrong: fix it, then start again (exit code 2)
-    ├── RetryLater       scope "transient": the network, a 429/5xx, a full disk; backed off, then retried
+    ├── RetryLater       transient: the network, a 429/5xx, a full disk; backed off, then retried
     │   ├── NotSent      the request provably never reached the service: safe to resend even when it is paid
     │   ├── ExpiredURL   a signed download URL was refused: ask for a fresh one
     │   └── Deferred     not an error: wait (another copy is being paid for, a daily cap); no attempt is counted
-    ├── NeedsUser        scope "service": the key was refused, no credits (401/402/403): that service pauses
-    ├── InDoubt          scope "file": a paid request was sent whole and its answer lost; held for the user
-    └── BadInput         scope "file": this file cannot be processed as it is; other files are unaffected
+    ├── NeedsUser        this service: the key was refused, no credits (401/402/403): that service pauses
+    ├── InDoubt          this file, held: a paid request was sent whole and its answer lost; held for the user
+    └── BadInput         this file: it cannot be processed as it is; other files are unaffected
         ├── Rejected     the service refused this file (4xx) or answered nonsense: a few attempts, then failed
         │   └── Malformed    an answer without the expected field, or a body that is not what was asked for
         └── FileChanged  the file changed or vanished while it was being read; its new version is handled anew
@@ -18,29 +19,22 @@ Foreign exceptions (httpx, httpx-sse, OSError) are translated at the edge with `
 
 from __future__ import annotations
 
-from typing import Literal
-
-Scope = Literal["transient", "service", "file", "config"]
-
 
 class WatcherError(Exception):
     """Base of every error watcher raises on purpose."""
 
-    scope: Scope = "transient"
     code = "error"  # the error's code, as `watcher status` and the store show it
 
 
 class ConfigError(WatcherError):
     """The configuration is invalid; the message names the key and what is wrong with it."""
 
-    scope: Scope = "config"
     code = "config"
 
 
 class RetryLater(WatcherError):
     """A transient failure: try again later, after ``retry_after`` seconds when the cause said so."""
 
-    scope: Scope = "transient"
     code = "retry_later"
 
     def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None) -> None:
@@ -76,17 +70,11 @@ class Deferred(RetryLater):
 class NeedsUser(WatcherError):
     """The service refuses the account (key, credits, plan): the service pauses until a person acts."""
 
-    scope: Scope = "service"
     code = "needs_user"
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-    @property
-    def account_problem(self) -> bool:
-        """The key was refused, the plan forbids it, or the credits ran out (not a problem with one request)."""
-        return self.status in (401, 402, 403)
 
 
 class InDoubt(WatcherError):
@@ -95,7 +83,6 @@ class InDoubt(WatcherError):
     The job is held (``[archive] in_doubt = "hold"``) until `watcher retry` says to send it again.
     """
 
-    scope: Scope = "file"
     code = "in_doubt"
 
     def __init__(self, message: str, *, operation: str, since: float, keys: list[list[str]]) -> None:
@@ -108,7 +95,6 @@ class InDoubt(WatcherError):
 class BadInput(WatcherError):
     """This file cannot be processed as it stands (empty, not audio); final at once, other files are unaffected."""
 
-    scope: Scope = "file"
     code = "bad_input"
     final = True  # False: a few more attempts may help (the service's answer, not the file itself)
 

@@ -1,7 +1,8 @@
 """What happens, told to whoever listens: files settling, jobs moving on, paid calls, caps reached.
 
-The composition root attaches subscribers (metrics, webhooks; later the web page's event stream) to one
-:class:`Events` fan-out; pipelines, the runner and detection only ever call it. A subscriber that raises is
+The daemon chooses the subscribers (metrics, webhooks, the page's live feed in web/live.py, its own change
+watch) and the composition root puts them behind one :class:`Events` fan-out; pipelines, the runner and
+detection only ever call it. A subscriber that raises is
 logged and never stops the others, nor the work that reported the event.
 """
 

@@ -35,7 +35,7 @@ class NullMetrics:
         """One request to ``service`` took ``seconds`` (whatever its outcome)."""
 
     def service_error(self, service: str, kind: str) -> None:
-        """A request to ``service`` failed; ``kind`` is the error class (retry_later, needs_user, bad_input)."""
+        """A request to ``service`` failed; ``kind`` is its error code (retry_later, needs_user, rejected)."""
 
     def bytes_uploaded(self, service: str, count: int) -> None:
         """``count`` request body bytes were sent to ``service``."""

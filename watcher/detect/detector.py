@@ -8,8 +8,9 @@ whichever comes first. The files that settle in one check reach the sink togethe
 
 Paths are ``str`` exactly as ``os.fsdecode`` gives them (undecodable bytes as surrogate escapes), so any name
 the OS allows goes through. A failure about one path (its filter, stat, ``sink.known``, ``sink.ready``) is
-logged once with the displayed name and never leaves the detector. Every filesystem call runs in a small
-bounded thread pool, never on the event loop: a share that answers slowly slows detection, not the daemon.
+logged once with the displayed name and never leaves the detector. Filesystem calls and the sink's questions
+run in a small bounded thread pool: a share that answers slowly slows detection, not the daemon. Only the sink's
+``ready``/``ready_many`` (one store transaction per check, then the workers' wake-up) run on the event loop.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Settled:
 
 
 class ReadySink(Protocol):
-    """Where settled files go (the daemon records them in the store)."""
+    """Where settled files go (the store); ``known`` and ``recorded`` are asked off the loop, the rest on it."""
 
     def known(self, path: str, sig: Signature) -> bool:
         """True when this exact version was already recorded (no need to wait for it to settle)."""

@@ -1,18 +1,21 @@
-"""The emulator's multipart/form-data parser: fed chunks as they arrive, it writes file parts to a sink and
-never holds one in memory, keeping back only enough to recognise a boundary split across two chunks. It reads
-what watcher.services.multipart.MultipartBody writes (tests/test_emulator_neuralanalog.py checks both ways).
+"""The emulator's multipart/form-data reader: python-multipart's streaming parser (the one Starlette's forms use)
+with file parts written to a sink as they arrive, never held in memory, and text fields kept within a bound.
+
+It reads what watcher.services.multipart.MultipartBody writes (tests/test_emulator_neuralanalog.py checks both ways).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-MAX_HEADER_BYTES = 16 << 10
-MAX_FIELD_BYTES = 1 << 20
+from python_multipart.multipart import MultipartParser as _Parser
+from python_multipart.multipart import parse_options_header
+
+MAX_HEADER_BYTES = 16 << 10  # all the headers of one part
+MAX_FIELD_BYTES = 1 << 20  # one text field
 
 
 @dataclass
@@ -25,23 +28,9 @@ class Part:
     sha256: str = ""
 
 
-_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
-
-
-def _disposition(raw: bytes) -> tuple[str, str | None]:
-    """The ``name`` and ``filename`` of a part from its headers; ValueError when it has none."""
-    for line in raw.decode("utf-8", "replace").split("\r\n"):
-        key, _, value = line.partition(":")
-        if key.strip().lower() != "content-disposition":
-            continue
-        params: dict[str, str] = {}
-        for m in _PARAM.finditer(value):
-            v = m.group(2) if m.group(2) is not None else m.group(3)
-            params[m.group(1).lower()] = v.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
-        if "name" not in params:
-            break
-        return params["name"], params.get("filename")
-    raise ValueError("a part without a Content-Disposition name")
+def _unquote(raw: bytes) -> str:
+    """A parameter value as browsers and MultipartBody write it: UTF-8, with ``"``, CR and LF percent-escaped."""
+    return raw.decode("utf-8", "replace").replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
 
 
 class MultipartParser:
@@ -55,22 +44,33 @@ class MultipartParser:
         b = boundary.encode() if isinstance(boundary, str) else boundary
         if not b:
             raise ValueError("no multipart boundary")
-        self._first = b"--" + b
-        self._delim = b"\r\n--" + b
         self._open_sink = open_sink
-        self._buf = bytearray()
-        self._state = "preamble"
+        self._parser = _Parser(
+            b,
+            {
+                "on_part_begin": self._begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._data,
+                "on_part_end": self._end_part,
+                "on_end": self._end,
+            },
+        )
+        self._headers: dict[bytes, bytes] = {}
+        self._header_bytes = 0
+        self._name, self._value = bytearray(), bytearray()
         self._part: Part | None = None
         self._sink: IO[bytes] | None = None
         self._field = bytearray()
         self._sha = hashlib.sha256()
+        self._ended = False
         self.fields: dict[str, str] = {}
         self.parts: list[Part] = []
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
-        while self._step():
-            pass
+        self._parser.write(data)
 
     def abort(self) -> None:
         """Stop early (the body will not come): close the open sink, if any."""
@@ -81,19 +81,54 @@ class MultipartParser:
     def close(self) -> None:
         """The body ended: anything but a finished closing boundary is an error."""
         self.abort()
-        if self._state != "end":
-            raise ValueError(f"the multipart body ended early (in its {self._state})")
+        if not self._ended:
+            part = f"in part {self._part.name!r}" if self._part is not None else "before its closing boundary"
+            raise ValueError(f"the multipart body ended early ({part})")
 
-    def _write(self, data: bytes) -> None:
-        if not data:
+    # -- the parser's callbacks -------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._headers, self._header_bytes = {}, 0
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise ValueError("part headers too long")
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
+        self._name += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count(end - start)
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._name).strip().lower()] = bytes(self._value)
+        self._name, self._value = bytearray(), bytearray()
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition"))
+        if b"name" not in params:
+            raise ValueError("a part without a Content-Disposition name")
+        name = _unquote(params[b"name"])
+        filename = _unquote(params[b"filename"]) if b"filename" in params else None
+        self._part = Part(name, filename)
+        self._field = bytearray()
+        self._sha = hashlib.sha256()
+        self._sink = self._open_sink(name, filename) if filename is not None else None
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if end <= start:
             return
         assert self._part is not None
-        self._part.size += len(data)
+        chunk = data[start:end]
+        self._part.size += len(chunk)
         if self._sink is not None:
-            self._sha.update(data)
-            self._sink.write(data)
+            self._sha.update(chunk)
+            self._sink.write(chunk)
         else:
-            self._field += data
+            self._field += chunk
             if len(self._field) > MAX_FIELD_BYTES:
                 raise ValueError(f"field {self._part.name!r} is too large")
 
@@ -108,53 +143,5 @@ class MultipartParser:
         self.parts.append(self._part)
         self._part = None
 
-    def _step(self) -> bool:
-        """Advance the state machine once; False when more input is needed."""
-        buf = self._buf
-        if self._state == "preamble":
-            i = buf.find(self._first)
-            if i < 0:
-                del buf[: max(0, len(buf) - len(self._first))]
-                return False
-            del buf[: i + len(self._first)]
-            self._state = "boundary line"
-            return True
-        if self._state == "boundary line":
-            if len(buf) < 2:
-                return False
-            if buf[:2] == b"--":
-                self._state = "end"
-                return False
-            if buf[:2] != b"\r\n":
-                raise ValueError("malformed boundary line")
-            del buf[:2]
-            self._state = "part headers"
-            return True
-        if self._state == "part headers":
-            i = buf.find(b"\r\n\r\n")
-            if i < 0:
-                if len(buf) > MAX_HEADER_BYTES:
-                    raise ValueError("part headers too long")
-                return False
-            name, filename = _disposition(bytes(buf[:i]))
-            del buf[: i + 4]
-            self._part = Part(name, filename)
-            self._field = bytearray()
-            self._sha = hashlib.sha256()
-            self._sink = self._open_sink(name, filename) if filename is not None else None
-            self._state = "part body"
-            return True
-        if self._state == "part body":
-            i = buf.find(self._delim)
-            if i < 0:
-                keep = len(self._delim) - 1
-                if len(buf) > keep:
-                    self._write(bytes(buf[:-keep]))
-                    del buf[:-keep]
-                return False
-            self._write(bytes(buf[:i]))
-            del buf[: i + len(self._delim)]
-            self._end_part()
-            self._state = "boundary line"
-            return True
-        return False  # end: the epilogue is ignored
+    def _end(self) -> None:
+        self._ended = True
