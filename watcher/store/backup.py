@@ -50,15 +50,20 @@ def _copy(source: sqlite3.Connection, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    target = sqlite3.connect(tmp)
     try:
-        source.backup(target)
-        target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
-    finally:
-        target.close()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
+        target = sqlite3.connect(tmp)
+        try:
+            source.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+        finally:
+            target.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def backup(store: Path, dest: Path) -> Path:
@@ -73,6 +78,8 @@ def backup(store: Path, dest: Path) -> Path:
             dest = dest / f"watcher-v{version}-{_stamp()}.db"
         if dest.exists():
             raise ConfigError(f"{dest} exists already: give a new file name (a backup never overwrites a file)")
+        if not dest.parent.is_dir():
+            raise ConfigError(f"{dest.parent} is not a folder: create it, or give another PATH")
         _copy(source, dest)
     finally:
         source.close()
@@ -134,9 +141,15 @@ def before_migration(db: sqlite3.Connection, store: Path, version: int) -> Path:
     """The automatic copy of a store of schema ``version`` about to be migrated, in the state folder's backups/
     as ``watcher-v<version>-<time>.db``; only the newest :data:`KEEP` copies are kept."""
     folder = store.parent / "backups"
-    folder.mkdir(exist_ok=True)
     dest = folder / f"watcher-v{version}-{_stamp()}.db"
-    _copy(db, dest)
+    try:
+        folder.mkdir(exist_ok=True)
+        _copy(db, dest)
+    except (OSError, sqlite3.Error) as exc:
+        raise OSError(
+            f"cannot keep a copy of the store in {folder} before migrating it from schema version {version} "
+            f"({exc}); the store was not changed: free space there, or make it writable, and start again"
+        ) from exc
     copies = sorted(
         (p for p in folder.glob("watcher-v*.db") if _AUTOMATIC.fullmatch(p.name)), key=lambda p: p.name.rsplit("-")[-1]
     )
