@@ -47,13 +47,13 @@ class StoreBase:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
-        self._enable_wal()
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(SCHEMA):  # a newer watcher used it: never touched (see watcher.store.backup)
             self._db.close()
             raise too_new(str(path), version, len(SCHEMA))
+        self._enable_wal()
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
         if 0 < version < len(SCHEMA):
             before_migration(self._db, path, version)
         self._migrate()
