@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from watcher.audiofile import Signature
-from watcher.config import AnalysisConfig, reveal, service_identity
+from watcher.config import AnalysisConfig, account_fingerprint, reveal, service_identity
 from watcher.errors import BadInput, ConfigError, FileChanged
 from watcher.services.analysis import AnalysisClient, AnalysisReport, ModelResult
 from watcher.services.http import AudioSource, HttpPolicy
@@ -37,13 +37,14 @@ class RemoteAnalyzer:
             rate_per_second=cfg.rate_limit, concurrency=cfg.concurrency, read_timeout=cfg.timeout, bandwidth=bandwidth
         )
         self.base_url = cfg.base_url
+        self.account = account_fingerprint(cfg.api_key)
         self.key = service_identity("analysis", cfg.base_url, cfg.api_key)
         self.client = AnalysisClient(
             cfg.base_url, reveal(cfg.api_key), policy=policy, event_deadline=cfg.timeout, **client_kwargs
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "base_url": self.base_url}
+        return {"name": self.name, "base_url": self.base_url, "account": self.account}
 
     async def analyze(
         self,

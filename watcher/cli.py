@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _work_commands(sub)
     _control_commands(sub)
+    _store_commands(sub)
     clihelp.add_completion_command(sub)
     clihelp.finish(parser, sub)  # examples in each --help; global options also after the command
     return parser
@@ -114,6 +115,16 @@ def _control_commands(sub: Any) -> None:
         action="store_true",
         help="answer every model with hash-derived values, even when local analysis is installed",
     )
+
+
+def _store_commands(sub: Any) -> None:
+    """`store backup` and `store restore`: copies of the store (SQLite), or the lines to run (PostgreSQL)."""
+    store = sub.add_parser("store", help="back up or restore the store (the record of every file and paid call)")
+    actions = store.add_subparsers(dest="action", required=True, metavar="ACTION")
+    backup = actions.add_parser("backup", help="copy the store to PATH (a new file, or a folder); safe while running")
+    backup.add_argument("path", type=Path, metavar="PATH")
+    restore = actions.add_parser("restore", help="replace the store by the copy in PATH (stop the daemon first)")
+    restore.add_argument("path", type=Path, metavar="PATH")
 
 
 def _settings(args: argparse.Namespace, folders: list[Path] | None = None) -> Settings:
@@ -193,6 +204,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _web(_settings(args))
     if args.command == "adopt":
         return _adopt(_settings(args), args.folder)
+    if args.command == "store":
+        return _store(_settings(args), args.action, args.path)
     if args.command == "retry":
         return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
     if args.command == "spend":
@@ -275,6 +288,41 @@ def _adopt(settings: Settings, folder: Path) -> int:
         print(f"{display(path)}: now owned by this store ({mine}); it was owned by {before or 'no store'}")
         print("a daemon of the other store that is still running works on it until it stops: stop or reload it")
         print("restart (or reload) this store's daemons to start processing it")
+    return EXIT_OK
+
+
+def _store(settings: Settings, action: str, path: Path) -> int:
+    """`watcher store backup|restore PATH` (see watcher.store.backup)."""
+    from watcher.app import store_path
+    from watcher.fsutil import StateLock
+    from watcher.store import backup as copies
+    from watcher.store.schema import SCHEMA
+
+    if settings.store.url:  # PostgreSQL: its own tools, run by the user (the password never printed)
+        from watcher.store.postgres.pool import redact
+
+        env = f"PGPASSFILE='{settings.store.passfile}' " if settings.store.passfile else ""
+        print("# a PostgreSQL store is copied with PostgreSQL's tools; run:")
+        for line in copies.postgres_commands(redact(settings.store.url), path, restoring=action == "restore"):
+            print(line if line.startswith("#") else env + line)
+        return EXIT_OK
+    db = store_path(settings)
+    if action == "backup":
+        dest = copies.backup(db, path.expanduser())
+        print(f"{display(str(dest))}: a copy of the store at {display(str(db))}")
+        return EXIT_OK
+    lock = StateLock(settings.state_dir)
+    try:
+        lock.acquire()
+    except ConfigError as exc:
+        raise ConfigError(f"nothing was restored: {exc}") from None
+    try:
+        version, kept = copies.restore(path.expanduser(), db, len(SCHEMA))
+    finally:
+        lock.release()
+    print(f"{display(str(db))}: restored from {display(str(path))} (schema version {version})")
+    if kept is not None:
+        print(f"the store it replaced is kept in {display(str(kept))}")
     return EXIT_OK
 
 

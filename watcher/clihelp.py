@@ -32,6 +32,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "pause": ("watcher pause /mnt/nas/inbox",),
     "resume": ("watcher resume /mnt/nas/inbox",),
     "adopt": ("watcher adopt /mnt/nas/inbox  # this store takes the folder over",),
+    "store": (
+        "watcher store backup ~/watcher-store.db  # a consistent copy, while the daemon runs",
+        "watcher store restore ~/watcher-store.db  # with the daemon stopped",
+    ),
     "web": ("watcher web  # a new one-time login link for the running daemon's page",),
     "emulate": ("watcher emulate --port 9000 --analysis-key test-key  # both services, for a demo",),
     "completion": (

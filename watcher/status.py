@@ -45,7 +45,7 @@ def collect(
     ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section;
     ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known.
     """
-    files, in_doubt = _files(store)
+    files, in_doubt, adopted = _files(store)
     return {
         "version": __version__,
         "state_dir": state_dir,
@@ -53,6 +53,7 @@ def collect(
         "counts": store.counts(),
         "folders": _folders(store, configured or []),
         "in_doubt": in_doubt,
+        "adopted": adopted,
         "spend": _spend(store, caps or {"analysis": 0.0, "processing": 0.0}, time.time() if now is None else now),
         "problems": [{**p.__dict__, "path": display(p.path)} for p in store.problems()],
         "files": files,
@@ -78,11 +79,15 @@ def _folders(store: StatusSource, configured: list[str]) -> list[dict[str, Any]]
     return [{**f, "folder": display(f["folder"])} for f in folders.values()]
 
 
-def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every current file with its jobs, and the jobs held in doubt."""
+def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Every current file with its jobs, the jobs held in doubt, and how many jobs per pipeline were done by
+    adopting paid work found on disk (a sidecar's results, a verified delivery) instead of paying again."""
     files: dict[str, dict[str, Any]] = {}
     in_doubt: list[dict[str, Any]] = []
+    adopted = {"analyze": 0, "archive": 0}
     for job in store.jobs_of_current():
+        if job.data.get("adopted") and job.state == "done":
+            adopted[job.pipeline] = adopted.get(job.pipeline, 0) + 1
         shown = display(job.file.path)
         info: dict[str, Any] = {"state": job.state, "step": job.step}
         holder = getattr(job, "holder", None)  # a shared store names the node holding the job's lease
@@ -102,7 +107,7 @@ def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, An
         if job.pipeline == "archive":
             info.setdefault("versions", {})
         files.setdefault(job.file.path, {"path": shown, "jobs": {}})["jobs"][job.pipeline] = info
-    return list(files.values()), in_doubt
+    return list(files.values()), in_doubt, adopted
 
 
 def _spend(store: StatusSource, caps: dict[str, float], now: float) -> dict[str, Any]:
@@ -135,6 +140,12 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
     for pipeline, states in report["counts"].items():
         lines.append(f"{pipeline}: " + ", ".join(f"{state} {n}" for state, n in states.items()))
     lines += _render_spend(report.get("spend", {}))
+    adopted = report.get("adopted") or {}
+    if any(adopted.values()):
+        lines.append(
+            f"adopted from sidecars: {adopted.get('analyze', 0)} analysed, "
+            f"{adopted.get('archive', 0)} delivered (no request made)"
+        )
     web = report.get("web")
     if web:
         where = f"running at {web['url']}" if web.get("running") else f"not running ({web.get('problem')})"

@@ -5,7 +5,7 @@ all is fine. Unknown keys and bad values raise :class:`ConfigError` naming the k
 (config, key file, ``ESSENTIA_API_KEY``/``NEURALANALOG_API_KEY``, systemd credentials) and travel as SecretStr.
 """
 
-from watcher.config.secrets import read_secret_file, resolve_key, reveal, service_identity
+from watcher.config.secrets import account_fingerprint, read_secret_file, resolve_key, reveal, service_identity
 from watcher.config.sections import (
     APP,
     AUDIO_PATTERNS,
@@ -47,6 +47,7 @@ __all__ = [
     "StoreConfig",
     "WebConfig",
     "WebhooksConfig",
+    "account_fingerprint",
     "default_config_path",
     "find_config",
     "load_settings",

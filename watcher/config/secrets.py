@@ -17,9 +17,13 @@ def service_identity(service: str, base_url: str, key: SecretStr | None) -> str:
 
     The fingerprint is a keyed BLAKE2b of the API key, 48 bits: it tells accounts apart and cannot be reversed.
     """
+    return f"{service} {base_url.rstrip('/')} account:{account_fingerprint(key)}"
+
+
+def account_fingerprint(key: SecretStr | None) -> str:
+    """The account part of :func:`service_identity` ("none" without a key): what a sidecar records of the account."""
     secret = reveal(key)
-    account = hashlib.blake2b(secret.encode(), digest_size=6, person=b"watcher-acct").hexdigest() if secret else "none"
-    return f"{service} {base_url.rstrip('/')} account:{account}"
+    return hashlib.blake2b(secret.encode(), digest_size=6, person=b"watcher-acct").hexdigest() if secret else "none"
 
 
 def reveal(secret: SecretStr | None) -> str | None:

@@ -12,6 +12,7 @@ the gate goes by that content, exactly as with a body.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from watcher.audiofile import FileBody, Signature
 from watcher.config import SidecarConfig
 from watcher.config.audio_url import without_query
 from watcher.errors import BadInput, FileChanged, NotSent, RetryLater
+from watcher.pipelines.adopt import read_sidecar_results
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
 from watcher.pipelines.precheck import Checked, precheck
@@ -150,6 +152,12 @@ class AnalyzePipeline:
             return checked
         results = self.store.results_for(checked.sha256, self.analyzer.key)
         missing = [m for m in self.models if m not in results]
+        if missing and self.analyzer.paid:  # paid work the store does not know may be in the sidecar on disk
+            results |= await self._adopt(job, checked.sha256, missing)
+            if all(m in results for m in self.models):
+                job.data["adopted"] = "sidecar"
+                return StepResult("done", note="adopted from its sidecar: no request made")
+            missing = [m for m in self.models if m not in results]
         if missing:
             saved = await self._ask(job, checked, missing)
             if all(m in saved for m in missing):  # every result came to this job and is stored as it is here
@@ -180,6 +188,34 @@ class AnalyzePipeline:
         results = self.store.results_for(sha256, self.analyzer.key)
         errors = [*job.data.get("errors", []), {"model": None, "message": error}]
         await self._write(job, sha256, results, errors)
+
+    async def _adopt(self, job: Job, sha256: str, missing: list[str]) -> dict[str, StoredResult]:
+        """Results for ``missing`` models that the file's sidecar holds for the same content, endpoint and account
+        (see watcher.pipelines.adopt): stored as if answered now, and the sidecar is left as it is."""
+        target = sidecar_path(job.file.path, job.file.folder, self.sidecar)
+        found, why = await asyncio.to_thread(
+            read_sidecar_results,
+            target,
+            sha256=sha256,
+            size=job.file.size,
+            backend=self.analyzer.describe(),
+            models=missing,
+        )
+        if not found:
+            if why != "no sidecar":
+                log.info("analyze.not_adopted", path=job.file.path, reason=why, next="asking the service")
+            return {}
+        for result in found.values():
+            self.store.save_result(sha256, self.analyzer.key, result)
+        job.data["sidecar"] = str(target)
+        log.info(
+            "analyze.adopted",
+            path=job.file.path,
+            sidecar=str(target),
+            models=sorted(found),
+            next="no request for these models" + ("" if len(found) == len(missing) else "; asking for the rest"),
+        )
+        return found
 
     async def _ask(self, job: Job, checked: Checked, missing: list[str]) -> dict[str, StoredResult]:
         """Ask the backend for ``missing`` models (through the gate when paid); results are saved as they come,

@@ -22,6 +22,7 @@ from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import safe_component
 from watcher.media import audio_info
 from watcher.names import display
+from watcher.pipelines.adopt import verified_delivery
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.paid import GateStore, PaidCalls, Taken, outcome_of
@@ -167,8 +168,31 @@ class ArchivePipeline:
         checked = await precheck(self.store, job)
         if isinstance(checked, StepResult):
             return checked
+        adopted = await self._adopt(job, checked.sha256)
+        if adopted is not None:
+            return adopted
         self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
         return await self._upload(job, checked.content)
+
+    async def _adopt(self, job: Job, sha256: str) -> StepResult | None:
+        """A delivery already in place for this content, verified against its manifest (see
+        watcher.pipelines.adopt), counts as delivered: nothing is uploaded or requested. None: there is none."""
+        if self.deliverer.output_for(job) is None:
+            return None
+        target = self.deliverer.target(job)
+        wanted = self.cfg.wanted()
+        found = await asyncio.to_thread(verified_delivery, target, sha256=sha256, size=job.file.size, wanted=wanted)
+        if found is None:
+            return None
+        log.info(
+            "archive.adopted",
+            path=job.file.path,
+            delivery=display(target),
+            versions=sorted(wanted),
+            next="no upload and no processing request",
+        )
+        job.data.update(delivery=str(target), versions=dict.fromkeys(wanted, "delivered"), adopted="manifest")
+        return StepResult("done", note=f"adopted the delivery already in {display(target)}")
 
     async def _upload(self, job: Job, content: bytes | None = None) -> StepResult:
         """Upload the file (from ``content``, a small file's settled bytes read by the check, else from disk)."""

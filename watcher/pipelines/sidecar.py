@@ -1,4 +1,4 @@
-"""The JSON sidecar: where it goes, what it holds (schema version 1), and how it is written atomically.
+"""The JSON sidecar: where it goes, what it holds (schema version 1.1), and how it is written atomically.
 
 Two pipelines contribute to one sidecar (analysis writes the results, the archive adds its IDs and
 delivery folder), so every write merges with the sidecar already on disk for the same content.
@@ -24,6 +24,7 @@ from watcher.names import display
 from watcher.store import FileVersion, StoredResult
 
 SCHEMA_VERSION = 1
+SCHEMA_MINOR = 1  # 1: backend.account, the fingerprint of the account the results were paid with
 # One lock per sidecar path while some write holds it; a lock nobody holds is collected, so this never grows.
 _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -89,6 +90,7 @@ def analysis_document(
             }
     return {
         "schema_version": SCHEMA_VERSION,
+        "schema_minor": SCHEMA_MINOR,
         "source": source_document(version, sha256),
         "backend": dict(backend),
         "models_requested": list(models),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.names import from_db, text, to_db
+from watcher.store.backup import before_migration, too_new
 from watcher.store.lanes import LANES, ClaimOrder
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
@@ -36,16 +37,25 @@ class StoreBase:
         if readonly:
             self._db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30)
             self._db.row_factory = sqlite3.Row
-            if self._db.execute("PRAGMA user_version").fetchone()[0] != len(SCHEMA):
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version != len(SCHEMA):
                 self._db.close()
+                if version > len(SCHEMA):
+                    raise too_new(str(path), version, len(SCHEMA))
                 raise sqlite3.OperationalError(f"the store at {path} is from another version of watcher")
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(SCHEMA):  # a newer watcher used it: never touched (see watcher.store.backup)
+            self._db.close()
+            raise too_new(str(path), version, len(SCHEMA))
         self._enable_wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        if 0 < version < len(SCHEMA):
+            before_migration(self._db, path, version)
         self._migrate()
 
     def _enable_wal(self, patience: float = 30.0) -> None:

@@ -15,6 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from watcher.names import text
+from watcher.store.backup import StoreTooNew, too_new
 from watcher.store.core import LeaseLost
 from watcher.store.lanes import LANES, ClaimOrder
 from watcher.store.models import FileVersion, Job, NewVersion, Operation, StoredResult
@@ -83,7 +84,16 @@ class PgBase:
         self._skew_at = -SKEW_REFRESH
         self._skew_lock = threading.Lock()
         if not readonly:
-            self._migrate()
+            try:
+                self._migrate()
+            except StoreTooNew:
+                self._pool.close()
+                raise
+        else:
+            row = self._one("SELECT version FROM schema_version") if self._has_schema() else None
+            if row is not None and int(row["version"]) > len(SCHEMA):
+                self._pool.close()
+                raise too_new(self.where, int(row["version"]), len(SCHEMA))
         self.store_id = self._meta("store_id")
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -124,6 +134,8 @@ class PgBase:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             version = 0 if row is None else int(row["version"])
+            if version > len(SCHEMA):  # a newer watcher used it: never touched
+                raise too_new(self.where, version, len(SCHEMA))
             if row is None:
                 db.execute("INSERT INTO schema_version VALUES (0)")
             for number, script in enumerate(SCHEMA[version:], start=version + 1):
@@ -135,6 +147,10 @@ class PgBase:
             )
 
         self._run(go)
+
+    def _has_schema(self) -> bool:
+        row = self._one("SELECT to_regclass('schema_version') IS NOT NULL AS there")
+        return bool(row and row["there"])
 
     def _meta(self, key: str) -> str:
         row = self._one("SELECT value FROM meta WHERE key=%s", (key,))
