@@ -43,8 +43,10 @@ def where_of(line: dict[str, Any]) -> str:
 
 
 def sqlite_lines(root: Path) -> list[dict[str, Any]]:
-    """Every ledger line of every watcher store (SQLite) under ``root``."""
+    """Every ledger line of every watcher store (SQLite) under ``root``; a line found in several files (a store
+    and its backups, copies of the same ledger) counts once."""
     lines: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
     for db in sorted(root.rglob("*.db")):
         try:
             conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -52,7 +54,12 @@ def sqlite_lines(root: Path) -> list[dict[str, Any]]:
             continue
         try:
             conn.row_factory = sqlite3.Row
-            lines += [dict(r) for r in conn.execute("SELECT * FROM ledger ORDER BY id")]
+            for row in conn.execute("SELECT * FROM ledger ORDER BY id"):
+                line = dict(row)
+                same = (line["id"], line["at"], line["service"], line["operation"], line["sha256"])
+                if same not in seen:
+                    seen.add(same)
+                    lines.append(line)
         except sqlite3.Error:
             pass  # not a watcher store, or one made before the ledger existed
         finally:
