@@ -81,8 +81,8 @@ LAYERS = [
     ["watcher.store", "watcher.detect", "watcher.services", "watcher.local"],
     ["watcher.pipelines", "watcher.analyzers", "watcher.webhooks", "watcher.status"],
     ["watcher.runner", "watcher.events"],
-    ["watcher.app", "watcher.dryrun", "watcher.doctor"],
-    ["watcher.daemon", "watcher.commands", "watcher.web"],
+    ["watcher.app", "watcher.dryrun", "watcher.doctor", "watcher.backfill"],
+    ["watcher.daemon", "watcher.commands", "watcher.control", "watcher.web"],
     ["watcher.cli", "watcher.__main__", "watcher.emulator"],
 ]
 TOOLING_LIMIT = {"watcher.emulator": 2}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -19,12 +21,13 @@ from typing import Any, TypeVar
 
 import structlog
 
-from watcher import __version__
+from watcher import __version__, commands
 from watcher.app import App
 from watcher.config import FolderConfig, Settings, reveal
+from watcher.control import ControlServer, Progress, socket_path
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import StateLock, sweep_temp
+from watcher.fsutil import StateLock, cannot_write, sweep_temp
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
@@ -39,6 +42,10 @@ GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s
 HEARTBEAT_SECONDS = 5.0
 REFRESH_SECONDS = 60.0  # the heartbeat counts the queue and writes folder health at least this often
 PRUNE_EVERY = 86400.0
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class _Changes(Subscriber):
@@ -84,6 +91,11 @@ class Daemon:
         self._page: Any = None  # the same, also when it could not start (its stop clears the state it left)
         self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self._next_prune = 0.0
+        self.started_at = time.time()
+        self._control: ControlServer | None = None
+        self.held_services: dict[str, str] = {}  # service -> why it is paused (its key was refused at the check)
+        self._key_check: asyncio.Task[None] | None = None
+        self.backfill: dict[str, Any] = {}  # what the last start or reload queued for work the config added
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -121,7 +133,13 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         lag: LoopLag | None = None
+        self.started_at = time.time()
         try:
+            control = self.settings.control
+            self._control = ControlServer(
+                socket_path(self.settings.state_dir), self._command, mode=control.mode, group=control.group
+            )
+            await self._control.start()
             await self._start_web()
             self._start_metrics()
             # How late the loop wakes (watcher_loop_lag_seconds): the watchdog's pings depend on it.
@@ -141,6 +159,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             if self._page is not None:
                 await self._page.stop()
+            if self._control is not None:
+                await self._control.stop()
             self.metrics.stop()
             self.notifier.close()
             lock.release()
@@ -204,12 +224,19 @@ class Daemon:
             subscribers.append(self._live)
         app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
+        self._check_keys(app)
         for service, current in app.rates().items():
             self.metrics.watch_rate(service, current)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
             folders, _ = await self._fed(asyncio.gather(self._owned_folders(app), self._recover(app)))
-            detector = app.make_detector(folders)
+            await self._fed(self._backfill())
+            seen = {
+                str(f["folder"])
+                for f in await asyncio.to_thread(app.store.folder_states)
+                if f["mode"] in ("native", "polling", "gone")
+            }
+            detector = app.make_detector(folders, seen=seen)
             # What start-up built (modules, settings, this graph) lives as long as this graph: kept out of the
             # collector's passes until it ends, so the first full pass over it does not land in the first scan
             # (where it cost about what 10,000 files' stat do), nor does any later one walk it again.
@@ -245,12 +272,200 @@ class Daemon:
             await self._shutdown(runner_task, detector_task, beat_task)
             return 1 if failed else 0
         finally:
+            if self._key_check is not None:
+                self._key_check.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._key_check
             if webhooks is not None:
                 await webhooks.aclose(deadline=1.0)
             await app.aclose()
             self.app = None
             gc.unfreeze()  # the graph's cycles can be collected again (after a reload, the old graph's)
             gc.collect()  # now: else the next graph's freeze would keep this one's cycles for its whole life
+
+    def info(self) -> dict[str, Any]:
+        """This daemon's own account for `watcher status`: pid, since when, which services it holds and why."""
+        paused: dict[str, str] = dict(self.held_services)
+        if self.app is not None:
+            for service, until in self.app.runner.paused_services().items():
+                if service not in paused:
+                    paused[service] = (
+                        "its key is being checked"
+                        if until == float("inf")
+                        else f"the service refused the account; paused until {_iso(until)} (`watcher retry --failed`)"
+                    )
+        return {
+            "pid": os.getpid(),
+            "since": _iso(self.started_at),
+            "paused_services": paused,
+            "backfill": dict(self.backfill),
+        }
+
+    async def _command(self, request: dict[str, Any], progress: Progress) -> Any:
+        """One request on the control socket, carried out by the same functions in watcher.commands as the page's."""
+        name = request["command"]
+        settings = self.settings
+        paths = [Path(p) for p in request.get("paths") or []]
+        if name == "status":
+            return await asyncio.to_thread(commands.status, settings, daemon=self.info())
+        if name == "retry":
+            n = await asyncio.to_thread(
+                commands.retry,
+                settings,
+                paths,
+                failed=bool(request.get("failed")),
+                in_doubt=bool(request.get("in_doubt")),
+            )
+            if self.app is not None:  # a service paused by a refusal is asked again; one whose key failed the
+                for service in list(self.app.runner.paused_services()):  # check waits for a reload
+                    if service not in self.held_services:
+                        self.app.runner.resume_service(service)
+            self._wake()
+            return {"retried": n}
+        if name in ("pause", "resume"):
+            folder = await asyncio.to_thread(
+                commands.pause, settings, Path(str(request.get("folder"))), paused=name == "pause"
+            )
+            self._wake()
+            return {"folder": folder, "paused": name == "pause"}
+        if name == "scan":
+            app = await self._ready_app()
+
+            async def tick(done: int, total: int) -> None:
+                await progress({"done": done, "total": total})
+
+            code, problems = await commands.scan_running(app, paths, progress=tick)
+            return {"exit": code, "problems": problems}
+        if name == "web":
+            return self._login()
+        if name == "backfill":
+            if not request.get("yes"):
+                return await asyncio.to_thread(commands.backfill, settings, confirm=False)
+            return await self._backfill(confirm=True)
+        raise ConfigError(f"unknown command {name!r}")
+
+    async def _ready_app(self, patience: float = 300.0) -> App:
+        """The graph once its detector runs (a scan asked during start-up or a reload waits for it)."""
+        deadline = time.monotonic() + patience
+        while self.app is None or self.app.detector is None:
+            if time.monotonic() > deadline or self._signals:
+                raise ConfigError("the daemon is starting, stopping or reloading: try again in a moment")
+            await asyncio.sleep(0.1)
+        return self.app
+
+    def _login(self) -> dict[str, Any]:
+        """The page's address and a login link to it (made now that the port is bound), or why it does not run."""
+        page = self._page
+        if page is None:
+            return {"running": False, "problem": "the page is off ([web] enabled = false)"}
+        if self.web is None or page.url is None:
+            return {"running": False, "problem": page.problem}
+        from watcher.web.auth import load_token, login_link
+
+        token, _ = load_token(self.settings)
+        return {"running": True, "url": page.url, "login": login_link(page.url, token)}
+
+    async def _backfill(self, *, confirm: bool = False) -> dict[str, Any]:
+        """Queue the work the config added for files already there (a start, a reload, or ``confirm``: the user
+        said yes); one priced above ``[control] confirm_backfill_minutes`` waits for `watcher backfill --yes`."""
+        limit = None if confirm else self.settings.control.confirm_backfill_minutes
+        found = await asyncio.to_thread(commands.backfill, self.settings, confirm=True, limit=limit)
+        if not found["jobs"]:
+            self.backfill = {}
+            return found
+        self.backfill = {
+            "queued": found["queued"],
+            "waiting": found["waiting"],
+            "minutes": found["total_minutes"],
+            "what": found["what"],
+        }
+        if found["queued"]:
+            log.info(
+                "backfill.queued",
+                jobs=found["queued"],
+                what=found["what"],
+                audio_minutes=found["minutes"],
+                next="the files already there get the work the config added (daily caps apply)",
+            )
+            self._wake()
+        else:
+            log.warning(
+                "backfill.waiting",
+                jobs=found["waiting"],
+                what=found["what"],
+                audio_minutes=found["minutes"],
+                above=self.settings.control.confirm_backfill_minutes,
+                next="`watcher backfill` shows it, `watcher backfill --yes` queues it",
+            )
+        return found
+
+    def _unwritable_outputs(self) -> list[str]:
+        """Each archive output folder that cannot be written, with why (checked at start and on every reload)."""
+        s = self.settings
+        outs = {s.output_dir_for(f) for f in s.folders} | {s.archive.output_dir}
+        found = []
+        for out in sorted(o for o in outs if o is not None):
+            why = cannot_write(out)
+            if why is not None:
+                found.append(f"{display(str(out))}: {why}")
+        return found
+
+    def _check_keys(self, app: App) -> None:
+        """Hold every paid service's work until its key passed a call that bills nothing (the one `watcher
+        doctor` makes); a refused key keeps its service paused until a reload, so no paid call is made with it.
+        A key that passes makes the jobs that waited on its service (an earlier refusal) due at once."""
+        services = {p.service for p in app.runner.pipelines.values() if p.service}
+        for service in services:
+            app.runner.pause_service(service)
+        self.held_services = {}
+
+        async def check() -> None:
+            from watcher.doctor import check_keys
+
+            outputs = await asyncio.to_thread(self._unwritable_outputs) if "processing" in services else []
+            if outputs:
+                why = "; ".join(outputs)
+                self.held_services["processing"] = f"the output folder cannot be written: {why}"
+                log.error(
+                    "archive.output_unwritable",
+                    error=why,
+                    next="the archive stays paused before any upload (nothing is paid for); make the output folder "
+                    "writable by the service's user, then reload",
+                )
+            checked = await check_keys(self.settings)
+            for service in services - {found.service for found in checked} - set(self.held_services):
+                app.runner.resume_service(service)  # nothing to check it with: its first request tells
+            for found in checked:
+                if found.refused is not None:
+                    why = f"its key was refused ({found.refused}); the key comes from {found.source}"
+                    self.held_services[found.service] = why
+                    log.error(
+                        "service.key_refused",
+                        service=found.service,
+                        source=found.source,
+                        error=found.refused,
+                        next=f"the {found.service} service stays paused and no paid request is sent with this key; "
+                        "fix it, then reload (`systemctl reload watcher` or SIGHUP)",
+                    )
+                    continue
+                if found.unchecked is not None:
+                    log.warning(
+                        "service.key_unchecked",
+                        service=found.service,
+                        error=found.unchecked,
+                        next="going on: the first request tells (a refusal then pauses the service)",
+                    )
+                if found.service in self.held_services:  # the key is fine, but its output folder is not
+                    continue
+                pipelines = app.runner.pipelines_of(found.service)
+                woken = await asyncio.to_thread(
+                    app.store.retry, paths=None, waiting_on_service=True, pipelines=pipelines
+                )
+                if woken:
+                    log.info("service.resumed", service=found.service, jobs=woken, next="their files go on now")
+                app.runner.resume_service(found.service)
+
+        self._key_check = asyncio.create_task(check(), name="key-check")
 
     async def _fed(self, work: Awaitable[T]) -> T:
         """Await start-up ``work`` (slow on a slow share) while feeding the systemd watchdog."""
@@ -369,6 +584,10 @@ class Daemon:
             if app.detector is not None:
                 for f in app.detector.describe():
                     folder, mode, reason = str(f["folder"]), f["mode"], f["reason"]
+                    if f.get("missing"):  # never there: a typo in the path rather than an unmounted share
+                        mode, reason = "missing", "does not exist (never seen): check its path in [[folders]]"
+                    elif not f["available"]:
+                        mode = "gone"  # seen before: it stays "unavailable", and is known as seen after a restart
                     seen_now = (mode, reason, bool(f["available"]))
                     if health.get(folder) == seen_now and not stale:
                         continue

@@ -2,6 +2,7 @@
 
     WatcherError
     ├── ConfigError      the configuration is wrong: fix it, then start again (exit code 2)
+    ├── StartupError     the state folder or the store cannot be used (in use, no access): exit code 3
     ├── RetryLater       scope "transient": the network, a 429/5xx, a full disk; backed off, then retried
     │   ├── NotSent      the request provably never reached the service: safe to resend even when it is paid
     │   ├── ExpiredURL   a signed download URL was refused: ask for a fresh one
@@ -35,6 +36,13 @@ class ConfigError(WatcherError):
 
     scope: Scope = "config"
     code = "config"
+
+
+class StartupError(WatcherError):
+    """The state folder or the store cannot be used: held by another daemon, or not ours to open (exit code 3)."""
+
+    scope: Scope = "config"
+    code = "startup"
 
 
 class RetryLater(WatcherError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import random
 import socket
@@ -143,6 +144,27 @@ class Runner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.lease / 4)
             self.store.renew(self.in_flight.keys(), self.owner, lease=self.lease)
+
+    def pause_service(self, service: str, until: float = math.inf) -> None:
+        """Claim no job of ``service``'s pipelines until ``until`` (a Unix time; by default until resumed)."""
+        self._paused_until[service] = until
+
+    def resume_service(self, service: str | None = None) -> None:
+        """Lift the pause of ``service`` (every service when None) and wake its workers."""
+        for name in [service] if service is not None else list(self._paused_until):
+            self._paused_until.pop(name, None)
+        for pipeline in self.pipelines.values():
+            if service is None or pipeline.service == service:
+                self.wake(pipeline.name)
+
+    def paused_services(self) -> dict[str, float]:
+        """Each paused service and until when (``inf``: until resumed)."""
+        now = time.time()
+        return {s: until for s, until in self._paused_until.items() if until > now}
+
+    def pipelines_of(self, service: str) -> list[str]:
+        """The pipelines that pay ``service``."""
+        return [name for name, p in self.pipelines.items() if p.service == service]
 
     def _paused(self, pipeline: Pipeline) -> float:
         return self._paused_until.get(pipeline.service, 0.0) if pipeline.service else 0.0

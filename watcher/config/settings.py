@@ -22,13 +22,14 @@ from pydantic_settings import (
 )
 
 from watcher.config.audio_url import expand, query_secrets
-from watcher.config.secrets import resolve_key
+from watcher.config.secrets import key_source, resolve_key
 from watcher.config.sections import (
     APP,
     SEND_BODY,
     AbsolutePath,
     AnalysisConfig,
     ArchiveConfig,
+    ControlConfig,
     FolderConfig,
     MetricsConfig,
     RetryConfig,
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     web: WebConfig = WebConfig()
+    control: ControlConfig = ControlConfig()
 
     @model_validator(mode="after")
     def _archive_needs_an_output(self) -> Settings:
@@ -220,10 +222,25 @@ def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
         env_name="NEURALANALOG_API_KEY",
         credential="neuralanalog_api_key",
     )
-    update: dict[str, Any] = {
-        "analysis": analysis.model_copy(update={"api_key": key}),
-        "archive": archive.model_copy(update={"api_key": archive_key}),
-    }
+    analysis_src = key_source(
+        analysis.api_key,
+        analysis.api_key_file,
+        env,
+        section="analysis",
+        env_name="ESSENTIA_API_KEY",
+        credential="essentia_api_key",
+    )
+    archive_src = key_source(
+        archive.api_key,
+        archive.api_key_file,
+        env,
+        section="archive",
+        env_name="NEURALANALOG_API_KEY",
+        credential="neuralanalog_api_key",
+    )
+    analysis_new = analysis.with_key(key, analysis_src)
+    archive_new = archive.with_key(archive_key, archive_src)
+    update: dict[str, Any] = {"analysis": analysis_new, "archive": archive_new}
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if settings.store.url and settings.store.passfile is None and cred_dir and (Path(cred_dir) / "pgpass").is_file():
         update["store"] = settings.store.model_copy(update={"passfile": Path(cred_dir) / "pgpass"})

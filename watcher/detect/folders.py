@@ -45,6 +45,7 @@ class FolderState:
     polling_decision: tuple[bool, str] = (False, "native events")
     next_rescan: float = 0.0
     device: int | None = None  # st_dev of the folder when its watch started: a change means a (un)mount
+    seen: bool = True  # the folder was there once (False: never seen, so it is missing rather than unavailable)
 
 
 class FsPool:
@@ -127,12 +128,20 @@ class Watches:
         state = self.folders[root]
         state.device = await self.pool.device(root)
         if state.device is None:
-            if state.available:
+            if state.available and not state.seen:
+                log.error(
+                    "folder.missing",
+                    folder=display(root),
+                    reason="it does not exist and never did for this store",
+                    next="check its path in [[folders]] (a typo?); watching for it to appear",
+                )
+            elif state.available:
                 log.error(
                     "folder.unavailable", folder=display(root), next="waiting for it to come back; nothing is lost"
                 )
             state.available = False
             return
+        state.seen = True
         if not state.available:
             log.info("folder.available", folder=display(root), next="watching and scanning it again")
             state.available = True
@@ -177,6 +186,7 @@ class Watches:
                         "folder.unavailable", folder=display(root), next="paused until it comes back; nothing is lost"
                     )
                     state.available = False
+                    state.seen = True
                 if state.watch is not None:
                     watch, state.watch = state.watch, None
                     await self.pool.call(watch.stop)
@@ -205,6 +215,7 @@ class Watches:
             {
                 "folder": root,
                 "available": s.available,
+                "missing": not s.available and not s.seen,
                 "mode": None if s.watch is None else ("polling" if s.watch.polling else "native"),
                 "reason": None if s.watch is None else s.watch.reason,
             }

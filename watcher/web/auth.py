@@ -8,7 +8,7 @@ import ipaddress
 import os
 import secrets
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,6 +64,11 @@ def load_token(settings: Settings) -> tuple[str, bool]:
     token = secrets.token_urlsafe(32)
     _write_private(path, token)
     return token, True
+
+
+def login_link(url: str, token: str) -> str:
+    """The link that logs a browser in to the page at ``url`` (the one place that makes it)."""
+    return f"{url}/login?token={quote(token)}"
 
 
 def _write_private(path: Path, value: str) -> None:

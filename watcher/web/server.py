@@ -15,7 +15,6 @@ import socket
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import structlog
 import uvicorn
@@ -30,7 +29,7 @@ from watcher.log import register_secrets
 from watcher.names import display
 from watcher.web import api, pages
 from watcher.web.api import Context, problem
-from watcher.web.auth import COOKIE, Guard, check_exposure, is_loopback, load_token, same, split_listen
+from watcher.web.auth import COOKIE, Guard, check_exposure, is_loopback, load_token, login_link, same, split_listen
 
 log = structlog.get_logger("watcher.web")
 STATE_FILE = "web.json"  # tells `watcher status` whether the page runs, and where
@@ -154,7 +153,7 @@ class WebServer:
         if fresh:
             log.info(
                 "web.login",
-                url=f"{self.url}/login?token={quote(token)}",
+                url=login_link(self.url or "", token),
                 next="open this link once; the token is kept in the state folder's web-token (mode 0600)",
             )
         else:
