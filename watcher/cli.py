@@ -20,6 +20,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         from watcher.doctor import run_doctor
 
-        findings = run_doctor(_settings(args, args.folders or None), find_config(args.config, os.environ))
+        folders = args.folders or None
+        if folders is None:  # what the running daemon watches (it may have been given folders on its command line)
+            ran, answer = _run_or_fail(_settings(args), {"command": "folders"})
+            if ran:
+                folders = [Path(p) for p in answer["folders"]]
+                print(f"checking the folders the running daemon (pid {answer['pid']}) watches\n")
+        findings = run_doctor(_settings(args, folders), find_config(args.config, os.environ))
         for finding in findings:
             print(finding.line())
         bad = sum(not f.ok for f in findings)
@@ -259,6 +266,8 @@ def _scan(args: argparse.Namespace) -> int:
         print(commands.dry_run(settings, paths).render(), end="")
         return EXIT_OK
     progress = sys.stderr.isatty() and not args.no_progress
+    if progress and args.log_level is None and settings.log_level == "info":
+        configure_logging(args.log_format, "warning")  # on a terminal the bar tells the progress, not a line per file
     bar = _Bar() if progress else None
     try:
         ran, answer = _run_or_fail(
@@ -295,10 +304,9 @@ class _Bar:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="file", desc="watcher scan")
+            self._bar = tqdm(total=total, initial=done, unit="file", desc="watcher scan")
         self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
+        self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -397,6 +405,18 @@ def _retry(settings: Settings, paths: list[Path], *, failed: bool, in_doubt: boo
     return EXIT_OK
 
 
+def _emulator_config(url: str, analysis_key: str | None, processing_key: str | None) -> str:
+    """The config to paste to point watcher at this emulator (keys only as placeholders: they are the user's)."""
+    a_key = "the --analysis-key value" if analysis_key else "any value (no key required)"
+    p_key = "the --processing-key value" if processing_key else "any value (no key required)"
+    return (
+        "\n# to use it, paste into your config (then set ESSENTIA_API_KEY and NEURALANALOG_API_KEY):\n"
+        f'[analysis]\nbase_url = "{url}"   # ESSENTIA_API_KEY: {a_key}\n'
+        f'[archive]\nbase_url = "{url}"   # NEURALANALOG_API_KEY: {p_key}\n'
+        "\n# requests as they arrive:"
+    )
+
+
 def _emulate(args: argparse.Namespace) -> int:
     from watcher.emulator import Emulator
 
@@ -409,6 +429,15 @@ def _emulate(args: argparse.Namespace) -> int:
     )
     print(f"analysis service emulator:   {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
     print(f"processing service emulator: {emulator.url}  (storage host: {emulator.storage.url})", flush=True)
+    print(_emulator_config(emulator.url, args.analysis_key, args.processing_key), flush=True)
+
+    def logged(request: Any) -> None:
+        refused = " (refused: rate limit)" if request.refused else ""
+        route = "" if request.route == f"{request.method} {request.path}" else f" [{request.route}]"
+        print(f"{time.strftime('%H:%M:%S')} {request.method} {request.path}{route}{refused}", flush=True)
+
+    emulator.api.on_request = logged
+    emulator.storage.on_request = logged
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -338,6 +338,8 @@ class Daemon:
             return {"exit": code, "problems": problems}
         if name == "web":
             return self._login()
+        if name == "folders":
+            return {"folders": [str(f.path) for f in settings.folders], "pid": os.getpid()}
         if name == "backfill":
             if not request.get("yes"):
                 return await asyncio.to_thread(commands.backfill, settings, confirm=False)

@@ -302,7 +302,8 @@ class Runner:
     def _finish(self, job: Job, result: StepResult, error_code: str | None = None) -> Outcome:
         if result.state in TERMINAL:
             self.store.release(job, state=result.state, error=result.note, error_code=error_code)
-            log.info("job." + result.state, path=display(job.file.path), pipeline=job.pipeline, reason=result.note)
+            why = {} if result.note is None else {"reason": result.note}
+            log.info("job." + result.state, path=display(job.file.path), pipeline=job.pipeline, **why)
         else:
             # The next step is scheduled (e.g. polling a remote job): progress, so no attempt is counted.
             self.store.release(job, step=result.step, next_attempt_at=result.at)

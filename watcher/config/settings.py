@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -149,17 +150,48 @@ def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
     return path if path.is_file() else None
 
 
-def _describe(error: Any) -> str:
-    """One validation error as "key: what is wrong" (a rule over several keys names its keys itself)."""
+def _describe(error: Any, env: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """One validation error as "key: what is wrong" (a rule over several keys names its keys itself), and whether
+    an environment variable set it (then it is named). An unknown key gets the nearest known ones (difflib)."""
     loc = ""
+    keys: list[str] = []
     for part in error["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        if not isinstance(part, int):
+            keys.append(str(part))
+    variable = _env_name(keys, env or {})
+    where = f" (set by the environment variable {variable})" if variable else ""
     if error["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
+        near = difflib.get_close_matches(keys[-1] if keys else "", _known_keys(keys[:-1]), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
+        return f"{loc}{where}: unknown key{hint}", bool(variable)
     if error["type"] == "missing":
-        return f"{loc}: required key is missing"
+        return f"{loc}: required key is missing", False
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{loc}: {message}" if loc else message
+    return (f"{loc}{where}: {message}" if loc else message), bool(variable)
+
+
+def _env_name(keys: list[str], env: Mapping[str, str]) -> str | None:
+    """The ``WATCHER_...`` variable that sets the key at ``keys``, when the environment has one (any case)."""
+    if not keys:
+        return None
+    wanted = ("WATCHER_" + "__".join(keys)).upper()
+    return next((name for name in env if name.upper() == wanted), None)
+
+
+def _known_keys(keys: list[str]) -> list[str]:
+    """The keys a section takes (``[]``: the top level; ``["analysis"]``: [analysis]; folders' entries too)."""
+    model: Any = Settings
+    for key in keys:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        inner = field.annotation
+        for arg in getattr(inner, "__args__", ()):  # tuple[FolderConfig, ...], X | None
+            if hasattr(arg, "model_fields"):
+                inner = arg
+        model = inner
+    return list(getattr(model, "model_fields", {}))
 
 
 def load_settings(
@@ -195,7 +227,10 @@ def load_settings(
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        described = [_describe(e, env) for e in exc.errors()]
+        problems = "; ".join(text for text, _ in described)
+        if all(from_env for _, from_env in described):
+            source = " from the environment"  # the file is not to blame
         raise ConfigError(f"invalid configuration{source}: {problems}") from None
     finally:
         _TOML_FILE["path"] = None

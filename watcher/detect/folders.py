@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import structlog
 
-from watcher.config import FolderConfig
+from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.filters import PathFilter
 from watcher.detect.fstype import decide_polling as decide_polling_for_type
 from watcher.detect.fstype import filesystem_type
@@ -162,7 +162,7 @@ class Watches:
             folder=display(root),
             mode="polling" if state.watch.polling else "native",
             reason=state.watch.reason,
-            filter=repr(state.filter),
+            **_filter_shown(state),
         )
 
     async def health(self) -> None:
@@ -248,3 +248,10 @@ def decide_polling_for(path: str, poll: bool | str) -> tuple[bool, str]:
     if poll == "auto":
         return decide_polling_for_type("auto", filesystem_type(path))
     return decide_polling_for_type(bool(poll), None)
+
+
+def _filter_shown(state: FolderState) -> dict[str, str]:
+    """The folder's filter for its start-up line, only when it is not the default (audio files, nothing excluded)."""
+    if tuple(state.config.include) == AUDIO_PATTERNS and not state.config.exclude:
+        return {}
+    return {"filter": repr(state.filter)}
