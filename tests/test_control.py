@@ -177,6 +177,10 @@ def test_commands_reach_the_running_daemon(tmp_path, inbox, emu, daemons):
     assert d.stop() == 0
     after = json.loads(cli("status", "--json", env=env, cfg=cfg).stdout)
     assert after["daemon"] is None
+    done = [e for e in d.events("job.done") if e["pipeline"] == "analyze"]
+    assert done and all("reason" not in e for e in done)  # nothing to say: no `reason=None`
+    (watching,) = d.events("folder.watching")
+    assert "filter" not in watching  # the default filter is not spelled out at every start
 
 
 def test_second_daemon_on_same_state_exits_3(tmp_path, inbox, emu, daemons):
@@ -314,3 +318,89 @@ def test_missing_folder_and_unwritable_output_are_told_before_paying(tmp_path, i
     status = json.loads(cli("status", "--json", env=env, cfg=cfg).stdout)
     assert "output folder cannot be written" in status["daemon"]["paused_services"]["processing"]
     assert sum(emu.api.counts()[r] for r in PAID_PROCESSING) == 0
+
+
+def test_config_typos_get_a_suggestion_and_the_environment_is_named(tmp_path, inbox, emu):
+    """An unknown key gets "did you mean"; a bad value from a WATCHER_ variable names the variable, not the file."""
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu).replace("settle_seconds", "setle_seconds"))
+    typo = cli("status", env=env_for(tmp_path), cfg=cfg)
+    assert typo.returncode == 2
+    assert "folders[0].setle_seconds: unknown key; did you mean settle_seconds?" in typo.stderr
+    good = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    bad_env = cli("status", env=env_for(tmp_path, WATCHER_ANALYSIS__CONCURRENCY="lots"), cfg=good)
+    assert bad_env.returncode == 2
+    assert "invalid configuration from the environment" in bad_env.stderr and str(good) not in bad_env.stderr
+    assert "WATCHER_ANALYSIS__CONCURRENCY" in bad_env.stderr
+
+
+def test_emulate_prints_a_config_and_each_request(tmp_path):
+    """`watcher emulate` prints a config snippet to paste and a line per request it receives."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "emulate", "--port", "0", "--fake-analysis"],
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while "# requests as they arrive:" not in lines:
+            lines.append(proc.stdout.readline().rstrip("\n"))
+        (base,) = {line.split('"')[1] for line in lines if line.startswith("base_url = ")}
+        assert "[analysis]" in lines and "[archive]" in lines
+        import httpx
+
+        httpx.get(base + "/status/audio/nothing-here", timeout=10)
+        assert proc.stdout.readline().split(" ", 1)[1].startswith("GET /status/audio/nothing-here")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+
+
+def test_doctor_without_folders_checks_what_the_daemon_watches(tmp_path, inbox, emu, daemons):
+    """A daemon given its folder on the command line: `watcher doctor` checks that folder, not an empty config."""
+    env = env_for(tmp_path, ESSENTIA_API_KEY=API_KEY, WATCHER_ANALYSIS__BASE_URL=emu.url)
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "watcher", "run", str(inbox)], env=env, stdout=out, stderr=out)
+    try:
+        wait_for(lambda: (tmp_path / "state" / "control.sock").exists(), timeout=30)
+        found = cli("doctor", env=env)
+        assert f"checking the folders the running daemon (pid {proc.pid}) watches" in found.stdout
+        assert f"folder {inbox}: " in found.stdout and "no folder is configured" not in found.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_watcher_web_prints_a_login_link(tmp_path, inbox, emu, daemons):
+    """`watcher web` prints the page's address and a working login link; with the port taken it says so (exit 1)."""
+    import socket
+
+    import httpx
+
+    port = free_port()
+    env = env_for(tmp_path, WATCHER_WEB__ENABLED="true", WATCHER_WEB__LISTEN=f"127.0.0.1:{port}")
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    d = daemons(tmp_path, cfg, env)
+    shown = cli("web", env=env, cfg=cfg)
+    assert shown.returncode == 0, shown.stderr
+    login = next(line.split(": ", 1)[1] for line in shown.stdout.splitlines() if line.startswith("log in: "))
+    answer = httpx.get(login, timeout=10, follow_redirects=False)
+    assert answer.status_code == 303 and "watcher_session" in answer.headers.get("set-cookie", "")
+    assert d.stop() == 0
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen(1)
+        daemons(tmp_path, cfg, env)
+        busy = cli("web", env=env, cfg=cfg)
+        assert busy.returncode == 1 and "already taken" in busy.stderr, busy.stdout + busy.stderr
