@@ -404,3 +404,26 @@ def test_watcher_web_prints_a_login_link(tmp_path, inbox, emu, daemons):
         daemons(tmp_path, cfg, env)
         busy = cli("web", env=env, cfg=cfg)
         assert busy.returncode == 1 and "already taken" in busy.stderr, busy.stdout + busy.stderr
+
+
+def test_reload_adding_a_model_asks_only_that_model_for_existing_files(tmp_path, inbox, emu, daemons):
+    """A model added by a reload is asked for the files already analysed, and only that model is paid."""
+    env = env_for(tmp_path)
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    d = daemons(tmp_path, cfg, env)
+    for n in range(2):
+        write_tone(inbox / f"t{n}.wav", 0.3, freq=300 + 70 * n)
+    wait_for(lambda: all(sidecar(inbox / f"t{n}.wav").exists() for n in range(2)), timeout=20)
+    before = len(emu.analysis.models_requested)
+
+    models = '"key", "bpm_degara", "loudness-ebur128", "danceability"'
+    cfg.write_text(base_config(tmp_path, inbox, emu).replace("[retry]", f"models = [{models}]\n[retry]"))
+    d.reload()
+
+    def has_it(n: int) -> bool:
+        return "danceability" in json.loads(sidecar(inbox / f"t{n}.wav").read_text())["models"]
+
+    wait_for(lambda: all(has_it(n) for n in range(2)), timeout=20, what="the new model in both sidecars")
+    assert emu.analysis.models_requested[before:] == [["danceability"], ["danceability"]]
+    (queued,) = d.events("backfill.queued")
+    assert queued["jobs"] == 2 and "model danceability added: 2" in queued["what"]

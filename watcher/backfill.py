@@ -10,7 +10,7 @@ reused by the pipelines, so only the new work is asked (and passes the gate and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,17 +62,22 @@ def find(
     *,
     pipelines: Sequence[str],
     analysis_key: str,
+    since: Mapping[str, Sequence[str]] | None = None,
     exists: Callable[[str], bool] = os.path.exists,
 ) -> Backfill:
-    """Every current version in the configured folders that lacks work ``pipelines`` now ask for (see module)."""
+    """Every current version in the configured folders that lacks work ``pipelines`` now ask for (see module).
+
+    ``since``: the work the config asked for when the store last caught up (:func:`asked`); only models and
+    versions added since then reopen finished jobs (a backend switched meanwhile does not re-analyse all)."""
     folders = {str(f.path) for f in settings.folders}
     by_file: dict[int, list[Job]] = {}
     for each in store.jobs_of_current():
         if each.file.folder in folders:
             by_file.setdefault(each.file.id, []).append(each)
     plan = Backfill()
-    models = list(settings.analysis.models)
-    wanted = list(settings.archive.wanted()) if settings.archive.enabled else []
+    now = asked(settings)
+    models = [m for m in now["models"] if since is None or m not in since.get("models", [])]
+    wanted = [v for v in now["versions"] if since is None or v not in since.get("versions", [])]
     for file_id, jobs in by_file.items():
         if any(j.state == "gone" for j in jobs):
             continue
@@ -85,18 +90,36 @@ def find(
             if job is None:
                 plan.add.setdefault(pipeline, []).append(file_id)
                 plan._note(pipeline, f"{pipeline} turned on", path)
-            elif job.state == "done" and pipeline == "analyze" and job.file.sha256:
+            elif job.state == "done" and pipeline == "analyze" and job.file.sha256 and models:
                 stored = store.results_for(job.file.sha256, analysis_key)
                 new = [m for m in models if m not in stored]
                 if new:
                     plan.reopen.setdefault(pipeline, []).append(job.id)
                     plan._note(pipeline, f"model {', '.join(new)} added", path)
-            elif job.state == "done" and pipeline == "archive":
+            elif job.state == "done" and pipeline == "archive" and wanted:
                 new = [v for v in wanted if v not in (job.data.get("versions") or {})]
                 if new:
                     plan.reopen.setdefault(pipeline, []).append(job.id)
                     plan._note(pipeline, f"version {', '.join(new)} added", path)
     return plan
+
+
+def asked(settings: Settings) -> dict[str, list[str]]:
+    """The work these settings ask for, as a start or reload records it once the store has caught up."""
+    pipelines = (["analyze"] if settings.analysis.enabled else []) + (["archive"] if settings.archive.enabled else [])
+    return {
+        "pipelines": pipelines,
+        "models": list(settings.analysis.models) if settings.analysis.enabled else [],
+        "versions": list(settings.archive.wanted()) if settings.archive.enabled else [],
+        "folders": [str(f.path) for f in settings.folders],
+    }
+
+
+def covered(now: Mapping[str, Sequence[str]], before: Mapping[str, Any] | None) -> bool:
+    """Whether ``before`` (recorded) asked for all that ``now`` asks: then nothing can be owed to old files."""
+    if before is None:
+        return False
+    return all(set(values) <= set(before.get(key) or []) for key, values in now.items())
 
 
 def price(plan: Backfill, *, paid: Sequence[str]) -> dict[str, Any]:

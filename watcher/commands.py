@@ -16,7 +16,7 @@ from watcher.config import FolderConfig, Settings, service_identity
 from watcher.errors import ConfigError
 from watcher.fsutil import StateLock, read_json_object
 from watcher.runner import Outcome
-from watcher.store import TERMINAL, Store
+from watcher.store import TERMINAL, Job, Store
 
 SCAN_SETTLE = 1.0
 
@@ -136,10 +136,33 @@ async def scan_running(
         if progress is not None and (done, len(jobs)) != seen:
             seen = (done, len(jobs))
             await progress(done, len(jobs))
-        if not any(j.state == "pending" and j.error_code is None for j in jobs):
+        held = await asyncio.to_thread(_held, app)
+        if not any(j.state == "pending" and j.error_code is None and _why_held(j, held) is None for j in jobs):
             break
         await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
-    return await asyncio.to_thread(_scan_report, app.store, targets)
+    code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
+    for j in jobs:  # not failed, but not done either: say why, so that exit 0 does not look like "all done"
+        why = _why_held(j, held) if j.state == "pending" and j.error_code is None else None
+        if why is not None:
+            waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
+            problems.append(waiting)
+    return code, problems
+
+
+def _held(app: App) -> tuple[set[str], dict[str, str]]:
+    """(the paused folders, pipeline -> its paused service) of the running daemon."""
+    paused = app.runner.paused_services()
+    services = {name: p.service for name, p in app.runner.pipelines.items() if p.service in paused and p.service}
+    return app.store.paused_folders(), services
+
+
+def _why_held(job: Job, held: tuple[set[str], dict[str, str]]) -> str | None:
+    folders, services = held
+    if job.file.folder in folders:
+        return "its folder is paused (`watcher resume` it)"
+    if job.pipeline in services:
+        return f"the {services[job.pipeline]} service is paused (`watcher status` says why)"
+    return None
 
 
 def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
@@ -304,15 +327,19 @@ def _pipelines(settings: Settings) -> tuple[list[str], list[str]]:
     return enabled, paid
 
 
-def backfill(settings: Settings, *, confirm: bool, limit: float | None = None) -> dict[str, Any]:
+def backfill(
+    settings: Settings, *, confirm: bool, limit: float | None = None, since: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """`watcher backfill`: the work the config added for files already there (watcher.backfill), with its price in
-    audio minutes; ``confirm`` queues it, unless ``limit`` is given and the price is above it (then it waits)."""
+    audio minutes; ``confirm`` queues it, unless ``limit`` is given and the price is above it (then it waits).
+    ``since``: what the config asked when the store last caught up (only what was added since is owed)."""
     from watcher import backfill as fill
 
     store = open_store(settings)
     try:
         enabled, paid = _pipelines(settings)
-        plan = fill.find(settings, store, pipelines=enabled, analysis_key=_analysis_backend(settings)[1])
+        key = _analysis_backend(settings)[1]
+        plan = fill.find(settings, store, pipelines=enabled, analysis_key=key, since=since)
         cost = fill.price(plan, paid=paid)
         waits = limit is not None and cost["total_minutes"] > limit
         queued = fill.apply(store, plan) if confirm and plan.jobs and not waits else 0

@@ -27,7 +27,7 @@ from watcher.config import FolderConfig, Settings, reveal
 from watcher.control import ControlServer, Progress, socket_path
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import StateLock, cannot_write, sweep_temp
+from watcher.fsutil import StateLock, cannot_write, read_json_object, sweep_temp, write_json_atomic
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
@@ -42,6 +42,7 @@ GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s
 HEARTBEAT_SECONDS = 5.0
 REFRESH_SECONDS = 60.0  # the heartbeat counts the queue and writes folder health at least this often
 PRUNE_EVERY = 86400.0
+BACKFILL_FILE = "backfill.json"  # the work the config asked when the store last caught up (state_dir)
 
 
 def _iso(timestamp: float) -> str:
@@ -370,8 +371,19 @@ class Daemon:
     async def _backfill(self, *, confirm: bool = False) -> dict[str, Any]:
         """Queue the work the config added for files already there (a start, a reload, or ``confirm``: the user
         said yes); one priced above ``[control] confirm_backfill_minutes`` waits for `watcher backfill --yes`."""
+        from watcher.backfill import asked, covered
+
+        record = self.settings.state_dir / BACKFILL_FILE
+        now, before = asked(self.settings), read_json_object(record)
+        if not confirm and covered(now, before):
+            self.backfill = {}  # the config asks nothing it did not ask when the store last caught up
+            return {"jobs": 0}
         limit = None if confirm else self.settings.control.confirm_backfill_minutes
-        found = await asyncio.to_thread(commands.backfill, self.settings, confirm=True, limit=limit)
+        found = await asyncio.to_thread(
+            commands.backfill, self.settings, confirm=True, limit=limit, since=None if confirm else before
+        )
+        if not found["waiting"]:  # caught up: the next start looks again only if the config asks for more
+            await asyncio.to_thread(write_json_atomic, record, now)
         if not found["jobs"]:
             self.backfill = {}
             return found
