@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from watcher.config import Settings
+from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.media import audio_info
 from watcher.store import Job, StoredResult
 
 FIRST_STEPS = {"analyze": "analyze", "archive": "check"}
+RECORD = "backfill.json"  # in state_dir: what the config asked when the store last caught up (see :func:`asked`)
 PIPELINE_SERVICE = {"analyze": "analysis", "archive": "processing"}
 
 
@@ -113,6 +115,16 @@ def asked(settings: Settings) -> dict[str, list[str]]:
         "versions": list(settings.archive.wanted()) if settings.archive.enabled else [],
         "folders": [str(f.path) for f in settings.folders],
     }
+
+
+def recorded(settings: Settings) -> dict[str, Any] | None:
+    """What the config asked when the store last caught up (None: never recorded, so everything is checked)."""
+    return read_json_object(settings.state_dir / RECORD)
+
+
+def record(settings: Settings) -> None:
+    """The store has caught up with what these settings ask: a later start checks old files only if it asks more."""
+    write_json_atomic(settings.state_dir / RECORD, asked(settings))
 
 
 def covered(now: Mapping[str, Sequence[str]], before: Mapping[str, Any] | None) -> bool:

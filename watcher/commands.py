@@ -327,19 +327,17 @@ def _pipelines(settings: Settings) -> tuple[list[str], list[str]]:
     return enabled, paid
 
 
-def backfill(
-    settings: Settings, *, confirm: bool, limit: float | None = None, since: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def backfill(settings: Settings, *, confirm: bool, limit: float | None = None) -> dict[str, Any]:
     """`watcher backfill`: the work the config added for files already there (watcher.backfill), with its price in
     audio minutes; ``confirm`` queues it, unless ``limit`` is given and the price is above it (then it waits).
-    ``since``: what the config asked when the store last caught up (only what was added since is owed)."""
+    Only what was added since the store last caught up (state_dir/backfill.json) is owed."""
     from watcher import backfill as fill
 
     store = open_store(settings)
     try:
         enabled, paid = _pipelines(settings)
         key = _analysis_backend(settings)[1]
-        plan = fill.find(settings, store, pipelines=enabled, analysis_key=key, since=since)
+        plan = fill.find(settings, store, pipelines=enabled, analysis_key=key, since=fill.recorded(settings))
         cost = fill.price(plan, paid=paid)
         waits = limit is not None and cost["total_minutes"] > limit
         queued = fill.apply(store, plan) if confirm and plan.jobs and not waits else 0
@@ -382,7 +380,8 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
 
         report = priced(absolute(paths))
         if store is not None:
-            owed = fill.find(settings, store, pipelines=_pipelines(settings)[0], analysis_key=analysis_key)
+            since = fill.recorded(settings)
+            owed = fill.find(settings, store, pipelines=_pipelines(settings)[0], analysis_key=analysis_key, since=since)
             if owed.jobs:
                 return _Reports(
                     [

@@ -15,7 +15,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ from watcher.config import FolderConfig, Settings, reveal
 from watcher.control import ControlServer, Progress, socket_path
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import StateLock, cannot_write, read_json_object, sweep_temp, write_json_atomic
+from watcher.fsutil import StateLock, cannot_write, sweep_temp
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
@@ -42,7 +42,6 @@ GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s
 HEARTBEAT_SECONDS = 5.0
 REFRESH_SECONDS = 60.0  # the heartbeat counts the queue and writes folder health at least this often
 PRUNE_EVERY = 86400.0
-BACKFILL_FILE = "backfill.json"  # the work the config asked when the store last caught up (state_dir)
 
 
 def _iso(timestamp: float) -> str:
@@ -225,7 +224,7 @@ class Daemon:
             subscribers.append(self._live)
         app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
-        self._check_keys(app)
+        check_keys = self._check_keys(app)
         for service, current in app.rates().items():
             self.metrics.watch_rate(service, current)
         try:
@@ -252,6 +251,9 @@ class Daemon:
             def ready() -> None:
                 log.info("daemon.ready")
                 self.notifier.ready()
+                # Now, not before: the check loads the HTTP stack, which READY does not wait for. Until it
+                # answers, the paid services' work stays unclaimed.
+                self._key_check = asyncio.create_task(check_keys(), name="key-check")
 
             runner_task = asyncio.create_task(app.runner.run(self.stop), name="runner")
             detector_task = asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector")
@@ -277,6 +279,7 @@ class Daemon:
                 self._key_check.cancel()
                 with contextlib.suppress(BaseException):
                     await self._key_check
+                self._key_check = None
             if webhooks is not None:
                 await webhooks.aclose(deadline=1.0)
             await app.aclose()
@@ -371,19 +374,15 @@ class Daemon:
     async def _backfill(self, *, confirm: bool = False) -> dict[str, Any]:
         """Queue the work the config added for files already there (a start, a reload, or ``confirm``: the user
         said yes); one priced above ``[control] confirm_backfill_minutes`` waits for `watcher backfill --yes`."""
-        from watcher.backfill import asked, covered
+        from watcher import backfill as fill
 
-        record = self.settings.state_dir / BACKFILL_FILE
-        now, before = asked(self.settings), read_json_object(record)
-        if not confirm and covered(now, before):
+        if not confirm and fill.covered(fill.asked(self.settings), fill.recorded(self.settings)):
             self.backfill = {}  # the config asks nothing it did not ask when the store last caught up
             return {"jobs": 0}
         limit = None if confirm else self.settings.control.confirm_backfill_minutes
-        found = await asyncio.to_thread(
-            commands.backfill, self.settings, confirm=True, limit=limit, since=None if confirm else before
-        )
+        found = await asyncio.to_thread(commands.backfill, self.settings, confirm=True, limit=limit)
         if not found["waiting"]:  # caught up: the next start looks again only if the config asks for more
-            await asyncio.to_thread(write_json_atomic, record, now)
+            await asyncio.to_thread(fill.record, self.settings)
         if not found["jobs"]:
             self.backfill = {}
             return found
@@ -424,9 +423,10 @@ class Daemon:
                 found.append(f"{display(str(out))}: {why}")
         return found
 
-    def _check_keys(self, app: App) -> None:
+    def _check_keys(self, app: App) -> Callable[[], Coroutine[Any, Any, None]]:
         """Hold every paid service's work until its key passed a call that bills nothing (the one `watcher
-        doctor` makes); a refused key keeps its service paused until a reload, so no paid call is made with it.
+        doctor` makes; the returned check is started once the daemon is ready); a refused key keeps its service
+        paused until a reload, so no paid call is made with it.
         A key that passes makes the jobs that waited on its service (an earlier refusal) due at once."""
         services = {p.service for p in app.runner.pipelines.values() if p.service}
         for service in services:
@@ -479,7 +479,7 @@ class Daemon:
                     log.info("service.resumed", service=found.service, jobs=woken, next="their files go on now")
                 app.runner.resume_service(found.service)
 
-        self._key_check = asyncio.create_task(check(), name="key-check")
+        return check
 
     async def _fed(self, work: Awaitable[T]) -> T:
         """Await start-up ``work`` (slow on a slow share) while feeding the systemd watchdog."""

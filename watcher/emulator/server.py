@@ -250,8 +250,8 @@ class _Dispatcher:
             return
         app, route, match = found
         request = Request(scope, receive, send, match)
-        wait = app.limit.admit(headers.get(app.limit.key_header, ""), route.name, arrived) if app.limit else None
         named = route.name_for(path, request.query)
+        wait = app.limit.admit(headers.get(app.limit.key_header, ""), named, arrived) if app.limit else None
         self.record(RecordedRequest(method, named, path, request.query, headers, arrived, wait is not None))
         if wait is not None:
             await self._refuse(receive, send, wait)
