@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -427,3 +428,20 @@ def test_reload_adding_a_model_asks_only_that_model_for_existing_files(tmp_path,
     assert emu.analysis.models_requested[before:] == [["danceability"], ["danceability"]]
     (queued,) = d.events("backfill.queued")
     assert queued["jobs"] == 2 and "model danceability added: 2" in queued["what"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv to drop root's override")
+def test_a_socket_we_may_not_use_is_exit_3_never_the_store(tmp_path, inbox, emu, daemons):
+    """A user outside the socket's mode gets "permission denied" and exit 3; nothing is done on the store."""
+    env = env_for(tmp_path)
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu, extra="[control]\nmode = 0o000\n"))
+    daemons(tmp_path, cfg, env)
+    assert (tmp_path / "state" / "control.sock").stat().st_mode & 0o777 == 0
+    # root without the capabilities that override file permissions: as any user outside the socket's mode
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m", "watcher"]
+    for args in (["status"], ["pause", str(inbox)], ["retry", "--failed"]):
+        proc = subprocess.run([*drop, "--config", str(cfg), *args], env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 3, proc.stdout + proc.stderr
+        assert "permission denied" in proc.stderr and "control socket" in proc.stderr
+    folders = json.loads(cli("status", "--json", env=env, cfg=cfg).stdout)["folders"]
+    assert all(f["state"] != "paused" for f in folders)

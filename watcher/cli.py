@@ -204,9 +204,7 @@ def _daemon(settings: Settings, request: dict[str, Any], on_progress: Any = None
     runs (then the caller works on the store directly). A refusal by the daemon is raised as CommandFailed."""
     from watcher.control import NoDaemon, ask
 
-    if not settings.state_dir.is_dir():
-        return False, None
-    try:
+    try:  # no look at the folder first: one we may not enter must be a permission error, not "no daemon"
         return True, ask(settings.state_dir, request, on_progress=on_progress)
     except NoDaemon:
         return False, None

@@ -294,7 +294,7 @@ class Runner:
             service=service,
             error=str(exc),
             next=f"the {service} service is paused for {pause:.0f} s (other work goes on); fix the account, "
-            "then `watcher retry`",
+            "then reload (the key is checked again) or `watcher retry --failed`",
         )
         self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_code=exc.code)
         return self._tell(Outcome(job, "pending", str(exc), exc.code))
