@@ -82,7 +82,7 @@ LAYERS = [
     ["watcher.pipelines", "watcher.analyzers", "watcher.webhooks", "watcher.status"],
     ["watcher.runner", "watcher.events"],
     ["watcher.app", "watcher.dryrun", "watcher.doctor", "watcher.backfill"],
-    ["watcher.daemon", "watcher.commands", "watcher.control", "watcher.web"],
+    ["watcher.daemon", "watcher.commands", "watcher.control", "watcher.steering", "watcher.web"],
     ["watcher.cli", "watcher.__main__", "watcher.emulator"],
 ]
 TOOLING_LIMIT = {"watcher.emulator": 2}
