@@ -271,9 +271,6 @@ def _scan(args: argparse.Namespace) -> int:
         ran, answer = _run_or_fail(
             settings, {"command": "scan", "paths": [str(p) for p in paths]}, bar.update if bar else None
         )
-    except _Exit as exc:
-        print(f"watcher: {exc}", file=sys.stderr)
-        return exc.code
     finally:
         if bar is not None:
             bar.close()
