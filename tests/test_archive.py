@@ -224,7 +224,8 @@ def test_newer_version_keeps_the_older_delivery(tmp_path, inbox, emu, run_daemon
 
 
 def test_analysis_failure_does_not_block_the_archive(tmp_path, inbox, emu, run_daemon):
-    """With a refused analysis key the archive still delivers, and status shows both states."""
+    """With a refused analysis key the archive still delivers; the analysis waits, and nothing is sent to it but
+    the key check (which bills nothing)."""
     settings = archive_settings(tmp_path, inbox, emu, versions=("original",))
     settings = settings.model_copy(
         update={"analysis": settings.analysis.model_copy(update={"api_key": None, "backend": "remote"})}
@@ -232,14 +233,13 @@ def test_analysis_failure_does_not_block_the_archive(tmp_path, inbox, emu, run_d
     d = run_daemon(settings)
     write_tone(inbox / "a.wav", 0.3)
     wait_delivery(tmp_path, "a")
-    wait_for(lambda: job_state(tmp_path, "analyze")[0] == "pending" and emu.api.counts()["POST /v1/analysis/stream"])
+    wait_for(lambda: job_state(tmp_path, "analyze")[0] == "pending")
+    info = d.daemon.info()
     d.stop()
-    store = Store(tmp_path / "state" / "watcher.db")
-    try:
-        problems = {p.pipeline: p for p in store.problems()}
-    finally:
-        store.close()
-    assert problems["analyze"].error_code == "needs_user"
+    assert "key was refused" in info["paused_services"]["analysis"]
+    assert emu.api.counts()["POST /v1/analysis/stream (key check)"] == 1
+    assert emu.api.counts()["POST /v1/analysis/stream"] == 0
+    assert not [op for (_, op) in emu.paid() if op.startswith("analyze:")]
 
 
 def test_a_paid_call_refused_with_429_is_freed_and_retried_as_a_new_take(tmp_path, inbox, emu, run_daemon):

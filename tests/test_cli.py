@@ -110,33 +110,6 @@ def test_scan_exit_codes_and_status(tmp_path, inbox, emulator):
     assert emulator.api.counts()["POST /v1/analysis/stream"] == 1  # same content as good.wav: from the store
 
 
-def test_second_daemon_on_same_state_is_refused(tmp_path, inbox, emulator):
-    """Two watchers on one state folder would double work: the second exits 2 and says why."""
-    env = cli_env(tmp_path, emulator.url)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "watcher", "run", str(inbox)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(
-            lambda: (
-                (tmp_path / "state" / "watcher.lock").exists()
-                and "pid" in (tmp_path / "state" / "watcher.lock").read_text()
-            ),
-            timeout=30,
-        )
-        second = watcher("scan", str(inbox), env=env)
-        assert second.returncode == 2
-        assert "in use by watcher pid" in second.stderr
-    finally:
-        first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=15)
-    assert first.returncode == 0
-
-
 def test_run_without_folder_is_a_usage_error(tmp_path, emulator):
     """No folder on the command line and none configured: exit 2 with a hint."""
     proc = watcher("run", env=cli_env(tmp_path, emulator.url))

@@ -47,7 +47,8 @@ def test_healthy_setup_exits_0(tmp_path, emu, inbox):
     assert proc.stdout.count("key accepted") == 2
     assert "no problems found" in proc.stdout
     requests = emu.api.counts()
-    assert requests["POST /v1/analysis/stream"] == 1 and emu.analysis.bytes_received == 0  # nothing analysed
+    assert requests["POST /v1/analysis/stream (key check)"] == 1 and requests["POST /v1/analysis/stream"] == 0
+    assert emu.analysis.bytes_received == 0 and not emu.paid()  # nothing analysed, nothing billed
 
 
 def test_problems_are_printed_with_fixes(tmp_path, emu):

@@ -183,7 +183,7 @@ def test_backup_and_restore_round_trip(tmp_path, inbox, emu, run_daemon):
     again = cli(tmp_path, "store", "backup", str(copy))
     assert again.returncode == 2 and "exists already" in again.stderr  # a backup never overwrites
     refused = cli(tmp_path, "store", "restore", str(copy))
-    assert refused.returncode == 2 and "nothing was restored" in refused.stderr and "in use" in refused.stderr
+    assert refused.returncode == 3 and "nothing was restored" in refused.stderr and "in use" in refused.stderr
     write_tone(inbox / "b.wav", 0.3, freq=660)
     wait_for(lambda: jobs_done(tmp_path, "analyze") == 2, what="b analysed")
     d.stop()

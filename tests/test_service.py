@@ -119,10 +119,16 @@ def test_pause_and_resume_commands(tmp_path, inbox, emulator):
     """`watcher pause` and `resume` keep the state in the store, and status shows it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
     env.update(WATCHER_STATE_DIR=str(tmp_path / "state"), ESSENTIA_API_KEY=API_KEY)
+    cfg = tmp_path / "watcher.toml"
+    cfg.write_text(f'[[folders]]\npath = "{inbox}"\n')
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "watcher", *args], env=env, capture_output=True, text=True, timeout=30
+            [sys.executable, "-m", "watcher", "--config", str(cfg), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
     assert run("pause", str(inbox)).returncode == 0

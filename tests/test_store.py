@@ -170,6 +170,35 @@ def test_retry_resets_failed_jobs_at_their_step(store):
     assert again is not None and again.step == "upload" and again.attempts == 0
 
 
+def test_retry_failed_takes_jobs_waiting_on_a_paused_service_only(store):
+    """`retry --failed` also takes a job waiting after a refused key (needs_user), not one backing off, and a
+    service's resumption takes only its own pipelines' jobs."""
+    register(store, "/in/a.wav")
+    register(store, "/in/b.wav", inode=8)
+    a = store.claim("analyze", "w")
+    b = store.claim("analyze", "w")
+    store.release(a, next_attempt_at=10**10, error="key refused", error_code="needs_user")
+    store.release(b, next_attempt_at=10**10, error="503", error_code="retry_later")
+    assert store.retry(waiting_on_service=True, pipelines=["archive"]) == 0
+    assert store.retry(failed=True, waiting_on_service=True) == 1
+    again = store.claim("analyze", "w")
+    assert again is not None and again.file.path == a.file.path and store.claim("analyze", "w") is None
+
+
+def test_backfill_adds_missing_jobs_and_reopens_done_ones(store):
+    """A back-fill adds a pipeline's job to versions without one (once) and reopens done jobs at a step."""
+    (file_id, _) = register(store)
+    job = store.claim("analyze", "w")
+    store.release(job, state="done")
+    assert store.add_jobs([file_id], "archive", "check") == 1
+    assert store.add_jobs([file_id], "archive", "check") == 0
+    assert store.counts() == {"analyze": {"done": 1}, "archive": {"pending": 1}}
+    assert store.reopen([job.id], "analyze") == 1
+    assert store.reopen([job.id], "analyze") == 0  # only a done job is reopened
+    again = store.claim("analyze", "w")
+    assert again is not None and again.id == job.id and again.step == "analyze"
+
+
 def test_wal_mode_lets_readers_in_while_a_writer_works(tmp_path):
     """The store runs in WAL mode: a read-only reader (status) sees committed rows while the daemon writes."""
     store = Store(tmp_path / "w.db")

@@ -1,9 +1,13 @@
 """The command line: parses arguments, calls the daemon or a command (watcher.commands), prints; no business logic.
 
+`scan`, `retry`, `pause`, `resume`, `status`, `web` and `backfill` go to the running daemon through its control
+socket (watcher.control) when one runs, and work on the store directly only when the state folder's lock
+proves that none does.
+
 Exit codes: 0 success; 1 some work failed (`scan`), `doctor` found a problem, or the daemon stopped on an
 internal failure;
 2 a usage or configuration error (the message names the key or argument); 3 start-up failed (the state
-folder or store cannot be used).
+folder or store cannot be used: in use by another watcher, or not ours to open).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ import structlog
 
 from watcher import __version__, clihelp
 from watcher.config import Settings, find_config, load_settings, secrets_of
-from watcher.errors import ConfigError
+from watcher.errors import ConfigError, StartupError
 from watcher.log import configure_logging, register_secrets
 from watcher.names import display
 
@@ -100,7 +105,12 @@ def _control_commands(sub: Any) -> None:
     resume = sub.add_parser("resume", help="process a paused folder's files again")
     resume.add_argument("folder", type=Path, metavar="FOLDER")
 
-    sub.add_parser("web", help="print a new one-time login link for the running daemon's page")
+    sub.add_parser("web", help="print the running daemon's page address and a new one-time login link to it")
+
+    backfill = sub.add_parser(
+        "backfill", help="show (or with --yes queue) the work a config change added for files already processed"
+    )
+    backfill.add_argument("--yes", action="store_true", help="queue it now, whatever its price")
 
     adopt = sub.add_parser("adopt", help="take over a folder another store owns (rewrites its .watcher-folder)")
     adopt.add_argument("folder", type=Path, metavar="FOLDER")
@@ -145,9 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = structlog.get_logger("watcher.cli")
     try:
         return _dispatch(args)
+    except _Exit as exc:
+        print(f"watcher: {exc}", file=sys.stderr)
+        return exc.code
     except ConfigError as exc:
         print(f"watcher: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"watcher: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
     except (OSError, sqlite3.Error) as exc:
         log.error("startup.failed", error=f"{type(exc).__name__}: {exc}", next="exiting with code 3")
         print(f"watcher: cannot start: {exc}", file=sys.stderr)
@@ -174,25 +190,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         daemon = Daemon(settings, reload=reload, notifier=notifier_from_environ(os.environ))
         return asyncio.run(daemon.run())
     if args.command == "scan":
-        settings = _settings(args)
-        configure_logging(args.log_format, settings.log_level)
-        from watcher import commands
-
-        if args.dry_run:
-            print(commands.dry_run(settings, args.paths).render(), end="")
-            return EXIT_OK
-        progress = sys.stderr.isatty() and not args.no_progress
-        code, problems = asyncio.run(commands.scan(settings, args.paths, progress=progress))
-        for p in problems:
-            word = "FAILED" if p["state"] == "failed" else p["state"].upper()
-            print(f"{word} {display(p['path'])} ({p['pipeline']}, {p['step']}): {p['error']}", file=sys.stderr)
-        return code
+        return _scan(args)
     if args.command == "status":
         return _status(_settings(args), as_json=args.json, all_files=args.all)
+    if args.command == "web":
+        return _web(_settings(args))
+    if args.command == "backfill":
+        return _backfill(_settings(args), yes=args.yes)
     if args.command == "doctor":
         from watcher.doctor import run_doctor
 
-        findings = run_doctor(_settings(args, args.folders or None), find_config(args.config, os.environ))
+        folders = args.folders or None
+        if folders is None:  # what the running daemon watches (it may have been given folders on its command line)
+            ran, answer = _run_or_fail(_settings(args), {"command": "folders"})
+            if ran:
+                folders = [Path(p) for p in answer["folders"]]
+                print(f"checking the folders the running daemon (pid {answer['pid']}) watches\n")
+        findings = run_doctor(_settings(args, folders), find_config(args.config, os.environ))
         for finding in findings:
             print(finding.line())
         bad = sum(not f.ok for f in findings)
@@ -200,8 +214,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_FAILED if bad else EXIT_OK
     if args.command in ("pause", "resume"):
         return _pause(_settings(args), args.folder, paused=args.command == "pause")
-    if args.command == "web":
-        return _web(_settings(args))
     if args.command == "adopt":
         return _adopt(_settings(args), args.folder)
     if args.command == "store":
@@ -213,18 +225,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
 
 
-def _web(settings: Settings) -> int:
-    """`watcher web`: a fresh login link (valid 15 minutes, once) for the page the running daemon serves."""
-    from watcher import commands
-    from watcher.web.auth import load_token, login_link
-
-    state = commands.web_state(settings)
-    if not state or not state.get("running"):
-        why = (state or {}).get("problem") or "no daemon with the page runs here (`watcher run`, [web] enabled)"
-        print(f"watcher: the page is not running: {why}", file=sys.stderr)
-        return EXIT_FAILED
-    print(login_link(str(state["url"]), load_token(settings)))
-    return 0
 def _spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
     """`watcher spend`: the ledger lines of a period as CSV, or per service and day: requests paid, audio
     minutes (how much of it estimated), and requests not paid (not sent, refused)."""
@@ -257,22 +257,172 @@ def _spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
     return EXIT_OK
 
 
+def _daemon(settings: Settings, request: dict[str, Any], on_progress: Any = None) -> tuple[bool, Any]:
+    """(True, its answer) when a daemon runs on the state folder and took ``request``; (False, None) when none
+    runs (then the caller works on the store directly). A refusal by the daemon is raised as CommandFailed."""
+    from watcher.control import NoDaemon, ask
+
+    try:  # no look at the folder first: one we may not enter must be a permission error, not "no daemon"
+        return True, ask(settings.state_dir, request, on_progress=on_progress)
+    except NoDaemon:
+        return False, None
+
+
+@contextlib.contextmanager
+def _no_daemon(settings: Settings, *, hold: bool = True) -> Any:
+    """Work on the store directly: only while the state folder's lock proves that no daemon runs (``hold``: keep
+    the lock for the whole command; else it is taken for an instant, as a proof)."""
+    from watcher.fsutil import StateLock
+
+    if not settings.state_dir.is_dir():
+        yield
+        return
+    lock = StateLock(settings.state_dir)
+    try:
+        lock.acquire()
+    except StartupError:
+        holder = StateLock.holder(settings.state_dir) or "another process"
+        raise StartupError(
+            f"{holder} holds the state folder {settings.state_dir}, but its control socket does not answer (is it "
+            "still starting? try again; an older watcher has no socket: restart it)"
+        ) from None
+    if not hold:
+        lock.release()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_or_fail(settings: Settings, request: dict[str, Any], on_progress: Any = None) -> tuple[bool, Any]:
+    """:func:`_daemon`, with the daemon's refusal turned into the CLI's message and exit code."""
+    from watcher.control import CommandFailed
+
+    try:
+        return _daemon(settings, request, on_progress)
+    except CommandFailed as exc:
+        raise _Exit(str(exc), exc.exit_code) from None
+
+
+class _Exit(Exception):
+    """A message for stderr and the exit code that goes with it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _scan(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(args.log_format, settings.log_level)
+    from watcher import commands
+
+    paths = commands.absolute(args.paths)  # the daemon runs elsewhere: `scan .` means here
+    if args.dry_run:
+        print(commands.dry_run(settings, paths).render(), end="")
+        return EXIT_OK
+    progress = sys.stderr.isatty() and not args.no_progress
+    if progress and args.log_level is None and settings.log_level == "info":
+        configure_logging(args.log_format, "warning")  # on a terminal the bar tells the progress, not a line per file
+    bar = _Bar() if progress else None
+    try:
+        ran, answer = _run_or_fail(
+            settings, {"command": "scan", "paths": [str(p) for p in paths]}, bar.update if bar else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if ran:
+        code, problems = int(answer["exit"]), answer["problems"]
+    else:
+        with _no_daemon(settings, hold=False):
+            pass  # the direct scan takes the lock itself, for as long as it runs
+        code, problems = asyncio.run(commands.scan(settings, paths, progress=progress))
+    for p in problems:
+        word = "FAILED" if p["state"] == "failed" else p["state"].upper()
+        print(f"{word} {display(p['path'])} ({p['pipeline']}, {p['step']}): {p['error']}", file=sys.stderr)
+    return code
+
+
+class _Bar:
+    """The progress bar of a scan that the daemon runs (tqdm, on stderr), fed by its progress messages."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def update(self, progress: dict[str, Any]) -> None:
+        total, done = int(progress.get("total", 0)), int(progress.get("done", 0))
+        if total == 0:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, unit="file", desc="watcher scan")
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
     from watcher.commands import status
     from watcher.status import render
 
-    report = status(settings)
+    ran, report = _run_or_fail(settings, {"command": "status"})
+    if not ran:
+        with _no_daemon(settings, hold=False):
+            report = status(settings)
     print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
     return EXIT_OK
 
 
-def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
-    from watcher.commands import pause
+def _web(settings: Settings) -> int:
+    ran, answer = _run_or_fail(settings, {"command": "web"})
+    if not ran:
+        print(f"watcher: no daemon runs on {settings.state_dir}: start one (`watcher run`)", file=sys.stderr)
+        return EXIT_FAILED
+    if not answer["running"]:
+        print(f"the page is not running: {answer['problem']}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"page: {answer['url']}")
+    print(f"log in: {answer['login']}")
+    return EXIT_OK
 
-    path = pause(settings, folder, paused=paused)
-    configured = [str(f.path) for f in settings.folders]
-    word = "paused" if paused else "resumed"
-    print(f"{path}: {word}" + ("" if path in configured or not configured else " (note: not a configured folder)"))
+
+def _backfill(settings: Settings, *, yes: bool) -> int:
+    from watcher.commands import backfill
+
+    ran, found = _run_or_fail(settings, {"command": "backfill", "yes": yes})
+    if not ran:
+        with _no_daemon(settings):
+            found = backfill(settings, confirm=yes)
+    if not found["jobs"]:
+        print("nothing to back-fill: every file has what the config asks for")
+        return EXIT_OK
+    price = ", ".join(f"{service} {m:g}" for service, m in found["minutes"].items()) or "none"
+    unknown = f" (+{found['unknown_duration']} file(s) of unknown length)" if found["unknown_duration"] else ""
+    print(f"back-fill: {found['jobs']} job(s): {found['what']}")
+    print(f"price: {found['total_minutes']:g} audio minutes ({price}){unknown}; daily caps apply")
+    if found["queued"]:
+        print(f"queued {found['queued']} job(s)")
+    elif not yes:
+        print("nothing queued: `watcher backfill --yes` queues it")
+    return EXIT_OK
+
+
+def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
+    from watcher.commands import absolute, pause
+
+    where = absolute([folder])[0]
+    ran, answer = _run_or_fail(settings, {"command": "pause" if paused else "resume", "folder": str(where)})
+    if ran:
+        path = answer["folder"]
+    else:
+        with _no_daemon(settings):
+            path = pause(settings, where, paused=paused)
+    print(f"{display(path)}: {'paused' if paused else 'resumed'}")
     if paused:
         print("new files are still recorded; nothing is processed until `watcher resume`")
     return EXIT_OK
@@ -314,8 +464,8 @@ def _store(settings: Settings, action: str, path: Path) -> int:
     lock = StateLock(settings.state_dir)
     try:
         lock.acquire()
-    except ConfigError as exc:
-        raise ConfigError(f"nothing was restored: {exc}") from None
+    except StartupError as exc:
+        raise StartupError(f"nothing was restored: {exc}") from None
     try:
         version, kept = copies.restore(path.expanduser(), db, len(SCHEMA))
     finally:
@@ -327,11 +477,32 @@ def _store(settings: Settings, action: str, path: Path) -> int:
 
 
 def _retry(settings: Settings, paths: list[Path], *, failed: bool, in_doubt: bool) -> int:
-    from watcher.commands import retry
+    from watcher.commands import absolute, retry
 
-    n = retry(settings, paths, failed=failed, in_doubt=in_doubt)
+    targets = absolute(paths)
+    if not targets and not failed and not in_doubt:
+        raise ConfigError("say what to retry: PATH..., --failed or --in-doubt")
+    request = {"command": "retry", "paths": [str(p) for p in targets], "failed": failed, "in_doubt": in_doubt}
+    ran, answer = _run_or_fail(settings, request)
+    if ran:
+        n = int(answer["retried"])
+    else:
+        with _no_daemon(settings):
+            n = retry(settings, targets, failed=failed, in_doubt=in_doubt)
     print(f"{n} job(s) will be retried" + ("" if n else " (nothing matched)"))
     return EXIT_OK
+
+
+def _emulator_config(url: str, analysis_key: str | None, processing_key: str | None) -> str:
+    """The config to paste to point watcher at this emulator (keys only as placeholders: they are the user's)."""
+    a_key = "the --analysis-key value" if analysis_key else "any value (no key required)"
+    p_key = "the --processing-key value" if processing_key else "any value (no key required)"
+    return (
+        "\n# to use it, paste into your config (then set ESSENTIA_API_KEY and NEURALANALOG_API_KEY):\n"
+        f'[analysis]\nbase_url = "{url}"   # ESSENTIA_API_KEY: {a_key}\n'
+        f'[archive]\nbase_url = "{url}"   # NEURALANALOG_API_KEY: {p_key}\n'
+        "\n# requests as they arrive:"
+    )
 
 
 def _emulate(args: argparse.Namespace) -> int:
@@ -346,6 +517,15 @@ def _emulate(args: argparse.Namespace) -> int:
     )
     print(f"analysis service emulator:   {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
     print(f"processing service emulator: {emulator.url}  (storage host: {emulator.storage.url})", flush=True)
+    print(_emulator_config(emulator.url, args.analysis_key, args.processing_key), flush=True)
+
+    def logged(request: Any) -> None:
+        refused = " (refused: rate limit)" if request.refused else ""
+        route = "" if request.route == f"{request.method} {request.path}" else f" [{request.route}]"
+        print(f"{time.strftime('%H:%M:%S')} {request.method} {request.path}{route}{refused}", flush=True)
+
+    emulator.api.on_request = logged
+    emulator.storage.on_request = logged
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

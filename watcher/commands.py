@@ -3,9 +3,10 @@ pause and resume. The CLI parses arguments and prints; the web page will call th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from watcher.config import FolderConfig, Settings, service_identity
 from watcher.errors import ConfigError
 from watcher.fsutil import StateLock, read_json_object
 from watcher.runner import Outcome
-from watcher.store import TERMINAL, Store
+from watcher.store import TERMINAL, Job, Store
 
 SCAN_SETTLE = 1.0
 
@@ -35,10 +36,18 @@ def under(path: str, targets: Sequence[str]) -> bool:
     return any(Path(path).is_relative_to(t) for t in targets)
 
 
+def absolute(paths: Sequence[Path]) -> list[Path]:
+    """The paths as the store records them: ``~`` expanded, made absolute against the working folder (never
+    resolved). Every command calls this first, so `watcher scan .` means the folder it runs in."""
+    return [Path(os.path.abspath(p.expanduser())) for p in paths]
+
+
 async def scan(
     settings: Settings, paths: Sequence[Path], *, progress: bool = False
 ) -> tuple[int, list[dict[str, Any]]]:
-    """`watcher scan`: register what is under ``paths`` now, process it, and report (exit code, problems)."""
+    """`watcher scan` with no daemon running: register what is under ``paths`` now, process it, and report
+    (exit code, problems). The state folder's lock is held throughout (a daemon starting meanwhile waits)."""
+    paths = absolute(paths)
     folders, files = scan_targets(settings, paths)
     lock = StateLock(settings.state_dir)
     lock.acquire()
@@ -77,15 +86,83 @@ async def scan(
         await app.runner.drain()
         if bar is not None:
             bar.close()
-        problems = [
-            {"path": p.path, "pipeline": p.pipeline, "state": p.state, "step": p.step, "error": p.error}
-            for p in app.store.problems()
-            if under(p.path, targets)
-        ]
-        return (1 if any(p["state"] == "failed" for p in problems) else 0), problems
+        return _scan_report(app.store, targets)
     finally:
         await app.aclose()
         lock.release()
+
+
+def _scan_report(store: Store, targets: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
+    """(1 if a file under ``targets`` failed else 0, every problem under them)."""
+    problems = [
+        {"path": p.path, "pipeline": p.pipeline, "state": p.state, "step": p.step, "error": p.error}
+        for p in store.problems()
+        if under(p.path, targets)
+    ]
+    return (1 if any(p["state"] == "failed" for p in problems) else 0), problems
+
+
+SCAN_POLL = 0.2
+
+
+async def scan_running(
+    app: App, paths: Sequence[Path], *, progress: Callable[[int, int], Awaitable[None]] | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """`watcher scan` through the running daemon: hint what is under ``paths`` to its detector, wait until each
+    of their jobs has finished or waits on something that will not come now (a backoff, a paused service, a
+    cap, a request in doubt), and report as :func:`scan` does. ``progress(done, total)`` is told as jobs end."""
+    paths = absolute(paths)
+    detector = app.detector
+    if detector is None:
+        raise ConfigError("the daemon is still starting: try again in a moment")
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist")
+        if not any(path.is_relative_to(f) for f in app.folders):
+            watched = ", ".join(app.folders) or "none"
+            raise ConfigError(
+                f"{path} is not in a folder the running daemon watches ({watched}): add it to [[folders]] and "
+                "reload (`systemctl reload watcher`, or SIGHUP), or stop the daemon to scan it on its own"
+            )
+        detector.hint(str(path), is_dir=path.is_dir())
+    targets = [str(p) for p in paths]
+    seen = (-1, -1)
+    while True:
+        if not detector.idle():  # the detector's own loop settles the hinted files
+            await asyncio.sleep(SCAN_POLL)
+            continue
+        jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
+        done = sum(j.state in TERMINAL for j in jobs)
+        if progress is not None and (done, len(jobs)) != seen:
+            seen = (done, len(jobs))
+            await progress(done, len(jobs))
+        held = await asyncio.to_thread(_held, app)
+        if not any(j.state == "pending" and j.error_code is None and _why_held(j, held) is None for j in jobs):
+            break
+        await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
+    code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
+    for j in jobs:  # not failed, but not done either: say why, so that exit 0 does not look like "all done"
+        why = _why_held(j, held) if j.state == "pending" and j.error_code is None else None
+        if why is not None:
+            waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
+            problems.append(waiting)
+    return code, problems
+
+
+def _held(app: App) -> tuple[set[str], dict[str, str]]:
+    """(the paused folders, pipeline -> its paused service) of the running daemon."""
+    paused = app.runner.paused_services()
+    services = {name: p.service for name, p in app.runner.pipelines.items() if p.service in paused and p.service}
+    return app.store.paused_folders(), services
+
+
+def _why_held(job: Job, held: tuple[set[str], dict[str, str]]) -> str | None:
+    folders, services = held
+    if job.file.folder in folders:
+        return "its folder is paused (`watcher resume` it)"
+    if job.pipeline in services:
+        return f"the {services[job.pipeline]} service is paused (`watcher status` says why)"
+    return None
 
 
 def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
@@ -117,14 +194,16 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="file", desc="watcher scan")
 
 
-def status(settings: Settings) -> dict[str, Any]:
-    """`watcher status`: the report as plain data (what `--json` prints)."""
+def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
+    account (pid, since when, services paused, back-fill), None when none runs."""
     from watcher.status import collect
 
     store = open_store(settings)
     try:
         return collect(
             store,
+            daemon=daemon,
             state_dir=str(settings.state_dir),
             configured=[str(f.path) for f in settings.folders],
             caps={
@@ -150,16 +229,26 @@ def web_state(settings: Settings) -> dict[str, Any] | None:
 
 
 def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in_doubt: bool = False) -> int:
-    """`watcher retry`: make failed, waiting or held jobs due now (see Store.retry); how many were reset."""
+    """`watcher retry`: make failed, waiting or held jobs due now (see Store.retry); how many were reset.
+    ``failed`` also takes the files waiting on a paused service (a refused key, no credits)."""
     if not paths and not failed and not in_doubt:
         raise ConfigError("say what to retry: PATH..., --failed or --in-doubt")
     store = open_store(settings)
     try:
         selected: list[str] | None = None
         if paths:
-            targets = [os.path.abspath(p) for p in paths]
+            targets = [str(p) for p in absolute(paths)]
             selected = [j.file.path for j in store.jobs_of_current() if under(j.file.path, targets)]
-        return store.retry(paths=selected, failed=failed, in_doubt=in_doubt)
+        return store.retry(paths=selected, failed=failed, in_doubt=in_doubt, waiting_on_service=failed)
+    finally:
+        store.close()
+
+
+def resume_service(settings: Settings, pipelines: Sequence[str]) -> int:
+    """Make the jobs of ``pipelines`` that wait on their paused service due now (its key was fixed)."""
+    store = open_store(settings)
+    try:
+        return store.retry(paths=None, waiting_on_service=True, pipelines=list(pipelines))
     finally:
         store.close()
 
@@ -202,10 +291,15 @@ def jobs_of(settings: Settings, path: str) -> list[dict[str, Any]]:
 
 
 def pause(settings: Settings, folder: Path, *, paused: bool) -> str:
-    """`watcher pause` / `resume`: kept in the store; returns the folder as recorded."""
-    path = os.path.abspath(folder.expanduser())
+    """`watcher pause` / `resume`: kept in the store; returns the folder as recorded. Pausing a folder that is
+    not configured is refused (it would stay in `watcher status` for good); resuming one is allowed, to clear it."""
+    path = str(absolute([folder])[0])
+    configured = [str(f.path) for f in settings.folders]
     store = open_store(settings) if settings.store.url else Store(store_path(settings))
     try:
+        if path not in configured and (paused or path not in store.paused_folders()):
+            shown = ", ".join(configured) or "none"
+            raise ConfigError(f"{path} is not a configured folder (configured: {shown}); nothing was changed")
         store.set_paused(path, paused)
     finally:
         store.close()
@@ -229,16 +323,56 @@ def adopt(settings: Settings, folder: Path) -> tuple[str, str | None, str]:
     return str(path), None if before is None else str(before.get("store")), mine
 
 
-def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
-    """`watcher scan --dry-run`: what would be asked and paid for, from the store opened read-only."""
+def _analysis_backend(settings: Settings) -> tuple[str, str]:
+    """(which backend analyses: ``remote`` or ``local``, the key its results are stored under)."""
     from watcher.analyzers import choose_backend
+
+    if not settings.analysis.enabled:
+        return "remote", ""
+    which, _ = choose_backend(settings.analysis)
+    cfg = settings.analysis
+    return which, "local" if which == "local" else service_identity("analysis", cfg.base_url, cfg.api_key)
+
+
+def _pipelines(settings: Settings) -> tuple[list[str], list[str]]:
+    """(the enabled pipelines, those of them that pay a service)."""
+    enabled = (["analyze"] if settings.analysis.enabled else []) + (["archive"] if settings.archive.enabled else [])
+    paid = [p for p in enabled if p != "analyze" or _analysis_backend(settings)[0] == "remote"]
+    return enabled, paid
+
+
+def backfill(settings: Settings, *, confirm: bool, limit: float | None = None) -> dict[str, Any]:
+    """`watcher backfill`: the work the config added for files already there (watcher.backfill), with its price in
+    audio minutes; ``confirm`` queues it, unless ``limit`` is given and the price is above it (then it waits).
+    Only what was added since the store last caught up (state_dir/backfill.json) is owed."""
+    from watcher import backfill as fill
+
+    store = open_store(settings)
+    try:
+        enabled, paid = _pipelines(settings)
+        key = _analysis_backend(settings)[1]
+        plan = fill.find(settings, store, pipelines=enabled, analysis_key=key, since=fill.recorded(settings))
+        cost = fill.price(plan, paid=paid)
+        waits = limit is not None and cost["total_minutes"] > limit
+        queued = fill.apply(store, plan) if confirm and plan.jobs and not waits else 0
+        return {
+            "jobs": plan.jobs,
+            "what": plan.describe(),
+            **cost,
+            "queued": queued,
+            "waiting": plan.jobs if plan.jobs and not queued else 0,
+        }
+    finally:
+        store.close()
+
+
+def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
+    """`watcher scan --dry-run`: what would be asked and paid for, from the store opened read-only; first the
+    back-fill (work the config added for files already there, queued at the next start or reload)."""
+    from watcher import backfill as fill
     from watcher.dryrun import dry_run as plan
 
-    analysis_key, which = "", "remote"
-    if settings.analysis.enabled:
-        which, _ = choose_backend(settings.analysis)
-        cfg = settings.analysis
-        analysis_key = "local" if which == "local" else service_identity("analysis", cfg.base_url, cfg.api_key)
+    which, analysis_key = _analysis_backend(settings)
     archive = settings.archive
     processing_key = service_identity("processing", archive.base_url, archive.api_key)
     store = None
@@ -248,13 +382,31 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
         except sqlite3.Error:
             store = None
     try:
-        return plan(
-            settings,
-            paths,
-            cached_models=lambda sha: set(store.results_for(sha, analysis_key)) if store else set(),
-            answered_operations=lambda sha: store.answered_operations(sha, processing_key) if store else set(),
-            remote=which == "remote",
-        )
+
+        def priced(chosen: Sequence[Path]) -> Any:
+            return plan(
+                settings,
+                chosen,
+                cached_models=lambda sha: set(store.results_for(sha, analysis_key)) if store else set(),
+                answered_operations=lambda sha: store.answered_operations(sha, processing_key) if store else set(),
+                remote=which == "remote",
+            )
+
+        report = priced(absolute(paths))
+        if store is not None:
+            since = fill.recorded(settings)
+            owed = fill.find(settings, store, pipelines=_pipelines(settings)[0], analysis_key=analysis_key, since=since)
+            if owed.jobs:
+                return _Reports(
+                    [
+                        (
+                            f"back-fill ({owed.describe()}; queued at the next start or reload):",
+                            priced([Path(p) for p in owed.all_paths()]),
+                        ),
+                        ("scan:", report),
+                    ]
+                )
+        return report
     finally:
         if store is not None:
             store.close()
@@ -298,3 +450,13 @@ def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, A
         }
         for line in lines
     ]
+
+
+class _Reports:
+    """Several dry-run reports, each under its heading, rendered one after the other."""
+
+    def __init__(self, parts: list[tuple[str, Any]]) -> None:
+        self.parts = parts
+
+    def render(self) -> str:
+        return "\n".join(f"{heading}\n{report.render()}" for heading, report in self.parts)

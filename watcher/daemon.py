@@ -22,6 +22,7 @@ import structlog
 from watcher import __version__
 from watcher.app import App
 from watcher.config import FolderConfig, Settings, reveal
+from watcher.control import ControlServer, socket_path
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
 from watcher.fsutil import StateLock, raise_open_files_limit, sweep_temp
@@ -30,6 +31,7 @@ from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
 from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
+from watcher.steering import Steering
 from watcher.store import TERMINAL
 from watcher.webhooks import WebhookSender
 
@@ -54,7 +56,7 @@ class _Changes(Subscriber):
         self.count += 1
 
 
-class Daemon:
+class Daemon(Steering):
     """`watcher run`: watch the configured folders until a signal says stop; SIGHUP reloads the settings."""
 
     def __init__(
@@ -96,6 +98,11 @@ class Daemon:
         """Whether the heartbeat ran lately, as the systemd watchdog would judge it (the page's /healthz)."""
         interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
         return time.monotonic() - self._alive_at <= 3 * interval
+        self.started_at = time.time()
+        self._control: ControlServer | None = None
+        self.held_services: dict[str, str] = {}  # service -> why it is paused (its key was refused at the check)
+        self._key_check: asyncio.Task[None] | None = None
+        self.backfill: dict[str, Any] = {}  # what the last start or reload queued for work the config added
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -135,7 +142,13 @@ class Daemon:
         lag: LoopLag | None = None
         # systemd's default soft limit (1024) is low for folders, files and the page's connections at once
         self.open_files = raise_open_files_limit()
+        self.started_at = time.time()
         try:
+            control = self.settings.control
+            self._control = ControlServer(
+                socket_path(self.settings.state_dir), self._command, mode=control.mode, group=control.group
+            )
+            await self._control.start()
             await self._start_web()
             self._start_metrics()
             # How late the loop wakes (watcher_loop_lag_seconds): the watchdog's pings depend on it.
@@ -155,6 +168,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             if self._page is not None:
                 await self._page.stop()
+            if self._control is not None:
+                await self._control.stop()
             self.metrics.stop()
             self.notifier.close()
             lock.release()
@@ -187,10 +202,6 @@ class Daemon:
         if await web.start():  # if not, the state folder's web.json says why, for `watcher status`
             self.web, self._live = web, live
 
-    def _wake(self) -> None:
-        if self.app is not None:
-            self.app.runner.wake()
-
     def _apply_reload(self) -> None:
         assert self._reload is not None
         try:
@@ -218,12 +229,19 @@ class Daemon:
             subscribers.append(self._live)
         app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
         self.app = app
+        check_keys = self._check_keys(app)
         for service, current in app.rates().items():
             self.metrics.watch_rate(service, current)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
             folders, _ = await self._fed(asyncio.gather(self._owned_folders(app), self._recover(app)))
-            detector = app.make_detector(folders)
+            await self._fed(self._backfill())
+            seen = {
+                str(f["folder"])
+                for f in await asyncio.to_thread(app.store.folder_states)
+                if f["mode"] in ("native", "polling", "gone")
+            }
+            detector = app.make_detector(folders, seen=seen)
             # What start-up built (modules, settings, this graph) lives as long as this graph: kept out of the
             # collector's passes until it ends, so the first full pass over it does not land in the first scan
             # (where it cost about what 10,000 files' stat do), nor does any later one walk it again.
@@ -239,6 +257,9 @@ class Daemon:
             def ready() -> None:
                 log.info("daemon.ready")
                 self.notifier.ready()
+                # Now, not before: the check loads the HTTP stack, which READY does not wait for. Until it
+                # answers, the paid services' work stays unclaimed.
+                self._key_check = asyncio.create_task(check_keys(), name="key-check")
 
             runner_task = asyncio.create_task(app.runner.run(self.stop), name="runner")
             detector_task = asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector")
@@ -260,6 +281,11 @@ class Daemon:
             await self._shutdown(runner_task, detector_task, beat_task)
             return 1 if failed else 0
         finally:
+            if self._key_check is not None:
+                self._key_check.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._key_check
+                self._key_check = None
             if webhooks is not None:
                 await webhooks.aclose(deadline=1.0)
             await app.aclose()
@@ -375,7 +401,8 @@ class Daemon:
                 self.metrics.queue(counts, TERMINAL)
                 waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
                 failed = sum(stages.get("failed", 0) for stages in counts.values())
-                self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed")
+                held = "".join(f"; {service} paused" for service in sorted(self.held_services))
+                self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed{held}")
             self._prune(app)
             beat = getattr(app.store, "heartbeat", None)
             if beat is not None:  # a shared store: this node is alive (`watcher status` lists nodes)
@@ -384,6 +411,10 @@ class Daemon:
             if app.detector is not None:
                 for f in app.detector.describe():
                     folder, mode, reason = str(f["folder"]), f["mode"], f["reason"]
+                    if f.get("missing"):  # never there: a typo in the path rather than an unmounted share
+                        mode, reason = "missing", "does not exist (never seen): check its path in [[folders]]"
+                    elif not f["available"]:
+                        mode = "gone"  # seen before: it stays "unavailable", and is known as seen after a restart
                     seen_now = (mode, reason, bool(f["available"]))
                     if health.get(folder) == seen_now and not stale:
                         continue

@@ -12,7 +12,7 @@ from typing import Any
 
 from watcher.config import FolderConfig, Settings, reveal
 from watcher.detect.fstype import decide_polling, filesystem_type, inotify_max_user_watches
-from watcher.errors import WatcherError
+from watcher.errors import NeedsUser, WatcherError
 
 MIN_FREE_BYTES = 1 << 30
 MAX_DIRS_COUNTED = 200_000
@@ -119,14 +119,16 @@ def check_space(settings: Settings) -> list[Finding]:
     return found
 
 
-async def check_services(settings: Settings) -> list[Finding]:
+def _service_probes(settings: Settings) -> tuple[list[Finding], list[tuple[str, Any, str, str]]]:
+    """Findings about the analysis backend, and (service, client, what, how to fix a refusal) for each service
+    whose key a call that bills nothing can check (doctor and the daemon's start and reload use the same)."""
     from watcher.analyzers import choose_backend
     from watcher.services.analysis import AnalysisClient
     from watcher.services.http import HttpPolicy
     from watcher.services.neuralanalog import NeuralAnalogClient
 
     found: list[Finding] = []
-    probes: list[tuple[Any, str, str]] = []  # (client, what, how to fix a refusal)
+    probes: list[tuple[str, Any, str, str]] = []
     policy = HttpPolicy(attempts=1, read_timeout=15, connect_timeout=10)
     if settings.analysis.enabled:
         try:
@@ -139,20 +141,29 @@ async def check_services(settings: Settings) -> list[Finding]:
         elif which == "remote":
             probes.append(
                 (
+                    "analysis",
                     AnalysisClient(settings.analysis.base_url, reveal(settings.analysis.api_key), policy=policy),
                     f"analysis service {settings.analysis.base_url}",
-                    "check analysis.api_key / ESSENTIA_API_KEY / the essentia_api_key credential",
+                    f"fix the key in {settings.analysis.key_source} "
+                    "(analysis.api_key / api_key_file / ESSENTIA_API_KEY / the essentia_api_key credential)",
                 )
             )
     if settings.archive.enabled:
         probes.append(
             (
+                "processing",
                 NeuralAnalogClient(settings.archive.base_url, reveal(settings.archive.api_key), policy=policy),
                 f"processing service {settings.archive.base_url}",
-                "check archive.api_key / NEURALANALOG_API_KEY / the neuralanalog_api_key credential",
+                f"fix the key in {settings.archive.key_source} "
+                "(archive.api_key / api_key_file / NEURALANALOG_API_KEY / the neuralanalog_api_key credential)",
             )
         )
-    for client, what, fix in probes:
+    return found, probes
+
+
+async def check_services(settings: Settings) -> list[Finding]:
+    found, probes = _service_probes(settings)
+    for _, client, what, fix in probes:
         found.append(await _probe(client, what, fix))
     return found
 
@@ -165,6 +176,36 @@ async def _probe(client: object, what: str, fix: str) -> Finding:
         return Finding(False, what, str(exc), fix if "key" in str(exc) else "check base_url, DNS, the firewall")
     finally:
         await client.aclose()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class KeyCheck:
+    """One service's key, checked by a call that bills nothing: ``refused`` is the service's refusal (the key,
+    the plan, the credits), ``unchecked`` why no answer came (unreachable: not held against the key)."""
+
+    service: str
+    source: str
+    refused: str | None = None
+    unchecked: str | None = None
+
+
+async def check_keys(settings: Settings) -> list[KeyCheck]:
+    """Every paid service's key, checked side by side (what `watcher doctor` checks, without the findings)."""
+    _, probes = _service_probes(settings)
+    sources = {"analysis": settings.analysis.key_source, "processing": settings.archive.key_source}
+
+    async def one(service: str, client: Any) -> KeyCheck:
+        try:
+            await client.check()
+            return KeyCheck(service, sources[service])
+        except NeedsUser as exc:
+            return KeyCheck(service, sources[service], refused=str(exc))
+        except WatcherError as exc:
+            return KeyCheck(service, sources[service], unchecked=str(exc))
+        finally:
+            await client.aclose()
+
+    return list(await asyncio.gather(*(one(service, client) for service, client, _, _ in probes)))
 
 
 def check_store(settings: Settings) -> list[Finding]:

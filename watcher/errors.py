@@ -3,6 +3,7 @@ failures are told apart by their class in one place, the runner (watcher.runner)
 
     WatcherError
     ├── ConfigError      the configuration is wrong: fix it, then start again (exit code 2)
+    ├── StartupError     the state folder or the store cannot be used (in use, no access): exit code 3
     ├── RetryLater       transient: the network, a 429/5xx, a full disk; backed off, then retried
     │   ├── NotSent      the request provably never reached the service: safe to resend even when it is paid
     │   ├── ExpiredURL   a signed download URL was refused: ask for a fresh one
@@ -30,6 +31,12 @@ class ConfigError(WatcherError):
     """The configuration is invalid; the message names the key and what is wrong with it."""
 
     code = "config"
+
+
+class StartupError(WatcherError):
+    """The state folder or the store cannot be used: held by another daemon, or not ours to open (exit code 3)."""
+
+    code = "startup"
 
 
 class RetryLater(WatcherError):

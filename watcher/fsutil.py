@@ -18,7 +18,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from watcher.errors import ConfigError
+from watcher.errors import StartupError
 
 TEMP_PREFIX = ".watcher-tmp-"
 PRIVATE_FILE = 0o600
@@ -249,6 +249,20 @@ def sweep_temp(roots: list[tuple[Path, bool]]) -> list[Path]:
     return removed
 
 
+def cannot_write(folder: Path) -> str | None:
+    """Why nothing can be written in ``folder`` (or, when it does not exist yet, in the nearest folder above it
+    that does, where it would be made), or None when a file can be: proven by making one, not by permission bits
+    (a read-only mount, an ACL, a full disk all show)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".watcher-probe-"):
+            return None
+    except OSError as exc:
+        return f"{exc.strerror or exc} ({probe})"
+
+
 class StateLock:
     """An exclusive lock on the state folder, so two daemons never work from one store."""
 
@@ -265,7 +279,7 @@ class StateLock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise ConfigError(
+            raise StartupError(
                 f"the state folder {self.path.parent} is in use by {holder}; stop that watcher first "
                 "or give this one another state_dir"
             ) from None
@@ -274,6 +288,22 @@ class StateLock:
         fh.write(f"watcher pid {os.getpid()}\n")
         fh.flush()
         self._fh = fh
+
+    @staticmethod
+    def holder(state_dir: Path) -> str | None:
+        """Who holds the lock of ``state_dir`` ("watcher pid N"), or None when nobody does (checked by taking it
+        for an instant, which is the only proof; creates nothing)."""
+        try:
+            fh = open(state_dir / "watcher.lock")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            return None
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return fh.read().strip() or "another process"
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return None
 
     def release(self) -> None:
         if self._fh is not None:

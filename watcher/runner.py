@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import random
 import socket
@@ -143,6 +144,27 @@ class Runner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.lease / 4)
             self.store.renew(self.in_flight.keys(), self.owner, lease=self.lease)
+
+    def pause_service(self, service: str, until: float = math.inf) -> None:
+        """Claim no job of ``service``'s pipelines until ``until`` (a Unix time; by default until resumed)."""
+        self._paused_until[service] = until
+
+    def resume_service(self, service: str | None = None) -> None:
+        """Lift the pause of ``service`` (every service when None) and wake its workers."""
+        for name in [service] if service is not None else list(self._paused_until):
+            self._paused_until.pop(name, None)
+        for pipeline in self.pipelines.values():
+            if service is None or pipeline.service == service:
+                self.wake(pipeline.name)
+
+    def paused_services(self) -> dict[str, float]:
+        """Each paused service and until when (``inf``: until resumed)."""
+        now = time.time()
+        return {s: until for s, until in self._paused_until.items() if until > now}
+
+    def pipelines_of(self, service: str) -> list[str]:
+        """The pipelines that pay ``service``."""
+        return [name for name, p in self.pipelines.items() if p.service == service]
 
     def _paused(self, pipeline: Pipeline) -> float:
         return self._paused_until.get(pipeline.service, 0.0) if pipeline.service else 0.0
@@ -272,7 +294,7 @@ class Runner:
             service=service,
             error=str(exc),
             next=f"the {service} service is paused for {pause:.0f} s (other work goes on); fix the account, "
-            "then `watcher retry`",
+            "then reload (the key is checked again) or `watcher retry --failed`",
         )
         self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_code=exc.code)
         return self._tell(Outcome(job, "pending", str(exc), exc.code))
@@ -280,7 +302,8 @@ class Runner:
     def _finish(self, job: Job, result: StepResult, error_code: str | None = None) -> Outcome:
         if result.state in TERMINAL:
             self.store.release(job, state=result.state, error=result.note, error_code=error_code)
-            log.info("job." + result.state, path=display(job.file.path), pipeline=job.pipeline, reason=result.note)
+            why = {} if result.note is None else {"reason": result.note}
+            log.info("job." + result.state, path=display(job.file.path), pipeline=job.pipeline, **why)
         else:
             # The next step is scheduled (e.g. polling a remote job): progress, so no attempt is counted.
             self.store.release(job, step=result.step, next_attempt_at=result.at)

@@ -39,16 +39,19 @@ def collect(
     caps: dict[str, float] | None = None,
     now: float | None = None,
     web: dict[str, Any] | None = None,
+    daemon: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen.
 
     ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section;
-    ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known.
+    ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known; ``daemon`` is
+    the running daemon's own account (``pid``, ``since``, ``paused_services``, ``backfill``), None when none runs.
     """
     files, in_doubt, adopted = _files(store)
     return {
         "version": __version__,
         "state_dir": state_dir,
+        "daemon": daemon,
         "nodes": _nodes(store),
         "counts": store.counts(),
         "folders": _folders(store, configured or []),
@@ -76,7 +79,19 @@ def _folders(store: StatusSource, configured: list[str]) -> list[dict[str, Any]]
     folders = {f["folder"]: f for f in store.folder_states()}
     for path in configured:
         folders.setdefault(path, {"folder": path, "paused": False, "mode": None, "reason": None, "available": None})
-    return [{**f, "folder": display(f["folder"])} for f in folders.values()]
+    return [{**f, "folder": display(f["folder"]), "state": folder_state(f)} for f in folders.values()]
+
+
+def folder_state(f: dict[str, Any]) -> str:
+    """``paused``, ``missing`` (never seen: a wrong path), ``unavailable`` (seen, now gone: an unmounted share),
+    or ``active`` (also when no daemon has looked at it yet)."""
+    if f.get("paused"):
+        return "paused"
+    if f.get("mode") == "missing":
+        return "missing"
+    if f.get("available") is False:
+        return "unavailable"
+    return "active"
 
 
 def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
@@ -135,6 +150,7 @@ def _when(timestamp: float | None) -> str:
 def render(report: dict[str, Any], *, all_files: bool = False) -> str:
     """The report for a terminal: counts, spend, folders, doubts, problems with reasons, files in progress."""
     lines = [f"watcher {report['version']}, state in {report['state_dir']}"]
+    lines += _render_daemon(report.get("daemon"))
     if not report["counts"]:
         lines.append("no files recorded yet")
     for pipeline, states in report["counts"].items():
@@ -160,9 +176,10 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
     if report["folders"]:
         lines.append("\nfolders:")
         for f in report["folders"]:
-            state = "paused" if f.get("paused") else ("unavailable" if f.get("available") is False else "active")
-            mode = f" ({f['mode']}: {f['reason']})" if f.get("mode") else ""
-            if not f.get("mode") and f.get("reason"):  # e.g. owned by another store
+            state = f.get("state") or folder_state(f)
+            watched = f.get("mode") in ("native", "polling")
+            mode = f" ({f['mode']}: {f['reason']})" if watched else ""
+            if not watched and f.get("reason"):  # e.g. owned by another store, or missing
                 mode = f" ({f['reason']})"
             lines.append(f"  {f['folder']}: {state}{mode}")
     if report.get("in_doubt"):
@@ -178,6 +195,24 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
                 f"{_when(p['next_attempt_at'])}): {p['error']}"
             )
     return "\n".join(lines + _render_files(report["files"], all_files))
+
+
+def _render_daemon(daemon: dict[str, Any] | None) -> list[str]:
+    """Whether a daemon runs on this state folder, since when, and what it holds back."""
+    if not daemon:
+        return ["daemon: not running (this is what the store says)"]
+    lines = [f"daemon: running, pid {daemon['pid']}, since {daemon['since']}"]
+    for service, why in (daemon.get("paused_services") or {}).items():
+        lines.append(f"  {service} service paused: {why}")
+    backfill = daemon.get("backfill") or {}
+    if backfill.get("queued"):
+        lines.append(f"  back-fill: {backfill['queued']} job(s) queued ({backfill.get('what', '')})")
+    if backfill.get("waiting"):
+        lines.append(
+            f"  back-fill waiting for confirmation: {backfill['waiting']} job(s), about "
+            f"{backfill.get('minutes', 0):g} audio minutes (`watcher backfill --yes` starts it)"
+        )
+    return lines
 
 
 def _render_spend(spend: dict[str, Any]) -> list[str]:

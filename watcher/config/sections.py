@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
 )
@@ -85,6 +86,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Keyed(_Section):
+    """A service section whose API key may come from several places; it remembers which (for messages)."""
+
+    _key_source: str = PrivateAttr("")
+
+    @property
+    def key_source(self) -> str:
+        """Where the key came from, e.g. "the environment variable ESSENTIA_API_KEY" (never the key)."""
+        return self._key_source or "the config"
+
+    def with_key(self, key: SecretStr | None, source: str) -> Any:
+        """A copy holding the resolved ``key`` and naming its ``source``."""
+        new = self.model_copy(update={"api_key": key})
+        new._key_source = source
+        return new
+
+
 class FolderConfig(_Section):
     """One watched folder and how files in it become work."""
 
@@ -105,7 +123,7 @@ class FolderConfig(_Section):
     audio_url_template: Annotated[str | None, BeforeValidator(_blank_is_none), AfterValidator(_url_template)] = None
 
 
-class AnalysisConfig(_Section):
+class AnalysisConfig(_Keyed):
     """The analysis service (Essentia API) and which models to ask for."""
 
     enabled: bool = True
@@ -151,7 +169,7 @@ AudioFormat = Literal["wav", "flac", "mp3", "m4a"]
 OptionalFormat = Annotated[AudioFormat | None, BeforeValidator(_blank_is_none)]
 
 
-class ArchiveConfig(_Section):
+class ArchiveConfig(_Keyed):
     """The processing service (Neural Analog): which versions to make and where they are delivered."""
 
     enabled: bool = False
@@ -303,6 +321,21 @@ class WebConfig(_Section):
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"{value!r} is not host:port (for example 127.0.0.1:8765)")
         return value
+
+
+class ControlConfig(_Section):
+    """The daemon's control socket (``state_dir/control.sock``), through which the commands reach it."""
+
+    group: str | None = Field(None, description="give the socket to this group (the daemon must be in it)")
+    mode: int = Field(0o660, ge=0, le=0o777, description="the socket's permission bits (connecting needs write)")
+    confirm_backfill_minutes: float = Field(
+        60.0, ge=0, description="a back-fill sending more audio minutes than this waits for `watcher backfill --yes`"
+    )
+
+    @field_validator("group", mode="before")
+    @classmethod
+    def _blank_group(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
 
 
 class WebhooksConfig(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -24,13 +25,14 @@ from pydantic_settings import (
 
 from watcher.config.audio_url import expand, query_secrets
 from watcher.config.bwlimit import parse_bwlimit
-from watcher.config.secrets import resolve_key
+from watcher.config.secrets import key_source, resolve_key
 from watcher.config.sections import (
     APP,
     SEND_BODY,
     AbsolutePath,
     AnalysisConfig,
     ArchiveConfig,
+    ControlConfig,
     FolderConfig,
     MetricsConfig,
     RetryConfig,
@@ -63,6 +65,7 @@ class Settings(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     web: WebConfig = WebConfig()
+    control: ControlConfig = ControlConfig()
     # rclone's --bwlimit syntax for every byte either service sends or receives: "4M", "512k:off", a timetable
     # "08:00,1M 19:00,off" (local time); "off" for none.
     bwlimit: str = "off"
@@ -158,17 +161,48 @@ def find_config(explicit: Path | None, env: Mapping[str, str]) -> Path | None:
     return path if path.is_file() else None
 
 
-def _describe(error: Any) -> str:
-    """One validation error as "key: what is wrong" (a rule over several keys names its keys itself)."""
+def _describe(error: Any, env: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """One validation error as "key: what is wrong" (a rule over several keys names its keys itself), and whether
+    an environment variable set it (then it is named). An unknown key gets the nearest known ones (difflib)."""
     loc = ""
+    keys: list[str] = []
     for part in error["loc"]:
         loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        if not isinstance(part, int):
+            keys.append(str(part))
+    variable = _env_name(keys, env or {})
+    where = f" (set by the environment variable {variable})" if variable else ""
     if error["type"] == "extra_forbidden":
-        return f"{loc}: unknown key"
+        near = difflib.get_close_matches(keys[-1] if keys else "", _known_keys(keys[:-1]), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
+        return f"{loc}{where}: unknown key{hint}", bool(variable)
     if error["type"] == "missing":
-        return f"{loc}: required key is missing"
+        return f"{loc}: required key is missing", False
     message = str(error["msg"]).removeprefix("Value error, ")
-    return f"{loc}: {message}" if loc else message
+    return (f"{loc}{where}: {message}" if loc else message), bool(variable)
+
+
+def _env_name(keys: list[str], env: Mapping[str, str]) -> str | None:
+    """The ``WATCHER_...`` variable that sets the key at ``keys``, when the environment has one (any case)."""
+    if not keys:
+        return None
+    wanted = ("WATCHER_" + "__".join(keys)).upper()
+    return next((name for name in env if name.upper() == wanted), None)
+
+
+def _known_keys(keys: list[str]) -> list[str]:
+    """The keys a section takes (``[]``: the top level; ``["analysis"]``: [analysis]; folders' entries too)."""
+    model: Any = Settings
+    for key in keys:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        inner = field.annotation
+        for arg in getattr(inner, "__args__", ()):  # tuple[FolderConfig, ...], X | None
+            if hasattr(arg, "model_fields"):
+                inner = arg
+        model = inner
+    return list(getattr(model, "model_fields", {}))
 
 
 def load_settings(
@@ -204,7 +238,10 @@ def load_settings(
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        described = [_describe(e, env) for e in exc.errors()]
+        problems = "; ".join(text for text, _ in described)
+        if all(from_env for _, from_env in described):
+            source = " from the environment"  # the file is not to blame
         raise ConfigError(f"invalid configuration{source}: {problems}") from None
     finally:
         _TOML_FILE["path"] = None
@@ -231,10 +268,25 @@ def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
         env_name="NEURALANALOG_API_KEY",
         credential="neuralanalog_api_key",
     )
-    update: dict[str, Any] = {
-        "analysis": analysis.model_copy(update={"api_key": key}),
-        "archive": archive.model_copy(update={"api_key": archive_key}),
-    }
+    analysis_src = key_source(
+        analysis.api_key,
+        analysis.api_key_file,
+        env,
+        section="analysis",
+        env_name="ESSENTIA_API_KEY",
+        credential="essentia_api_key",
+    )
+    archive_src = key_source(
+        archive.api_key,
+        archive.api_key_file,
+        env,
+        section="archive",
+        env_name="NEURALANALOG_API_KEY",
+        credential="neuralanalog_api_key",
+    )
+    analysis_new = analysis.with_key(key, analysis_src)
+    archive_new = archive.with_key(archive_key, archive_src)
+    update: dict[str, Any] = {"analysis": analysis_new, "archive": archive_new}
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if settings.store.url and settings.store.passfile is None and cred_dir and (Path(cred_dir) / "pgpass").is_file():
         update["store"] = settings.store.model_copy(update={"passfile": Path(cred_dir) / "pgpass"})

@@ -23,7 +23,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,7 +83,10 @@ class Detector:
         decide_polling: Callable[[FolderConfig], tuple[bool, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         health_every: float = HEALTH_EVERY,
+        seen: Collection[str] | None = None,
     ) -> None:
+        """``seen``: the folders that were there before (a store's memory); one of the others that is not there
+        is *missing* (never seen: a typo?) rather than *unavailable* (an unmounted share). None: all seen."""
         self.sink = sink
         self.health_every = health_every
         self._clock = clock
@@ -92,7 +95,9 @@ class Detector:
         for f in folders:
             root = str(f.path)
             extra = (excluded_dirs or {}).get(root, ())
-            self.folders[root] = FolderState(f, PathFilter(f.include, f.exclude, extra))
+            self.folders[root] = FolderState(
+                f, PathFilter(f.include, f.exclude, extra), seen=seen is None or root in seen
+            )
         self._lock = threading.Lock()  # held by the one settle check at a time, never by the event loop
         # hints wait here until the next check takes them into the settler: the loop never waits for a check
         # that is stat-ing files on a slow share

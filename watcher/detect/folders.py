@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import structlog
 
-from watcher.config import FolderConfig
+from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.filters import PathFilter
 from watcher.detect.fstype import decide_polling as decide_polling_for_type
 from watcher.detect.fstype import filesystem_type
@@ -45,6 +45,7 @@ class FolderState:
     polling_decision: tuple[bool, str] = (False, "native events")
     next_rescan: float = 0.0
     device: int | None = None  # st_dev of the folder when its watch started: a change means a (un)mount
+    seen: bool = True  # the folder was there once (False: never seen, so it is missing rather than unavailable)
 
 
 class FsPool:
@@ -127,12 +128,20 @@ class Watches:
         state = self.folders[root]
         state.device = await self.pool.device(root)
         if state.device is None:
-            if state.available:
+            if state.available and not state.seen:
+                log.error(
+                    "folder.missing",
+                    folder=display(root),
+                    reason="it does not exist and never did for this store",
+                    next="check its path in [[folders]] (a typo?); watching for it to appear",
+                )
+            elif state.available:
                 log.error(
                     "folder.unavailable", folder=display(root), next="waiting for it to come back; nothing is lost"
                 )
             state.available = False
             return
+        state.seen = True
         if not state.available:
             log.info("folder.available", folder=display(root), next="watching and scanning it again")
             state.available = True
@@ -153,7 +162,7 @@ class Watches:
             folder=display(root),
             mode="polling" if state.watch.polling else "native",
             reason=state.watch.reason,
-            filter=repr(state.filter),
+            **_filter_shown(state),
         )
 
     async def health(self) -> None:
@@ -177,6 +186,7 @@ class Watches:
                         "folder.unavailable", folder=display(root), next="paused until it comes back; nothing is lost"
                     )
                     state.available = False
+                    state.seen = True
                 if state.watch is not None:
                     watch, state.watch = state.watch, None
                     await self.pool.call(watch.stop)
@@ -205,6 +215,7 @@ class Watches:
             {
                 "folder": root,
                 "available": s.available,
+                "missing": not s.available and not s.seen,
                 "mode": None if s.watch is None else ("polling" if s.watch.polling else "native"),
                 "reason": None if s.watch is None else s.watch.reason,
             }
@@ -237,3 +248,10 @@ def decide_polling_for(path: str, poll: bool | str) -> tuple[bool, str]:
     if poll == "auto":
         return decide_polling_for_type("auto", filesystem_type(path))
     return decide_polling_for_type(bool(poll), None)
+
+
+def _filter_shown(state: FolderState) -> dict[str, str]:
+    """The folder's filter for its start-up line, only when it is not the default (audio files, nothing excluded)."""
+    if tuple(state.config.include) == AUDIO_PATTERNS and not state.config.exclude:
+        return {}
+    return {"filter": repr(state.filter)}

@@ -163,12 +163,18 @@ class AnalysisEmulator:
         self.bytes_in_flight = 0  # body bytes of the request being received now
         self.inputs: list[StreamInput] = []  # how every request that got past validation brought its audio
         self._lock = threading.Lock()
-        self.app.route("POST", STREAM_PATH, ROUTE)(self._stream)
+        self.app.route("POST", STREAM_PATH, ROUTE, key_check=lambda path, query: not any(query.get("models", [])))(
+            self._stream
+        )
 
     def _stream(self, req: Request) -> None:
         if self.api_key is not None and req.headers.get("Authorization") != f"Bearer {self.api_key}":
             req.drain()
             req.send_json(401, {"detail": "Invalid API key"})
+            return
+        if not any(req.query.get("models", [])):  # a key check (no model): injected faults are for real calls
+            req.drain()
+            req.send_json(422, {"detail": "models: field required"})
             return
         if self.faults.take("status_401"):
             req.drain()

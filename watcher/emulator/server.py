@@ -165,12 +165,20 @@ class Request:
 Handler = Callable[[Request], None]
 
 
+KEY_CHECK = " (key check)"  # added to the route name of a request that only checks the key (bills nothing)
+
+
 @dataclass
 class Route:
     method: str
     pattern: re.Pattern[str]
     handler: Handler
     name: str
+    key_check: Callable[[str, dict[str, list[str]]], bool] | None = None  # (path, query): a key check?
+
+    def name_for(self, path: str, query: dict[str, list[str]]) -> str:
+        """The name a request is recorded under: a key check is told apart, so counts of real calls stay exact."""
+        return self.name + KEY_CHECK if self.key_check is not None and self.key_check(path, query) else self.name
 
 
 @dataclass
@@ -180,9 +188,16 @@ class App:
     routes: list[Route] = field(default_factory=list)
     limit: RateLimit | None = None
 
-    def route(self, method: str, pattern: str, name: str | None = None) -> Callable[[Handler], Handler]:
+    def route(
+        self,
+        method: str,
+        pattern: str,
+        name: str | None = None,
+        *,
+        key_check: Callable[[str, dict[str, list[str]]], bool] | None = None,
+    ) -> Callable[[Handler], Handler]:
         def register(fn: Handler) -> Handler:
-            self.routes.append(Route(method, re.compile(f"^{pattern}$"), fn, name or pattern))
+            self.routes.append(Route(method, re.compile(f"^{pattern}$"), fn, name or pattern, key_check))
             return fn
 
         return register
@@ -235,8 +250,9 @@ class _Dispatcher:
             return
         app, route, match = found
         request = Request(scope, receive, send, match)
-        wait = app.limit.admit(headers.get(app.limit.key_header, ""), route.name, arrived) if app.limit else None
-        self.record(RecordedRequest(method, route.name, path, request.query, headers, arrived, wait is not None))
+        named = route.name_for(path, request.query)
+        wait = app.limit.admit(headers.get(app.limit.key_header, ""), named, arrived) if app.limit else None
+        self.record(RecordedRequest(method, named, path, request.query, headers, arrived, wait is not None))
         if wait is not None:
             await self._refuse(receive, send, wait)
             return
@@ -298,6 +314,7 @@ class HTTPServerThread:
     def __init__(self, apps: list[App], host: str = "127.0.0.1", port: int = 0) -> None:
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
+        self.on_request: Callable[[RecordedRequest], None] | None = None  # told of each request (`watcher emulate`)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -324,6 +341,8 @@ class HTTPServerThread:
     def _record(self, request: RecordedRequest) -> None:
         with self._lock:
             self._requests.append(request)
+        if self.on_request is not None:
+            self.on_request(request)
 
     def start(self) -> HTTPServerThread:
         self._thread.start()

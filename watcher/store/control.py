@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.models import _JOB_SELECT, Job, Problem
+from watcher.store.models import _JOB_SELECT, Job, Problem, retry_selects
 from watcher.store.schema import OPEN_STATES
 
 if TYPE_CHECKING:
@@ -127,6 +127,8 @@ class ControlMixin(_Base):
         paths: Iterable[str] | None = None,
         failed: bool = False,
         in_doubt: bool = False,
+        waiting_on_service: bool = False,
+        pipelines: Sequence[str] | None = None,
     ) -> int:
         """Make jobs of current versions due now, at the step they stopped at: those under ``paths`` that failed,
         wait or are held, every failed one (``failed``), every one held in doubt (``in_doubt``). A held job's
@@ -142,7 +144,16 @@ class ControlMixin(_Base):
                 args.extend(to_db(p) for p in plist)
             for row in db.execute(sql, args).fetchall():
                 held = row["state"] == "in_doubt"
-                if paths is None and not ((failed and row["state"] == "failed") or (in_doubt and held)):
+                if not retry_selects(
+                    row["state"],
+                    row["error_code"],
+                    row["pipeline"],
+                    by_path=paths is not None,
+                    failed=failed,
+                    in_doubt=in_doubt,
+                    waiting_on_service=waiting_on_service,
+                    pipelines=pipelines,
+                ):
                     continue
                 data = json.loads(row["data"])
                 for key in (data.pop("in_doubt", None) or {}).get("keys", []) if held else []:
@@ -157,4 +168,34 @@ class ControlMixin(_Base):
                     (now, json.dumps(data), now, row["id"]),
                 )
                 changed += 1
+        return changed
+
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int:
+        """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (a back-fill); how many."""
+        now = time.time()
+        added = 0
+        with self._tx() as db:
+            for file_id in file_ids:
+                cur = db.execute(
+                    "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
+                    "SELECT ?, ?, ?, 'pending', ?, ? WHERE NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE file_id=? AND pipeline=?)",
+                    (file_id, pipeline, step, now, now, file_id, pipeline),
+                )
+                added += cur.rowcount
+        return added
+
+    def reopen(self, job_ids: Sequence[int], step: str) -> int:
+        """Make finished (``done``) jobs pending again at ``step``: the config asks for more than they did (a
+        model, a version); what was paid for is kept, so only the new work is asked. How many."""
+        now = time.time()
+        changed = 0
+        with self._tx() as db:
+            for job_id in job_ids:
+                cur = db.execute(
+                    "UPDATE jobs SET state='pending', step=?, attempts=0, next_attempt_at=?, last_error=NULL, "
+                    "error_code=NULL, updated_at=? WHERE id=? AND state='done'",
+                    (step, now, now, job_id),
+                )
+                changed += cur.rowcount
         return changed

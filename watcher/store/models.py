@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -142,3 +143,28 @@ _JOB_SELECT = """
     SELECT j.*, f.id AS fid, f.folder, f.path, f.rel_path, f.size, f.mtime_ns, f.inode, f.sha256, f.current
     FROM jobs j JOIN files f ON f.id = j.file_id
 """
+
+
+def retry_selects(
+    state: str,
+    error_code: str | None,
+    pipeline: str,
+    *,
+    by_path: bool,
+    failed: bool,
+    in_doubt: bool,
+    waiting_on_service: bool,
+    pipelines: Sequence[str] | None,
+) -> bool:
+    """Whether `retry` takes a job (pending, failed or in doubt) of a current version: any under the paths asked
+    for; else every failed one (``failed``), every one held (``in_doubt``), every one waiting on its paused
+    service (``waiting_on_service``: a refused key, no credits). ``pipelines`` narrows it to those pipelines."""
+    if pipelines is not None and pipeline not in pipelines:
+        return False
+    if by_path:
+        return True
+    return (
+        (failed and state == "failed")
+        or (in_doubt and state == "in_doubt")
+        or (waiting_on_service and state == "pending" and error_code == "needs_user")
+    )

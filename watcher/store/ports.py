@@ -147,7 +147,19 @@ class Control(Protocol):
 
     def jobs_of_current(self) -> list[Job]: ...
 
-    def retry(self, *, paths: Iterable[str] | None = None, failed: bool = False, in_doubt: bool = False) -> int: ...
+    def retry(
+        self,
+        *,
+        paths: Iterable[str] | None = None,
+        failed: bool = False,
+        in_doubt: bool = False,
+        waiting_on_service: bool = False,
+        pipelines: Sequence[str] | None = None,
+    ) -> int: ...
+
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int: ...
+
+    def reopen(self, job_ids: Sequence[int], step: str) -> int: ...
 
     def set_paused(self, folder: str, paused: bool) -> None: ...
 

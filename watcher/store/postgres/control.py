@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from watcher.names import text
-from watcher.store.models import Job, Problem
+from watcher.store.models import Job, Problem, retry_selects
 from watcher.store.postgres.base import path_bytes
 from watcher.store.postgres.schema import (
     JOB_SELECT,
@@ -119,7 +119,15 @@ class PgControlMixin(_Base):
         rows = self._all(JOB_SELECT + "WHERE f.current ORDER BY f.folder_id, f.rel_path, j.pipeline")
         return [self._job(r) for r in rows]
 
-    def retry(self, *, paths: Iterable[str] | None = None, failed: bool = False, in_doubt: bool = False) -> int:
+    def retry(
+        self,
+        *,
+        paths: Iterable[str] | None = None,
+        failed: bool = False,
+        in_doubt: bool = False,
+        waiting_on_service: bool = False,
+        pipelines: Sequence[str] | None = None,
+    ) -> int:
         """Make jobs of current versions due now at the step they stopped at (see the SQLite adapter)."""
         now = self._db_time()
 
@@ -132,7 +140,16 @@ class PgControlMixin(_Base):
             changed = 0
             for row in db.execute(sql + " FOR UPDATE OF j", args).fetchall():
                 held = row["state"] == "in_doubt"
-                if paths is None and not ((failed and row["state"] == "failed") or (in_doubt and held)):
+                if not retry_selects(
+                    row["state"],
+                    row["error_code"],
+                    row["pipeline"],
+                    by_path=paths is not None,
+                    failed=failed,
+                    in_doubt=in_doubt,
+                    waiting_on_service=waiting_on_service,
+                    pipelines=pipelines,
+                ):
                     continue
                 data = json.loads(row["data"])
                 for key in (data.pop("in_doubt", None) or {}).get("keys", []) if held else []:
@@ -146,6 +163,41 @@ class PgControlMixin(_Base):
                     (now, json.dumps(data), now, row["id"]),
                 )
                 changed += 1
+            return changed
+
+        return int(self._run(go))
+
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int:
+        """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (see the SQLite adapter)."""
+        now = self._db_time()
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            added = 0
+            for file_id in file_ids:
+                cur = db.execute(
+                    "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
+                    "SELECT %s, %s, %s, 'pending', %s, %s WHERE NOT EXISTS "
+                    "(SELECT 1 FROM jobs WHERE file_id=%s AND pipeline=%s)",
+                    (file_id, pipeline, step, now, now, file_id, pipeline),
+                )
+                added += cur.rowcount
+            return added
+
+        return int(self._run(go))
+
+    def reopen(self, job_ids: Sequence[int], step: str) -> int:
+        """Make ``done`` jobs pending again at ``step`` (see the SQLite adapter)."""
+        now = self._db_time()
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            changed = 0
+            for job_id in job_ids:
+                cur = db.execute(
+                    "UPDATE jobs SET state='pending', step=%s, attempts=0, next_attempt_at=%s, last_error=NULL, "
+                    "error_code=NULL, updated_at=%s WHERE id=%s AND state='done'",
+                    (step, now, now, job_id),
+                )
+                changed += cur.rowcount
             return changed
 
         return int(self._run(go))
