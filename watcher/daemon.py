@@ -88,6 +88,11 @@ class Daemon(Steering):
         self._next_prune = 0.0
         self._alive_at = time.monotonic()
         self.open_files = 0  # the open-files soft limit, once raised at start
+        self.started_at = time.time()
+        self._control: ControlServer | None = None
+        self.held_services: dict[str, str] = {}  # service -> why it is paused (its key was refused at the check)
+        self._key_check: asyncio.Task[None] | None = None
+        self.backfill: dict[str, Any] = {}  # what the last start or reload queued for work the config added
 
     def _alive(self) -> None:
         """The loop got round to the heartbeat: ping the systemd watchdog, and remember when (for /healthz)."""
@@ -98,11 +103,6 @@ class Daemon(Steering):
         """Whether the heartbeat ran lately, as the systemd watchdog would judge it (the page's /healthz)."""
         interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
         return time.monotonic() - self._alive_at <= 3 * interval
-        self.started_at = time.time()
-        self._control: ControlServer | None = None
-        self.held_services: dict[str, str] = {}  # service -> why it is paused (its key was refused at the check)
-        self._key_check: asyncio.Task[None] | None = None
-        self.backfill: dict[str, Any] = {}  # what the last start or reload queued for work the config added
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:

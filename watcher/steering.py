@@ -132,7 +132,7 @@ class Steering:
             return {"running": False, "problem": page.problem}
         from watcher.web.auth import load_token, login_link
 
-        token, _ = load_token(self.settings)
+        token = load_token(self.settings)
         return {"running": True, "url": page.url, "login": login_link(page.url, token)}
 
     async def _backfill(self, *, confirm: bool = False) -> dict[str, Any]:
