@@ -395,8 +395,11 @@ def test_watcher_web_prints_a_login_link(tmp_path, inbox, emu, daemons):
     shown = cli("web", env=env, cfg=cfg)
     assert shown.returncode == 0, shown.stderr
     login = next(line.split(": ", 1)[1] for line in shown.stdout.splitlines() if line.startswith("log in: "))
+    token = (tmp_path / "state" / "web-token").read_text().strip()
+    assert "/login?nonce=" in login and token not in login  # a one-time link, never the token
     answer = httpx.get(login, timeout=10, follow_redirects=False)
     assert answer.status_code == 303 and "watcher_session" in answer.headers.get("set-cookie", "")
+    assert httpx.get(login, timeout=10, follow_redirects=False).status_code == 401  # it logs in once
     assert d.stop() == 0
 
     with socket.socket() as taken:

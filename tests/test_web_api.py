@@ -630,17 +630,6 @@ def test_refused_requests_leave_the_log_quiet(page: Page, caplog: pytest.LogCapt
     assert lines == [], [r.getMessage() for r in lines]
 
 
-def test_watcher_web_prints_a_fresh_login_link(page: Page, capsys: pytest.CaptureFixture[str]) -> None:
-    """`watcher web` prints a new one-time link for the running page; it logs in once and holds no token."""
-    from watcher.cli import _web
-
-    assert _web(page.settings) == 0  # type: ignore[attr-defined]
-    link = capsys.readouterr().out.strip()
-    assert link.startswith(f"{page.url}/login?nonce=") and page.token not in link
-    assert page.anonymous.get(link).status_code == 303
-    assert page.anonymous.get(link).status_code == 401
-
-
 def test_pages_escape_what_a_file_name_holds(page: Page, inbox: Path) -> None:
     """A file named like markup is text on its page (the templates escape every value), never markup."""
     audio = inbox / "<img src=x onerror=alert(1)> & \"q\".wav"

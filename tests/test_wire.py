@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from tests.conftest import API_KEY, make_settings, wait_for, write_tone
 from tests.test_archive import PKEY, archive_settings
@@ -28,6 +27,7 @@ from tests.test_paid_once import cli, sidecar_doc, status
 from tests.test_scopes import problem
 from watcher.config import RetryConfig
 from watcher.emulator import Emulator
+from watcher.emulator.server import KEY_CHECK
 from watcher.sending import NoTicket, WireTicket, issue
 from watcher.services.analysis import STREAM_PATH, AnalysisClient
 from watcher.services.http import HttpPolicy
@@ -101,7 +101,7 @@ def test_the_doctor_key_check_is_a_probe_that_bills_nothing(tmp_path, emu, inbox
     guard as a probe, reaches the service, and the bill stays empty."""
     proc = doctor(tmp_path, emu, processing_key=PKEY, folders=[inbox])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert emu.api.counts()[STREAM] == 1
+    assert emu.api.counts()[STREAM + KEY_CHECK] == 1 and emu.api.counts()[STREAM] == 0
     assert emu.bill() == []
 
 
@@ -233,13 +233,12 @@ def test_another_models_answer_is_never_stored_as_the_asked_one(tmp_path, inbox,
 
 
 def test_refused_calls_are_recorded_as_refused_and_cost_nothing(tmp_path, inbox, emu, run_daemon):
-    """A wrong analysis key: the 401 pauses the service. Before: it showed as a paid call (and its seconds) today.
-    Now: the ledger line is `refused`, today's spend has no paid call and no second, and the bill is empty."""
-    settings = make_settings(tmp_path, inbox, emu.url)
-    settings = settings.model_copy(
-        update={"analysis": settings.analysis.model_copy(update={"api_key": SecretStr("wrong-key-000")})}
-    )
-    d = run_daemon(settings)
+    """A key revoked after the start's key check passed: the 401 pauses the service. Before: it showed as a paid
+    call (and its seconds) today. Now: the ledger line is `refused`, today's spend has no paid call and no second,
+    and the bill is empty. (A key wrong from the start is held by that check before any paid call: test_control.)"""
+    d = run_daemon(make_settings(tmp_path, inbox, emu.url))
+    wait_for(lambda: emu.api.counts()[STREAM + KEY_CHECK] == 1, what="the start's key check")
+    emu.analysis.api_key = "revoked-since-000"  # the account's key is revoked while the daemon runs
     write_tone(inbox / "a.wav", 0.5)
     wait_for(lambda: settled(tmp_path), what="the refused request")
     d.stop()

@@ -36,7 +36,13 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "watcher store backup ~/watcher-store.db  # a consistent copy, while the daemon runs",
         "watcher store restore ~/watcher-store.db  # with the daemon stopped",
     ),
-    "web": ("watcher web  # a new one-time login link for the running daemon's page",),
+    "web": ("watcher web  # the running daemon's page and a new one-time login link to it",),
+    "backfill": (
+        "watcher backfill  # what a config change added for files already processed, and its price",
+        "watcher backfill --yes  # queue it",
+    ),
+    "spend": ("watcher spend --from 2026-12-01 --to 2026-12-31 --csv > december.csv",),
+    "store": ("watcher store backup ~/watcher-backups/", "watcher store restore ~/watcher-backups/watcher.db"),
     "emulate": ("watcher emulate --port 9000 --analysis-key test-key  # both services, for a demo",),
     "completion": (
         'eval "$(watcher completion bash)"  # in ~/.bashrc',
