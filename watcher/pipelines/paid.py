@@ -22,7 +22,7 @@ import structlog
 from watcher.errors import Deferred, InDoubt
 from watcher.names import display
 from watcher.pipelines.base import NullSpend, SpendObserver
-from watcher.store import Job, Operation, Ticket
+from watcher.store import Fence, Job, Operation, Ticket
 from watcher.store.ports import Gate
 
 log = structlog.get_logger("watcher.paid")
@@ -41,6 +41,8 @@ class Taken:
     resends: list[Operation] = field(default_factory=list)
     answered: dict[Operation, str | None] = field(default_factory=dict)
     request: int | None = None  # the ledger line of the request, when something is to be sent
+    fences: dict[Operation, Fence] = field(default_factory=dict)  # what each sent operation's outcome must name
+    late: bool = False  # an outcome came after this take lost an operation (its lease ran out): recorded `late`
 
 
 class PaidCalls:
@@ -78,6 +80,8 @@ class PaidCalls:
             if ticket.verdict == "send":
                 taken.send.append(ticket.op)
                 taken.request = ticket.request
+                assert ticket.fence is not None
+                taken.fences[ticket.op] = ticket.fence
                 if ticket.resend:
                     taken.resends.append(ticket.op)
             elif ticket.verdict == "answered":
@@ -100,15 +104,26 @@ class PaidCalls:
         if taken.request is None:
             return
         for op in taken.send:
+            fence = taken.fences[op]
             if op in results:
                 if results[op] is not None:
-                    self.store.gate_answered(op, results[op])
+                    taken.late |= not self.store.gate_answered(op, results[op], fence=fence)
             elif outcome == "not_sent":
-                self.store.gate_release(op, "open", error=why)
+                taken.late |= not self.store.gate_release(op, "open", fence=fence, error=why)
             else:
-                self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
+                state = "in_doubt" if op.on_doubt == "hold" else "reask"
+                taken.late |= not self.store.gate_release(op, state, fence=fence, error=why)
         if outcome == "answered" and len(results) < len(taken.send):
             outcome = "partial"
+        if taken.late and outcome != "not_sent":  # paid, but after its lease ran out: the new holder's state stands
+            log.warning(
+                "paid.late",
+                sha256=taken.send[0].sha256 if taken.send else None,
+                operations=[op.name for op in taken.send],
+                next="this request's lease ran out before it ended; its answer is kept, the operation's new "
+                "holder decides what happens to it",
+            )
+            outcome = "late"
         self.store.ledger_outcome(taken.request, outcome)
         operation = taken.send[0].name.split(":", 1)[0] if taken.send else "?"
         self.spend.paid(self.budget, operation, outcome, 0.0 if outcome == "not_sent" else taken.seconds)

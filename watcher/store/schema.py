@@ -166,6 +166,16 @@ SCHEMA = [
     """
     CREATE INDEX jobs_open ON jobs (pipeline, state) WHERE state IN ('pending', 'in_doubt', 'failed');
     """,
+    # version 8: operation transitions are compare-and-set on (holder, generation); the generation grows with each
+    # take. ``take_id`` and ``request`` let a take replayed after a lost acknowledgement recognise itself, and
+    # ``late_result`` keeps what a holder that lost the operation was still paid for.
+    """
+    ALTER TABLE operations ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN take_id TEXT;
+    ALTER TABLE operations ADD COLUMN request INTEGER;
+    ALTER TABLE operations ADD COLUMN late_result TEXT;
+    UPDATE operations SET generation = sends;
+    """,
 ]
 # The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.
 OPEN_STATES = "j.state IN ('pending', 'in_doubt', 'failed')"
