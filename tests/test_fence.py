@@ -90,6 +90,18 @@ def test_a_late_outcome_is_recorded_late_and_a_late_answer_nobody_holds_is_kept(
     assert (store.gate_get(UPLOAD)["state"], store.gate_get(UPLOAD)["result"]) == ("answered", "audio-b")
 
 
+def test_a_late_id_answers_the_operation_when_its_new_holder_dies(store):
+    """A's late ID is kept beside B's send; B's node dies and restarts: the operation is answered by A's ID
+    instead of being held in doubt (paid work is never thrown away)."""
+    a = take(store, MASTER, "a:1:1@" + "a" * 16)
+    b = take(store, MASTER, "b:1:1@" + "b" * 16, now=time.time() + LATER, resend_in_doubt=True)
+    assert b.verdict == "send"
+    assert store.gate_answered(MASTER, "m-from-a", fence=a.fence) is False
+    assert store.gate_recover("b:1:1@" + "b" * 16) == 1
+    row = store.gate_get(MASTER)
+    assert (row["state"], row["result"], row["sends"]) == ("answered", "m-from-a", 2)
+
+
 def test_late_analysis_results_are_kept_without_overwriting_the_new_holders(store):
     """A stream whose lease ran out keeps its results by content only where none are stored, and leaves the
     operation to the holder that took it over."""
@@ -107,16 +119,31 @@ def test_late_analysis_results_are_kept_without_overwriting_the_new_holders(stor
 # -- finding 8: a take whose commit acknowledgement was lost --------------------------------------------------
 
 
+class _Recording:
+    """A connection that notes whether its transaction wrote a ledger line (a take that charged)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn, self.charged = conn, False
+
+    def execute(self, sql: Any, *args: Any, **kwargs: Any) -> Any:
+        self.charged |= "INSERT INTO ledger" in str(sql)
+        return self.conn.execute(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
 class _LostAcks(PostgresStore):
-    """A store whose next ``lose`` commits succeed on the server while the client is told the connection broke."""
+    """A store whose next ``lose`` takes commit on the server while the client is told the connection broke."""
 
     lose = 0
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+    def _tx(self) -> Iterator[Any]:
         with super()._tx() as conn:
-            yield conn
-        if self.lose:
+            recording = _Recording(conn)
+            yield recording
+        if self.lose and recording.charged:
             self.lose -= 1
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 

@@ -30,7 +30,7 @@ from watcher.store import Fence, Operation, Store, Ticket
 from watcher.store.postgres import PostgresStore
 
 settings.register_profile(
-    "ci", max_examples=25, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
+    "ci", max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
 )
 settings.register_profile(
     "long", max_examples=2000, stateful_step_count=80, deadline=None, suppress_health_check=list(HealthCheck)
@@ -60,16 +60,31 @@ class InFlight:
     ticket: Ticket
 
 
+class _Recording:
+    """A connection that notes whether its transaction wrote a ledger line (a take that charged)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn, self.charged = conn, False
+
+    def execute(self, sql: Any, *args: Any, **kwargs: Any) -> Any:
+        self.charged |= "INSERT INTO ledger" in str(sql)
+        return self.conn.execute(sql, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
 class _LostAcks(PostgresStore):
-    """PostgreSQL whose next commit is done on the server while the client is told the connection broke."""
+    """A store whose next ``lose`` takes commit on the server while the client is told the connection broke."""
 
     lose = 0
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+    def _tx(self) -> Iterator[Any]:
         with super()._tx() as conn:
-            yield conn
-        if self.lose:
+            recording = _Recording(conn)
+            yield recording
+        if self.lose and recording.charged:
             self.lose -= 1
             raise psycopg.OperationalError("server closed the connection unexpectedly")
 

@@ -330,13 +330,17 @@ class GateMixin(_Base):
         with self._tx() as db:
             where = "state='sending'" + (" AND holder=?" if holder else "")
             args: tuple[Any, ...] = (holder,) if holder else ()
-            cur = db.execute(
+            recovered = db.execute(
                 "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
                 "since=CASE on_doubt WHEN 'hold' THEN ? ELSE since END, holder=NULL, lease_until=NULL, "
-                f"error='the daemon stopped while the request was in flight', updated_at=? WHERE {where}",
+                f"error='the daemon stopped while the request was in flight', updated_at=? WHERE {where} "
+                "RETURNING sha256, service, operation, params, late_result",
                 (now, now, *args),
-            )
-            return cur.rowcount
+            ).fetchall()
+            for r in recovered:  # a late answer kept beside one of them answers it
+                if r["late_result"] is not None:
+                    adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]), now)
+            return len(recovered)
 
     def answered_operations(self, sha256: str, service: str) -> set[str]:
         """The operations already answered for this content at this service (what would not be sent again)."""

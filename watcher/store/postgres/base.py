@@ -362,8 +362,7 @@ class PgBase:
             else:
                 return None
             db.execute(
-                f"UPDATE jobs SET lease_owner=%(owner)s, lease_until={at} + %(lease)s, updated_at={at} "
-                "WHERE id=%(id)s",
+                f"UPDATE jobs SET lease_owner=%(owner)s, lease_until={at} + %(lease)s, updated_at={at} WHERE id=%(id)s",
                 {**args, "id": row["id"]},
             )
             return lane, got(db.execute(JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())

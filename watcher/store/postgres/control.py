@@ -12,8 +12,8 @@ import psycopg
 
 from watcher.errors import ConfigError
 from watcher.names import text
-from watcher.store.models import Job, Problem
-from watcher.store.postgres.base import path_bytes
+from watcher.store.models import Job, Operation, Problem
+from watcher.store.postgres.base import adopt_late, path_bytes
 from watcher.store.postgres.schema import (
     JOB_SELECT,
     KEY_WHERE,
@@ -238,10 +238,14 @@ class PgControlMixin(_Base):
                 "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
                 f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
                 f"error='the daemon stopped while the request was in flight', updated_at={NOW} "
-                "WHERE state='sending' AND " + mine.format(col="holder"),
+                "WHERE state='sending' AND " + mine.format(col="holder") + " RETURNING sha256, service, operation, "
+                "params, late_result",
                 args,
-            ).rowcount
-            return jobs, ops
+            ).fetchall()
+            for r in ops:  # a late answer kept beside one of them answers it
+                if r["late_result"] is not None:
+                    adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]))
+            return jobs, len(ops)
 
         return self._run(go)  # type: ignore[no-any-return]
 

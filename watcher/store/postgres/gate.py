@@ -221,18 +221,21 @@ class PgGateMixin(_Base):
         """Operations left ``sending`` (by ``holder``, or by anyone) become in doubt or re-asks."""
         where = "state='sending'" + (" AND holder=%s" if holder else "")
         args: tuple[Any, ...] = (holder,) if holder else ()
-        return int(
-            self._run(
-                lambda db: (
-                    db.execute(
-                        "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
-                        f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
-                        f"error='the daemon stopped while the request was in flight', updated_at={NOW} WHERE {where}",
-                        args,
-                    ).rowcount
-                )
-            )
-        )
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            recovered = db.execute(
+                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
+                f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
+                f"error='the daemon stopped while the request was in flight', updated_at={NOW} WHERE {where} "
+                "RETURNING sha256, service, operation, params, late_result",
+                args,
+            ).fetchall()
+            for r in recovered:  # a late answer kept beside one of them answers it
+                if r["late_result"] is not None:
+                    adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]))
+            return len(recovered)
+
+        return int(self._run(go))
 
     def ledger_outcome(self, request: int, outcome: str) -> None:
         """Record how a request ended; a request not sent is not spent."""
