@@ -362,7 +362,8 @@ class PgBase:
             else:
                 return None
             db.execute(
-                f"UPDATE jobs SET lease_owner=%(owner)s, lease_until={at} + %(lease)s, updated_at={at} WHERE id=%(id)s",
+                f"UPDATE jobs SET lease_owner=%(owner)s, lease_until={at} + %(lease)s, claims=claims+1, "
+                f"updated_at={at} WHERE id=%(id)s",
                 {**args, "id": row["id"]},
             )
             return lane, got(db.execute(JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())
@@ -374,6 +375,7 @@ class PgBase:
         self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
+        job.claim = int(row["claims"])
         return job
 
     def get_job(self, job_id: int) -> Job | None:
@@ -389,7 +391,7 @@ class PgBase:
             lambda db: (
                 db.execute(
                     f"UPDATE jobs SET step=%s, data=%s, updated_at={NOW} WHERE id=%s" + FENCE,
-                    (job.step, json.dumps(job.data), job.id, job.owner),
+                    (job.step, json.dumps(job.data), job.id, *job_fence(job)),
                 ).rowcount
             )
         )
@@ -424,7 +426,7 @@ class PgBase:
                         text(error),
                         error_code,
                         job.id,
-                        job.owner,
+                        *job_fence(job),
                     ),
                 ).rowcount
             )
@@ -434,7 +436,7 @@ class PgBase:
 
     def is_live(self, job: Job) -> bool:
         """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
-        return self._one("SELECT 1 FROM jobs WHERE id=%s" + FENCE, (job.id, job.owner)) is not None
+        return self._one("SELECT 1 FROM jobs WHERE id=%s" + FENCE, (job.id, *job_fence(job))) is not None
 
     def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
         """Extend the leases ``owner`` holds on these jobs and on the operations it is sending (database clock)."""
@@ -580,6 +582,11 @@ def op_answered(db: psycopg.Connection[Any], op: Operation, result: str | None, 
             (result, *key, result),
         )
     return False
+
+
+def job_fence(job: Job) -> tuple[Any, ...]:
+    """The arguments of ``FENCE`` for ``job``: its lease owner and its claim (None: any)."""
+    return (job.owner, job.claim, job.claim)
 
 
 def fence_args(fence: Fence) -> tuple[str, int]:

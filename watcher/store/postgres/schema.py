@@ -137,8 +137,10 @@ SCHEMA = [
     # version 4: operation transitions are compare-and-set on (holder, generation); the generation grows with each
     # take. ``take_id`` and ``request`` let a take replayed after a lost commit acknowledgement recognise itself,
     # ``late_result`` keeps what a holder that lost the operation was still paid for. A node is its generated ID
-    # (kept in its state folder): its name is for people, and one name belongs to one live node at a time.
+    # (kept in its state folder): its name is for people, and one name belongs to one live node at a time. A job's
+    # ``claims`` grows with each claim, so a claimer whose lease ran out cannot change a job claimed again since.
     """
+    ALTER TABLE jobs ADD COLUMN claims integer NOT NULL DEFAULT 0;
     ALTER TABLE operations ADD COLUMN generation integer NOT NULL DEFAULT 0;
     ALTER TABLE operations ADD COLUMN take_id text;
     ALTER TABLE operations ADD COLUMN request bigint;
@@ -154,7 +156,10 @@ JOB_SELECT = """
     FROM jobs j JOIN files f ON f.id = j.file_id
 """
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
-FENCE = " AND lease_owner IS NOT DISTINCT FROM %s AND state NOT IN ('superseded', 'gone')"
+FENCE = (
+    " AND lease_owner IS NOT DISTINCT FROM %s AND (%s::integer IS NULL OR claims = %s)"
+    " AND state NOT IN ('superseded', 'gone')"
+)
 KEY_WHERE = "sha256=%s AND service=%s AND operation=%s AND params=%s"
 # An operation's outcome changes it only while the take that sent it still holds it (see watcher.store.gate).
 OP_FENCED = " AND state='sending' AND holder=%s AND generation=%s"
