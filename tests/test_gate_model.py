@@ -36,8 +36,9 @@ settings.register_profile(
 settings.register_profile(
     "long", max_examples=2000, stateful_step_count=80, deadline=None, suppress_health_check=list(HealthCheck)
 )
-PROFILE = settings.get_profile(os.environ.get("GATE_MODEL_PROFILE", "ci"))
-pytestmark = pytest.mark.timeout(3600 if os.environ.get("GATE_MODEL_PROFILE") == "long" else 120)
+PROFILE_NAME = os.environ.get("GATE_MODEL_PROFILE", "ci")
+PROFILE = settings.get_profile(PROFILE_NAME)
+pytestmark = pytest.mark.timeout(3600 if PROFILE_NAME == "long" else 120)
 
 SHA = "9a" * 32
 SERVICE = "processing http://x account:1"
@@ -296,14 +297,15 @@ class GateModel(RuleBasedStateMachine):
 
 
 def test_the_gate_keeps_its_promises_on_sqlite(tmp_path):
-    """The model against SQLite: a new store per example (five times the profile's examples: they are cheap)."""
+    """The model against SQLite: a new store per example (in CI three times the profile's examples: they are cheap)."""
     counter = iter(range(1_000_000))
 
     def fresh(clock: Callable[[], float]) -> Store:
         return Store(tmp_path / f"gate-{next(counter)}.db")
 
     GateModel.open_store = staticmethod(fresh)  # type: ignore[assignment]
-    run_state_machine_as_test(GateModel, settings=settings(PROFILE, max_examples=PROFILE.max_examples * 5))
+    examples = PROFILE.max_examples * (3 if PROFILE_NAME == "ci" else 1)
+    run_state_machine_as_test(GateModel, settings=settings(PROFILE, max_examples=examples))
 
 
 def test_the_gate_keeps_its_promises_on_postgresql(pg_url):
