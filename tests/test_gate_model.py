@@ -9,7 +9,8 @@ every step what the money depends on:
   every unfinished job claimed; a job's release by a claimer that lost it is refused (LeaseLost);
 - the ledger's lines add up to the spend rows, day by day (a line not sent is not spent).
 
-The CI profile keeps it under a minute; ``GATE_MODEL_PROFILE=long`` runs the long one (see bench/README.md).
+The CI profile keeps it under a minute; ``GATE_MODEL_PROFILE=long`` runs the long one, ``GATE_MODEL_EXAMPLES=N``
+sets the examples per store (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ settings.register_profile(
 )
 PROFILE_NAME = os.environ.get("GATE_MODEL_PROFILE", "ci")
 PROFILE = settings.get_profile(PROFILE_NAME)
+if os.environ.get("GATE_MODEL_EXAMPLES"):  # a bench may choose how many examples per store
+    PROFILE = settings(PROFILE, max_examples=int(os.environ["GATE_MODEL_EXAMPLES"]))
 pytestmark = pytest.mark.timeout(3600 if PROFILE_NAME == "long" else 120)
 
 SHA = "9a" * 32
