@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,16 +168,69 @@ def test_sweep_removes_only_our_leftovers_and_follows_no_link(tmp_path):
     behind a link, stays."""
     from watcher.fsutil import sweep_temp
 
+    me = "0123456789abcdef"
     inbox, out, elsewhere = tmp_path / "inbox", tmp_path / "out", tmp_path / "elsewhere"
-    for folder in (inbox / "album", out / ".watcher-tmp-7-song", elsewhere):
+    for folder in (inbox / "album", out / f".watcher-tmp-n{me}-7-song", elsewhere):
         folder.mkdir(parents=True)
-    (inbox / ".watcher-tmp-a.json").write_text("{")
-    (inbox / "album" / ".watcher-tmp-b.json").write_text("{")
+    (inbox / f".watcher-tmp-n{me}-a.json").write_text("{")
+    (inbox / "album" / f".watcher-tmp-n{me}-b.json").write_text("{")
     (inbox / "take.wav").write_bytes(b"RIFF")
-    (out / ".watcher-tmp-7-song" / "x.wav").write_bytes(b"x")
-    (elsewhere / ".watcher-tmp-keep.json").write_text("{")
+    (out / f".watcher-tmp-n{me}-7-song" / "x.wav").write_bytes(b"x")
+    (elsewhere / f".watcher-tmp-n{me}-keep.json").write_text("{")
     (out / "link").symlink_to(elsewhere)
-    removed = sweep_temp([(inbox, False), (out, True)])
-    assert sorted(p.name for p in removed) == [".watcher-tmp-7-song", ".watcher-tmp-a.json"]
-    assert (inbox / "album" / ".watcher-tmp-b.json").exists(), "not below a folder watched without recursion"
-    assert (inbox / "take.wav").exists() and (elsewhere / ".watcher-tmp-keep.json").exists()
+    removed = sweep_temp([(inbox, False), (out, True)], mine=me)
+    assert sorted(p.name for p in removed) == [f".watcher-tmp-n{me}-7-song", f".watcher-tmp-n{me}-a.json"]
+    assert (inbox / "album" / f".watcher-tmp-n{me}-b.json").exists(), "not below a folder watched without recursion"
+    assert (inbox / "take.wav").exists() and (elsewhere / f".watcher-tmp-n{me}-keep.json").exists()
+
+
+def test_sweep_leaves_another_live_nodes_staging_alone(tmp_path):
+    """On an output folder two nodes share, a start-up sweep removes its own leftovers and a dead node's, never a
+    live node's staging folder (nor a recent one of a node the store cannot tell about)."""
+    from watcher.fsutil import sweep_temp
+
+    me, live, dead, unknown = "a" * 16, "b" * 16, "c" * 16, "d" * 16
+    out = tmp_path / "out"
+    names = {n: out / f".watcher-tmp-n{n}-12-song" for n in (me, live, dead, unknown)}
+    for folder in names.values():
+        folder.mkdir(parents=True)
+        (folder / "restored.wav").write_bytes(b"x")
+    old = out / ".watcher-tmp-legacy.json"  # from before temp names carried a node, untouched for two days
+    old.write_text("{")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    verdicts = {live: True, dead: False}
+    removed = sweep_temp([(out, True)], mine=me, alive=verdicts.get)
+    assert sorted(removed) == sorted([names[me], names[dead], old])
+    assert (names[live] / "restored.wav").exists() and (names[unknown] / "restored.wav").exists()
+
+
+class _Level(int):
+    """An int subclass: json.dumps writes it through int.__repr__ too, here by falling back to json.dumps."""
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"schema_version": 1, "source": {"name": "caf\u00e9 \udce9.wav", "size": 22094}, "models": {}, "errors": []},
+        {"nested": {"a": [0.1, 1e300, -0.0, 2.5e-07, 10**30, [], {}, [[1], {"b": None}]], "t": (1, "x")}},
+        {"odd": [float("nan"), float("inf"), -float("inf"), True, False, None, "", '\x00\n\t"\\\u2028']},
+        {7: "int key", 2.5: "float key", None: "none key", True: "bool key", False: "no"},
+        {"subclass": _Level(3)},
+        [],
+        "text",
+        3.0,
+    ],
+)
+def test_indented_json_is_byte_for_byte_what_json_dumps_writes(value: object) -> None:
+    """Sidecars, manifests and state files keep the exact text of json.dumps(indent=2, ensure_ascii=False)."""
+    assert fsutil.indented_json(value) == json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def test_indented_json_leaves_what_is_not_json_to_json_dumps() -> None:
+    """A value json.dumps refuses is refused the same way (no partial text)."""
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):
+        fsutil.indented_json(loop)
+    with pytest.raises(TypeError):
+        fsutil.indented_json({"x": object()})

@@ -29,7 +29,7 @@ def test_second_taker_waits_then_reads_the_answer(store):
     first = take(store, MASTER, "a")
     assert first.verdict == "send" and not first.resend
     assert take(store, MASTER, "b").verdict == "wait"
-    store.gate_answered(MASTER, "m-1")
+    assert store.gate_answered(MASTER, "m-1", fence=first.fence)
     again = take(store, MASTER, "b")
     assert (again.verdict, again.result) == ("answered", "m-1")
     assert store.gate_get(MASTER)["sends"] == 1
@@ -54,8 +54,8 @@ def test_one_winner_among_racing_threads(store):
 
 def test_lost_answer_is_held_until_the_user_says_resend(store):
     """In doubt: no one sends it again, not even the same job, until `retry` turns it into a counted re-send."""
-    take(store, MASTER, "a")
-    store.gate_release(MASTER, "in_doubt", error="read timeout")
+    first = take(store, MASTER, "a")
+    store.gate_release(MASTER, "in_doubt", fence=first.fence, error="read timeout")
     held = take(store, MASTER, "b")
     assert held.verdict == "in_doubt" and held.since is not None and held.error == "read timeout"
     assert store.gate_resend([(SHA, MASTER.service, "master", "p2")]) == 1
@@ -66,8 +66,8 @@ def test_lost_answer_is_held_until_the_user_says_resend(store):
 
 def test_resend_policy_takes_in_doubt_operations(store):
     """With in_doubt = "resend" the next take sends it again, flagged as a possible duplicate."""
-    take(store, MASTER, "a")
-    store.gate_release(MASTER, "in_doubt")
+    first = take(store, MASTER, "a")
+    store.gate_release(MASTER, "in_doubt", fence=first.fence)
     ticket = take(store, MASTER, "b", resend_in_doubt=True)
     assert ticket.verdict == "send" and ticket.resend
 
@@ -75,7 +75,7 @@ def test_resend_policy_takes_in_doubt_operations(store):
 def test_not_sent_is_free_to_send_and_not_spent(store):
     """Provably not sent: the next take sends without calling it a re-send, and the day's spend is given back."""
     first = take(store, UPLOAD, "a")
-    store.gate_release(UPLOAD, "open", error="connect refused")
+    store.gate_release(UPLOAD, "open", fence=first.fence, error="connect refused")
     store.ledger_outcome(first.request, "not_sent")
     assert store.spend_on(utc_day(time.time()))["processing"]["seconds"] == 0
     again = take(store, UPLOAD, "b")
@@ -121,8 +121,8 @@ def test_one_request_for_several_models_is_one_ledger_line(store):
 
 def test_endpoint_and_account_are_part_of_the_key(store):
     """The same content and operation on another endpoint or account is a different operation."""
-    take(store, MASTER, "a")
-    store.gate_answered(MASTER, "m-1")
+    first = take(store, MASTER, "a")
+    store.gate_answered(MASTER, "m-1", fence=first.fence)
     elsewhere = Operation(SHA, "processing http://other account:1", "master", "p2", "hold")
     other_account = Operation(SHA, "processing http://x account:9", "master", "p2", "hold")
     assert take(store, elsewhere, "a").verdict == "send"
@@ -164,8 +164,8 @@ def test_retention_forgets_old_replaced_versions_but_keeps_paid_work(store):
     args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
     store.register_version(size=1, mtime_ns=1, inode=1, now=0.0, **args)
     store.register_version(size=2, mtime_ns=2, inode=1, **args)
-    take(store, MASTER, "a")
-    store.gate_answered(MASTER, "m-1")
+    first = take(store, MASTER, "a")
+    store.gate_answered(MASTER, "m-1", fence=first.fence)
     assert store.prune(90) == 0  # replaced just now: kept for the retention period
     assert store.prune(90, now=time.time() + 91 * 86400) == 1
     assert store.current_version("/in/a.wav").size == 2

@@ -171,15 +171,18 @@ def test_processing_calls_are_never_repeated_when_a_node_is_killed(tmp_path, inb
             config = node_config(tmp_path, n, inbox, emu, pg_url)
             config.write_text(
                 config.read_text().replace('backend = "remote"', 'enabled = false\nbackend = "remote"')
-                + "[archive]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in archive.items())
+                + "[archive]\n"
+                + "".join(f"{k} = {json.dumps(v)}\n" for k, v in archive.items())
             )
             running[n] = Node(tmp_path, n, config)
         try:
             wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
             make_files(inbox, 16)
             wait_for(
-                lambda: sql(pg_url, "SELECT 1 FROM jobs WHERE state='done'")
-                and sql(pg_url, "SELECT 1 FROM jobs WHERE lease_owner LIKE %s AND lease_until IS NOT NULL", "k1:%"),
+                lambda: (
+                    sql(pg_url, "SELECT 1 FROM jobs WHERE state='done'")
+                    and sql(pg_url, "SELECT 1 FROM jobs WHERE lease_owner LIKE %s AND lease_until IS NOT NULL", "k1:%")
+                ),
                 timeout=60,
                 what="k1 holding a job after some files are done",
             )
@@ -262,29 +265,39 @@ def _register(store: PostgresStore, name: str = "a.wav") -> int:
     )[0]
 
 
-def test_a_node_whose_clock_is_ten_minutes_off_does_not_steal_leases(pg_url):
-    """Leases live in the database's clock: a node 10 minutes ahead sees a live lease as live, and one 10 minutes
-    behind still takes over an expired one."""
+def test_a_node_clock_stepped_ten_minutes_forward_or_back_takes_no_lease_early(pg_url):
+    """Leases, due times and gate entries live in the database's clock only: a node whose clock is stepped 10
+    minutes forward after its start neither claims a live job nor takes a live operation; one stepped 10 minutes
+    back leases for as long as it asked (no one takes its job early), and still takes over an expired lease."""
+    step = [0.0]
     honest = PostgresStore(pg_url, lease=30)
-    ahead = PostgresStore(pg_url, clock=lambda: time.time() + 600, lease=30)
-    behind = PostgresStore(pg_url, clock=lambda: time.time() - 600, lease=30)
+    stepped = PostgresStore(pg_url, clock=lambda: time.time() + step[0], lease=30)
     try:
         _register(honest)
-        job = honest.claim("analyze", "honest:1:1", lease=30)
+        _register(honest, "b.wav")
+        assert stepped.next_due("analyze") == pytest.approx(time.time(), abs=5)  # at start the clocks agree
+        job = honest.claim("analyze", "honest:1:1@0000000000000001", lease=30)
         assert job is not None
-        # each node passes its own "now" (the runner does), here 10 minutes off
-        assert ahead.claim("analyze", "ahead:1:1", lease=30, now=time.time() + 600) is None
-        assert ahead.skew() == pytest.approx(-600, abs=1)
         op = Operation("ab" * 32, "analysis http://x account:1", "analyze:key", "", "reask")
-        assert honest.gate_take([op], "honest:1:1", budget="analysis", seconds=1)[0].verdict == "send"
-        assert ahead.gate_take([op], "ahead:1:1", budget="analysis", seconds=1)[0].verdict == "wait"
-        honest.renew([job.id], "honest:1:1", lease=-1)  # the honest node dies: its lease runs out
-        late = behind.claim("analyze", "behind:1:1", lease=30, now=time.time() - 600)
+        assert honest.gate_take([op], job.owner or "", budget="analysis", seconds=1)[0].verdict == "send"
+        step[0] = 600.0  # an NTP step, a resumed VM: ten minutes forward
+        mine = stepped.claim("analyze", "stepped:1:1@0000000000000002", lease=30)
+        assert mine is not None and mine.id != job.id, "the live job was taken"
+        assert stepped.claim("analyze", "stepped:1:1@0000000000000002", lease=30) is None
+        assert stepped.gate_take([op], "stepped:1:1@0000000000000002", budget="analysis", seconds=1)[0].verdict == (
+            "wait"
+        )
+        stepped.release(mine, next_attempt_at=stepped._clock() + 300)  # a backoff: five minutes, not fifteen
+        assert stepped.next_due("analyze") == pytest.approx(time.time() + 600 + 30, abs=5)  # honest's lease ends
+        step[0] = -600.0  # and ten minutes back
+        assert honest.claim("analyze", "honest:1:1@0000000000000001", lease=30) is None  # b.wav waits its backoff
+        honest.renew([job.id], job.owner or "", lease=-1)  # the honest node dies: its lease runs out
+        late = stepped.claim("analyze", "stepped:1:1@0000000000000002", lease=30)
         assert late is not None and late.id == job.id
-        # when its new lease runs out, in the behind node's own clock
-        assert behind.next_due("analyze") == pytest.approx(time.time() - 600 + 30, abs=2)
+        assert honest.claim("analyze", "honest:2:2@0000000000000001", lease=30) is None, "a lease taken early"
+        assert stepped.next_due("analyze") == pytest.approx(time.time() - 600 + 30, abs=5)  # its own clock
     finally:
-        for s in (honest, ahead, behind):
+        for s in (honest, stepped):
             s.close()
 
 
@@ -298,12 +311,13 @@ def test_connections_killed_by_the_server_do_not_lead_to_double_work(pg_url, pg_
         job = a.claim("analyze", "a:1:1")
         assert job is not None
         op = Operation("cd" * 32, "analysis http://x account:1", "analyze:key", "", "reask")
-        assert a.gate_take([op], "a:1:1", budget="analysis", seconds=1)[0].verdict == "send"
+        sent = a.gate_take([op], "a:1:1", budget="analysis", seconds=1)[0]
+        assert sent.verdict == "send"
         assert pg_cluster.terminate(pg_url) >= 2  # every connection of both nodes, mid-work
         assert b.claim("analyze", "b:1:1") is None
         assert b.gate_take([op], "b:1:1", budget="analysis", seconds=1)[0].verdict == "wait"
         a.commit(job, step="streamed")  # a's pooled connection is gone: it reconnects and still holds the lease
-        a.gate_answered(op, "done")
+        assert a.gate_answered(op, "done", fence=sent.fence)
         a.release(job, state="done")
         assert b.gate_take([op], "b:1:1", budget="analysis", seconds=1)[0].verdict == "answered"
         assert b.gate_get(op)["sends"] == 1

@@ -59,8 +59,9 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     job = store.claim("archive", "me:1:1", now=now)
     assert job is not None
     yield "set_sha256", lambda: store.set_sha256(job.file.id, "ab" * 32)
-    yield "gate_take", lambda: store.gate_take([op], "me:1:1", budget="processing", seconds=1.0)
-    yield "gate_answered", lambda: store.gate_answered(op, "audio-1")
+    taken: list[Any] = []
+    yield "gate_take", lambda: taken.extend(store.gate_take([op], "me:1:1", budget="processing", seconds=1.0))
+    yield "gate_answered", lambda: store.gate_answered(op, "audio-1", fence=taken[0].fence)
     models = [Operation("cd" * 32, "analysis http://a account:1", f"analyze:m{i}", "", "reask") for i in range(3)]
     yield "gate_take of three models", lambda: store.gate_take(models, "me:1:1", budget="analysis", seconds=1.0)
     yield "ledger_outcome", lambda: store.ledger_outcome(1, "answered")

@@ -28,6 +28,7 @@ from watcher.config import FolderConfig, Settings, reveal, service_identity
 from watcher.detect.detector import Detector, Settled
 from watcher.errors import ConfigError
 from watcher.events import Events, Subscriber
+from watcher.fsutil import node_id
 from watcher.names import display
 from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
@@ -133,6 +134,7 @@ class App:
         self.pipelines = {p.name: p for p in pipelines}
         self.events = events
         self.closers = closers
+        self.node_id = node_id(settings.state_dir)  # this machine, whatever its name (leases carry it)
         self.mover = SourceMover(store, self.folders, settings.sidecar)
         self.runner = Runner(
             store,
@@ -141,7 +143,7 @@ class App:
             retry=settings.retry,
             on_outcome=self._outcome,
             rehint=self._rehint,
-            owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}",
+            owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}@{self.node_id}",
             lease=settings.store.lease_seconds if settings.store.url else LEASE,
         )
         self.sink = StoreSink(store, pipelines, self.runner.wake, events)

@@ -42,7 +42,6 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "watcher backfill --yes  # queue it",
     ),
     "spend": ("watcher spend --from 2026-12-01 --to 2026-12-31 --csv > december.csv",),
-    "store": ("watcher store backup ~/watcher-backups/", "watcher store restore ~/watcher-backups/watcher.db"),
     "emulate": ("watcher emulate --port 9000 --analysis-key test-key  # both services, for a demo",),
     "completion": (
         'eval "$(watcher completion bash)"  # in ~/.bashrc',

@@ -14,7 +14,7 @@ from watcher.app import App, store_path
 from watcher.app import open_store as open_adapter
 from watcher.config import FolderConfig, Settings, service_identity
 from watcher.errors import ConfigError
-from watcher.fsutil import StateLock, read_json_object
+from watcher.fsutil import StateLock, read_json_object, use_node
 from watcher.runner import Outcome
 from watcher.store import TERMINAL, Job, Store
 
@@ -57,9 +57,12 @@ async def scan(
         lock.release()
         raise
     try:
+        use_node(app.node_id)
         release_node = getattr(app.store, "release_node", None)  # a shared store: other nodes may be working
-        if release_node is not None:
-            release_node(settings.store.node_name, app.runner.owner)  # take back only our own
+        claim_name = getattr(app.store, "claim_node_name", None)
+        if release_node is not None and claim_name is not None:
+            claim_name(settings.store.node_name, app.node_id)  # refused while a live node answers to the name
+            release_node(app.node_id, app.runner.owner)  # take back only our own
         else:
             app.store.release_leases()
             app.store.gate_recover()

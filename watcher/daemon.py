@@ -25,7 +25,7 @@ from watcher.config import FolderConfig, Settings, reveal
 from watcher.control import ControlServer, socket_path
 from watcher.errors import ConfigError
 from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import StateLock, raise_open_files_limit, sweep_temp
+from watcher.fsutil import StateLock, raise_open_files_limit, sweep_temp, use_node
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
@@ -328,10 +328,14 @@ class Daemon(Steering):
     async def _recover(self, app: App) -> None:
         """Under the state folder's lock no earlier life can still be working: take back what it held, and
         remove the temp files a kill left behind (half-written sidecars, downloads, staging folders).
-        A shared store (several nodes) gives back only what this node's earlier lives held."""
+        A shared store (several nodes) gives back only what this node's earlier lives held (by its node ID), and
+        refuses a start under a name another live node answers to (ConfigError)."""
+        use_node(app.node_id)
         release_node = getattr(app.store, "release_node", None)  # a shared store (several nodes)
-        if release_node is not None:
-            released, doubtful = release_node(self.settings.store.node_name, app.runner.owner)
+        claim_name = getattr(app.store, "claim_node_name", None)
+        if release_node is not None and claim_name is not None:
+            await asyncio.to_thread(claim_name, self.settings.store.node_name, app.node_id)
+            released, doubtful = release_node(app.node_id, app.runner.owner)
         else:
             released, doubtful = app.store.release_leases(), app.store.gate_recover()
         if released:
@@ -344,7 +348,8 @@ class Daemon(Steering):
                 "analysis ones are asked again",
             )
         self._prune(app)
-        removed = await asyncio.to_thread(sweep_temp, self._our_folders())
+        alive = getattr(app.store, "node_alive", lambda node: None)  # a shared store knows the other nodes
+        removed = await asyncio.to_thread(sweep_temp, self._our_folders(), mine=app.node_id, alive=alive)
         if removed:
             log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
 

@@ -14,7 +14,10 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import unicodedata
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,35 @@ from watcher.errors import StartupError
 
 TEMP_PREFIX = ".watcher-tmp-"
 PRIVATE_FILE = 0o600
+NODE_ID_FILE = "node-id"
+_NODE_ID = re.compile(r"[0-9a-f]{16}")
+_TAGGED = re.compile(r"\.watcher-tmp-n([0-9a-f]{16})-")
+STALE_TEMP_SECONDS = 86400.0  # another node's temp file whose node's life cannot be told is swept after this
+_node = ""  # this process's node ID once the daemon (or `scan`) started: temp names carry it
+
+
+def node_id(state_dir: Path) -> str:
+    """This node's identity: generated once, kept in ``state_dir/node-id``. Its name is for people; this is what
+    leases, gate entries and temp names carry, so two machines sharing a name (a cloned VM) stay two nodes."""
+    path = state_dir / NODE_ID_FILE
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        kept = path.read_text(encoding="ascii").strip()
+        if _NODE_ID.fullmatch(kept):
+            return kept
+    made = uuid.uuid4().hex[:16]
+    write_bytes_atomic(path, f"{made}\n".encode())
+    return made
+
+
+def use_node(node: str) -> None:
+    """Temp files and staging folders made from now on carry ``node`` (see :func:`sweep_temp`)."""
+    global _node
+    _node = node
+
+
+def temp_prefix() -> str:
+    """The start of every temp name this process makes: ``.watcher-tmp-n<node ID>-`` once the node is known."""
+    return f"{TEMP_PREFIX}n{_node}-" if _node else TEMP_PREFIX
 
 
 def _read_umask() -> int:
@@ -122,7 +154,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     On failure (a full disk) the temp file is removed and the old file is untouched.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -200,7 +232,7 @@ def move_file(src: Path, dst: Path) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=dst.suffix, dir=dst.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=dst.suffix, dir=dst.parent)
     try:
         with open(src, "rb") as source, os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
@@ -218,13 +250,33 @@ def move_file(src: Path, dst: Path) -> Path:
     return final
 
 
-def sweep_temp(roots: list[tuple[Path, bool]]) -> list[Path]:
-    """Remove our own leftovers (``.watcher-tmp-*`` files and folders) under each ``(root, recursive)``.
+def sweep_temp(
+    roots: list[tuple[Path, bool]], *, mine: str, alive: Callable[[str], bool | None] = lambda node: None
+) -> list[Path]:
+    """Remove leftovers (``.watcher-tmp-*`` files and folders) under each ``(root, recursive)``: this node's own
+    (``mine``), and another node's only once it is dead (``alive(node)`` False; None when the store cannot tell,
+    then only when untouched for :data:`STALE_TEMP_SECONDS`, as are names from before temp names carried a node).
 
-    Only safe while no watcher writes there: the daemon calls it at start-up, holding its state folder's lock,
-    for the folders it owns. Links are never followed. Returns what was removed.
+    The daemon calls it at start-up, holding its state folder's lock, for the folders it writes into: an output
+    folder several nodes share keeps the staging folders of the others. Links are never followed. Returns what
+    was removed.
     """
     removed: list[Path] = []
+    verdicts: dict[str, bool | None] = {}
+    stale_before = time.time() - STALE_TEMP_SECONDS
+
+    def ours_to_remove(entry: os.DirEntry[str]) -> bool:
+        tagged = _TAGGED.match(entry.name)
+        node = tagged.group(1) if tagged else None
+        if node == mine:
+            return True
+        if node is not None:
+            if node not in verdicts:
+                verdicts[node] = alive(node)
+            if verdicts[node] is not None:
+                return not verdicts[node]
+        return entry.stat(follow_symlinks=False).st_mtime < stale_before
+
     for root, recursive in roots:
         stack = [root]
         while stack:
@@ -237,6 +289,8 @@ def sweep_temp(roots: list[tuple[Path, bool]]) -> list[Path]:
             for entry in found:  # a plain loop, no context manager per entry: a folder may hold 100,000 files
                 try:
                     if entry.name.startswith(TEMP_PREFIX):
+                        if not ours_to_remove(entry):
+                            continue
                         if entry.is_dir(follow_symlinks=False):
                             shutil.rmtree(entry.path, ignore_errors=True)
                         else:

@@ -179,7 +179,7 @@ class Runner:
             wake.clear()
             now = time.time()
             paused = self._paused(pipeline)
-            job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=self.lease, now=now)
+            job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=self.lease)
             if job is None:
                 due = self.store.next_due(pipeline.name)
                 lookout = self._lookout.setdefault(pipeline.name, me) is me

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from watcher.errors import BadInput, RetryLater
-from watcher.fsutil import TEMP_PREFIX
+from watcher.fsutil import temp_prefix
 from watcher.names import display
 
 CHUNK = 1 << 20
@@ -243,7 +243,7 @@ def extract_zip(
     per_file = bound.per_file if bound is not None else max_total_bytes
     total_limit = min(max_total_bytes, bound.total) if bound is not None else max_total_bytes
     dest_parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}zip-", dir=dest_parent))
+    root = Path(tempfile.mkdtemp(prefix=f"{temp_prefix()}zip-", dir=dest_parent))
     result = ExtractedArchive(root)
     entry = "(none)"
     try:

@@ -28,7 +28,7 @@ from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
 from watcher.sending import expect_sending
-from watcher.store import FileVersion, Job, Operation, StoredResult
+from watcher.store import Fence, FileVersion, Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
 BUDGET = "analysis"
@@ -57,7 +57,6 @@ class ModelAnswer(Protocol):
     def results(self) -> Any: ...
 
 
-
 class Report(Protocol):
     @property
     def results(self) -> Mapping[str, Any]: ...
@@ -67,7 +66,6 @@ class Report(Protocol):
 
     @property
     def model_errors(self) -> dict[str, str]: ...
-
 
 
 class AudioBody(Protocol):
@@ -118,7 +116,9 @@ class AnalyzeStore(GateStore, Protocol):
 
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
-    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None: ...
+    def save_result(
+        self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
+    ) -> bool: ...
 
 
 class AnalyzePipeline:
@@ -238,8 +238,11 @@ class AnalyzePipeline:
             stored = StoredResult(
                 answer.requested, answer.model_name, answer.model_version, answer.correlation_id, answer.results
             )
-            op = ops.get(answer.requested) if taken is not None else None
-            self.store.save_result(sha256, self.analyzer.key, stored, op)  # marks the operation answered too
+            fence = taken.fences.get(ops[answer.requested]) if taken and answer.requested in ops else None
+            op = ops[answer.requested] if fence is not None else None
+            if not self.store.save_result(sha256, self.analyzer.key, stored, op, fence):  # answered, if still ours
+                assert taken is not None
+                taken.late = True
             saved[answer.requested] = stored
             if op is not None:
                 answered[op] = None

@@ -28,7 +28,7 @@ from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.paid import GateStore, PaidCalls, Taken, outcome_of
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
-from watcher.pipelines.sidecar import sidecar_path, source_document, write_sidecar
+from watcher.pipelines.sidecar import live_version, sidecar_path, source_document, write_sidecar
 from watcher.sending import expect_sending
 from watcher.store import Job, Operation
 from watcher.versions import VERSIONS
@@ -64,7 +64,6 @@ class StatusLike(Protocol):
 
     @property
     def error_message(self) -> str | None: ...
-
 
 
 class UploadBody(Protocol):
@@ -356,7 +355,13 @@ class ArchivePipeline:
         if not ready and not job.data.get("delivery"):
             raise BadInput("no version could be made: " + "; ".join(f"{k}: {v}" for k, v in versions.items()))
         if ready:
-            delivered = await self.deliverer.deliver(job, ready, dict(job.data.get("ids", {})))
+            sidecar = sidecar_path(job.file.path, job.file.folder, self.sidecar)
+            delivered = await self.deliverer.deliver(
+                job,
+                ready,
+                dict(job.data.get("ids", {})),
+                placing=lambda: live_version(sidecar, job.file, lambda: self.store.is_live(job)),
+            )
             versions.update(dict.fromkeys(ready, "delivered"))
             if job.data.get("estimated"):
                 await self._settle(job, delivered)

@@ -15,7 +15,8 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -26,17 +27,17 @@ from watcher.audiofile import sha256_of
 from watcher.config import ArchiveConfig
 from watcher.errors import ExpiredURL, RetryLater
 from watcher.fsutil import (
-    TEMP_PREFIX,
     free_name,
     fsync_dir,
     publish_tree,
     read_json_object,
     safe_component,
+    temp_prefix,
     write_json_atomic,
 )
 from watcher.names import display
 from watcher.safezip import FLOOR, ExtractedArchive, SizeBound, extract_zip, size_bound
-from watcher.store import Job
+from watcher.store import Job, LeaseLost
 from watcher.versions import STEM_VERSIONS, TRACK_VERSIONS, VERSIONS
 
 log = structlog.get_logger("watcher.deliver")
@@ -61,7 +62,6 @@ class Offer(Protocol):
 
     @property
     def archive_incomplete(self) -> bool: ...
-
 
 
 class Downloads(Protocol):
@@ -108,6 +108,14 @@ def attribute(rel: str, candidates: Sequence[str]) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
+Placing = Callable[[], AbstractAsyncContextManager[bool]]
+
+
+@contextlib.asynccontextmanager
+async def _always() -> AsyncIterator[bool]:
+    yield True
+
+
 class Deliverer:
     """Turns finished remote versions into one verified delivery folder per file version."""
 
@@ -147,8 +155,14 @@ class Deliverer:
         rel = Path(job.file.rel_path)
         return out / rel.parent / rel.stem
 
-    async def deliver(self, job: Job, versions: Sequence[str], ids: Mapping[str, str]) -> Path:
-        """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per file version."""
+    async def deliver(
+        self, job: Job, versions: Sequence[str], ids: Mapping[str, str], *, placing: Placing = _always
+    ) -> Path:
+        """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per file version.
+
+        ``placing`` is held while the staged folder is renamed into place and says whether the job may still
+        place it (live, its version still the one on disk); if not, nothing in the output folder is touched
+        (LeaseLost): a superseded job's late download never replaces the newer version's delivery."""
         target = self.target(job)
         sha256 = job.data["sha256"]
         existing = await asyncio.to_thread(_manifest, target)
@@ -159,7 +173,7 @@ class Deliverer:
         ):
             log.info("deliver.already_there", path=display(job.file.path), delivery=display(target))
             return target
-        staging = target.parent / f"{TEMP_PREFIX}{job.id}-{target.name}"
+        staging = target.parent / f"{temp_prefix()}{job.id}-{target.name}"
         await asyncio.to_thread(_fresh_staging, staging)
         try:
             files: list[dict[str, Any]] = []
@@ -183,7 +197,13 @@ class Deliverer:
                 "watcher_version": __version__,
             }
             await asyncio.to_thread(write_json_atomic, staging / "manifest.json", manifest)
-            await asyncio.to_thread(self._place, staging, target, job)
+            async with placing() as may_place:
+                if not may_place:
+                    raise LeaseLost(
+                        f"job {job.id} (archive) was superseded or lost its lease while downloading; its delivery "
+                        "is dropped and the output folder left as it is"
+                    )
+                await asyncio.to_thread(self._place, staging, target, job)
         except OSError as exc:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -235,7 +255,7 @@ class Deliverer:
         """Ask for the group's zip, download and extract it into the staging folder (a fresh URL when one
         expired, up to ARCHIVE_TRIES); the offer, and the files it held per version."""
         formats = {f"{v}_format": self.cfg.format_of(v) for v in versions if v in TRACK_VERSIONS}
-        zip_path = staging.parent / f"{TEMP_PREFIX}{job.id}-{'stems' if stems else 'tracks'}.zip"
+        zip_path = staging.parent / f"{temp_prefix()}{job.id}-{'stems' if stems else 'tracks'}.zip"
         for attempt in range(1, ARCHIVE_TRIES + 1):
             offer = await self.downloads.request_archive(
                 audio_id=ids["audio"], versions=versions, format=self.cfg.format, formats=formats

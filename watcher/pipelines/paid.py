@@ -28,7 +28,7 @@ from watcher.errors import Deferred, InDoubt, Malformed, NeedsUser, NotSent, Rej
 from watcher.names import display
 from watcher.pipelines.base import NullSpend, SpendObserver
 from watcher.sending import WireTicket, handed_over, issue
-from watcher.store import Job, Operation, Ticket
+from watcher.store import Fence, Job, Operation, Ticket
 from watcher.store.ports import Gate
 
 log = structlog.get_logger("watcher.paid")
@@ -65,6 +65,8 @@ class Taken:
     answered: dict[Operation, str | None] = field(default_factory=dict)
     request: int | None = None  # the ledger line of the request, when something is to be sent
     estimated: bool = False  # ``seconds`` is an upper bound (no duration in the headers)
+    fences: dict[Operation, Fence] = field(default_factory=dict)  # what each sent operation's outcome must name
+    late: bool = False  # an outcome came after this take lost an operation (its lease ran out): recorded `late`
 
 
 class PaidCalls:
@@ -104,6 +106,8 @@ class PaidCalls:
             if ticket.verdict == "send":
                 taken.send.append(ticket.op)
                 taken.request = ticket.request
+                assert ticket.fence is not None
+                taken.fences[ticket.op] = ticket.fence
                 if ticket.resend:
                     taken.resends.append(ticket.op)
             elif ticket.verdict == "answered":
@@ -128,15 +132,27 @@ class PaidCalls:
         if taken.request is None:
             return
         for op in taken.send:
+            fence = taken.fences[op]
             if op in results:
                 if results[op] is not None:
-                    self.store.gate_answered(op, results[op])
+                    taken.late |= not self.store.gate_answered(op, results[op], fence=fence)
             elif outcome in ("not_sent", "refused"):
-                self.store.gate_release(op, "open", error=why)
+                taken.late |= not self.store.gate_release(op, "open", fence=fence, error=why)
             else:
-                self.store.gate_release(op, "in_doubt" if op.on_doubt == "hold" else "reask", error=why)
+                state = "in_doubt" if op.on_doubt == "hold" else "reask"
+                taken.late |= not self.store.gate_release(op, state, fence=fence, error=why)
         if outcome == "answered" and len(results) < len(taken.send):
             outcome = "partial"
+        # paid, but after its lease ran out: the new holder's state stands
+        if taken.late and outcome not in ("not_sent", "refused"):
+            log.warning(
+                "paid.late",
+                sha256=taken.send[0].sha256 if taken.send else None,
+                operations=[op.name for op in taken.send],
+                next="this request's lease ran out before it ended; its answer is kept, the operation's new "
+                "holder decides what happens to it",
+            )
+            outcome = "late"
         self.store.ledger_outcome(taken.request, outcome)
         operation = taken.send[0].name.split(":", 1)[0] if taken.send else "?"
         unpaid = outcome in ("not_sent", "refused")

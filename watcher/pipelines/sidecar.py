@@ -7,11 +7,12 @@ delivery folder), so every write merges with the sidecar already on disk for the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -114,21 +115,13 @@ async def write_sidecar(
     longer ``version`` (a newer version will write its own sidecar): a late result never overwrites a newer one.
     Both checks run under the path's lock, which every sidecar write in this process takes.
     """
-    lock = _locks.get(str(path))
-    if lock is None:
-        lock = _locks[str(path)] = asyncio.Lock()
-    async with lock:
+    async with _lock(path):
         if not live():
             return False
 
         def merge_and_write() -> bool:
-            if version is not None:
-                try:
-                    now = Signature.of(os.stat(version.path))
-                except OSError:
-                    return False
-                if now != Signature(version.size, version.mtime_ns, version.inode):
-                    return False
+            if version is not None and not _on_disk(version):
+                return False
             doc = _read(path, sha256)
             doc.update(update)
             doc["created_at"] = _iso(dt.datetime.now(dt.UTC).timestamp())
@@ -138,3 +131,27 @@ async def write_sidecar(
             return True
 
         return await asyncio.to_thread(merge_and_write)
+
+
+def _lock(path: Path) -> asyncio.Lock:
+    lock = _locks.get(str(path))
+    if lock is None:
+        lock = _locks[str(path)] = asyncio.Lock()
+    return lock
+
+
+def _on_disk(version: FileVersion) -> bool:
+    """True while the audio on disk is still ``version`` (size, mtime, inode)."""
+    try:
+        now = Signature.of(os.stat(version.path))
+    except OSError:
+        return False
+    return now == Signature(version.size, version.mtime_ns, version.inode)
+
+
+@contextlib.asynccontextmanager
+async def live_version(path: Path, version: FileVersion, live: Callable[[], bool]) -> AsyncIterator[bool]:
+    """Hold the sidecar at ``path``'s lock (the one every sidecar write takes) and say whether the job is still
+    live and the audio on disk still ``version``: what a delivery checks before it touches the output folder."""
+    async with _lock(path):
+        yield live() and await asyncio.to_thread(_on_disk, version)

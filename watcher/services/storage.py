@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING
 import structlog
 
 from watcher.errors import BadInput, ExpiredURL, RetryLater
-from watcher.fsutil import PRIVATE_FILE, TEMP_PREFIX, chmod_quietly, file_mode, fsync_dir, safe_component
+from watcher.fsutil import PRIVATE_FILE, chmod_quietly, file_mode, fsync_dir, safe_component, temp_prefix
 from watcher.names import display
 from watcher.safezip import TooLarge
 from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
@@ -115,7 +115,7 @@ async def write_body(response: httpx.Response, dest: Path, source: str, max_byte
             "source can justify; nothing was written, the file is not delivered"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{dest.name}")
+    tmp = dest.with_name(f"{temp_prefix()}{uuid.uuid4().hex[:8]}-{dest.name}")
     written = 0
     fh: IO[bytes] = await asyncio.to_thread(_open_private, tmp)
     try:

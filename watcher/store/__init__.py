@@ -13,12 +13,13 @@ from watcher.store.cache import CacheMixin
 from watcher.store.control import ControlMixin
 from watcher.store.core import LeaseLost, StoreBase
 from watcher.store.gate import GateMixin, next_utc_midnight, utc_day
-from watcher.store.models import FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
 from watcher.store.schema import STATES, TERMINAL
 
 __all__ = [
     "STATES",
     "TERMINAL",
+    "Fence",
     "FileVersion",
     "Job",
     "LeaseLost",

@@ -6,7 +6,8 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from watcher.store.models import Operation, StoredResult
+from watcher.store.gate import answered
+from watcher.store.models import Fence, Operation, StoredResult
 
 if TYPE_CHECKING:
     from watcher.store.core import StoreBase
@@ -36,20 +37,23 @@ class CacheMixin(_Base):
             for r in rows
         }
 
-    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None:
+    def save_result(
+        self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
+    ) -> bool:
         """Persist one model's results the moment they arrive (a lost result would be paid for again).
 
-        With ``op``, the model's paid operation is marked answered in the same transaction.
+        With ``op`` (and the ``fence`` of the take that sent it), the model's paid operation is marked answered in
+        the same transaction. False when that take lost the operation (late): the results are kept all the same,
+        beside (never over) what a newer holder stored, and the operation changes only if nobody holds it.
         """
+        now = time.time()
         with self._tx() as db:
+            fenced = True
             if op is not None:
-                db.execute(
-                    "UPDATE operations SET state='answered', holder=NULL, lease_until=NULL, error=NULL, updated_at=? "
-                    "WHERE sha256=? AND service=? AND operation=? AND params=?",
-                    (time.time(), op.sha256, op.service, op.name, op.params),
-                )
+                assert fence is not None, "a paid result names the take that sent it"
+                fenced = answered(db, op, None, fence, now, remote=False)
             db.execute(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR {'REPLACE' if fenced else 'IGNORE'} INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     sha256,
                     backend,
@@ -58,6 +62,7 @@ class CacheMixin(_Base):
                     result.model_version,
                     result.correlation_id,
                     json.dumps(result.results),
-                    time.time(),
+                    now,
                 ),
             )
+            return fenced

@@ -221,12 +221,13 @@ class StoreBase:
             else:
                 return None
             db.execute(
-                "UPDATE jobs SET lease_owner=?, lease_until=?, updated_at=? WHERE id=?",
+                "UPDATE jobs SET lease_owner=?, lease_until=?, claims=claims+1, updated_at=? WHERE id=?",
                 (owner, now + lease, now, row["id"]),
             )
             self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
+        job.claim = int(row["claims"]) + 1
         return job
 
     def _job(self, row: sqlite3.Row) -> Job:
@@ -254,7 +255,7 @@ class StoreBase:
         job.data.update(data)
         cur = self._write(
             "UPDATE jobs SET step=?, data=?, updated_at=? WHERE id=?" + _FENCE,
-            (job.step, json.dumps(job.data), time.time(), job.id, job.owner, *_DEAD),
+            (job.step, json.dumps(job.data), time.time(), job.id, *_fence(job)),
         )
         _fenced(cur, job)
 
@@ -285,8 +286,7 @@ class StoreBase:
                 error_code,
                 now,
                 job.id,
-                job.owner,
-                *_DEAD,
+                *_fence(job),
             ),
         )
         _fenced(cur, job)
@@ -295,7 +295,7 @@ class StoreBase:
     def is_live(self, job: Job) -> bool:
         """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
         with self._lock:
-            row = self._db.execute("SELECT 1 FROM jobs WHERE id=?" + _FENCE, (job.id, job.owner, *_DEAD)).fetchone()
+            row = self._db.execute("SELECT 1 FROM jobs WHERE id=?" + _FENCE, (job.id, *_fence(job))).fetchone()
         return row is not None
 
     def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
@@ -388,7 +388,14 @@ class StoreBase:
 
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
 _DEAD = ("superseded", "gone")
-_FENCE = " AND lease_owner IS ? AND state NOT IN (?, ?)"
+_FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?, ?)"
+
+
+def _fence(job: Job) -> tuple[Any, ...]:
+    """The arguments of ``_FENCE`` for ``job``: its lease owner, its claim (None: any) and the dead states."""
+    return (job.owner, job.claim, job.claim, *_DEAD)
+
+
 _TERMINAL_MARKS = ",".join("?" * len(TERMINAL))
 
 

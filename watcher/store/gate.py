@@ -21,17 +21,26 @@ Each take is one ledger line: the request's operations, its content and endpoint
 (an in-doubt request sent again), and its outcome: ``answered``, ``partial``, ``in_doubt``, or not paid at all:
 ``not_sent`` (provably never reached the service) and ``refused`` (the service said no before any work, e.g.
 401/403/422): those two are taken back out of the day's spend.
+
+Every take grows the operation's ``generation`` and hands its :class:`Fence` (holder, generation) out with the
+ticket; an outcome (answered, released) is a compare-and-set on that fence. An outcome whose take lost the
+operation (its lease ran out while it stalled, and the operation was recovered or taken again) is *late*: its
+ledger line says ``late``, a paid answer is kept by content (results; an ID is adopted when nobody holds the
+operation, else kept beside it in ``late_result`` for the holder whose answer gets lost), and nothing the new
+holder owns changes. A take carries its own ID, so one replayed after its commit's acknowledgement was lost
+recognises itself instead of waiting on its own operation.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import text
-from watcher.store.models import Operation, Ticket
+from watcher.store.models import Fence, Operation, Ticket
 
 if TYPE_CHECKING:
     from watcher.store.core import StoreBase
@@ -43,6 +52,9 @@ else:
 WAIT_SECONDS = 1.0
 UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
 _KEY = "sha256=? AND service=? AND operation=? AND params=?"
+_FENCED = " AND state='sending' AND holder=? AND generation=?"
+# A late answer is adopted where nobody holds the operation (paid work is never thrown away).
+_UNHELD = " AND state IN ('open', 'reask', 'in_doubt')"
 
 
 def utc_day(now: float) -> str:
@@ -71,22 +83,63 @@ def _rows_by_key(db: Any, ops: Sequence[Operation]) -> dict[tuple[str, str, str,
     return {(r["sha256"], r["service"], r["operation"], r["params"]): r for r in rows}
 
 
-def ledger_kind(takeable: Sequence[tuple[int, Operation, bool]]) -> str:
-    """What a take is, as its ledger line says: ``first``, ``reask`` (re-asked models) or ``resend`` (held ones)."""
-    again = [op for _, op, resend in takeable if resend]
+def ledger_kind(takeable: Sequence[tuple[int, Operation, bool, int]]) -> str:
+    """What a take is, as its ledger line says: ``first``, ``reask`` (re-asked models) or ``resend`` (held ones);
+    ``takeable`` as the gate's charge step holds it: (index, operation, a re-send?, generation)."""
+    again = [op for _, op, resend, _ in takeable if resend]
     if not again:
         return "first"
     return "reask" if all(op.on_doubt == "reask" for op in again) else "resend"
 
 
 def capped_tickets(
-    takeable: Sequence[tuple[int, Operation, bool]], until: float, first: bool, spent: float, cap: float
+    takeable: Sequence[tuple[Any, ...]], until: float, first: bool, spent: float, cap: float
 ) -> dict[int, Ticket]:
     """The answer to every takeable operation when the day's cap would be passed (both stores give the same)."""
     return {
         i: Ticket("capped", op, until=until, first_cap=first, spent_seconds=spent, cap_seconds=cap)
-        for i, op, _ in takeable
+        for i, op, *_ in takeable
     }
+
+
+def replayed(row: Any, take_id: str) -> bool:
+    """True when ``row`` is held by the very take ``take_id``: the same take replayed (its commit's answer lost)."""
+    return row is not None and row["state"] == "sending" and row["take_id"] == take_id
+
+
+def own_ticket(op: Operation, row: Any) -> Ticket:
+    """What a replayed take gets back: the ticket its first run was given (same request, same fence)."""
+    fence = Fence(row["holder"], int(row["generation"]))
+    return Ticket("send", op, resend=int(row["sends"]) > 1, request=row["request"], fence=fence)
+
+
+def answered(db: Any, op: Operation, result: str | None, fence: Fence, now: float, *, remote: bool) -> bool:
+    """The answer to the take ``fence`` names, in an open transaction: the operation is answered when that take
+    still holds it (True); a late answer (False) is adopted where nobody holds it, else kept in ``late_result``."""
+    keep = "result=COALESCE(?, result), " + ("remote_state=COALESCE(remote_state, 'requested'), " if remote else "")
+    done = f"UPDATE operations SET state='answered', {keep}holder=NULL, lease_until=NULL, error=NULL, since=NULL, "
+    if db.execute(done + f"updated_at=? WHERE {_KEY}{_FENCED}", (result, now, *_key(op), *fence_args(fence))).rowcount:
+        return True
+    if not db.execute(done + f"updated_at=? WHERE {_KEY}{_UNHELD}", (result, now, *_key(op))).rowcount and result:
+        db.execute(
+            f"UPDATE operations SET late_result=COALESCE(late_result, ?) WHERE {_KEY} AND result IS NOT ?",
+            (result, *_key(op), result),
+        )
+    return False
+
+
+def fence_args(fence: Fence) -> tuple[str, int]:
+    return (fence.holder, fence.generation)
+
+
+def adopt_late(db: Any, op: Operation, now: float) -> None:
+    """An operation nobody holds any more whose late answer was kept is answered by it (never sent again)."""
+    db.execute(
+        "UPDATE operations SET state='answered', result=late_result, late_result=NULL, error=NULL, since=NULL, "
+        f"remote_state=COALESCE(remote_state, 'requested'), updated_at=? WHERE {_KEY}{_UNHELD} "
+        "AND late_result IS NOT NULL",
+        (now, *_key(op)),
+    )
 
 
 class GateMixin(_Base):
@@ -104,6 +157,7 @@ class GateMixin(_Base):
         resend_in_doubt: bool = False,
         estimated: bool = False,
         now: float | None = None,
+        take_id: str | None = None,
     ) -> list[Ticket]:
         """Decide, for each operation of one request, whether this caller may send it; take those it may.
 
@@ -111,34 +165,43 @@ class GateMixin(_Base):
         however many operations it carries; ``estimated``: an upper bound, settled by ``ledger_settle``).
         Operations held elsewhere come back as ``wait``; a cap the request
         would pass makes every takeable one ``capped``. ``resend_in_doubt`` takes in-doubt ones too (policy).
+        ``take_id`` names this take (default: a new one); the same take replayed gets its own tickets back.
         """
         now = time.time() if now is None else now
+        take_id = take_id or uuid.uuid4().hex
         tickets: dict[int, Ticket] = {}
-        takeable: list[tuple[int, Operation, bool]] = []
+        takeable: list[tuple[int, Operation, bool, int]] = []
         with self._tx() as db:
             rows = _rows_by_key(db, ops)
             for i, op in enumerate(ops):
-                ticket, state = self._verdict(db, op, rows.get(_key(op)), now, resend_in_doubt)
+                row = rows.get(_key(op))
+                ticket, state = self._verdict(db, op, row, now, resend_in_doubt, take_id)
                 if ticket is None:
-                    takeable.append((i, op, state in ("reask", "in_doubt")))
+                    generation = 0 if row is None else int(row["generation"])
+                    takeable.append((i, op, state in ("reask", "in_doubt"), generation + 1))
                 else:
                     tickets[i] = ticket
             if takeable:
                 tickets.update(
-                    self._charge(db, takeable, owner, budget, seconds, cap_seconds, lease, now, estimated=estimated)
+                    self._charge(
+                        db, takeable, owner, budget, seconds, cap_seconds, lease, now, take_id, estimated=estimated
+                    )
                 )
         return [tickets[i] for i in range(len(ops))]
 
     def _verdict(
-        self, db: Any, op: Operation, row: Any, now: float, resend_in_doubt: bool
+        self, db: Any, op: Operation, row: Any, now: float, resend_in_doubt: bool, take_id: str
     ) -> tuple[Ticket | None, str | None]:
         """Why ``op`` (its ``row``, None when never taken) may not be sent by this taker (a Ticket), or None when
         it may take it; and its state."""
         state = None if row is None else row["state"]
+        if replayed(row, take_id):
+            return own_ticket(op, row), state
         if state == "sending" and (row["lease_until"] or 0) < now:
             state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
             self._set_state(db, op, state, now, error="the daemon stopped while the request was in flight")
             row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
+            state = row["state"]  # a late answer kept beside it makes it answered
         if state == "answered":
             return Ticket("answered", op, result=row["result"]), state
         if state == "sending":
@@ -150,13 +213,14 @@ class GateMixin(_Base):
     def _charge(
         self,
         db: Any,
-        takeable: list[tuple[int, Operation, bool]],
+        takeable: list[tuple[int, Operation, bool, int]],
         owner: str,
         budget: str,
         seconds: float,
         cap_seconds: float | None,
         lease: float,
         now: float,
+        take_id: str,
         *,
         estimated: bool = False,
     ) -> dict[int, Ticket]:
@@ -184,8 +248,8 @@ class GateMixin(_Base):
             db.execute(
                 "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
             )
-        names = ",".join(op.name for _, op, _ in takeable)
-        models = sum(op.name.startswith("analyze:") for _, op, _ in takeable)
+        names = ",".join(op.name for _, op, _, _ in takeable)
+        models = sum(op.name.startswith("analyze:") for _, op, _, _ in takeable)
         lead = takeable[0][1]
         cur = db.execute(
             "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome, kind, estimated, "
@@ -193,16 +257,24 @@ class GateMixin(_Base):
             (now, day, budget, names, lead.sha256, seconds, models, ledger_kind(takeable), estimated, lead.service),
         )
         request = int(cur.lastrowid or 0)
-        rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?)"] * len(takeable))
+        rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?, ?, ?, ?)"] * len(takeable))
         db.execute(
             "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
-            f"lease_until, sends, created_at, updated_at) VALUES {rows} "
+            f"lease_until, sends, generation, take_id, request, created_at, updated_at) VALUES {rows} "
             "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='sending', "
             "holder=excluded.holder, lease_until=excluded.lease_until, sends=sends+1, error=NULL, "
-            "since=NULL, updated_at=excluded.updated_at",
-            [v for _, op, _ in takeable for v in (*_key(op), op.on_doubt, owner, now + lease, now, now)],
+            "since=NULL, generation=excluded.generation, take_id=excluded.take_id, request=excluded.request, "
+            "updated_at=excluded.updated_at",
+            [
+                v
+                for _, op, _, gen in takeable
+                for v in (*_key(op), op.on_doubt, owner, now + lease, gen, take_id, request, now, now)
+            ],
         )
-        return {i: Ticket("send", op, resend=resend, request=request) for i, op, resend in takeable}
+        return {
+            i: Ticket("send", op, resend=resend, request=request, fence=Fence(owner, gen))
+            for i, op, resend, gen in takeable
+        }
 
     def _set_state(self, db: Any, op: Operation, state: str, now: float, *, error: str | None = None) -> None:
         error = text(error)
@@ -212,21 +284,26 @@ class GateMixin(_Base):
             (state, error, now, state, now, *_key(op)),
         )
 
-    def gate_answered(self, op: Operation, result: str | None = None) -> None:
-        """The service answered: keep its ID (processing) so the operation is never sent again."""
+    def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:
+        """The service answered the take ``fence`` names: keep its ID (processing) so the operation is never sent
+        again. False when that take lost the operation (late): the ID is kept all the same (see the module)."""
         now = time.time()
         with self._tx() as db:
-            db.execute(
-                "UPDATE operations SET state='answered', result=?, remote_state=COALESCE(remote_state, 'requested'), "
-                f"holder=NULL, lease_until=NULL, error=NULL, since=NULL, updated_at=? WHERE {_KEY}",
-                (result, now, *_key(op)),
-            )
+            return answered(db, op, result, fence, now, remote=True)
 
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None:
-        """No answer: ``open`` (provably not sent), ``reask`` (ask again, counted) or ``in_doubt`` (held)."""
+    def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool:
+        """No answer: ``open`` (provably not sent), ``reask`` (ask again, counted) or ``in_doubt`` (held). False when
+        the take ``fence`` names lost the operation (late): nothing changes."""
         assert state in ("open", "reask", "in_doubt"), state
+        now = time.time()
         with self._tx() as db:
-            self._set_state(db, op, state, time.time(), error=error)
+            cur = db.execute(
+                "UPDATE operations SET state=?, holder=NULL, lease_until=NULL, error=?, updated_at=?, "
+                f"since=CASE WHEN ?='in_doubt' THEN ? ELSE since END WHERE {_KEY}{_FENCED}",
+                (state, text(error), now, state, now, *_key(op), fence.holder, fence.generation),
+            )
+            adopt_late(db, op, now)
+            return bool(cur.rowcount)
 
     def ledger_outcome(self, request: int, outcome: str) -> None:
         """Record how a request ended (answered, partial, in_doubt, not_sent, refused); one not paid (UNPAID) is
@@ -307,13 +384,17 @@ class GateMixin(_Base):
         with self._tx() as db:
             where = "state='sending'" + (" AND holder=?" if holder else "")
             args: tuple[Any, ...] = (holder,) if holder else ()
-            cur = db.execute(
+            recovered = db.execute(
                 "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
                 "since=CASE on_doubt WHEN 'hold' THEN ? ELSE since END, holder=NULL, lease_until=NULL, "
-                f"error='the daemon stopped while the request was in flight', updated_at=? WHERE {where}",
+                f"error='the daemon stopped while the request was in flight', updated_at=? WHERE {where} "
+                "RETURNING sha256, service, operation, params, late_result",
                 (now, now, *args),
-            )
-            return cur.rowcount
+            ).fetchall()
+            for r in recovered:  # a late answer kept beside one of them answers it
+                if r["late_result"] is not None:
+                    adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]), now)
+            return len(recovered)
 
     def answered_operations(self, sha256: str, service: str) -> set[str]:
         """The operations already answered for this content at this service (what would not be sent again)."""

@@ -52,6 +52,7 @@ class Job:
     last_error: str | None = None
     error_code: str | None = None
     owner: str | None = None  # who holds the lease: commits and releases by anyone else are refused
+    claim: int | None = None  # which claim of it this is (grown by each): an older claim's changes are refused
 
     def given_back(self, state: str, step: str | None, *, count_attempt: bool) -> None:
         """Update this copy as a store's ``release`` records it (both adapters call this first)."""
@@ -93,6 +94,16 @@ Verdict = Literal["send", "answered", "wait", "in_doubt", "capped"]
 
 
 @dataclass(frozen=True)
+class Fence:
+    """Which take holds an operation: its holder and the operation's generation (grown by every take). Every
+    outcome names it; one from a take that lost the operation (its lease ran out) is late and changes nothing
+    the operation's new holder owns."""
+
+    holder: str
+    generation: int
+
+
+@dataclass(frozen=True)
 class Ticket:
     """The gate's answer for one operation: send it (taken), or why not."""
 
@@ -108,6 +119,7 @@ class Ticket:
     first_cap: bool = False  # capped: the first refusal today for this budget
     spent_seconds: float = 0.0  # capped: audio seconds spent today
     cap_seconds: float | None = None
+    fence: Fence | None = None  # send: what this take's outcome must name (see Fence)
 
 
 @dataclass

@@ -5,7 +5,8 @@ detector's sink); this module names the whole contract once, grouped by who need
 ``tests/test_store.py`` and ``tests/test_gate.py`` check every adapter against it. Guarantees an adapter must
 keep, whatever its database: a claim leases a job to one owner; commits and releases are refused
 (LeaseLost) once the lease is lost or the job superseded; the gate's take is one transaction under a
-unique key per operation, so no two takers can both send; a cap is checked in the same transaction.
+unique key per operation, so no two takers can both send; a cap is checked in the same transaction; an
+operation's outcome is a compare-and-set on the fence its take was given, so a late one changes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from watcher.store.models import FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
 
 
 class Registry(Protocol):
@@ -85,7 +86,9 @@ class Results(Protocol):
 
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
-    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None: ...
+    def save_result(
+        self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
+    ) -> bool: ...
 
 
 class Gate(Protocol):
@@ -103,11 +106,12 @@ class Gate(Protocol):
         resend_in_doubt: bool = False,
         estimated: bool = False,
         now: float | None = None,
+        take_id: str | None = None,
     ) -> list[Ticket]: ...
 
-    def gate_answered(self, op: Operation, result: str | None = None) -> None: ...
+    def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool: ...
 
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None: ...
+    def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool: ...
 
     def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
 

@@ -174,6 +174,18 @@ SCHEMA = [
     ALTER TABLE ledger ADD COLUMN estimated INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE ledger ADD COLUMN endpoint TEXT NOT NULL DEFAULT '';
     """,
+    # version 9: operation transitions are compare-and-set on (holder, generation); the generation grows with each
+    # take. ``take_id`` and ``request`` let a take replayed after a lost acknowledgement recognise itself, and
+    # ``late_result`` keeps what a holder that lost the operation was still paid for. A job's ``claims`` grows with
+    # each claim, so a claimer whose lease ran out cannot change a job another claim of the same owner holds.
+    """
+    ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN take_id TEXT;
+    ALTER TABLE operations ADD COLUMN request INTEGER;
+    ALTER TABLE operations ADD COLUMN late_result TEXT;
+    UPDATE operations SET generation = sends;
+    """,
 ]
 # The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.
 OPEN_STATES = "j.state IN ('pending', 'in_doubt', 'failed')"

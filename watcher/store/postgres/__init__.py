@@ -2,11 +2,13 @@
 
 Design (see README "Several machines"):
 
-- Claims take ``SELECT ... FOR UPDATE SKIP LOCKED`` on the due job and stamp a lease in the *database's* clock;
-  the runner's lease keeper renews leases; an expired lease (a dead node) is simply claimable again by the next
-  claim: there is no sweeper. Every time a caller passes (``now``, ``next_attempt_at``) is read in the caller's
-  clock and converted to the database's with the node's measured skew (whole seconds, re-measured every minute),
-  so a node whose clock is off neither steals leases nor starves; times handed back are converted the same way.
+- Claims take ``SELECT ... FOR UPDATE SKIP LOCKED`` on the due job and stamp a lease computed by the database
+  (``now()``); the runner's lease keeper renews leases; an expired lease (a dead node) is simply claimable again by
+  the next claim: there is no sweeper. The node's own clock never decides a lease: a ``next_attempt_at`` it passes
+  is turned into a delay from its own now, and due times handed back are delays added to its own now, so a node
+  whose clock is off or stepped neither steals leases nor starves.
+- A node is the ID in its state folder (lease owners end with ``@<node ID>``); its name is for people, and one
+  name belongs to one live node at a time (:meth:`PostgresStore.claim_node_name`).
 - The gate's take is one transaction under ``operations``' primary key, with the day's ``spend`` row locked
   (``SELECT ... FOR UPDATE``), so two nodes never both send one operation and a cap is never passed.
 - Paths are ``bytea``: the exact bytes of the name (``os.fsencode``), whatever the encoding. A file is identified

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,7 +17,7 @@ from watcher.names import text
 from watcher.store.backup import StoreTooNew, too_new
 from watcher.store.core import LeaseLost
 from watcher.store.lanes import LANES, ClaimOrder
-from watcher.store.models import FileVersion, Job, NewVersion, Operation, StoredResult
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult
 from watcher.store.postgres.pool import Pool, StoreUnreachable, first_line, redact
 from watcher.store.postgres.schema import (
     FENCE,
@@ -26,8 +25,10 @@ from watcher.store.postgres.schema import (
     KEY_WHERE,
     LOCK_KEY,
     NOT_PAUSED,
+    NOW,
+    OP_FENCED,
+    OP_UNHELD,
     SCHEMA,
-    SKEW_REFRESH,
     TERMINAL_STATES,
 )
 
@@ -56,8 +57,9 @@ class PgBase:
         lease: float = 600.0,
         name: str = "watcher",
     ) -> None:
-        """Connect (and create or migrate the schema, unless ``readonly``); ``clock`` is this node's clock,
-        ``name`` the application name its connections show in ``pg_stat_activity``."""
+        """Connect (and create or migrate the schema, unless ``readonly``); ``clock`` is this node's clock (used only
+        to turn delays into its own times and back, never for a lease), ``name`` the application name its
+        connections show in ``pg_stat_activity``."""
         self.url = url
         self.where = redact(url)
         self.lease = lease  # the longest a paid operation stays taken without renewal (the runner's lease)
@@ -80,9 +82,6 @@ class PgBase:
         self._paths: dict[str, str] = {}  # folder ID -> local folder path
         self._mine: list[str] | None = None  # claims only in these folder IDs (None: any)
         self._order = ClaimOrder()
-        self._skew = 0.0
-        self._skew_at = -SKEW_REFRESH
-        self._skew_lock = threading.Lock()
         if not readonly:
             try:
                 self._migrate()
@@ -158,27 +157,22 @@ class PgBase:
             raise StoreUnreachable(f"the store at {self.where} has no schema yet: start a daemon first")
         return str(row["value"])
 
-    # -- clocks: callers speak their own clock, the database keeps its own ------------------------------
+    # -- clocks: the database's decides; this node's only turns delays into its own times and back -------------
 
-    def skew(self) -> float:
-        """The database's clock minus this node's, in whole seconds (re-measured every minute)."""
-        now = time.monotonic()
-        with self._skew_lock:
-            if now - self._skew_at >= SKEW_REFRESH:
-                before = self._clock()
-                row = self._one("SELECT extract(epoch FROM clock_timestamp())::float8 AS t")
-                after = self._clock()
-                assert row is not None
-                self._skew = float(round(row["t"] - (before + after) / 2))
-                self._skew_at = now
-            return self._skew
+    @staticmethod
+    def _now(db: psycopg.Connection[Any]) -> float:
+        """The database's clock, read in the open transaction (``now()``: the transaction's start)."""
+        return float(got(db.execute(f"SELECT {NOW} AS t").fetchone())["t"])
 
-    def _db_time(self, t: float | None = None) -> float:
-        """A time of this node's clock (default: now) in the database's clock."""
-        return (self._clock() if t is None else t) + self.skew()
+    def _offset(self) -> float:
+        """The database's clock minus this node's, measured now (never cached): for showing stored times only."""
+        before = self._clock()
+        db = self._run(self._now)
+        return float(db - (before + self._clock()) / 2)
 
     def _local_time(self, t: float) -> float:
-        return t - self.skew()
+        """A stored time (database clock) as this node's clock shows it, for status and messages."""
+        return t - self._offset()
 
     # -- folders: local paths <-> folder IDs --------------------------------------------------------------
 
@@ -285,17 +279,18 @@ class PgBase:
         """Record a settled file version and its jobs; (file id, whether new). Older versions are superseded."""
         version = NewVersion(folder, path, rel_path, size, mtime_ns, inode)
         jobs = list(jobs)
-        at = self._db_time(now)
-        return self._run(lambda db: self._register(db, version, jobs, at))  # type: ignore[no-any-return]
+        return self._run(  # type: ignore[no-any-return]
+            lambda db: self._register(db, version, jobs, self._now(db) if now is None else now)
+        )
 
     def register_versions(
         self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
     ) -> list[tuple[int, bool]]:
         """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
         jobs = list(jobs)
-        at = self._db_time(now)
 
         def go(db: psycopg.Connection[Any]) -> list[tuple[int, bool]]:
+            at = self._now(db) if now is None else now  # ``now``: for tests, what the database's clock reads
             # the per-path locks in one order, so that two nodes registering overlapping batches cannot deadlock
             for key in sorted({self._register_lock(v) for v in versions}):
                 db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
@@ -358,19 +353,21 @@ class PgBase:
     # -- jobs -----------------------------------------------------------------------------------------
 
     def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
-        """Take the most overdue pending job whose lease is free or expired (database clock) in claim order (see
-        store.lanes), leased to ``owner``. Each lane is read through its partial index: the cost follows the due."""
-        at = self._db_time(now)
+        """Take the most overdue pending job whose lease is free or expired in claim order (see store.lanes), leased
+        to ``owner``. Due times and leases are the database's clock (``now``, for tests only, stands for what it
+        reads; a node's own clock is never used: it may be stepped). Each lane is read through its partial index:
+        the cost follows the due."""
         mine = "" if self._mine is None else "AND f.folder_id = ANY(%(mine)s) "
-        args = {"pipeline": pipeline, "at": at, "owner": owner, "until": at + lease, "mine": self._mine}
+        args = {"pipeline": pipeline, "owner": owner, "lease": lease, "mine": self._mine, "at": now}
+        at = f"COALESCE(%(at)s::float8, {NOW})"
         lanes = self._order.lanes(pipeline)
 
         def go(db: psycopg.Connection[Any]) -> tuple[str, dict[str, Any]] | None:
             for lane in lanes:
                 row = db.execute(
                     "SELECT j.id FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=%(pipeline)s "
-                    f"AND j.state='pending' AND {LANES[lane]} AND j.next_attempt_at <= %(at)s "
-                    "AND (j.lease_until IS NULL OR j.lease_until < %(at)s) "
+                    f"AND j.state='pending' AND {LANES[lane]} AND j.next_attempt_at <= {at} "
+                    f"AND (j.lease_until IS NULL OR j.lease_until < {at}) "
                     + NOT_PAUSED
                     + mine
                     + "ORDER BY j.next_attempt_at, j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
@@ -381,7 +378,8 @@ class PgBase:
             else:
                 return None
             db.execute(
-                "UPDATE jobs SET lease_owner=%(owner)s, lease_until=%(until)s, updated_at=%(at)s WHERE id=%(id)s",
+                f"UPDATE jobs SET lease_owner=%(owner)s, lease_until={at} + %(lease)s, claims=claims+1, "
+                f"updated_at={at} WHERE id=%(id)s",
                 {**args, "id": row["id"]},
             )
             return lane, got(db.execute(JOB_SELECT + "WHERE j.id=%s", (row["id"],)).fetchone())
@@ -393,6 +391,7 @@ class PgBase:
         self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
         job.owner = owner
+        job.claim = int(row["claims"])
         return job
 
     def get_job(self, job_id: int) -> Job | None:
@@ -407,8 +406,8 @@ class PgBase:
         n = self._run(
             lambda db: (
                 db.execute(
-                    "UPDATE jobs SET step=%s, data=%s, updated_at=%s WHERE id=%s" + FENCE,
-                    (job.step, json.dumps(job.data), self._db_time(), job.id, job.owner),
+                    f"UPDATE jobs SET step=%s, data=%s, updated_at={NOW} WHERE id=%s" + FENCE,
+                    (job.step, json.dumps(job.data), job.id, *job_fence(job)),
                 ).rowcount
             )
         )
@@ -427,24 +426,23 @@ class PgBase:
     ) -> None:
         """Give a job back: ended (a final ``state``), held (``in_doubt``), or pending until ``next_attempt_at``."""
         job.given_back(state, step, count_attempt=count_attempt)
-        now = self._db_time()
-        due = now if next_attempt_at is None else self._db_time(next_attempt_at)
+        delay = 0.0 if next_attempt_at is None else next_attempt_at - self._clock()  # this node's clock: a delay
         n = self._run(
             lambda db: (
                 db.execute(
-                    "UPDATE jobs SET state=%s, step=%s, data=%s, attempts=%s, next_attempt_at=%s, last_error=%s, "
-                    "error_code=%s, lease_owner=NULL, lease_until=NULL, updated_at=%s WHERE id=%s" + FENCE,
+                    f"UPDATE jobs SET state=%s, step=%s, data=%s, attempts=%s, next_attempt_at={NOW} + %s, "
+                    "last_error=%s, error_code=%s, lease_owner=NULL, lease_until=NULL, "
+                    f"updated_at={NOW} WHERE id=%s" + FENCE,
                     (
                         job.state,
                         job.step,
                         json.dumps(job.data),
                         job.attempts,
-                        due,
+                        delay,
                         text(error),
                         error_code,
-                        now,
                         job.id,
-                        job.owner,
+                        *job_fence(job),
                     ),
                 ).rowcount
             )
@@ -454,18 +452,21 @@ class PgBase:
 
     def is_live(self, job: Job) -> bool:
         """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
-        return self._one("SELECT 1 FROM jobs WHERE id=%s" + FENCE, (job.id, job.owner)) is not None
+        return self._one("SELECT 1 FROM jobs WHERE id=%s" + FENCE, (job.id, *job_fence(job))) is not None
 
     def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
         """Extend the leases ``owner`` holds on these jobs and on the operations it is sending (database clock)."""
         ids = list(job_ids)
         if not ids:
             return
-        until = self._db_time() + lease
 
         def go(db: psycopg.Connection[Any]) -> None:
-            db.execute("UPDATE jobs SET lease_until=%s WHERE lease_owner=%s AND id = ANY(%s)", (until, owner, ids))
-            db.execute("UPDATE operations SET lease_until=%s WHERE holder=%s AND state='sending'", (until, owner))
+            db.execute(
+                f"UPDATE jobs SET lease_until={NOW} + %s WHERE lease_owner=%s AND id = ANY(%s)", (lease, owner, ids)
+            )
+            db.execute(
+                f"UPDATE operations SET lease_until={NOW} + %s WHERE holder=%s AND state='sending'", (lease, owner)
+            )
 
         self._run(go)
 
@@ -495,10 +496,10 @@ class PgBase:
             f"(SELECT MIN(GREATEST(j.next_attempt_at, COALESCE(j.lease_until, 0))) {pending}"
             f"AND j.lease_owner IS NOT NULL {NOT_PAUSED}{mine})"
         )
-        sql = f"SELECT LEAST({', '.join([*heads, leased])}) AS due"
+        sql = f"SELECT LEAST({', '.join([*heads, leased])}) - {NOW} AS wait"  # a delay: no clock crosses over
         row = self._run(lambda db: db.execute(sql, {"pipeline": pipeline, "mine": self._mine}).fetchone())
-        due = None if row is None else row["due"]
-        return None if due is None else self._local_time(float(due))
+        wait = None if row is None else row["wait"]
+        return None if wait is None else self._clock() + float(wait)
 
     def pending(self, pipeline: str | None = None, paths: Iterable[str] | None = None) -> int:
         """How many jobs are pending (of one pipeline, for some paths): counted in the lanes' indexes."""
@@ -531,21 +532,27 @@ class PgBase:
             for r in rows
         }
 
-    def save_result(self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None) -> None:
-        """Persist one model's results the moment they arrive; with ``op``, mark it answered in the same transaction."""
-        now = self._db_time()
+    def save_result(
+        self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
+    ) -> bool:
+        """Persist one model's results the moment they arrive; with ``op`` (and its take's ``fence``), mark it
+        answered in the same transaction. False when that take lost the operation (late): the results are kept
+        beside (never over) a newer holder's, and the operation changes only when nobody holds it."""
 
-        def go(db: psycopg.Connection[Any]) -> None:
+        def go(db: psycopg.Connection[Any]) -> bool:
+            fenced = True
             if op is not None:
-                db.execute(
-                    "UPDATE operations SET state='answered', holder=NULL, lease_until=NULL, error=NULL, "
-                    f"updated_at=%s WHERE {KEY_WHERE}",
-                    (now, *op_key(op)),
-                )
+                assert fence is not None, "a paid result names the take that sent it"
+                fenced = op_answered(db, op, None, fence, remote=False)
             db.execute(
-                "INSERT INTO results VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sha256, backend, requested) "
-                "DO UPDATE SET model_name=excluded.model_name, model_version=excluded.model_version, "
-                "correlation_id=excluded.correlation_id, results=excluded.results, created_at=excluded.created_at",
+                f"INSERT INTO results VALUES (%s, %s, %s, %s, %s, %s, %s, {NOW}) "
+                "ON CONFLICT (sha256, backend, requested) "
+                + (
+                    "DO UPDATE SET model_name=excluded.model_name, model_version=excluded.model_version, "
+                    "correlation_id=excluded.correlation_id, results=excluded.results, created_at=excluded.created_at"
+                    if fenced
+                    else "DO NOTHING"
+                ),
                 (
                     sha256,
                     backend,
@@ -554,11 +561,11 @@ class PgBase:
                     result.model_version,
                     result.correlation_id,
                     json.dumps(result.results),
-                    now,
                 ),
             )
+            return fenced
 
-        self._run(go)
+        return bool(self._run(go))
 
 
 def got(row: Any) -> Any:
@@ -572,6 +579,43 @@ def set_op_state(db: psycopg.Connection[Any], op: Operation, state: str, now: fl
         "UPDATE operations SET state=%s, holder=NULL, lease_until=NULL, error=%s, updated_at=%s, "
         f"since=CASE WHEN %s='in_doubt' THEN %s ELSE since END WHERE {KEY_WHERE}",
         (state, text(error), now, state, now, *op_key(op)),
+    )
+    adopt_late(db, op)
+
+
+def op_answered(db: psycopg.Connection[Any], op: Operation, result: str | None, fence: Fence, *, remote: bool) -> bool:
+    """The answer to the take ``fence`` names, in an open transaction: answered when that take still holds the
+    operation (True); a late answer (False) is adopted where nobody holds it, else kept in ``late_result``."""
+    keep = "result=COALESCE(%s, result), " + ("remote_state=COALESCE(remote_state, 'requested'), " if remote else "")
+    done = f"UPDATE operations SET state='answered', {keep}holder=NULL, lease_until=NULL, error=NULL, since=NULL, "
+    key = op_key(op)
+    if db.execute(done + f"updated_at={NOW} WHERE {KEY_WHERE}{OP_FENCED}", (result, *key, *fence_args(fence))).rowcount:
+        return True
+    if not db.execute(done + f"updated_at={NOW} WHERE {KEY_WHERE}{OP_UNHELD}", (result, *key)).rowcount and result:
+        db.execute(
+            f"UPDATE operations SET late_result=COALESCE(late_result, %s) WHERE {KEY_WHERE} "
+            "AND result IS DISTINCT FROM %s",
+            (result, *key, result),
+        )
+    return False
+
+
+def job_fence(job: Job) -> tuple[Any, ...]:
+    """The arguments of ``FENCE`` for ``job``: its lease owner and its claim (None: any)."""
+    return (job.owner, job.claim, job.claim)
+
+
+def fence_args(fence: Fence) -> tuple[str, int]:
+    return (fence.holder, fence.generation)
+
+
+def adopt_late(db: psycopg.Connection[Any], op: Operation) -> None:
+    """An operation nobody holds any more whose late answer was kept is answered by it (never sent again)."""
+    db.execute(
+        "UPDATE operations SET state='answered', result=late_result, late_result=NULL, error=NULL, since=NULL, "
+        f"remote_state=COALESCE(remote_state, 'requested'), updated_at={NOW} WHERE {KEY_WHERE}{OP_UNHELD} "
+        "AND late_result IS NOT NULL",
+        op_key(op),
     )
 
 

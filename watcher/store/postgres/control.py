@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -9,12 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from watcher.errors import ConfigError
 from watcher.names import text
-from watcher.store.models import Job, Problem, retry_selects
-from watcher.store.postgres.base import path_bytes
+from watcher.store.models import Job, Operation, Problem, retry_selects
+from watcher.store.postgres.base import adopt_late, path_bytes
 from watcher.store.postgres.schema import (
     JOB_SELECT,
     KEY_WHERE,
+    NODE_ALIVE_SECONDS,
+    NOW,
     TERMINAL_STATES,
 )
 from watcher.store.schema import OPEN_STATES
@@ -32,12 +36,11 @@ class PgControlMixin(_Base):
 
     def set_paused(self, folder: str, paused: bool) -> None:
         """Pause or resume a folder for every node (keyed by folder ID)."""
-        now = self._db_time()
         self._run(
             lambda db: db.execute(
-                "INSERT INTO folder_state (folder_id, folder, paused, updated_at) VALUES (%s, %s, %s, %s) "
+                f"INSERT INTO folder_state (folder_id, folder, paused, updated_at) VALUES (%s, %s, %s, {NOW}) "
                 "ON CONFLICT (folder_id) DO UPDATE SET paused=excluded.paused, updated_at=excluded.updated_at",
-                (self._fid(folder), path_bytes(folder), paused, now),
+                (self._fid(folder), path_bytes(folder), paused),
             )
         )
 
@@ -46,18 +49,18 @@ class PgControlMixin(_Base):
         return {self._paths.get(r["folder_id"], os.fsdecode(bytes(r["folder"]))) for r in rows}
 
     def set_folder_health(self, folder: str, *, mode: str | None, reason: str | None, available: bool) -> None:
-        now = self._db_time()
         self._run(
             lambda db: db.execute(
                 "INSERT INTO folder_state (folder_id, folder, mode, reason, available, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (folder_id) DO UPDATE SET mode=excluded.mode, "
+                f"VALUES (%s, %s, %s, %s, %s, {NOW}) ON CONFLICT (folder_id) DO UPDATE SET mode=excluded.mode, "
                 "reason=excluded.reason, available=excluded.available, updated_at=excluded.updated_at",
-                (self._fid(folder), path_bytes(folder), mode, text(reason), available, now),
+                (self._fid(folder), path_bytes(folder), mode, text(reason), available),
             )
         )
 
     def folder_states(self) -> list[dict[str, Any]]:
         rows = self._all("SELECT * FROM folder_state ORDER BY folder")
+        offset = self._offset() if rows else 0.0
         return [
             {
                 "folder": self._paths.get(r["folder_id"], os.fsdecode(bytes(r["folder"]))),
@@ -65,7 +68,7 @@ class PgControlMixin(_Base):
                 "mode": r["mode"],
                 "reason": r["reason"],
                 "available": r["available"],
-                "updated_at": self._local_time(r["updated_at"]),
+                "updated_at": r["updated_at"] - offset,
             }
             for r in rows
         ]
@@ -95,6 +98,7 @@ class PgControlMixin(_Base):
             "AND j.state='pending')) ORDER BY f.folder_id, f.rel_path, j.pipeline"
         )
         out = []
+        offset = self._offset() if rows else 0.0
         for r in rows:
             job = self._job(r)
             out.append(
@@ -106,7 +110,7 @@ class PgControlMixin(_Base):
                     error_code=job.error_code,
                     error=job.last_error,
                     attempts=job.attempts,
-                    next_attempt_at=self._local_time(r["next_attempt_at"]) if job.state == "pending" else None,
+                    next_attempt_at=r["next_attempt_at"] - offset if job.state == "pending" else None,
                     data=job.data,
                 )
             )
@@ -129,9 +133,9 @@ class PgControlMixin(_Base):
         pipelines: Sequence[str] | None = None,
     ) -> int:
         """Make jobs of current versions due now at the step they stopped at (see the SQLite adapter)."""
-        now = self._db_time()
 
         def go(db: psycopg.Connection[Any]) -> int:
+            now = self._now(db)
             sql = JOB_SELECT + "WHERE f.current AND j.state IN ('pending', 'failed', 'in_doubt')"
             args: list[Any] = []
             if paths is not None:
@@ -169,9 +173,8 @@ class PgControlMixin(_Base):
 
     def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int:
         """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (see the SQLite adapter)."""
-        now = self._db_time()
-
         def go(db: psycopg.Connection[Any]) -> int:
+            now = self._now(db)
             added = 0
             for file_id in file_ids:
                 cur = db.execute(
@@ -187,9 +190,8 @@ class PgControlMixin(_Base):
 
     def reopen(self, job_ids: Sequence[int], step: str) -> int:
         """Make ``done`` jobs pending again at ``step`` (see the SQLite adapter)."""
-        now = self._db_time()
-
         def go(db: psycopg.Connection[Any]) -> int:
+            now = self._now(db)
             changed = 0
             for job_id in job_ids:
                 cur = db.execute(
@@ -205,9 +207,9 @@ class PgControlMixin(_Base):
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
         """Forget replaced or deleted versions whose jobs all ended long ago; results and paid IDs stay. Only
         replaced versions and those with a job ``gone`` are read (``files_replaced``, ``jobs_gone``)."""
-        cutoff = self._db_time(now) - older_than_days * 86400
 
         def go(db: psycopg.Connection[Any]) -> int:
+            cutoff = (self._now(db) if now is None else now) - older_than_days * 86400  # ``now``: tests only
             ids = [
                 r["id"]
                 for r in db.execute(
@@ -228,55 +230,95 @@ class PgControlMixin(_Base):
 
     # -- nodes -----------------------------------------------------------------------------------------
 
+    def claim_node_name(self, name: str, node_id: str) -> None:
+        """At a node's start: ``name`` is this node's (``node_id``, generated and kept in its state folder). Refused
+        (ConfigError: exit 2, which its supervisor does not retry) while another node with a live heartbeat
+        answers to that name; a dead one's name is taken over (its leases are left to expire, never released)."""
+
+        def go(db: psycopg.Connection[Any]) -> dict[str, Any] | None:
+            db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))", (f"node-name/{name}",))
+            row = db.execute(
+                f"SELECT node_id, heartbeat_at, {NOW} - heartbeat_at AS ago FROM nodes WHERE name=%s", (name,)
+            ).fetchone()
+            if row is not None and row["node_id"] not in (None, node_id) and row["ago"] < NODE_ALIVE_SECONDS:
+                return dict(row)
+            db.execute(
+                "INSERT INTO nodes (name, owner, version, started_at, heartbeat_at, node_id) "
+                f"VALUES (%s, '', '', {NOW}, {NOW}, %s) ON CONFLICT (name) DO UPDATE SET node_id=excluded.node_id",
+                (name, node_id),
+            )
+            return None
+
+        taken = self._run(go)
+        if taken is not None:
+            when = dt.datetime.fromtimestamp(self._local_time(taken["heartbeat_at"]), dt.UTC)
+            raise ConfigError(
+                f"[store] node_name {name!r} belongs to another node (ID {taken['node_id']}) whose last heartbeat "
+                f"was {when.isoformat(timespec='seconds').replace('+00:00', 'Z')} ({taken['ago']:.0f} s ago): "
+                "not starting, so that neither node takes the other's work; give this machine its own node_name "
+                "(a cloned machine: also remove its state folder's node-id)"
+            )
+
     def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
         """This node is alive: its name, the lease owner it claims as, its version (database clock)."""
-        now = self._db_time()
         self._run(
             lambda db: db.execute(
                 "INSERT INTO nodes (name, owner, version, started_at, heartbeat_at, folders) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, "
+                f"VALUES (%s, %s, %s, {NOW}, {NOW}, %s) ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, "
                 "version=excluded.version, heartbeat_at=excluded.heartbeat_at, folders=excluded.folders, "
                 "started_at=CASE WHEN nodes.owner=excluded.owner THEN nodes.started_at ELSE excluded.started_at END",
-                (name, owner, version, now, now, json.dumps(list(folders))),
+                (name, owner, version, json.dumps(list(folders))),
             )
         )
 
-    def release_node(self, node: str, keep: str) -> tuple[int, int]:
-        """At a node's start: what its earlier lives (owners ``node:...`` other than ``keep``) held is given back
-        (jobs) or marked in doubt / to re-ask (operations in flight). (jobs, operations). Node names are unique."""
-        now = self._db_time()
-        mine = "left({col}, length(%(node)s) + 1) = %(node)s || ':' AND {col} <> %(keep)s"
-        args = {"node": node, "keep": keep, "now": now}
+    def release_node(self, node_id: str, keep: str) -> tuple[int, int]:
+        """At a node's start: what its earlier lives held (owners ending ``@<node_id>``, exactly that ID, other than
+        ``keep``) is given back (jobs) or marked in doubt / to re-ask (operations in flight). (jobs, operations).
+        Another node's leases are never touched, whatever its name."""
+        mine = "split_part({col}, '@', -1) = %(node)s AND {col} <> %(keep)s"
+        args = {"node": node_id, "keep": keep}
 
         def go(db: psycopg.Connection[Any]) -> tuple[int, int]:
             jobs = db.execute(
-                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE " + mine.format(col="lease_owner"), args
+                "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL AND "
+                + mine.format(col="lease_owner"),
+                args,
             ).rowcount
             ops = db.execute(
                 "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
-                "since=CASE on_doubt WHEN 'hold' THEN %(now)s ELSE since END, holder=NULL, lease_until=NULL, "
-                "error='the daemon stopped while the request was in flight', updated_at=%(now)s "
-                "WHERE state='sending' AND " + mine.format(col="holder"),
+                f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
+                f"error='the daemon stopped while the request was in flight', updated_at={NOW} "
+                "WHERE state='sending' AND " + mine.format(col="holder") + " RETURNING sha256, service, operation, "
+                "params, late_result",
                 args,
-            ).rowcount
-            return jobs, ops
+            ).fetchall()
+            for r in ops:  # a late answer kept beside one of them answers it
+                if r["late_result"] is not None:
+                    adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]))
+            return jobs, len(ops)
 
         return self._run(go)  # type: ignore[no-any-return]
 
+    def node_alive(self, node_id: str) -> bool:
+        """True while a node with this ID has a live heartbeat (its temp files are its own business)."""
+        row = self._one(
+            f"SELECT 1 FROM nodes WHERE node_id=%s AND {NOW} - heartbeat_at < %s", (node_id, NODE_ALIVE_SECONDS)
+        )
+        return row is not None
+
     def nodes(self) -> list[dict[str, Any]]:
         """Every node that ever used this store: name, version, last heartbeat (this node's clock), jobs held."""
-        at = self._db_time()
         rows = self._all(
-            "SELECT n.*, (SELECT COUNT(*) FROM jobs j WHERE j.lease_owner=n.owner AND j.lease_until >= %s) AS held "
-            "FROM nodes n ORDER BY n.name",
-            (at,),
+            f"SELECT n.*, {NOW} - n.heartbeat_at AS ago, (SELECT COUNT(*) FROM jobs j WHERE j.lease_owner=n.owner "
+            f"AND j.lease_until >= {NOW}) AS held FROM nodes n ORDER BY n.name"
         )
+        now = self._clock()
         return [
             {
                 "name": r["name"],
                 "version": r["version"],
-                "last_heartbeat": self._local_time(r["heartbeat_at"]),
-                "seconds_since_heartbeat": round(max(0.0, at - r["heartbeat_at"]), 1),
+                "last_heartbeat": now - r["ago"],
+                "seconds_since_heartbeat": round(max(0.0, r["ago"]), 1),
                 "jobs_held": int(r["held"]),
                 "owner": r["owner"],
             }

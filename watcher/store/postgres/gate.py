@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from watcher.names import text
-from watcher.store.gate import UNPAID, WAIT_SECONDS, capped_tickets, ledger_kind, next_utc_midnight, utc_day
-from watcher.store.models import Operation, Ticket
-from watcher.store.postgres.base import got, op_key, opt_local, set_op_state
-from watcher.store.postgres.schema import (
-    KEY_WHERE,
+from watcher.store.gate import (
+    UNPAID,
+    WAIT_SECONDS,
+    capped_tickets,
+    ledger_kind,
+    next_utc_midnight,
+    own_ticket,
+    replayed,
+    utc_day,
 )
+from watcher.store.models import Fence, Operation, Ticket
+from watcher.store.postgres.base import (
+    adopt_late,
+    fence_args,
+    got,
+    op_answered,
+    op_key,
+    opt_local,
+    set_op_state,
+)
+from watcher.store.postgres.schema import KEY_WHERE, NOW, OP_FENCED
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -52,18 +68,23 @@ class PgGateMixin(_Base):
         resend_in_doubt: bool = False,
         estimated: bool = False,
         now: float | None = None,
+        take_id: str | None = None,
     ) -> list[Ticket]:
         """Decide for each operation of one request whether this caller may send it, taking those it may, in one
-        transaction: operation rows locked by primary key, the day's spend row locked for the cap check."""
+        transaction: operation rows locked by primary key, the day's spend row locked for the cap check. Leases
+        and the day are the database's clock (``now``, for tests only, stands for what it reads). A replay of
+        this transaction (its commit's acknowledgement lost) finds the operations held by its own ``take_id``
+        and gets the same tickets back."""
         if not ops:
             return []
-        at = self._db_time(now)
-        local_now = self._clock() if now is None else now
         lease = min(lease, self.lease)
+        take = take_id or uuid.uuid4().hex
+        local_now = self._clock()
 
         def go(db: psycopg.Connection[Any]) -> list[Ticket]:
+            at = self._now(db) if now is None else now
             tickets: dict[int, Ticket] = {}
-            takeable: list[tuple[int, Operation, bool]] = []
+            takeable: list[tuple[int, Operation, bool, int]] = []
             keys = sorted({op_key(op): op for op in ops}.items())  # a fixed lock order: no deadlock between takers
             db.execute(
                 "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, created_at, updated_at) "
@@ -81,22 +102,30 @@ class PgGateMixin(_Base):
             for i, op in enumerate(ops):
                 row = rows[op_key(op)]
                 state = row["state"]
+                if replayed(row, take):
+                    tickets[i] = own_ticket(op, row)
+                    continue
                 if state == "sending" and (row["lease_until"] or 0) < at:
                     state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
                     set_op_state(db, op, state, at, error="the daemon stopped while the request was in flight")
+                    row = got(db.execute(f"SELECT * FROM operations WHERE {KEY_WHERE}", op_key(op)).fetchone())
+                    state = row["state"]  # a late answer kept beside it makes it answered
                 if state == "answered":
                     tickets[i] = Ticket("answered", op, result=row["result"])
                 elif state == "sending":
                     tickets[i] = Ticket("wait", op, until=local_now + WAIT_SECONDS, holder=row["holder"])
                 elif state == "in_doubt" and not resend_in_doubt:
-                    tickets[i] = Ticket("in_doubt", op, since=opt_local(self, row["since"]), error=row["error"])
+                    since = None if row["since"] is None else local_now - (at - row["since"])
+                    tickets[i] = Ticket("in_doubt", op, since=since, error=row["error"])
                 else:
-                    takeable.append((i, op, state in ("reask", "in_doubt")))
+                    takeable.append((i, op, state in ("reask", "in_doubt"), int(row["generation"]) + 1))
             if takeable:
-                tickets.update(charge(db, takeable))
+                tickets.update(charge(db, takeable, at))
             return [tickets[i] for i in range(len(ops))]
 
-        def charge(db: psycopg.Connection[Any], takeable: list[tuple[int, Operation, bool]]) -> dict[int, Ticket]:
+        def charge(
+            db: psycopg.Connection[Any], takeable: list[tuple[int, Operation, bool, int]], at: float
+        ) -> dict[int, Ticket]:
             """The day's cap checked (its spend row locked) and, within it, the ledger line and every take."""
             day = utc_day(at)
             if cap_seconds is None:  # the day's row made and charged by one statement
@@ -118,7 +147,7 @@ class PgGateMixin(_Base):
                     first = spent["capped_at"] is None
                     if first:
                         db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
-                    until = self._local_time(next_utc_midnight(at))
+                    until = local_now + (next_utc_midnight(at) - at)
                     return capped_tickets(takeable, until, first, spent["seconds"], cap_seconds)
                 db.execute(
                     "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
@@ -132,10 +161,10 @@ class PgGateMixin(_Base):
                         at,
                         day,
                         budget,
-                        ",".join(op.name for _, op, _ in takeable),
+                        ",".join(op.name for _, op, _, _ in takeable),
                         takeable[0][1].sha256,
                         seconds,
-                        sum(op.name.startswith("analyze:") for _, op, _ in takeable),
+                        sum(op.name.startswith("analyze:") for _, op, _, _ in takeable),
                         ledger_kind(takeable),
                         estimated,
                         takeable[0][1].service,
@@ -143,34 +172,42 @@ class PgGateMixin(_Base):
                 ).fetchone()
             )["id"]
             by_doubt: dict[str, set[tuple[str, str, str, str]]] = {}
-            for _, op, _ in takeable:
+            for _, op, _, _ in takeable:
                 by_doubt.setdefault(op.on_doubt, set()).add(op_key(op))
             for on_doubt, keys in by_doubt.items():  # one statement (one policy for every model, as a rule)
                 db.execute(
                     "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, sends=sends+1, "
+                    "generation=generation+1, take_id=%s, request=%s, "
                     f"error=NULL, since=NULL, updated_at=%s WHERE {_any_key(len(keys))}",
-                    [on_doubt, owner, at + lease, at, *(v for key in sorted(keys) for v in key)],
+                    [on_doubt, owner, at + lease, take, request, at, *(v for key in sorted(keys) for v in key)],
                 )
-            return {i: Ticket("send", op, resend=resend, request=int(request)) for i, op, resend in takeable}
+            return {
+                i: Ticket("send", op, resend=resend, request=int(request), fence=Fence(owner, generation))
+                for i, op, resend, generation in takeable
+            }
 
         return self._run(go)  # type: ignore[no-any-return]
 
-    def gate_answered(self, op: Operation, result: str | None = None) -> None:
-        """The service answered: keep its ID so the operation is never sent again, by any node."""
-        now = self._db_time()
-        self._run(
-            lambda db: db.execute(
-                "UPDATE operations SET state='answered', result=%s, remote_state=COALESCE(remote_state, 'requested'), "
-                f"holder=NULL, lease_until=NULL, error=NULL, since=NULL, updated_at=%s WHERE {KEY_WHERE}",
-                (result, now, *op_key(op)),
-            )
-        )
+    def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:
+        """The service answered the take ``fence`` names: keep its ID so the operation is never sent again, by any
+        node. False when that take lost the operation (late): the ID is kept all the same (see watcher.store.gate)."""
+        return bool(self._run(lambda db: op_answered(db, op, result, fence, remote=True)))
 
-    def gate_release(self, op: Operation, state: str, *, error: str | None = None) -> None:
-        """No answer: ``open`` (provably not sent), ``reask`` (ask again, counted) or ``in_doubt`` (held)."""
+    def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool:
+        """No answer: ``open`` (provably not sent), ``reask`` (ask again, counted) or ``in_doubt`` (held). False when
+        the take ``fence`` names lost the operation (late): nothing changes."""
         assert state in ("open", "reask", "in_doubt"), state
-        now = self._db_time()
-        self._run(lambda db: set_op_state(db, op, state, now, error=error))
+
+        def go(db: psycopg.Connection[Any]) -> bool:
+            n = db.execute(
+                f"UPDATE operations SET state=%s, holder=NULL, lease_until=NULL, error=%s, updated_at={NOW}, "
+                f"since=CASE WHEN %s='in_doubt' THEN {NOW} ELSE since END WHERE {KEY_WHERE}{OP_FENCED}",
+                (state, text(error), state, *op_key(op), *fence_args(fence)),
+            ).rowcount
+            adopt_late(db, op)
+            return bool(n)
+
+        return bool(self._run(go))
 
     def gate_get(self, op: Operation) -> dict[str, Any] | None:
         """The operation's row, or None when never taken (an untaken ``open`` placeholder counts as never)."""
@@ -181,13 +218,12 @@ class PgGateMixin(_Base):
 
     def gate_resend(self, ops: Sequence[tuple[str, str, str, str]]) -> int:
         """The user's word: in-doubt operations may be sent again; returns how many."""
-        now = self._db_time()
 
         def go(db: psycopg.Connection[Any]) -> int:
             return sum(
                 db.execute(
-                    f"UPDATE operations SET state='reask', updated_at=%s WHERE state='in_doubt' AND {KEY_WHERE}",
-                    (now, *key),
+                    f"UPDATE operations SET state='reask', updated_at={NOW} WHERE state='in_doubt' AND {KEY_WHERE}",
+                    key,
                 ).rowcount
                 for key in ops
             )
@@ -196,21 +232,23 @@ class PgGateMixin(_Base):
 
     def gate_recover(self, holder: str | None = None) -> int:
         """Operations left ``sending`` (by ``holder``, or by anyone) become in doubt or re-asks."""
-        now = self._db_time()
         where = "state='sending'" + (" AND holder=%s" if holder else "")
-        args: tuple[Any, ...] = (now, now, *((holder,) if holder else ()))
-        return int(
-            self._run(
-                lambda db: (
-                    db.execute(
-                        "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
-                        "since=CASE on_doubt WHEN 'hold' THEN %s ELSE since END, holder=NULL, lease_until=NULL, "
-                        f"error='the daemon stopped while the request was in flight', updated_at=%s WHERE {where}",
-                        args,
-                    ).rowcount
-                )
-            )
-        )
+        args: tuple[Any, ...] = (holder,) if holder else ()
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            recovered = db.execute(
+                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
+                f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
+                f"error='the daemon stopped while the request was in flight', updated_at={NOW} WHERE {where} "
+                "RETURNING sha256, service, operation, params, late_result",
+                args,
+            ).fetchall()
+            for r in recovered:  # a late answer kept beside one of them answers it
+                if r["late_result"] is not None:
+                    adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]))
+            return len(recovered)
+
+        return int(self._run(go))
 
     def ledger_outcome(self, request: int, outcome: str) -> None:
         """Record how a request ended; one not paid (UNPAID: not sent, refused) is taken back out of the spend."""
@@ -258,11 +296,10 @@ class PgGateMixin(_Base):
 
     def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None:
         """What the service last said of the object an answered operation created."""
-        now = self._db_time()
         self._run(
             lambda db: db.execute(
-                f"UPDATE operations SET remote_state=%s, remote_error=%s, updated_at=%s WHERE {KEY_WHERE}",
-                (state, text(error), now, *op_key(op)),
+                f"UPDATE operations SET remote_state=%s, remote_error=%s, updated_at={NOW} WHERE {KEY_WHERE}",
+                (state, text(error), *op_key(op)),
             )
         )
 

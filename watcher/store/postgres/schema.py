@@ -5,7 +5,10 @@ from __future__ import annotations
 from watcher.store.schema import TERMINAL
 
 LOCK_KEY = 0x77617463  # the advisory lock migrations run under ("watc")
-SKEW_REFRESH = 60.0
+# The database's clock, in seconds since the epoch: every lease, due time and heartbeat is computed with it.
+NOW = "extract(epoch FROM now())::float8"
+# A node whose heartbeat is older than this is dead: its name may be taken, its temp files swept.
+NODE_ALIVE_SECONDS = 60.0
 SCHEMA = [
     # version 1
     """
@@ -137,6 +140,20 @@ SCHEMA = [
     ALTER TABLE ledger ADD COLUMN estimated boolean NOT NULL DEFAULT false;
     ALTER TABLE ledger ADD COLUMN endpoint text NOT NULL DEFAULT '';
     """,
+    # version 5: operation transitions are compare-and-set on (holder, generation); the generation grows with each
+    # take. ``take_id`` and ``request`` let a take replayed after a lost commit acknowledgement recognise itself,
+    # ``late_result`` keeps what a holder that lost the operation was still paid for. A node is its generated ID
+    # (kept in its state folder): its name is for people, and one name belongs to one live node at a time. A job's
+    # ``claims`` grows with each claim, so a claimer whose lease ran out cannot change a job claimed again since.
+    """
+    ALTER TABLE jobs ADD COLUMN claims integer NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN generation integer NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN take_id text;
+    ALTER TABLE operations ADD COLUMN request bigint;
+    ALTER TABLE operations ADD COLUMN late_result text;
+    UPDATE operations SET generation = sends;
+    ALTER TABLE nodes ADD COLUMN node_id text;
+    """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
 JOB_SELECT = """
@@ -145,6 +162,12 @@ JOB_SELECT = """
     FROM jobs j JOIN files f ON f.id = j.file_id
 """
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
-FENCE = " AND lease_owner IS NOT DISTINCT FROM %s AND state NOT IN ('superseded', 'gone')"
+FENCE = (
+    " AND lease_owner IS NOT DISTINCT FROM %s AND (%s::integer IS NULL OR claims = %s)"
+    " AND state NOT IN ('superseded', 'gone')"
+)
 KEY_WHERE = "sha256=%s AND service=%s AND operation=%s AND params=%s"
+# An operation's outcome changes it only while the take that sent it still holds it (see watcher.store.gate).
+OP_FENCED = " AND state='sending' AND holder=%s AND generation=%s"
+OP_UNHELD = " AND state IN ('open', 'reask', 'in_doubt')"
 TERMINAL_STATES = tuple(sorted(TERMINAL))
