@@ -246,6 +246,8 @@ def test_a_cloned_machine_with_the_same_node_name_exits_2_naming_the_name(tmp_pa
 # -- finding 9: a superseded job's late download --------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("gate_stand_in")
+@pytest.mark.bill_exempt("the versions are uploaded and mastered by the client alone, to set the scene: no ledger")
 def test_a_superseded_jobs_late_download_never_replaces_the_newer_delivery(tmp_path, na: Service):
     """Version 1's archive job is still downloading when version 2 arrives and is delivered: version 1's fetch
     ends in LeaseLost with the delivery folder as version 2 left it (no `.replaced-` folder, no rename)."""

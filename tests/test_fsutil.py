@@ -202,35 +202,3 @@ def test_sweep_leaves_another_live_nodes_staging_alone(tmp_path):
     removed = sweep_temp([(out, True)], mine=me, alive=verdicts.get)
     assert sorted(removed) == sorted([names[me], names[dead], old])
     assert (names[live] / "restored.wav").exists() and (names[unknown] / "restored.wav").exists()
-
-
-class _Level(int):
-    """An int subclass: json.dumps writes it through int.__repr__ too, here by falling back to json.dumps."""
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        {"schema_version": 1, "source": {"name": "caf\u00e9 \udce9.wav", "size": 22094}, "models": {}, "errors": []},
-        {"nested": {"a": [0.1, 1e300, -0.0, 2.5e-07, 10**30, [], {}, [[1], {"b": None}]], "t": (1, "x")}},
-        {"odd": [float("nan"), float("inf"), -float("inf"), True, False, None, "", '\x00\n\t"\\\u2028']},
-        {7: "int key", 2.5: "float key", None: "none key", True: "bool key", False: "no"},
-        {"subclass": _Level(3)},
-        [],
-        "text",
-        3.0,
-    ],
-)
-def test_indented_json_is_byte_for_byte_what_json_dumps_writes(value: object) -> None:
-    """Sidecars, manifests and state files keep the exact text of json.dumps(indent=2, ensure_ascii=False)."""
-    assert fsutil.indented_json(value) == json.dumps(value, indent=2, ensure_ascii=False)
-
-
-def test_indented_json_leaves_what_is_not_json_to_json_dumps() -> None:
-    """A value json.dumps refuses is refused the same way (no partial text)."""
-    loop: dict[str, object] = {}
-    loop["self"] = loop
-    with pytest.raises(ValueError, match="Circular"):
-        fsutil.indented_json(loop)
-    with pytest.raises(TypeError):
-        fsutil.indented_json({"x": object()})

@@ -176,7 +176,7 @@ def test_a_refused_request_is_recorded_and_not_spent(store):
     """A request the service refused (401, 422) is a `refused` line: taken back out of the day's seconds and
     paid calls, once, and its operation is free again."""
     first = take(store, MASTER, "a", seconds=12.0)
-    store.gate_release(MASTER, "open", error="HTTP 401")
+    store.gate_release(MASTER, "open", fence=first.fence, error="HTTP 401")
     store.ledger_outcome(first.request, "refused")
     store.ledger_outcome(first.request, "refused")
     day = store.spend_on(utc_day(time.time()))["processing"]
@@ -202,12 +202,12 @@ def test_an_estimated_charge_settles_to_the_real_length(store):
 
 def test_a_take_of_an_in_doubt_operation_is_a_reported_resend(store):
     """Sent again after the user's word, a held operation's take is a `resend` line; a re-asked model's a `reask`."""
-    take(store, MASTER, "a")
-    store.gate_release(MASTER, "in_doubt", error="lost")
+    held = take(store, MASTER, "a")
+    store.gate_release(MASTER, "in_doubt", fence=held.fence, error="lost")
     store.gate_resend([(MASTER.sha256, MASTER.service, MASTER.name, MASTER.params)])
     assert take(store, MASTER, "b").resend
-    take(store, KEY, "a", budget="analysis")
-    store.gate_release(KEY, "reask", error="stream cut")
+    cut = take(store, KEY, "a", budget="analysis")
+    store.gate_release(KEY, "reask", fence=cut.fence, error="stream cut")
     take(store, KEY, "b", budget="analysis")
     kinds = [line["kind"] for line in store.ledger_lines(utc_day(time.time()), utc_day(time.time()))]
     assert kinds == ["first", "resend", "first", "reask"]
