@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 
 from bench.burst import _answers, free_port, variants, wait_for
-from watcher.emulator import Emulator
 from tests.conftest import write_tone
+from watcher.emulator import Emulator
 
 # The daemon, with a SIGUSR2 handler that writes a tracemalloc snapshot (bench only).
 TRACED = """
@@ -61,7 +61,8 @@ def follow_events(url: str, token: str, stop: threading.Event) -> None:
     """The page's live feed, held open as a browser tab would (reconnecting if the daemon closes it)."""
     while not stop.is_set():
         try:
-            with httpx.stream("GET", url + "/api/events", headers={"Authorization": f"Bearer {token}"}, timeout=None) as r:
+            auth = {"Authorization": f"Bearer {token}"}
+            with httpx.stream("GET", url + "/api/events", headers=auth, timeout=httpx.Timeout(5, read=60)) as r:
                 for _ in r.iter_lines():
                     if stop.is_set():
                         return
@@ -159,10 +160,8 @@ def main() -> None:
                         daemon.send_signal(signal.SIGUSR2)
                 if now >= next_report:
                     next_report += args.report
-                    print(
-                        f"{(now - started) / 60:6.1f} {dropped:7d} {rss_mb(daemon.pid):8.1f} {open_files(daemon.pid):10d}",
-                        flush=True,
-                    )
+                    minutes, rss, fds = (now - started) / 60, rss_mb(daemon.pid), open_files(daemon.pid)
+                    print(f"{minutes:6.1f} {dropped:7d} {rss:8.1f} {fds:10d}", flush=True)
                 if daemon.poll() is not None:
                     raise SystemExit(f"the daemon exited with {daemon.returncode}")
             last = rss_mb(daemon.pid)
