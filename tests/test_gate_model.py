@@ -15,19 +15,18 @@ sets the examples per store (see bench/README.md).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from tests.test_fence import _LostAcks
 from watcher.store import Fence, Job, LeaseLost, Operation, Store, Ticket
 from watcher.store.postgres import PostgresStore
 
@@ -64,35 +63,6 @@ class InFlight:
     taker: str
     op: Operation
     ticket: Ticket
-
-
-class _Recording:
-    """A connection that notes whether its transaction wrote a ledger line (a take that charged)."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn, self.charged = conn, False
-
-    def execute(self, sql: Any, *args: Any, **kwargs: Any) -> Any:
-        self.charged |= "INSERT INTO ledger" in str(sql)
-        return self.conn.execute(sql, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.conn, name)
-
-
-class _LostAcks(PostgresStore):
-    """A store whose next ``lose`` takes commit on the server while the client is told the connection broke."""
-
-    lose = 0
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Any]:
-        with super()._tx() as conn:
-            recording = _Recording(conn)
-            yield recording
-        if self.lose and recording.charged:
-            self.lose -= 1
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
 
 
 class GateModel(RuleBasedStateMachine):

@@ -50,18 +50,20 @@ def resolve_key(
     section: str,
     env_name: str,
     credential: str,
-) -> SecretStr | None:
-    """The first of: the config value, the key file, ``env_name``, ``$CREDENTIALS_DIRECTORY/credential``."""
+) -> tuple[SecretStr | None, str]:
+    """The first of: the config value, the key file, ``env_name``, ``$CREDENTIALS_DIRECTORY/credential``; and
+    where it came from, for messages (never the key itself)."""
     if key is not None and key.get_secret_value():
-        return key
+        return key, f"{section}.api_key in the config (or WATCHER_{section.upper()}__API_KEY)"
     if key_file is not None:
-        return read_secret_file(key_file.expanduser(), f"{section}.api_key_file")
+        where = f"{section}.api_key_file"
+        return read_secret_file(key_file.expanduser(), where), f"{where} ({key_file})"
     if env.get(env_name):
-        return SecretStr(env[env_name].strip())
+        return SecretStr(env[env_name].strip()), f"the environment variable {env_name}"
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / credential).is_file():
-        return read_credential(Path(cred_dir) / credential, credential)
-    return None
+        return read_credential(Path(cred_dir) / credential, credential), f"the systemd credential {credential}"
+    return None, "no key configured"
 
 
 def read_credential(path: Path, name: str) -> SecretStr | None:
@@ -72,25 +74,3 @@ def read_credential(path: Path, name: str) -> SecretStr | None:
     except OSError:
         blank = False  # read_secret_file says what is wrong
     return None if blank else read_secret_file(path, f"systemd credential {name}")
-
-
-def key_source(
-    key: SecretStr | None,
-    key_file: Path | None,
-    env: Mapping[str, str],
-    *,
-    section: str,
-    env_name: str,
-    credential: str,
-) -> str:
-    """Where :func:`resolve_key` takes the key from, for messages: never the key itself."""
-    if key is not None and key.get_secret_value():
-        return f"{section}.api_key in the config (or WATCHER_{section.upper()}__API_KEY)"
-    if key_file is not None:
-        return f"{section}.api_key_file ({key_file})"
-    if env.get(env_name):
-        return f"the environment variable {env_name}"
-    cred_dir = env.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and (Path(cred_dir) / credential).is_file():
-        return f"the systemd credential {credential}"
-    return "no key configured"

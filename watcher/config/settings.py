@@ -25,7 +25,7 @@ from pydantic_settings import (
 
 from watcher.config.audio_url import expand, query_secrets
 from watcher.config.bwlimit import parse_bwlimit
-from watcher.config.secrets import key_source, resolve_key
+from watcher.config.secrets import resolve_key
 from watcher.config.sections import (
     APP,
     SEND_BODY,
@@ -251,7 +251,7 @@ def load_settings(
 def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
     """Fill in API keys from their other sources and the systemd state folder."""
     analysis = settings.analysis
-    key = resolve_key(
+    key, analysis_src = resolve_key(
         analysis.api_key,
         analysis.api_key_file,
         env,
@@ -260,23 +260,7 @@ def resolve_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
         credential="essentia_api_key",
     )
     archive = settings.archive
-    archive_key = resolve_key(
-        archive.api_key,
-        archive.api_key_file,
-        env,
-        section="archive",
-        env_name="NEURALANALOG_API_KEY",
-        credential="neuralanalog_api_key",
-    )
-    analysis_src = key_source(
-        analysis.api_key,
-        analysis.api_key_file,
-        env,
-        section="analysis",
-        env_name="ESSENTIA_API_KEY",
-        credential="essentia_api_key",
-    )
-    archive_src = key_source(
+    archive_key, archive_src = resolve_key(
         archive.api_key,
         archive.api_key_file,
         env,
