@@ -90,6 +90,27 @@ def test_a_late_outcome_is_recorded_late_and_a_late_answer_nobody_holds_is_kept(
     assert (store.gate_get(UPLOAD)["state"], store.gate_get(UPLOAD)["result"]) == ("answered", "audio-b")
 
 
+def test_a_re_ask_that_was_not_sent_stays_a_re_ask(store):
+    """A stream cut after one model, its re-ask refused before any work (a 429), then sent: the take that finally
+    goes is reported as a re-ask, since the first stream may have been billed for those models too. Found by the
+    bill check of the chaos test: the not-sent re-ask reopened the models as new, and their next take said `first`."""
+    paid = PaidCalls(store, "analysis")
+    owner = "a:1:1@" + "a" * 16
+    key, bpm = (Operation(SHA, "analysis http://y account:2", f"analyze:{m}", "", "reask") for m in ("key", "bpm"))
+    first = store.gate_take([key, bpm], owner, budget="analysis", seconds=5)
+    cut = Taken(first, 5.0, send=[key, bpm], request=first[0].request, fences={k.op: k.fence for k in first})
+    paid.finish(cut, {key: None}, "answered", "the stream ended before finished")  # bpm is to be re-asked
+    (again,) = store.gate_take([bpm], owner, budget="analysis", seconds=5)
+    assert (again.verdict, again.resend) == ("send", True)
+    not_sent = Taken([again], 5.0, send=[bpm], resends=[bpm], request=again.request, fences={bpm: again.fence})
+    paid.finish(not_sent, {}, "not_sent", "HTTP 429")
+    (last,) = store.gate_take([bpm], owner, budget="analysis", seconds=5)
+    assert (last.verdict, last.resend) == ("send", True)
+    today = utc_day(time.time())
+    kinds = [(line["kind"], line["outcome"]) for line in store.ledger_lines(today, today)]
+    assert kinds == [("first", "partial"), ("reask", "not_sent"), ("reask", "sending")]
+
+
 def test_a_late_id_answers_the_operation_when_its_new_holder_dies(store):
     """A's late ID is kept beside B's send; B's node dies and restarts: the operation is answered by A's ID
     instead of being held in doubt (paid work is never thrown away)."""

@@ -137,7 +137,10 @@ class PaidCalls:
                 if results[op] is not None:
                     taken.late |= not self.store.gate_answered(op, results[op], fence=fence)
             elif outcome in ("not_sent", "refused"):
-                taken.late |= not self.store.gate_release(op, "open", fence=fence, error=why)
+                # Back to where the take found it: a re-ask or re-send that did not go stays one, so the take that
+                # finally sends it is reported as such (the service may have been paid for it before).
+                back = "reask" if op in taken.resends else "open"
+                taken.late |= not self.store.gate_release(op, back, fence=fence, error=why)
             else:
                 state = "in_doubt" if op.on_doubt == "hold" else "reask"
                 taken.late |= not self.store.gate_release(op, state, fence=fence, error=why)
