@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
 from watcher.config import ArchiveConfig
@@ -261,3 +262,28 @@ def test_a_paid_call_refused_with_429_is_freed_and_retried_as_a_new_take(tmp_pat
     finally:
         db.close()
     assert lines == [("not_sent",), ("answered",)]
+
+
+def test_a_new_processing_key_while_a_file_is_at_the_service_uploads_it_again_there(tmp_path, inbox, run_daemon):
+    """A file waits at the service under key A; the daemon restarts with key B (another account): the file is
+    uploaded to B's account and delivered, instead of failing for good with an internal IndexError (found from
+    outside: the process step asked the plan's upload as if it were a stem split)."""
+    with Emulator(analysis_key=API_KEY, processing_key=None, use_local=False) as emu:
+        emu.processing.faults.polls_needed = 0
+        emu.processing.faults.polls_by_kind = {"mastered": 1000}  # the master stays in progress under key A
+        settings = archive_settings(tmp_path, inbox, emu, versions=("original", "mastered"))
+        d = run_daemon(settings)
+        write_tone(inbox / "take.wav", 0.5)
+        wait_for(lambda: any(op == "master" for _, op in emu.paid()), what="the master billed under key A")
+        d.stop()
+        emu.processing.faults.polls_by_kind = {}
+        other = settings.archive.model_copy(update={"api_key": SecretStr("processing-key-account-b")})
+        d = run_daemon(settings.model_copy(update={"archive": other}))
+        manifest = wait_delivery(tmp_path, "take")
+        d.stop()
+        assert {v["version"] for v in manifest["files"]} >= {"original", "mastered"}
+        state, data = job_state(tmp_path)
+        assert state == "done", data
+        # each account billed once for the upload and once for the master; the bill check holds each to its ledger
+        processing = sorted(op for _, op in emu.paid().elements() if not op.startswith("analyze:"))
+        assert processing == ["master", "master", "upload", "upload"]

@@ -164,6 +164,9 @@ def test_a_done_request_whose_answer_cannot_be_read_is_held_not_paid_again(tmp_p
     assert emu.api.counts()["POST /master-audio"] == 1
     assert [c.operations for c in emu.bill() if c.service == "processing"] == [("upload",), ("master",)]
     assert [line["outcome"] for line in ledger(tmp_path, "operation='master'")] == ["in_doubt"]
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    summary = cli(tmp_path, "spend", "--from", today, "--to", today).stdout
+    assert "processing: 1 paid request(s)" in summary and "1 in doubt (may be billed" in summary, summary
 
 
 # -- finding 6: unknown duration is never free ---------------------------------------------------------------------
@@ -264,8 +267,8 @@ def test_watcher_spend_exports_the_period_to_hold_against_the_invoice(tmp_path, 
     done = cli(tmp_path, "spend", "--from", today, "--to", today, "--csv")
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
-    assert [(r["outcome"], r["paid"]) for r in rows] == [("not_sent", "False"), ("answered", "True")]
-    paid = [r for r in rows if r["paid"] == "True"]
+    assert [(r["outcome"], r["paid"]) for r in rows] == [("not_sent", "no"), ("answered", "yes")]
+    paid = [r for r in rows if r["paid"] == "yes"]
     assert [float(r["seconds"]) for r in paid] == [c.seconds for c in emu.bill()]
     summary = cli(tmp_path, "spend", "--from", today, "--to", today)
     assert "1 paid request(s), 0.02 audio minutes" in summary.stdout and "1 not paid" in summary.stdout

@@ -227,7 +227,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
     """`watcher spend`: the ledger lines of a period as CSV, or per service and day: requests paid, audio
-    minutes (how much of it estimated), and requests not paid (not sent, refused)."""
+    minutes (how much of it estimated), requests in doubt (the service may or may not bill them), and requests
+    not paid (not sent, refused)."""
     import csv
 
     from watcher.commands import SPEND_FIELDS, spend
@@ -238,20 +239,24 @@ def _spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
         writer.writeheader()
         writer.writerows(lines)
         return EXIT_OK
-    totals: dict[tuple[str, str], list[float]] = {}
+    totals: dict[tuple[str, str], dict[str, float]] = {}
     for line in lines:
-        total = totals.setdefault((line["day"], line["service"]), [0, 0.0, 0.0, 0])
-        if line["paid"]:
-            total[0] += 1
-            total[1] += line["seconds"]
-            total[2] += line["seconds"] if line["estimated"] else 0.0
-        else:
-            total[3] += 1
+        counts = dict.fromkeys(("yes", "maybe", "no", "s", "e", "m"), 0.0)  # requests by paid; seconds
+        total = totals.setdefault((line["day"], line["service"]), counts)
+        total[line["paid"]] += 1
+        if line["paid"] == "yes":
+            total["s"] += line["seconds"]
+            total["e"] += line["seconds"] if line["estimated"] else 0.0
+        elif line["paid"] == "maybe":
+            total["m"] += line["seconds"]
     print(f"spend from {first} to {last} (UTC days)")
-    for (day, service), (paid, seconds, estimated, unpaid) in sorted(totals.items()):
-        note = f" ({estimated / 60:.2f} of them estimated)" if estimated else ""
-        print(f"  {day} {service}: {int(paid)} paid request(s), {seconds / 60:.2f} audio minutes{note}; "
-              f"{int(unpaid)} not paid (not sent or refused)")
+    for (day, service), t in sorted(totals.items()):
+        note = f" ({t['e'] / 60:.2f} of them estimated)" if t["e"] else ""
+        doubt = f"{int(t['maybe'])} in doubt (may be billed: {t['m'] / 60:.2f} audio minutes); " if t["maybe"] else ""
+        print(
+            f"  {day} {service}: {int(t['yes'])} paid request(s), {t['s'] / 60:.2f} audio minutes{note}; "
+            f"{doubt}{int(t['no'])} not paid (not sent or refused)"
+        )
     if not totals:
         print("  nothing recorded")
     return EXIT_OK

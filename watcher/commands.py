@@ -419,9 +419,17 @@ SPEND_FIELDS = ("day", "at", "service", "endpoint", "operation", "sha256", "mode
                 "outcome", "paid")
 
 
+def _paid(outcome: str) -> str:
+    """Whether the service bills a ledger line: ``yes`` (answered, partly or late), ``no`` (not sent, refused) or
+    ``maybe`` (in doubt or still sending: the whole request may have reached it; the invoice tells)."""
+    if outcome in ("not_sent", "refused"):
+        return "no"
+    return "maybe" if outcome in ("in_doubt", "sending") else "yes"
+
+
 def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, Any]]:
     """`watcher spend`: every ledger line of the UTC days ``first_day`` to ``last_day`` (ISO dates, inclusive),
-    to hold against a service's invoice; ``paid`` is False for requests not sent or refused (never billed)."""
+    to hold against a service's invoice; ``paid`` says yes, no (not sent, refused) or maybe (in doubt)."""
     import datetime as dt
 
     for value in (first_day, last_day):
@@ -449,7 +457,7 @@ def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, A
             "estimated": bool(line["estimated"]),
             "kind": line["kind"],
             "outcome": line["outcome"],
-            "paid": line["outcome"] not in ("not_sent", "refused"),
+            "paid": _paid(line["outcome"]),
         }
         for line in lines
     ]

@@ -213,6 +213,12 @@ class ArchivePipeline:
 
     async def _process(self, job: Job) -> StepResult:
         """Request what is due, poll what is in flight; come back later while anything is in progress."""
+        upload = self.store.gate_get(self.operation(job.data["sha256"], "audio"))
+        if upload is None or upload["state"] != "answered":
+            # The upload was made for another account or endpoint (the key or URL changed since): this service
+            # has not got the file, so it is uploaded here first (through the gate, like any upload).
+            log.info("archive.upload_again", path=job.file.path, next="uploading to the service now configured")
+            return await self._upload(job)
         ids: dict[str, str] = dict(job.data.get("ids", {}))
         states: dict[str, str] = {}
         errors: dict[str, str] = dict(job.data.get("op_errors", {}))
