@@ -270,6 +270,8 @@ def test_watcher_spend_exports_the_period_to_hold_against_the_invoice(tmp_path, 
     assert [(r["outcome"], r["paid"]) for r in rows] == [("not_sent", "no"), ("answered", "yes")]
     paid = [r for r in rows if r["paid"] == "yes"]
     assert [float(r["seconds"]) for r in paid] == [c.seconds for c in emu.bill()]
+    assert [r["account"] for r in paid] == [c.account.removeprefix("account:") for c in emu.bill()]  # per invoice
+    assert API_KEY not in done.stdout
     summary = cli(tmp_path, "spend", "--from", today, "--to", today)
     assert "1 paid request(s), 0.02 audio minutes" in summary.stdout and "1 not paid" in summary.stdout
     bad = cli(tmp_path, "spend", "--from", "yesterday", "--to", today)

@@ -415,8 +415,10 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
             store.close()
 
 
-SPEND_FIELDS = ("day", "at", "service", "endpoint", "operation", "sha256", "models", "seconds", "estimated", "kind",
-                "outcome", "paid")
+SPEND_FIELDS = (
+    "day", "at", "service", "endpoint", "account", "operation", "sha256", "models", "seconds", "estimated", "kind",
+    "outcome", "paid",
+)  # fmt: skip
 
 
 def _paid(outcome: str) -> str:
@@ -449,7 +451,9 @@ def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, A
             "day": line["day"],
             "at": dt.datetime.fromtimestamp(line["at"], dt.UTC).isoformat(timespec="seconds"),
             "service": line["service"],
-            "endpoint": " ".join(str(line.get("endpoint") or "").split()[:2]),  # service and URL, not the account
+            "endpoint": " ".join(str(line.get("endpoint") or "").split()[:2]),  # the service and its URL
+            # the key's fingerprint (never the key): one invoice per account, also after a key changed
+            "account": " ".join(str(line.get("endpoint") or "").split()[2:]).removeprefix("account:"),
             "operation": line["operation"],
             "sha256": line["sha256"],
             "models": line["models"],
