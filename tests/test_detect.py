@@ -38,7 +38,7 @@ class RecordingSink:
         with self.lock:
             return (path, sig) in self.ready_files
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
         with self.lock:
             self.ready_files.append((path, sig))
 
@@ -493,7 +493,7 @@ class FlakySink(RecordingSink):
             path.encode("utf-8")
         return super().known(path, sig)
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
         self.calls.append(path)
         if self.fail_in == "ready":
             path.encode("utf-8")
