@@ -32,21 +32,23 @@ class RecordingSink:
     def __init__(self) -> None:
         self.ready_files: list[tuple[str, Signature]] = []
         self.batches: list[int] = []  # the size of each ready_many call
+        self.live: dict[str, bool] = {}  # name -> whether it was handed over as live
         self.lock = threading.Lock()
 
     def known(self, path: str, sig: Signature) -> bool:
         with self.lock:
             return (path, sig) in self.ready_files
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
         with self.lock:
             self.ready_files.append((path, sig))
+            self.live[Path(path).name] = live
 
     def ready_many(self, files: Sequence[Settled]) -> None:
         with self.lock:
             self.batches.append(len(files))
         for f in files:
-            self.ready(f.folder, f.path, f.rel_path, f.signature)
+            self.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
 
     def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
         with self.lock:
@@ -106,6 +108,25 @@ def test_existing_files_are_found_at_start(tmp_path, watch):
     _, sink = watch(tmp_path / "in")
     wait_for(lambda: len(sink.names()) == 2)
     assert sorted(sink.names()) == ["deeper.flac", "old.wav"]
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["events", "polling"])
+def test_files_arriving_or_modified_recently_are_live_and_old_ones_at_start_are_backlog(tmp_path, watch, poll):
+    """The start-up scan hands over a file modified within live_hours as live and an older one as backlog; a file
+    or a whole folder arriving afterwards (seen by an event or a poll) is live, whatever the mtimes it brings."""
+    inbox = tmp_path / "in"
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(write_tone(inbox / "yesterday.wav", 0.1), (two_days_ago, two_days_ago))
+    write_tone(inbox / "this_morning.wav", 0.1)
+    album = tmp_path / "album"
+    os.utime(write_tone(album / "01.wav", 0.1), (two_days_ago, two_days_ago))
+    os.utime(inbox, (two_days_ago, two_days_ago))  # (a poller's first listing hints a just-changed folder's files)
+    _, sink = watch(inbox, live_hours=12, poll=poll, poll_interval=0.2)
+    wait_for(lambda: len(sink.names()) == 2, what="the start-up scan's files")
+    write_tone(inbox / "now.wav", 0.1)
+    shutil.move(album, inbox / "album")  # keeps the old mtime of 01.wav
+    wait_for(lambda: len(sink.names()) == 4, what="the files that arrived")
+    assert sink.live == {"yesterday.wav": False, "this_morning.wav": True, "now.wav": True, "01.wav": True}
 
 
 def test_rename_into_place(tmp_path, watch):
@@ -493,7 +514,7 @@ class FlakySink(RecordingSink):
             path.encode("utf-8")
         return super().known(path, sig)
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
         self.calls.append(path)
         if self.fail_in == "ready":
             path.encode("utf-8")

@@ -88,7 +88,7 @@ def test_a_store_that_cannot_answer_leaves_every_file_to_the_one_by_one_check(tm
         def known(self, path: str, sig: object) -> bool:
             return False
 
-        def ready(self, *args: object) -> None:
+        def ready(self, *args: object, **kwargs: object) -> None:
             return None
 
         def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
@@ -238,7 +238,7 @@ def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
         def known(self, path: str, sig: object) -> bool:
             return False
 
-        def ready(self, *args: object) -> None:
+        def ready(self, *args: object, **kwargs: object) -> None:
             return None
 
         def ready_many(self, files: object) -> None:

@@ -326,6 +326,32 @@ def test_a_pipeline_with_one_lane_is_claimed_oldest_first(store):
     assert store.claim("analyze", "w", now=1000.0) is None
 
 
+def test_live_files_and_higher_priorities_go_first_but_the_backlog_keeps_a_share(store):
+    """Among due new work, a higher folder priority goes first, then live files, yet every FIRST_RUN + 1-th new-lane
+    claim takes the most overdue job: 40 live files arriving cannot hold back the backlog."""
+    from watcher.store.lanes import FIRST_RUN
+
+    def add(name: str, n: int, at: float, **rank: object) -> None:
+        store.register_version(
+            folder="/in", path=f"/in/{name}{n}.wav", rel_path=f"{name}{n}.wav", size=10, mtime_ns=1, inode=n,
+            jobs=[("analyze", "analyze")], now=at, **rank,
+        )  # fmt: skip
+
+    for n in range(20):
+        add("old", n, 100.0 + n)  # the backlog, due first
+    for n in range(40):
+        add("live", 100 + n, 500.0 + n, live=True)
+    add("vip", 200, 900.0, priority=5)  # a folder with a higher priority, backlog
+    order = [store.claim("analyze", "w", now=1000.0).file.path for _ in range(61)]
+    kinds = "".join(p.removeprefix("/in/")[0] for p in order)  # o(ld), l(ive), v(ip)
+    assert kinds[: FIRST_RUN + 1] == "v" + "l" * (FIRST_RUN - 1) + "o"  # priority, live, then the backlog's turn
+    assert order[FIRST_RUN] == "/in/old0.wav"  # the most overdue of the backlog
+    assert order[1:FIRST_RUN] == [f"/in/live{100 + n}.wav" for n in range(FIRST_RUN - 1)]  # live ones oldest first
+    head = kinds[: kinds.rindex("l") + 1]
+    assert head.count("o") == len(head) // (FIRST_RUN + 1)  # one backlog claim in every FIRST_RUN + 1
+    assert store.claim("analyze", "w", now=1000.0) is None
+
+
 def test_a_version_5_store_gets_the_claim_indexes(tmp_path):
     """Migration 6 replaces the one due-index by the lanes' partial indexes; pending work is claimed in lane order."""
     from watcher.store.schema import SCHEMA
@@ -349,7 +375,7 @@ def test_a_version_5_store_gets_the_claim_indexes(tmp_path):
         indexes = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"jobs_due_in_flight", "jobs_due_new", "jobs_by_owner", "operations_sending"} <= indexes
         assert "jobs_due" not in indexes
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 9
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 10
         assert [store.claim("archive", "w", now=100.0).step for _ in range(2)] == ["process", "upload"]
     finally:
         store.close()

@@ -83,7 +83,7 @@ class StoreSink:
     def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
         return self.store.current_signatures(folder)
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
         _, new = self.store.register_version(
             folder=str(folder.path),
             path=path,
@@ -92,6 +92,8 @@ class StoreSink:
             mtime_ns=sig.mtime_ns,
             inode=sig.inode,
             jobs=self.jobs,
+            live=live,
+            priority=folder.priority,
         )
         if new:
             self._settled(str(folder.path), path, sig)
@@ -102,7 +104,11 @@ class StoreSink:
         versions = []
         for f in files:
             sig = f.signature
-            versions.append(NewVersion(str(f.folder.path), f.path, f.rel_path, sig.size, sig.mtime_ns, sig.inode))
+            versions.append(
+                NewVersion(
+                    str(f.folder.path), f.path, f.rel_path, sig.size, sig.mtime_ns, sig.inode, f.live, f.folder.priority
+                )
+            )
         answers = self.store.register_versions(versions, jobs=self.jobs)
         new = [f for f, (_, is_new) in zip(files, answers, strict=True) if is_new]
         for f in new:

@@ -71,9 +71,9 @@ async def scan(
         detector = app.make_detector(folders)
         for folder in folders:
             if any(str(p) == str(folder.path) for p in paths):
-                await detector.scan(str(folder.path))
+                await detector.scan(str(folder.path), live=True)  # the user says these are today's
         for f in files:
-            detector.hint(str(f))
+            detector.hint(str(f), live=True)
         await detector.settle_all()
         targets = [str(p) for p in paths]
         bar = _progress(app.store.pending(), progress)
@@ -127,7 +127,7 @@ async def scan_running(
                 f"{path} is not in a folder the running daemon watches ({watched}): add it to [[folders]] and "
                 "reload (`systemctl reload watcher`, or SIGHUP), or stop the daemon to scan it on its own"
             )
-        detector.hint(str(path), is_dir=path.is_dir())
+        detector.hint(str(path), is_dir=path.is_dir(), live=True)  # the user says these are today's
     targets = [str(p) for p in paths]
     seen = (-1, -1)
     while True:

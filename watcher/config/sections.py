@@ -111,6 +111,10 @@ class FolderConfig(_Section):
     poll: bool | Literal["auto"] = "auto"
     poll_interval: float = Field(10.0, gt=0)
     settle_seconds: float = Field(5.0, ge=0)
+    # Claim order (see watcher.store.lanes): a higher priority goes first; a file a scan finds that was modified
+    # within live_hours counts as today's (live), not backlog, so a restart does not demote today's session.
+    priority: int = 0
+    live_hours: float = Field(12.0, ge=0)
     rescan_interval: float = Field(3600.0, gt=0)
     include: tuple[str, ...] = AUDIO_PATTERNS
     exclude: tuple[str, ...] = ()

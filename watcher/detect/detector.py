@@ -49,6 +49,7 @@ class Settled:
     path: str
     rel_path: str
     signature: Signature
+    live: bool = False  # found as it arrived (an event, a poll, `watcher scan PATH`, a recent mtime): goes first
 
 
 class ReadySink(Protocol):
@@ -58,8 +59,8 @@ class ReadySink(Protocol):
         """True when this exact version was already recorded (no need to wait for it to settle)."""
         ...
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature) -> None:
-        """A file version that stayed unchanged for its folder's settle window."""
+    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
+        """A file version that stayed unchanged for its folder's settle window (``live``: see :class:`Settled`)."""
         ...
 
     def ready_many(self, files: Sequence[Settled]) -> None:
@@ -101,7 +102,8 @@ class Detector:
         self._lock = threading.Lock()  # held by the one settle check at a time, never by the event loop
         # hints wait here until the next check takes them into the settler: the loop never waits for a check
         # that is stat-ing files on a slow share
-        self._hints: collections.deque[tuple[str, float, bool, str]] = collections.deque()
+        self._hints: collections.deque[tuple[str, float, bool, str, bool]] = collections.deque()
+        self._live_dirs: set[str] = set()  # directories hinted live whose scan is still queued
         self.settler = Settler(clock, known=sink.known)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
@@ -138,14 +140,16 @@ class Detector:
                 best = state
         return best
 
-    def hint(self, path: str, *, is_dir: bool = False, closed: bool = False) -> None:
-        """Something may have happened at ``path`` (event loop thread only). Never raises."""
+    def hint(self, path: str, *, is_dir: bool = False, closed: bool = False, live: bool = False) -> None:
+        """Something may have happened at ``path`` (event loop thread only). Never raises. ``live``: it is
+        happening now (an event, a poll, `watcher scan PATH`), so what settles there is today's, not backlog;
+        a directory hinted live has its files hinted live too."""
         try:
-            self._hint(path, is_dir=is_dir, closed=closed)
+            self._hint(path, is_dir=is_dir, closed=closed, live=live)
         except Exception as exc:
             self._report_failure("detect.hint_failed", path, reason_of(exc), "ignored; the next scan looks again")
 
-    def _hint(self, path: str, *, is_dir: bool, closed: bool) -> None:
+    def _hint(self, path: str, *, is_dir: bool, closed: bool, live: bool = False) -> None:
         path = _absolute(path)
         state = self.folder_of(path)
         if state is None:
@@ -155,20 +159,24 @@ class Detector:
         if is_dir:
             if rel == "." or (state.config.recursive and state.filter.wants_dir(rel)):
                 self._pending_dirs.add(path)
+                if live:
+                    self._live_dirs.add(path)
                 self._wake.set()
             return
         if rel.startswith("..") or (not state.config.recursive and os.sep in rel):
             return
         if not state.filter.wants_file(rel):
             return
-        self._hints.append((path, state.config.settle_seconds, closed, root))
+        self._hints.append((path, state.config.settle_seconds, closed, root, live))
         self._wake.set()
 
     def hint_threadsafe(self, path: str, is_dir: bool, closed: bool) -> None:
-        """The observers' way in: hop onto the event loop."""
+        """The observers' way in: hop onto the event loop. Events and polls are live, except a whole folder to
+        rescan (an overflow, a folder back after an outage): its files are live only when recent."""
+        live = not (is_dir and _absolute(path) in self.folders)
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: self.hint(path, is_dir=is_dir, closed=closed))
+            loop.call_soon_threadsafe(lambda: self.hint(path, is_dir=is_dir, closed=closed, live=live))
 
     # -- scans ---------------------------------------------------------------------------------------------
 
@@ -178,6 +186,7 @@ class Detector:
         start: str | None = None,
         *,
         asked: dict[str, asyncio.Future[Recorded]] | None = None,
+        live: bool = False,
     ) -> int:
         """Hint every wanted file under a folder (or all folders); returns how many were hinted. ``asked``: the
         store's answers for whole folders, already on their way (see :meth:`run`); each is taken out when used."""
@@ -202,7 +211,7 @@ class Detector:
                 )
                 continue
             for p in paths:
-                self.hint(p)
+                self.hint(p, live=live)
             count += len(paths)
             if start is None:
                 log.info("scan.done", folder=display(folder), files=seen, new_or_changed=len(paths))
@@ -232,15 +241,17 @@ class Detector:
         """
         while self._pending_dirs:
             directory = self._pending_dirs.pop()
+            live = directory in self._live_dirs
+            self._live_dirs.discard(directory)
             state = self.folder_of(directory)
             if state is not None:
-                await self.scan(str(state.config.path), start=directory)
+                await self.scan(str(state.config.path), start=directory, live=live)
 
         def check() -> tuple[list[Verdict], float | None]:
             with self._lock:
                 while self._hints:
-                    path, settle, closed, root = self._hints.popleft()
-                    self.settler.hint(path, settle, closed=closed, root=root)
+                    path, settle, closed, root, live = self._hints.popleft()
+                    self.settler.hint(path, settle, closed=closed, root=root, live=live)
                 return self.settler.check(), self.settler.next_deadline()
 
         verdicts, next_deadline = await self._pool.call(check)
@@ -256,17 +267,19 @@ class Detector:
                     "detect.check_failed", path, verdict.error or "", "not processed; the next scan looks again"
                 )
             elif verdict.outcome == "ready" and verdict.signature is not None:
-                settled.extend(self._settled(path, verdict.signature))
+                settled.extend(self._settled(path, verdict.signature, live=verdict.candidate.live))
         self._record(settled)
         return next_deadline
 
-    def _settled(self, path: str, sig: Signature) -> list[Settled]:
-        """The settled file as the sink takes it (none when its folder is no longer watched). Never raises."""
+    def _settled(self, path: str, sig: Signature, *, live: bool = False) -> list[Settled]:
+        """The settled file as the sink takes it (none when its folder is no longer watched). Never raises. It is
+        live when hinted live or modified within its folder's ``live_hours`` (a restart keeps today's session)."""
         try:
             state = self.folder_of(path)
             if state is None:
                 return []
-            return [Settled(state.config, path, _inside(path, str(state.config.path)), sig)]
+            recent = time.time() - sig.mtime_ns / 1e9 <= state.config.live_hours * 3600
+            return [Settled(state.config, path, _inside(path, str(state.config.path)), sig, live or recent)]
         except Exception as exc:
             self._report_failure("detect.record_failed", path, reason_of(exc), "it will be seen again at the next scan")
             return []
@@ -289,7 +302,7 @@ class Detector:
     def _ready(self, f: Settled) -> None:
         """Hand one settled file to the sink; a failure there is this file's alone."""
         try:
-            self.sink.ready(f.folder, f.path, f.rel_path, f.signature)
+            self.sink.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
         except Exception as exc:
             self._report_failure(
                 "detect.record_failed", f.path, reason_of(exc), "it will be seen again at the next scan"

@@ -46,6 +46,7 @@ class Candidate:
     fresh: bool = False  # the last stat was taken after the latest write hint
     due: float = 0.0
     queued: float | None = None  # the time of this candidate's live entry in the timer heap
+    live: bool = False  # hinted as it arrived (an event, a poll, `watcher scan PATH`), not found as backlog
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,19 @@ class Settler:
             cand.queued = at
             heapq.heappush(self._heap, (at, next(self._order), cand.path))
 
-    def hint(self, path: str, settle: float, *, closed: bool = False, root: str | None = None) -> None:
+    def hint(
+        self, path: str, settle: float, *, closed: bool = False, root: str | None = None, live: bool = False
+    ) -> None:
         """Note activity on a path. A new path is stat-ed at once; a write hint restarts the quiet period; a
-        close is looked at once (see the module docstring)."""
+        close is looked at once (see the module docstring). A ``live`` hint makes the candidate live for good."""
         now = self._clock()
         cand = self.candidates.get(path)
         if cand is None:
-            cand = self.candidates[path] = Candidate(path, settle, closed=closed, root=root)
+            cand = self.candidates[path] = Candidate(path, settle, closed=closed, root=root, live=live)
             self._schedule(cand, now)
-        elif closed:
+            return
+        cand.live = cand.live or live
+        if closed:
             cand.closed = True
             self._schedule(cand, now)
         else:

@@ -13,7 +13,7 @@ from typing import Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.backup import before_migration, too_new
-from watcher.store.lanes import LANES, ClaimOrder
+from watcher.store.lanes import FIRST, LANES, ClaimOrder
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
 
@@ -134,13 +134,16 @@ class StoreBase:
         inode: int,
         jobs: Iterable[tuple[str, str]],
         now: float | None = None,
+        live: bool = False,
+        priority: int = 0,
     ) -> tuple[int, bool]:
         """Record a settled file version and its jobs ``(pipeline, first step)``; (file id, whether new).
 
-        Older versions of the same path stop being current and their unfinished jobs become superseded.
+        Older versions of the same path stop being current and their unfinished jobs become superseded. ``live``
+        and ``priority`` place its jobs in the claim order (see store.lanes).
         """
         now = time.time() if now is None else now
-        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode)
+        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode, live, priority)
         with self._tx() as db:
             return self._register(db, version, list(jobs), now)
 
@@ -184,9 +187,9 @@ class StoreBase:
         file_id = int(cur.lastrowid or 0)
         for pipeline, step in jobs:
             db.execute(
-                "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?)",
-                (file_id, pipeline, step, now, now),
+                "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at, priority, live) "
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+                (file_id, pipeline, step, now, now, v.priority, int(v.live)),
             )
         return file_id, True
 
@@ -209,11 +212,15 @@ class StoreBase:
         with self._tx() as db:
             lanes = self._order.lanes(pipeline)
             for lane in lanes:
+                order = self._order.order(pipeline, lane)
+                select = _JOB_SELECT
+                if order == FIRST:  # without statistics SQLite would sort the due rows of the other index
+                    select = select.replace("FROM jobs j ", "FROM jobs j INDEXED BY jobs_due_first ")
                 row = db.execute(
-                    _JOB_SELECT + f"WHERE j.pipeline=? AND j.state='pending' AND {LANES[lane]} "
+                    select + f"WHERE j.pipeline=? AND j.state='pending' AND {LANES[lane]} "
                     "AND j.next_attempt_at <= ? AND (j.lease_until IS NULL OR j.lease_until < ?) "
                     + _NOT_PAUSED
-                    + "ORDER BY j.next_attempt_at, j.id LIMIT 1",
+                    + f"ORDER BY {order} LIMIT 1",
                     (pipeline, now, now),
                 ).fetchone()
                 if row is not None:

@@ -21,6 +21,13 @@ an hour ago would all be "aged" and polls would wait behind them), and it needs 
 A count bounds both sides' share whatever the backlog, and a test can check it without a clock. The run is
 counted per store object (one per daemon): on a shared PostgreSQL store each node keeps its own alternation,
 which keeps the same bounds for each node's claims; a restart only restarts the count.
+
+Within the new lane, today's files go first: a job carries its folder's ``priority`` (higher first) and whether its
+file was found *live* (an event, a poll, `watcher scan PATH`, or a scan finding a file modified within the folder's
+``live_hours``) rather than as backlog. The new lane is read in :data:`FIRST` order (priority, then live, then most
+overdue) through its own partial index (schema version 10 in SQLite, 6 in PostgreSQL), except that every
+``FIRST_RUN + 1``-th new-lane claim takes the most overdue job whatever its rank (:data:`OLDEST`): the backlog keeps
+at least one claim in ``FIRST_RUN + 1``, so a steady stream of live files never starves it.
 """
 
 from __future__ import annotations
@@ -35,14 +42,19 @@ LANES = {
     "in_flight": "j.step IN ('process', 'fetch')",
     "new": "j.step NOT IN ('process', 'fetch')",
 }
+FIRST_RUN = 3  # new-lane claims in rank order in a row; then the most overdue new job goes first once
+OLDEST = "j.next_attempt_at, j.id"  # the in-flight lane's order, and the new lane's every FIRST_RUN + 1-th claim
+FIRST = "j.priority DESC, j.live DESC, j.next_attempt_at, j.id"  # the new lane's order otherwise (jobs_due_first)
 
 
 class ClaimOrder:
     """Which lane a pipeline's next claim tries first; told of each claim made (thread-safe)."""
 
-    def __init__(self, run: int = IN_FLIGHT_RUN) -> None:
+    def __init__(self, run: int = IN_FLIGHT_RUN, first_run: int = FIRST_RUN) -> None:
         self.run = run
+        self.first_run = first_run
         self._streak: dict[str, int] = {}  # pipeline -> in-flight claims since the last new one
+        self._ranked: dict[str, int] = {}  # pipeline -> new-lane claims in rank order since the last oldest-first
         self._lock = threading.Lock()
 
     def lanes(self, pipeline: str) -> tuple[str, str]:
@@ -51,9 +63,19 @@ class ClaimOrder:
             turn = self._streak.get(pipeline, 0) >= self.run
         return ("new", "in_flight") if turn else ("in_flight", "new")
 
+    def order(self, pipeline: str, lane: str) -> str:
+        """The ORDER BY of ``lane``'s claim query for ``pipeline``'s next claim (see the module docstring)."""
+        if lane != "new":
+            return OLDEST
+        with self._lock:
+            return OLDEST if self._ranked.get(pipeline, 0) >= self.first_run else FIRST
+
     def claimed(self, pipeline: str, lanes: tuple[str, str], lane: str) -> None:
         """A job of ``lane`` was claimed, trying ``lanes`` in this order: the in-flight run grows, or new work had
         its turn (served, or none was due) and the run starts again."""
         with self._lock:
             turn = lane == "new" or lanes[0] == "new"
             self._streak[pipeline] = 0 if turn else self._streak.get(pipeline, 0) + 1
+            if lane == "new":
+                ranked = self._ranked.get(pipeline, 0)
+                self._ranked[pipeline] = 0 if ranked >= self.first_run else ranked + 1

@@ -36,6 +36,8 @@ class NewVersion:
     size: int
     mtime_ns: int
     inode: int
+    live: bool = False  # found as it arrived, not as backlog (see store.lanes)
+    priority: int = 0  # its folder's priority: higher first
 
 
 @dataclass

@@ -38,6 +38,8 @@ class Registry(Protocol):
         inode: int,
         jobs: Iterable[tuple[str, str]],
         now: float | None = None,
+        live: bool = False,
+        priority: int = 0,
     ) -> tuple[int, bool]: ...
 
     def register_versions(

@@ -186,6 +186,14 @@ SCHEMA = [
     ALTER TABLE operations ADD COLUMN late_result TEXT;
     UPDATE operations SET generation = sends;
     """,
+    # version 10: today's files first. A job carries its folder's priority and whether its file was found live
+    # (see store.lanes); the new lane gets a second partial index in that order, so a claim stays one lookup.
+    """
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN live INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_due_first ON jobs (pipeline, priority DESC, live DESC, next_attempt_at)
+        WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
+    """,
 ]
 # The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.
 OPEN_STATES = "j.state IN ('pending', 'in_doubt', 'failed')"

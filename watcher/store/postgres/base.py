@@ -275,9 +275,12 @@ class PgBase:
         inode: int,
         jobs: Iterable[tuple[str, str]],
         now: float | None = None,
+        live: bool = False,
+        priority: int = 0,
     ) -> tuple[int, bool]:
-        """Record a settled file version and its jobs; (file id, whether new). Older versions are superseded."""
-        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode)
+        """Record a settled file version and its jobs; (file id, whether new). Older versions are superseded;
+        ``live`` and ``priority`` place its jobs in the claim order (see store.lanes)."""
+        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode, live, priority)
         jobs = list(jobs)
         return self._run(  # type: ignore[no-any-return]
             lambda db: self._register(db, version, jobs, self._now(db) if now is None else now)
@@ -334,9 +337,9 @@ class PgBase:
         file_id = int(got(new)["id"])
         for pipeline, step in jobs:
             db.execute(
-                "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at) "
-                "VALUES (%s, %s, %s, 'pending', %s, %s)",
-                (file_id, pipeline, step, at, at),
+                "INSERT INTO jobs (file_id, pipeline, step, state, next_attempt_at, updated_at, priority, live) "
+                "VALUES (%s, %s, %s, 'pending', %s, %s, %s, %s)",
+                (file_id, pipeline, step, at, at, v.priority, int(v.live)),
             )
         return file_id, True
 
@@ -361,6 +364,7 @@ class PgBase:
         args = {"pipeline": pipeline, "owner": owner, "lease": lease, "mine": self._mine, "at": now}
         at = f"COALESCE(%(at)s::float8, {NOW})"
         lanes = self._order.lanes(pipeline)
+        orders = {lane: self._order.order(pipeline, lane) for lane in lanes}
 
         def go(db: psycopg.Connection[Any]) -> tuple[str, dict[str, Any]] | None:
             for lane in lanes:
@@ -370,7 +374,7 @@ class PgBase:
                     f"AND (j.lease_until IS NULL OR j.lease_until < {at}) "
                     + NOT_PAUSED
                     + mine
-                    + "ORDER BY j.next_attempt_at, j.id LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+                    + f"ORDER BY {orders[lane]} LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
                     args,
                 ).fetchone()
                 if row is not None:

@@ -154,6 +154,13 @@ SCHEMA = [
     UPDATE operations SET generation = sends;
     ALTER TABLE nodes ADD COLUMN node_id text;
     """,
+    # version 6: today's files first (as version 10 of watcher.store.schema).
+    """
+    ALTER TABLE jobs ADD COLUMN priority integer NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN live integer NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_due_first ON jobs (pipeline, priority DESC, live DESC, next_attempt_at, id)
+        WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
+    """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
 JOB_SELECT = """
