@@ -119,7 +119,7 @@ class Dockerd:
                 pytest.skip(f"dockerd cannot start here (exit {self._proc.returncode}): {tail}")
             if self.socket.exists() and self.docker("version", check=False).returncode == 0:
                 return self
-            time.sleep(0.2)
+            time.sleep(0.2)  # sleep-ok: the poll of a wait for dockerd's readiness, with its deadline above
         self.stop()
         pytest.skip("dockerd did not answer within 60 s")
 
