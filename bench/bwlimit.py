@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.upload import discard_server
 from watcher.audiofile import UPLOAD_CHUNK, FileBody, signature
 from watcher.config.bwlimit import parse_bwlimit
+from watcher.sending import WireTicket, issue
 from watcher.services.bandwidth import Bandwidth
 from watcher.services.http import HttpPolicy
 from watcher.services.neuralanalog import NeuralAnalogClient
-
-UPLOAD_BENCH = Path(__file__).resolve().parent / "upload.py"
 
 
 async def watcher_upload(url: str, path: Path, limit: str) -> float:
@@ -36,6 +36,7 @@ async def watcher_upload(url: str, path: Path, limit: str) -> float:
     policy = HttpPolicy(rate_per_second=100.0, concurrency=1, read_timeout=600.0, bandwidth=bandwidth)
     async with NeuralAnalogClient(url, "bench-key", policy) as client:
         client.http.client  # noqa: B018 - the session a running daemon already has
+        issue(WireTicket(0, ("upload",)))  # the bench stands in for the gate: one ticket for this one upload
         started = time.perf_counter()
         await client.upload(FileBody(path, signature(path), chunk_size=UPLOAD_CHUNK))
         return time.perf_counter() - started
@@ -69,23 +70,12 @@ def main() -> None:
         with path.open("wb") as fh:
             for _ in range(args.mib):
                 fh.write(block)
-        port_file = root / "port"
-        server = subprocess.Popen([sys.executable, str(UPLOAD_BENCH), "--serve", str(port_file)])
-        try:
-            deadline = time.monotonic() + 20
-            while not port_file.exists() or not port_file.read_text():
-                if time.monotonic() > deadline:
-                    raise SystemExit("the discard server did not start")
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port_file.read_text()}"
+        with discard_server(root) as url:
             free = asyncio.run(watcher_upload(url, path, "off"))
             ours, curls = [], []
             for _ in range(args.rounds):
                 ours.append(asyncio.run(watcher_upload(url, path, args.limit)))
                 curls.append(curl_upload(url, path, args.limit))
-        finally:
-            server.terminate()
-            server.wait(10)
     size = args.mib * (1 << 20)
     print(f"upload of {args.mib} MiB to a loopback discard server, limit {args.limit} ({rate / (1 << 20):g} MiB/s)")
     rows = [

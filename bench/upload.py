@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -20,11 +21,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from watcher.audiofile import UPLOAD_CHUNK, FileBody, signature
+from watcher.sending import WireTicket, issue
 from watcher.services.http import HttpPolicy
 from watcher.services.neuralanalog import NeuralAnalogClient
 
@@ -62,6 +65,23 @@ def _serve_connection(conn: socket.socket) -> None:
             )
 
 
+@contextlib.contextmanager
+def discard_server(root: Path) -> Iterator[str]:
+    """The discard server in its own process, for as long as the block runs; yields its URL."""
+    port_file = root / "port"
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
+    try:
+        deadline = time.monotonic() + 20
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline:
+                raise SystemExit("the discard server did not start")
+            time.sleep(0.05)  # sleep-ok: waits for the server's port, with a deadline
+        yield f"http://127.0.0.1:{port_file.read_text()}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def serve(port_file: Path) -> None:
     """The discard server: one thread per connection, keep-alive, Content-Length bodies only."""
     sock = socket.create_server(("127.0.0.1", 0))
@@ -76,6 +96,7 @@ async def watcher_upload(url: str, path: Path) -> tuple[float, float]:
     policy = HttpPolicy(rate_per_second=100.0, concurrency=1, read_timeout=600.0)
     async with NeuralAnalogClient(url, "bench-key", policy) as client:
         client.http.client  # noqa: B018 - the session a running daemon already has (made at its first request)
+        issue(WireTicket(0, ("upload",)))  # the bench stands in for the gate: one ticket for this one upload
         started, cpu = time.perf_counter(), time.process_time()
         body = FileBody(path, signature(path), chunk_size=UPLOAD_CHUNK)  # as the archive pipeline sends it
         audio_id = await client.upload(body)
@@ -114,22 +135,11 @@ def main() -> None:
         with path.open("wb") as fh:
             for _ in range(args.mib):
                 fh.write(block)
-        port_file = root / "port"
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
-        try:
-            deadline = time.monotonic() + 20
-            while not port_file.exists() or not port_file.read_text():
-                if time.monotonic() > deadline:
-                    raise SystemExit("the discard server did not start")
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port_file.read_text()}"
+        with discard_server(root) as url:
             ours, curls = [], []
             for _ in range(args.rounds):
                 curls.append(curl_upload(url, path))
                 ours.append(asyncio.run(watcher_upload(url, path)))
-        finally:
-            server.terminate()
-            server.wait(10)
     size = args.mib * (1 << 20)
     gib = size / (1 << 30)
     best_ours, best_curl = size / min(t for t, _ in ours) / 1e9, size / min(t for t, _ in curls) / 1e9

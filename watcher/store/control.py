@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.models import _JOB_SELECT, Job, Problem, retry_selects
+from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk
 from watcher.store.schema import OPEN_STATES
 
 if TYPE_CHECKING:
@@ -133,6 +133,13 @@ class ControlMixin(_Base):
         """Make jobs of current versions due now, at the step they stopped at: those under ``paths`` that failed,
         wait or are held, every failed one (``failed``), every one held in doubt (``in_doubt``). A held job's
         operations may be sent again (each re-send is counted by the gate). Returns how many jobs were reset."""
+        ask = RetryAsk(
+            by_path=paths is not None,
+            failed=failed,
+            in_doubt=in_doubt,
+            waiting_on_service=waiting_on_service,
+            pipelines=pipelines,
+        )
         now = time.time()
         changed = 0
         with self._tx() as db:
@@ -143,20 +150,10 @@ class ControlMixin(_Base):
                 sql += f" AND f.path IN ({','.join('?' * len(plist))})"
                 args.extend(to_db(p) for p in plist)
             for row in db.execute(sql, args).fetchall():
-                held = row["state"] == "in_doubt"
-                if not retry_selects(
-                    row["state"],
-                    row["error_code"],
-                    row["pipeline"],
-                    by_path=paths is not None,
-                    failed=failed,
-                    in_doubt=in_doubt,
-                    waiting_on_service=waiting_on_service,
-                    pipelines=pipelines,
-                ):
+                if not ask.takes(row["state"], row["error_code"], row["pipeline"]):
                     continue
-                data = json.loads(row["data"])
-                for key in (data.pop("in_doubt", None) or {}).get("keys", []) if held else []:
+                data, held = RetryAsk.release(row["state"], row["data"])
+                for key in held:
                     db.execute(
                         "UPDATE operations SET state='reask', updated_at=? WHERE state='in_doubt' AND sha256=? "
                         "AND service=? AND operation=? AND params=?",
@@ -165,7 +162,7 @@ class ControlMixin(_Base):
                 db.execute(
                     "UPDATE jobs SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL, error_code=NULL, "
                     "data=?, updated_at=? WHERE id=?",
-                    (now, json.dumps(data), now, row["id"]),
+                    (now, data, now, row["id"]),
                 )
                 changed += 1
         return changed

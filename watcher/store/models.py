@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,26 +160,34 @@ _JOB_SELECT = """
 """
 
 
-def retry_selects(
-    state: str,
-    error_code: str | None,
-    pipeline: str,
-    *,
-    by_path: bool,
-    failed: bool,
-    in_doubt: bool,
-    waiting_on_service: bool,
-    pipelines: Sequence[str] | None,
-) -> bool:
-    """Whether `retry` takes a job (pending, failed or in doubt) of a current version: any under the paths asked
-    for; else every failed one (``failed``), every one held (``in_doubt``), every one waiting on its paused
-    service (``waiting_on_service``: a refused key, no credits). ``pipelines`` narrows it to those pipelines."""
-    if pipelines is not None and pipeline not in pipelines:
-        return False
-    if by_path:
-        return True
-    return (
-        (failed and state == "failed")
-        or (in_doubt and state == "in_doubt")
-        or (waiting_on_service and state == "pending" and error_code == "needs_user")
-    )
+@dataclass(frozen=True)
+class RetryAsk:
+    """What `retry` was asked for, the rule both stores apply to each pending, failed or held job of a current
+    version: any under the paths asked for (``by_path``); else every failed one (``failed``), every one held
+    (``in_doubt``), every one waiting on its paused service (``waiting_on_service``: a refused key, no credits).
+    ``pipelines`` narrows it to those pipelines."""
+
+    by_path: bool = False
+    failed: bool = False
+    in_doubt: bool = False
+    waiting_on_service: bool = False
+    pipelines: Sequence[str] | None = None
+
+    def takes(self, state: str, error_code: str | None, pipeline: str) -> bool:
+        """Whether this job is made due again."""
+        if self.pipelines is not None and pipeline not in self.pipelines:
+            return False
+        if self.by_path:
+            return True
+        return (
+            (self.failed and state == "failed")
+            or (self.in_doubt and state == "in_doubt")
+            or (self.waiting_on_service and state == "pending" and error_code == "needs_user")
+        )
+
+    @staticmethod
+    def release(state: str, data_json: str) -> tuple[str, list[Any]]:
+        """The job's data once retried, and the keys of the operations it held in doubt (to be re-asked)."""
+        data = json.loads(data_json)
+        held = (data.pop("in_doubt", None) or {}) if state == "in_doubt" else {}
+        return json.dumps(data), list(held.get("keys", []))

@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.errors import ConfigError
 from watcher.names import text
-from watcher.store.models import Job, Operation, Problem, retry_selects
+from watcher.store.models import Job, Operation, Problem, RetryAsk
 from watcher.store.postgres.base import adopt_late, path_bytes
 from watcher.store.postgres.schema import (
     JOB_SELECT,
@@ -133,6 +133,13 @@ class PgControlMixin(_Base):
         pipelines: Sequence[str] | None = None,
     ) -> int:
         """Make jobs of current versions due now at the step they stopped at (see the SQLite adapter)."""
+        ask = RetryAsk(
+            by_path=paths is not None,
+            failed=failed,
+            in_doubt=in_doubt,
+            waiting_on_service=waiting_on_service,
+            pipelines=pipelines,
+        )
 
         def go(db: psycopg.Connection[Any]) -> int:
             now = self._now(db)
@@ -143,20 +150,10 @@ class PgControlMixin(_Base):
                 args.append(self._ids_of_paths(db, paths))
             changed = 0
             for row in db.execute(sql + " FOR UPDATE OF j", args).fetchall():
-                held = row["state"] == "in_doubt"
-                if not retry_selects(
-                    row["state"],
-                    row["error_code"],
-                    row["pipeline"],
-                    by_path=paths is not None,
-                    failed=failed,
-                    in_doubt=in_doubt,
-                    waiting_on_service=waiting_on_service,
-                    pipelines=pipelines,
-                ):
+                if not ask.takes(row["state"], row["error_code"], row["pipeline"]):
                     continue
-                data = json.loads(row["data"])
-                for key in (data.pop("in_doubt", None) or {}).get("keys", []) if held else []:
+                data, held = RetryAsk.release(row["state"], row["data"])
+                for key in held:
                     db.execute(
                         f"UPDATE operations SET state='reask', updated_at=%s WHERE state='in_doubt' AND {KEY_WHERE}",
                         (now, *key),
@@ -164,7 +161,7 @@ class PgControlMixin(_Base):
                 db.execute(
                     "UPDATE jobs SET state='pending', attempts=0, next_attempt_at=%s, last_error=NULL, "
                     "error_code=NULL, data=%s, updated_at=%s WHERE id=%s",
-                    (now, json.dumps(data), now, row["id"]),
+                    (now, data, now, row["id"]),
                 )
                 changed += 1
             return changed
