@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from watcher.config import canonical_endpoint
 from watcher.emulator import Charge
 
 CERTAIN = ("answered", "partial")
@@ -38,7 +39,7 @@ def where_of(line: dict[str, Any]) -> str:
     """The service, host:port and account a ledger line went to, as a charge names them (``service host account``)."""
     parts = str(line.get("endpoint") or "").split()
     if len(parts) == 3:
-        return f"{line['service']} {urlsplit(parts[1]).netloc} {parts[2]}"
+        return f"{line['service']} {urlsplit(canonical_endpoint(parts[1])).netloc} {parts[2]}"
     return f"{line['service']} ? ?"
 
 
@@ -86,7 +87,7 @@ def discrepancies(charges: Sequence[Charge], lines: Iterable[dict[str, Any]]) ->
     unknown_length: set[tuple[str, str]] = set()
     requests: Counter[str] = Counter()
     for c in charges:
-        where = f"{c.service} {c.host} {c.account}"
+        where = f"{c.service} {urlsplit(canonical_endpoint('http://' + c.host)).netloc} {c.account}"
         requests[where] += 1
         for op in c.operations:
             billed[(where, c.sha256, op)] += 1

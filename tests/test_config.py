@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from watcher.config import AUDIO_PATTERNS, Settings, find_config, load_settings
+from watcher.config import AUDIO_PATTERNS, Settings, canonical_endpoint, find_config, load_settings, service_identity
 from watcher.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +155,22 @@ def test_example_config_documents_every_key():
     assert "# state_dir =" in text
     assert documented == _keys(Settings)
     load_settings(path, {})
+
+
+@pytest.mark.parametrize(
+    ("spelled", "canonical"),
+    [
+        ("https://api.essentia.upf.edu", "https://api.essentia.upf.edu"),
+        ("HTTPS://API.Essentia.UPF.edu:443/", "https://api.essentia.upf.edu"),
+        ("https://api.example.com:8443/v2//", "https://api.example.com:8443/v2"),
+        ("http://localhost:8080", "http://127.0.0.1:8080"),
+        ("http://127.0.0.2:8080/", "http://127.0.0.1:8080"),
+        ("http://[::1]:8080", "http://127.0.0.1:8080"),
+        ("http://[2001:db8::1]:80/", "http://[2001:db8::1]"),
+        ("http://api.example.com:443", "http://api.example.com:443"),  # 443 is not http's default
+    ],
+)
+def test_one_endpoint_has_one_spelling(spelled: str, canonical: str) -> None:
+    """The store keys paid work by the endpoint: every spelling of one URL gives one key; other hosts stay apart."""
+    assert canonical_endpoint(spelled) == canonical
+    assert service_identity("analysis", spelled, None) == f"analysis {canonical} account:none"

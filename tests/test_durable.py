@@ -295,3 +295,27 @@ def test_a_postgres_store_newer_than_the_binary_is_refused(tmp_path, pg_url):
         conn.execute("UPDATE schema_version SET version = %s", (len(SCHEMA),))
     lines = cli(tmp_path, "store", "backup", str(tmp_path / "dump.pgc"), store__url=pg_url)
     assert lines.returncode == 0 and "pg_dump --format=custom" in lines.stdout and "dump.pgc" in lines.stdout
+
+
+def test_one_endpoint_spelled_another_way_pays_nothing_again(tmp_path, inbox, emu, run_daemon):
+    """The library analysed at ``http://127.0.0.1:PORT``; the config then names the same server ``localhost``, in
+    capitals, with a trailing slash: its results are found (0 requests), and a lost store still adopts the
+    sidecars written under the first spelling."""
+    settings = make_settings(tmp_path, inbox, emu.url)
+    analyse_library(tmp_path, inbox, settings, run_daemon)
+    billed = emu.paid()
+    port = emu.url.rsplit(":", 1)[1]
+    respelled = make_settings(tmp_path, inbox, f"HTTP://LocalHost:{port}//")
+    shutil.copy(inbox / "a.wav", tmp_path / "copy.wav")
+    shutil.move(tmp_path / "copy.wav", inbox / "copy.wav")
+    d = run_daemon(respelled)
+    wait_for(lambda: jobs_done(tmp_path, "analyze") == 5, what="the copy's analysis")
+    d.stop()
+    assert emu.paid() == billed
+    lose_the_store(tmp_path, inbox, respelled)
+    d = run_daemon(respelled)
+    wait_for(lambda: jobs_done(tmp_path, "analyze") == 5, what="five adopted analyses")
+    d.stop()
+    assert emu.paid() == billed
+    # a.wav and its copy hold one content: whichever is claimed second finds the first's adopted results
+    assert commands.status(respelled)["adopted"]["analyze"] in (4, 5)

@@ -5,7 +5,14 @@ all is fine. Unknown keys and bad values raise :class:`ConfigError` naming the k
 (config, key file, ``ESSENTIA_API_KEY``/``NEURALANALOG_API_KEY``, systemd credentials) and travel as SecretStr.
 """
 
-from watcher.config.secrets import account_fingerprint, read_secret_file, resolve_key, reveal, service_identity
+from watcher.config.secrets import (
+    account_fingerprint,
+    canonical_endpoint,
+    read_secret_file,
+    resolve_key,
+    reveal,
+    service_identity,
+)
 from watcher.config.sections import (
     APP,
     AUDIO_PATTERNS,
@@ -48,6 +55,7 @@ __all__ = [
     "WebConfig",
     "WebhooksConfig",
     "account_fingerprint",
+    "canonical_endpoint",
     "default_config_path",
     "find_config",
     "load_settings",

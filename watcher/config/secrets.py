@@ -4,8 +4,10 @@ SecretStr and are revealed only where they are sent."""
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
@@ -17,7 +19,38 @@ def service_identity(service: str, base_url: str, key: SecretStr | None) -> str:
 
     The fingerprint is a keyed BLAKE2b of the API key, 48 bits: it tells accounts apart and cannot be reversed.
     """
-    return f"{service} {base_url.rstrip('/')} account:{account_fingerprint(key)}"
+    return f"{service} {canonical_endpoint(base_url)} account:{account_fingerprint(key)}"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def canonical_endpoint(base_url: str) -> str:
+    """One spelling for one endpoint, so paid work is found again however the URL is written: scheme and host in
+    lower case, the default port and trailing slashes dropped, and every name of this machine's loopback
+    (``localhost``, ``127.x.x.x``, ``[::1]``) written ``127.0.0.1``. Other aliases (two DNS names for one server)
+    cannot be known and stay distinct. A URL that cannot be read is returned as it is, stripped."""
+    try:
+        parts = urlsplit(base_url.strip())
+        port = parts.port
+    except ValueError:
+        return base_url.strip().rstrip("/")
+    host = (parts.hostname or "").lower()
+    if host in LOOPBACK_NAMES or _is_loopback_ip(host):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    scheme = parts.scheme.lower()
+    netloc = host if port is None or port == DEFAULT_PORTS.get(scheme) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def account_fingerprint(key: SecretStr | None) -> str:

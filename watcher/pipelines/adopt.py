@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from watcher.audiofile import sha256_of
+from watcher.config import canonical_endpoint
 from watcher.fsutil import read_json_object
 from watcher.names import display
 from watcher.store import StoredResult
@@ -29,7 +30,7 @@ log = structlog.get_logger("watcher.adopt")
 
 
 def _same_endpoint(a: object, b: object) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and a.rstrip("/") == b.rstrip("/")
+    return isinstance(a, str) and isinstance(b, str) and canonical_endpoint(a) == canonical_endpoint(b)
 
 
 def sidecar_results(
