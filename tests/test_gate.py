@@ -11,6 +11,7 @@ import time
 import pytest
 
 from watcher.store import Operation, Store, utc_day
+from watcher.store.gate import CRASH_REASKS
 
 SHA = "ab" * 32
 UPLOAD = Operation(SHA, "processing http://x account:1", "upload", "p1", "reask")
@@ -90,6 +91,21 @@ def test_a_crash_leaves_the_intent_and_the_restart_treats_it_as_in_doubt(store):
     assert take(store, MASTER, "alive").verdict == "in_doubt"
     reask = store.gate_take([KEY], "alive", budget="analysis", seconds=5)[0]
     assert reask.verdict == "send" and reask.resend
+
+
+@pytest.mark.parametrize("death", ["recovery at restart", "lease expired"])
+def test_a_request_whose_sender_dies_again_and_again_is_held_after_two_reasks(store, death):
+    """A crash loop on one file: the re-askable request is asked again CRASH_REASKS times, then held in doubt
+    (both ways a sender's death is found: a restart's recovery, another taker finding its lease expired)."""
+    for n in range(CRASH_REASKS + 1):
+        ticket = store.gate_take([KEY], f"life{n}", budget="analysis", seconds=5, lease=-1)[0]
+        assert ticket.verdict == "send" and ticket.resend == (n > 0)
+        if death == "recovery at restart":
+            assert store.gate_recover() == 1
+    held = store.gate_take([KEY], "next", budget="analysis", seconds=5)[0]
+    assert held.verdict == "in_doubt" and f"{CRASH_REASKS + 1} times" in (held.error or "")
+    again = store.gate_take([KEY], "user", budget="analysis", seconds=5, resend_in_doubt=True)[0]
+    assert again.verdict == "send" and again.resend  # `watcher retry` asks again
 
 
 def test_an_expired_lease_is_in_doubt_for_the_next_taker(store):

@@ -102,6 +102,30 @@ def capped_tickets(
     }
 
 
+# A request whose sender died mid-call (a crash, a kill, the OOM killer) is asked again at most this many times;
+# the next such death holds it in doubt: a file that stops the daemon must not be paid for at every restart.
+CRASH_REASKS = 2
+CRASHED = "the daemon stopped while the request was in flight"
+HELD_AFTER_CRASHES = (
+    f"the daemon stopped while this request was in flight, {CRASH_REASKS + 1} times: held, so that a file that "
+    "stops the daemon is not paid for at every restart"
+)
+# The same rule in SQL, for a statement over many rows (``on_doubt`` and ``sends`` are the operation's columns).
+AFTER_CRASH_SQL = f"CASE WHEN on_doubt='hold' OR sends > {CRASH_REASKS} THEN 'in_doubt' ELSE 'reask' END"
+AFTER_CRASH_ERROR_SQL = (
+    f"CASE WHEN on_doubt<>'hold' AND sends > {CRASH_REASKS} THEN '{HELD_AFTER_CRASHES.replace(chr(39), chr(39) * 2)}' "
+    f"ELSE '{CRASHED}' END"
+)
+
+
+def after_crash(on_doubt: str, sends: int) -> tuple[str, str]:
+    """What an operation whose sender died mid-call becomes, and why: held in doubt when its policy says hold or
+    when it was sent ``CRASH_REASKS + 1`` times already; else asked again (a counted re-ask)."""
+    if on_doubt != "hold" and sends > CRASH_REASKS:
+        return "in_doubt", HELD_AFTER_CRASHES
+    return ("in_doubt" if on_doubt == "hold" else "reask"), CRASHED
+
+
 def replayed(row: Any, take_id: str) -> bool:
     """True when ``row`` is held by the very take ``take_id``: the same take replayed (its commit's answer lost)."""
     return row is not None and row["state"] == "sending" and row["take_id"] == take_id
@@ -198,8 +222,8 @@ class GateMixin(_Base):
         if replayed(row, take_id):
             return own_ticket(op, row), state
         if state == "sending" and (row["lease_until"] or 0) < now:
-            state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
-            self._set_state(db, op, state, now, error="the daemon stopped while the request was in flight")
+            state, why = after_crash(op.on_doubt, int(row["sends"]))  # its sender died mid-call
+            self._set_state(db, op, state, now, error=why)
             row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
             state = row["state"]  # a late answer kept beside it makes it answered
         if state == "answered":
@@ -385,9 +409,9 @@ class GateMixin(_Base):
             where = "state='sending'" + (" AND holder=?" if holder else "")
             args: tuple[Any, ...] = (holder,) if holder else ()
             recovered = db.execute(
-                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
-                "since=CASE on_doubt WHEN 'hold' THEN ? ELSE since END, holder=NULL, lease_until=NULL, "
-                f"error='the daemon stopped while the request was in flight', updated_at=? WHERE {where} "
+                f"UPDATE operations SET state={AFTER_CRASH_SQL}, error={AFTER_CRASH_ERROR_SQL}, "
+                f"since=CASE {AFTER_CRASH_SQL} WHEN 'in_doubt' THEN ? ELSE since END, holder=NULL, lease_until=NULL, "
+                f"updated_at=? WHERE {where} "
                 "RETURNING sha256, service, operation, params, late_result",
                 (now, now, *args),
             ).fetchall()

@@ -10,8 +10,11 @@ import psycopg
 
 from watcher.names import text
 from watcher.store.gate import (
+    AFTER_CRASH_ERROR_SQL,
+    AFTER_CRASH_SQL,
     UNPAID,
     WAIT_SECONDS,
+    after_crash,
     capped_tickets,
     ledger_kind,
     next_utc_midnight,
@@ -106,8 +109,8 @@ class PgGateMixin(_Base):
                     tickets[i] = own_ticket(op, row)
                     continue
                 if state == "sending" and (row["lease_until"] or 0) < at:
-                    state = "in_doubt" if op.on_doubt == "hold" else "reask"  # its sender died mid-call
-                    set_op_state(db, op, state, at, error="the daemon stopped while the request was in flight")
+                    state, why = after_crash(op.on_doubt, int(row["sends"]))  # its sender died mid-call
+                    set_op_state(db, op, state, at, error=why)
                     row = got(db.execute(f"SELECT * FROM operations WHERE {KEY_WHERE}", op_key(op)).fetchone())
                     state = row["state"]  # a late answer kept beside it makes it answered
                 if state == "answered":
@@ -237,9 +240,9 @@ class PgGateMixin(_Base):
 
         def go(db: psycopg.Connection[Any]) -> int:
             recovered = db.execute(
-                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
-                f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
-                f"error='the daemon stopped while the request was in flight', updated_at={NOW} WHERE {where} "
+                f"UPDATE operations SET state={AFTER_CRASH_SQL}, error={AFTER_CRASH_ERROR_SQL}, "
+                f"since=CASE {AFTER_CRASH_SQL} WHEN 'in_doubt' THEN {NOW} ELSE since END, holder=NULL, "
+                f"lease_until=NULL, updated_at={NOW} WHERE {where} "
                 "RETURNING sha256, service, operation, params, late_result",
                 args,
             ).fetchall()
