@@ -173,8 +173,9 @@ def _tones(inbox: Path, first: int, n: int) -> None:
 @pytest.mark.timeout(180)
 def test_a_silent_partition_neither_stalls_the_loop_nor_starves_the_watchdog(tmp_path, inbox, pg_url, proxy):
     """A real daemon on PostgreSQL through the proxy, streams in flight; the proxy goes silent for 15 s. The loop
-    lag stays below 1 s and the watchdog is pinged every second throughout; once healed, the held calls go through
-    and every file (one added after the heal too) is done, the daemon still running."""
+    lag stays below 1 s and the watchdog is pinged every second throughout, also while a file that settles then
+    waits to be recorded; once healed, the held calls go through and every file (one added after the heal too) is
+    done, the daemon still running."""
     metrics = _free_port()
     with Emulator(analysis_key=API_KEY, use_local=False) as emu:
         emu.analysis.faults.event_delay = 0.3  # each stream takes about a second: the cut finds some in flight
@@ -184,7 +185,7 @@ def test_a_silent_partition_neither_stalls_the_loop_nor_starves_the_watchdog(tmp
             f'[[folders]]\npath = "{inbox}"\nsettle_seconds = 0.3\nrescan_interval = 3600\n'
             f'[analysis]\nbackend = "remote"\nbase_url = "{emu.url}"\napi_key = "{API_KEY}"\nconcurrency = 2\n'
             f'[store]\nurl = "{proxy.url(pg_url)}"\nnode_name = "cut"\n'
-            f'[metrics]\nenabled = true\nport = {metrics}\n[web]\nenabled = false\n'
+            f"[metrics]\nenabled = true\nport = {metrics}\n[web]\nenabled = false\n"
         )
         watchdog = Watchdog(tmp_path / "notify")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHER_", "NOTIFY_", "WATCHDOG_"))}
@@ -206,8 +207,12 @@ def test_a_silent_partition_neither_stalls_the_loop_nor_starves_the_watchdog(tmp
             cut_at, cut_wall = time.monotonic(), time.time()
             lags: list[float] = []
             healed_at = healed_wall = done_in_partition = None
+            arrived = False
             # a stalled loop records its lag only once it runs again: sampled on for 1.5 s after the heal
             while healed_at is None or time.monotonic() < healed_at + 1.5:
+                if not arrived and time.monotonic() - cut_at >= 3:
+                    _tones(inbox, 6, 1)  # a file settles during the partition: its recording waits off the loop
+                    arrived = True
                 if healed_at is None and time.monotonic() - cut_at >= PARTITION_SECONDS:
                     healed_at, healed_wall = time.monotonic(), time.time()
                     done_in_partition = _done(pg_url)
@@ -222,8 +227,8 @@ def test_a_silent_partition_neither_stalls_the_loop_nor_starves_the_watchdog(tmp
             assert len(lags) > 50 and max(lags) < 1.0, f"loop lag during the partition: max {max(lags):.3f} s"
             assert len(pings) >= PARTITION_SECONDS - 2 and max(gaps) < 2.0, f"watchdog gaps {max(gaps):.2f} s"
 
-            _tones(inbox, 6, 1)  # a file that arrives after the heal
-            wait_for(lambda: _done(pg_url) == 7, timeout=90, what="every file done after the heal")
+            _tones(inbox, 7, 1)  # and one after the heal
+            wait_for(lambda: _done(pg_url) == 8, timeout=90, what="every file done after the heal")
             assert daemon.poll() is None, "the daemon exited"
             recovered = time.monotonic() - healed_at
         finally:
@@ -239,7 +244,7 @@ def test_a_silent_partition_neither_stalls_the_loop_nor_starves_the_watchdog(tmp
         print(
             f"partition {PARTITION_SECONDS:.0f} s: loop lag max {max(lags):.3f} s over {len(lags)} samples, "
             f"{len(pings)} watchdog pings (largest gap {max(gaps):.2f} s), {done_in_partition} done by the heal, "
-            f"all 7 done {recovered:.1f} s after it"
+            f"all 8 done {recovered:.1f} s after it"
         )
 
 

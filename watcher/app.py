@@ -79,21 +79,25 @@ class StoreSink:
     """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
 
     def __init__(
-        self, store: StorePort, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events
+        self, store: AsyncStore, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events
     ) -> None:
+        """``known`` and ``recorded`` are asked from the detector's threads (the store's ``sync`` side); settled
+        files are recorded from the loop, through the store's own threads."""
         self.store = store
         self.jobs = [(p.name, p.first_step) for p in pipelines]
         self.wake = wake
         self.events = events
 
     def known(self, path: str, sig: Signature) -> bool:
-        return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
+        return self.store.sync.known_version(path, sig.size, sig.mtime_ns, sig.inode)
 
     def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        return self.store.current_signatures(folder)
+        return self.store.sync.current_signatures(folder)
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
-        _, new = self.store.register_version(
+    async def ready(
+        self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
+    ) -> None:
+        _, new = await self.store.register_version(
             folder=str(folder.path),
             path=path,
             rel_path=rel_path,
@@ -108,7 +112,7 @@ class StoreSink:
             self._settled(str(folder.path), path, sig)
             self.wake()
 
-    def ready_many(self, files: Sequence[Settled]) -> None:
+    async def ready_many(self, files: Sequence[Settled]) -> None:
         """Files settled together: registered in one store transaction, then the workers are woken once."""
         versions = []
         for f in files:
@@ -118,7 +122,7 @@ class StoreSink:
                     str(f.folder.path), f.path, f.rel_path, sig.size, sig.mtime_ns, sig.inode, f.live, f.folder.priority
                 )
             )
-        answers = self.store.register_versions(versions, jobs=self.jobs)
+        answers = await self.store.register_versions(versions, jobs=self.jobs)
         new = [f for f, (_, is_new) in zip(files, answers, strict=True) if is_new]
         for f in new:
             self._settled(str(f.folder.path), f.path, f.signature)
@@ -163,7 +167,7 @@ class App:
             owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}@{self.node_id}",
             lease=settings.store.lease_seconds if settings.store.url else LEASE,
         )
-        self.sink = StoreSink(self.store, pipelines, self.runner.wake, events)
+        self.sink = StoreSink(aio, pipelines, self.runner.wake, events)
         self.detector: Detector | None = None
 
     @classmethod
