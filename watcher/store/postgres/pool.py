@@ -96,6 +96,7 @@ class Pool:
         """A connection until the block ends, or for ``call_seconds`` (waiting for it included), when its socket is
         shut down under the statement that waits; ``bounded=False``: no deadline (migrations)."""
         deadline = time.monotonic() + self.call_seconds if bounded else None
+        # waiting for a connection counts against the same deadline: a short outage is waited out, not failed
         with self._pool.connection(timeout=self.call_seconds) as conn:
             if deadline is not None:
                 with self._lock:
