@@ -275,13 +275,21 @@ class App:
         await self.aio.aclose()
 
 
-def build_daemon(settings: Settings, *, metrics: NullMetrics, housekeeping: Subscriber, live: Subscriber | None) -> App:
+def build_daemon(
+    settings: Settings,
+    *,
+    metrics: NullMetrics,
+    housekeeping: Subscriber,
+    live: Subscriber | None,
+    guard: Guard = unguarded,
+) -> App:
     """The daemon's graph: :meth:`App.build`, with metrics, webhooks, the page's live feed (``live``) and the
-    daemon's housekeeping told of everything, and every client's rate watched by the metrics."""
+    daemon's housekeeping told of everything, and every client's rate watched by the metrics; ``guard`` sees
+    every store call made from the loop."""
     subscribers: list[Subscriber] = [MetricsEvents(metrics), housekeeping]
     if live is not None:
         subscribers.append(live)
-    app = App.build(settings, subscribers=subscribers, observer=metrics.request)
+    app = App.build(settings, subscribers=subscribers, observer=metrics.request, guard=guard)
     if settings.webhooks.urls:
         from watcher.webhooks import WebhookSender
 
