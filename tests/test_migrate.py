@@ -24,6 +24,7 @@ from tests.test_paid_once import cli
 from watcher import cli as watcher_cli
 from watcher import markers
 from watcher.errors import ConfigError, StartupError
+from watcher.fsutil import StateLock
 from watcher.migrate import migrate, not_empty
 
 pytestmark = pytest.mark.timeout(150)
@@ -123,9 +124,9 @@ def test_a_running_daemon_is_refused(tmp_path, inbox, emu, run_daemon, pg_url): 
     """While a daemon holds the state folder the migration refuses, saying so; nothing is made in the database."""
     settings = small_library(tmp_path, inbox, emu, run_daemon)
     d = run_daemon(settings)
-    wait_for(lambda: (tmp_path / "state" / "watcher.lock").read_text().startswith("watcher pid"), what="the lock")
+    wait_for(lambda: StateLock.holder(tmp_path / "state"), what="the daemon holding the state folder")
     try:
-        with pytest.raises(StartupError, match=r"nothing was copied: .*in use by watcher pid"):
+        with pytest.raises(StartupError, match=r"nothing was copied: the state folder .* is in use by"):
             migrate(settings, pg_url, say=lambda _: None)
         run = cli(tmp_path, "store", "migrate", "--to", pg_url)
         assert run.returncode == 3 and "stop that watcher first" in run.stderr, run.stderr
