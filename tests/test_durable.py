@@ -23,8 +23,10 @@ from tests.test_multinode import Node
 from tests.test_paid_once import cli
 from watcher import commands
 from watcher.emulator import Emulator
+from watcher.pipelines.adopt import paid_ids
 from watcher.pipelines.sidecar import schema
 from watcher.status import render
+from watcher.store import Operation
 
 pytestmark = pytest.mark.timeout(120)
 NAMES = ("a", "b", "c", "d")
@@ -332,6 +334,7 @@ def test_a_store_lost_mid_processing_resumes_from_the_sidecars(tmp_path, inbox, 
             write_tone(inbox / f"{name}.wav", 0.3, freq=220 + 110 * n)
         for name in NAMES[:2]:
             wait_for(lambda name=name: recorded(inbox / f"{name}.wav", {"audio", "mastered"}), timeout=30, what=name)
+            jsonschema.validate(json.loads(sidecar(inbox / f"{name}.wav").read_text()), schema())
     finally:
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     billed = emu.paid()
@@ -361,3 +364,38 @@ def test_a_store_lost_mid_processing_resumes_from_the_sidecars(tmp_path, inbox, 
     for name in NAMES[:2]:  # the finished sidecar says where the delivery is; the record of work in progress is gone
         archive = json.loads(sidecar(inbox / f"{name}.wav").read_text())["archive"]
         assert archive["versions"] == {"original": "delivered", "mastered": "delivered"} and "paid" not in archive
+
+
+def test_a_record_of_processing_is_trusted_only_for_its_content_service_account_and_parameters():
+    """The IDs of `archive.paid` are taken only for the same content (sha256 and size), the same endpoint and
+    account, the same operation and parameters; and never without the upload's."""
+    where = "processing http://127.0.0.1:1 account:aaaaaaaaaaaa"
+    sha = "ab" * 32
+    ops = {"audio": Operation(sha, where, "upload", "p0", "reask"), "mastered": Operation(sha, where, "master", "p1")}
+
+    def doc(**change) -> dict:
+        paid = {
+            "service": where,
+            "sha256": sha,
+            "size": 10,
+            "operations": {
+                "audio": {"operation": "upload", "params": "p0", "id": "u-1"},
+                "mastered": {"operation": "master", "params": "p1", "id": "m-1"},
+            },
+        }
+        paid.update(change)
+        return {"source": {"sha256": sha, "size": 10}, "archive": {"paid": paid}}
+
+    def ids(d: dict) -> dict:
+        return paid_ids(d, sha256=sha, size=10, ops=ops)
+
+    assert ids(doc()) == {"audio": "u-1", "mastered": "m-1"}
+    assert ids(doc(service=where.replace("aaaa", "bbbb"))) == {}  # another account
+    assert ids(doc(service="processing http://elsewhere:1 account:aaaaaaaaaaaa")) == {}  # another endpoint
+    assert ids(doc(sha256="cd" * 32)) == {} and ids(doc(size=11)) == {}  # other content
+    other = doc()
+    other["archive"]["paid"]["operations"]["mastered"]["params"] = "p9"  # mastered with other parameters
+    assert ids(other) == {"audio": "u-1"}
+    del other["archive"]["paid"]["operations"]["audio"]  # nothing builds on a missing upload
+    assert ids(other) == {}
+    assert ids({"source": {"sha256": sha, "size": 10}}) == {} and ids(None) == {}
