@@ -130,6 +130,9 @@ def test_a_running_daemon_is_refused(tmp_path, inbox, emu, run_daemon, pg_url): 
             migrate(settings, pg_url, say=lambda _: None)
         run = cli(tmp_path, "store", "migrate", "--to", pg_url)
         assert run.returncode == 3 and "stop that watcher first" in run.stderr, run.stderr
+        said: list[str] = []  # a dry run is a preview: it says the daemon must be stopped first
+        assert migrate(settings, pg_url, dry_run=True, say=said.append).counts["files"] == 4
+        assert "stop it before the migration itself" in said[0]
     finally:
         d.stop()
     assert rows(pg_url, "SELECT COUNT(*) FROM pg_tables WHERE schemaname = current_schema()")[0][0] == 0

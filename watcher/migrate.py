@@ -1,14 +1,15 @@
 """`watcher store migrate --to URL`: one machine's SQLite store copied into an empty PostgreSQL database, verified,
 and its folders handed over, so that daemons on several machines go on from it without paying for anything again.
 
-It runs with the daemons stopped (the state folder's lock is held throughout) and into an empty database only.
+It runs with the daemons stopped (the state folder's lock is held throughout; a dry run only warns) and into an
+empty database only; leases and paid calls a daemon that died left behind are given back first, as its start would.
 The PostgreSQL schema is made by the PostgreSQL adapter's own migrations; then every table both schemas hold is
 copied in one transaction, IDs kept (so references hold) and sequences set after. Before that transaction commits,
 each table is verified: its row count and a checksum computed the same way over the rows read from each side (an
 order-free sum of each row's digest, its values in a canonical form). Only a verified copy is committed, and only
 then are the folders' markers switched to the new store (each keeps its folder ID, which the new store's file rows
 are keyed by). A copy that does not verify is rolled back: the target stays empty and the folders stay with the
-SQLite store, which a migration never changes.
+SQLite store, which keeps its rows either way.
 """
 
 from __future__ import annotations
@@ -72,17 +73,27 @@ def migrate(
     db = settings.state_dir / "watcher.db"
     if not db.is_file():
         raise ConfigError(f"no SQLite store at {display(str(db))}: nothing to migrate")
+    if dry_run:  # a preview, also while the daemon runs (its counts may still change)
+        holder = StateLock.holder(settings.state_dir)
+        if holder is not None:
+            say(f"{holder} runs on this store: stop it before the migration itself (these counts may still change)")
+        return _migrate(settings, db, url, where, dry_run=True, say=say, tamper=None)
     say("watcher store migrate runs with every daemon stopped: checking the state folder's lock")
     with StateLock.stopped(settings.state_dir, "nothing was copied"):
-        return _migrate(settings, db, url, where, dry_run=dry_run, say=say, tamper=tamper)
+        return _migrate(settings, db, url, where, dry_run=False, say=say, tamper=tamper)
 
 
 def _migrate(
     settings: Settings, db: Path, url: str, where: str, *, dry_run: bool, say: Say, tamper: Tamper | None
 ) -> Outcome:
     passfile = str(settings.store.passfile) if settings.store.passfile else None
-    if not dry_run:
-        Store(db).close()  # an older store is brought to the current schema first (a copy is kept in backups/)
+    if not dry_run:  # as a daemon's start would: an older store migrated (a copy kept in backups/), and the leases
+        store = Store(db)  # and paid calls of a daemon that died given back (in doubt), since none runs now
+        try:
+            store.release_leases()
+            store.gate_recover()
+        finally:
+            store.close()
     with _target(url, where, passfile) as conn:
         refusal = not_empty(conn)
     if refusal:
@@ -186,6 +197,8 @@ def _copy(
     with _target(url, where, passfile) as conn:
         try:
             with conn.transaction():
+                # a daemon started on this database meanwhile waits until the copy is committed or rolled back
+                conn.execute(f"LOCK TABLE {', '.join(sorted(WATCHER_TABLES))} IN ACCESS EXCLUSIVE MODE")
                 if not_empty(conn):  # a daemon may have started on it since it was checked
                     raise ConfigError(f"nothing was copied: the database at {where} is in use (rows appeared)")
                 made = {t: _copy_table(conn, source, t, folders) for t in TABLES}
@@ -338,5 +351,5 @@ def _switch(settings: Settings, folders: dict[str, tuple[str, bool]], outcome: O
         say(f"  {display(folder)}: {why}")
     say(
         f'done. Set [store] url = "{where}" in the config of every machine (a password goes in a passfile), then '
-        "start the daemons. The SQLite store is left as it was; its daemon no longer owns these folders."
+        "start the daemons. The SQLite store keeps its rows, but its daemon no longer owns these folders."
     )
