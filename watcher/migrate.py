@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,12 +35,13 @@ from watcher.names import display
 from watcher.store import Store
 from watcher.store.postgres import PostgresStore, StoreUnreachable, redact
 from watcher.store.postgres.pool import first_line
+from watcher.store.postgres.schema import SCHEMA as PG_SCHEMA
 
 # The tables both schemas hold, in the order references allow (jobs name files).
 TABLES = ("files", "jobs", "results", "operations", "ledger", "spend", "folder_state")
-SEQUENCED = ("files", "jobs", "ledger")  # their ``id`` is a bigserial in PostgreSQL: set past the copied IDs
-# Tables a watcher store in PostgreSQL holds; a database holding anything else is not empty.
-WATCHER_TABLES = frozenset({*TABLES, "nodes", "meta", "schema_version"})
+# Tables a watcher store in PostgreSQL holds (as its migrations make them); a database holding others is not empty.
+WATCHER_TABLES = frozenset({"schema_version", *re.findall(r"CREATE TABLE (\w+)", "\n".join(PG_SCHEMA))})
+OWN = frozenset({"meta", "schema_version", "nodes"})  # the new store's own: never copied
 # A PostgreSQL column made from the SQLite row (the folder ID from the folder's marker, the paths as bytes).
 DERIVED = {("files", "folder_id"): "folder", ("folder_state", "folder_id"): "path", ("folder_state", "folder"): "path"}
 SOURCE_ONLY = {("folder_state", "path")}  # read only to derive the columns above
@@ -101,7 +103,7 @@ def _migrate(
     source = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
     source.row_factory = sqlite3.Row
     try:
-        counts = {t: int(source.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in TABLES}
+        counts = {t: int(source.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in copied(source)}
         say(f"from {display(str(db))} to {where}:")
         for table, n in counts.items():
             say(f"  {table}: {n} row(s)")
@@ -149,6 +151,12 @@ def not_empty(conn: psycopg.Connection[Any]) -> str | None:
         if conn.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone() != (False,):
             return f"holds a watcher store already (its {table} table has rows)"
     return None
+
+
+def copied(source: sqlite3.Connection) -> list[str]:
+    """The tables both schemas hold, in the order references allow: the known ones first, then any other."""
+    theirs = {str(r[0]) for r in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return [*TABLES, *sorted((theirs & WATCHER_TABLES) - OWN - set(TABLES))]
 
 
 def _sqlite_id(state_dir: Path) -> str | None:
@@ -201,8 +209,8 @@ def _copy(
                 conn.execute(f"LOCK TABLE {', '.join(sorted(WATCHER_TABLES))} IN ACCESS EXCLUSIVE MODE")
                 if not_empty(conn):  # a daemon may have started on it since it was checked
                     raise ConfigError(f"nothing was copied: the database at {where} is in use (rows appeared)")
-                made = {t: _copy_table(conn, source, t, folders) for t in TABLES}
-                _set_sequences(conn)
+                made = {t: _copy_table(conn, source, t, folders) for t in copied(source)}
+                _set_sequences(conn, made)
                 if tamper is not None:
                     tamper(conn)
                 _verify(conn, made, where)
@@ -291,13 +299,18 @@ def _digest(kinds: list[str], values: Iterable[Any]) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(canon).encode()).digest(), "big")
 
 
-def _set_sequences(conn: psycopg.Connection[Any]) -> None:
-    """Each bigserial goes on after the highest copied ID (new rows never take an ID that is referenced)."""
-    for table in SEQUENCED:
-        conn.execute(
-            f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST(COALESCE(MAX(id), 0), 1), "
-            f"MAX(id) IS NOT NULL) FROM {table}"
-        )
+def _set_sequences(conn: psycopg.Connection[Any], tables: Iterable[str]) -> None:
+    """Each serial ``id`` goes on after the highest copied ID (new rows never take an ID that is referenced)."""
+    for table in tables:
+        row = conn.execute(
+            "SELECT pg_get_serial_sequence(%s, 'id') FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = %s AND column_name = 'id'",
+            (table, table),
+        ).fetchone()
+        if row is not None and row[0] is not None:
+            conn.execute(
+                f"SELECT setval(%s, GREATEST(COALESCE(MAX(id), 0), 1), MAX(id) IS NOT NULL) FROM {table}", (row[0],)
+            )
 
 
 def checksum(conn: psycopg.Connection[Any], table: str) -> tuple[int, int]:
