@@ -68,6 +68,19 @@ def sqlite_lines(root: Path) -> list[dict[str, Any]]:
     return lines
 
 
+def unique(lines: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ledger lines read from several stores, each counted once: a store migrated to PostgreSQL holds a copy of the
+    SQLite ledger it came from (the same ids, times, services, operations and contents)."""
+    seen: set[tuple[Any, ...]] = set()
+    out: list[dict[str, Any]] = []
+    for line in lines:
+        same = (line["id"], line["at"], line["service"], line["operation"], line["sha256"])
+        if same not in seen:
+            seen.add(same)
+            out.append(line)
+    return out
+
+
 def postgres_lines(url: str) -> list[dict[str, Any]]:
     """The ledger lines of a watcher store in PostgreSQL (none when it has no ledger yet)."""
     import psycopg

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.billcheck import discrepancies, postgres_lines, sqlite_lines
+from tests.billcheck import discrepancies, postgres_lines, sqlite_lines, unique
 from tests.pg import pg_cluster, pg_url  # noqa: F401  (fixtures: a throwaway PostgreSQL)
 from watcher.audiofile import FileBody, signature
 from watcher.config import AnalysisConfig, FolderConfig, RetryConfig, Settings
@@ -65,7 +65,7 @@ def _bill_is_the_oracle(request: pytest.FixtureRequest, tmp_path: Path) -> Itera
     if exempt is None:
         lines = sqlite_lines(tmp_path)
         if pg is not None:
-            lines += postgres_lines(pg)
+            lines = unique(lines + postgres_lines(pg))
         found = discrepancies(new, lines)
         outcome = "discrepant" if found else "checked"
     BILL_STATS[outcome] += 1

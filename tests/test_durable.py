@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -16,11 +19,14 @@ import pytest
 
 from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
 from tests.test_archive import PKEY, archive_settings, wait_delivery
+from tests.test_multinode import Node
 from tests.test_paid_once import cli
 from watcher import commands
 from watcher.emulator import Emulator
+from watcher.pipelines.adopt import paid_ids
 from watcher.pipelines.sidecar import schema
 from watcher.status import render
+from watcher.store import Operation
 
 pytestmark = pytest.mark.timeout(120)
 NAMES = ("a", "b", "c", "d")
@@ -76,7 +82,7 @@ def test_a_lost_store_adopts_every_sidecar_and_pays_nothing(tmp_path, inbox, emu
     before = {name: sidecar(inbox / f"{name}.wav").read_bytes() for name in NAMES}
     for name in NAMES:
         doc = json.loads(before[name])
-        assert doc["schema_minor"] == 1 and doc["backend"]["account"] not in ("", "none", API_KEY)
+        assert doc["schema_minor"] >= 1 and doc["backend"]["account"] not in ("", "none", API_KEY)
         jsonschema.validate(doc, schema())
     lose_the_store(tmp_path, inbox, settings)
     d = run_daemon(settings)
@@ -319,3 +325,101 @@ def test_one_endpoint_spelled_another_way_pays_nothing_again(tmp_path, inbox, em
     assert emu.paid() == billed
     # a.wav and its copy hold one content: whichever is claimed second finds the first's adopted results
     assert commands.status(respelled)["adopted"]["analyze"] in (4, 5)
+
+
+# -- a store lost in the middle of processing ---------------------------------------------------------------
+
+
+def recorded(audio: Path, wanted: set[str]) -> bool:
+    """True once the file's sidecar holds its complete analysis and the processing IDs of ``wanted``."""
+    try:
+        doc = json.loads(sidecar(audio).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(doc.get("complete")) and set(doc.get("archive", {}).get("paid", {}).get("operations", {})) == wanted
+
+
+def test_a_store_lost_mid_processing_resumes_from_the_sidecars(tmp_path, inbox, emu):
+    """A real daemon killed (SIGKILL) while the service holds the processing, its state folder lost, `watcher adopt`,
+    a restart: one upload and one processing request per version, and every delivery completes."""
+    emu.processing.faults.polls_by_kind["mastered"] = 10**6  # the service holds the masterings "in progress"
+    config = tmp_path / "watcher.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'[[folders]]\npath = "{inbox}"\nsettle_seconds = 0.3\nrescan_interval = 3600\n'
+        f'[analysis]\nbackend = "remote"\nbase_url = "{emu.url}"\napi_key = "{API_KEY}"\n'
+        f'[archive]\nenabled = true\nbase_url = "{emu.url}"\napi_key = "{PKEY}"\noutput_dir = "{tmp_path / "out"}"\n'
+        'poll_initial = 0.05\npoll_max = 0.2\nversions = ["original", "mastered"]\n'
+        "[retry]\nbackoff_initial = 0.2\nbackoff_max = 1.0\n"
+    )
+    first = Node(tmp_path, "first", config)
+    try:
+        for n, name in enumerate(NAMES[:2]):
+            write_tone(inbox / f"{name}.wav", 0.3, freq=220 + 110 * n)
+        for name in NAMES[:2]:
+            wait_for(lambda name=name: recorded(inbox / f"{name}.wav", {"audio", "mastered"}), timeout=30, what=name)
+            jsonschema.validate(json.loads(sidecar(inbox / f"{name}.wav").read_text()), schema())
+    finally:
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    billed = emu.paid()
+    assert sorted(op for _, op in billed if not op.startswith("analyze")) == ["master", "master", "upload", "upload"]
+    assert set(billed.values()) == {1}
+    # the state folder is lost (moved out of sight: the bill spans both lives, held against the first one's ledger)
+    (tmp_path / "state").rename(tmp_path / "lost-state-0")
+    adopt = subprocess.run(
+        [sys.executable, "-m", "watcher", "--config", str(config), "adopt", str(inbox)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert adopt.returncode == 0, adopt.stderr
+    emu.processing.faults.polls_by_kind.clear()  # the service finishes
+    second = Node(tmp_path, "second", config)
+    try:
+        for name in NAMES[:2]:
+            manifest = wait_delivery(tmp_path, name, timeout=40)
+            assert set(manifest["versions"]) == {"original", "mastered"}
+    finally:
+        assert second.stop() == 0
+    assert emu.paid() == billed  # not one upload, processing request or analysis more
+    log = (tmp_path / "second.log").read_text()
+    assert log.count('"archive.resumed"') == 2 and '"archive.upload_started"' not in log
+    for name in NAMES[:2]:  # the finished sidecar says where the delivery is; the record of work in progress is gone
+        archive = json.loads(sidecar(inbox / f"{name}.wav").read_text())["archive"]
+        assert archive["versions"] == {"original": "delivered", "mastered": "delivered"} and "paid" not in archive
+
+
+def test_a_record_of_processing_is_trusted_only_for_its_content_service_account_and_parameters():
+    """The IDs of `archive.paid` are taken only for the same content (sha256 and size), the same endpoint and
+    account, the same operation and parameters; and never without the upload's."""
+    where = "processing http://127.0.0.1:1 account:aaaaaaaaaaaa"
+    sha = "ab" * 32
+    ops = {"audio": Operation(sha, where, "upload", "p0", "reask"), "mastered": Operation(sha, where, "master", "p1")}
+
+    def doc(**change) -> dict:
+        paid = {
+            "service": where,
+            "sha256": sha,
+            "size": 10,
+            "operations": {
+                "audio": {"operation": "upload", "params": "p0", "id": "u-1"},
+                "mastered": {"operation": "master", "params": "p1", "id": "m-1"},
+            },
+        }
+        paid.update(change)
+        return {"source": {"sha256": sha, "size": 10}, "archive": {"paid": paid}}
+
+    def ids(d: dict) -> dict:
+        return paid_ids(d, sha256=sha, size=10, ops=ops)
+
+    assert ids(doc()) == {"audio": "u-1", "mastered": "m-1"}
+    assert ids(doc(service=where.replace("aaaa", "bbbb"))) == {}  # another account
+    assert ids(doc(service="processing http://elsewhere:1 account:aaaaaaaaaaaa")) == {}  # another endpoint
+    assert ids(doc(sha256="cd" * 32)) == {} and ids(doc(size=11)) == {}  # other content
+    other = doc()
+    other["archive"]["paid"]["operations"]["mastered"]["params"] = "p9"  # mastered with other parameters
+    assert ids(other) == {"audio": "u-1"}
+    del other["archive"]["paid"]["operations"]["audio"]  # nothing builds on a missing upload
+    assert ids(other) == {}
+    assert ids({"source": {"sha256": sha, "size": 10}}) == {} and ids(None) == {}

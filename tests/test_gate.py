@@ -227,3 +227,19 @@ def test_a_take_of_an_in_doubt_operation_is_a_reported_resend(store):
     take(store, KEY, "b", budget="analysis")
     kinds = [line["kind"] for line in store.ledger_lines(utc_day(time.time()), utc_day(time.time()))]
     assert kinds == ["first", "resend", "first", "reask"]
+
+
+def test_an_adopted_id_answers_an_operation_the_gate_never_took(store):
+    """An ID taken back from a verified record on disk answers the operation with no ledger line and no spend; the
+    gate's own record of an operation always wins over one from disk."""
+    assert store.gate_adopt(MASTER, "m-from-disk")
+    row = store.gate_get(MASTER)
+    assert (row["state"], row["result"], row["remote_state"]) == ("answered", "m-from-disk", "requested")
+    assert (take(store, MASTER, "a").verdict, take(store, MASTER, "a").result) == ("answered", "m-from-disk")
+    day = utc_day(time.time())
+    assert store.ledger_lines(day, day) == [] and store.spend_on(day) == {}
+    assert not store.gate_adopt(MASTER, "m-other")
+    sent = take(store, UPLOAD, "a")
+    assert store.gate_answered(UPLOAD, "u-1", fence=sent.fence)
+    assert not store.gate_adopt(UPLOAD, "u-from-disk")
+    assert store.gate_get(UPLOAD)["result"] == "u-1" and store.gate_get(MASTER)["result"] == "m-from-disk"

@@ -135,6 +135,9 @@ def _store_commands(sub: Any) -> None:
     backup.add_argument("path", type=Path, metavar="PATH")
     restore = actions.add_parser("restore", help="replace the store by the copy in PATH (stop the daemon first)")
     restore.add_argument("path", type=Path, metavar="PATH")
+    move = actions.add_parser("migrate", help="copy the store into an empty PostgreSQL database (daemons stopped)")
+    move.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB (no password)")
+    move.add_argument("--dry-run", action="store_true", help="print the rows per table; change nothing")
 
 
 def _settings(args: argparse.Namespace, folders: list[Path] | None = None) -> Settings:
@@ -217,7 +220,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "adopt":
         return _adopt(_settings(args), args.folder)
     if args.command == "store":
-        return _store(_settings(args), args.action, args.path)
+        return _store(_settings(args), args)
     if args.command == "retry":
         return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
     if args.command == "spend":
@@ -446,36 +449,33 @@ def _adopt(settings: Settings, folder: Path) -> int:
     return EXIT_OK
 
 
-def _store(settings: Settings, action: str, path: Path) -> int:
-    """`watcher store backup|restore PATH` (see watcher.store.backup)."""
+def _store(settings: Settings, args: argparse.Namespace) -> int:
+    """`watcher store backup|restore PATH` (see watcher.store.backup), `watcher store migrate` (watcher.migrate)."""
     from watcher.app import store_path
     from watcher.fsutil import StateLock
+    from watcher.migrate import migrate
     from watcher.store import backup as copies
     from watcher.store.schema import SCHEMA
+
+    if args.action == "migrate":
+        return migrate(settings, args.to, dry_run=args.dry_run).code
 
     if settings.store.url:  # PostgreSQL: its own tools, run by the user (the password never printed)
         from watcher.store.postgres.pool import redact
 
         env = f"PGPASSFILE='{settings.store.passfile}' " if settings.store.passfile else ""
         print("# a PostgreSQL store is copied with PostgreSQL's tools; run:")
-        for line in copies.postgres_commands(redact(settings.store.url), path, restoring=action == "restore"):
+        for line in copies.postgres_commands(redact(settings.store.url), args.path, restoring=args.action == "restore"):
             print(line if line.startswith("#") else env + line)
         return EXIT_OK
     db = store_path(settings)
-    if action == "backup":
-        dest = copies.backup(db, path.expanduser())
+    if args.action == "backup":
+        dest = copies.backup(db, args.path.expanduser())
         print(f"{display(str(dest))}: a copy of the store at {display(str(db))}")
         return EXIT_OK
-    lock = StateLock(settings.state_dir)
-    try:
-        lock.acquire()
-    except StartupError as exc:
-        raise StartupError(f"nothing was restored: {exc}") from None
-    try:
-        version, kept = copies.restore(path.expanduser(), db, len(SCHEMA))
-    finally:
-        lock.release()
-    print(f"{display(str(db))}: restored from {display(str(path))} (schema version {version})")
+    with StateLock.stopped(settings.state_dir, "nothing was restored"):
+        version, kept = copies.restore(args.path.expanduser(), db, len(SCHEMA))
+    print(f"{display(str(db))}: restored from {display(str(args.path))} (schema version {version})")
     if kept is not None:
         print(f"the store it replaced is kept in {display(str(kept))}")
     return EXIT_OK

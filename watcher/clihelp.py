@@ -35,6 +35,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "store": (
         "watcher store backup ~/watcher-store.db  # a consistent copy, while the daemon runs",
         "watcher store restore ~/watcher-store.db  # with the daemon stopped",
+        "watcher store migrate --to postgresql://watcher@db:5432/watcher  # to several machines (daemon stopped)",
     ),
     "web": ("watcher web  # the running daemon's page and a new one-time login link to it",),
     "backfill": (

@@ -17,7 +17,7 @@ import tempfile
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +364,21 @@ class StateLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def stopped(cls, state_dir: Path, nothing: str) -> Iterator[None]:
+        """Held for a command that needs the daemon stopped (restore, migrate); refused while one runs, the
+        message starting with ``nothing`` (what was not done)."""
+        lock = cls(state_dir)
+        try:
+            lock.acquire()
+        except StartupError as exc:
+            raise StartupError(f"{nothing}: {exc}") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def raise_open_files_limit(ceiling: int = 1 << 16) -> int:

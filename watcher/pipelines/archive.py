@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,12 +22,13 @@ from watcher.errors import BadInput, RetryLater
 from watcher.fsutil import safe_component
 from watcher.media import audio_info
 from watcher.names import display
-from watcher.pipelines.adopt import verified_delivery
+from watcher.pipelines.adopt import record_paid, resume_ids, verified_delivery
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.paid import GateStore, PaidCalls, Taken, outcome_of
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
+from watcher.pipelines.processor import Processor
 from watcher.pipelines.sidecar import live_version, sidecar_path, source_document, write_sidecar
 from watcher.sending import expect_sending
 from watcher.store import Job, Operation
@@ -55,43 +56,6 @@ def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str,
     return "ready" if state == "complete" else "processing"
 
 
-class StatusLike(Protocol):
-    @property
-    def is_complete(self) -> bool: ...
-
-    @property
-    def is_failed(self) -> bool: ...
-
-    @property
-    def error_message(self) -> str | None: ...
-
-
-class UploadBody(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-    def chunks(self) -> AsyncIterator[bytes]: ...
-
-
-class Processor(Protocol):
-    """The processing service as the archive pipeline needs it (implemented by the Neural Analog client)."""
-
-    async def upload(self, source: UploadBody) -> str: ...
-
-    async def poll(self, kind: str, object_id: str) -> StatusLike:
-        """The status of a remote job, within the service's share for polls (Deferred when its turn is later)."""
-        ...
-
-    async def restore(self, audio_id: str, params: Mapping[str, Any]) -> str: ...
-
-    async def master(self, audio_id: str, params: Mapping[str, Any], upscaled_id: str | None = None) -> str: ...
-
-    async def create_stems(self, source_field: str, source_id: str, params: Mapping[str, Any]) -> str: ...
-
-
 class ArchiveStore(GateStore, Protocol):
     """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
@@ -102,6 +66,8 @@ class ArchiveStore(GateStore, Protocol):
     async def is_live(self, job: Job) -> bool: ...
 
     async def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
+
+    async def gate_adopt(self, op: Operation, result: str) -> bool: ...
 
     async def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
 
@@ -173,7 +139,27 @@ class ArchivePipeline:
         if adopted is not None:
             return adopted
         await self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
+        if await self._resume(job, checked.sha256):
+            return await self._process(job)
         return await self._upload(job, checked.content)
+
+    async def _resume(self, job: Job, sha256: str) -> bool:
+        """Processing a lost store had under way, recorded beside the file (see watcher.pipelines.adopt): its IDs
+        are taken as answered, so the job polls and downloads instead of uploading and requesting again."""
+        ops = {name: self.operation(sha256, name) for name in self.plan}
+        path = sidecar_path(job.file.path, job.file.folder, self.sidecar)
+        found = await resume_ids(path, self.store, sha256=sha256, size=job.file.size, ops=ops, where=job.file.path)
+        if found:
+            await self.store.commit(job, step="process", audio_id=found.get("audio"), ids=found, polls=0)
+        return bool(found)
+
+    async def _record(self, job: Job, ids: Mapping[str, str]) -> None:
+        """The processing IDs answered so far, kept beside the file too (the sidecar's ``archive.paid``)."""
+        sha256 = job.data["sha256"]
+        answered = {name: (self.operation(sha256, name), ids[name]) for name in self.plan if ids.get(name)}
+        path = sidecar_path(job.file.path, job.file.folder, self.sidecar)
+        live = lambda: self.store.is_live(job)  # noqa: E731
+        await record_paid(path, job.file, sha256, answered, versions=self.cfg.wanted(), live=live)
 
     async def _adopt(self, job: Job, sha256: str) -> StepResult | None:
         """A delivery already in place for this content, verified against its manifest (see
@@ -211,6 +197,7 @@ class ArchivePipeline:
         audio_id = await self._paid(job, op, upload)
         log.info("archive.uploaded", path=version.path, audio_id=audio_id)
         await self.store.commit(job, step="process", audio_id=audio_id, polls=0)
+        await self._record(job, {"audio": audio_id})
         return await self._process(job)
 
     async def _process(self, job: Job) -> StepResult:
@@ -258,6 +245,7 @@ class ArchivePipeline:
                 return "waiting"
             ids[name] = await self._paid(job, op, lambda: self._request(name, product, ids))
             await self.store.commit(job, ids=ids)
+            await self._record(job, ids)
             log.info("archive.requested", path=job.file.path, what=name, id=ids[name])
             return "requested"
         ids[name] = str(row["result"])

@@ -25,7 +25,9 @@ from watcher.names import display
 from watcher.store import FileVersion, StoredResult
 
 SCHEMA_VERSION = 1
-SCHEMA_MINOR = 1  # 1: backend.account, the fingerprint of the account the results were paid with
+# 1: backend.account, the fingerprint of the account the results were paid with; 2: archive.paid, the processing IDs
+# of work in progress (see watcher.pipelines.adopt)
+SCHEMA_MINOR = 2
 # One lock per sidecar path while some write holds it; a lock nobody holds is collected, so this never grows.
 _locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 

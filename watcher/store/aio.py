@@ -238,6 +238,9 @@ class AsyncStore:
     async def gate_get(self, op: Operation) -> dict[str, Any] | None:
         return await self.call(self.sync.gate_get, op)
 
+    async def gate_adopt(self, op: Operation, result: str) -> bool:
+        return await self.call(self.sync.gate_adopt, op, result)
+
     async def ledger_outcome(self, request: int, outcome: str) -> None:
         await self.call(self.sync.ledger_outcome, request, outcome)
 

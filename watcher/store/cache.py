@@ -1,4 +1,5 @@
-"""Analysis results per content, backend (where the work was done) and model: paid for once, kept for good."""
+"""Analysis results per content, backend (where the work was done) and model: paid for once, kept for good; and
+the IDs of paid work a new store takes back from a verified record on disk (the gate's adoption)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ class CacheMixin(_Base):
                 ),
             )
             return fenced
+
+    def gate_adopt(self, op: Operation, result: str) -> bool:
+        """An ID paid for in another store's life, read from a verified record on disk: the operation is answered
+        with it (no ledger line: it was charged in that life's ledger). False when this gate knows the operation
+        already (its own record wins)."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, result, remote_state, "
+                "sends, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'answered', ?, 'requested', 0, ?, ?) "
+                "ON CONFLICT (sha256, service, operation, params) DO NOTHING",
+                (op.sha256, op.service, op.name, op.params, op.on_doubt, result, now, now),
+            )
+            return bool(cur.rowcount)

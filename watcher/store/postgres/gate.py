@@ -219,6 +219,19 @@ class PgGateMixin(_Base):
             return None
         return dict(row)
 
+    def gate_adopt(self, op: Operation, result: str) -> bool:
+        """An ID paid for in another store's life, from a verified record on disk (as watcher.store.cache's): answered
+        with no ledger line, unless the gate knows the operation (an untaken ``open`` placeholder counts as not)."""
+        sql = (
+            "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, result, remote_state, sends, "
+            f"created_at, updated_at) VALUES (%s, %s, %s, %s, %s, 'answered', %s, 'requested', 0, {NOW}, {NOW}) "
+            "ON CONFLICT (sha256, service, operation, params) DO UPDATE SET state='answered', result=excluded.result, "
+            "remote_state='requested', updated_at=excluded.updated_at WHERE operations.state='open' "
+            "AND operations.sends=0"
+        )
+        args = (*op_key(op), op.on_doubt, result)
+        return bool(self._run(lambda db: db.execute(sql, args).rowcount))
+
     def gate_resend(self, ops: Sequence[tuple[str, str, str, str]]) -> int:
         """The user's word: in-doubt operations may be sent again; returns how many."""
 
