@@ -1,7 +1,9 @@
 """Soak: a daemon fed a file a second for an hour (new files, overwrites, deletions, seeded faults on a share
-of requests, the page's live feed open), printing its RSS and open files every minute.
+of requests, the page's live feed open), printing its RSS (and its anonymous and file-backed parts), open files
+and threads every minute.
 
-Memory must not grow with work done: the last RSS should be within 15 MB of its value after warm-up. The
+Memory must not grow with work done: the last RSS should be within 15 MB of its value after warm-up, and the
+slope of RSS over files (least squares over the lines after warm-up, and over their second half) flat. The
 daemon (`watcher run`, analysis with the web page on) runs in its own process, the emulator (fake results)
 in this one. ``--rate 20 --seconds 150`` gives a quick look at the per-file growth;
 ``--tracemalloc DIR`` starts the daemon under tracemalloc and writes a snapshot after warm-up and at the end
@@ -45,16 +47,35 @@ runpy.run_module("watcher", run_name="__main__")
 """
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of ``/proc/PID/status`` in MB: ``VmRSS``, or its parts ``RssAnon`` (the heaps: Python's,
+    malloc's, SQLite's page caches) and ``RssFile`` (mapped files: libraries, the store's shared memory)."""
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
 
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def slope(samples: list[tuple[int, float]]) -> float | None:
+    """The least-squares slope of RSS over files dropped, in MB per 1,000 files (None with fewer than 3 lines)."""
+    if len(samples) < 3:
+        return None
+    n = len(samples)
+    mean_x = sum(x for x, _ in samples) / n
+    mean_y = sum(y for _, y in samples) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in samples)
+    if spread == 0:
+        return None
+    return round(1000 * sum((x - mean_x) * (y - mean_y) for x, y in samples) / spread, 3)
 
 
 def follow_events(url: str, token: str, stop: threading.Event) -> None:
@@ -84,6 +105,7 @@ def compare(folder: Path, top: int = 25) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3600)
+    parser.add_argument("--minutes", type=float, help="the run's length in minutes (instead of --seconds)")
     parser.add_argument("--rate", type=float, default=1.0, help="files dropped per second")
     parser.add_argument("--warmup", type=float, default=120, help="seconds before the reference RSS is read")
     parser.add_argument("--report", type=float, default=60, help="seconds between lines")
@@ -95,6 +117,8 @@ def main() -> None:
     if args.compare:
         compare(args.compare)
         return
+    if args.minutes is not None:
+        args.seconds = args.minutes * 60
     rng = random.Random(args.seed)
     print(f"soak: seed {args.seed}, {args.rate:g} files/s for {args.seconds:g} s", flush=True)
     total = int(args.seconds * args.rate) + 10
@@ -135,9 +159,11 @@ def main() -> None:
             started = time.monotonic()
             next_report = started + args.report
             reference: float | None = None
+            samples: list[tuple[int, float]] = []  # (files dropped, RSS MB) at each line after warm-up
             names: list[str] = []
             dropped = 0
-            print(f"{'min':>6} {'files':>7} {'RSS MB':>8} {'open files':>10}", flush=True)
+            heads = ("min", "files", "RSS MB", "anon MB", "file MB", "open files", "threads")
+            print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (6, 7, 8, 8, 8, 10, 7), strict=True)), flush=True)
             while time.monotonic() - started < args.seconds:
                 tick = started + dropped / args.rate
                 time.sleep(max(0.0, tick - time.monotonic()))  # sleep-ok: the bench's own pace
@@ -161,7 +187,11 @@ def main() -> None:
                 if now >= next_report:
                     next_report += args.report
                     minutes, rss, fds = (now - started) / 60, rss_mb(daemon.pid), open_files(daemon.pid)
-                    print(f"{minutes:6.1f} {dropped:7d} {rss:8.1f} {fds:10d}", flush=True)
+                    anon, mapped = rss_mb(daemon.pid, "RssAnon"), rss_mb(daemon.pid, "RssFile")
+                    if reference is not None:
+                        samples.append((dropped, rss))
+                    line = f"{minutes:6.1f} {dropped:7d} {rss:8.1f} {anon:8.1f} {mapped:8.1f} {fds:10d}"
+                    print(f"{line} {threads(daemon.pid):7d}", flush=True)
                 if daemon.poll() is not None:
                     raise SystemExit(f"the daemon exited with {daemon.returncode}")
             last = rss_mb(daemon.pid)
@@ -184,6 +214,8 @@ def main() -> None:
                     "rss_last_mb": round(last, 1),
                     "growth_mb": round(last - reference, 1),
                     "growth_kb_per_file": round((last - reference) * 1024 / max(after, 1), 2),
+                    "slope_mb_per_1000_files": slope(samples),
+                    "slope_mb_per_1000_files_second_half": slope(samples[len(samples) // 2 :]),
                     "target": "growth within 15 MB",
                 }
             )

@@ -29,7 +29,7 @@ RULES = [
 
 
 def module_name(path: Path, root: Path) -> str:
-    """``watcher.detect.poll`` for ``root/watcher/detect/poll.py``; a package is named by its ``__init__``."""
+    """``watcher.detect.poll`` for ``watcher/detect/poll.py`` under ``root``; a package is named by its ``__init__``."""
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -77,17 +77,21 @@ def under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-@pytest.mark.parametrize(("prefix", "forbidden"), RULES, ids=[r[0] for r in RULES])
-def test_forbidden_imports(prefix: str, forbidden: list[str]) -> None:
-    """No module crosses a boundary that RULES (from ARCHITECTURE.md's "Who talks to whom") forbids."""
-    offenders = [
+def offenders(modules: Mapping[str, set[str]], prefix: str, forbidden: Sequence[str]) -> list[str]:
+    """Each import of a module under ``prefix`` that goes to a ``forbidden`` one."""
+    return [
         f"{mod} imports {imp}"
-        for mod, imps in MODULES.items()
+        for mod, imps in sorted(modules.items())
         if under(mod, prefix)
         for imp in sorted(imps)
         if any(under(imp, bad) for bad in forbidden)
     ]
-    assert offenders == []
+
+
+@pytest.mark.parametrize(("prefix", "forbidden"), RULES, ids=[r[0] for r in RULES])
+def test_forbidden_imports(prefix: str, forbidden: list[str]) -> None:
+    """No module crosses a boundary that RULES (from ARCHITECTURE.md's "Who talks to whom") forbids."""
+    assert offenders(MODULES, prefix, forbidden) == []
 
 
 def test_rules_cover_real_modules() -> None:
@@ -262,3 +266,37 @@ def test_the_check_fails_on_a_module_in_no_layer(tmp_path: Path) -> None:
         for name, entry in [("newthing", "newthing"), ("queue", "queue"), ("queue.disk", "queue/disk")]
     ]
     assert "ARCHITECTURE.md, Layers, row '2 parts': `store/` names no module; remove it" in problems(modules, LAYERS)
+
+
+def test_the_check_fails_on_the_real_package_with_one_upward_import_planted(tmp_path: Path) -> None:
+    """A copy of the real package passes; the same copy with one upward import planted in a leaf (spelled as a
+    package attribute, inside a function) fails with exactly that import, and so does the rule it breaks."""
+    import shutil
+
+    shutil.copytree(PKG, tmp_path / "watcher", ignore=shutil.ignore_patterns("__pycache__"))
+    assert problems(read_package(tmp_path), LAYERS) == []
+    errors = tmp_path / "watcher" / "errors.py"
+    errors.write_text(errors.read_text("utf-8") + "\n\ndef _late():\n    from watcher import runner\n", "utf-8")
+    detect = tmp_path / "watcher" / "detect" / "settle.py"
+    detect.write_text(detect.read_text("utf-8") + "\nfrom ..services import http\n", "utf-8")
+    planted = read_package(tmp_path)
+    assert problems(planted, LAYERS) == [
+        "watcher.errors (0 leaves) imports watcher.runner (4 scheduling): an import may only go to the same layer "
+        "or one below (up to layer 0)"
+    ]  # detect -> services stays within layer 2: only the rule below forbids it
+    rules = dict(RULES)
+    assert offenders(planted, "watcher.detect", rules["watcher.detect"]) == [
+        "watcher.detect.settle imports watcher.services.http"
+    ]
+    assert offenders(planted, "watcher.errors", rules["watcher.errors"]) == ["watcher.errors imports watcher.runner"]
+
+
+def test_the_docstrings_here_cite_only_files_that_exist() -> None:
+    """Every file a docstring of this test names (ARCHITECTURE.md, ...) is in the checkout, so no rule it states
+    points nowhere."""
+    tree = ast.parse(Path(__file__).read_text("utf-8"))
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef))]
+    text = " ".join(ast.get_docstring(n) or "" for n in nodes)
+    cited = set(re.findall(r"[\w/]+\.(?:md|py|toml)\b", text))
+    assert "ARCHITECTURE.md" in cited
+    assert [name for name in sorted(cited) if not (ROOT / name).exists()] == []

@@ -932,3 +932,44 @@ def test_the_observer_is_not_woken_by_listing_or_reading_the_folder(tmp_path):
         fw.stop()
     assert not {"FileOpenedEvent", "FileClosedNoWriteEvent", "DirModifiedEvent"} & set(seen), seen
     assert {h[0] for h in hints} == {str(inbox / "new.wav")}
+
+
+def test_the_sinks_questions_are_asked_off_the_loop_and_its_records_made_on_it(tmp_path):
+    """As the detector's docstring says: ``known`` and ``recorded`` (reads that may wait on a share or a busy
+    store) run in detection's pool, ``ready_many`` (one store transaction per check) is awaited on the event loop."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for n in range(2):
+        write_tone(inbox / f"{n}.wav", 0.05)
+    calls: list[tuple[str, bool]] = []
+
+    class ThreadNotingSink(RecordingSink):
+        def _note(self, what: str) -> None:
+            try:
+                asyncio.get_running_loop()
+                calls.append((what, True))
+            except RuntimeError:
+                calls.append((what, False))
+
+        def known(self, path: str, sig: Signature) -> bool:
+            self._note("known")
+            return super().known(path, sig)
+
+        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+            self._note("recorded")
+            return {}
+
+        async def ready_many(self, files: Sequence[Settled]) -> None:
+            self._note("ready_many")
+            await super().ready_many(files)
+
+    async def go() -> None:
+        detector = Detector([FolderConfig(path=inbox, settle_seconds=0.05)], ThreadNotingSink())
+        try:
+            await detector.scan()
+            await detector.settle_all(timeout=10)
+        finally:
+            detector._pool.shutdown()
+
+    asyncio.run(go())
+    assert sorted(set(calls)) == [("known", False), ("ready_many", True), ("recorded", False)]

@@ -1,14 +1,14 @@
-"""Whether the current paid call's request has left this machine, and the ticket that lets it leave at all.
-
-A paid call stopped before its request reached the transport (waiting for its concurrency slot, its turn in the
-rate, a Retry-After) provably sent nothing, so its gate operation is freed rather than held in doubt. The flag
-lives in a context variable: each task (each paid call) sees its own.
+"""The ticket that lets a paid call's request leave this machine, and tells whether it did.
 
 The gate owns the wire: a request to a paid endpoint leaves only with a :class:`WireTicket` the gate issued for
 it (one take: one ledger line, exactly the operations it covers). The HTTP policy spends the ticket as the
 request is handed over; a second request on the same ticket (a retry below the gate) is refused with
 :class:`NoTicket` before a byte is sent. The one paid-endpoint request without a ticket is the key check
 (``doctor``), which carries no audio and no model and is sent as a probe.
+
+A spent ticket is the paid call's record that its request was handed to the transport: a call stopped before
+(waiting for its concurrency slot, its turn in the rate, a Retry-After) left its ticket unused, provably sent
+nothing, and its gate operation is freed rather than held in doubt (:func:`watcher.pipelines.paid.outcome_of`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Collection
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-_HANDED_OVER: ContextVar[bool] = ContextVar("watcher_request_handed_over", default=False)
 _TICKET: ContextVar[WireTicket | None] = ContextVar("watcher_wire_ticket", default=None)
 
 
@@ -27,26 +26,12 @@ class NoTicket(RuntimeError):
 
 @dataclass
 class WireTicket:
-    """The gate's leave for one request: its ledger line and exactly the operations it covers; used once."""
+    """The gate's leave for one request: its ledger line and exactly the operations it covers; used once, as the
+    request is handed to the transport (``used``: it may have been sent)."""
 
     request: int
     operations: tuple[str, ...]
     used: bool = field(default=False)
-
-
-def expect_sending() -> None:
-    """Mark the start of a paid call in this task: nothing has been handed to the transport yet."""
-    _HANDED_OVER.set(False)
-
-
-def mark_handed_over(sent: bool = True) -> None:
-    """The HTTP policy: a request is handed to the transport (``sent=False``: it was provably not processed)."""
-    _HANDED_OVER.set(sent)
-
-
-def handed_over() -> bool:
-    """True once a request of this task's current paid call reached the transport (it may have been sent)."""
-    return _HANDED_OVER.get()
 
 
 def issue(ticket: WireTicket) -> WireTicket:

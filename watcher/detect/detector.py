@@ -31,6 +31,7 @@ import structlog
 
 from watcher.audiofile import Signature
 from watcher.config import FolderConfig
+from watcher.detect.failures import FailureLog
 from watcher.detect.filters import PathFilter
 from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
 from watcher.detect.scan import Recorded, changed_files
@@ -120,17 +121,8 @@ class Detector:
             decide=decide,
             health_every=health_every,
         )
-        self._failed: dict[str, str] = {}  # path -> the last failure logged for it (each is logged once)
-
-    # -- off-loop filesystem calls --------------------------------------------------------------------------
-
-    def _report_failure(self, event: str, path: str, error: str, next_step: str) -> None:
-        """Log a failure about one path once (until it changes or the path works again)."""
-        if self._failed.get(path) == error:
-            log.debug(event, path=display(path), error=error, next=next_step)
-            return
-        self._failed[path] = error
-        log.error(event, path=display(path), error=error, next=next_step)
+        self._failures = FailureLog()  # each path's failure logged once; bounded, a gone path forgotten
+        self._report_failure = self._failures.report
 
     # -- the one entry point -----------------------------------------------------------------------------
 
@@ -259,6 +251,8 @@ class Detector:
         settled: list[Settled] = []
         for verdict in verdicts:
             path = verdict.candidate.path
+            if verdict.outcome in ("gone", "known"):
+                self._failures.forget(path)  # deleted, or recorded already: an old failure there is history
             if verdict.outcome == "gone":
                 log.info("detect.vanished", path=display(path), next="nothing to do: it was deleted before it settled")
             elif verdict.outcome == "skipped":
@@ -295,7 +289,7 @@ class Detector:
                 log.debug("detect.batch_failed", files=len(files), error=reason_of(exc), next="recording one by one")
             else:
                 for f in files:
-                    self._failed.pop(f.path, None)
+                    self._failures.forget(f.path)
                 return
         for f in files:
             await self._ready(f)
@@ -309,7 +303,7 @@ class Detector:
                 "detect.record_failed", f.path, reason_of(exc), "it will be seen again at the next scan"
             )
         else:
-            self._failed.pop(f.path, None)
+            self._failures.forget(f.path)
 
     async def settle_all(self, timeout: float | None = None) -> None:
         """Check at each deadline until every candidate settled or vanished (for `watcher scan`)."""

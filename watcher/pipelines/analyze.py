@@ -27,7 +27,6 @@ from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.sending import expect_sending
 from watcher.store import Fence, FileVersion, Job, Operation, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
@@ -252,7 +251,6 @@ class AnalyzePipeline:
 
         body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode), content=checked.content)
         outcome, why = "answered", "no result in the stream"
-        expect_sending()
         try:
             if url is None:
                 report = await self.analyzer.analyze(body, missing, save)
@@ -261,7 +259,7 @@ class AnalyzePipeline:
         except BaseException as exc:
             # not sent (or stopped while waiting for its turn) or refused: the models are free again, not paid;
             # else the models not received are re-asked by the next run's take
-            outcome = outcome_of(exc)
+            outcome = outcome_of(exc, taken)
             if outcome == "in_doubt" and answered:
                 outcome = "partial"
             why = str(exc) if isinstance(exc, NotSent) else f"{type(exc).__name__}: {exc}"

@@ -30,7 +30,6 @@ from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.processor import Processor
 from watcher.pipelines.sidecar import live_version, sidecar_path, source_document, write_sidecar
-from watcher.sending import expect_sending
 from watcher.store import Job, Operation
 from watcher.versions import VERSIONS
 
@@ -287,11 +286,10 @@ class ArchivePipeline:
 
     async def _send(self, taken: Taken, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """The request itself, and the gate's record of how it ended."""
-        expect_sending()
         try:
             remote_id = await call()
         except BaseException as exc:
-            outcome = outcome_of(exc)
+            outcome = outcome_of(exc, taken)
             if outcome != "in_doubt":
                 # Provably not done: never connected, 429/503, a body cut short, stopped before it left, or refused
                 # with an answer (4xx): free again, and not paid.

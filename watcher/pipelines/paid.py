@@ -27,7 +27,7 @@ import structlog
 from watcher.errors import Deferred, InDoubt, Malformed, NeedsUser, NotSent, Rejected
 from watcher.names import display
 from watcher.pipelines.base import NullSpend, SpendObserver
-from watcher.sending import WireTicket, handed_over, issue
+from watcher.sending import WireTicket, issue
 from watcher.store import Fence, Job, Operation, Ticket
 from watcher.store.aio import AsyncGate
 
@@ -37,15 +37,16 @@ log = structlog.get_logger("watcher.paid")
 GateStore = AsyncGate  # the store's gate, asynchronous (watcher.store.aio): the only door paid calls go through
 
 
-def outcome_of(exc: BaseException) -> str:
-    """How a paid request that raised ``exc`` ended, as the ledger records it.
+def outcome_of(exc: BaseException, taken: Taken | None) -> str:
+    """How a paid request that raised ``exc`` ended, as the ledger records it; ``taken``: its take, whose wire
+    ticket is spent once the request was handed to the transport.
 
     ``not_sent``: provably not processed (NotSent: never connected, 429/503, a body cut short; or stopped before
     it was handed over); ``refused``: the service answered 4xx before any work (a bad key, a refused file);
     ``in_doubt``: everything else once the whole request may have been sent (5xx, a timeout, a cut stream, and
     any answer that cannot be read: a 2xx without the expected ID, a 3xx, a body not of the documented shape).
     """
-    if isinstance(exc, NotSent) or not handed_over():
+    if isinstance(exc, NotSent) or taken is None or taken.wire is None or not taken.wire.used:
         return "not_sent"
     if isinstance(exc, Malformed):
         return "in_doubt"
@@ -67,6 +68,7 @@ class Taken:
     estimated: bool = False  # ``seconds`` is an upper bound (no duration in the headers)
     fences: dict[Operation, Fence] = field(default_factory=dict)  # what each sent operation's outcome must name
     late: bool = False  # an outcome came after this take lost an operation (its lease ran out): recorded `late`
+    wire: WireTicket | None = None  # the one request's ticket (spent: the request was handed over)
 
 
 class PaidCalls:
@@ -115,7 +117,7 @@ class PaidCalls:
         if not taken.send and len(taken.answered) < len(tickets):
             raise self.not_now(job, tickets)
         if taken.send and taken.request is not None:
-            issue(WireTicket(taken.request, tuple(op.name for op in taken.send)))
+            taken.wire = issue(WireTicket(taken.request, tuple(op.name for op in taken.send)))
         if taken.resends:
             log.warning(
                 "paid.resend",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from watcher.errors import Deferred, Malformed, NeedsUser, NotSent, Rejected, RetryLater, WatcherError
-from watcher.sending import mark_handed_over, spend_ticket
+from watcher.sending import spend_ticket
 from watcher.services.ratelimit import AdaptiveRate, Bucket, PollShare
 
 if TYPE_CHECKING:
@@ -192,7 +192,6 @@ def tls_context() -> ssl.SSLContext:
 RequestObserver = Callable[[str, str, float, str, int], None]
 Classify = Callable[["httpx.Response"], None]
 _STARTED = "watcher.started"
-
 
 
 def _code_of(status: int) -> str:
@@ -398,9 +397,8 @@ class ServiceHTTP:
             await self._honour_pause()  # a 429 may have come in while this one waited
             started = time.monotonic()
             seen = False
-            if paid:
+            if paid:  # the spent ticket tells its paid call the request was handed over
                 spend_ticket(f"{self.service} {method} {url}", covers)
-            mark_handed_over()
             try:
                 async with self.client.stream(method, url, **kwargs) as response:
                     seen = True
@@ -412,17 +410,11 @@ class ServiceHTTP:
                             classify(response)
                         raise_for_status(response, self.service, redact=self.policy.redact_urls)
                     yield response
-            except WatcherError as exc:
-                if isinstance(exc, NotSent):  # provably not processed (429, 503): as if never handed over
-                    mark_handed_over(False)
-                raise
             except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
                 translated = translate_transport_error(exc, self.service)
                 if not seen:
                     self._observe(method, started, translated.code, 0)
-                if isinstance(translated, NotSent):  # never connected
-                    mark_handed_over(False)
-                raise translated from exc
+                raise translated from exc  # NotSent when it never connected
 
     async def probe(self, method: str, url: str, **kwargs: Any) -> str:
         """One request that proves the service is reachable and takes the key, whatever it answers otherwise.
