@@ -197,9 +197,9 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="file", desc="watcher scan")
 
 
-def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[str, Any]:
+def status(settings: Settings, *, daemon: dict[str, Any] | None = None, brief: bool = False) -> dict[str, Any]:
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
-    account (pid, since when, services paused, back-fill), None when none runs."""
+    account (pid, since when, services paused, back-fill), None when none runs; ``brief``: see status.collect."""
     from watcher.status import collect
 
     store = open_store(settings)
@@ -214,6 +214,7 @@ def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[
                 "processing": settings.archive.daily_audio_minutes,
             },
             web=web_state(settings),
+            brief=brief,
         )
     finally:
         store.close()
