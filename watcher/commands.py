@@ -211,6 +211,7 @@ def report_of(
     store: Any, settings: Settings, *, daemon: dict[str, Any] | None = None, brief: bool = False
 ) -> dict[str, Any]:
     """The status report read from an open ``store`` (the page's long-lived reader, or one opened for a command)."""
+    from watcher.pace import caps_of
     from watcher.status import collect
 
     return collect(
@@ -222,11 +223,6 @@ def report_of(
         web=web_state(settings),
         brief=brief,
     )
-
-
-def caps_of(settings: Settings) -> dict[str, float]:
-    """Each budget's daily cap in audio minutes (0: none)."""
-    return {"analysis": settings.analysis.daily_audio_minutes, "processing": settings.archive.daily_audio_minutes}
 
 
 def open_reader(settings: Settings) -> Store:

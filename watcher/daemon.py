@@ -29,6 +29,7 @@ from watcher.fsutil import StateLock, raise_open_files_limit, sweep_temp, use_no
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.names import display
+from watcher.pace import backlog, caps_of
 from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.steering import Steering
@@ -404,6 +405,8 @@ class Daemon(Steering):
                 counts: dict[str, dict[str, int]] = {name: {} for name in app.runner.pipelines}
                 counts |= app.store.open_counts()
                 self.metrics.queue(counts, TERMINAL)
+                if self.metrics.wants_backlog:  # a few index reads, for the gauges only
+                    self.metrics.backlog(backlog(app.store, caps_of(self.settings)))
                 waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
                 failed = sum(stages.get("failed", 0) for stages in counts.values())
                 held = "".join(f"; {service} paused" for service in sorted(self.held_services))

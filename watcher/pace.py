@@ -7,6 +7,7 @@ import datetime as dt
 import time
 from typing import Any, Protocol
 
+from watcher.config import Settings
 from watcher.store import next_utc_midnight, utc_day
 
 WINDOW = 900.0  # the rate is measured over the last 15 minutes
@@ -24,6 +25,11 @@ class PaceSource(Protocol):
     def spent_since(self, since: float) -> dict[str, float]: ...
 
     def spend_on(self, day: str) -> dict[str, dict[str, Any]]: ...
+
+
+def caps_of(settings: Settings) -> dict[str, float]:
+    """Each budget's daily cap in audio minutes (0: none)."""
+    return {"analysis": settings.analysis.daily_audio_minutes, "processing": settings.archive.daily_audio_minutes}
 
 
 def eta(
