@@ -200,34 +200,13 @@ def _progress(total: int, enabled: bool) -> Any:
 def status(settings: Settings, *, daemon: dict[str, Any] | None = None, brief: bool = False) -> dict[str, Any]:
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
     account (pid, since when, services paused, back-fill), None when none runs; ``brief``: see status.collect."""
+    from watcher.status import collect_for
+
     store = open_store(settings)
     try:
-        return report_of(store, settings, daemon=daemon, brief=brief)
+        return collect_for(store, settings, daemon=daemon, web=web_state(settings), brief=brief)
     finally:
         store.close()
-
-
-def report_of(
-    store: Any, settings: Settings, *, daemon: dict[str, Any] | None = None, brief: bool = False
-) -> dict[str, Any]:
-    """The status report read from an open ``store`` (the page's long-lived reader, or one opened for a command)."""
-    from watcher.pace import caps_of
-    from watcher.status import collect
-
-    return collect(
-        store,
-        daemon=daemon,
-        state_dir=str(settings.state_dir),
-        configured=[str(f.path) for f in settings.folders],
-        caps=caps_of(settings),
-        web=web_state(settings),
-        brief=brief,
-    )
-
-
-def open_reader(settings: Settings) -> Store:
-    """The store opened for reading only (no migration, no write lock): what the page keeps open for its life."""
-    return open_adapter(settings, readonly=True)  # type: ignore[no-any-return]
 
 
 def web_state(settings: Settings) -> dict[str, Any] | None:

@@ -133,7 +133,20 @@ class Metrics(NullMetrics):
             ["service"],
             registry=r,
         )
-        self._backlog = {
+        self._backlog = self._backlog_gauges(prom, r)
+        self._served = r
+        if node:
+            self._served = prom.CollectorRegistry(auto_describe=False)
+            self._served.register(_NodeLabel(r, node))
+        self._depth_labels: set[str] = set()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self.address: tuple[str, int] | None = None
+
+    @staticmethod
+    def _backlog_gauges(prom: Any, r: Any) -> dict[str, Any]:
+        """The backlog's gauges per pipeline: waiting, rate per minute, seconds to done."""
+        return {
             key: prom.Gauge(f"watcher_backlog_{key}", text, ["pipeline"], registry=r)
             for key, text in (
                 ("waiting", "Files waiting (pending jobs), per pipeline"),
@@ -144,14 +157,6 @@ class Metrics(NullMetrics):
                 ),
             )
         }
-        self._served = r
-        if node:
-            self._served = prom.CollectorRegistry(auto_describe=False)
-            self._served.register(_NodeLabel(r, node))
-        self._depth_labels: set[str] = set()
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-        self.address: tuple[str, int] | None = None
 
     def file_seen(self, folder: str) -> None:
         self._seen.labels(folder=folder).inc()

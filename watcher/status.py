@@ -8,8 +8,9 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from watcher import __version__
+from watcher.config import Settings
 from watcher.names import display
-from watcher.pace import backlog, describe
+from watcher.pace import backlog, caps_of, describe
 from watcher.store import TERMINAL, Job, Listed, Problem, utc_day
 
 SHOWN_FILES = 40
@@ -82,6 +83,22 @@ def collect(
         "brief": brief,
         "web": web,
     }
+
+
+def collect_for(
+    store: StatusSource,
+    settings: Settings,
+    *,
+    daemon: dict[str, Any] | None = None,
+    web: dict[str, Any] | None = None,
+    brief: bool = False,
+) -> dict[str, Any]:
+    """:func:`collect` with what ``settings`` say: the state folder, the folders configured, the daily caps."""
+    folders = [str(f.path) for f in settings.folders]
+    return collect(
+        store, state_dir=str(settings.state_dir), configured=folders, caps=caps_of(settings), web=web, daemon=daemon,
+        brief=brief,
+    )  # fmt: skip
 
 
 def _nodes(store: StatusSource) -> list[dict[str, Any]]:

@@ -16,9 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from watcher import commands
+from watcher.app import open_store
 from watcher.config import Settings
 from watcher.errors import ConfigError
 from watcher.names import display, find_shown, is_text
+from watcher.status import collect_for
 from watcher.web import data
 from watcher.web.live import LiveEvents
 
@@ -42,7 +44,7 @@ class Context:
         check, no write lock per request); called off the event loop."""
         with self._opening:
             if self._reader is None:
-                self._reader = commands.open_reader(self.settings)
+                self._reader = open_store(self.settings, readonly=True)  # no migration check, no write lock
             return self._reader
 
     def close(self) -> None:
@@ -57,7 +59,8 @@ class Context:
 
     async def report(self) -> dict[str, Any]:
         """The status document as the page shows it: counts, backlog, the first open files and problems."""
-        doc = await self.read(lambda store: commands.report_of(store, self.settings, brief=True))
+        web = await asyncio.to_thread(commands.web_state, self.settings)
+        doc = await self.read(lambda store: collect_for(store, self.settings, web=web, brief=True))
         doc.update(self.status_extra)
         return dict(doc)
 
