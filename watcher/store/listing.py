@@ -92,6 +92,16 @@ def by_state(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]
     return out
 
 
+def _order(query: FileQuery) -> str:
+    """Path order; newest first for an open state (failed, held, pending), by tempo (then path) for a tempo
+    range: each the order of the index that query reads."""
+    if query.state in OPEN:
+        return "j.file_id DESC"
+    if query.bpm_min is not None or query.bpm_max is not None:
+        return "f.bpm, f.path"
+    return "f.path"
+
+
 class ListingMixin(_Base):
     """Counts, pace and file pages of the SQLite store."""
 
@@ -155,11 +165,15 @@ class ListingMixin(_Base):
         """One page of current files in path order, the total that match and whether it was capped at
         ``COUNT_CAP``. Each filter reads through an index (a folder, a key, a tempo range, an open state)."""
         where, args, indexed = self._filters(query)
+        source, rows = f"files f {indexed}", f"SELECT f.id FROM files f {indexed} WHERE {where}"
+        if query.state in OPEN:  # the few files with a job in that state, newest first, in the index's order
+            source = "jobs j INDEXED BY jobs_open_files JOIN files f ON f.id=j.file_id"
+            rows = f"SELECT j.file_id FROM {source} WHERE {where} GROUP BY j.file_id"
         with self._lock:
             ids = [
                 r[0]
                 for r in self._db.execute(
-                    f"SELECT f.id FROM files f {indexed} WHERE {where} ORDER BY f.path LIMIT ? OFFSET ?",
+                    f"{rows} ORDER BY {_order(query)} LIMIT ? OFFSET ?",
                     (*args, query.size, (query.page - 1) * query.size),
                 )
             ]
@@ -168,9 +182,7 @@ class ListingMixin(_Base):
                 total = counted.get(query.folder, 0) if query.folder else sum(counted.values())
                 capped = False
             else:
-                total = self._db.execute(
-                    f"SELECT COUNT(*) FROM (SELECT 1 FROM files f {indexed} WHERE {where} LIMIT {COUNT_CAP + 1})", args
-                ).fetchone()[0]
+                total = self._db.execute(f"SELECT COUNT(*) FROM ({rows} LIMIT {COUNT_CAP + 1})", args).fetchone()[0]
                 capped = total > COUNT_CAP
                 total = min(total, COUNT_CAP)
         return self._listed(ids), int(total), capped
@@ -198,8 +210,8 @@ class ListingMixin(_Base):
             where.append("instr(lower(f.path), lower(?)) > 0")
             args.append(query.text)
         if query.state in STATES:  # a known word only: it is written into the SQL, so the partial index applies
-            if query.state in OPEN:
-                where.append(f"f.id IN (SELECT file_id FROM jobs WHERE state='{query.state}')")
+            if query.state in OPEN:  # read in jobs_open_files, newest first (see list_files); as the index reads
+                where.append(f"j.state IN ('pending', 'in_doubt', 'failed') AND j.state='{query.state}'")
             else:
                 where.append(f"EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.state='{query.state}')")
         elif query.state:

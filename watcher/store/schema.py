@@ -292,8 +292,9 @@ SCHEMA = [
     DROP INDEX files_current;
     CREATE INDEX files_in_folder ON files (folder, path) WHERE current = 1;
     CREATE INDEX files_by_key ON files (music_key, music_scale, path) WHERE current = 1;
-    CREATE INDEX files_by_bpm ON files (bpm) WHERE current = 1 AND bpm IS NOT NULL;
+    CREATE INDEX files_by_bpm ON files (bpm, path) WHERE current = 1 AND bpm IS NOT NULL;
     CREATE INDEX jobs_finished ON jobs (pipeline, updated_at) WHERE state IN ('done', 'failed', 'skipped');
+    CREATE INDEX jobs_open_files ON jobs (state, file_id) WHERE state IN ('pending', 'in_doubt', 'failed');
     CREATE INDEX ledger_by_time ON ledger (service, at);
     """,
 ]

@@ -67,10 +67,11 @@ class PgListingMixin(_Base):
     def list_files(self, query: FileQuery) -> tuple[list[Listed], int, bool]:
         """One page of current files in path order, the total that match and whether it was capped."""
         where, args = self._filters(query)
+        order = "f.bpm, f.path" if query.bpm_min is not None or query.bpm_max is not None else "f.path"
         ids = [
             int(r["id"])
             for r in self._all(
-                f"SELECT f.id FROM files f WHERE {where} ORDER BY f.path LIMIT %s OFFSET %s",
+                f"SELECT f.id FROM files f WHERE {where} ORDER BY {order} LIMIT %s OFFSET %s",
                 (*args, query.size, (query.page - 1) * query.size),
             )
         ]

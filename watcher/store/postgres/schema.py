@@ -260,7 +260,7 @@ SCHEMA = [
         FROM (SELECT DISTINCT sha256 FROM results WHERE model_name IN ('key', 'bpm_degara')) r,
         LATERAL watcher_tags(r.sha256) t WHERE f.sha256 = r.sha256;
     CREATE INDEX files_by_key ON files (music_key, music_scale, path) WHERE current;
-    CREATE INDEX files_by_bpm ON files (bpm) WHERE current AND bpm IS NOT NULL;
+    CREATE INDEX files_by_bpm ON files (bpm, path) WHERE current AND bpm IS NOT NULL;
     CREATE INDEX jobs_finished ON jobs (pipeline, updated_at) WHERE state IN ('done', 'failed', 'skipped');
     CREATE INDEX ledger_by_time ON ledger (service, at);
     """,
