@@ -68,6 +68,15 @@ def fill_sqlite(path: Path, n: int, now: float) -> None:
         db.close()
 
 
+RECOUNT_POSTGRES = """
+    DELETE FROM job_counts;
+    INSERT INTO job_counts SELECT 0, j.pipeline, j.state, COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id
+        WHERE f.current GROUP BY j.pipeline, j.state;
+    DELETE FROM folder_counts;
+    INSERT INTO folder_counts SELECT 0, folder_id, COUNT(*) FROM files WHERE current GROUP BY folder_id;
+"""
+
+
 def fill_postgres(url: str, n: int, now: float) -> None:
     """Create the store at ``url`` (migrated by the adapter) and add ``n`` jobs on ``n / 2`` files."""
     import psycopg
@@ -77,6 +86,7 @@ def fill_postgres(url: str, n: int, now: float) -> None:
     PostgresStore(url).close()
     with psycopg.connect(url, autocommit=True) as db:
         with db.transaction():
+            db.execute("SET LOCAL session_replication_role = replica")  # a bulk fill: the counts are made once below
             db.execute(
                 "INSERT INTO files (id, folder_id, rel_path, folder, path, size, mtime_ns, inode, current, created_at) "
                 f"SELECT k, '{FOLDER_ID}', convert_to('f' || k || '.wav', 'UTF8'), convert_to('{FOLDER}', 'UTF8'), "
@@ -89,6 +99,7 @@ def fill_postgres(url: str, n: int, now: float) -> None:
                 f"SELECT i, (i + 1) / 2, {_PIPELINE}, {_STEP}, {_STATE}, {_NEXT.format(now=now)}, {_OWNER}, "
                 f"{_UNTIL.format(now=now)}, {now} FROM generate_series(1, {int(n)}) AS s(i)",
             )
+            db.execute(RECOUNT_POSTGRES)
             for table in ("files", "jobs"):
                 db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT MAX(id) FROM {table}))")
         db.execute("VACUUM ANALYZE files")

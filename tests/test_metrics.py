@@ -140,3 +140,28 @@ def test_without_prometheus_client_metrics_is_a_config_error():
     assert proc.returncode == 0, proc.stderr
     needs = 'ConfigError: metrics.enabled = true needs prometheus-client: pip install "watcher-audio[metrics]"'
     assert needs in proc.stdout
+
+
+def test_backlog_gauges_per_pipeline(tmp_path):
+    """Waiting files, the recent rate and the ETA of a real store's backlog are gauges per pipeline (NaN: unknown)."""
+    import math
+
+    from watcher.pace import backlog
+    from watcher.store import NewVersion, Store
+
+    store = Store(tmp_path / "w.db")
+    try:
+        versions = [NewVersion("/in", f"/in/{n}.wav", f"{n}.wav", 1, 1, n) for n in range(6)]
+        store.register_versions(versions, jobs=[("analyze", "analyze"), ("archive", "check")])
+        job = store.claim("analyze", "me")
+        assert job is not None
+        store.release(job, state="done")
+        metrics = Metrics()
+        metrics.backlog(backlog(store, {"analysis": 0.0, "processing": 0.0}))
+    finally:
+        store.close()
+    text = metrics.exposition()
+    assert sample(text, 'watcher_backlog_waiting{pipeline="analyze"}') == 5.0
+    assert sample(text, 'watcher_backlog_rate_per_minute{pipeline="analyze"}') == round(1 / 15, 2)
+    assert 0 < sample(text, 'watcher_backlog_eta_seconds{pipeline="analyze"}') <= 5 * 900
+    assert math.isnan(sample(text, 'watcher_backlog_eta_seconds{pipeline="archive"}'))  # nothing finished yet

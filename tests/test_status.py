@@ -56,3 +56,30 @@ def test_the_report_shows_states_doubts_spend_and_problems(tmp_path):
     assert "archive failed at check (bad_input, 0 attempts): the content is not audio" in text
     assert "caf\\xe9.wav" in text
     text.encode("utf-8")  # printable whatever the names: no lone surrogate reaches a terminal
+
+
+def test_the_brief_report_reads_open_files_and_first_problems_only(tmp_path):
+    """Brief (the text and the page): files with work open and the first problems, with the backlog; no done file."""
+    from watcher.status import SHOWN_FILES
+
+    store = Store(tmp_path / "w.db")
+    try:
+        for n in range(SHOWN_FILES + 10):
+            store.register_version(
+                folder="/in", path=f"/in/{n:03d}.wav", rel_path=f"{n:03d}.wav", size=1, mtime_ns=1, inode=n,
+                jobs=[("analyze", "analyze")],
+            )  # fmt: skip
+        done = store.claim("analyze", "me")
+        store.release(done, state="done")
+        for _ in range(SHOWN_FILES + 2):
+            job = store.claim("analyze", "me")
+            store.release(job, state="failed", error="not audio", error_code="bad_input")
+        report = collect(store, state_dir="/state", brief=True)
+    finally:
+        store.close()
+    assert report["brief"] and report["counts"] == {"analyze": {"done": 1, "failed": SHOWN_FILES + 2, "pending": 7}}
+    assert report["backlog"]["analyze"]["waiting"] == 7 and report["backlog"]["analyze"]["finished_recently"] == 43
+    assert len(report["files"]) == SHOWN_FILES + 1 and done.file.path not in {f["path"] for f in report["files"]}
+    assert len(report["problems"]) == SHOWN_FILES + 1
+    text = render(report)
+    assert "backlog:" in text and "analyze: 7 waiting" in text and "... and more" in text

@@ -126,7 +126,8 @@ def vm_steps(store: Store, call: Callable[[], Any]) -> int:
 
 PARTIAL = re.compile(
     r"USING (COVERING )?INDEX (jobs_due_in_flight|jobs_due_new|jobs_due_first|jobs_by_owner|jobs_gone|files_replaced|"
-    r"files_current|operations_sending|operations_in_doubt|jobs_open)\b"
+    r"files_current|files_in_folder|files_by_key|files_by_bpm|files_by_sha256|jobs_finished|jobs_open_files|operations_sending|"
+    r"operations_in_doubt|jobs_open)\b"
 )  # partial indexes: a scan of one reads only the rows it names (pending, leased, replaced, in doubt...)
 
 

@@ -165,9 +165,7 @@ def test_answers_carry_a_strict_content_security_policy(page: Page) -> None:
         assert r.headers["x-content-type-options"] == "nosniff"
 
 
-def test_generated_token_is_private_and_never_logged(
-    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon
-) -> None:
+def test_generated_token_is_private_and_never_logged(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
     """The first start makes a 0600 token file; every start logs a one-time login link, never the token."""
     settings = web_settings(tmp_path, inbox, emu)
     with capture_logs() as logs:
@@ -225,11 +223,13 @@ def test_daemon_is_unhealthy_once_its_heartbeat_stops(tmp_path: Path, inbox: Pat
 
 
 def test_status_is_the_cli_document(page: Page, inbox: Path) -> None:
-    """/api/status is what `watcher status --json` prints, including whether and where the page runs."""
+    """/api/status is the document of `watcher status` (brief: open files and first problems, read through
+    indexes), including whether and where the page runs and the backlog."""
     write_tone(inbox / "one.wav", 1.0)
     settled(page, inbox / "one.wav")
     doc = page.json("/api/status")
-    assert doc == commands.status(page.settings)  # type: ignore[attr-defined]
+    assert doc == commands.status(page.settings, brief=True)  # type: ignore[attr-defined]
+    assert doc["backlog"]["analyze"]["waiting"] == 0 and doc["backlog"]["analyze"]["finished_recently"] == 1
     assert doc["counts"] == {"analyze": {"done": 1}, "archive": {"done": 1}}
     assert doc["web"]["running"] is True and doc["web"]["url"] == page.url
     assert f"web page: running at {page.url}" in render(doc)
@@ -368,9 +368,7 @@ def test_audio_is_served_with_ranges_only_from_watched_and_output_folders(
 
 
 def test_metrics_move_onto_the_page_server(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
-    settings = web_settings(tmp_path, inbox, emu).model_copy(
-        update={"metrics": MetricsConfig(enabled=True, port=0)}
-    )
+    settings = web_settings(tmp_path, inbox, emu).model_copy(update={"metrics": MetricsConfig(enabled=True, port=0)})
     page = Page(run_daemon(settings), settings)
     write_tone(inbox / "m.wav", 0.5)
     settled(page, inbox / "m.wav")
@@ -384,9 +382,7 @@ def test_metrics_move_onto_the_page_server(tmp_path: Path, inbox: Path, emu: Emu
 # -- when the page cannot run ----------------------------------------------------------------------
 
 
-def test_taken_port_is_a_warning_and_the_daemon_runs_on(
-    tmp_path: Path, inbox: Path, emu: Emulator, run_daemon
-) -> None:
+def test_taken_port_is_a_warning_and_the_daemon_runs_on(tmp_path: Path, inbox: Path, emu: Emulator, run_daemon) -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
@@ -462,12 +458,12 @@ def test_a_non_utf8_file_name_breaks_no_route(page: Page, inbox: Path, tmp_path:
     write_tone(audio, 0.8)
     shown = str(inbox / "caf\\xe9 \\xff.wav")
     settled(page, Path(shown))
-    status = page.json("/api/status")
-    entry = next(f for f in status["files"] if f["path"] == shown)
-    assert entry["jobs"]["analyze"]["sidecar"] == shown + ".analysis.json"
-    assert "\\xe9" in entry["jobs"]["archive"]["delivery"]
+    assert page.client.get("/api/status").status_code == 200
     rows = page.json("/api/files")["files"]
     assert [r["path"] for r in rows] == [shown] and rows[0]["bpm"] is not None  # its sidecar read too
+    entry = rows[0]
+    assert entry["jobs"]["analyze"]["sidecar"] == shown + ".analysis.json"
+    assert "\\xe9" in entry["jobs"]["archive"]["delivery"]
     info = page.json("/api/file", path=shown)
     assert info["path"] == shown and info["state"] == "done"
     assert info["summary"]["bpm"] is not None  # the sidecar was read from its real name
@@ -560,6 +556,7 @@ def test_large_deep_or_nul_requests_are_refused_with_4xx(
         )
         answer = sock.recv(65536).decode()
     assert answer.startswith("HTTP/1.1 413"), answer
+
     def chunks() -> Iterator[bytes]:
         for _ in range(20):
             yield b" " * 100_000
@@ -632,7 +629,7 @@ def test_refused_requests_leave_the_log_quiet(page: Page, caplog: pytest.LogCapt
 
 def test_pages_escape_what_a_file_name_holds(page: Page, inbox: Path) -> None:
     """A file named like markup is text on its page (the templates escape every value), never markup."""
-    audio = inbox / "<img src=x onerror=alert(1)> & \"q\".wav"
+    audio = inbox / '<img src=x onerror=alert(1)> & "q".wav'
     write_tone(audio, 0.5)
     settled(page, audio)
     html = page.client.get("/file", params={"path": str(audio)}).text

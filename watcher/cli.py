@@ -378,10 +378,11 @@ def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
     from watcher.commands import status
     from watcher.status import render
 
-    ran, report = _run_or_fail(settings, {"command": "status"})
+    brief = not (as_json or all_files)  # the text's first files and problems, read through indexes
+    ran, report = _run_or_fail(settings, {"command": "status", "brief": brief})
     if not ran:
         with _no_daemon(settings, hold=False):
-            report = status(settings)
+            report = status(settings, brief=brief)
     print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
     return EXIT_OK
 

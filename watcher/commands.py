@@ -192,24 +192,14 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="file", desc="watcher scan")
 
 
-def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[str, Any]:
+def status(settings: Settings, *, daemon: dict[str, Any] | None = None, brief: bool = False) -> dict[str, Any]:
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
-    account (pid, since when, services paused, back-fill), None when none runs."""
-    from watcher.status import collect
+    account (pid, since when, services paused, back-fill), None when none runs; ``brief``: see status.collect."""
+    from watcher.status import collect_for
 
     store = open_store(settings)
     try:
-        return collect(
-            store,
-            daemon=daemon,
-            state_dir=str(settings.state_dir),
-            configured=[str(f.path) for f in settings.folders],
-            caps={
-                "analysis": settings.analysis.daily_audio_minutes,
-                "processing": settings.archive.daily_audio_minutes,
-            },
-            web=web_state(settings),
-        )
+        return collect_for(store, settings, daemon=daemon, web=web_state(settings), brief=brief)
     finally:
         store.close()
 
@@ -254,13 +244,14 @@ def resume_service(settings: Settings, pipelines: Sequence[str]) -> int:
 def current_path(settings: Settings, shown: str) -> str | None:
     """The path of the current file that :func:`watcher.names.display` shows as ``shown`` (the page and its API
     name files that way), or None. A name that is valid text is itself; any other is found among the files."""
-    from watcher.names import display
+    from watcher.names import find_shown
 
     store = open_store(settings)
     try:
         if store.current_version(os.path.abspath(shown)) is not None:
             return os.path.abspath(shown)
-        return next((j.file.path for j in store.jobs_of_current() if display(j.file.path) == shown), None)
+        real = find_shown(os.path.abspath(shown))  # a name with undecodable bytes: found in its folder on disk
+        return real if real is not None and store.current_version(real) is not None else None
     finally:
         store.close()
 

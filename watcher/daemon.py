@@ -29,6 +29,7 @@ from watcher.fsutil import StateLock, raise_open_files_limit
 from watcher.housekeeping import Housekeeping
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
+from watcher.pace import caps_of
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.steering import Steering
 
@@ -56,7 +57,9 @@ class Daemon(Steering):
         self._reload = reload
         self.notifier: Notifier = notifier or NullNotifier()
         self.heartbeat = heartbeat
-        self.housekeeping = Housekeeping(self.notifier, heartbeat=heartbeat, held=lambda: self.held_services)
+        self.housekeeping = Housekeeping(
+            self.notifier, heartbeat=heartbeat, held=lambda: self.held_services, caps=lambda: caps_of(self.settings)
+        )
         self.stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0

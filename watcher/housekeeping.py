@@ -24,6 +24,7 @@ from watcher.events import Subscriber
 from watcher.fsutil import sweep_temp, use_node
 from watcher.metrics import NullMetrics
 from watcher.names import display
+from watcher.pace import backlog
 from watcher.runner import Outcome, Runner
 from watcher.sdnotify import Notifier
 from watcher.store import TERMINAL
@@ -59,12 +60,21 @@ class Graph(Protocol):
 class Housekeeping(Subscriber):
     """The daemon's pulse and chores; a subscriber too: files settled and jobs run here make the queue counted."""
 
-    def __init__(self, notifier: Notifier, *, heartbeat: float, held: Callable[[], Iterable[str]] = tuple) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        *,
+        heartbeat: float,
+        held: Callable[[], Iterable[str]] = tuple,
+        caps: Callable[[], dict[str, float]] = dict,
+    ) -> None:
         """``heartbeat``: seconds between chores (and pulses, or the watchdog's half-interval when shorter);
-        ``held``: the services the daemon holds now, for the status line."""
+        ``held``: the services the daemon holds now, for the status line; ``caps``: each budget's daily cap in
+        audio minutes now (for the backlog's ETA)."""
         self.notifier = notifier
         self.heartbeat = heartbeat
         self.held = held
+        self.caps = caps
         self.metrics = NullMetrics()  # the daemon's, once it serves them
         self.alive_at = time.monotonic()
         self.changes = 0
@@ -170,6 +180,8 @@ class Housekeeping(Subscriber):
         counts: dict[str, dict[str, int]] = {name: {} for name in app.runner.pipelines}
         counts |= await app.aio.open_counts()
         self.metrics.queue(counts, TERMINAL)
+        if self.metrics.wants_backlog:  # a few index reads, for the gauges only
+            self.metrics.backlog(await app.aio.call(backlog, app.aio.sync, self.caps()))
         waiting = sum(n for states in counts.values() for s, n in states.items() if s not in TERMINAL)
         failed = sum(states.get("failed", 0) for states in counts.values())
         held = "".join(f"; {service} paused" for service in sorted(self.held()))

@@ -61,6 +61,11 @@ class NullMetrics:
         for pipeline, states in counts.items():
             self.set_queue_depth(pipeline, sum(n for s, n in states.items() if s not in terminal))
 
+    wants_backlog = False  # whether the daemon should compute the backlog for :meth:`backlog`
+
+    def backlog(self, report: Mapping[str, Mapping[str, Any]]) -> None:
+        """The backlog per pipeline (see watcher.pace.backlog): waiting, rate per minute, seconds to done."""
+
     def request(self, service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
         """The HTTP policy's request observer (watcher.services.http.RequestObserver): outcome "ok" or a code."""
         self.service_request(service, seconds)
@@ -75,6 +80,8 @@ class NullMetrics:
 
 class Metrics(NullMetrics):
     """The real thing, served over HTTP by :meth:`start_http`; raises ConfigError without prometheus-client."""
+
+    wants_backlog = True
 
     def __init__(self, node: str | None = None) -> None:
         """``node`` (several machines on one store): every sample served carries a ``node`` label."""
@@ -126,6 +133,7 @@ class Metrics(NullMetrics):
             ["service"],
             registry=r,
         )
+        self._backlog = self._backlog_gauges(prom, r)
         self._served = r
         if node:
             self._served = prom.CollectorRegistry(auto_describe=False)
@@ -134,6 +142,21 @@ class Metrics(NullMetrics):
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
+
+    @staticmethod
+    def _backlog_gauges(prom: Any, r: Any) -> dict[str, Any]:
+        """The backlog's gauges per pipeline: waiting, rate per minute, seconds to done."""
+        return {
+            key: prom.Gauge(f"watcher_backlog_{key}", text, ["pipeline"], registry=r)
+            for key, text in (
+                ("waiting", "Files waiting (pending jobs), per pipeline"),
+                ("rate_per_minute", "Jobs finished per minute over the last 15 minutes, per pipeline"),
+                (
+                    "eta_seconds",
+                    "Seconds until the backlog is done at that rate, knowing the daily caps (NaN: unknown)",
+                ),
+            )
+        }
 
     def file_seen(self, folder: str) -> None:
         self._seen.labels(folder=folder).inc()
@@ -153,6 +176,13 @@ class Metrics(NullMetrics):
         for pipeline in self._depth_labels - set(counts):
             self.set_queue_depth(pipeline, 0)
         super().queue(counts, terminal)
+
+    def backlog(self, report: Mapping[str, Mapping[str, Any]]) -> None:
+        for pipeline, b in report.items():
+            self._backlog["waiting"].labels(pipeline).set(b["waiting"])
+            self._backlog["rate_per_minute"].labels(pipeline).set(b["rate_per_minute"])
+            eta = b["eta_seconds"]
+            self._backlog["eta_seconds"].labels(pipeline).set(float("nan") if eta is None else eta)
 
     def paid_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
         self._paid.labels(service=service, operation=operation, outcome=outcome).inc()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from watcher import __version__
+from watcher.config import Settings
 from watcher.names import display
-from watcher.store import TERMINAL, Job, Problem, utc_day
+from watcher.pace import backlog, caps_of, describe
+from watcher.store import TERMINAL, Job, Listed, Problem, utc_day
 
 SHOWN_FILES = 40
 
@@ -16,9 +19,15 @@ SHOWN_FILES = 40
 class StatusSource(Protocol):
     def counts(self) -> dict[str, dict[str, int]]: ...
 
-    def problems(self) -> list[Problem]: ...
+    def problems(self, limit: int | None = None) -> list[Problem]: ...
 
     def jobs_of_current(self) -> list[Job]: ...
+
+    def open_files(self, limit: int) -> list[Listed]: ...
+
+    def finished_since(self, since: float) -> dict[str, int]: ...
+
+    def spent_since(self, since: float) -> dict[str, float]: ...
 
     def folder_states(self) -> list[dict[str, Any]]: ...
 
@@ -42,28 +51,56 @@ def collect(
     now: float | None = None,
     web: dict[str, Any] | None = None,
     daemon: dict[str, Any] | None = None,
+    brief: bool = False,
 ) -> dict[str, Any]:
     """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen.
 
-    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` section;
+    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` and ``backlog`` sections;
     ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known; ``daemon`` is
     the running daemon's own account (``pid``, ``since``, ``paused_services``, ``backfill``), None when none runs.
+    ``brief``: only the files with work open and the first problems (``SHOWN_FILES`` of each), read through
+    indexes, so its cost does not grow with the files done; otherwise every current file.
     """
-    files, in_doubt, adopted = _files(store)
+    now = time.time() if now is None else now
+    caps = caps or {"analysis": 0.0, "processing": 0.0}
+    if brief:
+        files, in_doubt, adopted = _files(j for e in store.open_files(SHOWN_FILES + 1) for j in e.jobs)
+        problems = store.problems(limit=SHOWN_FILES + 1)
+    else:
+        files, in_doubt, adopted = _files(store.jobs_of_current())
+        problems = store.problems()
     return {
         "version": __version__,
         "state_dir": state_dir,
         "daemon": daemon,
         "nodes": _nodes(store),
         "counts": store.counts(),
+        "backlog": backlog(store, caps, now),
         "folders": _folders(store, configured or []),
         "in_doubt": in_doubt,
         "adopted": adopted,
-        "spend": _spend(store, caps or {"analysis": 0.0, "processing": 0.0}, time.time() if now is None else now),
-        "problems": [{**p.__dict__, "path": display(p.path)} for p in store.problems()],
+        "spend": _spend(store, caps, now),
+        "problems": [{**p.__dict__, "path": display(p.path)} for p in problems],
         "files": files,
+        "brief": brief,
         "web": web,
     }
+
+
+def collect_for(
+    store: StatusSource,
+    settings: Settings,
+    *,
+    daemon: dict[str, Any] | None = None,
+    web: dict[str, Any] | None = None,
+    brief: bool = False,
+) -> dict[str, Any]:
+    """:func:`collect` with what ``settings`` say: the state folder, the folders configured, the daily caps."""
+    folders = [str(f.path) for f in settings.folders]
+    return collect(
+        store, state_dir=str(settings.state_dir), configured=folders, caps=caps_of(settings), web=web, daemon=daemon,
+        brief=brief,
+    )  # fmt: skip
 
 
 def _nodes(store: StatusSource) -> list[dict[str, Any]]:
@@ -95,34 +132,41 @@ def folder_state(f: dict[str, Any]) -> str:
     return "active"
 
 
-def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
-    """Every current file with its jobs, the jobs held in doubt, and how many jobs per pipeline were done by
+def _files(jobs: Iterable[Job]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """The files of these jobs with their jobs, the jobs held in doubt, and how many jobs per pipeline were done by
     adopting paid work found on disk (a sidecar's results, a verified delivery) instead of paying again."""
     files: dict[str, dict[str, Any]] = {}
     in_doubt: list[dict[str, Any]] = []
     adopted = {"analyze": 0, "archive": 0}
-    for job in store.jobs_of_current():
+    for job in jobs:
         if job.data.get("adopted") and job.state == "done":
             adopted[job.pipeline] = adopted.get(job.pipeline, 0) + 1
         shown = display(job.file.path)
-        info: dict[str, Any] = {"state": job.state, "step": job.step}
-        if job.holder:  # a shared store names the node holding the job's lease
-            info["node"] = node_of(job.holder)
-        if job.last_error:
-            info["error"] = job.last_error
+        info = job_info(job)
         if job.state == "in_doubt":
-            doubt = job.data.get("in_doubt", {})
-            info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
             in_doubt.append({"path": shown, "pipeline": job.pipeline, **info["in_doubt"]})
-        if job.data.get("versions"):
-            info["versions"] = job.data["versions"]
-        for key in ("delivery", "sidecar"):  # paths named after the file: shown as text whatever its bytes
-            if job.data.get(key):
-                info[key] = display(job.data[key])
-        if job.pipeline == "archive":
-            info.setdefault("versions", {})
         files.setdefault(job.file.path, {"path": shown, "jobs": {}})["jobs"][job.pipeline] = info
     return list(files.values()), in_doubt, adopted
+
+
+def job_info(job: Job) -> dict[str, Any]:
+    """One job as the report shows it: state, step, node, error, doubt, versions and the paths it wrote."""
+    info: dict[str, Any] = {"state": job.state, "step": job.step}
+    if job.holder:  # a shared store names the node holding the job's lease
+        info["node"] = node_of(job.holder)
+    if job.last_error:
+        info["error"] = job.last_error
+    if job.state == "in_doubt":
+        doubt = job.data.get("in_doubt", {})
+        info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
+    if job.data.get("versions"):
+        info["versions"] = job.data["versions"]
+    for key in ("delivery", "sidecar"):  # paths named after the file: shown as text whatever its bytes
+        if job.data.get(key):
+            info[key] = display(job.data[key])
+    if job.pipeline == "archive":
+        info.setdefault("versions", {})
+    return info
 
 
 def _spend(store: StatusSource, caps: dict[str, float], now: float) -> dict[str, Any]:
@@ -155,6 +199,9 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
         lines.append("no files recorded yet")
     for pipeline, states in report["counts"].items():
         lines.append(f"{pipeline}: " + ", ".join(f"{state} {n}" for state, n in states.items()))
+    backlog = report.get("backlog") or {}
+    if any(b["waiting"] for b in backlog.values()):
+        lines += ["backlog:"] + [f"  {describe(pipeline, b)}" for pipeline, b in backlog.items()]
     lines += _render_spend(report.get("spend", {}))
     adopted = report.get("adopted") or {}
     if any(adopted.values()):
@@ -186,15 +233,18 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
         lines.append("\nin doubt (sent, answer lost; `watcher retry --in-doubt` sends again, maybe billed twice):")
         for d in report["in_doubt"]:
             lines.append(f"  {d['path']}: {d['pipeline']} {d['operation']} in doubt since {d['since']}")
+    brief = bool(report.get("brief"))
     if report["problems"]:
         lines.append("\nneeds attention:")
-        for p in report["problems"]:
+        for p in report["problems"][: SHOWN_FILES if brief else None]:
             lines.append(f"  {p['path']}")
             lines.append(
                 f"    {p['pipeline']} {p['state']} at {p['step']} ({p['error_code']}, {p['attempts']} attempts"
                 f"{_when(p['next_attempt_at'])}): {p['error']}"
             )
-    return "\n".join(lines + _render_files(report["files"], all_files))
+    if brief and len(report["problems"]) > SHOWN_FILES:
+        lines.append("  ... and more (`watcher status --all`, or the page)")
+    return "\n".join(lines + _render_files(report["files"], all_files, brief=brief))
 
 
 def _render_daemon(daemon: dict[str, Any] | None) -> list[str]:
@@ -226,7 +276,7 @@ def _render_spend(spend: dict[str, Any]) -> list[str]:
     return [f"spent today ({spend['day']} UTC): " + "; ".join(money)] if money else []
 
 
-def _render_files(files: list[dict[str, Any]], all_files: bool) -> list[str]:
+def _render_files(files: list[dict[str, Any]], all_files: bool, *, brief: bool = False) -> list[str]:
     busy = [
         f
         for f in files
@@ -247,5 +297,6 @@ def _render_files(files: list[dict[str, Any]], all_files: bool) -> list[str]:
             on = f" on {j['node']}" if j.get("node") else ""
             lines.append(f"    {pipeline}: {j['state']}{at}{on}{extra}")
     if not all_files and len(busy) > SHOWN_FILES:
-        lines.append(f"  ... and {len(busy) - SHOWN_FILES} more (`watcher status --all` or `--json`)")
+        more = "more" if brief else f"{len(busy) - SHOWN_FILES} more"
+        lines.append(f"  ... and {more} (`watcher status --all` or `--json`)")
     return lines

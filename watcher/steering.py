@@ -76,7 +76,9 @@ class Steering:
         settings = self.settings
         paths = [Path(p) for p in request.get("paths") or []]
         if name == "status":
-            return await asyncio.to_thread(commands.status, settings, daemon=self.info())
+            return await asyncio.to_thread(
+                commands.status, settings, daemon=self.info(), brief=bool(request.get("brief"))
+            )
         if name == "retry":
             n = await asyncio.to_thread(
                 commands.retry,

@@ -16,6 +16,7 @@ from watcher.store.cache import CacheMixin
 from watcher.store.control import ControlMixin
 from watcher.store.core import LeaseLost, StoreBase
 from watcher.store.gate import GateMixin, next_utc_midnight, utc_day
+from watcher.store.listing import FileQuery, Listed, ListingMixin
 from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
 from watcher.store.schema import STATES, TERMINAL
 
@@ -23,9 +24,11 @@ __all__ = [
     "STATES",
     "TERMINAL",
     "Fence",
+    "FileQuery",
     "FileVersion",
     "Job",
     "LeaseLost",
+    "Listed",
     "NewVersion",
     "Operation",
     "Problem",
@@ -37,7 +40,7 @@ __all__ = [
 ]
 
 
-class Store(GateMixin, CacheMixin, ControlMixin, StoreBase):
+class Store(GateMixin, CacheMixin, ListingMixin, ControlMixin, StoreBase):
     """SQLite-backed store; safe to share between the event loop and worker threads of one process.
 
     It is the store of one machine: as the ``Nodes`` port it answers as the only node (see below)."""

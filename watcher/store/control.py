@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk
-from watcher.store.schema import OPEN_STATES
 
 if TYPE_CHECKING:
     from watcher.store.core import StoreBase
@@ -64,35 +63,14 @@ class ControlMixin(_Base):
 
     # -- reporting and control -------------------------------------------------------------------------
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Jobs of the current file versions per pipeline and state."""
-        out: dict[str, dict[str, int]] = {}
-        with self._lock:
-            for row in self._db.execute(
-                "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
-                "WHERE f.current=1 GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
-            ):
-                out.setdefault(row["pipeline"], {})[row["state"]] = row["n"]
-        return out
-
-    def open_counts(self) -> dict[str, dict[str, int]]:
-        """Like :meth:`counts`, for the states still open only (pending, in_doubt, failed): what the heartbeat
-        shows, read through the ``jobs_open`` index, so its cost follows the open jobs, not the finished ones."""
-        out: dict[str, dict[str, int]] = {}
-        with self._lock:
-            for row in self._db.execute(
-                "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
-                "WHERE " + OPEN_STATES + " AND f.current=1 GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
-            ):
-                out.setdefault(row["pipeline"], {})[row["state"]] = row["n"]
-        return out
-
-    def problems(self) -> list[Problem]:
-        """Current versions whose jobs failed, are held in doubt, or wait to retry after an error."""
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        """Current versions whose jobs failed, are held in doubt, or wait to retry after an error (the first
+        ``limit`` in path order, when given)."""
         with self._lock:
             rows = self._db.execute(
                 _JOB_SELECT + "WHERE f.current=1 AND (j.state IN ('failed', 'in_doubt') OR (j.last_error IS NOT NULL "
-                "AND j.state='pending')) ORDER BY f.path, j.pipeline"
+                "AND j.state='pending')) ORDER BY f.path, j.pipeline LIMIT ?",
+                (-1 if limit is None else limit,),
             ).fetchall()
         return [
             Problem(

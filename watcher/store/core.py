@@ -94,9 +94,8 @@ class StoreBase:
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(SCHEMA[version:], start=version + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in statements(script):
+                    db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
 
     # -- file versions -------------------------------------------------------------------------------
@@ -391,6 +390,17 @@ class StoreBase:
                 db.execute(f"DELETE FROM jobs WHERE file_id IN ({marks})", chunk)
                 db.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
         return len(ids)
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, whole: a trigger's body holds semicolons of its own."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 # A job's row changes only while its holder keeps the lease and it has not been superseded.

@@ -5,6 +5,38 @@ from __future__ import annotations
 # A job's state: pending (due at next_attempt_at, or leased), in_doubt (held for the user), or a final one.
 TERMINAL = frozenset({"done", "failed", "skipped", "superseded", "gone"})
 STATES = frozenset({"pending", "in_doubt"}) | TERMINAL
+
+
+def _first(doc: str, field: str) -> str:
+    """SQL for a field of a stored result's JSON (``doc``), its first element when it is a list."""
+    return (
+        f"CASE json_type({doc}, '$.{field}') WHEN 'array' THEN json_extract({doc}, '$.{field}[0]') "
+        f"ELSE json_extract({doc}, '$.{field}') END"
+    )
+
+
+def _number(doc: str, field: str) -> str:
+    """SQL for a numeric field of a stored result's JSON, NULL when it is no number."""
+    return f"CASE WHEN json_type({doc}, '$.{field}') IN ('integer', 'real') THEN json_extract({doc}, '$.{field}') END"
+
+
+def _latest(model: str, expression: str) -> str:
+    """SQL for ``expression`` over the newest stored result of ``model`` for the row's content."""
+    return (
+        f"(SELECT {expression.format(doc='r.results')} FROM results r WHERE r.sha256=files.sha256 "
+        f"AND r.model_name='{model}' AND json_valid(r.results) ORDER BY r.created_at DESC LIMIT 1)"
+    )
+
+
+_KEY, _SCALE, _BPM = _first("{doc}", "key"), _first("{doc}", "scale"), _number("{doc}", "bpm")
+_TAGS_FROM_NEW = (
+    f"music_key=CASE new.model_name WHEN 'key' THEN {_KEY.format(doc='new.results')} ELSE music_key END, "
+    f"music_scale=CASE new.model_name WHEN 'key' THEN {_SCALE.format(doc='new.results')} ELSE music_scale END, "
+    f"bpm=CASE new.model_name WHEN 'bpm_degara' THEN {_BPM.format(doc='new.results')} ELSE bpm END"
+)
+_FROM_RESULTS = (
+    f"music_key={_latest('key', _KEY)}, music_scale={_latest('key', _SCALE)}, bpm={_latest('bpm_degara', _BPM)}"
+)
 SCHEMA = [
     # version 1
     """
@@ -193,6 +225,77 @@ SCHEMA = [
     ALTER TABLE jobs ADD COLUMN live INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX jobs_due_first ON jobs (pipeline, priority DESC, live DESC, next_attempt_at)
         WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
+    """,
+    # version 11: a million files stay fast. ``job_counts`` holds the jobs of current versions per pipeline and
+    # state, and ``folder_counts`` the current versions per folder, kept by triggers in the writing transaction
+    # (never recounted per read); a file's key, scale and tempo are copied from its stored results so the page
+    # filters them through indexes; finished jobs are indexed by time for the backlog's rate.
+    """
+    CREATE TABLE job_counts (
+        pipeline TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (pipeline, state)
+    ) WITHOUT ROWID;
+    INSERT INTO job_counts SELECT j.pipeline, j.state, COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id
+        WHERE f.current=1 GROUP BY j.pipeline, j.state;
+    CREATE TABLE folder_counts (folder TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO folder_counts SELECT folder, COUNT(*) FROM files WHERE current=1 GROUP BY folder;
+    CREATE TRIGGER jobs_counted_in AFTER INSERT ON jobs WHEN (SELECT current FROM files WHERE id=new.file_id)=1
+    BEGIN
+        INSERT INTO job_counts VALUES (new.pipeline, new.state, 1) ON CONFLICT DO UPDATE SET n=n+1;
+    END;
+    CREATE TRIGGER jobs_counted_out AFTER DELETE ON jobs WHEN (SELECT current FROM files WHERE id=old.file_id)=1
+    BEGIN
+        UPDATE job_counts SET n=n-1 WHERE pipeline=old.pipeline AND state=old.state;
+    END;
+    CREATE TRIGGER jobs_counted_moved AFTER UPDATE OF state, pipeline ON jobs
+        WHEN (old.state IS NOT new.state OR old.pipeline IS NOT new.pipeline)
+        AND (SELECT current FROM files WHERE id=new.file_id)=1
+    BEGIN
+        UPDATE job_counts SET n=n-1 WHERE pipeline=old.pipeline AND state=old.state;
+        INSERT INTO job_counts VALUES (new.pipeline, new.state, 1) ON CONFLICT DO UPDATE SET n=n+1;
+    END;
+    CREATE TRIGGER files_counted_in AFTER INSERT ON files WHEN new.current=1
+    BEGIN
+        INSERT INTO folder_counts VALUES (new.folder, 1) ON CONFLICT DO UPDATE SET n=n+1;
+    END;
+    CREATE TRIGGER files_counted_out AFTER DELETE ON files WHEN old.current=1
+    BEGIN
+        UPDATE folder_counts SET n=n-1 WHERE folder=old.folder;
+    END;
+    CREATE TRIGGER files_counted_moved AFTER UPDATE OF current ON files WHEN old.current IS NOT new.current
+    BEGIN
+        INSERT INTO folder_counts VALUES (new.folder, CASE new.current WHEN 1 THEN 1 ELSE -1 END)
+            ON CONFLICT DO UPDATE SET n=n+excluded.n;
+        INSERT INTO job_counts SELECT pipeline, state, CASE new.current WHEN 1 THEN 1 ELSE -1 END * COUNT(*)
+            FROM jobs WHERE file_id=new.id GROUP BY pipeline, state ON CONFLICT DO UPDATE SET n=n+excluded.n;
+    END;
+    ALTER TABLE files ADD COLUMN music_key TEXT;
+    ALTER TABLE files ADD COLUMN music_scale TEXT;
+    ALTER TABLE files ADD COLUMN bpm REAL;
+    CREATE INDEX files_by_sha256 ON files (sha256) WHERE sha256 IS NOT NULL;
+    CREATE TRIGGER files_tagged_by_result AFTER INSERT ON results
+        WHEN new.model_name IN ('key', 'bpm_degara') AND json_valid(new.results)
+    BEGIN
+        UPDATE files SET """
+    + _TAGS_FROM_NEW
+    + """
+            WHERE sha256=new.sha256;
+    END;
+    CREATE TRIGGER files_tagged_by_hash AFTER UPDATE OF sha256 ON files WHEN new.sha256 IS NOT NULL
+    BEGIN
+        UPDATE files SET """
+    + _FROM_RESULTS
+    + """ WHERE id=new.id;
+    END;
+    UPDATE files SET """
+    + _FROM_RESULTS
+    + """ WHERE sha256 IS NOT NULL;
+    DROP INDEX files_current;
+    CREATE INDEX files_in_folder ON files (folder, path) WHERE current = 1;
+    CREATE INDEX files_by_key ON files (music_key, music_scale, path) WHERE current = 1;
+    CREATE INDEX files_by_bpm ON files (bpm, path) WHERE current = 1 AND bpm IS NOT NULL;
+    CREATE INDEX jobs_finished ON jobs (pipeline, updated_at) WHERE state IN ('done', 'failed', 'skipped');
+    CREATE INDEX jobs_open_files ON jobs (state, file_id) WHERE state IN ('pending', 'in_doubt', 'failed');
+    CREATE INDEX ledger_by_time ON ledger (service, at);
     """,
 ]
 # The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.

@@ -1,10 +1,12 @@
 """The JSON API the page uses (scripts may too). Every action goes through :mod:`watcher.commands`, the
-same functions as the CLI; every read starts from the status document."""
+same functions as the CLI; every read goes through one long-lived read-only store connection, in pages and
+indexed lookups (never the whole store per request)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -14,9 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from watcher import commands
+from watcher.app import open_store
 from watcher.config import Settings
 from watcher.errors import ConfigError
-from watcher.names import display, is_text
+from watcher.names import display, find_shown, is_text
+from watcher.status import collect_for
 from watcher.web import data
 from watcher.web.live import LiveEvents
 
@@ -32,11 +36,42 @@ class Context:
     healthy: Callable[[], bool] = lambda: True
     metrics: Any = None
     status_extra: dict[str, Any] = field(default_factory=dict)
+    _reader: Any = field(default=None, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reader(self) -> Any:
+        """The one read-only store connection every page and API read goes through, opened once (no migration
+        check, no write lock per request); called off the event loop."""
+        with self._opening:
+            if self._reader is None:
+                self._reader = open_store(self.settings, readonly=True)  # no migration check, no write lock
+            return self._reader
+
+    def close(self) -> None:
+        with self._opening:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    async def read(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(store)`` on the reader, in a thread."""
+        return await asyncio.to_thread(lambda: fn(self.reader()))
 
     async def report(self) -> dict[str, Any]:
-        doc = await asyncio.to_thread(commands.status, self.settings)
+        """The status document as the page shows it: counts, backlog, the first open files and problems."""
+        web = await asyncio.to_thread(commands.web_state, self.settings)
+        doc = await self.read(lambda store: collect_for(store, self.settings, web=web, brief=True))
         doc.update(self.status_extra)
-        return doc
+        return dict(doc)
+
+    def real_path(self, store: Any, shown: str) -> str | None:
+        """The current file the page names ``shown`` (see :func:`watcher.names.display`): one indexed lookup,
+        and for a name with undecodable bytes, its folder's listing on disk."""
+        path = os.path.abspath(shown)
+        if store.listed(path) is not None:
+            return path
+        real = find_shown(path)
+        return real if real is not None and real != path and store.listed(real) is not None else None
 
     def folders(self) -> list[str]:
         return [str(f.path) for f in self.settings.folders]
@@ -92,14 +127,27 @@ async def _body(request: Request) -> dict[str, Any] | None:
 async def file_info(ctx: Context, path: str) -> dict[str, Any] | None:
     """Everything about one file, named as the page shows it: its sidecar (summary and curves), jobs with
     errors, delivery and manifest. Every path in it is shown through :func:`watcher.names.display`."""
-    report = await ctx.report()
-    entry = next((f for f in report["files"] if f["path"] == path), None)
+
+    def look(store: Any) -> Any:
+        real = ctx.real_path(store, path)
+        return store.listed(real) if real is not None else None
+
+    entry = await ctx.read(look)
     if entry is None:
         return None
-    real = await asyncio.to_thread(commands.current_path, ctx.settings, path)
-    if real is None:
-        return None
-    jobs = await asyncio.to_thread(commands.jobs_of, ctx.settings, real)
+    row = data.row_of(entry)
+    jobs = [
+        {
+            "pipeline": j.pipeline,
+            "step": j.step,
+            "state": j.state,
+            "attempts": j.attempts,
+            "error": j.last_error,
+            "error_code": j.error_code,
+            "data": j.data,
+        }
+        for j in entry.jobs
+    ]
     recorded = {j["pipeline"]: j["data"] for j in jobs}
     sidecar_path = recorded.get("analyze", {}).get("sidecar")
     doc = await asyncio.to_thread(data.sidecar, sidecar_path)
@@ -110,17 +158,35 @@ async def file_info(ctx: Context, path: str) -> dict[str, Any] | None:
             "folder": display(delivery["folder"]),
             "files": [{**f, "path": display(f["path"]), "absolute": display(f["absolute"])} for f in delivery["files"]],
         }
+    problems = [
+        {**_problem(j), "path": row["path"]}
+        for j in entry.jobs
+        if j.state in ("failed", "in_doubt") or (j.last_error and j.state == "pending")
+    ]
     return {
         "path": path,
-        "state": data.state_of(entry),
-        "status": entry["jobs"],
+        "state": row["state"],
+        "status": row["jobs"],
         "jobs": shown(jobs),
-        "problems": [p for p in report["problems"] if p["path"] == path],
-        "summary": data.summary(doc),
+        "problems": problems,
+        "summary": {k: row[k] for k in data.summary(None)} if doc is None else data.summary(doc),
         "curves": data.curves(doc),
         "sidecar_path": display(sidecar_path) if sidecar_path else None,
         "sidecar": shown(doc),
         "delivery": delivery,
+    }
+
+
+def _problem(job: Any) -> dict[str, Any]:
+    """A job that needs attention, as `watcher status` lists problems."""
+    return {
+        "pipeline": job.pipeline,
+        "step": job.step,
+        "state": job.state,
+        "error_code": job.error_code,
+        "error": job.last_error,
+        "attempts": job.attempts,
+        "data": job.data,
     }
 
 
@@ -148,9 +214,8 @@ class _Api:
         return Answer(await self.ctx.report())
 
     async def files(self, request: Request) -> Response:
-        report = await self.ctx.report()
-        listing = await asyncio.to_thread(lambda: data.select(data.rows(report), request.query_params))
-        return Answer(listing)
+        query = dict(request.query_params)
+        return Answer(await self.ctx.read(lambda store: data.listing(store, query)))
 
     async def file(self, request: Request) -> Response:
         path = path_param(request.query_params.get("path"))
@@ -168,7 +233,7 @@ class _Api:
         paths = body.get("paths") or []
         if not isinstance(paths, list) or not all(isinstance(p, str) and path_param(p) for p in paths):
             return problem(422, "paths: a list of file or folder paths")
-        real = [await asyncio.to_thread(commands.current_path, self.ctx.settings, p) or p for p in paths]
+        real = await self.ctx.read(lambda store: [self.ctx.real_path(store, p) or p for p in paths])
         try:
             n = await asyncio.to_thread(
                 commands.retry,

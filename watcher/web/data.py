@@ -1,15 +1,17 @@
-"""What the page shows, derived from the status document (:func:`watcher.status.collect`) and the files it
-names (sidecars, delivery manifests): file rows with key, tempo and loudness, filters, and one file's detail."""
+"""What the page shows, read from the store's pages of files and the files they name (sidecars, delivery
+manifests): file rows with key, tempo and loudness, filters, and one file's detail."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from watcher.fsutil import read_json_object
-from watcher.names import find_shown
+from watcher.names import display, find_shown
+from watcher.status import job_info
+from watcher.store import FileQuery, Listed
 
 PAGE_SIZE = 50
 LOUDNESS_HOP_SECONDS = 0.1  # EBU R128 momentary and short-term values come every 100 ms
@@ -97,64 +99,38 @@ def state_of(entry: Mapping[str, Any]) -> str:
     return "done" if states <= {"done", "skipped", "superseded"} else sorted(states)[0]
 
 
-def rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every current file of the status document as a row: path, folder, state, jobs and the sidecar summary."""
-    folders = sorted((f["folder"] for f in report["folders"]), key=len, reverse=True)
-    out = []
-    for entry in report["files"]:
-        analyze = entry["jobs"].get("analyze", {})
-        row = {
-            "path": entry["path"],
-            "name": os.path.basename(entry["path"]),
-            "folder": next((f for f in folders if entry["path"].startswith(f.rstrip("/") + "/")), None),
-            "state": state_of(entry),
-            "jobs": entry["jobs"],
-            **summary(sidecar(analyze.get("sidecar"))),
-        }
-        out.append(row)
-    out.sort(key=lambda r: (r["state"] not in ("failed", "in_doubt"), r["path"]))
-    return out
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def select(all_rows: Iterable[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
-    """Filter rows by ``state``, ``folder``, ``q`` (in the path), ``key`` (e.g. ``A minor`` or ``A``),
-    ``bpm_min``/``bpm_max``, and return page ``page`` (from 1) of ``PAGE_SIZE``."""
-    state, folder = query.get("state") or "", query.get("folder") or ""
-    text, key = (query.get("q") or "").lower(), (query.get("key") or "").strip().lower()
-    low, high = _float(query.get("bpm_min")), _float(query.get("bpm_max"))
-    chosen = []
-    for row in all_rows:
-        if state and row["state"] != state and state not in {j["state"] for j in row["jobs"].values()}:
-            continue
-        if folder and row["folder"] != folder.rstrip("/"):
-            continue
-        if text and text not in row["path"].lower():
-            continue
-        if key and key not in (f"{row['key']} {row['scale']}".lower(), str(row["key"]).lower()):
-            continue
-        if (low is not None or high is not None) and row["bpm"] is None:
-            continue
-        if (low is not None and row["bpm"] < low) or (high is not None and row["bpm"] > high):
-            continue
-        chosen.append(row)
-    try:
-        page = max(1, int(query.get("page") or 1))
-    except ValueError:
-        page = 1
-    start = (page - 1) * PAGE_SIZE
+def row_of(entry: Listed) -> dict[str, Any]:
+    """One current file as the list shows it: path, folder, state, jobs, and key, tempo and loudness (from its
+    sidecar when there is one, else the key and tempo the store copied from its results)."""
+    path = display(entry.file.path)
+    jobs = {j.pipeline: job_info(j) for j in entry.jobs}
+    summed = summary(sidecar(jobs.get("analyze", {}).get("sidecar")))
+    for name, value in (("key", entry.key), ("scale", entry.scale), ("bpm", entry.bpm)):
+        if summed[name] is None:
+            summed[name] = value
     return {
-        "total": len(chosen),
-        "page": page,
+        "path": path,
+        "name": os.path.basename(path),
+        "folder": display(entry.file.folder),
+        "state": state_of({"jobs": jobs}),
+        "jobs": jobs,
+        **summed,
+    }
+
+
+def listing(store: Any, query: Mapping[str, str]) -> dict[str, Any]:
+    """Page ``page`` (from 1) of ``PAGE_SIZE`` rows filtered by ``state``, ``folder``, ``q`` (in the path),
+    ``key`` (``A minor`` or ``A``), ``bpm_min``/``bpm_max``: one indexed query in the store. ``total`` is exact up
+    to the store's count cap (``capped`` then)."""
+    ask = FileQuery.of(query, size=PAGE_SIZE)
+    found, total, capped = store.list_files(ask)
+    return {
+        "total": total,
+        "capped": capped,
+        "page": ask.page,
         "page_size": PAGE_SIZE,
-        "pages": max(1, -(-len(chosen) // PAGE_SIZE)),
-        "files": chosen[start : start + PAGE_SIZE],
+        "pages": max(1, -(-total // PAGE_SIZE)),
+        "files": [row_of(e) for e in found],
     }
 
 

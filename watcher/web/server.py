@@ -305,6 +305,7 @@ class WebServer:
 
     async def stop(self) -> None:
         self.ctx.live.close()
+        await asyncio.to_thread(self.ctx.close)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):

@@ -27,12 +27,13 @@ from __future__ import annotations
 from watcher.store.postgres.base import PgBase
 from watcher.store.postgres.control import PgControlMixin
 from watcher.store.postgres.gate import PgGateMixin
+from watcher.store.postgres.listing import PgListingMixin
 from watcher.store.postgres.pool import StoreUnreachable, redact
 
 __all__ = ["PostgresStore", "StoreUnreachable", "redact"]
 
 
-class PostgresStore(PgGateMixin, PgControlMixin, PgBase):
+class PostgresStore(PgGateMixin, PgListingMixin, PgControlMixin, PgBase):
     """The store in PostgreSQL: safe for many threads of many daemons on many machines at once."""
 
     shared = True  # several daemons use it at once: leases are not given back wholesale at start

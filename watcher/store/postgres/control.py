@@ -21,7 +21,6 @@ from watcher.store.postgres.schema import (
     NOW,
     TERMINAL_STATES,
 )
-from watcher.store.schema import OPEN_STATES
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -73,29 +72,12 @@ class PgControlMixin(_Base):
             for r in rows
         ]
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for row in self._all(
-            "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
-            "WHERE f.current GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
-        ):
-            out.setdefault(row["pipeline"], {})[row["state"]] = int(row["n"])
-        return out
-
-    def open_counts(self) -> dict[str, dict[str, int]]:
-        """Like :meth:`counts`, for the open states only, read through the ``jobs_open`` index (the heartbeat)."""
-        out: dict[str, dict[str, int]] = {}
-        for row in self._all(
-            "SELECT j.pipeline, j.state, COUNT(*) AS n FROM jobs j JOIN files f ON f.id=j.file_id "
-            "WHERE " + OPEN_STATES + " AND f.current GROUP BY j.pipeline, j.state ORDER BY j.pipeline, j.state"
-        ):
-            out.setdefault(row["pipeline"], {})[row["state"]] = int(row["n"])
-        return out
-
-    def problems(self) -> list[Problem]:
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        """Current versions whose jobs failed, are held or wait to retry after an error (the first ``limit``)."""
         rows = self._all(
             JOB_SELECT + "WHERE f.current AND (j.state IN ('failed', 'in_doubt') OR (j.last_error IS NOT NULL "
-            "AND j.state='pending')) ORDER BY f.folder_id, f.rel_path, j.pipeline"
+            "AND j.state='pending')) ORDER BY f.folder_id, f.rel_path, j.pipeline LIMIT %s",
+            (limit,),
         )
         out = []
         offset = self._offset() if rows else 0.0

@@ -161,6 +161,109 @@ SCHEMA = [
     CREATE INDEX jobs_due_first ON jobs (pipeline, priority DESC, live DESC, next_attempt_at, id)
         WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
     """,
+    # version 7: a million files stay fast (as version 11 of watcher.store.schema). The counts are kept in rows per
+    # database session's slot (its backend pid modulo 64): each node's connections write their own rows, so no
+    # single hot row serialises the nodes; a read sums the slots.
+    """
+    CREATE TABLE job_counts (
+        slot integer NOT NULL, pipeline text NOT NULL, state text NOT NULL, n bigint NOT NULL,
+        PRIMARY KEY (slot, pipeline, state)
+    );
+    INSERT INTO job_counts SELECT 0, j.pipeline, j.state, COUNT(*) FROM jobs j JOIN files f ON f.id=j.file_id
+        WHERE f.current GROUP BY j.pipeline, j.state;
+    CREATE TABLE folder_counts (
+        slot integer NOT NULL, folder_id text NOT NULL, n bigint NOT NULL, PRIMARY KEY (slot, folder_id)
+    );
+    INSERT INTO folder_counts SELECT 0, folder_id, COUNT(*) FROM files WHERE current GROUP BY folder_id;
+    CREATE FUNCTION watcher_count_jobs(p text, s text, d bigint) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO job_counts VALUES (mod(pg_backend_pid(), 64), p, s, d)
+        ON CONFLICT (slot, pipeline, state) DO UPDATE SET n = job_counts.n + excluded.n
+    $$;
+    CREATE FUNCTION watcher_count_files(fid text, d bigint) RETURNS void LANGUAGE sql AS $$
+        INSERT INTO folder_counts VALUES (mod(pg_backend_pid(), 64), fid, d)
+        ON CONFLICT (slot, folder_id) DO UPDATE SET n = folder_counts.n + excluded.n
+    $$;
+    CREATE FUNCTION watcher_jobs_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') AND (SELECT current FROM files WHERE id = OLD.file_id) THEN
+            PERFORM watcher_count_jobs(OLD.pipeline, OLD.state, -1);
+        END IF;
+        IF TG_OP IN ('UPDATE', 'INSERT') AND (SELECT current FROM files WHERE id = NEW.file_id) THEN
+            PERFORM watcher_count_jobs(NEW.pipeline, NEW.state, 1);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER jobs_counted AFTER INSERT OR DELETE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION watcher_jobs_counted();
+    CREATE TRIGGER jobs_counted_moved AFTER UPDATE OF state, pipeline ON jobs FOR EACH ROW
+        WHEN (OLD.state IS DISTINCT FROM NEW.state OR OLD.pipeline IS DISTINCT FROM NEW.pipeline)
+        EXECUTE FUNCTION watcher_jobs_counted();
+    CREATE FUNCTION watcher_files_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE d bigint;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            IF NEW.current THEN PERFORM watcher_count_files(NEW.folder_id, 1); END IF;
+        ELSIF TG_OP = 'DELETE' THEN
+            IF OLD.current THEN PERFORM watcher_count_files(OLD.folder_id, -1); END IF;
+        ELSIF OLD.current IS DISTINCT FROM NEW.current THEN
+            d := CASE WHEN NEW.current THEN 1 ELSE -1 END;
+            PERFORM watcher_count_files(NEW.folder_id, d);
+            INSERT INTO job_counts SELECT mod(pg_backend_pid(), 64), pipeline, state, d * COUNT(*)
+                FROM jobs WHERE file_id = NEW.id GROUP BY pipeline, state
+                ON CONFLICT (slot, pipeline, state) DO UPDATE SET n = job_counts.n + excluded.n;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER files_counted AFTER INSERT OR DELETE OR UPDATE OF current ON files
+        FOR EACH ROW EXECUTE FUNCTION watcher_files_counted();
+    ALTER TABLE files ADD COLUMN music_key text;
+    ALTER TABLE files ADD COLUMN music_scale text;
+    ALTER TABLE files ADD COLUMN bpm double precision;
+    CREATE FUNCTION watcher_first(doc jsonb, field text) RETURNS text IMMUTABLE LANGUAGE sql AS $$
+        SELECT CASE jsonb_typeof(doc -> field) WHEN 'array' THEN doc -> field ->> 0 ELSE doc ->> field END
+    $$;
+    CREATE FUNCTION watcher_json(doc text) RETURNS jsonb IMMUTABLE LANGUAGE plpgsql AS $$
+    BEGIN
+        RETURN doc::jsonb;
+    EXCEPTION WHEN others THEN
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION watcher_tags(sha text, OUT k text, OUT s text, OUT b double precision) LANGUAGE sql AS $$
+        SELECT (SELECT watcher_first(watcher_json(results), 'key') FROM results WHERE sha256 = sha
+                    AND model_name = 'key' ORDER BY created_at DESC LIMIT 1),
+               (SELECT watcher_first(watcher_json(results), 'scale') FROM results WHERE sha256 = sha
+                    AND model_name = 'key' ORDER BY created_at DESC LIMIT 1),
+               (SELECT CASE WHEN jsonb_typeof(watcher_json(results) -> 'bpm') = 'number'
+                    THEN (watcher_json(results) ->> 'bpm')::float8 END FROM results WHERE sha256 = sha
+                    AND model_name = 'bpm_degara' ORDER BY created_at DESC LIMIT 1)
+    $$;
+    CREATE FUNCTION watcher_results_tagged() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.model_name IN ('key', 'bpm_degara') THEN
+            UPDATE files f SET music_key = t.k, music_scale = t.s, bpm = t.b
+                FROM watcher_tags(NEW.sha256) t WHERE f.sha256 = NEW.sha256;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER results_tagged AFTER INSERT OR UPDATE ON results
+        FOR EACH ROW EXECUTE FUNCTION watcher_results_tagged();
+    CREATE FUNCTION watcher_files_tagged() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        SELECT t.k, t.s, t.b INTO NEW.music_key, NEW.music_scale, NEW.bpm FROM watcher_tags(NEW.sha256) t;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER files_tagged BEFORE UPDATE OF sha256 ON files FOR EACH ROW
+        WHEN (NEW.sha256 IS NOT NULL AND NEW.sha256 IS DISTINCT FROM OLD.sha256)
+        EXECUTE FUNCTION watcher_files_tagged();
+    CREATE INDEX files_by_sha256 ON files (sha256) WHERE sha256 IS NOT NULL;
+    UPDATE files f SET music_key = t.k, music_scale = t.s, bpm = t.b
+        FROM (SELECT DISTINCT sha256 FROM results WHERE model_name IN ('key', 'bpm_degara')) r,
+        LATERAL watcher_tags(r.sha256) t WHERE f.sha256 = r.sha256;
+    CREATE INDEX files_by_key ON files (music_key, music_scale, path) WHERE current;
+    CREATE INDEX files_by_bpm ON files (bpm, path) WHERE current AND bpm IS NOT NULL;
+    CREATE INDEX jobs_finished ON jobs (pipeline, updated_at) WHERE state IN ('done', 'failed', 'skipped');
+    CREATE INDEX ledger_by_time ON ledger (service, at);
+    """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
 JOB_SELECT = """

@@ -93,6 +93,16 @@ async function loadOverview() {
   }
   document.getElementById("counts").replaceChildren(
     ...(counts.length ? counts : [el("p", { class: "muted" }, "No files recorded yet.")]));
+  const backlog = [];
+  for (const [pipeline, b] of Object.entries(report.backlog || {})) {
+    const eta = !b.waiting ? "nothing waiting" : b.eta ? `done about ${b.eta}${b.capped ? " (daily cap)" : ""}`
+      : "done: unknown (nothing finished lately)";
+    backlog.push(el("div", { class: "card" + (b.capped ? " capped" : ""), "data-pipeline": pipeline },
+      el("div", { class: "label" }, pipeline), `${b.waiting} waiting`,
+      el("div", { class: "muted" }, `${b.rate_per_minute}/min over ${b.window_minutes} min`), el("div", {}, eta)));
+  }
+  document.getElementById("backlog").replaceChildren(
+    ...(backlog.length ? backlog : [el("p", { class: "muted" }, "Nothing waiting.")]));
   const spend = [];
   for (const service of ["analysis", "processing"]) {
     const s = report.spend[service];
@@ -119,7 +129,7 @@ async function loadFiles() {
   params.set("page", pageNo);
   const listing = await getJSON("/api/files?" + params);
   fill(document.querySelector("#files tbody"), listing.files.map(fileRow));
-  document.getElementById("total").textContent = `${listing.total} file(s)`;
+  document.getElementById("total").textContent = `${listing.total}${listing.capped ? "+" : ""} file(s)`;
   document.getElementById("pageno").textContent = `page ${listing.page} of ${listing.pages}`;
   document.getElementById("prev").disabled = listing.page <= 1;
   document.getElementById("next").disabled = listing.page >= listing.pages;
