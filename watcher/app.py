@@ -35,6 +35,8 @@ from watcher.pipelines.mover import SourceMover
 from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
+from watcher.store.journal import JOURNAL_NAME, Journal
+from watcher.store.outage import OUTAGE_FILE, OutageGuard
 
 if TYPE_CHECKING:
     from watcher.services.bandwidth import Bandwidth
@@ -66,6 +68,13 @@ def open_store(settings: Settings, *, readonly: bool = False) -> Any:
         {str(f.path): o.folder_id for f in settings.folders if (o := markers.inspect(f.path, store.store_id)).ours}
     )
     return store
+
+
+def guarded(settings: Settings, store: Any) -> OutageGuard:
+    """The store as the daemon uses it: paid answers journalled in the state folder while it is unreachable."""
+    where = store.where if settings.store.url else str(store_path(settings))
+    journal = Journal(settings.state_dir / JOURNAL_NAME)
+    return OutageGuard(store, journal, where=where, state_file=settings.state_dir / OUTAGE_FILE)
 
 
 class StoreSink:
@@ -166,7 +175,7 @@ class App:
     ) -> App:
         """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
         of every HTTP request any client makes (metrics)."""
-        store = open_store(settings)
+        store: Any = guarded(settings, open_store(settings))
         events = Events(subscribers)
         closers: list[Any] = []
         bandwidth = _bandwidth(settings)

@@ -201,7 +201,11 @@ def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
     account (pid, since when, services paused, back-fill), None when none runs."""
     from watcher.status import collect
+    from watcher.store.outage import read_outage
 
+    outage = read_outage(settings.state_dir)
+    if outage is not None:  # the running daemon cannot reach its store: say so rather than wait on it here
+        return unreachable_report(settings, outage, daemon)
     store = open_store(settings)
     try:
         return collect(
@@ -217,6 +221,27 @@ def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[
         )
     finally:
         store.close()
+
+
+def unreachable_report(settings: Settings, outage: dict[str, Any], daemon: dict[str, Any] | None) -> dict[str, Any]:
+    """The status document while the daemon's store is unreachable: the outage, and nothing the store would say."""
+    from watcher import __version__
+
+    return {
+        "version": __version__,
+        "state_dir": str(settings.state_dir),
+        "daemon": daemon,
+        "store_unreachable": outage,
+        "nodes": [],
+        "counts": {},
+        "folders": [],
+        "in_doubt": [],
+        "adopted": {},
+        "spend": {},
+        "problems": [],
+        "files": [],
+        "web": web_state(settings),
+    }
 
 
 def web_state(settings: Settings) -> dict[str, Any] | None:

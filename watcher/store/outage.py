@@ -1,0 +1,362 @@
+"""Surviving a store outage: every store call of the daemon passes :class:`OutageGuard`.
+
+What counts as the store being unavailable (:func:`unavailable`): PostgreSQL unreachable, restarting, shut down,
+out of disk or read-only (a lost connection, SQLSTATE classes 08, 53, 57P, 58, 25006); SQLite busy, locked,
+read-only, out of disk or failing I/O. Any other error is the caller's, as before. While the store is unavailable:
+
+- claims pause (``claim`` and ``next_due`` answer "nothing"), leases are not renewed, upkeep is skipped;
+- a paid answer (``gate_answered``, ``gate_release``, ``save_result``, ``ledger_outcome``) goes to the journal
+  (watcher.store.journal) and counts as kept; a job's ``release`` is held in memory; any other call raises
+  :class:`StoreUnavailable` (a Deferred: the job waits, no attempt counted);
+- no new paid call starts (``gate_take``) while an answer could not be written anywhere, or the journal is full.
+
+The store is tried again after a growing pause (1 s, doubling, at most ``retry_max``). Before any call goes through
+again, the journal is replayed into the store (each outcome with the fence its take was given, so a late one
+changes nothing), then the held releases: only then is anything claimed. Replay is idempotent: a record applied
+twice (a kill between replay and clearing the journal) leaves the same state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from watcher.errors import Deferred
+from watcher.fsutil import read_json_object, write_json_atomic
+from watcher.store.core import LeaseLost
+from watcher.store.journal import Journal, apply, encode
+from watcher.store.models import Job
+
+log = structlog.get_logger("watcher.store")
+RETRY_FIRST = 1.0
+RETRY_MAX = 5.0
+OUTAGE_FILE = "store-outage.json"  # in the state folder while the store is unreachable: what `watcher status` shows
+REMIND_EVERY = 30.0  # seconds between two log lines saying the store is still unreachable
+# SQLite primary result codes that mean "the store cannot be written now": BUSY, LOCKED, READONLY, IOERR, FULL,
+# CANTOPEN, PROTOCOL
+SQLITE_UNAVAILABLE = frozenset({5, 6, 8, 10, 13, 14, 15})
+PG_UNAVAILABLE = ("08", "53", "57P", "58", "25006")
+JOURNALLED = ("gate_answered", "gate_release", "save_result", "ledger_outcome")
+# upkeep skipped while the store is away, and what it answers then
+UPKEEP: dict[str, Any] = {"renew": None, "heartbeat": None, "set_folder_health": None, "prune": 0, "next_due": None}
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the store cannot be used now (rather than something wrong with the call)."""
+    if isinstance(exc, ConnectionError):  # the PostgreSQL adapter's StoreUnreachable
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in SQLITE_UNAVAILABLE
+        text = str(exc)
+        return any(w in text for w in ("locked", "readonly", "disk", "unable to open"))
+    psycopg = sys.modules.get("psycopg")  # only a PostgreSQL store raises its errors, and it imported them
+    if psycopg is None:
+        return False
+    if isinstance(exc, psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = getattr(exc, "sqlstate", None)
+        return state is None or str(state).startswith(PG_UNAVAILABLE)
+    return False
+
+
+def read_outage(state_dir: Path) -> dict[str, Any] | None:
+    """What a running daemon last said about its store being unreachable (None: it is reachable, or none runs)."""
+    doc = read_json_object(state_dir / OUTAGE_FILE)
+    if doc is None:
+        return None
+    try:
+        os.kill(int(doc.pop("pid")), 0)  # a daemon that died leaves the file behind
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return doc
+
+
+class StoreUnavailable(Deferred):
+    """The store cannot be used now: the job waits (no attempt counted) until it is back."""
+
+    def __init__(self, message: str, *, until: float) -> None:
+        super().__init__(message, until=until, code="store_unavailable", routine=True)
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class OutageGuard:
+    """The store as the daemon uses it: the same calls, surviving an outage of any length (see the module)."""
+
+    def __init__(
+        self,
+        store: Any,
+        journal: Journal,
+        *,
+        retry_max: float = RETRY_MAX,
+        where: str = "the store",
+        state_file: Path | None = None,
+    ) -> None:
+        self._store = store
+        self.state_file = state_file  # where `watcher status` reads the outage (None: nowhere)
+        self.journal = journal
+        self.where = where
+        self.retry_max = retry_max
+        self._lock = threading.RLock()
+        self._down_since: float | None = None
+        self._error = ""
+        self._delay = RETRY_FIRST
+        self._retry_at = 0.0  # monotonic: when the store is tried again
+        self._reminded = 0.0
+        self._held: dict[int, tuple[Job, dict[str, Any]]] = {}  # job ID -> its release, made when the store is back
+        self._unrecorded: list[dict[str, Any]] = []  # answers the journal could not take either
+        self._counts: dict[str, dict[str, int]] = {}
+        self._claims_paused = False
+        if len(journal):
+            log.info(
+                "store.journal_found",
+                journal=str(journal.path),
+                answers=len(journal),
+                torn_bytes=journal.dropped_tail,
+                next="replaying them into the store before anything is claimed",
+            )
+
+    # -- what status and the log say --------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any] | None:
+        """None while the store is reachable; else since when it is not, why, and what waits for it."""
+        with self._lock:
+            if self._down_since is None:
+                return None
+            return {
+                "unreachable_since": _iso(self._down_since),
+                "error": self._error,
+                "journalled": len(self.journal) + len(self._unrecorded),
+                "held_releases": len(self._held),
+                "retrying_in": round(max(0.0, self._retry_at - time.monotonic()), 1),
+            }
+
+    def _tell(self) -> None:
+        """Write what status shows (atomically); a state folder that cannot be written only loses that."""
+        if self.state_file is None:
+            return
+        doc = self.describe()
+        with contextlib.suppress(OSError):
+            if doc is None:
+                self.state_file.unlink(missing_ok=True)
+            else:
+                write_json_atomic(self.state_file, doc | {"pid": os.getpid(), "next": self._next()})
+
+    def _next(self) -> str:
+        answers = len(self.journal) + len(self._unrecorded)
+        wait = max(0.0, self._retry_at - time.monotonic())
+        return f"claims paused; {answers} answers journalled; retrying in {wait:.0f} s"
+
+    # -- the state machine ----------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        """The store just failed us: note it, say it once (then every REMIND_EVERY), and wait before trying again."""
+        with self._lock:
+            now = time.monotonic()
+            first = self._down_since is None
+            if first:
+                self._down_since, self._delay, self._reminded = time.time(), RETRY_FIRST, now
+            else:
+                self._delay = min(self.retry_max, self._delay * 2)
+            self._error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self._retry_at = now + self._delay
+            self._claims_paused = True
+            if first:
+                log.warning("store.unreachable", store=self.where, error=self._error, next=self._next())
+                self._tell()
+            elif now - self._reminded >= REMIND_EVERY:
+                self._reminded = now
+                since = _iso(self._down_since or time.time())
+                log.warning(
+                    "store.still_unreachable", store=self.where, since=since, error=self._error, next=self._next()
+                )
+                self._tell()
+
+    def _open(self) -> bool:
+        """Whether calls may go to the store now; what waits for it (journal, held releases) is replayed first."""
+        if self._down_since is None and not self._unrecorded and not self._held and not len(self.journal):
+            return True
+        with self._lock:
+            if time.monotonic() < self._retry_at:
+                return False
+            return self._replay()
+
+    def _replay(self) -> bool:
+        records = self.journal.records()
+        unrecorded = list(self._unrecorded)
+        started = time.time()
+        late = 0
+        try:
+            for record in [*records, *unrecorded]:
+                try:
+                    late += not apply(self._store, record)
+                except Exception as exc:
+                    if unavailable(exc):
+                        raise
+                    log.error("store.replay_failed", record=record, error=repr(exc), next="skipping this record")
+            for job_id, (job, kwargs) in list(self._held.items()):
+                try:
+                    self._store.release(job, **kwargs)
+                except LeaseLost:
+                    pass  # another node took it meanwhile: its state stands
+                except Exception as exc:
+                    if unavailable(exc):
+                        raise
+                    log.error("store.release_failed", job=job_id, error=repr(exc), next="its lease runs out instead")
+                del self._held[job_id]
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            self._failed(exc)
+            return False
+        self.journal.clear(len(records))
+        del self._unrecorded[: len(unrecorded)]
+        down = self._down_since
+        self._down_since = None
+        self._tell()
+        if records or unrecorded or down is not None:
+            log.info(
+                "store.replayed",
+                store=self.where,
+                answers=len(records) + len(unrecorded),
+                late=late,
+                seconds=round(time.time() - started, 3),
+                unreachable_for=None if down is None else round(time.time() - down, 1),
+                next="claims resume",
+            )
+        return True
+
+    def _keep(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A paid answer the store cannot take now: into the journal (or, failing that, memory and no new takes)."""
+        record = encode(name, args, kwargs) | {"at": round(time.time(), 3)}
+        try:
+            self.journal.append(record)
+        except OSError as exc:
+            with self._lock:
+                self._unrecorded.append(record)
+            log.error(
+                "store.journal_failed",
+                journal=str(self.journal.path),
+                error=str(exc),
+                next="kept in memory; no new paid call starts until it is recorded",
+            )
+            return
+        log.info(
+            "store.journalled", kind=name, journal=str(self.journal.path), answers=len(self.journal), next=self._next()
+        )
+        self._tell()
+
+    # -- the calls --------------------------------------------------------------------------------------
+
+    def _call(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if name in JOURNALLED:
+            if self._open():
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if not unavailable(exc):
+                        raise
+                    self._failed(exc)
+            self._keep(name, args, kwargs)
+            return None if name == "ledger_outcome" else True
+        if name in UPKEEP:
+            if self._open():
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if not unavailable(exc):
+                        raise
+                    self._failed(exc)
+            return UPKEEP[name]
+        if not self._open():
+            raise self._unavailable()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            self._failed(exc)
+            raise self._unavailable() from None
+
+    def _unavailable(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the store is unreachable ({self._error}); this waits until it is back",
+            until=time.time() + max(RETRY_FIRST, self._retry_at - time.monotonic()),
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._store, name)
+        if name.startswith("_") or not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._call(name, value, args, kwargs)
+
+        return call
+
+    def claim(self, pipeline: str, owner: str, **kwargs: Any) -> Job | None:
+        """A due job, or None (also while the store is away: claims pause)."""
+        if not self._open():
+            return None
+        try:
+            job: Job | None = self._store.claim(pipeline, owner, **kwargs)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            self._failed(exc)
+            return None
+        if job is not None and self._claims_paused:
+            self._claims_paused = False
+            log.info("store.claims_resumed", pipeline=pipeline, path=job.file.path, job=job.id)
+        return job
+
+    def release(self, job: Job, **kwargs: Any) -> None:
+        """Give the job back; while the store is away, held here and made once the journal is replayed."""
+        if self._open():
+            try:
+                self._store.release(job, **kwargs)
+                return
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                self._failed(exc)
+        with self._lock:
+            self._held[job.id] = (job, kwargs)
+
+    def open_counts(self) -> dict[str, dict[str, int]]:
+        """The queue's counts; while the store is away, the last ones known."""
+        if self._open():
+            try:
+                self._counts = self._store.open_counts()
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                self._failed(exc)
+        return dict(self._counts)
+
+    def gate_take(self, ops: Any, owner: str, **kwargs: Any) -> Any:
+        """The gate's take; refused (the job waits) while an answer could not be recorded or the journal is full."""
+        if self._unrecorded or self.journal.full:
+            why = "answers wait in memory for the store" if self._unrecorded else "the outage journal is full"
+            raise StoreUnavailable(f"no new paid call: {why}", until=time.time() + RETRY_FIRST)
+        return self._call("gate_take", self._store.gate_take, (ops, owner), kwargs)
+
+    def close(self) -> None:
+        """Close the journal and the store (what the journal holds waits for the next start)."""
+        self.journal.close()
+        self._store.close()
