@@ -9,6 +9,9 @@ the services.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from watcher.store.cache import CacheMixin
 from watcher.store.control import ControlMixin
 from watcher.store.core import LeaseLost, StoreBase
@@ -35,4 +38,29 @@ __all__ = [
 
 
 class Store(GateMixin, CacheMixin, ControlMixin, StoreBase):
-    """SQLite-backed store; safe to share between the event loop and worker threads of one process."""
+    """SQLite-backed store; safe to share between the event loop and worker threads of one process.
+
+    It is the store of one machine: as the ``Nodes`` port it answers as the only node (see below)."""
+
+    store_id: str | None = None  # kept beside the database (watcher.markers.store_id), not in it
+
+    def use_folders(self, folders: dict[str, str], *, claim_only_these: bool = True) -> None:
+        """Nothing to map: paths are this machine's own."""
+
+    def claim_node_name(self, name: str, node_id: str) -> None:
+        """No other node can answer to the name: the state folder's lock already keeps a second daemon out."""
+
+    def release_node(self, node_id: str, keep: str) -> tuple[int, int]:
+        """Every lease and take is this node's: all of them are given back (at start, under the state lock)."""
+        return self.release_leases(), self.gate_recover()
+
+    def node_alive(self, node_id: str) -> bool | None:
+        """There is no other node to ask about."""
+        return None
+
+    def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
+        """No other node reads it: nothing is kept."""
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """No node list: `watcher status` shows none."""
+        return []

@@ -178,7 +178,46 @@ class Control(Protocol):
     def prune(self, older_than_days: float, *, now: float | None = None) -> int: ...
 
 
-class StorePort(Registry, Jobs, Results, Gate, Control, Protocol):
+class Nodes(Protocol):
+    """The machines that share the store. A store of one machine (SQLite) answers as the only node: its leases and
+    takes are all this node's, it has no other node to name, and it keeps no heartbeat."""
+
+    @property
+    def store_id(self) -> str | None:
+        """The store's own identity when it keeps one (a shared store); None when it is kept beside it."""
+        ...
+
+    def use_folders(self, folders: dict[str, str], *, claim_only_these: bool = True) -> None:
+        """This node's watched folders (local path -> folder ID from its marker); claims stay within them."""
+        ...
+
+    def claim_node_name(self, name: str, node_id: str) -> None:
+        """Take ``name`` for this node; ConfigError while another live node answers to it."""
+        ...
+
+    def release_node(self, node_id: str, keep: str) -> tuple[int, int]:
+        """Give back what earlier lives of this node held (leases, takes) except ``keep``'s: (jobs, operations)."""
+        ...
+
+    def node_alive(self, node_id: str) -> bool | None:
+        """Whether another node still beats (None: the store cannot tell)."""
+        ...
+
+    def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
+        """This node is alive (`watcher status` lists the nodes)."""
+        ...
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node using the store: name, version, last heartbeat, jobs held."""
+        ...
+
+
+class StorePort(Registry, Jobs, Results, Gate, Control, Nodes, Protocol):
     """Everything an adapter offers; only the composition root needs the whole of it."""
 
     def close(self) -> None: ...
+
+
+class StoreUnavailable(ConnectionError):
+    """The store could not be reached, or did not answer in time: the call did nothing, or its effect is unknown
+    (a commit whose answer was lost). Raised by an adapter after its own bounded retries, never after a hang."""

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -18,7 +18,8 @@ from watcher.store.backup import StoreTooNew, too_new
 from watcher.store.core import LeaseLost
 from watcher.store.lanes import LANES, ClaimOrder
 from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult
-from watcher.store.postgres.pool import Pool, StoreUnreachable, first_line, redact
+from watcher.store.ports import StoreUnavailable
+from watcher.store.postgres.pool import CONNECT_SECONDS, Pool, StoreUnreachable, first_line, redact
 from watcher.store.postgres.schema import (
     FENCE,
     JOB_SELECT,
@@ -31,6 +32,8 @@ from watcher.store.postgres.schema import (
     SCHEMA,
     TERMINAL_STATES,
 )
+
+T = TypeVar("T")
 
 
 def path_bytes(path: str) -> bytes:
@@ -67,7 +70,6 @@ class PgBase:
         kwargs: dict[str, Any] = {
             "autocommit": True,
             "row_factory": dict_row,
-            "connect_timeout": 10,
             "application_name": name[:63],
         }
         if passfile:
@@ -75,7 +77,7 @@ class PgBase:
         self._pool = Pool(url, kwargs, pool_size)
         try:
             self._pool.check()
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, StoreUnavailable) as exc:
             self._pool.close()
             raise StoreUnreachable(f"cannot reach the store at {self.where}: {first_line(exc)}") from None
         self._folders: dict[str, str] = {}  # local folder path -> folder ID
@@ -106,26 +108,28 @@ class PgBase:
         with self._pool.connection() as conn, conn.transaction():
             yield conn
 
-    def _run(self, fn: Callable[[psycopg.Connection[Any]], Any], *, attempts: int = 3) -> Any:
+    def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, attempts: int = 3) -> T:
         """``fn`` in one transaction; a connection lost before commit (a partition, pg_terminate_backend, a
-        restart) is retried on a fresh connection. A commit whose answer was lost may run twice: every caller
-        is idempotent or fenced (a second claim by the same owner, a take that then waits on itself)."""
+        restart) is retried on a fresh connection while the call is young. A commit whose answer was lost may run
+        twice: every caller is idempotent or fenced (a second claim by the same owner, a take that then waits on
+        itself). StoreUnavailable once the database cannot answer (each try is bounded: see ``pool``)."""
+        started = time.monotonic()
         for attempt in range(attempts):
             try:
                 with self._tx() as conn:
                     return fn(conn)
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 self._pool.drop_idle()  # a partition or a server restart breaks every idle connection too
-                if attempt == attempts - 1:
-                    raise
+                if attempt == attempts - 1 or time.monotonic() - started > CONNECT_SECONDS:
+                    raise StoreUnavailable(f"the store at {self.where} did not answer: {first_line(exc)}") from exc
                 time.sleep(0.05 * (attempt + 1))  # sleep-ok: a short pause before reconnecting
-        return None
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
-        return self._run(lambda c: c.execute(sql, args).fetchone())  # type: ignore[no-any-return]
+        return self._run(lambda c: c.execute(sql, args).fetchone())
 
     def _all(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        return self._run(lambda c: c.execute(sql, args).fetchall())  # type: ignore[no-any-return]
+        return self._run(lambda c: c.execute(sql, args).fetchall())
 
     def _migrate(self) -> None:
         def go(db: psycopg.Connection[Any]) -> None:
@@ -145,7 +149,9 @@ class PgBase:
                 (f"postgresql:{uuid.uuid4()}",),
             )
 
-        self._run(go)
+        with self._pool.connection(None) as conn, conn.transaction():  # no deadline: DDL on a big table is slow
+            conn.execute("SET LOCAL statement_timeout = 0")
+            go(conn)
 
     def _has_schema(self) -> bool:
         row = self._one("SELECT to_regclass('schema_version') IS NOT NULL AS there")
@@ -241,7 +247,7 @@ class PgBase:
             last_error=row["last_error"],
             error_code=row["error_code"],
         )
-        job.holder = row.get("lease_owner") if row.get("lease_until") else None  # type: ignore[attr-defined]
+        job.holder = row.get("lease_owner") if row.get("lease_until") else None
         return job
 
     # -- registry --------------------------------------------------------------------------------------
@@ -282,9 +288,7 @@ class PgBase:
         ``live`` and ``priority`` place its jobs in the claim order (see store.lanes)."""
         version = NewVersion(folder, path, rel_path, size, mtime_ns, inode, live, priority)
         jobs = list(jobs)
-        return self._run(  # type: ignore[no-any-return]
-            lambda db: self._register(db, version, jobs, self._now(db) if now is None else now)
-        )
+        return self._run(lambda db: self._register(db, version, jobs, self._now(db) if now is None else now))
 
     def register_versions(
         self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
@@ -299,7 +303,7 @@ class PgBase:
                 db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
             return [self._register(db, v, jobs, at) for v in versions]
 
-        return self._run(go)  # type: ignore[no-any-return]
+        return self._run(go)
 
     def _register_lock(self, v: NewVersion) -> str:
         return f"{self._fid(v.folder)}/{path_bytes(v.rel_path).hex()}"

@@ -170,6 +170,7 @@ class PgControlMixin(_Base):
 
     def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int:
         """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (see the SQLite adapter)."""
+
         def go(db: psycopg.Connection[Any]) -> int:
             now = self._now(db)
             added = 0
@@ -187,6 +188,7 @@ class PgControlMixin(_Base):
 
     def reopen(self, job_ids: Sequence[int], step: str) -> int:
         """Make ``done`` jobs pending again at ``step`` (see the SQLite adapter)."""
+
         def go(db: psycopg.Connection[Any]) -> int:
             now = self._now(db)
             changed = 0
@@ -294,7 +296,7 @@ class PgControlMixin(_Base):
                     adopt_late(db, Operation(r["sha256"], r["service"], r["operation"], r["params"]))
             return jobs, len(ops)
 
-        return self._run(go)  # type: ignore[no-any-return]
+        return self._run(go)
 
     def node_alive(self, node_id: str) -> bool:
         """True while a node with this ID has a live heartbeat (its temp files are its own business)."""

@@ -186,7 +186,7 @@ class PgGateMixin(_Base):
                 for i, op, resend, generation in takeable
             }
 
-        return self._run(go)  # type: ignore[no-any-return]
+        return self._run(go)
 
     def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:
         """The service answered the take ``fence`` names: keep its ID so the operation is never sent again, by any

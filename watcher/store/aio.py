@@ -1,0 +1,257 @@
+"""The store's asynchronous port: how code on the event loop (runner, pipelines, daemon, steering) reaches the store.
+
+Every call runs in an executor of the store's own, never on the loop: one thread for SQLite (one connection, one
+writer), a few for PostgreSQL (each takes a pooled connection). A call the database cannot answer ends with
+:class:`~watcher.store.ports.StoreUnavailable` within the adapter's bounds (connect and statement timeouts,
+keepalives, a deadline per call), never with a hang; a call is never abandoned half way by the loop side (a take
+or a claim whose caller gave up would still commit), so there is no timeout here.
+
+Every call passes one :class:`Guard`, given at construction: the one place to watch, hold or journal store work
+while the store is away. The default guard just runs the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
+
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult, Ticket
+from watcher.store.ports import StorePort
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Guard(Protocol):
+    """Sees every store call: ``name`` is the port method's, ``call`` starts it in the store's executor."""
+
+    async def __call__(self, name: str, call: Callable[[], Awaitable[T]]) -> T: ...
+
+
+async def unguarded(name: str, call: Callable[[], Awaitable[T]]) -> T:
+    """The default guard: run the call, let its errors through."""
+    return await call()
+
+
+class AsyncJobs(Protocol):
+    """The runner's part: claim with a lease, release, renew, and when work falls due."""
+
+    async def claim(self, pipeline: str, owner: str, *, lease: float = 600.0) -> Job | None: ...
+
+    async def release(
+        self,
+        job: Job,
+        *,
+        state: str = "pending",
+        step: str | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        error_code: str | None = None,
+    ) -> None: ...
+
+    async def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None: ...
+
+    async def next_due(self, pipeline: str) -> float | None: ...
+
+
+class AsyncGate(Protocol):
+    """The gate as paid calls use it (watcher.pipelines.paid): take, answered, released, the ledger's outcome."""
+
+    async def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        lease: float = 600.0,
+        resend_in_doubt: bool = False,
+        estimated: bool = False,
+        take_id: str | None = None,
+    ) -> list[Ticket]: ...
+
+    async def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool: ...
+
+    async def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool: ...
+
+    async def ledger_outcome(self, request: int, outcome: str) -> None: ...
+
+
+class AsyncStore:
+    """The whole store with ``await``: each method is the port method of the same name, run off the loop."""
+
+    def __init__(self, store: StorePort, *, threads: int = 1, guard: Guard = unguarded) -> None:
+        """``threads``: how many calls run at once (1 for SQLite; the pool's size for PostgreSQL)."""
+        self.sync = store  # for code already off the loop (a worker thread, a short command)
+        self.guard = guard
+        self._executor = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="store")
+
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` (a method of :attr:`sync`) in the store's executor, through the guard."""
+        loop = asyncio.get_running_loop()
+        bound = functools.partial(fn, *args, **kwargs)
+        name = fn.__name__
+        return await self.guard(name, lambda: loop.run_in_executor(self._executor, bound))
+
+    async def aclose(self) -> None:
+        """Let the calls under way end, then close the store."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self.sync.close()
+
+    # -- registry ----------------------------------------------------------------------------------------------
+
+    async def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        return await self.call(self.sync.known_version, path, size, mtime_ns, inode)
+
+    async def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        return await self.call(self.sync.current_signatures, folder)
+
+    async def register_versions(
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]]
+    ) -> list[tuple[int, bool]]:
+        return await self.call(self.sync.register_versions, versions, jobs=list(jobs))
+
+    async def current_version(self, path: str) -> FileVersion | None:
+        return await self.call(self.sync.current_version, path)
+
+    async def set_sha256(self, file_id: int, sha256: str) -> None:
+        await self.call(self.sync.set_sha256, file_id, sha256)
+
+    # -- jobs -------------------------------------------------------------------------------------------------
+
+    async def claim(self, pipeline: str, owner: str, *, lease: float = 600.0) -> Job | None:
+        return await self.call(self.sync.claim, pipeline, owner, lease=lease)
+
+    async def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+        await self.call(self.sync.commit, job, step=step, **data)
+
+    async def release(
+        self,
+        job: Job,
+        *,
+        state: str = "pending",
+        step: str | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        await self.call(
+            self.sync.release,
+            job,
+            state=state,
+            step=step,
+            next_attempt_at=next_attempt_at,
+            error=error,
+            error_code=error_code,
+        )
+
+    async def is_live(self, job: Job) -> bool:
+        return await self.call(self.sync.is_live, job)
+
+    async def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
+        await self.call(self.sync.renew, list(job_ids), owner, lease=lease)
+
+    async def next_due(self, pipeline: str) -> float | None:
+        return await self.call(self.sync.next_due, pipeline)
+
+    async def pending(self) -> int:
+        return await self.call(self.sync.pending)
+
+    async def jobs_of_file(self, file_id: int) -> list[Job]:
+        return await self.call(self.sync.jobs_of_file, file_id)
+
+    # -- results ----------------------------------------------------------------------------------------------
+
+    async def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]:
+        return await self.call(self.sync.results_for, sha256, backend)
+
+    async def save_result(
+        self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
+    ) -> bool:
+        return await self.call(self.sync.save_result, sha256, backend, result, op, fence)
+
+    # -- the gate ---------------------------------------------------------------------------------------------
+
+    async def gate_take(
+        self,
+        ops: Sequence[Operation],
+        owner: str,
+        *,
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None = None,
+        lease: float = 600.0,
+        resend_in_doubt: bool = False,
+        estimated: bool = False,
+        take_id: str | None = None,
+    ) -> list[Ticket]:
+        return await self.call(
+            self.sync.gate_take,
+            ops,
+            owner,
+            budget=budget,
+            seconds=seconds,
+            cap_seconds=cap_seconds,
+            lease=lease,
+            resend_in_doubt=resend_in_doubt,
+            estimated=estimated,
+            take_id=take_id,
+        )
+
+    async def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:
+        return await self.call(self.sync.gate_answered, op, result, fence=fence)
+
+    async def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool:
+        return await self.call(self.sync.gate_release, op, state, fence=fence, error=error)
+
+    async def gate_get(self, op: Operation) -> dict[str, Any] | None:
+        return await self.call(self.sync.gate_get, op)
+
+    async def ledger_outcome(self, request: int, outcome: str) -> None:
+        await self.call(self.sync.ledger_outcome, request, outcome)
+
+    async def ledger_settle(self, sha256: str, seconds: float) -> int:
+        return await self.call(self.sync.ledger_settle, sha256, seconds)
+
+    async def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None:
+        await self.call(self.sync.set_remote_state, op, state, error)
+
+    # -- control and nodes ------------------------------------------------------------------------------------
+
+    async def open_counts(self) -> dict[str, dict[str, int]]:
+        return await self.call(self.sync.open_counts)
+
+    async def folder_states(self) -> list[dict[str, Any]]:
+        return await self.call(self.sync.folder_states)
+
+    async def set_folder_health(self, folder: str, *, mode: str | None, reason: str | None, available: bool) -> None:
+        await self.call(self.sync.set_folder_health, folder, mode=mode, reason=reason, available=available)
+
+    async def retry(self, *, waiting_on_service: bool = False, pipelines: Sequence[str] | None = None) -> int:
+        return await self.call(self.sync.retry, paths=None, waiting_on_service=waiting_on_service, pipelines=pipelines)
+
+    async def prune(self, older_than_days: float) -> int:
+        return await self.call(self.sync.prune, older_than_days)
+
+    async def claim_node_name(self, name: str, node_id: str) -> None:
+        await self.call(self.sync.claim_node_name, name, node_id)
+
+    async def release_node(self, node_id: str, keep: str) -> tuple[int, int]:
+        return await self.call(self.sync.release_node, node_id, keep)
+
+    async def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
+        await self.call(self.sync.heartbeat, name, owner=owner, version=version, folders=list(folders))
+
+
+if TYPE_CHECKING:  # mypy checks both adapters against the whole port, and this port against its consumers' parts
+    from watcher.store import Store
+    from watcher.store.postgres import PostgresStore
+
+    _sqlite: type[StorePort] = Store
+    _postgres: type[StorePort] = PostgresStore
+    _jobs: type[AsyncJobs] = AsyncStore
+    _gate: type[AsyncGate] = AsyncStore
