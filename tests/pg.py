@@ -78,6 +78,15 @@ class Cluster:
                   "-t", "30", "-o", f"-p {self.port}")  # fmt: skip
         return self
 
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would (``pg_ctl stop -m immediate``); :meth:`resume` starts it again."""
+        self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate", "-w")
+
+    def resume(self) -> None:
+        """Start the halted server again on the same port (it recovers from its WAL first)."""
+        self._run(str(self.bindir / "pg_ctl"), "start", "-D", str(self.data), "-l", str(self.data / "server.log"),
+                  "-w", "-t", "60", "-o", f"-p {self.port}")  # fmt: skip
+
     def stop(self) -> None:
         try:
             self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate", "-w")

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from watcher.store.models import Job
 log = structlog.get_logger("watcher.store")
 RETRY_FIRST = 1.0
 RETRY_MAX = 5.0
+ANSWER_SECONDS = 1.0
 OUTAGE_FILE = "store-outage.json"  # in the state folder while the store is unreachable: what `watcher status` shows
 REMIND_EVERY = 30.0  # seconds between two log lines saying the store is still unreachable
 # SQLite primary result codes that mean "the store cannot be written now": BUSY, LOCKED, READONLY, IOERR, FULL,
@@ -104,6 +106,7 @@ class OutageGuard:
         journal: Journal,
         *,
         retry_max: float = RETRY_MAX,
+        answer_seconds: float = ANSWER_SECONDS,
         where: str = "the store",
         state_file: Path | None = None,
     ) -> None:
@@ -112,6 +115,8 @@ class OutageGuard:
         self.journal = journal
         self.where = where
         self.retry_max = retry_max
+        self.answer_seconds = answer_seconds  # how long a paid answer waits for the store before the journal takes it
+        self._answers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-answers")
         self._lock = threading.RLock()
         self._down_since: float | None = None
         self._error = ""
@@ -265,15 +270,7 @@ class OutageGuard:
 
     def _call(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if name in JOURNALLED:
-            if self._open():
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    if not unavailable(exc):
-                        raise
-                    self._failed(exc)
-            self._keep(name, args, kwargs)
-            return None if name == "ledger_outcome" else True
+            return self._answer(name, fn, args, kwargs)
         if name in UPKEEP:
             if self._open():
                 try:
@@ -292,6 +289,22 @@ class OutageGuard:
                 raise
             self._failed(exc)
             raise self._unavailable() from None
+
+    def _answer(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A paid answer: into the store within ``answer_seconds``, else into the journal. A store call that took
+        longer may still land after it was journalled: replaying it then changes nothing."""
+        if self._open():
+            future = self._answers.submit(fn, *args, **kwargs)
+            try:
+                return future.result(timeout=self.answer_seconds)
+            except TimeoutError:
+                self._failed(TimeoutError(f"a paid answer was not taken within {self.answer_seconds:g} s"))
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                self._failed(exc)
+        self._keep(name, args, kwargs)
+        return None if name == "ledger_outcome" else True
 
     def _unavailable(self) -> StoreUnavailable:
         return StoreUnavailable(
@@ -358,5 +371,6 @@ class OutageGuard:
 
     def close(self) -> None:
         """Close the journal and the store (what the journal holds waits for the next start)."""
+        self._answers.shutdown(wait=False)
         self.journal.close()
         self._store.close()
