@@ -38,6 +38,7 @@ from watcher.pipelines.analyze import AnalyzePipeline
 from watcher.runner import Runner
 from watcher.services.analysis import AnalysisReport, ModelResult
 from watcher.store import Store
+from watcher.store.aio import AsyncStore
 
 MODELS = ["key", "bpm_degara", "loudness_ebur128"]
 WORKERS = 8
@@ -67,24 +68,27 @@ class Instant:
         for spec in models:
             result = ModelResult(spec, spec, "2.1", "corr-1", _fake_results(spec, digest))
             report.results[spec] = result
-            on_result(result)
+            told = on_result(result)
+            if told is not None:
+                await told
         return report
 
 
 async def run(root: Path, files: list[Path]) -> None:
     store = Store(root / "state" / "watcher.db")
-    pipeline = AnalyzePipeline(store, Instant(), models=MODELS, sidecar=SidecarConfig())
-    runner = Runner(store, {"analyze": pipeline}, concurrency={"analyze": WORKERS}, retry=RetryConfig())
+    aio = AsyncStore(store)
+    pipeline = AnalyzePipeline(aio, Instant(), models=MODELS, sidecar=SidecarConfig())
+    runner = Runner(aio, {"analyze": pipeline}, concurrency={"analyze": WORKERS}, retry=RetryConfig())
     sink = StoreSink(store, [pipeline], wake=lambda: None, events=Events())
     folder = FolderConfig(path=root / "in")
     sink.ready_many([Settled(folder, str(f), f.name, signature(f)) for f in files])  # one detector check's batch
 
     async def worker() -> None:
-        while (job := store.claim("analyze", runner.owner)) is not None:
+        while (job := await aio.claim("analyze", runner.owner)) is not None:
             await runner.run_job(pipeline, job)
 
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
-    store.close()
+    await aio.aclose()
 
 
 def main() -> None:

@@ -15,8 +15,10 @@ from watcher.analyzers import RemoteAnalyzer
 from watcher.audiofile import signature
 from watcher.config import AnalysisConfig, SidecarConfig
 from watcher.pipelines.analyze import AnalyzePipeline
+from watcher.pipelines.base import StepResult
 from watcher.services.analysis import AnalysisReport, ModelResult
 from watcher.store import Store
+from watcher.store.aio import AsyncStore
 
 
 def test_results_are_keyed_by_endpoint_and_account():
@@ -53,7 +55,9 @@ class Counting:
         for spec in models:
             result = self.answer(spec)
             report.results[spec] = result
-            on_result(result)
+            told = on_result(result)
+            if told is not None:
+                await told
         return report
 
     def answer(self, spec: str) -> ModelResult:
@@ -72,10 +76,17 @@ def analyse_one(store: Store, backend: Counting, audio: Path, models: list[str])
         inode=sig.inode,
         jobs=[("analyze", "analyze")],
     )
-    pipeline = AnalyzePipeline(store, backend, models=models, sidecar=SidecarConfig())
     job = store.claim("analyze", "me")
     assert job is not None
-    result = asyncio.run(pipeline.run(job))
+
+    async def go() -> StepResult:
+        aio = AsyncStore(store)
+        try:
+            return await AnalyzePipeline(aio, backend, models=models, sidecar=SidecarConfig()).run(job)
+        finally:
+            await aio.aclose(close_store=False)
+
+    result = asyncio.run(go())
     assert result.state == "done"
     store.release(job, state=result.state)
 

@@ -17,6 +17,7 @@ from tests.conftest import API_KEY, make_settings, query, wait_for, write_silent
 from watcher.config import service_identity
 from watcher.pipelines.sidecar import schema
 from watcher.store import Store
+from watcher.store.aio import AsyncStore
 
 pytestmark = pytest.mark.timeout(60)
 ROUTE = "POST /v1/analysis/stream"
@@ -206,9 +207,10 @@ def test_unmounted_folder_is_retried_not_gone(tmp_path):
             jobs=[("analyze", "analyze"), ("archive", "check")],
         )
         remote = SimpleNamespace(paid=True, key="analysis http://x account:none")
+        aio = AsyncStore(store)
         for pipeline in (
-            AnalyzePipeline(store, remote, models=["key"], sidecar=SidecarConfig()),  # type: ignore[arg-type]
-            ArchivePipeline(store, None, ArchiveConfig(), None, SidecarConfig(), where="processing"),  # type: ignore[arg-type]
+            AnalyzePipeline(aio, remote, models=["key"], sidecar=SidecarConfig()),  # type: ignore[arg-type]
+            ArchivePipeline(aio, None, ArchiveConfig(), None, SidecarConfig(), where="processing"),  # type: ignore[arg-type]
         ):
             job = store.claim(pipeline.name, "t")
             with pytest.raises(RetryLater, match="not available"):

@@ -31,6 +31,7 @@ from watcher.pipelines.deliver import Deliverer
 from watcher.pipelines.paid import PaidCalls, Taken
 from watcher.services.neuralanalog import NeuralAnalogClient
 from watcher.store import LeaseLost, Operation, Store, utc_day
+from watcher.store.aio import AsyncStore
 from watcher.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -55,6 +56,23 @@ def take(store: Any, op: Operation, owner: str, **kw: Any) -> Any:
 # -- finding 3: a holder whose lease ran out reports late ----------------------------------------------------
 
 
+class Paid:
+    """PaidCalls over ``store``, called from a test: each outcome through the store's asynchronous port."""
+
+    def __init__(self, store: Any, budget: str) -> None:
+        self.store, self.budget = store, budget
+
+    def finish(self, taken: Taken, results: dict[Operation, str | None], outcome: str, why: str) -> None:
+        async def go() -> None:
+            aio = AsyncStore(self.store)
+            try:
+                await PaidCalls(aio, self.budget).finish(taken, results, outcome, why)
+            finally:
+                await aio.aclose(close_store=False)
+
+        asyncio.run(go())
+
+
 def test_a_late_holder_cannot_reopen_an_operation_another_holder_is_sending(store):
     """A stalls past its lease, B takes the operation over; A's late "answer lost" reopens nothing, so a third
     taker waits; A's late ID is kept and, when B's answer is lost, answers the operation: 2 sends, never 3."""
@@ -76,7 +94,7 @@ def test_a_late_holder_cannot_reopen_an_operation_another_holder_is_sending(stor
 def test_a_late_outcome_is_recorded_late_and_a_late_answer_nobody_holds_is_kept(store):
     """The late request's ledger line says `late`; its ID answers an operation left in doubt (nobody holds it),
     so it is never sent again; a late "answer lost" after B answered changes nothing."""
-    paid = PaidCalls(store, "processing")
+    paid = Paid(store, "processing")
     a = take(store, MASTER, "a:1:1@" + "a" * 16)
     assert store.gate_recover("a:1:1@" + "a" * 16) == 1  # its node restarted: the operation is held in doubt
     late = Taken([a], 10.0, send=[MASTER], request=a.request, fences={MASTER: a.fence})
@@ -94,7 +112,7 @@ def test_a_re_ask_that_was_not_sent_stays_a_re_ask(store):
     """A stream cut after one model, its re-ask refused before any work (a 429), then sent: the take that finally
     goes is reported as a re-ask, since the first stream may have been billed for those models too. Found by the
     bill check of the chaos test: the not-sent re-ask reopened the models as new, and their next take said `first`."""
-    paid = PaidCalls(store, "analysis")
+    paid = Paid(store, "analysis")
     owner = "a:1:1@" + "a" * 16
     key, bpm = (Operation(SHA, "analysis http://y account:2", f"analyze:{m}", "", "reask") for m in ("key", "bpm"))
     first = store.gate_take([key, bpm], owner, budget="analysis", seconds=5)
@@ -298,7 +316,12 @@ def test_a_superseded_jobs_late_download_never_replaces_the_newer_delivery(tmp_p
     async def go() -> None:
         async with NeuralAnalogClient(na.api.url, NA_KEY, NA_POLICY) as client:
             pipeline = ArchivePipeline(
-                store, client, cfg, Deliverer(client, cfg, lambda _job: out), SidecarConfig(), where="processing"
+                AsyncStore(store),
+                client,
+                cfg,
+                Deliverer(client, cfg, lambda _job: out),
+                SidecarConfig(),
+                where="processing",
             )
             old = version(0.5)
             await processed(client, old)

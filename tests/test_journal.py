@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import wait_for
 from watcher.store import Fence, Operation, Store, StoredResult, utc_day
+from watcher.store.away import OUTAGE_FILE, StoreAway, read_outage, unavailable
 from watcher.store.journal import Journal, apply, encode
-from watcher.store.outage import OUTAGE_FILE, OutageGuard, StoreUnavailable, read_outage, unavailable
+from watcher.store.outage import OutageGuard
 
 OP = Operation("ab" * 32, "analysis http://x acct", "analyze:key", on_doubt="reask")
 RESULT = StoredResult("key", "key", "1.0", "c-1", {"key": "A", "scale": "minor"})
@@ -81,7 +82,7 @@ def test_the_journal_is_bounded_and_no_paid_call_starts_when_it_is_full(tmp_path
     while not journal.full:
         journal.append(record(len(journal)))
     journal.append(record(99))  # still taken
-    with pytest.raises(StoreUnavailable, match="journal is full"):
+    with pytest.raises(StoreAway, match="journal is full"):
         guard.gate_take([OP], "me", budget="analysis", seconds=1.0)
     journal.clear(len(journal))
     assert not journal.full
@@ -137,7 +138,7 @@ def test_a_late_answer_replayed_changes_nothing_the_new_holder_owns(tmp_path):
 
 def test_a_locked_sqlite_store_pauses_claims_journals_answers_and_replays_them_first(tmp_path):
     """SQLite locked by another process: the answer to a request in flight goes to the journal, claims answer
-    nothing, other calls wait (StoreUnavailable), status says since when; once unlocked, the first claim replays
+    nothing, other calls wait (StoreAway), status says since when; once unlocked, the first claim replays
     the journal before it claims."""
     store = Store(tmp_path / "w.db")
     store.register_version(
@@ -152,7 +153,7 @@ def test_a_locked_sqlite_store_pauses_claims_journals_answers_and_replays_them_f
         assert guard.save_result(OP.sha256, OP.service, RESULT, OP, fence) is True
         assert guard.ledger_outcome(request, "answered") is None
         assert guard.claim("analyze", "node-a:1:1") is None
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(StoreAway):
             guard.set_sha256(1, "cd" * 32)
         assert len(guard.journal) == 2
         shown = read_outage(tmp_path)

@@ -20,6 +20,7 @@ from watcher.errors import BadInput, Deferred, FileChanged, InDoubt, NeedsUser, 
 from watcher.pipelines.base import StepResult
 from watcher.runner import Outcome, Runner
 from watcher.store import Job, Store
+from watcher.store.aio import AsyncStore
 
 RETRY = RetryConfig(backoff_initial=0.01, backoff_max=0.02, max_attempts=4, needs_user_backoff=60)
 
@@ -52,7 +53,12 @@ def store(tmp_path: Path):
 
 def add(store: Store, name: str, pipelines: tuple[str, ...] = ("p",)) -> int:
     file_id, _ = store.register_version(
-        folder="/in", path=f"/in/{name}", rel_path=name, size=1, mtime_ns=1, inode=hash(name) % 10_000,
+        folder="/in",
+        path=f"/in/{name}",
+        rel_path=name,
+        size=1,
+        mtime_ns=1,
+        inode=hash(name) % 10_000,
         jobs=[(p, "one") for p in pipelines],
     )
     return file_id
@@ -60,10 +66,18 @@ def add(store: Store, name: str, pipelines: tuple[str, ...] = ("p",)) -> int:
 
 def drain(store: Store, *pipelines: Scripted, **kw: Any) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    runner = Runner(
-        store, {p.name: p for p in pipelines}, concurrency={}, retry=RETRY, on_outcome=outcomes.append, **kw
-    )
-    asyncio.run(asyncio.wait_for(runner.drain(horizon=1.0), 20))
+
+    async def go() -> None:
+        aio = AsyncStore(store)
+        runner = Runner(
+            aio, {p.name: p for p in pipelines}, concurrency={}, retry=RETRY, on_outcome=outcomes.append, **kw
+        )
+        try:
+            await asyncio.wait_for(runner.drain(horizon=1.0), 20)
+        finally:
+            await aio.aclose(close_store=False)
+
+    asyncio.run(go())
     return outcomes
 
 
@@ -206,14 +220,15 @@ def test_idle_workers_leave_the_looking_to_one_lookout(store):
     claims: list[str] = []
     done: list[str] = []
     looked, finished = asyncio.Event(), asyncio.Event()
-    real_claim = store.claim
+    aio = AsyncStore(store)
+    real_claim = aio.claim
 
-    def claim(*args: Any, **kwargs: Any) -> Job | None:
+    async def claim(*args: Any, **kwargs: Any) -> Job | None:
         task = asyncio.current_task()
         claims.append(task.get_name() if task else "?")
         if len(claims) >= 40 + 30:  # a claim per worker at start, then 30 idle looks
             looked.set()
-        return real_claim(*args, **kwargs)
+        return await real_claim(*args, **kwargs)
 
     def act(job: Job) -> StepResult:
         done.append(job.file.rel_path)
@@ -221,10 +236,10 @@ def test_idle_workers_leave_the_looking_to_one_lookout(store):
             finished.set()
         return StepResult("done")
 
-    store.claim = claim  # type: ignore[method-assign]
+    aio.claim = claim  # type: ignore[method-assign]
 
     async def go() -> None:
-        runner = Runner(store, {"p": Scripted("p", act)}, concurrency={"p": 40}, retry=RETRY, look_every=(0.01, 0.02))
+        runner = Runner(aio, {"p": Scripted("p", act)}, concurrency={"p": 40}, retry=RETRY, look_every=(0.01, 0.02))
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))
         await asyncio.wait_for(looked.wait(), 10)
@@ -235,6 +250,7 @@ def test_idle_workers_leave_the_looking_to_one_lookout(store):
         stop.set()
         await asyncio.wait_for(task, 10)
         assert len(idle_looks) == 1, f"idle looks came from {sorted(idle_looks)}"
+        await aio.aclose(close_store=False)
 
     asyncio.run(go())
     assert sorted(done) == [f"late-{n}.wav" for n in range(5)]

@@ -37,7 +37,11 @@ def test_nothing_is_written_for_a_version_that_changed_or_a_dead_job(tmp_path):
     audio = write_tone(tmp_path / "a.wav", 0.2)
     old = version_of(audio)
     target = tmp_path / "a.wav.analysis.json"
-    assert not asyncio.run(write_sidecar(target, "ab", {"x": 1}, version=old, live=lambda: False))
+
+    async def dead() -> bool:
+        return False
+
+    assert not asyncio.run(write_sidecar(target, "ab", {"x": 1}, version=old, live=dead))
     write_tone(tmp_path / "b.wav", 0.3, freq=900)
     os.replace(tmp_path / "b.wav", audio)  # a newer version is on disk now
     assert not asyncio.run(write_sidecar(target, "ab", {"x": 1}, version=old))

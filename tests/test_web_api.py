@@ -217,7 +217,7 @@ def test_daemon_is_unhealthy_once_its_heartbeat_stops(tmp_path: Path, inbox: Pat
     daemon = Daemon(web_settings(tmp_path, inbox, emu), handle_signals=False, heartbeat=0.05)
     assert daemon.healthy()
     wait_for(lambda: not daemon.healthy(), timeout=5, what="the stale heartbeat to show")
-    daemon._alive()
+    daemon.housekeeping.alive()
     assert daemon.healthy()
 
 

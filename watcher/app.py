@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -27,22 +28,29 @@ from watcher.audiofile import Signature
 from watcher.config import FolderConfig, Settings, reveal, service_identity
 from watcher.detect.detector import Detector, Settled
 from watcher.errors import ConfigError
-from watcher.events import Events, Subscriber
+from watcher.events import Events, MetricsEvents, Subscriber, WebhookEvents
 from watcher.fsutil import node_id
+from watcher.metrics import NullMetrics
 from watcher.names import display
 from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
 from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
+from watcher.store.aio import AsyncStore, Guard, unguarded
+from watcher.store.away import OUTAGE_FILE
 from watcher.store.journal import JOURNAL_NAME, Journal
-from watcher.store.outage import OUTAGE_FILE, OutageGuard
+from watcher.store.outage import OutageGuard
+from watcher.store.outage_aio import OutageStore
+from watcher.store.ports import StorePort
 
 if TYPE_CHECKING:
     from watcher.services.bandwidth import Bandwidth
+    from watcher.webhooks import WebhookSender
 
 log = structlog.get_logger("watcher.app")
 PAID_DRAIN_SECONDS = 2.0
+PG_THREADS = 4  # PostgreSQL calls under way at once (each on a pooled connection of its own)
 
 
 def store_path(settings: Settings) -> Path:
@@ -50,7 +58,7 @@ def store_path(settings: Settings) -> Path:
     return settings.state_dir / "watcher.db"
 
 
-def open_store(settings: Settings, *, readonly: bool = False) -> Any:
+def open_store(settings: Settings, *, readonly: bool = False) -> StorePort:
     """The adapter the settings name: PostgreSQL (``[store] url``, shared by several machines) or SQLite."""
     if not settings.store.url:
         return Store(store_path(settings), readonly=readonly)
@@ -63,6 +71,7 @@ def open_store(settings: Settings, *, readonly: bool = False) -> Any:
         readonly=readonly,
         lease=settings.store.lease_seconds,
         name=f"watcher {settings.store.node_name}",
+        pool_size=PG_THREADS,
     )
     store.use_folders(
         {str(f.path): o.folder_id for f in settings.folders if (o := markers.inspect(f.path, store.store_id)).ours}
@@ -80,7 +89,9 @@ def guarded(settings: Settings, store: Any) -> OutageGuard:
 class StoreSink:
     """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
 
-    def __init__(self, store: Store, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events) -> None:
+    def __init__(
+        self, store: StorePort, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events
+    ) -> None:
         self.store = store
         self.jobs = [(p.name, p.first_step) for p in pipelines]
         self.wake = wake
@@ -138,21 +149,23 @@ class App:
         self,
         settings: Settings,
         folders: Sequence[FolderConfig],
-        store: Store,
+        aio: AsyncStore,
         pipelines: Sequence[Pipeline],
         events: Events,
         closers: list[Any],
     ) -> None:
         self.settings = settings
         self.folders = {str(f.path): f for f in folders}
-        self.store = store
+        self.aio = aio  # the store for code on the event loop: every call in the store's own threads
+        self.store = aio.sync  # the same store, for code already off the loop (commands, worker threads)
         self.pipelines = {p.name: p for p in pipelines}
         self.events = events
         self.closers = closers
         self.node_id = node_id(settings.state_dir)  # this machine, whatever its name (leases carry it)
-        self.mover = SourceMover(store, self.folders, settings.sidecar)
+        self.webhooks: WebhookSender | None = None  # the daemon's, closed with the graph
+        self.mover = SourceMover(self.store, self.folders, settings.sidecar)  # it asks from a worker thread
         self.runner = Runner(
-            store,
+            aio,
             self.pipelines,
             concurrency=_concurrency(settings, self.pipelines),
             retry=settings.retry,
@@ -161,7 +174,7 @@ class App:
             owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}@{self.node_id}",
             lease=settings.store.lease_seconds if settings.store.url else LEASE,
         )
-        self.sink = StoreSink(store, pipelines, self.runner.wake, events)
+        self.sink = StoreSink(self.store, pipelines, self.runner.wake, events)
         self.detector: Detector | None = None
 
     @classmethod
@@ -172,27 +185,29 @@ class App:
         folders: Sequence[FolderConfig] | None = None,
         subscribers: Iterable[Subscriber] = (),
         observer: RequestObserver | None = None,
+        guard: Guard = unguarded,
     ) -> App:
         """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
-        of every HTTP request any client makes (metrics)."""
-        store: Any = guarded(settings, open_store(settings))
+        of every HTTP request any client makes (metrics); ``guard`` sees every store call made from the loop."""
+        store = guarded(settings, open_store(settings))
+        aio = OutageStore(store, threads=PG_THREADS if settings.store.url else 1, guard=guard)
         events = Events(subscribers)
         closers: list[Any] = []
         bandwidth = _bandwidth(settings)
         try:
             pipelines: list[Pipeline] = []
             if settings.analysis.enabled:
-                pipelines.append(_analyze(settings, store, events, closers, observer, bandwidth))
+                pipelines.append(_analyze(settings, aio, events, closers, observer, bandwidth))
             if settings.archive.enabled:
                 chosen = folders if folders is not None else settings.folders
                 chosen_folders = {str(f.path): f for f in chosen}
-                pipelines.append(_archive(settings, store, events, closers, chosen_folders, observer, bandwidth))
+                pipelines.append(_archive(settings, aio, events, closers, chosen_folders, observer, bandwidth))
             if not pipelines:
                 raise ConfigError("nothing to do: both analysis.enabled and archive.enabled are false")
         except BaseException:
             store.close()
             raise
-        return cls(settings, folders if folders is not None else settings.folders, store, pipelines, events, closers)
+        return cls(settings, folders if folders is not None else settings.folders, aio, pipelines, events, closers)
 
     def rates(self) -> dict[str, Callable[[], float]]:
         """The current adaptive rate of each service session the graph holds, by service name (for metrics)."""
@@ -211,10 +226,32 @@ class App:
         node = self.settings.store.node_name
         mine = markers.store_id(self.store, self.settings.state_dir)
         owned = [markers.claim(Path(path), mine, node) for path in self.folders]
-        use = getattr(self.store, "use_folders", None)
-        if use is not None:
-            use({o.folder: o.folder_id for o in owned if o.ours})
+        self.store.use_folders({o.folder: o.folder_id for o in owned if o.ours})
         return owned
+
+    async def owned_folders(self) -> list[FolderConfig]:
+        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone.
+        The markers are read and written in a worker thread (a share may take seconds per call)."""
+        folders, foreign = [], []
+        claimed = await asyncio.to_thread(self.claim_folders)
+        for owned, folder in zip(claimed, self.settings.folders, strict=True):
+            if owned.ours:
+                folders.append(folder)
+                continue
+            foreign.append(f"{display(owned.folder)} is owned by another store ({owned.owner})")
+            log.warning(
+                "folder.owned_by_another_store",
+                folder=display(owned.folder),
+                owner=owned.owner,
+                next=f"not processing it; `watcher adopt {display(owned.folder)}` takes it over (see `watcher doctor`)",
+            )
+            await self.aio.set_folder_health(owned.folder, mode=None, reason=owned.reason, available=False)
+        if not folders:
+            raise ConfigError(
+                f"nothing to watch: {'; '.join(foreign)} (its .watcher-folder marker names it); point [store] "
+                "at that store, or take the folder over deliberately with `watcher adopt FOLDER` (see `watcher doctor`)"
+            )
+        return folders
 
     def make_detector(self, folders: Sequence[FolderConfig], **kwargs: Any) -> Detector:
         excluded = {str(f.path): self.settings.own_dirs(f) for f in folders}
@@ -240,7 +277,28 @@ class App:
         for closer in self.closers:
             with contextlib.suppress(Exception):
                 await closer.aclose()
-        self.store.close()
+        if self.webhooks is not None:
+            await self.webhooks.aclose(deadline=1.0)
+        await self.aio.aclose()
+
+
+def build_daemon(settings: Settings, *, metrics: NullMetrics, housekeeping: Subscriber, live: Subscriber | None) -> App:
+    """The daemon's graph: :meth:`App.build`, with metrics, webhooks, the page's live feed (``live``) and the
+    daemon's housekeeping told of everything, and every client's rate watched by the metrics."""
+    subscribers: list[Subscriber] = [MetricsEvents(metrics), housekeeping]
+    if live is not None:
+        subscribers.append(live)
+    app = App.build(settings, subscribers=subscribers, observer=metrics.request)
+    if settings.webhooks.urls:
+        from watcher.webhooks import WebhookSender
+
+        cfg = settings.webhooks
+        app.webhooks = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout, observer=metrics.request)
+        app.webhooks.start()
+        app.events.subscribers.append(WebhookEvents(app.webhooks, cfg.events))
+    for service, current in app.rates().items():
+        metrics.watch_rate(service, current)
+    return app
 
 
 def _concurrency(settings: Settings, pipelines: dict[str, Pipeline]) -> dict[str, int]:
@@ -266,7 +324,7 @@ def _bandwidth(settings: Settings) -> Bandwidth | None:
 
 def _analyze(
     settings: Settings,
-    store: Store,
+    store: AsyncStore,
     events: Events,
     closers: list[Any],
     observer: RequestObserver | None,
@@ -280,7 +338,7 @@ def _analyze(
     log.info("analysis.backend", backend=which, reason=why, models=list(settings.analysis.models))
     backend = make_backend(settings.analysis, which, observer=observer, bandwidth=bandwidth)
     closers.append(backend)
-    store.adopt_legacy(backend.name, backend.key)
+    store.sync.adopt_legacy(backend.name, backend.key)
     templates = settings.audio_url_templates()
     if templates and not backend.paid:
         log.warning(
@@ -307,7 +365,7 @@ def _audio_urls(settings: Settings) -> Callable[[FileVersion], str | None]:
 
 def _archive(
     settings: Settings,
-    store: Store,
+    store: AsyncStore,
     events: Events,
     closers: list[Any],
     folders: dict[str, FolderConfig],
@@ -331,7 +389,7 @@ def _archive(
         return settings.output_dir_for(folder) if folder is not None else cfg.output_dir
 
     where = service_identity("processing", cfg.base_url, cfg.api_key)
-    store.adopt_legacy("neuralanalog", where)
+    store.sync.adopt_legacy("neuralanalog", where)
     return ArchivePipeline(
         store, processor, cfg, Deliverer(processor, cfg, output_for), settings.sidecar, where=where, spend=events
     )

@@ -17,14 +17,15 @@ from watcher.errors import ConfigError
 from watcher.fsutil import StateLock, read_json_object, use_node
 from watcher.runner import Outcome
 from watcher.store import TERMINAL, Job, Store
+from watcher.store.ports import StorePort
 
 SCAN_SETTLE = 1.0
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings) -> StorePort:
     """The store of a watcher that has run with these settings (ConfigError when there is none yet)."""
     if settings.store.url:
-        return open_adapter(settings)  # type: ignore[no-any-return]  # the shared store: same ports
+        return open_adapter(settings)
     path = store_path(settings)
     if not path.exists():
         raise ConfigError(f"no store at {path} yet: watcher has not run with state_dir = {settings.state_dir}")
@@ -58,14 +59,8 @@ async def scan(
         raise
     try:
         use_node(app.node_id)
-        release_node = getattr(app.store, "release_node", None)  # a shared store: other nodes may be working
-        claim_name = getattr(app.store, "claim_node_name", None)
-        if release_node is not None and claim_name is not None:
-            claim_name(settings.store.node_name, app.node_id)  # refused while a live node answers to the name
-            release_node(app.node_id, app.runner.owner)  # take back only our own
-        else:
-            app.store.release_leases()
-            app.store.gate_recover()
+        app.store.claim_node_name(settings.store.node_name, app.node_id)  # refused while a live node has the name
+        app.store.release_node(app.node_id, app.runner.owner)  # a shared store: take back only our own
         # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
         folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
         detector = app.make_detector(folders)
@@ -95,7 +90,7 @@ async def scan(
         lock.release()
 
 
-def _scan_report(store: Store, targets: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
+def _scan_report(store: StorePort, targets: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
     """(1 if a file under ``targets`` failed else 0, every problem under them)."""
     problems = [
         {"path": p.path, "pipeline": p.pipeline, "state": p.state, "step": p.step, "error": p.error}
@@ -201,7 +196,7 @@ def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
     account (pid, since when, services paused, back-fill), None when none runs."""
     from watcher.status import collect
-    from watcher.store.outage import read_outage
+    from watcher.store.away import read_outage
 
     outage = read_outage(settings.state_dir)
     if outage is not None:  # the running daemon cannot reach its store: say so rather than wait on it here

@@ -13,47 +13,27 @@ import contextlib
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from watcher import __version__
-from watcher.app import App
-from watcher.config import FolderConfig, Settings, reveal
+from watcher.app import App, build_daemon
+from watcher.config import Settings
 from watcher.control import ControlServer, socket_path
 from watcher.errors import ConfigError
-from watcher.events import MetricsEvents, Subscriber, WebhookEvents
-from watcher.fsutil import StateLock, raise_open_files_limit, sweep_temp, use_node
+from watcher.events import Subscriber
+from watcher.fsutil import StateLock, raise_open_files_limit
+from watcher.housekeeping import Housekeeping
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
-from watcher.names import display
-from watcher.runner import Outcome
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.steering import Steering
-from watcher.store import TERMINAL
-from watcher.webhooks import WebhookSender
 
-T = TypeVar("T")
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
-REFRESH_SECONDS = 60.0  # the heartbeat counts the queue and writes folder health at least this often
-PRUNE_EVERY = 86400.0
-
-
-class _Changes(Subscriber):
-    """Counts what changes the queue here (files settled, jobs run), so the heartbeat counts it only then."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def file_settled(self, folder: str, path: str) -> None:
-        self.count += 1
-
-    def outcome(self, outcome: Outcome) -> None:
-        self.count += 1
 
 
 class Daemon(Steering):
@@ -75,6 +55,7 @@ class Daemon(Steering):
         self._reload = reload
         self.notifier: Notifier = notifier or NullNotifier()
         self.heartbeat = heartbeat
+        self.housekeeping = Housekeeping(self.notifier, heartbeat=heartbeat, held=lambda: self.held_services)
         self.stop = asyncio.Event()
         self._force = asyncio.Event()
         self._signals = 0
@@ -85,8 +66,6 @@ class Daemon(Steering):
         self.web: Any = None  # watcher.web.server.WebServer while the page runs
         self._page: Any = None  # the same, also when it could not start (its stop clears the state it left)
         self._live: Subscriber | None = None  # the page's event feed, kept across reloads
-        self._next_prune = 0.0
-        self._alive_at = time.monotonic()
         self.open_files = 0  # the open-files soft limit, once raised at start
         self.started_at = time.time()
         self._control: ControlServer | None = None
@@ -94,15 +73,9 @@ class Daemon(Steering):
         self._key_check: asyncio.Task[None] | None = None
         self.backfill: dict[str, Any] = {}  # what the last start or reload queued for work the config added
 
-    def _alive(self) -> None:
-        """The loop got round to the heartbeat: ping the systemd watchdog, and remember when (for /healthz)."""
-        self._alive_at = time.monotonic()
-        self.notifier.watchdog()
-
     def healthy(self) -> bool:
-        """Whether the heartbeat ran lately, as the systemd watchdog would judge it (the page's /healthz)."""
-        interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
-        return time.monotonic() - self._alive_at <= 3 * interval
+        """Whether the pulse ran lately, as the systemd watchdog would judge it (the page's /healthz)."""
+        return self.housekeeping.healthy()
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -140,6 +113,8 @@ class Daemon(Steering):
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         lag: LoopLag | None = None
+        ended = asyncio.Event()
+        pulse = asyncio.create_task(self.housekeeping.pulse(ended), name="pulse")  # from start to end, every life
         # systemd's default soft limit (1024) is low for folders, files and the page's connections at once
         self.open_files = raise_open_files_limit()
         self.started_at = time.time()
@@ -162,6 +137,8 @@ class Daemon(Steering):
                 self._force = asyncio.Event()
                 self._apply_reload()
         finally:
+            ended.set()
+            await pulse
             if lag is not None:
                 await lag.stop()
             for sig in signals:
@@ -185,7 +162,7 @@ class Daemon(Steering):
             self.metrics_address = self.web.address
         else:
             self.metrics_address = metrics.start_http(cfg.host, cfg.port)
-        self.metrics = metrics
+        self.metrics = self.housekeeping.metrics = metrics
         log.info("metrics.serving", url=f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics")
 
     async def _start_web(self) -> None:
@@ -220,26 +197,15 @@ class Daemon(Steering):
 
     async def _serve(self) -> int:
         """One life of the object graph: build, start, run until stop (or reload), checkpoint."""
-        webhooks = self._webhook_sender()
-        changes = _Changes()
-        subscribers: list[Subscriber] = [MetricsEvents(self.metrics), changes]
-        if webhooks is not None:
-            subscribers.append(WebhookEvents(webhooks, self.settings.webhooks.events))
-        if self._live is not None:
-            subscribers.append(self._live)
-        app = App.build(self.settings, subscribers=subscribers, observer=self.metrics.request)
+        app = build_daemon(self.settings, metrics=self.metrics, housekeeping=self.housekeeping, live=self._live)
         self.app = app
         check_keys = self._check_keys(app)
-        for service, current in app.rates().items():
-            self.metrics.watch_rate(service, current)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
-            folders, _ = await self._fed(asyncio.gather(self._owned_folders(app), self._recover(app)))
-            await self._fed(self._backfill())
+            folders, _ = await asyncio.gather(app.owned_folders(), self.housekeeping.recover(app))
+            await self._backfill()
             seen = {
-                str(f["folder"])
-                for f in await asyncio.to_thread(app.store.folder_states)
-                if f["mode"] in ("native", "polling", "gone")
+                str(f["folder"]) for f in await app.aio.folder_states() if f["mode"] in ("native", "polling", "gone")
             }
             detector = app.make_detector(folders, seen=seen)
             # What start-up built (modules, settings, this graph) lives as long as this graph: kept out of the
@@ -261,179 +227,40 @@ class Daemon(Steering):
                 # answers, the paid services' work stays unclaimed.
                 self._key_check = asyncio.create_task(check_keys(), name="key-check")
 
-            runner_task = asyncio.create_task(app.runner.run(self.stop), name="runner")
-            detector_task = asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector")
-            beat_task = asyncio.create_task(self._beat(app, changes), name="heartbeat")
-            stop_wait = asyncio.create_task(self.stop.wait())
-            done, _ = await asyncio.wait(
-                {runner_task, detector_task, beat_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED
-            )
-            failed = [t for t in done if t is not stop_wait and not t.cancelled() and t.exception() is not None]
-            for task in failed:
-                log.error(
-                    "daemon.component_failed",
-                    component=task.get_name(),
-                    error=repr(task.exception()),
-                    next="stopping with exit 1 so the supervisor restarts watcher",
-                )
-                self.stop.set()
-                self._reload_requested = False
-            await self._shutdown(runner_task, detector_task, beat_task)
-            return 1 if failed else 0
+            tasks = [
+                asyncio.create_task(app.runner.run(self.stop), name="runner"),
+                asyncio.create_task(detector.run(self.stop, on_first_scan=ready), name="detector"),
+                asyncio.create_task(self.housekeeping.chores(app, self.stop), name="heartbeat"),
+            ]
+            return await self._until_stop(tasks)
         finally:
             if self._key_check is not None:
                 self._key_check.cancel()
                 with contextlib.suppress(BaseException):
                     await self._key_check
                 self._key_check = None
-            if webhooks is not None:
-                await webhooks.aclose(deadline=1.0)
             await app.aclose()
             self.app = None
             gc.unfreeze()  # the graph's cycles can be collected again (after a reload, the old graph's)
             gc.collect()  # now: else the next graph's freeze would keep this one's cycles for its whole life
 
-    async def _fed(self, work: Awaitable[T]) -> T:
-        """Await start-up ``work`` (slow on a slow share) while feeding the systemd watchdog."""
-        task = asyncio.ensure_future(work)
-        interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
-        while not (await asyncio.wait({task}, timeout=interval))[0]:
-            self._alive()
-        return task.result()
-
-    async def _owned_folders(self, app: App) -> list[FolderConfig]:
-        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone.
-        The markers are read and written in a worker thread (a share may take seconds per call)."""
-        folders, foreign = [], []
-        claimed = await asyncio.to_thread(app.claim_folders)
-        for owned, folder in zip(claimed, self.settings.folders, strict=True):
-            if owned.ours:
-                folders.append(folder)
-                continue
-            foreign.append(f"{display(owned.folder)} is owned by another store ({owned.owner})")
-            log.warning(
-                "folder.owned_by_another_store",
-                folder=display(owned.folder),
-                owner=owned.owner,
-                next=f"not processing it; `watcher adopt {display(owned.folder)}` takes it over (see `watcher doctor`)",
+    async def _until_stop(self, tasks: list[asyncio.Task[None]]) -> int:
+        """Run the runner (first), the detector and the chores until a stop or one fails (exit 1), then checkpoint."""
+        stop_wait = asyncio.create_task(self.stop.wait())
+        done, _ = await asyncio.wait({*tasks, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        failed = [t for t in done if t is not stop_wait and not t.cancelled() and t.exception() is not None]
+        for task in failed:
+            log.error(
+                "daemon.component_failed",
+                component=task.get_name(),
+                error=repr(task.exception()),
+                next="stopping with exit 1 so the supervisor restarts watcher",
             )
-            app.store.set_folder_health(owned.folder, mode=None, reason=owned.reason, available=False)
-        if not folders:
-            raise ConfigError(
-                f"nothing to watch: {'; '.join(foreign)} (its .watcher-folder marker names it); point [store] "
-                "at that store, or take the folder over deliberately with `watcher adopt FOLDER` (see `watcher doctor`)"
-            )
-        return folders
-
-    async def _recover(self, app: App) -> None:
-        """Under the state folder's lock no earlier life can still be working: take back what it held, and
-        remove the temp files a kill left behind (half-written sidecars, downloads, staging folders).
-        A shared store (several nodes) gives back only what this node's earlier lives held (by its node ID), and
-        refuses a start under a name another live node answers to (ConfigError)."""
-        use_node(app.node_id)
-        release_node = getattr(app.store, "release_node", None)  # a shared store (several nodes)
-        claim_name = getattr(app.store, "claim_node_name", None)
-        if release_node is not None and claim_name is not None:
-            await asyncio.to_thread(claim_name, self.settings.store.node_name, app.node_id)
-            released, doubtful = release_node(app.node_id, app.runner.owner)
-        else:
-            released, doubtful = app.store.release_leases(), app.store.gate_recover()
-        if released:
-            log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
-        if doubtful:
-            log.warning(
-                "daemon.requests_in_doubt",
-                operations=doubtful,
-                next="paid requests cut off by the last stop: processing ones are held (`watcher status`), "
-                "analysis ones are asked again",
-            )
-        self._prune(app)
-        alive = getattr(app.store, "node_alive", lambda node: None)  # a shared store knows the other nodes
-        removed = await asyncio.to_thread(sweep_temp, self._our_folders(), mine=app.node_id, alive=alive)
-        if removed:
-            log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
-
-    def _our_folders(self) -> list[tuple[Path, bool]]:
-        """Every folder watcher writes into, with whether its subfolders count too."""
-        s = self.settings
-        roots = {f.path: f.recursive for f in s.folders}
-        for extra in (s.archive.output_dir, s.sidecar.directory, *(f.output_dir for f in s.folders)):
-            if extra is not None:
-                roots[extra] = True
-        for f in s.folders:
-            for moved in (f.done_dir, f.failed_dir):
-                if moved is not None:
-                    roots[moved] = True
-        return list(roots.items())
-
-    def _webhook_sender(self) -> WebhookSender | None:
-        cfg = self.settings.webhooks
-        if not cfg.urls:
-            return None
-        sender = WebhookSender(cfg.urls, secret=reveal(cfg.secret), timeout=cfg.timeout, observer=self.metrics.request)
-        sender.start()
-        return sender
-
-    def _prune(self, app: App) -> None:
-        """Forget old replaced and deleted versions (results and paid IDs stay); once at start, then daily."""
-        now = time.monotonic()
-        if now < self._next_prune:
-            return
-        self._next_prune = now + PRUNE_EVERY
-        forgotten = app.store.prune(self.settings.store.retention_days)
-        if forgotten:
-            log.info("store.pruned", versions=forgotten, older_than_days=self.settings.store.retention_days)
-
-    async def _beat(self, app: App, changes: _Changes) -> None:
-        """Every few seconds: watchdog ping, a status line for the supervisor, folder health into the store.
-
-        Idle costs next to nothing: the queue is counted again only after a file settled or a job ran here (or
-        once every ``REFRESH_SECONDS``, for what other nodes and commands changed), and a folder's health is
-        written only when it changed (or as often, so `watcher status` sees it is current).
-        """
-        interval = min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
-        seen, refreshed = -1, 0.0
-        health: dict[str, tuple[object, ...]] = {}
-        while not self.stop.is_set():
-            self._alive()
-            now = time.monotonic()
-            stale = now - refreshed >= REFRESH_SECONDS
-            if changes.count != seen or stale:
-                seen = changes.count
-                # through an index: finished jobs are not read; a pipeline with nothing open shows 0
-                counts: dict[str, dict[str, int]] = {name: {} for name in app.runner.pipelines}
-                counts |= app.store.open_counts()
-                self.metrics.queue(counts, TERMINAL)
-                waiting = sum(n for stages in counts.values() for s, n in stages.items() if s not in TERMINAL)
-                failed = sum(stages.get("failed", 0) for stages in counts.values())
-                held = "".join(f"; {service} paused" for service in sorted(self.held_services))
-                self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed{held}")
-            self._prune(app)
-            beat = getattr(app.store, "heartbeat", None)
-            if beat is not None:  # a shared store: this node is alive (`watcher status` lists nodes)
-                beat(self.settings.store.node_name, owner=app.runner.owner, version=__version__,
-                     folders=[str(f) for f in app.folders])  # fmt: skip
-            if app.detector is not None:
-                for f in app.detector.describe():
-                    folder, mode, reason = str(f["folder"]), f["mode"], f["reason"]
-                    if f.get("missing"):  # never there: a typo in the path rather than an unmounted share
-                        mode, reason = "missing", "does not exist (never seen): check its path in [[folders]]"
-                    elif not f["available"]:
-                        mode = "gone"  # seen before: it stays "unavailable", and is known as seen after a restart
-                    seen_now = (mode, reason, bool(f["available"]))
-                    if health.get(folder) == seen_now and not stale:
-                        continue
-                    health[folder] = seen_now
-                    app.store.set_folder_health(
-                        folder,
-                        mode=None if mode is None else str(mode),
-                        reason=None if reason is None else str(reason),
-                        available=bool(f["available"]),
-                    )
-            if stale:
-                refreshed = now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), interval)
+            self.stop.set()
+            self._reload_requested = False
+        await self._shutdown(*tasks)
+        return 1 if failed else 0
 
     async def _shutdown(self, runner_task: asyncio.Task[None], *others: asyncio.Task[None]) -> None:
         started = time.monotonic()

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from watcher.names import display
 
@@ -44,10 +44,17 @@ class Ownership:
         return f"owned by another store ({self.owner}); `watcher adopt {display(self.folder)}` takes it over"
 
 
-def store_id(store: Any, state_dir: Path) -> str:
+class Identified(Protocol):
+    """A store that may keep its own identity (see watcher.store.ports.Nodes)."""
+
+    @property
+    def store_id(self) -> str | None: ...
+
+
+def store_id(store: Identified, state_dir: Path) -> str:
     """The store's identity: a shared store says it itself; a SQLite one keeps it beside the database."""
-    own = getattr(store, "store_id", None)
-    if isinstance(own, str) and own:
+    own = store.store_id
+    if own:
         return own
     path = state_dir / STORE_ID_FILE
     with contextlib.suppress(FileNotFoundError):

@@ -33,7 +33,7 @@ from watcher.errors import BadInput, Deferred, FileChanged, InDoubt, NeedsUser, 
 from watcher.names import display
 from watcher.pipelines.base import Pipeline, StepResult
 from watcher.store import TERMINAL, Job, LeaseLost
-from watcher.store.ports import Jobs as JobQueue
+from watcher.store.aio import AsyncJobs as JobQueue
 
 log = structlog.get_logger("watcher.runner")
 LEASE = 600.0
@@ -121,7 +121,7 @@ class Runner:
                     continue
                 now = time.time()
                 dues = [
-                    self.store.next_due(name)
+                    await self.store.next_due(name)
                     for name, pipeline in self.pipelines.items()
                     if self._paused(pipeline) <= now + horizon  # a paused service's work stays for later
                 ]
@@ -143,7 +143,7 @@ class Runner:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.lease / 4)
-            self.store.renew(self.in_flight.keys(), self.owner, lease=self.lease)
+            await self.store.renew(list(self.in_flight), self.owner, lease=self.lease)
 
     def pause_service(self, service: str, until: float = math.inf) -> None:
         """Claim no job of ``service``'s pipelines until ``until`` (a Unix time; by default until resumed)."""
@@ -179,9 +179,9 @@ class Runner:
             wake.clear()
             now = time.time()
             paused = self._paused(pipeline)
-            job = None if paused > now else self.store.claim(pipeline.name, self.owner, lease=self.lease)
+            job = None if paused > now else await self.store.claim(pipeline.name, self.owner, lease=self.lease)
             if job is None:
-                due = self.store.next_due(pipeline.name)
+                due = await self.store.next_due(pipeline.name)
                 lookout = self._lookout.setdefault(pipeline.name, me) is me
                 if lookout:  # nothing due: look again, with jitter so nodes sharing a store do not look in step
                     wait = (
@@ -214,14 +214,14 @@ class Runner:
             except asyncio.CancelledError:
                 # Shutdown: every paid result is already committed; give the job back for the next start.
                 with contextlib.suppress(LeaseLost):
-                    self.store.release(
+                    await self.store.release(
                         job, next_attempt_at=time.time(), error=job.last_error, error_code=job.error_code
                     )
                 log.info("job.checkpointed", path=display(job.file.path), pipeline=job.pipeline, step=job.step)
                 raise
             except Exception as exc:
                 return await self._failed(pipeline, job, exc)
-            return self._finish(job, result)
+            return await self._finish(job, result)
         except LeaseLost as exc:
             log.info(
                 "job.superseded_late",
@@ -243,14 +243,14 @@ class Runner:
                 "job.file_changed", path=path, pipeline=job.pipeline, error=str(exc), next="its new version is handled"
             )
             self.rehint(job.file.path)
-            return self._finish(job, StepResult("superseded", note=str(exc)), error_code=exc.code)
+            return await self._finish(job, StepResult("superseded", note=str(exc)), error_code=exc.code)
         if isinstance(exc, Deferred):
             if exc.routine:  # pacing, not a problem: nothing for `watcher status` to show
                 log.debug("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
-                self.store.release(job, next_attempt_at=exc.until)
+                await self.store.release(job, next_attempt_at=exc.until)
                 return self._tell(Outcome(job, "pending"))
             log.info("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
-            self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_code=exc.code)
+            await self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_code=exc.code)
             return self._tell(Outcome(job, "pending", str(exc), exc.code))
         if isinstance(exc, InDoubt):
             job.data["in_doubt"] = {"operation": exc.operation, "since": exc.since, "keys": exc.keys}
@@ -262,14 +262,14 @@ class Runner:
                 error=str(exc),
                 next="held until `watcher retry --in-doubt` or `watcher retry PATH`",
             )
-            self.store.release(job, state="in_doubt", error=str(exc), error_code=exc.code)
+            await self.store.release(job, state="in_doubt", error=str(exc), error_code=exc.code)
             return self._tell(Outcome(job, "in_doubt", str(exc), exc.code))
         if isinstance(exc, BadInput) and (exc.final or job.attempts + 1 >= FILE_ATTEMPTS):
             return await self._give_up(pipeline, job, str(exc), exc.code, count=not exc.final)
         if isinstance(exc, BadInput):
-            return self._retry(job, str(exc), exc.code, None)
+            return await self._retry(job, str(exc), exc.code, None)
         if isinstance(exc, NeedsUser):
-            return self._pause_service(pipeline, job, exc)
+            return await self._pause_service(pipeline, job, exc)
         if isinstance(exc, RetryLater):
             return await self._retry_or_fail(pipeline, job, str(exc), exc.code, exc.retry_after)
         if isinstance(exc, OSError):
@@ -283,7 +283,7 @@ class Runner:
         error = f"internal error: {type(exc).__name__}: {exc}"
         return await self._retry_or_fail(pipeline, job, error, "internal", None)
 
-    def _pause_service(self, pipeline: Pipeline, job: Job, exc: NeedsUser) -> Outcome:
+    async def _pause_service(self, pipeline: Pipeline, job: Job, exc: NeedsUser) -> Outcome:
         pause = self.retry.needs_user_backoff
         service = pipeline.service or pipeline.name
         self._paused_until[service] = time.time() + pause
@@ -296,17 +296,17 @@ class Runner:
             next=f"the {service} service is paused for {pause:.0f} s (other work goes on); fix the account, "
             "then reload (the key is checked again) or `watcher retry --failed`",
         )
-        self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_code=exc.code)
+        await self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_code=exc.code)
         return self._tell(Outcome(job, "pending", str(exc), exc.code))
 
-    def _finish(self, job: Job, result: StepResult, error_code: str | None = None) -> Outcome:
+    async def _finish(self, job: Job, result: StepResult, error_code: str | None = None) -> Outcome:
         if result.state in TERMINAL:
-            self.store.release(job, state=result.state, error=result.note, error_code=error_code)
+            await self.store.release(job, state=result.state, error=result.note, error_code=error_code)
             why = {} if result.note is None else {"reason": result.note}
             log.info("job." + result.state, path=display(job.file.path), pipeline=job.pipeline, **why)
         else:
             # The next step is scheduled (e.g. polling a remote job): progress, so no attempt is counted.
-            self.store.release(job, step=result.step, next_attempt_at=result.at)
+            await self.store.release(job, step=result.step, next_attempt_at=result.at)
             self.wake(job.pipeline)
         return self._tell(Outcome(job, result.state, result.note, error_code))
 
@@ -315,9 +315,9 @@ class Runner:
     ) -> Outcome:
         if job.attempts + 1 >= self.retry.max_attempts:
             return await self._give_up(pipeline, job, error, code, count=True)
-        return self._retry(job, error, code, retry_after)
+        return await self._retry(job, error, code, retry_after)
 
-    def _retry(self, job: Job, error: str, code: str, retry_after: float | None) -> Outcome:
+    async def _retry(self, job: Job, error: str, code: str, retry_after: float | None) -> Outcome:
         job.attempts += 1
         delay = retry_after if retry_after is not None else backoff(job.attempts, self.retry)
         log.warning(
@@ -329,7 +329,7 @@ class Runner:
             error=error,
             next=f"retrying in {delay:.0f} s",
         )
-        self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_code=code)
+        await self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_code=code)
         return self._tell(Outcome(job, "pending", error, code))
 
     async def _give_up(self, pipeline: Pipeline, job: Job, error: str, code: str, *, count: bool) -> Outcome:
@@ -351,7 +351,7 @@ class Runner:
             raise
         except Exception:
             log.exception("job.give_up_failed", path=display(job.file.path), pipeline=job.pipeline)
-        self.store.release(job, state="failed", error=error, error_code=code)
+        await self.store.release(job, state="failed", error=error, error_code=code)
         return self._tell(Outcome(job, "failed", error, code))
 
     def _tell(self, outcome: Outcome) -> Outcome:

@@ -24,6 +24,8 @@ class StatusSource(Protocol):
 
     def spend_on(self, day: str) -> dict[str, dict[str, Any]]: ...
 
+    def nodes(self) -> list[dict[str, Any]]: ...
+
 
 def _iso(timestamp: float | None) -> str | None:
     if not timestamp:
@@ -67,8 +69,7 @@ def collect(
 
 def _nodes(store: StatusSource) -> list[dict[str, Any]]:
     """Every machine using a shared store (name, version, last heartbeat, jobs held); none for SQLite."""
-    nodes = getattr(store, "nodes", None)
-    return [{**n, "last_heartbeat": _iso(n["last_heartbeat"])} for n in (nodes() if nodes is not None else [])]
+    return [{**n, "last_heartbeat": _iso(n["last_heartbeat"])} for n in store.nodes()]
 
 
 def node_of(owner: str) -> str:
@@ -106,9 +107,8 @@ def _files(store: StatusSource) -> tuple[list[dict[str, Any]], list[dict[str, An
             adopted[job.pipeline] = adopted.get(job.pipeline, 0) + 1
         shown = display(job.file.path)
         info: dict[str, Any] = {"state": job.state, "step": job.step}
-        holder = getattr(job, "holder", None)  # a shared store names the node holding the job's lease
-        if holder:
-            info["node"] = node_of(holder)
+        if job.holder:  # a shared store names the node holding the job's lease
+            info["node"] = node_of(job.holder)
         if job.last_error:
             info["error"] = job.last_error
         if job.state == "in_doubt":

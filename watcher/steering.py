@@ -236,9 +236,7 @@ class Steering:
                 if found.service in self.held_services:  # the key is fine, but its output folder is not
                     continue
                 pipelines = app.runner.pipelines_of(found.service)
-                woken = await asyncio.to_thread(
-                    app.store.retry, paths=None, waiting_on_service=True, pipelines=pipelines
-                )
+                woken = await app.aio.retry(waiting_on_service=True, pipelines=pipelines)
                 if woken:
                     log.info("service.resumed", service=found.service, jobs=woken, next="their files go on now")
                 app.runner.resume_service(found.service)

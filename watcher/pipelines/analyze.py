@@ -110,13 +110,13 @@ class Analyzer(Protocol):
 class AnalyzeStore(GateStore, Protocol):
     """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
-    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+    async def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def is_live(self, job: Job) -> bool: ...
+    async def is_live(self, job: Job) -> bool: ...
 
-    def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
+    async def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
-    def save_result(
+    async def save_result(
         self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
     ) -> bool: ...
 
@@ -150,7 +150,7 @@ class AnalyzePipeline:
         checked = await precheck(self.store, job)
         if isinstance(checked, StepResult):
             return checked
-        results = self.store.results_for(checked.sha256, self.analyzer.key)
+        results = await self.store.results_for(checked.sha256, self.analyzer.key)
         missing = [m for m in self.models if m not in results]
         if missing and self.analyzer.paid:  # paid work the store does not know may be in the sidecar on disk
             results |= await self._adopt(job, checked.sha256, missing)
@@ -163,7 +163,7 @@ class AnalyzePipeline:
             if all(m in saved for m in missing):  # every result came to this job and is stored as it is here
                 results |= saved
             else:  # some were answered for another copy (or not at all): the store has the whole answer
-                results = self.store.results_for(checked.sha256, self.analyzer.key)
+                results = await self.store.results_for(checked.sha256, self.analyzer.key)
         else:
             log.info(
                 "analyze.cached", path=job.file.path, models=self.models, next="writing the sidecar from stored results"
@@ -185,7 +185,7 @@ class AnalyzePipeline:
         sha256 = job.data.get("sha256") or job.file.sha256
         if not sha256 or job.data.pop("partial_sidecar", False):
             return
-        results = self.store.results_for(sha256, self.analyzer.key)
+        results = await self.store.results_for(sha256, self.analyzer.key)
         errors = [*job.data.get("errors", []), {"model": None, "message": error}]
         await self._write(job, sha256, results, errors)
 
@@ -206,7 +206,7 @@ class AnalyzePipeline:
                 log.info("analyze.not_adopted", path=job.file.path, reason=why, next="asking the service")
             return {}
         for result in found.values():
-            self.store.save_result(sha256, self.analyzer.key, result)
+            await self.store.save_result(sha256, self.analyzer.key, result)
         job.data["sidecar"] = str(target)
         log.info(
             "analyze.adopted",
@@ -224,7 +224,7 @@ class AnalyzePipeline:
         ops = {m: Operation(sha256, self.analyzer.key, f"analyze:{m}", on_doubt="reask") for m in missing}
         taken = None
         if self.paid is not None:
-            taken = self.paid.take(job, list(ops.values()), checked.seconds, estimated=checked.estimated)
+            taken = await self.paid.take(job, list(ops.values()), checked.seconds, estimated=checked.estimated)
             if not taken.send:
                 return {}  # every model was answered for another copy meanwhile
             missing = [m for m in missing if ops[m] in taken.send]
@@ -234,13 +234,15 @@ class AnalyzePipeline:
         answered: dict[Operation, str | None] = {}
         saved: dict[str, StoredResult] = {}
 
-        def save(answer: ModelAnswer) -> None:
+        async def save(answer: ModelAnswer) -> None:
             stored = StoredResult(
                 answer.requested, answer.model_name, answer.model_version, answer.correlation_id, answer.results
             )
             fence = taken.fences.get(ops[answer.requested]) if taken and answer.requested in ops else None
             op = ops[answer.requested] if fence is not None else None
-            if not self.store.save_result(sha256, self.analyzer.key, stored, op, fence):  # answered, if still ours
+            if not await self.store.save_result(
+                sha256, self.analyzer.key, stored, op, fence
+            ):  # answered, if still ours
                 assert taken is not None
                 taken.late = True
             saved[answer.requested] = stored
@@ -266,7 +268,7 @@ class AnalyzePipeline:
             raise
         finally:
             if taken is not None and self.paid is not None:
-                self.paid.finish(taken, answered, outcome, why)
+                await self.paid.finish(taken, answered, outcome, why)
         errors = [{"model": None, "message": m} for m in report.errors]
         errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
         if errors:  # written with the step's release, in its one transaction
@@ -285,5 +287,5 @@ class AnalyzePipeline:
         written = await write_sidecar(target, sha256, doc, version=job.file, live=lambda: self.store.is_live(job))
         if written:  # recorded by the release that ends the step (the sidecar itself is on disk already)
             job.data["sidecar"] = str(target)
-        elif self.store.is_live(job):
+        elif await self.store.is_live(job):
             raise FileChanged("the file changed before its sidecar was written; its new version is analysed anew")

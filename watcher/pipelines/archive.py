@@ -95,15 +95,17 @@ class Processor(Protocol):
 class ArchiveStore(GateStore, Protocol):
     """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
-    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
+    async def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
 
-    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+    async def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
-    def is_live(self, job: Job) -> bool: ...
+    async def is_live(self, job: Job) -> bool: ...
 
-    def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
+    async def gate_get(self, op: Operation) -> dict[str, Any] | None: ...
 
-    def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
+    async def set_remote_state(self, op: Operation, state: str, error: str | None = None) -> None: ...
+
+    async def ledger_settle(self, sha256: str, seconds: float) -> int: ...
 
 
 class ArchivePipeline:
@@ -170,7 +172,7 @@ class ArchivePipeline:
         adopted = await self._adopt(job, checked.sha256)
         if adopted is not None:
             return adopted
-        self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
+        await self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
         return await self._upload(job, checked.content)
 
     async def _adopt(self, job: Job, sha256: str) -> StepResult | None:
@@ -208,12 +210,12 @@ class ArchivePipeline:
 
         audio_id = await self._paid(job, op, upload)
         log.info("archive.uploaded", path=version.path, audio_id=audio_id)
-        self.store.commit(job, step="process", audio_id=audio_id, polls=0)
+        await self.store.commit(job, step="process", audio_id=audio_id, polls=0)
         return await self._process(job)
 
     async def _process(self, job: Job) -> StepResult:
         """Request what is due, poll what is in flight; come back later while anything is in progress."""
-        upload = self.store.gate_get(self.operation(job.data["sha256"], "audio"))
+        upload = await self.store.gate_get(self.operation(job.data["sha256"], "audio"))
         if upload is None or upload["state"] != "answered":
             # The upload was made for another account or endpoint (the key or URL changed since): this service
             # has not got the file, so it is uploaded here first (through the gate, like any upload).
@@ -226,7 +228,7 @@ class ArchivePipeline:
             states[name] = await self._advance(job, name, ids, states, errors)
         versions = {v: _version_state(VERSIONS[v].product, states, errors) for v in self.cfg.wanted()}
         if states.get("audio") == "failed":
-            self.store.commit(job, ids=ids, op_errors=errors, versions=versions)
+            await self.store.commit(job, ids=ids, op_errors=errors, versions=versions)
             raise BadInput(f"the service could not process the upload: {errors.get('audio')}")
         if any(state in ("waiting", "requested") for state in states.values()):
             polls = int(job.data.get("polls", 0)) + 1
@@ -234,7 +236,7 @@ class ArchivePipeline:
             # Recorded by the release that schedules the next poll (every ID is kept by the gate already).
             job.data.update(ids=ids, op_errors=errors, versions=versions, polls=polls)
             return StepResult.later("process", time.time() + delay)
-        self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
+        await self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
 
     async def _advance(
@@ -246,7 +248,7 @@ class ArchivePipeline:
         """
         product = self.plan[name]
         op = self.operation(job.data["sha256"], name)
-        row = self.store.gate_get(op)
+        row = await self.store.gate_get(op)
         if row is None or row["state"] != "answered":
             before = states.get(product.needs) if product.needs else "complete"
             if before == "failed":
@@ -255,7 +257,7 @@ class ArchivePipeline:
             if before != "complete":
                 return "waiting"
             ids[name] = await self._paid(job, op, lambda: self._request(name, product, ids))
-            self.store.commit(job, ids=ids)
+            await self.store.commit(job, ids=ids)
             log.info("archive.requested", path=job.file.path, what=name, id=ids[name])
             return "requested"
         ids[name] = str(row["result"])
@@ -266,14 +268,14 @@ class ArchivePipeline:
         status = await self.processor.poll(product.status_kind, ids[name])
         if status.is_failed:
             message = status.error_message or "the service reported a failure"
-            self.store.set_remote_state(op, "failed", message)
+            await self.store.set_remote_state(op, "failed", message)
             log.error(
                 "archive.processing_failed", path=job.file.path, what=name, error=message, next="delivering the others"
             )
             errors[name] = message
             return "failed"
         if status.is_complete:
-            self.store.set_remote_state(op, "complete")
+            await self.store.set_remote_state(op, "complete")
             return "complete"
         return "requested"
 
@@ -284,7 +286,7 @@ class ArchivePipeline:
         the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
         seconds = float(job.data.get("charged") or job.data.get("duration") or 0.0)
-        taken = self.paid.take(job, [op], seconds, estimated=bool(job.data.get("estimated")))
+        taken = await self.paid.take(job, [op], seconds, estimated=bool(job.data.get("estimated")))
         if op in taken.answered:
             result = taken.answered[op]
             assert result is not None
@@ -305,16 +307,18 @@ class ArchivePipeline:
             if outcome != "in_doubt":
                 # Provably not done: never connected, 429/503, a body cut short, stopped before it left, or refused
                 # with an answer (4xx): free again, and not paid.
-                self.paid.finish(taken, {}, outcome, str(exc) or f"stopped before it was sent ({type(exc).__name__})")
+                await self.paid.finish(
+                    taken, {}, outcome, str(exc) or f"stopped before it was sent ({type(exc).__name__})"
+                )
                 raise
             # The whole request may have reached the service and its answer is lost or cannot be read (a 2xx
             # without its ID, a 3xx): it may be done (and billed).
             why = str(exc) if isinstance(exc, RetryLater | BadInput) else f"{type(exc).__name__}: {exc}"
-            self.paid.finish(taken, {}, "in_doubt", why)
+            await self.paid.finish(taken, {}, "in_doubt", why)
             if op.on_doubt == "hold" and self.cfg.in_doubt == "hold" and isinstance(exc, Exception):
                 raise self.paid.doubt(op, time.time(), why) from exc
             raise
-        self.paid.finish(taken, {op: remote_id}, "answered", "")
+        await self.paid.finish(taken, {op: remote_id}, "answered", "")
         return remote_id
 
     async def drain(self, timeout: float) -> None:
@@ -335,7 +339,7 @@ class ArchivePipeline:
         seconds = await asyncio.to_thread(_track_seconds, delivered)
         if seconds is None:
             return
-        settled = self.store.ledger_settle(job.data["sha256"], seconds)
+        settled = await self.store.ledger_settle(job.data["sha256"], seconds)
         job.data.update(estimated=False, charged=seconds, duration=job.data.get("duration") or seconds)
         log.info("archive.duration_settled", path=job.file.path, seconds=round(seconds, 3), ledger_lines=settled)
 
@@ -371,7 +375,7 @@ class ArchivePipeline:
             versions.update(dict.fromkeys(ready, "delivered"))
             if job.data.get("estimated"):
                 await self._settle(job, delivered)
-            self.store.commit(job, delivery=str(delivered), versions=versions)
+            await self.store.commit(job, delivery=str(delivered), versions=versions)
         delivery = job.data["delivery"]
         ids = dict(job.data.get("ids", {}))
         await write_sidecar(

@@ -29,12 +29,12 @@ from watcher.names import display
 from watcher.pipelines.base import NullSpend, SpendObserver
 from watcher.sending import WireTicket, handed_over, issue
 from watcher.store import Fence, Job, Operation, Ticket
-from watcher.store.ports import Gate
+from watcher.store.aio import AsyncGate
 
 log = structlog.get_logger("watcher.paid")
 
 
-GateStore = Gate  # the store's gate port (watcher.store.ports): the only door paid calls go through
+GateStore = AsyncGate  # the store's gate, asynchronous (watcher.store.aio): the only door paid calls go through
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -87,12 +87,12 @@ class PaidCalls:
         self.resend_in_doubt = resend_in_doubt
         self.spend = spend or NullSpend()
 
-    def take(self, job: Job, ops: Sequence[Operation], seconds: float, *, estimated: bool = False) -> Taken:
+    async def take(self, job: Job, ops: Sequence[Operation], seconds: float, *, estimated: bool = False) -> Taken:
         """Take the operations of one request covering ``seconds`` of audio (``estimated``: an upper bound); raises
         when nothing may be sent now and not everything was answered already (Deferred: wait or capped; InDoubt:
         held). When something may be sent, this task holds the wire ticket for exactly that one request."""
         assert job.owner is not None, "a paid request needs a claimed job"
-        tickets = self.store.gate_take(
+        tickets = await self.store.gate_take(
             list(ops),
             job.owner,
             budget=self.budget,
@@ -126,7 +126,7 @@ class PaidCalls:
             )
         return taken
 
-    def finish(self, taken: Taken, results: Mapping[Operation, str | None], outcome: str, why: str) -> None:
+    async def finish(self, taken: Taken, results: Mapping[Operation, str | None], outcome: str, why: str) -> None:
         """Record how the request ended: ``results`` holds the operations answered (with the ID to keep, or None
         when it was kept already); the others are free again (``not_sent``, ``refused``) or in doubt / re-asked."""
         if taken.request is None:
@@ -135,15 +135,15 @@ class PaidCalls:
             fence = taken.fences[op]
             if op in results:
                 if results[op] is not None:
-                    taken.late |= not self.store.gate_answered(op, results[op], fence=fence)
+                    taken.late |= not await self.store.gate_answered(op, results[op], fence=fence)
             elif outcome in ("not_sent", "refused"):
                 # Back to where the take found it: a re-ask or re-send that did not go stays one, so the take that
                 # finally sends it is reported as such (the service may have been paid for it before).
                 back = "reask" if op in taken.resends else "open"
-                taken.late |= not self.store.gate_release(op, back, fence=fence, error=why)
+                taken.late |= not await self.store.gate_release(op, back, fence=fence, error=why)
             else:
                 state = "in_doubt" if op.on_doubt == "hold" else "reask"
-                taken.late |= not self.store.gate_release(op, state, fence=fence, error=why)
+                taken.late |= not await self.store.gate_release(op, state, fence=fence, error=why)
         if outcome == "answered" and len(results) < len(taken.send):
             outcome = "partial"
         # paid, but after its lease ran out: the new holder's state stands
@@ -156,7 +156,7 @@ class PaidCalls:
                 "holder decides what happens to it",
             )
             outcome = "late"
-        self.store.ledger_outcome(taken.request, outcome)
+        await self.store.ledger_outcome(taken.request, outcome)
         operation = taken.send[0].name.split(":", 1)[0] if taken.send else "?"
         unpaid = outcome in ("not_sent", "refused")
         self.spend.paid(self.budget, operation, outcome, 0.0 if unpaid else taken.seconds)

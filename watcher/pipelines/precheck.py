@@ -40,7 +40,9 @@ class Checked:
 
 
 class PrecheckStore(Protocol):
-    def set_sha256(self, file_id: int, sha256: str) -> None: ...
+    """The part of the (asynchronous) store a precheck uses."""
+
+    async def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
 
 def _look(job: Job, sha256: str | None) -> StepResult | Checked:
@@ -87,7 +89,7 @@ async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
     if isinstance(checked, StepResult):
         return checked
     if known is None:
-        store.set_sha256(version.id, checked.sha256)
+        await store.set_sha256(version.id, checked.sha256)
     job.data.update(
         sha256=checked.sha256,
         duration=checked.duration,

@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,7 @@ async def write_sidecar(
     update: Mapping[str, Any],
     *,
     version: FileVersion | None = None,
-    live: Callable[[], bool] = lambda: True,
+    live: Callable[[], Awaitable[bool]] | None = None,
 ) -> bool:
     """Merge ``update`` into the sidecar at ``path`` (kept if it describes the same content); write atomically.
 
@@ -116,7 +116,7 @@ async def write_sidecar(
     Both checks run under the path's lock, which every sidecar write in this process takes.
     """
     async with _lock(path):
-        if not live():
+        if live is not None and not await live():
             return False
 
         def merge_and_write() -> bool:
@@ -150,8 +150,8 @@ def _on_disk(version: FileVersion) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def live_version(path: Path, version: FileVersion, live: Callable[[], bool]) -> AsyncIterator[bool]:
+async def live_version(path: Path, version: FileVersion, live: Callable[[], Awaitable[bool]]) -> AsyncIterator[bool]:
     """Hold the sidecar at ``path``'s lock (the one every sidecar write takes) and say whether the job is still
     live and the audio on disk still ``version``: what a delivery checks before it touches the output folder."""
     async with _lock(path):
-        yield live() and await asyncio.to_thread(_on_disk, version)
+        yield await live() and await asyncio.to_thread(_on_disk, version)

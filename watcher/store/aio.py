@@ -97,10 +97,11 @@ class AsyncStore:
         name = fn.__name__
         return await self.guard(name, lambda: loop.run_in_executor(self._executor, bound))
 
-    async def aclose(self) -> None:
-        """Let the calls under way end, then close the store."""
+    async def aclose(self, *, close_store: bool = True) -> None:
+        """Let the calls under way end, then close the store (unless its owner closes it)."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
-        self.sync.close()
+        if close_store:
+            self.sync.close()
 
     # -- registry ----------------------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ read-only, out of disk or failing I/O. Any other error is the caller's, as befor
 - claims pause (``claim`` and ``next_due`` answer "nothing"), leases are not renewed, upkeep is skipped;
 - a paid answer (``gate_answered``, ``gate_release``, ``save_result``, ``ledger_outcome``) goes to the journal
   (watcher.store.journal) and counts as kept; a job's ``release`` is held in memory; any other call raises
-  :class:`StoreUnavailable` (a Deferred: the job waits, no attempt counted);
+  :class:`StoreAway` (a Deferred: the job waits, no attempt counted);
 - no new paid call starts (``gate_take``) while an answer could not be written anywhere, or the journal is full.
 
 The store is tried again after a growing pause (1 s, doubling, at most ``retry_max``). Before any call goes through
@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +30,8 @@ from typing import Any
 
 import structlog
 
-from watcher.errors import Deferred
-from watcher.fsutil import read_json_object, write_json_atomic
+from watcher.fsutil import write_json_atomic
+from watcher.store.away import StoreAway, unavailable
 from watcher.store.core import LeaseLost
 from watcher.store.journal import Journal, apply, encode
 from watcher.store.models import Job
@@ -42,55 +40,10 @@ log = structlog.get_logger("watcher.store")
 RETRY_FIRST = 1.0
 RETRY_MAX = 5.0
 ANSWER_SECONDS = 1.0
-OUTAGE_FILE = "store-outage.json"  # in the state folder while the store is unreachable: what `watcher status` shows
 REMIND_EVERY = 30.0  # seconds between two log lines saying the store is still unreachable
-# SQLite primary result codes that mean "the store cannot be written now": BUSY, LOCKED, READONLY, IOERR, FULL,
-# CANTOPEN, PROTOCOL
-SQLITE_UNAVAILABLE = frozenset({5, 6, 8, 10, 13, 14, 15})
-PG_UNAVAILABLE = ("08", "53", "57P", "58", "25006")
 JOURNALLED = ("gate_answered", "gate_release", "save_result", "ledger_outcome")
 # upkeep skipped while the store is away, and what it answers then
 UPKEEP: dict[str, Any] = {"renew": None, "heartbeat": None, "set_folder_health": None, "prune": 0, "next_due": None}
-
-
-def unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the store cannot be used now (rather than something wrong with the call)."""
-    if isinstance(exc, ConnectionError):  # the PostgreSQL adapter's StoreUnreachable
-        return True
-    if isinstance(exc, sqlite3.OperationalError):
-        code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None:
-            return code & 0xFF in SQLITE_UNAVAILABLE
-        text = str(exc)
-        return any(w in text for w in ("locked", "readonly", "disk", "unable to open"))
-    psycopg = sys.modules.get("psycopg")  # only a PostgreSQL store raises its errors, and it imported them
-    if psycopg is None:
-        return False
-    if isinstance(exc, psycopg.InterfaceError):
-        return True
-    if isinstance(exc, psycopg.OperationalError):
-        state = getattr(exc, "sqlstate", None)
-        return state is None or str(state).startswith(PG_UNAVAILABLE)
-    return False
-
-
-def read_outage(state_dir: Path) -> dict[str, Any] | None:
-    """What a running daemon last said about its store being unreachable (None: it is reachable, or none runs)."""
-    doc = read_json_object(state_dir / OUTAGE_FILE)
-    if doc is None:
-        return None
-    try:
-        os.kill(int(doc.pop("pid")), 0)  # a daemon that died leaves the file behind
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return doc
-
-
-class StoreUnavailable(Deferred):
-    """The store cannot be used now: the job waits (no attempt counted) until it is back."""
-
-    def __init__(self, message: str, *, until: float) -> None:
-        super().__init__(message, until=until, code="store_unavailable", routine=True)
 
 
 def _iso(t: float) -> str:
@@ -117,7 +70,8 @@ class OutageGuard:
         self.retry_max = retry_max
         self.answer_seconds = answer_seconds  # how long a paid answer waits for the store before the journal takes it
         self._answers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-answers")
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the state below; never held while the store is asked
+        self._replaying = threading.Lock()
         self._down_since: float | None = None
         self._error = ""
         self._delay = RETRY_FIRST
@@ -169,7 +123,7 @@ class OutageGuard:
 
     # -- the state machine ----------------------------------------------------------------------------
 
-    def _failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException) -> None:
         """The store just failed us: note it, say it once (then every REMIND_EVERY), and wait before trying again."""
         with self._lock:
             now = time.monotonic()
@@ -192,61 +146,81 @@ class OutageGuard:
                 )
                 self._tell()
 
+    @property
+    def down(self) -> bool:
+        """Whether the store is away (since the last failure, until a replay went through)."""
+        return self._down_since is not None
+
     def _open(self) -> bool:
-        """Whether calls may go to the store now; what waits for it (journal, held releases) is replayed first."""
+        """Whether calls may go to the store now; what waits for it (journal, held releases) is replayed first.
+        One thread replays at a time; the state lock is never held while the store is asked (the loop takes it)."""
         if self._down_since is None and not self._unrecorded and not self._held and not len(self.journal):
             return True
-        with self._lock:
-            if time.monotonic() < self._retry_at:
-                return False
+        if time.monotonic() < self._retry_at:
+            return False
+        with self._replaying:
+            if self._down_since is None and not self._unrecorded and not self._held and not len(self.journal):
+                return True  # another thread replayed meanwhile
             return self._replay()
 
     def _replay(self) -> bool:
         records = self.journal.records()
-        unrecorded = list(self._unrecorded)
+        with self._lock:
+            unrecorded = list(self._unrecorded)
+            held = list(self._held.items())
         started = time.time()
         late = 0
         try:
             for record in [*records, *unrecorded]:
-                try:
-                    late += not apply(self._store, record)
-                except Exception as exc:
-                    if unavailable(exc):
-                        raise
-                    log.error("store.replay_failed", record=record, error=repr(exc), next="skipping this record")
-            for job_id, (job, kwargs) in list(self._held.items()):
-                try:
-                    self._store.release(job, **kwargs)
-                except LeaseLost:
-                    pass  # another node took it meanwhile: its state stands
-                except Exception as exc:
-                    if unavailable(exc):
-                        raise
-                    log.error("store.release_failed", job=job_id, error=repr(exc), next="its lease runs out instead")
-                del self._held[job_id]
+                late += not self._apply(record)
+            for job_id, (job, kwargs) in held:
+                self._release_held(job_id, job, kwargs)
         except Exception as exc:
             if not unavailable(exc):
                 raise
-            self._failed(exc)
+            self.failed(exc)
             return False
         self.journal.clear(len(records))
-        del self._unrecorded[: len(unrecorded)]
-        down = self._down_since
-        self._down_since = None
+        with self._lock:
+            del self._unrecorded[: len(unrecorded)]
+            for job_id, (job, _) in held:
+                if self._held.get(job_id, (None,))[0] is job:
+                    del self._held[job_id]
+            down, self._down_since = self._down_since, None
         self._tell()
         if records or unrecorded or down is not None:
             log.info(
                 "store.replayed",
                 store=self.where,
                 answers=len(records) + len(unrecorded),
-                late=late,
+                releases=len(held),
+                unchanged=late,  # applied already (by a call that landed late), or late: their take lost the operation
                 seconds=round(time.time() - started, 3),
                 unreachable_for=None if down is None else round(time.time() - down, 1),
                 next="claims resume",
             )
         return True
 
-    def _keep(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _apply(self, record: dict[str, Any]) -> bool:
+        try:
+            return apply(self._store, record)
+        except Exception as exc:
+            if unavailable(exc):
+                raise
+            log.error("store.replay_failed", record=record, error=repr(exc), next="skipping this record")
+            return True
+
+    def _release_held(self, job_id: int, job: Job, kwargs: dict[str, Any]) -> None:
+        try:
+            self._store.release(job, **kwargs)
+        except LeaseLost:
+            pass  # another node took it meanwhile: its state stands
+        except Exception as exc:
+            if unavailable(exc):
+                raise
+            log.error("store.release_failed", job=job_id, error=repr(exc), next="its lease runs out instead")
+
+    def keep(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A paid answer the store cannot take now: into the journal (or, failing that, memory and no new takes)."""
         record = encode(name, args, kwargs) | {"at": round(time.time(), 3)}
         try:
@@ -278,17 +252,17 @@ class OutageGuard:
                 except Exception as exc:
                     if not unavailable(exc):
                         raise
-                    self._failed(exc)
+                    self.failed(exc)
             return UPKEEP[name]
         if not self._open():
-            raise self._unavailable()
+            raise self.away()
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
             if not unavailable(exc):
                 raise
-            self._failed(exc)
-            raise self._unavailable() from None
+            self.failed(exc)
+            raise self.away() from None
 
     def _answer(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A paid answer: into the store within ``answer_seconds``, else into the journal. A store call that took
@@ -298,16 +272,16 @@ class OutageGuard:
             try:
                 return future.result(timeout=self.answer_seconds)
             except TimeoutError:
-                self._failed(TimeoutError(f"a paid answer was not taken within {self.answer_seconds:g} s"))
+                self.failed(TimeoutError(f"a paid answer was not taken within {self.answer_seconds:g} s"))
             except Exception as exc:
                 if not unavailable(exc):
                     raise
-                self._failed(exc)
-        self._keep(name, args, kwargs)
+                self.failed(exc)
+        self.keep(name, args, kwargs)
         return None if name == "ledger_outcome" else True
 
-    def _unavailable(self) -> StoreUnavailable:
-        return StoreUnavailable(
+    def away(self) -> StoreAway:
+        return StoreAway(
             f"the store is unreachable ({self._error}); this waits until it is back",
             until=time.time() + max(RETRY_FIRST, self._retry_at - time.monotonic()),
         )
@@ -320,6 +294,7 @@ class OutageGuard:
         def call(*args: Any, **kwargs: Any) -> Any:
             return self._call(name, value, args, kwargs)
 
+        call.__name__ = name  # the asynchronous port and its guard know a call by its name
         return call
 
     def claim(self, pipeline: str, owner: str, **kwargs: Any) -> Job | None:
@@ -331,12 +306,25 @@ class OutageGuard:
         except Exception as exc:
             if not unavailable(exc):
                 raise
-            self._failed(exc)
+            self.failed(exc)
             return None
         if job is not None and self._claims_paused:
             self._claims_paused = False
             log.info("store.claims_resumed", pipeline=pipeline, path=job.file.path, job=job.id)
         return job
+
+    def waiting(self) -> bool:
+        """Whether the store is away and not due to be tried yet (no call should wait for it now)."""
+        return self._down_since is not None and time.monotonic() < self._retry_at
+
+    def hold(self, job: Job, kwargs: dict[str, Any]) -> None:
+        """Keep a job's release until the store is back (made after the journal is replayed)."""
+        with self._lock:
+            self._held[job.id] = (job, kwargs)
+
+    def last_counts(self) -> dict[str, dict[str, int]]:
+        """The queue's counts as last read."""
+        return dict(self._counts)
 
     def release(self, job: Job, **kwargs: Any) -> None:
         """Give the job back; while the store is away, held here and made once the journal is replayed."""
@@ -347,9 +335,8 @@ class OutageGuard:
             except Exception as exc:
                 if not unavailable(exc):
                     raise
-                self._failed(exc)
-        with self._lock:
-            self._held[job.id] = (job, kwargs)
+                self.failed(exc)
+        self.hold(job, kwargs)
 
     def open_counts(self) -> dict[str, dict[str, int]]:
         """The queue's counts; while the store is away, the last ones known."""
@@ -359,14 +346,14 @@ class OutageGuard:
             except Exception as exc:
                 if not unavailable(exc):
                     raise
-                self._failed(exc)
+                self.failed(exc)
         return dict(self._counts)
 
     def gate_take(self, ops: Any, owner: str, **kwargs: Any) -> Any:
         """The gate's take; refused (the job waits) while an answer could not be recorded or the journal is full."""
         if self._unrecorded or self.journal.full:
             why = "answers wait in memory for the store" if self._unrecorded else "the outage journal is full"
-            raise StoreUnavailable(f"no new paid call: {why}", until=time.time() + RETRY_FIRST)
+            raise StoreAway(f"no new paid call: {why}", until=time.time() + RETRY_FIRST)
         return self._call("gate_take", self._store.gate_take, (ops, owner), kwargs)
 
     def close(self) -> None:

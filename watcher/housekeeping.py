@@ -1,0 +1,210 @@
+"""What keeps a running daemon well, besides its lifecycle: the watchdog's pulse, the queue's metrics and status
+line, pruning, the node's heartbeat, folder health, and the recovery a start owes to the last stop.
+
+The pulse never waits on the store: it pings the systemd watchdog (and stamps /healthz) as long as the event loop
+runs, whatever the database does. The chores reach the store only through its asynchronous port, so a store that
+does not answer delays the chores, never the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from watcher import __version__
+from watcher.config import FolderConfig, Settings
+from watcher.detect.detector import Detector
+from watcher.events import Subscriber
+from watcher.fsutil import sweep_temp, use_node
+from watcher.metrics import NullMetrics
+from watcher.names import display
+from watcher.runner import Outcome, Runner
+from watcher.sdnotify import Notifier
+from watcher.store import TERMINAL
+from watcher.store.aio import AsyncStore
+
+log = structlog.get_logger("watcher.daemon")
+REFRESH_SECONDS = 60.0  # the queue is counted and folder health written at least this often
+PRUNE_EVERY = 86400.0
+
+
+class Graph(Protocol):
+    """The parts of the object graph (watcher.app.App) housekeeping looks after."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def aio(self) -> AsyncStore: ...
+
+    @property
+    def runner(self) -> Runner: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def folders(self) -> dict[str, FolderConfig]: ...
+
+    @property
+    def detector(self) -> Detector | None: ...
+
+
+class Housekeeping(Subscriber):
+    """The daemon's pulse and chores; a subscriber too: files settled and jobs run here make the queue counted."""
+
+    def __init__(self, notifier: Notifier, *, heartbeat: float, held: Callable[[], Iterable[str]] = tuple) -> None:
+        """``heartbeat``: seconds between chores (and pulses, or the watchdog's half-interval when shorter);
+        ``held``: the services the daemon holds now, for the status line."""
+        self.notifier = notifier
+        self.heartbeat = heartbeat
+        self.held = held
+        self.metrics = NullMetrics()  # the daemon's, once it serves them
+        self.alive_at = time.monotonic()
+        self.changes = 0
+        self._next_prune = 0.0
+
+    @property
+    def interval(self) -> float:
+        return min(self.heartbeat, self.notifier.watchdog_interval or self.heartbeat)
+
+    def file_settled(self, folder: str, path: str) -> None:
+        self.changes += 1
+
+    def outcome(self, outcome: Outcome) -> None:
+        self.changes += 1
+
+    # -- the pulse ----------------------------------------------------------------------------------------------
+
+    def alive(self) -> None:
+        """The loop got round to the pulse: ping the systemd watchdog, and remember when (for /healthz)."""
+        self.alive_at = time.monotonic()
+        self.notifier.watchdog()
+
+    def healthy(self) -> bool:
+        """Whether the pulse ran lately, as the systemd watchdog would judge it (the page's /healthz)."""
+        return time.monotonic() - self.alive_at <= 3 * self.interval
+
+    async def pulse(self, stop: asyncio.Event) -> None:
+        """Ping the watchdog every interval until ``stop``: it depends on the loop alone, never on the store."""
+        while not stop.is_set():
+            self.alive()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+
+    # -- recovery at start ----------------------------------------------------------------------------------------
+
+    async def recover(self, app: Graph) -> None:
+        """Under the state folder's lock no earlier life can still be working: take back what it held, and
+        remove the temp files a kill left behind (half-written sidecars, downloads, staging folders).
+        A shared store (several nodes) gives back only what this node's earlier lives held (by its node ID), and
+        refuses a start under a name another live node answers to (ConfigError)."""
+        use_node(app.node_id)
+        await app.aio.claim_node_name(app.settings.store.node_name, app.node_id)
+        released, doubtful = await app.aio.release_node(app.node_id, app.runner.owner)
+        if released:
+            log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
+        if doubtful:
+            log.warning(
+                "daemon.requests_in_doubt",
+                operations=doubtful,
+                next="paid requests cut off by the last stop: processing ones are held (`watcher status`), "
+                "analysis ones are asked again",
+            )
+        await self.prune(app)
+        alive = app.aio.sync.node_alive  # asked from the sweep's own thread
+        removed = await asyncio.to_thread(sweep_temp, _written_folders(app.settings), mine=app.node_id, alive=alive)
+        if removed:
+            log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
+
+    async def prune(self, app: Graph) -> None:
+        """Forget old replaced and deleted versions (results and paid IDs stay); once at start, then daily."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_EVERY
+        days = app.settings.store.retention_days
+        forgotten = await app.aio.prune(days)
+        if forgotten:
+            log.info("store.pruned", versions=forgotten, older_than_days=days)
+
+    # -- the chores ---------------------------------------------------------------------------------------------
+
+    async def chores(self, app: Graph, stop: asyncio.Event) -> None:
+        """Every heartbeat until ``stop``: a status line for the supervisor and the queue's metrics, pruning, the
+        node's heartbeat, folder health into the store.
+
+        Idle costs next to nothing: the queue is counted again only after a file settled or a job ran here (or
+        once every ``REFRESH_SECONDS``, for what other nodes and commands changed), and a folder's health is
+        written only when it changed (or as often, so `watcher status` sees it is current).
+        """
+        seen, refreshed = -1, 0.0
+        health: dict[str, tuple[object, ...]] = {}
+        while not stop.is_set():
+            now = time.monotonic()
+            stale = now - refreshed >= REFRESH_SECONDS
+            if self.changes != seen or stale:
+                seen = self.changes
+                await self._count(app)
+            await self.prune(app)
+            await app.aio.heartbeat(
+                app.settings.store.node_name,
+                owner=app.runner.owner,
+                version=__version__,
+                folders=[str(f) for f in app.folders],
+            )
+            await self._folder_health(app, health, stale=stale)
+            if stale:
+                refreshed = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+
+    async def _count(self, app: Graph) -> None:
+        """The queue, through an index (finished jobs are not read; a pipeline with nothing open shows 0)."""
+        counts: dict[str, dict[str, int]] = {name: {} for name in app.runner.pipelines}
+        counts |= await app.aio.open_counts()
+        self.metrics.queue(counts, TERMINAL)
+        waiting = sum(n for states in counts.values() for s, n in states.items() if s not in TERMINAL)
+        failed = sum(states.get("failed", 0) for states in counts.values())
+        held = "".join(f"; {service} paused" for service in sorted(self.held()))
+        self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed{held}")
+
+    async def _folder_health(self, app: Graph, health: dict[str, tuple[object, ...]], *, stale: bool) -> None:
+        """Each watched folder's mode and availability into the store, when it changed (or when ``stale``)."""
+        if app.detector is None:
+            return
+        for f in app.detector.describe():
+            folder, mode, reason = str(f["folder"]), f["mode"], f["reason"]
+            if f.get("missing"):  # never there: a typo in the path rather than an unmounted share
+                mode, reason = "missing", "does not exist (never seen): check its path in [[folders]]"
+            elif not f["available"]:
+                mode = "gone"  # seen before: it stays "unavailable", and is known as seen after a restart
+            seen_now = (mode, reason, bool(f["available"]))
+            if health.get(folder) == seen_now and not stale:
+                continue
+            health[folder] = seen_now
+            await app.aio.set_folder_health(
+                folder,
+                mode=None if mode is None else str(mode),
+                reason=None if reason is None else str(reason),
+                available=bool(f["available"]),
+            )
+
+
+def _written_folders(s: Settings) -> list[tuple[Path, bool]]:
+    """Every folder watcher writes into, with whether its subfolders count too."""
+    roots = {f.path: f.recursive for f in s.folders}
+    for extra in (s.archive.output_dir, s.sidecar.directory, *(f.output_dir for f in s.folders)):
+        if extra is not None:
+            roots[extra] = True
+    for f in s.folders:
+        for moved in (f.done_dir, f.failed_dir):
+            if moved is not None:
+                roots[moved] = True
+    return list(roots.items())

@@ -1,0 +1,73 @@
+"""The outage rules on the event loop's side of the asynchronous port (the rules themselves: watcher.store.outage).
+
+A store that is away can hold each call for as long as the adapter's bounds allow (PostgreSQL's pool waits up to
+30 s for a connection). While the guard knows the store is away, a call that would only wait for it never queues
+for the store's threads: claims answer nothing, upkeep is skipped, a release is held, other calls wait as
+StoreAway, and a paid answer goes straight to the journal. When the store is due to be tried again, one call
+alone goes through as the probe (the guard replays the journal first, in the store's thread). A paid answer
+reaches the store or the journal within ``answer_seconds`` whatever the store's threads are doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, cast
+
+from watcher.store.aio import AsyncStore, Guard, unguarded
+from watcher.store.outage import JOURNALLED, UPKEEP, OutageGuard
+from watcher.store.ports import StorePort
+
+P = ParamSpec("P")
+T = TypeVar("T")
+SLACK = 0.5  # seconds over the guard's own wait for a paid answer, for the hop to the store's thread
+
+
+class OutageStore(AsyncStore):
+    """The asynchronous port over an :class:`OutageGuard` (which is its ``sync`` store too)."""
+
+    def __init__(self, outage: OutageGuard, *, threads: int = 1, guard: Guard = unguarded) -> None:
+        super().__init__(cast(StorePort, outage), threads=threads, guard=guard)
+        self.outage = outage
+        self._probe: asyncio.Future[Any] | None = None
+
+    async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        name = fn.__name__
+        outage = self.outage
+        if outage.waiting() or (outage.down and self._probe is not None):
+            return cast(T, await self._while_away(name, args, kwargs))
+        task: asyncio.Future[T] = asyncio.ensure_future(super().call(fn, *args, **kwargs))
+        if outage.down:  # due to be tried again: this call is the probe, the others keep away until it ends
+            self._probe = task
+            task.add_done_callback(self._probed)
+        if name not in JOURNALLED:
+            return await task
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), outage.answer_seconds + SLACK)
+        except TimeoutError:
+            outage.failed(TimeoutError(f"a paid answer waited {outage.answer_seconds + SLACK:g} s for the store"))
+            # the call still queued for the store's threads lands later or is journalled again: both change nothing
+            return cast(T, await self._while_away(name, args, kwargs))
+
+    def _probed(self, task: asyncio.Future[Any]) -> None:
+        if self._probe is task:
+            self._probe = None
+        if not task.cancelled():
+            task.exception()  # its caller reads it; marked read here for a probe whose caller gave up
+
+    async def _while_away(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What a call gets while the store is away (see the module docstring)."""
+        outage = self.outage
+        if name in JOURNALLED:
+            await asyncio.to_thread(outage.keep, name, args, kwargs)
+            return None if name == "ledger_outcome" else True
+        if name == "claim":
+            return None
+        if name == "release":
+            outage.hold(args[0], kwargs)
+            return None
+        if name == "open_counts":
+            return outage.last_counts()
+        if name in UPKEEP:
+            return UPKEEP[name]
+        raise outage.away()
