@@ -4,6 +4,7 @@ pause and resume. The CLI parses arguments and prints; the web page will call th
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -196,26 +197,34 @@ def status(settings: Settings, *, daemon: dict[str, Any] | None = None) -> dict[
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
     account (pid, since when, services paused, back-fill), None when none runs."""
     from watcher.status import collect
-    from watcher.store.away import read_outage
+    from watcher.store.away import read_outage, unavailable
 
     outage = read_outage(settings.state_dir)
     if outage is not None:  # the running daemon cannot reach its store: say so rather than wait on it here
         return unreachable_report(settings, outage, daemon)
-    store = open_store(settings)
     try:
-        return collect(
-            store,
-            daemon=daemon,
-            state_dir=str(settings.state_dir),
-            configured=[str(f.path) for f in settings.folders],
-            caps={
-                "analysis": settings.analysis.daily_audio_minutes,
-                "processing": settings.archive.daily_audio_minutes,
-            },
-            web=web_state(settings),
-        )
-    finally:
-        store.close()
+        store = open_store(settings)
+        try:
+            return collect(
+                store,
+                daemon=daemon,
+                state_dir=str(settings.state_dir),
+                configured=[str(f.path) for f in settings.folders],
+                caps={
+                    "analysis": settings.analysis.daily_audio_minutes,
+                    "processing": settings.archive.daily_audio_minutes,
+                },
+                web=web_state(settings),
+            )
+        finally:
+            store.close()
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        outage = {"unreachable_since": since, "error": first, "next": "the store did not answer this command"}
+        return unreachable_report(settings, outage, daemon)
 
 
 def unreachable_report(settings: Settings, outage: dict[str, Any], daemon: dict[str, Any] | None) -> dict[str, Any]:

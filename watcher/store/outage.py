@@ -172,7 +172,15 @@ class OutageGuard:
         late = 0
         try:
             for record in [*records, *unrecorded]:
-                late += not self._apply(record)
+                if not self._apply(record):
+                    late += 1
+                    log.info(
+                        "store.replay_unchanged",
+                        kind=record["kind"],
+                        operation=(record.get("op") or [None, None, None])[2],
+                        sha256=(record.get("op") or [None])[0],
+                        next="applied already, or its take lost the operation: the store's state stands",
+                    )
             for job_id, (job, kwargs) in held:
                 self._release_held(job_id, job, kwargs)
         except Exception as exc:
