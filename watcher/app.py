@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("watcher.app")
 PAID_DRAIN_SECONDS = 2.0
+SLOW = 5.0  # seconds a PostgreSQL call may go unanswered before the store counts as away (its pool waits, not fails)
 PG_THREADS = 4  # PostgreSQL calls under way at once (each on a pooled connection of its own)
 
 
@@ -190,7 +191,10 @@ class App:
         """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
         of every HTTP request any client makes (metrics); ``guard`` sees every store call made from the loop."""
         store = guarded(settings, open_store(settings))
-        aio = OutageStore(store, threads=PG_THREADS if settings.store.url else 1, guard=guard)
+        shared = bool(settings.store.url)
+        aio = OutageStore(
+            store, threads=PG_THREADS if shared else 1, guard=guard, slow_seconds=SLOW if shared else None
+        )
         events = Events(subscribers)
         closers: list[Any] = []
         bandwidth = _bandwidth(settings)

@@ -5,7 +5,9 @@ A store that is away can hold each call for as long as the adapter's bounds allo
 for the store's threads: claims answer nothing, upkeep is skipped, a release is held, other calls wait as
 StoreAway, and a paid answer goes straight to the journal. When the store is due to be tried again, one call
 alone goes through as the probe (the guard replays the journal first, in the store's thread). A paid answer
-reaches the store or the journal within ``answer_seconds`` whatever the store's threads are doing.
+reaches the store or the journal within ``answer_seconds`` whatever the store's threads are doing. With
+PostgreSQL, whose pool waits for a connection rather than failing, any call unanswered for ``slow_seconds`` says
+the store is away (the call itself is never abandoned: its caller waits on).
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ SLACK = 0.5  # seconds over the guard's own wait for a paid answer, for the hop 
 class OutageStore(AsyncStore):
     """The asynchronous port over an :class:`OutageGuard` (which is its ``sync`` store too)."""
 
-    def __init__(self, outage: OutageGuard, *, threads: int = 1, guard: Guard = unguarded) -> None:
+    def __init__(
+        self, outage: OutageGuard, *, threads: int = 1, guard: Guard = unguarded, slow_seconds: float | None = None
+    ) -> None:
+        """``slow_seconds``: a call unanswered this long means the store is away (its caller waits on); None: only
+        an error says so (SQLite, whose calls queue behind each other in one thread)."""
         super().__init__(cast(StorePort, outage), threads=threads, guard=guard)
         self.outage = outage
+        self.slow_seconds = slow_seconds
         self._probe: asyncio.Future[Any] | None = None
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -41,6 +48,8 @@ class OutageStore(AsyncStore):
             self._probe = task
             task.add_done_callback(self._probed)
         if name not in JOURNALLED:
+            if self.slow_seconds is not None and not (await asyncio.wait({task}, timeout=self.slow_seconds))[0]:
+                outage.failed(TimeoutError(f"the store has not answered for {self.slow_seconds:g} s"))
             return await task
         try:
             return await asyncio.wait_for(asyncio.shield(task), outage.answer_seconds + SLACK)
