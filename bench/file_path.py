@@ -79,9 +79,9 @@ async def run(root: Path, files: list[Path]) -> None:
     aio = AsyncStore(store)
     pipeline = AnalyzePipeline(aio, Instant(), models=MODELS, sidecar=SidecarConfig())
     runner = Runner(aio, {"analyze": pipeline}, concurrency={"analyze": WORKERS}, retry=RetryConfig())
-    sink = StoreSink(store, [pipeline], wake=lambda: None, events=Events())
+    sink = StoreSink(aio, [pipeline], wake=lambda: None, events=Events())
     folder = FolderConfig(path=root / "in")
-    sink.ready_many([Settled(folder, str(f), f.name, signature(f)) for f in files])  # one detector check's batch
+    await sink.ready_many([Settled(folder, str(f), f.name, signature(f)) for f in files])  # one detector check's batch
 
     async def worker() -> None:
         while (job := await aio.claim("analyze", runner.owner)) is not None:

@@ -143,14 +143,14 @@ def test_files_settled_together_are_recorded_at_once_and_told_once(tmp_path):
     app.sink.wake = lambda: woken.append(None)
     try:
         known = Settled(folder, str(tmp_path / "in" / "c.wav"), "c.wav", Signature(3, 3, 3))
-        app.sink.ready(known.folder, known.path, known.rel_path, known.signature)
+        asyncio.run(app.sink.ready(known.folder, known.path, known.rel_path, known.signature))
         files = [Settled(folder, str(tmp_path / "in" / f"{n}.wav"), f"{n}.wav", Signature(1, 1, i)) for i, n in
                  enumerate("ab")] + [known]  # fmt: skip
-        app.sink.ready_many(files)
+        asyncio.run(app.sink.ready_many(files))
         assert recorder.settled == [known.path, files[0].path, files[1].path]
         assert len(woken) == 2  # once for the single file, once for the batch
         assert app.store.counts() == {"analyze": {"pending": 3}}
-        app.sink.ready_many(files)  # all known now: nothing told, nobody woken
+        asyncio.run(app.sink.ready_many(files))  # all known now: nothing told, nobody woken
         assert len(recorder.settled) == 3 and len(woken) == 2
     finally:
         close(app)

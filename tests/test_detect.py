@@ -39,16 +39,18 @@ class RecordingSink:
         with self.lock:
             return (path, sig) in self.ready_files
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
+    async def ready(
+        self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
+    ) -> None:
         with self.lock:
             self.ready_files.append((path, sig))
             self.live[Path(path).name] = live
 
-    def ready_many(self, files: Sequence[Settled]) -> None:
+    async def ready_many(self, files: Sequence[Settled]) -> None:
         with self.lock:
             self.batches.append(len(files))
         for f in files:
-            self.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
+            await self.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
 
     def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
         with self.lock:
@@ -514,17 +516,19 @@ class FlakySink(RecordingSink):
             path.encode("utf-8")
         return super().known(path, sig)
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
+    async def ready(
+        self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
+    ) -> None:
         self.calls.append(path)
         if self.fail_in == "ready":
             path.encode("utf-8")
-        super().ready(folder, path, rel_path, sig)
+        await super().ready(folder, path, rel_path, sig)
 
-    def ready_many(self, files: Sequence[Settled]) -> None:
+    async def ready_many(self, files: Sequence[Settled]) -> None:
         if self.fail_in == "ready":  # all or none, as one store transaction
             for f in files:
                 f.path.encode("utf-8")
-        super().ready_many(files)
+        await super().ready_many(files)
 
 
 @pytest.mark.parametrize("fail_in", ["known", "ready"])

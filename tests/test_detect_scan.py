@@ -18,6 +18,7 @@ from watcher.detect.detector import Detector
 from watcher.detect.filters import PathFilter
 from watcher.events import Events
 from watcher.store import NewVersion, Store
+from watcher.store.aio import AsyncStore
 
 pytestmark = pytest.mark.timeout(60)
 KNOWN = 10_000
@@ -55,7 +56,7 @@ def test_a_restart_over_known_files_asks_the_store_once_and_hints_only_what_is_n
         (inbox / "notes.txt").write_text("not audio")  # filtered out: neither hinted nor asked about
 
         pipeline = SimpleNamespace(name="analyze", first_step="analyze")
-        sink = StoreSink(store, [pipeline], wake=lambda: None, events=Events())  # type: ignore[list-item]
+        sink = StoreSink(AsyncStore(store), [pipeline], wake=lambda: None, events=Events())  # type: ignore[list-item]
         detector = Detector([FolderConfig(path=inbox, settle_seconds=0.1)], sink)
         statements: list[str] = []
         store._db.set_trace_callback(statements.append)
@@ -88,7 +89,7 @@ def test_a_store_that_cannot_answer_leaves_every_file_to_the_one_by_one_check(tm
         def known(self, path: str, sig: object) -> bool:
             return False
 
-        def ready(self, *args: object, **kwargs: object) -> None:
+        async def ready(self, *args: object, **kwargs: object) -> None:
             return None
 
         def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
@@ -238,10 +239,10 @@ def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
         def known(self, path: str, sig: object) -> bool:
             return False
 
-        def ready(self, *args: object, **kwargs: object) -> None:
+        async def ready(self, *args: object, **kwargs: object) -> None:
             return None
 
-        def ready_many(self, files: object) -> None:
+        async def ready_many(self, files: object) -> None:
             return None
 
         def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:

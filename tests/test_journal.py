@@ -208,3 +208,57 @@ def test_the_journal_of_an_earlier_life_is_replayed_before_the_first_call(tmp_pa
     assert Path(tmp_path / "j").stat().st_size == 0
     assert store.gate_get(OP)["state"] == "answered"  # type: ignore[index]
     guard.close()
+
+
+def test_while_the_store_is_away_no_call_queues_for_its_thread_and_an_answer_is_kept_at_once(tmp_path):
+    """SQLite's one store thread is stuck on a locked file: a paid answer is journalled within its bound anyway,
+    a claim answers "nothing" at once and a release is held; once unlocked, the next claim replays the journal and
+    the held release first, then claims."""
+    import asyncio
+
+    from watcher.store.outage_aio import OutageStore
+
+    store = Store(tmp_path / "w.db")
+    store.register_version(
+        folder="/in", path="/in/a.wav", rel_path="a.wav", size=1, mtime_ns=1, inode=1, jobs=[("analyze", "analyze")]
+    )
+    fence, request = _taken(store)
+    claimed = store.claim("analyze", "node-a:1:1")
+    assert claimed is not None
+    store._db.execute("PRAGMA busy_timeout=2000")  # the store's thread waits 2 s on the lock, then fails
+    guard = OutageGuard(store, Journal(tmp_path / "j"), answer_seconds=0.2)
+    aio = OutageStore(guard)
+    other = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+
+    async def scenario() -> None:
+        other.execute("BEGIN EXCLUSIVE")
+        stuck = asyncio.ensure_future(aio.set_sha256(1, "cd" * 32))  # takes the store's one thread
+        await asyncio.sleep(0.05)  # sleep-ok: lets the stuck call reach the thread first
+        started = time.monotonic()
+        assert await aio.save_result(OP.sha256, OP.service, RESULT, OP, fence) is True
+        assert time.monotonic() - started < 1.5 and len(guard.journal) >= 1
+        started = time.monotonic()
+        assert await aio.claim("analyze", "node-a:1:1") is None
+        await aio.release(claimed, next_attempt_at=0.0)
+        await aio.ledger_outcome(request, "answered")
+        assert time.monotonic() - started < 0.5  # none of them waited for the store's thread
+        other.execute("ROLLBACK")
+        await stuck  # it got the lock once it was given back: it only waited
+        deadline = time.monotonic() + 10
+        job = None
+        while job is None and time.monotonic() < deadline:
+            job = await aio.claim("analyze", "node-b:1:1")
+            await asyncio.sleep(0.1)  # sleep-ok: the pace of a claimer's polls
+        assert job is not None and job.id == claimed.id and job.owner == "node-b:1:1"
+        await aio.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        other.close()
+    store_state = Store(tmp_path / "w.db")
+    row = store_state.gate_get(OP)
+    assert row is not None and row["state"] == "answered"
+    assert store_state.results_for(OP.sha256, OP.service) == {"key": RESULT}
+    assert Journal(tmp_path / "j").records() == []
+    store_state.close()

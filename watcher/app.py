@@ -38,10 +38,7 @@ from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
 from watcher.store.aio import AsyncStore, Guard, unguarded
-from watcher.store.away import OUTAGE_FILE
-from watcher.store.journal import JOURNAL_NAME, Journal
-from watcher.store.outage import OutageGuard
-from watcher.store.outage_aio import OutageStore
+from watcher.store.outage_aio import outage_store
 from watcher.store.ports import StorePort
 
 if TYPE_CHECKING:
@@ -50,7 +47,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("watcher.app")
 PAID_DRAIN_SECONDS = 2.0
-SLOW = 5.0  # seconds a PostgreSQL call may go unanswered before the store counts as away (its pool waits, not fails)
 PG_THREADS = 4  # PostgreSQL calls under way at once (each on a pooled connection of its own)
 
 
@@ -80,32 +76,29 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StorePort:
     return store
 
 
-def guarded(settings: Settings, store: Any) -> OutageGuard:
-    """The store as the daemon uses it: paid answers journalled in the state folder while it is unreachable."""
-    where = store.where if settings.store.url else str(store_path(settings))
-    journal = Journal(settings.state_dir / JOURNAL_NAME)
-    return OutageGuard(store, journal, where=where, state_file=settings.state_dir / OUTAGE_FILE)
-
-
 class StoreSink:
     """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
 
     def __init__(
-        self, store: StorePort, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events
+        self, store: AsyncStore, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events
     ) -> None:
+        """``known`` and ``recorded`` are asked from the detector's threads (the store's ``sync`` side); settled
+        files are recorded from the loop, through the store's own threads."""
         self.store = store
         self.jobs = [(p.name, p.first_step) for p in pipelines]
         self.wake = wake
         self.events = events
 
     def known(self, path: str, sig: Signature) -> bool:
-        return self.store.known_version(path, sig.size, sig.mtime_ns, sig.inode)
+        return self.store.sync.known_version(path, sig.size, sig.mtime_ns, sig.inode)
 
     def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        return self.store.current_signatures(folder)
+        return self.store.sync.current_signatures(folder)
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
-        _, new = self.store.register_version(
+    async def ready(
+        self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
+    ) -> None:
+        _, new = await self.store.register_version(
             folder=str(folder.path),
             path=path,
             rel_path=rel_path,
@@ -120,7 +113,7 @@ class StoreSink:
             self._settled(str(folder.path), path, sig)
             self.wake()
 
-    def ready_many(self, files: Sequence[Settled]) -> None:
+    async def ready_many(self, files: Sequence[Settled]) -> None:
         """Files settled together: registered in one store transaction, then the workers are woken once."""
         versions = []
         for f in files:
@@ -130,7 +123,7 @@ class StoreSink:
                     str(f.folder.path), f.path, f.rel_path, sig.size, sig.mtime_ns, sig.inode, f.live, f.folder.priority
                 )
             )
-        answers = self.store.register_versions(versions, jobs=self.jobs)
+        answers = await self.store.register_versions(versions, jobs=self.jobs)
         new = [f for f, (_, is_new) in zip(files, answers, strict=True) if is_new]
         for f in new:
             self._settled(str(f.folder.path), f.path, f.signature)
@@ -175,7 +168,7 @@ class App:
             owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}@{self.node_id}",
             lease=settings.store.lease_seconds if settings.store.url else LEASE,
         )
-        self.sink = StoreSink(self.store, pipelines, self.runner.wake, events)
+        self.sink = StoreSink(aio, pipelines, self.runner.wake, events)
         self.detector: Detector | None = None
 
     @classmethod
@@ -190,11 +183,9 @@ class App:
     ) -> App:
         """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
         of every HTTP request any client makes (metrics); ``guard`` sees every store call made from the loop."""
-        store = guarded(settings, open_store(settings))
+        store = open_store(settings)  # the daemon's use of it survives an outage (watcher.store.outage)
         shared = bool(settings.store.url)
-        aio = OutageStore(
-            store, threads=PG_THREADS if shared else 1, guard=guard, slow_seconds=SLOW if shared else None
-        )
+        aio = outage_store(store, settings.state_dir, shared=shared, threads=PG_THREADS if shared else 1, guard=guard)
         events = Events(subscribers)
         closers: list[Any] = []
         bandwidth = _bandwidth(settings)
@@ -286,13 +277,21 @@ class App:
         await self.aio.aclose()
 
 
-def build_daemon(settings: Settings, *, metrics: NullMetrics, housekeeping: Subscriber, live: Subscriber | None) -> App:
+def build_daemon(
+    settings: Settings,
+    *,
+    metrics: NullMetrics,
+    housekeeping: Subscriber,
+    live: Subscriber | None,
+    guard: Guard = unguarded,
+) -> App:
     """The daemon's graph: :meth:`App.build`, with metrics, webhooks, the page's live feed (``live``) and the
-    daemon's housekeeping told of everything, and every client's rate watched by the metrics."""
+    daemon's housekeeping told of everything, and every client's rate watched by the metrics; ``guard`` sees
+    every store call made from the loop."""
     subscribers: list[Subscriber] = [MetricsEvents(metrics), housekeeping]
     if live is not None:
         subscribers.append(live)
-    app = App.build(settings, subscribers=subscribers, observer=metrics.request)
+    app = App.build(settings, subscribers=subscribers, observer=metrics.request, guard=guard)
     if settings.webhooks.urls:
         from watcher.webhooks import WebhookSender
 

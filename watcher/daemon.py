@@ -1,7 +1,8 @@
-"""The daemon's lifecycle, and nothing else: the state folder's lock, signals, reload, heartbeat, shutdown.
+"""The daemon's lifecycle, and nothing else: the state folder's lock, signals, reload, shutdown.
 
-Start-up: lock the state folder, build the object graph (watcher.app), give back leases and recover paid
-requests cut off by the last stop. Main loop: detector, runner and heartbeat side by side. Shutdown: the first
+Start-up: lock the state folder, build the object graph (watcher.app.build_daemon); its housekeeping
+(watcher.housekeeping) gives back leases and recovers paid requests cut off by the last stop, and pings the
+watchdog from start to end. Main loop: detector, runner and housekeeping's chores side by side. Shutdown: the first
 SIGTERM/SIGINT stops claiming work and lets in-flight jobs finish for a grace period, then checkpoints them;
 a second signal checkpoints at once. SIGHUP rebuilds the graph from re-read settings.
 """

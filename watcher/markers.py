@@ -51,9 +51,10 @@ class Identified(Protocol):
     def store_id(self) -> str | None: ...
 
 
-def store_id(store: Identified, state_dir: Path) -> str:
-    """The store's identity: a shared store says it itself; a SQLite one keeps it beside the database."""
-    own = store.store_id
+def store_id(store: Identified | None, state_dir: Path) -> str:
+    """The store's identity: a shared store says it itself; a SQLite one (or none opened) keeps it beside the
+    database."""
+    own = store.store_id if store is not None else None
     if own:
         return own
     path = state_dir / STORE_ID_FILE

@@ -53,17 +53,20 @@ class Settled:
 
 
 class ReadySink(Protocol):
-    """Where settled files go (the store); ``known`` and ``recorded`` are asked off the loop, the rest on it."""
+    """Where settled files go (the store); ``known`` and ``recorded`` are asked off the loop; ``ready`` and
+    ``ready_many`` are awaited on it (the store's own threads do the writing)."""
 
     def known(self, path: str, sig: Signature) -> bool:
         """True when this exact version was already recorded (no need to wait for it to settle)."""
         ...
 
-    def ready(self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False) -> None:
+    async def ready(
+        self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
+    ) -> None:
         """A file version that stayed unchanged for its folder's settle window (``live``: see :class:`Settled`)."""
         ...
 
-    def ready_many(self, files: Sequence[Settled]) -> None:
+    async def ready_many(self, files: Sequence[Settled]) -> None:
         """Several settled versions at once, all or none (one transaction): when it raises, none is recorded."""
         ...
 
@@ -206,9 +209,7 @@ class Detector:
             try:
                 paths, seen = await self._pool.call(functools.partial(_walk_changed, folder, state, start, recorded))
             except Exception as exc:
-                log.error(
-                    "scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan"
-                )
+                log.error("scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan")
                 continue
             for p in paths:
                 self.hint(p, live=live)
@@ -268,7 +269,7 @@ class Detector:
                 )
             elif verdict.outcome == "ready" and verdict.signature is not None:
                 settled.extend(self._settled(path, verdict.signature, live=verdict.candidate.live))
-        self._record(settled)
+        await self._record(settled)
         return next_deadline
 
     def _settled(self, path: str, sig: Signature, *, live: bool = False) -> list[Settled]:
@@ -284,12 +285,12 @@ class Detector:
             self._report_failure("detect.record_failed", path, reason_of(exc), "it will be seen again at the next scan")
             return []
 
-    def _record(self, files: list[Settled]) -> None:
+    async def _record(self, files: list[Settled]) -> None:
         """Hand the files settled in one check to the sink in one call; if that fails, each file alone, so that
         a failure stays with its file."""
         if len(files) > 1:
             try:
-                self.sink.ready_many(files)
+                await self.sink.ready_many(files)
             except Exception as exc:
                 log.debug("detect.batch_failed", files=len(files), error=reason_of(exc), next="recording one by one")
             else:
@@ -297,12 +298,12 @@ class Detector:
                     self._failed.pop(f.path, None)
                 return
         for f in files:
-            self._ready(f)
+            await self._ready(f)
 
-    def _ready(self, f: Settled) -> None:
+    async def _ready(self, f: Settled) -> None:
         """Hand one settled file to the sink; a failure there is this file's alone."""
         try:
-            self.sink.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
+            await self.sink.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
         except Exception as exc:
             self._report_failure(
                 "detect.record_failed", f.path, reason_of(exc), "it will be seen again at the next scan"

@@ -111,6 +111,32 @@ class AsyncStore:
     async def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
         return await self.call(self.sync.current_signatures, folder)
 
+    async def register_version(
+        self,
+        *,
+        folder: str,
+        path: str,
+        rel_path: str,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        jobs: Iterable[tuple[str, str]],
+        live: bool = False,
+        priority: int = 0,
+    ) -> tuple[int, bool]:
+        return await self.call(
+            self.sync.register_version,
+            folder=folder,
+            path=path,
+            rel_path=rel_path,
+            size=size,
+            mtime_ns=mtime_ns,
+            inode=inode,
+            jobs=list(jobs),
+            live=live,
+            priority=priority,
+        )
+
     async def register_versions(
         self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]]
     ) -> list[tuple[int, bool]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from watcher.errors import Deferred
 from watcher.fsutil import read_json_object
+from watcher.store.ports import StoreUnavailable
 
 OUTAGE_FILE = "store-outage.json"  # in the state folder while the store is unreachable: what `watcher status` shows
 # SQLite primary result codes that mean "the store cannot be written now": BUSY, LOCKED, READONLY, IOERR, FULL,
@@ -56,9 +57,9 @@ def read_outage(state_dir: Path) -> dict[str, Any] | None:
     return doc
 
 
-class StoreAway(Deferred):
-    """The store cannot be used now: the job waits (no attempt counted) until it is back (the adapters' own
-    StoreUnavailable is what they raise; this is what the guard tells the caller)."""
+class StoreAway(Deferred, StoreUnavailable):
+    """The store cannot be used now: the job waits (a Deferred: no attempt counted) until it is back. It is the
+    port's StoreUnavailable too, as the guard tells it to a caller instead of making it wait."""
 
     def __init__(self, message: str, *, until: float) -> None:
         super().__init__(message, until=until, code="store_unavailable", routine=True)

@@ -321,6 +321,10 @@ class OutageGuard:
             log.info("store.claims_resumed", pipeline=pipeline, path=job.file.path, job=job.id)
         return job
 
+    def retry_in(self) -> float:
+        """Seconds until the store is due to be tried again (0: now)."""
+        return max(0.0, self._retry_at - time.monotonic())
+
     def waiting(self) -> bool:
         """Whether the store is away and not due to be tried yet (no call should wait for it now)."""
         return self._down_since is not None and time.monotonic() < self._retry_at

@@ -2,27 +2,34 @@
 
 A store that is away can hold each call for as long as the adapter's bounds allow (PostgreSQL's pool waits up to
 30 s for a connection). While the guard knows the store is away, a call that would only wait for it never queues
-for the store's threads: claims answer nothing, upkeep is skipped, a release is held, other calls wait as
-StoreAway, and a paid answer goes straight to the journal. When the store is due to be tried again, one call
-alone goes through as the probe (the guard replays the journal first, in the store's thread). A paid answer
-reaches the store or the journal within ``answer_seconds`` whatever the store's threads are doing. With
-PostgreSQL, whose pool waits for a connection rather than failing, any call unanswered for ``slow_seconds`` says
-the store is away (the call itself is never abandoned: its caller waits on).
+for the store's threads: claims answer nothing, upkeep is skipped, a release is held, a settled file waits to be
+recorded, other calls wait as StoreAway, and a paid answer goes straight to the journal. When the store is due to
+be tried again, one call alone goes through as the probe (the guard replays the journal first, in its thread).
+A paid answer reaches the store or the journal within ``answer_seconds`` whatever the store's threads are doing.
+With PostgreSQL, whose pool waits for a connection rather than failing, any call unanswered for ``slow_seconds``
+says the store is away (the call itself is never abandoned: its caller waits on).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
 from watcher.store.aio import AsyncStore, Guard, unguarded
+from watcher.store.away import OUTAGE_FILE
+from watcher.store.journal import JOURNAL_NAME, Journal
 from watcher.store.outage import JOURNALLED, UPKEEP, OutageGuard
 from watcher.store.ports import StorePort
 
 P = ParamSpec("P")
 T = TypeVar("T")
 SLACK = 0.5  # seconds over the guard's own wait for a paid answer, for the hop to the store's thread
+SLOW_SECONDS = 5.0  # a shared store's call unanswered this long means it is away (its pool waits, not fails)
+WAIT_FOR_STORE = ("register_version", "register_versions")  # these wait for the store to be back
+WAIT_POLL = 0.05  # the shortest wait for a probe to end or fall due
 
 
 class OutageStore(AsyncStore):
@@ -37,11 +44,16 @@ class OutageStore(AsyncStore):
         self.outage = outage
         self.slow_seconds = slow_seconds
         self._probe: asyncio.Future[Any] | None = None
+        self._probe_ended = asyncio.Event()
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         name = fn.__name__
         outage = self.outage
-        if outage.waiting() or (outage.down and self._probe is not None):
+        while name in WAIT_FOR_STORE and self._away():  # a settled file waits to be recorded, never dropped
+            self._probe_ended.clear()
+            with contextlib.suppress(TimeoutError):  # woken when a probe ends, or when a new one is due
+                await asyncio.wait_for(self._probe_ended.wait(), max(WAIT_POLL, outage.retry_in()))
+        if self._away():
             return cast(T, await self._while_away(name, args, kwargs))
         task: asyncio.Future[T] = asyncio.ensure_future(super().call(fn, *args, **kwargs))
         if outage.down:  # due to be tried again: this call is the probe, the others keep away until it ends
@@ -58,9 +70,13 @@ class OutageStore(AsyncStore):
             # the call still queued for the store's threads lands later or is journalled again: both change nothing
             return cast(T, await self._while_away(name, args, kwargs))
 
+    def _away(self) -> bool:
+        return self.outage.waiting() or (self.outage.down and self._probe is not None)
+
     def _probed(self, task: asyncio.Future[Any]) -> None:
         if self._probe is task:
             self._probe = None
+        self._probe_ended.set()
         if not task.cancelled():
             task.exception()  # its caller reads it; marked read here for a probe whose caller gave up
 
@@ -80,3 +96,13 @@ class OutageStore(AsyncStore):
         if name in UPKEEP:
             return UPKEEP[name]
         raise outage.away()
+
+
+def outage_store(
+    store: StorePort, state_dir: Path, *, shared: bool, threads: int = 1, guard: Guard = unguarded
+) -> OutageStore:
+    """``store``'s asynchronous port for a daemon: its outages survived, the journal and what status shows in
+    ``state_dir``. A ``shared`` store (PostgreSQL) counts as away after SLOW_SECONDS unanswered."""
+    shown = str(getattr(store, "where", None) or getattr(store, "path", "the store"))  # for the log only
+    outage = OutageGuard(store, Journal(state_dir / JOURNAL_NAME), where=shown, state_file=state_dir / OUTAGE_FILE)
+    return OutageStore(outage, threads=threads, guard=guard, slow_seconds=SLOW_SECONDS if shared else None)

@@ -16,9 +16,10 @@ Design (see README "Several machines"):
   folder, plus size and mtime; not by the absolute path (mounts differ) nor the inode (SMB ``noserverino``
   numbers differ per client). Each node hands its local folder → folder ID map to :meth:`PostgresStore.use_folders`
   and gets its own absolute paths back.
-- Migrations are versioned (``schema_version``) and run under an advisory lock. psycopg 3 with a small pool
-  (:class:`~watcher.store.postgres.pool.Pool`: a broken connection is replaced by a fresh connect at once);
-  no LISTEN/NOTIFY (works behind PgBouncer in transaction mode): workers poll.
+- Migrations are versioned (``schema_version``) and run under an advisory lock. psycopg 3 with psycopg_pool
+  (:class:`~watcher.store.postgres.pool.Pool`: connect and statement timeouts, keepalives, a deadline per call,
+  broken connections replaced); no LISTEN/NOTIFY (works behind PgBouncer in transaction mode): workers poll.
+  Code on the event loop reaches it through :mod:`watcher.store.aio`, never directly.
 """
 
 from __future__ import annotations

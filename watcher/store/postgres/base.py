@@ -149,7 +149,8 @@ class PgBase:
                 (f"postgresql:{uuid.uuid4()}",),
             )
 
-        with self._pool.connection(None) as conn, conn.transaction():  # no deadline: DDL on a big table is slow
+        # no deadline: DDL on a big table is slow
+        with self._pool.connection(bounded=False) as conn, conn.transaction():
             conn.execute("SET LOCAL statement_timeout = 0")
             go(conn)
 

@@ -65,6 +65,7 @@ class Pool:
     def __init__(self, url: str, kwargs: dict[str, Any], size: int) -> None:
         self._url = url
         self._kwargs = connect_kwargs(kwargs)
+        self.call_seconds = CALL_SECONDS  # the deadline of one use (a test of a partition shortens it)
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             kwargs=self._kwargs,
@@ -91,11 +92,12 @@ class Pool:
         self._reaper.start()
 
     @contextmanager
-    def connection(self, seconds: float | None = CALL_SECONDS) -> Iterator[psycopg.Connection[Any]]:
-        """A connection until the block ends, or for ``seconds`` (None: no deadline, for migrations), waiting for
-        it included: then its socket is shut down under the statement that waits."""
-        deadline = None if seconds is None else time.monotonic() + seconds
-        with self._pool.connection(timeout=CALL_SECONDS if seconds is None else seconds) as conn:
+    def connection(self, *, bounded: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        """A connection until the block ends, or for ``call_seconds`` (waiting for it included), when its socket is
+        shut down under the statement that waits; ``bounded=False``: no deadline (migrations)."""
+        deadline = time.monotonic() + self.call_seconds if bounded else None
+        # waiting for a connection counts against the same deadline: a short outage is waited out, not failed
+        with self._pool.connection(timeout=self.call_seconds) as conn:
             if deadline is not None:
                 with self._lock:
                     self._held[id(conn)] = (deadline, conn)
