@@ -262,3 +262,33 @@ def test_while_the_store_is_away_no_call_queues_for_its_thread_and_an_answer_is_
     assert store_state.results_for(OP.sha256, OP.service) == {"key": RESULT}
     assert Journal(tmp_path / "j").records() == []
     store_state.close()
+
+
+def test_status_says_since_when_the_store_is_unreachable_without_asking_it(tmp_path):
+    """While the running daemon says its store is away, `watcher status` (and its JSON, which the page reads)
+    report since when and what the daemon does next, without waiting on the store; a file left by a dead daemon is
+    not believed. A store that does not answer the command itself is reported the same way."""
+    from tests.conftest import make_settings
+    from watcher import commands
+    from watcher.fsutil import write_json_atomic
+    from watcher.status import render
+
+    settings = make_settings(tmp_path, tmp_path / "in", "http://127.0.0.1:9")
+    settings.state_dir.mkdir(parents=True)
+    Store(settings.state_dir / "watcher.db").close()
+    said = {"unreachable_since": "2026-12-07T21:00:00Z", "error": "connection refused", "journalled": 3}
+    said["next"] = "claims paused; 3 answers journalled; retrying in 5 s"
+    write_json_atomic(settings.state_dir / OUTAGE_FILE, said | {"pid": os.getpid()})
+    report = commands.status(settings)
+    assert report["store_unreachable"] == said and report["files"] == [] and report["counts"] == {}
+    text = render(report)
+    assert "store unreachable since 2026-12-07T21:00:00Z (connection refused): claims paused; 3 answers" in text
+    assert "no files recorded yet" not in text
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    write_json_atomic(settings.state_dir / OUTAGE_FILE, said | {"pid": int(dead.stdout)})
+    assert commands.status(settings)["store_unreachable"] is None  # the SQLite store answers for itself
+    pg = settings.model_copy(
+        update={"store": settings.store.model_copy(update={"url": "postgresql://x@127.0.0.1:9/w"})}
+    )
+    shown = commands.status(pg)["store_unreachable"]
+    assert shown is not None and "127.0.0.1" in shown["error"] and shown["unreachable_since"]
