@@ -146,6 +146,10 @@ def test_a_database_outage_with_work_in_flight_is_survived(tmp_path, inbox, pg_u
     resumed_claims = [t for log in logs.values() for t in _events(log, "store.claims_resumed") if t > stopped]
     unreachable = [t for log in logs.values() for t in _events(log, "store.unreachable")]
     assert unreachable and replayed and resumed_claims
+    for name, log in logs.items():  # on each node that noticed, nothing was claimed before its journal was replayed
+        claims = [t for t in _events(log, "store.claims_resumed") if t > stopped]
+        if claims:
+            assert min(t for t in _events(log, "store.replayed") if t > stopped) <= min(claims), name
     assert shown["unreachable_since"] and "answers journalled; retrying in" in shown["next"]
 
     def at(t: float) -> str:

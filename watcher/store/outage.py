@@ -316,6 +316,9 @@ class OutageGuard:
                 raise
             self.failed(exc)
             return None
+        if job is not None and self.down:  # asked before the outage was noticed, answered since: it waits for
+            self.hold(job, {"next_attempt_at": time.time(), "error": job.last_error, "error_code": job.error_code})
+            return None  # the replay, and is given back right after it
         if job is not None and self._claims_paused:
             self._claims_paused = False
             log.info("store.claims_resumed", pipeline=pipeline, path=job.file.path, job=job.id)
