@@ -38,7 +38,7 @@ from watcher.store.models import Job
 
 log = structlog.get_logger("watcher.store")
 RETRY_FIRST = 1.0
-RETRY_MAX = 5.0
+RETRY_MAX = 2.0
 ANSWER_SECONDS = 1.0
 REMIND_EVERY = 30.0  # seconds between two log lines saying the store is still unreachable
 JOURNALLED = ("gate_answered", "gate_release", "save_result", "ledger_outcome")
