@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, wait_for
+from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
 from tests.pg import Cluster, _bindir
 from tests.test_multinode import Node, _has_schema, make_files, node_config, sql
 from watcher.emulator import Emulator
@@ -163,3 +164,30 @@ def test_a_database_outage_with_work_in_flight_is_survived(tmp_path, inbox, pg_u
         + f"; replayed {at(min(t for t in replayed if t > stopped))} (last node {at(max(replayed))}); "
         f"first claim after {at(min(resumed_claims))}; {len(paid)} operations billed once each"
     )
+
+
+def test_a_locked_sqlite_store_is_waited_out_and_answers_meanwhile_are_journalled(
+    tmp_path, inbox, emulator, run_daemon
+):
+    """Another process holds SQLite's write lock for 4 s while analysis streams are in flight: the daemon does not
+    exit, the answers that arrived meanwhile went to the journal and were replayed (it ends empty), every file gets
+    its sidecar, and nothing is billed twice."""
+    emulator.analysis.faults.event_delay = 0.3  # three models: a stream takes about a second
+    daemon = run_daemon(make_settings(tmp_path, inbox, emulator.url))
+    for n in range(4):
+        write_tone(inbox / f"t{n}.wav", 0.5, freq=300 + 40 * n)
+    wait_for(lambda: query(tmp_path, "SELECT 1 FROM ledger WHERE outcome='sending'"), what="a stream in flight")
+    locker = sqlite3.connect(tmp_path / "state" / "watcher.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        time.sleep(4.0)  # sleep-ok: how long the file stays locked is what is tested, not a synchronisation
+        assert daemon.exit_code is None and daemon.error is None  # still running
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    wait_for(lambda: all(Path(f"{f}.analysis.json").exists() for f in inbox.glob("*.wav")), timeout=60, what="sidecars")
+    wait_for(lambda: query(tmp_path, "SELECT COUNT(*) FROM jobs WHERE state='done'") == (4,), what="every job done")
+    journal = tmp_path / "state" / "outage-journal"
+    assert journal.exists() and journal.stat().st_size == 0  # answers were journalled, then replayed
+    assert max(emulator.paid().values()) == 1
+    assert daemon.stop() == 0
