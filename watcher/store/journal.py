@@ -24,6 +24,7 @@ MAX_BYTES = 4 * 1024 * 1024  # about ten thousand answers: far more than the cal
 
 
 def _line(record: dict[str, Any]) -> bytes:
+    """One record as its line: checksum, space, compact JSON, newline."""
     payload = json.dumps(record, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode()
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
@@ -73,6 +74,7 @@ class Journal:
             self._size = end
 
     def __len__(self) -> int:
+        """How many whole records it holds."""
         with self._lock:
             return len(self._records)
 
@@ -132,6 +134,7 @@ class Journal:
             self._records, self._size = rest, len(data)
 
     def close(self) -> None:
+        """Close the file (its records stay for the next open)."""
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -139,10 +142,12 @@ class Journal:
 
 
 def _op(op: Operation) -> list[str]:
+    """An operation as a record holds it."""
     return [op.sha256, op.service, op.name, op.params, op.on_doubt]
 
 
 def _fence(fence: Fence | None) -> list[Any] | None:
+    """A fence as a record holds it."""
     return None if fence is None else [fence.holder, fence.generation]
 
 

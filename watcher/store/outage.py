@@ -1,19 +1,19 @@
 """Surviving a store outage: every store call of the daemon passes :class:`OutageGuard`.
 
-What counts as the store being unavailable (:func:`unavailable`): PostgreSQL unreachable, restarting, shut down,
-out of disk or read-only (a lost connection, SQLSTATE classes 08, 53, 57P, 58, 25006); SQLite busy, locked,
-read-only, out of disk or failing I/O. Any other error is the caller's, as before. While the store is unavailable:
+When the store counts as away is watcher.store.away's :func:`unavailable` (PostgreSQL unreachable or shut down;
+SQLite locked, read-only or out of disk); any other error is the caller's, as before. While the store is away:
 
 - claims pause (``claim`` and ``next_due`` answer "nothing"), leases are not renewed, upkeep is skipped;
-- a paid answer (``gate_answered``, ``gate_release``, ``save_result``, ``ledger_outcome``) goes to the journal
-  (watcher.store.journal) and counts as kept; a job's ``release`` is held in memory; any other call raises
-  :class:`StoreAway` (a Deferred: the job waits, no attempt counted);
+- a paid answer (``gate_answered``, ``gate_release``, ``save_result``, ``ledger_outcome``) the store does not take
+  within ``answer_seconds`` goes to the journal (watcher.store.journal) and counts as kept; a job's ``release`` is
+  held in memory; any other call raises :class:`StoreAway` (a Deferred: the job waits, no attempt counted);
 - no new paid call starts (``gate_take``) while an answer could not be written anywhere, or the journal is full.
 
 The store is tried again after a growing pause (1 s, doubling, at most ``retry_max``). Before any call goes through
 again, the journal is replayed into the store (each outcome with the fence its take was given, so a late one
 changes nothing), then the held releases: only then is anything claimed. Replay is idempotent: a record applied
-twice (a kill between replay and clearing the journal) leaves the same state.
+twice (a kill between replay and clearing the journal, or a slow call that landed after it was journalled) leaves
+the same state. watcher.store.outage_aio applies the same rules on the event loop's side of the asynchronous port.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ UPKEEP: dict[str, Any] = {"renew": None, "heartbeat": None, "set_folder_health":
 
 
 def _iso(t: float) -> str:
+    """A Unix time as status shows it (UTC, to the second)."""
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -117,6 +118,7 @@ class OutageGuard:
                 write_json_atomic(self.state_file, doc | {"pid": os.getpid(), "next": self._next()})
 
     def _next(self) -> str:
+        """What happens next, as the log and status say it."""
         answers = len(self.journal) + len(self._unrecorded)
         wait = max(0.0, self._retry_at - time.monotonic())
         return f"claims paused; {answers} answers journalled; retrying in {wait:.0f} s"
@@ -164,6 +166,7 @@ class OutageGuard:
             return self._replay()
 
     def _replay(self) -> bool:
+        """Apply the journal, then the held releases; False (the store away again) when that fails midway."""
         records = self.journal.records()
         with self._lock:
             unrecorded = list(self._unrecorded)
@@ -210,6 +213,7 @@ class OutageGuard:
         return True
 
     def _apply(self, record: dict[str, Any]) -> bool:
+        """One record into the store; one the store refuses for another reason is logged and skipped."""
         try:
             return apply(self._store, record)
         except Exception as exc:
@@ -219,6 +223,7 @@ class OutageGuard:
             return True
 
     def _release_held(self, job_id: int, job: Job, kwargs: dict[str, Any]) -> None:
+        """One held release; a job another node took meanwhile keeps its new state."""
         try:
             self._store.release(job, **kwargs)
         except LeaseLost:
@@ -251,6 +256,7 @@ class OutageGuard:
     # -- the calls --------------------------------------------------------------------------------------
 
     def _call(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Every other call: journalled, upkeep, or through (StoreAway while the store is away)."""
         if name in JOURNALLED:
             return self._answer(name, fn, args, kwargs)
         if name in UPKEEP:
@@ -289,17 +295,20 @@ class OutageGuard:
         return None if name == "ledger_outcome" else True
 
     def away(self) -> StoreAway:
+        """The error a caller gets instead of waiting for the store."""
         return StoreAway(
             f"the store is unreachable ({self._error}); this waits until it is back",
             until=time.time() + max(RETRY_FIRST, self._retry_at - time.monotonic()),
         )
 
     def __getattr__(self, name: str) -> Any:
+        """Every port method not written out here, through :meth:`_call`; plain attributes as they are."""
         value = getattr(self._store, name)
         if name.startswith("_") or not callable(value):
             return value
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            """The port method ``name``, guarded."""
             return self._call(name, value, args, kwargs)
 
         call.__name__ = name  # the asynchronous port and its guard know a call by its name

@@ -47,6 +47,7 @@ class OutageStore(AsyncStore):
         self._probe_ended = asyncio.Event()
 
     async def call(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn`` (a method of the guard) off the loop, under the rules of the module docstring."""
         name = fn.__name__
         outage = self.outage
         while name in WAIT_FOR_STORE and self._away():  # a settled file waits to be recorded, never dropped
@@ -71,9 +72,11 @@ class OutageStore(AsyncStore):
             return cast(T, await self._while_away(name, args, kwargs))
 
     def _away(self) -> bool:
+        """Whether calls keep away from the store now (it is away, or a probe is under way)."""
         return self.outage.waiting() or (self.outage.down and self._probe is not None)
 
     def _probed(self, task: asyncio.Future[Any]) -> None:
+        """A probe ended: the next call may probe again, and waiting registrations look again."""
         if self._probe is task:
             self._probe = None
         self._probe_ended.set()
