@@ -190,8 +190,9 @@ class KeyCheck:
 
 
 async def check_keys(settings: Settings) -> list[KeyCheck]:
-    """Every paid service's key, checked side by side (what `watcher doctor` checks, without the findings)."""
-    _, probes = _service_probes(settings)
+    """Every paid service's key, checked side by side (what `watcher doctor` checks, without the findings). The
+    clients are made in a worker thread (their TLS contexts read the CA bundle): the daemon's loop runs on."""
+    _, probes = await asyncio.to_thread(_service_probes, settings)
     sources = {"analysis": settings.analysis.key_source, "processing": settings.archive.key_source}
 
     async def one(service: str, client: Any) -> KeyCheck:

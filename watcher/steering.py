@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -198,6 +199,8 @@ class Steering:
         self.held_services = {}
 
         async def check() -> None:
+            # the HTTP stack loads in a worker thread: on the loop it held the watchdog up for seconds at READY
+            await asyncio.to_thread(importlib.import_module, "watcher.doctor")
             from watcher.doctor import check_keys
 
             outputs = await asyncio.to_thread(self._unwritable_outputs) if "processing" in services else []
