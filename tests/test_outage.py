@@ -191,3 +191,22 @@ def test_a_locked_sqlite_store_is_waited_out_and_answers_meanwhile_are_journalle
     assert journal.exists() and journal.stat().st_size == 0  # answers were journalled, then replayed
     assert max(emulator.paid().values()) == 1
     assert daemon.stop() == 0
+
+
+def test_a_daemon_started_while_its_database_is_down_waits_for_it_instead_of_exiting(tmp_path, inbox, run_daemon):
+    """[store] url names a server that refuses connections: the daemon keeps running, `watcher status` says since
+    when the store is unreachable and that it retries, and a stop still ends it with 0."""
+    from watcher import commands
+    from watcher.store.away import read_outage
+
+    settings = make_settings(tmp_path, inbox, "http://127.0.0.1:9")
+    down = settings.store.model_copy(update={"url": "postgresql://watcher@127.0.0.1:1/watcher"})
+    settings = settings.model_copy(update={"store": down})
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    daemon = run_daemon(settings)
+    shown = wait_for(lambda: read_outage(settings.state_dir), timeout=30, what="the daemon saying its store is away")
+    assert "127.0.0.1" in shown["error"] and "retrying in" in shown["next"]
+    report = commands.status(settings)
+    assert report["store_unreachable"]["unreachable_since"] == shown["unreachable_since"]
+    assert daemon.exit_code is None and daemon.error is None
+    assert daemon.stop() == 0

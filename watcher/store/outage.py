@@ -46,7 +46,7 @@ JOURNALLED = ("gate_answered", "gate_release", "save_result", "ledger_outcome")
 UPKEEP: dict[str, Any] = {"renew": None, "heartbeat": None, "set_folder_health": None, "prune": 0, "next_due": None}
 
 
-def _iso(t: float) -> str:
+def iso_time(t: float) -> str:
     """A Unix time as status shows it (UTC, to the second)."""
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -99,7 +99,7 @@ class OutageGuard:
             if self._down_since is None:
                 return None
             return {
-                "unreachable_since": _iso(self._down_since),
+                "unreachable_since": iso_time(self._down_since),
                 "error": self._error,
                 "journalled": len(self.journal) + len(self._unrecorded),
                 "held_releases": len(self._held),
@@ -142,7 +142,7 @@ class OutageGuard:
                 self._tell()
             elif now - self._reminded >= REMIND_EVERY:
                 self._reminded = now
-                since = _iso(self._down_since or time.time())
+                since = iso_time(self._down_since or time.time())
                 log.warning(
                     "store.still_unreachable", store=self.where, since=since, error=self._error, next=self._next()
                 )

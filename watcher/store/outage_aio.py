@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
+from watcher.fsutil import write_json_atomic
 from watcher.store.aio import AsyncStore, Guard, unguarded
-from watcher.store.away import OUTAGE_FILE
+from watcher.store.away import OUTAGE_FILE, unavailable
 from watcher.store.journal import JOURNAL_NAME, Journal
-from watcher.store.outage import JOURNALLED, UPKEEP, OutageGuard
+from watcher.store.outage import JOURNALLED, RETRY_FIRST, UPKEEP, OutageGuard, iso_time, log
 from watcher.store.ports import StorePort
 
 P = ParamSpec("P")
 T = TypeVar("T")
 SLACK = 0.5  # seconds over the guard's own wait for a paid answer, for the hop to the store's thread
+START_RETRY_MAX = 30.0  # at start, the longest wait between two tries to open the store
 SLOW_SECONDS = 5.0  # a shared store's call unanswered this long means it is away (its pool waits, not fails)
 WAIT_FOR_STORE = ("register_version", "register_versions")  # these wait for the store to be back
 WAIT_POLL = 0.05  # the shortest wait for a probe to end or fall due
@@ -109,3 +113,33 @@ def outage_store(
     shown = str(getattr(store, "where", None) or getattr(store, "path", "the store"))  # for the log only
     outage = OutageGuard(store, Journal(state_dir / JOURNAL_NAME), where=shown, state_file=state_dir / OUTAGE_FILE)
     return OutageStore(outage, threads=threads, guard=guard, slow_seconds=SLOW_SECONDS if shared else None)
+
+
+async def wait_for_store(open_it: Callable[[], None], state_dir: Path, stop: asyncio.Event) -> bool:
+    """At start, until ``open_it`` (open the store and close it) succeeds, tried off the loop at growing intervals:
+    the store is away as a running daemon says it (log and status). False when ``stop`` is set first."""
+    delay, since = RETRY_FIRST, 0.0
+    while True:
+        try:
+            await asyncio.to_thread(open_it)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            nxt = f"claims paused; 0 answers journalled; retrying in {delay:.0f} s"
+            if not since:
+                since = time.time()
+                log.warning("store.unreachable", error=error, next=f"nothing starts until it answers; {nxt}")
+            shown = {"unreachable_since": iso_time(since), "error": error, "journalled": 0, "next": nxt}
+            with contextlib.suppress(OSError):
+                write_json_atomic(state_dir / OUTAGE_FILE, shown | {"pid": os.getpid()})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return False
+            delay = min(START_RETRY_MAX, delay * 2)
+            continue
+        if since:
+            (state_dir / OUTAGE_FILE).unlink(missing_ok=True)
+            log.info("store.back", unreachable_for=round(time.time() - since, 1), next="starting")
+        return True
