@@ -383,5 +383,8 @@ class OutageGuard:
     def close(self) -> None:
         """Close the journal and the store (what the journal holds waits for the next start)."""
         self._answers.shutdown(wait=False)
+        if self.state_file is not None:  # a daemon that stopped says nothing about its store any more
+            with contextlib.suppress(OSError):
+                self.state_file.unlink(missing_ok=True)
         self.journal.close()
         self._store.close()

@@ -136,6 +136,7 @@ async def wait_for_store(open_it: Callable[[], None], state_dir: Path, stop: asy
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
+                (state_dir / OUTAGE_FILE).unlink(missing_ok=True)
                 return False
             delay = min(START_RETRY_MAX, delay * 2)
             continue
