@@ -39,8 +39,10 @@ def _free_port() -> int:
 class Cluster:
     """A running throwaway cluster; :meth:`database` makes a new empty database and gives its URL."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
+        """``durable``: fsync and synchronous commit on (a crash loses nothing acknowledged), for outage tests."""
         self.bindir = bindir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="watcher-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -74,9 +76,20 @@ class Cluster:
                 "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\nfsync = off\n"
                 "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
             )
+            if self.durable:  # the last setting read wins
+                conf.write("fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n")
         self._run(str(b / "pg_ctl"), "start", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w",
                   "-t", "30", "-o", f"-p {self.port}")  # fmt: skip
         return self
+
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would (``pg_ctl stop -m immediate``); :meth:`resume` starts it again."""
+        self._run(str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate", "-w")
+
+    def resume(self) -> None:
+        """Start the halted server again on the same port (it recovers from its WAL first)."""
+        self._run(str(self.bindir / "pg_ctl"), "start", "-D", str(self.data), "-l", str(self.data / "server.log"),
+                  "-w", "-t", "60", "-o", f"-p {self.port}")  # fmt: skip
 
     def stop(self) -> None:
         try:

@@ -38,6 +38,7 @@ from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
 from watcher.store.aio import AsyncStore, Guard, unguarded
+from watcher.store.outage_aio import outage_store
 from watcher.store.ports import StorePort
 
 if TYPE_CHECKING:
@@ -182,8 +183,9 @@ class App:
     ) -> App:
         """The whole graph for ``settings`` (``folders``: a subset or override, for `scan`); ``observer`` is told
         of every HTTP request any client makes (metrics); ``guard`` sees every store call made from the loop."""
-        store = open_store(settings)
-        aio = AsyncStore(store, threads=PG_THREADS if settings.store.url else 1, guard=guard)
+        store = open_store(settings)  # the daemon's use of it survives an outage (watcher.store.outage)
+        shared = bool(settings.store.url)
+        aio = outage_store(store, settings.state_dir, shared=shared, threads=PG_THREADS if shared else 1, guard=guard)
         events = Events(subscribers)
         closers: list[Any] = []
         bandwidth = _bandwidth(settings)

@@ -4,6 +4,7 @@ pause and resume. The CLI parses arguments and prints; the web page will call th
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -194,14 +195,48 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def status(settings: Settings, *, daemon: dict[str, Any] | None = None, brief: bool = False) -> dict[str, Any]:
     """`watcher status`: the report as plain data (what `--json` prints). ``daemon``: the running daemon's own
-    account (pid, since when, services paused, back-fill), None when none runs; ``brief``: see status.collect."""
+    account (pid, since when, services paused, back-fill), None when none runs; ``brief``: see status.collect.
+    While the store cannot be reached, the report says so (and since when) instead of waiting on it."""
     from watcher.status import collect_for
+    from watcher.store.away import read_outage, unavailable
 
-    store = open_store(settings)
+    outage = read_outage(settings.state_dir)
+    if outage is not None:  # the running daemon cannot reach its store: say so rather than wait on it here
+        return unreachable_report(settings, outage, daemon)
     try:
-        return collect_for(store, settings, daemon=daemon, web=web_state(settings), brief=brief)
-    finally:
-        store.close()
+        store = open_store(settings)
+        try:
+            return collect_for(store, settings, daemon=daemon, web=web_state(settings), brief=brief)
+        finally:
+            store.close()
+    except Exception as exc:
+        if not unavailable(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        outage = {"unreachable_since": since, "error": first, "next": "the store did not answer this command"}
+        return unreachable_report(settings, outage, daemon)
+
+
+def unreachable_report(settings: Settings, outage: dict[str, Any], daemon: dict[str, Any] | None) -> dict[str, Any]:
+    """The status document while the daemon's store is unreachable: the outage, and nothing the store would say."""
+    from watcher import __version__
+
+    return {
+        "version": __version__,
+        "state_dir": str(settings.state_dir),
+        "daemon": daemon,
+        "store_unreachable": outage,
+        "nodes": [],
+        "counts": {},
+        "folders": [],
+        "in_doubt": [],
+        "adopted": {},
+        "spend": {},
+        "problems": [],
+        "files": [],
+        "web": web_state(settings),
+    }
 
 
 def web_state(settings: Settings) -> dict[str, Any] | None:

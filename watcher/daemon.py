@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import signal
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import structlog
 
 from watcher import __version__
-from watcher.app import App, build_daemon
+from watcher.app import App, build_daemon, open_store
 from watcher.config import Settings
 from watcher.control import ControlServer, socket_path
 from watcher.errors import ConfigError
@@ -32,6 +33,7 @@ from watcher.metrics import Metrics, NullMetrics
 from watcher.pace import caps_of
 from watcher.sdnotify import Notifier, NullNotifier
 from watcher.steering import Steering
+from watcher.store.outage_aio import wait_for_store
 
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
@@ -200,7 +202,12 @@ class Daemon(Steering):
         log.info("daemon.reloaded", folders=[str(f.path) for f in new.folders])
 
     async def _serve(self) -> int:
-        """One life of the object graph: build, start, run until stop (or reload), checkpoint."""
+        """One life of the object graph: build, start, run until stop (or reload), checkpoint. A store that cannot
+        be reached is waited for (the daemon runs on, saying so), never a reason to exit."""
+        if not await wait_for_store(
+            functools.partial(_open_and_close, self.settings), self.settings.state_dir, self.stop
+        ):
+            return 0
         app = build_daemon(self.settings, metrics=self.metrics, housekeeping=self.housekeeping, live=self._live)
         self.app = app
         check_keys = self._check_keys(app)
@@ -279,3 +286,8 @@ class Daemon(Steering):
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 log.error("daemon.shutdown_error", error=repr(r))
         log.info("daemon.checkpointed", seconds=round(time.monotonic() - started, 2))
+
+
+def _open_and_close(settings: Settings) -> None:
+    """Open the store the settings name (connecting, migrating) and close it: whether it can be used now."""
+    open_store(settings).close()

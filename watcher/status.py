@@ -84,6 +84,7 @@ def collect(
         "files": files,
         "brief": brief,
         "web": web,
+        "store_unreachable": None,
     }
 
 
@@ -195,7 +196,10 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
     """The report for a terminal: counts, spend, folders, doubts, problems with reasons, files in progress."""
     lines = [f"watcher {report['version']}, state in {report['state_dir']}"]
     lines += _render_daemon(report.get("daemon"))
-    if not report["counts"]:
+    if report.get("store_unreachable"):
+        out = report["store_unreachable"]
+        lines.append(f"store unreachable since {out['unreachable_since']} ({out['error']}): {out.get('next', '')}")
+    elif not report["counts"]:
         lines.append("no files recorded yet")
     for pipeline, states in report["counts"].items():
         lines.append(f"{pipeline}: " + ", ".join(f"{state} {n}" for state, n in states.items()))
