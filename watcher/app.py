@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -223,30 +222,6 @@ class App:
         owned = [markers.claim(Path(path), mine, node) for path in self.folders]
         self.store.use_folders({o.folder: o.folder_id for o in owned if o.ours})
         return owned
-
-    async def owned_folders(self) -> list[FolderConfig]:
-        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone.
-        The markers are read and written in a worker thread (a share may take seconds per call)."""
-        folders, foreign = [], []
-        claimed = await asyncio.to_thread(self.claim_folders)
-        for owned, folder in zip(claimed, self.settings.folders, strict=True):
-            if owned.ours:
-                folders.append(folder)
-                continue
-            foreign.append(f"{display(owned.folder)} is owned by another store ({owned.owner})")
-            log.warning(
-                "folder.owned_by_another_store",
-                folder=display(owned.folder),
-                owner=owned.owner,
-                next=f"not processing it; `watcher adopt {display(owned.folder)}` takes it over (see `watcher doctor`)",
-            )
-            await self.aio.set_folder_health(owned.folder, mode=None, reason=owned.reason, available=False)
-        if not folders:
-            raise ConfigError(
-                f"nothing to watch: {'; '.join(foreign)} (its .watcher-folder marker names it); point [store] "
-                "at that store, or take the folder over deliberately with `watcher adopt FOLDER` (see `watcher doctor`)"
-            )
-        return folders
 
     def make_detector(self, folders: Sequence[FolderConfig], **kwargs: Any) -> Detector:
         excluded = {str(f.path): self.settings.own_dirs(f) for f in folders}

@@ -213,7 +213,7 @@ class Daemon(Steering):
         check_keys = self._check_keys(app)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
-            folders, _ = await asyncio.gather(app.owned_folders(), self.housekeeping.recover(app))
+            folders, _ = await asyncio.gather(self.housekeeping.owned_folders(app), self.housekeeping.recover(app))
             await self._backfill()
             seen = {
                 str(f["folder"]) for f in await app.aio.folder_states() if f["mode"] in ("native", "polling", "gone")

@@ -1,5 +1,6 @@
 """What keeps a running daemon well, besides its lifecycle: the watchdog's pulse, the queue's metrics and status
-line, pruning, the node's heartbeat, folder health, and the recovery a start owes to the last stop.
+line, pruning, the node's heartbeat, folder health, and what a start owes (the folders' markers, the recovery
+after the last stop).
 
 The pulse never waits on the store: it pings the systemd watchdog (and stamps /healthz) as long as the event loop
 runs, whatever the database does. The chores reach the store only through its asynchronous port, so a store that
@@ -17,9 +18,10 @@ from typing import Protocol
 
 import structlog
 
-from watcher import __version__
+from watcher import __version__, markers
 from watcher.config import FolderConfig, Settings
 from watcher.detect.detector import Detector
+from watcher.errors import ConfigError
 from watcher.events import Subscriber
 from watcher.fsutil import sweep_temp, use_node
 from watcher.metrics import NullMetrics
@@ -55,6 +57,8 @@ class Graph(Protocol):
 
     @property
     def detector(self) -> Detector | None: ...
+
+    def claim_folders(self) -> list[markers.Ownership]: ...
 
 
 class Housekeeping(Subscriber):
@@ -132,6 +136,30 @@ class Housekeeping(Subscriber):
         removed = await asyncio.to_thread(sweep_temp, _written_folders(app.settings), mine=app.node_id, alive=alive)
         if removed:
             log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
+
+    async def owned_folders(self, app: Graph) -> list[FolderConfig]:
+        """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone.
+        The markers are read and written in a worker thread (a share may take seconds per call)."""
+        folders, foreign = [], []
+        claimed = await asyncio.to_thread(app.claim_folders)
+        for owned, folder in zip(claimed, app.settings.folders, strict=True):
+            if owned.ours:
+                folders.append(folder)
+                continue
+            foreign.append(f"{display(owned.folder)} is owned by another store ({owned.owner})")
+            log.warning(
+                "folder.owned_by_another_store",
+                folder=display(owned.folder),
+                owner=owned.owner,
+                next=f"not processing it; `watcher adopt {display(owned.folder)}` takes it over (see `watcher doctor`)",
+            )
+            await app.aio.set_folder_health(owned.folder, mode=None, reason=owned.reason, available=False)
+        if not folders:
+            raise ConfigError(
+                f"nothing to watch: {'; '.join(foreign)} (its .watcher-folder marker names it); point [store] "
+                "at that store, or take the folder over deliberately with `watcher adopt FOLDER` (see `watcher doctor`)"
+            )
+        return folders
 
     async def prune(self, app: Graph) -> None:
         """Forget old replaced and deleted versions (results and paid IDs stay); once at start, then daily."""
