@@ -42,6 +42,8 @@ TABLES = ("files", "jobs", "results", "operations", "ledger", "spend", "folder_s
 # Tables a watcher store in PostgreSQL holds (as its migrations make them); a database holding others is not empty.
 WATCHER_TABLES = frozenset({"schema_version", *re.findall(r"CREATE TABLE (\w+)", "\n".join(PG_SCHEMA))})
 OWN = frozenset({"meta", "schema_version", "nodes"})  # the new store's own: never copied
+# Kept by the new store's own triggers as the rows above are copied in (each dialect shapes them its own way).
+KEPT_BY_TRIGGERS = frozenset({"job_counts", "folder_counts"})
 # A PostgreSQL column made from the SQLite row (the folder ID from the folder's marker, the paths as bytes).
 DERIVED = {("files", "folder_id"): "folder", ("folder_state", "folder_id"): "path", ("folder_state", "folder"): "path"}
 SOURCE_ONLY = {("folder_state", "path")}  # read only to derive the columns above
@@ -156,7 +158,7 @@ def not_empty(conn: psycopg.Connection[Any]) -> str | None:
 def copied(source: sqlite3.Connection) -> list[str]:
     """The tables both schemas hold, in the order references allow: the known ones first, then any other."""
     theirs = {str(r[0]) for r in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return [*TABLES, *sorted((theirs & WATCHER_TABLES) - OWN - set(TABLES))]
+    return [*TABLES, *sorted((theirs & WATCHER_TABLES) - OWN - KEPT_BY_TRIGGERS - set(TABLES))]
 
 
 def _sqlite_id(state_dir: Path) -> str | None:
@@ -214,6 +216,7 @@ def _copy(
                 if tamper is not None:
                     tamper(conn)
                 _verify(conn, made, where)
+                _verify_counts(conn, source, where)
                 conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('migrated_from', %s) ON CONFLICT (key) DO NOTHING",
                     (str(source.execute("PRAGMA database_list").fetchone()[2]),),
@@ -343,6 +346,20 @@ def _verify(conn: psycopg.Connection[Any], made: dict[str, tuple[int, int]], whe
                 f"SQLite store ({found} row(s), checksum {got:064x} for {rows} row(s), {total:064x}); "
                 "the folders stay with the SQLite store; run the migration again"
             )
+
+
+def _verify_counts(conn: psycopg.Connection[Any], source: sqlite3.Connection, where: str) -> None:
+    """The counts the new store's triggers kept as rows came in equal the SQLite store's, or nothing is kept."""
+    theirs = {(str(p), str(s)): int(n) for p, s, n in source.execute("SELECT pipeline, state, n FROM job_counts")}
+    ours = {
+        (str(p), str(s)): int(n)
+        for p, s, n in conn.execute("SELECT pipeline, state, SUM(n) FROM job_counts GROUP BY pipeline, state")
+    }
+    if {k: n for k, n in ours.items() if n} != {k: n for k, n in theirs.items() if n}:
+        raise ConfigError(
+            f"nothing was kept in {where} (the copy was rolled back): the jobs counted per state ({ours}) do not "
+            f"match the SQLite store's ({theirs}); run the migration again"
+        )
 
 
 def _switch(settings: Settings, folders: dict[str, tuple[str, bool]], outcome: Outcome, where: str, say: Say) -> None:
