@@ -178,6 +178,7 @@ def test_an_idle_heartbeat_neither_counts_the_queue_nor_rewrites_folder_health(
     """Between changes the heartbeat only pings: the queue is counted again after a file settled or a job ran,
     and a folder's health is written when it changed (idle CPU stays flat however many jobs the store holds)."""
     from watcher.store.control import ControlMixin
+    from watcher.store.listing import ListingMixin
 
     calls = {"beats": 0, "counts": 0, "health": 0}
 
@@ -189,7 +190,7 @@ def test_an_idle_heartbeat_neither_counts_the_queue_nor_rewrites_folder_health(
         return wrapper
 
     monkeypatch.setattr(NullNotifier, "watchdog", tally("beats", NullNotifier.watchdog))
-    monkeypatch.setattr(ControlMixin, "open_counts", tally("counts", ControlMixin.open_counts))
+    monkeypatch.setattr(ListingMixin, "open_counts", tally("counts", ListingMixin.open_counts))
     monkeypatch.setattr(ControlMixin, "set_folder_health", tally("health", ControlMixin.set_folder_health))
     d = run_daemon(make_settings(tmp_path, inbox, emulator.url), heartbeat=0.02)
     write_tone(inbox / "a.wav", 0.3)
