@@ -168,8 +168,10 @@ def measure(daemon: _proc.Daemon, state: Path, env: dict[str, str], args: argpar
     n = args.requests
     rng = random.Random(7)
     known = [r["path"] for r in client.get("/api/files", params={"folder": "/archive/f3"}).json()["files"]]
-    known += [f"/archive/f{k % FOLDERS}/d{k // 1000}/t{k}.wav" for k in rng.sample(range(1, args.files // 2), n)]
+    synthetic = range(1, max(2, args.files - args.tree_files))
+    known += [f"/archive/f{k % FOLDERS}/d{k // 1000}/t{k}.wav" for k in rng.sample(synthetic, min(n, len(synthetic)))]
     known = [p for p in known if int(p.rsplit("/t", 1)[1][:-4]) % 20]  # current versions only
+    known = known or [r["path"] for r in client.get("/api/files").json()["files"]]
     timed(client, 5, lambda i: ("/api/status", {}))  # warm: the first reads fill the page cache
     results = {
         "reference: /healthz (no store read)": timed(client, n, lambda i: ("/healthz", {})),

@@ -368,7 +368,8 @@ class StoreBase:
 
         Results and paid operation IDs are kept for good; so are current versions (they make a restart cheap).
         Returns how many versions were forgotten. Only replaced versions and those with a job ``gone`` are read
-        (through ``files_replaced`` and ``jobs_gone``), never every file.
+        (through ``files_replaced``, from the oldest, and ``jobs_gone``), never every file: a version created after
+        the cutoff has a job that changed since, so it is not read.
         """
         cutoff = (time.time() if now is None else now) - older_than_days * 86400
         terminal = ",".join("?" * len(TERMINAL))
@@ -377,11 +378,11 @@ class StoreBase:
                 r[0]
                 for r in db.execute(
                     "SELECT f.id FROM files f WHERE f.id IN (SELECT id FROM files INDEXED BY files_replaced "
-                    "WHERE current=0 UNION SELECT file_id FROM jobs WHERE state='gone') "
+                    "WHERE current=0 AND created_at < ? UNION SELECT file_id FROM jobs WHERE state='gone') "
                     "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
                     f"(j.state NOT IN ({terminal}) OR j.updated_at >= ?)) AND (f.current=0 OR NOT EXISTS "
                     "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.state != 'gone'))",
-                    (*TERMINAL, cutoff),
+                    (cutoff, *TERMINAL, cutoff),
                 )
             ]
             for start in range(0, len(ids), 500):

@@ -295,6 +295,8 @@ SCHEMA = [
     CREATE INDEX files_by_bpm ON files (bpm, path) WHERE current = 1 AND bpm IS NOT NULL;
     CREATE INDEX jobs_finished ON jobs (pipeline, updated_at) WHERE state IN ('done', 'failed', 'skipped');
     CREATE INDEX jobs_open_files ON jobs (state, file_id) WHERE state IN ('pending', 'in_doubt', 'failed');
+    DROP INDEX files_replaced;
+    CREATE INDEX files_replaced ON files (created_at) WHERE current = 0;
     CREATE INDEX ledger_by_time ON ledger (service, at);
     """,
 ]

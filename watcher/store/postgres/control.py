@@ -187,7 +187,8 @@ class PgControlMixin(_Base):
 
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
         """Forget replaced or deleted versions whose jobs all ended long ago; results and paid IDs stay. Only
-        replaced versions and those with a job ``gone`` are read (``files_replaced``, ``jobs_gone``)."""
+        replaced versions created before the cutoff and those with a job ``gone`` are read (``files_replaced``,
+        ``jobs_gone``)."""
 
         def go(db: psycopg.Connection[Any]) -> int:
             cutoff = (self._now(db) if now is None else now) - older_than_days * 86400  # ``now``: tests only
@@ -195,11 +196,11 @@ class PgControlMixin(_Base):
                 r["id"]
                 for r in db.execute(
                     "SELECT f.id FROM files f WHERE f.id IN (SELECT id FROM files WHERE NOT current "
-                    "UNION SELECT file_id FROM jobs WHERE state='gone') "
+                    "AND created_at < %s UNION SELECT file_id FROM jobs WHERE state='gone') "
                     "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.file_id=f.id AND "
                     "(j.state <> ALL(%s) OR j.updated_at >= %s)) AND (NOT f.current OR NOT EXISTS "
                     "(SELECT 1 FROM jobs j WHERE j.file_id=f.id AND j.state <> 'gone'))",
-                    (list(TERMINAL_STATES), cutoff),
+                    (cutoff, list(TERMINAL_STATES), cutoff),
                 )
             ]
             if ids:

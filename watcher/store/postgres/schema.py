@@ -263,6 +263,8 @@ SCHEMA = [
     CREATE INDEX files_by_bpm ON files (bpm, path) WHERE current AND bpm IS NOT NULL;
     CREATE INDEX jobs_finished ON jobs (pipeline, updated_at) WHERE state IN ('done', 'failed', 'skipped');
     CREATE INDEX ledger_by_time ON ledger (service, at);
+    DROP INDEX files_replaced;
+    CREATE INDEX files_replaced ON files (created_at) WHERE NOT current;
     """,
 ]
 NOT_PAUSED = "AND f.folder_id NOT IN (SELECT folder_id FROM folder_state WHERE paused) "
