@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import psycopg
 import pytest
@@ -179,14 +180,22 @@ def test_sqlite_steady_state_queries_use_an_index(sqlite_stores):
 # -- PostgreSQL ------------------------------------------------------------------------------------------------
 
 
-class Recorder(psycopg.Cursor[Any]):
-    """A cursor that keeps every statement it runs, with its parameters."""
+@contextmanager
+def recording() -> Iterator[list[tuple[Any, Any]]]:
+    """Every statement any psycopg cursor of this process runs meanwhile, with its parameters (whichever pooled
+    connection the store's call takes, made before or after)."""
+    log: list[tuple[Any, Any]] = []
+    execute = psycopg.Cursor.execute
 
-    log: ClassVar[list[tuple[Any, Any]]] = []
+    def kept(self: psycopg.Cursor[Any], query: Any, params: Any = None, **kwargs: Any) -> Any:
+        log.append((query, params))
+        return execute(self, query, params, **kwargs)
 
-    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        Recorder.log.append((query, params))
-        return super().execute(query, params, **kwargs)
+    psycopg.Cursor.execute = kept  # type: ignore[method-assign]
+    try:
+        yield log
+    finally:
+        psycopg.Cursor.execute = execute  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="module")
@@ -204,16 +213,14 @@ def open_pg(url: str) -> Any:
 
     store = PostgresStore(url)
     store.use_folders({FOLDER: FOLDER_ID})
-    store._pool.drop_idle()
-    store._pool._kwargs["cursor_factory"] = Recorder
     return store
 
 
 def pg_plans(url: str, store: Any, call: Callable[[], Any]) -> list[tuple[str, dict[str, Any]]]:
     """Each statement ``call`` ran and its plan as run again (``EXPLAIN ANALYZE``, rolled back), as JSON."""
-    Recorder.log = []
-    call()
-    ran = [(str(q), p) for q, p in Recorder.log if str(q).split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE")]
+    with recording() as log:
+        call()
+    ran = [(str(q), p) for q, p in log if str(q).split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE")]
     out = []
     with psycopg.connect(url) as conn:
         for sql, params in ran:
