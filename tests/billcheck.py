@@ -4,7 +4,7 @@ The emulator's bill has one charge per request a service accepted (its content, 
 watcher's ledger has one line per take at the gate (its content, operations, seconds and outcome). For every
 service, every (content, operation), and the audio seconds of every content whose length both sides know:
 
-    lines answered or partial (certainly billed)  <=  billed  <=  those + lines in doubt or still sending
+    lines answered or partial (certainly billed)  <=  billed  <=  those + lines in doubt, late or still sending
 
 A line not sent or refused must not be billed. A (content, operation) billed more than once needs as many lines
 for it, every one after the first a reported ``reask`` or ``resend``.
@@ -23,7 +23,9 @@ from watcher.config import canonical_endpoint
 from watcher.emulator import Charge
 
 CERTAIN = ("answered", "partial")
-MAYBE = ("in_doubt", "sending")
+# "late": sent, and ended after its lease ran out (the node stalled, or its stop released the lease first); what
+# came back is kept, but the line does not say whether the service finished (and billed) it.
+MAYBE = ("in_doubt", "sending", "late")
 SECONDS_SLACK = 0.05
 
 
