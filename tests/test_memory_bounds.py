@@ -130,3 +130,29 @@ def test_the_pages_sidecar_cache_is_bounded(tmp_path: Path) -> None:
         assert data.sidecar(str(path)) == {"n": n}
     assert 0 < len(data._sidecar_cache) <= 5001
     data._sidecar_cache.clear()
+
+
+def test_a_rescan_does_not_hold_a_folders_listing(tmp_path: Path) -> None:
+    """A rescan walks a folder entry by entry: its peak beside the store's answer stays a few bytes per file, not
+    the whole listing (about 750 bytes a file when each folder was read into a list first), so the high-water
+    mark of a daemon rescanning a growing folder does not grow with it."""
+    import tracemalloc
+
+    from watcher.detect.scan import changed_files
+
+    root = tmp_path / "in"
+    root.mkdir()
+    recorded: dict[str, tuple[int, int, int | None]] = {}
+    for n in range(3000):
+        path = root / f"{n:06d}.wav"
+        path.write_bytes(b"x")
+        st = path.stat()
+        recorded[str(path)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    tracemalloc.start()
+    try:
+        changed, seen = changed_files(str(root), PathFilter(["*.wav"], []), recorded)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (changed, seen) == ([], 3000)
+    assert peak / 3000 < 100, f"{peak / 3000:.0f} bytes per file"

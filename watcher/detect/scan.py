@@ -56,6 +56,16 @@ def changed_files(
     return changed, seen
 
 
+def _listing(fd: int, path: str) -> Iterator[os.DirEntry[str]]:
+    """The entries of the folder open as ``fd`` (at ``path``), one at a time: a folder of 100,000 files is never
+    held as a list, so a scan's memory does not grow with the folder. A listing that fails is logged and ends."""
+    try:
+        with os.scandir(fd) as it:
+            yield from it
+    except OSError as exc:
+        log.warning("scan.folder_unreadable", path=path, error=exc.strerror, next="skipped until the next scan")
+
+
 def walk_entries(
     root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None
 ) -> Iterator[tuple[str, os.DirEntry[str]]]:
@@ -80,16 +90,8 @@ def walk_entries(
             log.warning("scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan")
             continue
         try:  # the entries' stat() goes through ``fd``: it stays open until the folder is done
-            try:
-                with os.scandir(fd) as it:
-                    entries = list(it)
-            except OSError as exc:
-                log.warning(
-                    "scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan"
-                )
-                continue
             wanted = path_filter.file_matcher(folder)
-            for entry in entries:
+            for entry in _listing(fd, current):
                 name = entry.name
                 path = prefix + name
                 try:
