@@ -637,3 +637,24 @@ def test_pages_escape_what_a_file_name_holds(page: Page, inbox: Path) -> None:
     assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34;.wav" in html
     missing = page.client.get("/file", params={"path": "<script>x</script>"})
     assert missing.status_code == 404 and "<script>x" not in missing.text
+
+
+def test_the_page_says_the_store_is_unreachable_instead_of_waiting_on_it(page: Page, tmp_path: Path) -> None:
+    """While the daemon says its store is away (the state folder's outage file, as its guard writes it), the page's
+    status says since when and why, and the file list answers 503 naming the outage, at once: neither waits on the
+    store. When the daemon says it is back, the page reads the store again."""
+    from watcher.fsutil import write_json_atomic
+    from watcher.store.away import OUTAGE_FILE
+
+    away = {"unreachable_since": "2026-12-07T22:00:00Z", "error": "connection refused", "next": "retrying in 2 s"}
+    outage = tmp_path / "state" / OUTAGE_FILE
+    write_json_atomic(outage, away | {"pid": os.getpid()})  # a live process says so
+    started = time.monotonic()
+    report = page.json("/api/status")
+    assert report["store_unreachable"] == away and report["counts"] == {} and report["files"] == []
+    listing = page.client.get("/api/files")
+    assert listing.status_code == 503 and "unreachable since 2026-12-07T22:00:00Z" in listing.json()["detail"]
+    assert time.monotonic() - started < 5
+    outage.unlink()
+    assert page.json("/api/status")["store_unreachable"] is None
+    assert page.client.get("/api/files").status_code == 200

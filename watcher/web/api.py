@@ -21,6 +21,7 @@ from watcher.config import Settings
 from watcher.errors import ConfigError
 from watcher.names import display, find_shown, is_text
 from watcher.status import collect_for
+from watcher.store.away import read_outage, unavailable
 from watcher.web import data
 from watcher.web.live import LiveEvents
 
@@ -58,11 +59,26 @@ class Context:
         return await asyncio.to_thread(lambda: fn(self.reader()))
 
     async def report(self) -> dict[str, Any]:
-        """The status document as the page shows it: counts, backlog, the first open files and problems."""
+        """The status document as the page shows it: counts, backlog, the first open files and problems; while the
+        daemon cannot reach its store, what it says of that (since when, why, what next) and nothing else."""
         web = await asyncio.to_thread(commands.web_state, self.settings)
-        doc = await self.read(lambda store: collect_for(store, self.settings, web=web, brief=True))
+        outage = await asyncio.to_thread(read_outage, self.settings.state_dir)
+        if outage is None:
+            try:
+                doc = await self.read(lambda store: collect_for(store, self.settings, web=web, brief=True))
+            except Exception as exc:
+                if not unavailable(exc):
+                    raise
+                error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                outage = {"unreachable_since": None, "error": error, "next": "the page asks again"}
+        if outage is not None:
+            doc = commands.unreachable_report(self.settings, outage, None)
         doc.update(self.status_extra)
         return dict(doc)
+
+    async def store_away(self) -> dict[str, Any] | None:
+        """What the daemon says of its store being unreachable (None: it is reachable)."""
+        return await asyncio.to_thread(read_outage, self.settings.state_dir)
 
     def real_path(self, store: Any, shown: str) -> str | None:
         """The current file the page names ``shown`` (see :func:`watcher.names.display`): one indexed lookup,
@@ -215,6 +231,10 @@ class _Api:
 
     async def files(self, request: Request) -> Response:
         query = dict(request.query_params)
+        away = await self.ctx.store_away()
+        if away is not None:
+            since = away.get("unreachable_since") or "now"
+            return problem(503, f"the store is unreachable since {since} ({away.get('error')}): the list waits for it")
         return Answer(await self.ctx.read(lambda store: data.listing(store, query)))
 
     async def file(self, request: Request) -> Response:

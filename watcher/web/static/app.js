@@ -61,8 +61,16 @@ function actionButton(label, action) {
 // -- overview --------------------------------------------------------------------------------------
 
 async function loadOverview() {
-  const [report, listing] = await Promise.all([getJSON("/api/status"), getJSON("/api/files")]);
+  const report = await getJSON("/api/status");
+  const away = report.store_unreachable;
+  const listing = away ? { files: [] } : await getJSON("/api/files");
   const problems = [];
+  if (away) {
+    problems.push(el("div", { class: "card problem store-away", role: "alert" },
+      el("div", { class: "label" }, `Store unreachable since ${away.unreachable_since || "now"}`),
+      el("div", { class: "error" }, away.error || ""),
+      el("div", {}, away.next || "claims paused; paid answers are kept in the journal and recorded when it is back")));
+  }
   for (const d of report.in_doubt) {
     problems.push(el("div", { class: "card problem state-in_doubt", "data-path": d.path },
       el("div", { class: "label" }, `${d.pipeline} ${d.operation || ""} in doubt since ${d.since || "?"}`),
