@@ -448,3 +448,33 @@ def test_a_socket_we_may_not_use_is_exit_3_never_the_store(tmp_path, inbox, emu,
         assert "permission denied" in proc.stderr and "control socket" in proc.stderr
     folders = json.loads(cli("status", "--json", env=env, cfg=cfg).stdout)["folders"]
     assert all(f["state"] != "paused" for f in folders)
+
+
+def test_a_daemon_starting_while_a_command_holds_the_lock_waits_for_it(tmp_path, inbox, emu):
+    """`watcher status` or `scan` takes the state folder's lock for a moment; a daemon starting just then waits for
+    it (it exited 3 before, so a supervisor's start could fail because somebody looked at the status)."""
+    from watcher.fsutil import StateLock
+
+    env = env_for(tmp_path)
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    command = StateLock(tmp_path / "state")
+    command.acquire()
+    proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "run"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def waiting_on_the_lock() -> bool:  # the daemon has the lock file open: it is trying to take it
+            with_fds = Path(f"/proc/{proc.pid}/fd")
+            return any(os.readlink(fd).endswith("watcher.lock") for fd in with_fds.iterdir() if fd.is_symlink())
+
+        wait_for(lambda: proc.poll() is not None or waiting_on_the_lock(), timeout=30, what="the daemon at the lock")
+        assert proc.poll() is None and not (tmp_path / "state" / "control.sock").exists()
+        command.release()
+        wait_for(lambda: (tmp_path / "state" / "control.sock").exists() or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert StateLock.holder(tmp_path / "state") == f"watcher pid {proc.pid}"
+    finally:
+        command.release()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stderr:
+            proc.stderr.close()

@@ -38,6 +38,8 @@ from watcher.store.outage_aio import wait_for_store
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 HEARTBEAT_SECONDS = 5.0
+# A start waits this long for the state folder's lock: a command (`watcher status`, `scan`) may hold it a moment.
+LOCK_WAIT_SECONDS = 10.0
 
 
 class Daemon(Steering):
@@ -113,7 +115,7 @@ class Daemon(Steering):
 
     async def run(self) -> int:
         lock = StateLock(self.settings.state_dir)
-        lock.acquire()
+        await asyncio.to_thread(lock.acquire, wait=LOCK_WAIT_SECONDS)
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if self.handle_signals else ()
         for sig in signals:

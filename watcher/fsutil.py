@@ -325,11 +325,15 @@ class StateLock:
         self.path = state_dir / "watcher.lock"
         self._fh: Any = None
 
-    def acquire(self) -> None:
+    def acquire(self, *, wait: float = 0.0) -> None:
+        """Take the lock, or raise StartupError naming its holder; ``wait``: seconds to keep trying first (a daemon
+        starting while a short command, `watcher status` or `scan`, holds it for a moment waits for it)."""
         fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while not self._try(fh):
+            if time.monotonic() < deadline:
+                time.sleep(0.05)  # sleep-ok: flock has no timed wait; tried again until the deadline
+                continue
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
@@ -342,6 +346,14 @@ class StateLock:
         fh.write(f"watcher pid {os.getpid()}\n")
         fh.flush()
         self._fh = fh
+
+    @staticmethod
+    def _try(fh: Any) -> bool:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
 
     @staticmethod
     def holder(state_dir: Path) -> str | None:
