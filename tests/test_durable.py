@@ -257,7 +257,7 @@ def test_a_store_newer_than_the_binary_is_refused_with_both_versions(tmp_path, i
     """A SQLite store whose schema is newer than this watcher knows: `run` and `status` exit 2 naming both
     versions, and the store is left as it was."""
     from watcher.store import Store
-    from watcher.store.backup import StoreTooNew
+    from watcher.store.rules import StoreTooNew
     from watcher.store.schema import SCHEMA
 
     path = tmp_path / "state" / "watcher.db"
@@ -282,9 +282,9 @@ def test_a_postgres_store_newer_than_the_binary_is_refused(tmp_path, pg_url):
     `watcher store backup` prints the pg_dump line to run, without a password."""
     import psycopg
 
-    from watcher.store.backup import StoreTooNew
     from watcher.store.postgres import PostgresStore
     from watcher.store.postgres.schema import SCHEMA
+    from watcher.store.rules import StoreTooNew
 
     PostgresStore(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -14,10 +14,11 @@ from typing import Any
 
 from watcher.store.cache import CacheMixin
 from watcher.store.control import ControlMixin
-from watcher.store.core import LeaseLost, StoreBase
-from watcher.store.gate import GateMixin, next_utc_midnight, utc_day
+from watcher.store.core import StoreBase
+from watcher.store.gate import GateMixin
 from watcher.store.listing import FileQuery, Listed, ListingMixin
 from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
+from watcher.store.rules import LeaseLost, next_utc_midnight, utc_day
 from watcher.store.schema import STATES, TERMINAL
 
 __all__ = [

@@ -12,17 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.backup import before_migration, too_new
+from watcher.store.backup import before_migration
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
 from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
+from watcher.store.rules import fenced, job_fence, job_of, too_new
 from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
-
-
-class LeaseLost(Exception):
-    """A job's commit or release was refused: its lease was lost or it was superseded (a newer version arrived).
-
-    The work it did is kept where it was paid for (results, operation IDs); the job's row is not touched.
-    """
 
 
 class StoreBase:
@@ -237,17 +231,7 @@ class StoreBase:
         return job
 
     def _job(self, row: sqlite3.Row) -> Job:
-        return Job(
-            id=row["id"],
-            pipeline=row["pipeline"],
-            step=row["step"],
-            state=row["state"],
-            attempts=row["attempts"],
-            data=json.loads(row["data"]),
-            file=_version(row),
-            last_error=row["last_error"],
-            error_code=row["error_code"],
-        )
+        return job_of(row, _version(row))
 
     def get_job(self, job_id: int) -> Job | None:
         with self._lock:
@@ -410,14 +394,11 @@ _FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?,
 
 def _fence(job: Job) -> tuple[Any, ...]:
     """The arguments of ``_FENCE`` for ``job``: its lease owner, its claim (None: any) and the dead states."""
-    return (job.owner, job.claim, job.claim, *_DEAD)
+    return (*job_fence(job), *_DEAD)
 
 
 _TERMINAL_MARKS = ",".join("?" * len(TERMINAL))
 
 
 def _fenced(cur: sqlite3.Cursor, job: Job) -> None:
-    if cur.rowcount == 0:
-        raise LeaseLost(
-            f"job {job.id} ({job.pipeline}) was superseded or its lease was lost; its result is not recorded"
-        )
+    fenced(cur.rowcount, job)

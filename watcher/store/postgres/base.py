@@ -14,8 +14,6 @@ import psycopg
 from psycopg.rows import dict_row
 
 from watcher.names import text
-from watcher.store.backup import StoreTooNew, too_new
-from watcher.store.core import LeaseLost
 from watcher.store.lanes import LANES, ClaimOrder
 from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult
 from watcher.store.ports import StoreUnavailable
@@ -32,6 +30,7 @@ from watcher.store.postgres.schema import (
     SCHEMA,
     TERMINAL_STATES,
 )
+from watcher.store.rules import StoreTooNew, fence_args, fenced, job_fence, job_of, op_key, too_new
 
 T = TypeVar("T")
 
@@ -39,11 +38,6 @@ T = TypeVar("T")
 def path_bytes(path: str) -> bytes:
     """A path as the store keeps it: its exact bytes."""
     return os.fsencode(path)
-
-
-def op_key(op: Operation) -> tuple[str, str, str, str]:
-    """An operation's primary key in ``operations``."""
-    return (op.sha256, op.service, op.name, op.params)
 
 
 class PgBase:
@@ -237,17 +231,7 @@ class PgBase:
         )
 
     def _job(self, row: dict[str, Any]) -> Job:
-        job = Job(
-            id=int(row["id"]),
-            pipeline=row["pipeline"],
-            step=row["step"],
-            state=row["state"],
-            attempts=int(row["attempts"]),
-            data=json.loads(row["data"]),
-            file=self._version(row),
-            last_error=row["last_error"],
-            error_code=row["error_code"],
-        )
+        job = job_of(row, self._version(row))
         job.holder = row.get("lease_owner") if row.get("lease_until") else None
         return job
 
@@ -609,15 +593,6 @@ def op_answered(db: psycopg.Connection[Any], op: Operation, result: str | None, 
     return False
 
 
-def job_fence(job: Job) -> tuple[Any, ...]:
-    """The arguments of ``FENCE`` for ``job``: its lease owner and its claim (None: any)."""
-    return (job.owner, job.claim, job.claim)
-
-
-def fence_args(fence: Fence) -> tuple[str, int]:
-    return (fence.holder, fence.generation)
-
-
 def adopt_late(db: psycopg.Connection[Any], op: Operation) -> None:
     """An operation nobody holds any more whose late answer was kept is answered by it (never sent again)."""
     db.execute(
@@ -631,9 +606,3 @@ def adopt_late(db: psycopg.Connection[Any], op: Operation) -> None:
 def opt_local(store: PgBase, t: float | None) -> float | None:
     return None if t is None else store._local_time(t)
 
-
-def fenced(rowcount: int, job: Job) -> None:
-    if rowcount == 0:
-        raise LeaseLost(
-            f"job {job.id} ({job.pipeline}) was superseded or its lease was lost; its result is not recorded"
-        )
