@@ -214,7 +214,7 @@ def test_backup_and_restore_round_trip(tmp_path, inbox, emu, run_daemon):
 
 def old_store(path: Path, version: int) -> None:
     """A store as release ``version`` of the schema left it, with one file recorded."""
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
@@ -233,7 +233,7 @@ def old_store(path: Path, version: int) -> None:
 def test_a_migration_is_preceded_by_a_backup_and_three_are_kept(tmp_path):
     """Opening a store of an older schema copies it to backups/watcher-v<old>-<time>.db first; the last 3 stay."""
     from watcher.store import Store
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     path = tmp_path / "state" / "watcher.db"
     for _ in range(4):
@@ -258,7 +258,7 @@ def test_a_store_newer_than_the_binary_is_refused_with_both_versions(tmp_path, i
     versions, and the store is left as it was."""
     from watcher.store import Store
     from watcher.store.rules import StoreTooNew
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     path = tmp_path / "state" / "watcher.db"
     Store(path).close()

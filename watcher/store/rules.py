@@ -37,6 +37,10 @@ AFTER_CRASH_ERROR_SQL = (
     f"ELSE '{CRASHED}' END"
 )
 
+COUNT_CAP = 10_000  # a filtered list's total is counted up to this many (then shown as "10000+")
+FINISHED = ("done", "failed", "skipped")  # what leaves the backlog: jobs_finished indexes these states
+OPEN = ("pending", "in_doubt", "failed")
+
 # One takeable operation as the gate's charge step holds it: (index in the request, operation, a re-send?,
 # the generation this take gives it).
 Takeable = tuple[int, Operation, bool, int]
@@ -217,3 +221,12 @@ def job_of(row: Any, file: FileVersion) -> Job:
         last_error=row["last_error"],
         error_code=row["error_code"],
     )
+
+
+def by_state(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """(pipeline, state) -> n as the nested report, without the zeros, sorted as the recount was."""
+    out: dict[str, dict[str, int]] = {}
+    for (pipeline, state), n in sorted(counts.items()):
+        if n:
+            out.setdefault(pipeline, {})[state] = int(n)
+    return out

@@ -51,9 +51,9 @@ def _any_key(count: int) -> str:
 
 
 class PgGateMixin(_Base):
-    """The gate (same states as watcher.store.gate)."""
+    """The gate (same states as watcher.store.sqlite.gate)."""
 
-    # -- the gate (same states as watcher.store.gate) ----------------------------------------------------
+    # -- the gate (same states as watcher.store.sqlite.gate) ----------------------------------------------------
 
     def gate_take(
         self,
@@ -200,7 +200,7 @@ class PgGateMixin(_Base):
 
     def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:
         """The service answered the take ``fence`` names: keep its ID so the operation is never sent again, by any
-        node. False when that take lost the operation (late): the ID is kept all the same (see watcher.store.gate)."""
+        node. False when that take lost the operation (late): the ID is kept all the same (see the SQLite gate)."""
         return bool(self._run(lambda db: op_answered(db, op, result, fence, remote=True)))
 
     def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool:
@@ -227,7 +227,7 @@ class PgGateMixin(_Base):
         return dict(row)
 
     def gate_adopt(self, op: Operation, result: str) -> bool:
-        """An ID paid for in another store's life, from a verified record on disk (as watcher.store.cache's): answered
+        """An ID paid for in another store's life, from a verified record on disk (as the SQLite cache's): answered
         with no ledger line, unless the gate knows the operation (an untaken ``open`` placeholder counts as not)."""
         sql = (
             "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, result, remote_state, sends, "
@@ -295,7 +295,7 @@ class PgGateMixin(_Base):
         self._run(go)
 
     def ledger_settle(self, sha256: str, seconds: float) -> int:
-        """The real audio seconds of a content whose lines were charged an estimate (see watcher.store.gate)."""
+        """The real audio seconds of a content whose lines were charged an estimate (see watcher.store.sqlite.gate)."""
 
         def go(db: psycopg.Connection[Any]) -> int:
             rows = db.execute(

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.backup import before_migration
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
-from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
+from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, _version
 from watcher.store.rules import fenced, job_fence, job_of, too_new
-from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
+from watcher.store.sqlite.backup import before_migration
+from watcher.store.sqlite.schema import _NOT_PAUSED, SCHEMA, statements
 
 
 class StoreBase:
@@ -42,7 +42,7 @@ class StoreBase:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(SCHEMA):  # a newer watcher used it: never touched (see watcher.store.backup)
+        if version > len(SCHEMA):  # a newer watcher used it: never touched (see watcher.store.sqlite.backup)
             self._db.close()
             raise too_new(str(path), version, len(SCHEMA))
         self._enable_wal()
@@ -374,17 +374,6 @@ class StoreBase:
                 db.execute(f"DELETE FROM jobs WHERE file_id IN ({marks})", chunk)
                 db.execute(f"DELETE FROM files WHERE id IN ({marks})", chunk)
         return len(ids)
-
-
-def statements(script: str) -> Iterator[str]:
-    """The statements of a migration script, whole: a trigger's body holds semicolons of its own."""
-    pending = ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n;"):
-                yield pending
-            pending = ""
 
 
 # A job's row changes only while its holder keeps the lease and it has not been superseded.

@@ -63,7 +63,7 @@ from watcher.store.rules import (
 )
 
 if TYPE_CHECKING:
-    from watcher.store.core import StoreBase
+    from watcher.store.sqlite.core import StoreBase
 
     _Base = StoreBase
 else:
