@@ -1,4 +1,5 @@
-"""What the store hands out: file versions, claimed jobs, stored results, remote IDs, problems."""
+"""What the store hands out: file versions, claimed jobs, stored results, remote IDs, problems; the job states
+and the file list's query, the same in both adapters."""
 
 from __future__ import annotations
 
