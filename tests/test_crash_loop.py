@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import API_KEY, wait_for, write_tone
 from watcher.emulator import Emulator
-from watcher.store.gate import CRASH_REASKS
+from watcher.store.rules import CRASH_REASKS
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -214,7 +214,7 @@ def test_backup_and_restore_round_trip(tmp_path, inbox, emu, run_daemon):
 
 def old_store(path: Path, version: int) -> None:
     """A store as release ``version`` of the schema left it, with one file recorded."""
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
@@ -233,7 +233,7 @@ def old_store(path: Path, version: int) -> None:
 def test_a_migration_is_preceded_by_a_backup_and_three_are_kept(tmp_path):
     """Opening a store of an older schema copies it to backups/watcher-v<old>-<time>.db first; the last 3 stay."""
     from watcher.store import Store
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     path = tmp_path / "state" / "watcher.db"
     for _ in range(4):
@@ -257,8 +257,8 @@ def test_a_store_newer_than_the_binary_is_refused_with_both_versions(tmp_path, i
     """A SQLite store whose schema is newer than this watcher knows: `run` and `status` exit 2 naming both
     versions, and the store is left as it was."""
     from watcher.store import Store
-    from watcher.store.backup import StoreTooNew
-    from watcher.store.schema import SCHEMA
+    from watcher.store.rules import StoreTooNew
+    from watcher.store.sqlite.schema import SCHEMA
 
     path = tmp_path / "state" / "watcher.db"
     Store(path).close()
@@ -282,9 +282,9 @@ def test_a_postgres_store_newer_than_the_binary_is_refused(tmp_path, pg_url):
     `watcher store backup` prints the pg_dump line to run, without a password."""
     import psycopg
 
-    from watcher.store.backup import StoreTooNew
     from watcher.store.postgres import PostgresStore
     from watcher.store.postgres.schema import SCHEMA
+    from watcher.store.rules import StoreTooNew
 
     PostgresStore(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from watcher.store import Operation, Store, utc_day
-from watcher.store.gate import CRASH_REASKS
+from watcher.store.rules import CRASH_REASKS
 
 SHA = "ab" * 32
 UPLOAD = Operation(SHA, "processing http://x account:1", "upload", "p1", "reask")

@@ -177,8 +177,8 @@ def test_an_idle_heartbeat_neither_counts_the_queue_nor_rewrites_folder_health(
 ):
     """Between changes the heartbeat only pings: the queue is counted again after a file settled or a job ran,
     and a folder's health is written when it changed (idle CPU stays flat however many jobs the store holds)."""
-    from watcher.store.control import ControlMixin
-    from watcher.store.listing import ListingMixin
+    from watcher.store.sqlite.control import ControlMixin
+    from watcher.store.sqlite.listing import ListingMixin
 
     calls = {"beats": 0, "counts": 0, "health": 0}
 

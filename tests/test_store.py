@@ -215,7 +215,7 @@ def test_wal_mode_lets_readers_in_while_a_writer_works(tmp_path):
 
 def test_a_store_from_the_previous_release_is_migrated(tmp_path):
     """A version-3 store (stages, error kinds, a remote-ID table) upgrades with nothing lost and nothing re-paid."""
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     db = sqlite3.connect(tmp_path / "w.db")
     for script in SCHEMA[:3]:
@@ -354,7 +354,7 @@ def test_live_files_and_higher_priorities_go_first_but_the_backlog_keeps_a_share
 
 def test_a_version_5_store_gets_the_claim_indexes(tmp_path):
     """Migration 6 replaces the one due-index by the lanes' partial indexes; pending work is claimed in lane order."""
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     db = sqlite3.connect(tmp_path / "w.db")
     for script in SCHEMA[:5]:

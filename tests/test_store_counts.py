@@ -140,8 +140,7 @@ def test_a_version_10_sqlite_store_gets_its_counts_and_tags(tmp_path):
     import sqlite3
 
     from watcher.store import Store
-    from watcher.store.core import statements
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA, statements
 
     db = sqlite3.connect(tmp_path / "w.db")
     for script in SCHEMA[:10]:

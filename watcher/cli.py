@@ -456,7 +456,7 @@ def _store(settings: Settings, args: argparse.Namespace) -> int:
     from watcher.fsutil import StateLock
     from watcher.migrate import migrate
     from watcher.store import backup as copies
-    from watcher.store.schema import SCHEMA
+    from watcher.store.sqlite.schema import SCHEMA
 
     if args.action == "migrate":
         return migrate(settings, args.to, dry_run=args.dry_run).code

@@ -1,4 +1,4 @@
-"""Paid calls, made one way only: through the store's gate (the states are drawn in watcher.store.gate).
+"""Paid calls, made one way only: through the store's gate (the states are drawn in watcher.store.sqlite.gate).
 
     take ─┬─ send ─▶ the request ─┬─ answered ............ its ID or results kept; never sent again
           │    (one wire ticket)   ├─ not sent (provably) . free to send again, not spent

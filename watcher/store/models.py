@@ -1,16 +1,19 @@
-"""What the store hands out: file versions, claimed jobs, stored results, remote IDs, problems."""
+"""What the store hands out: file versions, claimed jobs, stored results, remote IDs, problems; the job states
+and the file list's query, the same in both adapters."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from watcher.names import from_db
-from watcher.store.schema import STATES
 
+# A job's state: pending (due at next_attempt_at, or leased), in_doubt (held for the user), or a final one.
+TERMINAL = frozenset({"done", "failed", "skipped", "superseded", "gone"})
+STATES = frozenset({"pending", "in_doubt"}) | TERMINAL
 
 @dataclass(frozen=True)
 class FileVersion:
@@ -43,7 +46,7 @@ class NewVersion:
 
 @dataclass
 class Job:
-    """One pipeline for one file version: the ``step`` it stands at and its ``state`` (see store.schema)."""
+    """One pipeline for one file version: the ``step`` it stands at and its ``state`` (see ``STATES``)."""
 
     id: int
     pipeline: str
@@ -139,6 +142,66 @@ class Problem:
     attempts: int
     next_attempt_at: float | None
     data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileQuery:
+    """A page of the file list: filters (each optional), the page (from 1) and its size."""
+
+    state: str = ""
+    folder: str = ""
+    text: str = ""
+    key: str = ""
+    scale: str = ""
+    bpm_min: float | None = None
+    bpm_max: float | None = None
+    page: int = 1
+    size: int = 50
+
+    @staticmethod
+    def of(query: Mapping[str, str], size: int = 50) -> FileQuery:
+        """The query of the page's URL: ``state``, ``folder``, ``q``, ``key`` (``A minor`` or ``A``), ``bpm_min``,
+        ``bpm_max``, ``page``; unreadable values are ignored."""
+        words = (query.get("key") or "").split()
+        key = words[0][:1].upper() + words[0][1:].lower() if words else ""
+        scale = words[1].lower() if len(words) > 1 else ""
+        try:
+            page = max(1, int(query.get("page") or 1))
+        except ValueError:
+            page = 1
+        return FileQuery(
+            state=query.get("state") or "",
+            folder=(query.get("folder") or "").rstrip("/"),
+            text=query.get("q") or "",
+            key=key,
+            scale=scale,
+            bpm_min=_float(query.get("bpm_min")),
+            bpm_max=_float(query.get("bpm_max")),
+            page=page,
+            size=size,
+        )
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.state or self.text or self.key or self.bpm_min is not None or self.bpm_max is not None)
+
+
+@dataclass
+class Listed:
+    """One current file version with its jobs and the key, scale and tempo its stored results give."""
+
+    file: FileVersion
+    key: str | None = None
+    scale: str | None = None
+    bpm: float | None = None
+    jobs: list[Job] = field(default_factory=list)
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
 
 
 def _version(row: sqlite3.Row) -> FileVersion:

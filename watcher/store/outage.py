@@ -32,9 +32,9 @@ import structlog
 
 from watcher.fsutil import write_json_atomic
 from watcher.store.away import StoreAway, unavailable
-from watcher.store.core import LeaseLost
 from watcher.store.journal import Journal, apply, encode
 from watcher.store.models import Job
+from watcher.store.rules import LeaseLost
 
 log = structlog.get_logger("watcher.store")
 RETRY_FIRST = 1.0

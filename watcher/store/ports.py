@@ -14,8 +14,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from watcher.store.listing import FileQuery, Listed
-from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, Problem, StoredResult, Ticket
+from watcher.store.models import (
+    Fence,
+    FileQuery,
+    FileVersion,
+    Job,
+    Listed,
+    NewVersion,
+    Operation,
+    Problem,
+    StoredResult,
+    Ticket,
+)
 
 
 class Registry(Protocol):
@@ -95,7 +105,7 @@ class Results(Protocol):
 
 
 class Gate(Protocol):
-    """The paid-operation gate and its ledger (see watcher.store.gate for the states)."""
+    """The paid-operation gate and its ledger (see watcher.store.sqlite.gate for the states)."""
 
     def gate_take(
         self,

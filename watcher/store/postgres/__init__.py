@@ -25,15 +25,17 @@ Design (see README "Several machines"):
 from __future__ import annotations
 
 from watcher.store.postgres.base import PgBase
+from watcher.store.postgres.cache import PgCacheMixin
 from watcher.store.postgres.control import PgControlMixin
 from watcher.store.postgres.gate import PgGateMixin
+from watcher.store.postgres.jobs import PgJobsMixin
 from watcher.store.postgres.listing import PgListingMixin
 from watcher.store.postgres.pool import StoreUnreachable, redact
 
 __all__ = ["PostgresStore", "StoreUnreachable", "redact"]
 
 
-class PostgresStore(PgGateMixin, PgListingMixin, PgControlMixin, PgBase):
+class PostgresStore(PgGateMixin, PgListingMixin, PgControlMixin, PgCacheMixin, PgJobsMixin, PgBase):
     """The store in PostgreSQL: safe for many threads of many daemons on many machines at once."""
 
     shared = True  # several daemons use it at once: leases are not given back wholesale at start

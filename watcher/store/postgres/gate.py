@@ -9,30 +9,31 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from watcher.names import text
-from watcher.store.gate import (
+from watcher.store.models import Fence, Operation, Ticket
+from watcher.store.postgres.base import adopt_late, got, op_answered, opt_local, set_op_state
+from watcher.store.postgres.schema import KEY_WHERE, NOW, OP_FENCED
+from watcher.store.rules import (
     AFTER_CRASH_ERROR_SQL,
     AFTER_CRASH_SQL,
     UNPAID,
     WAIT_SECONDS,
+    Takeable,
     after_crash,
     capped_tickets,
-    ledger_kind,
+    crashed,
+    fence_args,
+    ledger_line,
     next_utc_midnight,
+    op_key,
+    op_key_of,
+    over_cap,
     own_ticket,
     replayed,
+    sent_tickets,
+    takeable,
     utc_day,
+    verdict,
 )
-from watcher.store.models import Fence, Operation, Ticket
-from watcher.store.postgres.base import (
-    adopt_late,
-    fence_args,
-    got,
-    op_answered,
-    op_key,
-    opt_local,
-    set_op_state,
-)
-from watcher.store.postgres.schema import KEY_WHERE, NOW, OP_FENCED
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -49,15 +50,10 @@ def _any_key(count: int) -> str:
     return " OR ".join([f"({KEY_WHERE})"] * count)
 
 
-def op_key_of(row: Any) -> tuple[str, str, str, str]:
-    """An operations row's key, as :func:`op_key` gives an Operation's."""
-    return (row["sha256"], row["service"], row["operation"], row["params"])
-
-
 class PgGateMixin(_Base):
-    """The gate (same states as watcher.store.gate)."""
+    """The gate (same states as watcher.store.sqlite.gate)."""
 
-    # -- the gate (same states as watcher.store.gate) ----------------------------------------------------
+    # -- the gate (same states as watcher.store.sqlite.gate) ----------------------------------------------------
 
     def gate_take(
         self,
@@ -87,113 +83,124 @@ class PgGateMixin(_Base):
         def go(db: psycopg.Connection[Any]) -> list[Ticket]:
             at = self._now(db) if now is None else now
             tickets: dict[int, Ticket] = {}
-            takeable: list[tuple[int, Operation, bool, int]] = []
-            keys = sorted({op_key(op): op for op in ops}.items())  # a fixed lock order: no deadlock between takers
-            db.execute(
-                "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, created_at, updated_at) "
-                f"VALUES {','.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(keys))} ON CONFLICT DO NOTHING",
-                [v for key, op in keys for v in (*key, op.on_doubt, "open", at, at)],
-            )
-            rows = {
-                op_key_of(r): r
-                for r in db.execute(
-                    f"SELECT * FROM operations WHERE {_any_key(len(keys))} "
-                    f"ORDER BY {_IN_KEY_ORDER} FOR UPDATE",  # locked in the same order as inserted
-                    [v for key, _ in keys for v in key],
-                ).fetchall()
-            }
+            free: list[Takeable] = []
+            rows = self._locked_rows(db, ops, at)
             for i, op in enumerate(ops):
                 row = rows[op_key(op)]
-                state = row["state"]
                 if replayed(row, take):
                     tickets[i] = own_ticket(op, row)
                     continue
-                if state == "sending" and (row["lease_until"] or 0) < at:
+                if crashed(row, at):
                     state, why = after_crash(op.on_doubt, int(row["sends"]))  # its sender died mid-call
                     set_op_state(db, op, state, at, error=why)
                     row = got(db.execute(f"SELECT * FROM operations WHERE {KEY_WHERE}", op_key(op)).fetchone())
-                    state = row["state"]  # a late answer kept beside it makes it answered
-                if state == "answered":
-                    tickets[i] = Ticket("answered", op, result=row["result"])
-                elif state == "sending":
-                    tickets[i] = Ticket("wait", op, until=local_now + WAIT_SECONDS, holder=row["holder"])
-                elif state == "in_doubt" and not resend_in_doubt:
-                    since = None if row["since"] is None else local_now - (at - row["since"])
-                    tickets[i] = Ticket("in_doubt", op, since=since, error=row["error"])
+                since = None if row["since"] is None else local_now - (at - row["since"])
+                ticket = verdict(
+                    op, row, wait_until=local_now + WAIT_SECONDS, since=since, resend_in_doubt=resend_in_doubt
+                )
+                if ticket is None:
+                    free.append(takeable(i, op, row))
                 else:
-                    takeable.append((i, op, state in ("reask", "in_doubt"), int(row["generation"]) + 1))
-            if takeable:
-                tickets.update(charge(db, takeable, at))
+                    tickets[i] = ticket
+            if free:
+                charged = self._charge(db, free, budget, seconds, cap_seconds, at, local_now, owner, estimated)
+                tickets.update(charged)
+                request = charged[free[0][0]].request
+                if request is not None:  # within the cap: taken
+                    self._take(db, free, owner, at + lease, take, request, at)
             return [tickets[i] for i in range(len(ops))]
-
-        def charge(
-            db: psycopg.Connection[Any], takeable: list[tuple[int, Operation, bool, int]], at: float
-        ) -> dict[int, Ticket]:
-            """The day's cap checked (its spend row locked) and, within it, the ledger line and every take."""
-            day = utc_day(at)
-            if cap_seconds is None:  # the day's row made and charged by one statement
-                db.execute(
-                    "INSERT INTO spend (day, service, seconds, calls) VALUES (%s, %s, %s, 1) "
-                    "ON CONFLICT (day, service) DO UPDATE SET seconds=spend.seconds+excluded.seconds, "
-                    "calls=spend.calls+1",
-                    (day, budget, seconds),
-                )
-            else:
-                spent = got(
-                    db.execute(
-                        "INSERT INTO spend (day, service) VALUES (%s, %s) ON CONFLICT (day, service) "
-                        "DO UPDATE SET day=excluded.day RETURNING seconds, capped_at",
-                        (day, budget),
-                    ).fetchone()
-                )
-                if spent["seconds"] + seconds > cap_seconds:
-                    first = spent["capped_at"] is None
-                    if first:
-                        db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
-                    until = local_now + (next_utc_midnight(at) - at)
-                    return capped_tickets(takeable, until, first, spent["seconds"], cap_seconds)
-                db.execute(
-                    "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
-                    (seconds, day, budget),
-                )
-            request = got(
-                db.execute(
-                    "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome, kind, "
-                    "estimated, endpoint) VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending', %s, %s, %s) RETURNING id",
-                    (
-                        at,
-                        day,
-                        budget,
-                        ",".join(op.name for _, op, _, _ in takeable),
-                        takeable[0][1].sha256,
-                        seconds,
-                        sum(op.name.startswith("analyze:") for _, op, _, _ in takeable),
-                        ledger_kind(takeable),
-                        estimated,
-                        takeable[0][1].service,
-                    ),
-                ).fetchone()
-            )["id"]
-            by_doubt: dict[str, set[tuple[str, str, str, str]]] = {}
-            for _, op, _, _ in takeable:
-                by_doubt.setdefault(op.on_doubt, set()).add(op_key(op))
-            for on_doubt, keys in by_doubt.items():  # one statement (one policy for every model, as a rule)
-                db.execute(
-                    "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, sends=sends+1, "
-                    "generation=generation+1, take_id=%s, request=%s, "
-                    f"error=NULL, since=NULL, updated_at=%s WHERE {_any_key(len(keys))}",
-                    [on_doubt, owner, at + lease, take, request, at, *(v for key in sorted(keys) for v in key)],
-                )
-            return {
-                i: Ticket("send", op, resend=resend, request=int(request), fence=Fence(owner, generation))
-                for i, op, resend, generation in takeable
-            }
 
         return self._run(go)
 
+    @staticmethod
+    def _locked_rows(db: psycopg.Connection[Any], ops: Sequence[Operation], at: float) -> dict[Any, Any]:
+        """The rows of ``ops`` (an ``open`` placeholder made for those never taken), locked in one fixed order so
+        that two takers cannot deadlock, by key."""
+        keys = sorted({op_key(op): op for op in ops}.items())
+        db.execute(
+            "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, created_at, updated_at) "
+            f"VALUES {','.join(['(%s, %s, %s, %s, %s, %s, %s, %s)'] * len(keys))} ON CONFLICT DO NOTHING",
+            [v for key, op in keys for v in (*key, op.on_doubt, "open", at, at)],
+        )
+        return {
+            op_key_of(r): r
+            for r in db.execute(
+                f"SELECT * FROM operations WHERE {_any_key(len(keys))} "
+                f"ORDER BY {_IN_KEY_ORDER} FOR UPDATE",  # locked in the same order as inserted
+                [v for key, _ in keys for v in key],
+            ).fetchall()
+        }
+
+    @staticmethod
+    def _charge(
+        db: psycopg.Connection[Any],
+        free: list[Takeable],
+        budget: str,
+        seconds: float,
+        cap_seconds: float | None,
+        at: float,
+        local_now: float,
+        owner: str,
+        estimated: bool,
+    ) -> dict[int, Ticket]:
+        """The day's cap checked (its spend row locked) and, within it, the day's spend charged and the ledger
+        line written: every takeable operation's ticket (send, or capped until the next UTC day)."""
+        day = utc_day(at)
+        if cap_seconds is None:  # the day's row made and charged by one statement
+            db.execute(
+                "INSERT INTO spend (day, service, seconds, calls) VALUES (%s, %s, %s, 1) "
+                "ON CONFLICT (day, service) DO UPDATE SET seconds=spend.seconds+excluded.seconds, "
+                "calls=spend.calls+1",
+                (day, budget, seconds),
+            )
+        else:
+            spent = got(
+                db.execute(
+                    "INSERT INTO spend (day, service) VALUES (%s, %s) ON CONFLICT (day, service) "
+                    "DO UPDATE SET day=excluded.day RETURNING seconds, capped_at",
+                    (day, budget),
+                ).fetchone()
+            )
+            if over_cap(spent["seconds"], seconds, cap_seconds):
+                first = spent["capped_at"] is None
+                if first:
+                    db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
+                until = local_now + (next_utc_midnight(at) - at)
+                return capped_tickets(free, until, first, spent["seconds"], cap_seconds)
+            db.execute(
+                "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
+                (seconds, day, budget),
+            )
+        names, models, kind, sha256, endpoint = ledger_line(free)
+        request = got(
+            db.execute(
+                "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome, kind, "
+                "estimated, endpoint) VALUES (%s, %s, %s, %s, %s, %s, %s, 'sending', %s, %s, %s) RETURNING id",
+                (at, day, budget, names, sha256, seconds, models, kind, estimated, endpoint),
+            ).fetchone()
+        )["id"]
+        return sent_tickets(free, owner, int(request))
+
+    @staticmethod
+    def _take(
+        db: psycopg.Connection[Any], free: list[Takeable], owner: str, until: float, take: str, request: int, at: float
+    ) -> None:
+        """Take every operation of a charged request: ``sending``, held by ``owner`` until ``until``, its
+        generation grown (the fence its ticket names), under the request's ledger line."""
+        by_doubt: dict[str, set[tuple[str, str, str, str]]] = {}
+        for _, op, _, _ in free:
+            by_doubt.setdefault(op.on_doubt, set()).add(op_key(op))
+        for on_doubt, keys in by_doubt.items():  # one statement (one policy for every model, as a rule)
+            db.execute(
+                "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, sends=sends+1, "
+                "generation=generation+1, take_id=%s, request=%s, "
+                f"error=NULL, since=NULL, updated_at=%s WHERE {_any_key(len(keys))}",
+                [on_doubt, owner, until, take, request, at, *(v for key in sorted(keys) for v in key)],
+            )
+
     def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:
         """The service answered the take ``fence`` names: keep its ID so the operation is never sent again, by any
-        node. False when that take lost the operation (late): the ID is kept all the same (see watcher.store.gate)."""
+        node. False when that take lost the operation (late): the ID is kept all the same (see the SQLite gate)."""
         return bool(self._run(lambda db: op_answered(db, op, result, fence, remote=True)))
 
     def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool:
@@ -220,7 +227,7 @@ class PgGateMixin(_Base):
         return dict(row)
 
     def gate_adopt(self, op: Operation, result: str) -> bool:
-        """An ID paid for in another store's life, from a verified record on disk (as watcher.store.cache's): answered
+        """An ID paid for in another store's life, from a verified record on disk (as the SQLite cache's): answered
         with no ledger line, unless the gate knows the operation (an untaken ``open`` placeholder counts as not)."""
         sql = (
             "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, result, remote_state, sends, "
@@ -288,7 +295,7 @@ class PgGateMixin(_Base):
         self._run(go)
 
     def ledger_settle(self, sha256: str, seconds: float) -> int:
-        """The real audio seconds of a content whose lines were charged an estimate (see watcher.store.gate)."""
+        """The real audio seconds of a content whose lines were charged an estimate (see watcher.store.sqlite.gate)."""
 
         def go(db: psycopg.Connection[Any]) -> int:
             rows = db.execute(

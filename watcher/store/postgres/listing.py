@@ -1,14 +1,14 @@
 """What the page, its API and `watcher status` read from the PostgreSQL store, at any size: counts kept by
 triggers in per-session slots (summed here, never recounted), the backlog's recent pace, and pages of current
-files found through indexes (as :mod:`watcher.store.listing` does for SQLite)."""
+files found through indexes (as :mod:`watcher.store.sqlite.listing` does for SQLite)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from watcher.store.listing import COUNT_CAP, OPEN, FileQuery, Listed, by_state
+from watcher.store.models import STATES, FileQuery, Listed
 from watcher.store.postgres.schema import JOB_SELECT
-from watcher.store.schema import STATES
+from watcher.store.rules import COUNT_CAP, OPEN, by_state
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from watcher.store.schema import TERMINAL
+from watcher.store.models import TERMINAL
 
 LOCK_KEY = 0x77617463  # the advisory lock migrations run under ("watc")
 # The database's clock, in seconds since the epoch: every lease, due time and heartbeat is computed with it.
@@ -130,11 +130,11 @@ SCHEMA = [
     CREATE INDEX jobs_gone ON jobs (file_id) WHERE state = 'gone';
     """,
     # version 3: the heartbeat counts the jobs still open (pending, held, failed) through an index, not by
-    # reading every finished job; the predicate must read as OPEN_STATES in watcher.store.schema.
+    # reading every finished job; the predicate must read as OPEN_STATES in watcher.store.sqlite.schema.
     """
     CREATE INDEX jobs_open ON jobs (pipeline, state) WHERE state IN ('pending', 'in_doubt', 'failed');
     """,
-    # version 4: a ledger line says what it is held against the bill by (as version 8 of watcher.store.schema).
+    # version 4: a ledger line says what it is held against the bill by (as version 8 of watcher.store.sqlite.schema).
     """
     ALTER TABLE ledger ADD COLUMN kind text NOT NULL DEFAULT 'first';
     ALTER TABLE ledger ADD COLUMN estimated boolean NOT NULL DEFAULT false;
@@ -154,14 +154,14 @@ SCHEMA = [
     UPDATE operations SET generation = sends;
     ALTER TABLE nodes ADD COLUMN node_id text;
     """,
-    # version 6: today's files first (as version 10 of watcher.store.schema).
+    # version 6: today's files first (as version 10 of watcher.store.sqlite.schema).
     """
     ALTER TABLE jobs ADD COLUMN priority integer NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN live integer NOT NULL DEFAULT 0;
     CREATE INDEX jobs_due_first ON jobs (pipeline, priority DESC, live DESC, next_attempt_at, id)
         WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
     """,
-    # version 7: a million files stay fast (as version 11 of watcher.store.schema). The counts are kept in rows per
+    # version 7: a million files stay fast (as version 11 of the SQLite schema). The counts are kept in rows per
     # database session's slot (its backend pid modulo 64): each node's connections write their own rows, so no
     # single hot row serialises the nodes; a read sums the slots.
     """
@@ -279,7 +279,7 @@ FENCE = (
     " AND state NOT IN ('superseded', 'gone')"
 )
 KEY_WHERE = "sha256=%s AND service=%s AND operation=%s AND params=%s"
-# An operation's outcome changes it only while the take that sent it still holds it (see watcher.store.gate).
+# An operation's outcome changes it only while the take that sent it still holds it (see watcher.store.sqlite.gate).
 OP_FENCED = " AND state='sending' AND holder=%s AND generation=%s"
 OP_UNHELD = " AND state IN ('open', 'reask', 'in_doubt')"
 TERMINAL_STATES = tuple(sorted(TERMINAL))

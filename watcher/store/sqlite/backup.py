@@ -18,27 +18,13 @@ from pathlib import Path
 
 import structlog
 
-from watcher import __version__
 from watcher.errors import ConfigError
+from watcher.store.rules import too_new
 
 log = structlog.get_logger("watcher.store")
 KEEP = 3  # automatic copies kept in the state folder's backups/ (the newest)
 _AUTOMATIC = re.compile(r"watcher-v\d+-\d{8}T\d+Z\.db")  # the copies made before migrations (rotated)
 TABLES = {"files", "jobs", "results", "operations"}  # what makes a file a watcher store
-
-
-class StoreTooNew(ConfigError):
-    """The store's schema is newer than this binary knows: it was used by a newer watcher (exit code 2)."""
-
-
-def too_new(where: str, found: int, known: int) -> StoreTooNew:
-    """The refusal to open a store of schema ``found`` with a binary that knows up to ``known``."""
-    return StoreTooNew(
-        f"the store at {where} has schema version {found}, but this watcher ({__version__}) knows versions up to "
-        f"{known}: a newer watcher has used it. Nothing was changed. Run the newer watcher again, or restore a "
-        "backup made before the upgrade (`watcher store restore PATH`; SQLite keeps copies in the state folder's "
-        "backups/ before each migration)"
-    )
 
 
 def _stamp() -> str:

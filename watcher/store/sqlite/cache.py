@@ -7,11 +7,11 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from watcher.store.gate import answered
 from watcher.store.models import Fence, Operation, StoredResult
+from watcher.store.sqlite.gate import answered
 
 if TYPE_CHECKING:
-    from watcher.store.core import StoreBase
+    from watcher.store.sqlite.core import StoreBase
 
     _Base = StoreBase
 else:

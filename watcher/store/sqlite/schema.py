@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-# A job's state: pending (due at next_attempt_at, or leased), in_doubt (held for the user), or a final one.
-TERMINAL = frozenset({"done", "failed", "skipped", "superseded", "gone"})
-STATES = frozenset({"pending", "in_doubt"}) | TERMINAL
+import sqlite3
+from collections.abc import Iterator
 
 
 def _first(doc: str, field: str) -> str:
@@ -303,3 +302,14 @@ SCHEMA = [
 # The states still open, as the heartbeat counts them; the jobs_open indexes (both stores) have this predicate.
 OPEN_STATES = "j.state IN ('pending', 'in_doubt', 'failed')"
 _NOT_PAUSED = "AND f.folder NOT IN (SELECT path FROM folder_state WHERE paused=1) "
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, whole: a trigger's body holds semicolons of its own."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""

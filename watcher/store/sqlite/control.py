@@ -11,7 +11,7 @@ from watcher.names import from_db, text, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk
 
 if TYPE_CHECKING:
-    from watcher.store.core import StoreBase
+    from watcher.store.sqlite.core import StoreBase
 
     _Base = StoreBase
 else:

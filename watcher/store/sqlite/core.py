@@ -12,17 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.backup import before_migration, too_new
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
-from watcher.store.models import _JOB_SELECT, FileVersion, Job, NewVersion, _version
-from watcher.store.schema import _NOT_PAUSED, SCHEMA, TERMINAL
-
-
-class LeaseLost(Exception):
-    """A job's commit or release was refused: its lease was lost or it was superseded (a newer version arrived).
-
-    The work it did is kept where it was paid for (results, operation IDs); the job's row is not touched.
-    """
+from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, _version
+from watcher.store.rules import fenced, job_fence, job_of, too_new
+from watcher.store.sqlite.backup import before_migration
+from watcher.store.sqlite.schema import _NOT_PAUSED, SCHEMA, statements
 
 
 class StoreBase:
@@ -48,7 +42,7 @@ class StoreBase:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(SCHEMA):  # a newer watcher used it: never touched (see watcher.store.backup)
+        if version > len(SCHEMA):  # a newer watcher used it: never touched (see watcher.store.sqlite.backup)
             self._db.close()
             raise too_new(str(path), version, len(SCHEMA))
         self._enable_wal()
@@ -237,17 +231,7 @@ class StoreBase:
         return job
 
     def _job(self, row: sqlite3.Row) -> Job:
-        return Job(
-            id=row["id"],
-            pipeline=row["pipeline"],
-            step=row["step"],
-            state=row["state"],
-            attempts=row["attempts"],
-            data=json.loads(row["data"]),
-            file=_version(row),
-            last_error=row["last_error"],
-            error_code=row["error_code"],
-        )
+        return job_of(row, _version(row))
 
     def get_job(self, job_id: int) -> Job | None:
         with self._lock:
@@ -393,17 +377,6 @@ class StoreBase:
         return len(ids)
 
 
-def statements(script: str) -> Iterator[str]:
-    """The statements of a migration script, whole: a trigger's body holds semicolons of its own."""
-    pending = ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n;"):
-                yield pending
-            pending = ""
-
-
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
 _DEAD = ("superseded", "gone")
 _FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?, ?)"
@@ -411,14 +384,11 @@ _FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?,
 
 def _fence(job: Job) -> tuple[Any, ...]:
     """The arguments of ``_FENCE`` for ``job``: its lease owner, its claim (None: any) and the dead states."""
-    return (job.owner, job.claim, job.claim, *_DEAD)
+    return (*job_fence(job), *_DEAD)
 
 
 _TERMINAL_MARKS = ",".join("?" * len(TERMINAL))
 
 
 def _fenced(cur: sqlite3.Cursor, job: Job) -> None:
-    if cur.rowcount == 0:
-        raise LeaseLost(
-            f"job {job.id} ({job.pipeline}) was superseded or its lease was lost; its result is not recorded"
-        )
+    fenced(cur.rowcount, job)

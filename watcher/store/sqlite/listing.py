@@ -3,94 +3,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, to_db
-from watcher.store.models import _JOB_SELECT, FileVersion, Job, _version
-from watcher.store.schema import STATES
+from watcher.store.models import _JOB_SELECT, STATES, FileQuery, Listed, _version
+from watcher.store.rules import COUNT_CAP, OPEN, by_state
 
 if TYPE_CHECKING:
-    from watcher.store.core import StoreBase
+    from watcher.store.sqlite.core import StoreBase
 
     _Base = StoreBase
 else:
     _Base = object
-
-COUNT_CAP = 10_000  # a filtered list's total is counted up to this many (then shown as "10000+")
-FINISHED = ("done", "failed", "skipped")  # what leaves the backlog: jobs_finished indexes these states
-OPEN = ("pending", "in_doubt", "failed")
-
-
-@dataclass(frozen=True)
-class FileQuery:
-    """A page of the file list: filters (each optional), the page (from 1) and its size."""
-
-    state: str = ""
-    folder: str = ""
-    text: str = ""
-    key: str = ""
-    scale: str = ""
-    bpm_min: float | None = None
-    bpm_max: float | None = None
-    page: int = 1
-    size: int = 50
-
-    @staticmethod
-    def of(query: Mapping[str, str], size: int = 50) -> FileQuery:
-        """The query of the page's URL: ``state``, ``folder``, ``q``, ``key`` (``A minor`` or ``A``), ``bpm_min``,
-        ``bpm_max``, ``page``; unreadable values are ignored."""
-        words = (query.get("key") or "").split()
-        key = words[0][:1].upper() + words[0][1:].lower() if words else ""
-        scale = words[1].lower() if len(words) > 1 else ""
-        try:
-            page = max(1, int(query.get("page") or 1))
-        except ValueError:
-            page = 1
-        return FileQuery(
-            state=query.get("state") or "",
-            folder=(query.get("folder") or "").rstrip("/"),
-            text=query.get("q") or "",
-            key=key,
-            scale=scale,
-            bpm_min=_float(query.get("bpm_min")),
-            bpm_max=_float(query.get("bpm_max")),
-            page=page,
-            size=size,
-        )
-
-    @property
-    def filtered(self) -> bool:
-        return bool(self.state or self.text or self.key or self.bpm_min is not None or self.bpm_max is not None)
-
-
-@dataclass
-class Listed:
-    """One current file version with its jobs and the key, scale and tempo its stored results give."""
-
-    file: FileVersion
-    key: str | None = None
-    scale: str | None = None
-    bpm: float | None = None
-    jobs: list[Job] = field(default_factory=list)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value not in (None, "") else None
-    except ValueError:
-        return None
-
-
-def by_state(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
-    """(pipeline, state) -> n as the nested report, without the zeros, sorted as the recount was."""
-    out: dict[str, dict[str, int]] = {}
-    for (pipeline, state), n in sorted(counts.items()):
-        if n:
-            out.setdefault(pipeline, {})[state] = int(n)
-    return out
-
 
 def _order(query: FileQuery) -> str:
     """Path order; newest first for an open state (failed, held, pending), by tempo (then path) for a tempo

@@ -33,7 +33,6 @@ recognises itself instead of waiting on its own operation.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,35 +40,40 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.names import text
 from watcher.store.models import Fence, Operation, Ticket
+from watcher.store.rules import (
+    AFTER_CRASH_ERROR_SQL,
+    AFTER_CRASH_SQL,
+    UNPAID,
+    WAIT_SECONDS,
+    Takeable,
+    after_crash,
+    capped_tickets,
+    crashed,
+    fence_args,
+    ledger_line,
+    next_utc_midnight,
+    op_key,
+    over_cap,
+    own_ticket,
+    replayed,
+    sent_tickets,
+    takeable,
+    utc_day,
+    verdict,
+)
 
 if TYPE_CHECKING:
-    from watcher.store.core import StoreBase
+    from watcher.store.sqlite.core import StoreBase
 
     _Base = StoreBase
 else:
     _Base = object
 
-WAIT_SECONDS = 1.0
-UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
 _KEY = "sha256=? AND service=? AND operation=? AND params=?"
 _FENCED = " AND state='sending' AND holder=? AND generation=?"
 # A late answer is adopted where nobody holds the operation (paid work is never thrown away).
 _UNHELD = " AND state IN ('open', 'reask', 'in_doubt')"
-
-
-def utc_day(now: float) -> str:
-    """The UTC calendar day of a timestamp, as the ledger keys it (``2026-11-29``)."""
-    return dt.datetime.fromtimestamp(now, dt.UTC).date().isoformat()
-
-
-def next_utc_midnight(now: float) -> float:
-    """When the next UTC day starts (when a daily cap resets)."""
-    day = dt.datetime.fromtimestamp(now, dt.UTC).date() + dt.timedelta(days=1)
-    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
-
-
-def _key(op: Operation) -> tuple[str, str, str, str]:
-    return (op.sha256, op.service, op.name, op.params)
+_key = op_key
 
 
 def _rows_by_key(db: Any, ops: Sequence[Operation]) -> dict[tuple[str, str, str, str], Any]:
@@ -81,60 +85,6 @@ def _rows_by_key(db: Any, ops: Sequence[Operation]) -> dict[tuple[str, str, str,
         [v for op in ops for v in _key(op)],
     ).fetchall()
     return {(r["sha256"], r["service"], r["operation"], r["params"]): r for r in rows}
-
-
-def ledger_kind(takeable: Sequence[tuple[int, Operation, bool, int]]) -> str:
-    """What a take is, as its ledger line says: ``first``, ``reask`` (re-asked models) or ``resend`` (held ones);
-    ``takeable`` as the gate's charge step holds it: (index, operation, a re-send?, generation)."""
-    again = [op for _, op, resend, _ in takeable if resend]
-    if not again:
-        return "first"
-    return "reask" if all(op.on_doubt == "reask" for op in again) else "resend"
-
-
-def capped_tickets(
-    takeable: Sequence[tuple[Any, ...]], until: float, first: bool, spent: float, cap: float
-) -> dict[int, Ticket]:
-    """The answer to every takeable operation when the day's cap would be passed (both stores give the same)."""
-    return {
-        i: Ticket("capped", op, until=until, first_cap=first, spent_seconds=spent, cap_seconds=cap)
-        for i, op, *_ in takeable
-    }
-
-
-# A request whose sender died mid-call (a crash, a kill, the OOM killer) is asked again at most this many times;
-# the next such death holds it in doubt: a file that stops the daemon must not be paid for at every restart.
-CRASH_REASKS = 2
-CRASHED = "the daemon stopped while the request was in flight"
-HELD_AFTER_CRASHES = (
-    f"the daemon stopped while this request was in flight, {CRASH_REASKS + 1} times: held, so that a file that "
-    "stops the daemon is not paid for at every restart"
-)
-# The same rule in SQL, for a statement over many rows (``on_doubt`` and ``sends`` are the operation's columns).
-AFTER_CRASH_SQL = f"CASE WHEN on_doubt='hold' OR sends > {CRASH_REASKS} THEN 'in_doubt' ELSE 'reask' END"
-AFTER_CRASH_ERROR_SQL = (
-    f"CASE WHEN on_doubt<>'hold' AND sends > {CRASH_REASKS} THEN '{HELD_AFTER_CRASHES.replace(chr(39), chr(39) * 2)}' "
-    f"ELSE '{CRASHED}' END"
-)
-
-
-def after_crash(on_doubt: str, sends: int) -> tuple[str, str]:
-    """What an operation whose sender died mid-call becomes, and why: held in doubt when its policy says hold or
-    when it was sent ``CRASH_REASKS + 1`` times already; else asked again (a counted re-ask)."""
-    if on_doubt != "hold" and sends > CRASH_REASKS:
-        return "in_doubt", HELD_AFTER_CRASHES
-    return ("in_doubt" if on_doubt == "hold" else "reask"), CRASHED
-
-
-def replayed(row: Any, take_id: str) -> bool:
-    """True when ``row`` is held by the very take ``take_id``: the same take replayed (its commit's answer lost)."""
-    return row is not None and row["state"] == "sending" and row["take_id"] == take_id
-
-
-def own_ticket(op: Operation, row: Any) -> Ticket:
-    """What a replayed take gets back: the ticket its first run was given (same request, same fence)."""
-    fence = Fence(row["holder"], int(row["generation"]))
-    return Ticket("send", op, resend=int(row["sends"]) > 1, request=row["request"], fence=fence)
 
 
 def answered(db: Any, op: Operation, result: str | None, fence: Fence, now: float, *, remote: bool) -> bool:
@@ -150,10 +100,6 @@ def answered(db: Any, op: Operation, result: str | None, fence: Fence, now: floa
             (result, *_key(op), result),
         )
     return False
-
-
-def fence_args(fence: Fence) -> tuple[str, int]:
-    return (fence.holder, fence.generation)
 
 
 def adopt_late(db: Any, op: Operation, now: float) -> None:
@@ -194,63 +140,53 @@ class GateMixin(_Base):
         now = time.time() if now is None else now
         take_id = take_id or uuid.uuid4().hex
         tickets: dict[int, Ticket] = {}
-        takeable: list[tuple[int, Operation, bool, int]] = []
+        free: list[Takeable] = []
         with self._tx() as db:
             rows = _rows_by_key(db, ops)
             for i, op in enumerate(ops):
                 row = rows.get(_key(op))
-                ticket, state = self._verdict(db, op, row, now, resend_in_doubt, take_id)
+                if replayed(row, take_id):
+                    tickets[i] = own_ticket(op, row)
+                    continue
+                row = self._recovered(db, op, row, now)
+                since = None if row is None else row["since"]
+                ticket = verdict(op, row, wait_until=now + WAIT_SECONDS, since=since, resend_in_doubt=resend_in_doubt)
                 if ticket is None:
-                    generation = 0 if row is None else int(row["generation"])
-                    takeable.append((i, op, state in ("reask", "in_doubt"), generation + 1))
+                    free.append(takeable(i, op, row))
                 else:
                     tickets[i] = ticket
-            if takeable:
-                tickets.update(
-                    self._charge(
-                        db, takeable, owner, budget, seconds, cap_seconds, lease, now, take_id, estimated=estimated
-                    )
-                )
+            if free:
+                charged = self._charge(db, free, owner, budget, seconds, cap_seconds, now, estimated=estimated)
+                tickets.update(charged)
+                request = charged[free[0][0]].request
+                if request is not None:  # within the cap: taken
+                    self._take(db, free, owner, now + lease, take_id, request, now)
         return [tickets[i] for i in range(len(ops))]
 
-    def _verdict(
-        self, db: Any, op: Operation, row: Any, now: float, resend_in_doubt: bool, take_id: str
-    ) -> tuple[Ticket | None, str | None]:
-        """Why ``op`` (its ``row``, None when never taken) may not be sent by this taker (a Ticket), or None when
-        it may take it; and its state."""
-        state = None if row is None else row["state"]
-        if replayed(row, take_id):
-            return own_ticket(op, row), state
-        if state == "sending" and (row["lease_until"] or 0) < now:
-            state, why = after_crash(op.on_doubt, int(row["sends"]))  # its sender died mid-call
-            self._set_state(db, op, state, now, error=why)
-            row = db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
-            state = row["state"]  # a late answer kept beside it makes it answered
-        if state == "answered":
-            return Ticket("answered", op, result=row["result"]), state
-        if state == "sending":
-            return Ticket("wait", op, until=now + WAIT_SECONDS, holder=row["holder"]), state
-        if state == "in_doubt" and not resend_in_doubt:
-            return Ticket("in_doubt", op, since=row["since"], error=row["error"]), state
-        return None, state
+    def _recovered(self, db: Any, op: Operation, row: Any, now: float) -> Any:
+        """``op``'s row, after a crash of the take that held it: in doubt or reasked (see ``after_crash``), or
+        answered by a late answer kept beside it."""
+        if not crashed(row, now):
+            return row
+        state, why = after_crash(op.on_doubt, int(row["sends"]))  # its sender died mid-call
+        self._set_state(db, op, state, now, error=why)
+        return db.execute(f"SELECT * FROM operations WHERE {_KEY}", _key(op)).fetchone()
 
     def _charge(
         self,
         db: Any,
-        takeable: list[tuple[int, Operation, bool, int]],
+        free: list[Takeable],
         owner: str,
         budget: str,
         seconds: float,
         cap_seconds: float | None,
-        lease: float,
         now: float,
-        take_id: str,
         *,
         estimated: bool = False,
     ) -> dict[int, Ticket]:
-        """Check the day's cap and, within it, write the ledger line and take every takeable operation.
-
-        Without a cap the day's spend row is made and charged by one statement; with one it is read first."""
+        """Check the day's cap and, within it, charge the day's spend and write the ledger line: every takeable
+        operation's ticket (send, or capped). Without a cap the day's spend row is made and charged by one
+        statement; with one it is read first."""
         day = utc_day(now)
         if cap_seconds is None:
             db.execute(
@@ -264,24 +200,28 @@ class GateMixin(_Base):
                 "RETURNING seconds, capped_at",
                 (day, budget),
             ).fetchone()
-            if spent["seconds"] + seconds > cap_seconds:
+            if over_cap(spent["seconds"], seconds, cap_seconds):
                 first = spent["capped_at"] is None
                 if first:
                     db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
-                return capped_tickets(takeable, next_utc_midnight(now), first, spent["seconds"], cap_seconds)
+                return capped_tickets(free, next_utc_midnight(now), first, spent["seconds"], cap_seconds)
             db.execute(
                 "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
             )
-        names = ",".join(op.name for _, op, _, _ in takeable)
-        models = sum(op.name.startswith("analyze:") for _, op, _, _ in takeable)
-        lead = takeable[0][1]
+        names, models, kind, sha256, endpoint = ledger_line(free)
         cur = db.execute(
             "INSERT INTO ledger (at, day, service, operation, sha256, seconds, models, outcome, kind, estimated, "
             "endpoint) VALUES (?, ?, ?, ?, ?, ?, ?, 'sending', ?, ?, ?)",
-            (now, day, budget, names, lead.sha256, seconds, models, ledger_kind(takeable), estimated, lead.service),
+            (now, day, budget, names, sha256, seconds, models, kind, estimated, endpoint),
         )
-        request = int(cur.lastrowid or 0)
-        rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?, ?, ?, ?)"] * len(takeable))
+        return sent_tickets(free, owner, int(cur.lastrowid or 0))
+
+    def _take(
+        self, db: Any, free: list[Takeable], owner: str, until: float, take_id: str, request: int, now: float
+    ) -> None:
+        """Take every operation of a charged request: ``sending``, held by ``owner`` until ``until``, fenced by
+        its new generation, under the request's ledger line."""
+        rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?, ?, ?, ?)"] * len(free))
         db.execute(
             "INSERT INTO operations (sha256, service, operation, params, on_doubt, state, holder, "
             f"lease_until, sends, generation, take_id, request, created_at, updated_at) VALUES {rows} "
@@ -291,14 +231,10 @@ class GateMixin(_Base):
             "updated_at=excluded.updated_at",
             [
                 v
-                for _, op, _, gen in takeable
-                for v in (*_key(op), op.on_doubt, owner, now + lease, gen, take_id, request, now, now)
+                for _, op, _, gen in free
+                for v in (*_key(op), op.on_doubt, owner, until, gen, take_id, request, now, now)
             ],
         )
-        return {
-            i: Ticket("send", op, resend=resend, request=request, fence=Fence(owner, gen))
-            for i, op, resend, gen in takeable
-        }
 
     def _set_state(self, db: Any, op: Operation, state: str, now: float, *, error: str | None = None) -> None:
         error = text(error)
