@@ -453,7 +453,7 @@ def test_a_socket_we_may_not_use_is_exit_3_never_the_store(tmp_path, inbox, emu,
 def test_a_daemon_starting_while_a_command_holds_the_lock_waits_for_it(tmp_path, inbox, emu):
     """`watcher status` or `scan` takes the state folder's lock for a moment; a daemon starting just then waits for
     it (it exited 3 before, so a supervisor's start could fail because somebody looked at the status)."""
-    from watcher.fsutil import StateLock
+    from watcher.statelock import StateLock
 
     env = env_for(tmp_path)
     cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))

@@ -24,8 +24,8 @@ from tests.test_paid_once import cli
 from watcher import cli as watcher_cli
 from watcher import markers
 from watcher.errors import ConfigError, StartupError
-from watcher.fsutil import StateLock
 from watcher.migrate import migrate, not_empty
+from watcher.statelock import StateLock
 
 pytestmark = pytest.mark.timeout(150)
 

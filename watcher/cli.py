@@ -280,7 +280,7 @@ def _daemon(settings: Settings, request: dict[str, Any], on_progress: Any = None
 def _no_daemon(settings: Settings, *, hold: bool = True) -> Any:
     """Work on the store directly: only while the state folder's lock proves that no daemon runs (``hold``: keep
     the lock for the whole command; else it is taken for an instant, as a proof)."""
-    from watcher.fsutil import StateLock
+    from watcher.statelock import StateLock
 
     if not settings.state_dir.is_dir():
         yield
@@ -453,8 +453,8 @@ def _adopt(settings: Settings, folder: Path) -> int:
 def _store(settings: Settings, args: argparse.Namespace) -> int:
     """`watcher store backup|restore PATH` (see watcher.store.backup), `watcher store migrate` (watcher.migrate)."""
     from watcher.app import store_path
-    from watcher.fsutil import StateLock
     from watcher.migrate import migrate
+    from watcher.statelock import StateLock
     from watcher.store import backup as copies
     from watcher.store.sqlite.schema import SCHEMA
 

@@ -15,8 +15,9 @@ from watcher.app import App, store_path
 from watcher.app import open_store as open_adapter
 from watcher.config import FolderConfig, Settings, service_identity
 from watcher.errors import ConfigError
-from watcher.fsutil import StateLock, read_json_object, use_node
+from watcher.fsutil import read_json_object, use_node
 from watcher.runner import Outcome
+from watcher.statelock import StateLock
 from watcher.store import TERMINAL, Job, Store
 from watcher.store.ports import StorePort
 

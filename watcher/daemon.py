@@ -26,12 +26,13 @@ from watcher.config import Settings
 from watcher.control import ControlServer, socket_path
 from watcher.errors import ConfigError
 from watcher.events import Subscriber
-from watcher.fsutil import StateLock, raise_open_files_limit
+from watcher.fsutil import raise_open_files_limit
 from watcher.housekeeping import Housekeeping
 from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.pace import caps_of
 from watcher.sdnotify import Notifier, NullNotifier
+from watcher.statelock import StateLock
 from watcher.steering import Steering
 from watcher.store.outage_aio import wait_for_store
 

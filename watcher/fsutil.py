@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -17,11 +16,9 @@ import tempfile
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from watcher.errors import StartupError
 
 TEMP_PREFIX = ".watcher-tmp-"
 PRIVATE_FILE = 0o600
@@ -315,82 +312,6 @@ def cannot_write(folder: Path) -> str | None:
             return None
     except OSError as exc:
         return f"{exc.strerror or exc} ({probe})"
-
-
-class StateLock:
-    """An exclusive lock on the state folder, so two daemons never work from one store."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "watcher.lock"
-        self._fh: Any = None
-
-    def acquire(self, *, wait: float = 0.0) -> None:
-        """Take the lock, or raise StartupError naming its holder; ``wait``: seconds to keep trying first (a daemon
-        starting while a short command, `watcher status` or `scan`, holds it for a moment waits for it)."""
-        fh = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
-        deadline = time.monotonic() + wait
-        while not self._try(fh):
-            if time.monotonic() < deadline:
-                time.sleep(0.05)  # sleep-ok: flock has no timed wait; tried again until the deadline
-                continue
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise StartupError(
-                f"the state folder {self.path.parent} is in use by {holder}; stop that watcher first "
-                "or give this one another state_dir"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"watcher pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
-
-    @staticmethod
-    def _try(fh: Any) -> bool:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    @staticmethod
-    def holder(state_dir: Path) -> str | None:
-        """Who holds the lock of ``state_dir`` ("watcher pid N"), or None when nobody does (checked by taking it
-        for an instant, which is the only proof; creates nothing)."""
-        try:
-            fh = open(state_dir / "watcher.lock")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            return None
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return fh.read().strip() or "another process"
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            return None
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-    @classmethod
-    @contextlib.contextmanager
-    def stopped(cls, state_dir: Path, nothing: str) -> Iterator[None]:
-        """Held for a command that needs the daemon stopped (restore, migrate); refused while one runs, the
-        message starting with ``nothing`` (what was not done)."""
-        lock = cls(state_dir)
-        try:
-            lock.acquire()
-        except StartupError as exc:
-            raise StartupError(f"{nothing}: {exc}") from None
-        try:
-            yield
-        finally:
-            lock.release()
 
 
 def raise_open_files_limit(ceiling: int = 1 << 16) -> int:

@@ -30,8 +30,8 @@ import psycopg
 from watcher import markers
 from watcher.config import Settings
 from watcher.errors import ConfigError, StartupError
-from watcher.fsutil import StateLock
 from watcher.names import display
+from watcher.statelock import StateLock
 from watcher.store import Store
 from watcher.store.postgres import PostgresStore, StoreUnreachable, redact
 from watcher.store.postgres.pool import first_line
