@@ -25,7 +25,6 @@ ALLOWED: dict[str, str] = {
     "watcher/store/postgres/gate.py:PgGateMixin.gate_take": SPLIT,  # 110 lines; 131 after the merges
     "watcher/web/server.py:build_app": SPLIT,  # 108 lines (its route handlers are nested in it)
     "watcher/detect/detector.py": GREW,  # 404 lines
-    "watcher/emulator/analysis.py:AnalysisEmulator._stream": GREW,  # 66 lines
     "watcher/emulator/neuralanalog.py": GREW,  # 421 lines
     "watcher/pipelines/deliver.py:Deliverer.deliver": GREW,  # 62 lines
     "watcher/store/core.py": GREW,  # 406 lines
