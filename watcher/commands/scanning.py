@@ -48,7 +48,7 @@ async def scan(
             detector.hint(str(f), live=True)
         await detector.settle_all()
         targets = [str(p) for p in paths]
-        bar = _progress(app.store.pending(), progress)
+        bar = _progress(app.store.pending(), enabled=progress)
         if bar is not None:
             from watcher.events import Subscriber
 
@@ -161,7 +161,8 @@ def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[Folder
     return list(folders.values()), files
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, *, enabled: bool) -> Any:
+    """A progress bar over ``total`` files on stderr, or None (not ``enabled``, or nothing to do)."""
     if not enabled or total == 0:
         return None
     from tqdm import tqdm

@@ -132,7 +132,7 @@ class Detector:
         self._hints.append((path, state.config.settle_seconds, closed, root, live))
         self._wake.set()
 
-    def hint_threadsafe(self, path: str, is_dir: bool, closed: bool) -> None:
+    def hint_threadsafe(self, path: str, *, is_dir: bool, closed: bool) -> None:
         """The observers' way in: hop onto the event loop. Events and polls are live, except a whole folder to
         rescan (an overflow, a folder back after an outage): its files are live only when recent."""
         live = not (is_dir and _absolute(path) in self.folders)

@@ -159,7 +159,7 @@ class NeuralAnalogEmulator:
         host = req.headers.get("Host", "")
         self.ledger.charge("processing", host, account, source.sha256, [operation], source.seconds)
 
-    def _answer(self, req: Request, route: str, payload: dict[str, Any], lose: bool = False) -> None:
+    def _answer(self, req: Request, route: str, payload: dict[str, Any], *, lose: bool = False) -> None:
         """Send the answer, unless a fault (or ``lose``) says the work is done but the answer gets lost, or
         comes without its ID (``done_without_id``) or as a redirect (``done_then_303``)."""
         if self.faults.take(self.faults.lose_answer, route) or lose:

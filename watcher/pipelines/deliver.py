@@ -271,7 +271,7 @@ class Deliverer:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
-            return offer, await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems)
+            return offer, await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems=stems)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _settle(
@@ -281,6 +281,7 @@ class Deliverer:
         dest: Path,
         staging: Path,
         ids: Mapping[str, str],
+        *,
         stems: bool,
     ) -> dict[str, list[dict[str, Any]]]:
         """In a worker thread: move each extracted entry to its place in the staging folder, and record it."""
