@@ -910,7 +910,11 @@ def test_the_observer_is_not_woken_by_listing_or_reading_the_folder(tmp_path):
     inbox = tmp_path / "in"
     write_tone(inbox / "sub" / "old.wav", 0.05)
     hints: list[tuple[str, bool, bool]] = []
-    fw = start_watch(str(inbox), recursive=True, polling=False, poll_interval=1.0, hint=lambda *h: hints.append(h),
+
+    def hint(path: str, *, is_dir: bool, closed: bool) -> None:
+        hints.append((path, is_dir, closed))
+
+    fw = start_watch(str(inbox), recursive=True, polling=False, poll_interval=1.0, hint=hint,
                      reason="test")  # fmt: skip
     seen: list[str] = []
 

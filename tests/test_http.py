@@ -10,7 +10,8 @@ import pytest
 from httpx_sse import SSEError
 
 from watcher.errors import Malformed, NeedsUser, NotSent, Rejected, RetryLater
-from watcher.services.http import ServiceHTTP, parse_retry_after, raise_for_status, translate_transport_error
+from watcher.services.http import ServiceHTTP
+from watcher.services.httperrors import parse_retry_after, raise_for_status, translate_transport_error
 
 
 def response(status: int, body: object = None, headers: dict | None = None) -> httpx.Response:

@@ -21,8 +21,7 @@ from tests.conftest import wait_for
 from tests.test_archive import archive_settings
 from tests.test_durable import analyse_library, emu  # noqa: F401  (a fixture)
 from tests.test_paid_once import cli
-from watcher import cli as watcher_cli
-from watcher import markers
+from watcher import clidirect, markers
 from watcher.errors import ConfigError, StartupError
 from watcher.migrate import migrate, not_empty
 from watcher.statelock import StateLock
@@ -49,8 +48,8 @@ def spend_text(settings, capsys) -> str:
     """What `watcher spend` prints for today, as a table and as CSV."""
     day = dt.datetime.now(dt.UTC).date().isoformat()
     capsys.readouterr()
-    watcher_cli._spend(settings, day, day, as_csv=False)
-    watcher_cli._spend(settings, day, day, as_csv=True)
+    clidirect.cmd_spend(settings, day, day, as_csv=False)
+    clidirect.cmd_spend(settings, day, day, as_csv=True)
     return str(capsys.readouterr().out)
 
 

@@ -22,7 +22,7 @@ class Recorder:
         self.hints: list[tuple[str, bool]] = []
         self.listed: list[str] = []
 
-    def hint(self, path: str, is_dir: bool, closed: bool) -> None:
+    def hint(self, path: str, *, is_dir: bool, closed: bool) -> None:
         self.hints.append((path, is_dir))
 
     def scandir(self, path: str):

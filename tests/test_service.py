@@ -97,7 +97,7 @@ def test_pause_survives_a_restart(tmp_path, inbox, emulator, run_daemon):
     """A paused folder's files are recorded but not processed, across a restart, until resumed."""
     settings = make_settings(tmp_path, inbox, emulator.url)
     store = Store(tmp_path / "state" / "watcher.db")
-    store.set_paused(str(inbox), True)
+    store.set_paused(str(inbox), paused=True)
     store.close()
     d = run_daemon(settings)
     write_tone(inbox / "held.wav", 0.2)
@@ -108,7 +108,7 @@ def test_pause_survives_a_restart(tmp_path, inbox, emulator, run_daemon):
         d = run_daemon(settings)
         assert store.counts()["analyze"] == {"pending": 1}
         assert emulator.api.counts()["POST /v1/analysis/stream"] == 0
-        store.set_paused(str(inbox), False)
+        store.set_paused(str(inbox), paused=False)
         wait_for(lambda: (inbox / "held.wav.analysis.json").exists(), what="processed after resume")
         d.stop()
     finally:

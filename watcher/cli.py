@@ -2,7 +2,7 @@
 
 `scan`, `retry`, `pause`, `resume`, `status`, `web` and `backfill` go to the running daemon through its control
 socket (watcher.control) when one runs, and work on the store directly only when the state folder's lock
-proves that none does.
+proves that none does (watcher.clidaemon); `spend`, `adopt`, `store` and `emulate` are in watcher.clidirect.
 
 Exit codes: 0 success; 1 some work failed (`scan`), `doctor` found a problem, or the daemon stopped on an
 internal failure;
@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
-import signal
 import sqlite3
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +24,24 @@ from typing import Any
 import structlog
 
 from watcher import __version__, clihelp
+from watcher.clidaemon import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STARTUP,
+    Exit,
+    cmd_backfill,
+    cmd_pause,
+    cmd_retry,
+    cmd_scan,
+    cmd_status,
+    cmd_web,
+    run_or_fail,
+)
+from watcher.clidirect import cmd_adopt, cmd_emulate, cmd_spend, cmd_store
 from watcher.config import Settings, find_config, load_settings, secrets_of
 from watcher.errors import ConfigError, StartupError
 from watcher.log import configure_logging, register_secrets
-from watcher.names import display
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = structlog.get_logger("watcher.cli")
     try:
         return _dispatch(args)
-    except _Exit as exc:
+    except Exit as exc:
         print(f"watcher: {exc}", file=sys.stderr)
         return exc.code
     except ConfigError as exc:
@@ -175,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "emulate":
-        return _emulate(args)
+        return cmd_emulate(args)
     if args.command == "completion":
         print(clihelp.completion_script(args.shell), end="")
         return EXIT_OK
@@ -193,19 +201,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         daemon = Daemon(settings, reload=reload, notifier=notifier_from_environ(os.environ))
         return asyncio.run(daemon.run())
     if args.command == "scan":
-        return _scan(args)
+        return cmd_scan(args, _settings(args))
     if args.command == "status":
-        return _status(_settings(args), as_json=args.json, all_files=args.all)
+        return cmd_status(_settings(args), as_json=args.json, all_files=args.all)
     if args.command == "web":
-        return _web(_settings(args))
+        return cmd_web(_settings(args))
     if args.command == "backfill":
-        return _backfill(_settings(args), yes=args.yes)
+        return cmd_backfill(_settings(args), yes=args.yes)
     if args.command == "doctor":
         from watcher.doctor import run_doctor
 
         folders = args.folders or None
         if folders is None:  # what the running daemon watches (it may have been given folders on its command line)
-            ran, answer = _run_or_fail(_settings(args), {"command": "folders"})
+            ran, answer = run_or_fail(_settings(args), {"command": "folders"})
             if ran:
                 folders = [Path(p) for p in answer["folders"]]
                 print(f"checking the folders the running daemon (pid {answer['pid']}) watches\n")
@@ -216,327 +224,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"\n{bad} problem(s) found" if bad else "\nno problems found")
         return EXIT_FAILED if bad else EXIT_OK
     if args.command in ("pause", "resume"):
-        return _pause(_settings(args), args.folder, paused=args.command == "pause")
+        return cmd_pause(_settings(args), args.folder, paused=args.command == "pause")
     if args.command == "adopt":
-        return _adopt(_settings(args), args.folder)
+        return cmd_adopt(_settings(args), args.folder)
     if args.command == "store":
-        return _store(_settings(args), args)
+        return cmd_store(_settings(args), args)
     if args.command == "retry":
-        return _retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
+        return cmd_retry(_settings(args), args.paths, failed=args.failed, in_doubt=args.in_doubt)
     if args.command == "spend":
-        return _spend(_settings(args), args.first, args.last, as_csv=args.csv)
+        return cmd_spend(_settings(args), args.first, args.last, as_csv=args.csv)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
-
-
-def _spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
-    """`watcher spend`: the ledger lines of a period as CSV, or per service and day: requests paid, audio
-    minutes (how much of it estimated), requests in doubt (the service may or may not bill them), and requests
-    not paid (not sent, refused)."""
-    import csv
-
-    from watcher.commands import SPEND_FIELDS, spend
-
-    lines = spend(settings, first, last)
-    if as_csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=SPEND_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(lines)
-        return EXIT_OK
-    totals: dict[tuple[str, str], dict[str, float]] = {}
-    for line in lines:
-        counts = dict.fromkeys(("yes", "maybe", "no", "s", "e", "m"), 0.0)  # requests by paid; seconds
-        total = totals.setdefault((line["day"], line["service"]), counts)
-        total[line["paid"]] += 1
-        if line["paid"] == "yes":
-            total["s"] += line["seconds"]
-            total["e"] += line["seconds"] if line["estimated"] else 0.0
-        elif line["paid"] == "maybe":
-            total["m"] += line["seconds"]
-    print(f"spend from {first} to {last} (UTC days)")
-    for (day, service), t in sorted(totals.items()):
-        note = f" ({t['e'] / 60:.2f} of them estimated)" if t["e"] else ""
-        doubt = f"{int(t['maybe'])} in doubt (may be billed: {t['m'] / 60:.2f} audio minutes); " if t["maybe"] else ""
-        print(
-            f"  {day} {service}: {int(t['yes'])} paid request(s), {t['s'] / 60:.2f} audio minutes{note}; "
-            f"{doubt}{int(t['no'])} not paid (not sent or refused)"
-        )
-    if not totals:
-        print("  nothing recorded")
-    return EXIT_OK
-
-
-def _daemon(settings: Settings, request: dict[str, Any], on_progress: Any = None) -> tuple[bool, Any]:
-    """(True, its answer) when a daemon runs on the state folder and took ``request``; (False, None) when none
-    runs (then the caller works on the store directly). A refusal by the daemon is raised as CommandFailed."""
-    from watcher.control import NoDaemon, ask
-
-    try:  # no look at the folder first: one we may not enter must be a permission error, not "no daemon"
-        return True, ask(settings.state_dir, request, on_progress=on_progress)
-    except NoDaemon:
-        return False, None
-
-
-@contextlib.contextmanager
-def _no_daemon(settings: Settings, *, hold: bool = True) -> Any:
-    """Work on the store directly: only while the state folder's lock proves that no daemon runs (``hold``: keep
-    the lock for the whole command; else it is taken for an instant, as a proof)."""
-    from watcher.statelock import StateLock
-
-    if not settings.state_dir.is_dir():
-        yield
-        return
-    lock = StateLock(settings.state_dir)
-    try:
-        lock.acquire()
-    except StartupError:
-        holder = StateLock.holder(settings.state_dir) or "another process"
-        raise StartupError(
-            f"{holder} holds the state folder {settings.state_dir}, but its control socket does not answer (is it "
-            "still starting? try again; an older watcher has no socket: restart it)"
-        ) from None
-    if not hold:
-        lock.release()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _run_or_fail(settings: Settings, request: dict[str, Any], on_progress: Any = None) -> tuple[bool, Any]:
-    """:func:`_daemon`, with the daemon's refusal turned into the CLI's message and exit code."""
-    from watcher.control import CommandFailed
-
-    try:
-        return _daemon(settings, request, on_progress)
-    except CommandFailed as exc:
-        raise _Exit(str(exc), exc.exit_code) from None
-
-
-class _Exit(Exception):
-    """A message for stderr and the exit code that goes with it."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _scan(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    configure_logging(args.log_format, settings.log_level)
-    from watcher import commands
-
-    paths = commands.absolute(args.paths)  # the daemon runs elsewhere: `scan .` means here
-    if args.dry_run:
-        print(commands.dry_run(settings, paths).render(), end="")
-        return EXIT_OK
-    progress = sys.stderr.isatty() and not args.no_progress
-    if progress and args.log_level is None and settings.log_level == "info":
-        configure_logging(args.log_format, "warning")  # on a terminal the bar tells the progress, not a line per file
-    bar = _Bar() if progress else None
-    try:
-        ran, answer = _run_or_fail(
-            settings, {"command": "scan", "paths": [str(p) for p in paths]}, bar.update if bar else None
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    if ran:
-        code, problems = int(answer["exit"]), answer["problems"]
-    else:
-        with _no_daemon(settings, hold=False):
-            pass  # the direct scan takes the lock itself, for as long as it runs
-        code, problems = asyncio.run(commands.scan(settings, paths, progress=progress))
-    for p in problems:
-        word = "FAILED" if p["state"] == "failed" else p["state"].upper()
-        print(f"{word} {display(p['path'])} ({p['pipeline']}, {p['step']}): {p['error']}", file=sys.stderr)
-    return code
-
-
-class _Bar:
-    """The progress bar of a scan that the daemon runs (tqdm, on stderr), fed by its progress messages."""
-
-    def __init__(self) -> None:
-        self._bar: Any = None
-
-    def update(self, progress: dict[str, Any]) -> None:
-        total, done = int(progress.get("total", 0)), int(progress.get("done", 0))
-        if total == 0:
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, initial=done, unit="file", desc="watcher scan")
-        self._bar.total = total
-        self._bar.update(done - self._bar.n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _status(settings: Settings, *, as_json: bool, all_files: bool) -> int:
-    from watcher.commands import status
-    from watcher.status import render
-
-    brief = not (as_json or all_files)  # the text's first files and problems, read through indexes
-    ran, report = _run_or_fail(settings, {"command": "status", "brief": brief})
-    if not ran:
-        with _no_daemon(settings, hold=False):
-            report = status(settings, brief=brief)
-    print(json.dumps(report, indent=2, default=str) if as_json else render(report, all_files=all_files))
-    return EXIT_OK
-
-
-def _web(settings: Settings) -> int:
-    ran, answer = _run_or_fail(settings, {"command": "web"})
-    if not ran:
-        print(f"watcher: no daemon runs on {settings.state_dir}: start one (`watcher run`)", file=sys.stderr)
-        return EXIT_FAILED
-    if not answer["running"]:
-        print(f"the page is not running: {answer['problem']}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"page: {answer['url']}")
-    print(f"log in: {answer['login']}")
-    return EXIT_OK
-
-
-def _backfill(settings: Settings, *, yes: bool) -> int:
-    from watcher.commands import backfill
-
-    ran, found = _run_or_fail(settings, {"command": "backfill", "yes": yes})
-    if not ran:
-        with _no_daemon(settings):
-            found = backfill(settings, confirm=yes)
-    if not found["jobs"]:
-        print("nothing to back-fill: every file has what the config asks for")
-        return EXIT_OK
-    price = ", ".join(f"{service} {m:g}" for service, m in found["minutes"].items()) or "none"
-    unknown = f" (+{found['unknown_duration']} file(s) of unknown length)" if found["unknown_duration"] else ""
-    print(f"back-fill: {found['jobs']} job(s): {found['what']}")
-    print(f"price: {found['total_minutes']:g} audio minutes ({price}){unknown}; daily caps apply")
-    if found["queued"]:
-        print(f"queued {found['queued']} job(s)")
-    elif not yes:
-        print("nothing queued: `watcher backfill --yes` queues it")
-    return EXIT_OK
-
-
-def _pause(settings: Settings, folder: Path, *, paused: bool) -> int:
-    from watcher.commands import absolute, pause
-
-    where = absolute([folder])[0]
-    ran, answer = _run_or_fail(settings, {"command": "pause" if paused else "resume", "folder": str(where)})
-    if ran:
-        path = answer["folder"]
-    else:
-        with _no_daemon(settings):
-            path = pause(settings, where, paused=paused)
-    print(f"{display(path)}: {'paused' if paused else 'resumed'}")
-    if paused:
-        print("new files are still recorded; nothing is processed until `watcher resume`")
-    return EXIT_OK
-
-
-def _adopt(settings: Settings, folder: Path) -> int:
-    from watcher.commands import adopt
-
-    path, before, mine = adopt(settings, folder)
-    if before == mine:
-        print(f"{display(path)}: already owned by this store ({mine})")
-    else:
-        print(f"{display(path)}: now owned by this store ({mine}); it was owned by {before or 'no store'}")
-        print("a daemon of the other store that is still running works on it until it stops: stop or reload it")
-        print("restart (or reload) this store's daemons to start processing it")
-    return EXIT_OK
-
-
-def _store(settings: Settings, args: argparse.Namespace) -> int:
-    """`watcher store backup|restore PATH` (see watcher.store.backup), `watcher store migrate` (watcher.migrate)."""
-    from watcher.app import store_path
-    from watcher.migrate import migrate
-    from watcher.statelock import StateLock
-    from watcher.store import backup as copies
-    from watcher.store.sqlite.schema import SCHEMA
-
-    if args.action == "migrate":
-        return migrate(settings, args.to, dry_run=args.dry_run).code
-
-    if settings.store.url:  # PostgreSQL: its own tools, run by the user (the password never printed)
-        from watcher.store.postgres.pool import redact
-
-        env = f"PGPASSFILE='{settings.store.passfile}' " if settings.store.passfile else ""
-        print("# a PostgreSQL store is copied with PostgreSQL's tools; run:")
-        for line in copies.postgres_commands(redact(settings.store.url), args.path, restoring=args.action == "restore"):
-            print(line if line.startswith("#") else env + line)
-        return EXIT_OK
-    db = store_path(settings)
-    if args.action == "backup":
-        dest = copies.backup(db, args.path.expanduser())
-        print(f"{display(str(dest))}: a copy of the store at {display(str(db))}")
-        return EXIT_OK
-    with StateLock.stopped(settings.state_dir, "nothing was restored"):
-        version, kept = copies.restore(args.path.expanduser(), db, len(SCHEMA))
-    print(f"{display(str(db))}: restored from {display(str(args.path))} (schema version {version})")
-    if kept is not None:
-        print(f"the store it replaced is kept in {display(str(kept))}")
-    return EXIT_OK
-
-
-def _retry(settings: Settings, paths: list[Path], *, failed: bool, in_doubt: bool) -> int:
-    from watcher.commands import absolute, retry
-
-    targets = absolute(paths)
-    if not targets and not failed and not in_doubt:
-        raise ConfigError("say what to retry: PATH..., --failed or --in-doubt")
-    request = {"command": "retry", "paths": [str(p) for p in targets], "failed": failed, "in_doubt": in_doubt}
-    ran, answer = _run_or_fail(settings, request)
-    if ran:
-        n = int(answer["retried"])
-    else:
-        with _no_daemon(settings):
-            n = retry(settings, targets, failed=failed, in_doubt=in_doubt)
-    print(f"{n} job(s) will be retried" + ("" if n else " (nothing matched)"))
-    return EXIT_OK
-
-
-def _emulator_config(url: str, analysis_key: str | None, processing_key: str | None) -> str:
-    """The config to paste to point watcher at this emulator (keys only as placeholders: they are the user's)."""
-    a_key = "the --analysis-key value" if analysis_key else "any value (no key required)"
-    p_key = "the --processing-key value" if processing_key else "any value (no key required)"
-    return (
-        "\n# to use it, paste into your config (then set ESSENTIA_API_KEY and NEURALANALOG_API_KEY):\n"
-        f'[analysis]\nbase_url = "{url}"   # ESSENTIA_API_KEY: {a_key}\n'
-        f'[archive]\nbase_url = "{url}"   # NEURALANALOG_API_KEY: {p_key}\n'
-        "\n# requests as they arrive:"
-    )
-
-
-def _emulate(args: argparse.Namespace) -> int:
-    from watcher.emulator import Emulator
-
-    emulator = Emulator(
-        args.host,
-        args.port,
-        analysis_key=args.analysis_key,
-        processing_key=args.processing_key,
-        use_local=not args.fake_analysis,
-    )
-    print(f"analysis service emulator:   {emulator.url}  (POST {emulator.url}/v1/analysis/stream)", flush=True)
-    print(f"processing service emulator: {emulator.url}  (storage host: {emulator.storage.url})", flush=True)
-    print(_emulator_config(emulator.url, args.analysis_key, args.processing_key), flush=True)
-
-    def logged(request: Any) -> None:
-        refused = " (refused: rate limit)" if request.refused else ""
-        route = "" if request.route == f"{request.method} {request.path}" else f" [{request.route}]"
-        print(f"{time.strftime('%H:%M:%S')} {request.method} {request.path}{route}{refused}", flush=True)
-
-    emulator.api.on_request = logged
-    emulator.storage.on_request = logged
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    with contextlib.suppress(KeyboardInterrupt):
-        emulator.serve_forever()
-    return EXIT_OK

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ MAX_DIRS_COUNTED = 200_000
 class Finding:
     """One check: what was looked at, what was found, and how to fix it when it is a problem."""
 
-    ok: bool
     what: str
     detail: str
     fix: str = ""
+    _: KW_ONLY
+    ok: bool
 
     def line(self) -> str:
         mark = "ok  " if self.ok else "FAIL"
@@ -47,10 +48,10 @@ def check_folders(settings: Settings) -> list[Finding]:
     if not settings.folders:
         return [
             Finding(
-                False,
                 "folders",
                 "no folder is configured",
                 "add a [[folders]] table to the config, or give folders to `watcher run`",
+                ok=False,
             )
         ]
     out: list[Finding] = []
@@ -63,11 +64,11 @@ def check_folders(settings: Settings) -> list[Finding]:
     if native_dirs and limit is not None:
         out.append(
             Finding(
-                native_dirs < limit * 0.8,
                 "inotify watches",
                 f"{native_dirs} folders to watch, limit {limit}",
                 "raise it: sysctl fs.inotify.max_user_watches=524288 (and persist in /etc/sysctl.d/), "
                 "or set poll = true on the largest folders",
+                ok=native_dirs < limit * 0.8,
             )
         )
     return out
@@ -79,18 +80,18 @@ def _check_folder(settings: Settings, folder: FolderConfig) -> tuple[list[Findin
     what = f"folder {path}"
     if not path.is_dir():
         fix = "create it, mount the share, or fix [[folders]].path"
-        return [Finding(False, what, "does not exist or is not a folder (an unmounted share?)", fix)], 0
+        return [Finding(what, "does not exist or is not a folder (an unmounted share?)", fix, ok=False)], 0
     if not os.access(path, os.R_OK | os.X_OK):
         fix = f"give the service user read access: chmod/chgrp, or setfacl -m u:$USER:rx {path}"
-        return [Finding(False, what, "cannot be read by this user", fix)], 0
+        return [Finding(what, "cannot be read by this user", fix, ok=False)], 0
     out = []
     needs_write = settings.sidecar.directory is None or folder.done_dir or folder.failed_dir
     if needs_write and not os.access(path, os.W_OK):
         fix = "grant write access, or set [sidecar].directory to a writable folder"
-        out.append(Finding(False, what, "is not writable, but sidecars go beside the audio", fix))
+        out.append(Finding(what, "is not writable, but sidecars go beside the audio", fix, ok=False))
     fstype = filesystem_type(path)
     polled, reason = decide_polling(folder.poll, fstype)
-    out.append(Finding(True, what, f"{fstype or 'unknown'} filesystem; {reason}"))
+    out.append(Finding(what, f"{fstype or 'unknown'} filesystem; {reason}", ok=True))
     return out, (_count_dirs(path) if not polled and folder.recursive else 0)
 
 
@@ -110,10 +111,10 @@ def check_space(settings: Settings) -> list[Finding]:
         ok = free >= MIN_FREE_BYTES and writable
         found.append(
             Finding(
-                ok,
                 f"{name} folder {path}",
                 f"{free / 2**30:.1f} GiB free" + ("" if writable else ", not writable"),
                 "free some space (at least 1 GiB) or point it elsewhere; make it writable by the service",
+                ok=ok,
             )
         )
     return found
@@ -134,10 +135,10 @@ def _service_probes(settings: Settings) -> tuple[list[Finding], list[tuple[str, 
         try:
             which, why = choose_backend(settings.analysis)
         except WatcherError as exc:
-            found.append(Finding(False, "analysis backend", str(exc), "see the message"))
+            found.append(Finding("analysis backend", str(exc), "see the message", ok=False))
             which = ""
         if which == "local":
-            found.append(Finding(True, "analysis backend", f"local ({why})"))
+            found.append(Finding("analysis backend", f"local ({why})", ok=True))
         elif which == "remote":
             probes.append(
                 (
@@ -171,9 +172,9 @@ async def check_services(settings: Settings) -> list[Finding]:
 async def _probe(client: object, what: str, fix: str) -> Finding:
     try:
         detail = await client.check()  # type: ignore[attr-defined]
-        return Finding(True, what, detail)
+        return Finding(what, detail, ok=True)
     except WatcherError as exc:
-        return Finding(False, what, str(exc), fix if "key" in str(exc) else "check base_url, DNS, the firewall")
+        return Finding(what, str(exc), fix if "key" in str(exc) else "check base_url, DNS, the firewall", ok=False)
     finally:
         await client.aclose()  # type: ignore[attr-defined]
 
@@ -223,7 +224,7 @@ def check_store(settings: Settings) -> list[Finding]:
             passfile = str(settings.store.passfile) if settings.store.passfile else None
             store = PostgresStore(settings.store.url, passfile=passfile, readonly=True)
         except Exception as exc:  # any driver error: reported, never raised
-            return [Finding(False, "store", f"{where}: {exc}", "check [store] url, the passfile and pg_hba.conf")]
+            return [Finding("store", f"{where}: {exc}", "check [store] url, the passfile and pg_hba.conf", ok=False)]
         try:
             mine = store.store_id
             nodes = store.nodes()
@@ -231,7 +232,7 @@ def check_store(settings: Settings) -> list[Finding]:
             store.close()
         alive = ", ".join(n["name"] for n in nodes) or "none yet"
         out.append(
-            Finding(True, "store", f"PostgreSQL {where}; this node is {settings.store.node_name}; nodes: {alive}")
+            Finding("store", f"PostgreSQL {where}; this node is {settings.store.node_name}; nodes: {alive}", ok=True)
         )
     else:
         with contextlib.suppress(OSError):
@@ -242,13 +243,13 @@ def check_store(settings: Settings) -> list[Finding]:
             continue
         out.append(
             Finding(
-                False,
                 f"folder {folder.path}",
                 f"owned by another store ({marker.get('store')}): its {markers.MARKER} names it, so this daemon "
                 "leaves the folder alone",
                 f"if the other store's daemons should keep it, point [store] url at their store (several machines) "
                 f"or drop the folder from this config; to take it over deliberately, stop them and run "
                 f"`watcher adopt {folder.path}`",
+                ok=False,
             )
         )
     return out
@@ -256,7 +257,7 @@ def check_store(settings: Settings) -> list[Finding]:
 
 def run_doctor(settings: Settings, config_path: Path | None) -> list[Finding]:
     """Every check, in the order a person would make them."""
-    found = [Finding(True, "configuration", f"valid ({config_path or 'no file: defaults and environment'})")]
+    found = [Finding("configuration", f"valid ({config_path or 'no file: defaults and environment'})", ok=True)]
     found += check_folders(settings)
     found += check_store(settings)
     found += check_space(settings)

@@ -63,7 +63,7 @@ _ODD_WITH_NEWLINE = re.compile(r"[\ud800-\udfff\x00-\x08\x0a-\x1f\x7f]")
 _MULTILINE = ("exception", "stack")  # tracebacks keep their line breaks
 
 
-def _printable(value: str, multiline: bool = False) -> str:
+def _printable(value: str, *, multiline: bool = False) -> str:
     """``value`` as :func:`watcher.names.display` shows a name; never raises (any lone surrogate is escaped)."""
     if not (_ODD if multiline else _ODD_WITH_NEWLINE).search(value):
         return value
@@ -79,9 +79,10 @@ def _printable(value: str, multiline: bool = False) -> str:
         )
 
 
-def _shown(value: Any, multiline: bool = False) -> Any:
+def _shown(value: Any, *, multiline: bool = False) -> Any:
+    """A log field's value with every name in it made printable (see :func:`_printable`)."""
     if isinstance(value, str):
-        return _printable(value, multiline)
+        return _printable(value, multiline=multiline)
     if isinstance(value, os.PathLike):
         return _printable(os.fspath(value)) if isinstance(os.fspath(value), str) else value
     if isinstance(value, bytes):
@@ -100,7 +101,7 @@ def printable_names(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mu
     Only such a field, or a container, a path or bytes, is rewritten (in place): plain text and numbers pass."""
     for key, value in event_dict.items():
         if type(value) not in _PLAIN:
-            shown = _shown(value, key in _MULTILINE)
+            shown = _shown(value, multiline=key in _MULTILINE)
             if shown is not value:  # printable text comes back as it is
                 event_dict[key] = shown
     return event_dict

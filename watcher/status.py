@@ -248,7 +248,7 @@ def render(report: dict[str, Any], *, all_files: bool = False) -> str:
             )
     if brief and len(report["problems"]) > SHOWN_FILES:
         lines.append("  ... and more (`watcher status --all`, or the page)")
-    return "\n".join(lines + _render_files(report["files"], all_files, brief=brief))
+    return "\n".join(lines + _render_files(report["files"], all_files=all_files, brief=brief))
 
 
 def _render_daemon(daemon: dict[str, Any] | None) -> list[str]:
@@ -280,7 +280,7 @@ def _render_spend(spend: dict[str, Any]) -> list[str]:
     return [f"spent today ({spend['day']} UTC): " + "; ".join(money)] if money else []
 
 
-def _render_files(files: list[dict[str, Any]], all_files: bool, *, brief: bool = False) -> list[str]:
+def _render_files(files: list[dict[str, Any]], *, all_files: bool, brief: bool = False) -> list[str]:
     busy = [
         f
         for f in files

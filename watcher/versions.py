@@ -27,9 +27,15 @@ class Version:
 def _build() -> dict[str, Version]:
     table: dict[str, Version] = {}
     for source, object_type in TRACK_TYPES.items():
-        table[source] = Version(source, True, source, "audio" if source == "original" else source, object_type)
+        table[source] = Version(
+            source,
+            track=True,
+            source=source,
+            product="audio" if source == "original" else source,
+            object_type=object_type,
+        )
         stems = f"{source}_stems"
-        table[stems] = Version(stems, False, source, f"stems:{source}", "stem_split")
+        table[stems] = Version(stems, track=False, source=source, product=f"stems:{source}", object_type="stem_split")
     return table
 
 

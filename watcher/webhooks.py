@@ -33,7 +33,8 @@ import structlog
 
 from watcher import __version__
 from watcher.errors import RetryLater, WatcherError
-from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP, safe_url
+from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP
+from watcher.services.httperrors import safe_url
 
 log = structlog.get_logger("watcher.webhooks")
 EVENTS = ("file.done", "file.failed")

@@ -24,8 +24,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 
@@ -36,44 +34,13 @@ from watcher.detect.filters import PathFilter
 from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
 from watcher.detect.scan import Recorded, changed_files
 from watcher.detect.settle import Settler, Verdict
+from watcher.detect.sink import ReadySink, Settled
 from watcher.names import display
 
 log = structlog.get_logger("watcher.detect")
 HEALTH_EVERY = 5.0
 
-
-@dataclass(frozen=True)
-class Settled:
-    """One settled file version, as the sink records it."""
-
-    folder: FolderConfig
-    path: str
-    rel_path: str
-    signature: Signature
-    live: bool = False  # found as it arrived (an event, a poll, `watcher scan PATH`, a recent mtime): goes first
-
-
-class ReadySink(Protocol):
-    """Where settled files go (the store); ``known`` and ``recorded`` are asked off the loop; ``ready`` and
-    ``ready_many`` are awaited on it (the store's own threads do the writing)."""
-
-    def known(self, path: str, sig: Signature) -> bool:
-        """True when this exact version was already recorded (no need to wait for it to settle)."""
-        ...
-
-    async def ready(
-        self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
-    ) -> None:
-        """A file version that stayed unchanged for its folder's settle window (``live``: see :class:`Settled`)."""
-        ...
-
-    async def ready_many(self, files: Sequence[Settled]) -> None:
-        """Several settled versions at once, all or none (one transaction): when it raises, none is recorded."""
-        ...
-
-    def recorded(self, folder: str) -> Recorded:
-        """Every version recorded as current under ``folder``, in one answer (what a whole-folder scan skips)."""
-        ...
+__all__ = ["HEALTH_EVERY", "Detector", "ReadySink", "Settled"]  # the sink's types are defined in detect.sink
 
 
 class Detector:
@@ -165,7 +132,7 @@ class Detector:
         self._hints.append((path, state.config.settle_seconds, closed, root, live))
         self._wake.set()
 
-    def hint_threadsafe(self, path: str, is_dir: bool, closed: bool) -> None:
+    def hint_threadsafe(self, path: str, *, is_dir: bool, closed: bool) -> None:
         """The observers' way in: hop onto the event loop. Events and polls are live, except a whole folder to
         rescan (an overflow, a folder back after an outage): its files are live only when recent."""
         live = not (is_dir and _absolute(path) in self.folders)

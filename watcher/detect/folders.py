@@ -148,7 +148,7 @@ class Watches:
             self.rescan(root)
         try:
             polling, reason = await self.pool.call(functools.partial(self.decide, state.config))
-            state.watch = await self._start(root, state, polling, reason)
+            state.watch = await self._start(root, state, polling=polling, reason=reason)
         except Exception as exc:
             log.error(
                 "watch.start_failed",
@@ -202,7 +202,9 @@ class Watches:
                 await self.pool.call(dead.stop)
                 state.config = state.config.model_copy(update={"poll": True})
                 try:
-                    state.watch = await self._start(root, state, True, "the native observer died; polling instead")
+                    state.watch = await self._start(
+                        root, state, polling=True, reason="the native observer died; polling instead"
+                    )
                 except Exception as exc:
                     log.error(
                         "watch.start_failed", folder=display(root), error=reason_of(exc), next="trying again later"
@@ -222,7 +224,7 @@ class Watches:
             for root, s in self.folders.items()
         ]
 
-    async def _start(self, root: str, state: FolderState, polling: bool, reason: str) -> FolderWatch:
+    async def _start(self, root: str, state: FolderState, *, polling: bool, reason: str) -> FolderWatch:
         """Start an observer (or poller) on ``root`` off the loop (a native one adds a watch per directory)."""
         start = functools.partial(
             start_watch,

@@ -19,14 +19,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
 log = structlog.get_logger("watcher.detect")
 RECENT_SECONDS = 2.0  # the coarsest mtime granularity we allow for (FAT, some SMB servers)
 
-# hint(path, is_dir, closed): how observers and pollers tell the detector that something may have happened
-HintFn = Callable[[str, bool, bool], None]
+
+
+class HintFn(Protocol):
+    """How observers and pollers tell the detector that something may have happened at ``path`` (``is_dir``: a
+    folder, to scan; ``closed``: a file closed after writing)."""
+
+    def __call__(self, path: str, *, is_dir: bool, closed: bool) -> None: ...
+
 # (is a directory, size, mtime_ns, inode) of one entry, from lstat
 Entry = tuple[bool, int, int, int]
 ScanDir = Callable[[str], AbstractContextManager[Iterator[os.DirEntry[str]]]]
@@ -120,7 +127,7 @@ class DirPoller:
         if self.root not in self.dirs:  # the folder itself was gone (moved away, or a share went): back now?
             self._list_tree(self.root, None)
             if self.root in self.dirs:
-                self.hint(self.root, True, False)  # everything in it is news: the detector scans it
+                self.hint(self.root, is_dir=True, closed=False)  # everything in it is news: the detector scans it
             return
         for path in list(self.dirs):
             known = self.dirs.get(path)
@@ -157,9 +164,9 @@ class DirPoller:
             if entry[0]:
                 if was is None or not was[0]:
                     self._list_tree(child, None)
-                    self.hint(child, True, False)  # the detector scans the new directory
+                    self.hint(child, is_dir=True, closed=False)  # the detector scans the new directory
             elif was != entry:
-                self.hint(child, False, False)
+                self.hint(child, is_dir=False, closed=False)
         for name, was in before.items():
             if was[0] and (name not in entries or not entries[name][0]):
                 self._forget(os.path.join(path, name))
@@ -185,7 +192,7 @@ class DirPoller:
             if hint_since is not None and st.st_mtime_ns / 1e9 >= hint_since - RECENT_SECONDS:
                 for name, entry in entries.items():
                     if not entry[0]:
-                        self.hint(os.path.join(path, name), False, False)
+                        self.hint(os.path.join(path, name), is_dir=False, closed=False)
 
     def _list(self, path: str) -> dict[str, Entry] | None:
         """The entries of one directory (sub-directories only when recursive); None when it cannot be listed."""

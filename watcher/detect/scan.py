@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import structlog
 
@@ -56,7 +56,7 @@ def changed_files(
     return changed, seen
 
 
-def _listing(fd: int, path: str) -> Iterator[os.DirEntry[str]]:
+def _entries(fd: int, path: str) -> Iterator[os.DirEntry[str]]:
     """The entries of the folder open as ``fd`` (at ``path``), one at a time: a folder of 100,000 files is never
     held as a list, so a scan's memory does not grow with the folder. A listing that fails is logged and ends."""
     try:
@@ -82,46 +82,69 @@ def walk_entries(
         current = stack.pop()
         folder = "" if current == root else os.path.relpath(current, root)
         prefix = current if current.endswith(os.sep) else current + os.sep
-        try:
-            fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan")
+        fd = _open_folder(current)
+        if fd is None:
             continue
         try:  # the entries' stat() goes through ``fd``: it stays open until the folder is done
             wanted = path_filter.file_matcher(folder)
-            for entry in _listing(fd, current):
-                name = entry.name
-                path = prefix + name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        if recursive and path_filter.wants_dir(f"{folder}/{name}" if folder else name):
-                            stack.append(path)
-                        continue
-                    if not (entry.is_file() and wanted(name)):
-                        continue
-                    if entry.is_symlink() and not link_stays_inside(path, root):
-                        log.warning(
-                            "scan.link_outside",
-                            path=path,
-                            reason="a symbolic link to a file outside the watched folder",
-                            next="not processed",
-                        )
-                        continue
-                except FileNotFoundError:
-                    continue  # vanished since the listing
-                except OSError:
-                    # a link loop or a target that cannot be resolved: yielded (see above)
-                    unresolved = False
-                    with contextlib.suppress(Exception):
-                        unresolved = entry.is_symlink() and bool(wanted(name))
-                    if unresolved:
-                        yield path, entry
-                    continue
-                except Exception as exc:  # a filter failing on one odd name must not end the whole scan
-                    log.error("scan.entry_failed", path=path, error=f"{type(exc).__name__}: {exc}", next="skipped")
-                    continue
-                yield path, entry
+            for entry in _entries(fd, current):
+                path = prefix + entry.name
+                what = _what_of(entry, path, root, folder, wanted, path_filter, recursive=recursive)
+                if what == "descend":
+                    stack.append(path)
+                elif what == "yield":
+                    yield path, entry
         finally:
             os.close(fd)
+
+
+def _open_folder(current: str) -> int | None:
+    """An open descriptor of the folder ``current`` (the caller closes it), or None when the folder is gone or
+    cannot be opened (then said in the log)."""
+    try:
+        return os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan")
+        return None
+
+
+def _what_of(
+    entry: os.DirEntry[str],
+    path: str,
+    root: str,
+    folder: str,
+    wanted: Callable[[str], object],
+    path_filter: PathFilter,
+    *,
+    recursive: bool,
+) -> str | None:
+    """What the walk does with one entry: ``descend`` into it, ``yield`` it, or None (skip it)."""
+    name = entry.name
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            descend = recursive and path_filter.wants_dir(f"{folder}/{name}" if folder else name)
+            return "descend" if descend else None
+        if not (entry.is_file() and wanted(name)):
+            return None
+        if entry.is_symlink() and not link_stays_inside(path, root):
+            log.warning(
+                "scan.link_outside",
+                path=path,
+                reason="a symbolic link to a file outside the watched folder",
+                next="not processed",
+            )
+            return None
+    except FileNotFoundError:
+        return None  # vanished since the listing
+    except OSError:
+        # a link loop or a target that cannot be resolved: yielded (see walk_entries)
+        unresolved = False
+        with contextlib.suppress(Exception):
+            unresolved = entry.is_symlink() and bool(wanted(name))
+        return "yield" if unresolved else None
+    except Exception as exc:  # a filter failing on one odd name must not end the whole scan
+        log.error("scan.entry_failed", path=path, error=f"{type(exc).__name__}: {exc}", next="skipped")
+        return None
+    return "yield"

@@ -122,15 +122,15 @@ class _HintHandler(FileSystemEventHandler):
                     reason="the kernel's inotify queue overflowed and events were lost",
                     next="rescanning the folder now",
                 )
-                self._hint(path, True, False)
+                self._hint(path, is_dir=True, closed=False)
             elif isinstance(event, FileMovedEvent | DirMovedEvent):
-                self._hint(_text(event.dest_path), isinstance(event, DirMovedEvent), False)
+                self._hint(_text(event.dest_path), is_dir=isinstance(event, DirMovedEvent), closed=False)
             elif isinstance(event, DirCreatedEvent):
-                self._hint(path, True, False)
+                self._hint(path, is_dir=True, closed=False)
             elif isinstance(event, FileClosedEvent):
-                self._hint(path, False, True)
+                self._hint(path, is_dir=False, closed=True)
             elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
-                self._hint(path, False, False)
+                self._hint(path, is_dir=False, closed=False)
         except Exception as exc:  # a raising handler would silently end the emitter thread
             log.error(
                 "watch.handler_failed",
@@ -179,7 +179,7 @@ def start_watch(
             native = native_observer()  # inotify: creating the observer already takes an instance
             native.schedule(_HintHandler(hint), path, recursive=recursive, event_filter=HINTED_EVENTS)
             native.start()
-            return FolderWatch(native, False, reason)
+            return FolderWatch(native, polling=False, reason=reason)
         except OSError as exc:
             if native is not None:
                 try:
@@ -196,4 +196,4 @@ def start_watch(
             reason = why + "; polling instead"
     poller = DirPoller(path, recursive=recursive, hint=hint, interval=poll_interval, rescan_interval=rescan_interval)
     poller.start()
-    return FolderWatch(poller, True, reason)
+    return FolderWatch(poller, polling=True, reason=reason)

@@ -167,43 +167,52 @@ class AnalysisEmulator:
             self._stream
         )
 
-    def _stream(self, req: Request) -> None:
+    def _accept(self, req: Request) -> tuple[list[str], str | None] | None:
+        """The models asked for and the chaos drawn for a stream request; None when it was refused (answered)."""
+        refusal = self._refusal(req)
+        chaos = None
+        if refusal is None:
+            chaos = self.chaos.draw(ROUTE, STREAM_FAULTS)
+            refusal = self._fault(chaos)
+        models = [m for m in ",".join(req.query.get("models", [])).split(",") if m]
+        rejected = [m for m in models if m.split(":")[0] in self.faults.reject_models]
+        if refusal is None and not models:
+            refusal = 422, {"detail": "models: field required"}, None
+        elif refusal is None and rejected:
+            refusal = 422, {"detail": f"unknown model: {rejected[0]}"}, None
+        if refusal is not None:
+            req.drain()
+            req.send_json(*refusal)
+            return None
+        return models, chaos
+
+    def _refusal(self, req: Request) -> tuple[int, dict[str, Any], dict[str, str] | None] | None:
+        """The answer refusing a request before any chaos is drawn: a wrong key, no model, an injected 401."""
         if self.api_key is not None and req.headers.get("Authorization") != f"Bearer {self.api_key}":
-            req.drain()
-            req.send_json(401, {"detail": "Invalid API key"})
-            return
+            return 401, {"detail": "Invalid API key"}, None
         if not any(req.query.get("models", [])):  # a key check (no model): injected faults are for real calls
-            req.drain()
-            req.send_json(422, {"detail": "models: field required"})
-            return
+            return 422, {"detail": "models: field required"}, None
         if self.faults.take("status_401"):
-            req.drain()
-            req.send_json(401, {"detail": "Invalid API key"})
-            return
-        chaos = self.chaos.draw(ROUTE, STREAM_FAULTS)
+            return 401, {"detail": "Invalid API key"}, None
+        return None
+
+    def _fault(self, chaos: str | None) -> tuple[int, dict[str, Any], dict[str, str] | None] | None:
+        """The answer of an injected or chaotic 429, 500 or 503, or None."""
         if self.faults.take("status_429") or chaos == "429":
             retry_after = self.chaos.retry_after if chaos else self.faults.retry_after
-            req.drain()
-            req.send_json(429, {"detail": "Too Many Requests"}, {"Retry-After": f"{retry_after:g}"})
-            return
+            return 429, {"detail": "Too Many Requests"}, {"Retry-After": f"{retry_after:g}"}
         if self.faults.take("status_500") or chaos == "500":
-            req.drain()
-            req.send_json(500, {"detail": "Internal Server Error"})
-            return
+            return 500, {"detail": "Internal Server Error"}, None
         if chaos == "503":
-            req.drain()
-            req.send_json(503, {"detail": "Service Unavailable"})
+            return 503, {"detail": "Service Unavailable"}, None
+        return None
+
+    def _stream(self, req: Request) -> None:
+        """POST /v1/analysis/stream: refused as the key, the request and the faults say, else charged and answered."""
+        accepted = self._accept(req)
+        if accepted is None:
             return
-        models = [m for m in ",".join(req.query.get("models", [])).split(",") if m]
-        if not models:
-            req.drain()
-            req.send_json(422, {"detail": "models: field required"})
-            return
-        rejected = [m for m in models if m.split(":")[0] in self.faults.reject_models]
-        if rejected:
-            req.drain()
-            req.send_json(422, {"detail": f"unknown model: {rejected[0]}"})
-            return
+        models, chaos = accepted
         received = self._input(req)
         if received is None:
             return

@@ -12,14 +12,13 @@ Wiring: ``api, storage = emu.start_pair()`` ... ``api.stop(); storage.stop(); em
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from watcher.audiofile import sniff_format
 from watcher.emulator import audio_processing as proc
-from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, STORAGE_FAULTS, Chaos, Ledger, account_of
+from watcher.emulator.faults import PAID_POST_FAULTS, REFUSALS, Chaos, Ledger, account_of
 from watcher.emulator.multipart import MultipartParser
 from watcher.emulator.processing_state import (
     HOSTILE_STEM_NAMES,
@@ -32,6 +31,7 @@ from watcher.emulator.processing_state import (
     ProcessingState,
 )
 from watcher.emulator.server import App, HTTPServerThread, Request
+from watcher.emulator.signed import serve_signed
 
 __all__ = ["HOSTILE_STEM_NAMES", "NeuralAnalogEmulator", "Obj", "ProcessingFaults"]
 
@@ -75,6 +75,10 @@ class NeuralAnalogEmulator:
         r("POST", "/download-archive", "POST /download-archive")(self._archive)
         r("GET", r"/download/(?P<kind>[a-z_]+)/(?P<id>[\w-]+)", "GET /download")(self._download)
         self.storage_app.route("GET", r"/signed/(?P<token>\w+)", "GET /signed")(self._signed)
+
+    def _signed(self, req: Request) -> None:
+        """GET /signed/TOKEN on the storage host (see watcher.emulator.signed)."""
+        serve_signed(req, self.state, self.chaos)
 
     @property
     def storage_url(self) -> str:
@@ -155,7 +159,7 @@ class NeuralAnalogEmulator:
         host = req.headers.get("Host", "")
         self.ledger.charge("processing", host, account, source.sha256, [operation], source.seconds)
 
-    def _answer(self, req: Request, route: str, payload: dict[str, Any], lose: bool = False) -> None:
+    def _answer(self, req: Request, route: str, payload: dict[str, Any], *, lose: bool = False) -> None:
         """Send the answer, unless a fault (or ``lose``) says the work is done but the answer gets lost, or
         comes without its ID (``done_without_id``) or as a redirect (``done_then_303``)."""
         if self.faults.take(self.faults.lose_answer, route) or lose:
@@ -385,32 +389,6 @@ class NeuralAnalogEmulator:
             req.send_json(409, {"detail": f"{obj.kind} {req.param('id')} is not complete"})
             return
         req.redirect(self.state.sign(obj.path, self.storage_url))
-
-    def _signed(self, req: Request) -> None:
-        chaos = self.chaos.draw("GET /signed", STORAGE_FAULTS)
-        if chaos is not None:
-            req.send_bytes(int(chaos), f"<Error><Code>Emulated{chaos}</Code></Error>".encode(), "application/xml")
-            return
-        with self._lock:
-            path, expires = self.signed.get(req.param("token"), (None, None))
-        f = self.faults
-        if path is None or (expires is not None and time.monotonic() >= expires) or f.take_count("expired_urls"):
-            body = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
-            req.send_bytes(f.expired_status if path is not None else 403, body, "application/xml")
-            return
-        if f.take_count("storage_500"):
-            req.send_bytes(500, b"<Error><Code>InternalError</Code></Error>", "application/xml")
-            return
-        size = path.stat().st_size
-        truncate = f.take_count("truncate_downloads")
-        req.start(200, {"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-        with path.open("rb") as fh:
-            if truncate:
-                req.write(fh.read(size // 2))
-                req.abort_connection()
-                return
-            while chunk := fh.read(1 << 20):
-                req.write(chunk)
 
 
 KEY_CHECK_ID = "watcher-doctor-check"

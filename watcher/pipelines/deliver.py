@@ -183,19 +183,7 @@ class Deliverer:
                 files += await self._fetch_group(job, tracks, ids, staging, staging, stems=False)
             if stems:
                 files += await self._fetch_group(job, stems, ids, staging, staging / "stems", stems=True)
-            manifest = {
-                "source": {
-                    "path": display(job.file.path),
-                    "name": display(Path(job.file.path).name),
-                    "sha256": sha256,
-                    "size": job.file.size,
-                },
-                "versions": sorted({f["version"] for f in files} - {"info", "unknown"}),
-                "files": files,
-                "ids": dict(ids),
-                "delivered_at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
-                "watcher_version": __version__,
-            }
+            manifest = _delivery_manifest(job, files, ids)
             await asyncio.to_thread(write_json_atomic, staging / "manifest.json", manifest)
             async with placing() as may_place:
                 if not may_place:
@@ -283,7 +271,7 @@ class Deliverer:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     zip_path.unlink()
-            return offer, await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems)
+            return offer, await asyncio.to_thread(self._settle, extracted, versions, dest, staging, ids, stems=stems)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _settle(
@@ -293,6 +281,7 @@ class Deliverer:
         dest: Path,
         staging: Path,
         ids: Mapping[str, str],
+        *,
         stems: bool,
     ) -> dict[str, list[dict[str, Any]]]:
         """In a worker thread: move each extracted entry to its place in the staging folder, and record it."""
@@ -387,3 +376,20 @@ def _fresh_staging(staging: Path) -> None:
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
     return read_json_object(folder / "manifest.json")
+
+
+def _delivery_manifest(job: Job, files: list[dict[str, Any]], ids: Mapping[str, str]) -> dict[str, Any]:
+    """The manifest.json of a delivery: its source file, the versions and files delivered, the service's ids."""
+    return {
+        "source": {
+            "path": display(job.file.path),
+            "name": display(Path(job.file.path).name),
+            "sha256": job.data["sha256"],
+            "size": job.file.size,
+        },
+        "versions": sorted({f["version"] for f in files} - {"info", "unknown"}),
+        "files": files,
+        "ids": dict(ids),
+        "delivered_at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+        "watcher_version": __version__,
+    }

@@ -24,7 +24,8 @@ import structlog
 
 from watcher.config.audio_url import without_query
 from watcher.errors import Malformed, Rejected, RetryLater, WatcherError
-from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
+from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP
+from watcher.services.httperrors import translate_transport_error
 
 if TYPE_CHECKING:  # imported at the first request (see watcher.services.http)
     import httpx

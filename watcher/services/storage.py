@@ -18,7 +18,8 @@ from watcher.errors import BadInput, ExpiredURL, RetryLater
 from watcher.fsutil import PRIVATE_FILE, chmod_quietly, file_mode, fsync_dir, safe_component, temp_prefix
 from watcher.names import display
 from watcher.safezip import TooLarge
-from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP, translate_transport_error
+from watcher.services.http import HttpPolicy, RequestObserver, ServiceHTTP
+from watcher.services.httperrors import translate_transport_error
 
 if TYPE_CHECKING:  # imported at the first download (see watcher.services.http)
     import httpx

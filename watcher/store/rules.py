@@ -167,7 +167,7 @@ def over_cap(spent: float, seconds: float, cap: float | None) -> bool:
 
 
 def capped_tickets(
-    takeable: Sequence[tuple[Any, ...]], until: float, first: bool, spent: float, cap: float
+    takeable: Sequence[tuple[Any, ...]], until: float, *, first: bool, spent: float, cap: float
 ) -> dict[int, Ticket]:
     """The answer to every takeable operation when the day's cap would be passed (both stores give the same)."""
     return {

@@ -214,8 +214,8 @@ def routes(ctx: Context) -> list[tuple[str, str, Callable[[Request], Any]]]:
         ("GET", "/api/files", api.files),
         ("GET", "/api/file", api.file),
         ("POST", "/api/retry", api.retry),
-        ("POST", "/api/pause", api.pausing(True)),
-        ("POST", "/api/resume", api.pausing(False)),
+        ("POST", "/api/pause", api.pausing(paused=True)),
+        ("POST", "/api/resume", api.pausing(paused=False)),
         ("GET", "/api/events", api.events),
     ]
 
@@ -267,7 +267,7 @@ class _Api:
         self.ctx.wake()
         return Answer({"retried": n})
 
-    def pausing(self, paused: bool) -> Callable[[Request], Any]:
+    def pausing(self, *, paused: bool) -> Callable[[Request], Any]:
         """The endpoint that pauses (or resumes) one watched folder."""
 
         async def endpoint(request: Request) -> Response:

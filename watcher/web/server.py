@@ -79,20 +79,42 @@ def cookie_name(port: int) -> str:
 def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[str], any_address: bool) -> Guard:
     """The whole ASGI app: pages, API, audio, static files and (metrics on) /metrics, behind the guard."""
     cookie = cookie_name(port)
+    h = _Handlers(ctx, sessions, cookie)
+    routes: list[Any] = [
+        Route("/login", h.login, methods=["GET", "POST"]),
+        Route("/logout", h.logout, methods=["POST"]),
+        Route("/", h.overview),
+        Route("/files", h.files),
+        Route("/file", h.file),
+        Route("/audio", h.audio),
+        *(Route(path, endpoint, methods=[method]) for method, path, endpoint in api.routes(ctx)),
+        Route("/metrics", h.metrics),
+        Route("/healthz", h.healthz),
+        Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
+    ]
+    return Guard(Starlette(routes=routes), sessions, cookie=cookie, hosts=hosts, any_address=any_address)
 
-    def logged_in() -> Response:
+
+class _Handlers:
+    """The route handlers of the pages (the JSON API's are in watcher.web.api), over one context and sessions."""
+
+    def __init__(self, ctx: Context, sessions: Sessions, cookie: str) -> None:
+        self.ctx, self.sessions, self.cookie = ctx, sessions, cookie
+
+    def logged_in(self) -> Response:
+        """A new session's cookie, and on to the overview."""
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
-            cookie, sessions.open(), max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
+            self.cookie, self.sessions.open(), max_age=SESSION_SECONDS, httponly=True, samesite="strict", path="/"
         )
         return response
 
-    def refused(request: Request, message: str, *, tried: bool = True) -> Response:
+    def refused(self, request: Request, message: str, *, tried: bool = True) -> Response:
         """401 with the form; 429 with Retry-After once too many logins failed this minute (``tried``: this
         request was a failed login, not one turned away unread)."""
         if tried:
-            sessions.failed()
-        wait = sessions.throttled()
+            self.sessions.failed()
+        wait = self.sessions.throttled()
         if not wait:
             return pages.render(request, "login", 401, title="Log in", message=message)
         message = f"Too many failed logins: wait {int(wait) + 1} s and try again."
@@ -100,7 +122,7 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
 
-    async def login(request: Request) -> Response:
+    async def login(self, request: Request) -> Response:
         """A login link (GET ``?nonce=``) or the token from the form (POST) opens a session; else the form.
 
         Failures are counted for everyone together: past the limit every token tried waits (429) before it is
@@ -110,49 +132,53 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
             nonce = request.query_params.get("nonce", "")
             if not nonce:
                 return pages.render(request, "login", title="Log in", message=None)
-            if sessions.redeem(nonce):
-                return logged_in()
-            return refused(
+            if self.sessions.redeem(nonce):
+                return self.logged_in()
+            return self.refused(
                 request,
                 "This login link is not valid: it was used already, has expired (after 15 minutes) or is not this "
                 "page's. `watcher web` prints a new one.",
             )
-        if sessions.throttled():
-            return refused(request, "", tried=False)
+        if self.sessions.throttled():
+            return self.refused(request, "", tried=False)
         form = parse_qs((await request.body())[:MAX_LOGIN_FORM].decode("utf-8", "replace"))
-        if same(form.get("token", [""])[0].strip(), sessions.token):
-            return logged_in()
-        return refused(request, "That token is not the page's.")
+        if same(form.get("token", [""])[0].strip(), self.sessions.token):
+            return self.logged_in()
+        return self.refused(request, "That token is not the page's.")
 
-    async def logout(request: Request) -> Response:
-        sid = request.cookies.get(cookie)
+    async def logout(self, request: Request) -> Response:
+        """The session ends (its cookie too), and on to the login form."""
+        sid = request.cookies.get(self.cookie)
         if sid:
-            sessions.revoke(sid)
+            self.sessions.revoke(sid)
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(cookie, httponly=True, samesite="strict", path="/")
+        response.delete_cookie(self.cookie, httponly=True, samesite="strict", path="/")
         return response
 
-    async def overview(request: Request) -> Response:
+    async def overview(self, request: Request) -> Response:
+        """The overview page."""
         return pages.render(request, "overview", title="Overview")
 
-    async def files(request: Request) -> Response:
-        return pages.render(
-            request, "files", title="Files", states=pages.STATES, folders=[display(f) for f in ctx.folders()]
-        )
+    async def files(self, request: Request) -> Response:
+        """The files page, with the watched folders to filter by."""
+        folders = [display(f) for f in self.ctx.folders()]
+        return pages.render(request, "files", title="Files", states=pages.STATES, folders=folders)
 
-    async def file(request: Request) -> Response:
+    async def file(self, request: Request) -> Response:
+        """One file's page (``?path=``), 404 for a file watcher does not know."""
         path = path_param(request.query_params.get("path"))
-        info = await api.file_info(ctx, path) if path else None
+        info = await api.file_info(self.ctx, path) if path else None
         if info is None:
             shown = display(path or "that path")
             detail = f"{shown} is not a file watcher knows"
             return pages.render(request, "message", 404, title="Not found", page="none", detail=detail)
         return pages.render(request, "file", **pages.file_context(info))
 
-    async def audio(request: Request) -> Response:
+    async def audio(self, request: Request) -> Response:
         """An audio file of the folders, always as its fixed audio type (by the real file's extension)."""
         path = path_param(request.query_params.get("path"))
-        real = await asyncio.to_thread(lambda: path and contained(find_shown(path) or path, ctx.audio_roots()))
+        roots = self.ctx.audio_roots
+        real = await asyncio.to_thread(lambda: path and contained(find_shown(path) or path, roots()))
         kind = audio_type(real) if real else None
         if not real or kind is None:
             return problem(404, "no such audio file (wav, flac, mp3, m4a, ogg, aiff) in the watched or output folders")
@@ -161,29 +187,16 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
             real, media_type=kind, filename=os.path.basename(real), content_disposition_type=disposition
         )
 
-    async def healthz(request: Request) -> Response:
+    async def healthz(self, request: Request) -> Response:
         """Open to all (container health checks): only whether the daemon's heartbeat is current, nothing else."""
-        healthy = ctx.healthy()
+        healthy = self.ctx.healthy()
         return JSONResponse({"healthy": healthy}, status_code=200 if healthy else 503)
 
-    async def metrics(request: Request) -> Response:
-        if ctx.metrics is None:
+    async def metrics(self, request: Request) -> Response:
+        """The Prometheus exposition, 404 when metrics are off."""
+        if self.ctx.metrics is None:
             return problem(404, "metrics are off ([metrics] enabled = false)")
-        return PlainTextResponse(ctx.metrics.exposition(), media_type="text/plain; version=0.0.4")
-
-    routes: list[Any] = [
-        Route("/login", login, methods=["GET", "POST"]),
-        Route("/logout", logout, methods=["POST"]),
-        Route("/", overview),
-        Route("/files", files),
-        Route("/file", file),
-        Route("/audio", audio),
-        *(Route(path, endpoint, methods=[method]) for method, path, endpoint in api.routes(ctx)),
-        Route("/metrics", metrics),
-        Route("/healthz", healthz),
-        Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
-    ]
-    return Guard(Starlette(routes=routes), sessions, cookie=cookie, hosts=hosts, any_address=any_address)
+        return PlainTextResponse(self.ctx.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
 
 def reachable_address() -> str | None:

@@ -33,7 +33,7 @@ class PgControlMixin(_Base):
 
     # -- control ---------------------------------------------------------------------------------------
 
-    def set_paused(self, folder: str, paused: bool) -> None:
+    def set_paused(self, folder: str, *, paused: bool) -> None:
         """Pause or resume a folder for every node (keyed by folder ID)."""
         self._run(
             lambda db: db.execute(

@@ -103,7 +103,9 @@ class PgGateMixin(_Base):
                 else:
                     tickets[i] = ticket
             if free:
-                charged = self._charge(db, free, budget, seconds, cap_seconds, at, local_now, owner, estimated)
+                charged = self._charge(
+                    db, free, budget, seconds, cap_seconds, at, local_now, owner, estimated=estimated
+                )
                 tickets.update(charged)
                 request = charged[free[0][0]].request
                 if request is not None:  # within the cap: taken
@@ -141,6 +143,7 @@ class PgGateMixin(_Base):
         at: float,
         local_now: float,
         owner: str,
+        *,
         estimated: bool,
     ) -> dict[int, Ticket]:
         """The day's cap checked (its spend row locked) and, within it, the day's spend charged and the ledger
@@ -166,7 +169,7 @@ class PgGateMixin(_Base):
                 if first:
                     db.execute("UPDATE spend SET capped_at=%s WHERE day=%s AND service=%s", (at, day, budget))
                 until = local_now + (next_utc_midnight(at) - at)
-                return capped_tickets(free, until, first, spent["seconds"], cap_seconds)
+                return capped_tickets(free, until, first=first, spent=spent["seconds"], cap=cap_seconds)
             db.execute(
                 "UPDATE spend SET seconds=seconds+%s, calls=calls+1 WHERE day=%s AND service=%s",
                 (seconds, day, budget),

@@ -23,7 +23,7 @@ class ControlMixin(_Base):
 
     # -- folders ---------------------------------------------------------------------------------------
 
-    def set_paused(self, folder: str, paused: bool) -> None:
+    def set_paused(self, folder: str, *, paused: bool) -> None:
         """Pause or resume work on a folder's files (detection still records them, so nothing is lost)."""
         with self._tx() as db:
             db.execute(

@@ -204,7 +204,8 @@ class GateMixin(_Base):
                 first = spent["capped_at"] is None
                 if first:
                     db.execute("UPDATE spend SET capped_at=? WHERE day=? AND service=?", (now, day, budget))
-                return capped_tickets(free, next_utc_midnight(now), first, spent["seconds"], cap_seconds)
+                until = next_utc_midnight(now)
+                return capped_tickets(free, until, first=first, spent=spent["seconds"], cap=cap_seconds)
             db.execute(
                 "UPDATE spend SET seconds=seconds+?, calls=calls+1 WHERE day=? AND service=?", (seconds, day, budget)
             )

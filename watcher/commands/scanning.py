@@ -1,0 +1,171 @@
+"""`watcher scan`: on its own (no daemon runs) or through the running daemon, and the report of both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from watcher.app import App
+from watcher.commands.common import absolute, under
+from watcher.config import FolderConfig, Settings
+from watcher.errors import ConfigError
+from watcher.fsutil import use_node
+from watcher.runner import Outcome
+from watcher.statelock import StateLock
+from watcher.store import TERMINAL, Job
+from watcher.store.ports import StorePort
+
+SCAN_SETTLE = 1.0
+
+
+async def scan(
+    settings: Settings, paths: Sequence[Path], *, progress: bool = False
+) -> tuple[int, list[dict[str, Any]]]:
+    """`watcher scan` with no daemon running: register what is under ``paths`` now, process it, and report
+    (exit code, problems). The state folder's lock is held throughout (a daemon starting meanwhile waits)."""
+    paths = absolute(paths)
+    folders, files = scan_targets(settings, paths)
+    lock = StateLock(settings.state_dir)
+    lock.acquire()
+    try:
+        app = App.build(settings, folders=folders)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        use_node(app.node_id)
+        app.store.claim_node_name(settings.store.node_name, app.node_id)  # refused while a live node has the name
+        app.store.release_node(app.node_id, app.runner.owner)  # a shared store: take back only our own
+        # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
+        folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
+        detector = app.make_detector(folders)
+        for folder in folders:
+            if any(str(p) == str(folder.path) for p in paths):
+                await detector.scan(str(folder.path), live=True)  # the user says these are today's
+        for f in files:
+            detector.hint(str(f), live=True)
+        await detector.settle_all()
+        targets = [str(p) for p in paths]
+        bar = _progress(app.store.pending(), enabled=progress)
+        if bar is not None:
+            from watcher.events import Subscriber
+
+            class Tick(Subscriber):
+                def outcome(self, outcome: Outcome) -> None:
+                    if outcome.state in TERMINAL:
+                        bar.update(1)
+
+            app.events.subscribers.append(Tick())
+        await app.runner.drain()
+        if bar is not None:
+            bar.close()
+        return _scan_report(app.store, targets)
+    finally:
+        await app.aclose()
+        lock.release()
+
+
+def _scan_report(store: StorePort, targets: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
+    """(1 if a file under ``targets`` failed else 0, every problem under them)."""
+    problems = [
+        {"path": p.path, "pipeline": p.pipeline, "state": p.state, "step": p.step, "error": p.error}
+        for p in store.problems()
+        if under(p.path, targets)
+    ]
+    return (1 if any(p["state"] == "failed" for p in problems) else 0), problems
+
+
+SCAN_POLL = 0.2
+
+
+async def scan_running(
+    app: App, paths: Sequence[Path], *, progress: Callable[[int, int], Awaitable[None]] | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """`watcher scan` through the running daemon: hint what is under ``paths`` to its detector, wait until each
+    of their jobs has finished or waits on something that will not come now (a backoff, a paused service, a
+    cap, a request in doubt), and report as :func:`scan` does. ``progress(done, total)`` is told as jobs end."""
+    paths = absolute(paths)
+    detector = app.detector
+    if detector is None:
+        raise ConfigError("the daemon is still starting: try again in a moment")
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist")
+        if not any(path.is_relative_to(f) for f in app.folders):
+            watched = ", ".join(app.folders) or "none"
+            raise ConfigError(
+                f"{path} is not in a folder the running daemon watches ({watched}): add it to [[folders]] and "
+                "reload (`systemctl reload watcher`, or SIGHUP), or stop the daemon to scan it on its own"
+            )
+        detector.hint(str(path), is_dir=path.is_dir(), live=True)  # the user says these are today's
+    targets = [str(p) for p in paths]
+    seen = (-1, -1)
+    while True:
+        if not detector.idle():  # the detector's own loop settles the hinted files
+            await asyncio.sleep(SCAN_POLL)
+            continue
+        jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
+        done = sum(j.state in TERMINAL for j in jobs)
+        if progress is not None and (done, len(jobs)) != seen:
+            seen = (done, len(jobs))
+            await progress(done, len(jobs))
+        held = await asyncio.to_thread(_held, app)
+        if not any(j.state == "pending" and j.error_code is None and _why_held(j, held) is None for j in jobs):
+            break
+        await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
+    code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
+    for j in jobs:  # not failed, but not done either: say why, so that exit 0 does not look like "all done"
+        why = _why_held(j, held) if j.state == "pending" and j.error_code is None else None
+        if why is not None:
+            waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
+            problems.append(waiting)
+    return code, problems
+
+
+def _held(app: App) -> tuple[set[str], dict[str, str]]:
+    """(the paused folders, pipeline -> its paused service) of the running daemon."""
+    paused = app.runner.paused_services()
+    services = {name: p.service for name, p in app.runner.pipelines.items() if p.service in paused and p.service}
+    return app.store.paused_folders(), services
+
+
+def _why_held(job: Job, held: tuple[set[str], dict[str, str]]) -> str | None:
+    folders, services = held
+    if job.file.folder in folders:
+        return "its folder is paused (`watcher resume` it)"
+    if job.pipeline in services:
+        return f"the {services[job.pipeline]} service is paused (`watcher status` says why)"
+    return None
+
+
+def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
+    """Folders to walk and single files to hint; a path inside a configured folder keeps that folder's options."""
+    folders: dict[str, FolderConfig] = {}
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(os.path.abspath(raw))
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist")
+        owner = settings.folder_for(path)
+        if path.is_dir():
+            folder = owner if owner is not None and owner.path == path else FolderConfig(path=path)
+            if owner is not None and folder is not owner:
+                folder = owner.model_copy(update={"path": path})
+            folders[str(folder.path)] = folder
+        else:
+            folder = owner or FolderConfig(path=path.parent, recursive=False)
+            folders.setdefault(str(folder.path), folder)
+            files.append(path)
+    return list(folders.values()), files
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    """A progress bar over ``total`` files on stderr, or None (not ``enabled``, or nothing to do)."""
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="file", desc="watcher scan")
