@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,17 +125,25 @@ class Cluster:
         return len(rows)
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[Cluster]:
-    """The session's throwaway cluster (skipped, saying why, when no PostgreSQL server is installed)."""
+@contextmanager
+def running(*, durable: bool = False) -> Iterator[Cluster]:
+    """A cluster started for the block and stopped after it (the test skipped, saying why, when no PostgreSQL
+    server is installed)."""
     bindir = _bindir()
     if bindir is None:
         pytest.skip("no PostgreSQL server installed (Debian: apt-get install postgresql; .ci/run does it)")
-    cluster = Cluster(bindir).start()
+    cluster = Cluster(bindir, durable=durable).start()
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """The session's throwaway cluster."""
+    with running() as cluster:
+        yield cluster
 
 
 @pytest.fixture

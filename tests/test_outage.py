@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
-from tests.pg import Cluster, _bindir
+from tests.pg import Cluster, running
 from tests.test_multinode import Node, _has_schema, make_files, node_config, sql
 from watcher.emulator import Emulator
 
@@ -33,14 +33,8 @@ FILES = 12
 def own_cluster() -> Iterator[Cluster]:
     """A cluster of this module's own (never the session's shared one: it is stopped and started here), durable as a
     real server is (fsync and synchronous commit on): a crash must not lose what it acknowledged."""
-    bindir = _bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server installed (Debian: apt-get install postgresql; .ci/run does it)")
-    cluster = Cluster(bindir, durable=True).start()
-    try:
+    with running(durable=True) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ One module per theme (common, scanning, reports, manage, costs); every command i
 from watcher.commands.common import absolute, open_store, under
 from watcher.commands.costs import SPEND_FIELDS, backfill, dry_run, spend
 from watcher.commands.manage import adopt, pause, resume_service, retry
-from watcher.commands.reports import current_path, jobs_of, status, unreachable_report, web_state
+from watcher.commands.reports import current_path, status, unreachable_report, web_state
 from watcher.commands.scanning import SCAN_POLL, SCAN_SETTLE, scan, scan_running, scan_targets
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "backfill",
     "current_path",
     "dry_run",
-    "jobs_of",
     "open_store",
     "pause",
     "resume_service",

@@ -83,26 +83,3 @@ def current_path(settings: Settings, shown: str) -> str | None:
         return real if real is not None and store.current_version(real) is not None else None
     finally:
         store.close()
-
-
-def jobs_of(settings: Settings, path: str) -> list[dict[str, Any]]:
-    """The jobs of a file's current version with attempts, step, state, error and what they recorded
-    (for the web page's file view); empty when the store does not know the file."""
-    store = open_store(settings)
-    try:
-        version = store.current_version(os.path.abspath(path))
-        jobs = store.jobs_of_file(version.id) if version is not None else []
-        return [
-            {
-                "pipeline": j.pipeline,
-                "step": j.step,
-                "state": j.state,
-                "attempts": j.attempts,
-                "error": j.last_error,
-                "error_code": j.error_code,
-                "data": j.data,
-            }
-            for j in jobs
-        ]
-    finally:
-        store.close()
