@@ -12,6 +12,7 @@ events; a new directory is hinted as one (the detector scans it); a removed entr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -39,6 +40,18 @@ Entry = tuple[bool, int, int, int]
 ScanDir = Callable[[str], AbstractContextManager[Iterator[os.DirEntry[str]]]]
 
 
+@contextlib.contextmanager
+def scandir_at(path: str) -> Iterator[Iterator[os.DirEntry[str]]]:
+    """``os.scandir(path)`` through a descriptor of the directory: each entry's ``stat`` then resolves its own
+    name only, not the whole path again (as ``find`` does), which halves a listing's cost on a deep tree."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            yield it
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class _Dir:
     """One listed directory: its own mtime and inode when listed, when that was (our clock), its entries."""
@@ -60,7 +73,7 @@ class DirPoller:
         hint: HintFn,
         interval: float,
         rescan_interval: float,
-        scandir: ScanDir = os.scandir,
+        scandir: ScanDir = scandir_at,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = root
@@ -197,6 +210,7 @@ class DirPoller:
     def _list(self, path: str) -> dict[str, Entry] | None:
         """The entries of one directory (sub-directories only when recursive); None when it cannot be listed."""
         entries: dict[str, Entry] = {}
+        recursive, is_directory = self.recursive, stat.S_ISDIR  # a listing's loop runs once per file of the tree
         try:
             with self._scandir(path) as it:
                 for e in it:
@@ -204,8 +218,8 @@ class DirPoller:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue  # vanished since the listing
-                    is_dir = stat.S_ISDIR(st.st_mode)
-                    if is_dir and not self.recursive:
+                    is_dir = is_directory(st.st_mode)
+                    if is_dir and not recursive:
                         continue  # not watched: the detector would ignore what is in it
                     entries[e.name] = (is_dir, st.st_size, st.st_mtime_ns, st.st_ino)
         except FileNotFoundError:
