@@ -93,15 +93,18 @@ def test_a_crash_leaves_the_intent_and_the_restart_treats_it_as_in_doubt(store):
     assert reask.verdict == "send" and reask.resend
 
 
-@pytest.mark.parametrize("death", ["recovery at restart", "lease expired"])
+@pytest.mark.parametrize("death", ["recovery at restart", "lease expired", "the node's next life"])
 def test_a_request_whose_sender_dies_again_and_again_is_held_after_two_reasks(store, death):
     """A crash loop on one file: the re-askable request is asked again CRASH_REASKS times, then held in doubt
-    (both ways a sender's death is found: a restart's recovery, another taker finding its lease expired)."""
+    (every way a sender's death is found: a restart's recovery, another taker finding its lease expired, the same
+    node starting again and giving back what its earlier lives held)."""
     for n in range(CRASH_REASKS + 1):
-        ticket = store.gate_take([KEY], f"life{n}", budget="analysis", seconds=5, lease=-1)[0]
+        ticket = store.gate_take([KEY], f"runner:{n}@node1", budget="analysis", seconds=5, lease=-1)[0]
         assert ticket.verdict == "send" and ticket.resend == (n > 0)
         if death == "recovery at restart":
             assert store.gate_recover() == 1
+        elif death == "the node's next life":
+            assert store.release_node("node1", f"runner:{n + 1}@node1")[1] == 1
     held = store.gate_take([KEY], "next", budget="analysis", seconds=5)[0]
     assert held.verdict == "in_doubt" and f"{CRASH_REASKS + 1} times" in (held.error or "")
     again = store.gate_take([KEY], "user", budget="analysis", seconds=5, resend_in_doubt=True)[0]

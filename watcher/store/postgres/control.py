@@ -21,6 +21,7 @@ from watcher.store.postgres.schema import (
     NOW,
     TERMINAL_STATES,
 )
+from watcher.store.rules import AFTER_CRASH_ERROR_SQL, AFTER_CRASH_SQL
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -267,11 +268,11 @@ class PgControlMixin(_Base):
                 args,
             ).rowcount
             ops = db.execute(
-                "UPDATE operations SET state=CASE on_doubt WHEN 'hold' THEN 'in_doubt' ELSE 'reask' END, "
-                f"since=CASE on_doubt WHEN 'hold' THEN {NOW} ELSE since END, holder=NULL, lease_until=NULL, "
-                f"error='the daemon stopped while the request was in flight', updated_at={NOW} "
-                "WHERE state='sending' AND " + mine.format(col="holder") + " RETURNING sha256, service, operation, "
-                "params, late_result",
+                f"UPDATE operations SET state={AFTER_CRASH_SQL}, error={AFTER_CRASH_ERROR_SQL}, "
+                f"since=CASE {AFTER_CRASH_SQL} WHEN 'in_doubt' THEN {NOW} ELSE since END, holder=NULL, "
+                f"lease_until=NULL, updated_at={NOW} WHERE state='sending' AND "
+                + mine.format(col="holder")
+                + " RETURNING sha256, service, operation, params, late_result",
                 args,
             ).fetchall()
             for r in ops:  # a late answer kept beside one of them answers it
