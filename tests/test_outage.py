@@ -204,3 +204,35 @@ def test_a_daemon_started_while_its_database_is_down_waits_for_it_instead_of_exi
     assert report["store_unreachable"]["unreachable_since"] == shown["unreachable_since"]
     assert daemon.exit_code is None and daemon.error is None
     assert daemon.stop() == 0
+
+
+def test_a_lease_that_ran_out_while_the_server_was_down_is_not_taken_over_at_once(own_cluster, pg_url):
+    """The database server restarts under a take (nobody could renew a lease meanwhile): for a lease from the
+    restart the operation is not its dead holder's, so the node that holds its answer in a journal can come back
+    and record it; only after that is it asked again by another node."""
+    from watcher.store import Operation
+    from watcher.store.postgres import PostgresStore
+
+    op = Operation("ab" * 32, "analysis http://x account:1", "analyze:key", "", "reask")
+    store = PostgresStore(pg_url, lease=30)
+    try:
+        first = store.gate_take([op], "runner:1@n1", budget="analysis", seconds=5, lease=-1)[0]  # ran out
+        assert first.verdict == "send"
+        own_cluster.halt()
+        own_cluster.resume()
+        other = wait_for(  # the first calls after the restart may find the pool's connections broken
+            lambda: _take_or_none(store, op, "runner:1@n2"), timeout=30, what="a take after the restart"
+        )
+        assert other.verdict == "wait"  # the lease ran out during the restart: not taken over yet
+        started = sql(pg_url, "SELECT extract(epoch FROM pg_postmaster_start_time())")[0][0]
+        late = store.gate_take([op], "runner:1@n2", budget="analysis", seconds=5, now=float(started) + 31)[0]
+        assert late.verdict == "send" and late.resend  # a lease after the restart: its holder is taken for dead
+    finally:
+        store.close()
+
+
+def _take_or_none(store, op, owner):
+    try:
+        return store.gate_take([op], owner, budget="analysis", seconds=5)[0]
+    except Exception:
+        return None

@@ -90,7 +90,7 @@ class PgGateMixin(_Base):
                 if replayed(row, take):
                     tickets[i] = own_ticket(op, row)
                     continue
-                if crashed(row, at):
+                if crashed(row, at) and not self._server_restarted_under(db, row, at):
                     state, why = after_crash(op.on_doubt, int(row["sends"]))  # its sender died mid-call
                     set_op_state(db, op, state, at, error=why)
                     row = got(db.execute(f"SELECT * FROM operations WHERE {KEY_WHERE}", op_key(op)).fetchone())
@@ -132,6 +132,14 @@ class PgGateMixin(_Base):
                 [v for key, _ in keys for v in key],
             ).fetchall()
         }
+
+    def _server_restarted_under(self, db: psycopg.Connection[Any], op_row: Any, at: float) -> bool:
+        """Whether the server restarted (less than a lease ago) under this take: a lease that ran out while it was
+        down is no sign that its holder died (nobody could renew one), and the holder may have the answer in its
+        journal to replay; it gets a lease from the restart to come back before the operation is taken over."""
+        row = db.execute("SELECT extract(epoch FROM pg_postmaster_start_time()) AS started").fetchone()
+        started = float(row["started"]) if row is not None else 0.0
+        return float(op_row["updated_at"] or 0) < started and at < started + self.lease
 
     @staticmethod
     def _charge(
