@@ -105,8 +105,9 @@ def test_a_dry_run_prints_the_counts_and_changes_nothing(tmp_path, inbox, emu, r
     assert (inbox / markers.MARKER).read_bytes() == marker
 
 
-def test_a_database_that_is_not_empty_is_refused(tmp_path, inbox, emu, run_daemon, pg_url):  # noqa: F811
-    """Another application's table, or a watcher store with rows: refused, nothing copied, the folder kept."""
+def test_a_database_that_is_not_empty_is_refused(tmp_path, inbox, emu, run_daemon, pg_url, pg_cluster):  # noqa: F811
+    """Another application's table, or a watcher store with rows: refused, nothing copied, the folder kept; and a
+    store migrated once is not copied again, to the same database or another (an old fork of the new store)."""
     settings = small_library(tmp_path, inbox, emu, run_daemon)
     marker = (inbox / markers.MARKER).read_bytes()
     rows(pg_url, "CREATE TABLE invoices (id integer)")
@@ -114,9 +115,16 @@ def test_a_database_that_is_not_empty_is_refused(tmp_path, inbox, emu, run_daemo
         migrate(settings, pg_url, say=lambda _: None)
     rows(pg_url, "DROP TABLE invoices")
     migrate(settings, pg_url, say=lambda _: None)
-    run = cli(tmp_path, "store", "migrate", "--to", pg_url)  # a second time: the folder is the new store's now
+    moved = (inbox / markers.MARKER).read_bytes()
+    assert moved != marker
+    for target in (pg_url, pg_cluster.database()):  # a second time: the folder and its work are the new store's
+        run = cli(tmp_path, "store", "migrate", "--to", target)
+        assert run.returncode == 2 and "this store was migrated to" in run.stderr, run.stderr
+        assert "remove" in run.stderr and "migrated-to.json" in run.stderr
+    assert (inbox / markers.MARKER).read_bytes() == moved
+    (tmp_path / "state" / "migrated-to.json").unlink()  # the user says so: a copy anyway, refused by the target
+    run = cli(tmp_path, "store", "migrate", "--to", pg_url)
     assert run.returncode == 2 and "holds a watcher store already" in run.stderr, run.stderr
-    assert (inbox / markers.MARKER).read_bytes() != marker
 
 
 def test_a_running_daemon_is_refused(tmp_path, inbox, emu, run_daemon, pg_url):  # noqa: F811

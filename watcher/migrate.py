@@ -15,6 +15,7 @@ SQLite store, which keeps its rows either way.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import psycopg
 from watcher import markers
 from watcher.config import Settings
 from watcher.errors import ConfigError, StartupError
+from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.names import display
 from watcher.statelock import StateLock
 from watcher.store import Store
@@ -37,6 +39,7 @@ from watcher.store.postgres import PostgresStore, StoreUnreachable, redact
 from watcher.store.postgres.pool import first_line
 from watcher.store.postgres.schema import SCHEMA as PG_SCHEMA
 
+MIGRATED = "migrated-to.json"  # in the SQLite store's state folder, once it was copied: where to, and when
 # The tables both schemas hold, in the order references allow (jobs name files).
 TABLES = ("files", "jobs", "results", "operations", "ledger", "spend", "folder_state")
 # Tables a watcher store in PostgreSQL holds (as its migrations make them); a database holding others is not empty.
@@ -91,6 +94,13 @@ def _migrate(
     settings: Settings, db: Path, url: str, where: str, *, dry_run: bool, say: Say, tamper: Tamper | None
 ) -> Outcome:
     passfile = str(settings.store.passfile) if settings.store.passfile else None
+    done = read_json_object(settings.state_dir / MIGRATED)
+    if done is not None and not dry_run:
+        raise ConfigError(
+            f"nothing was copied: this store was migrated to {done.get('to')} at {done.get('at')} (store "
+            f"{done.get('store')}), which owns its folders and its later work; a second copy would be an old fork of "
+            f"it. To copy it anyway, remove {settings.state_dir / MIGRATED}"
+        )
     if not dry_run:  # as a daemon's start would: an older store migrated (a copy kept in backups/), and the leases
         store = Store(db)  # and paid calls of a daemon that died given back (in doubt), since none runs now
         try:
@@ -117,6 +127,8 @@ def _migrate(
     finally:
         source.close()
     outcome = Outcome(counts, store_id)
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    write_json_atomic(settings.state_dir / MIGRATED, {"to": where, "store": store_id, "at": at})
     _switch(settings, folders, outcome, where, say)
     return outcome
 
