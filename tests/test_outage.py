@@ -197,9 +197,16 @@ def test_a_daemon_started_while_its_database_is_down_waits_for_it_instead_of_exi
     down = settings.store.model_copy(update={"url": "postgresql://watcher@127.0.0.1:1/watcher"})
     settings = settings.model_copy(update={"store": down})
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    from watcher.store.journal import JOURNAL_NAME, Journal
+
+    earlier = Journal(settings.state_dir / JOURNAL_NAME)  # an earlier life's answers, waiting for the store too
+    for n in range(2):
+        earlier.append({"kind": "test", "n": n})
+    earlier.close()
     daemon = run_daemon(settings)
     shown = wait_for(lambda: read_outage(settings.state_dir), timeout=30, what="the daemon saying its store is away")
     assert "127.0.0.1" in shown["error"] and "retrying in" in shown["next"]
+    assert "2 answers journalled" in shown["next"] and shown["journalled"] == 2
     report = commands.status(settings)
     assert report["store_unreachable"]["unreachable_since"] == shown["unreachable_since"]
     assert daemon.exit_code is None and daemon.error is None

@@ -119,6 +119,8 @@ async def wait_for_store(open_it: Callable[[], None], state_dir: Path, stop: asy
     """At start, until ``open_it`` (open the store and close it) succeeds, tried off the loop at growing intervals:
     the store is away as a running daemon says it (log and status). False when ``stop`` is set first."""
     delay, since = RETRY_FIRST, 0.0
+    # answers an earlier life journalled, waiting for the store too
+    journalled = len(Journal(state_dir / JOURNAL_NAME)) if (state_dir / JOURNAL_NAME).exists() else 0
     while True:
         try:
             await asyncio.to_thread(open_it)
@@ -126,11 +128,11 @@ async def wait_for_store(open_it: Callable[[], None], state_dir: Path, stop: asy
             if not unavailable(exc):
                 raise
             error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            nxt = f"claims paused; 0 answers journalled; retrying in {delay:.0f} s"
+            nxt = f"claims paused; {journalled} answers journalled; retrying in {delay:.0f} s"
             if not since:
                 since = time.time()
                 log.warning("store.unreachable", error=error, next=f"nothing starts until it answers; {nxt}")
-            shown = {"unreachable_since": iso_time(since), "error": error, "journalled": 0, "next": nxt}
+            shown = {"unreachable_since": iso_time(since), "error": error, "journalled": journalled, "next": nxt}
             with contextlib.suppress(OSError):
                 write_json_atomic(state_dir / OUTAGE_FILE, shown | {"pid": os.getpid()})
             with contextlib.suppress(TimeoutError):
