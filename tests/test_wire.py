@@ -240,7 +240,9 @@ def test_refused_calls_are_recorded_as_refused_and_cost_nothing(tmp_path, inbox,
     call (and its seconds) today. Now: the ledger line is `refused`, today's spend has no paid call and no second,
     and the bill is empty. (A key wrong from the start is held by that check before any paid call: test_control.)"""
     d = run_daemon(make_settings(tmp_path, inbox, emu.url))
-    wait_for(lambda: emu.api.counts()[STREAM + KEY_CHECK] == 1, what="the start's key check")
+    # the check counted is not yet answered: the key may change only once the daemon has its answer
+    wait_for(lambda: d.daemon._key_check is not None and d.daemon._key_check.done(), what="the start's key check")
+    assert emu.api.counts()[STREAM + KEY_CHECK] == 1 and not d.daemon.held_services
     emu.analysis.api_key = "revoked-since-000"  # the account's key is revoked while the daemon runs
     write_tone(inbox / "a.wav", 0.5)
     wait_for(lambda: settled(tmp_path), what="the refused request")
