@@ -31,6 +31,7 @@ from watcher.runner import Outcome, Runner
 from watcher.sdnotify import Notifier
 from watcher.store import TERMINAL
 from watcher.store.aio import AsyncStore
+from watcher.store.ports import StoreUnavailable
 
 log = structlog.get_logger("watcher.daemon")
 REFRESH_SECONDS = 60.0  # the queue is counted and folder health written at least this often
@@ -208,8 +209,9 @@ class Housekeeping(Subscriber):
         counts: dict[str, dict[str, int]] = {name: {} for name in app.runner.pipelines}
         counts |= await app.aio.open_counts()
         self.metrics.queue(counts, TERMINAL)
-        if self.metrics.wants_backlog:  # a few index reads, for the gauges only
-            self.metrics.backlog(await app.aio.call(backlog, app.aio.sync, self.caps()))
+        if self.metrics.wants_backlog:  # a few index reads, for the gauges only; kept as they were while away
+            with contextlib.suppress(StoreUnavailable):
+                self.metrics.backlog(await app.aio.call(backlog, app.aio.sync, self.caps()))
         waiting = sum(n for states in counts.values() for s, n in states.items() if s not in TERMINAL)
         failed = sum(states.get("failed", 0) for states in counts.values())
         held = "".join(f"; {service} paused" for service in sorted(self.held()))

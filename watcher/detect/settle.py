@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from watcher.audiofile import Signature
+from watcher.errors import Deferred
 
 # After a close whose stat had nothing to compare with, the second stat follows this much later.
 CLOSE_CONFIRM_SECONDS = 0.05
@@ -163,6 +164,8 @@ class Settler:
         for cand in self._pop_due(now):
             try:
                 verdict = self._check_one(cand, now)
+            except Deferred:  # the store cannot answer ``known`` now (an outage): asked again, the file kept
+                verdict = None
             except Exception as exc:
                 verdict = Verdict("failed", cand, error=f"{type(exc).__name__}: {exc}")
             if verdict is None:
