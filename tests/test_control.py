@@ -134,6 +134,30 @@ def test_scan_dot_from_the_folder_without_a_daemon(tmp_path, inbox, emu):
     assert emu.api.counts()[STREAM] == 1
 
 
+def test_a_command_waits_for_a_daemon_between_its_lock_and_its_socket(tmp_path, inbox, emu):
+    """`watcher status` while the state folder's lock is held and no socket answers (a daemon starting): it says
+    it waits, and answers once the lock is let go (it failed with exit 3 at once, a flake of every poll of status
+    at a daemon's start)."""
+    from watcher.statelock import StateLock
+
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    assert cli("scan", str(inbox), env=env_for(tmp_path), cfg=cfg).returncode == 0  # a store, and no daemon
+    lock = StateLock(tmp_path / "state")
+    lock.acquire()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "status", "--json"],
+                                env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None
+        said = proc.stderr.readline()  # the wait is told on stderr before anything else
+        assert f"watcher pid {os.getpid()} holds {tmp_path / 'state'} but does not answer yet" in said
+        assert proc.poll() is None  # still waiting
+    finally:
+        lock.release()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["daemon"] is None  # read from the store: nobody runs
+
+
 def test_commands_reach_the_running_daemon(tmp_path, inbox, emu, daemons):
     """With a daemon running, scan, status, retry, pause and resume go through its socket, relative paths work, and
     the exit codes are those of the README.

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,30 @@ from watcher.log import configure_logging
 from watcher.names import display
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
+STARTING_WAIT_SECONDS = 10.0  # how long a command waits for a daemon that holds the lock to open its socket
 
 
 def ask_daemon(settings: Settings, request: dict[str, Any], on_progress: Any = None) -> tuple[bool, Any]:
     """(True, its answer) when a daemon runs on the state folder and took ``request``; (False, None) when none
     runs (then the caller works on the store directly). A refusal by the daemon is raised as CommandFailed."""
     from watcher.control import NoDaemon, ask
+    from watcher.statelock import StateLock
 
-    try:  # no look at the folder first: one we may not enter must be a permission error, not "no daemon"
-        return True, ask(settings.state_dir, request, on_progress=on_progress)
-    except NoDaemon:
-        return False, None
+    deadline, told = time.monotonic() + STARTING_WAIT_SECONDS, False
+    while True:
+        try:  # no look at the folder first: one we may not enter must be a permission error, not "no daemon"
+            return True, ask(settings.state_dir, request, on_progress=on_progress)
+        except NoDaemon:
+            # The lock is held but nobody answers: a daemon between its lock and its socket (or a short command
+            # holding the lock as its proof). Asked again until it answers or the lock is let go.
+            holder = StateLock.holder(settings.state_dir)
+            if holder is None or time.monotonic() >= deadline:
+                return False, None
+            if not told:
+                print(f"watcher: {holder} holds {settings.state_dir} but does not answer yet; waiting up to "
+                      f"{STARTING_WAIT_SECONDS:g} s", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(0.1)  # sleep-ok: a socket has no "wait until it listens"; asked again until the deadline
 
 
 @contextlib.contextmanager
