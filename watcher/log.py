@@ -137,3 +137,5 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", stream: Text
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.WARNING))
+    # The pool's reconnect attempts, one line each, repeat what store.unreachable says once, with what happens next.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

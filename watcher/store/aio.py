@@ -4,7 +4,7 @@ Every call runs in an executor of the store's own, never on the loop: one thread
 writer), a few for PostgreSQL (each takes a pooled connection). A call the database cannot answer ends with
 :class:`~watcher.store.ports.StoreUnavailable` within the adapter's bounds (connect and statement timeouts,
 keepalives, a deadline per call), never with a hang; a call is never abandoned half way by the loop side (a take
-or a claim whose caller gave up would still commit), so there is no timeout here.
+or a claim whose caller gave up would still commit), so there is no timeout here, but for the close.
 
 Every call passes one :class:`Guard`, given at construction: the one place to watch, hold or journal store work
 while the store is away. The default guard just runs the call.
@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult, Ticket
 from watcher.store.ports import StorePort
+
+CLOSE_PATIENCE = 1.0  # seconds a closing store waits for its calls under way before it ends them (see aclose)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -98,10 +100,14 @@ class AsyncStore:
         return await self.guard(name, lambda: loop.run_in_executor(self._executor, bound))
 
     async def aclose(self, *, close_store: bool = True) -> None:
-        """Let the calls under way end, then close the store (unless its owner closes it)."""
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        """Let the calls under way end, then close the store (unless its owner closes it). Calls still waiting on a
+        store that does not answer after ``CLOSE_PATIENCE`` seconds are ended by closing it under them (each gets
+        an error nobody waits for any more): a stop during an outage does not wait out their 30 s deadlines."""
+        ended = asyncio.ensure_future(asyncio.to_thread(self._executor.shutdown, wait=True))
         if close_store:
-            self.sync.close()
+            await asyncio.wait({ended}, timeout=CLOSE_PATIENCE)
+            await asyncio.to_thread(self.sync.close)
+        await ended
 
     # -- registry ----------------------------------------------------------------------------------------------
 

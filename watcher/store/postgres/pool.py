@@ -122,9 +122,15 @@ class Pool:
             self._pool.drain()
 
     def close(self) -> None:
+        """Close the pool: calls waiting for a connection fail at once (PoolClosed), and those on a connection
+        have its socket shut down, so a close during an outage ends every call under way within about a second."""
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join()
+        with self._lock:
+            held = [conn for _, conn in self._held.values()]
+        for conn in held:
+            _shut(conn)
         with contextlib.suppress(Exception):
             self._pool.close(timeout=1.0)
 
