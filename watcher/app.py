@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -252,7 +254,7 @@ class App:
         await self.aio.aclose()
 
 
-def build_daemon(
+async def build_daemon(
     settings: Settings,
     *,
     metrics: NullMetrics,
@@ -262,11 +264,13 @@ def build_daemon(
 ) -> App:
     """The daemon's graph: :meth:`App.build`, with metrics, webhooks, the page's live feed (``live``) and the
     daemon's housekeeping told of everything, and every client's rate watched by the metrics; ``guard`` sees
-    every store call made from the loop."""
+    every store call made from the loop. The build (opening the store: a connection, a migration check) runs in a
+    thread, so a database that stops answering just then does not stall the loop; what needs the loop starts here."""
     subscribers: list[Subscriber] = [MetricsEvents(metrics), housekeeping]
     if live is not None:
         subscribers.append(live)
-    app = App.build(settings, subscribers=subscribers, observer=metrics.request, guard=guard)
+    build = functools.partial(App.build, settings, subscribers=subscribers, observer=metrics.request, guard=guard)
+    app = await asyncio.to_thread(build)
     if settings.webhooks.urls:
         from watcher.webhooks import WebhookSender
 

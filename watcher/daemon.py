@@ -211,7 +211,7 @@ class Daemon(Steering):
             functools.partial(_open_and_close, self.settings), self.settings.state_dir, self.stop
         ):
             return 0
-        app = build_daemon(self.settings, metrics=self.metrics, housekeeping=self.housekeeping, live=self._live)
+        app = await build_daemon(self.settings, metrics=self.metrics, housekeeping=self.housekeeping, live=self._live)
         self.app = app
         check_keys = self._check_keys(app)
         try:
