@@ -30,7 +30,7 @@ from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.processor import Processor
 from watcher.pipelines.sidecar import live_version, sidecar_path, source_document, write_sidecar
-from watcher.store import Job, Operation
+from watcher.store import Job, Operation, State
 from watcher.versions import VERSIONS
 
 log = structlog.get_logger("watcher.archive")
@@ -178,7 +178,7 @@ class ArchivePipeline:
             next="no upload and no processing request",
         )
         job.data.update(delivery=str(target), versions=dict.fromkeys(wanted, "delivered"), adopted="manifest")
-        return StepResult("done", note=f"adopted the delivery already in {display(target)}")
+        return StepResult(State.DONE, note=f"adopted the delivery already in {display(target)}")
 
     async def _upload(self, job: Job, content: bytes | None = None) -> StepResult:
         """Upload the file (from ``content``, a small file's settled bytes read by the check, else from disk)."""
@@ -381,4 +381,4 @@ class ArchivePipeline:
         )
         failed = [v for v, s in versions.items() if s.startswith("failed")]
         note = f"delivered to {delivery}" + (f"; failed: {', '.join(failed)}" if failed else "")
-        return StepResult("done", note=note)
+        return StepResult(State.DONE, note=note)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from watcher.store import Job
+from watcher.store import Job, State
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class StepResult:
     ``note`` is a human reason kept as the job's last message (for example why a file was skipped).
     """
 
-    state: str
+    state: State
     step: str | None = None
     at: float | None = None
     note: str | None = None
@@ -24,7 +24,7 @@ class StepResult:
     @classmethod
     def later(cls, step: str, at: float) -> StepResult:
         """Come back to ``step`` at ``at`` (no attempt is counted: this is progress, not a failure)."""
-        return cls("pending", step, at)
+        return cls(State.PENDING, step, at)
 
 
 class SpendObserver(Protocol):

@@ -22,6 +22,7 @@ from watcher.store.models import (
     NewVersion,
     Operation,
     Problem,
+    State,
     StoredResult,
     Ticket,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "NewVersion",
     "Operation",
     "Problem",
+    "State",
     "Store",
     "StoredResult",
     "Ticket",

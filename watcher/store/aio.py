@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult, Ticket
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, State, StoredResult, Ticket
 from watcher.store.ports import StorePort
 
 P = ParamSpec("P")
@@ -45,7 +45,7 @@ class AsyncJobs(Protocol):
         self,
         job: Job,
         *,
-        state: str = "pending",
+        state: State = State.PENDING,
         step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
@@ -160,7 +160,7 @@ class AsyncStore:
         self,
         job: Job,
         *,
-        state: str = "pending",
+        state: State = State.PENDING,
         step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,

@@ -23,6 +23,7 @@ from watcher.store.models import (
     NewVersion,
     Operation,
     Problem,
+    State,
     StoredResult,
     Ticket,
 )
@@ -73,7 +74,7 @@ class Jobs(Protocol):
         self,
         job: Job,
         *,
-        state: str = "pending",
+        state: State = State.PENDING,
         step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,

@@ -16,7 +16,7 @@ from typing import Any
 
 from watcher import __version__
 from watcher.errors import ConfigError
-from watcher.store.models import Fence, FileVersion, Job, Operation, Ticket
+from watcher.store.models import Fence, FileVersion, Job, Operation, State, Ticket
 
 WAIT_SECONDS = 1.0  # a taker told to wait looks again this much later
 UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
@@ -38,8 +38,8 @@ AFTER_CRASH_ERROR_SQL = (
 )
 
 COUNT_CAP = 10_000  # a filtered list's total is counted up to this many (then shown as "10000+")
-FINISHED = ("done", "failed", "skipped")  # what leaves the backlog: jobs_finished indexes these states
-OPEN = ("pending", "in_doubt", "failed")
+FINISHED = (State.DONE, State.FAILED, State.SKIPPED)  # what leaves the backlog: jobs_finished indexes these states
+OPEN = (State.PENDING, State.IN_DOUBT, State.FAILED)
 
 # One takeable operation as the gate's charge step holds it: (index in the request, operation, a re-send?,
 # the generation this take gives it).
@@ -214,7 +214,7 @@ def job_of(row: Any, file: FileVersion) -> Job:
         id=int(row["id"]),
         pipeline=row["pipeline"],
         step=row["step"],
-        state=row["state"],
+        state=State(row["state"]),
         attempts=int(row["attempts"]),
         data=json.loads(row["data"]),
         file=file,

@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.errors import ConfigError
 from watcher.names import text
-from watcher.store.models import Job, Operation, Problem, RetryAsk
+from watcher.store.models import Job, Operation, Problem, RetryAsk, State
 from watcher.store.postgres.base import adopt_late, path_bytes
 from watcher.store.postgres.schema import (
     JOB_SELECT,
@@ -93,7 +93,7 @@ class PgControlMixin(_Base):
                     error_code=job.error_code,
                     error=job.last_error,
                     attempts=job.attempts,
-                    next_attempt_at=r["next_attempt_at"] - offset if job.state == "pending" else None,
+                    next_attempt_at=r["next_attempt_at"] - offset if job.state == State.PENDING else None,
                     data=job.data,
                 )
             )

@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.names import text
 from watcher.store.lanes import LANES
-from watcher.store.models import FileVersion, Job, NewVersion
+from watcher.store.models import FileVersion, Job, NewVersion, State
 from watcher.store.postgres.base import got, path_bytes
 from watcher.store.postgres.schema import FENCE, JOB_SELECT, NOT_PAUSED, NOW, TERMINAL_STATES
 from watcher.store.rules import fenced, job_fence
@@ -201,7 +201,7 @@ class PgJobsMixin(_Base):
         self,
         job: Job,
         *,
-        state: str = "pending",
+        state: State = State.PENDING,
         step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,

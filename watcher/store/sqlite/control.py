@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk
+from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk, State
 
 if TYPE_CHECKING:
     from watcher.store.sqlite.core import StoreBase
@@ -77,11 +77,11 @@ class ControlMixin(_Base):
                 path=from_db(r["path"]),
                 pipeline=r["pipeline"],
                 step=r["step"],
-                state=r["state"],
+                state=State(r["state"]),
                 error_code=r["error_code"],
                 error=r["last_error"],
                 attempts=r["attempts"],
-                next_attempt_at=r["next_attempt_at"] if r["state"] == "pending" else None,
+                next_attempt_at=r["next_attempt_at"] if r["state"] == State.PENDING else None,
                 data=json.loads(r["data"]),
             )
             for r in rows

@@ -13,7 +13,7 @@ from typing import Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
-from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, _version
+from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, State, _version
 from watcher.store.rules import fenced, job_fence, job_of, too_new
 from watcher.store.sqlite.backup import before_migration
 from watcher.store.sqlite.schema import _NOT_PAUSED, SCHEMA, statements
@@ -253,7 +253,7 @@ class StoreBase:
         self,
         job: Job,
         *,
-        state: str = "pending",
+        state: State = State.PENDING,
         step: str | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
@@ -378,7 +378,7 @@ class StoreBase:
 
 
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
-_DEAD = ("superseded", "gone")
+_DEAD = (State.SUPERSEDED, State.GONE)
 _FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?, ?)"
 
 
