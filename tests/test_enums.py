@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from watcher.store import FileVersion, State, Store
+from watcher.store import FileVersion, State, Step, Store
+from watcher.store.lanes import IN_FLIGHT_STEPS, LANES
 from watcher.store.rules import FINISHED, OPEN, job_of
 from watcher.store.sqlite.schema import OPEN_STATES, SCHEMA
 
@@ -51,6 +52,23 @@ def test_the_schemas_state_words_are_states():
     assert {"done", "failed", "skipped"} == set(FINISHED)
 
 
+def test_steps_keep_their_stored_words():
+    """Each step's value is the word the ``jobs.step`` column holds."""
+    assert {s.name: s.value for s in Step} == {
+        "ANALYZE": "analyze",
+        "CHECK": "check",
+        "UPLOAD": "upload",
+        "PROCESS": "process",
+        "FETCH": "fetch",
+    }
+
+
+def test_the_schemas_step_words_are_steps():
+    """The steps the claim indexes and the lanes' conditions name are the in-flight steps."""
+    assert job_predicates("step") == set(IN_FLIGHT_STEPS) == {"process", "fetch"}
+    assert all(quoted(condition) == set(IN_FLIGHT_STEPS) for condition in LANES.values())
+
+
 def register(store: Store, path: str) -> int:
     file_id, _ = store.register_version(
         folder="/in",
@@ -80,13 +98,25 @@ def test_a_state_is_stored_as_its_word_and_read_back_as_a_member(store):
         assert job.state is state
 
 
+def test_a_step_is_stored_as_its_word_and_read_back_as_a_member(store):
+    """A job committed at a step is read back at the member, in every adapter."""
+    file_id = register(store, "/in/a.wav")
+    job = store.claim("analyze", "a", now=200.0)
+    assert job is not None and job.step is Step.ANALYZE
+    store.commit(job, step=Step.UPLOAD)
+    store.release(job, step=Step.FETCH, next_attempt_at=300.0)
+    (again,) = store.jobs_of_file(file_id)
+    assert again.step is Step.FETCH
+
+
 def test_a_word_a_newer_node_wrote_is_kept_as_it_is():
-    """A state this version does not know (a newer node's, in a shared store) is read as itself, not refused, so
+    """A state or step this version does not know (a newer node's, in a shared store) is read as itself, not refused, so
     a release writes it back unchanged; it is no listed member."""
     file = FileVersion(1, "/in", "/in/a.wav", "a.wav", 10, 1, 7, None, current=True)
-    row = {"id": 1, "pipeline": "analyze", "step": "analyze", "state": "parked", "attempts": 0, "data": "{}"}
+    row = {"id": 1, "pipeline": "analyze", "step": "master", "state": "parked", "attempts": 0, "data": "{}"}
     job = job_of(row | {"last_error": None, "error_code": None}, file)
     assert job.state == "parked" and isinstance(job.state, State) and job.state not in set(State)
+    assert job.step == "master" and isinstance(job.step, Step) and job.step not in set(Step)
     assert f"{job.state}" == "parked" and json.dumps([job.state]) == '["parked"]'
     with pytest.raises(ValueError):
         State(5)

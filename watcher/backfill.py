@@ -17,9 +17,9 @@ from typing import Any, Protocol
 from watcher.config import Settings
 from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.media import audio_info
-from watcher.store import Job, State, StoredResult
+from watcher.store import Job, State, Step, StoredResult
 
-FIRST_STEPS = {"analyze": "analyze", "archive": "check"}
+FIRST_STEPS = {"analyze": Step.ANALYZE, "archive": Step.CHECK}
 RECORD = "backfill.json"  # in state_dir: what the config asked when the store last caught up (see :func:`asked`)
 PIPELINE_SERVICE = {"analyze": "analysis", "archive": "processing"}
 
@@ -29,9 +29,9 @@ class BackfillStore(Protocol):
 
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
-    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int: ...
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int: ...
 
-    def reopen(self, job_ids: Sequence[int], step: str) -> int: ...
+    def reopen(self, job_ids: Sequence[int], step: Step) -> int: ...
 
 
 @dataclass

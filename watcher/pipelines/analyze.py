@@ -27,7 +27,7 @@ from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.store import Fence, FileVersion, Job, Operation, State, StoredResult
+from watcher.store import Fence, FileVersion, Job, Operation, State, Step, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
 BUDGET = "analysis"
@@ -124,7 +124,7 @@ class AnalyzePipeline:
     """Turns a settled file version into a sidecar."""
 
     name = "analyze"
-    first_step = "analyze"
+    first_step = Step.ANALYZE
 
     def __init__(
         self,

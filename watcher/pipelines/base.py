@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from watcher.store import Job, State
+from watcher.store import Job, State, Step
 
 
 @dataclass(frozen=True)
@@ -17,12 +17,12 @@ class StepResult:
     """
 
     state: State
-    step: str | None = None
+    step: Step | None = None
     at: float | None = None
     note: str | None = None
 
     @classmethod
-    def later(cls, step: str, at: float) -> StepResult:
+    def later(cls, step: Step, at: float) -> StepResult:
         """Come back to ``step`` at ``at`` (no attempt is counted: this is progress, not a failure)."""
         return cls(State.PENDING, step, at)
 
@@ -63,7 +63,7 @@ class Pipeline(Protocol):
     def name(self) -> str: ...
 
     @property
-    def first_step(self) -> str: ...
+    def first_step(self) -> Step: ...
 
     @property
     def service(self) -> str | None: ...

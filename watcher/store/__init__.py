@@ -23,6 +23,7 @@ from watcher.store.models import (
     Operation,
     Problem,
     State,
+    Step,
     StoredResult,
     Ticket,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Operation",
     "Problem",
     "State",
+    "Step",
     "Store",
     "StoredResult",
     "Ticket",

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, State, StoredResult, Ticket
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, State, Step, StoredResult, Ticket
 from watcher.store.ports import StorePort
 
 P = ParamSpec("P")
@@ -46,7 +46,7 @@ class AsyncJobs(Protocol):
         job: Job,
         *,
         state: State = State.PENDING,
-        step: str | None = None,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,
@@ -120,7 +120,7 @@ class AsyncStore:
         size: int,
         mtime_ns: int,
         inode: int,
-        jobs: Iterable[tuple[str, str]],
+        jobs: Iterable[tuple[str, Step]],
         live: bool = False,
         priority: int = 0,
     ) -> tuple[int, bool]:
@@ -138,7 +138,7 @@ class AsyncStore:
         )
 
     async def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]]
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]]
     ) -> list[tuple[int, bool]]:
         return await self.call(self.sync.register_versions, versions, jobs=list(jobs))
 
@@ -153,7 +153,7 @@ class AsyncStore:
     async def claim(self, pipeline: str, owner: str, *, lease: float = 600.0) -> Job | None:
         return await self.call(self.sync.claim, pipeline, owner, lease=lease)
 
-    async def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+    async def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None:
         await self.call(self.sync.commit, job, step=step, **data)
 
     async def release(
@@ -161,7 +161,7 @@ class AsyncStore:
         job: Job,
         *,
         state: State = State.PENDING,
-        step: str | None = None,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,

@@ -40,6 +40,17 @@ class State(Word):
     GONE = "gone"
 
 
+class Step(Word):
+    """One resumable piece of a pipeline: ``analyze``; archive's ``check`` → ``upload`` → ``process`` → ``fetch``.
+    Stored as its value (``jobs.step``), like :class:`State`."""
+
+    ANALYZE = "analyze"
+    CHECK = "check"
+    UPLOAD = "upload"
+    PROCESS = "process"
+    FETCH = "fetch"
+
+
 TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.SUPERSEDED, State.GONE})
 STATES = frozenset(State)
 
@@ -78,7 +89,7 @@ class Job:
 
     id: int
     pipeline: str
-    step: str
+    step: Step
     state: State
     attempts: int
     data: dict[str, Any]
@@ -89,7 +100,7 @@ class Job:
     claim: int | None = None  # which claim of it this is (grown by each): an older claim's changes are refused
     holder: str | None = None  # whose lease holds it now, as a shared store reports it (status names the node)
 
-    def given_back(self, state: State, step: str | None, *, count_attempt: bool) -> None:
+    def given_back(self, state: State, step: Step | None, *, count_attempt: bool) -> None:
         """Update this copy as a store's ``release`` records it (both adapters call this first)."""
         assert state in STATES, state
         self.state = state
@@ -163,7 +174,7 @@ class Problem:
 
     path: str
     pipeline: str
-    step: str
+    step: Step
     state: State
     error_code: str | None
     error: str | None

@@ -16,7 +16,7 @@ from typing import Any
 
 from watcher import __version__
 from watcher.errors import ConfigError
-from watcher.store.models import Fence, FileVersion, Job, Operation, State, Ticket
+from watcher.store.models import Fence, FileVersion, Job, Operation, State, Step, Ticket
 
 WAIT_SECONDS = 1.0  # a taker told to wait looks again this much later
 UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
@@ -213,7 +213,7 @@ def job_of(row: Any, file: FileVersion) -> Job:
     return Job(
         id=int(row["id"]),
         pipeline=row["pipeline"],
-        step=row["step"],
+        step=Step(row["step"]),
         state=State(row["state"]),
         attempts=int(row["attempts"]),
         data=json.loads(row["data"]),
