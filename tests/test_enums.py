@@ -11,7 +11,7 @@ import pytest
 
 from watcher.store import FileVersion, State, Step, Store
 from watcher.store.lanes import IN_FLIGHT_STEPS, LANES
-from watcher.store.rules import FINISHED, OPEN, job_of
+from watcher.store.rules import FINISHED, OPEN, Verdict, job_of
 from watcher.store.sqlite.schema import OPEN_STATES, SCHEMA
 
 SCHEMA_TEXT = "\n".join(SCHEMA)
@@ -67,6 +67,17 @@ def test_the_schemas_step_words_are_steps():
     """The steps the claim indexes and the lanes' conditions name are the in-flight steps."""
     assert job_predicates("step") == set(IN_FLIGHT_STEPS) == {"process", "fetch"}
     assert all(quoted(condition) == set(IN_FLIGHT_STEPS) for condition in LANES.values())
+
+
+def test_the_gates_verdicts_keep_their_words():
+    """The gate's verdicts are the words its tickets have always carried (shown in logs, compared by older code)."""
+    assert {v.name: v.value for v in Verdict} == {
+        "SEND": "send",
+        "ANSWERED": "answered",
+        "WAIT": "wait",
+        "IN_DOUBT": "in_doubt",
+        "CAPPED": "capped",
+    }
 
 
 def register(store: Store, path: str) -> int:

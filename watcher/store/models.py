@@ -8,9 +8,12 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from watcher.names import from_db
+
+if TYPE_CHECKING:
+    from watcher.store.rules import Verdict  # the gate's rules own the verdicts, and read these models
 
 
 class Word(StrEnum):
@@ -134,9 +137,6 @@ class Operation:
     name: str
     params: str = ""
     on_doubt: Literal["hold", "reask"] = "hold"
-
-
-Verdict = Literal["send", "answered", "wait", "in_doubt", "capped"]
 
 
 @dataclass(frozen=True)
