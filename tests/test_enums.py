@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from watcher.detect.settle import Readiness
 from watcher.store import FileVersion, State, Step, Store
 from watcher.store.lanes import IN_FLIGHT_STEPS, LANES
 from watcher.store.rules import FINISHED, OPEN, Verdict, job_of
@@ -78,6 +79,11 @@ def test_the_gates_verdicts_keep_their_words():
         "IN_DOUBT": "in_doubt",
         "CAPPED": "capped",
     }
+
+
+def test_what_a_check_of_a_hint_finds_keeps_its_words():
+    """A hinted file's readiness keeps the words detection's tests and logs know."""
+    assert [r.value for r in Readiness] == ["ready", "waiting", "gone", "known", "skipped", "failed"]
 
 
 def register(store: Store, path: str) -> int:
