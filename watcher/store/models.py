@@ -22,6 +22,7 @@ class Word(StrEnum):
 
     @classmethod
     def _missing_(cls, value: object) -> Self | None:
+        """A word no member has: its own unlisted member (not cached, equal to the word); not a word: refused."""
         if not isinstance(value, str):
             return None
         unknown = str.__new__(cls, value)
