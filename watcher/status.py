@@ -297,7 +297,7 @@ def _render_files(files: list[dict[str, Any]], *, all_files: bool, brief: bool =
                 extra = " [" + ", ".join(f"{v}: {s}" for v, s in j["versions"].items()) + "]"
             if j.get("delivery"):
                 extra += f" -> {j['delivery']}"
-            at = f" at {j['step']}" if j["state"] not in ("done", "skipped") else ""
+            at = f" at {j['step']}" if j["state"] not in (State.DONE, State.SKIPPED) else ""
             on = f" on {j['node']}" if j.get("node") else ""
             lines.append(f"    {pipeline}: {j['state']}{at}{on}{extra}")
     if not all_files and len(busy) > SHOWN_FILES:

@@ -75,7 +75,7 @@ def _scan_report(store: StorePort, targets: Sequence[str]) -> tuple[int, list[di
         for p in store.problems()
         if under(p.path, targets)
     ]
-    return (1 if any(p["state"] == "failed" for p in problems) else 0), problems
+    return (1 if any(p["state"] == State.FAILED for p in problems) else 0), problems
 
 
 SCAN_POLL = 0.2
