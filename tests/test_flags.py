@@ -44,3 +44,26 @@ def test_a_positional_flag_is_found_and_a_keyword_only_one_is_not(tmp_path: Path
         "utf-8",
     )
     assert positional_flags(pkg) == {"watcher/m.py:bad", "watcher/m.py:worse"}
+
+
+def keyword_flags(package: Path, names: set[str]) -> dict[str, set[str]]:
+    """The keyword-only ``bool`` parameters of every function (path:name) called one of ``names``."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package.parent).as_posix()
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name in names:
+                flags = {a.arg for a in node.args.kwonlyargs if a.annotation and ast.unparse(a.annotation) == "bool"}
+                found[f"{rel}:{node.name}"] = flags
+    return found
+
+
+def test_every_hint_takes_its_flags_by_name():
+    """The hints the issue cited (`hint(path, True, False)`) are among the functions checked: the detector's, the
+    settler's and the observers' (``HintFn``) take ``is_dir``, ``closed`` and ``live`` after ``*`` only."""
+    found = keyword_flags(PKG, {"hint", "_hint", "hint_threadsafe", "__call__"})
+    assert found["watcher/detect/detector.py:hint"] == {"is_dir", "closed", "live"}
+    assert found["watcher/detect/detector.py:hint_threadsafe"] == {"is_dir", "closed"}
+    assert found["watcher/detect/settle.py:hint"] == {"closed", "live"}
+    assert found["watcher/detect/poll.py:__call__"] == {"is_dir", "closed"}
+    assert not {f for f in positional_flags(PKG) if f.endswith(("hint", "__call__"))}

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 from watcher.config import Settings
 from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.media import audio_info
-from watcher.store import Job, StoredResult
+from watcher.store import Job, State, Step, StoredResult
 
-FIRST_STEPS = {"analyze": "analyze", "archive": "check"}
+FIRST_STEPS = {"analyze": Step.ANALYZE, "archive": Step.CHECK}
 RECORD = "backfill.json"  # in state_dir: what the config asked when the store last caught up (see :func:`asked`)
 PIPELINE_SERVICE = {"analyze": "analysis", "archive": "processing"}
 
@@ -29,9 +29,9 @@ class BackfillStore(Protocol):
 
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
-    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int: ...
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int: ...
 
-    def reopen(self, job_ids: Sequence[int], step: str) -> int: ...
+    def reopen(self, job_ids: Sequence[int], step: Step) -> int: ...
 
 
 @dataclass
@@ -81,7 +81,7 @@ def find(
     models = [m for m in now["models"] if since is None or m not in since.get("models", [])]
     wanted = [v for v in now["versions"] if since is None or v not in since.get("versions", [])]
     for file_id, jobs in by_file.items():
-        if any(j.state == "gone" for j in jobs):
+        if any(j.state == State.GONE for j in jobs):
             continue
         path = jobs[0].file.path
         if not exists(path):
@@ -92,13 +92,13 @@ def find(
             if job is None:
                 plan.add.setdefault(pipeline, []).append(file_id)
                 plan._note(pipeline, f"{pipeline} turned on", path)
-            elif job.state == "done" and pipeline == "analyze" and job.file.sha256 and models:
+            elif job.state == State.DONE and pipeline == "analyze" and job.file.sha256 and models:
                 stored = store.results_for(job.file.sha256, analysis_key)
                 new = [m for m in models if m not in stored]
                 if new:
                     plan.reopen.setdefault(pipeline, []).append(job.id)
                     plan._note(pipeline, f"model {', '.join(new)} added", path)
-            elif job.state == "done" and pipeline == "archive" and wanted:
+            elif job.state == State.DONE and pipeline == "archive" and wanted:
                 new = [v for v in wanted if v not in (job.data.get("versions") or {})]
                 if new:
                     plan.reopen.setdefault(pipeline, []).append(job.id)

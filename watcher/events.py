@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 
 from watcher.names import display
+from watcher.store import State
 
 if TYPE_CHECKING:
     from watcher.metrics import NullMetrics
@@ -99,7 +100,11 @@ class MetricsEvents(Subscriber):
 class WebhookEvents(Subscriber):
     """Events as webhooks: ``file.done``, ``file.failed``, ``file.in_doubt`` and ``spend.capped``."""
 
-    STATES: ClassVar[dict[str, str]] = {"done": "file.done", "failed": "file.failed", "in_doubt": "file.in_doubt"}
+    STATES: ClassVar[dict[State, str]] = {
+        State.DONE: "file.done",
+        State.FAILED: "file.failed",
+        State.IN_DOUBT: "file.in_doubt",
+    }
 
     def __init__(self, sender: WebhookSender, wanted: Iterable[str]) -> None:
         self.sender = sender
@@ -110,7 +115,7 @@ class WebhookEvents(Subscriber):
         if event not in self.wanted:
             return
         job = outcome.job
-        problem = outcome.state in ("failed", "in_doubt")
+        problem = outcome.state in (State.FAILED, State.IN_DOUBT)
         payload: dict[str, Any] = {
             "path": display(job.file.path),
             "pipeline": job.pipeline,
@@ -120,7 +125,7 @@ class WebhookEvents(Subscriber):
             "sidecar": job.data.get("sidecar"),
             "delivery": job.data.get("delivery"),
         }
-        if outcome.state == "in_doubt":
+        if outcome.state == State.IN_DOUBT:
             doubt = job.data.get("in_doubt", {})
             payload.update(operation=doubt.get("operation"), since=iso(doubt.get("since")))
         self.sender.send_nowait(event, payload)

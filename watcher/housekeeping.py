@@ -29,7 +29,7 @@ from watcher.names import display
 from watcher.pace import backlog
 from watcher.runner import Outcome, Runner
 from watcher.sdnotify import Notifier
-from watcher.store import TERMINAL
+from watcher.store import TERMINAL, State
 from watcher.store.aio import AsyncStore
 from watcher.store.ports import StoreUnavailable
 
@@ -213,7 +213,7 @@ class Housekeeping(Subscriber):
             with contextlib.suppress(StoreUnavailable):
                 self.metrics.backlog(await app.aio.call(backlog, app.aio.sync, self.caps()))
         waiting = sum(n for states in counts.values() for s, n in states.items() if s not in TERMINAL)
-        failed = sum(states.get("failed", 0) for states in counts.values())
+        failed = sum(states.get(State.FAILED, 0) for states in counts.values())
         held = "".join(f"; {service} paused" for service in sorted(self.held()))
         self.notifier.status(f"{waiting} queued, {app.runner.busy} in progress, {failed} failed{held}")
 

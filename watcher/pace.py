@@ -8,7 +8,7 @@ import time
 from typing import Any, Protocol
 
 from watcher.config import Settings
-from watcher.store import next_utc_midnight, utc_day
+from watcher.store import State, next_utc_midnight, utc_day
 
 WINDOW = 900.0  # the rate is measured over the last 15 minutes
 MAX_DAYS = 3660  # an ETA further than ten years is "not in sight"
@@ -78,7 +78,7 @@ def backlog(store: PaceSource, caps: dict[str, float], now: float | None = None)
     for pipeline, budget in BUDGETS.items():
         if pipeline not in counts:
             continue
-        waiting = counts[pipeline].get("pending", 0)
+        waiting = counts[pipeline].get(State.PENDING, 0)
         done = finished.get(pipeline, 0)
         rate = done / WINDOW
         cap = caps.get(budget, 0.0) * 60

@@ -32,7 +32,7 @@ from watcher.config import RetryConfig
 from watcher.errors import BadInput, Deferred, FileChanged, InDoubt, NeedsUser, RetryLater
 from watcher.names import display
 from watcher.pipelines.base import Pipeline, StepResult
-from watcher.store import TERMINAL, Job, LeaseLost
+from watcher.store import TERMINAL, Job, LeaseLost, State
 from watcher.store.aio import AsyncJobs as JobQueue
 
 log = structlog.get_logger("watcher.runner")
@@ -48,7 +48,7 @@ class Outcome:
     """What happened to a job in one run, for metrics, webhooks and the mover."""
 
     job: Job
-    state: str  # the job's state after the run: pending, in_doubt, or a final one
+    state: State  # the job's state after the run: pending, in_doubt, or a final one
     error: str | None = None
     error_code: str | None = None
 
@@ -230,7 +230,7 @@ class Runner:
                 reason=str(exc),
                 next="its paid results are kept; the newer version is handled by its own job",
             )
-            return Outcome(job, "superseded", str(exc), "superseded")
+            return Outcome(job, State.SUPERSEDED, str(exc), "superseded")
         finally:
             self.busy -= 1
             self.in_flight.pop(job.id, None)
@@ -243,15 +243,15 @@ class Runner:
                 "job.file_changed", path=path, pipeline=job.pipeline, error=str(exc), next="its new version is handled"
             )
             self.rehint(job.file.path)
-            return await self._finish(job, StepResult("superseded", note=str(exc)), error_code=exc.code)
+            return await self._finish(job, StepResult(State.SUPERSEDED, note=str(exc)), error_code=exc.code)
         if isinstance(exc, Deferred):
             if exc.routine:  # pacing, not a problem: nothing for `watcher status` to show
                 log.debug("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
                 await self.store.release(job, next_attempt_at=exc.until)
-                return self._tell(Outcome(job, "pending"))
+                return self._tell(Outcome(job, State.PENDING))
             log.info("job.deferred", path=path, pipeline=job.pipeline, reason=str(exc), until=round(exc.until, 1))
             await self.store.release(job, next_attempt_at=exc.until, error=str(exc), error_code=exc.code)
-            return self._tell(Outcome(job, "pending", str(exc), exc.code))
+            return self._tell(Outcome(job, State.PENDING, str(exc), exc.code))
         if isinstance(exc, InDoubt):
             job.data["in_doubt"] = {"operation": exc.operation, "since": exc.since, "keys": exc.keys}
             log.warning(
@@ -262,8 +262,8 @@ class Runner:
                 error=str(exc),
                 next="held until `watcher retry --in-doubt` or `watcher retry PATH`",
             )
-            await self.store.release(job, state="in_doubt", error=str(exc), error_code=exc.code)
-            return self._tell(Outcome(job, "in_doubt", str(exc), exc.code))
+            await self.store.release(job, state=State.IN_DOUBT, error=str(exc), error_code=exc.code)
+            return self._tell(Outcome(job, State.IN_DOUBT, str(exc), exc.code))
         if isinstance(exc, BadInput) and (exc.final or job.attempts + 1 >= FILE_ATTEMPTS):
             return await self._give_up(pipeline, job, str(exc), exc.code, count=not exc.final)
         if isinstance(exc, BadInput):
@@ -297,7 +297,7 @@ class Runner:
             "then reload (the key is checked again) or `watcher retry --failed`",
         )
         await self.store.release(job, next_attempt_at=time.time() + pause, error=str(exc), error_code=exc.code)
-        return self._tell(Outcome(job, "pending", str(exc), exc.code))
+        return self._tell(Outcome(job, State.PENDING, str(exc), exc.code))
 
     async def _finish(self, job: Job, result: StepResult, error_code: str | None = None) -> Outcome:
         if result.state in TERMINAL:
@@ -330,7 +330,7 @@ class Runner:
             next=f"retrying in {delay:.0f} s",
         )
         await self.store.release(job, next_attempt_at=time.time() + delay, error=error, error_code=code)
-        return self._tell(Outcome(job, "pending", error, code))
+        return self._tell(Outcome(job, State.PENDING, error, code))
 
     async def _give_up(self, pipeline: Pipeline, job: Job, error: str, code: str, *, count: bool) -> Outcome:
         """Fail the job for good, at the step it stopped at: the pipeline records what it knows."""
@@ -351,8 +351,8 @@ class Runner:
             raise
         except Exception:
             log.exception("job.give_up_failed", path=display(job.file.path), pipeline=job.pipeline)
-        await self.store.release(job, state="failed", error=error, error_code=code)
-        return self._tell(Outcome(job, "failed", error, code))
+        await self.store.release(job, state=State.FAILED, error=error, error_code=code)
+        return self._tell(Outcome(job, State.FAILED, error, code))
 
     def _tell(self, outcome: Outcome) -> Outcome:
         self.on_outcome(outcome)

@@ -11,7 +11,7 @@ from watcher import __version__
 from watcher.config import Settings
 from watcher.names import display
 from watcher.pace import backlog, caps_of, describe
-from watcher.store import TERMINAL, Job, Listed, Problem, utc_day
+from watcher.store import TERMINAL, Job, Listed, Problem, State, utc_day
 
 SHOWN_FILES = 40
 
@@ -140,11 +140,11 @@ def _files(jobs: Iterable[Job]) -> tuple[list[dict[str, Any]], list[dict[str, An
     in_doubt: list[dict[str, Any]] = []
     adopted = {"analyze": 0, "archive": 0}
     for job in jobs:
-        if job.data.get("adopted") and job.state == "done":
+        if job.data.get("adopted") and job.state == State.DONE:
             adopted[job.pipeline] = adopted.get(job.pipeline, 0) + 1
         shown = display(job.file.path)
         info = job_info(job)
-        if job.state == "in_doubt":
+        if job.state == State.IN_DOUBT:
             in_doubt.append({"path": shown, "pipeline": job.pipeline, **info["in_doubt"]})
         files.setdefault(job.file.path, {"path": shown, "jobs": {}})["jobs"][job.pipeline] = info
     return list(files.values()), in_doubt, adopted
@@ -157,7 +157,7 @@ def job_info(job: Job) -> dict[str, Any]:
         info["node"] = node_of(job.holder)
     if job.last_error:
         info["error"] = job.last_error
-    if job.state == "in_doubt":
+    if job.state == State.IN_DOUBT:
         doubt = job.data.get("in_doubt", {})
         info["in_doubt"] = {"operation": doubt.get("operation"), "since": _iso(doubt.get("since"))}
     if job.data.get("versions"):
@@ -297,7 +297,7 @@ def _render_files(files: list[dict[str, Any]], *, all_files: bool, brief: bool =
                 extra = " [" + ", ".join(f"{v}: {s}" for v, s in j["versions"].items()) + "]"
             if j.get("delivery"):
                 extra += f" -> {j['delivery']}"
-            at = f" at {j['step']}" if j["state"] not in ("done", "skipped") else ""
+            at = f" at {j['step']}" if j["state"] not in (State.DONE, State.SKIPPED) else ""
             on = f" on {j['node']}" if j.get("node") else ""
             lines.append(f"    {pipeline}: {j['state']}{at}{on}{extra}")
     if not all_files and len(busy) > SHOWN_FILES:

@@ -15,7 +15,7 @@ from watcher.errors import ConfigError
 from watcher.fsutil import use_node
 from watcher.runner import Outcome
 from watcher.statelock import StateLock
-from watcher.store import TERMINAL, Job
+from watcher.store import TERMINAL, Job, State
 from watcher.store.ports import StorePort
 
 SCAN_SETTLE = 1.0
@@ -75,7 +75,7 @@ def _scan_report(store: StorePort, targets: Sequence[str]) -> tuple[int, list[di
         for p in store.problems()
         if under(p.path, targets)
     ]
-    return (1 if any(p["state"] == "failed" for p in problems) else 0), problems
+    return (1 if any(p["state"] == State.FAILED for p in problems) else 0), problems
 
 
 SCAN_POLL = 0.2
@@ -113,12 +113,12 @@ async def scan_running(
             seen = (done, len(jobs))
             await progress(done, len(jobs))
         held = await asyncio.to_thread(_held, app)
-        if not any(j.state == "pending" and j.error_code is None and _why_held(j, held) is None for j in jobs):
+        if not any(j.state == State.PENDING and j.error_code is None and _why_held(j, held) is None for j in jobs):
             break
         await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
     code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
     for j in jobs:  # not failed, but not done either: say why, so that exit 0 does not look like "all done"
-        why = _why_held(j, held) if j.state == "pending" and j.error_code is None else None
+        why = _why_held(j, held) if j.state == State.PENDING and j.error_code is None else None
         if why is not None:
             waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
             problems.append(waiting)

@@ -33,7 +33,7 @@ from watcher.detect.failures import FailureLog
 from watcher.detect.filters import PathFilter
 from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
 from watcher.detect.scan import Recorded, changed_files
-from watcher.detect.settle import Settler, Verdict
+from watcher.detect.settle import Readiness, Settler, Verdict
 from watcher.detect.sink import ReadySink, Settled
 from watcher.names import display
 
@@ -218,17 +218,17 @@ class Detector:
         settled: list[Settled] = []
         for verdict in verdicts:
             path = verdict.candidate.path
-            if verdict.outcome in ("gone", "known"):
+            if verdict.outcome in (Readiness.GONE, Readiness.KNOWN):
                 self._failures.forget(path)  # deleted, or recorded already: an old failure there is history
-            if verdict.outcome == "gone":
+            if verdict.outcome == Readiness.GONE:
                 log.info("detect.vanished", path=display(path), next="nothing to do: it was deleted before it settled")
-            elif verdict.outcome == "skipped":
+            elif verdict.outcome == Readiness.SKIPPED:
                 self._report_failure("detect.skipped", path, verdict.error or "", "not processed")
-            elif verdict.outcome == "failed":
+            elif verdict.outcome == Readiness.FAILED:
                 self._report_failure(
                     "detect.check_failed", path, verdict.error or "", "not processed; the next scan looks again"
                 )
-            elif verdict.outcome == "ready" and verdict.signature is not None:
+            elif verdict.outcome == Readiness.READY and verdict.signature is not None:
                 settled.extend(self._settled(path, verdict.signature, live=verdict.candidate.live))
         await self._record(settled)
         return next_deadline

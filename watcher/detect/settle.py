@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from watcher.audiofile import Signature
 from watcher.errors import Deferred
@@ -50,6 +51,18 @@ class Candidate:
     live: bool = False  # hinted as it arrived (an event, a poll, `watcher scan PATH`), not found as backlog
 
 
+class Readiness(StrEnum):
+    """What one check of a hinted file found: it is ``ready`` (settled), still ``waiting``, ``gone`` (deleted),
+    ``known`` (recorded as it is), ``skipped`` (not a regular file) or ``failed`` (an error looking at it)."""
+
+    READY = "ready"
+    WAITING = "waiting"
+    GONE = "gone"
+    KNOWN = "known"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What one check of a candidate decided: ``ready``, ``waiting``, ``gone``, ``known``, ``skipped`` or ``failed``.
@@ -58,7 +71,7 @@ class Verdict:
     both leave the candidate list, and a later scan or event brings the path back.
     """
 
-    outcome: str
+    outcome: Readiness
     candidate: Candidate
     signature: Signature | None = None
     error: str | None = None
@@ -167,11 +180,11 @@ class Settler:
             except Deferred:  # the store cannot answer ``known`` now (an outage): asked again, the file kept
                 verdict = None
             except Exception as exc:
-                verdict = Verdict("failed", cand, error=f"{type(exc).__name__}: {exc}")
+                verdict = Verdict(Readiness.FAILED, cand, error=f"{type(exc).__name__}: {exc}")
             if verdict is None:
                 self._schedule(cand, now + RETRY_SECONDS)
                 continue
-            if verdict.outcome == "waiting":
+            if verdict.outcome == Readiness.WAITING:
                 if cand.queued is None:
                     self._schedule(cand, cand.due)
             else:
@@ -185,32 +198,32 @@ class Settler:
         try:
             st = self._stat(path)
         except FileNotFoundError:
-            return Verdict("gone", cand)
+            return Verdict(Readiness.GONE, cand)
         except OSError as exc:
             if exc.errno in FINAL_ERRNOS:
-                return Verdict("failed", cand, error=exc.strerror or str(exc))
+                return Verdict(Readiness.FAILED, cand, error=exc.strerror or str(exc))
             return None  # transient (share hiccup): look again a little later
         if not stat.S_ISREG(st.st_mode):
-            return Verdict("skipped", cand, error="not a regular file (a FIFO, device, socket or folder)")
+            return Verdict(Readiness.SKIPPED, cand, error="not a regular file (a FIFO, device, socket or folder)")
         if cand.root is not None and os.path.islink(path) and not link_stays_inside(path, cand.root):
-            return Verdict("skipped", cand, error="a symbolic link to a file outside the watched folder")
+            return Verdict(Readiness.SKIPPED, cand, error="a symbolic link to a file outside the watched folder")
         sig = Signature.of(st)
         last, after_writes = cand.signature, cand.fresh
         cand.signature, cand.fresh = sig, True
         if last is None:
             cand.stable_since = now
             if self._known(path, sig):
-                return Verdict("known", cand, sig)
+                return Verdict(Readiness.KNOWN, cand, sig)
         elif sig != last:
             cand.stable_since = now
             if cand.closed and after_writes:
                 cand.closed = False  # changed after the writes we heard of: the writer is back, do not trust
         elif cand.closed and after_writes:
-            return Verdict("ready", cand, sig)  # the close, and the same stat as after the last write
+            return Verdict(Readiness.READY, cand, sig)  # the close, and the same stat as after the last write
         if cand.closed:
             cand.due = now + min(cand.settle, CLOSE_CONFIRM_SECONDS)  # a second stat to compare with
         else:
             cand.due = cand.stable_since + cand.settle
             if now >= cand.due and last is not None:  # never on a single stat, even with a zero window
-                return Verdict("ready", cand, sig)
-        return Verdict("waiting", cand, sig)
+                return Verdict(Readiness.READY, cand, sig)
+        return Verdict(Readiness.WAITING, cand, sig)

@@ -27,7 +27,7 @@ from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.store import Fence, FileVersion, Job, Operation, StoredResult
+from watcher.store import Fence, FileVersion, Job, Operation, State, Step, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
 BUDGET = "analysis"
@@ -124,7 +124,7 @@ class AnalyzePipeline:
     """Turns a settled file version into a sidecar."""
 
     name = "analyze"
-    first_step = "analyze"
+    first_step = Step.ANALYZE
 
     def __init__(
         self,
@@ -155,7 +155,7 @@ class AnalyzePipeline:
             results |= await self._adopt(job, checked.sha256, missing)
             if all(m in results for m in self.models):
                 job.data["adopted"] = "sidecar"
-                return StepResult("done", note="adopted from its sidecar: no request made")
+                return StepResult(State.DONE, note="adopted from its sidecar: no request made")
             missing = [m for m in self.models if m not in results]
         if missing:
             saved = await self._ask(job, checked, missing)
@@ -177,7 +177,7 @@ class AnalyzePipeline:
             errors = "; ".join(f"{e['model']}: {e['message']}" for e in job.data.get("errors", [])[-len(still) :])
             raise BadInput(f"sidecar written without {', '.join(still)}: {errors}")
         log.info("analyze.done", path=job.file.path, sidecar=job.data.get("sidecar"))
-        return StepResult("done")
+        return StepResult(State.DONE)
 
     async def give_up(self, job: Job, error: str) -> None:
         """The runner gave up: write the sidecar with what was answered and why the rest is missing."""

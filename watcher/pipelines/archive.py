@@ -30,7 +30,7 @@ from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.processor import Processor
 from watcher.pipelines.sidecar import live_version, sidecar_path, source_document, write_sidecar
-from watcher.store import Job, Operation
+from watcher.store import Job, Operation, State, Step
 from watcher.versions import VERSIONS
 
 log = structlog.get_logger("watcher.archive")
@@ -58,7 +58,7 @@ def _version_state(product: str, states: Mapping[str, str], errors: Mapping[str,
 class ArchiveStore(GateStore, Protocol):
     """The part of the store this pipeline uses (the gate through PaidCalls)."""
 
-    async def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
+    async def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None: ...
 
     async def set_sha256(self, file_id: int, sha256: str) -> None: ...
 
@@ -80,7 +80,7 @@ class ArchivePipeline:
     """
 
     name = "archive"
-    first_step = "check"
+    first_step = Step.CHECK
     service = "processing"
 
     def __init__(
@@ -112,13 +112,13 @@ class ArchivePipeline:
 
     async def run(self, job: Job) -> StepResult:
         step = {
-            "check": self._check,
-            "upload": self._upload,
-            "process": self._process,
-            "fetch": self._fetch,
+            Step.CHECK: self._check,
+            Step.UPLOAD: self._upload,
+            Step.PROCESS: self._process,
+            Step.FETCH: self._fetch,
         }.get(job.step)
         if step is None:
-            raise BadInput(f"unknown archive step {job.step!r} in the store")
+            raise BadInput(f"unknown archive step '{job.step}' in the store")
         return await step(job)
 
     async def give_up(self, job: Job, error: str) -> None:
@@ -137,7 +137,7 @@ class ArchivePipeline:
         adopted = await self._adopt(job, checked.sha256)
         if adopted is not None:
             return adopted
-        await self.store.commit(job, step="upload", versions=dict.fromkeys(self.cfg.wanted(), "pending"))
+        await self.store.commit(job, step=Step.UPLOAD, versions=dict.fromkeys(self.cfg.wanted(), "pending"))
         if await self._resume(job, checked.sha256):
             return await self._process(job)
         return await self._upload(job, checked.content)
@@ -149,7 +149,7 @@ class ArchivePipeline:
         path = sidecar_path(job.file.path, job.file.folder, self.sidecar)
         found = await resume_ids(path, self.store, sha256=sha256, size=job.file.size, ops=ops, where=job.file.path)
         if found:
-            await self.store.commit(job, step="process", audio_id=found.get("audio"), ids=found, polls=0)
+            await self.store.commit(job, step=Step.PROCESS, audio_id=found.get("audio"), ids=found, polls=0)
         return bool(found)
 
     async def _record(self, job: Job, ids: Mapping[str, str]) -> None:
@@ -178,7 +178,7 @@ class ArchivePipeline:
             next="no upload and no processing request",
         )
         job.data.update(delivery=str(target), versions=dict.fromkeys(wanted, "delivered"), adopted="manifest")
-        return StepResult("done", note=f"adopted the delivery already in {display(target)}")
+        return StepResult(State.DONE, note=f"adopted the delivery already in {display(target)}")
 
     async def _upload(self, job: Job, content: bytes | None = None) -> StepResult:
         """Upload the file (from ``content``, a small file's settled bytes read by the check, else from disk)."""
@@ -195,7 +195,7 @@ class ArchivePipeline:
 
         audio_id = await self._paid(job, op, upload)
         log.info("archive.uploaded", path=version.path, audio_id=audio_id)
-        await self.store.commit(job, step="process", audio_id=audio_id, polls=0)
+        await self.store.commit(job, step=Step.PROCESS, audio_id=audio_id, polls=0)
         await self._record(job, {"audio": audio_id})
         return await self._process(job)
 
@@ -221,8 +221,8 @@ class ArchivePipeline:
             delay = min(self.cfg.poll_max, self.cfg.poll_initial * (1.5 ** (polls - 1)))
             # Recorded by the release that schedules the next poll (every ID is kept by the gate already).
             job.data.update(ids=ids, op_errors=errors, versions=versions, polls=polls)
-            return StepResult.later("process", time.time() + delay)
-        await self.store.commit(job, step="fetch", ids=ids, op_errors=errors, versions=versions)
+            return StepResult.later(Step.PROCESS, time.time() + delay)
+        await self.store.commit(job, step=Step.FETCH, ids=ids, op_errors=errors, versions=versions)
         return await self._fetch(job)
 
     async def _advance(
@@ -381,4 +381,4 @@ class ArchivePipeline:
         )
         failed = [v for v, s in versions.items() if s.startswith("failed")]
         note = f"delivered to {delivery}" + (f"; failed: {', '.join(failed)}" if failed else "")
-        return StepResult("done", note=note)
+        return StepResult(State.DONE, note=note)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from watcher.store import Job
+from watcher.store import Job, State, Step
 
 
 @dataclass(frozen=True)
@@ -16,15 +16,15 @@ class StepResult:
     ``note`` is a human reason kept as the job's last message (for example why a file was skipped).
     """
 
-    state: str
-    step: str | None = None
+    state: State
+    step: Step | None = None
     at: float | None = None
     note: str | None = None
 
     @classmethod
-    def later(cls, step: str, at: float) -> StepResult:
+    def later(cls, step: Step, at: float) -> StepResult:
         """Come back to ``step`` at ``at`` (no attempt is counted: this is progress, not a failure)."""
-        return cls("pending", step, at)
+        return cls(State.PENDING, step, at)
 
 
 class SpendObserver(Protocol):
@@ -63,7 +63,7 @@ class Pipeline(Protocol):
     def name(self) -> str: ...
 
     @property
-    def first_step(self) -> str: ...
+    def first_step(self) -> Step: ...
 
     @property
     def service(self) -> str | None: ...

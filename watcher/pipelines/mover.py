@@ -20,7 +20,7 @@ from watcher.config import FolderConfig, SidecarConfig
 from watcher.fsutil import move_file, read_json_object
 from watcher.names import display
 from watcher.pipelines.sidecar import sidecar_path
-from watcher.store import TERMINAL, Job
+from watcher.store import TERMINAL, Job, State
 
 log = structlog.get_logger("watcher.finish")
 
@@ -66,9 +66,9 @@ class SourceMover:
         jobs = self.store.jobs_of_file(job.file.id)
         if not job.file.current or any(j.state not in TERMINAL for j in jobs):
             return None
-        if any(j.state in ("superseded", "gone", "skipped") for j in jobs):  # only what was processed moves
+        if any(j.state in (State.SUPERSEDED, State.GONE, State.SKIPPED) for j in jobs):  # only what was processed moves
             return None
-        failed = any(j.state == "failed" for j in jobs)
+        failed = any(j.state == State.FAILED for j in jobs)
         destination = folder.failed_dir if failed else folder.done_dir
         if destination is None:
             return None

@@ -30,6 +30,7 @@ from watcher.pipelines.base import NullSpend, SpendObserver
 from watcher.sending import WireTicket, issue
 from watcher.store import Fence, Job, Operation, Ticket
 from watcher.store.aio import AsyncGate
+from watcher.store.rules import Verdict
 
 log = structlog.get_logger("watcher.paid")
 
@@ -105,14 +106,14 @@ class PaidCalls:
         )
         taken = Taken(tickets, seconds, estimated=estimated)
         for ticket in tickets:
-            if ticket.verdict == "send":
+            if ticket.verdict == Verdict.SEND:
                 taken.send.append(ticket.op)
                 taken.request = ticket.request
                 assert ticket.fence is not None
                 taken.fences[ticket.op] = ticket.fence
                 if ticket.resend:
                     taken.resends.append(ticket.op)
-            elif ticket.verdict == "answered":
+            elif ticket.verdict == Verdict.ANSWERED:
                 taken.answered[ticket.op] = ticket.result
         if not taken.send and len(taken.answered) < len(tickets):
             raise self.not_now(job, tickets)
@@ -175,7 +176,7 @@ class PaidCalls:
 
     def not_now(self, job: Job, tickets: Sequence[Ticket]) -> Exception:
         """Why nothing is sent now, as the error the runner schedules by (cap first, then doubt, then wait)."""
-        capped = next((t for t in tickets if t.verdict == "capped"), None)
+        capped = next((t for t in tickets if t.verdict == Verdict.CAPPED), None)
         if capped is not None:
             assert capped.until is not None and capped.cap_seconds is not None
             if capped.first_cap:
@@ -186,10 +187,10 @@ class PaidCalls:
                 until=capped.until,
                 code="capped",
             )
-        held = next((t for t in tickets if t.verdict == "in_doubt"), None)
+        held = next((t for t in tickets if t.verdict == Verdict.IN_DOUBT), None)
         if held is not None:
             return self.doubt(held.op, held.since or time.time(), held.error)
-        waiting = [t for t in tickets if t.verdict == "wait"]
+        waiting = [t for t in tickets if t.verdict == Verdict.WAIT]
         names = ", ".join(t.op.name for t in waiting)
         return Deferred(
             f"another copy of this content is already being sent ({names}); waiting for its answer instead of "

@@ -19,7 +19,7 @@ from watcher.audiofile import SMALL, Signature, audio_format, check_audio, read_
 from watcher.errors import FileChanged, RetryLater
 from watcher.media import audio_info, charged_seconds
 from watcher.pipelines.base import StepResult
-from watcher.store import Job
+from watcher.store import Job, State
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _look(job: Job, sha256: str | None) -> StepResult | Checked:
         if current != settled:
             raise FileChanged("the file changed after it settled; its new version is handled anew")
         if version.size == 0:
-            return StepResult("skipped", note="the file is empty (0 bytes); a later write makes it a new version")
+            return StepResult(State.SKIPPED, note="the file is empty (0 bytes); a later write makes it a new version")
         if version.size <= SMALL:
             digest, content = read_settled(version.path, settled, hashed=sha256 is None)
             assert content is not None
@@ -70,7 +70,7 @@ def _look(job: Job, sha256: str | None) -> StepResult | Checked:
         if sha256 is None:
             sha256, _ = read_settled(version.path, settled)
     except FileNotFoundError:
-        return StepResult("gone", note=f"the file was deleted before {job.pipeline} started")
+        return StepResult(State.GONE, note=f"the file was deleted before {job.pipeline} started")
     info = audio_info(version.path)
     charged, estimated = charged_seconds(info, version.size, container)
     return Checked(sha256, info.duration, info.channels, None, charged, estimated)

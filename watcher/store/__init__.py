@@ -22,6 +22,8 @@ from watcher.store.models import (
     NewVersion,
     Operation,
     Problem,
+    State,
+    Step,
     StoredResult,
     Ticket,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "NewVersion",
     "Operation",
     "Problem",
+    "State",
+    "Step",
     "Store",
     "StoredResult",
     "Ticket",

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, StoredResult, Ticket
+from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, State, Step, StoredResult, Ticket
 from watcher.store.ports import StorePort
 
 CLOSE_PATIENCE = 1.0  # seconds a closing store waits for its calls under way before it ends them (see aclose)
@@ -47,8 +47,8 @@ class AsyncJobs(Protocol):
         self,
         job: Job,
         *,
-        state: str = "pending",
-        step: str | None = None,
+        state: State = State.PENDING,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,
@@ -126,7 +126,7 @@ class AsyncStore:
         size: int,
         mtime_ns: int,
         inode: int,
-        jobs: Iterable[tuple[str, str]],
+        jobs: Iterable[tuple[str, Step]],
         live: bool = False,
         priority: int = 0,
     ) -> tuple[int, bool]:
@@ -144,7 +144,7 @@ class AsyncStore:
         )
 
     async def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]]
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]]
     ) -> list[tuple[int, bool]]:
         return await self.call(self.sync.register_versions, versions, jobs=list(jobs))
 
@@ -159,15 +159,15 @@ class AsyncStore:
     async def claim(self, pipeline: str, owner: str, *, lease: float = 600.0) -> Job | None:
         return await self.call(self.sync.claim, pipeline, owner, lease=lease)
 
-    async def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+    async def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None:
         await self.call(self.sync.commit, job, step=step, **data)
 
     async def release(
         self,
         job: Job,
         *,
-        state: str = "pending",
-        step: str | None = None,
+        state: State = State.PENDING,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,

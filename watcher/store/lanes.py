@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import threading
 
-IN_FLIGHT_STEPS = ("process", "fetch")
+from watcher.store.models import Step
+
+IN_FLIGHT_STEPS = (Step.PROCESS, Step.FETCH)
 IN_FLIGHT_RUN = 3  # in-flight claims in a row while new work may wait; then new work goes first once
 # The lanes' conditions, written exactly as the partial indexes' predicates (a query must repeat a partial
 # index's condition to use it); ``j`` is the jobs table's alias in every query.

@@ -7,13 +7,56 @@ import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from watcher.names import from_db
 
-# A job's state: pending (due at next_attempt_at, or leased), in_doubt (held for the user), or a final one.
-TERMINAL = frozenset({"done", "failed", "skipped", "superseded", "gone"})
-STATES = frozenset({"pending", "in_doubt"}) | TERMINAL
+if TYPE_CHECKING:
+    from watcher.store.rules import Verdict  # the gate's rules own the verdicts, and read these models
+
+
+class Word(StrEnum):
+    """A stored word's enum: a word this version does not know (a newer node's, in a shared store) is read as an
+    unlisted member of its own with that value, so it is kept and written back as it was, never refused."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Self | None:
+        """A word no member has: its own unlisted member (not cached, equal to the word); not a word: refused."""
+        if not isinstance(value, str):
+            return None
+        unknown = str.__new__(cls, value)
+        unknown._name_ = value
+        unknown._value_ = value
+        return unknown
+
+
+class State(Word):
+    """A job's state: pending (due at next_attempt_at, or leased), in_doubt (held for the user), or a final one.
+    Stored as its value (``jobs.state``, shared by nodes of other versions): a member's value never changes."""
+
+    PENDING = "pending"
+    IN_DOUBT = "in_doubt"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    SUPERSEDED = "superseded"
+    GONE = "gone"
+
+
+class Step(Word):
+    """One resumable piece of a pipeline: ``analyze``; archive's ``check`` → ``upload`` → ``process`` → ``fetch``.
+    Stored as its value (``jobs.step``), like :class:`State`."""
+
+    ANALYZE = "analyze"
+    CHECK = "check"
+    UPLOAD = "upload"
+    PROCESS = "process"
+    FETCH = "fetch"
+
+
+TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.SUPERSEDED, State.GONE})
+STATES = frozenset(State)
 
 @dataclass(frozen=True)
 class FileVersion:
@@ -50,8 +93,8 @@ class Job:
 
     id: int
     pipeline: str
-    step: str
-    state: str
+    step: Step
+    state: State
     attempts: int
     data: dict[str, Any]
     file: FileVersion
@@ -61,7 +104,7 @@ class Job:
     claim: int | None = None  # which claim of it this is (grown by each): an older claim's changes are refused
     holder: str | None = None  # whose lease holds it now, as a shared store reports it (status names the node)
 
-    def given_back(self, state: str, step: str | None, *, count_attempt: bool) -> None:
+    def given_back(self, state: State, step: Step | None, *, count_attempt: bool) -> None:
         """Update this copy as a store's ``release`` records it (both adapters call this first)."""
         assert state in STATES, state
         self.state = state
@@ -95,9 +138,6 @@ class Operation:
     name: str
     params: str = ""
     on_doubt: Literal["hold", "reask"] = "hold"
-
-
-Verdict = Literal["send", "answered", "wait", "in_doubt", "capped"]
 
 
 @dataclass(frozen=True)
@@ -135,8 +175,8 @@ class Problem:
 
     path: str
     pipeline: str
-    step: str
-    state: str
+    step: Step
+    state: State
     error_code: str | None
     error: str | None
     attempts: int
@@ -237,21 +277,21 @@ class RetryAsk:
     waiting_on_service: bool = False
     pipelines: Sequence[str] | None = None
 
-    def takes(self, state: str, error_code: str | None, pipeline: str) -> bool:
+    def takes(self, state: State, error_code: str | None, pipeline: str) -> bool:
         """Whether this job is made due again."""
         if self.pipelines is not None and pipeline not in self.pipelines:
             return False
         if self.by_path:
             return True
         return (
-            (self.failed and state == "failed")
-            or (self.in_doubt and state == "in_doubt")
-            or (self.waiting_on_service and state == "pending" and error_code == "needs_user")
+            (self.failed and state == State.FAILED)
+            or (self.in_doubt and state == State.IN_DOUBT)
+            or (self.waiting_on_service and state == State.PENDING and error_code == "needs_user")
         )
 
     @staticmethod
-    def release(state: str, data_json: str) -> tuple[str, list[Any]]:
+    def release(state: State, data_json: str) -> tuple[str, list[Any]]:
         """The job's data once retried, and the keys of the operations it held in doubt (to be re-asked)."""
         data = json.loads(data_json)
-        held = (data.pop("in_doubt", None) or {}) if state == "in_doubt" else {}
+        held = (data.pop("in_doubt", None) or {}) if state == State.IN_DOUBT else {}
         return json.dumps(data), list(held.get("keys", []))

@@ -23,6 +23,8 @@ from watcher.store.models import (
     NewVersion,
     Operation,
     Problem,
+    State,
+    Step,
     StoredResult,
     Ticket,
 )
@@ -47,14 +49,14 @@ class Registry(Protocol):
         size: int,
         mtime_ns: int,
         inode: int,
-        jobs: Iterable[tuple[str, str]],
+        jobs: Iterable[tuple[str, Step]],
         now: float | None = None,
         live: bool = False,
         priority: int = 0,
     ) -> tuple[int, bool]: ...
 
     def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
     ) -> list[tuple[int, bool]]: ...
 
     def current_version(self, path: str) -> FileVersion | None: ...
@@ -67,14 +69,14 @@ class Jobs(Protocol):
 
     def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
 
-    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None: ...
+    def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None: ...
 
     def release(
         self,
         job: Job,
         *,
-        state: str = "pending",
-        step: str | None = None,
+        state: State = State.PENDING,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,
@@ -188,9 +190,9 @@ class Control(Protocol):
         pipelines: Sequence[str] | None = None,
     ) -> int: ...
 
-    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int: ...
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int: ...
 
-    def reopen(self, job_ids: Sequence[int], step: str) -> int: ...
+    def reopen(self, job_ids: Sequence[int], step: Step) -> int: ...
 
     def set_paused(self, folder: str, *, paused: bool) -> None: ...
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
 from watcher import __version__
 from watcher.errors import ConfigError
-from watcher.store.models import Fence, FileVersion, Job, Operation, Ticket
+from watcher.store.models import Fence, FileVersion, Job, Operation, State, Step, Ticket
 
 WAIT_SECONDS = 1.0  # a taker told to wait looks again this much later
 UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
@@ -38,8 +39,8 @@ AFTER_CRASH_ERROR_SQL = (
 )
 
 COUNT_CAP = 10_000  # a filtered list's total is counted up to this many (then shown as "10000+")
-FINISHED = ("done", "failed", "skipped")  # what leaves the backlog: jobs_finished indexes these states
-OPEN = ("pending", "in_doubt", "failed")
+FINISHED = (State.DONE, State.FAILED, State.SKIPPED)  # what leaves the backlog: jobs_finished indexes these states
+OPEN = (State.PENDING, State.IN_DOUBT, State.FAILED)
 
 # One takeable operation as the gate's charge step holds it: (index in the request, operation, a re-send?,
 # the generation this take gives it).
@@ -85,6 +86,18 @@ def next_utc_midnight(now: float) -> float:
 # -- the gate's verdicts --------------------------------------------------------------------------------------
 
 
+class Verdict(StrEnum):
+    """The gate's answer for one operation (:class:`Ticket`): ``send`` it (taken), or why not: ``answered`` (its
+    result is stored), ``wait`` (another take holds it), ``in_doubt`` (held for the user), ``capped`` (the day's
+    cap). Shown as its value in logs."""
+
+    SEND = "send"
+    ANSWERED = "answered"
+    WAIT = "wait"
+    IN_DOUBT = "in_doubt"
+    CAPPED = "capped"
+
+
 def op_key(op: Operation) -> OpKey:
     """An operation's primary key in ``operations``: (sha256, service, operation, params)."""
     return (op.sha256, op.service, op.name, op.params)
@@ -103,7 +116,7 @@ def replayed(row: Any, take_id: str) -> bool:
 def own_ticket(op: Operation, row: Any) -> Ticket:
     """What a replayed take gets back: the ticket its first run was given (same request, same fence)."""
     fence = Fence(row["holder"], int(row["generation"]))
-    return Ticket("send", op, resend=int(row["sends"]) > 1, request=row["request"], fence=fence)
+    return Ticket(Verdict.SEND, op, resend=int(row["sends"]) > 1, request=row["request"], fence=fence)
 
 
 def crashed(row: Any, now: float) -> bool:
@@ -127,11 +140,11 @@ def verdict(
     caller's clock shows it); None when it may take it."""
     state = None if row is None else row["state"]
     if state == "answered":
-        return Ticket("answered", op, result=row["result"])
+        return Ticket(Verdict.ANSWERED, op, result=row["result"])
     if state == "sending":
-        return Ticket("wait", op, until=wait_until, holder=row["holder"])
+        return Ticket(Verdict.WAIT, op, until=wait_until, holder=row["holder"])
     if state == "in_doubt" and not resend_in_doubt:
-        return Ticket("in_doubt", op, since=since, error=row["error"])
+        return Ticket(Verdict.IN_DOUBT, op, since=since, error=row["error"])
     return None
 
 
@@ -171,7 +184,7 @@ def capped_tickets(
 ) -> dict[int, Ticket]:
     """The answer to every takeable operation when the day's cap would be passed (both stores give the same)."""
     return {
-        i: Ticket("capped", op, until=until, first_cap=first, spent_seconds=spent, cap_seconds=cap)
+        i: Ticket(Verdict.CAPPED, op, until=until, first_cap=first, spent_seconds=spent, cap_seconds=cap)
         for i, op, *_ in takeable
     }
 
@@ -179,7 +192,7 @@ def capped_tickets(
 def sent_tickets(takeable: Sequence[Takeable], owner: str, request: int) -> dict[int, Ticket]:
     """The answer to every operation a take took: send it, under the ledger line ``request``, fenced."""
     return {
-        i: Ticket("send", op, resend=resend, request=request, fence=Fence(owner, generation))
+        i: Ticket(Verdict.SEND, op, resend=resend, request=request, fence=Fence(owner, generation))
         for i, op, resend, generation in takeable
     }
 
@@ -213,8 +226,8 @@ def job_of(row: Any, file: FileVersion) -> Job:
     return Job(
         id=int(row["id"]),
         pipeline=row["pipeline"],
-        step=row["step"],
-        state=row["state"],
+        step=Step(row["step"]),
+        state=State(row["state"]),
         attempts=int(row["attempts"]),
         data=json.loads(row["data"]),
         file=file,

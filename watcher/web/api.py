@@ -21,6 +21,7 @@ from watcher.config import Settings
 from watcher.errors import ConfigError
 from watcher.names import display, find_shown, is_text
 from watcher.status import collect_for
+from watcher.store import State
 from watcher.store.away import read_outage, unavailable
 from watcher.web import data
 from watcher.web.live import LiveEvents
@@ -177,7 +178,7 @@ async def file_info(ctx: Context, path: str) -> dict[str, Any] | None:
     problems = [
         {**_problem(j), "path": row["path"]}
         for j in entry.jobs
-        if j.state in ("failed", "in_doubt") or (j.last_error and j.state == "pending")
+        if j.state in (State.FAILED, State.IN_DOUBT) or (j.last_error and j.state == State.PENDING)
     ]
     return {
         "path": path,

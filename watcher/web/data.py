@@ -11,7 +11,7 @@ from typing import Any
 from watcher.fsutil import read_json_object
 from watcher.names import display, find_shown
 from watcher.status import job_info
-from watcher.store import FileQuery, Listed
+from watcher.store import FileQuery, Listed, State
 
 PAGE_SIZE = 50
 LOUDNESS_HOP_SECONDS = 0.1  # EBU R128 momentary and short-term values come every 100 ms
@@ -93,10 +93,10 @@ def curves(doc: Mapping[str, Any] | None) -> dict[str, Any]:
 def state_of(entry: Mapping[str, Any]) -> str:
     """One word for a file's row: the worst of its jobs' states (failed, in_doubt, working, done)."""
     states = {j["state"] for j in entry["jobs"].values()}
-    for word in ("failed", "in_doubt", "pending", "gone"):
+    for word in (State.FAILED, State.IN_DOUBT, State.PENDING, State.GONE):
         if word in states:
             return word
-    return "done" if states <= {"done", "skipped", "superseded"} else sorted(states)[0]
+    return State.DONE if states <= {State.DONE, State.SKIPPED, State.SUPERSEDED} else sorted(states)[0]
 
 
 def row_of(entry: Listed) -> dict[str, Any]:

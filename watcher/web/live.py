@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.events import Subscriber
 from watcher.names import display
+from watcher.store import State
 
 if TYPE_CHECKING:
     from watcher.runner import Outcome
@@ -74,7 +75,7 @@ class LiveEvents(Subscriber):
 
     def outcome(self, outcome: Outcome) -> None:
         job = outcome.job
-        kind = outcome.state if outcome.state in ("done", "failed", "in_doubt") else "step"
+        kind = outcome.state if outcome.state in (State.DONE, State.FAILED, State.IN_DOUBT) else "step"
         self.publish(
             {
                 "type": kind,
@@ -82,7 +83,7 @@ class LiveEvents(Subscriber):
                 "pipeline": job.pipeline,
                 "state": outcome.state,
                 "step": job.step,
-                "error": outcome.error if outcome.state in ("failed", "in_doubt") else None,
+                "error": outcome.error if outcome.state in (State.FAILED, State.IN_DOUBT) else None,
             }
         )
 

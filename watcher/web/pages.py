@@ -16,10 +16,11 @@ from starlette.templating import Jinja2Templates
 
 from watcher import __version__
 from watcher.names import display
+from watcher.store import State
 
 PLOT_WIDTH, PLOT_HEIGHT = 800, 260
 FLOOR_LUFS, CEILING_LUFS = -60.0, 0.0
-STATES = ("failed", "in_doubt", "pending", "done", "skipped", "gone")
+STATES = (State.FAILED, State.IN_DOUBT, State.PENDING, State.DONE, State.SKIPPED, State.GONE)
 AUDIO_TYPES = {  # what /audio serves, by extension, and the one type it is served as
     "wav": "audio/wav",
     "flac": "audio/flac",
@@ -95,8 +96,8 @@ def file_context(info: dict[str, Any]) -> dict[str, Any]:
     s = info["summary"]
     path = display(info["path"])
     retry_label = None
-    if info["state"] in ("failed", "in_doubt", "pending"):
-        retry_label = "Send again (may be billed twice)" if info["state"] == "in_doubt" else "Retry"
+    if info["state"] in (State.FAILED, State.IN_DOUBT, State.PENDING):
+        retry_label = "Send again (may be billed twice)" if info["state"] == State.IN_DOUBT else "Retry"
     return {
         "title": os.path.basename(path),
         "path": path,

@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.errors import ConfigError
 from watcher.names import text
-from watcher.store.models import Job, Operation, Problem, RetryAsk
+from watcher.store.models import Job, Operation, Problem, RetryAsk, State, Step
 from watcher.store.postgres.base import adopt_late, path_bytes
 from watcher.store.postgres.schema import (
     JOB_SELECT,
@@ -93,7 +93,7 @@ class PgControlMixin(_Base):
                     error_code=job.error_code,
                     error=job.last_error,
                     attempts=job.attempts,
-                    next_attempt_at=r["next_attempt_at"] - offset if job.state == "pending" else None,
+                    next_attempt_at=r["next_attempt_at"] - offset if job.state == State.PENDING else None,
                     data=job.data,
                 )
             )
@@ -151,7 +151,7 @@ class PgControlMixin(_Base):
 
         return int(self._run(go))
 
-    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int:
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int:
         """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (see the SQLite adapter)."""
 
         def go(db: psycopg.Connection[Any]) -> int:
@@ -169,7 +169,7 @@ class PgControlMixin(_Base):
 
         return int(self._run(go))
 
-    def reopen(self, job_ids: Sequence[int], step: str) -> int:
+    def reopen(self, job_ids: Sequence[int], step: Step) -> int:
         """Make ``done`` jobs pending again at ``step`` (see the SQLite adapter)."""
 
         def go(db: psycopg.Connection[Any]) -> int:

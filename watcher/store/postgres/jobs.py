@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.names import text
 from watcher.store.lanes import LANES
-from watcher.store.models import FileVersion, Job, NewVersion
+from watcher.store.models import FileVersion, Job, NewVersion, State, Step
 from watcher.store.postgres.base import got, path_bytes
 from watcher.store.postgres.schema import FENCE, JOB_SELECT, NOT_PAUSED, NOW, TERMINAL_STATES
 from watcher.store.rules import fenced, job_fence
@@ -55,7 +55,7 @@ class PgJobsMixin(_Base):
         size: int,
         mtime_ns: int,
         inode: int,
-        jobs: Iterable[tuple[str, str]],
+        jobs: Iterable[tuple[str, Step]],
         now: float | None = None,
         live: bool = False,
         priority: int = 0,
@@ -67,7 +67,7 @@ class PgJobsMixin(_Base):
         return self._run(lambda db: self._register(db, version, jobs, self._now(db) if now is None else now))
 
     def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
     ) -> list[tuple[int, bool]]:
         """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
         jobs = list(jobs)
@@ -85,7 +85,7 @@ class PgJobsMixin(_Base):
         return f"{self._fid(v.folder)}/{path_bytes(v.rel_path).hex()}"
 
     def _register(
-        self, db: psycopg.Connection[Any], v: NewVersion, jobs: list[tuple[str, str]], at: float
+        self, db: psycopg.Connection[Any], v: NewVersion, jobs: list[tuple[str, Step]], at: float
     ) -> tuple[int, bool]:
         """One version in an open transaction (see :meth:`register_version`)."""
         fid = self._fid(v.folder)
@@ -182,7 +182,7 @@ class PgJobsMixin(_Base):
         row = self._one(JOB_SELECT + "WHERE j.id=%s", (job_id,))
         return self._job(row) if row else None
 
-    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+    def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None:
         """Persist progress on a claimed job (its next step and/or data keys); LeaseLost once it is not ours."""
         if step is not None:
             job.step = step
@@ -201,8 +201,8 @@ class PgJobsMixin(_Base):
         self,
         job: Job,
         *,
-        state: str = "pending",
-        step: str | None = None,
+        state: State = State.PENDING,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
-from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk
+from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk, State, Step
 
 if TYPE_CHECKING:
     from watcher.store.sqlite.core import StoreBase
@@ -76,12 +76,12 @@ class ControlMixin(_Base):
             Problem(
                 path=from_db(r["path"]),
                 pipeline=r["pipeline"],
-                step=r["step"],
-                state=r["state"],
+                step=Step(r["step"]),
+                state=State(r["state"]),
                 error_code=r["error_code"],
                 error=r["last_error"],
                 attempts=r["attempts"],
-                next_attempt_at=r["next_attempt_at"] if r["state"] == "pending" else None,
+                next_attempt_at=r["next_attempt_at"] if r["state"] == State.PENDING else None,
                 data=json.loads(r["data"]),
             )
             for r in rows
@@ -145,7 +145,7 @@ class ControlMixin(_Base):
                 changed += 1
         return changed
 
-    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: str) -> int:
+    def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int:
         """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (a back-fill); how many."""
         now = time.time()
         added = 0
@@ -160,7 +160,7 @@ class ControlMixin(_Base):
                 added += cur.rowcount
         return added
 
-    def reopen(self, job_ids: Sequence[int], step: str) -> int:
+    def reopen(self, job_ids: Sequence[int], step: Step) -> int:
         """Make finished (``done``) jobs pending again at ``step``: the config asks for more than they did (a
         model, a version); what was paid for is kept, so only the new work is asked. How many."""
         now = time.time()

@@ -13,7 +13,7 @@ from typing import Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
-from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, _version
+from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, State, Step, _version
 from watcher.store.rules import fenced, job_fence, job_of, too_new
 from watcher.store.sqlite.backup import before_migration
 from watcher.store.sqlite.schema import _NOT_PAUSED, SCHEMA, statements
@@ -125,7 +125,7 @@ class StoreBase:
         size: int,
         mtime_ns: int,
         inode: int,
-        jobs: Iterable[tuple[str, str]],
+        jobs: Iterable[tuple[str, Step]],
         now: float | None = None,
         live: bool = False,
         priority: int = 0,
@@ -141,7 +141,7 @@ class StoreBase:
             return self._register(db, version, list(jobs), now)
 
     def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, str]], now: float | None = None
+        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
     ) -> list[tuple[int, bool]]:
         """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
         now = time.time() if now is None else now
@@ -150,7 +150,7 @@ class StoreBase:
             return [self._register(db, v, jobs, now) for v in versions]
 
     def _register(
-        self, db: sqlite3.Connection, v: NewVersion, jobs: list[tuple[str, str]], now: float
+        self, db: sqlite3.Connection, v: NewVersion, jobs: list[tuple[str, Step]], now: float
     ) -> tuple[int, bool]:
         """One version in an open transaction (see :meth:`register_version`)."""
         folder, path, rel_path, size, mtime_ns, inode = v.folder, v.path, v.rel_path, v.size, v.mtime_ns, v.inode
@@ -238,7 +238,7 @@ class StoreBase:
             row = self._db.execute(_JOB_SELECT + "WHERE j.id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
-    def commit(self, job: Job, *, step: str | None = None, **data: Any) -> None:
+    def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None:
         """Persist progress on a claimed job (its next step and/or data keys) before anything else happens."""
         if step is not None:
             job.step = step
@@ -253,8 +253,8 @@ class StoreBase:
         self,
         job: Job,
         *,
-        state: str = "pending",
-        step: str | None = None,
+        state: State = State.PENDING,
+        step: Step | None = None,
         next_attempt_at: float | None = None,
         error: str | None = None,
         error_code: str | None = None,
@@ -378,7 +378,7 @@ class StoreBase:
 
 
 # A job's row changes only while its holder keeps the lease and it has not been superseded.
-_DEAD = ("superseded", "gone")
+_DEAD = (State.SUPERSEDED, State.GONE)
 _FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?, ?)"
 
 
