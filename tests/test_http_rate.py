@@ -200,9 +200,9 @@ def test_each_services_rate_is_a_gauge(tmp_path, inbox, emulator):
     emulator.analysis.faults.retry_after = 600  # recovery starts after the pause: the rate stays at half
 
     async def refused_once() -> None:
-        analyzer = app.pipelines["analyze"].analyzer  # type: ignore[attr-defined]
+        backend = app.pipelines["analyze"].backend  # type: ignore[attr-defined]
         with pytest.raises(NotSent):
-            await analyzer.analyze(body(write_tone(tmp_path / "a.wav", 0.2)), MODELS, lambda *_: None)
+            await backend.analyze(body(write_tone(tmp_path / "a.wav", 0.2)), MODELS, lambda *_: None)
         await app.aclose()
 
     asyncio.run(refused_once())

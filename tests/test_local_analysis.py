@@ -19,7 +19,7 @@ from tests.audiogen import chord_progression, click_track, silence, sine, write_
 from tests.conftest import wait_for  # noqa: E402
 from watcher.local import LOCAL_MODELS, available  # noqa: E402
 from watcher.local.essentia_models import analyze_file  # noqa: E402
-from watcher.local.pool import LocalAnalyzer  # noqa: E402
+from watcher.local.pool import LocalPool  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 ALL = ["key", "bpm_degara", "loudness-ebur128"]
@@ -168,7 +168,7 @@ def test_pool_runs_files_concurrently(tmp_path):
     b = write_wav(tmp_path / "b.wav", sine(997, 3, -24, channels=2))
 
     async def go():
-        async with LocalAnalyzer(workers=2) as pool:
+        async with LocalPool(workers=2) as pool:
             answers = await asyncio.gather(pool.analyze(str(a), ALL[2:]), pool.analyze(str(b), ALL[2:]))
             return answers, pool.worker_pids()
 
@@ -184,7 +184,7 @@ def test_worker_crash_is_an_error_and_the_pool_recovers(tmp_path):
     path = write_wav(tmp_path / "tone.wav", sine(997, 3, -12, channels=2))
 
     async def go():
-        async with LocalAnalyzer(workers=1) as pool:
+        async with LocalPool(workers=1) as pool:
 
             def kill() -> None:
                 os.kill(wait_for(pool.worker_pids, what="a worker process")[0], signal.SIGKILL)
@@ -257,8 +257,8 @@ def test_backend_choice_is_logged_with_its_reason(tmp_path, monkeypatch):
     from structlog.testing import capture_logs
 
     import watcher.local
-    from watcher.analyzers import choose_backend
     from watcher.app import App
+    from watcher.backends import choose_backend
     from watcher.config import AnalysisConfig, Settings
     from watcher.errors import ConfigError
 

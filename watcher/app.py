@@ -312,7 +312,7 @@ def _analyze(
     observer: RequestObserver | None,
     bandwidth: Bandwidth | None,
 ) -> Pipeline:
-    from watcher.analyzers import choose_backend, make_backend
+    from watcher.backends import choose_backend, make_backend
     from watcher.config.audio_url import without_query
     from watcher.pipelines.analyze import AnalyzePipeline, no_audio_url
 

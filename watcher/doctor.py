@@ -123,7 +123,7 @@ def check_space(settings: Settings) -> list[Finding]:
 def _service_probes(settings: Settings) -> tuple[list[Finding], list[tuple[str, Any, str, str]]]:
     """Findings about the analysis backend, and (service, client, what, how to fix a refusal) for each service
     whose key a call that bills nothing can check (doctor and the daemon's start and reload use the same)."""
-    from watcher.analyzers import choose_backend
+    from watcher.backends import choose_backend
     from watcher.services.analysis import AnalysisClient
     from watcher.services.http import HttpPolicy
     from watcher.services.neuralanalog import NeuralAnalogClient

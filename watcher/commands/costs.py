@@ -17,7 +17,7 @@ from watcher.store import Store
 
 def _analysis_backend(settings: Settings) -> tuple[str, str]:
     """(which backend analyses: ``remote`` or ``local``, the key its results are stored under)."""
-    from watcher.analyzers import choose_backend
+    from watcher.backends import choose_backend
 
     if not settings.analysis.enabled:
         return "remote", ""

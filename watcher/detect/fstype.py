@@ -1,7 +1,7 @@
 """Which filesystem a folder lives on, and whether it needs polling (network shares send no events).
 
 Linux reads ``/proc/self/mountinfo``; macOS parses ``/sbin/mount``. Every FUSE filesystem counts as
-network: a FUSE type does not tell a local backend from a remote one (sshfs, rclone, gvfs SMB all look
+network: a FUSE type does not tell a local driver from a remote one (sshfs, rclone, gvfs SMB all look
 alike), and polling a local one only costs some CPU. ``poll = false`` in a folder's config overrides it.
 """
 

@@ -24,7 +24,7 @@ FILES_PER_WORKER = 20
 CRASHED = "the local analysis worker died on this file (killed, out of memory, or a decoder fault)"
 
 
-class LocalAnalyzer:
+class LocalPool:
     """Runs :func:`analyze_file` in at most ``workers`` spawned processes; ``max_seconds`` refuses longer files."""
 
     def __init__(self, workers: int = 1, *, max_seconds: float | None = None) -> None:
@@ -63,12 +63,12 @@ class LocalAnalyzer:
         return [p.pid for p in processes.values() if p.pid is not None]
 
     def close(self) -> None:
-        """Stop the workers without waiting; pending files are cancelled. The analyzer can be used again."""
+        """Stop the workers without waiting; pending files are cancelled. The pool can be used again."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    async def __aenter__(self) -> LocalAnalyzer:
+    async def __aenter__(self) -> LocalPool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -49,7 +49,7 @@ def sidecar_results(
     models: Sequence[str],
 ) -> tuple[dict[str, StoredResult], str | None]:
     """The results for ``models`` (by requested name) that the sidecar ``doc`` holds and may be trusted for this
-    content and this ``backend`` (what the analyzer describes: name, base_url, account); and why not, when none.
+    content and this ``backend`` (what the backend describes: name, base_url, account); and why not, when none.
     """
     if not doc:
         return {}, "no sidecar"

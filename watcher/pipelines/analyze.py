@@ -77,7 +77,7 @@ class AudioBody(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
 
-class Analyzer(Protocol):
+class Backend(Protocol):
     """An analysis backend (the remote service, or local Essentia)."""
 
     @property
@@ -129,7 +129,7 @@ class AnalyzePipeline:
     def __init__(
         self,
         store: AnalyzeStore,
-        analyzer: Analyzer,
+        backend: Backend,
         *,
         models: Sequence[str],
         sidecar: SidecarConfig,
@@ -139,19 +139,19 @@ class AnalyzePipeline:
     ) -> None:
         self.store = store
         self.audio_url = audio_url
-        self.analyzer = analyzer
+        self.backend = backend
         self.models = list(models)
         self.sidecar = sidecar
-        self.service = "analysis" if analyzer.paid else None
-        self.paid = PaidCalls(store, BUDGET, cap_minutes=cap_minutes, spend=spend) if analyzer.paid else None
+        self.service = "analysis" if backend.paid else None
+        self.paid = PaidCalls(store, BUDGET, cap_minutes=cap_minutes, spend=spend) if backend.paid else None
 
     async def run(self, job: Job) -> StepResult:
         checked = await precheck(self.store, job)
         if isinstance(checked, StepResult):
             return checked
-        results = await self.store.results_for(checked.sha256, self.analyzer.key)
+        results = await self.store.results_for(checked.sha256, self.backend.key)
         missing = [m for m in self.models if m not in results]
-        if missing and self.analyzer.paid:  # paid work the store does not know may be in the sidecar on disk
+        if missing and self.backend.paid:  # paid work the store does not know may be in the sidecar on disk
             results |= await self._adopt(job, checked.sha256, missing)
             if all(m in results for m in self.models):
                 job.data["adopted"] = "sidecar"
@@ -162,13 +162,13 @@ class AnalyzePipeline:
             if all(m in saved for m in missing):  # every result came to this job and is stored as it is here
                 results |= saved
             else:  # some were answered for another copy (or not at all): the store has the whole answer
-                results = await self.store.results_for(checked.sha256, self.analyzer.key)
+                results = await self.store.results_for(checked.sha256, self.backend.key)
         else:
             log.info(
                 "analyze.cached", path=job.file.path, models=self.models, next="writing the sidecar from stored results"
             )
         still = [m for m in self.models if m not in results]
-        if still and not self.analyzer.final_errors:
+        if still and not self.backend.final_errors:
             detail = "; ".join(e["message"] or "" for e in job.data.get("errors", [])[-3:]) or "no answer"
             raise RetryLater(f"{len(still)} model(s) not answered ({', '.join(still)}): {detail}")
         await self._write(job, checked.sha256, results, list(job.data.get("errors", [])) if still else [])
@@ -184,7 +184,7 @@ class AnalyzePipeline:
         sha256 = job.data.get("sha256") or job.file.sha256
         if not sha256 or job.data.pop("partial_sidecar", False):
             return
-        results = await self.store.results_for(sha256, self.analyzer.key)
+        results = await self.store.results_for(sha256, self.backend.key)
         errors = [*job.data.get("errors", []), {"model": None, "message": error}]
         await self._write(job, sha256, results, errors)
 
@@ -197,7 +197,7 @@ class AnalyzePipeline:
             target,
             sha256=sha256,
             size=job.file.size,
-            backend=self.analyzer.describe(),
+            backend=self.backend.describe(),
             models=missing,
         )
         if not found:
@@ -205,7 +205,7 @@ class AnalyzePipeline:
                 log.info("analyze.not_adopted", path=job.file.path, reason=why, next="asking the service")
             return {}
         for result in found.values():
-            await self.store.save_result(sha256, self.analyzer.key, result)
+            await self.store.save_result(sha256, self.backend.key, result)
         job.data["sidecar"] = str(target)
         log.info(
             "analyze.adopted",
@@ -220,7 +220,7 @@ class AnalyzePipeline:
         """Ask the backend for ``missing`` models (through the gate when paid); results are saved as they come,
         and returned as saved (by requested model)."""
         sha256, path = checked.sha256, job.file.path
-        ops = {m: Operation(sha256, self.analyzer.key, f"analyze:{m}", on_doubt="reask") for m in missing}
+        ops = {m: Operation(sha256, self.backend.key, f"analyze:{m}", on_doubt="reask") for m in missing}
         taken = None
         if self.paid is not None:
             taken = await self.paid.take(job, list(ops.values()), checked.seconds, estimated=checked.estimated)
@@ -240,7 +240,7 @@ class AnalyzePipeline:
             fence = taken.fences.get(ops[answer.requested]) if taken and answer.requested in ops else None
             op = ops[answer.requested] if fence is not None else None
             if not await self.store.save_result(
-                sha256, self.analyzer.key, stored, op, fence
+                sha256, self.backend.key, stored, op, fence
             ):  # answered, if still ours
                 assert taken is not None
                 taken.late = True
@@ -253,9 +253,9 @@ class AnalyzePipeline:
         outcome, why = "answered", "no result in the stream"
         try:
             if url is None:
-                report = await self.analyzer.analyze(body, missing, save)
+                report = await self.backend.analyze(body, missing, save)
             else:  # the service fetches the audio: the gate above still went by the local file's content
-                report = await self.analyzer.analyze(body, missing, save, audio_url=url)
+                report = await self.backend.analyze(body, missing, save, audio_url=url)
         except BaseException as exc:
             # not sent (or stopped while waiting for its turn) or refused: the models are free again, not paid;
             # else the models not received are re-asked by the next run's take
@@ -276,8 +276,8 @@ class AnalyzePipeline:
     async def _write(
         self, job: Job, sha256: str, results: Mapping[str, StoredResult], errors: Sequence[Mapping[str, Any]]
     ) -> None:
-        backend = self.analyzer.describe()
-        if self.analyzer.paid:  # how the service gets this file: its bytes, or a URL it fetches (never its query)
+        backend = self.backend.describe()
+        if self.backend.paid:  # how the service gets this file: its bytes, or a URL it fetches (never its query)
             url = self.audio_url(job.file)
             backend |= {"input": "body"} if url is None else {"input": "audio-url", "audio_url": without_query(url)}
         doc = analysis_document(job.file, sha256, backend=backend, models=self.models, results=results, errors=errors)

@@ -11,8 +11,8 @@ from typing import Any
 from pydantic import SecretStr
 
 from tests.conftest import write_tone
-from watcher.analyzers import RemoteAnalyzer
 from watcher.audiofile import signature
+from watcher.backends import RemoteBackend
 from watcher.config import AnalysisConfig, SidecarConfig
 from watcher.pipelines.analyze import AnalyzePipeline
 from watcher.pipelines.base import StepResult
@@ -23,14 +23,14 @@ from watcher.store.aio import AsyncStore
 
 def test_results_are_keyed_by_endpoint_and_account():
     """Two endpoints, or two keys, are two places of work; the key itself is never in the identity."""
-    a = RemoteAnalyzer(AnalysisConfig(base_url="https://a.example", api_key=SecretStr("key-aaaa-1111")))
-    b = RemoteAnalyzer(AnalysisConfig(base_url="https://b.example", api_key=SecretStr("key-aaaa-1111")))
-    c = RemoteAnalyzer(AnalysisConfig(base_url="https://a.example", api_key=SecretStr("key-bbbb-2222")))
+    a = RemoteBackend(AnalysisConfig(base_url="https://a.example", api_key=SecretStr("key-aaaa-1111")))
+    b = RemoteBackend(AnalysisConfig(base_url="https://b.example", api_key=SecretStr("key-aaaa-1111")))
+    c = RemoteBackend(AnalysisConfig(base_url="https://a.example", api_key=SecretStr("key-bbbb-2222")))
     keys = {a.key, b.key, c.key}
     assert len(keys) == 3 and all("key-" not in k for k in keys)
     assert a.key.startswith("analysis https://a.example account:")
-    for analyzer in (a, b, c):
-        asyncio.run(analyzer.aclose())
+    for backend in (a, b, c):
+        asyncio.run(backend.aclose())
 
 
 class Counting:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("watcher.analysis")
 
 
-class RemoteAnalyzer:
+class RemoteBackend:
     """The analysis service, through :class:`AnalysisClient`."""
 
     name = "remote"
@@ -69,9 +69,9 @@ class LocalBackend:
     final_errors = True  # the same file gives the same error again: retrying cannot help
 
     def __init__(self, cfg: AnalysisConfig) -> None:
-        from watcher.local.pool import LocalAnalyzer
+        from watcher.local.pool import LocalPool
 
-        self.pool = LocalAnalyzer(workers=cfg.local_workers, max_seconds=cfg.local_max_seconds)
+        self.pool = LocalPool(workers=cfg.local_workers, max_seconds=cfg.local_max_seconds)
         self._version: str | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class LocalBackend:
         self.pool.close()
 
 
-Backend = RemoteAnalyzer | LocalBackend
+Backend = RemoteBackend | LocalBackend
 
 
 def choose_backend(cfg: AnalysisConfig) -> tuple[str, str]:
@@ -149,4 +149,4 @@ def make_backend(
 ) -> Backend:
     """The backend ``which`` names; ``bandwidth`` and ``client_kwargs`` (an observer, a transport) go to the
     remote client."""
-    return RemoteAnalyzer(cfg, bandwidth=bandwidth, **client_kwargs) if which == "remote" else LocalBackend(cfg)
+    return RemoteBackend(cfg, bandwidth=bandwidth, **client_kwargs) if which == "remote" else LocalBackend(cfg)
