@@ -17,7 +17,7 @@ from watcher.names import display
 
 
 def cmd_spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int:
-    """`watcher spend`: the ledger lines of a period as CSV, or per service and day: requests paid, audio
+    """`watcher spend`: the ledger lines of a period as CSV, or per budget and day: requests paid, audio
     minutes (how much of it estimated), requests in doubt (the service may or may not bill them), and requests
     not paid (not sent, refused)."""
     import csv
@@ -41,11 +41,11 @@ def cmd_spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int
         elif line["paid"] == "maybe":
             total["m"] += line["seconds"]
     print(f"spend from {first} to {last} (UTC days)")
-    for (day, service), t in sorted(totals.items()):
+    for (day, budget), t in sorted(totals.items()):
         note = f" ({t['e'] / 60:.2f} of them estimated)" if t["e"] else ""
         doubt = f"{int(t['maybe'])} in doubt (may be billed: {t['m'] / 60:.2f} audio minutes); " if t["maybe"] else ""
         print(
-            f"  {day} {service}: {int(t['yes'])} paid request(s), {t['s'] / 60:.2f} audio minutes{note}; "
+            f"  {day} {budget}: {int(t['yes'])} paid request(s), {t['s'] / 60:.2f} audio minutes{note}; "
             f"{doubt}{int(t['no'])} not paid (not sent or refused)"
         )
     if not totals:

@@ -55,7 +55,7 @@ def collect(
 ) -> dict[str, Any]:
     """The whole report as plain data (the JSON output); ``configured`` folders are listed even if never seen.
 
-    ``caps`` gives each service's daily cap in audio minutes (0: none), for the ``spend`` and ``backlog`` sections;
+    ``caps`` gives each budget's daily cap in audio minutes (0: none), for the ``spend`` and ``backlog`` sections;
     ``web`` says whether the daemon's page runs (``running``, ``url``, ``problem``), when known; ``daemon`` is
     the running daemon's own account (``pid``, ``since``, ``paused_services``, ``backfill``), None when none runs.
     ``brief``: only the files with work open and the first problems (``SHOWN_FILES`` of each), read through
@@ -171,12 +171,12 @@ def job_info(job: Job) -> dict[str, Any]:
 
 
 def _spend(store: StatusSource, caps: dict[str, float], now: float) -> dict[str, Any]:
-    """Today's audio minutes and paid calls per service, against each one's cap."""
+    """Today's audio minutes and paid calls per budget, against each one's cap."""
     spent = store.spend_on(utc_day(now))
     spend: dict[str, Any] = {"day": utc_day(now)}
-    for service, cap in caps.items():
-        today = spent.get(service, {})
-        spend[service] = {
+    for budget, cap in caps.items():
+        today = spent.get(budget, {})
+        spend[budget] = {
             "minutes_today": round(today.get("seconds", 0.0) / 60, 3),
             "seconds_today": round(today.get("seconds", 0.0), 1),
             "paid_calls_today": today.get("calls", 0),
@@ -271,12 +271,12 @@ def _render_daemon(daemon: dict[str, Any] | None) -> list[str]:
 
 def _render_spend(spend: dict[str, Any]) -> list[str]:
     money = []
-    for service in ("analysis", "processing"):
-        today = spend.get(service)
+    for budget in ("analysis", "processing"):
+        today = spend.get(budget)
         if today and (today["minutes_today"] or today["cap_minutes"]):
             cap = f" of {today['cap_minutes']:g} (daily cap)" if today["cap_minutes"] else ""
             calls = today["paid_calls_today"]
-            money.append(f"{service} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
+            money.append(f"{budget} {today['minutes_today']:g}{cap} audio min in {calls} paid calls")
     return [f"spent today ({spend['day']} UTC): " + "; ".join(money)] if money else []
 
 

@@ -213,7 +213,7 @@ class Steering:
                     "archive.output_unwritable",
                     error=why,
                     next="the archive stays paused before any upload (nothing is paid for); make the output folder "
-                    "writable by the service's user, then reload",
+                    "writable by the daemon's user, then reload",
                 )
             checked = await check_keys(self.settings)
             for service in services - {found.service for found in checked} - set(self.held_services):

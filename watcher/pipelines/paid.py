@@ -73,7 +73,7 @@ class Taken:
 
 
 class PaidCalls:
-    """One service's paid requests (``budget``: analysis or processing), its daily cap, and who is told."""
+    """One budget's paid requests (``budget``: analysis or processing), its daily cap, and who is told."""
 
     def __init__(
         self,

@@ -131,7 +131,7 @@ class GateMixin(_Base):
     ) -> list[Ticket]:
         """Decide, for each operation of one request, whether this caller may send it; take those it may.
 
-        ``budget`` names the service whose daily cap applies and ``seconds`` the audio the request covers (once,
+        ``budget`` names the budget whose daily cap applies and ``seconds`` the audio the request covers (once,
         however many operations it carries; ``estimated``: an upper bound, settled by ``ledger_settle``).
         Operations held elsewhere come back as ``wait``; a cap the request
         would pass makes every takeable one ``capped``. ``resend_in_doubt`` takes in-doubt ones too (policy).

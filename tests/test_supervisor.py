@@ -1,4 +1,4 @@
-"""Running as a service: sd_notify messages on a socket the test owns, SIGHUP reload, pause and resume."""
+"""Running under a supervisor: sd_notify messages on a socket the test owns, SIGHUP reload, pause and resume."""
 
 from __future__ import annotations
 
