@@ -272,7 +272,7 @@ class DaemonThread:
         return self
 
     def stop(self, timeout: float = 15.0, *, force: bool = False) -> int | None:
-        """Stop as SIGTERM does (``force``: as a second SIGTERM, checkpointing in-flight work at once)."""
+        """Stop as SIGTERM does (``force``: as a second SIGTERM, checkpointing running jobs at once)."""
         self.loop.call_soon_threadsafe(lambda: self.daemon.request_stop("test", force=force))
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the daemon did not stop"

@@ -151,7 +151,7 @@ def test_file_modified_during_upload_is_not_trusted(tmp_path, inbox, emulator, r
     d = run_daemon(settings)
     audio = write_silent_wav(tmp_path / "growing.wav", 24)
     audio = Path(shutil.move(audio, inbox / "growing.wav"))
-    wait_for(lambda: emulator.analysis.bytes_in_flight > 0, what="upload started")
+    wait_for(lambda: emulator.analysis.bytes_arriving > 0, what="upload started")
     with audio.open("ab") as fh:
         fh.write(b"\0" * 4096)
     emulator.analysis.faults.read_delay = 0.0

@@ -57,7 +57,7 @@ JOBS = 2
 
 
 @dataclass
-class InFlight:
+class Sent:
     """A request a taker sent and has not told the outcome of yet."""
 
     taker: str
@@ -75,7 +75,7 @@ class GateModel(RuleBasedStateMachine):
         self.step = 0.0  # the node's clock minus the true time (a stepped clock)
         self.now = time.time()  # the database's clock, as the model advances it
         self.store = type(self).open_store(lambda: time.time() + self.step)
-        self.in_flight: list[InFlight] = []
+        self.sent: list[Sent] = []
         self.recorded = dict.fromkeys(OPS, 0)  # re-send tickets and proven not-sent releases per operation
         self.sends = dict.fromkeys(OPS, 0)
         self.holder: dict[Operation, tuple[Fence, float]] = {}  # the take holding each operation, and its lease end
@@ -115,14 +115,14 @@ class GateModel(RuleBasedStateMachine):
                 self.holder[op] = (ticket.fence, self.now + LEASE)
                 self.sends[op] += 1
                 self.recorded[op] += ticket.resend
-                self.in_flight.append(InFlight(taker, op, ticket))
+                self.sent.append(Sent(taker, op, ticket))
 
     def _finish(self, index: int, outcome: str) -> None:
         """One request ends (every operation it carried): each outcome names its take's fence, as PaidCalls does."""
-        request = self.in_flight[index % len(self.in_flight)].ticket.request
+        request = self.sent[index % len(self.sent)].ticket.request
         assert request is not None
-        done = [f for f in self.in_flight if f.ticket.request == request]
-        self.in_flight = [f for f in self.in_flight if f.ticket.request != request]
+        done = [f for f in self.sent if f.ticket.request == request]
+        self.sent = [f for f in self.sent if f.ticket.request != request]
         late = False
         for f in done:
             op, fence = f.op, f.ticket.fence
@@ -143,19 +143,19 @@ class GateModel(RuleBasedStateMachine):
             late |= not fenced
         self.store.ledger_outcome(request, "late" if late and outcome != "not_sent" else outcome)
 
-    @precondition(lambda self: self.in_flight)
+    @precondition(lambda self: self.sent)
     @rule(index=st.integers(0, 9))
     def answered(self, index: int) -> None:
         """The service answered (maybe after the taker's lease ran out: late)."""
         self._finish(index, "answered")
 
-    @precondition(lambda self: self.in_flight)
+    @precondition(lambda self: self.sent)
     @rule(index=st.integers(0, 9))
     def answer_lost(self, index: int) -> None:
         """The whole request was sent and its answer lost."""
         self._finish(index, "in_doubt")
 
-    @precondition(lambda self: self.in_flight)
+    @precondition(lambda self: self.sent)
     @rule(index=st.integers(0, 9))
     def not_sent(self, index: int) -> None:
         """The request provably never left (refused before a byte was sent)."""
@@ -192,7 +192,7 @@ class GateModel(RuleBasedStateMachine):
     @rule(taker=st.sampled_from(TAKERS))
     def crash(self, taker: str) -> None:
         """A taker's process dies; its next life recovers what it held (its outcomes never come)."""
-        self.in_flight = [f for f in self.in_flight if f.taker != taker]
+        self.sent = [f for f in self.sent if f.taker != taker]
         self.store.gate_recover(taker)
         self.store.release_leases(taker)
         self.claimed = [(j, end) for j, end in self.claimed if j.owner != taker]
@@ -224,7 +224,7 @@ class GateModel(RuleBasedStateMachine):
             assert sends == self.sends[op]
             assert sends <= 1 + self.recorded[op], f"{op.name} sent {sends} times, {self.recorded[op]} recorded"
             if row is not None and row["state"] == "sending":
-                fences = [f.ticket.fence for f in self.in_flight if f.op == op and f.ticket.fence is not None]
+                fences = [f.ticket.fence for f in self.sent if f.op == op and f.ticket.fence is not None]
                 holding = [x for x in fences if (x.holder, x.generation) == (row["holder"], row["generation"])]
                 assert len(holding) <= 1, "two takes could both decide one operation"
 

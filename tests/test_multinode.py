@@ -110,7 +110,7 @@ def test_nodes_share_the_work_and_a_killed_one_is_taken_over(tmp_path, inbox, em
     paid operation sent more often than the gate counted (only streams the dead node had in flight are re-asked)."""
     emu.analysis.faults.event_delay = 0.05  # a stream takes a moment, so the kill finds work in flight
     names = [f"n{i}" for i in range(1, nodes + 1)]
-    # Two streams per node, so that 60 files spread over every node (at the default 40 in flight, the first
+    # Two streams per node, so that 60 files spread over every node (at the default 40 concurrent requests, the first
     # nodes to start would take them all).
     running = {n: Node(tmp_path, n, node_config(tmp_path, n, inbox, emu, pg_url, concurrency=2)) for n in names}
     try:

@@ -93,9 +93,9 @@ def test_a_database_outage_with_work_in_flight_is_survived(tmp_path, inbox, pg_u
         try:
             wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
             make_files(inbox, FILES)
-            in_flight = "SELECT DISTINCT service FROM ledger WHERE outcome='sending'"
+            sending = "SELECT DISTINCT service FROM ledger WHERE outcome='sending'"
             wait_for(
-                lambda: {s for (s,) in sql(pg_url, in_flight)} >= {"analysis", "processing"},
+                lambda: {s for (s,) in sql(pg_url, sending)} >= {"analysis", "processing"},
                 timeout=60,
                 what="an analysis stream and an upload in flight at once",
             )
@@ -267,8 +267,8 @@ def test_a_stop_during_an_outage_ends_within_ten_seconds_and_loses_no_answer(tmp
         try:
             wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
             make_files(inbox, 6)
-            in_flight = "SELECT DISTINCT service FROM ledger WHERE outcome='sending'"
-            wait_for(lambda: {s for (s,) in sql(pg_url, in_flight)} >= {"analysis", "processing"}, timeout=60,
+            sending = "SELECT DISTINCT service FROM ledger WHERE outcome='sending'"
+            wait_for(lambda: {s for (s,) in sql(pg_url, sending)} >= {"analysis", "processing"}, timeout=60,
                      what="an analysis stream and an upload in flight at once")  # fmt: skip
             own_cluster.halt()
             halted_now = True

@@ -19,9 +19,9 @@ from watcher.errors import BadInput, FileChanged
 
 CHUNK = 1 << 20  # read size while hashing
 # Read size of a streamed body. One block is read ahead while the previous is sent. Analysis streams (up to 40
-# in flight) keep 1 MiB blocks: peak RSS stays flat (bench/memory.py). Uploads to the processing service (8 in
-# flight) use 4 MiB blocks: about a fifth less client CPU per GiB, near `curl -T` (bench/upload.py), for about
-# 8 MiB more per upload in flight.
+# concurrent) keep 1 MiB blocks: peak RSS stays flat (bench/memory.py). Uploads to the processing service (8
+# concurrent) use 4 MiB blocks: about a fifth less client CPU per GiB, near `curl -T` (bench/upload.py), for about
+# 8 MiB more per concurrent upload.
 BODY_CHUNK = 1 << 20
 UPLOAD_CHUNK = 1 << 22
 SMALL = 1 << 20  # a file this size or smaller is read whole, once: its hash and its request body come from that read

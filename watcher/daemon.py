@@ -3,7 +3,7 @@
 Start-up: lock the state folder, build the object graph (watcher.app.build_daemon); its housekeeping
 (watcher.housekeeping) gives back leases and recovers paid requests cut off by the last stop, and pings the
 watchdog from start to end. Main loop: detector, runner and housekeeping's chores side by side. Shutdown: the first
-SIGTERM/SIGINT stops claiming work and lets in-flight jobs finish for a grace period, then checkpoints them;
+SIGTERM/SIGINT stops claiming work and lets running jobs finish for a grace period, then checkpoints them;
 a second signal checkpoints at once. SIGHUP rebuilds the graph from re-read settings.
 """
 
@@ -93,15 +93,15 @@ class Daemon(Steering):
             self.request_stop(signal.Signals(signum).name)
 
     def request_stop(self, reason: str, *, force: bool = False) -> None:
-        """First call: stop claiming work and let in-flight jobs finish (grace); second or ``force``: now."""
+        """First call: stop claiming work and let running jobs finish (grace); second or ``force``: now."""
         self._signals += 1
         self._reload_requested = False
         if self._signals == 1 and not force:
-            log.info("daemon.stopping", reason=reason, next=f"finishing in-flight work for up to {GRACE_SECONDS:.0f} s")
+            log.info("daemon.stopping", reason=reason, next=f"finishing running jobs for up to {GRACE_SECONDS:.0f} s")
             self.notifier.stopping()
             self.notifier.extend_timeout(GRACE_SECONDS + 4)
         else:
-            log.warning("daemon.stopping_now", reason=reason, next="checkpointing in-flight work now")
+            log.warning("daemon.stopping_now", reason=reason, next="checkpointing running jobs now")
             self._force.set()
         self.stop.set()
 
@@ -109,7 +109,7 @@ class Daemon(Steering):
         """Reload the settings: checkpoint, rebuild everything from the new settings, carry on from the store."""
         if self._signals or self._reload is None:
             return
-        log.info("daemon.reloading", next="checkpointing in-flight work, then starting again with the new settings")
+        log.info("daemon.reloading", next="checkpointing running jobs, then starting again with the new settings")
         self._reload_requested = True
         self.notifier.reloading()
         self.stop.set()

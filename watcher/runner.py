@@ -90,7 +90,7 @@ class Runner:
         self._paused_until: dict[str, float] = {}  # service -> until when its pipelines pause
         self.look_every = look_every  # seconds (a random pick between the two) an idle lookout waits between looks
         self._lookout: dict[str, object] = {}  # pipeline -> the idle worker that looks at the store on a timer
-        self.in_flight: dict[int, asyncio.Task[Any]] = {}
+        self.running: dict[int, asyncio.Task[Any]] = {}
         self.busy = 0
 
     def wake(self, pipeline: str | None = None) -> None:
@@ -108,7 +108,7 @@ class Runner:
             tg.create_task(self._wake_on(stop), name="stop-waker")
 
     async def drain(self, *, horizon: float = 10.0) -> None:
-        """Run the same workers until no job is in flight and none is due within ``horizon`` seconds (`scan`).
+        """Run the same workers until no job is running and none is due within ``horizon`` seconds (`scan`).
 
         Work scheduled further out (a long backoff, a cap, a job held in doubt) is left in the store.
         """
@@ -143,7 +143,7 @@ class Runner:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.lease / 4)
-            await self.store.renew(list(self.in_flight), self.owner, lease=self.lease)
+            await self.store.renew(list(self.running), self.owner, lease=self.lease)
 
     def pause_service(self, service: str, until: float = math.inf) -> None:
         """Claim no job of ``service``'s pipelines until ``until`` (a Unix time; by default until resumed)."""
@@ -207,7 +207,7 @@ class Runner:
         self.busy += 1
         task = asyncio.current_task()
         if task is not None:
-            self.in_flight[job.id] = task
+            self.running[job.id] = task
         try:
             try:
                 result = await pipeline.run(job)
@@ -233,7 +233,7 @@ class Runner:
             return Outcome(job, State.SUPERSEDED, str(exc), "superseded")
         finally:
             self.busy -= 1
-            self.in_flight.pop(job.id, None)
+            self.running.pop(job.id, None)
 
     async def _failed(self, pipeline: Pipeline, job: Job, exc: Exception) -> Outcome:
         """Classify one failure by its scope and schedule the job accordingly (see the module docstring)."""

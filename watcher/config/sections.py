@@ -136,10 +136,10 @@ class AnalysisConfig(_Keyed):
     api_key: OptionalSecret = None
     api_key_file: OptionalFile = None
     models: tuple[str, ...] = DEFAULT_MODELS
-    # Little's law: requests in flight = rate x time of one request. A 3-minute track takes about 3.3 s to
+    # Little's law: concurrent requests = rate x time of one request. A 3-minute track takes about 3.3 s to
     # analyse (Essentia's own figures on 2 cores: 1.7 s for 30 s of audio, 4.1-5.2 s for 5 minutes) plus about
-    # 1 s to send, so about 4 s; at 10 requests/s that is 40 in flight. (The emulator answers in about 10 ms.)
-    concurrency: int = Field(40, ge=1, le=64, description="requests in flight: rate_limit x seconds per request")
+    # 1 s to send, so about 4 s; at 10 requests/s that is 40 concurrent requests. (The emulator answers in about 10 ms.)
+    concurrency: int = Field(40, ge=1, le=64, description="concurrent requests: rate_limit x seconds per request")
     rate_limit: float = Field(
         10.0, gt=0, description="requests per second at most (the service's documented 10/s); halved on a 429"
     )
@@ -187,9 +187,9 @@ class ArchiveConfig(_Keyed):
     restored_format: OptionalFormat = None
     mastered_format: OptionalFormat = None
     output_dir: OptionalPath = None
-    # Little's law again: polls and version requests take about 0.25 s each (up to 10/s: 2.5 in flight), and
+    # Little's law again: polls and version requests take about 0.25 s each (up to 10/s: 2.5 concurrent requests), and
     # uploads and downloads are bound by the link, which two or three transfers fill; 8 covers both.
-    concurrency: int = Field(8, ge=1, le=64, description="requests in flight: rate_limit x seconds per request")
+    concurrency: int = Field(8, ge=1, le=64, description="concurrent requests: rate_limit x seconds per request")
     # The service documents no limit: 10/s as its sibling's, and the adaptive rate finds a lower one (a 429
     # halves it, and costs nothing: nothing was done). Status polls never take more than half of it.
     rate_limit: float = Field(10.0, gt=0, description="requests per second at most; halved on a 429")

@@ -160,7 +160,7 @@ class AnalysisEmulator:
         self.app = App()
         self.models_requested: list[list[str]] = []  # the `models` of every accepted request, in order
         self.bytes_received = 0
-        self.bytes_in_flight = 0  # body bytes of the request being received now
+        self.bytes_arriving = 0  # body bytes of the request being received now
         self.inputs: list[StreamInput] = []  # how every request that got past validation brought its audio
         self._lock = threading.Lock()
         self.app.route("POST", STREAM_PATH, ROUTE, key_check=lambda path, query: not any(query.get("models", [])))(
@@ -319,12 +319,12 @@ class AnalysisEmulator:
                     sha.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-                    self.bytes_in_flight = size
+                    self.bytes_arriving = size
         except BaseException:
             os.unlink(path)
             raise
         finally:
-            self.bytes_in_flight = 0
+            self.bytes_arriving = 0
         with self._lock:
             self.bytes_received += size
         return sha.digest(), path

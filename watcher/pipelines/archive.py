@@ -108,7 +108,7 @@ class ArchivePipeline:
             spend=spend,
         )
         self.plan = plan_ops(cfg)
-        self._in_flight: set[asyncio.Future[str]] = set()
+        self._sending: set[asyncio.Future[str]] = set()
 
     async def run(self, job: Job) -> StepResult:
         step = {
@@ -280,8 +280,8 @@ class ArchivePipeline:
             log.info("archive.reused", path=job.file.path, operation=op.name, id=result, next="not sent again")
             return result
         task = asyncio.ensure_future(self._send(taken, op, call))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
         return await asyncio.shield(task)
 
     async def _send(self, taken: Taken, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
@@ -309,11 +309,11 @@ class ArchivePipeline:
 
     async def drain(self, timeout: float) -> None:
         """Give paid calls still in flight (after their jobs were cancelled) a moment to return their IDs."""
-        if self._in_flight:
+        if self._sending:
             log.info(
-                "archive.draining", calls=len(self._in_flight), next=f"waiting up to {timeout:.0f} s for their IDs"
+                "archive.draining", calls=len(self._sending), next=f"waiting up to {timeout:.0f} s for their IDs"
             )
-            _, pending = await asyncio.wait(set(self._in_flight), timeout=timeout)
+            _, pending = await asyncio.wait(set(self._sending), timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
