@@ -1,7 +1,7 @@
 """The bill is the oracle: what an emulated service billed, held against watcher's own ledger.
 
 The emulator's bill has one charge per request a service accepted (its content, operations and audio seconds);
-watcher's ledger has one line per take at the gate (its content, operations, seconds and outcome). For every
+watcher's ledger has one line per take at the gate (its content, operations, seconds and ending). For every
 service, every (content, operation), and the audio seconds of every content whose length both sides know:
 
     lines answered or partial (certainly billed)  <=  billed  <=  those + lines in doubt, late or still sending
@@ -118,21 +118,21 @@ def discrepancies(charges: Sequence[Charge], lines: Iterable[dict[str, Any]]) ->
     estimated: set[tuple[str, str]] = set()
     lines_by: dict[str, Counter[str]] = {}
     for line in lines:
-        service, sha, outcome = where_of(line), line["sha256"], line["outcome"]
-        lines_by.setdefault(service, Counter())[outcome] += 1
+        service, sha, ending = where_of(line), line["sha256"], line["outcome"]
+        lines_by.setdefault(service, Counter())[ending] += 1
         if line.get("estimated"):
             estimated.add((service, sha))
         for name in str(line["operation"]).split(","):
             key = (service, sha, billed_operation(line["service"], name))
-            if outcome in CERTAIN:
+            if ending in CERTAIN:
                 certain[key] += 1
-            elif outcome in MAYBE:
+            elif ending in MAYBE:
                 maybe[key] += 1
-            if line.get("kind", "first") != "first" and outcome not in ("not_sent", "refused"):
+            if line.get("kind", "first") != "first" and ending not in ("not_sent", "refused"):
                 again[key] += 1
-        if outcome in CERTAIN:
+        if ending in CERTAIN:
             sure_seconds[(service, sha)] += float(line["seconds"])
-        elif outcome in MAYBE:
+        elif ending in MAYBE:
             maybe_seconds[(service, sha)] += float(line["seconds"])
     found: list[str] = []
     for key in sorted(set(billed) | set(certain)):
@@ -155,9 +155,9 @@ def discrepancies(charges: Sequence[Charge], lines: Iterable[dict[str, Any]]) ->
                 + (f" (+{maybe_seconds[key]:.2f} s in doubt)" if maybe_seconds[key] else "")
             )
     for service, count in sorted(requests.items()):
-        outcomes = lines_by.get(service, Counter())
-        low = sum(outcomes[o] for o in CERTAIN)
-        high = low + sum(outcomes[o] for o in MAYBE)
+        endings = lines_by.get(service, Counter())
+        low = sum(endings[o] for o in CERTAIN)
+        high = low + sum(endings[o] for o in MAYBE)
         if not low <= count <= high:
             found.append(f"{service}: billed {count} request(s); the ledger: {low} answered, {high - low} in doubt")
     return found

@@ -60,19 +60,19 @@ def _bill_is_the_oracle(request: pytest.FixtureRequest, tmp_path: Path) -> Itera
     if not new:
         return
     exempt = request.node.get_closest_marker("bill_exempt")
-    outcome = "exempt" if exempt is not None else "checked"
+    verdict = "exempt" if exempt is not None else "checked"
     found: list[str] = []
     if exempt is None:
         lines = sqlite_lines(tmp_path)
         if pg is not None:
             lines = unique(lines + postgres_lines(pg))
         found = discrepancies(new, lines)
-        outcome = "discrepant" if found else "checked"
-    BILL_STATS[outcome] += 1
+        verdict = "discrepant" if found else "checked"
+    BILL_STATS[verdict] += 1
     report = os.environ.get("BILL_REPORT")
     if report:
         with open(report, "a") as out:
-            out.write(json.dumps({"test": request.node.nodeid, "outcome": outcome, "found": found}) + "\n")
+            out.write(json.dumps({"test": request.node.nodeid, "outcome": verdict, "found": found}) + "\n")
     if found:
         pytest.fail("the bill differs from watcher's ledger:\n  " + "\n  ".join(found), pytrace=False)
 

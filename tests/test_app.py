@@ -33,8 +33,8 @@ class Recorder(Subscriber):
         if outcome.state == "done" and self.done is not None:
             self.done.set()
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
-        self.paid_calls.append((budget, operation, outcome, seconds))
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        self.paid_calls.append((budget, operation, ending, seconds))
 
 
 def build(settings: Settings, **kw: object) -> App:
@@ -95,7 +95,7 @@ def test_subscribers_and_the_request_observer_hear_everything(tmp_path, inbox, e
     app = build(
         settings,
         subscribers=[recorder],
-        observer=lambda svc, method, secs, outcome, sent: requests.append((svc, method, outcome)),
+        observer=lambda svc, method, secs, code, sent: requests.append((svc, method, code)),
     )
 
     async def main() -> None:

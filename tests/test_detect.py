@@ -279,8 +279,8 @@ def test_user_excludes_and_path_patterns():
     assert not f.wants_file("out/x/a.wav") and not f.wants_dir("out")
 
 
-def outcomes(verdicts: list[Verdict]) -> list[tuple[str, str]]:
-    return sorted((Path(v.candidate.path).name, v.outcome) for v in verdicts)
+def readiness_of(verdicts: list[Verdict]) -> list[tuple[str, str]]:
+    return sorted((Path(v.candidate.path).name, v.readiness) for v in verdicts)
 
 
 def test_settler_needs_a_full_quiet_window(tmp_path):
@@ -290,19 +290,19 @@ def test_settler_needs_a_full_quiet_window(tmp_path):
     s = Settler(lambda: now[0])
     s.hint(str(path), 2.0)
     assert s.next_deadline() == 0.0  # a new path is looked at once
-    assert outcomes(s.check()) == [("a.wav", "waiting")]
+    assert readiness_of(s.check()) == [("a.wav", "waiting")]
     assert s.next_deadline() == 2.0
     now[0] = 1.5
     assert s.check() == []  # not due: not looked at
     with path.open("ab") as fh:
         fh.write(b"\0\0")
     now[0] = 2.0
-    assert outcomes(s.check()) == [("a.wav", "waiting")]  # changed: the window starts again
+    assert readiness_of(s.check()) == [("a.wav", "waiting")]  # changed: the window starts again
     assert s.next_deadline() == 4.0
     now[0] = 3.9
     assert s.check() == []
     now[0] = 4.0
-    assert outcomes(s.check()) == [("a.wav", "ready")]
+    assert readiness_of(s.check()) == [("a.wav", "ready")]
     assert not s.candidates and s.next_deadline() is None
 
 
@@ -319,22 +319,22 @@ def test_deadlines_fire_without_a_tick(tmp_path):
     s = Settler(lambda: now[0], stat=counting_stat)
     for name, settle in (("a.wav", 1.0), ("b.wav", 3.0), ("c.wav", 2.0)):
         s.hint(str(write_tone(tmp_path / name, 0.05)), settle)
-    assert outcomes(s.check()) == [("a.wav", "waiting"), ("b.wav", "waiting"), ("c.wav", "waiting")]
+    assert readiness_of(s.check()) == [("a.wav", "waiting"), ("b.wav", "waiting"), ("c.wav", "waiting")]
     assert s.next_deadline() == 1.0
     now[0] = 0.5
     assert s.check() == [] and sum(stats.values()) == 3  # between deadlines nothing is looked at
     now[0] = 1.0
-    assert outcomes(s.check()) == [("a.wav", "ready")]
+    assert readiness_of(s.check()) == [("a.wav", "ready")]
     assert s.next_deadline() == 2.0
     now[0] = 1.5
     s.hint(str(tmp_path / "b.wav"), 3.0)  # activity on b: its quiet period starts again
     now[0] = 2.0
-    assert outcomes(s.check()) == [("c.wav", "ready")]
+    assert readiness_of(s.check()) == [("c.wav", "ready")]
     assert s.next_deadline() == 4.5
     now[0] = 3.0  # b's first deadline, moved: not looked at
     assert s.check() == [] and stats["b.wav"] == 1
     now[0] = 4.5
-    assert outcomes(s.check()) == [("b.wav", "ready")]
+    assert readiness_of(s.check()) == [("b.wav", "ready")]
     assert s.next_deadline() is None
     assert stats == {"a.wav": 2, "b.wav": 2, "c.wav": 2}
 
@@ -343,9 +343,9 @@ def test_a_zero_window_still_needs_two_equal_stats(tmp_path):
     """settle_seconds = 0: never ready on a single stat; the second one follows at once."""
     s = Settler(lambda: 0.0)
     s.hint(str(write_tone(tmp_path / "a.wav", 0.05)), 0.0)
-    assert outcomes(s.check()) == [("a.wav", "waiting")]
+    assert readiness_of(s.check()) == [("a.wav", "waiting")]
     assert s.next_deadline() == 0.0
-    assert outcomes(s.check()) == [("a.wav", "ready")]
+    assert readiness_of(s.check()) == [("a.wav", "ready")]
 
 
 def test_a_close_matching_the_last_stat_is_taken_at_once(tmp_path):
@@ -354,11 +354,11 @@ def test_a_close_matching_the_last_stat_is_taken_at_once(tmp_path):
     path = write_tone(tmp_path / "a.wav", 0.05)
     s = Settler(lambda: now[0])
     s.hint(str(path), 30.0)  # created
-    assert outcomes(s.check()) == [("a.wav", "waiting")]  # the last stat, after the writes
+    assert readiness_of(s.check()) == [("a.wav", "waiting")]  # the last stat, after the writes
     now[0] = 0.01
     s.hint(str(path), 30.0, closed=True)
     assert s.next_deadline() == 0.01
-    assert outcomes(s.check()) == [("a.wav", "ready")]
+    assert readiness_of(s.check()) == [("a.wav", "ready")]
 
 
 def test_a_close_after_unstated_writes_is_confirmed_by_a_second_stat(tmp_path):
@@ -370,7 +370,7 @@ def test_a_close_after_unstated_writes_is_confirmed_by_a_second_stat(tmp_path):
     s = Settler(lambda: now[0])
     s.hint(str(first), 30.0, closed=True)  # nothing seen before the close
     s.hint(str(later), 30.0)
-    assert outcomes(s.check()) == [("first.wav", "waiting"), ("later.wav", "waiting")]
+    assert readiness_of(s.check()) == [("first.wav", "waiting"), ("later.wav", "waiting")]
     now[0] = 0.1
     with later.open("ab") as fh:
         fh.write(b"\0\0")
@@ -378,12 +378,12 @@ def test_a_close_after_unstated_writes_is_confirmed_by_a_second_stat(tmp_path):
     s.hint(str(later), 30.0, closed=True)  # and closed, no stat in between
     assert s.next_deadline() == 0.05
     now[0] = 0.05
-    assert outcomes(s.check()) == [("first.wav", "ready")]
+    assert readiness_of(s.check()) == [("first.wav", "ready")]
     now[0] = 0.1
-    assert outcomes(s.check()) == [("later.wav", "waiting")]
+    assert readiness_of(s.check()) == [("later.wav", "waiting")]
     assert s.next_deadline() == pytest.approx(0.1 + CLOSE_CONFIRM_SECONDS)
     now[0] = 0.1 + CLOSE_CONFIRM_SECONDS
-    assert outcomes(s.check()) == [("later.wav", "ready")]
+    assert readiness_of(s.check()) == [("later.wav", "ready")]
 
 
 def test_a_writer_that_reopens_after_its_close_is_not_taken_early(tmp_path):
@@ -402,14 +402,14 @@ def test_a_writer_that_reopens_after_its_close_is_not_taken_early(tmp_path):
         with path.open("ab") as fh:  # reopened and appended
             fh.write(b"\0\0")
     s.hint(str(seen), 30.0)  # the append's event came in
-    assert outcomes(s.check()) == [("unseen.wav", "waiting")]  # seen.wav is no longer due
+    assert readiness_of(s.check()) == [("unseen.wav", "waiting")]  # seen.wav is no longer due
     assert s.next_deadline() == 31.0
     now[0] = 30.9
     assert s.check() == []
     now[0] = 31.0  # seen.wav's stat changed since the last one: its window starts again at this check
-    assert outcomes(s.check()) == [("seen.wav", "waiting"), ("unseen.wav", "ready")]
+    assert readiness_of(s.check()) == [("seen.wav", "waiting"), ("unseen.wav", "ready")]
     now[0] = 61.0
-    assert outcomes(s.check()) == [("seen.wav", "ready")]
+    assert readiness_of(s.check()) == [("seen.wav", "ready")]
 
 
 def test_dead_observer_falls_back_to_polling(tmp_path, watch):

@@ -1,4 +1,4 @@
-"""Paid once, proven by the fence: every outcome names the take that sent it, nodes are their IDs, leases are the
+"""Paid once, proven by the fence: every ending names the take that sent it, nodes are their IDs, leases are the
 database's clock, deliveries come only from the live version, and a start-up sweep removes only its own leftovers.
 
 Each test pins one way the same operation was paid for twice, or one node undid another's work.
@@ -42,7 +42,7 @@ LATER = 3600.0  # a take this far ahead (database clock) finds every 600 s lease
 
 
 def ledger(store: Any) -> list[tuple[int, str]]:
-    """Every ledger line of the store, (id, outcome), in order."""
+    """Every ledger line of the store, (id, ending), in order."""
     sql = "SELECT id, outcome FROM ledger ORDER BY id"
     if isinstance(store, Store):
         return [(r[0], r[1]) for r in store._db.execute(sql)]
@@ -57,16 +57,16 @@ def take(store: Any, op: Operation, owner: str, **kw: Any) -> Any:
 
 
 class Paid:
-    """PaidCalls over ``store``, called from a test: each outcome through the store's asynchronous port."""
+    """PaidCalls over ``store``, called from a test: each ending through the store's asynchronous port."""
 
     def __init__(self, store: Any, budget: str) -> None:
         self.store, self.budget = store, budget
 
-    def finish(self, taken: Taken, results: dict[Operation, str | None], outcome: str, why: str) -> None:
+    def finish(self, taken: Taken, results: dict[Operation, str | None], ending: str, why: str) -> None:
         async def go() -> None:
             aio = AsyncStore(self.store)
             try:
-                await PaidCalls(aio, self.budget).finish(taken, results, outcome, why)
+                await PaidCalls(aio, self.budget).finish(taken, results, ending, why)
             finally:
                 await aio.aclose(close_store=False)
 
@@ -91,7 +91,7 @@ def test_a_late_holder_cannot_reopen_an_operation_another_holder_is_sending(stor
     assert store.gate_get(UPLOAD)["sends"] == 2
 
 
-def test_a_late_outcome_is_recorded_late_and_a_late_answer_nobody_holds_is_kept(store):
+def test_a_late_ending_is_recorded_late_and_a_late_answer_nobody_holds_is_kept(store):
     """The late request's ledger line says `late`; its ID answers an operation left in doubt (nobody holds it),
     so it is never sent again; a late "answer lost" after B answered changes nothing."""
     paid = Paid(store, "processing")
@@ -198,7 +198,7 @@ def test_a_take_replayed_after_its_lost_commit_acknowledgement_recognises_itself
         assert [line for line, _ in ledger(store)] == [ticket.request]
         assert store.spend_on(utc_day(time.time()))["processing"]["calls"] == 1
         assert store.gate_answered(MASTER, "m-1", fence=ticket.fence)
-        store.ledger_outcome(ticket.request, "answered")
+        store.ledger_ending(ticket.request, "answered")
         assert ledger(store) == [(ticket.request, "answered")]
         assert store.gate_get(MASTER)["sends"] == 1
     finally:

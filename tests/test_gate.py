@@ -77,7 +77,7 @@ def test_not_sent_is_free_to_send_and_not_spent(store):
     """Provably not sent: the next take sends without calling it a re-send, and the day's spend is given back."""
     first = take(store, UPLOAD, "a")
     store.gate_release(UPLOAD, "open", fence=first.fence, error="connect refused")
-    store.ledger_outcome(first.request, "not_sent")
+    store.ledger_ending(first.request, "not_sent")
     assert store.spend_on(utc_day(time.time()))["processing"]["seconds"] == 0
     again = take(store, UPLOAD, "b")
     assert again.verdict == "send" and not again.resend
@@ -196,8 +196,8 @@ def test_a_refused_request_is_recorded_and_not_spent(store):
     paid calls, once, and its operation is free again."""
     first = take(store, MASTER, "a", seconds=12.0)
     store.gate_release(MASTER, "open", fence=first.fence, error="HTTP 401")
-    store.ledger_outcome(first.request, "refused")
-    store.ledger_outcome(first.request, "refused")
+    store.ledger_ending(first.request, "refused")
+    store.ledger_ending(first.request, "refused")
     day = store.spend_on(utc_day(time.time()))["processing"]
     assert (day["seconds"], day["calls"]) == (0, 0)
     (line,) = store.ledger_lines(utc_day(time.time()), utc_day(time.time()))
@@ -210,7 +210,7 @@ def test_an_estimated_charge_settles_to_the_real_length(store):
     such line, and the day's spend, to the real seconds."""
     today = utc_day(time.time())
     line = take(store, KEY, "a", budget="analysis", seconds=30.0, estimated=True)
-    store.ledger_outcome(line.request, "answered")
+    store.ledger_ending(line.request, "answered")
     assert store.spend_on(today)["analysis"]["seconds"] == 30.0
     assert store.ledger_settle(SHA, 12.5) == 1
     assert store.spend_on(today)["analysis"]["seconds"] == 12.5

@@ -1,4 +1,4 @@
-"""A model-based test of the paid-call gate: Hypothesis drives takers, answers, lost answers, late outcomes,
+"""A model-based test of the paid-call gate: Hypothesis drives takers, answers, lost answers, late endings,
 crashes, lease expiry, clock steps, a daily cap and copies against each store (PostgreSQL real), and checks after
 every step what the money depends on:
 
@@ -58,7 +58,7 @@ JOBS = 2
 
 @dataclass
 class Sent:
-    """A request a taker sent and has not told the outcome of yet."""
+    """A request a taker sent and has not told the ending of yet."""
 
     taker: str
     op: Operation
@@ -117,8 +117,8 @@ class GateModel(RuleBasedStateMachine):
                 self.recorded[op] += ticket.resend
                 self.sent.append(Sent(taker, op, ticket))
 
-    def _finish(self, index: int, outcome: str) -> None:
-        """One request ends (every operation it carried): each outcome names its take's fence, as PaidCalls does."""
+    def _finish(self, index: int, ending: str) -> None:
+        """One request ends (every operation it carried): each ending names its take's fence, as PaidCalls does."""
         request = self.sent[index % len(self.sent)].ticket.request
         assert request is not None
         done = [f for f in self.sent if f.ticket.request == request]
@@ -128,20 +128,20 @@ class GateModel(RuleBasedStateMachine):
             op, fence = f.op, f.ticket.fence
             assert fence is not None
             holds = op in self.holder and self.holder[op][0] == fence
-            if outcome == "answered":
+            if ending == "answered":
                 self.ids += 1
                 fenced = self.store.gate_answered(op, f"id-{self.ids}", fence=fence)
-            elif outcome == "not_sent":
+            elif ending == "not_sent":
                 fenced = self.store.gate_release(op, "open", fence=fence, error="refused")
                 self.recorded[op] += fenced
             else:
                 state = "in_doubt" if op.on_doubt == "hold" else "reask"
                 fenced = self.store.gate_release(op, state, fence=fence, error="read timeout")
-            assert fenced == holds, f"an outcome of {fence} for {op.name} was {'taken' if fenced else 'refused'}"
+            assert fenced == holds, f"an ending of {fence} for {op.name} was {'taken' if fenced else 'refused'}"
             if holds:
                 del self.holder[op]
             late |= not fenced
-        self.store.ledger_outcome(request, "late" if late and outcome != "not_sent" else outcome)
+        self.store.ledger_ending(request, "late" if late and ending != "not_sent" else ending)
 
     @precondition(lambda self: self.sent)
     @rule(index=st.integers(0, 9))
@@ -191,7 +191,7 @@ class GateModel(RuleBasedStateMachine):
 
     @rule(taker=st.sampled_from(TAKERS))
     def crash(self, taker: str) -> None:
-        """A taker's process dies; its next life recovers what it held (its outcomes never come)."""
+        """A taker's process dies; its next life recovers what it held (its endings never come)."""
         self.sent = [f for f in self.sent if f.taker != taker]
         self.store.gate_recover(taker)
         self.store.release_leases(taker)

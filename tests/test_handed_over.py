@@ -1,5 +1,5 @@
 """Whether a paid request was handed to the transport is read from its take's wire ticket (spent as it is handed
-over), passed to ``outcome_of`` explicitly: stopped before (waiting for its turn in the rate) it is ``not_sent``
+over), passed to ``ending_of`` explicitly: stopped before (waiting for its turn in the rate) it is ``not_sent``
 and freed; handed over and then lost it is ``in_doubt``."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import API_KEY, body, write_tone
 from watcher.emulator import Emulator
 from watcher.errors import NotSent, RetryLater
-from watcher.pipelines.paid import Taken, outcome_of
+from watcher.pipelines.paid import Taken, ending_of
 from watcher.sending import WireTicket, issue
 from watcher.services.analysis import STREAM_PATH, AnalysisClient
 from watcher.services.http import HttpPolicy
@@ -42,7 +42,7 @@ def test_a_paid_request_stopped_before_the_transport_is_not_sent_and_one_handed_
         assert emu.api.counts()[f"POST {STREAM_PATH}"] == 1
     assert first.wire is not None and first.wire.used
     assert second.wire is not None and not second.wire.used
-    assert outcome_of(TimeoutError(), second) == "not_sent"  # stopped while waiting: provably nothing sent
-    assert outcome_of(RetryLater("stream cut"), first) == "in_doubt"  # handed over, then lost
-    assert outcome_of(NotSent("429"), first) == "not_sent"  # handed over, and provably not processed
-    assert outcome_of(RetryLater("stream cut"), None) == "not_sent"  # no take: nothing was sent on it
+    assert ending_of(TimeoutError(), second) == "not_sent"  # stopped while waiting: provably nothing sent
+    assert ending_of(RetryLater("stream cut"), first) == "in_doubt"  # handed over, then lost
+    assert ending_of(NotSent("429"), first) == "not_sent"  # handed over, and provably not processed
+    assert ending_of(RetryLater("stream cut"), None) == "not_sent"  # no take: nothing was sent on it

@@ -24,7 +24,7 @@ RESULT = StoredResult("key", "key", "1.0", "c-1", {"key": "A", "scale": "minor"}
 
 
 def record(n: int) -> dict[str, object]:
-    return {"kind": "ledger_outcome", "request": n, "outcome": "answered"}
+    return {"kind": "ledger_ending", "request": n, "ending": "answered"}
 
 
 def test_every_append_is_fsynced_and_read_back_after_reopening(tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_a_torn_last_record_after_a_kill_is_ignored_and_cut_off(tmp_path):
         "j = Journal(__import__('pathlib').Path(sys.argv[1]))\n"
         "n = 0\n"
         "while True:\n"
-        "    j.append({'kind': 'ledger_outcome', 'request': n, 'outcome': 'answered', 'pad': 'x' * 500}); n += 1\n"
+        "    j.append({'kind': 'ledger_ending', 'request': n, 'ending': 'answered', 'pad': 'x' * 500}); n += 1\n"
         "    print(n, flush=True) if n == 50 else None\n"
     )
     with subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True) as proc:
@@ -110,7 +110,7 @@ def test_replaying_a_record_twice_leaves_the_same_state(tmp_path):
     fence, request = _taken(store)
     records = [
         encode("save_result", (OP.sha256, OP.service, RESULT, OP, fence), {}),
-        encode("ledger_outcome", (request, "answered"), {}),
+        encode("ledger_ending", (request, "answered"), {}),
     ]
     assert all(apply(store, r) for r in records)
     first = _state(store)
@@ -119,6 +119,20 @@ def test_replaying_a_record_twice_leaves_the_same_state(tmp_path):
         apply(store, r)
     assert _state(store) == first
     assert store.spend_on(utc_day(time.time()))["analysis"]["calls"] == 1
+    store.close()
+
+
+def test_a_record_an_earlier_release_journalled_is_replayed(tmp_path):
+    """A journal written before the vocabulary pass names a paid request's ending ``outcome`` (kind
+    ``ledger_outcome``): a daemon upgraded during an outage replays it as the new name."""
+    store = Store(tmp_path / "w.db")
+    _, request = _taken(store)
+    assert encode("ledger_ending", (request, "not_sent"), {}) == {
+        "kind": "ledger_ending", "request": request, "ending": "not_sent"
+    }
+    assert apply(store, {"kind": "ledger_outcome", "request": request, "outcome": "not_sent"})
+    assert _state(store)[3] == [("not_sent", 2.0)]
+    assert store.spend_on(utc_day(time.time()))["analysis"]["calls"] == 0  # not sent: taken back out of the spend
     store.close()
 
 
@@ -151,7 +165,7 @@ def test_a_locked_sqlite_store_pauses_claims_journals_answers_and_replays_them_f
     other.execute("BEGIN EXCLUSIVE")
     try:
         assert guard.save_result(OP.sha256, OP.service, RESULT, OP, fence) is True
-        assert guard.ledger_outcome(request, "answered") is None
+        assert guard.ledger_ending(request, "answered") is None
         assert guard.claim("analyze", "node-a:1:1") is None
         with pytest.raises(StoreAway):
             guard.set_sha256(1, "cd" * 32)
@@ -201,7 +215,7 @@ def test_the_journal_of_an_earlier_life_is_replayed_before_the_first_call(tmp_pa
     fence, request = _taken(store)
     journal = Journal(tmp_path / "j")
     journal.append(encode("gate_answered", (OP, None), {"fence": fence}))
-    journal.append(encode("ledger_outcome", (request, "answered"), {}))
+    journal.append(encode("ledger_ending", (request, "answered"), {}))
     journal.close()
     guard = OutageGuard(store, Journal(tmp_path / "j"))
     assert guard.next_due("analyze") is None
@@ -240,7 +254,7 @@ def test_while_the_store_is_away_no_call_queues_for_its_thread_and_an_answer_is_
         started = time.monotonic()
         assert await aio.claim("analyze", "node-a:1:1") is None
         await aio.release(claimed, next_attempt_at=0.0)
-        await aio.ledger_outcome(request, "answered")
+        await aio.ledger_ending(request, "answered")
         assert time.monotonic() - started < 0.5  # none of them waited for the store's thread
         other.execute("ROLLBACK")
         await stuck  # it got the lock once it was given back: it only waited

@@ -63,12 +63,12 @@ def test_a_migrated_store_goes_on_in_postgres_and_pays_nothing_again(tmp_path, i
     assert "paid request(s)" in spent
     folder_id = markers.read_marker(inbox)["folder_id"]  # type: ignore[index]
     said: list[str] = []
-    outcome = migrate(settings, pg_url, say=said.append)
-    assert outcome.counts["files"] == 4 and outcome.counts["jobs"] == 8 and outcome.counts["ledger"] >= 4 * 2
-    assert outcome.switched == [str(inbox)] and not outcome.left
+    migrated = migrate(settings, pg_url, say=said.append)
+    assert migrated.counts["files"] == 4 and migrated.counts["jobs"] == 8 and migrated.counts["ledger"] >= 4 * 2
+    assert migrated.switched == [str(inbox)] and not migrated.left
     marker = markers.read_marker(inbox) or {}
-    assert (marker["store"], marker["folder_id"]) == (outcome.store_id, folder_id)
-    assert rows(pg_url, "SELECT COUNT(*) FROM ledger")[0][0] == outcome.counts["ledger"]
+    assert (marker["store"], marker["folder_id"]) == (migrated.store_id, folder_id)
+    assert rows(pg_url, "SELECT COUNT(*) FROM ledger")[0][0] == migrated.counts["ledger"]
     assert any("daemons stopped" in line or "every daemon stopped" in line for line in said)
     pg = on_postgres(settings, pg_url)
     assert spend_text(pg, capsys) == spent  # the ledger intact
@@ -161,5 +161,5 @@ def test_a_copy_that_does_not_verify_is_rolled_back(tmp_path, inbox, emu, run_da
         assert not_empty(conn) is None
     assert rows(pg_url, "SELECT COUNT(*) FROM ledger")[0][0] == 0
     assert (inbox / markers.MARKER).read_bytes() == marker
-    outcome = migrate(settings, pg_url, say=lambda _: None)
-    assert outcome.switched == [str(inbox)]
+    migrated = migrate(settings, pg_url, say=lambda _: None)
+    assert migrated.switched == [str(inbox)]

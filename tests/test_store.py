@@ -437,7 +437,7 @@ def test_retention_forgets_deleted_files_and_keeps_current_ones(store):
 
 def test_one_analysed_files_round_trips_to_sqlite_stay_few(tmp_path):
     """The store work of one analysed file (register, claim, hash, a paid request of three models, each result,
-    the ledger's outcome, the release) is a bounded number of statements, and leaves the same rows as ever."""
+    the ledger's ending, the release) is a bounded number of statements, and leaves the same rows as ever."""
     from watcher.store import Operation
 
     store = Store(tmp_path / "s.db")
@@ -453,7 +453,7 @@ def test_one_analysed_files_round_trips_to_sqlite_stay_few(tmp_path):
     assert [t.verdict for t in tickets] == ["send"] * 3
     for i, (op, ticket) in enumerate(zip(ops, tickets, strict=True)):
         store.save_result("ab" * 32, "remote", StoredResult(f"m{i}", f"m{i}", "1", None, {"x": i}), op, ticket.fence)
-    store.ledger_outcome(tickets[0].request or 0, "answered")
+    store.ledger_ending(tickets[0].request or 0, "answered")
     store.is_live(job)
     store.release(job, state="done")
     store._db.set_trace_callback(None)

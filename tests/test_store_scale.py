@@ -65,7 +65,7 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     yield "gate_answered", lambda: store.gate_answered(op, "audio-1", fence=taken[0].fence)
     models = [Operation("cd" * 32, "analysis http://a account:1", f"analyze:m{i}", "", "reask") for i in range(3)]
     yield "gate_take of three models", lambda: store.gate_take(models, "me:1:1", budget="analysis", seconds=1.0)
-    yield "ledger_outcome", lambda: store.ledger_outcome(1, "answered")
+    yield "ledger_ending", lambda: store.ledger_ending(1, "answered")
     yield "answered_operations", lambda: store.answered_operations(op.sha256, op.service)
     yield "commit", lambda: store.commit(job, step="process", audio_id="audio-1")
     yield "renew", lambda: store.renew([job.id], "me:1:1")

@@ -240,7 +240,7 @@ class App:
         self.events.outcome(outcome)
 
     async def aclose(self) -> None:
-        """Let paid calls in flight record their outcome, finish moves, close clients and the store."""
+        """Let paid calls in flight record their ending, finish moves, close clients and the store."""
         await self.mover.wait()
         for pipeline in self.pipelines.values():
             drain = getattr(pipeline, "drain", None)

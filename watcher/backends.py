@@ -104,9 +104,9 @@ class LocalBackend:
         for spec, r in answer.get("results", {}).items():
             result = ModelResult(spec, r["model_name"], r.get("model_version"), None, r["results"])
             report.results[spec] = result
-            outcome = on_result(result)
-            if outcome is not None:
-                await outcome
+            pending = on_result(result)
+            if pending is not None:
+                await pending
         report.model_errors.update(answer.get("errors", {}))
         return report
 

@@ -57,7 +57,7 @@ class ServiceTotal:
 
 @dataclass
 class DryRunReport:
-    """The outcome of :func:`dry_run`; :meth:`render` gives the text a terminal prints."""
+    """The result of :func:`dry_run`; :meth:`render` gives the text a terminal prints."""
 
     files: list[FileEstimate] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)

@@ -41,8 +41,8 @@ class Subscriber:
     def outcome(self, outcome: Outcome) -> None:
         """A job ran: its new state (pending, in_doubt, or a final one), and its error if any."""
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
-        """A paid request ended (answered, not_sent, in_doubt, partial), covering ``seconds`` of audio."""
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        """A paid request ended (``ending``: answered, not_sent, in_doubt, partial), covering ``seconds`` of audio."""
 
     def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
         """A paid call was not sent because ``budget``'s daily cap would be passed (first time that day)."""
@@ -67,8 +67,8 @@ class Events(Subscriber):
     def outcome(self, outcome: Outcome) -> None:
         self._each("outcome", outcome)
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
-        self._each("paid", budget, operation, outcome, seconds)
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        self._each("paid", budget, operation, ending, seconds)
 
     def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
         log.warning(
@@ -93,8 +93,8 @@ class MetricsEvents(Subscriber):
     def outcome(self, outcome: Outcome) -> None:
         self.metrics.outcome(outcome.job.pipeline, outcome.state)
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
-        self.metrics.paid_call(budget, operation, outcome, seconds)
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        self.metrics.paid_call(budget, operation, ending, seconds)
 
 
 class WebhookEvents(Subscriber):

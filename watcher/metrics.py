@@ -32,7 +32,7 @@ class NullMetrics:
         """``depth`` unfinished jobs wait in ``pipeline``."""
 
     def service_request(self, service: str, seconds: float) -> None:
-        """One request to ``service`` took ``seconds`` (whatever its outcome)."""
+        """One request to ``service`` took ``seconds`` (whatever its code)."""
 
     def service_error(self, service: str, kind: str) -> None:
         """A request to ``service`` failed; ``kind`` is its error code (retry_later, needs_user, rejected)."""
@@ -40,8 +40,9 @@ class NullMetrics:
     def bytes_uploaded(self, service: str, count: int) -> None:
         """``count`` request body bytes were sent to ``service``."""
 
-    def paid_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
-        """A paid request ended (answered, not_sent, in_doubt, partial), covering ``seconds`` of audio."""
+    def paid_call(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        """A paid request of ``budget`` ended (``ending``: answered, not_sent, in_doubt, partial), covering
+        ``seconds`` of audio."""
 
     def loop_lag(self, seconds: float) -> None:
         """How late the event loop last woke up."""
@@ -66,11 +67,11 @@ class NullMetrics:
     def backlog(self, report: Mapping[str, Mapping[str, Any]]) -> None:
         """The backlog per pipeline (see watcher.pace.backlog): waiting, rate per minute, seconds to done."""
 
-    def request(self, service: str, method: str, seconds: float, outcome: str, sent: int) -> None:
-        """The HTTP policy's request observer (watcher.services.http.RequestObserver): outcome "ok" or a code."""
+    def request(self, service: str, method: str, seconds: float, code: str, sent: int) -> None:
+        """The HTTP policy's request observer (watcher.services.http.RequestObserver): ``code``, "ok" or an error."""
         self.service_request(service, seconds)
-        if outcome != "ok":
-            self.service_error(service, outcome)
+        if code != "ok":
+            self.service_error(service, code)
         if sent:
             self.bytes_uploaded(service, sent)
 
@@ -184,10 +185,10 @@ class Metrics(NullMetrics):
             eta = b["eta_seconds"]
             self._backlog["eta_seconds"].labels(pipeline).set(float("nan") if eta is None else eta)
 
-    def paid_call(self, service: str, operation: str, outcome: str, seconds: float) -> None:
-        self._paid.labels(service=service, operation=operation, outcome=outcome).inc()
+    def paid_call(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        self._paid.labels(service=budget, operation=operation, outcome=ending).inc()
         if seconds > 0:
-            self._audio.labels(service=service).inc(seconds)
+            self._audio.labels(service=budget).inc(seconds)
 
     def loop_lag(self, seconds: float) -> None:
         self._lag.set(max(0.0, seconds))

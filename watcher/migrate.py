@@ -56,7 +56,7 @@ Tamper = Callable[[psycopg.Connection[Any]], None]
 
 
 @dataclass
-class Outcome:
+class Migrated:
     """What a migration found and did: rows per table, and the folders handed over (or left alone, and why)."""
 
     counts: dict[str, int]
@@ -68,7 +68,7 @@ class Outcome:
 
 def migrate(
     settings: Settings, url: str, *, dry_run: bool = False, say: Say = print, tamper: Tamper | None = None
-) -> Outcome:
+) -> Migrated:
     """Copy the SQLite store of ``settings`` into the empty PostgreSQL database at ``url`` (see the module);
     ``dry_run``: only count. ``tamper`` (tests) runs on the copy before it is verified."""
     where = redact(url)
@@ -92,7 +92,7 @@ def migrate(
 
 def _migrate(
     settings: Settings, db: Path, url: str, where: str, *, dry_run: bool, say: Say, tamper: Tamper | None
-) -> Outcome:
+) -> Migrated:
     passfile = str(settings.store.passfile) if settings.store.passfile else None
     done = read_json_object(settings.state_dir / MIGRATED)
     if done is not None and not dry_run:
@@ -121,16 +121,16 @@ def _migrate(
             say(f"  {table}: {n} row(s)")
         if dry_run:
             say("dry run: nothing was changed")
-            return Outcome(counts)
+            return Migrated(counts)
         folders = _folder_ids(settings, source, _sqlite_id(settings.state_dir))
         store_id = _copy(url, where, passfile, source, folders, tamper, say)
     finally:
         source.close()
-    outcome = Outcome(counts, store_id)
+    migrated = Migrated(counts, store_id)
     at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     write_json_atomic(settings.state_dir / MIGRATED, {"to": where, "store": store_id, "at": at})
-    _switch(settings, folders, outcome, where, say)
-    return outcome
+    _switch(settings, folders, migrated, where, say)
+    return migrated
 
 
 @contextlib.contextmanager
@@ -374,22 +374,22 @@ def _verify_counts(conn: psycopg.Connection[Any], source: sqlite3.Connection, wh
         )
 
 
-def _switch(settings: Settings, folders: dict[str, tuple[str, bool]], outcome: Outcome, where: str, say: Say) -> None:
+def _switch(settings: Settings, folders: dict[str, tuple[str, bool]], migrated: Migrated, where: str, say: Say) -> None:
     """Hand each of the SQLite store's folders to the new store (keeping its folder ID); say what is left alone."""
     for folder, (_, ours) in sorted(folders.items()):
         if not ours:
             if os.path.isdir(folder):
-                outcome.left[folder] = "not this store's (or not writable): its marker is left as it is"
+                migrated.left[folder] = "not this store's (or not writable): its marker is left as it is"
             continue
         try:
-            markers.adopt(Path(folder), outcome.store_id, settings.store.node_name)
+            markers.adopt(Path(folder), migrated.store_id, settings.store.node_name)
         except OSError as exc:
-            outcome.left[folder] = f"its marker could not be written ({exc.strerror}): `watcher adopt` it"
+            migrated.left[folder] = f"its marker could not be written ({exc.strerror}): `watcher adopt` it"
             continue
-        outcome.switched.append(folder)
-    for folder in outcome.switched:
-        say(f"  {display(folder)}: now owned by {outcome.store_id}")
-    for folder, why in outcome.left.items():
+        migrated.switched.append(folder)
+    for folder in migrated.switched:
+        say(f"  {display(folder)}: now owned by {migrated.store_id}")
+    for folder, why in migrated.left.items():
         say(f"  {display(folder)}: {why}")
     say(
         f'done. Set [store] url = "{where}" in the config of every machine (a password goes in a passfile), then '

@@ -8,7 +8,7 @@ request is handed over; a second request on the same ticket (a retry below the g
 
 A spent ticket is the paid call's record that its request was handed to the transport: a call stopped before
 (waiting for its concurrency slot, its turn in the rate, a Retry-After) left its ticket unused, provably sent
-nothing, and its gate operation is freed rather than held in doubt (:func:`watcher.pipelines.paid.outcome_of`).
+nothing, and its gate operation is freed rather than held in doubt (:func:`watcher.pipelines.paid.ending_of`).
 """
 
 from __future__ import annotations

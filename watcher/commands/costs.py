@@ -110,12 +110,12 @@ SPEND_FIELDS = (
 )  # fmt: skip
 
 
-def _paid(outcome: str) -> str:
+def _paid(ending: str) -> str:
     """Whether the service bills a ledger line: ``yes`` (answered, partly or late), ``no`` (not sent, refused) or
     ``maybe`` (in doubt or still sending: the whole request may have reached it; the invoice tells)."""
-    if outcome in ("not_sent", "refused"):
+    if ending in ("not_sent", "refused"):
         return "no"
-    return "maybe" if outcome in ("in_doubt", "sending") else "yes"
+    return "maybe" if ending in ("in_doubt", "sending") else "yes"
 
 
 def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, Any]]:

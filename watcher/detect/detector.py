@@ -218,17 +218,17 @@ class Detector:
         settled: list[Settled] = []
         for verdict in verdicts:
             path = verdict.candidate.path
-            if verdict.outcome in (Readiness.GONE, Readiness.KNOWN):
+            if verdict.readiness in (Readiness.GONE, Readiness.KNOWN):
                 self._failures.forget(path)  # deleted, or recorded already: an old failure there is history
-            if verdict.outcome == Readiness.GONE:
+            if verdict.readiness == Readiness.GONE:
                 log.info("detect.vanished", path=display(path), next="nothing to do: it was deleted before it settled")
-            elif verdict.outcome == Readiness.SKIPPED:
+            elif verdict.readiness == Readiness.SKIPPED:
                 self._report_failure("detect.skipped", path, verdict.error or "", "not processed")
-            elif verdict.outcome == Readiness.FAILED:
+            elif verdict.readiness == Readiness.FAILED:
                 self._report_failure(
                     "detect.check_failed", path, verdict.error or "", "not processed; the next scan looks again"
                 )
-            elif verdict.outcome == Readiness.READY and verdict.signature is not None:
+            elif verdict.readiness == Readiness.READY and verdict.signature is not None:
                 settled.extend(self._settled(path, verdict.signature, live=verdict.candidate.live))
         await self._record(settled)
         return next_deadline

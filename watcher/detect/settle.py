@@ -71,7 +71,7 @@ class Verdict:
     both leave the candidate list, and a later scan or event brings the path back.
     """
 
-    outcome: Readiness
+    readiness: Readiness
     candidate: Candidate
     signature: Signature | None = None
     error: str | None = None
@@ -184,7 +184,7 @@ class Settler:
             if verdict is None:
                 self._schedule(cand, now + RETRY_SECONDS)
                 continue
-            if verdict.outcome == Readiness.WAITING:
+            if verdict.readiness == Readiness.WAITING:
                 if cand.queued is None:
                     self._schedule(cand, cand.due)
             else:

@@ -24,7 +24,7 @@ from watcher.config.audio_url import without_query
 from watcher.errors import BadInput, FileChanged, NotSent, RetryLater
 from watcher.pipelines.adopt import read_sidecar_results
 from watcher.pipelines.base import SpendObserver, StepResult
-from watcher.pipelines.paid import GateStore, PaidCalls, outcome_of
+from watcher.pipelines.paid import GateStore, PaidCalls, ending_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
 from watcher.store import Fence, FileVersion, Job, Operation, State, Step, StoredResult
@@ -250,7 +250,7 @@ class AnalyzePipeline:
             log.debug("analyze.model_done", path=path, model=answer.model_name)  # analyze.done tells the file's end
 
         body = FileBody(path, Signature(job.file.size, job.file.mtime_ns, job.file.inode), content=checked.content)
-        outcome, why = "answered", "no result in the stream"
+        ending, why = "answered", "no result in the stream"
         try:
             if url is None:
                 report = await self.backend.analyze(body, missing, save)
@@ -259,14 +259,14 @@ class AnalyzePipeline:
         except BaseException as exc:
             # not sent (or stopped while waiting for its turn) or refused: the models are free again, not paid;
             # else the models not received are re-asked by the next run's take
-            outcome = outcome_of(exc, taken)
-            if outcome == "in_doubt" and answered:
-                outcome = "partial"
+            ending = ending_of(exc, taken)
+            if ending == "in_doubt" and answered:
+                ending = "partial"
             why = str(exc) if isinstance(exc, NotSent) else f"{type(exc).__name__}: {exc}"
             raise
         finally:
             if taken is not None and self.paid is not None:
-                await self.paid.finish(taken, answered, outcome, why)
+                await self.paid.finish(taken, answered, ending, why)
         errors = [{"model": None, "message": m} for m in report.errors]
         errors += [{"model": spec, "message": m} for spec, m in report.model_errors.items()]
         if errors:  # written with the step's release, in its one transaction

@@ -25,7 +25,7 @@ from watcher.names import display
 from watcher.pipelines.adopt import record_paid, resume_ids, verified_delivery
 from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.deliver import Deliverer
-from watcher.pipelines.paid import GateStore, PaidCalls, Taken, outcome_of
+from watcher.pipelines.paid import GateStore, PaidCalls, Taken, ending_of
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.processor import Processor
@@ -269,7 +269,7 @@ class ArchivePipeline:
     async def _paid(self, job: Job, op: Operation, call: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """Send one paid request through the gate, or reuse its answer (see watcher.pipelines.paid).
 
-        The request runs as its own task, shielded from the job's cancellation, so its outcome is recorded at
+        The request runs as its own task, shielded from the job's cancellation, so its ending is recorded at
         the gate even when a stop interrupts the job; shutdown waits briefly for such calls (:meth:`drain`).
         """
         seconds = float(job.data.get("charged") or job.data.get("duration") or 0.0)
@@ -289,12 +289,12 @@ class ArchivePipeline:
         try:
             remote_id = await call()
         except BaseException as exc:
-            outcome = outcome_of(exc, taken)
-            if outcome != "in_doubt":
+            ending = ending_of(exc, taken)
+            if ending != "in_doubt":
                 # Provably not done: never connected, 429/503, a body cut short, stopped before it left, or refused
                 # with an answer (4xx): free again, and not paid.
                 await self.paid.finish(
-                    taken, {}, outcome, str(exc) or f"stopped before it was sent ({type(exc).__name__})"
+                    taken, {}, ending, str(exc) or f"stopped before it was sent ({type(exc).__name__})"
                 )
                 raise
             # The whole request may have reached the service and its answer is lost or cannot be read (a 2xx

@@ -30,8 +30,8 @@ class StepResult:
 class SpendObserver(Protocol):
     """Told about every paid call as it ends (metrics, webhooks); must never raise."""
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
-        """One paid request ended: ``outcome`` is answered, not_sent, in_doubt or partial (some models missing)."""
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
+        """One paid request ended: ``ending`` is answered, not_sent, in_doubt or partial (some models missing)."""
         ...
 
     def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
@@ -42,7 +42,7 @@ class SpendObserver(Protocol):
 class NullSpend:
     """Nobody listens."""
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
         return
 
     def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:

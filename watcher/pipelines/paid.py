@@ -38,7 +38,7 @@ log = structlog.get_logger("watcher.paid")
 GateStore = AsyncGate  # the store's gate, asynchronous (watcher.store.aio): the only door paid calls go through
 
 
-def outcome_of(exc: BaseException, taken: Taken | None) -> str:
+def ending_of(exc: BaseException, taken: Taken | None) -> str:
     """How a paid request that raised ``exc`` ended, as the ledger records it; ``taken``: its take, whose wire
     ticket is spent once the request was handed to the transport.
 
@@ -67,8 +67,8 @@ class Taken:
     answered: dict[Operation, str | None] = field(default_factory=dict)
     request: int | None = None  # the ledger line of the request, when something is to be sent
     estimated: bool = False  # ``seconds`` is an upper bound (no duration in the headers)
-    fences: dict[Operation, Fence] = field(default_factory=dict)  # what each sent operation's outcome must name
-    late: bool = False  # an outcome came after this take lost an operation (its lease ran out): recorded `late`
+    fences: dict[Operation, Fence] = field(default_factory=dict)  # what each sent operation's ending must name
+    late: bool = False  # an ending came after this take lost an operation (its lease ran out): recorded `late`
     wire: WireTicket | None = None  # the one request's ticket (spent: the request was handed over)
 
 
@@ -129,7 +129,7 @@ class PaidCalls:
             )
         return taken
 
-    async def finish(self, taken: Taken, results: Mapping[Operation, str | None], outcome: str, why: str) -> None:
+    async def finish(self, taken: Taken, results: Mapping[Operation, str | None], ending: str, why: str) -> None:
         """Record how the request ended: ``results`` holds the operations answered (with the ID to keep, or None
         when it was kept already); the others are free again (``not_sent``, ``refused``) or in doubt / re-asked."""
         if taken.request is None:
@@ -139,7 +139,7 @@ class PaidCalls:
             if op in results:
                 if results[op] is not None:
                     taken.late |= not await self.store.gate_answered(op, results[op], fence=fence)
-            elif outcome in ("not_sent", "refused"):
+            elif ending in ("not_sent", "refused"):
                 # Back to where the take found it: a re-ask or re-send that did not go stays one, so the take that
                 # finally sends it is reported as such (the service may have been paid for it before).
                 back = "reask" if op in taken.resends else "open"
@@ -147,10 +147,10 @@ class PaidCalls:
             else:
                 state = "in_doubt" if op.on_doubt == "hold" else "reask"
                 taken.late |= not await self.store.gate_release(op, state, fence=fence, error=why)
-        if outcome == "answered" and len(results) < len(taken.send):
-            outcome = "partial"
+        if ending == "answered" and len(results) < len(taken.send):
+            ending = "partial"
         # paid, but after its lease ran out: the new holder's state stands
-        if taken.late and outcome not in ("not_sent", "refused"):
+        if taken.late and ending not in ("not_sent", "refused"):
             log.warning(
                 "paid.late",
                 sha256=taken.send[0].sha256 if taken.send else None,
@@ -158,11 +158,11 @@ class PaidCalls:
                 next="this request's lease ran out before it ended; its answer is kept, the operation's new "
                 "holder decides what happens to it",
             )
-            outcome = "late"
-        await self.store.ledger_outcome(taken.request, outcome)
+            ending = "late"
+        await self.store.ledger_ending(taken.request, ending)
         operation = taken.send[0].name.split(":", 1)[0] if taken.send else "?"
-        unpaid = outcome in ("not_sent", "refused")
-        self.spend.paid(self.budget, operation, outcome, 0.0 if unpaid else taken.seconds)
+        unpaid = ending in ("not_sent", "refused")
+        self.spend.paid(self.budget, operation, ending, 0.0 if unpaid else taken.seconds)
 
     def doubt(self, op: Operation, since: float, why: str | None) -> InDoubt:
         """The error that holds a job whose paid request ``op`` may have been done."""

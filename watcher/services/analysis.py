@@ -273,9 +273,9 @@ class AnalysisClient:
                     results=result.get("results"),
                 )
                 report.results[spec] = answer
-                outcome = on_result(answer)
-                if inspect.isawaitable(outcome):
-                    await outcome
+                told = on_result(answer)
+                if inspect.isawaitable(told):
+                    await told
             elif status == "error":
                 message = str(event.get("error") or "unspecified error")
                 report.errors.append(message)

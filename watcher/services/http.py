@@ -91,7 +91,7 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-# (service, method, seconds, outcome, bytes sent): outcome is "ok" or an error code. Must not raise.
+# (service, method, seconds, code, bytes sent): code is "ok" or an error code. Must not raise.
 RequestObserver = Callable[[str, str, float, str, int], None]
 Classify = Callable[["httpx.Response"], None]
 _STARTED = "watcher.started"
@@ -216,16 +216,16 @@ class ServiceHTTP:
     async def _on_response(self, response: httpx.Response) -> None:
         """Every answer's status, time to headers and bytes sent, told to the observer (metrics)."""
         request = response.request
-        outcome = code_of(response.status_code)
-        sent = int(request.headers.get("Content-Length") or 0) if outcome == "ok" else 0
-        self._observe(request.method, request.extensions.get(_STARTED), outcome, sent)
+        code = code_of(response.status_code)
+        sent = int(request.headers.get("Content-Length") or 0) if code == "ok" else 0
+        self._observe(request.method, request.extensions.get(_STARTED), code, sent)
 
-    def _observe(self, method: str, started: float | None, outcome: str, sent: int) -> None:
+    def _observe(self, method: str, started: float | None, code: str, sent: int) -> None:
         if self.observer is None:
             return
         seconds = time.monotonic() - started if started is not None else 0.0
         with contextlib.suppress(Exception):
-            self.observer(self.service, method, seconds, outcome, sent)
+            self.observer(self.service, method, seconds, code, sent)
 
     def _backoff_hook(self, exc: BaseException) -> bool | float:
         """stamina hook: retry only RetryLater; honour a short Retry-After, hand long ones to the store."""

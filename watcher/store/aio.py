@@ -60,7 +60,7 @@ class AsyncJobs(Protocol):
 
 
 class AsyncGate(Protocol):
-    """The gate as paid calls use it (watcher.pipelines.paid): take, answered, released, the ledger's outcome."""
+    """The gate as paid calls use it (watcher.pipelines.paid): take, answered, released, the ledger's ending."""
 
     async def gate_take(
         self,
@@ -80,7 +80,7 @@ class AsyncGate(Protocol):
 
     async def gate_release(self, op: Operation, state: str, *, fence: Fence, error: str | None = None) -> bool: ...
 
-    async def ledger_outcome(self, request: int, outcome: str) -> None: ...
+    async def ledger_ending(self, request: int, ending: str) -> None: ...
 
 
 class AsyncStore:
@@ -247,8 +247,8 @@ class AsyncStore:
     async def gate_adopt(self, op: Operation, result: str) -> bool:
         return await self.call(self.sync.gate_adopt, op, result)
 
-    async def ledger_outcome(self, request: int, outcome: str) -> None:
-        await self.call(self.sync.ledger_outcome, request, outcome)
+    async def ledger_ending(self, request: int, ending: str) -> None:
+        await self.call(self.sync.ledger_ending, request, ending)
 
     async def ledger_settle(self, sha256: str, seconds: float) -> int:
         return await self.call(self.sync.ledger_settle, sha256, seconds)

@@ -152,7 +152,7 @@ def _fence(fence: Fence | None) -> list[Any] | None:
 
 
 def encode(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """One paid outcome call as a journal record (the call's own arguments, named)."""
+    """One paid answer call as a journal record (the call's own arguments, named)."""
     if name == "gate_answered":
         op, result = args[0], (args[1] if len(args) > 1 else kwargs.get("result"))
         return {"kind": name, "op": _op(op), "result": result, "fence": _fence(kwargs["fence"])}
@@ -183,8 +183,8 @@ def encode(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str
             "op": None if op is None else _op(op),
             "fence": _fence(fence),
         }
-    request, outcome = args
-    return {"kind": name, "request": request, "outcome": outcome}
+    request, ending = args
+    return {"kind": name, "request": request, "ending": ending}
 
 
 def apply(store: Any, record: dict[str, Any]) -> bool:
@@ -198,5 +198,6 @@ def apply(store: Any, record: dict[str, Any]) -> bool:
         return bool(store.gate_release(op, record["state"], fence=fence, error=record["error"]))
     if kind == "save_result":
         return bool(store.save_result(record["sha256"], record["backend"], StoredResult(*record["result"]), op, fence))
-    store.ledger_outcome(record["request"], record["outcome"])
+    # a journal an earlier release wrote says ledger_outcome and outcome: replayed the same
+    store.ledger_ending(record["request"], record["ending"] if "ending" in record else record["outcome"])
     return True

@@ -143,7 +143,7 @@ class Operation:
 @dataclass(frozen=True)
 class Fence:
     """Which take holds an operation: its holder and the operation's generation (grown by every take). Every
-    outcome names it; one from a take that lost the operation (its lease ran out) is late and changes nothing
+    ending names it; one from a take that lost the operation (its lease ran out) is late and changes nothing
     the operation's new holder owns."""
 
     holder: str
@@ -166,7 +166,7 @@ class Ticket:
     first_cap: bool = False  # capped: the first refusal today for this budget
     spent_seconds: float = 0.0  # capped: audio seconds spent today
     cap_seconds: float | None = None
-    fence: Fence | None = None  # send: what this take's outcome must name (see Fence)
+    fence: Fence | None = None  # send: what this take's ending must name (see Fence)
 
 
 @dataclass

@@ -4,13 +4,13 @@ When the store counts as away is watcher.store.away's :func:`unavailable` (Postg
 SQLite locked, read-only or out of disk); any other error is the caller's, as before. While the store is away:
 
 - claims pause (``claim`` and ``next_due`` answer "nothing"), leases are not renewed, upkeep is skipped;
-- a paid answer (``gate_answered``, ``gate_release``, ``save_result``, ``ledger_outcome``) the store does not take
+- a paid answer (``gate_answered``, ``gate_release``, ``save_result``, ``ledger_ending``) the store does not take
   within ``answer_seconds`` goes to the journal (watcher.store.journal) and counts as kept; a job's ``release`` is
   held in memory; any other call raises :class:`StoreAway` (a Deferred: the job waits, no attempt counted);
 - no new paid call starts (``gate_take``) while an answer could not be written anywhere, or the journal is full.
 
 The store is tried again after a growing pause (1 s, doubling, at most ``retry_max``). Before any call goes through
-again, the journal is replayed into the store (each outcome with the fence its take was given, so a late one
+again, the journal is replayed into the store (each ending with the fence its take was given, so a late one
 changes nothing), then the held releases: only then is anything claimed. Replay is idempotent: a record applied
 twice (a kill between replay and clearing the journal, or a slow call that landed after it was journalled) leaves
 the same state. watcher.store.outage_aio applies the same rules on the event loop's side of the asynchronous port.
@@ -41,7 +41,7 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 2.0
 ANSWER_SECONDS = 1.0
 REMIND_EVERY = 30.0  # seconds between two log lines saying the store is still unreachable
-JOURNALLED = ("gate_answered", "gate_release", "save_result", "ledger_outcome")
+JOURNALLED = ("gate_answered", "gate_release", "save_result", "ledger_ending")
 # upkeep skipped while the store is away, and what it answers then
 UPKEEP: dict[str, Any] = {"renew": None, "heartbeat": None, "set_folder_health": None, "prune": 0, "next_due": None}
 
@@ -292,7 +292,7 @@ class OutageGuard:
                     raise
                 self.failed(exc)
         self.keep(name, args, kwargs)
-        return None if name == "ledger_outcome" else True
+        return None if name == "ledger_ending" else True
 
     def away(self) -> StoreAway:
         """The error a caller gets instead of waiting for the store."""

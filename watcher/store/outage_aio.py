@@ -92,7 +92,7 @@ class OutageStore(AsyncStore):
         outage = self.outage
         if name in JOURNALLED:
             await asyncio.to_thread(outage.keep, name, args, kwargs)
-            return None if name == "ledger_outcome" else True
+            return None if name == "ledger_ending" else True
         if name == "claim":
             return None
         if name == "release":

@@ -6,7 +6,7 @@ detector's sink); this module names the whole contract once, grouped by who need
 keep, whatever its database: a claim leases a job to one owner; commits and releases are refused
 (LeaseLost) once the lease is lost or the job superseded; the gate's take is one transaction under a
 unique key per operation, so no two takers can both send; a cap is checked in the same transaction; an
-operation's outcome is a compare-and-set on the fence its take was given, so a late one changes nothing.
+operation's ending is a compare-and-set on the fence its take was given, so a late one changes nothing.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Gate(Protocol):
 
     def gate_recover(self, holder: str | None = None) -> int: ...
 
-    def ledger_outcome(self, request: int, outcome: str) -> None: ...
+    def ledger_ending(self, request: int, ending: str) -> None: ...
 
     def ledger_settle(self, sha256: str, seconds: float) -> int: ...
 

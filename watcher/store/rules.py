@@ -20,7 +20,7 @@ from watcher.errors import ConfigError
 from watcher.store.models import Fence, FileVersion, Job, Operation, State, Step, Ticket
 
 WAIT_SECONDS = 1.0  # a taker told to wait looks again this much later
-UNPAID = ("not_sent", "refused")  # ledger outcomes that cost nothing: taken back out of the day's spend
+UNPAID = ("not_sent", "refused")  # ledger endings that cost nothing: taken back out of the day's spend
 
 # A request whose sender died mid-call (a crash, a kill, the OOM killer) is asked again at most this many times;
 # the next such death holds it in doubt: a file that stops the daemon must not be paid for at every restart.

@@ -87,13 +87,13 @@ class LiveEvents(Subscriber):
             }
         )
 
-    def paid(self, budget: str, operation: str, outcome: str, seconds: float) -> None:
+    def paid(self, budget: str, operation: str, ending: str, seconds: float) -> None:
         self.publish(
             {
                 "type": "spend",
                 "service": budget,
                 "operation": operation,
-                "outcome": outcome,
+                "outcome": ending,
                 "seconds": round(seconds, 1),
             }
         )

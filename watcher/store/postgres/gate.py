@@ -284,17 +284,17 @@ class PgGateMixin(_Base):
 
         return int(self._run(go))
 
-    def ledger_outcome(self, request: int, outcome: str) -> None:
+    def ledger_ending(self, request: int, ending: str) -> None:
         """Record how a request ended; one not paid (UNPAID: not sent, refused) is taken back out of the spend."""
 
         def go(db: psycopg.Connection[Any]) -> None:
-            if outcome not in UNPAID:
-                db.execute("UPDATE ledger SET outcome=%s WHERE id=%s AND outcome<>%s", (outcome, request, outcome))
+            if ending not in UNPAID:
+                db.execute("UPDATE ledger SET outcome=%s WHERE id=%s AND outcome<>%s", (ending, request, ending))
                 return
             row = db.execute(
                 "UPDATE ledger SET outcome=%s WHERE id=%s AND outcome NOT IN ('not_sent', 'refused') "
                 "RETURNING seconds, day, service",
-                (outcome, request),
+                (ending, request),
             ).fetchone()
             if row is not None:  # it was spent before: the update changed it
                 db.execute(

@@ -279,7 +279,7 @@ FENCE = (
     " AND state NOT IN ('superseded', 'gone')"
 )
 KEY_WHERE = "sha256=%s AND service=%s AND operation=%s AND params=%s"
-# An operation's outcome changes it only while the take that sent it still holds it (see watcher.store.sqlite.gate).
+# An operation's ending changes it only while the take that sent it still holds it (see watcher.store.sqlite.gate).
 OP_FENCED = " AND state='sending' AND holder=%s AND generation=%s"
 OP_UNHELD = " AND state IN ('open', 'reask', 'in_doubt')"
 TERMINAL_STATES = tuple(sorted(TERMINAL))

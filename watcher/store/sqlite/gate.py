@@ -18,12 +18,12 @@ States of an operation::
 Each take is one ledger line: the request's operations, its content and endpoint, the audio seconds charged
 (``estimated`` when the headers gave no duration: an upper bound, settled later to the real one), whether it is a
 ``first`` send, a ``reask`` (models asked again after a stream that did not answer them all) or a ``resend``
-(an in-doubt request sent again), and its outcome: ``answered``, ``partial``, ``in_doubt``, or not paid at all:
+(an in-doubt request sent again), and its ending: ``answered``, ``partial``, ``in_doubt``, or not paid at all:
 ``not_sent`` (provably never reached the service) and ``refused`` (the service said no before any work, e.g.
 401/403/422): those two are taken back out of the day's spend.
 
 Every take grows the operation's ``generation`` and hands its :class:`Fence` (holder, generation) out with the
-ticket; an outcome (answered, released) is a compare-and-set on that fence. An outcome whose take lost the
+ticket; an ending (answered, released) is a compare-and-set on that fence. An ending whose take lost the
 operation (its lease ran out while it stalled, and the operation was recovered or taken again) is *late*: its
 ledger line says ``late``, a paid answer is kept by content (results; an ID is adopted when nobody holds the
 operation, else kept beside it in ``late_result`` for the holder whose answer gets lost), and nothing the new
@@ -266,17 +266,17 @@ class GateMixin(_Base):
             adopt_late(db, op, now)
             return bool(cur.rowcount)
 
-    def ledger_outcome(self, request: int, outcome: str) -> None:
+    def ledger_ending(self, request: int, ending: str) -> None:
         """Record how a request ended (answered, partial, in_doubt, not_sent, refused); one not paid (UNPAID) is
         taken back out of the day's spend, once."""
-        if outcome not in UNPAID:  # nothing else to change: one statement is the transaction
-            self._write("UPDATE ledger SET outcome=? WHERE id=? AND outcome<>?", (outcome, request, outcome))
+        if ending not in UNPAID:  # nothing else to change: one statement is the transaction
+            self._write("UPDATE ledger SET outcome=? WHERE id=? AND outcome<>?", (ending, request, ending))
             return
         with self._tx() as db:
             row = db.execute(
                 "UPDATE ledger SET outcome=? WHERE id=? AND outcome NOT IN ('not_sent', 'refused') "
                 "RETURNING seconds, day, service",
-                (outcome, request),
+                (ending, request),
             ).fetchone()
             if row is not None:  # it was spent before: the update changed it
                 db.execute(
