@@ -83,6 +83,22 @@ def test_daemon_adapters_feed_the_same_metrics(served):
     assert sample(text, 'watcher_queue_depth{pipeline="archive"}') == 0.0, "an emptied pipeline shows 0"
 
 
+def test_paid_requests_are_scraped_under_the_new_names_and_the_deprecated_ones(served):
+    """A paid request is counted per budget and ending, and (until 0.4.0) under the earlier names and labels,
+    per service and outcome, with the same values."""
+    metrics, url = served
+    metrics.paid_call("processing", "upload", "answered", 90.0)
+    metrics.paid_call("processing", "upload", "not_sent", 0.0)
+    text = httpx.get(url, timeout=5).text
+    new = 'watcher_paid_requests_total{budget="processing",ending="%s",operation="upload"}'
+    old = 'watcher_paid_calls_total{operation="upload",outcome="%s",service="processing"}'
+    for ending in ("answered", "not_sent"):
+        assert sample(text, new % ending) == sample(text, old % ending) == 1.0
+    assert sample(text, 'watcher_paid_audio_seconds_total{budget="processing"}') == 90.0
+    assert sample(text, 'watcher_audio_seconds_total{service="processing"}') == 90.0
+    assert "Deprecated (removed in 0.4.0)" in text
+
+
 def test_two_instances_keep_their_own_counts():
     """Each Metrics has its own registry, so two in one process count separately."""
     a, b = Metrics(), Metrics()

@@ -248,6 +248,8 @@ def test_status_on_any_node_shows_every_node_and_the_holder(tmp_path, inbox, emu
         report = json.loads(out.stdout)
         assert {n["name"] for n in report["nodes"]} == {"a", "b"}
         assert all(n["version"] and n["last_heartbeat"] for n in report["nodes"])
+        assert report["schema_version"] >= 2
+        assert all(n["holder"] == n["owner"] and n["holder"].startswith(n["name"]) for n in report["nodes"])
         held = [j for f in report["files"] for j in f["jobs"].values() if j.get("node")]
         assert held and {j["node"] for j in held} <= {"a", "b"}
         assert "password" not in out.stdout

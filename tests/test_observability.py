@@ -112,8 +112,13 @@ def test_in_doubt_and_cap_reach_webhooks_and_metrics(tmp_path, inbox, run_daemon
     assert "answer was lost" in doubt[0]["error"] and doubt[0]["pipeline"] == "archive"
     (capped,) = [b for b in events if b["event"] == "spend.capped"]  # once a day, however many files wait
     assert capped["service"] == "analysis" and capped["cap_minutes"] == pytest.approx(0.5 / 60, abs=0.01)
+    assert capped["budget"] == "analysis"  # service is its deprecated name, given until 0.4.0
     assert capped["resumes_at"].endswith("T00:00:00Z")
     assert 'watcher_paid_calls_total{operation="master",outcome="in_doubt",service="processing"} 1.0' in text
     assert 'watcher_paid_calls_total{operation="upload",outcome="answered",service="processing"}' in text
     assert 'watcher_paid_calls_total{operation="analyze",outcome="answered",service="analysis"} 1.0' in text
     assert 'watcher_audio_seconds_total{service="analysis"} 0.4' in text
+    # the same counts under the new names (the ones above are deprecated, served until 0.4.0)
+    assert 'watcher_paid_requests_total{budget="processing",ending="in_doubt",operation="master"} 1.0' in text
+    assert 'watcher_paid_requests_total{budget="analysis",ending="answered",operation="analyze"} 1.0' in text
+    assert 'watcher_paid_audio_seconds_total{budget="analysis"} 0.4' in text

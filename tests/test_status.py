@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from watcher.status import collect, render
+from watcher.status import SCHEMA_VERSION, collect, render
 from watcher.store import Operation, Store
 
 
@@ -83,3 +83,29 @@ def test_the_brief_report_reads_open_files_and_first_problems_only(tmp_path):
     assert len(report["problems"]) == SHOWN_FILES + 1
     text = render(report)
     assert "backlog:" in text and "analyze: 7 waiting" in text and "... and more" in text
+
+
+class _SharedStore(Store):
+    """A SQLite store answering ``nodes()`` as a shared one does (PostgreSQL's adapter names a lease's holder
+    ``owner``)."""
+
+    def nodes(self) -> list[dict[str, object]]:
+        return [{"name": "a", "version": "0.2.0", "last_heartbeat": 1700000000.0, "jobs_held": 1, "owner": "a:1:2"}]
+
+
+def test_the_json_has_a_schema_version_and_gives_renamed_keys_under_both_names(tmp_path):
+    """`status --json` says its schema version (an integer); a key the vocabulary pass renamed is given under its
+    new name and, until 0.4.0, its old one (nodes[].holder and nodes[].owner), in the report and when the store is
+    unreachable."""
+    from watcher.commands.reports import unreachable_report
+    from watcher.config import Settings
+
+    store = _SharedStore(tmp_path / "w.db")
+    try:
+        report = collect(store, state_dir="/state")
+    finally:
+        store.close()
+    assert report["schema_version"] == SCHEMA_VERSION and isinstance(SCHEMA_VERSION, int) and SCHEMA_VERSION >= 2
+    assert [(n["holder"], n["owner"]) for n in report["nodes"]] == [("a:1:2", "a:1:2")]
+    down = unreachable_report(Settings(state_dir=tmp_path), {"unreachable_since": None}, None)
+    assert down["schema_version"] == SCHEMA_VERSION

@@ -343,6 +343,10 @@ def test_event_stream_tells_of_a_file_from_settled_to_done(page: Page, inbox: Pa
     assert kinds[0] == "settled" and seen[0][1]["path"] == str(inbox / "live.wav")
     assert {m["pipeline"] for e, m in seen if e == "done"} == {"analyze", "archive"}
     assert "spend" in kinds  # the paid calls of the archive pipeline
+    spent = [m for e, m in seen if e == "spend"]
+    assert {m["budget"] for m in spent} >= {"processing"}  # service and outcome: deprecated names, until 0.4.0
+    assert all(m["budget"] == m["service"] and m["ending"] == m["outcome"] for m in spent)
+    assert {m["ending"] for m in spent} <= {"answered", "partial", "in_doubt", "late", "not_sent", "refused"}
 
 
 def test_audio_is_served_with_ranges_only_from_watched_and_output_folders(

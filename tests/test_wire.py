@@ -269,7 +269,10 @@ def test_watcher_spend_exports_the_period_to_hold_against_the_invoice(tmp_path, 
     done = cli(tmp_path, "spend", "--from", today, "--to", today, "--csv")
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(io.StringIO(done.stdout)))
-    assert [(r["outcome"], r["paid"]) for r in rows] == [("not_sent", "no"), ("answered", "yes")]
+    assert [(r["ending"], r["paid"]) for r in rows] == [("not_sent", "no"), ("answered", "yes")]
+    # budget and ending are appended; service and outcome keep their places until 0.4.0 (deprecated)
+    assert done.stdout.splitlines()[0].endswith(",kind,outcome,paid,budget,ending")
+    assert all((r["budget"], r["ending"]) == (r["service"], r["outcome"]) == ("analysis", r["ending"]) for r in rows)
     paid = [r for r in rows if r["paid"] == "yes"]
     assert [float(r["seconds"]) for r in paid] == [c.seconds for c in emu.bill()]
     assert [r["account"] for r in paid] == [c.account.removeprefix("account:") for c in emu.bill()]  # per invoice

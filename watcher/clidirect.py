@@ -33,7 +33,7 @@ def cmd_spend(settings: Settings, first: str, last: str, *, as_csv: bool) -> int
     totals: dict[tuple[str, str], dict[str, float]] = {}
     for line in lines:
         counts = dict.fromkeys(("yes", "maybe", "no", "s", "e", "m"), 0.0)  # requests by paid; seconds
-        total = totals.setdefault((line["day"], line["service"]), counts)
+        total = totals.setdefault((line["day"], line["budget"]), counts)
         total[line["paid"]] += 1
         if line["paid"] == "yes":
             total["s"] += line["seconds"]

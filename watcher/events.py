@@ -73,7 +73,8 @@ class Events(Subscriber):
     def capped(self, budget: str, spent_seconds: float, cap_seconds: float, until: float) -> None:
         log.warning(
             "spend.capped",
-            service=budget,
+            budget=budget,
+            service=budget,  # deprecated: the same as budget, until 0.4.0
             minutes_today=round(spent_seconds / 60, 2),
             cap_minutes=round(cap_seconds / 60, 2),
             next=f"no paid {budget} call is sent until {iso(until)}; files wait, nothing is lost",
@@ -135,7 +136,8 @@ class WebhookEvents(Subscriber):
             self.sender.send_nowait(
                 "spend.capped",
                 {
-                    "service": budget,
+                    "budget": budget,
+                    "service": budget,  # deprecated: the same as budget, until 0.4.0
                     "minutes_today": round(spent_seconds / 60, 2),
                     "cap_minutes": round(cap_seconds / 60, 2),
                     "resumes_at": iso(until),

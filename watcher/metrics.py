@@ -118,15 +118,7 @@ class Metrics(NullMetrics):
         self._uploaded = prom.Counter(
             "watcher_bytes_uploaded", "Request body bytes sent, per service", ["service"], registry=r
         )
-        self._paid = prom.Counter(
-            "watcher_paid_calls",
-            "Paid requests, per service, operation and outcome",
-            ["service", "operation", "outcome"],
-            registry=r,
-        )
-        self._audio = prom.Counter(
-            "watcher_audio_seconds", "Audio seconds covered by paid requests, per service", ["service"], registry=r
-        )
+        self._paid, self._audio, self._paid_old, self._audio_old = self._paid_counters(prom, r)
         self._lag = prom.Gauge("watcher_loop_lag_seconds", "How late the event loop last woke up", registry=r)
         self._rate = prom.Gauge(
             "watcher_service_rate",
@@ -143,6 +135,37 @@ class Metrics(NullMetrics):
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
+
+    @staticmethod
+    def _paid_counters(prom: Any, r: Any) -> tuple[Any, Any, Any, Any]:
+        """Paid requests per budget, operation and ending, and their audio seconds per budget; then the same two
+        under their deprecated names and labels (service, outcome), served with the same values until 0.4.0."""
+        return (
+            prom.Counter(
+                "watcher_paid_requests",
+                "Paid requests, per budget, operation and ending",
+                ["budget", "operation", "ending"],
+                registry=r,
+            ),
+            prom.Counter(
+                "watcher_paid_audio_seconds",
+                "Audio seconds covered by paid requests, per budget",
+                ["budget"],
+                registry=r,
+            ),
+            prom.Counter(
+                "watcher_paid_calls",
+                "Deprecated (removed in 0.4.0): watcher_paid_requests_total{budget,operation,ending}",
+                ["service", "operation", "outcome"],
+                registry=r,
+            ),
+            prom.Counter(
+                "watcher_audio_seconds",
+                "Deprecated (removed in 0.4.0): watcher_paid_audio_seconds_total{budget}",
+                ["service"],
+                registry=r,
+            ),
+        )
 
     @staticmethod
     def _backlog_gauges(prom: Any, r: Any) -> dict[str, Any]:
@@ -186,9 +209,11 @@ class Metrics(NullMetrics):
             self._backlog["eta_seconds"].labels(pipeline).set(float("nan") if eta is None else eta)
 
     def paid_call(self, budget: str, operation: str, ending: str, seconds: float) -> None:
-        self._paid.labels(service=budget, operation=operation, outcome=ending).inc()
+        self._paid.labels(budget=budget, operation=operation, ending=ending).inc()
+        self._paid_old.labels(service=budget, operation=operation, outcome=ending).inc()
         if seconds > 0:
-            self._audio.labels(service=budget).inc(seconds)
+            self._audio.labels(budget=budget).inc(seconds)
+            self._audio_old.labels(service=budget).inc(seconds)
 
     def loop_lag(self, seconds: float) -> None:
         self._lag.set(max(0.0, seconds))

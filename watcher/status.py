@@ -14,6 +14,10 @@ from watcher.pace import backlog, caps_of, describe
 from watcher.store import TERMINAL, Job, Listed, Problem, State, utc_day
 
 SHOWN_FILES = 40
+# The shape of `watcher status --json`, raised when a key is renamed or removed (an added key does not raise it).
+# 2: the vocabulary pass renamed nodes[].owner to nodes[].holder; the old name is still given until 0.4.0.
+SCHEMA_VERSION = 2
+RENAMED_NODE_KEYS = {"owner": "holder"}  # old -> new: both are given for one release (deprecated in 0.3.0)
 
 
 class StatusSource(Protocol):
@@ -70,6 +74,7 @@ def collect(
         files, in_doubt, adopted = _files(store.jobs_of_current())
         problems = store.problems()
     return {
+        "schema_version": SCHEMA_VERSION,
         "version": __version__,
         "state_dir": state_dir,
         "daemon": daemon,
@@ -106,7 +111,17 @@ def collect_for(
 
 def _nodes(store: StatusSource) -> list[dict[str, Any]]:
     """Every machine using a shared store (name, version, last heartbeat, jobs held); none for SQLite."""
-    return [{**n, "last_heartbeat": _iso(n["last_heartbeat"])} for n in store.nodes()]
+    return [renamed({**n, "last_heartbeat": _iso(n["last_heartbeat"])}, RENAMED_NODE_KEYS) for n in store.nodes()]
+
+
+def renamed(entry: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    """``entry`` with each renamed key (``renames``: old -> new) under its new name and, for scripts written
+    against an earlier release, under its old one too."""
+    out = dict(entry)
+    for old, new in renames.items():
+        if new in out or old in out:
+            out[new] = out[old] = out[new] if new in out else out[old]
+    return out
 
 
 def node_of(owner: str) -> str:

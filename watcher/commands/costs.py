@@ -106,8 +106,10 @@ def dry_run(settings: Settings, paths: Sequence[Path]) -> Any:
 
 SPEND_FIELDS = (
     "day", "at", "service", "endpoint", "account", "operation", "sha256", "models", "seconds", "estimated", "kind",
-    "outcome", "paid",
+    "outcome", "paid", "budget", "ending",
 )  # fmt: skip
+# budget and ending are appended (the columns before keep their places); service and outcome, the same values
+# under their earlier names, are deprecated and go in 0.4.0.
 
 
 def _paid(ending: str) -> str:
@@ -150,6 +152,8 @@ def spend(settings: Settings, first_day: str, last_day: str) -> list[dict[str, A
             "kind": line["kind"],
             "outcome": line["outcome"],
             "paid": _paid(line["outcome"]),
+            "budget": line["service"],  # the ledger's columns keep their names: service, outcome
+            "ending": line["outcome"],
         }
         for line in lines
     ]

@@ -40,8 +40,10 @@ def status(settings: Settings, *, daemon: dict[str, Any] | None = None, brief: b
 def unreachable_report(settings: Settings, outage: dict[str, Any], daemon: dict[str, Any] | None) -> dict[str, Any]:
     """The status document while the daemon's store is unreachable: the outage, and nothing the store would say."""
     from watcher import __version__
+    from watcher.status import SCHEMA_VERSION
 
     return {
+        "schema_version": SCHEMA_VERSION,
         "version": __version__,
         "state_dir": str(settings.state_dir),
         "daemon": daemon,

@@ -91,8 +91,10 @@ class LiveEvents(Subscriber):
         self.publish(
             {
                 "type": "spend",
-                "service": budget,
+                "budget": budget,
                 "operation": operation,
+                "ending": ending,
+                "service": budget,  # deprecated names of budget and ending, until 0.4.0
                 "outcome": ending,
                 "seconds": round(seconds, 1),
             }
@@ -102,7 +104,8 @@ class LiveEvents(Subscriber):
         self.publish(
             {
                 "type": "capped",
-                "service": budget,
+                "budget": budget,
+                "service": budget,  # deprecated: the same as budget, until 0.4.0
                 "minutes_today": round(spent_seconds / 60, 2),
                 "cap_minutes": round(cap_seconds / 60, 2),
                 "until": round(until),
