@@ -57,7 +57,7 @@ def test_odd_names_never_break_a_log_line(tmp_path, fmt):
         try:
             raise OSError(f"cannot open {odd}")
         except OSError:
-            log.exception("stage.failed", path=odd)
+            log.exception("step.failed", path=odd)
     text = (tmp_path / "log").read_bytes().decode("utf-8")  # strict: the file is valid UTF-8
     assert text.count("/in/caf\\xe9\\x0anext.wav") >= 3 or text.count("/in/caf\\\\xe9\\\\x0anext.wav") >= 3
     if fmt == "json":

@@ -24,7 +24,7 @@ SECRET = "hook-secret-7f3a"
 PAYLOAD = {
     "path": "/srv/audio/inbox/take 1.wav",
     "pipeline": "analyze",
-    "stage": "done",
+    "state": "done",
     "error": None,
     "sidecar": "/srv/audio/inbox/take 1.wav.analysis.json",
 }

@@ -1,4 +1,4 @@
-"""The analysis backends the analyze stage can use, and the choice between them (``backend = "auto"``).
+"""The analysis backends the analyze step can use, and the choice between them (``backend = "auto"``).
 
 ``remote`` streams to the analysis service; ``local`` computes key, tempo and loudness with Essentia in a
 process pool (the optional ``local`` extra). ``auto`` takes remote when an API key is configured, else local.

@@ -87,7 +87,7 @@ def _work_commands(sub: Any) -> None:
 
 def _control_commands(sub: Any) -> None:
     """`status`, `retry`, `doctor`, `pause`, `resume` and `emulate`: the commands around the work."""
-    status = sub.add_parser("status", help="counts per stage and every file that failed, with its reason")
+    status = sub.add_parser("status", help="counts per state and every file that failed, with its reason")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--all", action="store_true", help="list every file, not only those in progress")
 

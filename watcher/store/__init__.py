@@ -5,7 +5,7 @@
 One row per file version (path, size, mtime, inode, content hash), one job per version and pipeline
 (``analyze``, ``archive``) with its step, state, attempts, next attempt, lease and last error,
 a content-addressed cache of analysis results, and the gate every paid operation passes (with its spend
-ledger). Stages use it through claim (with a lease), commit and release, and the gate; it knows nothing of
+ledger). Steps use it through claim (with a lease), commit and release, and the gate; it knows nothing of
 the services.
 """
 
