@@ -84,7 +84,7 @@ async def run(root: Path, files: list[Path]) -> None:
     await sink.ready_many([Settled(folder, str(f), f.name, signature(f)) for f in files])  # one detector check's batch
 
     async def worker() -> None:
-        while (job := await aio.claim("analyze", runner.owner)) is not None:
+        while (job := await aio.claim("analyze", runner.holder)) is not None:
             await runner.run_job(pipeline, job)
 
     await asyncio.gather(*(worker() for _ in range(WORKERS)))

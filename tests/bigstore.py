@@ -29,7 +29,7 @@ _STATE = f"CASE WHEN {_DUE} OR {_LEASED} OR {_LATER} THEN 'pending' ELSE 'done' 
 _NEXT = (
     f"CASE WHEN {_DUE} OR {_LEASED} THEN {{now}} - 60 + i / 1e6 WHEN {_LATER} THEN {{now}} + 3600 + i % 1000 ELSE 0 END"
 )
-_OWNER = f"CASE WHEN {_LEASED} THEN '{ELSEWHERE}' END"
+_HOLDER = f"CASE WHEN {_LEASED} THEN '{ELSEWHERE}' END"
 _UNTIL = f"CASE WHEN {_LEASED} THEN {{now}} + 600 END"
 
 
@@ -59,7 +59,7 @@ def fill_sqlite(path: Path, n: int, now: float) -> None:
             "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < ?) "
             "INSERT INTO jobs (id, file_id, pipeline, step, state, next_attempt_at, lease_owner, lease_until, "
             "updated_at) "
-            f"SELECT i, (i + 1) / 2, {_PIPELINE}, {_STEP}, {_STATE}, {_NEXT.format(now=now)}, {_OWNER}, "
+            f"SELECT i, (i + 1) / 2, {_PIPELINE}, {_STEP}, {_STATE}, {_NEXT.format(now=now)}, {_HOLDER}, "
             f"{_UNTIL.format(now=now)}, {now} FROM s",
             (n,),
         )
@@ -96,7 +96,7 @@ def fill_postgres(url: str, n: int, now: float) -> None:
             db.execute(
                 "INSERT INTO jobs (id, file_id, pipeline, step, state, next_attempt_at, lease_owner, lease_until, "
                 "updated_at) "
-                f"SELECT i, (i + 1) / 2, {_PIPELINE}, {_STEP}, {_STATE}, {_NEXT.format(now=now)}, {_OWNER}, "
+                f"SELECT i, (i + 1) / 2, {_PIPELINE}, {_STEP}, {_STATE}, {_NEXT.format(now=now)}, {_HOLDER}, "
                 f"{_UNTIL.format(now=now)}, {now} FROM generate_series(1, {int(n)}) AS s(i)",
             )
             db.execute(RECOUNT_POSTGRES)

@@ -49,8 +49,8 @@ def ledger(store: Any) -> list[tuple[int, str]]:
     return [(r["id"], r["outcome"]) for r in store._all(sql)]
 
 
-def take(store: Any, op: Operation, owner: str, **kw: Any) -> Any:
-    return store.gate_take([op], owner, budget="processing", seconds=10.0, **kw)[0]
+def take(store: Any, op: Operation, holder: str, **kw: Any) -> Any:
+    return store.gate_take([op], holder, budget="processing", seconds=10.0, **kw)[0]
 
 
 # -- finding 3: a holder whose lease ran out reports late ----------------------------------------------------
@@ -113,16 +113,16 @@ def test_a_re_ask_that_was_not_sent_stays_a_re_ask(store):
     goes is reported as a re-ask, since the first stream may have been billed for those models too. Found by the
     bill check of the chaos test: the not-sent re-ask reopened the models as new, and their next take said `first`."""
     paid = Paid(store, "analysis")
-    owner = "a:1:1@" + "a" * 16
+    holder = "a:1:1@" + "a" * 16
     key, bpm = (Operation(SHA, "analysis http://y account:2", f"analyze:{m}", "", "reask") for m in ("key", "bpm"))
-    first = store.gate_take([key, bpm], owner, budget="analysis", seconds=5)
+    first = store.gate_take([key, bpm], holder, budget="analysis", seconds=5)
     cut = Taken(first, 5.0, send=[key, bpm], request=first[0].request, fences={k.op: k.fence for k in first})
     paid.finish(cut, {key: None}, "answered", "the stream ended before finished")  # bpm is to be re-asked
-    (again,) = store.gate_take([bpm], owner, budget="analysis", seconds=5)
+    (again,) = store.gate_take([bpm], holder, budget="analysis", seconds=5)
     assert (again.verdict, again.resend) == ("send", True)
     not_sent = Taken([again], 5.0, send=[bpm], resends=[bpm], request=again.request, fences={bpm: again.fence})
     paid.finish(not_sent, {}, "not_sent", "HTTP 429")
-    (last,) = store.gate_take([bpm], owner, budget="analysis", seconds=5)
+    (last,) = store.gate_take([bpm], holder, budget="analysis", seconds=5)
     assert (last.verdict, last.resend) == ("send", True)
     today = utc_day(time.time())
     kinds = [(line["kind"], line["outcome"]) for line in store.ledger_lines(today, today)]
@@ -265,7 +265,7 @@ def _beating(url: str, name: str) -> bool:
 
 def test_a_cloned_machine_with_the_same_node_name_exits_2_naming_the_name(tmp_path, pg_url):
     """A real second daemon under a live daemon's node name exits with 2 (a configuration error: systemd's unit
-    does not restart it) and says which name and when its owner last beat; the first one keeps running."""
+    does not restart it) and says which name and when its holder last beat; the first one keeps running."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     with Emulator(analysis_key=API_KEY, use_local=False) as emu:

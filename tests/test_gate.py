@@ -19,10 +19,10 @@ MASTER = Operation(SHA, "processing http://x account:1", "master", "p2", "hold")
 KEY = Operation(SHA, "analysis http://y account:2", "analyze:key", "", "reask")
 
 
-def take(store: Store, op: Operation, owner: str, **kw):
+def take(store: Store, op: Operation, holder: str, **kw):
     kw.setdefault("budget", "processing")
     kw.setdefault("seconds", 10.0)
-    return store.gate_take([op], owner, **kw)[0]
+    return store.gate_take([op], holder, **kw)[0]
 
 
 def test_second_taker_waits_then_reads_the_answer(store):

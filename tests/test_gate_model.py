@@ -195,7 +195,7 @@ class GateModel(RuleBasedStateMachine):
         self.sent = [f for f in self.sent if f.taker != taker]
         self.store.gate_recover(taker)
         self.store.release_leases(taker)
-        self.claimed = [(j, end) for j, end in self.claimed if j.owner != taker]
+        self.claimed = [(j, end) for j, end in self.claimed if j.holder != taker]
         self.holder = {op: held for op, held in self.holder.items() if held[0].holder != taker}
 
     @rule(seconds=st.sampled_from([LEASE / 2, LEASE + 1]))

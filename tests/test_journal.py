@@ -263,7 +263,7 @@ def test_while_the_store_is_away_no_call_queues_for_its_thread_and_an_answer_is_
         while job is None and time.monotonic() < deadline:
             job = await aio.claim("analyze", "node-b:1:1")
             await asyncio.sleep(0.1)  # sleep-ok: the pace of a claimer's polls
-        assert job is not None and job.id == claimed.id and job.owner == "node-b:1:1"
+        assert job is not None and job.id == claimed.id and job.holder == "node-b:1:1"
         await aio.aclose()
 
     try:

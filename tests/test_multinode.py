@@ -281,7 +281,7 @@ def test_a_node_clock_stepped_ten_minutes_forward_or_back_takes_no_lease_early(p
         job = honest.claim("analyze", "honest:1:1@0000000000000001", lease=30)
         assert job is not None
         op = Operation("ab" * 32, "analysis http://x account:1", "analyze:key", "", "reask")
-        assert honest.gate_take([op], job.owner or "", budget="analysis", seconds=1)[0].verdict == "send"
+        assert honest.gate_take([op], job.holder or "", budget="analysis", seconds=1)[0].verdict == "send"
         step[0] = 600.0  # an NTP step, a resumed VM: ten minutes forward
         mine = stepped.claim("analyze", "stepped:1:1@0000000000000002", lease=30)
         assert mine is not None and mine.id != job.id, "the live job was taken"
@@ -293,7 +293,7 @@ def test_a_node_clock_stepped_ten_minutes_forward_or_back_takes_no_lease_early(p
         assert stepped.next_due("analyze") == pytest.approx(time.time() + 600 + 30, abs=5)  # honest's lease ends
         step[0] = -600.0  # and ten minutes back
         assert honest.claim("analyze", "honest:1:1@0000000000000001", lease=30) is None  # b.wav waits its backoff
-        honest.renew([job.id], job.owner or "", lease=-1)  # the honest node dies: its lease runs out
+        honest.renew([job.id], job.holder or "", lease=-1)  # the honest node dies: its lease runs out
         late = stepped.claim("analyze", "stepped:1:1@0000000000000002", lease=30)
         assert late is not None and late.id == job.id
         assert honest.claim("analyze", "honest:2:2@0000000000000001", lease=30) is None, "a lease taken early"

@@ -239,9 +239,9 @@ def test_a_lease_that_ran_out_while_the_server_was_down_is_not_taken_over_at_onc
         store.close()
 
 
-def _take_or_none(store, op, owner):
+def _take_or_none(store, op, holder):
     try:
-        return store.gate_take([op], owner, budget="analysis", seconds=5)[0]
+        return store.gate_take([op], holder, budget="analysis", seconds=5)[0]
     except Exception:
         return None
 

@@ -166,7 +166,7 @@ class App:
             retry=settings.retry,
             on_outcome=self._outcome,
             rehint=self._rehint,
-            owner=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}@{self.node_id}",
+            holder=f"{settings.store.node_name}:{os.getpid()}:{time.time():.0f}@{self.node_id}",
             lease=settings.store.lease_seconds if settings.store.url else LEASE,
         )
         self.sink = StoreSink(aio, pipelines, self.runner.wake, events)

@@ -195,11 +195,11 @@ def _input_text(f: FileEstimate) -> str:
 
 
 def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str | None, FolderConfig]]:
-    """Each candidate file with None, or with why it is not work, and its folder; folders walked with their
-    owner's filters."""
+    """Each candidate file with None, or with why it is not work, and its folder; folders walked with the
+    filters of the configured folder they lie in."""
     for raw in paths:
         path = Path(os.path.abspath(raw))
-        folder = _owner(settings, path)
+        folder = _folder_of(settings, path)
         path_filter = PathFilter(folder.include, folder.exclude, settings.own_dirs(folder))
         if path.is_dir():
             start = str(path) if path != folder.path else None
@@ -213,11 +213,11 @@ def _files(settings: Settings, paths: Sequence[Path]) -> Iterator[tuple[str, str
             yield str(path), "does not exist", folder
 
 
-def _owner(settings: Settings, path: Path) -> FolderConfig:
+def _folder_of(settings: Settings, path: Path) -> FolderConfig:
     """The configured folder ``path`` is in (the deepest), else default options rooted at it (or its parent)."""
-    owner = settings.folder_for(path)
-    if owner is not None:
-        return owner
+    configured = settings.folder_for(path)
+    if configured is not None:
+        return configured
     return FolderConfig(path=path) if path.is_dir() else FolderConfig(path=path.parent, recursive=False)
 
 

@@ -122,7 +122,7 @@ class Housekeeping(Subscriber):
         refuses a start under a name another live node answers to (ConfigError)."""
         use_node(app.node_id)
         await app.aio.claim_node_name(app.settings.store.node_name, app.node_id)
-        released, doubtful = await app.aio.release_node(app.node_id, app.runner.owner)
+        released, doubtful = await app.aio.release_node(app.node_id, app.runner.holder)
         if released:
             log.info("daemon.resumed", jobs=released, next="resuming work interrupted by the last stop")
         if doubtful:
@@ -194,7 +194,7 @@ class Housekeeping(Subscriber):
             await self.prune(app)
             await app.aio.heartbeat(
                 app.settings.store.node_name,
-                owner=app.runner.owner,
+                holder=app.runner.holder,
                 version=__version__,
                 folders=[str(f) for f in app.folders],
             )

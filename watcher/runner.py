@@ -74,7 +74,7 @@ class Runner:
         retry: RetryConfig,
         on_outcome: OutcomeHook = lambda o: None,
         rehint: Callable[[str], None] = lambda path: None,
-        owner: str | None = None,
+        holder: str | None = None,
         lease: float = LEASE,
         look_every: tuple[float, float] = LOOK_EVERY,
     ) -> None:
@@ -85,7 +85,7 @@ class Runner:
         self.retry = retry
         self.on_outcome = on_outcome
         self.rehint = rehint
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
         self._wake = {name: asyncio.Event() for name in self.pipelines}
         self._paused_until: dict[str, float] = {}  # service -> until when its pipelines pause
         self.look_every = look_every  # seconds (a random pick between the two) an idle lookout waits between looks
@@ -143,7 +143,7 @@ class Runner:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.lease / 4)
-            await self.store.renew(list(self.running), self.owner, lease=self.lease)
+            await self.store.renew(list(self.running), self.holder, lease=self.lease)
 
     def pause_service(self, service: str, until: float = math.inf) -> None:
         """Claim no job of ``service``'s pipelines until ``until`` (a Unix time; by default until resumed)."""
@@ -179,7 +179,7 @@ class Runner:
             wake.clear()
             now = time.time()
             paused = self._paused(pipeline)
-            job = None if paused > now else await self.store.claim(pipeline.name, self.owner, lease=self.lease)
+            job = None if paused > now else await self.store.claim(pipeline.name, self.holder, lease=self.lease)
             if job is None:
                 due = await self.store.next_due(pipeline.name)
                 lookout = self._lookout.setdefault(pipeline.name, me) is me

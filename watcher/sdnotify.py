@@ -123,8 +123,8 @@ class SystemdNotifier:
 
 def watchdog_usec_from_environ(env: Mapping[str, str], pid: int) -> int | None:
     """WATCHDOG_USEC when it is meant for process ``pid`` (WATCHDOG_PID absent or equal), else None."""
-    owner = env.get("WATCHDOG_PID")
-    if owner and owner.strip() != str(pid):
+    meant_for = env.get("WATCHDOG_PID")
+    if meant_for and meant_for.strip() != str(pid):
         return None
     try:
         usec = int(env.get("WATCHDOG_USEC", ""))

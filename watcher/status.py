@@ -124,9 +124,9 @@ def renamed(entry: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def node_of(owner: str) -> str:
-    """The node name in a lease owner (``node:pid:started``)."""
-    return owner.rsplit(":", 2)[0]
+def node_of(holder: str) -> str:
+    """The node name in a lease holder (``node:pid:started``)."""
+    return holder.rsplit(":", 2)[0]
 
 
 def _folders(store: StatusSource, configured: list[str]) -> list[dict[str, Any]]:
@@ -168,8 +168,8 @@ def _files(jobs: Iterable[Job]) -> tuple[list[dict[str, Any]], list[dict[str, An
 def job_info(job: Job) -> dict[str, Any]:
     """One job as the report shows it: state, step, node, error, doubt, versions and the paths it wrote."""
     info: dict[str, Any] = {"state": job.state, "step": job.step}
-    if job.holder:  # a shared store names the node holding the job's lease
-        info["node"] = node_of(job.holder)
+    if job.seen_holder:  # a shared store names the node holding the job's lease
+        info["node"] = node_of(job.seen_holder)
     if job.last_error:
         info["error"] = job.last_error
     if job.state == State.IN_DOUBT:

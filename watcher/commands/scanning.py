@@ -38,7 +38,7 @@ async def scan(
     try:
         use_node(app.node_id)
         app.store.claim_node_name(settings.store.node_name, app.node_id)  # refused while a live node has the name
-        app.store.release_node(app.node_id, app.runner.owner)  # a shared store: take back only our own
+        app.store.release_node(app.node_id, app.runner.holder)  # a shared store: take back only our own
         # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
         folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
         detector = app.make_detector(folders)
@@ -149,14 +149,14 @@ def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[Folder
         path = Path(os.path.abspath(raw))
         if not path.exists():
             raise ConfigError(f"{path} does not exist")
-        owner = settings.folder_for(path)
+        configured = settings.folder_for(path)
         if path.is_dir():
-            folder = owner if owner is not None and owner.path == path else FolderConfig(path=path)
-            if owner is not None and folder is not owner:
-                folder = owner.model_copy(update={"path": path})
+            folder = configured if configured is not None and configured.path == path else FolderConfig(path=path)
+            if configured is not None and folder is not configured:
+                folder = configured.model_copy(update={"path": path})
             folders[str(folder.path)] = folder
         else:
-            folder = owner or FolderConfig(path=path.parent, recursive=False)
+            folder = configured or FolderConfig(path=path.parent, recursive=False)
             folders.setdefault(str(folder.path), folder)
             files.append(path)
     return list(folders.values()), files

@@ -94,8 +94,8 @@ class Settings(BaseSettings):
 
     def folder_for(self, path: Path) -> FolderConfig | None:
         """The configured folder ``path`` is in, or is (the deepest one), or None."""
-        owners = [f for f in self.folders if path.is_relative_to(f.path)]
-        return max(owners, key=lambda f: len(f.path.parts)) if owners else None
+        containing = [f for f in self.folders if path.is_relative_to(f.path)]
+        return max(containing, key=lambda f: len(f.path.parts)) if containing else None
 
     def audio_url_template_for(self, folder: FolderConfig) -> str:
         """The folder's audio URL template: its own when set, else [analysis]'s; "" when its bytes are sent."""
@@ -110,8 +110,8 @@ class Settings(BaseSettings):
     def audio_url_for(self, folder: str, rel_path: str) -> str | None:
         """The URL the analysis service fetches the file at ``rel_path`` in the watched ``folder`` from, or None
         when the file's bytes are sent (no template for that folder)."""
-        owner = self.folder_for(Path(folder))
-        template = self.audio_url_template_for(owner) if owner is not None else self.analysis.audio_url_template
+        options = self.folder_for(Path(folder))
+        template = self.audio_url_template_for(options) if options is not None else self.analysis.audio_url_template
         return expand(template, folder, rel_path) if template else None
 
     def own_dirs(self, folder: FolderConfig) -> list[str]:

@@ -94,10 +94,10 @@ class PaidCalls:
         """Take the operations of one request covering ``seconds`` of audio (``estimated``: an upper bound); raises
         when nothing may be sent now and not everything was answered already (Deferred: wait or capped; InDoubt:
         held). When something may be sent, this task holds the wire ticket for exactly that one request."""
-        assert job.owner is not None, "a paid request needs a claimed job"
+        assert job.holder is not None, "a paid request needs a claimed job"
         tickets = await self.store.gate_take(
             list(ops),
-            job.owner,
+            job.holder,
             budget=self.budget,
             seconds=seconds,
             cap_seconds=self.cap_seconds,

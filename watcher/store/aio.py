@@ -41,7 +41,7 @@ async def unguarded(name: str, call: Callable[[], Awaitable[T]]) -> T:
 class AsyncJobs(Protocol):
     """The runner's part: claim with a lease, release, renew, and when work falls due."""
 
-    async def claim(self, pipeline: str, owner: str, *, lease: float = 600.0) -> Job | None: ...
+    async def claim(self, pipeline: str, holder: str, *, lease: float = 600.0) -> Job | None: ...
 
     async def release(
         self,
@@ -54,7 +54,7 @@ class AsyncJobs(Protocol):
         error_code: str | None = None,
     ) -> None: ...
 
-    async def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None: ...
+    async def renew(self, job_ids: Iterable[int], holder: str, *, lease: float = 600.0) -> None: ...
 
     async def next_due(self, pipeline: str) -> float | None: ...
 
@@ -65,7 +65,7 @@ class AsyncGate(Protocol):
     async def gate_take(
         self,
         ops: Sequence[Operation],
-        owner: str,
+        holder: str,
         *,
         budget: str,
         seconds: float,
@@ -100,7 +100,7 @@ class AsyncStore:
         return await self.guard(name, lambda: loop.run_in_executor(self._executor, bound))
 
     async def aclose(self, *, close_store: bool = True) -> None:
-        """Let the calls under way end, then close the store (unless its owner closes it). Calls still waiting on a
+        """Let the calls under way end, then close the store (unless its caller closes it). Calls still waiting on a
         store that does not answer after ``CLOSE_PATIENCE`` seconds are ended by closing it under them (each gets
         an error nobody waits for any more): a stop during an outage does not wait out their 30 s deadlines."""
         ended = asyncio.ensure_future(asyncio.to_thread(self._executor.shutdown, wait=True))
@@ -156,8 +156,8 @@ class AsyncStore:
 
     # -- jobs -------------------------------------------------------------------------------------------------
 
-    async def claim(self, pipeline: str, owner: str, *, lease: float = 600.0) -> Job | None:
-        return await self.call(self.sync.claim, pipeline, owner, lease=lease)
+    async def claim(self, pipeline: str, holder: str, *, lease: float = 600.0) -> Job | None:
+        return await self.call(self.sync.claim, pipeline, holder, lease=lease)
 
     async def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None:
         await self.call(self.sync.commit, job, step=step, **data)
@@ -185,8 +185,8 @@ class AsyncStore:
     async def is_live(self, job: Job) -> bool:
         return await self.call(self.sync.is_live, job)
 
-    async def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
-        await self.call(self.sync.renew, list(job_ids), owner, lease=lease)
+    async def renew(self, job_ids: Iterable[int], holder: str, *, lease: float = 600.0) -> None:
+        await self.call(self.sync.renew, list(job_ids), holder, lease=lease)
 
     async def next_due(self, pipeline: str) -> float | None:
         return await self.call(self.sync.next_due, pipeline)
@@ -212,7 +212,7 @@ class AsyncStore:
     async def gate_take(
         self,
         ops: Sequence[Operation],
-        owner: str,
+        holder: str,
         *,
         budget: str,
         seconds: float,
@@ -225,7 +225,7 @@ class AsyncStore:
         return await self.call(
             self.sync.gate_take,
             ops,
-            owner,
+            holder,
             budget=budget,
             seconds=seconds,
             cap_seconds=cap_seconds,
@@ -279,8 +279,8 @@ class AsyncStore:
     async def release_node(self, node_id: str, keep: str) -> tuple[int, int]:
         return await self.call(self.sync.release_node, node_id, keep)
 
-    async def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
-        await self.call(self.sync.heartbeat, name, owner=owner, version=version, folders=list(folders))
+    async def heartbeat(self, name: str, *, holder: str, version: str, folders: Sequence[str] = ()) -> None:
+        await self.call(self.sync.heartbeat, name, holder=holder, version=version, folders=list(folders))
 
 
 if TYPE_CHECKING:  # mypy checks both adapters against the whole port, and this port against its consumers' parts

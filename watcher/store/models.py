@@ -100,9 +100,9 @@ class Job:
     file: FileVersion
     last_error: str | None = None
     error_code: str | None = None
-    owner: str | None = None  # who holds the lease: commits and releases by anyone else are refused
+    holder: str | None = None  # who holds the lease: commits and releases by anyone else are refused
     claim: int | None = None  # which claim of it this is (grown by each): an older claim's changes are refused
-    holder: str | None = None  # whose lease holds it now, as a shared store reports it (status names the node)
+    seen_holder: str | None = None  # whose lease holds it now, as a shared store reports it (status names the node)
 
     def given_back(self, state: State, step: Step | None, *, count_attempt: bool) -> None:
         """Update this copy as a store's ``release`` records it (both adapters call this first)."""

@@ -314,12 +314,12 @@ class OutageGuard:
         call.__name__ = name  # the asynchronous port and its guard know a call by its name
         return call
 
-    def claim(self, pipeline: str, owner: str, **kwargs: Any) -> Job | None:
+    def claim(self, pipeline: str, holder: str, **kwargs: Any) -> Job | None:
         """A due job, or None (also while the store is away: claims pause)."""
         if not self._open():
             return None
         try:
-            job: Job | None = self._store.claim(pipeline, owner, **kwargs)
+            job: Job | None = self._store.claim(pipeline, holder, **kwargs)
         except Exception as exc:
             if not unavailable(exc):
                 raise
@@ -373,12 +373,12 @@ class OutageGuard:
                 self.failed(exc)
         return dict(self._counts)
 
-    def gate_take(self, ops: Any, owner: str, **kwargs: Any) -> Any:
+    def gate_take(self, ops: Any, holder: str, **kwargs: Any) -> Any:
         """The gate's take; refused (the job waits) while an answer could not be recorded or the journal is full."""
         if self._unrecorded or self.journal.full:
             why = "answers wait in memory for the store" if self._unrecorded else "the outage journal is full"
             raise StoreAway(f"no new paid call: {why}", until=time.time() + RETRY_FIRST)
-        return self._call("gate_take", self._store.gate_take, (ops, owner), kwargs)
+        return self._call("gate_take", self._store.gate_take, (ops, holder), kwargs)
 
     def close(self) -> None:
         """Close the journal and the store (what the journal holds waits for the next start)."""

@@ -3,7 +3,7 @@
 Consumers declare the small part they use (the runner's JobQueue, each pipeline's store Protocol, the
 detector's sink); this module names the whole contract once, grouped by who needs it, and
 ``tests/test_store.py`` and ``tests/test_gate.py`` check every adapter against it. Guarantees an adapter must
-keep, whatever its database: a claim leases a job to one owner; commits and releases are refused
+keep, whatever its database: a claim leases a job to one holder; commits and releases are refused
 (LeaseLost) once the lease is lost or the job superseded; the gate's take is one transaction under a
 unique key per operation, so no two takers can both send; a cap is checked in the same transaction; an
 operation's ending is a compare-and-set on the fence its take was given, so a late one changes nothing.
@@ -67,7 +67,7 @@ class Registry(Protocol):
 class Jobs(Protocol):
     """Claim with a lease, commit, release: the runner's and the pipelines' way to move a job on."""
 
-    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
+    def claim(self, pipeline: str, holder: str, *, lease: float = 600.0, now: float | None = None) -> Job | None: ...
 
     def commit(self, job: Job, *, step: Step | None = None, **data: Any) -> None: ...
 
@@ -85,9 +85,9 @@ class Jobs(Protocol):
 
     def is_live(self, job: Job) -> bool: ...
 
-    def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None: ...
+    def renew(self, job_ids: Iterable[int], holder: str, *, lease: float = 600.0) -> None: ...
 
-    def release_leases(self, owner: str | None = None) -> int: ...
+    def release_leases(self, holder: str | None = None) -> int: ...
 
     def next_due(self, pipeline: str) -> float | None: ...
 
@@ -112,7 +112,7 @@ class Gate(Protocol):
     def gate_take(
         self,
         ops: Sequence[Operation],
-        owner: str,
+        holder: str,
         *,
         budget: str,
         seconds: float,
@@ -230,7 +230,7 @@ class Nodes(Protocol):
         """Whether another node still beats (None: the store cannot tell)."""
         ...
 
-    def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
+    def heartbeat(self, name: str, *, holder: str, version: str, folders: Sequence[str] = ()) -> None:
         """This node is alive (`watcher status` lists the nodes)."""
         ...
 

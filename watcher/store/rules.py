@@ -189,10 +189,10 @@ def capped_tickets(
     }
 
 
-def sent_tickets(takeable: Sequence[Takeable], owner: str, request: int) -> dict[int, Ticket]:
+def sent_tickets(takeable: Sequence[Takeable], holder: str, request: int) -> dict[int, Ticket]:
     """The answer to every operation a take took: send it, under the ledger line ``request``, fenced."""
     return {
-        i: Ticket(Verdict.SEND, op, resend=resend, request=request, fence=Fence(owner, generation))
+        i: Ticket(Verdict.SEND, op, resend=resend, request=request, fence=Fence(holder, generation))
         for i, op, resend, generation in takeable
     }
 
@@ -206,8 +206,8 @@ def fence_args(fence: Fence) -> tuple[str, int]:
 
 
 def job_fence(job: Job) -> tuple[str | None, int | None, int | None]:
-    """The arguments of a job's fence condition: its lease owner and its claim twice (None: any claim)."""
-    return (job.owner, job.claim, job.claim)
+    """The arguments of a job's fence condition: its lease holder and its claim twice (None: any claim)."""
+    return (job.holder, job.claim, job.claim)
 
 
 def fenced(rowcount: int, job: Job) -> None:

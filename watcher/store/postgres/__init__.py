@@ -7,7 +7,7 @@ Design (see README "Several machines"):
   the next claim: there is no sweeper. The node's own clock never decides a lease: a ``next_attempt_at`` it passes
   is turned into a delay from its own now, and due times handed back are delays added to its own now, so a node
   whose clock is off or stepped neither steals leases nor starves.
-- A node is the ID in its state folder (lease owners end with ``@<node ID>``); its name is for people, and one
+- A node is the ID in its state folder (lease holders end with ``@<node ID>``); its name is for people, and one
   name belongs to one live node at a time (:meth:`PostgresStore.claim_node_name`).
 - The gate's take is one transaction under ``operations``' primary key, with the day's ``spend`` row locked
   (``SELECT ... FOR UPDATE``), so two nodes never both send one operation and a cap is never passed.

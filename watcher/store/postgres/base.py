@@ -101,7 +101,7 @@ class PgBase:
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, attempts: int = 3) -> T:
         """``fn`` in one transaction; a connection lost before commit (a partition, pg_terminate_backend, a
         restart) is retried on a fresh connection while the call is young. A commit whose answer was lost may run
-        twice: every caller is idempotent or fenced (a second claim by the same owner, a take that then waits on
+        twice: every caller is idempotent or fenced (a second claim by the same holder, a take that then waits on
         itself). StoreUnavailable once the database cannot answer (each try is bounded: see ``pool``)."""
         started = time.monotonic()
         for attempt in range(attempts):
@@ -228,7 +228,7 @@ class PgBase:
 
     def _job(self, row: dict[str, Any]) -> Job:
         job = job_of(row, self._version(row))
-        job.holder = row.get("lease_owner") if row.get("lease_until") else None
+        job.seen_holder = row.get("lease_owner") if row.get("lease_until") else None
         return job
 
 

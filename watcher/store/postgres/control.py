@@ -242,20 +242,20 @@ class PgControlMixin(_Base):
                 "(a cloned machine: also remove its state folder's node-id)"
             )
 
-    def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
-        """This node is alive: its name, the lease owner it claims as, its version (database clock)."""
+    def heartbeat(self, name: str, *, holder: str, version: str, folders: Sequence[str] = ()) -> None:
+        """This node is alive: its name, the lease holder it claims as, its version (database clock)."""
         self._run(
             lambda db: db.execute(
                 "INSERT INTO nodes (name, owner, version, started_at, heartbeat_at, folders) "
                 f"VALUES (%s, %s, %s, {NOW}, {NOW}, %s) ON CONFLICT (name) DO UPDATE SET owner=excluded.owner, "
                 "version=excluded.version, heartbeat_at=excluded.heartbeat_at, folders=excluded.folders, "
                 "started_at=CASE WHEN nodes.owner=excluded.owner THEN nodes.started_at ELSE excluded.started_at END",
-                (name, owner, version, json.dumps(list(folders))),
+                (name, holder, version, json.dumps(list(folders))),
             )
         )
 
     def release_node(self, node_id: str, keep: str) -> tuple[int, int]:
-        """At a node's start: what its earlier lives held (owners ending ``@<node_id>``, exactly that ID, other than
+        """At a node's start: what its earlier lives held (holders ending ``@<node_id>``, exactly that ID, other than
         ``keep``) is given back (jobs) or marked in doubt / to re-ask (operations in flight). (jobs, operations).
         Another node's leases are never touched, whatever its name."""
         mine = "split_part({col}, '@', -1) = %(node)s AND {col} <> %(keep)s"

@@ -58,7 +58,7 @@ class PgGateMixin(_Base):
     def gate_take(
         self,
         ops: Sequence[Operation],
-        owner: str,
+        holder: str,
         *,
         budget: str,
         seconds: float,
@@ -104,12 +104,12 @@ class PgGateMixin(_Base):
                     tickets[i] = ticket
             if free:
                 charged = self._charge(
-                    db, free, budget, seconds, cap_seconds, at, local_now, owner, estimated=estimated
+                    db, free, budget, seconds, cap_seconds, at, local_now, holder, estimated=estimated
                 )
                 tickets.update(charged)
                 request = charged[free[0][0]].request
                 if request is not None:  # within the cap: taken
-                    self._take(db, free, owner, at + lease, take, request, at)
+                    self._take(db, free, holder, at + lease, take, request, at)
             return [tickets[i] for i in range(len(ops))]
 
         return self._run(go)
@@ -150,7 +150,7 @@ class PgGateMixin(_Base):
         cap_seconds: float | None,
         at: float,
         local_now: float,
-        owner: str,
+        holder: str,
         *,
         estimated: bool,
     ) -> dict[int, Ticket]:
@@ -190,13 +190,13 @@ class PgGateMixin(_Base):
                 (at, day, budget, names, sha256, seconds, models, kind, estimated, endpoint),
             ).fetchone()
         )["id"]
-        return sent_tickets(free, owner, int(request))
+        return sent_tickets(free, holder, int(request))
 
     @staticmethod
     def _take(
-        db: psycopg.Connection[Any], free: list[Takeable], owner: str, until: float, take: str, request: int, at: float
+        db: psycopg.Connection[Any], free: list[Takeable], holder: str, until: float, take: str, request: int, at: float
     ) -> None:
-        """Take every operation of a charged request: ``sending``, held by ``owner`` until ``until``, its
+        """Take every operation of a charged request: ``sending``, held by ``holder`` until ``until``, its
         generation grown (the fence its ticket names), under the request's ledger line."""
         by_doubt: dict[str, set[tuple[str, str, str, str]]] = {}
         for _, op, _, _ in free:
@@ -206,7 +206,7 @@ class PgGateMixin(_Base):
                 "UPDATE operations SET state='sending', on_doubt=%s, holder=%s, lease_until=%s, sends=sends+1, "
                 "generation=generation+1, take_id=%s, request=%s, "
                 f"error=NULL, since=NULL, updated_at=%s WHERE {_any_key(len(keys))}",
-                [on_doubt, owner, until, take, request, at, *(v for key in sorted(keys) for v in key)],
+                [on_doubt, holder, until, take, request, at, *(v for key in sorted(keys) for v in key)],
             )
 
     def gate_answered(self, op: Operation, result: str | None = None, *, fence: Fence) -> bool:

@@ -135,13 +135,13 @@ class PgJobsMixin(_Base):
 
     # -- jobs -----------------------------------------------------------------------------------------
 
-    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
+    def claim(self, pipeline: str, holder: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
         """Take the most overdue pending job whose lease is free or expired in claim order (see store.lanes), leased
-        to ``owner``. Due times and leases are the database's clock (``now``, for tests only, stands for what it
+        to ``holder``. Due times and leases are the database's clock (``now``, for tests only, stands for what it
         reads; a node's own clock is never used: it may be stepped). Each lane is read through its partial index:
         the cost follows the due."""
         mine = "" if self._mine is None else "AND f.folder_id = ANY(%(mine)s) "
-        args = {"pipeline": pipeline, "owner": owner, "lease": lease, "mine": self._mine, "at": now}
+        args = {"pipeline": pipeline, "holder": holder, "lease": lease, "mine": self._mine, "at": now}
         at = f"COALESCE(%(at)s::float8, {NOW})"
         lanes = self._order.lanes(pipeline)
         orders = {lane: self._order.order(pipeline, lane) for lane in lanes}
@@ -162,7 +162,7 @@ class PgJobsMixin(_Base):
             else:
                 return None
             db.execute(
-                f"UPDATE jobs SET lease_owner=%(owner)s, lease_until={at} + %(lease)s, claims=claims+1, "
+                f"UPDATE jobs SET lease_owner=%(holder)s, lease_until={at} + %(lease)s, claims=claims+1, "
                 f"updated_at={at} WHERE id=%(id)s",
                 {**args, "id": row["id"]},
             )
@@ -174,7 +174,7 @@ class PgJobsMixin(_Base):
         lane, row = got_one
         self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
-        job.owner = owner
+        job.holder = holder
         job.claim = int(row["claims"])
         return job
 
@@ -232,35 +232,35 @@ class PgJobsMixin(_Base):
             )
         )
         fenced(n, job)
-        job.owner = None
+        job.holder = None
 
     def is_live(self, job: Job) -> bool:
         """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
         return self._one("SELECT 1 FROM jobs WHERE id=%s" + FENCE, (job.id, *job_fence(job))) is not None
 
-    def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
-        """Extend the leases ``owner`` holds on these jobs and on the operations it is sending (database clock)."""
+    def renew(self, job_ids: Iterable[int], holder: str, *, lease: float = 600.0) -> None:
+        """Extend the leases ``holder`` holds on these jobs and on the operations it is sending (database clock)."""
         ids = list(job_ids)
         if not ids:
             return
 
         def go(db: psycopg.Connection[Any]) -> None:
             db.execute(
-                f"UPDATE jobs SET lease_until={NOW} + %s WHERE lease_owner=%s AND id = ANY(%s)", (lease, owner, ids)
+                f"UPDATE jobs SET lease_until={NOW} + %s WHERE lease_owner=%s AND id = ANY(%s)", (lease, holder, ids)
             )
             db.execute(
-                f"UPDATE operations SET lease_until={NOW} + %s WHERE holder=%s AND state='sending'", (lease, owner)
+                f"UPDATE operations SET lease_until={NOW} + %s WHERE holder=%s AND state='sending'", (lease, holder)
             )
 
         self._run(go)
 
-    def release_leases(self, owner: str | None = None) -> int:
-        """Drop leases: one owner's (at its exit), or every one (only when no other daemon can be running)."""
+    def release_leases(self, holder: str | None = None) -> int:
+        """Drop leases: one holder's (at its exit), or every one (only when no other daemon can be running)."""
         args: tuple[Any, ...] = ()
-        if owner is None:
+        if holder is None:
             sql = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL"
         else:
-            sql, args = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=%s", (owner,)
+            sql, args = "UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=%s", (holder,)
         return int(self._run(lambda db: db.execute(sql, args).rowcount))
 
     def next_due(self, pipeline: str) -> float | None:
@@ -268,7 +268,7 @@ class PgJobsMixin(_Base):
         if another node holds it, when that lease runs out (so a dead node's work is taken over on time).
 
         Read as the head of each lane's index (unleased jobs) and the leased ones (few: the jobs in flight,
-        through ``jobs_by_owner``); a lease's owner and its end are always set and cleared together."""
+        through ``jobs_by_owner``); a lease's holder and its end are always set and cleared together."""
         mine = "" if self._mine is None else "AND f.folder_id = ANY(%(mine)s) "
         pending = "FROM jobs j JOIN files f ON f.id=j.file_id WHERE j.pipeline=%(pipeline)s AND j.state='pending' "
         heads = [

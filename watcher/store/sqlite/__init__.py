@@ -42,7 +42,7 @@ class Store(GateMixin, CacheMixin, ListingMixin, ControlMixin, StoreBase):
         """There is no other node to ask about."""
         return None
 
-    def heartbeat(self, name: str, *, owner: str, version: str, folders: Sequence[str] = ()) -> None:
+    def heartbeat(self, name: str, *, holder: str, version: str, folders: Sequence[str] = ()) -> None:
         """No other node reads it: nothing is kept."""
 
     def nodes(self) -> list[dict[str, Any]]:

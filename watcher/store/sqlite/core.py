@@ -198,9 +198,9 @@ class StoreBase:
 
     # -- jobs -----------------------------------------------------------------------------------------
 
-    def claim(self, pipeline: str, owner: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
+    def claim(self, pipeline: str, holder: str, *, lease: float = 600.0, now: float | None = None) -> Job | None:
         """Take the most overdue unleased pending job of ``pipeline`` in claim order (see store.lanes), leased to
-        ``owner``; None when none is due. Each lane is read through its partial index: the cost follows the due."""
+        ``holder``; None when none is due. Each lane is read through its partial index: the cost follows the due."""
         now = time.time() if now is None else now
         with self._tx() as db:
             lanes = self._order.lanes(pipeline)
@@ -222,11 +222,11 @@ class StoreBase:
                 return None
             db.execute(
                 "UPDATE jobs SET lease_owner=?, lease_until=?, claims=claims+1, updated_at=? WHERE id=?",
-                (owner, now + lease, now, row["id"]),
+                (holder, now + lease, now, row["id"]),
             )
             self._order.claimed(pipeline, lanes, lane)
         job = self._job(row)
-        job.owner = owner
+        job.holder = holder
         job.claim = int(row["claims"]) + 1
         return job
 
@@ -280,7 +280,7 @@ class StoreBase:
             ),
         )
         _fenced(cur, job)
-        job.owner = None
+        job.holder = None
 
     def is_live(self, job: Job) -> bool:
         """True while ``job`` is still held by its claimer and was not superseded (its work still counts)."""
@@ -288,27 +288,27 @@ class StoreBase:
             row = self._db.execute("SELECT 1 FROM jobs WHERE id=?" + _FENCE, (job.id, *_fence(job))).fetchone()
         return row is not None
 
-    def renew(self, job_ids: Iterable[int], owner: str, *, lease: float = 600.0) -> None:
-        """Extend the leases ``owner`` holds on these jobs."""
+    def renew(self, job_ids: Iterable[int], holder: str, *, lease: float = 600.0) -> None:
+        """Extend the leases ``holder`` holds on these jobs."""
         ids = list(job_ids)
         if not ids:
             return
         with self._tx() as db:
             db.execute(
                 f"UPDATE jobs SET lease_until=? WHERE lease_owner=? AND id IN ({','.join('?' * len(ids))})",
-                (time.time() + lease, owner, *ids),
+                (time.time() + lease, holder, *ids),
             )
             db.execute(
-                "UPDATE operations SET lease_until=? WHERE holder=? AND state='sending'", (time.time() + lease, owner)
+                "UPDATE operations SET lease_until=? WHERE holder=? AND state='sending'", (time.time() + lease, holder)
             )
 
-    def release_leases(self, owner: str | None = None) -> int:
-        """Drop leases (all, or one owner's): used at start-up under the state folder's lock, and at exit."""
+    def release_leases(self, holder: str | None = None) -> int:
+        """Drop leases (all, or one holder's): used at start-up under the state folder's lock, and at exit."""
         with self._tx() as db:
-            if owner is None:
+            if holder is None:
                 cur = db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner IS NOT NULL")
             else:
-                cur = db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (owner,))
+                cur = db.execute("UPDATE jobs SET lease_owner=NULL, lease_until=NULL WHERE lease_owner=?", (holder,))
             return cur.rowcount
 
     def next_due(self, pipeline: str) -> float | None:
@@ -383,7 +383,7 @@ _FENCE = " AND lease_owner IS ? AND (? IS NULL OR claims=?) AND state NOT IN (?,
 
 
 def _fence(job: Job) -> tuple[Any, ...]:
-    """The arguments of ``_FENCE`` for ``job``: its lease owner, its claim (None: any) and the dead states."""
+    """The arguments of ``_FENCE`` for ``job``: its lease holder, its claim (None: any) and the dead states."""
     return (*job_fence(job), *_DEAD)
 
 

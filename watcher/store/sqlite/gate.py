@@ -118,7 +118,7 @@ class GateMixin(_Base):
     def gate_take(
         self,
         ops: Sequence[Operation],
-        owner: str,
+        holder: str,
         *,
         budget: str,
         seconds: float,
@@ -156,11 +156,11 @@ class GateMixin(_Base):
                 else:
                     tickets[i] = ticket
             if free:
-                charged = self._charge(db, free, owner, budget, seconds, cap_seconds, now, estimated=estimated)
+                charged = self._charge(db, free, holder, budget, seconds, cap_seconds, now, estimated=estimated)
                 tickets.update(charged)
                 request = charged[free[0][0]].request
                 if request is not None:  # within the cap: taken
-                    self._take(db, free, owner, now + lease, take_id, request, now)
+                    self._take(db, free, holder, now + lease, take_id, request, now)
         return [tickets[i] for i in range(len(ops))]
 
     def _recovered(self, db: Any, op: Operation, row: Any, now: float) -> Any:
@@ -176,7 +176,7 @@ class GateMixin(_Base):
         self,
         db: Any,
         free: list[Takeable],
-        owner: str,
+        holder: str,
         budget: str,
         seconds: float,
         cap_seconds: float | None,
@@ -215,12 +215,12 @@ class GateMixin(_Base):
             "endpoint) VALUES (?, ?, ?, ?, ?, ?, ?, 'sending', ?, ?, ?)",
             (now, day, budget, names, sha256, seconds, models, kind, estimated, endpoint),
         )
-        return sent_tickets(free, owner, int(cur.lastrowid or 0))
+        return sent_tickets(free, holder, int(cur.lastrowid or 0))
 
     def _take(
-        self, db: Any, free: list[Takeable], owner: str, until: float, take_id: str, request: int, now: float
+        self, db: Any, free: list[Takeable], holder: str, until: float, take_id: str, request: int, now: float
     ) -> None:
-        """Take every operation of a charged request: ``sending``, held by ``owner`` until ``until``, fenced by
+        """Take every operation of a charged request: ``sending``, held by ``holder`` until ``until``, fenced by
         its new generation, under the request's ledger line."""
         rows = ",".join(["(?, ?, ?, ?, ?, 'sending', ?, ?, 1, ?, ?, ?, ?, ?)"] * len(free))
         db.execute(
@@ -233,7 +233,7 @@ class GateMixin(_Base):
             [
                 v
                 for _, op, _, gen in free
-                for v in (*_key(op), op.on_doubt, owner, until, gen, take_id, request, now, now)
+                for v in (*_key(op), op.on_doubt, holder, until, gen, take_id, request, now, now)
             ],
         )
 

@@ -208,7 +208,7 @@ SCHEMA = [
     # version 9: operation transitions are compare-and-set on (holder, generation); the generation grows with each
     # take. ``take_id`` and ``request`` let a take replayed after a lost acknowledgement recognise itself, and
     # ``late_result`` keeps what a holder that lost the operation was still paid for. A job's ``claims`` grows with
-    # each claim, so a claimer whose lease ran out cannot change a job another claim of the same owner holds.
+    # each claim, so a claimer whose lease ran out cannot change a job another claim by the same holder has.
     """
     ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE operations ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
