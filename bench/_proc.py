@@ -41,7 +41,7 @@ def make_files(root: Path, count: int, per_dir: int = 100) -> list[Path]:
 
 
 def record_done(state_dir: Path, folder: Path, paths: list[Path]) -> None:
-    """Record every file as a version whose analyze job is done, through the store's API."""
+    """Record every file as a revision whose analyze job is done, through the store's API."""
     from watcher.store import Store
 
     store = Store(state_dir / "watcher.db")
@@ -49,7 +49,7 @@ def record_done(state_dir: Path, folder: Path, paths: list[Path]) -> None:
     try:
         for p in paths:
             st = p.stat()
-            store.register_version(
+            store.register_revision(
                 folder=str(folder),
                 path=str(p),
                 rel_path=os.path.relpath(p, folder),

@@ -139,8 +139,8 @@ def claims_per_second(cluster: Cluster, threads: int = 8, jobs: int = 3000) -> f
     url = cluster.database()
     stores = [PostgresStore(url, pool_size=threads // 4 + 1) for _ in range(4)]
     for i in range(jobs):
-        stores[0].register_version(folder="/s", path=f"/s/{i}.wav", rel_path=f"{i}.wav", size=1, mtime_ns=1, inode=i,
-                                   jobs=[("analyze", "analyze")])  # fmt: skip
+        stores[0].register_revision(folder="/s", path=f"/s/{i}.wav", rel_path=f"{i}.wav", size=1, mtime_ns=1, inode=i,
+                                    jobs=[("analyze", "analyze")])  # fmt: skip
     done = [0] * threads
 
     def worker(n: int) -> None:

@@ -1,7 +1,7 @@
-"""A million file versions: the page, its API and `watcher status` stay fast, a restart over 100,000 files
+"""A million revisions: the page, its API and `watcher status` stay fast, a restart over 100,000 files
 stays near `find`, and the daemon stays small and quiet.
 
-Builds a SQLite store of ``--files`` file versions (done, failed, waiting and replaced ones, in eight archive
+Builds a SQLite store of ``--files`` revisions (done, failed, waiting and replaced ones, in eight archive
 folders, with key and tempo; a fast bulk insert through SQL, the store's triggers keeping its counts) plus a
 watched tree of ``--tree-files`` small files recorded as done, then starts `watcher run` on the tree (polled,
 the page on) and prints: the overview's and the file list's p95, one file's page p95, search by key and by
@@ -35,8 +35,8 @@ KEYS = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
 FOLDERS = 8
 
 
-def build_store(db_path: Path, versions: int, tree: Path, tree_files: list[Path], now: float) -> None:
-    """The store: ``versions`` synthetic versions in eight archive folders, then the tree's files, done."""
+def build_store(db_path: Path, revisions: int, tree: Path, tree_files: list[Path], now: float) -> None:
+    """The store: ``revisions`` synthetic revisions in eight archive folders, then the tree's files, done."""
     from watcher.store import Store
 
     Store(db_path).close()  # created and migrated by the adapter, as the daemon finds it
@@ -46,7 +46,7 @@ def build_store(db_path: Path, versions: int, tree: Path, tree_files: list[Path]
     keys = ",".join(f"'{k}'" for k in KEYS)
     db.execute(
         f"""
-        WITH RECURSIVE s(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM s WHERE k < {versions})
+        WITH RECURSIVE s(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM s WHERE k < {revisions})
         INSERT INTO files (id, folder, path, rel_path, size, mtime_ns, inode, sha256, current, created_at,
                            music_key, music_scale, bpm)
         SELECT k, '/archive/f' || (k % {FOLDERS}), '/archive/f' || (k % {FOLDERS}) || '/d' || (k / 1000) || '/t'
@@ -118,7 +118,7 @@ def rss_mb(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--files", type=int, default=1_000_000, help="file versions in the store, the tree's included")
+    parser.add_argument("--files", type=int, default=1_000_000, help="revisions in the store, the tree's included")
     parser.add_argument("--tree-files", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=200, help="requests per measure")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
@@ -134,7 +134,7 @@ def main() -> None:
         state = root / "state"
         state.mkdir()
         build_store(state / "watcher.db", args.files - args.tree_files, tree, paths, time.time())
-        print(f"built {args.files:,} versions and {args.tree_files:,} files in {time.perf_counter() - started:.0f} s")
+        print(f"built {args.files:,} revisions and {args.tree_files:,} files in {time.perf_counter() - started:.0f} s")
 
         empty = root / "empty"
         empty.mkdir()
@@ -170,7 +170,7 @@ def measure(daemon: _proc.Daemon, state: Path, env: dict[str, str], args: argpar
     known = [r["path"] for r in client.get("/api/files", params={"folder": "/archive/f3"}).json()["files"]]
     synthetic = range(1, max(2, args.files - args.tree_files))
     known += [f"/archive/f{k % FOLDERS}/d{k // 1000}/t{k}.wav" for k in rng.sample(synthetic, min(n, len(synthetic)))]
-    known = [p for p in known if int(p.rsplit("/t", 1)[1][:-4]) % 20]  # current versions only
+    known = [p for p in known if int(p.rsplit("/t", 1)[1][:-4]) % 20]  # current revisions only
     known = known or [r["path"] for r in client.get("/api/files").json()["files"]]
     timed(client, 5, lambda i: ("/api/status", {}))  # warm: the first reads fill the page cache
     results = {
@@ -205,7 +205,7 @@ def measure(daemon: _proc.Daemon, state: Path, env: dict[str, str], args: argpar
     before, t0 = daemon.cpu(), time.perf_counter()
     time.sleep(args.idle_seconds)  # the measure itself: CPU used over this window, polling the tree
     cpu = (daemon.cpu() - before) / (time.perf_counter() - t0)
-    print(f"store: {args.files:,} versions; tree: {args.tree_files:,} files polled every {args.interval:g} s")
+    print(f"store: {args.files:,} revisions; tree: {args.tree_files:,} files polled every {args.interval:g} s")
     for name, samples in results.items():
         print(f"{name}: {p95(samples)}")
     print(f"one file's HTML page (/file): {p95(html)}")

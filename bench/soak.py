@@ -168,7 +168,7 @@ def main() -> None:
                 tick = started + dropped / args.rate
                 time.sleep(max(0.0, tick - time.monotonic()))  # sleep-ok: the bench's own pace
                 roll = rng.random()
-                if names and roll < 0.1:  # an overwrite in place: a new version of the same path
+                if names and roll < 0.1:  # an overwrite in place: a new revision of the same path
                     (inbox / rng.choice(names)).write_bytes(contents[total + dropped])
                 elif names and roll < 0.15:  # a deletion
                     victim = names.pop(rng.randrange(len(names)))

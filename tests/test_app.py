@@ -130,7 +130,7 @@ def test_a_build_that_fails_closes_the_store(tmp_path):
 
 
 def test_files_settled_together_are_recorded_at_once_and_told_once(tmp_path):
-    """The sink's batch: every new version registered with its jobs, an already known one left alone, each new
+    """The sink's batch: every new revision registered with its jobs, an already known one left alone, each new
     file told to subscribers once and the workers woken once."""
     from watcher.audiofile import Signature
     from watcher.detect.detector import Settled

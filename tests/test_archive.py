@@ -205,7 +205,7 @@ def test_service_faults_are_retried(tmp_path, inbox, emu, run_daemon):
     assert counts["POST /master-audio"] == 1
 
 
-def test_newer_version_keeps_the_older_delivery(tmp_path, inbox, emu, run_daemon):
+def test_newer_revision_keeps_the_older_delivery(tmp_path, inbox, emu, run_daemon):
     """A changed source is delivered again; the previous delivery is renamed aside, never overwritten."""
     d = run_daemon(archive_settings(tmp_path, inbox, emu, versions=("original",)))
     audio = write_tone(inbox / "v.wav", 0.3, freq=300)

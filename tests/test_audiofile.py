@@ -96,7 +96,7 @@ def test_read_settled_hash_equals_sha256_of(tmp_path: Path, size: int) -> None:
         assert content is None
 
 
-def test_read_settled_refuses_another_version(tmp_path: Path) -> None:
+def test_read_settled_refuses_another_revision(tmp_path: Path) -> None:
     """A file whose signature is not the settled one, or that is gone, is FileChanged."""
     path = random_file(tmp_path / "a.wav", 5000)
     settled = signature(path)

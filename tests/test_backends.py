@@ -65,9 +65,9 @@ class Counting:
 
 
 def analyse_one(store: Store, backend: Counting, audio: Path, models: list[str]) -> None:
-    """Register ``audio`` as a new version, run its analysis step to done with ``backend`` and release the job."""
+    """Register ``audio`` as a new revision, run its analysis step to done with ``backend`` and release the job."""
     sig = signature(audio)
-    store.register_version(
+    store.register_revision(
         folder=str(audio.parent),
         path=str(audio),
         rel_path=audio.name,
@@ -92,7 +92,7 @@ def analyse_one(store: Store, backend: Counting, audio: Path, models: list[str])
 
 
 def test_the_step_asks_only_for_what_is_missing_and_writes_the_sidecar(tmp_path: Path):
-    """A second version with the same content is answered from the store; a new model is the only one asked."""
+    """A second revision with the same content is answered from the store; a new model is the only one asked."""
     store = Store(tmp_path / "w.db")
     backend = Counting()
     try:

@@ -102,7 +102,7 @@ def test_scan_exit_codes_and_status(tmp_path, inbox, emulator):
     assert "bad.wav" in human.stdout and "not audio" in human.stdout
     assert API_KEY not in status.stdout + human.stdout
 
-    shutil.copy(inbox / "good.wav", inbox / "bad.wav")  # the user fixes the file: a new version
+    shutil.copy(inbox / "good.wav", inbox / "bad.wav")  # the user fixes the file: a new revision
     retry = watcher("retry", "--failed", env=env)
     assert retry.returncode == 0 and "1 job(s)" in retry.stdout
     fixed = watcher("scan", str(inbox), env=env)

@@ -65,7 +65,7 @@ def test_same_content_is_never_sent_twice(tmp_path, inbox, emulator, run_daemon)
 
 
 def test_changed_file_is_analysed_again(tmp_path, inbox, emulator, run_daemon):
-    """A file rewritten after its analysis is a new version and gets a new sidecar."""
+    """A file rewritten after its analysis is a new revision and gets a new sidecar."""
     d = run_daemon(make_settings(tmp_path, inbox, emulator.url))
     audio = write_tone(inbox / "mix.wav", 0.5, freq=440)
     first = load_valid(wait_for(lambda: (p := sidecar_of(audio)).exists() and p))
@@ -145,7 +145,7 @@ def test_restart_mid_analysis_asks_no_model_twice(tmp_path, inbox, emulator, run
 
 
 def test_file_modified_during_upload_is_not_trusted(tmp_path, inbox, emulator, run_daemon):
-    """A file that grows while its bytes are being sent gets no sidecar for the old content; its new version does."""
+    """A file that grows while its bytes are being sent gets no sidecar for the old content; its new revision does."""
     emulator.analysis.faults.read_delay = 0.01
     settings = make_settings(tmp_path, inbox, emulator.url)
     d = run_daemon(settings)
@@ -197,7 +197,7 @@ def test_unmounted_folder_is_retried_not_gone(tmp_path):
     share = tmp_path / "share"
     store = Store(tmp_path / "w.db")
     try:
-        store.register_version(
+        store.register_revision(
             folder=str(share),
             path=str(share / "a.wav"),
             rel_path="a.wav",

@@ -19,7 +19,7 @@ from watcher.pipelines.deliver import Deliverer
 from watcher.safezip import BadArchive, TooLarge
 from watcher.services.neuralanalog import NeuralAnalogClient
 from watcher.store import Job
-from watcher.store.models import FileVersion
+from watcher.store.models import FileRevision
 
 pytestmark = [
     pytest.mark.bill_exempt("delivery from objects uploaded by the client alone: no gate, no ledger"),
@@ -30,8 +30,8 @@ pytestmark = [
 def make_job(source: Path, inbox: Path, sha256: str, **data: Any) -> Job:
     """A claimed archive job for ``source`` (inside ``inbox``), with ``data`` as the pipeline left it."""
     st = source.stat()
-    file = FileVersion(1, str(inbox), str(source), source.relative_to(inbox).as_posix(), st.st_size,
-                       st.st_mtime_ns, st.st_ino, sha256, True)  # fmt: skip
+    file = FileRevision(1, str(inbox), str(source), source.relative_to(inbox).as_posix(), st.st_size,
+                        st.st_mtime_ns, st.st_ino, sha256, True)  # fmt: skip
     return Job(7, "archive", "fetch", "pending", 1, {"sha256": sha256, **data}, file)
 
 

@@ -198,8 +198,8 @@ def test_unicode_and_spaces_in_names(tmp_path, watch):
     wait_for(lambda: sorted(sink.names()) == sorted(names))
 
 
-def test_zero_byte_file_is_reported_as_a_version(tmp_path, watch):
-    """An empty file settles like any other (the step decides to skip it); when written later, it is a new version."""
+def test_zero_byte_file_is_reported_as_a_revision(tmp_path, watch):
+    """An empty file settles like any other (the step decides to skip it); when written later, it is a new revision."""
     inbox = tmp_path / "in"
     inbox.mkdir()
     _, sink = watch(inbox)

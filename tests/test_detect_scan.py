@@ -17,7 +17,7 @@ from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.detector import Detector
 from watcher.detect.filters import PathFilter
 from watcher.events import Events
-from watcher.store import NewVersion, Store
+from watcher.store import NewRevision, Store
 from watcher.store.aio import AsyncStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,8 +44,8 @@ def test_a_restart_over_known_files_asks_the_store_once_and_hints_only_what_is_n
     store._db.execute("PRAGMA synchronous=OFF")  # 10,000 registrations: durability is not what is tested here
     try:
         stats = [(p, p.stat()) for p in paths]
-        store.register_versions(
-            [NewVersion(str(inbox), str(p), os.path.relpath(p, inbox), st.st_size, st.st_mtime_ns, st.st_ino)
+        store.register_revisions(
+            [NewRevision(str(inbox), str(p), os.path.relpath(p, inbox), st.st_size, st.st_mtime_ns, st.st_ino)
              for p, st in stats],
             jobs=[],
         )  # fmt: skip
@@ -72,10 +72,10 @@ def test_a_restart_over_known_files_asks_the_store_once_and_hints_only_what_is_n
         statements.clear()
         asyncio.run(detector.settle_all(timeout=20))
         lookups = [s for s in statements if s.startswith("SELECT 1 FROM files")]
-        assert len(lookups) == 2  # known_version for the two candidates only, not for 10,000 files
-        versions = {p: store.current_version(p) for p in (str(changed), str(new))}
-        assert all(v is not None for v in versions.values())
-        assert versions[str(changed)].size == len(b"RIFF, rewritten longer")  # type: ignore[union-attr]
+        assert len(lookups) == 2  # known_revision for the two candidates only, not for 10,000 files
+        revisions = {p: store.current_revision(p) for p in (str(changed), str(new))}
+        assert all(v is not None for v in revisions.values())
+        assert revisions[str(changed)].size == len(b"RIFF, rewritten longer")  # type: ignore[union-attr]
     finally:
         store.close()
 

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from watcher.detect.settle import Readiness
-from watcher.store import FileVersion, State, Step, Store
+from watcher.store import FileRevision, State, Step, Store
 from watcher.store.lanes import IN_FLIGHT_STEPS, LANES
 from watcher.store.rules import FINISHED, OPEN, Verdict, job_of
 from watcher.store.sqlite.schema import OPEN_STATES, SCHEMA
@@ -87,7 +87,7 @@ def test_what_a_check_of_a_hint_finds_keeps_its_words():
 
 
 def register(store: Store, path: str) -> int:
-    file_id, _ = store.register_version(
+    file_id, _ = store.register_revision(
         folder="/in",
         path=path,
         rel_path=path.removeprefix("/in/"),
@@ -129,7 +129,7 @@ def test_a_step_is_stored_as_its_word_and_read_back_as_a_member(store):
 def test_a_word_a_newer_node_wrote_is_kept_as_it_is():
     """A state or step this version does not know (a newer node's, in a shared store) is read as itself, not refused, so
     a release writes it back unchanged; it is no listed member."""
-    file = FileVersion(1, "/in", "/in/a.wav", "a.wav", 10, 1, 7, None, current=True)
+    file = FileRevision(1, "/in", "/in/a.wav", "a.wav", 10, 1, 7, None, current=True)
     row = {"id": 1, "pipeline": "analyze", "step": "master", "state": "parked", "attempts": 0, "data": "{}"}
     job = job_of(row | {"last_error": None, "error_code": None}, file)
     assert job.state == "parked" and isinstance(job.state, State) and job.state not in set(State)

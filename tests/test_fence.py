@@ -1,5 +1,5 @@
 """Paid once, proven by the fence: every ending names the take that sent it, nodes are their IDs, leases are the
-database's clock, deliveries come only from the live version, and a start-up sweep removes only its own leftovers.
+database's clock, deliveries come only from the live revision, and a start-up sweep removes only its own leftovers.
 
 Each test pins one way the same operation was paid for twice, or one node undid another's work.
 """
@@ -216,7 +216,7 @@ def test_a_second_node_under_a_live_nodes_name_is_refused_and_releases_nothing(p
     one, two, three = "1" * 16, "2" * 16, "3" * 16
     try:
         for name in ("a.wav", "b.wav"):
-            first.register_version(
+            first.register_revision(
                 folder="/share", path=f"/share/{name}", rel_path=name, size=1, mtime_ns=1, inode=1,
                 jobs=[("analyze", "analyze")],
             )  # fmt: skip
@@ -286,20 +286,20 @@ def test_a_cloned_machine_with_the_same_node_name_exits_2_naming_the_name(tmp_pa
 
 
 @pytest.mark.usefixtures("gate_stand_in")
-@pytest.mark.bill_exempt("the versions are uploaded and mastered by the client alone, to set the scene: no ledger")
+@pytest.mark.bill_exempt("the revisions are uploaded and mastered by the client alone, to set the scene: no ledger")
 def test_a_superseded_jobs_late_download_never_replaces_the_newer_delivery(tmp_path, na: Service):
-    """Version 1's archive job is still downloading when version 2 arrives and is delivered: version 1's fetch
-    ends in LeaseLost with the delivery folder as version 2 left it (no `.replaced-` folder, no rename)."""
+    """Revision 1's archive job is still downloading when revision 2 arrives and is delivered: revision 1's fetch
+    ends in LeaseLost with the delivery folder as revision 2 left it (no `.replaced-` folder, no rename)."""
     na.emu.faults.polls_needed = 0
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     store = Store(tmp_path / "state" / "watcher.db")
     cfg = ArchiveConfig(enabled=True, base_url=na.api.url, api_key=NA_KEY, output_dir=out, versions=("mastered",))
 
-    def version(seconds: float) -> Any:
+    def revision(seconds: float) -> Any:
         source = write_tone(inbox / "take.wav", seconds)
         st = source.stat()
-        store.register_version(
+        store.register_revision(
             folder=str(inbox), path=str(source), rel_path="take.wav", size=st.st_size, mtime_ns=st.st_mtime_ns,
             inode=st.st_ino, jobs=[("archive", "fetch")],
         )  # fmt: skip
@@ -323,9 +323,9 @@ def test_a_superseded_jobs_late_download_never_replaces_the_newer_delivery(tmp_p
                 SidecarConfig(),
                 where="processing",
             )
-            old = version(0.5)
+            old = revision(0.5)
             await processed(client, old)
-            new = version(0.7)  # the newer version arrives while the old job downloads: the old one is superseded
+            new = revision(0.7)  # the newer revision arrives while the old job downloads: the old one is superseded
             await processed(client, new)
             assert (await pipeline._fetch(new)).state == "done"
             manifest = json.loads((out / "take" / "manifest.json").read_text())

@@ -149,14 +149,14 @@ def test_endpoint_and_account_are_part_of_the_key(store):
 
 
 def test_superseded_jobs_cannot_commit_or_release(store):
-    """A job whose file got a newer version can neither commit nor release: its late result is dropped."""
+    """A job whose file got a newer revision can neither commit nor release: its late result is dropped."""
     from watcher.store import LeaseLost
 
     args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
-    store.register_version(size=1, mtime_ns=1, inode=1, **args)
+    store.register_revision(size=1, mtime_ns=1, inode=1, **args)
     job = store.claim("analyze", "a")
     assert store.is_live(job)
-    store.register_version(size=2, mtime_ns=2, inode=1, **args)
+    store.register_revision(size=2, mtime_ns=2, inode=1, **args)
     assert not store.is_live(job)
     with pytest.raises(LeaseLost):
         store.commit(job, sidecar="/in/a.wav.analysis.json")
@@ -171,23 +171,23 @@ def test_names_that_are_not_utf8_round_trip(store):
     import os
 
     path = os.fsdecode(b"/in/caf\xe9.wav")
-    store.register_version(folder="/in", path=path, rel_path=path[4:], size=1, mtime_ns=1, inode=1, jobs=[("a", "p")])
-    assert store.known_version(path, 1, 1, 1)
+    store.register_revision(folder="/in", path=path, rel_path=path[4:], size=1, mtime_ns=1, inode=1, jobs=[("a", "p")])
+    assert store.known_revision(path, 1, 1, 1)
     job = store.claim("a", "x")
     assert os.fsencode(job.file.path) == b"/in/caf\xe9.wav"
-    assert store.current_version(path).id == job.file.id
+    assert store.current_revision(path).id == job.file.id
 
 
-def test_retention_forgets_old_replaced_versions_but_keeps_paid_work(store):
-    """Replaced versions older than the retention are forgotten; the current one and the gate's rows stay."""
+def test_retention_forgets_old_replaced_revisions_but_keeps_paid_work(store):
+    """Replaced revisions older than the retention are forgotten; the current one and the gate's rows stay."""
     args = {"folder": "/in", "path": "/in/a.wav", "rel_path": "a.wav", "jobs": [("analyze", "analyze")]}
-    store.register_version(size=1, mtime_ns=1, inode=1, now=0.0, **args)
-    store.register_version(size=2, mtime_ns=2, inode=1, **args)
+    store.register_revision(size=1, mtime_ns=1, inode=1, now=0.0, **args)
+    store.register_revision(size=2, mtime_ns=2, inode=1, **args)
     first = take(store, MASTER, "a")
     store.gate_answered(MASTER, "m-1", fence=first.fence)
     assert store.prune(90) == 0  # replaced just now: kept for the retention period
     assert store.prune(90, now=time.time() + 91 * 86400) == 1
-    assert store.current_version("/in/a.wav").size == 2
+    assert store.current_revision("/in/a.wav").size == 2
     assert store.gate_get(MASTER)["result"] == "m-1"
 
 

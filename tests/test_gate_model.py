@@ -84,7 +84,7 @@ class GateModel(RuleBasedStateMachine):
         self.done: set[int] = set()
         self.latest: dict[int, int | None] = {}  # each job's latest claim
         for n in range(JOBS):
-            self.store.register_version(
+            self.store.register_revision(
                 folder="/in", path=f"/in/{n}.wav", rel_path=f"{n}.wav", size=1, mtime_ns=1, inode=n,
                 jobs=[("archive", "upload")], now=self.now - 1,
             )  # fmt: skip

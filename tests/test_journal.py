@@ -155,7 +155,7 @@ def test_a_locked_sqlite_store_pauses_claims_journals_answers_and_replays_them_f
     nothing, other calls wait (StoreAway), status says since when; once unlocked, the first claim replays
     the journal before it claims."""
     store = Store(tmp_path / "w.db")
-    store.register_version(
+    store.register_revision(
         folder="/in", path="/in/a.wav", rel_path="a.wav", size=1, mtime_ns=1, inode=1, jobs=[("analyze", "analyze")]
     )
     fence, request = _taken(store)
@@ -233,7 +233,7 @@ def test_while_the_store_is_away_no_call_queues_for_its_thread_and_an_answer_is_
     from watcher.store.outage_aio import OutageStore
 
     store = Store(tmp_path / "w.db")
-    store.register_version(
+    store.register_revision(
         folder="/in", path="/in/a.wav", rel_path="a.wav", size=1, mtime_ns=1, inode=1, jobs=[("analyze", "analyze")]
     )
     fence, request = _taken(store)

@@ -163,12 +163,12 @@ def test_backlog_gauges_per_pipeline(tmp_path):
     import math
 
     from watcher.pace import backlog
-    from watcher.store import NewVersion, Store
+    from watcher.store import NewRevision, Store
 
     store = Store(tmp_path / "w.db")
     try:
-        versions = [NewVersion("/in", f"/in/{n}.wav", f"{n}.wav", 1, 1, n) for n in range(6)]
-        store.register_versions(versions, jobs=[("analyze", "analyze"), ("archive", "check")])
+        revisions = [NewRevision("/in", f"/in/{n}.wav", f"{n}.wav", 1, 1, n) for n in range(6)]
+        store.register_revisions(revisions, jobs=[("analyze", "analyze"), ("archive", "check")])
         job = store.claim("analyze", "me")
         assert job is not None
         store.release(job, state="done")

@@ -262,7 +262,7 @@ def test_status_on_any_node_shows_every_node_and_the_holder(tmp_path, inbox, emu
 
 
 def _register(store: PostgresStore, name: str = "a.wav") -> int:
-    return store.register_version(
+    return store.register_revision(
         folder="/share", path=f"/share/{name}", rel_path=name, size=1, mtime_ns=1, inode=1, jobs=[("analyze", "a")]
     )[0]
 
@@ -330,7 +330,7 @@ def test_connections_killed_by_the_server_do_not_lead_to_double_work(pg_url, pg_
 
 
 def test_files_are_matched_across_mounts_by_folder_id_and_relative_path(pg_url):
-    """Two machines mounting the share at different places see one file version (and one job), each with its own
+    """Two machines mounting the share at different places see one revision (and one job), each with its own
     absolute path; the inode (which SMB `noserverino` makes differ per client) is not part of the identity."""
     one = PostgresStore(pg_url)
     two = PostgresStore(pg_url)
@@ -338,16 +338,16 @@ def test_files_are_matched_across_mounts_by_folder_id_and_relative_path(pg_url):
         one.use_folders({"/mnt/nas/inbox": "folder-1"})
         two.use_folders({"/Volumes/inbox": "folder-1"})
         args = {"rel_path": "sub/x.wav", "size": 5, "mtime_ns": 9, "jobs": [("analyze", "a")]}
-        fid, new = one.register_version(folder="/mnt/nas/inbox", path="/mnt/nas/inbox/sub/x.wav", inode=11, **args)
+        fid, new = one.register_revision(folder="/mnt/nas/inbox", path="/mnt/nas/inbox/sub/x.wav", inode=11, **args)
         assert new
-        assert two.known_version("/Volumes/inbox/sub/x.wav", 5, 9, 999)
-        assert two.register_version(folder="/Volumes/inbox", path="/Volumes/inbox/sub/x.wav", inode=999, **args) == (
+        assert two.known_revision("/Volumes/inbox/sub/x.wav", 5, 9, 999)
+        assert two.register_revision(folder="/Volumes/inbox", path="/Volumes/inbox/sub/x.wav", inode=999, **args) == (
             fid,
             False,
         )
         job = two.claim("analyze", "two:1:1")
         assert job is not None and job.file.path == "/Volumes/inbox/sub/x.wav"
-        assert one.current_version("/mnt/nas/inbox/sub/x.wav").path == "/mnt/nas/inbox/sub/x.wav"
+        assert one.current_revision("/mnt/nas/inbox/sub/x.wav").path == "/mnt/nas/inbox/sub/x.wav"
         three = PostgresStore(pg_url)
         three.use_folders({"/elsewhere": "folder-2"})
         _register(one, "y.wav")  # a folder node three does not watch

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from watcher.pace import backlog, describe, eta
-from watcher.store import NewVersion, Operation, Store
+from watcher.store import NewRevision, Operation, Store
 
 NOW = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: the next UTC day starts at 1_700_006_400
 
@@ -29,8 +29,8 @@ def test_backlog_from_a_store(tmp_path):
     """Finished jobs in the last 15 minutes give the rate; pending jobs are waiting; the text says the ETA."""
     store = Store(tmp_path / "w.db")
     try:
-        store.register_versions([NewVersion("/in", f"/in/{n}.wav", f"{n}.wav", 1, 1, n) for n in range(40)],
-                                jobs=[("analyze", "analyze")])  # fmt: skip
+        store.register_revisions([NewRevision("/in", f"/in/{n}.wav", f"{n}.wav", 1, 1, n) for n in range(40)],
+                                 jobs=[("analyze", "analyze")])  # fmt: skip
         for _ in range(10):
             job = store.claim("analyze", "me")
             assert job is not None

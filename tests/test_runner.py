@@ -52,7 +52,7 @@ def store(tmp_path: Path):
 
 
 def add(store: Store, name: str, pipelines: tuple[str, ...] = ("p",)) -> int:
-    file_id, _ = store.register_version(
+    file_id, _ = store.register_revision(
         folder="/in",
         path=f"/in/{name}",
         rel_path=name,
@@ -183,10 +183,10 @@ def test_a_changed_file_is_superseded_and_hinted_again(store):
 
 
 def test_a_late_result_of_a_superseded_job_is_dropped(store):
-    """A new version arriving while a job runs: the old job's result changes nothing in the store."""
+    """A new revision arriving while a job runs: the old job's result changes nothing in the store."""
 
     def act(job: Job) -> StepResult:
-        store.register_version(
+        store.register_revision(
             folder="/in", path="/in/a.wav", rel_path="a.wav", size=2, mtime_ns=2, inode=1, jobs=[("p", "one")]
         )
         return StepResult("done") if job.file.size == 1 else StepResult("skipped")

@@ -15,7 +15,7 @@ def test_the_report_shows_states_doubts_spend_and_problems(tmp_path):
     try:
         names = ["done.wav", "bad.wav", "held.wav", os.fsdecode(b"caf\xe9.wav")]
         for n, name in enumerate(names):
-            store.register_version(
+            store.register_revision(
                 folder="/in",
                 path=f"/in/{name}",
                 rel_path=name,
@@ -65,7 +65,7 @@ def test_the_brief_report_reads_open_files_and_first_problems_only(tmp_path):
     store = Store(tmp_path / "w.db")
     try:
         for n in range(SHOWN_FILES + 10):
-            store.register_version(
+            store.register_revision(
                 folder="/in", path=f"/in/{n:03d}.wav", rel_path=f"{n:03d}.wav", size=1, mtime_ns=1, inode=n,
                 jobs=[("analyze", "analyze")],
             )  # fmt: skip

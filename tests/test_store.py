@@ -1,4 +1,4 @@
-"""The store's contract (every adapter): file versions, leases, scheduling, the result cache, durability across
+"""The store's contract (every adapter): revisions, leases, scheduling, the result cache, durability across
 reopenings, and the SQLite adapter's own promises (WAL, migrations from earlier releases)."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from watcher.store import NewVersion, Store, StoredResult, utc_day
+from watcher.store import NewRevision, Store, StoredResult, utc_day
 
 
 def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int = 1, inode: int = 7):
-    return store.register_version(
+    return store.register_revision(
         folder="/in",
         path=path,
         rel_path=path.removeprefix("/in/"),
@@ -24,35 +24,35 @@ def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int =
     )
 
 
-def test_same_version_registers_once(store):
-    """Registering an identical version twice creates one row and one job."""
+def test_same_revision_registers_once(store):
+    """Registering an identical revision twice creates one row and one job."""
     assert register(store)[1] is True
     assert register(store)[1] is False
     assert store.counts() == {"analyze": {"pending": 1}}
 
 
-def test_new_version_supersedes_unfinished_work(store):
-    """A changed file becomes the current version; the old version's pending job is superseded."""
+def test_new_revision_supersedes_unfinished_work(store):
+    """A changed file becomes the current revision; the old revision's pending job is superseded."""
     register(store)
     register(store, size=20, mtime=2)
-    current = store.current_version("/in/a.wav")
+    current = store.current_revision("/in/a.wav")
     assert current is not None and current.size == 20
     old_id, new_id = current.id - 1, current.id
     assert [j.state for j in store.jobs_of_file(old_id)] == ["superseded"]
     assert [(j.state, j.step) for j in store.jobs_of_file(new_id)] == [("pending", "analyze")]
 
 
-def test_versions_registered_together_keep_the_one_by_one_rules(store):
-    """register_versions: each version as register_version would (supersession, one job per pipeline, a known
-    version not again), answers in order."""
+def test_revisions_registered_together_keep_the_one_by_one_rules(store):
+    """register_revisions: each revision as register_revision would (supersession, one job per pipeline, a known
+    revision not again), answers in order."""
     old_id, _ = register(store, "/in/a.wav")
     known_id, _ = register(store, "/in/c.wav")
     jobs = [("analyze", "analyze"), ("archive", "check")]
-    answers = store.register_versions(
+    answers = store.register_revisions(
         [
-            NewVersion("/in", "/in/a.wav", "a.wav", 20, 2, 7),  # a new version of a.wav
-            NewVersion("/in", "/in/b.wav", "b.wav", 5, 1, 8),
-            NewVersion("/in", "/in/c.wav", "c.wav", 10, 1, 7),  # already known
+            NewRevision("/in", "/in/a.wav", "a.wav", 20, 2, 7),  # a new revision of a.wav
+            NewRevision("/in", "/in/b.wav", "b.wav", 5, 1, 8),
+            NewRevision("/in", "/in/c.wav", "c.wav", 10, 1, 7),  # already known
         ],
         jobs=jobs,
         now=200.0,
@@ -61,34 +61,36 @@ def test_versions_registered_together_keep_the_one_by_one_rules(store):
     assert answers[2][0] == known_id
     assert [j.state for j in store.jobs_of_file(old_id)] == ["superseded"]
     for (file_id, _), path in zip(answers[:2], ("/in/a.wav", "/in/b.wav"), strict=True):
-        current = store.current_version(path)
+        current = store.current_revision(path)
         assert current is not None and current.id == file_id
         assert sorted((j.pipeline, j.step, j.state) for j in store.jobs_of_file(file_id)) == [
             ("analyze", "analyze", "pending"),
             ("archive", "check", "pending"),
         ]
-    assert store.counts() == {"analyze": {"pending": 3}, "archive": {"pending": 2}}  # current versions only
+    assert store.counts() == {"analyze": {"pending": 3}, "archive": {"pending": 2}}  # current revisions only
 
 
-def test_versions_registered_together_are_all_or_none(store):
-    """One transaction: a version the database refuses leaves none of its batch recorded."""
+def test_revisions_registered_together_are_all_or_none(store):
+    """One transaction: a revision the database refuses leaves none of its batch recorded."""
     register(store, "/in/a.wav")
     with pytest.raises(Exception):  # noqa: B017 - each database names an out-of-range integer its own way
-        store.register_versions(
-            [NewVersion("/in", "/in/b.wav", "b.wav", 5, 1, 8), NewVersion("/in", "/in/c.wav", "c.wav", 2**70, 1, 9)],
+        store.register_revisions(
+            [NewRevision("/in", "/in/b.wav", "b.wav", 5, 1, 8), NewRevision("/in", "/in/c.wav", "c.wav", 2**70, 1, 9)],
             jobs=[("analyze", "analyze")],
         )
-    assert store.current_version("/in/b.wav") is None
+    assert store.current_revision("/in/b.wav") is None
     assert store.counts() == {"analyze": {"pending": 1}}
-    assert [new for _, new in store.register_versions([], jobs=[("analyze", "analyze")])] == []
+    assert [new for _, new in store.register_revisions([], jobs=[("analyze", "analyze")])] == []
 
 
-def test_a_folders_current_versions_come_in_one_answer(store):
-    """current_signatures gives each current version of one folder (not replaced ones, not other folders')."""
+def test_a_folders_current_revisions_come_in_one_answer(store):
+    """current_signatures gives each current revision of one folder (not replaced ones, not other folders')."""
     register(store, "/in/a.wav", size=10, mtime=1, inode=7)
     register(store, "/in/a.wav", size=20, mtime=2, inode=7)  # replaces the first
     register(store, "/in/sub/b.wav", size=30, mtime=3, inode=8)
-    store.register_version(folder="/other", path="/other/c.wav", rel_path="c.wav", size=1, mtime_ns=1, inode=1, jobs=[])
+    store.register_revision(
+        folder="/other", path="/other/c.wav", rel_path="c.wav", size=1, mtime_ns=1, inode=1, jobs=[]
+    )
     found = store.current_signatures("/in")
     assert {p: sig[:2] for p, sig in found.items()} == {"/in/a.wav": (20, 2), "/in/sub/b.wav": (30, 3)}
     assert found["/in/sub/b.wav"][2] in (8, None)  # None: an adapter shared across mounts does not compare it
@@ -184,7 +186,7 @@ def test_retry_failed_takes_jobs_waiting_on_a_paused_service_only(store):
 
 
 def test_backfill_adds_missing_jobs_and_reopens_done_ones(store):
-    """A back-fill adds a pipeline's job to versions without one (once) and reopens done jobs at a step."""
+    """A back-fill adds a pipeline's job to revisions without one (once) and reopens done jobs at a step."""
     (file_id, _) = register(store)
     job = store.claim("analyze", "w")
     store.release(job, state="done")
@@ -281,7 +283,7 @@ def test_an_error_quoting_a_name_that_is_not_utf8_is_stored(store):
 def _archive_jobs(store: Store, step: str, count: int, *, at: float, start: int = 0) -> None:
     """``count`` archive jobs standing at ``step``, due at ``at`` (one file each)."""
     for n in range(start, start + count):
-        store.register_version(
+        store.register_revision(
             folder="/in", path=f"/in/{step}{n}.wav", rel_path=f"{step}{n}.wav", size=10, mtime_ns=1, inode=n,
             jobs=[("archive", step)], now=at,
         )  # fmt: skip
@@ -317,7 +319,7 @@ def test_a_due_poll_or_delivery_is_claimed_before_thousands_of_due_uploads(store
 def test_a_pipeline_with_one_lane_is_claimed_oldest_first(store):
     """Analysis jobs (one step) are claimed by due time then id, as before the lanes."""
     for n, at in enumerate([300.0, 100.0, 200.0, 100.0]):
-        store.register_version(
+        store.register_revision(
             folder="/in", path=f"/in/a{n}.wav", rel_path=f"a{n}.wav", size=10, mtime_ns=1, inode=n,
             jobs=[("analyze", "analyze")], now=at,
         )  # fmt: skip
@@ -332,7 +334,7 @@ def test_live_files_and_higher_priorities_go_first_but_the_backlog_keeps_a_share
     from watcher.store.lanes import FIRST_RUN
 
     def add(name: str, n: int, at: float, **rank: object) -> None:
-        store.register_version(
+        store.register_revision(
             folder="/in", path=f"/in/{name}{n}.wav", rel_path=f"{name}{n}.wav", size=10, mtime_ns=1, inode=n,
             jobs=[("analyze", "analyze")], now=at, **rank,
         )  # fmt: skip
@@ -416,10 +418,10 @@ def test_a_version_1_postgres_store_gets_the_claim_indexes(pg_url):
 
 
 def test_retention_forgets_deleted_files_and_keeps_current_ones(store):
-    """A current version whose jobs all ended ``gone`` (deleted) is forgotten after the retention; one with a job
+    """A current revision whose jobs all ended ``gone`` (deleted) is forgotten after the retention; one with a job
     still done, or any pending, stays."""
     for name in ("gone", "done", "mixed"):
-        store.register_version(
+        store.register_revision(
             folder="/in", path=f"/in/{name}.wav", rel_path=f"{name}.wav", size=1, mtime_ns=1, inode=1,
             jobs=[("analyze", "analyze"), ("archive", "check")], now=0.0,
         )  # fmt: skip
@@ -431,8 +433,8 @@ def test_retention_forgets_deleted_files_and_keeps_current_ones(store):
     later = time.time() + 91 * 86400
     assert store.prune(90) == 0  # ended just now: kept for the retention period
     assert store.prune(90, now=later) == 1
-    assert store.current_version("/in/gone.wav") is None
-    assert store.current_version("/in/done.wav") is not None and store.current_version("/in/mixed.wav") is not None
+    assert store.current_revision("/in/gone.wav") is None
+    assert store.current_revision("/in/done.wav") is not None and store.current_revision("/in/mixed.wav") is not None
 
 
 def test_one_analysed_files_round_trips_to_sqlite_stay_few(tmp_path):
@@ -443,7 +445,7 @@ def test_one_analysed_files_round_trips_to_sqlite_stay_few(tmp_path):
     store = Store(tmp_path / "s.db")
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
-    store.register_versions([NewVersion("/in", "/in/a.wav", "a.wav", 10, 1, 7)], jobs=[("analyze", "analyze")])
+    store.register_revisions([NewRevision("/in", "/in/a.wav", "a.wav", 10, 1, 7)], jobs=[("analyze", "analyze")])
     job = store.claim("analyze", "me")
     assert job is not None
     store.set_sha256(job.file.id, "ab" * 32)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from watcher.store import FileQuery, NewVersion, StoredResult
+from watcher.store import FileQuery, NewRevision, StoredResult
 
 
 def recount(store: Any) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
@@ -44,8 +44,8 @@ def agrees(store: Any) -> dict[str, dict[str, int]]:
     return counts
 
 
-def version(n: int, folder: str = "/in", size: int = 1) -> NewVersion:
-    return NewVersion(folder, f"{folder}/{n}.wav", f"{n}.wav", size, 1, n)
+def revision(n: int, folder: str = "/in", size: int = 1) -> NewRevision:
+    return NewRevision(folder, f"{folder}/{n}.wav", f"{n}.wav", size, 1, n)
 
 
 JOBS = [("analyze", "analyze"), ("archive", "check")]
@@ -53,7 +53,7 @@ JOBS = [("analyze", "analyze"), ("archive", "check")]
 
 def test_counts_follow_every_change_of_a_job(store):
     """Each way a job's state or a file's currency changes keeps the counts equal to a recount."""
-    store.register_versions([version(n) for n in range(6)] + [version(n, "/other") for n in range(3)], jobs=JOBS)
+    store.register_revisions([revision(n) for n in range(6)] + [revision(n, "/other") for n in range(3)], jobs=JOBS)
     assert agrees(store) == {"analyze": {"pending": 9}, "archive": {"pending": 9}}
     a = store.claim("analyze", "me")
     b = store.claim("analyze", "me")
@@ -65,9 +65,9 @@ def test_counts_follow_every_change_of_a_job(store):
     c.data["in_doubt"] = {"operation": "upload", "since": 1.0, "keys": []}
     store.release(c, state="in_doubt", error="answer lost", error_code="in_doubt")
     agrees(store)
-    store.register_versions([version(0, size=2), version(1, size=2)], jobs=JOBS)  # supersedes the old versions
+    store.register_revisions([revision(0, size=2), revision(1, size=2)], jobs=JOBS)  # supersedes the old revisions
     counts = agrees(store)
-    assert sum(counts["analyze"].values()) == 9  # one job per current version
+    assert sum(counts["analyze"].values()) == 9  # one job per current revision
     assert store.retry(failed=True, in_doubt=True) >= 0
     agrees(store)
     d = store.claim("analyze", "me")
@@ -87,7 +87,7 @@ def test_counts_stay_equal_under_concurrent_writers(open_store):
 
     def work(store: Any, k: int) -> None:
         for n in range(10):
-            store.register_versions([version(k * 100 + n)], jobs=JOBS)
+            store.register_revisions([revision(k * 100 + n)], jobs=JOBS)
             job = store.claim("analyze", f"w{k}")
             if job is not None:
                 store.release(job, state="done" if n % 2 else "failed")
@@ -103,7 +103,7 @@ def test_counts_stay_equal_under_concurrent_writers(open_store):
 
 def test_file_pages_filter_by_folder_key_tempo_and_state(store):
     """Pages come in path order with their total; key and tempo come from the stored results."""
-    store.register_versions([version(n) for n in range(7)] + [version(n, "/other") for n in range(2)], jobs=JOBS)
+    store.register_revisions([revision(n) for n in range(7)] + [revision(n, "/other") for n in range(2)], jobs=JOBS)
     job = store.claim("analyze", "me")
     store.set_sha256(job.file.id, "ab" * 32)
     store.save_result("ab" * 32, "remote", StoredResult("key", "key", "1", None, {"key": ["F#"], "scale": ["minor"]}))

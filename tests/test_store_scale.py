@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from tests.bigstore import FOLDER, FOLDER_ID, fill_postgres, fill_sqlite
-from watcher.store import NewVersion, Operation, Store
+from watcher.store import NewRevision, Operation, Store
 
 BIG, SMALL = 1_000_000, 1_000
 BIG_TABLES = ("jobs", "files", "operations", "ledger")
@@ -41,20 +41,20 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     """The other calls the daemon makes per file, per poll or per lease period, in a plausible order."""
     path = f"{FOLDER}/f77.wav"
     op = Operation("ab" * 32, "processing http://na account:1", "upload")
-    yield "known_version", lambda: store.known_version(path, 1000, 77, 77)
-    yield "current_version", lambda: store.current_version(path)
+    yield "known_revision", lambda: store.known_revision(path, 1000, 77, 77)
+    yield "current_revision", lambda: store.current_revision(path)
     # (another folder: reading all of this one, which holds every file, is the answer, not a cost to bound)
     yield "current_signatures", lambda: store.current_signatures("/other")
-    yield "register a new file", lambda: store.register_version(
+    yield "register a new file", lambda: store.register_revision(
         folder=FOLDER, path=f"{FOLDER}/new.wav", rel_path="new.wav", size=1, mtime_ns=1, inode=1,
         jobs=[("analyze", "analyze"), ("archive", "check")], now=now,
     )  # fmt: skip
-    yield "register a new version", lambda: store.register_version(
+    yield "register a new revision", lambda: store.register_revision(
         folder=FOLDER, path=path, rel_path="f77.wav", size=2000, mtime_ns=78, inode=77,
         jobs=[("analyze", "analyze"), ("archive", "check")], now=now,
     )  # fmt: skip
-    yield "register several", lambda: store.register_versions(
-        [NewVersion(FOLDER, f"{FOLDER}/f{k}.wav", f"f{k}.wav", 3000, 79, k) for k in (78, 79, 80)],
+    yield "register several", lambda: store.register_revisions(
+        [NewRevision(FOLDER, f"{FOLDER}/f{k}.wav", f"f{k}.wav", 3000, 79, k) for k in (78, 79, 80)],
         jobs=[("analyze", "analyze"), ("archive", "check")], now=now,
     )  # fmt: skip
     job = store.claim("archive", "me:1:1", now=now)

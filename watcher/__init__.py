@@ -1,6 +1,6 @@
 """watcher: a hot-folder daemon that analyses new audio files and archives their processed versions.
 
-Words used everywhere: a *folder* is watched; each *file version* gets one *job* per *pipeline* (analyze,
+Words used everywhere: a *folder* is watched; each *revision* gets one *job* per *pipeline* (analyze,
 archive); a job stands at a *step* and is in a *state*; a paid call is an *operation* through the gate; a
 *backend* is where analysis runs; an error has a *scope*. ARCHITECTURE.md draws who talks to whom.
 """

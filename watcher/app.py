@@ -37,7 +37,7 @@ from watcher.pipelines.base import Pipeline
 from watcher.pipelines.mover import SourceMover
 from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
-from watcher.store import TERMINAL, FileVersion, Job, NewVersion, Store
+from watcher.store import TERMINAL, FileRevision, Job, NewRevision, Store
 from watcher.store.aio import AsyncStore, Guard, unguarded
 from watcher.store.outage_aio import outage_store
 from watcher.store.ports import StorePort
@@ -78,7 +78,7 @@ def open_store(settings: Settings, *, readonly: bool = False) -> StorePort:
 
 
 class StoreSink:
-    """Detection's sink: a settled file becomes a file version with one job per enabled pipeline."""
+    """Detection's sink: a settled file becomes a revision with one job per enabled pipeline."""
 
     def __init__(
         self, store: AsyncStore, pipelines: Iterable[Pipeline], wake: Callable[[], None], events: Events
@@ -91,7 +91,7 @@ class StoreSink:
         self.events = events
 
     def known(self, path: str, sig: Signature) -> bool:
-        return self.store.sync.known_version(path, sig.size, sig.mtime_ns, sig.inode)
+        return self.store.sync.known_revision(path, sig.size, sig.mtime_ns, sig.inode)
 
     def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
         return self.store.sync.current_signatures(folder)
@@ -99,7 +99,7 @@ class StoreSink:
     async def ready(
         self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
     ) -> None:
-        _, new = await self.store.register_version(
+        _, new = await self.store.register_revision(
             folder=str(folder.path),
             path=path,
             rel_path=rel_path,
@@ -116,15 +116,15 @@ class StoreSink:
 
     async def ready_many(self, files: Sequence[Settled]) -> None:
         """Files settled together: registered in one store transaction, then the workers are woken once."""
-        versions = []
+        revisions = []
         for f in files:
             sig = f.signature
-            versions.append(
-                NewVersion(
+            revisions.append(
+                NewRevision(
                     str(f.folder.path), f.path, f.rel_path, sig.size, sig.mtime_ns, sig.inode, f.live, f.folder.priority
                 )
             )
-        answers = await self.store.register_versions(versions, jobs=self.jobs)
+        answers = await self.store.register_revisions(revisions, jobs=self.jobs)
         new = [f for f, (_, is_new) in zip(files, answers, strict=True) if is_new]
         for f in new:
             self._settled(str(f.folder.path), f.path, f.signature)
@@ -340,9 +340,9 @@ def _analyze(
     )
 
 
-def _audio_urls(settings: Settings) -> Callable[[FileVersion], str | None]:
+def _audio_urls(settings: Settings) -> Callable[[FileRevision], str | None]:
     """Where the analysis service fetches each file, from its folder's ``audio_url_template``."""
-    return lambda version: settings.audio_url_for(version.folder, version.rel_path)
+    return lambda revision: settings.audio_url_for(revision.folder, revision.rel_path)
 
 
 def _archive(

@@ -29,7 +29,7 @@ SMALL = 1 << 20  # a file this size or smaller is read whole, once: its hash and
 
 @dataclass(frozen=True)
 class Signature:
-    """What identifies a version of a file without reading it: size, mtime and inode."""
+    """What identifies a revision of a file without reading it: size, mtime and inode."""
 
     size: int
     mtime_ns: int
@@ -110,7 +110,7 @@ def sha256_of(path: str | Path) -> tuple[int, str]:
 def read_settled(
     path: str | Path, expected: Signature, *, keep: int = SMALL, hashed: bool = True
 ) -> tuple[str, bytes | None]:
-    """(sha256, content) of a settled file version, read once (blocking); the content is kept only when the file
+    """(sha256, content) of a settled revision, read once (blocking); the content is kept only when the file
     is ``keep`` bytes or smaller, so that its request body needs no second read. FileChanged if it moves underneath.
     ``hashed=False`` skips hashing a kept content whose hash is known already (the sha256 is then "").
     """
@@ -139,7 +139,7 @@ class FileBody:
     ``chunks()`` returns a fresh iterator each time (a retry re-reads from the start). If the file's size,
     mtime or inode differ from ``expected`` at any point, the iterator raises FileChanged. The next block is
     read in a worker thread while the current one is being sent, so disk and socket overlap; at most two
-    blocks are held. Given ``content`` (the whole settled version, read once by :func:`read_settled`), it is
+    blocks are held. Given ``content`` (the whole settled revision, read once by :func:`read_settled`), it is
     sent from memory: no second read, and nothing on disk can change what is sent.
     """
 
@@ -153,7 +153,7 @@ class FileBody:
         content: bytes | None = None,
     ) -> None:
         if content is not None and len(content) != expected.size:
-            raise ValueError(f"content of {len(content)} bytes for a version of {expected.size} bytes")
+            raise ValueError(f"content of {len(content)} bytes for a revision of {expected.size} bytes")
         self.path = Path(path)
         self.name = name or self.path.name
         self.size = expected.size

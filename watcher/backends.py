@@ -98,7 +98,7 @@ class LocalBackend:
         except FileNotFoundError:
             changed = True
         if changed:
-            raise FileChanged("the file changed while it was being analysed; its new version is analysed anew")
+            raise FileChanged("the file changed while it was being analysed; its new revision is analysed anew")
         self._version = answer.get("essentia_version") or self._version
         report = AnalysisReport(requests=1)
         for spec, r in answer.get("results", {}).items():

@@ -1,6 +1,6 @@
 """Back-fill: work a config change added (the archive turned on, a model, a version) for files already processed.
 
-A start or a reload calls :func:`find` with the new settings: every current version in the configured folders
+A start or a reload calls :func:`find` with the new settings: every current revision in the configured folders
 that lacks a pipeline's job gets one, and every finished job that did less than the config now asks (a model
 not stored for its content, a version it did not deliver) is reopened. Paid answers already in the store are
 reused by the pipelines, so only the new work is asked (and passes the gate and the daily caps like any other).
@@ -67,7 +67,7 @@ def find(
     since: Mapping[str, Sequence[str]] | None = None,
     exists: Callable[[str], bool] = os.path.exists,
 ) -> Backfill:
-    """Every current version in the configured folders that lacks work ``pipelines`` now ask for (see module).
+    """Every current revision in the configured folders that lacks work ``pipelines`` now ask for (see module).
 
     ``since``: the work the config asked for when the store last caught up (:func:`asked`); only models and
     versions added since then reopen finished jobs (a backend switched meanwhile does not re-analyse all)."""

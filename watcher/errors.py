@@ -13,7 +13,7 @@ failures are told apart by their class in one place, the runner (watcher.runner)
     └── BadInput         this file: it cannot be processed as it is; other files are unaffected
         ├── Rejected     the service refused this file (4xx) or answered nonsense: a few attempts, then failed
         │   └── Malformed    an answer without the expected field, or a body that is not what was asked for
-        └── FileChanged  the file changed or vanished while it was being read; its new version is handled anew
+        └── FileChanged  the file changed or vanished while it was being read; its new revision is handled anew
 
 Foreign exceptions (httpx, httpx-sse, OSError) are translated at the edge with ``raise ... from``.
 """
@@ -124,6 +124,6 @@ class Malformed(Rejected):
 
 
 class FileChanged(BadInput):
-    """The file changed or disappeared while it was being processed; its newer version is handled anew."""
+    """The file changed or disappeared while it was being processed; its newer revision is handled anew."""
 
     code = "file_changed"

@@ -36,7 +36,7 @@ class Subscriber:
     """Every event, doing nothing: subclasses override what they care about."""
 
     def file_settled(self, folder: str, path: str) -> None:
-        """A new file version settled in ``folder`` and was recorded."""
+        """A new revision settled in ``folder`` and was recorded."""
 
     def outcome(self, outcome: Outcome) -> None:
         """A job ran: its new state (pending, in_doubt, or a final one), and its error if any."""

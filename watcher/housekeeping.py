@@ -163,7 +163,7 @@ class Housekeeping(Subscriber):
         return folders
 
     async def prune(self, app: Graph) -> None:
-        """Forget old replaced and deleted versions (results and paid IDs stay); once at start, then daily."""
+        """Forget old replaced and deleted revisions (results and paid IDs stay); once at start, then daily."""
         now = time.monotonic()
         if now < self._next_prune:
             return
@@ -171,7 +171,7 @@ class Housekeeping(Subscriber):
         days = app.settings.store.retention_days
         forgotten = await app.aio.prune(days)
         if forgotten:
-            log.info("store.pruned", versions=forgotten, older_than_days=days)
+            log.info("store.pruned", revisions=forgotten, older_than_days=days)
 
     # -- the chores ---------------------------------------------------------------------------------------------
 

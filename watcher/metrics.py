@@ -20,7 +20,7 @@ class NullMetrics:
     """Metrics switched off: every call does nothing."""
 
     def file_seen(self, folder: str) -> None:
-        """A new file version settled in ``folder``."""
+        """A new revision settled in ``folder``."""
 
     def file_done(self, pipeline: str) -> None:
         """A job of ``pipeline`` (analyze, archive) finished."""
@@ -98,7 +98,7 @@ class Metrics(NullMetrics):
         r = self.registry
         # prometheus-client adds the _total suffix to counters: watcher_files_seen -> watcher_files_seen_total.
         self._seen = prom.Counter(
-            "watcher_files_seen", "File versions that settled, per folder", ["folder"], registry=r
+            "watcher_files_seen", "Revisions that settled, per folder", ["folder"], registry=r
         )
         self._done = prom.Counter("watcher_files_done", "Jobs finished, per pipeline", ["pipeline"], registry=r)
         self._failed = prom.Counter(

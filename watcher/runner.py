@@ -7,7 +7,7 @@ Failures are classified here, once, by their scope (see watcher.errors), and att
 - service (NeedsUser): that service's pipelines pause for ``needs_user_backoff``; other work goes on;
 - this file (BadInput): failed at once when final, else (the service refused it) a few attempts, then failed;
 - in doubt (InDoubt): held for the user, shown in `watcher status`, until `watcher retry`;
-- a job superseded meanwhile (LeaseLost): its late result is dropped; a newer version has its own job.
+- a job superseded meanwhile (LeaseLost): its late result is dropped; a newer revision has its own job.
 
 One bad file never stops the runner.
 """
@@ -228,7 +228,7 @@ class Runner:
                 path=display(job.file.path),
                 pipeline=job.pipeline,
                 reason=str(exc),
-                next="its paid results are kept; the newer version is handled by its own job",
+                next="its paid results are kept; the newer revision is handled by its own job",
             )
             return Outcome(job, State.SUPERSEDED, str(exc), "superseded")
         finally:
@@ -240,7 +240,7 @@ class Runner:
         path = display(job.file.path)
         if isinstance(exc, FileChanged):
             log.warning(
-                "job.file_changed", path=path, pipeline=job.pipeline, error=str(exc), next="its new version is handled"
+                "job.file_changed", path=path, pipeline=job.pipeline, error=str(exc), next="its new revision is handled"
             )
             self.rehint(job.file.path)
             return await self._finish(job, StepResult(State.SUPERSEDED, note=str(exc)), error_code=exc.code)

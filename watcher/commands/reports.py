@@ -79,9 +79,9 @@ def current_path(settings: Settings, shown: str) -> str | None:
 
     store = open_store(settings)
     try:
-        if store.current_version(os.path.abspath(shown)) is not None:
+        if store.current_revision(os.path.abspath(shown)) is not None:
             return os.path.abspath(shown)
         real = find_shown(os.path.abspath(shown))  # a name with undecodable bytes: found in its folder on disk
-        return real if real is not None and store.current_version(real) is not None else None
+        return real if real is not None and store.current_revision(real) is not None else None
     finally:
         store.close()

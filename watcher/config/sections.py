@@ -254,7 +254,7 @@ class RetryConfig(_Section):
 class StoreConfig(_Section):
     """The durable store: SQLite under state_dir, or (``url``) one PostgreSQL database several machines share."""
 
-    retention_days: float = Field(90.0, gt=0, description="forget replaced and deleted versions after this long")
+    retention_days: float = Field(90.0, gt=0, description="forget replaced and deleted revisions after this long")
     url: str = Field("", description="postgresql://USER@HOST:PORT/DB (libpq); empty keeps SQLite under state_dir")
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, description="this machine, in status")
     passfile: Path | None = Field(None, description="libpq password file (else PGPASSFILE or the pgpass credential)")

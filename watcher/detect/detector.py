@@ -178,7 +178,7 @@ class Detector:
         return count
 
     async def _recorded(self, folder: str) -> Recorded:
-        """The sink's recorded versions of ``folder`` (off the loop); none when asking fails (every file is
+        """The sink's recorded revisions of ``folder`` (off the loop); none when asking fails (every file is
         then hinted and checked one by one, as if new)."""
         try:
             return await self._pool.call(functools.partial(self.sink.recorded, folder))

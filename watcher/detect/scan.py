@@ -18,7 +18,7 @@ from watcher.detect.settle import link_stays_inside
 log = structlog.get_logger("watcher.detect")
 
 
-# path -> (size, mtime_ns, inode) of the version the store holds; an inode of None is not compared
+# path -> (size, mtime_ns, inode) of the revision the store holds; an inode of None is not compared
 Recorded = Mapping[str, tuple[int, int, int | None]]
 
 

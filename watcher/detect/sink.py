@@ -1,4 +1,4 @@
-"""What detection hands over: a settled file version (:class:`Settled`), and the sink that records it."""
+"""What detection hands over: a settled revision (:class:`Settled`), and the sink that records it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from watcher.detect.scan import Recorded
 
 @dataclass(frozen=True)
 class Settled:
-    """One settled file version, as the sink records it."""
+    """One settled revision, as the sink records it."""
 
     folder: FolderConfig
     path: str
@@ -27,19 +27,19 @@ class ReadySink(Protocol):
     ``ready_many`` are awaited on it (the store's own threads do the writing)."""
 
     def known(self, path: str, sig: Signature) -> bool:
-        """True when this exact version was already recorded (no need to wait for it to settle)."""
+        """True when this exact revision was already recorded (no need to wait for it to settle)."""
         ...
 
     async def ready(
         self, folder: FolderConfig, path: str, rel_path: str, sig: Signature, *, live: bool = False
     ) -> None:
-        """A file version that stayed unchanged for its folder's settle window (``live``: see :class:`Settled`)."""
+        """A revision that stayed unchanged for its folder's settle window (``live``: see :class:`Settled`)."""
         ...
 
     async def ready_many(self, files: Sequence[Settled]) -> None:
-        """Several settled versions at once, all or none (one transaction): when it raises, none is recorded."""
+        """Several settled revisions at once, all or none (one transaction): when it raises, none is recorded."""
         ...
 
     def recorded(self, folder: str) -> Recorded:
-        """Every version recorded as current under ``folder``, in one answer (what a whole-folder scan skips)."""
+        """Every revision recorded as current under ``folder``, in one answer (what a whole-folder scan skips)."""
         ...

@@ -3,7 +3,7 @@ manifests on disk instead of being paid for again.
 
 Trust is decided by content and by who did the work, never by names or times:
 
-- a **sidecar** is trusted for a file version when its source size and sha256 are the file's (its mtime may
+- a **sidecar** is trusted for a revision when its source size and sha256 are the file's (its mtime may
   differ after a copy to a new machine), its backend is the remote service at the same endpoint, and its account
   fingerprint (sidecar schema 1.1), when it has one, is the configured account's. A sidecar written before the
   fingerprint was recorded is trusted for the same endpoint.
@@ -31,7 +31,7 @@ from watcher.config import canonical_endpoint
 from watcher.fsutil import read_json_object
 from watcher.names import display
 from watcher.pipelines.sidecar import SCHEMA_MINOR, source_document, write_sidecar
-from watcher.store import FileVersion, Operation, StoredResult
+from watcher.store import FileRevision, Operation, StoredResult
 
 log = structlog.get_logger("watcher.adopt")
 
@@ -134,7 +134,7 @@ class AdoptingGate(Protocol):
 
 async def record_paid(
     path: Path,
-    version: FileVersion,
+    revision: FileRevision,
     sha256: str,
     answered: Mapping[str, tuple[Operation, str]],
     *,
@@ -149,7 +149,7 @@ async def record_paid(
     paid = {
         "service": services.pop() if len(services) == 1 else "",
         "sha256": sha256,
-        "size": version.size,
+        "size": revision.size,
         "operations": {
             name: {"operation": op.name, "params": op.params, "id": result} for name, (op, result) in answered.items()
         },
@@ -161,13 +161,13 @@ async def record_paid(
         "delivery": None,
         "paid": paid,
     }
-    update = {"schema_minor": SCHEMA_MINOR, "source": source_document(version, sha256), "archive": archive}
+    update = {"schema_minor": SCHEMA_MINOR, "source": source_document(revision, sha256), "archive": archive}
     try:
-        await write_sidecar(path, sha256, update, version=version, live=live)
+        await write_sidecar(path, sha256, update, revision=revision, live=live)
     except OSError as exc:
         log.warning(
             "archive.record_failed",
-            path=version.path,
+            path=revision.path,
             sidecar=display(path),
             error=exc.strerror or str(exc),
             next="the store keeps the IDs; a lost store would not find them beside the file",

@@ -27,14 +27,14 @@ from watcher.pipelines.base import SpendObserver, StepResult
 from watcher.pipelines.paid import GateStore, PaidCalls, ending_of
 from watcher.pipelines.precheck import Checked, precheck
 from watcher.pipelines.sidecar import analysis_document, sidecar_path, write_sidecar
-from watcher.store import Fence, FileVersion, Job, Operation, State, Step, StoredResult
+from watcher.store import Fence, FileRevision, Job, Operation, State, Step, StoredResult
 
 log = structlog.get_logger("watcher.analyze")
 BUDGET = "analysis"
-AudioURL = Callable[[FileVersion], str | None]  # where the service fetches a file itself (None: send its bytes)
+AudioURL = Callable[[FileRevision], str | None]  # where the service fetches a file itself (None: send its bytes)
 
 
-def no_audio_url(version: FileVersion) -> str | None:
+def no_audio_url(revision: FileRevision) -> str | None:
     """Every file's bytes are sent in the request body."""
     return None
 
@@ -121,7 +121,7 @@ class AnalyzeStore(GateStore, Protocol):
 
 
 class AnalyzePipeline:
-    """Turns a settled file version into a sidecar."""
+    """Turns a settled revision into a sidecar."""
 
     name = "analyze"
     first_step = Step.ANALYZE
@@ -282,8 +282,8 @@ class AnalyzePipeline:
             backend |= {"input": "body"} if url is None else {"input": "audio-url", "audio_url": without_query(url)}
         doc = analysis_document(job.file, sha256, backend=backend, models=self.models, results=results, errors=errors)
         target = sidecar_path(job.file.path, job.file.folder, self.sidecar)
-        written = await write_sidecar(target, sha256, doc, version=job.file, live=lambda: self.store.is_live(job))
+        written = await write_sidecar(target, sha256, doc, revision=job.file, live=lambda: self.store.is_live(job))
         if written:  # recorded by the release that ends the step (the sidecar itself is on disk already)
             job.data["sidecar"] = str(target)
         elif await self.store.is_live(job):
-            raise FileChanged("the file changed before its sidecar was written; its new version is analysed anew")
+            raise FileChanged("the file changed before its sidecar was written; its new revision is analysed anew")

@@ -29,7 +29,7 @@ from watcher.pipelines.paid import GateStore, PaidCalls, Taken, ending_of
 from watcher.pipelines.plan import Op, operation, plan_ops
 from watcher.pipelines.precheck import precheck
 from watcher.pipelines.processor import Processor
-from watcher.pipelines.sidecar import live_version, sidecar_path, source_document, write_sidecar
+from watcher.pipelines.sidecar import live_revision, sidecar_path, source_document, write_sidecar
 from watcher.store import Job, Operation, State, Step
 from watcher.versions import VERSIONS
 
@@ -74,7 +74,7 @@ class ArchiveStore(GateStore, Protocol):
 
 
 class ArchivePipeline:
-    """Drives one file version through the processing service to a delivery folder.
+    """Drives one revision through the processing service to a delivery folder.
 
     Steps: ``check`` → ``upload`` → ``process`` (request what is due, poll what is in flight) → ``fetch``.
     """
@@ -182,19 +182,19 @@ class ArchivePipeline:
 
     async def _upload(self, job: Job, content: bytes | None = None) -> StepResult:
         """Upload the file (from ``content``, a small file's settled bytes read by the check, else from disk)."""
-        version = job.file
+        revision = job.file
         op = self.operation(job.data["sha256"], "audio")
 
         async def upload() -> str:
             # The service echoes this name in its zips: one safe component, whatever bytes the name holds.
-            label = safe_component(os.path.basename(version.path), "audio.wav")
-            settled = Signature(version.size, version.mtime_ns, version.inode)
-            body = FileBody(version.path, settled, name=label, content=content, chunk_size=UPLOAD_CHUNK)
-            log.info("archive.upload_started", path=version.path, size=version.size)
+            label = safe_component(os.path.basename(revision.path), "audio.wav")
+            settled = Signature(revision.size, revision.mtime_ns, revision.inode)
+            body = FileBody(revision.path, settled, name=label, content=content, chunk_size=UPLOAD_CHUNK)
+            log.info("archive.upload_started", path=revision.path, size=revision.size)
             return await self.processor.upload(body)
 
         audio_id = await self._paid(job, op, upload)
-        log.info("archive.uploaded", path=version.path, audio_id=audio_id)
+        log.info("archive.uploaded", path=revision.path, audio_id=audio_id)
         await self.store.commit(job, step=Step.PROCESS, audio_id=audio_id, polls=0)
         await self._record(job, {"audio": audio_id})
         return await self._process(job)
@@ -356,7 +356,7 @@ class ArchivePipeline:
                 job,
                 ready,
                 dict(job.data.get("ids", {})),
-                placing=lambda: live_version(sidecar, job.file, lambda: self.store.is_live(job)),
+                placing=lambda: live_revision(sidecar, job.file, lambda: self.store.is_live(job)),
             )
             versions.update(dict.fromkeys(ready, "delivered"))
             if job.data.get("estimated"):
@@ -376,7 +376,7 @@ class ArchivePipeline:
                     "delivery": display(delivery),
                 },
             },
-            version=job.file,
+            revision=job.file,
             live=lambda: self.store.is_live(job),
         )
         failed = [v for v, s in versions.items() if s.startswith("failed")]

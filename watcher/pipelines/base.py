@@ -50,7 +50,7 @@ class NullSpend:
 
 
 class Pipeline(Protocol):
-    """What is done to every file version (``name``: analyze, archive), in steps; ``run`` takes a claimed job
+    """What is done to every revision (``name``: analyze, archive), in steps; ``run`` takes a claimed job
     from its step as far as it can go now and says where the job goes next.
 
     It raises the errors of watcher.errors when it cannot go on; the runner turns them into a schedule and a

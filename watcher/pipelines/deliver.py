@@ -2,7 +2,7 @@
 
 Layout: ``<output_dir>/<path inside the watched folder, without extension>/`` holding the track versions,
 stems under ``stems/<version>/``, and ``manifest.json``. Everything is assembled in a temp folder inside
-the output folder and renamed into place. A newer version of the same source never overwrites an older
+the output folder and renamed into place. A newer revision of the same source never overwrites an older
 delivery: the older folder is renamed to ``<name>.replaced-<UTC time>`` first, and the log says so.
 """
 
@@ -117,7 +117,7 @@ async def _always() -> AsyncIterator[bool]:
 
 
 class Deliverer:
-    """Turns finished remote versions into one verified delivery folder per file version."""
+    """Turns finished remote versions into one verified delivery folder per revision."""
 
     def __init__(self, downloads: Downloads, cfg: ArchiveConfig, output_for: Callable[[Job], Path | None]) -> None:
         self.downloads = downloads
@@ -158,11 +158,11 @@ class Deliverer:
     async def deliver(
         self, job: Job, versions: Sequence[str], ids: Mapping[str, str], *, placing: Placing = _always
     ) -> Path:
-        """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per file version.
+        """Fetch, verify and place ``versions``; returns the delivery folder. Idempotent per revision.
 
         ``placing`` is held while the staged folder is renamed into place and says whether the job may still
-        place it (live, its version still the one on disk); if not, nothing in the output folder is touched
-        (LeaseLost): a superseded job's late download never replaces the newer version's delivery."""
+        place it (live, its revision still the one on disk); if not, nothing in the output folder is touched
+        (LeaseLost): a superseded job's late download never replaces the newer revision's delivery."""
         target = self.target(job)
         sha256 = job.data["sha256"]
         existing = await asyncio.to_thread(_manifest, target)
@@ -360,7 +360,7 @@ class Deliverer:
                 path=display(job.file.path),
                 delivery=display(target),
                 previous=display(kept),
-                reason="a newer version of this source was delivered",
+                reason="a newer revision of this source was delivered",
             )
         publish_tree(staging)
         os.rename(staging, target)

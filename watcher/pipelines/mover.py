@@ -1,8 +1,8 @@
-"""After a file version's pipelines all ended: move the source (and its sidecar) into the folder's done or
+"""After a revision's pipelines all ended: move the source (and its sidecar) into the folder's done or
 failed folder, when one is configured. Default: leave it where it is.
 
-The mover moves exactly the version that finished, or nothing: the file on disk must still have the finished
-version's signature, and the sidecar must describe its content. Moves run in a worker thread, one at a time.
+The mover moves exactly the revision that finished, or nothing: the file on disk must still have the finished
+revision's signature, and the sidecar must describe its content. Moves run in a worker thread, one at a time.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class SourceMover:
         source = Path(job.file.path)
         target = destination / job.file.rel_path
         side = sidecar_path(source, folder.path, self.sidecar)
-        why = self._not_this_version(job, source, side)
+        why = self._not_this_revision(job, source, side)
         if why:
             log.warning("finish.not_moved", path=display(source), reason=why, next="the file stays where it is")
             return None
@@ -95,16 +95,16 @@ class SourceMover:
         log.info("finish.moved", path=display(source), target=display(target), outcome="failed" if failed else "done")
         return target
 
-    def _not_this_version(self, job: Job, source: Path, side: Path) -> str | None:
-        """Why the file on disk is not the version that finished (then nothing moves), or None."""
-        version = job.file
+    def _not_this_revision(self, job: Job, source: Path, side: Path) -> str | None:
+        """Why the file on disk is not the revision that finished (then nothing moves), or None."""
+        revision = job.file
         try:
             now = Signature.of(os.stat(source))
         except OSError as exc:
             return f"the file cannot be read ({exc.strerror})"
-        if now != Signature(version.size, version.mtime_ns, version.inode):
-            return "the file changed after this version finished; its new version is handled on its own"
-        sha256 = version.sha256 or job.data.get("sha256")
+        if now != Signature(revision.size, revision.mtime_ns, revision.inode):
+            return "the file changed after this revision finished; its new revision is handled on its own"
+        sha256 = revision.sha256 or job.data.get("sha256")
         if self.sidecar.directory is None and side.exists() and sha256:
             described = (read_json_object(side) or {}).get("source")
             if not isinstance(described, dict) or described.get("sha256") != sha256:

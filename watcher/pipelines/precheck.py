@@ -1,4 +1,4 @@
-"""The check every pipeline makes before paid work, written once: is the file still the version that settled,
+"""The check every pipeline makes before paid work, written once: is the file still the revision that settled,
 is it audio, what is its content hash and duration. All file system work runs in one worker-thread hop.
 
 The hash is needed before any paid request (the gate is keyed by it), so it is computed on this first read.
@@ -24,12 +24,12 @@ from watcher.store import Job, State
 
 @dataclass(frozen=True)
 class Checked:
-    """A file version ready for paid work: its content hash, what its header says, and its content when small."""
+    """A revision ready for paid work: its content hash, what its header says, and its content when small."""
 
     sha256: str
     duration: float | None
     channels: int | None
-    content: bytes | None = None  # the whole settled version when it is small: its body needs no second read
+    content: bytes | None = None  # the whole settled revision when it is small: its body needs no second read
     charged: float = 0.0  # the audio seconds a paid request for it is charged (see media.charged_seconds)
     estimated: bool = False  # ``charged`` is an upper bound: the headers give no duration
 
@@ -47,49 +47,49 @@ class PrecheckStore(Protocol):
 
 def _look(job: Job, sha256: str | None) -> StepResult | Checked:
     """In a worker thread: the file's state, or what paid work needs (hashing it unless ``sha256`` is known)."""
-    version = job.file
-    settled = Signature(version.size, version.mtime_ns, version.inode)
-    if not os.path.isdir(version.folder):
-        raise RetryLater(f"the watched folder {version.folder} is not available (unmounted share?)")
+    revision = job.file
+    settled = Signature(revision.size, revision.mtime_ns, revision.inode)
+    if not os.path.isdir(revision.folder):
+        raise RetryLater(f"the watched folder {revision.folder} is not available (unmounted share?)")
     try:
-        current = Signature.of(os.stat(version.path))
+        current = Signature.of(os.stat(revision.path))
         if current != settled:
-            raise FileChanged("the file changed after it settled; its new version is handled anew")
-        if version.size == 0:
-            return StepResult(State.SKIPPED, note="the file is empty (0 bytes); a later write makes it a new version")
-        if version.size <= SMALL:
-            digest, content = read_settled(version.path, settled, hashed=sha256 is None)
+            raise FileChanged("the file changed after it settled; its new revision is handled anew")
+        if revision.size == 0:
+            return StepResult(State.SKIPPED, note="the file is empty (0 bytes); a later write makes it a new revision")
+        if revision.size <= SMALL:
+            digest, content = read_settled(revision.path, settled, hashed=sha256 is None)
             assert content is not None
             container = audio_format(content)
             header = io.BytesIO(content)
-            header.name = version.path  # mutagen guesses some formats from the name
-            info = audio_info(version.path, fileobj=header, container=container)
-            charged, estimated = charged_seconds(info, version.size, container)
+            header.name = revision.path  # mutagen guesses some formats from the name
+            info = audio_info(revision.path, fileobj=header, container=container)
+            charged, estimated = charged_seconds(info, revision.size, container)
             return Checked(sha256 or digest, info.duration, info.channels, content, charged, estimated)
-        container = check_audio(version.path)
+        container = check_audio(revision.path)
         if sha256 is None:
-            sha256, _ = read_settled(version.path, settled)
+            sha256, _ = read_settled(revision.path, settled)
     except FileNotFoundError:
         return StepResult(State.GONE, note=f"the file was deleted before {job.pipeline} started")
-    info = audio_info(version.path)
-    charged, estimated = charged_seconds(info, version.size, container)
+    info = audio_info(revision.path)
+    charged, estimated = charged_seconds(info, revision.size, container)
     return Checked(sha256, info.duration, info.channels, None, charged, estimated)
 
 
 async def precheck(store: PrecheckStore, job: Job) -> StepResult | Checked:
-    """Check the job's file version; a final StepResult (gone, skipped) or what paid work needs to know.
+    """Check the job's revision; a final StepResult (gone, skipped) or what paid work needs to know.
 
-    Raises FileChanged (a newer version is coming), BadInput (not audio) or RetryLater (folder unavailable).
-    The hash is computed once per version and shared by every pipeline through the store; the job's data
+    Raises FileChanged (a newer revision is coming), BadInput (not audio) or RetryLater (folder unavailable).
+    The hash is computed once per revision and shared by every pipeline through the store; the job's data
     takes it too, written with the job's next commit or release (the step's one transaction).
     """
-    version = job.file
-    known = version.sha256 or job.data.get("sha256")
+    revision = job.file
+    known = revision.sha256 or job.data.get("sha256")
     checked = await asyncio.to_thread(_look, job, known)
     if isinstance(checked, StepResult):
         return checked
     if known is None:
-        await store.set_sha256(version.id, checked.sha256)
+        await store.set_sha256(revision.id, checked.sha256)
     job.data.update(
         sha256=checked.sha256,
         duration=checked.duration,

@@ -22,7 +22,7 @@ from watcher.audiofile import Signature
 from watcher.config import SidecarConfig
 from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.names import display
-from watcher.store import FileVersion, StoredResult
+from watcher.store import FileRevision, StoredResult
 
 SCHEMA_VERSION = 1
 # 1: backend.account, the fingerprint of the account the results were paid with; 2: archive.paid, the processing IDs
@@ -60,19 +60,19 @@ def _read(path: Path, sha256: str) -> dict[str, Any]:
     return doc
 
 
-def source_document(version: FileVersion, sha256: str) -> dict[str, Any]:
+def source_document(revision: FileRevision, sha256: str) -> dict[str, Any]:
     """What a sidecar says about the audio file it describes."""
     return {
-        "name": display(Path(version.path).name),
-        "path": display(version.path),
-        "size": version.size,
+        "name": display(Path(revision.path).name),
+        "path": display(revision.path),
+        "size": revision.size,
         "sha256": sha256,
-        "mtime": _iso(version.mtime_ns / 1e9),
+        "mtime": _iso(revision.mtime_ns / 1e9),
     }
 
 
 def analysis_document(
-    version: FileVersion,
+    revision: FileRevision,
     sha256: str,
     *,
     backend: Mapping[str, Any],
@@ -80,7 +80,7 @@ def analysis_document(
     results: Mapping[str, StoredResult],
     errors: Sequence[Mapping[str, str | None]],
 ) -> dict[str, Any]:
-    """The analysis part of a sidecar for one file version."""
+    """The analysis part of a sidecar for one revision."""
     by_name: dict[str, Any] = {}
     for spec in models:
         r = results.get(spec)
@@ -94,7 +94,7 @@ def analysis_document(
     return {
         "schema_version": SCHEMA_VERSION,
         "schema_minor": SCHEMA_MINOR,
-        "source": source_document(version, sha256),
+        "source": source_document(revision, sha256),
         "backend": dict(backend),
         "models_requested": list(models),
         "models": by_name,
@@ -108,13 +108,13 @@ async def write_sidecar(
     sha256: str,
     update: Mapping[str, Any],
     *,
-    version: FileVersion | None = None,
+    revision: FileRevision | None = None,
     live: Callable[[], Awaitable[bool]] | None = None,
 ) -> bool:
     """Merge ``update`` into the sidecar at ``path`` (kept if it describes the same content); write atomically.
 
     Nothing is written (False) when ``live()`` says the job was superseded, or when the audio on disk is no
-    longer ``version`` (a newer version will write its own sidecar): a late result never overwrites a newer one.
+    longer ``revision`` (a newer revision will write its own sidecar): a late result never overwrites a newer one.
     Both checks run under the path's lock, which every sidecar write in this process takes.
     """
     async with _lock(path):
@@ -122,7 +122,7 @@ async def write_sidecar(
             return False
 
         def merge_and_write() -> bool:
-            if version is not None and not _on_disk(version):
+            if revision is not None and not _on_disk(revision):
                 return False
             doc = _read(path, sha256)
             doc.update(update)
@@ -142,18 +142,18 @@ def _lock(path: Path) -> asyncio.Lock:
     return lock
 
 
-def _on_disk(version: FileVersion) -> bool:
-    """True while the audio on disk is still ``version`` (size, mtime, inode)."""
+def _on_disk(revision: FileRevision) -> bool:
+    """True while the audio on disk is still ``revision`` (size, mtime, inode)."""
     try:
-        now = Signature.of(os.stat(version.path))
+        now = Signature.of(os.stat(revision.path))
     except OSError:
         return False
-    return now == Signature(version.size, version.mtime_ns, version.inode)
+    return now == Signature(revision.size, revision.mtime_ns, revision.inode)
 
 
 @contextlib.asynccontextmanager
-async def live_version(path: Path, version: FileVersion, live: Callable[[], Awaitable[bool]]) -> AsyncIterator[bool]:
+async def live_revision(path: Path, revision: FileRevision, live: Callable[[], Awaitable[bool]]) -> AsyncIterator[bool]:
     """Hold the sidecar at ``path``'s lock (the one every sidecar write takes) and say whether the job is still
-    live and the audio on disk still ``version``: what a delivery checks before it touches the output folder."""
+    live and the audio on disk still ``revision``: what a delivery checks before it touches the output folder."""
     async with _lock(path):
-        yield await live() and await asyncio.to_thread(_on_disk, version)
+        yield await live() and await asyncio.to_thread(_on_disk, revision)

@@ -1,8 +1,8 @@
-"""The durable store, the single source of truth for every file version and its jobs: SQLite in WAL mode
+"""The durable store, the single source of truth for every revision and its jobs: SQLite in WAL mode
 (:mod:`watcher.store.sqlite`) or PostgreSQL (:mod:`watcher.store.postgres`), both behind the ports of
 :mod:`watcher.store.ports` and both deciding through the same rules (:mod:`watcher.store.rules`).
 
-One row per file version (path, size, mtime, inode, content hash), one job per version and pipeline
+One row per revision (path, size, mtime, inode, content hash), one job per revision and pipeline
 (``analyze``, ``archive``) with its step, state, attempts, next attempt, lease and last error,
 a content-addressed cache of analysis results, and the gate every paid operation passes (with its spend
 ledger). Steps use it through claim (with a lease), commit and release, and the gate; it knows nothing of
@@ -16,10 +16,10 @@ from watcher.store.models import (
     TERMINAL,
     Fence,
     FileQuery,
-    FileVersion,
+    FileRevision,
     Job,
     Listed,
-    NewVersion,
+    NewRevision,
     Operation,
     Problem,
     State,
@@ -36,11 +36,11 @@ __all__ = [
     "TERMINAL",
     "Fence",
     "FileQuery",
-    "FileVersion",
+    "FileRevision",
     "Job",
     "LeaseLost",
     "Listed",
-    "NewVersion",
+    "NewRevision",
     "Operation",
     "Problem",
     "State",

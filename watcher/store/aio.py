@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from watcher.store.models import Fence, FileVersion, Job, NewVersion, Operation, State, Step, StoredResult, Ticket
+from watcher.store.models import Fence, FileRevision, Job, NewRevision, Operation, State, Step, StoredResult, Ticket
 from watcher.store.ports import StorePort
 
 CLOSE_PATIENCE = 1.0  # seconds a closing store waits for its calls under way before it ends them (see aclose)
@@ -111,13 +111,13 @@ class AsyncStore:
 
     # -- registry ----------------------------------------------------------------------------------------------
 
-    async def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
-        return await self.call(self.sync.known_version, path, size, mtime_ns, inode)
+    async def known_revision(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        return await self.call(self.sync.known_revision, path, size, mtime_ns, inode)
 
     async def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
         return await self.call(self.sync.current_signatures, folder)
 
-    async def register_version(
+    async def register_revision(
         self,
         *,
         folder: str,
@@ -131,7 +131,7 @@ class AsyncStore:
         priority: int = 0,
     ) -> tuple[int, bool]:
         return await self.call(
-            self.sync.register_version,
+            self.sync.register_revision,
             folder=folder,
             path=path,
             rel_path=rel_path,
@@ -143,13 +143,13 @@ class AsyncStore:
             priority=priority,
         )
 
-    async def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]]
+    async def register_revisions(
+        self, revisions: Sequence[NewRevision], *, jobs: Iterable[tuple[str, Step]]
     ) -> list[tuple[int, bool]]:
-        return await self.call(self.sync.register_versions, versions, jobs=list(jobs))
+        return await self.call(self.sync.register_revisions, revisions, jobs=list(jobs))
 
-    async def current_version(self, path: str) -> FileVersion | None:
-        return await self.call(self.sync.current_version, path)
+    async def current_revision(self, path: str) -> FileRevision | None:
+        return await self.call(self.sync.current_revision, path)
 
     async def set_sha256(self, file_id: int, sha256: str) -> None:
         await self.call(self.sync.set_sha256, file_id, sha256)

@@ -1,4 +1,4 @@
-"""What the store hands out: file versions, claimed jobs, stored results, remote IDs, problems; the job states
+"""What the store hands out: revisions, claimed jobs, stored results, remote IDs, problems; the job states
 and the file list's query, the same in both adapters."""
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ TERMINAL = frozenset({State.DONE, State.FAILED, State.SKIPPED, State.SUPERSEDED,
 STATES = frozenset(State)
 
 @dataclass(frozen=True)
-class FileVersion:
-    """One version of one file, as the store knows it."""
+class FileRevision:
+    """One revision of one file (one content of one path), as the store knows it."""
 
     id: int
     folder: str
@@ -74,8 +74,8 @@ class FileVersion:
 
 
 @dataclass(frozen=True)
-class NewVersion:
-    """A settled file version for :meth:`register_versions`: what detection saw of it."""
+class NewRevision:
+    """A settled revision for :meth:`register_revisions`: what detection saw of it."""
 
     folder: str
     path: str
@@ -89,7 +89,7 @@ class NewVersion:
 
 @dataclass
 class Job:
-    """One pipeline for one file version: the ``step`` it stands at and its ``state`` (see ``STATES``)."""
+    """One pipeline for one revision: the ``step`` it stands at and its ``state`` (see ``STATES``)."""
 
     id: int
     pipeline: str
@@ -97,7 +97,7 @@ class Job:
     state: State
     attempts: int
     data: dict[str, Any]
-    file: FileVersion
+    file: FileRevision
     last_error: str | None = None
     error_code: str | None = None
     holder: str | None = None  # who holds the lease: commits and releases by anyone else are refused
@@ -228,9 +228,9 @@ class FileQuery:
 
 @dataclass
 class Listed:
-    """One current file version with its jobs and the key, scale and tempo its stored results give."""
+    """One current revision with its jobs and the key, scale and tempo its stored results give."""
 
-    file: FileVersion
+    file: FileRevision
     key: str | None = None
     scale: str | None = None
     bpm: float | None = None
@@ -244,8 +244,8 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def _version(row: sqlite3.Row) -> FileVersion:
-    return FileVersion(
+def _revision(row: sqlite3.Row) -> FileRevision:
+    return FileRevision(
         id=row["fid"],
         folder=from_db(row["folder"]),
         path=from_db(row["path"]),
@@ -267,7 +267,7 @@ _JOB_SELECT = """
 @dataclass(frozen=True)
 class RetryAsk:
     """What `retry` was asked for, the rule both stores apply to each pending, failed or held job of a current
-    version: any under the paths asked for (``by_path``); else every failed one (``failed``), every one held
+    revision: any under the paths asked for (``by_path``); else every failed one (``failed``), every one held
     (``in_doubt``), every one waiting on its paused service (``waiting_on_service``: a refused key, no credits).
     ``pipelines`` narrows it to those pipelines."""
 

@@ -32,7 +32,7 @@ T = TypeVar("T")
 SLACK = 0.5  # seconds over the guard's own wait for a paid answer, for the hop to the store's thread
 START_RETRY_MAX = 30.0  # at start, the longest wait between two tries to open the store
 SLOW_SECONDS = 5.0  # a shared store's call unanswered this long means it is away (its pool waits, not fails)
-WAIT_FOR_STORE = ("register_version", "register_versions")  # these wait for the store to be back
+WAIT_FOR_STORE = ("register_revision", "register_revisions")  # these wait for the store to be back
 WAIT_POLL = 0.05  # the shortest wait for a probe to end or fall due
 
 

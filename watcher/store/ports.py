@@ -17,10 +17,10 @@ from typing import Any, Protocol
 from watcher.store.models import (
     Fence,
     FileQuery,
-    FileVersion,
+    FileRevision,
     Job,
     Listed,
-    NewVersion,
+    NewRevision,
     Operation,
     Problem,
     State,
@@ -31,16 +31,16 @@ from watcher.store.models import (
 
 
 class Registry(Protocol):
-    """File versions, as detection records them."""
+    """Revisions, as detection records them."""
 
-    def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool: ...
+    def known_revision(self, path: str, size: int, mtime_ns: int, inode: int) -> bool: ...
 
     def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        """One query: the current versions under ``folder``, local path -> (size, mtime_ns, inode); the inode
+        """One query: the current revisions under ``folder``, local path -> (size, mtime_ns, inode); the inode
         is None where the adapter does not compare it (a store shared across mounts)."""
         ...
 
-    def register_version(
+    def register_revision(
         self,
         *,
         folder: str,
@@ -55,11 +55,11 @@ class Registry(Protocol):
         priority: int = 0,
     ) -> tuple[int, bool]: ...
 
-    def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
+    def register_revisions(
+        self, revisions: Sequence[NewRevision], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
     ) -> list[tuple[int, bool]]: ...
 
-    def current_version(self, path: str) -> FileVersion | None: ...
+    def current_revision(self, path: str) -> FileRevision | None: ...
 
     def set_sha256(self, file_id: int, sha256: str) -> None: ...
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from watcher import __version__
 from watcher.errors import ConfigError
-from watcher.store.models import Fence, FileVersion, Job, Operation, State, Step, Ticket
+from watcher.store.models import Fence, FileRevision, Job, Operation, State, Step, Ticket
 
 WAIT_SECONDS = 1.0  # a taker told to wait looks again this much later
 UNPAID = ("not_sent", "refused")  # ledger endings that cost nothing: taken back out of the day's spend
@@ -49,7 +49,7 @@ OpKey = tuple[str, str, str, str]
 
 
 class LeaseLost(Exception):
-    """A job's commit or release was refused: its lease was lost or it was superseded (a newer version arrived).
+    """A job's commit or release was refused: its lease was lost or it was superseded (a newer revision arrived).
 
     The work it did is kept where it was paid for (results, operation IDs); the job's row is not touched.
     """
@@ -221,8 +221,8 @@ def fenced(rowcount: int, job: Job) -> None:
 # -- rows -----------------------------------------------------------------------------------------------------
 
 
-def job_of(row: Any, file: FileVersion) -> Job:
-    """A job from its row (as either adapter's job select reads it) and its file version."""
+def job_of(row: Any, file: FileRevision) -> Job:
+    """A job from its row (as either adapter's job select reads it) and its revision."""
     return Job(
         id=int(row["id"]),
         pipeline=row["pipeline"],

@@ -1,5 +1,5 @@
-"""The PostgreSQL store's foundation: connection, transactions, migrations, clocks, folder IDs, rows to file
-versions and jobs, and the operation writes the gate and the cache share."""
+"""The PostgreSQL store's foundation: connection, transactions, migrations, clocks, folder IDs, rows to
+revisions and jobs, and the operation writes the gate and the cache share."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 
 from watcher.names import text
 from watcher.store.lanes import ClaimOrder
-from watcher.store.models import Fence, FileVersion, Job, Operation
+from watcher.store.models import Fence, FileRevision, Job, Operation
 from watcher.store.ports import StoreUnavailable
 from watcher.store.postgres.pool import CONNECT_SECONDS, Pool, StoreUnreachable, first_line, redact
 from watcher.store.postgres.schema import (
@@ -207,14 +207,14 @@ class PgBase:
             ids.extend(int(r["id"]) for r in db.execute(f"SELECT id FROM files WHERE {where}", args))
         return ids
 
-    def _version(self, row: dict[str, Any]) -> FileVersion:
+    def _revision(self, row: dict[str, Any]) -> FileRevision:
         rel = os.fsdecode(bytes(row["rel_path"]))
         local = self._paths.get(row["folder_id"])
         if local is not None:
             folder, path = local, os.path.join(local, rel)
         else:
             folder, path = os.fsdecode(bytes(row["folder"])), os.fsdecode(bytes(row["path"]))
-        return FileVersion(
+        return FileRevision(
             id=int(row["fid"]),
             folder=folder,
             path=path,
@@ -227,7 +227,7 @@ class PgBase:
         )
 
     def _job(self, row: dict[str, Any]) -> Job:
-        job = job_of(row, self._version(row))
+        job = job_of(row, self._revision(row))
         job.seen_holder = row.get("lease_owner") if row.get("lease_until") else None
         return job
 

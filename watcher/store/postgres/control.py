@@ -74,7 +74,7 @@ class PgControlMixin(_Base):
         ]
 
     def problems(self, limit: int | None = None) -> list[Problem]:
-        """Current versions whose jobs failed, are held or wait to retry after an error (the first ``limit``)."""
+        """Current revisions whose jobs failed, are held or wait to retry after an error (the first ``limit``)."""
         rows = self._all(
             JOB_SELECT + "WHERE f.current AND (j.state IN ('failed', 'in_doubt') OR (j.last_error IS NOT NULL "
             "AND j.state='pending')) ORDER BY f.folder_id, f.rel_path, j.pipeline LIMIT %s",
@@ -115,7 +115,7 @@ class PgControlMixin(_Base):
         waiting_on_service: bool = False,
         pipelines: Sequence[str] | None = None,
     ) -> int:
-        """Make jobs of current versions due now at the step they stopped at (see the SQLite adapter)."""
+        """Make jobs of current revisions due now at the step they stopped at (see the SQLite adapter)."""
         ask = RetryAsk(
             by_path=paths is not None,
             failed=failed,
@@ -152,7 +152,7 @@ class PgControlMixin(_Base):
         return int(self._run(go))
 
     def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int:
-        """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (see the SQLite adapter)."""
+        """Queue ``pipeline`` at ``step`` for revisions that have no job of it yet (see the SQLite adapter)."""
 
         def go(db: psycopg.Connection[Any]) -> int:
             now = self._now(db)
@@ -187,8 +187,8 @@ class PgControlMixin(_Base):
         return int(self._run(go))
 
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
-        """Forget replaced or deleted versions whose jobs all ended long ago; results and paid IDs stay. Only
-        replaced versions created before the cutoff and those with a job ``gone`` are read (``files_replaced``,
+        """Forget replaced or deleted revisions whose jobs all ended long ago; results and paid IDs stay. Only
+        replaced revisions created before the cutoff and those with a job ``gone`` are read (``files_replaced``,
         ``jobs_gone``)."""
 
         def go(db: psycopg.Connection[Any]) -> int:

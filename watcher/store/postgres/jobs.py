@@ -1,4 +1,4 @@
-"""The PostgreSQL store's file versions and jobs: registration (one registrar per relative path), claims under
+"""The PostgreSQL store's revisions and jobs: registration (one registrar per relative path), claims under
 ``FOR UPDATE SKIP LOCKED`` with leases on the database's clock, fenced commits and releases, next due, counts."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.names import text
 from watcher.store.lanes import LANES
-from watcher.store.models import FileVersion, Job, NewVersion, State, Step
+from watcher.store.models import FileRevision, Job, NewRevision, State, Step
 from watcher.store.postgres.base import got, path_bytes
 from watcher.store.postgres.schema import FENCE, JOB_SELECT, NOT_PAUSED, NOW, TERMINAL_STATES
 from watcher.store.rules import fenced, job_fence
@@ -28,8 +28,8 @@ class PgJobsMixin(_Base):
 
     # -- registry --------------------------------------------------------------------------------------
 
-    def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
-        """True when this version (size and mtime at this relative path; inodes differ across mounts) is known."""
+    def known_revision(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        """True when this revision (size and mtime at this relative path; inodes differ across mounts) is known."""
         where, args = self._where_path(path)
         return (
             self._one(f"SELECT 1 FROM files WHERE {where} AND size=%s AND mtime_ns=%s", (*args, size, mtime_ns))
@@ -37,8 +37,8 @@ class PgJobsMixin(_Base):
         )
 
     def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        """Every current version under ``folder``, in one query: local path -> (size, mtime_ns, None); the inode
-        is not compared, as in :meth:`known_version` (another node sees other inodes through its mount)."""
+        """Every current revision under ``folder``, in one query: local path -> (size, mtime_ns, None); the inode
+        is not compared, as in :meth:`known_revision` (another node sees other inodes through its mount)."""
         fid = self._fid(folder)
         rows = self._all("SELECT rel_path, size, mtime_ns FROM files WHERE folder_id=%s AND current", (fid,))
         return {
@@ -46,7 +46,7 @@ class PgJobsMixin(_Base):
             for r in rows
         }
 
-    def register_version(
+    def register_revision(
         self,
         *,
         folder: str,
@@ -60,34 +60,34 @@ class PgJobsMixin(_Base):
         live: bool = False,
         priority: int = 0,
     ) -> tuple[int, bool]:
-        """Record a settled file version and its jobs; (file id, whether new). Older versions are superseded;
+        """Record a settled revision and its jobs; (file id, whether new). Older revisions are superseded;
         ``live`` and ``priority`` place its jobs in the claim order (see store.lanes)."""
-        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode, live, priority)
+        revision = NewRevision(folder, path, rel_path, size, mtime_ns, inode, live, priority)
         jobs = list(jobs)
-        return self._run(lambda db: self._register(db, version, jobs, self._now(db) if now is None else now))
+        return self._run(lambda db: self._register(db, revision, jobs, self._now(db) if now is None else now))
 
-    def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
+    def register_revisions(
+        self, revisions: Sequence[NewRevision], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
     ) -> list[tuple[int, bool]]:
-        """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
+        """:meth:`register_revision` for several revisions in ONE transaction (all or none); answers in order."""
         jobs = list(jobs)
 
         def go(db: psycopg.Connection[Any]) -> list[tuple[int, bool]]:
             at = self._now(db) if now is None else now  # ``now``: for tests, what the database's clock reads
             # the per-path locks in one order, so that two nodes registering overlapping batches cannot deadlock
-            for key in sorted({self._register_lock(v) for v in versions}):
+            for key in sorted({self._register_lock(v) for v in revisions}):
                 db.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
-            return [self._register(db, v, jobs, at) for v in versions]
+            return [self._register(db, v, jobs, at) for v in revisions]
 
         return self._run(go)
 
-    def _register_lock(self, v: NewVersion) -> str:
+    def _register_lock(self, v: NewRevision) -> str:
         return f"{self._fid(v.folder)}/{path_bytes(v.rel_path).hex()}"
 
     def _register(
-        self, db: psycopg.Connection[Any], v: NewVersion, jobs: list[tuple[str, Step]], at: float
+        self, db: psycopg.Connection[Any], v: NewRevision, jobs: list[tuple[str, Step]], at: float
     ) -> tuple[int, bool]:
-        """One version in an open transaction (see :meth:`register_version`)."""
+        """One revision in an open transaction (see :meth:`register_revision`)."""
         fid = self._fid(v.folder)
         rel = path_bytes(v.rel_path)
         # One registrar per relative path at a time: nodes that see the same file race here.
@@ -106,7 +106,7 @@ class PgJobsMixin(_Base):
             db.execute("UPDATE files SET current=false WHERE id = ANY(%s)", (old,))
             db.execute(
                 "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=%s, "
-                "last_error='a newer version of the file arrived' WHERE file_id = ANY(%s) AND state <> ALL(%s)",
+                "last_error='a newer revision of the file arrived' WHERE file_id = ANY(%s) AND state <> ALL(%s)",
                 (at, old, list(TERMINAL_STATES)),
             )
         new = db.execute(
@@ -123,12 +123,12 @@ class PgJobsMixin(_Base):
             )
         return file_id, True
 
-    def current_version(self, path: str) -> FileVersion | None:
+    def current_revision(self, path: str) -> FileRevision | None:
         where, args = self._where_path(path, "f.")
         row = self._one(
             "SELECT f.id AS fid, f.* FROM files f WHERE " + where + " AND f.current ORDER BY f.id DESC LIMIT 1", args
         )
-        return self._version(row) if row else None
+        return self._revision(row) if row else None
 
     def set_sha256(self, file_id: int, sha256: str) -> None:
         self._run(lambda db: db.execute("UPDATE files SET sha256=%s WHERE id=%s", (sha256, file_id)))

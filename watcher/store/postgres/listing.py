@@ -22,7 +22,7 @@ class PgListingMixin(_Base):
     """Counts, pace and file pages of the PostgreSQL store."""
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Jobs of the current file versions per pipeline and state: the slots the triggers keep, summed."""
+        """Jobs of the current revisions per pipeline and state: the slots the triggers keep, summed."""
         rows = self._all("SELECT pipeline, state, SUM(n) AS n FROM job_counts GROUP BY pipeline, state")
         return by_state({(r["pipeline"], r["state"]): int(r["n"]) for r in rows})
 
@@ -31,7 +31,7 @@ class PgListingMixin(_Base):
         return {p: {s: n for s, n in states.items() if s in OPEN} for p, states in self.counts().items()}
 
     def folder_counts(self) -> dict[str, int]:
-        """Current file versions per folder (this node's path for its folders, else the folder ID)."""
+        """Current revisions per folder (this node's path for its folders, else the folder ID)."""
         rows = self._all("SELECT folder_id, SUM(n) AS n FROM folder_counts GROUP BY folder_id HAVING SUM(n) > 0")
         return {self._paths.get(r["folder_id"], r["folder_id"]): int(r["n"]) for r in rows}
 
@@ -132,7 +132,7 @@ class PgListingMixin(_Base):
         for r in [*rows, *bare]:
             fid = int(r["fid"])
             if fid not in out:
-                out[fid] = Listed(self._version(r), r["music_key"], r["music_scale"], r["bpm"])
+                out[fid] = Listed(self._revision(r), r["music_key"], r["music_scale"], r["bpm"])
             if r["pipeline"] is not None:
                 out[fid].jobs.append(self._job(r))
         return [out[i] for i in ids if i in out]

@@ -64,7 +64,7 @@ class ControlMixin(_Base):
     # -- reporting and control -------------------------------------------------------------------------
 
     def problems(self, limit: int | None = None) -> list[Problem]:
-        """Current versions whose jobs failed, are held in doubt, or wait to retry after an error (the first
+        """Current revisions whose jobs failed, are held in doubt, or wait to retry after an error (the first
         ``limit`` in path order, when given)."""
         with self._lock:
             rows = self._db.execute(
@@ -88,13 +88,13 @@ class ControlMixin(_Base):
         ]
 
     def jobs_of_file(self, file_id: int) -> list[Job]:
-        """Every job of one file version."""
+        """Every job of one revision."""
         with self._lock:
             rows = self._db.execute(_JOB_SELECT + "WHERE f.id=? ORDER BY j.pipeline", (file_id,)).fetchall()
         return [self._job(r) for r in rows]
 
     def jobs_of_current(self) -> list[Job]:
-        """Every job of every current file version (for the per-file view of `watcher status`)."""
+        """Every job of every current revision (for the per-file view of `watcher status`)."""
         with self._lock:
             rows = self._db.execute(_JOB_SELECT + "WHERE f.current=1 ORDER BY f.path, j.pipeline").fetchall()
         return [self._job(r) for r in rows]
@@ -108,7 +108,7 @@ class ControlMixin(_Base):
         waiting_on_service: bool = False,
         pipelines: Sequence[str] | None = None,
     ) -> int:
-        """Make jobs of current versions due now, at the step they stopped at: those under ``paths`` that failed,
+        """Make jobs of current revisions due now, at the step they stopped at: those under ``paths`` that failed,
         wait or are held, every failed one (``failed``), every one held in doubt (``in_doubt``). A held job's
         operations may be sent again (each re-send is counted by the gate). Returns how many jobs were reset."""
         ask = RetryAsk(
@@ -146,7 +146,7 @@ class ControlMixin(_Base):
         return changed
 
     def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int:
-        """Queue ``pipeline`` at ``step`` for versions that have no job of it yet (a back-fill); how many."""
+        """Queue ``pipeline`` at ``step`` for revisions that have no job of it yet (a back-fill); how many."""
         now = time.time()
         added = 0
         with self._tx() as db:

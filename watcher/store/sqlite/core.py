@@ -1,4 +1,4 @@
-"""The store's core: one SQLite connection (WAL), transactions, migrations, file versions and jobs."""
+"""The store's core: one SQLite connection (WAL), transactions, migrations, revisions and jobs."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
-from watcher.store.models import _JOB_SELECT, TERMINAL, FileVersion, Job, NewVersion, State, Step, _version
+from watcher.store.models import _JOB_SELECT, TERMINAL, FileRevision, Job, NewRevision, State, Step, _revision
 from watcher.store.rules import fenced, job_fence, job_of, too_new
 from watcher.store.sqlite.backup import before_migration
 from watcher.store.sqlite.schema import _NOT_PAUSED, SCHEMA, statements
 
 
 class StoreBase:
-    """The connection, transactions, migrations, file versions and jobs."""
+    """The connection, transactions, migrations, revisions and jobs."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         """Open (and create or migrate) the store at ``path``; ``readonly`` opens an existing one for reading only
@@ -92,10 +92,10 @@ class StoreBase:
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {number}")
 
-    # -- file versions -------------------------------------------------------------------------------
+    # -- revisions -----------------------------------------------------------------------------------
 
-    def known_version(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
-        """True when this exact version of the path is already in the store."""
+    def known_revision(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
+        """True when this exact revision of the path is already in the store."""
         with self._lock:
             row = self._db.execute(
                 "SELECT 1 FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
@@ -104,7 +104,7 @@ class StoreBase:
         return row is not None
 
     def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        """Every current version recorded under ``folder``, in one query: path -> (size, mtime_ns, inode).
+        """Every current revision recorded under ``folder``, in one query: path -> (size, mtime_ns, inode).
 
         What a folder scan compares its listing with, so a file already recorded as it is costs no query.
         """
@@ -116,7 +116,7 @@ class StoreBase:
             ).fetchall()
         return {(p if isinstance(p, str) else from_db(p)): (size, mtime, inode) for p, size, mtime, inode in rows}
 
-    def register_version(
+    def register_revision(
         self,
         *,
         folder: str,
@@ -130,31 +130,31 @@ class StoreBase:
         live: bool = False,
         priority: int = 0,
     ) -> tuple[int, bool]:
-        """Record a settled file version and its jobs ``(pipeline, first step)``; (file id, whether new).
+        """Record a settled revision and its jobs ``(pipeline, first step)``; (file id, whether new).
 
-        Older versions of the same path stop being current and their unfinished jobs become superseded. ``live``
+        Older revisions of the same path stop being current and their unfinished jobs become superseded. ``live``
         and ``priority`` place its jobs in the claim order (see store.lanes).
         """
         now = time.time() if now is None else now
-        version = NewVersion(folder, path, rel_path, size, mtime_ns, inode, live, priority)
+        revision = NewRevision(folder, path, rel_path, size, mtime_ns, inode, live, priority)
         with self._tx() as db:
-            return self._register(db, version, list(jobs), now)
+            return self._register(db, revision, list(jobs), now)
 
-    def register_versions(
-        self, versions: Sequence[NewVersion], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
+    def register_revisions(
+        self, revisions: Sequence[NewRevision], *, jobs: Iterable[tuple[str, Step]], now: float | None = None
     ) -> list[tuple[int, bool]]:
-        """:meth:`register_version` for several versions in ONE transaction (all or none); answers in order."""
+        """:meth:`register_revision` for several revisions in ONE transaction (all or none); answers in order."""
         now = time.time() if now is None else now
         jobs = list(jobs)
         with self._tx() as db:
-            return [self._register(db, v, jobs, now) for v in versions]
+            return [self._register(db, v, jobs, now) for v in revisions]
 
     def _register(
-        self, db: sqlite3.Connection, v: NewVersion, jobs: list[tuple[str, Step]], now: float
+        self, db: sqlite3.Connection, v: NewRevision, jobs: list[tuple[str, Step]], now: float
     ) -> tuple[int, bool]:
-        """One version in an open transaction (see :meth:`register_version`)."""
+        """One revision in an open transaction (see :meth:`register_revision`)."""
         folder, path, rel_path, size, mtime_ns, inode = v.folder, v.path, v.rel_path, v.size, v.mtime_ns, v.inode
-        # this exact version (known: nothing to do) and the path's current one (to replace), in one read
+        # this exact revision (known: nothing to do) and the path's current one (to replace), in one read
         rows = db.execute(
             "SELECT id, current, size=? AND mtime_ns=? AND inode=? AS same FROM files "
             "WHERE path=? AND (current=1 OR (size=? AND mtime_ns=? AND inode=?))",
@@ -168,7 +168,7 @@ class StoreBase:
             db.execute("UPDATE files SET current=0 WHERE id=?", (file_id,))
             db.execute(
                 "UPDATE jobs SET state='superseded', lease_owner=NULL, lease_until=NULL, updated_at=?, "
-                "last_error='a newer version of the file arrived' "
+                "last_error='a newer revision of the file arrived' "
                 f"WHERE file_id=? AND state NOT IN ({_TERMINAL_MARKS})",
                 (now, file_id, *TERMINAL),
             )
@@ -189,12 +189,12 @@ class StoreBase:
     def set_sha256(self, file_id: int, sha256: str) -> None:
         self._write("UPDATE files SET sha256=? WHERE id=?", (sha256, file_id))
 
-    def current_version(self, path: str) -> FileVersion | None:
+    def current_revision(self, path: str) -> FileRevision | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT id AS fid, * FROM files WHERE path=? AND current=1 ORDER BY id DESC LIMIT 1", (to_db(path),)
             ).fetchone()
-        return _version(row) if row else None
+        return _revision(row) if row else None
 
     # -- jobs -----------------------------------------------------------------------------------------
 
@@ -231,7 +231,7 @@ class StoreBase:
         return job
 
     def _job(self, row: sqlite3.Row) -> Job:
-        return job_of(row, _version(row))
+        return job_of(row, _revision(row))
 
     def get_job(self, job_id: int) -> Job | None:
         with self._lock:
@@ -348,11 +348,11 @@ class StoreBase:
             )
 
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
-        """Forget file versions that were replaced or deleted and whose jobs all ended ``older_than_days`` ago.
+        """Forget revisions that were replaced or deleted and whose jobs all ended ``older_than_days`` ago.
 
-        Results and paid operation IDs are kept for good; so are current versions (they make a restart cheap).
-        Returns how many versions were forgotten. Only replaced versions and those with a job ``gone`` are read
-        (through ``files_replaced``, from the oldest, and ``jobs_gone``), never every file: a version created after
+        Results and paid operation IDs are kept for good; so are current revisions (they make a restart cheap).
+        Returns how many revisions were forgotten. Only replaced revisions and those with a job ``gone`` are read
+        (through ``files_replaced``, from the oldest, and ``jobs_gone``), never every file: a revision created after
         the cutoff has a job that changed since, so it is not read.
         """
         cutoff = (time.time() if now is None else now) - older_than_days * 86400

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, to_db
-from watcher.store.models import _JOB_SELECT, STATES, FileQuery, Listed, _version
+from watcher.store.models import _JOB_SELECT, STATES, FileQuery, Listed, _revision
 from watcher.store.rules import COUNT_CAP, OPEN, by_state
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class ListingMixin(_Base):
     """Counts, pace and file pages of the SQLite store."""
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Jobs of the current file versions per pipeline and state: the rows the triggers keep."""
+        """Jobs of the current revisions per pipeline and state: the rows the triggers keep."""
         with self._lock:
             rows = self._db.execute("SELECT pipeline, state, n FROM job_counts").fetchall()
         return by_state({(r[0], r[1]): r[2] for r in rows})
@@ -40,7 +40,7 @@ class ListingMixin(_Base):
         return {p: {s: n for s, n in states.items() if s in OPEN} for p, states in self.counts().items()}
 
     def folder_counts(self) -> dict[str, int]:
-        """Current file versions per folder, as the triggers keep them."""
+        """Current revisions per folder, as the triggers keep them."""
         with self._lock:
             rows = self._db.execute("SELECT folder, n FROM folder_counts WHERE n > 0").fetchall()
         return {from_db(r[0]): int(r[1]) for r in rows}
@@ -170,8 +170,8 @@ class ListingMixin(_Base):
             entry = out.get(r["fid"])
             if entry is None:
                 job = self._job(r) if r["pipeline"] is not None else None
-                version = job.file if job is not None else _version(r)
-                entry = out[r["fid"]] = Listed(version, r["music_key"], r["music_scale"], r["bpm"])
+                revision = job.file if job is not None else _revision(r)
+                entry = out[r["fid"]] = Listed(revision, r["music_key"], r["music_scale"], r["bpm"])
             if r["pipeline"] is not None:
                 entry.jobs.append(self._job(r))
         return [out[i] for i in ids if i in out]

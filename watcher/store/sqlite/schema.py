@@ -225,8 +225,8 @@ SCHEMA = [
     CREATE INDEX jobs_due_first ON jobs (pipeline, priority DESC, live DESC, next_attempt_at)
         WHERE state = 'pending' AND step NOT IN ('process', 'fetch');
     """,
-    # version 11: a million files stay fast. ``job_counts`` holds the jobs of current versions per pipeline and
-    # state, and ``folder_counts`` the current versions per folder, kept by triggers in the writing transaction
+    # version 11: a million files stay fast. ``job_counts`` holds the jobs of current revisions per pipeline and
+    # state, and ``folder_counts`` the current revisions per folder, kept by triggers in the writing transaction
     # (never recounted per read); a file's key, scale and tempo are copied from its stored results so the page
     # filters them through indexes; finished jobs are indexed by time for the backlog's rate.
     """
