@@ -32,6 +32,7 @@ from watcher.config import FolderConfig
 from watcher.detect.failures import FailureLog
 from watcher.detect.filters import PathFilter
 from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
+from watcher.detect.poll import DirPoller
 from watcher.detect.scan import Recorded, changed_files
 from watcher.detect.settle import Readiness, Settler, Verdict
 from watcher.detect.sink import ReadySink, Settled
@@ -165,8 +166,12 @@ class Detector:
                 recorded = await asked.pop(folder)
             else:
                 recorded = await self._recorded(folder)
+            poller = state.watch.observer if state.watch is not None and start in (None, folder) else None
+            walk = functools.partial(
+                _walk_changed, folder, state, start, recorded, poller if isinstance(poller, DirPoller) else None
+            )
             try:
-                paths, seen = await self._pool.call(functools.partial(_walk_changed, folder, state, start, recorded))
+                paths, seen = await self._pool.call(walk)
             except Exception as exc:
                 log.error("scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan")
                 continue
@@ -298,10 +303,11 @@ class Detector:
                 root: asyncio.ensure_future(self._recorded(root)) for root in list(self.folders)[:1]
             }
             try:
-                for root in self.folders:
-                    await self.watches.ensure(root)
+                for root in self.folders:  # a poller takes its first snapshot from the scan's walk: one walk, not two
+                    await self.watches.ensure(root, seeded=True)
                 await self.scan(asked=asked)
             finally:
+                self.watches.release_pollers()
                 for answer in asked.values():
                     answer.cancel()  # the folder was not there: its answer is not needed
             now = self._clock()
@@ -373,7 +379,21 @@ def _inside(path: str, root: str) -> str:
     return os.path.relpath(path, root)
 
 
-def _walk_changed(folder: str, state: FolderState, start: str | None, recorded: Recorded) -> tuple[list[str], int]:
+def _walk_changed(
+    folder: str, state: FolderState, start: str | None, recorded: Recorded, poller: DirPoller | None = None
+) -> tuple[list[str], int]:
     """In a worker thread: the wanted files under ``start`` (or the folder) not recorded as they are, and how many
-    wanted files there were."""
-    return changed_files(folder, state.filter, recorded, recursive=state.config.recursive, start=start)
+    wanted files there were. A ``poller`` still waiting for its first snapshot gets it from this walk (or, when
+    the walk fails, is told to take its own)."""
+    listing = None if poller is None else poller.listing()
+    try:
+        found = changed_files(
+            folder, state.filter, recorded, recursive=state.config.recursive, start=start, listing=listing
+        )
+    except BaseException:
+        if poller is not None:
+            poller.seed(None)
+        raise
+    if poller is not None and listing is not None:
+        poller.seed(listing)
+    return found

@@ -20,6 +20,7 @@ from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.filters import PathFilter
 from watcher.detect.fstype import decide_polling as decide_polling_for_type
 from watcher.detect.fstype import filesystem_type
+from watcher.detect.poll import DirPoller
 from watcher.detect.watch import FolderWatch, HintFn, start_watch
 from watcher.names import display
 
@@ -123,8 +124,9 @@ class Watches:
         self.decide = decide
         self.health_every = health_every
 
-    async def ensure(self, root: str) -> None:
-        """Start watching ``root`` (off the loop: a native observer adds a watch per directory of the folder)."""
+    async def ensure(self, root: str, *, seeded: bool = False) -> None:
+        """Start watching ``root`` (off the loop: a native observer adds a watch per directory of the folder).
+        ``seeded``: a poller waits for its first snapshot from the start-up scan (see :meth:`release_pollers`)."""
         state = self.folders[root]
         state.device = await self.pool.device(root)
         if state.device is None:
@@ -148,7 +150,7 @@ class Watches:
             self.rescan(root)
         try:
             polling, reason = await self.pool.call(functools.partial(self.decide, state.config))
-            state.watch = await self._start(root, state, polling=polling, reason=reason)
+            state.watch = await self._start(root, state, polling=polling, reason=reason, seeded=seeded)
         except Exception as exc:
             log.error(
                 "watch.start_failed",
@@ -224,7 +226,16 @@ class Watches:
             for root, s in self.folders.items()
         ]
 
-    async def _start(self, root: str, state: FolderState, *, polling: bool, reason: str) -> FolderWatch:
+    def release_pollers(self) -> None:
+        """After the start-up scan: a poller still waiting for the snapshot its walk would have taken (the walk
+        failed, or never came) takes its own."""
+        for state in self.folders.values():
+            if state.watch is not None and isinstance(state.watch.observer, DirPoller):
+                state.watch.observer.seed(None)
+
+    async def _start(
+        self, root: str, state: FolderState, *, polling: bool, reason: str, seeded: bool = False
+    ) -> FolderWatch:
         """Start an observer (or poller) on ``root`` off the loop (a native one adds a watch per directory)."""
         start = functools.partial(
             start_watch,
@@ -235,6 +246,7 @@ class Watches:
             rescan_interval=state.config.rescan_interval,
             hint=self.hint,
             reason=reason,
+            seeded=seeded,
         )
         return await self.pool.call(start)
 

@@ -28,7 +28,6 @@ log = structlog.get_logger("watcher.detect")
 RECENT_SECONDS = 2.0  # the coarsest mtime granularity we allow for (FAT, some SMB servers)
 
 
-
 class HintFn(Protocol):
     """How observers and pollers tell the detector that something may have happened at ``path`` (``is_dir``: a
     folder, to scan; ``closed``: a file closed after writing)."""
@@ -62,6 +61,23 @@ class _Dir:
     entries: dict[str, Entry] = field(default_factory=dict)
 
 
+class Listing:
+    """A poller's first snapshot as another walk takes it (the start-up scan's, so a polled tree is walked once).
+
+    The walk reads each directory as :meth:`DirPoller._list_tree` does: ``clock()`` before listing it, every
+    entry's ``lstat`` (a link as a link; sub-directories only when recursive), the directory's own stat after the
+    listing. A directory whose listing failed is left out, as the poller leaves it out.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.dirs: dict[str, _Dir] = {}
+
+    def add(self, path: str, listed_at: float, st: os.stat_result, entries: dict[str, Entry]) -> None:
+        """One directory as listed: ``st`` is its stat taken after the listing, ``listed_at`` before it."""
+        self.dirs[path] = _Dir(st.st_mtime_ns, st.st_ino, listed_at, entries)
+
+
 class DirPoller:
     """Polls one folder every ``interval`` seconds in its own thread, hinting what changed (see the module)."""
 
@@ -75,7 +91,10 @@ class DirPoller:
         rescan_interval: float,
         scandir: ScanDir = scandir_at,
         clock: Callable[[], float] = time.time,
+        seeded: bool = False,
     ) -> None:
+        """``seeded``: the thread waits for :meth:`seed` (another walk's :class:`Listing`, or None to take its own
+        first snapshot) before it polls."""
         self.root = root
         self.recursive = recursive
         self.hint = hint
@@ -87,6 +106,8 @@ class DirPoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_full = 0.0
+        self._seeding = threading.Event() if seeded else None
+        self._seed: Listing | None = None
 
     # -- the thread ----------------------------------------------------------------------------------------
 
@@ -98,8 +119,16 @@ class DirPoller:
         self._thread.start()
 
     def _run(self, since: float) -> None:
+        if self._seeding is not None:
+            self._seeding.wait()  # set by seed() or stop()
+            if self._stop.is_set():
+                return
         try:
-            self.snapshot(hint_since=since)
+            if self._seed is not None:
+                self.adopt(self._seed)
+                self._seed = None
+            else:
+                self.snapshot(hint_since=since)
         except Exception as exc:
             log.error("poll.failed", folder=self.root, error=f"{type(exc).__name__}: {exc}", next="polling on")
         while not self._stop.wait(self.interval):
@@ -113,6 +142,32 @@ class DirPoller:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._seeding is not None:
+            self._seeding.set()
+
+    # -- a first snapshot from another walk ----------------------------------------------------------------
+
+    def listing(self) -> Listing | None:
+        """A :class:`Listing` for a walk of the whole folder to fill and :meth:`seed` back, when this poller still
+        waits for its first snapshot; None otherwise."""
+        if self._seeding is None or self._seeding.is_set():
+            return None
+        return Listing(self._clock)
+
+    def seed(self, listing: Listing | None) -> None:
+        """Hand over the first snapshot, taken by the caller's walk of the whole folder (None: the walk failed,
+        the poller takes its own, hinting the files of directories changed since it started). Any thread; only
+        the first call counts."""
+        if self._seeding is not None and not self._seeding.is_set():
+            self._seed = listing
+            self._seeding.set()
+
+    def adopt(self, listing: Listing) -> None:
+        """Take ``listing`` as the snapshot, as :meth:`snapshot` would have left it (the next full listing is due
+        ``rescan_interval`` from now). Nothing is hinted: the walk that took it compared every file already, and a
+        directory changed after its listing has another mtime now, or one recent enough to be listed again."""
+        self.dirs = listing.dirs
+        self._next_full = self._clock() + self.rescan_interval
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
+from stat import S_ISDIR, S_ISREG
 
 import structlog
 
 from watcher.detect.filters import PathFilter
+from watcher.detect.poll import Entry, Listing
 from watcher.detect.settle import link_stays_inside
 
 log = structlog.get_logger("watcher.detect")
@@ -29,18 +31,25 @@ def walk(root: str, path_filter: PathFilter, *, recursive: bool = True, start: s
 
 
 def changed_files(
-    root: str, path_filter: PathFilter, recorded: Recorded, *, recursive: bool = True, start: str | None = None
+    root: str,
+    path_filter: PathFilter,
+    recorded: Recorded,
+    *,
+    recursive: bool = True,
+    start: str | None = None,
+    listing: Listing | None = None,
 ) -> tuple[list[str], int]:
     """The wanted files under ``start`` that are not in ``recorded`` as they are now (new, changed, or not
     stat-able: the settler looks at those), and how many wanted files the walk saw.
 
     Written for a restart over many files already recorded: an unchanged file costs a ``stat``, a regular
-    expression and a dictionary look-up.
+    expression and a dictionary look-up. ``listing``: the walk also takes a poller's first snapshot
+    (:func:`walk_entries`).
     """
     changed: list[str] = []
     seen = 0
     get = recorded.get
-    for path, entry in walk_entries(root, path_filter, recursive=recursive, start=start):
+    for path, entry in walk_entries(root, path_filter, recursive=recursive, start=start, listing=listing):
         seen += 1
         old = get(path)
         if old is not None:
@@ -67,7 +76,12 @@ def _entries(fd: int, path: str) -> Iterator[os.DirEntry[str]]:
 
 
 def walk_entries(
-    root: str, path_filter: PathFilter, *, recursive: bool = True, start: str | None = None
+    root: str,
+    path_filter: PathFilter,
+    *,
+    recursive: bool = True,
+    start: str | None = None,
+    listing: Listing | None = None,
 ) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """Each wanted file under ``start`` (default: ``root``) as its absolute path and its directory entry.
 
@@ -76,26 +90,92 @@ def walk_entries(
     is done. The filter is asked once per folder (:meth:`PathFilter.file_matcher`), so a file costs one regular
     expression. A link that cannot be resolved is yielded anyway (its ``stat()`` raises), so the settler reports
     it once instead of every scan passing over it in silence.
+
+    With ``listing`` the walk also takes a polled folder's first snapshot (:class:`~watcher.detect.poll.Listing`),
+    so the tree is walked once: every folder is listed, those the filter excludes too (their files are not
+    yielded), and every entry's ``lstat`` is recorded. A regular file's ``stat()`` is then that same reading; a
+    link's is still its target's.
     """
-    stack = [start or root]
+    stack = [(start or root, True)]
     while stack:
-        current = stack.pop()
+        current, wanted_here = stack.pop()
         folder = "" if current == root else os.path.relpath(current, root)
         prefix = current if current.endswith(os.sep) else current + os.sep
         fd = _open_folder(current)
         if fd is None:
             continue
         try:  # the entries' stat() goes through ``fd``: it stays open until the folder is done
+            if listing is not None:
+                yield from _list_folder(fd, current, root, folder, listing, stack, wanted_here, path_filter, recursive)
+                continue
             wanted = path_filter.file_matcher(folder)
             for entry in _entries(fd, current):
                 path = prefix + entry.name
                 what = _what_of(entry, path, root, folder, wanted, path_filter, recursive=recursive)
                 if what == "descend":
-                    stack.append(path)
+                    stack.append((path, True))
                 elif what == "yield":
                     yield path, entry
         finally:
             os.close(fd)
+
+
+def _list_folder(
+    fd: int,
+    current: str,
+    root: str,
+    folder: str,
+    listing: Listing,
+    stack: list[tuple[str, bool]],
+    wanted_here: bool,
+    path_filter: PathFilter,
+    recursive: bool,
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """One folder of a walk that takes a poller's snapshot (see :func:`walk_entries`): each entry's ``lstat`` into
+    ``listing``, sub-folders onto ``stack`` (with whether the filter wants them), wanted files yielded. A regular
+    file is decided here (its loop runs once per file of the tree); any other entry as :func:`_what_of` says."""
+    prefix = current if current.endswith(os.sep) else current + os.sep
+    listed_at = listing.clock()
+    entries: dict[str, Entry] = {}
+    wanted = path_filter.file_matcher(folder) if wanted_here else None
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                name = entry.name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    mode = 0  # vanished since the listing: not in the snapshot (the poller leaves it out too)
+                else:
+                    mode = st.st_mode
+                    if S_ISREG(mode):
+                        entries[name] = (False, st.st_size, st.st_mtime_ns, st.st_ino)
+                        if wanted is not None and _wants(wanted, name, prefix):
+                            yield prefix + name, entry
+                        continue
+                    if recursive or not S_ISDIR(mode):
+                        entries[name] = (S_ISDIR(mode), st.st_size, st.st_mtime_ns, st.st_ino)
+                path = prefix + name
+                what = None
+                if wanted is not None:
+                    what = _what_of(entry, path, root, folder, wanted, path_filter, recursive=recursive)
+                if what == "yield":
+                    yield path, entry
+                elif recursive and S_ISDIR(mode):
+                    stack.append((path, what == "descend"))  # an excluded folder is listed for the poller only
+    except OSError as exc:  # a folder whose listing broke off is left out, to be listed again by the poller
+        log.warning("scan.folder_unreadable", path=current, error=exc.strerror, next="skipped until the next scan")
+        return
+    listing.add(current, listed_at, os.fstat(fd), entries)
+
+
+def _wants(wanted: Callable[[str], object], name: str, prefix: str) -> bool:
+    """Whether the folder's filter wants the file ``name``; a filter failing on one odd name skips that file."""
+    try:
+        return bool(wanted(name))
+    except Exception as exc:
+        log.error("scan.entry_failed", path=prefix + name, error=f"{type(exc).__name__}: {exc}", next="skipped")
+        return False
 
 
 def _open_folder(current: str) -> int | None:

@@ -170,9 +170,11 @@ def start_watch(
     hint: HintFn,
     reason: str,
     rescan_interval: float = 3600.0,
+    seeded: bool = False,
 ) -> FolderWatch:
     """Start an observer on ``path``; a native one that cannot start (watch limit) falls back to polling, which
-    lists every directory at start and again in full every ``rescan_interval``."""
+    lists every directory at start and again in full every ``rescan_interval``. ``seeded``: a poller waits for
+    its first snapshot from the start-up scan's walk (:meth:`DirPoller.seed`)."""
     if not polling:
         native: BaseObserver | None = None
         try:
@@ -194,6 +196,8 @@ def start_watch(
                 why = f"native watching failed: {exc.strerror or exc}"
             log.error("watch.native_failed", path=path, error=why, next="polling this folder instead")
             reason = why + "; polling instead"
-    poller = DirPoller(path, recursive=recursive, hint=hint, interval=poll_interval, rescan_interval=rescan_interval)
+    poller = DirPoller(
+        path, recursive=recursive, hint=hint, interval=poll_interval, rescan_interval=rescan_interval, seeded=seeded
+    )
     poller.start()
     return FolderWatch(poller, polling=True, reason=reason)
