@@ -71,6 +71,36 @@ def test_the_walks_snapshot_equals_the_pollers_own(tmp_path, recursive):
     assert (sorted(changed), seen) == (sorted(plain[0]), plain[1])
 
 
+class _FussyFilter(PathFilter):
+    """A filter that fails on one name, as a bad user pattern or a bug would."""
+
+    def file_matcher(self, folder: str) -> Callable[[str], object]:
+        match = super().file_matcher(folder)
+
+        def fussy(name: str) -> object:
+            if "fussy" in name:
+                raise ValueError("cannot match this name")
+            return match(name)
+
+        return fussy
+
+
+def test_a_filter_failing_on_one_name_skips_that_file_only_and_the_snapshot_keeps_it(tmp_path):
+    """The walk that takes the snapshot decides a regular file itself: a filter failing on its name is logged
+    once and the file skipped, as the plain scan does; the poller's snapshot still holds it."""
+    root = tmp_path / "in"
+    make_tree(root, tmp_path / "outside.wav")
+    (root / "a" / "fussy.wav").write_bytes(b"RIFF")
+    listing = Listing(time.time)
+    with structlog.testing.capture_logs() as logs:
+        changed, _ = changed_files(str(root), _FussyFilter(AUDIO_PATTERNS), {}, listing=listing)
+    assert str(root / "a" / "one.wav") in changed and str(root / "a" / "fussy.wav") not in changed
+    assert [(e["event"], Path(e["path"]).name) for e in logs if e["log_level"] == "error"] == [
+        ("scan.entry_failed", "fussy.wav")
+    ]
+    assert "fussy.wav" in listing.dirs[str(root / "a")].entries
+
+
 @pytest.fixture
 def polled(tmp_path: Path) -> Iterator[Callable[..., tuple[RunningDetector, RecordingSink]]]:
     """A real Detector polling one folder every 0.2 s, started in its own thread (as the daemon runs it)."""

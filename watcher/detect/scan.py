@@ -106,7 +106,9 @@ def walk_entries(
             continue
         try:  # the entries' stat() goes through ``fd``: it stays open until the folder is done
             if listing is not None:
-                yield from _list_folder(fd, current, root, folder, listing, stack, wanted_here, path_filter, recursive)
+                yield from _list_folder(
+                    fd, current, root, folder, listing, stack, path_filter, wanted_here=wanted_here, recursive=recursive
+                )
                 continue
             wanted = path_filter.file_matcher(folder)
             for entry in _entries(fd, current):
@@ -127,8 +129,9 @@ def _list_folder(
     folder: str,
     listing: Listing,
     stack: list[tuple[str, bool]],
-    wanted_here: bool,
     path_filter: PathFilter,
+    *,
+    wanted_here: bool,
     recursive: bool,
 ) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """One folder of a walk that takes a poller's snapshot (see :func:`walk_entries`): each entry's ``lstat`` into
@@ -150,8 +153,13 @@ def _list_folder(
                     mode = st.st_mode
                     if S_ISREG(mode):
                         entries[name] = (False, st.st_size, st.st_mtime_ns, st.st_ino)
-                        if wanted is not None and _wants(wanted, name, prefix):
-                            yield prefix + name, entry
+                        if wanted is not None:
+                            try:
+                                take = wanted(name)
+                            except Exception as exc:
+                                take = _filter_failed(prefix + name, exc)
+                            if take:
+                                yield prefix + name, entry
                         continue
                     if recursive or not S_ISDIR(mode):
                         entries[name] = (S_ISDIR(mode), st.st_size, st.st_mtime_ns, st.st_ino)
@@ -169,13 +177,10 @@ def _list_folder(
     listing.add(current, listed_at, os.fstat(fd), entries)
 
 
-def _wants(wanted: Callable[[str], object], name: str, prefix: str) -> bool:
-    """Whether the folder's filter wants the file ``name``; a filter failing on one odd name skips that file."""
-    try:
-        return bool(wanted(name))
-    except Exception as exc:
-        log.error("scan.entry_failed", path=prefix + name, error=f"{type(exc).__name__}: {exc}", next="skipped")
-        return False
+def _filter_failed(path: str, exc: Exception) -> bool:
+    """A filter that failed on one odd name: said once in the log; the file is skipped (False)."""
+    log.error("scan.entry_failed", path=path, error=f"{type(exc).__name__}: {exc}", next="skipped")
+    return False
 
 
 def _open_folder(current: str) -> int | None:
