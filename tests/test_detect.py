@@ -20,7 +20,7 @@ from watcher.config import FolderConfig
 from watcher.detect.detector import Detector, Settled
 from watcher.detect.filters import PathFilter
 from watcher.detect.poll import DirPoller
-from watcher.detect.settle import CLOSE_CONFIRM_SECONDS, Settler, Verdict
+from watcher.detect.settle import CLOSE_CONFIRM_SECONDS, Finding, Settler
 from watcher.names import display
 
 pytestmark = pytest.mark.timeout(30)
@@ -279,8 +279,8 @@ def test_user_excludes_and_path_patterns():
     assert not f.wants_file("out/x/a.wav") and not f.wants_dir("out")
 
 
-def readiness_of(verdicts: list[Verdict]) -> list[tuple[str, str]]:
-    return sorted((Path(v.candidate.path).name, v.readiness) for v in verdicts)
+def readiness_of(findings: list[Finding]) -> list[tuple[str, str]]:
+    return sorted((Path(v.candidate.path).name, v.readiness) for v in findings)
 
 
 def test_settler_needs_a_full_quiet_window(tmp_path):

@@ -34,7 +34,7 @@ from watcher.detect.filters import PathFilter
 from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
 from watcher.detect.poll import DirPoller
 from watcher.detect.scan import Recorded, changed_files
-from watcher.detect.settle import Readiness, Settler, Verdict
+from watcher.detect.settle import Finding, Readiness, Settler
 from watcher.detect.sink import ReadySink, Settled
 from watcher.names import display
 
@@ -212,29 +212,29 @@ class Detector:
             if state is not None:
                 await self.scan(str(state.config.path), start=directory, live=live)
 
-        def check() -> tuple[list[Verdict], float | None]:
+        def check() -> tuple[list[Finding], float | None]:
             with self._lock:
                 while self._hints:
                     path, settle, closed, root, live = self._hints.popleft()
                     self.settler.hint(path, settle, closed=closed, root=root, live=live)
                 return self.settler.check(), self.settler.next_deadline()
 
-        verdicts, next_deadline = await self._pool.call(check)
+        findings, next_deadline = await self._pool.call(check)
         settled: list[Settled] = []
-        for verdict in verdicts:
-            path = verdict.candidate.path
-            if verdict.readiness in (Readiness.GONE, Readiness.KNOWN):
+        for finding in findings:
+            path = finding.candidate.path
+            if finding.readiness in (Readiness.GONE, Readiness.KNOWN):
                 self._failures.forget(path)  # deleted, or recorded already: an old failure there is history
-            if verdict.readiness == Readiness.GONE:
+            if finding.readiness == Readiness.GONE:
                 log.info("detect.vanished", path=display(path), next="nothing to do: it was deleted before it settled")
-            elif verdict.readiness == Readiness.SKIPPED:
-                self._report_failure("detect.skipped", path, verdict.error or "", "not processed")
-            elif verdict.readiness == Readiness.FAILED:
+            elif finding.readiness == Readiness.SKIPPED:
+                self._report_failure("detect.skipped", path, finding.error or "", "not processed")
+            elif finding.readiness == Readiness.FAILED:
                 self._report_failure(
-                    "detect.check_failed", path, verdict.error or "", "not processed; the next scan looks again"
+                    "detect.check_failed", path, finding.error or "", "not processed; the next scan looks again"
                 )
-            elif verdict.readiness == Readiness.READY and verdict.signature is not None:
-                settled.extend(self._settled(path, verdict.signature, live=verdict.candidate.live))
+            elif finding.readiness == Readiness.READY and finding.signature is not None:
+                settled.extend(self._settled(path, finding.signature, live=finding.candidate.live))
         await self._record(settled)
         return next_deadline
 

@@ -64,7 +64,7 @@ class Readiness(StrEnum):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Finding:
     """What one check of a candidate decided: ``ready``, ``waiting``, ``gone``, ``known``, ``skipped`` or ``failed``.
 
     ``skipped`` (not a regular file) and ``failed`` (an error looking at it) carry the reason in ``error``;
@@ -165,65 +165,65 @@ class Settler:
                 return at
         return None
 
-    def check(self) -> list[Verdict]:
+    def check(self) -> list[Finding]:
         """Stat every due candidate once; ready, gone, known, skipped and failed ones leave the candidate list.
 
-        A candidate that is not due is not looked at and gives no verdict. Never raises: whatever goes wrong
-        with one path (its stat, the ``known`` callback) is that path's ``failed`` verdict, and the other
+        A candidate that is not due is not looked at and gives no finding. Never raises: whatever goes wrong
+        with one path (its stat, the ``known`` callback) is that path's ``failed`` finding, and the other
         candidates are still checked.
         """
         now = self._clock()
-        verdicts = []
+        findings = []
         for cand in self._pop_due(now):
             try:
-                verdict = self._check_one(cand, now)
+                finding = self._check_one(cand, now)
             except Deferred:  # the store cannot answer ``known`` now (an outage): asked again, the file kept
-                verdict = None
+                finding = None
             except Exception as exc:
-                verdict = Verdict(Readiness.FAILED, cand, error=f"{type(exc).__name__}: {exc}")
-            if verdict is None:
+                finding = Finding(Readiness.FAILED, cand, error=f"{type(exc).__name__}: {exc}")
+            if finding is None:
                 self._schedule(cand, now + RETRY_SECONDS)
                 continue
-            if verdict.readiness == Readiness.WAITING:
+            if finding.readiness == Readiness.WAITING:
                 if cand.queued is None:
                     self._schedule(cand, cand.due)
             else:
                 self.candidates.pop(cand.path, None)
-            verdicts.append(verdict)
-        return verdicts
+            findings.append(finding)
+        return findings
 
-    def _check_one(self, cand: Candidate, now: float) -> Verdict | None:
-        """One look at a due candidate; a ``waiting`` verdict has set the candidate's next ``due``."""
+    def _check_one(self, cand: Candidate, now: float) -> Finding | None:
+        """One look at a due candidate; a ``waiting`` finding has set the candidate's next ``due``."""
         path = cand.path
         try:
             st = self._stat(path)
         except FileNotFoundError:
-            return Verdict(Readiness.GONE, cand)
+            return Finding(Readiness.GONE, cand)
         except OSError as exc:
             if exc.errno in FINAL_ERRNOS:
-                return Verdict(Readiness.FAILED, cand, error=exc.strerror or str(exc))
+                return Finding(Readiness.FAILED, cand, error=exc.strerror or str(exc))
             return None  # transient (share hiccup): look again a little later
         if not stat.S_ISREG(st.st_mode):
-            return Verdict(Readiness.SKIPPED, cand, error="not a regular file (a FIFO, device, socket or folder)")
+            return Finding(Readiness.SKIPPED, cand, error="not a regular file (a FIFO, device, socket or folder)")
         if cand.root is not None and os.path.islink(path) and not link_stays_inside(path, cand.root):
-            return Verdict(Readiness.SKIPPED, cand, error="a symbolic link to a file outside the watched folder")
+            return Finding(Readiness.SKIPPED, cand, error="a symbolic link to a file outside the watched folder")
         sig = Signature.of(st)
         last, after_writes = cand.signature, cand.fresh
         cand.signature, cand.fresh = sig, True
         if last is None:
             cand.stable_since = now
             if self._known(path, sig):
-                return Verdict(Readiness.KNOWN, cand, sig)
+                return Finding(Readiness.KNOWN, cand, sig)
         elif sig != last:
             cand.stable_since = now
             if cand.closed and after_writes:
                 cand.closed = False  # changed after the writes we heard of: the writer is back, do not trust
         elif cand.closed and after_writes:
-            return Verdict(Readiness.READY, cand, sig)  # the close, and the same stat as after the last write
+            return Finding(Readiness.READY, cand, sig)  # the close, and the same stat as after the last write
         if cand.closed:
             cand.due = now + min(cand.settle, CLOSE_CONFIRM_SECONDS)  # a second stat to compare with
         else:
             cand.due = cand.stable_since + cand.settle
             if now >= cand.due and last is not None:  # never on a single stat, even with a zero window
-                return Verdict(Readiness.READY, cand, sig)
-        return Verdict(Readiness.WAITING, cand, sig)
+                return Finding(Readiness.READY, cand, sig)
+        return Finding(Readiness.WAITING, cand, sig)
