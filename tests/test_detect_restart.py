@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from tests.conftest import wait_for
-from tests.test_detect import RecordingSink, RunningDetector
+from tests.test_detect import RecordingSink, RunningDetector, _FussyFilter
 from watcher.audiofile import Signature
 from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.detector import Detector
@@ -69,20 +69,6 @@ def test_the_walks_snapshot_equals_the_pollers_own(tmp_path, recursive):
     # what the scan hands over is what it handed over before the walk took the snapshot too
     plain = changed_files(str(root), path_filter, {}, recursive=recursive)
     assert (sorted(changed), seen) == (sorted(plain[0]), plain[1])
-
-
-class _FussyFilter(PathFilter):
-    """A filter that fails on one name, as a bad user pattern or a bug would."""
-
-    def file_matcher(self, folder: str) -> Callable[[str], object]:
-        match = super().file_matcher(folder)
-
-        def fussy(name: str) -> object:
-            if "fussy" in name:
-                raise ValueError("cannot match this name")
-            return match(name)
-
-        return fussy
 
 
 def test_a_filter_failing_on_one_name_skips_that_file_only_and_the_snapshot_keeps_it(tmp_path):
