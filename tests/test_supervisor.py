@@ -253,3 +253,46 @@ def test_ready_before_loading_what_only_work_needs(tmp_path, inbox, web, archive
     if web:
         assert {"uvicorn", "starlette"} <= loaded
         assert seen["page"]["running"] is True
+
+
+def test_a_reload_neither_cuts_nor_pays_again_for_a_running_stream(tmp_path, inbox, emulator):
+    """A stream in flight (about 7 s: slower than a stop's 5 s grace) when SIGHUP comes. A broken config changes
+    nothing and cuts nothing; a valid one lets the stream end, then applies the new settings. (Both used to cut it
+    at 5 s and ask again: a second bill at a real service.)"""
+    stream = "POST /v1/analysis/stream"
+    emulator.analysis.faults.event_delay = 1.5
+    second = tmp_path / "two"
+    second.mkdir()
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(folder_config(inbox))
+    log = tmp_path / "daemon.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    env.update(WATCHER_STATE_DIR=str(tmp_path / "state"), WATCHER_ANALYSIS__BASE_URL=emulator.url,
+               ESSENTIA_API_KEY=API_KEY)  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        write_tone(inbox / "a.wav", 0.2)
+        wait_for(lambda: emulator.api.counts().get(stream) == 1, timeout=30, what="the first stream under way")
+        cfg.write_text("[analysis]\nmodles = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: '"daemon.reload_failed"' in log.read_text(), timeout=10, what="the broken reload refused")
+        wait_for(lambda: (inbox / "a.wav.analysis.json").exists(), timeout=30, what="the first stream's sidecar")
+        write_tone(inbox / "b.wav", 0.2, freq=500)
+        wait_for(lambda: emulator.api.counts().get(stream) == 2, timeout=30, what="the second stream under way")
+        cfg.write_text(folder_config(inbox, second))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: '"daemon.reloaded"' in log.read_text(), timeout=40, what="the valid reload applied")
+        assert (inbox / "b.wav.analysis.json").exists()  # the stream ended before the rebuild, not cut by it
+        write_tone(second / "c.wav", 0.2, freq=700)
+        wait_for(lambda: (second / "c.wav.analysis.json").exists(), timeout=40, what="the new folder watched")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert '"job.checkpointed"' not in text and '"paid.resend"' not in text, text[-2000:]
+    assert emulator.api.counts()[stream] == 3

@@ -38,6 +38,8 @@ from watcher.store.outage_aio import wait_for_store
 
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
+RELOAD_GRACE_SECONDS = 60.0  # a reload has no deadline of its own: running transfers may end instead of being cut
+CHECKPOINT_SECONDS = 1.0  # after the grace, how long cancelled jobs may take to checkpoint before the store closes
 HEARTBEAT_SECONDS = 5.0
 # A start waits this long for the state folder's lock: a command (`watcher status`, `scan`) may hold it a moment.
 LOCK_WAIT_SECONDS = 10.0
@@ -69,6 +71,8 @@ class Daemon(Steering):
         self._force = asyncio.Event()
         self._signals = 0
         self._reload_requested = False
+        self._new_settings: Settings | None = None  # read and checked when the reload was asked for
+        self._late: set[asyncio.Task[None]] = set()  # tasks still checkpointing when the store closed
         self.app: App | None = None
         self.metrics: NullMetrics = NullMetrics()
         self.metrics_address: tuple[str, int] | None = None
@@ -95,24 +99,51 @@ class Daemon(Steering):
     def request_stop(self, reason: str, *, force: bool = False) -> None:
         """First call: stop claiming work and let running jobs finish (grace); second or ``force``: now."""
         self._signals += 1
-        self._reload_requested = False
+        if self._reload_requested:  # a stop during a reload's wait: no reload, and no long wait either
+            self._reload_requested, force = False, True
         if self._signals == 1 and not force:
             log.info("daemon.stopping", reason=reason, next=f"finishing running jobs for up to {GRACE_SECONDS:.0f} s")
             self.notifier.stopping()
             self.notifier.extend_timeout(GRACE_SECONDS + 4)
         else:
             log.warning("daemon.stopping_now", reason=reason, next="checkpointing running jobs now")
+            self.notifier.stopping()
             self._force.set()
         self.stop.set()
 
     def request_reload(self) -> None:
-        """Reload the settings: checkpoint, rebuild everything from the new settings, carry on from the store."""
-        if self._signals or self._reload is None:
+        """Reload the settings: read and check them first (a broken config changes nothing, and no work is cut);
+        then stop claiming, let running jobs finish (up to ``RELOAD_GRACE_SECONDS``: a request cut here may be
+        paid again), rebuild everything from the new settings and carry on from the store."""
+        if self._signals or self._reload is None or self._reload_requested:
             return
-        log.info("daemon.reloading", next="checkpointing running jobs, then starting again with the new settings")
+        new = self._read_new_settings()
+        if new is None:
+            return
+        self._new_settings = new
+        log.info(
+            "daemon.reloading",
+            next=f"letting running jobs finish for up to {RELOAD_GRACE_SECONDS:.0f} s, then starting again with the "
+            "new settings (a stop now checkpoints at once)",
+        )
         self._reload_requested = True
         self.notifier.reloading()
         self.stop.set()
+
+    def _read_new_settings(self) -> Settings | None:
+        """The configuration as it is now on disk, or None (logged) when it cannot replace the running one."""
+        assert self._reload is not None
+        try:
+            new = self._reload()
+            if new.state_dir != self.settings.state_dir:
+                raise ConfigError("state_dir cannot change on reload; restart watcher to move the store")
+            if not new.folders:
+                raise ConfigError("the new configuration has no folder to watch")
+        except ConfigError as exc:
+            log.error("daemon.reload_failed", error=str(exc), next="carrying on with the previous settings; no work "
+                      "was interrupted")  # fmt: skip
+            return None
+        return new
 
     async def run(self) -> int:
         lock = StateLock(self.settings.state_dir)
@@ -189,15 +220,8 @@ class Daemon(Steering):
             self.web, self._live = web, live
 
     def _apply_reload(self) -> None:
-        assert self._reload is not None
-        try:
-            new = self._reload()
-            if new.state_dir != self.settings.state_dir:
-                raise ConfigError("state_dir cannot change on reload; restart watcher to move the store")
-            if not new.folders:
-                raise ConfigError("the new configuration has no folder to watch")
-        except ConfigError as exc:
-            log.error("daemon.reload_failed", error=str(exc), next="carrying on with the previous settings")
+        new, self._new_settings = self._new_settings, None
+        if new is None:
             return
         self.settings = new
         if self.web is not None:
@@ -254,6 +278,13 @@ class Daemon(Steering):
                     await self._key_check
                 self._key_check = None
             await app.aclose()
+            if self._late:  # their store calls ended with the store: they end now
+                await asyncio.wait(self._late, timeout=CHECKPOINT_SECONDS)
+                for task in self._late:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        log.warning("daemon.checkpoint_lost", task=task.get_name(), error=repr(task.exception()),
+                                    next="its leases run out; the next life takes the work up")  # fmt: skip
+                self._late = set()
             self.app = None
             gc.unfreeze()  # the graph's cycles can be collected again (after a reload, the old graph's)
             gc.collect()  # now: else the next graph's freeze would keep this one's cycles for its whole life
@@ -277,17 +308,26 @@ class Daemon(Steering):
         return 1 if failed else 0
 
     async def _shutdown(self, runner_task: asyncio.Task[None], *others: asyncio.Task[None]) -> None:
+        """Let running jobs finish (the grace: longer for a reload), then cancel them to checkpoint. A checkpoint
+        that cannot reach the store (an outage) is not waited for past ``CHECKPOINT_SECONDS``: closing the store
+        ends its call, and its leases run out on their own (the paid answers are in the journal)."""
         started = time.monotonic()
+        grace = RELOAD_GRACE_SECONDS if self._reload_requested else GRACE_SECONDS
         force = asyncio.create_task(self._force.wait())
-        await asyncio.wait({runner_task, force}, timeout=GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({runner_task, force}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         force.cancel()
-        for task in (runner_task, *others):
+        tasks = (runner_task, *others)
+        for task in tasks:
             if not task.done():
                 task.cancel()
-        results = await asyncio.gather(runner_task, *others, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
-                log.error("daemon.shutdown_error", error=repr(r))
+        _, late = await asyncio.wait(tasks, timeout=CHECKPOINT_SECONDS)
+        if late:
+            log.warning("daemon.checkpoint_slow", tasks=sorted(t.get_name() for t in late),
+                        next="closing the store under them; their leases run out on their own")  # fmt: skip
+            self._late = late
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("daemon.shutdown_error", error=repr(task.exception()))
         log.info("daemon.checkpointed", seconds=round(time.monotonic() - started, 2))
 
 
