@@ -42,6 +42,10 @@ def test_backlog_from_a_store(tmp_path):
         assert (b["waiting"], b["finished_recently"], b["rate_per_minute"]) == (30, 10, round(10 / 15, 2))
         assert b["eta_seconds"] == 30 * 90 and not b["capped"]  # 30 files at one per 90 s
         assert "30 waiting" in describe("analyze", b) and "done in about 0 h 45 min" in describe("analyze", b)
+        young = backlog(store, {"analysis": 0.0, "processing": 0.0}, now, since=now - 120)["analyze"]
+        assert (young["window_minutes"], young["rate_per_minute"]) == (2.0, 5.0)  # up 2 min: not judged over 15
+        assert young["eta_seconds"] == 30 * 12
+        assert backlog(store, {"analysis": 0.0, "processing": 0.0}, now, since=now - 5)["analyze"]["window_minutes"] == 1
         capped = backlog(store, {"analysis": 1.0, "processing": 0.0}, now)["analyze"]  # a minute a day: 6 s a file
         assert capped["capped"] and capped["eta_seconds"] > 86400 * 2
     finally:

@@ -82,6 +82,7 @@ class Housekeeping(Subscriber):
         self.caps = caps
         self.metrics = NullMetrics()  # the daemon's, once it serves them
         self.alive_at = time.monotonic()
+        self.started = time.time()  # the daemon's start: the backlog's rate is not measured over time before it
         self.changes = 0
         self._next_prune = 0.0
 
@@ -211,7 +212,7 @@ class Housekeeping(Subscriber):
         self.metrics.queue(counts, TERMINAL)
         if self.metrics.wants_backlog:  # a few index reads, for the gauges only; kept as they were while away
             with contextlib.suppress(StoreUnavailable):
-                self.metrics.backlog(await app.aio.call(backlog, app.aio.sync, self.caps()))
+                self.metrics.backlog(await app.aio.call(backlog, app.aio.sync, self.caps(), since=self.started))
         waiting = sum(n for states in counts.values() for s, n in states.items() if s not in TERMINAL)
         failed = sum(states.get(State.FAILED, 0) for states in counts.values())
         held = "".join(f"; {service} paused" for service in sorted(self.held()))

@@ -11,6 +11,7 @@ from watcher.config import Settings
 from watcher.store import State, next_utc_midnight, utc_day
 
 WINDOW = 900.0  # the rate is measured over the last 15 minutes
+MIN_WINDOW = 60.0  # or since the daemon started, when that is shorter, but never less than a minute
 MAX_DAYS = 3660  # an ETA further than ten years is "not in sight"
 BUDGETS = {"analyze": "analysis", "archive": "processing"}  # the gate's budget each pipeline spends
 
@@ -65,14 +66,18 @@ def eta(
     return None, capped
 
 
-def backlog(store: PaceSource, caps: dict[str, float], now: float | None = None) -> dict[str, dict[str, Any]]:
-    """Per pipeline: ``waiting`` (pending jobs), ``finished_recently`` and ``rate_per_minute`` over ``WINDOW``,
+def backlog(
+    store: PaceSource, caps: dict[str, float], now: float | None = None, *, since: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per pipeline: ``waiting`` (pending jobs), ``finished_recently`` and ``rate_per_minute`` over ``WINDOW``
+    (or since ``since``, the daemon's start, when shorter: a daemon up for a minute is not judged by 15),
     ``eta`` (ISO time, None: unknown), ``eta_seconds`` and ``capped`` (a daily cap pushes it to a later day).
     ``caps`` gives each budget's daily cap in audio minutes (0: none)."""
     now = time.time() if now is None else now
+    window = WINDOW if since is None else max(MIN_WINDOW, min(WINDOW, now - since))
     counts = store.counts()
-    finished = store.finished_since(now - WINDOW)
-    spent = store.spent_since(now - WINDOW)
+    finished = store.finished_since(now - window)
+    spent = store.spent_since(now - window)
     today = store.spend_on(utc_day(now))
     out: dict[str, dict[str, Any]] = {}
     for pipeline, budget in BUDGETS.items():
@@ -80,7 +85,7 @@ def backlog(store: PaceSource, caps: dict[str, float], now: float | None = None)
             continue
         waiting = counts[pipeline].get(State.PENDING, 0)
         done = finished.get(pipeline, 0)
-        rate = done / WINDOW
+        rate = done / window
         cap = caps.get(budget, 0.0) * 60
         per_file = spent.get(budget, 0.0) / done if done else 0.0
         spent_today = float(today.get(budget, {}).get("seconds", 0.0))
@@ -90,7 +95,7 @@ def backlog(store: PaceSource, caps: dict[str, float], now: float | None = None)
         out[pipeline] = {
             "waiting": waiting,
             "finished_recently": done,
-            "window_minutes": WINDOW / 60,
+            "window_minutes": round(window / 60, 1),
             "rate_per_minute": round(rate * 60, 2),
             "eta": _iso(when) if waiting and when is not None else None,
             "eta_seconds": round(when - now) if when is not None else None,

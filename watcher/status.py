@@ -80,7 +80,7 @@ def collect(
         "daemon": daemon,
         "nodes": _nodes(store),
         "counts": store.counts(),
-        "backlog": backlog(store, caps, now),
+        "backlog": backlog(store, caps, now, since=_started(daemon)),
         "folders": _folders(store, configured or []),
         "in_doubt": in_doubt,
         "adopted": adopted,
@@ -91,6 +91,17 @@ def collect(
         "web": web,
         "store_unreachable": None,
     }
+
+
+def _started(daemon: dict[str, Any] | None) -> float | None:
+    """When the running daemon started (its report's ``since``), None when none runs or it does not say."""
+    since = (daemon or {}).get("since")
+    if not isinstance(since, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(since.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def collect_for(
