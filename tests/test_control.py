@@ -502,3 +502,26 @@ def test_a_daemon_starting_while_a_command_holds_the_lock_waits_for_it(tmp_path,
         assert proc.wait(timeout=30) == 0
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_a_scan_cut_by_the_daemons_stop_says_so(tmp_path, inbox, emu, daemons):
+    """`watcher scan` waits on the daemon for a stream slower than a stop's grace; SIGTERM: the daemon exits 0 and
+    the scan says it was cut and what to do (it said "internal error: ProgrammingError: Cannot operate on a closed
+    database", and the daemon logged a traceback)."""
+    emu.analysis.faults.event_delay = 1.5  # about 7 s a stream
+    env = env_for(tmp_path)
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    d = daemons(tmp_path, cfg, env)
+    write_tone(inbox / "slow.wav", 0.3)
+    scan = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "scan", str(inbox)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: emu.api.counts().get(STREAM) == 1, timeout=30, what="the stream under way")
+        assert d.stop() == 0
+        _, err = scan.communicate(timeout=30)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+    assert scan.returncode != 0 and "internal error" not in err, err
+    assert "stopped or reloaded before" in err and "run it again" in err, err
+    assert not d.events("control.failed")

@@ -278,6 +278,11 @@ def test_a_stop_during_an_outage_ends_within_ten_seconds_and_loses_no_answer(
             halted_now = True
             if when == "told":
                 wait_for(lambda: _status(config).get("store_unreachable"), timeout=30, what="the daemon saying so")
+                env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+                paused = subprocess.run([sys.executable, "-m", "watcher", "--config", str(config), "pause", str(inbox)],
+                                        env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+                assert paused.returncode == 3 and "internal error" not in paused.stderr, paused.stderr
+                assert "the store cannot be reached now" in paused.stderr and "run the command again" in paused.stderr
             asked = time.monotonic()
             node.proc.send_signal(signal.SIGTERM)
             code = node.proc.wait(timeout=30)

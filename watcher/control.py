@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from watcher.errors import ConfigError, StartupError, WatcherError
+from watcher.store.ports import StoreUnavailable
 
 log = structlog.get_logger("watcher.control")
 SOCKET_NAME = "control.sock"
@@ -63,6 +64,7 @@ class ControlServer:
         self.handle = handle
         self.mode = mode
         self.group = group
+        self.ending = False  # set by the daemon while its graph closes (a stop or a reload)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> bool:
@@ -116,9 +118,20 @@ class ControlServer:
                 result = await self.handle(request, lambda p: send({"progress": p}))
             except StartupError as exc:
                 await send({"ok": False, "error": str(exc), "exit": 3})
+            except StoreUnavailable as exc:  # an outage: the daemon carries on; the command can be asked again
+                log.warning("control.store_unreachable", command=request.get("command"), error=str(exc),
+                            next="refused; ask again once the store answers")  # fmt: skip
+                await send({"ok": False, "exit": 3, "error": f"the store cannot be reached now ({exc}); the daemon "
+                            "carries on and retries: run the command again once `watcher status` no longer says "
+                            "\"store unreachable\""})  # fmt: skip
             except (ConfigError, WatcherError) as exc:
                 await send({"ok": False, "error": str(exc), "exit": 2})
             except Exception as exc:
+                if self.ending:  # the store closed under it: no bug, and nothing done is lost
+                    log.info("control.cut", command=request.get("command"), error=f"{type(exc).__name__}: {exc}")
+                    await send({"ok": False, "exit": 1, "error": f"the daemon stopped or reloaded before "
+                                f"`{request.get('command')}` finished; what it did is kept: run it again"})  # fmt: skip
+                    return
                 log.exception("control.failed", command=request.get("command"))
                 await send({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "exit": 1})
             else:
@@ -172,6 +185,7 @@ def ask(
                 if doc.get("ok"):
                     return doc.get("result")
                 raise CommandFailed(str(doc.get("error")), int(doc.get("exit", 1)))
-        raise CommandFailed(f"the daemon closed the control socket {path} without an answer (did it stop?)", 1)
+        raise CommandFailed(f"the daemon closed the control socket {path} without an answer: it stopped or reloaded "
+                            "before the command finished; what it did is kept: run it again", 1)  # fmt: skip
     finally:
         sock.close()
