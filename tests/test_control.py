@@ -138,18 +138,26 @@ def test_a_command_waits_for_a_daemon_between_its_lock_and_its_socket(tmp_path, 
     """`watcher status` while the state folder's lock is held and no socket answers (a daemon starting): it says
     it waits, and answers once the lock is let go (it failed with exit 3 at once, a flake of every poll of status
     at a daemon's start)."""
-    from watcher.statelock import StateLock
+    from watcher.statelock import DAEMON, StateLock
 
     cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
     assert cli("scan", str(inbox), env=env_for(tmp_path), cfg=cfg).returncode == 0  # a store, and no daemon
-    lock = StateLock(tmp_path / "state")
+    scanning = StateLock(tmp_path / "state", role="`watcher scan`")  # a command on the store: no wait, it says so
+    scanning.acquire()
+    try:
+        told = cli("status", env=env_for(tmp_path), cfg=cfg)
+    finally:
+        scanning.release()
+    assert told.returncode == 3 and "does not answer" not in told.stderr, told.stderr
+    assert f"watcher pid {os.getpid()} (`watcher scan`) is working on the store" in told.stderr
+    lock = StateLock(tmp_path / "state", role=DAEMON)
     lock.acquire()
     try:
         proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "status", "--json"],
                                 env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
         said = proc.stderr.readline()  # the wait is told on stderr before anything else
-        assert f"watcher pid {os.getpid()} holds {tmp_path / 'state'} but does not answer yet" in said
+        assert f"watcher pid {os.getpid()} (the daemon) holds {tmp_path / 'state'} but does not answer yet" in said
         assert proc.poll() is None  # still waiting
     finally:
         lock.release()
@@ -495,7 +503,7 @@ def test_a_daemon_starting_while_a_command_holds_the_lock_waits_for_it(tmp_path,
         command.release()
         wait_for(lambda: (tmp_path / "state" / "control.sock").exists() or proc.poll() is not None, timeout=30)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert StateLock.holder(tmp_path / "state") == f"watcher pid {proc.pid}"
+        assert StateLock.holder(tmp_path / "state") == f"watcher pid {proc.pid} (the daemon)"
     finally:
         command.release()
         proc.send_signal(signal.SIGTERM)

@@ -26,7 +26,7 @@ def ask_daemon(settings: Settings, request: dict[str, Any], on_progress: Any = N
     """(True, its answer) when a daemon runs on the state folder and took ``request``; (False, None) when none
     runs (then the caller works on the store directly). A refusal by the daemon is raised as CommandFailed."""
     from watcher.control import NoDaemon, ask
-    from watcher.statelock import StateLock
+    from watcher.statelock import DAEMON, StateLock
 
     deadline, told = time.monotonic() + STARTING_WAIT_SECONDS, False
     while True:
@@ -36,8 +36,8 @@ def ask_daemon(settings: Settings, request: dict[str, Any], on_progress: Any = N
             # The lock is held but nobody answers: a daemon between its lock and its socket (or a short command
             # holding the lock as its proof). Asked again until it answers or the lock is let go.
             holder = StateLock.holder(settings.state_dir)
-            if holder is None or time.monotonic() >= deadline:
-                return False, None
+            if holder is None or DAEMON not in holder or time.monotonic() >= deadline:
+                return False, None  # no_daemon then says who holds the lock
             if not told:
                 print(f"watcher: {holder} holds {settings.state_dir} but does not answer yet; waiting up to "
                       f"{STARTING_WAIT_SECONDS:g} s", file=sys.stderr, flush=True)
@@ -49,7 +49,7 @@ def ask_daemon(settings: Settings, request: dict[str, Any], on_progress: Any = N
 def no_daemon(settings: Settings, *, hold: bool = True) -> Any:
     """Work on the store directly: only while the state folder's lock proves that no daemon runs (``hold``: keep
     the lock for the whole command; else it is taken for an instant, as a proof)."""
-    from watcher.statelock import StateLock
+    from watcher.statelock import DAEMON, StateLock
 
     if not settings.state_dir.is_dir():
         yield
@@ -59,6 +59,10 @@ def no_daemon(settings: Settings, *, hold: bool = True) -> Any:
         lock.acquire()
     except StartupError:
         holder = StateLock.holder(settings.state_dir) or "another process"
+        if DAEMON not in holder:  # a scan without a daemon, a restore, a migration: it ends on its own
+            raise StartupError(
+                f"{holder} is working on the store in {settings.state_dir} directly; run this again when it ends"
+            ) from None
         raise StartupError(
             f"{holder} holds the state folder {settings.state_dir}, but its control socket does not answer (is it "
             "still starting? try again; an older watcher has no socket: restart it)"

@@ -32,7 +32,7 @@ from watcher.looplag import LoopLag
 from watcher.metrics import Metrics, NullMetrics
 from watcher.pace import caps_of
 from watcher.sdnotify import Notifier, NullNotifier
-from watcher.statelock import StateLock
+from watcher.statelock import DAEMON, StateLock
 from watcher.steering import Steering
 from watcher.store.outage_aio import wait_for_store
 
@@ -146,7 +146,7 @@ class Daemon(Steering):
         return new
 
     async def run(self) -> int:
-        lock = StateLock(self.settings.state_dir)
+        lock = StateLock(self.settings.state_dir, role=DAEMON)
         await asyncio.to_thread(lock.acquire, wait=LOCK_WAIT_SECONDS)
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if self.handle_signals else ()

@@ -13,13 +13,17 @@ from typing import Any
 
 from watcher.errors import StartupError
 
+DAEMON = "the daemon"  # the role `watcher run` takes the lock in
+
 
 class StateLock:
     """An exclusive lock on the state folder, so two daemons never work from one store."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, role: str = "a command") -> None:
+        """``role``: who takes it, as the holder's line tells others ("watcher pid N (the daemon)")."""
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "watcher.lock"
+        self.role = role
         self._fh: Any = None
 
     def acquire(self, *, wait: float = 0.0) -> None:
@@ -40,7 +44,7 @@ class StateLock:
             ) from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"watcher pid {os.getpid()}\n")
+        fh.write(f"watcher pid {os.getpid()} ({self.role})\n")
         fh.flush()
         self._fh = fh
 
@@ -54,8 +58,8 @@ class StateLock:
 
     @staticmethod
     def holder(state_dir: Path) -> str | None:
-        """Who holds the lock of ``state_dir`` ("watcher pid N"), or None when nobody does (checked by taking it
-        for an instant, which is the only proof; creates nothing)."""
+        """Who holds the lock of ``state_dir`` ("watcher pid N (its role)"), or None when nobody does (checked by
+        taking it for an instant, which is the only proof; creates nothing)."""
         try:
             fh = open(state_dir / "watcher.lock")  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -79,7 +83,7 @@ class StateLock:
     def stopped(cls, state_dir: Path, nothing: str) -> Iterator[None]:
         """Held for a command that needs the daemon stopped (restore, migrate); refused while one runs, the
         message starting with ``nothing`` (what was not done)."""
-        lock = cls(state_dir)
+        lock = cls(state_dir, role="a store command")
         try:
             lock.acquire()
         except StartupError as exc:

@@ -28,7 +28,7 @@ async def scan(
     (exit code, problems). The state folder's lock is held throughout (a daemon starting meanwhile waits)."""
     paths = absolute(paths)
     folders, files = scan_targets(settings, paths)
-    lock = StateLock(settings.state_dir)
+    lock = StateLock(settings.state_dir, role="`watcher scan`")
     lock.acquire()
     try:
         app = App.build(settings, folders=folders)
