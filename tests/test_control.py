@@ -134,6 +134,33 @@ def test_scan_dot_from_the_folder_without_a_daemon(tmp_path, inbox, emu):
     assert emu.api.counts()[STREAM] == 1
 
 
+def test_scan_of_a_file_already_waiting_says_it_moved_it_to_the_front(tmp_path, inbox, emu):
+    """A file an earlier run recorded (backlog, not processed yet): `watcher scan` of it says it moved 1 file to
+    the front, and processes what waits; a second scan has nothing left to move and says nothing of it."""
+    from watcher.store import Store
+
+    for name in ("a.wav", "b.wav"):
+        write_tone(inbox / name, 0.3, freq=300.0 if name == "a.wav" else 500.0)
+    store = Store(tmp_path / "state" / "watcher.db")
+    try:
+        for path in sorted(inbox.iterdir()):
+            st = path.stat()
+            store.register_revision(
+                folder=str(inbox), path=str(path), rel_path=path.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                inode=st.st_ino, jobs=[("analyze", "analyze")],
+            )  # fmt: skip
+    finally:
+        store.close()
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    proc = cli("scan", "b.wav", env=env_for(tmp_path), cfg=cfg, cwd=inbox)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 file(s) already waiting moved to the front" in proc.stdout
+    assert sidecar(inbox / "a.wav").exists() and sidecar(inbox / "b.wav").exists()
+    again = cli("scan", "b.wav", env=env_for(tmp_path), cfg=cfg, cwd=inbox)
+    assert again.returncode == 0, again.stderr
+    assert "moved to the front" not in again.stdout
+
+
 def test_a_command_waits_for_a_daemon_between_its_lock_and_its_socket(tmp_path, inbox, emu):
     """`watcher status` while the state folder's lock is held and no socket answers (a daemon starting): it says
     it waits, and answers once the lock is let go (it failed with exit 3 at once, a flake of every poll of status

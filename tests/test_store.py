@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from watcher.store import NewRevision, Store, StoredResult, utc_day
+from watcher.store import NewRevision, State, Store, StoredResult, utc_day
 
 
 def register(store: Store, path: str = "/in/a.wav", size: int = 10, mtime: int = 1, inode: int = 7):
@@ -352,6 +352,31 @@ def test_live_files_and_higher_priorities_go_first_but_the_backlog_keeps_a_share
     head = kinds[: kinds.rindex("l") + 1]
     assert head.count("o") == len(head) // (FIRST_RUN + 1)  # one backlog claim in every FIRST_RUN + 1
     assert store.claim("analyze", "w", now=1000.0) is None
+
+
+def test_promoted_jobs_rank_as_live_and_are_counted_by_file(store):
+    """`watcher scan PATH` on files already waiting: their pending jobs rank as live (claimed before the backlog);
+    the answer counts files moved, not jobs, and leaves jobs live already or no longer pending alone."""
+
+    def add(n: int, **rank: object) -> int:
+        file_id, _ = store.register_revision(
+            folder="/in", path=f"/in/f{n}.wav", rel_path=f"f{n}.wav", size=10, mtime_ns=1, inode=n,
+            jobs=[("analyze", "analyze"), ("archive", "check")], now=100.0 + n, **rank,
+        )  # fmt: skip
+        return file_id
+
+    for n in range(6):
+        add(n, live=n == 1)
+    jobs = {(j.file.path, j.pipeline): j for j in store.jobs_of_current()}
+    done = store.claim("archive", "w", now=1000.0)
+    assert done is not None and done.file.path == "/in/f1.wav"  # the live one
+    store.release(done, state=State.DONE)
+    wanted = [jobs[(f"/in/f{n}.wav", p)].id for n in (1, 4, 5) for p in ("analyze", "archive")]
+    assert store.promote(wanted) == 2  # f4 and f5; f1 was live already
+    assert store.promote(wanted) == 0  # nothing left to move
+    order = [store.claim("analyze", "w", now=1000.0).file.path for _ in range(3)]
+    assert order == ["/in/f1.wav", "/in/f4.wav", "/in/f5.wav"]  # live first, oldest first among them
+    assert store.claim("archive", "w", now=1000.0).file.path == "/in/f4.wav"
 
 
 def test_a_version_5_store_gets_the_claim_indexes(tmp_path):

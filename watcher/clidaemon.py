@@ -114,11 +114,13 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
         if bar is not None:
             bar.close()
     if ran:
-        code, problems = int(answer["exit"]), answer["problems"]
+        code, problems, promoted = int(answer["exit"]), answer["problems"], int(answer.get("promoted", 0))
     else:
         with no_daemon(settings, hold=False):
             pass  # the direct scan takes the lock itself, for as long as it runs
-        code, problems = asyncio.run(commands.scan(settings, paths, progress=progress))
+        code, problems, promoted = asyncio.run(commands.scan(settings, paths, progress=progress))
+    if promoted:
+        print(f"{promoted} file(s) already waiting moved to the front")
     for p in problems:
         word = "FAILED" if p["state"] == "failed" else p["state"].upper()
         print(f"{word} {display(p['path'])} ({p['pipeline']}, {p['step']}): {p['error']}", file=sys.stderr)

@@ -8,24 +8,29 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from watcher.app import App
 from watcher.commands.common import absolute, under
 from watcher.config import FolderConfig, Settings
 from watcher.errors import ConfigError
 from watcher.fsutil import use_node
+from watcher.names import display
 from watcher.runner import Outcome
 from watcher.statelock import StateLock
 from watcher.store import TERMINAL, Job, State
 from watcher.store.ports import StorePort
 
+log = structlog.get_logger("watcher.scan")
 SCAN_SETTLE = 1.0
 
 
 async def scan(
     settings: Settings, paths: Sequence[Path], *, progress: bool = False
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[dict[str, Any]], int]:
     """`watcher scan` with no daemon running: register what is under ``paths`` now, process it, and report
-    (exit code, problems). The state folder's lock is held throughout (a daemon starting meanwhile waits)."""
+    (exit code, problems, files already waiting moved to the front). The state folder's lock is held throughout
+    (a daemon starting meanwhile waits)."""
     paths = absolute(paths)
     folders, files = scan_targets(settings, paths)
     lock = StateLock(settings.state_dir, role="`watcher scan`")
@@ -49,6 +54,7 @@ async def scan(
             detector.hint(str(f), live=True)
         await detector.settle_all()
         targets = [str(p) for p in paths]
+        promoted = await promote(app, await asyncio.to_thread(app.store.jobs_of_current), targets)
         bar = _progress(app.store.pending(), enabled=progress)
         if bar is not None:
             from watcher.events import Subscriber
@@ -62,7 +68,7 @@ async def scan(
         await app.runner.drain()
         if bar is not None:
             bar.close()
-        return _scan_report(app.store, targets)
+        return (*_scan_report(app.store, targets), promoted)
     finally:
         await app.aclose()
         lock.release()
@@ -83,10 +89,11 @@ SCAN_POLL = 0.2
 
 async def scan_running(
     app: App, paths: Sequence[Path], *, progress: Callable[[int, int], Awaitable[None]] | None = None
-) -> tuple[int, list[dict[str, Any]]]:
-    """`watcher scan` through the running daemon: hint what is under ``paths`` to its detector, wait until each
-    of their jobs has finished or waits on something that will not come now (a backoff, a paused service, a
-    cap, a request in doubt), and report as :func:`scan` does. ``progress(done, total)`` is told as jobs end."""
+) -> tuple[int, list[dict[str, Any]], int]:
+    """`watcher scan` through the running daemon: hint what is under ``paths`` to its detector, move what already
+    waits there to the front once the hinted files settled, wait until each of their jobs has finished or waits
+    on something that will not come now (a backoff, a paused service, a cap, a request in doubt), and report as
+    :func:`scan` does. ``progress(done, total)`` is told as jobs end."""
     paths = absolute(paths)
     detector = app.detector
     if detector is None:
@@ -103,11 +110,14 @@ async def scan_running(
         detector.hint(str(path), is_dir=path.is_dir(), live=True)  # the user says these are today's
     targets = [str(p) for p in paths]
     seen = (-1, -1)
+    promoted: int | None = None
     while True:
         if not detector.idle():  # the detector's own loop settles the hinted files
             await asyncio.sleep(SCAN_POLL)
             continue
         jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
+        if promoted is None:  # settled: a changed file is a new (live) revision now, an unchanged one still waits
+            promoted = await promote(app, jobs, targets)
         done = sum(j.state in TERMINAL for j in jobs)
         if progress is not None and (done, len(jobs)) != seen:
             seen = (done, len(jobs))
@@ -122,7 +132,23 @@ async def scan_running(
         if why is not None:
             waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
             problems.append(waiting)
-    return code, problems
+    return code, problems, promoted or 0
+
+
+async def promote(app: App, jobs: Sequence[Job], targets: Sequence[str]) -> int:
+    """`watcher scan PATH` counts as live, for files found earlier too: the pending jobs of the current revisions
+    under ``targets`` go before the backlog (as a live registration's do, within the lanes' share). How many
+    files were moved (logged; none when each was live already or has nothing pending)."""
+    waiting = [j for j in jobs if j.state == State.PENDING and under(j.file.path, targets)]
+    moved = await app.aio.promote([j.id for j in waiting]) if waiting else 0
+    if moved:
+        log.info(
+            "scan.moved_to_front",
+            paths=", ".join(display(t) for t in targets),
+            files=moved,
+            next="already waiting: claimed next, before the backlog (which keeps its share of the claims)",
+        )
+    return moved
 
 
 def _held(app: App) -> tuple[set[str], dict[str, str]]:

@@ -24,7 +24,8 @@ which keeps the same bounds for each node's claims; a restart only restarts the 
 
 Within the new lane, today's files go first: a job carries its folder's ``priority`` (higher first) and whether its
 file was found *live* (an event, a poll, `watcher scan PATH`, or a scan finding a file modified within the folder's
-``live_hours``) rather than as backlog. The new lane is read in :data:`FIRST` order (priority, then live, then most
+``live_hours``) rather than as backlog; `watcher scan PATH` on files recorded earlier makes their pending jobs live
+(``promote``). The new lane is read in :data:`FIRST` order (priority, then live, then most
 overdue) through its own partial index (schema version 10 in SQLite, 6 in PostgreSQL), except that every
 ``FIRST_RUN + 1``-th new-lane claim takes the most overdue job whatever its rank (:data:`OLDEST`): the backlog keeps
 at least one claim in ``FIRST_RUN + 1``, so a steady stream of live files never starves it.

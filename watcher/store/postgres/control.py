@@ -186,6 +186,18 @@ class PgControlMixin(_Base):
 
         return int(self._run(go))
 
+    def promote(self, job_ids: Sequence[int]) -> int:
+        """Rank the pending jobs among ``job_ids`` as live; how many files had a job moved (see the SQLite adapter)."""
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            rows = db.execute(
+                "UPDATE jobs SET live=1 WHERE id = ANY(%s) AND state='pending' AND live=0 RETURNING file_id",
+                (list(job_ids),),
+            ).fetchall()
+            return len({int(r["file_id"]) for r in rows})
+
+        return int(self._run(go))
+
     def prune(self, older_than_days: float, *, now: float | None = None) -> int:
         """Forget replaced or deleted revisions whose jobs all ended long ago; results and paid IDs stay. Only
         replaced revisions created before the cutoff and those with a job ``gone`` are read (``files_replaced``,

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 else:
     _Base = object
 
+_CHUNK = 500  # job IDs per statement (SQLite limits the parameters of one)
+
 
 class ControlMixin(_Base):
     """Folders, reports and retries."""
@@ -174,3 +176,20 @@ class ControlMixin(_Base):
                 )
                 changed += cur.rowcount
         return changed
+
+    def promote(self, job_ids: Sequence[int]) -> int:
+        """Rank the pending jobs among ``job_ids`` as live (see store.lanes), as a live registration does: files
+        `watcher scan PATH` names that already wait go before the backlog. How many files had a job moved (jobs
+        live already, or no longer pending, are left as they are)."""
+        ids = list(job_ids)
+        moved: set[int] = set()
+        with self._tx() as db:
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                rows = db.execute(
+                    f"UPDATE jobs SET live=1 WHERE id IN ({','.join('?' * len(chunk))}) AND state='pending' "
+                    "AND live=0 RETURNING file_id",
+                    chunk,
+                ).fetchall()
+                moved.update(int(r[0]) for r in rows)
+        return len(moved)
