@@ -270,6 +270,9 @@ class AsyncStore:
     async def retry(self, *, waiting_on_service: bool = False, pipelines: Sequence[str] | None = None) -> int:
         return await self.call(self.sync.retry, paths=None, waiting_on_service=waiting_on_service, pipelines=pipelines)
 
+    async def wake_capped(self) -> int:
+        return await self.call(self.sync.wake_capped)
+
     async def prune(self, older_than_days: float) -> int:
         return await self.call(self.sync.prune, older_than_days)
 
