@@ -1,6 +1,6 @@
 """What keeps a running daemon well, besides its lifecycle: the watchdog's pulse, the queue's metrics and status
 line, pruning, the node's heartbeat, folder health, and what a start owes (the folders' markers, the recovery
-after the last stop).
+after the last stop, the jobs a daily cap held back made due again under the cap now in force).
 
 The pulse never waits on the store: it pings the systemd watchdog (and stamps /healthz) as long as the event loop
 runs, whatever the database does. The chores reach the store only through its asynchronous port, so a store that
@@ -133,11 +133,27 @@ class Housekeeping(Subscriber):
                 next="paid requests cut off by the last stop: processing ones are held (`watcher status`), "
                 "analysis ones are asked again",
             )
+        await self.wake_capped(app)
         await self.prune(app)
         alive = app.aio.sync.node_alive  # asked from the sweep's own thread
         removed = await asyncio.to_thread(sweep_temp, _written_folders(app.settings), mine=app.node_id, alive=alive)
         if removed:
             log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
+
+    async def wake_capped(self, app: Graph) -> None:
+        """At every start and reload: the jobs a daily cap deferred are due again, since the cap may have been
+        raised or removed; the gate checks the cap in force before any paid call, so one still reached defers
+        them again at no cost."""
+        woken = await app.aio.wake_capped()
+        if woken:
+            caps = {budget: minutes or None for budget, minutes in self.caps().items()}
+            log.info(
+                "cap.jobs_due",
+                jobs=woken,
+                daily_audio_minutes=caps,
+                next=f"{woken} job(s) a daily cap deferred are due again under the caps now in force: a cap raised "
+                "or removed lets them go on today, one still reached defers them again (nothing is paid)",
+            )
 
     async def owned_folders(self, app: Graph) -> list[FolderConfig]:
         """The folders whose marker names our store (unmarked ones are marked ours); the others are left alone.

@@ -273,6 +273,9 @@ class AsyncStore:
     async def promote(self, job_ids: Sequence[int]) -> int:
         return await self.call(self.sync.promote, job_ids)
 
+    async def wake_capped(self) -> int:
+        return await self.call(self.sync.wake_capped)
+
     async def prune(self, older_than_days: float) -> int:
         return await self.call(self.sync.prune, older_than_days)
 

@@ -21,7 +21,7 @@ from watcher.store.postgres.schema import (
     NOW,
     TERMINAL_STATES,
 )
-from watcher.store.rules import AFTER_CRASH_ERROR_SQL, AFTER_CRASH_SQL
+from watcher.store.rules import AFTER_CRASH_ERROR_SQL, AFTER_CRASH_SQL, utc_day
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -148,6 +148,22 @@ class PgControlMixin(_Base):
                 )
                 changed += 1
             return changed
+
+        return int(self._run(go))
+
+    def wake_capped(self) -> int:
+        """Make every pending job a daily cap deferred due now, and clear today's cap marks (see the SQLite
+        adapter); the day is the database's."""
+
+        def go(db: psycopg.Connection[Any]) -> int:
+            now = self._now(db)
+            db.execute("UPDATE spend SET capped_at=NULL WHERE day=%s AND capped_at IS NOT NULL", (utc_day(now),))
+            cur = db.execute(
+                "UPDATE jobs SET next_attempt_at=%s, last_error=NULL, error_code=NULL, updated_at=%s "
+                "WHERE state='pending' AND error_code='capped' AND lease_owner IS NULL",
+                (now, now),
+            )
+            return int(cur.rowcount)
 
         return int(self._run(go))
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from watcher.names import from_db, text, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk, State, Step
+from watcher.store.rules import utc_day
 
 if TYPE_CHECKING:
     from watcher.store.sqlite.core import StoreBase
@@ -146,6 +147,20 @@ class ControlMixin(_Base):
                 )
                 changed += 1
         return changed
+
+    def wake_capped(self) -> int:
+        """Make every pending job a daily cap deferred due now, and clear today's cap marks (``capped_at``): the
+        settings now in force decide again, since the gate checks the cap before any paid call and marks the day
+        anew if it is still reached. Attempts are kept (a cap is no failure). Returns how many jobs were woken."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("UPDATE spend SET capped_at=NULL WHERE day=? AND capped_at IS NOT NULL", (utc_day(now),))
+            cur = db.execute(
+                "UPDATE jobs SET next_attempt_at=?, last_error=NULL, error_code=NULL, updated_at=? "
+                "WHERE state='pending' AND error_code='capped' AND lease_owner IS NULL",
+                (now, now),
+            )
+            return int(cur.rowcount)
 
     def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int:
         """Queue ``pipeline`` at ``step`` for revisions that have no job of it yet (a back-fill); how many."""
