@@ -274,24 +274,28 @@ class Daemon(Steering):
             ]
             return await self._until_stop(tasks)
         finally:
-            if self._key_check is not None:
-                self._key_check.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._key_check
-                self._key_check = None
-            if self._control is not None:
-                self._control.ending = True  # a command cut by the close says so, not "internal error"
-            await app.aclose()
-            if self._late:  # their store calls ended with the store: they end now
-                await asyncio.wait(self._late, timeout=CHECKPOINT_SECONDS)
-                for task in self._late:
-                    if task.done() and not task.cancelled() and task.exception() is not None:
-                        log.warning("daemon.checkpoint_lost", task=task.get_name(), error=repr(task.exception()),
-                                    next="its leases run out; the next life takes the work up")  # fmt: skip
-                self._late = set()
-            self.app = None
-            gc.unfreeze()  # the graph's cycles can be collected again (after a reload, the old graph's)
-            gc.collect()  # now: else the next graph's freeze would keep this one's cycles for its whole life
+            await self._close(app)
+
+    async def _close(self, app: App) -> None:
+        """The end of one life of the graph: the key check, the graph's clients and store, the late checkpoints."""
+        if self._key_check is not None:
+            self._key_check.cancel()
+            with contextlib.suppress(BaseException):
+                await self._key_check
+            self._key_check = None
+        if self._control is not None:
+            self._control.ending = True  # a command cut by the close says so, not "internal error"
+        await app.aclose()
+        if self._late:  # their store calls ended with the store: they end now
+            await asyncio.wait(self._late, timeout=CHECKPOINT_SECONDS)
+            for task in self._late:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.warning("daemon.checkpoint_lost", task=task.get_name(), error=repr(task.exception()),
+                                next="its leases run out; the next life takes the work up")  # fmt: skip
+            self._late = set()
+        self.app = None
+        gc.unfreeze()  # the graph's cycles can be collected again (after a reload, the old graph's)
+        gc.collect()  # now: else the next graph's freeze would keep this one's cycles for its whole life
 
     async def _until_stop(self, tasks: list[asyncio.Task[None]]) -> int:
         """Run the runner (first), the detector and the chores until a stop or one fails (exit 1), then checkpoint."""
