@@ -13,7 +13,7 @@ nothing, and its gate operation is freed rather than held in doubt (:func:`watch
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -32,6 +32,9 @@ class WireTicket:
     request: int
     operations: tuple[str, ...]
     used: bool = field(default=False)
+    # A body sent on it has not yet handed over its last piece: a request stopped now (a stop, a cut connection)
+    # cannot have reached the service whole, so it provably sent nothing billable (see :func:`whole_body`).
+    partial_body: bool = field(default=False)
 
 
 def issue(ticket: WireTicket) -> WireTicket:
@@ -60,3 +63,30 @@ def spend_ticket(what: str, covers: Collection[str] | None = None) -> WireTicket
         )
     ticket.used = True
     return ticket
+
+
+def body_started(size: int) -> WireTicket | None:
+    """A request body of ``size`` bytes begins on the current ticket (None: no ticket, a free request): it is
+    partial until :func:`body_ending` is called just before its last piece is handed over."""
+    ticket = _TICKET.get()
+    if ticket is not None:
+        ticket.partial_body = size > 0
+    return ticket
+
+
+def body_ending(ticket: WireTicket | None) -> None:
+    """The body's last piece is about to be handed over: from now on the service may receive it whole."""
+    if ticket is not None:
+        ticket.partial_body = False
+
+
+async def whole_body(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """``chunks`` (``size`` bytes in all) as a request body that keeps its ticket's ``partial_body`` true until
+    the piece that completes it is handed over: a request cut before then is known not to have been sent."""
+    ticket = body_started(size)
+    sent = 0
+    async for chunk in chunks:
+        sent += len(chunk)
+        if sent >= size:
+            body_ending(ticket)
+        yield chunk

@@ -43,11 +43,14 @@ def ending_of(exc: BaseException, taken: Taken | None) -> str:
     ticket is spent once the request was handed to the transport.
 
     ``not_sent``: provably not processed (NotSent: never connected, 429/503, a body cut short; or stopped before
-    it was handed over); ``refused``: the service answered 4xx before any work (a bad key, a refused file);
+    it was handed over, or before its body's last piece was: ``partial_body``); ``refused``: the service answered
+    4xx before any work (a bad key, a refused file);
     ``in_doubt``: everything else once the whole request may have been sent (5xx, a timeout, a cut stream, and
     any answer that cannot be read: a 2xx without the expected ID, a 3xx, a body not of the documented shape).
     """
     if isinstance(exc, NotSent) or taken is None or taken.wire is None or not taken.wire.used:
+        return "not_sent"
+    if taken.wire.partial_body:  # stopped or cut before the body's last piece left: no whole request arrived
         return "not_sent"
     if isinstance(exc, Malformed):
         return "in_doubt"

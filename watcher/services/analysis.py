@@ -24,6 +24,7 @@ import structlog
 
 from watcher.config.audio_url import without_query
 from watcher.errors import Malformed, Rejected, RetryLater, WatcherError
+from watcher.sending import whole_body
 from watcher.services.http import AudioSource, HttpPolicy, RequestObserver, ServiceHTTP
 from watcher.services.httperrors import translate_transport_error
 
@@ -166,7 +167,7 @@ class AnalysisClient:
         content: bytes | AsyncIterator[bytes]
         if audio_url is None:
             headers |= {"Content-Type": "application/octet-stream", "Content-Length": str(audio.size)}
-            content = audio.chunks()
+            content = whole_body(audio.chunks(), audio.size)  # a stream cut before its last byte is not sent
         else:  # an empty body (Content-Length: 0): the service fetches the audio itself
             headers["audio-url"] = audio_url
             content = b""

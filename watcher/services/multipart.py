@@ -10,6 +10,7 @@ import secrets
 from collections.abc import AsyncIterator, Mapping
 
 from watcher.errors import FileChanged
+from watcher.sending import body_ending, body_started
 from watcher.services.http import AudioSource
 
 
@@ -65,6 +66,7 @@ class MultipartBody:
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.sent, self.complete = 0, False
+        ticket = body_started(self.length)  # partial until its tail: a request cut before is not sent
         yield self._head
         async for chunk in self.source.chunks():
             if self.sent + len(chunk) > self.source.size:
@@ -74,4 +76,5 @@ class MultipartBody:
         if self.sent != self.source.size:
             raise FileChanged(f"the file gave {self.sent} bytes, {self.source.size} were expected")
         self.complete = True
+        body_ending(ticket)
         yield self._tail
