@@ -96,3 +96,30 @@ def test_a_stream_stopped_before_its_body_ended_is_not_sent_and_one_stopped_afte
     assert ending_of(asyncio.CancelledError(), cut) == "not_sent"
     assert whole.wire is not None and whole.wire.used and not whole.wire.partial_body
     assert ending_of(asyncio.CancelledError(), whole) == "in_doubt"
+
+
+@pytest.mark.bill_exempt("the client alone on a hand-made ticket, as a gate would issue it: no ledger")
+def test_a_stream_held_by_the_bandwidth_limit_is_partial_until_its_last_byte_is_asked_for(tmp_path: Path):
+    """Under `bwlimit` a body's piece is taken first and sent later: a one-piece body stopped while the limit holds
+    it has not reached the service, and is still partial (it was marked whole as soon as the limit took it)."""
+    from watcher.config.bwlimit import parse_bwlimit
+    from watcher.services.bandwidth import Bandwidth
+
+    audio = write_tone(tmp_path / "a.wav", 1.0)  # about 176 kB: one piece, many seconds at 8 kB/s
+    with Emulator(analysis_key=API_KEY, use_local=False) as emu:
+
+        async def go() -> Taken:
+            limit = Bandwidth(parse_bwlimit("8k"))
+            client = AnalysisClient(emu.url, API_KEY, policy=HttpPolicy(attempts=1, bandwidth=limit))
+            try:
+                cut = Taken([], 1.0, wire=issue(WireTicket(1, ("analyze:key",))))
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(client.analyze(body(audio), ["key"], lambda r: None), 1.0)
+                return cut
+            finally:
+                await client.aclose()
+
+        cut = asyncio.run(go())
+        assert emu.analysis.bytes_received == 0  # no whole body arrived
+    assert cut.wire is not None and cut.wire.used and cut.wire.partial_body
+    assert ending_of(asyncio.CancelledError(), cut) == "not_sent"

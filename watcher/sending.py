@@ -82,11 +82,18 @@ def body_ending(ticket: WireTicket | None) -> None:
 
 async def whole_body(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
     """``chunks`` (``size`` bytes in all) as a request body that keeps its ticket's ``partial_body`` true until
-    the piece that completes it is handed over: a request cut before then is known not to have been sent."""
+    the piece that completes it is asked for: a request cut before then is known not to have been sent.
+
+    Its last byte is its own piece, asked for only once all before it was taken (a bandwidth limit takes a piece
+    first and sends it later): until then the service cannot hold the whole body, whoever holds the pieces."""
     ticket = body_started(size)
     sent = 0
     async for chunk in chunks:
         sent += len(chunk)
-        if sent >= size:
-            body_ending(ticket)
-        yield chunk
+        if sent < size:
+            yield chunk
+            continue
+        if len(chunk) > 1:
+            yield chunk[:-1]
+        body_ending(ticket)
+        yield chunk[-1:]
