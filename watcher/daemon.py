@@ -39,7 +39,7 @@ from watcher.store.outage_aio import wait_for_store
 log = structlog.get_logger("watcher.daemon")
 GRACE_SECONDS = 5.0  # with the paid-call drain (2 s) and the webhook flush (1 s), a stop stays under 10 s
 RELOAD_GRACE_SECONDS = 60.0  # a reload has no deadline of its own: running transfers may end instead of being cut
-CHECKPOINT_SECONDS = 1.0  # after the grace, how long cancelled jobs may take to checkpoint before the store closes
+CHECKPOINT_SECONDS = 0.5  # after the grace, how long cancelled jobs may take to checkpoint before the store closes
 HEARTBEAT_SECONDS = 5.0
 # A start waits this long for the state folder's lock: a command (`watcher status`, `scan`) may hold it a moment.
 LOCK_WAIT_SECONDS = 10.0

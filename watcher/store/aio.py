@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 from watcher.store.models import Fence, FileRevision, Job, NewRevision, Operation, State, Step, StoredResult, Ticket
 from watcher.store.ports import StorePort
 
-CLOSE_PATIENCE = 1.0  # seconds a closing store waits for its calls under way before it ends them (see aclose)
+CLOSE_PATIENCE = 0.5  # seconds a closing store waits for its calls under way before it ends them (see aclose)
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -132,7 +132,7 @@ class Pool:
         for conn in held:
             _shut(conn)
         with contextlib.suppress(Exception):
-            self._pool.close(timeout=1.0)
+            self._pool.close(timeout=0.3)  # its workers may be in a connect to a server that is away
 
 
 def _shut(conn: psycopg.Connection[Any]) -> None:
