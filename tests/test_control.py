@@ -560,3 +560,28 @@ def test_a_scan_cut_by_the_daemons_stop_says_so(tmp_path, inbox, emu, daemons):
     assert scan.returncode != 0 and "internal error" not in err, err
     assert "stopped or reloaded before" in err and "run it again" in err, err
     assert not d.events("control.failed")
+
+
+def test_a_scan_across_a_reload_never_ends_in_an_internal_error(tmp_path, inbox, emu, daemons):
+    """`watcher scan` waits on the daemon while a SIGHUP rebuilds its graph (the store the scan reads is closed
+    under it): the scan ends done or says it was cut and to run it again, never "internal error:
+    ProgrammingError" (2 of 3 before), and the daemon logs no traceback."""
+    emu.analysis.faults.event_delay = 0.5
+    env = env_for(tmp_path)
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    d = daemons(tmp_path, cfg, env)
+    for n in range(3):
+        write_tone(inbox / f"r{n}.wav", 0.3, freq=300 + 50 * n)
+    scan = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "scan", str(inbox)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: emu.api.counts().get(STREAM, 0) >= 1, timeout=30, what="a stream under way")
+        d.reload()
+        _, err = scan.communicate(timeout=60)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+    assert "internal error" not in err, err
+    assert scan.returncode == 0 or "run it again" in err, err
+    wait_for(lambda: d.events("daemon.reloaded"), timeout=60, what="the reload")
+    assert not d.events("control.failed")

@@ -64,7 +64,8 @@ class ControlServer:
         self.handle = handle
         self.mode = mode
         self.group = group
-        self.ending = False  # set by the daemon while its graph closes (a stop or a reload)
+        self._running: set[asyncio.Future[Any]] = set()  # the commands being answered now
+        self._cut: set[asyncio.Future[Any]] = set()  # those ended by cut(), told so
         self._server: asyncio.Server | None = None
 
     async def start(self) -> bool:
@@ -100,6 +101,45 @@ class ControlServer:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
+    def cut(self) -> None:
+        """The daemon's graph is about to close (a stop or a reload): end the commands running on it now; each
+        tells its client it was cut and to run it again (what it did is kept)."""
+        for task in self._running:
+            self._cut.add(task)
+            task.cancel()
+
+    async def _answer(self, request: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Run one request and send its answer (or why not, with the exit code the CLI passes on)."""
+        command = request.get("command")
+        task = asyncio.ensure_future(self.handle(request, lambda p: send({"progress": p})))
+        self._running.add(task)
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise  # this connection itself was cancelled (the socket closes): nothing to answer
+            log.info("control.cut", command=command, next="the client is told to run it again")
+            await send({"ok": False, "exit": 1, "error": f"the daemon stopped or reloaded before `{command}` "
+                        "finished; what it did is kept: run it again"})  # fmt: skip
+        except StartupError as exc:
+            await send({"ok": False, "error": str(exc), "exit": 3})
+        except StoreUnavailable as exc:  # an outage: the daemon carries on; the command can be asked again
+            log.warning("control.store_unreachable", command=command, error=str(exc),
+                        next="refused; ask again once the store answers")  # fmt: skip
+            await send({"ok": False, "exit": 3, "error": f"the store cannot be reached now ({exc}); the daemon "
+                        "carries on and retries: run the command again once `watcher status` no longer says "
+                        "\"store unreachable\""})  # fmt: skip
+        except (ConfigError, WatcherError) as exc:
+            await send({"ok": False, "error": str(exc), "exit": 2})
+        except Exception as exc:
+            log.exception("control.failed", command=command)
+            await send({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "exit": 1})
+        else:
+            await send({"ok": True, "result": result})
+        finally:
+            self._running.discard(task)
+            self._cut.discard(task)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def send(doc: dict[str, Any]) -> None:
             writer.write(json.dumps(doc, default=str).encode() + b"\n")
@@ -114,28 +154,7 @@ class ControlServer:
             except ValueError as exc:
                 await send({"ok": False, "error": f"bad request ({exc})", "exit": 2})
                 return
-            try:
-                result = await self.handle(request, lambda p: send({"progress": p}))
-            except StartupError as exc:
-                await send({"ok": False, "error": str(exc), "exit": 3})
-            except StoreUnavailable as exc:  # an outage: the daemon carries on; the command can be asked again
-                log.warning("control.store_unreachable", command=request.get("command"), error=str(exc),
-                            next="refused; ask again once the store answers")  # fmt: skip
-                await send({"ok": False, "exit": 3, "error": f"the store cannot be reached now ({exc}); the daemon "
-                            "carries on and retries: run the command again once `watcher status` no longer says "
-                            "\"store unreachable\""})  # fmt: skip
-            except (ConfigError, WatcherError) as exc:
-                await send({"ok": False, "error": str(exc), "exit": 2})
-            except Exception as exc:
-                if self.ending:  # the store closed under it: no bug, and nothing done is lost
-                    log.info("control.cut", command=request.get("command"), error=f"{type(exc).__name__}: {exc}")
-                    await send({"ok": False, "exit": 1, "error": f"the daemon stopped or reloaded before "
-                                f"`{request.get('command')}` finished; what it did is kept: run it again"})  # fmt: skip
-                    return
-                log.exception("control.failed", command=request.get("command"))
-                await send({"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}", "exit": 1})
-            else:
-                await send({"ok": True, "result": result})
+            await self._answer(request, send)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass  # the client went away (Ctrl-C on `watcher scan`): nothing to answer
         finally:

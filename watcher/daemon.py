@@ -237,8 +237,6 @@ class Daemon(Steering):
             return 0
         app = await build_daemon(self.settings, metrics=self.metrics, housekeeping=self.housekeeping, live=self._live)
         self.app = app
-        if self._control is not None:
-            self._control.ending = False  # commands run on this graph now
         check_keys = self._check_keys(app)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.
@@ -284,7 +282,7 @@ class Daemon(Steering):
                 await self._key_check
             self._key_check = None
         if self._control is not None:
-            self._control.ending = True  # a command cut by the close says so, not "internal error"
+            self._control.cut()  # commands on this graph end now, saying so, rather than hang or fail on it
         await app.aclose()
         if self._late:  # their store calls ended with the store: they end now
             await asyncio.wait(self._late, timeout=CHECKPOINT_SECONDS)
