@@ -297,7 +297,7 @@ class OutageGuard:
     def away(self) -> StoreAway:
         """The error a caller gets instead of waiting for the store."""
         return StoreAway(
-            f"the store is unreachable ({self._error}); this waits until it is back",
+            f"the store is unreachable ({self._error})",  # each caller says what it does meanwhile
             until=time.time() + max(RETRY_FIRST, self._retry_at - time.monotonic()),
         )
 
