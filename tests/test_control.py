@@ -585,3 +585,29 @@ def test_a_scan_across_a_reload_never_ends_in_an_internal_error(tmp_path, inbox,
     assert scan.returncode == 0 or "run it again" in err, err
     wait_for(lambda: d.events("daemon.reloaded"), timeout=60, what="the reload")
     assert not d.events("control.failed")
+
+
+def test_ctrl_c_on_a_scan_without_a_daemon_finishes_what_runs_and_leaves_the_rest(tmp_path, inbox, emu):
+    """SIGINT (Ctrl-C) on `watcher scan` with no daemon, a stream under way and more files waiting: it says it
+    stops, lets the running stream end, claims nothing new, exits 1 and leaves the rest pending (it ran on for
+    the whole queue, 129 s in an attack)."""
+    emu.analysis.faults.event_delay = 0.5
+    for n in range(6):
+        write_tone(inbox / f"c{n}.wav", 0.3, freq=300 + 40 * n)
+    cfg = write_config(tmp_path, base_config(tmp_path, inbox, emu).replace("[retry]", "concurrency = 1\n[retry]"))
+    env = env_for(tmp_path)
+    cmd = [sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "scan", str(inbox)]
+    scan = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: emu.api.counts().get(STREAM, 0) >= 1, timeout=30, what="a stream under way")
+        scan.send_signal(signal.SIGINT)
+        _, err = scan.communicate(timeout=30)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+    assert scan.returncode == 1, err[-2000:]
+    assert '"scan.stopping"' in err and '"scan.interrupted"' in err, err[-2000:]
+    streams = emu.api.counts()[STREAM]
+    assert 1 <= streams < 6  # the running ones ended; nothing new was claimed
+    done = [f for f in inbox.glob("*.wav") if sidecar(f).exists()]
+    assert len(done) == streams  # each stream sent was answered and recorded, none cut

@@ -107,8 +107,9 @@ class Runner:
             tg.create_task(self._keep_leases(stop), name="leases")
             tg.create_task(self._wake_on(stop), name="stop-waker")
 
-    async def drain(self, *, horizon: float = 10.0) -> None:
-        """Run the same workers until no job is running and none is due within ``horizon`` seconds (`scan`).
+    async def drain(self, *, horizon: float = 10.0, interrupt: asyncio.Event | None = None) -> None:
+        """Run the same workers until no job is running and none is due within ``horizon`` seconds (`scan`), or
+        ``interrupt`` is set (then running jobs end and nothing new is claimed).
 
         Work scheduled further out (a long backoff, a cap, a job held in doubt) is left in the store.
         """
@@ -117,6 +118,9 @@ class Runner:
         async def watch() -> None:
             while True:
                 await asyncio.sleep(0.05)
+                if interrupt is not None and interrupt.is_set():
+                    stop.set()
+                    return
                 if self.busy:
                     continue
                 now = time.time()

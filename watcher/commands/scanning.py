@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+import signal
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +67,44 @@ async def scan(
                         bar.update(1)
 
             app.events.subscribers.append(Tick())
-        await app.runner.drain()
+        with _on_signals() as interrupted:
+            await app.runner.drain(interrupt=interrupted)
         if bar is not None:
             bar.close()
-        return (*_scan_report(app.store, targets), promoted)
+        code, problems = _scan_report(app.store, targets)
+        if interrupted.is_set():
+            left = app.store.pending()
+            log.warning("scan.interrupted", left=left, next="running jobs were finished; the rest waits in the "
+                        "store: run the scan again, or start the daemon")  # fmt: skip
+            code = 1
+        return code, problems, promoted
     finally:
         await app.aclose()
         lock.release()
+
+
+@contextlib.contextmanager
+def _on_signals() -> Iterator[asyncio.Event]:
+    """SIGINT (Ctrl-C) or SIGTERM during a scan without a daemon: stop claiming and let running jobs end (their
+    paid answers are recorded), said in the log; a second signal stops at once. The event tells that it came."""
+    loop = asyncio.get_running_loop()
+    came = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def first(sig: signal.Signals) -> None:
+        log.warning("scan.stopping", signal=sig.name, next="finishing running jobs, claiming nothing new; "
+                    "again to stop at once")  # fmt: skip
+        came.set()
+        for each in signals:
+            loop.remove_signal_handler(each)  # the next one does what it does by default
+
+    for sig in signals:
+        loop.add_signal_handler(sig, first, sig)
+    try:
+        yield came
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 def _scan_report(store: StorePort, targets: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
