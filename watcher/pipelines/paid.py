@@ -170,8 +170,9 @@ class PaidCalls:
     def doubt(self, op: Operation, since: float, why: str | None) -> InDoubt:
         """The error that holds a job whose paid request ``op`` may have been done."""
         return InDoubt(
-            f"{op.name} was sent in full but its answer was lost ({why or 'no answer'}); it may have been done and "
-            "billed, so it is held: `watcher retry --in-doubt` (or `watcher retry PATH`) sends it again",
+            f"{op.name} may have reached the service whole but its answer was lost ({why or 'no answer'}); it may "
+            "have been done and billed, so it is held: `watcher retry --in-doubt` (or `watcher retry PATH`) sends it "
+            "again",
             operation=op.name,
             since=since,
             keys=[[op.sha256, op.service, op.name, op.params]],
