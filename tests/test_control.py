@@ -611,3 +611,15 @@ def test_ctrl_c_on_a_scan_without_a_daemon_finishes_what_runs_and_leaves_the_res
     assert 1 <= streams < 6  # the running ones ended; nothing new was claimed
     done = [f for f in inbox.glob("*.wav") if sidecar(f).exists()]
     assert len(done) == streams  # each stream sent was answered and recorded, none cut
+
+
+def test_doctor_on_an_empty_postgresql_database_says_it_is_reachable(tmp_path, inbox, pg_url):
+    """A new database with no tables yet (the first daemon makes them): the store check passes and says so (it
+    failed with 'relation "meta" does not exist' and told the user to check pg_hba.conf)."""
+    from tests.conftest import make_settings
+    from watcher.doctor import check_store
+
+    settings = make_settings(tmp_path, inbox, "http://127.0.0.1:9")
+    settings = settings.model_copy(update={"store": settings.store.model_copy(update={"url": pg_url})})
+    (finding,) = check_store(settings)
+    assert finding.ok and "no tables yet" in finding.detail, finding

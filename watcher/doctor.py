@@ -224,6 +224,9 @@ def check_store(settings: Settings) -> list[Finding]:
             passfile = str(settings.store.passfile) if settings.store.passfile else None
             store = PostgresStore(settings.store.url, passfile=passfile, readonly=True)
         except Exception as exc:  # any driver error: reported, never raised
+            if type(exc).__name__ == "UndefinedTable":  # reached, and empty: the first daemon creates the tables
+                return [Finding("store", f"PostgreSQL {where}: reachable, no tables yet (the first daemon makes them)",
+                                ok=True)]  # fmt: skip
             return [Finding("store", f"{where}: {exc}", "check [store] url, the passfile and pg_hba.conf", ok=False)]
         try:
             mine = store.store_id
