@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import API_KEY, wait_for, write_tone
+from tests.conftest import API_KEY, query, wait_for, write_tone
 from watcher.emulator import Emulator
 
 pytestmark = pytest.mark.timeout(90)
@@ -623,3 +623,32 @@ def test_doctor_on_an_empty_postgresql_database_says_it_is_reachable(tmp_path, i
     settings = settings.model_copy(update={"store": settings.store.model_copy(update={"url": pg_url})})
     (finding,) = check_store(settings)
     assert finding.ok and "no tables yet" in finding.detail, finding
+
+
+def test_a_second_signal_on_a_scan_without_a_daemon_checkpoints_at_once(tmp_path, inbox, emu):
+    """SIGTERM twice on `watcher scan` (no daemon) with bodies under way at a slow `bwlimit`: the second signal
+    checkpoints at once; the cut requests are recorded as not sent (they stayed "sending", maybe paid, and the
+    next run sent them again), the exit is 1 with no traceback."""
+    for n in range(3):
+        write_tone(inbox / f"s{n}.wav", 1.0, freq=300 + 40 * n)
+    extra = "concurrency = 1\n[retry]"
+    cfg = write_config(tmp_path, 'bwlimit = "8k"\n' + base_config(tmp_path, inbox, emu).replace("[retry]", extra))
+    cmd = [sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "scan", str(inbox)]
+    log = tmp_path / "scan.log"
+    with log.open("w") as out:
+        scan = subprocess.Popen(cmd, env=env_for(tmp_path), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: emu.api.counts().get(STREAM, 0) >= 1, timeout=30, what="a stream under way")
+        scan.send_signal(signal.SIGTERM)
+        wait_for(lambda: scan.poll() is not None or '"scan.stopping"' in log.read_text(), timeout=10,
+                 what="the first signal taken")  # fmt: skip
+        scan.send_signal(signal.SIGTERM)
+        scan.wait(timeout=30)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+    err = log.read_text()
+    assert scan.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert '"scan.stopping_now"' in err
+    endings = query(tmp_path, "SELECT group_concat(outcome) FROM ledger")
+    assert endings is not None and "sending" not in (endings[0] or ""), endings

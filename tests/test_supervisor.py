@@ -296,3 +296,32 @@ def test_a_reload_neither_cuts_nor_pays_again_for_a_running_stream(tmp_path, inb
     text = log.read_text()
     assert '"job.checkpointed"' not in text and '"paid.resend"' not in text, text[-2000:]
     assert emulator.api.counts()[stream] == 3
+
+
+def test_a_sighup_during_start_up_does_not_end_the_daemon(tmp_path, inbox, emulator):
+    """`systemctl reload` right after a start: a SIGHUP that comes before the daemon's own handler (its first
+    second) is ignored (it ended the process with 129); the config it reads at start is the newest anyway."""
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(folder_config(inbox))
+    proc = start_watcher(tmp_path, cfg, emulator.url)
+    try:
+
+        def ignoring_hup() -> bool:  # SigIgn (or, once the daemon's handler is in, SigCgt): bit 0 is SIGHUP
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            lines = status.splitlines()
+            masks = [int(line.split()[1], 16) for line in lines if line.startswith(("SigIgn:", "SigCgt:"))]
+            return any(mask & 1 for mask in masks)
+
+        wait_for(lambda: proc.poll() is not None or ignoring_hup(), timeout=30, what="the early SIGHUP guard")
+        proc.send_signal(signal.SIGHUP)
+        write_tone(inbox / "a.wav", 0.2)
+        wait_for(lambda: proc.poll() is not None or (inbox / "a.wav.analysis.json").exists(), timeout=30,
+                 what="the daemon working after the early SIGHUP")  # fmt: skip
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0

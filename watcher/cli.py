@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -188,6 +189,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(clihelp.completion_script(args.shell), end="")
         return EXIT_OK
     if args.command == "run":
+        # A SIGHUP before the daemon's own handler (its first second) would end it: the config read just below is
+        # the newest anyway, so until then a reload asks for nothing more.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         settings = _settings(args, args.folders or None)
         configure_logging(args.log_format, settings.log_level)
         from watcher.daemon import Daemon

@@ -67,8 +67,10 @@ async def scan(
                         bar.update(1)
 
             app.events.subscribers.append(Tick())
-        with _on_signals() as interrupted:
-            await app.runner.drain(interrupt=interrupted)
+        interrupted = asyncio.Event()
+        draining = asyncio.ensure_future(app.runner.drain(interrupt=interrupted))
+        with _on_signals(interrupted, draining), contextlib.suppress(asyncio.CancelledError):
+            await draining  # cancelled by a second signal: the running jobs checkpoint now (cut bodies: not sent)
         if bar is not None:
             bar.close()
         code, problems = _scan_report(app.store, targets)
@@ -84,24 +86,26 @@ async def scan(
 
 
 @contextlib.contextmanager
-def _on_signals() -> Iterator[asyncio.Event]:
-    """SIGINT (Ctrl-C) or SIGTERM during a scan without a daemon: stop claiming and let running jobs end (their
-    paid answers are recorded), said in the log; a second signal stops at once. The event tells that it came."""
+def _on_signals(came: asyncio.Event, draining: asyncio.Future[None]) -> Iterator[None]:
+    """SIGINT (Ctrl-C) or SIGTERM during a scan without a daemon: set ``came``, so nothing new is claimed and the
+    running jobs end (their paid answers recorded); a second signal cancels ``draining``: they checkpoint at once,
+    as a daemon's second signal does (a request cut mid-body is recorded as not sent). Both are said in the log."""
     loop = asyncio.get_running_loop()
-    came = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
 
-    def first(sig: signal.Signals) -> None:
-        log.warning("scan.stopping", signal=sig.name, next="finishing running jobs, claiming nothing new; "
-                    "again to stop at once")  # fmt: skip
-        came.set()
-        for each in signals:
-            loop.remove_signal_handler(each)  # the next one does what it does by default
+    def on(sig: signal.Signals) -> None:
+        if not came.is_set():
+            log.warning("scan.stopping", signal=sig.name, next="finishing running jobs, claiming nothing new; "
+                        "again to stop at once")  # fmt: skip
+            came.set()
+            return
+        log.warning("scan.stopping_now", signal=sig.name, next="checkpointing running jobs now")
+        draining.cancel()
 
     for sig in signals:
-        loop.add_signal_handler(sig, first, sig)
+        loop.add_signal_handler(sig, on, sig)
     try:
-        yield came
+        yield
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
