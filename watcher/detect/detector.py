@@ -36,6 +36,7 @@ from watcher.detect.poll import DirPoller
 from watcher.detect.scan import Recorded, changed_files
 from watcher.detect.settle import Finding, Readiness, Settler
 from watcher.detect.sink import ReadySink, Settled
+from watcher.errors import Deferred
 from watcher.names import display
 
 log = structlog.get_logger("watcher.detect")
@@ -267,13 +268,13 @@ class Detector:
             await self._ready(f)
 
     async def _ready(self, f: Settled) -> None:
-        """Hand one settled file to the sink; a failure there is this file's alone."""
+        """Hand one settled file to the sink; a failure is this file's alone (a store away: it is looked at again)."""
         try:
             await self.sink.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
+        except Deferred:
+            self.hint(f.path, live=f.live)
         except Exception as exc:
-            self._report_failure(
-                "detect.record_failed", f.path, reason_of(exc), "it will be seen again at the next scan"
-            )
+            self._report_failure("detect.record_failed", f.path, reason_of(exc), "seen again at the next scan")
         else:
             self._failures.forget(f.path)
 
