@@ -5,8 +5,9 @@ Builds a SQLite store of ``--files`` revisions (done, failed, waiting and replac
 folders, with key and tempo; a fast bulk insert through SQL, the store's triggers keeping its counts) plus a
 watched tree of ``--tree-files`` small files recorded as done, then starts `watcher run` on the tree (polled,
 the page on) and prints: the overview's and the file list's p95, one file's page p95, search by key and by
-tempo p95, `watcher status` (text) time, the restart (spawn to idle, minus a fixed start on an empty folder)
-beside one `find` over the tree, the daemon's RSS, and its CPU while idle and polling.
+tempo p95, `watcher status` (text) time, the restart (spawn to idle, minus the same daemon's spawn to idle on an
+empty folder: what the files add; medians of ``--restarts``) beside one `find` over the tree, the daemon's RSS,
+and its CPU while idle and polling.
 
     python bench/scale.py [--files 1000000] [--tree-files 100000] [--requests 200] [--idle-seconds 60]
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per measure")
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--interval", type=float, default=30.0, help="the tree's poll interval")
+    parser.add_argument("--restarts", type=int, default=3, help="restarts timed (medians)")
     args = parser.parse_args()
     tree_dir = _proc.HERE
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,25 +140,28 @@ def main() -> None:
 
         empty = root / "empty"
         empty.mkdir()
-        env_empty = _proc.env_for(tree_dir, root / "state-empty", empty)
+        # the fixed start: the same daemon (polled, the page on) over an empty folder, spawn to idle
+        env_empty = _proc.env_for(tree_dir, root / "state-empty", empty, poll=True, interval=args.interval, web=True)
         fixed = []
-        for run in range(3):  # the first creates the store and fills the bytecode cache: not counted
+        for run in range(args.restarts + 1):  # the first creates the store and fills the bytecode cache: not counted
             with _proc.running(tree_dir, empty, env_empty, root) as daemon:
                 daemon.wait_ready()
                 if run:
                     fixed.append(daemon.wait_quiet())
                 daemon.stop()
         env = _proc.env_for(tree_dir, state, tree, poll=True, interval=args.interval, web=True)
-        with _proc.running(tree_dir, tree, env, root) as daemon:  # marks the folder: not counted
-            daemon.wait_ready(600)
-            daemon.wait_quiet(timeout=600)
-            daemon.stop()
-        find_wall, _ = _proc.find_pass(tree)
-        with _proc.running(tree_dir, tree, env, root) as daemon:
-            ready = daemon.wait_ready(600)
-            idle = daemon.wait_quiet(timeout=600)
-            measure(daemon, state, env, args, ready, idle, statistics.median(fixed), find_wall)
-            daemon.stop()
+        ready, idle, finds = [], [], []
+        for run in range(args.restarts + 1):  # the first marks the folder: not counted; the last stays up
+            finds.append(_proc.find_pass(tree)[0])
+            daemon = _proc.Daemon(tree_dir, tree, env, root)
+            try:
+                ready.append(daemon.wait_ready(600))
+                idle.append(daemon.wait_quiet(timeout=600))
+                if run == args.restarts:
+                    times = (ready[1:], idle[1:], fixed, finds[1:])
+                    measure(daemon, state, env, args, *(statistics.median(t) for t in times))
+            finally:
+                daemon.stop()
 
 
 def measure(daemon: _proc.Daemon, state: Path, env: dict[str, str], args: argparse.Namespace, *times: float) -> None:
@@ -217,9 +222,9 @@ def measure(daemon: _proc.Daemon, state: Path, env: dict[str, str], args: argpar
         print(f"  {line}")
     rest = idle - fixed
     print(
-        f"restart over {args.tree_files:,} files: spawn -> READY {ready * 1000:.0f} ms, -> idle {idle * 1000:.0f} ms; "
-        f"fixed start (empty folder) {fixed * 1000:.0f} ms; idle minus fixed {rest * 1000:.0f} ms = "
-        f"{rest / find_wall:.1f} x find ({find_wall * 1000:.0f} ms)"
+        f"restart over {args.tree_files:,} files (medians of {args.restarts}): spawn -> READY {ready * 1000:.0f} ms, "
+        f"-> idle {idle * 1000:.0f} ms; the same start on an empty folder -> idle {fixed * 1000:.0f} ms; "
+        f"what the files add {rest * 1000:.0f} ms = {rest / find_wall:.1f} x find ({find_wall * 1000:.0f} ms)"
     )
     print(f"daemon RSS after the requests: {rss:.0f} MB")
     print(f"idle CPU over {args.idle_seconds:g} s, polling: {cpu * 100:.2f} % of a core")

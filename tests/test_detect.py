@@ -22,6 +22,7 @@ from watcher.detect.filters import PathFilter
 from watcher.detect.poll import DirPoller
 from watcher.detect.settle import CLOSE_CONFIRM_SECONDS, Finding, Settler
 from watcher.names import display
+from watcher.store.models import Signatures, group_by_folder
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -52,9 +53,10 @@ class RecordingSink:
         for f in files:
             await self.ready(f.folder, f.path, f.rel_path, f.signature, live=f.live)
 
-    def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+    def recorded(self, folder: str) -> Signatures:
         with self.lock:
-            return {p: (s.size, s.mtime_ns, s.inode) for p, s in self.ready_files if p.startswith(folder + os.sep)}
+            mine = [(p, s.size, s.mtime_ns, s.inode) for p, s in self.ready_files if p.startswith(folder + os.sep)]
+        return group_by_folder(mine)
 
     def names(self) -> list[str]:
         with self.lock:
@@ -959,7 +961,7 @@ def test_the_sinks_questions_are_asked_off_the_loop_and_its_records_made_on_it(t
             self._note("known")
             return super().known(path, sig)
 
-        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        def recorded(self, folder: str) -> Signatures:
             self._note("recorded")
             return {}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
@@ -16,9 +17,11 @@ from watcher.app import StoreSink
 from watcher.config import AUDIO_PATTERNS, FolderConfig
 from watcher.detect.detector import Detector
 from watcher.detect.filters import PathFilter
+from watcher.detect.poll import Listing
 from watcher.events import Events
 from watcher.store import NewRevision, Store
 from watcher.store.aio import AsyncStore
+from watcher.store.models import Signatures, group_by_folder
 
 pytestmark = pytest.mark.timeout(60)
 KNOWN = 10_000
@@ -92,7 +95,7 @@ def test_a_store_that_cannot_answer_leaves_every_file_to_the_one_by_one_check(tm
         async def ready(self, *args: object, **kwargs: object) -> None:
             return None
 
-        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        def recorded(self, folder: str) -> Signatures:
             raise OSError("the store is away")
 
     detector = Detector([FolderConfig(path=inbox)], Failing())
@@ -166,7 +169,8 @@ def test_the_per_folder_matcher_agrees_with_wants_file(include, exclude, own_dir
             assert bool(match(name)) == path_filter.wants_file(rel), (folder, name)
 
 
-def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path):
+@pytest.mark.parametrize("snapshot", [False, True], ids=["native", "polled"])
+def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path, snapshot):
     """The start-up walk over recorded files: new files (one in a hidden folder, one not UTF-8 named) and those
     whose size, mtime or inode changed are hinted; files as recorded, excluded folders (``@eaDir``, a hidden one
     the user excluded, own output) and non-audio files are not; a link to outside the folder is refused."""
@@ -201,18 +205,20 @@ def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path):
         st = (inbox / rel).stat()
         return st.st_size, st.st_mtime_ns, st.st_ino
 
-    recorded: dict[str, tuple[int, int, int | None]] = {
+    flat: dict[str, tuple[int, int, int | None]] = {
         str(inbox / rel): sig(rel) for rel in files if rel not in ("a/new.wav", ".visible/x.wav")
     }
-    recorded[str(inbox / "a" / "same.wav")] = (*sig("a/same.wav")[:2], None)  # a store that keeps no inode
+    flat[str(inbox / "a" / "same.wav")] = (*sig("a/same.wav")[:2], None)  # a store that keeps no inode
     (inbox / "a" / "resized.wav").write_bytes(b"RIFF, longer")
     os.utime(inbox / "a" / "touched.wav", ns=(1, 1))
-    replaced = recorded[str(inbox / "a" / "replaced.wav")]
-    recorded[str(inbox / "a" / "replaced.wav")] = (replaced[0], replaced[1], replaced[2] + 1)
+    size, mtime_ns, inode = flat[str(inbox / "a" / "replaced.wav")]
+    flat[str(inbox / "a" / "replaced.wav")] = (size, mtime_ns, (inode or 0) + 1)
+    recorded = group_by_folder((path, *signature) for path, signature in flat.items())
 
     path_filter = PathFilter(AUDIO_PATTERNS, (".secret",), ("out",))
+    listing = Listing(time.monotonic) if snapshot else None  # a polled folder's walk compares in its own loop
     with structlog.testing.capture_logs() as logs:
-        changed, seen = changed_files(str(inbox), path_filter, recorded)
+        changed, seen = changed_files(str(inbox), path_filter, recorded, listing=listing)
     expected = {"a/resized.wav", "a/touched.wav", "a/replaced.wav", "a/new.wav", ".visible/x.wav"}
     assert sorted(changed) == sorted([str(inbox / rel) for rel in expected] + [os.fsdecode(odd)])
     assert seen == 2 + len(expected) + 1  # the two unchanged, the changed, the odd name; not the refused link
@@ -245,9 +251,9 @@ def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
         async def ready_many(self, files: object) -> None:
             return None
 
-        def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+        def recorded(self, folder: str) -> Signatures:
             self.asked.append(folder)
-            return {str(p): (st.st_size, st.st_mtime_ns, st.st_ino) for p in paths if (st := p.stat())}
+            return group_by_folder((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in paths if (st := p.stat()))
 
     sink = Sink()
     detector = Detector([FolderConfig(path=inbox), FolderConfig(path=missing)], sink)

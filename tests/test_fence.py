@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import API_KEY, NA_KEY, NA_POLICY, Service, body, wait_for, write_tone
+from tests.conftest import API_KEY, NA_KEY, NA_POLICY, Service, body, make_settings, wait_for, write_tone
 from tests.test_archive import archive_settings
 from watcher.config import ArchiveConfig, SidecarConfig
 from watcher.emulator import Emulator
@@ -369,3 +369,35 @@ def test_a_starting_daemon_sweeps_its_own_leftovers_not_another_nodes_staging(tm
     run_daemon(settings)
     wait_for(lambda: not mine.exists(), timeout=30, what="the start-up sweep")
     assert (theirs / "mastered.wav").read_bytes() == b"RIFF"
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["native", "polled"])
+def test_the_start_up_scan_sweeps_the_watched_folders_leftovers(tmp_path, emu, run_daemon, poll):
+    """A watched folder's leftovers are removed by the start-up scan's own walk (no second listing of the tree):
+    a half-written sidecar of this node's last life (as named now and as 0.2 named it), one in a folder the
+    filter excludes; another node's recent one, anything behind a link and the audio stay, and the audio is
+    analysed as usual."""
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
+    settings = make_settings(tmp_path, inbox, emu.url)
+    folder = settings.folders[0].model_copy(update={"poll": poll, "poll_interval": 0.5})
+    settings = settings.model_copy(update={"folders": (folder,)})
+    me, other = "a1" * 8, "b2" * 8
+    settings.state_dir.mkdir(parents=True)
+    (settings.state_dir / "node-id").write_text(me + "\n")
+    song = write_tone(inbox / "album" / "song.wav")
+    gone = [
+        inbox / "album" / f".watcher-tmp-n{me}ldeadbeef-song.wav.analysis.json",
+        inbox / f".watcher-tmp-n{me}-x.json",
+        inbox / "@eaDir" / f".watcher-tmp-n{me}ldeadbeef-y.json",
+    ]
+    kept = [inbox / "album" / f".watcher-tmp-n{other}l0badcafe-z.json", elsewhere / f".watcher-tmp-n{me}-w.json"]
+    for path in gone + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{")
+    (inbox / "away").symlink_to(elsewhere)
+    run_daemon(settings)
+    sidecar = song.with_name(song.name + ".analysis.json")
+    wait_for(sidecar.exists, timeout=30, what="the sidecar of the file already there")
+    assert [p.name for p in gone if p.exists()] == []
+    assert all(p.read_text() == "{" for p in kept)
+    assert json.loads(sidecar.read_text())

@@ -166,7 +166,7 @@ def test_move_across_devices_to_a_full_disk_leaves_the_source(tmp_path: Path, sm
 def test_sweep_removes_only_our_leftovers_and_follows_no_link(tmp_path):
     """`.watcher-tmp-*` files and folders go (below subfolders only where asked); anything else, and anything
     behind a link, stays."""
-    from watcher.fsutil import sweep_temp
+    from watcher.fsutil import Leftovers
 
     me = "0123456789abcdef"
     inbox, out, elsewhere = tmp_path / "inbox", tmp_path / "out", tmp_path / "elsewhere"
@@ -178,7 +178,7 @@ def test_sweep_removes_only_our_leftovers_and_follows_no_link(tmp_path):
     (out / f".watcher-tmp-n{me}-7-song" / "x.wav").write_bytes(b"x")
     (elsewhere / f".watcher-tmp-n{me}-keep.json").write_text("{")
     (out / "link").symlink_to(elsewhere)
-    removed = sweep_temp([(inbox, False), (out, True)], mine=me)
+    removed = Leftovers(mine=me).sweep([(inbox, False), (out, True)])
     assert sorted(p.name for p in removed) == [f".watcher-tmp-n{me}-7-song", f".watcher-tmp-n{me}-a.json"]
     assert (inbox / "album" / f".watcher-tmp-n{me}-b.json").exists(), "not below a folder watched without recursion"
     assert (inbox / "take.wav").exists() and (elsewhere / f".watcher-tmp-n{me}-keep.json").exists()
@@ -187,7 +187,7 @@ def test_sweep_removes_only_our_leftovers_and_follows_no_link(tmp_path):
 def test_sweep_leaves_another_live_nodes_staging_alone(tmp_path):
     """On an output folder two nodes share, a start-up sweep removes its own leftovers and a dead node's, never a
     live node's staging folder (nor a recent one of a node the store cannot tell about)."""
-    from watcher.fsutil import sweep_temp
+    from watcher.fsutil import Leftovers
 
     me, live, dead, unknown = "a" * 16, "b" * 16, "c" * 16, "d" * 16
     out = tmp_path / "out"
@@ -199,6 +199,28 @@ def test_sweep_leaves_another_live_nodes_staging_alone(tmp_path):
     old.write_text("{")
     os.utime(old, (time.time() - 2 * 86400,) * 2)
     verdicts = {live: True, dead: False}
-    removed = sweep_temp([(out, True)], mine=me, alive=verdicts.get)
+    removed = Leftovers(mine=me, alive=verdicts.get).sweep([(out, True)])
     assert sorted(removed) == sorted([names[me], names[dead], old])
     assert (names[live] / "restored.wav").exists() and (names[unknown] / "restored.wav").exists()
+
+
+def test_a_sweep_spares_the_temp_files_of_its_own_life(tmp_path, monkeypatch):
+    """The start-up sweep may run while this life already writes (the start-up scan sweeps a watched folder as it
+    walks it): its own temp names are spared, an earlier life's of the same node (and a name from before lives
+    were named) removed."""
+    from watcher import fsutil
+
+    me = "0123456789abcdef"
+    monkeypatch.setattr(fsutil, "_life", "")
+    fsutil.use_node(me)
+    ours = tmp_path / f"{fsutil.temp_prefix()}a.json"
+    assert ours.name.startswith(f".watcher-tmp-n{me}l") and len(fsutil._life) == 8
+    earlier = tmp_path / f".watcher-tmp-n{me}l{'0' * 8 if fsutil._life != '0' * 8 else '1' * 8}-b.json"
+    before_lives = tmp_path / f".watcher-tmp-n{me}-c.json"
+    for path in (ours, earlier, before_lives):
+        path.write_text("{")
+    removed = fsutil.Leftovers(mine=me).sweep([(tmp_path, False)])
+    assert sorted(removed) == sorted([earlier, before_lives])
+    assert ours.exists()
+    fsutil.use_node(me)  # a reload: the same life
+    assert fsutil.temp_prefix() == ours.name[: len(fsutil.temp_prefix())]

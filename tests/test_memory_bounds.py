@@ -19,6 +19,7 @@ from watcher.detect.detector import Detector, Settled
 from watcher.detect.failures import FailureLog
 from watcher.detect.filters import DIR_CACHE, PathFilter
 from watcher.store import Store
+from watcher.store.models import Signatures, group_by_folder
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -49,7 +50,7 @@ class RefusingSink:
     def ready_many(self, files: Sequence[Settled]) -> None:
         raise OSError(28, "No space left on device")
 
-    def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+    def recorded(self, folder: str) -> Signatures:
         return {}
 
 
@@ -142,12 +143,13 @@ def test_a_rescan_does_not_hold_a_folders_listing(tmp_path: Path) -> None:
 
     root = tmp_path / "in"
     root.mkdir()
-    recorded: dict[str, tuple[int, int, int | None]] = {}
+    flat = []
     for n in range(3000):
         path = root / f"{n:06d}.wav"
         path.write_bytes(b"x")
         st = path.stat()
-        recorded[str(path)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        flat.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    recorded = group_by_folder(flat)
     tracemalloc.start()
     try:
         changed, seen = changed_files(str(root), PathFilter(["*.wav"], []), recorded)

@@ -91,9 +91,12 @@ def test_a_folders_current_revisions_come_in_one_answer(store):
     store.register_revision(
         folder="/other", path="/other/c.wav", rel_path="c.wav", size=1, mtime_ns=1, inode=1, jobs=[]
     )
-    found = store.current_signatures("/in")
-    assert {p: sig[:2] for p, sig in found.items()} == {"/in/a.wav": (20, 2), "/in/sub/b.wav": (30, 3)}
-    assert found["/in/sub/b.wav"][2] in (8, None)  # None: an adapter shared across mounts does not compare it
+    found = store.current_signatures("/in")  # grouped by the folder each is in, as a walk lists them
+    assert {d: {n: sig[:2] for n, sig in names.items()} for d, names in found.items()} == {
+        "/in": {"a.wav": (20, 2)},
+        "/in/sub": {"b.wav": (30, 3)},
+    }
+    assert found["/in/sub"]["b.wav"][2] in (8, None)  # None: an adapter shared across mounts does not compare it
     assert store.current_signatures("/nowhere") == {}
 
 

@@ -39,6 +39,7 @@ from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileRevision, Job, NewRevision, Store
 from watcher.store.aio import AsyncStore, Guard, unguarded
+from watcher.store.models import Signatures
 from watcher.store.outage_aio import outage_store
 from watcher.store.ports import StorePort
 
@@ -93,7 +94,7 @@ class StoreSink:
     def known(self, path: str, sig: Signature) -> bool:
         return self.store.sync.known_revision(path, sig.size, sig.mtime_ns, sig.inode)
 
-    def recorded(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+    def recorded(self, folder: str) -> Signatures:
         return self.store.sync.current_signatures(folder)
 
     async def ready(

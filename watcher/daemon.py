@@ -245,7 +245,7 @@ class Daemon(Steering):
             seen = {
                 str(f["folder"]) for f in await app.aio.folder_states() if f["mode"] in ("native", "polling", "gone")
             }
-            detector = app.make_detector(folders, seen=seen)
+            detector = app.make_detector(folders, seen=seen, sweep=self.housekeeping.leftovers)
             # What start-up built (modules, settings, this graph) lives as long as this graph: kept out of the
             # collector's passes until it ends, so the first full pass over it does not land in the first scan
             # (where it cost about what 10,000 files' stat do), nor does any later one walk it again.

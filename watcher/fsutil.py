@@ -24,9 +24,11 @@ TEMP_PREFIX = ".watcher-tmp-"
 PRIVATE_FILE = 0o600
 NODE_ID_FILE = "node-id"
 _NODE_ID = re.compile(r"[0-9a-f]{16}")
-_TAGGED = re.compile(r"\.watcher-tmp-n([0-9a-f]{16})-")
+# a temp name carries its node and, since 0.3, the life (process) that made it: ``.watcher-tmp-n<node>l<life>-``
+_TAGGED = re.compile(r"\.watcher-tmp-n([0-9a-f]{16})(?:l([0-9a-f]{8}))?-")
 STALE_TEMP_SECONDS = 86400.0  # another node's temp file whose node's life cannot be told is swept after this
 _node = ""  # this process's node ID once the daemon (or `scan`) started: temp names carry it
+_life = ""  # this process's life, beside the node in temp names: a sweep spares the temp files of its own life
 
 
 def node_id(state_dir: Path) -> str:
@@ -43,14 +45,17 @@ def node_id(state_dir: Path) -> str:
 
 
 def use_node(node: str) -> None:
-    """Temp files and staging folders made from now on carry ``node`` (see :func:`sweep_temp`)."""
-    global _node
+    """Temp files and staging folders made from now on carry ``node`` and this process's life (see
+    :class:`Leftovers`); the life stays the same for the whole process, across reloads."""
+    global _node, _life
     _node = node
+    _life = _life or uuid.uuid4().hex[:8]
 
 
 def temp_prefix() -> str:
-    """The start of every temp name this process makes: ``.watcher-tmp-n<node ID>-`` once the node is known."""
-    return f"{TEMP_PREFIX}n{_node}-" if _node else TEMP_PREFIX
+    """The start of every temp name this process makes: ``.watcher-tmp-n<node ID>l<life>-`` once the node is
+    known."""
+    return f"{TEMP_PREFIX}n{_node}l{_life}-" if _node else TEMP_PREFIX
 
 
 def _read_umask() -> int:
@@ -247,57 +252,72 @@ def move_file(src: Path, dst: Path) -> Path:
     return final
 
 
-def sweep_temp(
-    roots: list[tuple[Path, bool]], *, mine: str, alive: Callable[[str], bool | None] = lambda node: None
-) -> list[Path]:
-    """Remove leftovers (``.watcher-tmp-*`` files and folders) under each ``(root, recursive)``: this node's own
-    (``mine``), and another node's only once it is dead (``alive(node)`` False; None when the store cannot tell,
-    then only when untouched for :data:`STALE_TEMP_SECONDS`, as are names from before temp names carried a node).
+class Leftovers:
+    """What a start-up sweep removes of the temp files (``.watcher-tmp-*`` files and folders) it is shown: this
+    node's (``mine``) from an earlier life (this process's own are being written), and another node's only once it
+    is dead (``alive(node)`` False; None when the store cannot tell, then only when untouched for
+    :data:`STALE_TEMP_SECONDS`, as are names from before temp names carried a node). Links are never followed.
 
-    The daemon calls it at start-up, holding its state folder's lock, for the folders it writes into: an output
-    folder several nodes share keeps the staging folders of the others. Links are never followed. Returns what
-    was removed.
+    Called with each entry named ``.watcher-tmp-*`` (by :meth:`sweep`, or by the start-up scan's walk of a watched
+    folder, which lists it anyway); ``removed`` lists what went.
     """
-    removed: list[Path] = []
-    verdicts: dict[str, bool | None] = {}
-    stale_before = time.time() - STALE_TEMP_SECONDS
 
-    def ours_to_remove(entry: os.DirEntry[str]) -> bool:
-        tagged = _TAGGED.match(entry.name)
-        node = tagged.group(1) if tagged else None
-        if node == mine:
-            return True
-        if node is not None:
-            if node not in verdicts:
-                verdicts[node] = alive(node)
-            if verdicts[node] is not None:
-                return not verdicts[node]
-        return entry.stat(follow_symlinks=False).st_mtime < stale_before
+    def __init__(self, *, mine: str, alive: Callable[[str], bool | None] = lambda node: None) -> None:
+        self.mine = mine
+        self.alive = alive
+        self.removed: list[Path] = []
+        self._verdicts: dict[str, bool | None] = {}
+        self._stale_before = time.time() - STALE_TEMP_SECONDS
 
-    for root, recursive in roots:
-        stack = [root]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as entries:
-                    found = list(entries)
-            except OSError:
-                continue
-            for entry in found:  # a plain loop, no context manager per entry: a folder may hold 100,000 files
+    def __call__(self, path: str, entry: os.DirEntry[str]) -> bool:
+        """Remove the temp entry at ``path`` if it is a leftover; whether it went. Never raises."""
+        try:
+            if not self._leftover(entry):
+                return False
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            return False
+        self.removed.append(Path(path))
+        return True
+
+    def sweep(self, roots: list[tuple[Path, bool]]) -> list[Path]:
+        """Remove the leftovers under each ``(root, recursive)``; returns what this call removed. The daemon sweeps
+        so, at start-up and holding its state folder's lock, the folders it writes into that its start-up scan
+        does not walk: an output folder several nodes share keeps the staging folders of the others."""
+        before = len(self.removed)
+        for root, recursive in roots:
+            stack = [root]
+            while stack:
+                folder = stack.pop()
                 try:
-                    if entry.name.startswith(TEMP_PREFIX):
-                        if not ours_to_remove(entry):
-                            continue
-                        if entry.is_dir(follow_symlinks=False):
-                            shutil.rmtree(entry.path, ignore_errors=True)
-                        else:
-                            os.unlink(entry.path)
-                        removed.append(Path(entry.path))
-                    elif recursive and entry.is_dir(follow_symlinks=False):
-                        stack.append(Path(entry.path))
+                    with os.scandir(folder) as entries:
+                        found = list(entries)
                 except OSError:
                     continue
-    return removed
+                for entry in found:  # a plain loop, no context manager per entry: a folder may hold 100,000 files
+                    try:
+                        if entry.name.startswith(TEMP_PREFIX):
+                            self(entry.path, entry)
+                        elif recursive and entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                    except OSError:
+                        continue
+        return self.removed[before:]
+
+    def _leftover(self, entry: os.DirEntry[str]) -> bool:
+        tagged = _TAGGED.match(entry.name)
+        if tagged is not None and tagged.group(1) == self.mine:
+            return not _life or tagged.group(2) != _life  # this life's own are in use
+        if tagged is not None:
+            node = tagged.group(1)
+            if node not in self._verdicts:
+                self._verdicts[node] = self.alive(node)
+            if self._verdicts[node] is not None:
+                return not self._verdicts[node]
+        return entry.stat(follow_symlinks=False).st_mtime < self._stale_before
 
 
 def cannot_write(folder: Path) -> str | None:

@@ -23,7 +23,7 @@ from watcher.config import FolderConfig, Settings
 from watcher.detect.detector import Detector
 from watcher.errors import ConfigError
 from watcher.events import Subscriber
-from watcher.fsutil import sweep_temp, use_node
+from watcher.fsutil import Leftovers, use_node
 from watcher.metrics import NullMetrics
 from watcher.names import display
 from watcher.pace import backlog
@@ -85,6 +85,7 @@ class Housekeeping(Subscriber):
         self.started = time.time()  # the daemon's start: the backlog's rate is not measured over time before it
         self.changes = 0
         self._next_prune = 0.0
+        self.leftovers: Leftovers | None = None  # the start-up sweep (:meth:`recover`), then the first scan's
 
     @property
     def interval(self) -> float:
@@ -135,8 +136,14 @@ class Housekeeping(Subscriber):
             )
         await self.wake_capped(app)
         await self.prune(app)
-        alive = app.aio.sync.node_alive  # asked from the sweep's own thread
-        removed = await asyncio.to_thread(sweep_temp, _written_folders(app.settings), mine=app.node_id, alive=alive)
+        # the watched folders' leftovers are swept by the start-up scan, which lists them anyway (see
+        # :meth:`leftovers_swept`); the sweep asks the store whether a node is alive from its own thread
+        self.leftovers = Leftovers(mine=app.node_id, alive=app.aio.sync.node_alive)
+        await asyncio.to_thread(self.leftovers.sweep, _written_folders(app.settings, walked=True))
+
+    def leftovers_swept(self) -> None:
+        """Once the start-up scan is done: say what the start-up sweep removed, if anything."""
+        removed = self.leftovers.removed if self.leftovers is not None else []
         if removed:
             log.info("daemon.leftovers_removed", files=len(removed), example=display(removed[0]))
 
@@ -256,9 +263,11 @@ class Housekeeping(Subscriber):
             )
 
 
-def _written_folders(s: Settings) -> list[tuple[Path, bool]]:
-    """Every folder watcher writes into, with whether its subfolders count too."""
-    roots = {f.path: f.recursive for f in s.folders}
+def _written_folders(s: Settings, *, walked: bool = False) -> list[tuple[Path, bool]]:
+    """Every folder watcher writes into, with whether its subfolders count too; ``walked``: but the watched
+    folders the start-up scan walks just as far (their sidecars' temp files are swept by that walk)."""
+    watched = {f.path: f.recursive for f in s.folders}
+    roots = dict(watched)
     for extra in (s.archive.output_dir, s.sidecar.directory, *(f.output_dir for f in s.folders)):
         if extra is not None:
             roots[extra] = True
@@ -266,4 +275,4 @@ def _written_folders(s: Settings) -> list[tuple[Path, bool]]:
         for moved in (f.done_dir, f.failed_dir):
             if moved is not None:
                 roots[moved] = True
-    return list(roots.items())
+    return [(root, deep) for root, deep in roots.items() if not (walked and watched.get(root) == deep)]

@@ -31,9 +31,9 @@ from watcher.audiofile import Signature
 from watcher.config import FolderConfig
 from watcher.detect.failures import FailureLog
 from watcher.detect.filters import PathFilter
-from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of
+from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of, walk_changed
 from watcher.detect.poll import DirPoller
-from watcher.detect.scan import Recorded, changed_files
+from watcher.detect.scan import Recorded, Sweep
 from watcher.detect.settle import Finding, Readiness, Settler
 from watcher.detect.sink import ReadySink, Settled
 from watcher.errors import Deferred
@@ -58,10 +58,13 @@ class Detector:
         clock: Callable[[], float] = time.monotonic,
         health_every: float = HEALTH_EVERY,
         seen: Collection[str] | None = None,
+        sweep: Sweep | None = None,
     ) -> None:
         """``seen``: the folders that were there before (a store's memory); one of the others that is not there
-        is *missing* (never seen: a typo?) rather than *unavailable* (an unmounted share). None: all seen."""
+        is *missing* (never seen: a typo?) rather than *unavailable* (an unmounted share). None: all seen.
+        ``sweep``: the start-up sweep, shown the temp files of each folder's first whole walk."""
         self.sink = sink
+        self._sweep = sweep
         self.health_every = health_every
         self._clock = clock
         decide = decide_polling or (lambda f: decide_polling_for(str(f.path), f.poll))
@@ -167,9 +170,11 @@ class Detector:
                 recorded = await asked.pop(folder)
             else:
                 recorded = await self._recorded(folder)
-            poller = state.watch.observer if state.watch is not None and start in (None, folder) else None
+            whole = start in (None, folder)
+            poller = state.watch.observer if state.watch is not None and whole else None
+            sweep = self._sweep if whole and not state.swept else None
             walk = functools.partial(
-                _walk_changed, folder, state, start, recorded, poller if isinstance(poller, DirPoller) else None
+                walk_changed, state, start, recorded, poller if isinstance(poller, DirPoller) else None, sweep
             )
             try:
                 paths, seen = await self._pool.call(walk)
@@ -378,23 +383,3 @@ def _inside(path: str, root: str) -> str:
     if path.startswith(prefix) and root == _absolute(root):
         return path[len(prefix) :]
     return os.path.relpath(path, root)
-
-
-def _walk_changed(
-    folder: str, state: FolderState, start: str | None, recorded: Recorded, poller: DirPoller | None = None
-) -> tuple[list[str], int]:
-    """In a worker thread: the wanted files under ``start`` (or the folder) not recorded as they are, and how many
-    wanted files there were. A ``poller`` still waiting for its first snapshot gets it from this walk (or, when
-    the walk fails, is told to take its own)."""
-    listing = None if poller is None else poller.listing()
-    try:
-        found = changed_files(
-            folder, state.filter, recorded, recursive=state.config.recursive, start=start, listing=listing
-        )
-    except BaseException:
-        if poller is not None:
-            poller.seed(None)
-        raise
-    if poller is not None and listing is not None:
-        poller.seed(listing)
-    return found

@@ -21,6 +21,7 @@ from watcher.detect.filters import PathFilter
 from watcher.detect.fstype import decide_polling as decide_polling_for_type
 from watcher.detect.fstype import filesystem_type
 from watcher.detect.poll import DirPoller
+from watcher.detect.scan import Recorded, Sweep, changed_files
 from watcher.detect.watch import FolderWatch, HintFn, start_watch
 from watcher.names import display
 
@@ -47,6 +48,7 @@ class FolderState:
     next_rescan: float = 0.0
     device: int | None = None  # st_dev of the folder when its watch started: a change means a (un)mount
     seen: bool = True  # the folder was there once (False: never seen, so it is missing rather than unavailable)
+    swept: bool = False  # its leftovers were swept (by its first whole walk since the daemon started)
 
 
 class FsPool:
@@ -269,3 +271,36 @@ def _filter_shown(state: FolderState) -> dict[str, str]:
     if tuple(state.config.include) == AUDIO_PATTERNS and not state.config.exclude:
         return {}
     return {"filter": repr(state.filter)}
+
+
+def walk_changed(
+    state: FolderState,
+    start: str | None,
+    recorded: Recorded,
+    poller: DirPoller | None = None,
+    sweep: Sweep | None = None,
+) -> tuple[list[str], int]:
+    """In a worker thread: the wanted files under ``start`` (or the folder) not recorded as they are, and how many
+    wanted files there were (:func:`~watcher.detect.scan.changed_files`). A ``poller`` still waiting for its first
+    snapshot gets it from this walk (or, when the walk fails, is told to take its own); ``sweep`` is shown the
+    temp files listed, and the folder counts as swept once the walk ends."""
+    listing = None if poller is None else poller.listing()
+    try:
+        found = changed_files(
+            str(state.config.path),
+            state.filter,
+            recorded,
+            recursive=state.config.recursive,
+            start=start,
+            listing=listing,
+            sweep=sweep,
+        )
+    except BaseException:
+        if poller is not None:
+            poller.seed(None)
+        raise
+    if poller is not None and listing is not None:
+        poller.seed(listing)
+    if sweep is not None:
+        state.swept = True
+    return found

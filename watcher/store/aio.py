@@ -18,7 +18,18 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
-from watcher.store.models import Fence, FileRevision, Job, NewRevision, Operation, State, Step, StoredResult, Ticket
+from watcher.store.models import (
+    Fence,
+    FileRevision,
+    Job,
+    NewRevision,
+    Operation,
+    Signatures,
+    State,
+    Step,
+    StoredResult,
+    Ticket,
+)
 from watcher.store.ports import StorePort
 
 CLOSE_PATIENCE = 0.5  # seconds a closing store waits for its calls under way before it ends them (see aclose)
@@ -114,7 +125,7 @@ class AsyncStore:
     async def known_revision(self, path: str, size: int, mtime_ns: int, inode: int) -> bool:
         return await self.call(self.sync.known_revision, path, size, mtime_ns, inode)
 
-    async def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
+    async def current_signatures(self, folder: str) -> Signatures:
         return await self.call(self.sync.current_signatures, folder)
 
     async def register_revision(

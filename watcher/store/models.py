@@ -4,8 +4,9 @@ and the file list's query, the same in both adapters."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -295,3 +296,24 @@ class RetryAsk:
         data = json.loads(data_json)
         held = (data.pop("in_doubt", None) or {}) if state == State.IN_DOUBT else {}
         return json.dumps(data), list(held.get("keys", []))
+
+
+# the current revisions of one watched folder, grouped by the folder each is in (its path, no trailing separator):
+# folder -> file name -> (size, mtime_ns, inode); what a folder scan compares its listing with
+Signatures = dict[str, dict[str, tuple[int, int, int | None]]]
+
+
+def group_by_folder(
+    rows: Iterable[tuple[str | bytes, int, int, int | None]], decode: Callable[[bytes], str] = os.fsdecode
+) -> Signatures:
+    """Revisions as (absolute path, size, mtime_ns, inode) rows, grouped (:data:`Signatures`); a path stored as
+    bytes is ``decode``d. One pass, for a folder of a hundred thousand files."""
+    grouped: Signatures = {}
+    sep = os.sep
+    for path, size, mtime_ns, inode in rows:
+        folder, _, name = (path if isinstance(path, str) else decode(path)).rpartition(sep)
+        names = grouped.get(folder or sep)
+        if names is None:
+            names = grouped[folder or sep] = {}
+        names[name] = (size, mtime_ns, inode)
+    return grouped

@@ -23,6 +23,7 @@ from watcher.store.models import (
     NewRevision,
     Operation,
     Problem,
+    Signatures,
     State,
     Step,
     StoredResult,
@@ -35,9 +36,10 @@ class Registry(Protocol):
 
     def known_revision(self, path: str, size: int, mtime_ns: int, inode: int) -> bool: ...
 
-    def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        """One query: the current revisions under ``folder``, local path -> (size, mtime_ns, inode); the inode
-        is None where the adapter does not compare it (a store shared across mounts)."""
+    def current_signatures(self, folder: str) -> Signatures:
+        """One query: the current revisions under ``folder``, grouped by the local folder each is in (its path,
+        no trailing separator) -> file name -> (size, mtime_ns, inode); the inode is None where the adapter does
+        not compare it (a store shared across mounts)."""
         ...
 
     def register_revision(

@@ -12,7 +12,7 @@ import psycopg
 
 from watcher.names import text
 from watcher.store.lanes import LANES
-from watcher.store.models import FileRevision, Job, NewRevision, State, Step
+from watcher.store.models import FileRevision, Job, NewRevision, Signatures, State, Step, group_by_folder
 from watcher.store.postgres.base import got, path_bytes
 from watcher.store.postgres.schema import FENCE, JOB_SELECT, NOT_PAUSED, NOW, TERMINAL_STATES
 from watcher.store.rules import fenced, job_fence
@@ -36,15 +36,16 @@ class PgJobsMixin(_Base):
             is not None
         )
 
-    def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        """Every current revision under ``folder``, in one query: local path -> (size, mtime_ns, None); the inode
-        is not compared, as in :meth:`known_revision` (another node sees other inodes through its mount)."""
+    def current_signatures(self, folder: str) -> Signatures:
+        """Every current revision under ``folder``, in one query, grouped by the local folder each is in: folder
+        -> name -> (size, mtime_ns, None); the inode is not compared, as in :meth:`known_revision` (another node
+        sees other inodes through its mount)."""
         fid = self._fid(folder)
         rows = self._all("SELECT rel_path, size, mtime_ns FROM files WHERE folder_id=%s AND current", (fid,))
-        return {
-            os.path.join(folder, os.fsdecode(bytes(r["rel_path"]))): (int(r["size"]), int(r["mtime_ns"]), None)
+        return group_by_folder(
+            (os.path.join(folder, os.fsdecode(bytes(r["rel_path"]))), int(r["size"]), int(r["mtime_ns"]), None)
             for r in rows
-        }
+        )
 
     def register_revision(
         self,

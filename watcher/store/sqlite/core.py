@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from watcher.names import from_db, text, to_db
+from watcher.store import models
 from watcher.store.lanes import FIRST, LANES, ClaimOrder
 from watcher.store.models import _JOB_SELECT, TERMINAL, FileRevision, Job, NewRevision, State, Step, _revision
 from watcher.store.rules import fenced, job_fence, job_of, too_new
@@ -103,8 +104,9 @@ class StoreBase:
             ).fetchone()
         return row is not None
 
-    def current_signatures(self, folder: str) -> dict[str, tuple[int, int, int | None]]:
-        """Every current revision recorded under ``folder``, in one query: path -> (size, mtime_ns, inode).
+    def current_signatures(self, folder: str) -> models.Signatures:
+        """Every current revision recorded under ``folder``, in one query, grouped by the folder each is in:
+        folder path -> name -> (size, mtime_ns, inode).
 
         What a folder scan compares its listing with, so a file already recorded as it is costs no query.
         """
@@ -114,7 +116,7 @@ class StoreBase:
             rows = cur.execute(
                 "SELECT path, size, mtime_ns, inode FROM files WHERE folder=? AND current=1", (to_db(folder),)
             ).fetchall()
-        return {(p if isinstance(p, str) else from_db(p)): (size, mtime, inode) for p, size, mtime, inode in rows}
+        return models.group_by_folder(rows, from_db)
 
     def register_revision(
         self,
