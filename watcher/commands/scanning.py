@@ -25,14 +25,14 @@ from watcher.store.ports import StorePort
 
 log = structlog.get_logger("watcher.scan")
 SCAN_SETTLE = 1.0
+# (exit code, problems, files already waiting moved to the front, paused folder -> its files recorded, not processed)
+ScanReport = tuple[int, list[dict[str, Any]], int, dict[str, int]]
 
 
-async def scan(
-    settings: Settings, paths: Sequence[Path], *, progress: bool = False
-) -> tuple[int, list[dict[str, Any]], int]:
+async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = False) -> ScanReport:
     """`watcher scan` with no daemon running: register what is under ``paths`` now, process it, and report
-    (exit code, problems, files already waiting moved to the front). The state folder's lock is held throughout
-    (a daemon starting meanwhile waits)."""
+    (exit code, problems, files already waiting moved to the front, files left in paused folders). The state
+    folder's lock is held throughout (a daemon starting meanwhile waits)."""
     paths = absolute(paths)
     folders, files = scan_targets(settings, paths)
     lock = StateLock(settings.state_dir, role="`watcher scan`")
@@ -74,12 +74,18 @@ async def scan(
         if bar is not None:
             bar.close()
         code, problems = _scan_report(app.store, targets)
+        jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
+        held = await asyncio.to_thread(_held, app)
+        problems += _waiting(jobs, held)
+        paused = _paused(jobs, held)
+        if paused:
+            code = 1  # recorded, not processed: the work asked is not done
         if interrupted.is_set():
             left = app.store.pending()
             log.warning("scan.interrupted", left=left, next="running jobs were finished; the rest waits in the "
                         "store: run the scan again, or start the daemon")  # fmt: skip
             code = 1
-        return code, problems, promoted
+        return code, problems, promoted, paused
     finally:
         await app.aclose()
         lock.release()
@@ -126,7 +132,7 @@ SCAN_POLL = 0.2
 
 async def scan_running(
     app: App, paths: Sequence[Path], *, progress: Callable[[int, int], Awaitable[None]] | None = None
-) -> tuple[int, list[dict[str, Any]], int]:
+) -> ScanReport:
     """`watcher scan` through the running daemon: hint what is under ``paths`` to its detector, move what already
     waits there to the front once the hinted files settled, wait until each of their jobs has finished or waits
     on something that will not come now (a backoff, a paused service, a cap, a request in doubt), and report as
@@ -164,12 +170,8 @@ async def scan_running(
             break
         await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
     code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
-    for j in jobs:  # not failed, but not done either: say why, so that exit 0 does not look like "all done"
-        why = _why_held(j, held) if j.state == State.PENDING and j.error_code is None else None
-        if why is not None:
-            waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
-            problems.append(waiting)
-    return code, problems, promoted or 0
+    paused = _paused(jobs, held)
+    return (1 if paused else code), problems + _waiting(jobs, held), promoted or 0, paused
 
 
 async def promote(app: App, jobs: Sequence[Job], targets: Sequence[str]) -> int:
@@ -193,6 +195,25 @@ def _held(app: App) -> tuple[set[str], dict[str, str]]:
     paused = app.runner.paused_services()
     services = {name: p.service for name, p in app.runner.pipelines.items() if p.service in paused and p.service}
     return app.store.paused_folders(), services
+
+
+def _waiting(jobs: Sequence[Job], held: tuple[set[str], dict[str, str]]) -> list[dict[str, Any]]:
+    """The jobs not failed, but not done either, and why (so that an exit 0 does not read as "all done")."""
+    out = []
+    for j in jobs:
+        why = _why_held(j, held) if j.state == State.PENDING and j.error_code is None else None
+        if why is not None:
+            out.append({"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why})
+    return out
+
+
+def _paused(jobs: Sequence[Job], held: tuple[set[str], dict[str, str]]) -> dict[str, int]:
+    """Paused folder -> how many of these files wait in it: recorded, processed only once it is resumed."""
+    files: dict[str, set[int]] = {}
+    for j in jobs:
+        if j.state == State.PENDING and j.file.folder in held[0]:
+            files.setdefault(j.file.folder, set()).add(j.file.id)
+    return {folder: len(ids) for folder, ids in sorted(files.items())}
 
 
 def _why_held(job: Job, held: tuple[set[str], dict[str, str]]) -> str | None:
