@@ -8,7 +8,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
@@ -23,6 +23,8 @@ from watcher.statelock import StateLock
 from watcher.store import TERMINAL, Job, State
 from watcher.store.ports import StorePort
 
+P = ParamSpec("P")
+T = TypeVar("T")
 log = structlog.get_logger("watcher.scan")
 SCAN_SETTLE = 1.0
 # (exit code, problems, files already waiting moved to the front, paused folder -> its files recorded, not processed)
@@ -141,6 +143,7 @@ async def scan_running(
     detector = app.detector
     if detector is None:
         raise ConfigError("the daemon is still starting: try again in a moment")
+    _refuse_while_away(app)
     for path in paths:
         if not path.exists():
             raise ConfigError(f"{path} does not exist")
@@ -155,23 +158,44 @@ async def scan_running(
     seen = (-1, -1)
     promoted: int | None = None
     while True:
+        _refuse_while_away(app)  # an outage met meanwhile: said at once, as the other commands say it
         if not detector.idle():  # the detector's own loop settles the hinted files
             await asyncio.sleep(SCAN_POLL)
             continue
-        jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
+        jobs = [j for j in await _ask(app, app.store.jobs_of_current) if under(j.file.path, targets)]
         if promoted is None:  # settled: a changed file is a new (live) revision now, an unchanged one still waits
             promoted = await promote(app, jobs, targets)
         done = sum(j.state in TERMINAL for j in jobs)
         if progress is not None and (done, len(jobs)) != seen:
             seen = (done, len(jobs))
             await progress(done, len(jobs))
-        held = await asyncio.to_thread(_held, app)
+        held = await _ask(app, _held, app)
         if not any(j.state == State.PENDING and j.error_code is None and _why_held(j, held) is None for j in jobs):
             break
         await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
-    code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
+    code, problems = await _ask(app, _scan_report, app.store, targets)
     paused = _paused(jobs, held)
     return (1 if paused else code), problems + _waiting(jobs, held), promoted or 0, paused
+
+
+def _refuse_while_away(app: App) -> None:
+    """Raise StoreAway (exit 3, "the store cannot be reached now") when the daemon knows its store is away."""
+    away = app.store_away()
+    if away is not None:
+        raise away
+
+
+async def _ask(app: App, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn`` off the loop; StoreAway as soon as the daemon learns its store is away (the call is left to end in
+    its thread, unheeded: a store that does not answer would hold the command for the pool's 30 s)."""
+    _refuse_while_away(app)
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    while not (await asyncio.wait({task}, timeout=SCAN_POLL))[0]:
+        away = app.store_away()
+        if away is not None:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error is read, never raised
+            raise away
+    return task.result()
 
 
 async def promote(app: App, jobs: Sequence[Job], targets: Sequence[str]) -> int:
