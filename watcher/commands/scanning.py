@@ -76,10 +76,8 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
         if bar is not None:
             bar.close()
         code, problems = _scan_report(app.store, targets)
-        jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
-        held = await asyncio.to_thread(_held, app)
-        problems += _waiting(jobs, held)
-        paused = _paused(jobs, held)
+        waiting, paused = await _held_after(app, targets)
+        problems += waiting
         if paused:
             code = 1  # recorded, not processed: the work asked is not done
         if interrupted.is_set():
@@ -91,6 +89,15 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
     finally:
         await app.aclose()
         lock.release()
+
+
+async def _held_after(app: App, targets: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """After a scan without a daemon: the files under ``targets`` that wait on a paused folder or service (their
+    lines, and paused folder -> how many); every current job is read only when something is held."""
+    held = await asyncio.to_thread(_held, app)
+    jobs = await asyncio.to_thread(app.store.jobs_of_current) if any(held) else []
+    jobs = [j for j in jobs if under(j.file.path, targets)]
+    return _waiting(jobs, held), _paused(jobs, held)
 
 
 @contextlib.contextmanager
