@@ -44,6 +44,9 @@ pytestmark = [
         ("4M:off", 4 * MiB, None),
         ("off:512k", None, 512 * KiB),
         ("1M:2M", MiB, 2 * MiB),
+        ("0", None, None),  # rclone's default: no limit
+        ("0k", None, None),  # zero in any unit is no limit too, as rclone reads it
+        ("0M:512k", None, 512 * KiB),
     ],
 )
 def test_rates_read_as_rclone_reads_them(text: str, up: float | None, down: float | None) -> None:
@@ -60,6 +63,7 @@ def test_a_timetable_holds_each_rate_until_the_next_and_wraps_over_midnight() ->
     assert table.at(23 * 60 + 59) == OFF
     assert str(table) == "08:00,512k 12:00,4M:off 19:00,off"
     assert parse_bwlimit("19:00,off 08:00,1M") == parse_bwlimit("08:00,1M 19:00,off")  # order does not matter
+    assert parse_bwlimit("19:00,off;08:00,1M") == parse_bwlimit("08:00,1M 19:00,off")  # rclone's semicolons too
 
 
 @pytest.mark.parametrize(
@@ -69,7 +73,14 @@ def test_a_timetable_holds_each_rate_until_the_next_and_wraps_over_midnight() ->
         ("4Mbps", "is not a rate"),
         ("08:00", "HH:MM,RATE"),
         ("25:00,1M", "HH:MM,RATE"),
-        ("08:00,1M 08:00,off", "appears twice"),
+        ("08:00,1M 08:00,off", "'08:00,1M 08:00,off': 08:00 appears twice in the timetable"),
+        ("19:00,off 08:00,1M 8:00,2M", "8:00 appears twice"),  # one minute of the day, however written
+        ("", "'' is empty: write off for no limit"),  # rclone refuses an empty limit too
+        ("  ", "is empty"),
+        ("4M:", "'4M:': the download rate is empty"),
+        (":1M", "the upload rate is empty"),
+        ("08:00,", "'08:00,': the rate is empty"),
+        ("Mon-08:00,1M", "weekdays, as rclone's Mon-08:00, are not supported"),
         ("100B", "under 1 KiB/s"),
         ("1M:2M:3M", "one colon at most"),
     ],

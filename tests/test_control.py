@@ -161,6 +161,32 @@ def test_scan_of_a_file_already_waiting_says_it_moved_it_to_the_front(tmp_path, 
     assert "moved to the front" not in again.stdout
 
 
+def test_a_scan_of_a_paused_folder_says_so_and_exits_1(tmp_path, inbox, emu, daemons):
+    """A file in a paused folder, scanned without a daemon and then through one: each scan records it, pays
+    nothing, says the folder is paused and that the file is processed once it is resumed (naming the command),
+    and exits 1 (the work asked is not done, as a script must learn). Resumed, both files are processed."""
+    write_tone(inbox / "a.wav", 0.3)
+    env, cfg = env_for(tmp_path), write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    assert cli("pause", str(inbox), env=env, cfg=cfg).returncode == 0
+    told = f"watcher: {inbox} is paused: 1 file(s) recorded but not processed; they are processed when it is resumed"
+    alone = cli("scan", str(inbox / "a.wav"), env=env, cfg=cfg)
+    assert alone.returncode == 1, alone.stderr
+    assert f"{told} (`watcher resume {inbox}`)" in alone.stderr
+    assert query(tmp_path, "SELECT COUNT(*) FROM jobs WHERE state='pending'") == (1,)
+    d = daemons(tmp_path, cfg, env)
+    write_tone(inbox / "b.wav", 0.3, freq=500.0)
+    through = cli("scan", str(inbox / "b.wav"), env=env, cfg=cfg)
+    assert through.returncode == 1, through.stderr
+    assert f"{told} (`watcher resume {inbox}`)" in through.stderr
+    assert "WAITING" in through.stderr and "its folder is paused" in through.stderr
+    assert not sidecar(inbox / "a.wav").exists() and not sidecar(inbox / "b.wav").exists()
+    assert emu.api.counts().get(STREAM, 0) == 0
+    assert cli("resume", str(inbox), env=env, cfg=cfg).returncode == 0
+    wait_for(lambda: sidecar(inbox / "a.wav").exists() and sidecar(inbox / "b.wav").exists(), timeout=30)
+    assert emu.api.counts()[STREAM] == 2
+    assert d.stop() == 0
+
+
 def test_a_command_waits_for_a_daemon_between_its_lock_and_its_socket(tmp_path, inbox, emu):
     """`watcher status` while the state folder's lock is held and no socket answers (a daemon starting): it says
     it waits, and answers once the lock is let go (it failed with exit 3 at once, a flake of every poll of status

@@ -300,3 +300,59 @@ def test_a_stop_during_an_outage_ends_within_ten_seconds_and_loses_no_answer(
             if halted_now:
                 own_cluster.resume()
             node.stop()
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(240)
+def test_a_scan_sent_to_the_daemon_during_an_outage_is_refused_at_once(tmp_path, inbox, pg_url, own_cluster):
+    """Once the daemon says its store is away, `watcher scan FILE` sent to it answers within a few seconds (it
+    waited 31 s for a connection from the pool first), with exit 3 and the plain message other commands give
+    in an outage; once the server is back, the same scan processes the file."""
+    from watcher.control import CommandFailed, ask
+    from watcher.store.away import read_outage
+
+    with Emulator(analysis_key=API_KEY, use_local=False) as emu:
+        config = node_config(tmp_path, "c1", inbox, emu, pg_url)
+        node = Node(tmp_path, "c1", config)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+
+        def scan(path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+            asked = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "watcher", "--config", str(config), "scan", str(path)],
+                                  env=env, capture_output=True, text=True, timeout=90)  # fmt: skip
+            return done, time.monotonic() - asked
+
+        halted_now = False
+        try:
+            wait_for(lambda: _has_schema(pg_url), timeout=30, what="the schema")
+            (first,) = make_files(inbox, 1)
+            done = "SELECT COUNT(*) FROM jobs WHERE state='done'"
+            wait_for(lambda: sql(pg_url, done)[0][0] == 1, timeout=60, what="the first file analysed")
+            own_cluster.halt()
+            halted_now = True
+            # the daemon's own word (status alone would say so from its own failed read)
+            wait_for(lambda: read_outage(tmp_path / "c1"), timeout=30, what="the daemon knowing its store is away")
+            late = write_tone(inbox / "late.wav", 0.2, freq=880.0)
+            asked = time.monotonic()
+            with pytest.raises(CommandFailed) as answer:  # the daemon's own answer, without the CLI's start
+                ask(tmp_path / "c1", {"command": "scan", "paths": [str(late)]})
+            answered = time.monotonic() - asked
+            assert answer.value.exit_code == 3 and answered <= 2.0, (answered, str(answer.value))
+            refused, took = scan(late)
+            print(f"\n`watcher scan` to the daemon during the outage: exit {refused.returncode} after {took:.2f} s "
+                  f"(the daemon's own answer: {answered:.2f} s)")  # fmt: skip
+            assert refused.returncode == 3 and "internal error" not in refused.stderr, refused.stderr
+            assert "the store cannot be reached now" in refused.stderr and "run the command again" in refused.stderr
+            assert took <= 5.0, took
+            own_cluster.resume()
+            halted_now = False
+            wait_for(lambda: not _status(config).get("store_unreachable"), timeout=60, what="the store back")
+            again, _ = scan(late)
+            assert again.returncode == 0, again.stderr
+            assert Path(f"{late}.analysis.json").exists() and Path(f"{first}.analysis.json").exists()
+        finally:
+            if halted_now:
+                own_cluster.resume()
+            code = node.stop()
+        assert code == 0
+    assert max(emu.paid().values()) == 1

@@ -39,8 +39,9 @@ from watcher.runner import LEASE, Outcome, Runner
 from watcher.services.http import RequestObserver
 from watcher.store import TERMINAL, FileRevision, Job, NewRevision, Store
 from watcher.store.aio import AsyncStore, Guard, unguarded
+from watcher.store.away import StoreAway
 from watcher.store.models import Signatures
-from watcher.store.outage_aio import outage_store
+from watcher.store.outage_aio import OutageStore, outage_store
 from watcher.store.ports import StorePort
 
 if TYPE_CHECKING:
@@ -239,6 +240,10 @@ class App:
         if outcome.state in TERMINAL:
             self.mover.schedule(outcome.job)
         self.events.outcome(outcome)
+
+    def store_away(self) -> StoreAway | None:
+        """Why a command cannot use the store now, when this graph already knows it is away (None: ask it)."""
+        return self.aio.known_away() if isinstance(self.aio, OutageStore) else None
 
     async def aclose(self) -> None:
         """Let paid calls in flight record their ending, finish moves, close clients and the store."""

@@ -10,24 +10,29 @@ reused by the pipelines, so only the new work is asked (and passes the gate and 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from watcher.config import Settings
 from watcher.fsutil import read_json_object, write_json_atomic
 from watcher.media import audio_info
-from watcher.store import Job, State, Step, StoredResult
+from watcher.store import Job, State, Step
 
 FIRST_STEPS = {"analyze": Step.ANALYZE, "archive": Step.CHECK}
 RECORD = "backfill.json"  # in state_dir: what the config asked when the store last caught up (see :func:`asked`)
 PIPELINE_SERVICE = {"analyze": "analysis", "archive": "processing"}
 
 
-class BackfillStore(Protocol):
-    def jobs_of_current(self) -> list[Job]: ...
+PAGE_FILES = 1000  # revisions whose jobs one store call answers: memory stays bounded however many files there are
 
-    def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
+
+class BackfillStore(Protocol):
+    """What :func:`find` and :func:`apply` ask of the store."""
+
+    def current_jobs_after(self, file_id: int, files: int) -> list[Job]: ...
+
+    def stored_models(self, sha256s: Sequence[str], backend: str) -> dict[str, set[str]]: ...
 
     def add_jobs(self, file_ids: Sequence[int], pipeline: str, step: Step) -> int: ...
 
@@ -66,44 +71,76 @@ def find(
     analysis_key: str,
     since: Mapping[str, Sequence[str]] | None = None,
     exists: Callable[[str], bool] = os.path.exists,
+    page: int = PAGE_FILES,
 ) -> Backfill:
     """Every current revision in the configured folders that lacks work ``pipelines`` now ask for (see module).
 
     ``since``: the work the config asked for when the store last caught up (:func:`asked`); only models and
-    versions added since then reopen finished jobs (a backend switched meanwhile does not re-analyse all)."""
+    versions added since then reopen finished jobs (a backend switched meanwhile does not re-analyse all).
+    The store is read ``page`` revisions at a time, in file ID order (the plan's lists keep that order)."""
     folders = {str(f.path) for f in settings.folders}
-    by_file: dict[int, list[Job]] = {}
-    for each in store.jobs_of_current():
-        if each.file.folder in folders:
-            by_file.setdefault(each.file.id, []).append(each)
     plan = Backfill()
     now = asked(settings)
     models = [m for m in now["models"] if since is None or m not in since.get("models", [])]
     wanted = [v for v in now["versions"] if since is None or v not in since.get("versions", [])]
-    for file_id, jobs in by_file.items():
-        if any(j.state == State.GONE for j in jobs):
-            continue
-        path = jobs[0].file.path
-        if not exists(path):
-            continue  # deleted meanwhile: detection marks it gone
-        mine = {j.pipeline: j for j in jobs}
-        for pipeline in pipelines:
-            job = mine.get(pipeline)
-            if job is None:
-                plan.add.setdefault(pipeline, []).append(file_id)
-                plan._note(pipeline, f"{pipeline} turned on", path)
-            elif job.state == State.DONE and pipeline == "analyze" and job.file.sha256 and models:
-                stored = store.results_for(job.file.sha256, analysis_key)
-                new = [m for m in models if m not in stored]
-                if new:
-                    plan.reopen.setdefault(pipeline, []).append(job.id)
-                    plan._note(pipeline, f"model {', '.join(new)} added", path)
-            elif job.state == State.DONE and pipeline == "archive" and wanted:
-                new = [v for v in wanted if v not in (job.data.get("versions") or {})]
-                if new:
-                    plan.reopen.setdefault(pipeline, []).append(job.id)
-                    plan._note(pipeline, f"version {', '.join(new)} added", path)
+    for by_file in _pages(store, page):
+        jobs = {
+            file_id: mine
+            for file_id, mine in by_file.items()
+            if mine[0].file.folder in folders and not any(j.state == State.GONE for j in mine)
+        }
+        done = [j.file.sha256 or "" for mine in jobs.values() for j in mine if _analysed(j)]
+        stored = store.stored_models(done, analysis_key) if models and done else {}
+        for file_id, mine in jobs.items():
+            path = mine[0].file.path
+            if exists(path):  # else deleted meanwhile: detection marks it gone
+                _owed(plan, file_id, path, {j.pipeline: j for j in mine}, pipelines, models, wanted, stored)
     return plan
+
+
+def _owed(
+    plan: Backfill,
+    file_id: int,
+    path: str,
+    mine: Mapping[str, Job],
+    pipelines: Sequence[str],
+    models: Sequence[str],
+    wanted: Sequence[str],
+    stored: Mapping[str, set[str]],
+) -> None:
+    """Note in ``plan`` what one revision (``mine``: its jobs by pipeline) is owed: a job of a pipeline turned on,
+    or a done job reopened for ``models`` its content has no result of (``stored``) or ``wanted`` versions."""
+    for pipeline in pipelines:
+        job = mine.get(pipeline)
+        if job is None:
+            plan.add.setdefault(pipeline, []).append(file_id)
+            plan._note(pipeline, f"{pipeline} turned on", path)
+        elif pipeline == "analyze" and _analysed(job) and models:
+            new = [m for m in models if m not in stored.get(job.file.sha256 or "", set())]
+            if new:
+                plan.reopen.setdefault(pipeline, []).append(job.id)
+                plan._note(pipeline, f"model {', '.join(new)} added", path)
+        elif job.state == State.DONE and pipeline == "archive" and wanted:
+            new = [v for v in wanted if v not in (job.data.get("versions") or {})]
+            if new:
+                plan.reopen.setdefault(pipeline, []).append(job.id)
+                plan._note(pipeline, f"version {', '.join(new)} added", path)
+
+
+def _analysed(job: Job) -> bool:
+    """A done analysis of known content (its stored models decide what a model added owes it)."""
+    return job.pipeline == "analyze" and job.state == State.DONE and bool(job.file.sha256)
+
+
+def _pages(store: BackfillStore, page: int) -> Iterator[dict[int, list[Job]]]:
+    """The current revisions' jobs by file ID, ``page`` revisions per store call (never all of them at once)."""
+    after = 0
+    while jobs := store.current_jobs_after(after, page):
+        by_file: dict[int, list[Job]] = {}
+        for job in jobs:
+            by_file.setdefault(job.file.id, []).append(job)
+        yield by_file
+        after = jobs[-1].file.id
 
 
 def asked(settings: Settings) -> dict[str, list[str]]:

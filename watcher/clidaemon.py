@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -115,15 +116,20 @@ def cmd_scan(args: argparse.Namespace, settings: Settings) -> int:
             bar.close()
     if ran:
         code, problems, promoted = int(answer["exit"]), answer["problems"], int(answer.get("promoted", 0))
+        paused: dict[str, int] = answer.get("paused") or {}
     else:
         with no_daemon(settings, hold=False):
             pass  # the direct scan takes the lock itself, for as long as it runs
-        code, problems, promoted = asyncio.run(commands.scan(settings, paths, progress=progress))
+        code, problems, promoted, paused = asyncio.run(commands.scan(settings, paths, progress=progress))
     if promoted:
         print(f"{promoted} file(s) already waiting moved to the front")
     for p in problems:
         word = "FAILED" if p["state"] == "failed" else p["state"].upper()
         print(f"{word} {display(p['path'])} ({p['pipeline']}, {p['step']}): {p['error']}", file=sys.stderr)
+    for folder, files in paused.items():
+        resume = f"watcher resume {shlex.quote(display(folder))}"
+        print(f"watcher: {display(folder)} is paused: {files} file(s) recorded but not processed; they are "
+              f"processed when it is resumed (`{resume}`)", file=sys.stderr)  # fmt: skip
     return code
 
 

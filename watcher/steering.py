@@ -105,8 +105,8 @@ class Steering:
             async def tick(done: int, total: int) -> None:
                 await progress({"done": done, "total": total})
 
-            code, problems, promoted = await commands.scan_running(app, paths, progress=tick)
-            return {"exit": code, "problems": problems, "promoted": promoted}
+            code, problems, promoted, paused = await commands.scan_running(app, paths, progress=tick)
+            return {"exit": code, "problems": problems, "promoted": promoted, "paused": paused}
         if name == "web":
             return self._login()
         if name == "folders":

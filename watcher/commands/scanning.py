@@ -8,7 +8,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
@@ -23,16 +23,18 @@ from watcher.statelock import StateLock
 from watcher.store import TERMINAL, Job, State
 from watcher.store.ports import StorePort
 
+P = ParamSpec("P")
+T = TypeVar("T")
 log = structlog.get_logger("watcher.scan")
 SCAN_SETTLE = 1.0
+# (exit code, problems, files already waiting moved to the front, paused folder -> its files recorded, not processed)
+ScanReport = tuple[int, list[dict[str, Any]], int, dict[str, int]]
 
 
-async def scan(
-    settings: Settings, paths: Sequence[Path], *, progress: bool = False
-) -> tuple[int, list[dict[str, Any]], int]:
+async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = False) -> ScanReport:
     """`watcher scan` with no daemon running: register what is under ``paths`` now, process it, and report
-    (exit code, problems, files already waiting moved to the front). The state folder's lock is held throughout
-    (a daemon starting meanwhile waits)."""
+    (exit code, problems, files already waiting moved to the front, files left in paused folders). The state
+    folder's lock is held throughout (a daemon starting meanwhile waits)."""
     paths = absolute(paths)
     folders, files = scan_targets(settings, paths)
     lock = StateLock(settings.state_dir, role="`watcher scan`")
@@ -74,15 +76,28 @@ async def scan(
         if bar is not None:
             bar.close()
         code, problems = _scan_report(app.store, targets)
+        waiting, paused = await _held_after(app, targets)
+        problems += waiting
+        if paused:
+            code = 1  # recorded, not processed: the work asked is not done
         if interrupted.is_set():
             left = app.store.pending()
             log.warning("scan.interrupted", left=left, next="running jobs were finished; the rest waits in the "
                         "store: run the scan again, or start the daemon")  # fmt: skip
             code = 1
-        return code, problems, promoted
+        return code, problems, promoted, paused
     finally:
         await app.aclose()
         lock.release()
+
+
+async def _held_after(app: App, targets: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """After a scan without a daemon: the files under ``targets`` that wait on a paused folder or service (their
+    lines, and paused folder -> how many); every current job is read only when something is held."""
+    held = await asyncio.to_thread(_held, app)
+    jobs = await asyncio.to_thread(app.store.jobs_of_current) if any(held) else []
+    jobs = [j for j in jobs if under(j.file.path, targets)]
+    return _waiting(jobs, held), _paused(jobs, held)
 
 
 @contextlib.contextmanager
@@ -126,7 +141,7 @@ SCAN_POLL = 0.2
 
 async def scan_running(
     app: App, paths: Sequence[Path], *, progress: Callable[[int, int], Awaitable[None]] | None = None
-) -> tuple[int, list[dict[str, Any]], int]:
+) -> ScanReport:
     """`watcher scan` through the running daemon: hint what is under ``paths`` to its detector, move what already
     waits there to the front once the hinted files settled, wait until each of their jobs has finished or waits
     on something that will not come now (a backoff, a paused service, a cap, a request in doubt), and report as
@@ -135,6 +150,7 @@ async def scan_running(
     detector = app.detector
     if detector is None:
         raise ConfigError("the daemon is still starting: try again in a moment")
+    _refuse_while_away(app)
     for path in paths:
         if not path.exists():
             raise ConfigError(f"{path} does not exist")
@@ -149,27 +165,44 @@ async def scan_running(
     seen = (-1, -1)
     promoted: int | None = None
     while True:
+        _refuse_while_away(app)  # an outage met meanwhile: said at once, as the other commands say it
         if not detector.idle():  # the detector's own loop settles the hinted files
             await asyncio.sleep(SCAN_POLL)
             continue
-        jobs = [j for j in await asyncio.to_thread(app.store.jobs_of_current) if under(j.file.path, targets)]
+        jobs = [j for j in await _ask(app, app.store.jobs_of_current) if under(j.file.path, targets)]
         if promoted is None:  # settled: a changed file is a new (live) revision now, an unchanged one still waits
             promoted = await promote(app, jobs, targets)
         done = sum(j.state in TERMINAL for j in jobs)
         if progress is not None and (done, len(jobs)) != seen:
             seen = (done, len(jobs))
             await progress(done, len(jobs))
-        held = await asyncio.to_thread(_held, app)
+        held = await _ask(app, _held, app)
         if not any(j.state == State.PENDING and j.error_code is None and _why_held(j, held) is None for j in jobs):
             break
         await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
-    code, problems = await asyncio.to_thread(_scan_report, app.store, targets)
-    for j in jobs:  # not failed, but not done either: say why, so that exit 0 does not look like "all done"
-        why = _why_held(j, held) if j.state == State.PENDING and j.error_code is None else None
-        if why is not None:
-            waiting = {"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why}
-            problems.append(waiting)
-    return code, problems, promoted or 0
+    code, problems = await _ask(app, _scan_report, app.store, targets)
+    paused = _paused(jobs, held)
+    return (1 if paused else code), problems + _waiting(jobs, held), promoted or 0, paused
+
+
+def _refuse_while_away(app: App) -> None:
+    """Raise StoreAway (exit 3, "the store cannot be reached now") when the daemon knows its store is away."""
+    away = app.store_away()
+    if away is not None:
+        raise away
+
+
+async def _ask(app: App, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn`` off the loop; StoreAway as soon as the daemon learns its store is away (the call is left to end in
+    its thread, unheeded: a store that does not answer would hold the command for the pool's 30 s)."""
+    _refuse_while_away(app)
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    while not (await asyncio.wait({task}, timeout=SCAN_POLL))[0]:
+        away = app.store_away()
+        if away is not None:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error is read, never raised
+            raise away
+    return task.result()
 
 
 async def promote(app: App, jobs: Sequence[Job], targets: Sequence[str]) -> int:
@@ -193,6 +226,25 @@ def _held(app: App) -> tuple[set[str], dict[str, str]]:
     paused = app.runner.paused_services()
     services = {name: p.service for name, p in app.runner.pipelines.items() if p.service in paused and p.service}
     return app.store.paused_folders(), services
+
+
+def _waiting(jobs: Sequence[Job], held: tuple[set[str], dict[str, str]]) -> list[dict[str, Any]]:
+    """The jobs not failed, but not done either, and why (so that an exit 0 does not read as "all done")."""
+    out = []
+    for j in jobs:
+        why = _why_held(j, held) if j.state == State.PENDING and j.error_code is None else None
+        if why is not None:
+            out.append({"path": j.file.path, "pipeline": j.pipeline, "state": "waiting", "step": j.step, "error": why})
+    return out
+
+
+def _paused(jobs: Sequence[Job], held: tuple[set[str], dict[str, str]]) -> dict[str, int]:
+    """Paused folder -> how many of these files wait in it: recorded, processed only once it is resumed."""
+    files: dict[str, set[int]] = {}
+    for j in jobs:
+        if j.state == State.PENDING and j.file.folder in held[0]:
+            files.setdefault(j.file.folder, set()).add(j.file.id)
+    return {folder: len(ids) for folder, ids in sorted(files.items())}
 
 
 def _why_held(job: Job, held: tuple[set[str], dict[str, str]]) -> str | None:

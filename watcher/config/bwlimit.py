@@ -1,9 +1,11 @@
 """The ``bwlimit`` setting in rclone's ``--bwlimit`` syntax, parsed into a timetable of rates.
 
-``"off"``; a rate (``"512k"``, ``"4M"``: KiB/s by default, suffixes B, K, M, G in powers of 1024, as rclone);
-separate upload and download rates (``"4M:off"``); or a timetable of either by local time of day
-(``"08:00,512k 12:00,1M 19:00,off"``: each rate holds from its time until the next; before the first time of the
-day the last entry of the previous day holds).
+``"off"`` (or a zero rate: ``"0"``, ``"0k"``, as rclone); a rate (``"512k"``, ``"4M"``: KiB/s by default, suffixes
+B, K, M, G in powers of 1024, as rclone); separate upload and download rates (``"4M:off"``); or a timetable of
+either by local time of day (``"08:00,512k 12:00,1M 19:00,off"``, entries separated by spaces or semicolons, in
+any order: each rate holds from its time until the next; before the first time of the day the last entry of the
+previous day holds). Refused, naming what is expected: an empty value or side (rclone refuses it too), a time
+given twice (rclone would silently keep the later entry), weekdays (rclone's ``Mon-08:00``: not supported here).
 """
 
 from __future__ import annotations
@@ -71,14 +73,19 @@ def _human(value: float) -> str:
 
 
 def _one_rate(text: str) -> float | None:
+    """One direction's rate in bytes per second; None for no limit (``off``, or zero in any unit, as rclone)."""
     text = text.strip()
-    if text.lower() in ("off", "0", ""):
+    if not text:
+        raise ValueError("a rate is empty: write off for no limit, or a rate such as 512k or 4M")
+    if text.lower() == "off":
         return None
     match = _RATE.match(text)
     if match is None:
         raise ValueError(f"{text!r} is not a rate: write it as rclone does, e.g. 512k, 4M, 1.5M or off")
     unit = (match["unit"] or "k").lower()
     value = float(match["number"]) * UNITS[unit]
+    if value == 0:
+        return None  # rclone's default, 0, is no limit, whatever the unit
     if value < 1024:
         raise ValueError(f"{text!r} is under 1 KiB/s: too slow for any request to finish; use off or a higher rate")
     return value
@@ -90,16 +97,20 @@ def parse_rate(text: str) -> Rate:
         up, _, down = text.partition(":")
         if ":" in down:
             raise ValueError(f"{text!r}: one colon at most, between the upload and the download rate")
+        for side, value in (("upload", up), ("download", down)):
+            if not value.strip():
+                raise ValueError(f"{text!r}: the {side} rate is empty: write off for no limit there, or e.g. 512k")
         return Rate(_one_rate(up), _one_rate(down))
     both = _one_rate(text)
     return Rate(both, both)
 
 
 def parse_bwlimit(text: str) -> Timetable:
-    """A whole ``bwlimit`` value: one rate, or a timetable of ``HH:MM,RATE`` entries separated by spaces."""
-    parts = text.split()
+    """A whole ``bwlimit`` value: one rate, or a timetable of ``HH:MM,RATE`` entries separated by spaces or
+    semicolons (see the module for what is refused)."""
+    parts = text.replace(";", " ").split()
     if not parts:
-        return Timetable(((0, OFF),))
+        raise ValueError(f"{text!r} is empty: write off for no limit, a rate such as 4M, or a timetable")
     if len(parts) == 1 and "," not in parts[0] and not _TIME.match(parts[0]):
         return Timetable(((0, parse_rate(parts[0])),))
     entries: dict[int, Rate] = {}
@@ -107,11 +118,15 @@ def parse_bwlimit(text: str) -> Timetable:
         when, comma, rate = part.partition(",")
         match = _TIME.match(when)
         if not comma or match is None:
+            weekday = " (weekdays, as rclone's Mon-08:00, are not supported: each entry holds every day)"
             raise ValueError(
                 f"{part!r}: a timetable entry is HH:MM,RATE (e.g. 08:00,512k), entries separated by spaces"
+                + (weekday if "-" in when else "")
             )
+        if not rate.strip():
+            raise ValueError(f"{part!r}: the rate is empty: write off for no limit from {when}, or e.g. 512k")
         minute = int(match["hour"]) * 60 + int(match["minute"])
         if minute in entries:
-            raise ValueError(f"{when} appears twice in the timetable")
+            raise ValueError(f"{text!r}: {when} appears twice in the timetable: give each time of day one rate")
         entries[minute] = parse_rate(rate)
     return Timetable(tuple(sorted(entries.items())))

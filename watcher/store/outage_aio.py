@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from watcher.fsutil import write_json_atomic
 from watcher.store.aio import AsyncStore, Guard, unguarded
-from watcher.store.away import OUTAGE_FILE, unavailable
+from watcher.store.away import OUTAGE_FILE, StoreAway, unavailable
 from watcher.store.journal import JOURNAL_NAME, Journal
 from watcher.store.outage import JOURNALLED, RETRY_FIRST, UPKEEP, OutageGuard, iso_time, log
 from watcher.store.ports import StorePort
@@ -74,6 +74,11 @@ class OutageStore(AsyncStore):
             outage.failed(TimeoutError(f"a paid answer waited {outage.answer_seconds + SLACK:g} s for the store"))
             # the call still queued for the store's threads lands later or is journalled again: both change nothing
             return cast(T, await self._while_away(name, args, kwargs))
+
+    def known_away(self) -> StoreAway | None:
+        """Why a command cannot use the store now, when it is known to be away (None: it may be asked): a command
+        answers at once instead of being the probe that waits out the pool's deadline (30 s)."""
+        return self.outage.away() if self.outage.down else None
 
     def _away(self) -> bool:
         """Whether calls keep away from the store now (it is away, or a probe is under way)."""

@@ -103,6 +103,10 @@ class Results(Protocol):
 
     def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]: ...
 
+    def stored_models(self, sha256s: Sequence[str], backend: str) -> dict[str, set[str]]:
+        """The model specs stored for each of these contents (those with none left out), for many at once."""
+        ...
+
     def save_result(
         self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None
     ) -> bool: ...
@@ -181,6 +185,10 @@ class Control(Protocol):
     def jobs_of_file(self, file_id: int) -> list[Job]: ...
 
     def jobs_of_current(self) -> list[Job]: ...
+
+    def current_jobs_after(self, file_id: int, files: int) -> list[Job]:
+        """The jobs of the next ``files`` current revisions after ID ``file_id``, in ID order (a page, keyset)."""
+        ...
 
     def retry(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -31,6 +32,16 @@ class PgCacheMixin(_Base):
             )
             for r in rows
         }
+
+    def stored_models(self, sha256s: Sequence[str], backend: str) -> dict[str, set[str]]:
+        """The model specs stored for each of these contents with this backend (see the SQLite adapter)."""
+        rows = self._all(
+            "SELECT sha256, requested FROM results WHERE backend=%s AND sha256 = ANY(%s)", (backend, list(sha256s))
+        )
+        found: dict[str, set[str]] = {}
+        for r in rows:
+            found.setdefault(r["sha256"], set()).add(r["requested"])
+        return found
 
     def save_result(
         self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None

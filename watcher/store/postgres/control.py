@@ -106,6 +106,16 @@ class PgControlMixin(_Base):
         rows = self._all(JOB_SELECT + "WHERE f.current ORDER BY f.folder_id, f.rel_path, j.pipeline")
         return [self._job(r) for r in rows]
 
+    def current_jobs_after(self, file_id: int, files: int) -> list[Job]:
+        """A page of current revisions' jobs, in file ID order (see the SQLite adapter). The lateral probe keeps the
+        plan a walk of the files' key from ``file_id`` (an EXISTS may become a merge join from the jobs' start)."""
+        rows = self._all(
+            JOB_SELECT + "WHERE f.id IN (SELECT fi.id FROM files fi, LATERAL (SELECT 1 FROM jobs WHERE file_id = fi.id "
+            "LIMIT 1) AS has WHERE fi.current AND fi.id > %s ORDER BY fi.id LIMIT %s) ORDER BY f.id, j.pipeline",
+            (file_id, files),
+        )
+        return [self._job(r) for r in rows]
+
     def retry(
         self,
         *,

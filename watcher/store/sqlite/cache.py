@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from watcher.store.models import Fence, Operation, StoredResult
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     _Base = StoreBase
 else:
     _Base = object
+
+_CHUNK = 500  # contents per statement (SQLite limits the parameters of one)
 
 
 class CacheMixin(_Base):
@@ -37,6 +40,22 @@ class CacheMixin(_Base):
             )
             for r in rows
         }
+
+    def stored_models(self, sha256s: Sequence[str], backend: str) -> dict[str, set[str]]:
+        """The model specs stored for each of these contents with this backend (a content with none is left out):
+        :meth:`results_for` for many at once, without the results themselves."""
+        found: dict[str, set[str]] = {}
+        unique = list(dict.fromkeys(sha256s))
+        with self._lock:
+            for i in range(0, len(unique), _CHUNK):
+                chunk = unique[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT sha256, requested FROM results WHERE backend=? AND sha256 IN ({marks})", (backend, *chunk)
+                ).fetchall()
+                for sha256, requested in rows:
+                    found.setdefault(sha256, set()).add(requested)
+        return found
 
     def save_result(
         self, sha256: str, backend: str, result: StoredResult, op: Operation | None = None, fence: Fence | None = None

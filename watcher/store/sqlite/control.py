@@ -102,6 +102,17 @@ class ControlMixin(_Base):
             rows = self._db.execute(_JOB_SELECT + "WHERE f.current=1 ORDER BY f.path, j.pipeline").fetchall()
         return [self._job(r) for r in rows]
 
+    def current_jobs_after(self, file_id: int, files: int) -> list[Job]:
+        """The jobs of the first ``files`` current revisions with jobs whose ID is above ``file_id``, in ID order (a
+        page: a revision's jobs are never split, and the next page starts after the last one's ID)."""
+        with self._lock:
+            rows = self._db.execute(
+                _JOB_SELECT + "WHERE f.id IN (SELECT id FROM files WHERE current=1 AND id>? AND EXISTS "
+                "(SELECT 1 FROM jobs WHERE file_id=files.id) ORDER BY id LIMIT ?) ORDER BY f.id, j.pipeline",
+                (file_id, files),
+            ).fetchall()
+        return [self._job(r) for r in rows]
+
     def retry(
         self,
         *,
