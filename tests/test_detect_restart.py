@@ -204,3 +204,51 @@ def test_a_walk_that_fails_lets_the_poller_take_its_own_snapshot(tmp_path):
         listed = asyncio.run(main())
     assert "scan.failed" in {e["event"] for e in logs}
     assert listed == {str(root / d) if d else str(root) for d in ("", "a", "a/b", "c", "@eaDir")}
+
+
+def test_a_walk_gives_the_collector_back_as_it_found_it() -> None:
+    """The collector is off while walks run (two at once: off until the last ends), back on after, even when a
+    walk fails; one that was off before stays off."""
+    import gc
+
+    from watcher.detect.folders import _CollectorPause
+
+    pause = _CollectorPause()
+    assert gc.isenabled()
+    with pause():
+        assert not gc.isenabled()
+        with pause():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "another walk still runs"
+    assert gc.isenabled()
+    with pytest.raises(OSError), pause():
+        raise OSError("the share went away")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pause():
+            pass
+        assert not gc.isenabled(), "it was off before: it stays off"
+    finally:
+        gc.enable()
+
+
+def test_what_the_first_walk_keeps_is_kept_out_of_the_collectors_passes() -> None:
+    """A first walk's snapshot lives on: it is frozen (the collector's passes skip it) before the collector comes
+    back; any other walk leaves the frozen set alone."""
+    import gc
+
+    from watcher.detect.folders import _CollectorPause
+
+    pause = _CollectorPause()
+    kept = [(False, n, n, n) for n in range(1000)]  # noqa: F841 (alive through the walk, as a snapshot is)
+    gc.unfreeze()
+    try:
+        with pause():
+            pass
+        assert gc.get_freeze_count() == 0
+        with pause(keep=True):
+            assert gc.get_freeze_count() == 0
+        assert gc.get_freeze_count() >= 1000 and gc.isenabled()
+    finally:
+        gc.unfreeze()

@@ -206,8 +206,8 @@ def test_a_restart_walk_hints_what_changed_and_skips_what_is_excluded(tmp_path, 
         return st.st_size, st.st_mtime_ns, st.st_ino
 
     flat: dict[str, tuple[int, int, int | None]] = {
-        str(inbox / rel): sig(rel) for rel in files if rel not in ("a/new.wav", ".visible/x.wav")
-    }
+        str(inbox / rel): sig(rel) for rel in files if rel not in ("a/new.wav", ".visible/x.wav", "a/notes.txt")
+    }  # (a file in an excluded folder may be recorded from before the filter changed; a text file never is)
     flat[str(inbox / "a" / "same.wav")] = (*sig("a/same.wav")[:2], None)  # a store that keeps no inode
     (inbox / "a" / "resized.wav").write_bytes(b"RIFF, longer")
     os.utime(inbox / "a" / "touched.wav", ns=(1, 1))

@@ -31,7 +31,15 @@ from watcher.audiofile import Signature
 from watcher.config import FolderConfig
 from watcher.detect.failures import FailureLog
 from watcher.detect.filters import PathFilter
-from watcher.detect.folders import FolderState, FsPool, Watches, decide_polling_for, reason_of, walk_changed
+from watcher.detect.folders import (
+    FolderState,
+    FsPool,
+    Watches,
+    collector_paused,
+    decide_polling_for,
+    reason_of,
+    walk_changed,
+)
 from watcher.detect.poll import DirPoller
 from watcher.detect.scan import Recorded, Sweep
 from watcher.detect.settle import Finding, Readiness, Settler
@@ -163,19 +171,19 @@ class Detector:
             folder = str(state.config.path)
             if not await self._pool.isdir(folder):
                 continue
+            whole = start in (None, folder)
+            first = whole and not state.walked  # the start-up scan's walk (or the first since the folder came)
             # a whole folder is compared with the store's one answer for it; a new sub-folder is all new
-            if start not in (None, folder):
+            if not whole:
                 recorded: Recorded = {}
             elif asked is not None and folder in asked:
                 recorded = await asked.pop(folder)
             else:
-                recorded = await self._recorded(folder)
-            whole = start in (None, folder)
-            poller = state.watch.observer if state.watch is not None and whole else None
-            sweep = self._sweep if whole and not state.swept else None
-            walk = functools.partial(
-                walk_changed, state, start, recorded, poller if isinstance(poller, DirPoller) else None, sweep
-            )
+                recorded = await self._recorded(folder, first=first)
+            observer = state.watch.observer if state.watch is not None and whole else None
+            poller = observer if isinstance(observer, DirPoller) else None
+            sweep = self._sweep if first else None
+            walk = functools.partial(walk_changed, state, start, recorded, poller, sweep, first=first)
             try:
                 paths, seen = await self._pool.call(walk)
             except Exception as exc:
@@ -188,11 +196,16 @@ class Detector:
                 log.info("scan.done", folder=display(folder), files=seen, new_or_changed=len(paths))
         return count
 
-    async def _recorded(self, folder: str) -> Recorded:
+    async def _recorded(self, folder: str, *, first: bool = True) -> Recorded:
         """The sink's recorded revisions of ``folder`` (off the loop); none when asking fails (every file is
-        then hinted and checked one by one, as if new)."""
+        then hinted and checked one by one, as if new). ``first``: for the folder's first walk (see walk_changed)."""
+
+        def ask() -> Recorded:
+            with collector_paused(keep=first):  # a tuple per file: see walk_changed
+                return self.sink.recorded(folder)
+
         try:
-            return await self._pool.call(functools.partial(self.sink.recorded, folder))
+            return await self._pool.call(ask)
         except Exception as exc:
             self._report_failure(
                 "scan.recorded_failed", folder, reason_of(exc), "checking every file of the folder one by one"

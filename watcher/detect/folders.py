@@ -6,10 +6,13 @@ for filesystem calls, so that a share that answers slowly slows detection, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,7 +51,7 @@ class FolderState:
     next_rescan: float = 0.0
     device: int | None = None  # st_dev of the folder when its watch started: a change means a (un)mount
     seen: bool = True  # the folder was there once (False: never seen, so it is missing rather than unavailable)
-    swept: bool = False  # its leftovers were swept (by its first whole walk since the daemon started)
+    walked: bool = False  # its first whole walk since the daemon started is done (leftovers swept, snapshot taken)
 
 
 class FsPool:
@@ -279,28 +282,66 @@ def walk_changed(
     recorded: Recorded,
     poller: DirPoller | None = None,
     sweep: Sweep | None = None,
+    *,
+    first: bool = False,
 ) -> tuple[list[str], int]:
     """In a worker thread: the wanted files under ``start`` (or the folder) not recorded as they are, and how many
-    wanted files there were (:func:`~watcher.detect.scan.changed_files`). A ``poller`` still waiting for its first
+    files there were (:func:`~watcher.detect.scan.changed_files`). A ``poller`` still waiting for its first
     snapshot gets it from this walk (or, when the walk fails, is told to take its own); ``sweep`` is shown the
-    temp files listed, and the folder counts as swept once the walk ends."""
+    temp files listed. ``first``: the folder's first whole walk (the start-up scan's), after which the folder
+    counts as walked, and what it made (the snapshot) is kept out of the collector's passes."""
     listing = None if poller is None else poller.listing()
     try:
-        found = changed_files(
-            str(state.config.path),
-            state.filter,
-            recorded,
-            recursive=state.config.recursive,
-            start=start,
-            listing=listing,
-            sweep=sweep,
-        )
+        with collector_paused(keep=first):
+            found = changed_files(
+                str(state.config.path),
+                state.filter,
+                recorded,
+                recursive=state.config.recursive,
+                start=start,
+                listing=listing,
+                sweep=sweep,
+            )
     except BaseException:
         if poller is not None:
             poller.seed(None)
         raise
     if poller is not None and listing is not None:
         poller.seed(listing)
-    if sweep is not None:
-        state.swept = True
+    if first:
+        state.walked = True
     return found
+
+
+class _CollectorPause:
+    """The cyclic garbage collector off while walks run (back on after the last, if it was on before): a walk of
+    100,000 files makes a tuple per file for the snapshot, and the collector's passes over them as they pile up
+    cost about a tenth of the walk. Nothing a walk makes is cyclic; reference counting frees as usual meanwhile."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._walks = 0
+        self._resume = False
+
+    @contextlib.contextmanager
+    def __call__(self, *, keep: bool = False) -> Iterator[None]:
+        """``keep``: what this walk made lives on (a poller's first snapshot), so it is moved out of the collector's
+        passes (``gc.freeze``) before the collector comes back: its first passes would otherwise visit every
+        tuple of it, and again each time it is promoted."""
+        with self._lock:
+            self._walks += 1
+            if self._walks == 1:
+                self._resume = gc.isenabled()
+                gc.disable()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._walks -= 1
+                if keep:
+                    gc.freeze()
+                if self._walks == 0 and self._resume:
+                    gc.enable()
+
+
+collector_paused = _CollectorPause()

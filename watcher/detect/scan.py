@@ -51,7 +51,8 @@ def changed_files(
     sweep: Sweep | None = None,
 ) -> tuple[list[str], int]:
     """The wanted files under ``start`` that are not in ``recorded`` as they are now (new, changed, or not
-    stat-able: the settler looks at those), and how many wanted files the walk saw.
+    stat-able: the settler looks at those), and how many files the walk saw that are wanted or recorded as they
+    are (a file recorded as it is costs no question to the filter).
 
     Written for a restart over many files already recorded: an unchanged file costs a ``stat``, a regular
     expression and a look-up by its name. ``listing``: the walk also takes a poller's first snapshot; ``sweep``:
@@ -137,25 +138,22 @@ class _Walk:
         return self.recorded.get(current.rstrip(os.sep) or os.sep, _NOTHING)
 
     def _changed(self, known: Known, name: str, entry: os.DirEntry[str]) -> bool:
-        """Whether a wanted file is to be looked at: not recorded as its ``stat`` (a link's target's) says it is."""
+        """Whether a wanted file is to be looked at (counted in ``seen``): not recorded as it is now."""
         self.seen += 1
-        old = known.get(name)
-        if old is None:
-            return True
-        try:
-            st = entry.stat()  # follows a link, as the settler's stat does
-        except OSError:
-            return True
-        return not (st.st_size == old[0] and st.st_mtime_ns == old[1] and (old[2] is None or old[2] == st.st_ino))
+        return not _unchanged(known, name, entry)
 
     def _walk_folder(self, fd: int, current: str, *, wanted_here: bool) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """One folder of a walk without a snapshot: wanted files yielded, folders the filter wants onto the stack
-        (with ``sweep``, the others too, to be listed for the sweep only)."""
+        (with ``sweep``, the others too, to be listed for the sweep only). A regular file recorded as it is now is
+        passed over before the filter is asked (see :meth:`_list_folder`)."""
         folder, wanted = self._matcher(current, wanted_here=wanted_here)
         prefix = current if current.endswith(os.sep) else current + os.sep
         known, sweep, recursive = self._known(current), self.sweep, self.recursive
         for entry in _entries(fd, current):
             name = entry.name
+            if wanted is not None and name in known and _regular(entry) and _unchanged(known, name, entry):
+                self.seen += 1
+                continue
             path = prefix + name
             if sweep is not None and name.startswith(TEMP_PREFIX) and sweep(path, entry):
                 continue
@@ -172,7 +170,10 @@ class _Walk:
 
     def _list_folder(self, fd: int, current: str, *, wanted_here: bool) -> Iterator[tuple[str, os.DirEntry[str]]]:
         """One folder of a walk that takes a poller's snapshot: each entry's ``lstat`` into the listing, sub-folders
-        onto the stack (wanted or not), wanted files yielded; a regular file decided here, the rest by _what_of."""
+        onto the stack (wanted or not), wanted files yielded; a regular file decided here, the rest by _what_of.
+
+        A regular file recorded as it is now is passed over before the filter is asked (it would not be yielded
+        whatever the filter says; it counts in ``seen`` even when a changed filter no longer wants it)."""
         assert self.listing is not None
         listed_at = self.listing.clock()
         folder, wanted = self._matcher(current, wanted_here=wanted_here)
@@ -197,23 +198,17 @@ class _Walk:
                             entries[name] = (False, size, mtime_ns, inode)
                             if wanted is None:
                                 continue
+                            old = known.get(name)  # a regular file's stat() is this lstat: compared here
+                            if old is not None and old[0] == size and old[1] == mtime_ns and old[2] in (None, inode):
+                                self.seen += 1
+                                continue
                             try:
                                 take = wanted(name)
                             except Exception as exc:
                                 take = _filter_failed(prefix + name, exc)
-                            if not take:
-                                continue
-                            if counting:  # a regular file's stat() is this lstat: compared here, not yielded
-                                self.seen += 1
-                                old = known.get(name)
-                                if (
-                                    old is not None
-                                    and old[0] == size
-                                    and old[1] == mtime_ns
-                                    and (old[2] is None or old[2] == inode)
-                                ):
-                                    continue
-                            yield prefix + name, entry
+                            if take:
+                                self.seen += counting
+                                yield prefix + name, entry
                             continue
                         if recursive or not S_ISDIR(mode):
                             entries[name] = (S_ISDIR(mode), st.st_size, st.st_mtime_ns, st.st_ino)
@@ -240,6 +235,26 @@ def _entries(fd: int, path: str) -> Iterator[os.DirEntry[str]]:
             yield from it
     except OSError as exc:
         log.warning("scan.folder_unreadable", path=path, error=exc.strerror, next="skipped until the next scan")
+
+
+def _unchanged(known: Known, name: str, entry: os.DirEntry[str]) -> bool:
+    """Whether the file is recorded as its ``stat`` (a link's target's, as the settler's) says it is now."""
+    old = known.get(name)
+    if old is None:
+        return False
+    try:
+        st = entry.stat()
+    except OSError:
+        return False
+    return st.st_size == old[0] and st.st_mtime_ns == old[1] and (old[2] is None or old[2] == st.st_ino)
+
+
+def _regular(entry: os.DirEntry[str]) -> bool:
+    """Whether the entry is a regular file itself (not a link to one); False when that cannot be told."""
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _is_folder(entry: os.DirEntry[str]) -> bool:
