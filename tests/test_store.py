@@ -188,6 +188,27 @@ def test_retry_failed_takes_jobs_waiting_on_a_paused_service_only(store):
     assert again is not None and again.file.path == a.file.path and store.claim("analyze", "w") is None
 
 
+def test_a_retrys_sql_narrowing_takes_exactly_what_its_rule_takes():
+    """Each store reads only the rows a retry takes (the SQL condition of RetryAsk.narrowing): for every ask and
+    every open job (state, error code, pipeline), the condition selects it exactly when the rule takes it."""
+    import itertools
+    import sqlite3
+
+    from watcher.store.models import RetryAsk
+
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE j (state TEXT, error_code TEXT, pipeline TEXT)")
+    rows = list(itertools.product(("pending", "failed", "in_doubt"), (None, "needs_user", "retry_later"),
+                                  ("analyze", "archive")))  # fmt: skip
+    db.executemany("INSERT INTO j VALUES (?, ?, ?)", rows)
+    for flags in itertools.product((False, True), repeat=4):
+        for pipelines in (None, [], ["archive"], ["analyze", "archive"]):
+            ask = RetryAsk(*flags, pipelines=pipelines)
+            narrow, args = ask.narrowing("?")
+            found = db.execute(f"SELECT state, error_code, pipeline FROM j WHERE 1=1{narrow}", args).fetchall()
+            assert sorted(found, key=str) == sorted([r for r in rows if ask.takes(*r)], key=str), (flags, pipelines)
+
+
 def test_backfill_adds_missing_jobs_and_reopens_done_ones(store):
     """A back-fill adds a pipeline's job to revisions without one (once) and reopens done jobs at a step."""
     (file_id, _) = register(store)

@@ -290,6 +290,24 @@ class RetryAsk:
             or (self.waiting_on_service and state == State.PENDING and error_code == "needs_user")
         )
 
+    def narrowing(self, mark: str) -> tuple[str, list[Any]]:
+        """What :meth:`takes` takes as an SQL condition on ``j`` (the jobs) with its arguments (``mark``: the
+        store's placeholder), so a store reads only those rows: a start's retry of the jobs waiting on a service
+        must not read the 60,000 other jobs waiting their turn."""
+        args: list[Any] = []
+        wanted = [] if self.by_path else [
+            cond for on, cond in (
+                (self.failed, "j.state='failed'"),
+                (self.in_doubt, "j.state='in_doubt'"),
+                (self.waiting_on_service, "(j.state='pending' AND j.error_code='needs_user')"),
+            ) if on
+        ]  # fmt: skip
+        sql = "" if self.by_path else f" AND ({' OR '.join(wanted) or '1=0'})"
+        if self.pipelines is not None:
+            sql += f" AND j.pipeline IN ({', '.join([mark] * len(self.pipelines)) or 'NULL'})"
+            args.extend(self.pipelines)
+        return sql, args
+
     @staticmethod
     def release(state: State, data_json: str) -> tuple[str, list[Any]]:
         """The job's data once retried, and the keys of the operations it held in doubt (to be re-asked)."""

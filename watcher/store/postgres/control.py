@@ -141,8 +141,9 @@ class PgControlMixin(_Base):
             if paths is not None:
                 sql += " AND f.id = ANY(%s)"
                 args.append(self._ids_of_paths(db, paths))
+            narrow, narrow_args = ask.narrowing("%s")
             changed = 0
-            for row in db.execute(sql + " FOR UPDATE OF j", args).fetchall():
+            for row in db.execute(sql + narrow + " FOR UPDATE OF j", [*args, *narrow_args]).fetchall():
                 if not ask.takes(row["state"], row["error_code"], row["pipeline"]):
                     continue
                 data, held = RetryAsk.release(row["state"], row["data"])

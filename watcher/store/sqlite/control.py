@@ -141,7 +141,8 @@ class ControlMixin(_Base):
                 plist = list(paths)
                 sql += f" AND f.path IN ({','.join('?' * len(plist))})"
                 args.extend(to_db(p) for p in plist)
-            for row in db.execute(sql, args).fetchall():
+            narrow, narrow_args = ask.narrowing("?")
+            for row in db.execute(sql + narrow, [*args, *narrow_args]).fetchall():
                 if not ask.takes(row["state"], row["error_code"], row["pipeline"]):
                     continue
                 data, held = RetryAsk.release(row["state"], row["data"])
