@@ -73,6 +73,7 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     yield "release", lambda: store.release(job, next_attempt_at=now + 30)
     yield "get_job", lambda: store.get_job(job.id)
     yield "pending of some paths", lambda: store.pending(paths=[path])
+    yield "jobs under a file and a folder", lambda: store.jobs_under([path, f"{FOLDER}/f7"])  # `scan PATH`'s poll
     yield "in_doubt_operations", lambda: store.in_doubt_operations()
     yield "gate_recover", lambda: store.gate_recover("me:1:1")
     yield "release_leases", lambda: store.release_leases("me:1:1")
