@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import make_settings, query, wait_for, write_tone
+from tests.conftest import make_settings, wait_for, write_tone
 from watcher.commands.common import under
 from watcher.control import ask
 from watcher.emulator import Emulator
@@ -117,33 +116,44 @@ def test_sqlite_reads_the_jobs_under_paths_through_the_path_index(tmp_path):
 @pytest.fixture
 def no_whole_store(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading every current job fails: a command that names paths must not need it (its cost is the store's)."""
+    from watcher.store.postgres import PostgresStore
 
     def whole(self: Any) -> Any:
         raise AssertionError("a command that names paths read every current job of the store")
 
     monkeypatch.setattr(Store, "jobs_of_current", whole)
+    monkeypatch.setattr(PostgresStore, "jobs_of_current", whole)
 
 
 def test_scan_through_the_daemon_and_retry_read_only_the_jobs_under_their_paths(
     tmp_path, inbox: Path, emulator: Emulator, run_daemon, no_whole_store
 ):
-    """`watcher scan PATH` sent to the running daemon waits on the jobs under PATH (not the store's), answers once
-    they are done; `watcher retry PATH` finds what to retry the same way."""
+    """`watcher scan PATH` sent to the running daemon waits on the jobs under PATH (not the store's) and reports
+    them; `watcher retry PATH` finds what to retry the same way."""
+    scan_and_retry(make_settings(tmp_path, inbox, emulator.url), inbox, run_daemon)
+
+
+def test_the_same_with_a_shared_store(tmp_path, inbox: Path, emulator: Emulator, run_daemon, no_whole_store, pg_url):
+    """As above, the store in PostgreSQL."""
+    settings = make_settings(tmp_path, inbox, emulator.url)
+    settings = settings.model_copy(update={"store": settings.store.model_copy(update={"url": pg_url})})
+    scan_and_retry(settings, inbox, run_daemon)
+
+
+def scan_and_retry(settings: Any, inbox: Path, run_daemon: Any) -> None:
+    """Two files done by the daemon, a third dropped in sub/, `scan sub` through the daemon, `retry sub`."""
     from watcher.commands.manage import retry
 
     (inbox / "sub").mkdir()
     write_tone(inbox / "sub" / "a.wav", 0.2)
     write_tone(inbox / "subway.wav", 0.2, freq=550.0)
-    settings = make_settings(tmp_path, inbox, emulator.url)
     d = run_daemon(settings)
-    wait_for(lambda: query(tmp_path, "SELECT COUNT(*) FROM files") == (2,), what="the start-up scan")
-    wait_for(lambda: (settings.state_dir / "control.sock").exists(), what="the control socket")
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(ask, settings.state_dir, {"command": "scan", "paths": [str(inbox / "sub")]})
-        result = answer.result(timeout=90)
+    done = [inbox / "sub" / "a.wav.analysis.json", inbox / "subway.wav.analysis.json"]
+    wait_for(lambda: all(p.exists() for p in done), timeout=60, what="both files done")
+    write_tone(inbox / "sub" / "b.wav", 0.2, freq=660.0)  # new: the scan hints it and waits for its job
+    result = ask(settings.state_dir, {"command": "scan", "paths": [str(inbox / "sub")]})
     assert result["exit"] == 0 and result["problems"] == [], result
-    assert (inbox / "sub" / "a.wav.analysis.json").exists()
-    wait_for(lambda: (inbox / "subway.wav.analysis.json").exists(), what="the other file done too")
+    assert (inbox / "sub" / "b.wav.analysis.json").exists()
     d.stop()
     assert retry(settings, [inbox / "sub"]) == 0  # done: nothing to retry, found without reading the rest
 
