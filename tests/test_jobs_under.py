@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ def test_a_shared_store_finds_other_nodes_folders_by_the_path_they_recorded(open
     assert files(found(mine, "/o/a/b0.wav")) == {"/o/a/b0.wav"}
     assert found(mine, "/mnt/w") == []
     assert files(found(mine, "/")) == {f"{f}/{rel}" for f in ("/w", "/o") for rel in NAMES}
+
+
+def test_retry_of_a_folder_of_more_files_than_one_statement_takes(store):
+    """`retry PATH` of a big folder: its files' paths go to the store in chunks, each job reset once."""
+    from watcher.store import NewRevision
+
+    n = 1201  # past two chunks of 500
+    revisions = [NewRevision("/w", f"/w/big/f{k}.wav", f"big/f{k}.wav", 1, 1, k) for k in range(n)]
+    store.register_revisions(revisions, jobs=[("analyze", "analyze")], now=1.0)
+    record(store, "/w", "bigger/f.wav")
+    if isinstance(getattr(store, "_db", None), sqlite3.Connection):
+        store._db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)  # SQLite's limit before 3.32
+    selected = [j.file.path for j in store.jobs_under(["/w/big"])]
+    assert len(selected) == n and store.retry(paths=selected) == n
 
 
 def test_sqlite_reads_the_jobs_under_paths_through_the_path_index(tmp_path):

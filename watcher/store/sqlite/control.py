@@ -151,12 +151,19 @@ class ControlMixin(_Base):
         changed = 0
         with self._tx() as db:
             sql = _JOB_SELECT + "WHERE f.current=1 AND j.state IN ('pending', 'failed', 'in_doubt')"
-            args: list[Any] = []
-            if paths is not None:
-                plist = list(paths)
-                sql += f" AND f.path IN ({','.join('?' * len(plist))})"
-                args.extend(to_db(p) for p in plist)
-            for row in db.execute(sql, args).fetchall():
+            if paths is None:
+                rows = db.execute(sql).fetchall()
+            else:  # in chunks: a folder's files may pass the parameters one statement takes (32,766 by default)
+                plist = [to_db(p) for p in paths]
+                rows = [
+                    row
+                    for start in range(0, len(plist), _CHUNK)
+                    for row in db.execute(
+                        f"{sql} AND f.path IN ({','.join('?' * len(plist[start : start + _CHUNK]))})",
+                        plist[start : start + _CHUNK],
+                    )
+                ]
+            for row in rows:
                 if not ask.takes(row["state"], row["error_code"], row["pipeline"]):
                     continue
                 data, held = RetryAsk.release(row["state"], row["data"])
