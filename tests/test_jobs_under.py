@@ -64,7 +64,7 @@ def test_the_jobs_under_paths_are_exactly_those_of_current_revisions_there(store
     below_b = {f"{w}/a/b/x.wav", f"{w}/a/b/sub/y.wav", f"{w}/a/b/{BAD}.wav"}
     assert files(found(store, f"{w}/a/b")) == below_b
     assert files(found(store, f"{w}/a/b/")) == below_b
-    assert files(found(store, w)) == {f"{w}/{rel}" for rel in NAMES}
+    assert files(found(store, w)) == files(found(store, f"{w}/")) == {f"{w}/{rel}" for rel in NAMES}
     assert found(store, f"{w}/a/b/x.wav") == [(f"{w}/a/b/x.wav", "analyze", 2), (f"{w}/a/b/x.wav", "archive", 2)]
     assert files(found(store, f"{w}/a/{BAD}")) == {f"{w}/a/{BAD}/q.wav"}
     assert files(found(store, f"{w}/a/b/{BAD}.wav")) == {f"{w}/a/b/{BAD}.wav"}

@@ -116,6 +116,7 @@ class PgControlMixin(_Base):
 
     def _under(self, path: str, mine: list[str]) -> list[tuple[str, tuple[Any, ...]]]:
         """WHERE clauses (and their arguments) that together find the current revisions at or under ``path``."""
+        path = os.path.normpath(path)  # "/w/" is the folder "/w" (its relative path is not ".")
         low, high = below(path)
         others = "WHERE f.current AND NOT (f.folder_id = ANY(%s)) AND "
         out: list[tuple[str, tuple[Any, ...]]] = [
