@@ -116,10 +116,10 @@ def test_scanning_a_waiting_file_without_a_daemon_processes_it_first(tmp_path, i
             )  # fmt: skip
     finally:
         store.close()
-    code, problems, promoted = asyncio.run(scan(settings, [inbox / "old011.wav"]))
+    code, problems, promoted, paused = asyncio.run(scan(settings, [inbox / "old011.wav"]))
     order = query(tmp_path, "SELECT GROUP_CONCAT(rel_path) FROM (SELECT f.rel_path FROM jobs j JOIN files f "
                             "ON f.id = j.file_id WHERE j.state = 'done' ORDER BY j.updated_at, j.id)")  # fmt: skip
     assert order is not None
     done = str(order[0]).split(",")
     assert len(done) == 12 and done[0] == "old011.wav", done
-    assert (code, problems, promoted) == (0, [], 1)
+    assert (code, problems, promoted, paused) == (0, [], 1, {})

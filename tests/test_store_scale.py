@@ -73,6 +73,7 @@ def steady_state(store: Any, now: float) -> Iterator[tuple[str, Callable[[], Any
     yield "release", lambda: store.release(job, next_attempt_at=now + 30)
     yield "get_job", lambda: store.get_job(job.id)
     yield "pending of some paths", lambda: store.pending(paths=[path])
+    yield "jobs under a file and a folder", lambda: store.jobs_under([path, f"{FOLDER}/f7"])  # `scan PATH`'s poll
     yield "in_doubt_operations", lambda: store.in_doubt_operations()
     yield "gate_recover", lambda: store.gate_recover("me:1:1")
     yield "release_leases", lambda: store.release_leases("me:1:1")
@@ -175,6 +176,20 @@ def test_sqlite_steady_state_queries_use_an_index(sqlite_stores):
         assert all(PARTIAL.search(f"USING INDEX {name}") for (name,) in partial_indexes)
     finally:
         store.close()
+
+
+def test_sqlite_jobs_under_a_path_cost_the_files_there_not_the_store(sqlite_stores):
+    """`scan PATH` polls the jobs under its paths: as few steps in a million-job store as in a thousand."""
+    paths, _ = sqlite_stores
+    stores = {n: Store(p) for n, p in paths.items()}
+    try:
+        call = {n: partial(s.jobs_under, [f"{FOLDER}/f77.wav", f"{FOLDER}/f7"]) for n, s in stores.items()}
+        steps = {n: vm_steps(s, call[n]) for n, s in stores.items()}
+        print("jobs_under virtual-machine steps:", steps)
+        assert len(call[BIG]()) == 2 and steps[BIG] < 2 * steps[SMALL] + 100, steps
+    finally:
+        for s in stores.values():
+            s.close()
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------------------
@@ -297,5 +312,20 @@ def test_postgres_steady_state_queries_use_an_index(pg_stores):
                     # one pass rather than look each one up: a cost of the files, never of the finished jobs.
                     scanned = [t for t in scanned if t != "files"]
                 assert not scanned, (name, sql, plan)
+    finally:
+        store.close()
+
+
+def test_postgres_jobs_under_a_path_read_the_files_there_not_the_store(pg_stores):
+    """`scan PATH` polls the jobs under its paths: a few rows of files and jobs read, in a million-job store."""
+    urls, _ = pg_stores
+    store = open_pg(urls[BIG])
+    try:
+        plans = pg_plans(urls[BIG], store, partial(store.jobs_under, [f"{FOLDER}/f77.wav", f"{FOLDER}/f7"]))
+        read = {t: sum(rows_read(p, t) for _, p in plans) for t in ("files", "jobs")}
+        indexes = {n.get("Index Name") for _, p in plans for n in nodes(p["Plan"])} - {None}
+        print("jobs_under rows read:", read, "indexes:", sorted(indexes))
+        assert {"files_current", "files_by_path"} <= indexes, indexes  # this node's folder, and the others'
+        assert not any(seq_scans(p) for _, p in plans) and read["files"] <= 10 and read["jobs"] <= 10, read
     finally:
         store.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from watcher.app import open_store as open_adapter
 from watcher.app import store_path
-from watcher.commands.common import absolute, open_store, under
+from watcher.commands.common import absolute, open_store
 from watcher.config import Settings
 from watcher.errors import ConfigError
 from watcher.store import Store
@@ -24,7 +24,7 @@ def retry(settings: Settings, paths: Sequence[Path], *, failed: bool = False, in
         selected: list[str] | None = None
         if paths:
             targets = [str(p) for p in absolute(paths)]
-            selected = [j.file.path for j in store.jobs_of_current() if under(j.file.path, targets)]
+            selected = [j.file.path for j in store.jobs_under(targets)]
         return store.retry(paths=selected, failed=failed, in_doubt=in_doubt, waiting_on_service=failed)
     finally:
         store.close()

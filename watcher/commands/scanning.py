@@ -21,7 +21,6 @@ from watcher.names import display
 from watcher.runner import Outcome
 from watcher.statelock import StateLock
 from watcher.store import TERMINAL, Job, State
-from watcher.store.ports import StorePort
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -58,7 +57,7 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
             detector.hint(str(f), live=True)
         await detector.settle_all()
         targets = [str(p) for p in paths]
-        promoted = await promote(app, await asyncio.to_thread(app.store.jobs_of_current), targets)
+        promoted = await promote(app, await app.aio.jobs_under(targets), targets)
         bar = _progress(app.store.pending(), enabled=progress)
         if bar is not None:
             from watcher.events import Subscriber
@@ -75,8 +74,9 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
             await draining  # cancelled by a second signal: the running jobs checkpoint now (cut bodies: not sent)
         if bar is not None:
             bar.close()
-        code, problems = _scan_report(app.store, targets)
-        waiting, paused = await _held_after(app, targets)
+        jobs = await app.aio.jobs_under(targets)
+        code, problems = _scan_report(jobs)
+        waiting, paused = await _held_after(app, jobs)
         problems += waiting
         if paused:
             code = 1  # recorded, not processed: the work asked is not done
@@ -91,12 +91,10 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
         lock.release()
 
 
-async def _held_after(app: App, targets: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """After a scan without a daemon: the files under ``targets`` that wait on a paused folder or service (their
-    lines, and paused folder -> how many); every current job is read only when something is held."""
+async def _held_after(app: App, jobs: Sequence[Job]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """After a scan without a daemon: of the jobs under its paths, those that wait on a paused folder or service
+    (their lines, and paused folder -> how many files)."""
     held = await asyncio.to_thread(_held, app)
-    jobs = await asyncio.to_thread(app.store.jobs_of_current) if any(held) else []
-    jobs = [j for j in jobs if under(j.file.path, targets)]
     return _waiting(jobs, held), _paused(jobs, held)
 
 
@@ -126,12 +124,13 @@ def _on_signals(came: asyncio.Event, draining: asyncio.Future[None]) -> Iterator
             loop.remove_signal_handler(sig)
 
 
-def _scan_report(store: StorePort, targets: Sequence[str]) -> tuple[int, list[dict[str, Any]]]:
-    """(1 if a file under ``targets`` failed else 0, every problem under them)."""
+def _scan_report(jobs: Sequence[Job]) -> tuple[int, list[dict[str, Any]]]:
+    """(1 if one of ``jobs`` (those under the scan's paths) failed else 0, the problems among them: failed, held in
+    doubt, or waiting to retry after an error, as `Store.problems` lists them)."""
     problems = [
-        {"path": p.path, "pipeline": p.pipeline, "state": p.state, "step": p.step, "error": p.error}
-        for p in store.problems()
-        if under(p.path, targets)
+        {"path": j.file.path, "pipeline": j.pipeline, "state": j.state, "step": j.step, "error": j.last_error}
+        for j in jobs
+        if j.state in (State.FAILED, State.IN_DOUBT) or (j.state == State.PENDING and j.last_error is not None)
     ]
     return (1 if any(p["state"] == State.FAILED for p in problems) else 0), problems
 
@@ -169,7 +168,7 @@ async def scan_running(
         if not detector.idle():  # the detector's own loop settles the hinted files
             await asyncio.sleep(SCAN_POLL)
             continue
-        jobs = [j for j in await _ask(app, app.store.jobs_of_current) if under(j.file.path, targets)]
+        jobs = await _ask(app, app.store.jobs_under, targets)  # the files under the paths, not the store
         if promoted is None:  # settled: a changed file is a new (live) revision now, an unchanged one still waits
             promoted = await promote(app, jobs, targets)
         done = sum(j.state in TERMINAL for j in jobs)
@@ -180,7 +179,7 @@ async def scan_running(
         if not any(j.state == State.PENDING and j.error_code is None and _why_held(j, held) is None for j in jobs):
             break
         await asyncio.sleep(SCAN_POLL)  # sleep-ok: polling the store for the runner's progress
-    code, problems = await _ask(app, _scan_report, app.store, targets)
+    code, problems = _scan_report(jobs)  # the last poll's: the jobs the loop just found finished or held
     paused = _paused(jobs, held)
     return (1 if paused else code), problems + _waiting(jobs, held), promoted or 0, paused
 

@@ -208,6 +208,10 @@ class AsyncStore:
     async def jobs_of_file(self, file_id: int) -> list[Job]:
         return await self.call(self.sync.jobs_of_file, file_id)
 
+    async def jobs_under(self, paths: Sequence[str]) -> list[Job]:
+        """The jobs of the current revisions at or under ``paths`` (indexed ranges, see the port)."""
+        return await self.call(self.sync.jobs_under, list(paths))
+
     # -- results ----------------------------------------------------------------------------------------------
 
     async def results_for(self, sha256: str, backend: str) -> dict[str, StoredResult]:

@@ -184,7 +184,14 @@ class Control(Protocol):
 
     def jobs_of_file(self, file_id: int) -> list[Job]: ...
 
-    def jobs_of_current(self) -> list[Job]: ...
+    def jobs_of_current(self) -> list[Job]:
+        """Every job of every current revision (the whole store: `watcher status` only)."""
+        ...
+
+    def jobs_under(self, paths: Sequence[str]) -> list[Job]:
+        """The jobs of the current revisions at or under ``paths`` (files, or folders and all below), in path
+        order: indexed ranges, read in proportion to the files found (what commands that name paths use)."""
+        ...
 
     def current_jobs_after(self, file_id: int, files: int) -> list[Job]:
         """The jobs of the next ``files`` current revisions after ID ``file_id``, in ID order (a page, keyset)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -243,3 +244,16 @@ def by_state(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]
         if n:
             out.setdefault(pipeline, {})[state] = int(n)
     return out
+
+
+def below(path: str) -> tuple[bytes, bytes]:
+    """The byte range [low, high) holding exactly the paths inside folder ``path``, as the stores compare them
+    (memcmp): ``/a/b`` gives ``/a/b/`` up to ``/a/b0`` (``0`` follows ``/``), so ``/a/bc/x`` falls outside."""
+    base = os.fsencode(path).rstrip(b"/")
+    return base + b"/", base + b"0"
+
+
+def path_order(jobs: Iterable[Job]) -> list[Job]:
+    """``jobs`` once each (by ID), in the order of their names' bytes, then pipeline."""
+    unique = {j.id: j for j in jobs}
+    return sorted(unique.values(), key=lambda j: (os.fsencode(j.file.path), j.pipeline))

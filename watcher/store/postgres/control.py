@@ -21,7 +21,7 @@ from watcher.store.postgres.schema import (
     NOW,
     TERMINAL_STATES,
 )
-from watcher.store.rules import AFTER_CRASH_ERROR_SQL, AFTER_CRASH_SQL, utc_day
+from watcher.store.rules import AFTER_CRASH_ERROR_SQL, AFTER_CRASH_SQL, below, path_order, utc_day
 
 if TYPE_CHECKING:
     from watcher.store.postgres.base import PgBase as _Base
@@ -105,6 +105,34 @@ class PgControlMixin(_Base):
     def jobs_of_current(self) -> list[Job]:
         rows = self._all(JOB_SELECT + "WHERE f.current ORDER BY f.folder_id, f.rel_path, j.pipeline")
         return [self._job(r) for r in rows]
+
+    def jobs_under(self, paths: Sequence[str]) -> list[Job]:
+        """The jobs of the current revisions at or under ``paths`` (see the SQLite adapter), each part an indexed
+        range: in this node's folders by folder ID and relative path (``files_current``), in the folders of other
+        nodes only by the path they recorded (``files_by_path``)."""
+        mine = sorted(set(self._folders.values()))
+        rows = [r for p in paths for sql, args in self._under(p, mine) for r in self._all(JOB_SELECT + sql, args)]
+        return path_order(self._job(r) for r in rows)
+
+    def _under(self, path: str, mine: list[str]) -> list[tuple[str, tuple[Any, ...]]]:
+        """WHERE clauses (and their arguments) that together find the current revisions at or under ``path``."""
+        path = os.path.normpath(path)  # "/w/" is the folder "/w" (its relative path is not ".")
+        low, high = below(path)
+        others = "WHERE f.current AND NOT (f.folder_id = ANY(%s)) AND "
+        out: list[tuple[str, tuple[Any, ...]]] = [
+            (others + "f.path=%s", (mine, path_bytes(path))),
+            (others + "f.path>=%s AND f.path<%s", (mine, low, high)),
+        ]
+        inside = path.rstrip("/") + "/"
+        for folder, fid in self._folders.items():
+            if folder == path or folder.startswith(inside):  # the whole folder
+                out.append(("WHERE f.current AND f.folder_id=%s", (fid,)))
+            elif path.startswith(folder.rstrip("/") + "/"):  # a file or a folder inside it
+                rel = os.path.relpath(path, folder)
+                here = "WHERE f.current AND f.folder_id=%s AND f.rel_path"
+                out.append((here + "=%s", (fid, path_bytes(rel))))
+                out.append((here + ">=%s AND f.rel_path<%s", (fid, *below(rel))))
+        return out
 
     def current_jobs_after(self, file_id: int, files: int) -> list[Job]:
         """A page of current revisions' jobs, in file ID order (see the SQLite adapter). The lateral probe keeps the

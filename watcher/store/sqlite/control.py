@@ -7,9 +7,9 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from watcher.names import from_db, text, to_db
+from watcher.names import from_db, is_text, text, to_db
 from watcher.store.models import _JOB_SELECT, Job, Problem, RetryAsk, State, Step
-from watcher.store.rules import utc_day
+from watcher.store.rules import below, path_order, utc_day
 
 if TYPE_CHECKING:
     from watcher.store.sqlite.core import StoreBase
@@ -102,6 +102,21 @@ class ControlMixin(_Base):
             rows = self._db.execute(_JOB_SELECT + "WHERE f.current=1 ORDER BY f.path, j.pipeline").fetchall()
         return [self._job(r) for r in rows]
 
+    def jobs_under(self, paths: Sequence[str]) -> list[Job]:
+        """The jobs of the current revisions at or under ``paths`` (a file, or a folder and all below it), in path
+        order. Ranges of the ``files_by_path`` index, so the cost follows the files found, not the store's size: a
+        name stored as text and one stored as bytes (not UTF-8, see ``to_db``) each have their range."""
+        where: list[tuple[str, tuple[Any, ...]]] = []
+        for path in paths:
+            low, high = below(path)
+            where.append(("f.path=?", (to_db(path),)))
+            where.append(("f.path>=? AND f.path<?", (low, high)))
+            if is_text(path):  # else every name below it is stored as bytes too
+                where.append(("f.path>=? AND f.path<?", (low.decode(), high.decode())))
+        with self._lock:
+            rows = [r for sql, a in where for r in self._db.execute(f"{_JOB_SELECT}WHERE {sql} AND f.current=1", a)]
+        return path_order(self._job(r) for r in rows)
+
     def current_jobs_after(self, file_id: int, files: int) -> list[Job]:
         """The jobs of the first ``files`` current revisions with jobs whose ID is above ``file_id``, in ID order (a
         page: a revision's jobs are never split, and the next page starts after the last one's ID)."""
@@ -136,13 +151,20 @@ class ControlMixin(_Base):
         changed = 0
         with self._tx() as db:
             sql = _JOB_SELECT + "WHERE f.current=1 AND j.state IN ('pending', 'failed', 'in_doubt')"
-            args: list[Any] = []
-            if paths is not None:
-                plist = list(paths)
-                sql += f" AND f.path IN ({','.join('?' * len(plist))})"
-                args.extend(to_db(p) for p in plist)
-            narrow, narrow_args = ask.narrowing("?")
-            for row in db.execute(sql + narrow, [*args, *narrow_args]).fetchall():
+            narrow, narrow_args = ask.narrowing("?")  # by path: no narrowing but the pipelines'
+            if paths is None:
+                rows = db.execute(sql + narrow, narrow_args).fetchall()
+            else:  # in chunks: a folder's files may pass the parameters one statement takes (32,766 by default)
+                plist = [to_db(p) for p in paths]
+                rows = [
+                    row
+                    for start in range(0, len(plist), _CHUNK)
+                    for row in db.execute(
+                        f"{sql} AND f.path IN ({','.join('?' * len(plist[start : start + _CHUNK]))}){narrow}",
+                        [*plist[start : start + _CHUNK], *narrow_args],
+                    )
+                ]
+            for row in rows:
                 if not ask.takes(row["state"], row["error_code"], row["pipeline"]):
                     continue
                 data, held = RetryAsk.release(row["state"], row["data"])
