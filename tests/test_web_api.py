@@ -662,3 +662,61 @@ def test_the_page_says_the_store_is_unreachable_instead_of_waiting_on_it(page: P
     outage.unlink()
     assert page.json("/api/status")["store_unreachable"] is None
     assert page.client.get("/api/files").status_code == 200
+
+
+def test_a_page_read_before_the_daemon_opened_its_store_waits_for_it(tmp_path: Path, inbox: Path) -> None:
+    """The page starts before the daemon's store exists (a first start, a slow share): a status asked meanwhile
+    waits for the store to be opened and answers from it, instead of failing on a store not yet made."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from watcher.app import open_store
+    from watcher.web.api import Context
+    from watcher.web.live import LiveEvents
+
+    settings = web_settings(tmp_path, inbox, SimpleNamespace(url="http://127.0.0.1:9"), archive=False)  # type: ignore[arg-type]
+
+    async def go() -> dict:
+        opened = asyncio.Event()
+        ctx = Context(settings, LiveEvents(), store_open=opened)
+        asked = asyncio.ensure_future(ctx.report())
+        await asyncio.sleep(0.2)  # sleep-ok: the request must be waiting, not answered, while the store is missing
+        assert not asked.done(), "answered before the store was opened"
+        await asyncio.to_thread(lambda: open_store(settings).close())  # the daemon makes and migrates it
+        opened.set()
+        try:
+            return await asyncio.wait_for(asked, 10)
+        finally:
+            ctx.close()
+
+    doc = asyncio.run(go())
+    assert "counts" in doc and doc.get("store_unreachable") is None
+
+
+def test_a_request_that_fails_is_logged_and_answered_with_the_kind_of_error_only() -> None:
+    """An unexpected error in a handler: the daemon's log names the request and the error; the answer is a 500
+    naming only the kind of error (its text may carry what the page must not show)."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from watcher.web.server import _failed
+
+    async def broken(request: object) -> None:
+        raise KeyError("secret-ish detail")
+
+    app = Starlette(routes=[Route("/api/status", broken)], exception_handlers={Exception: _failed})
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # the server logs it again, as uvicorn
+        async with httpx.AsyncClient(transport=transport, base_url="http://page") as client:
+            return await client.get("/api/status")
+
+    with capture_logs() as logs:
+        r = asyncio.run(ask())
+    assert r.status_code == 500
+    assert r.json()["detail"] == "/api/status failed (KeyError); the daemon's log says more; the page asks again"
+    assert "secret-ish" not in r.text
+    failed = [e for e in logs if e["event"] == "web.request_failed"]
+    assert len(failed) == 1 and failed[0]["path"] == "/api/status" and "secret-ish detail" in failed[0]["error"]

@@ -78,6 +78,7 @@ class Daemon(Steering):
         self.metrics_address: tuple[str, int] | None = None
         self.web: Any = None  # watcher.web.server.WebServer while the page runs
         self._page: Any = None  # the same, also when it could not start (its stop clears the state it left)
+        self._store_open = asyncio.Event()  # set once the first graph has opened the store: page reads wait for it
         self._live: Subscriber | None = None  # the page's event feed, kept across reloads
         self.open_files = 0  # the open-files soft limit, once raised at start
         self.started_at = time.time()
@@ -214,7 +215,8 @@ class Daemon(Steering):
         from watcher.web.server import WebServer
 
         live = LiveEvents()
-        web = WebServer(Context(self.settings, live, wake=self._wake, healthy=self.healthy))
+        ctx = Context(self.settings, live, wake=self._wake, healthy=self.healthy, store_open=self._store_open)
+        web = WebServer(ctx)
         self._page = web
         if await web.start():  # if not, the state folder's web.json says why, for `watcher status`
             self.web, self._live = web, live
@@ -237,6 +239,7 @@ class Daemon(Steering):
             return 0
         app = await build_daemon(self.settings, metrics=self.metrics, housekeeping=self.housekeeping, live=self._live)
         self.app = app
+        self._store_open.set()
         check_keys = self._check_keys(app)
         try:
             # Markers and the leftovers sweep both touch the share (slow ones take seconds): side by side.

@@ -5,6 +5,7 @@ indexed lookups (never the whole store per request)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from watcher.store.away import read_outage, unavailable
 from watcher.web import data
 from watcher.web.live import LiveEvents
 
+STORE_WAIT = 10.0  # seconds a page read waits for a starting daemon to open its store
+
 
 @dataclass
 class Context:
@@ -38,6 +41,8 @@ class Context:
     healthy: Callable[[], bool] = lambda: True
     metrics: Any = None
     status_extra: dict[str, Any] = field(default_factory=dict)
+    # set by a daemon once its store is open (the page starts first): reads wait for it, up to STORE_WAIT seconds
+    store_open: asyncio.Event | None = None
     _reader: Any = field(default=None, repr=False)
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -56,13 +61,23 @@ class Context:
             reader.close()
 
     async def read(self, fn: Callable[[Any], Any]) -> Any:
-        """``fn(store)`` on the reader, in a thread."""
+        """``fn(store)`` on the reader, in a thread (once the daemon's store is open, see :meth:`opened`)."""
+        await self.opened()
         return await asyncio.to_thread(lambda: fn(self.reader()))
+
+    async def opened(self) -> None:
+        """Wait until the daemon has opened (created, migrated) its store: the page answers from the daemon's first
+        second, and a read before that found a store not yet made. After STORE_WAIT seconds the read goes on (a
+        store that cannot be reached is then said as such)."""
+        if self.store_open is not None and not self.store_open.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.store_open.wait(), STORE_WAIT)
 
     async def report(self) -> dict[str, Any]:
         """The status document as the page shows it: counts, backlog, the first open files and problems; while the
         daemon cannot reach its store, what it says of that (since when, why, what next) and nothing else."""
         web = await asyncio.to_thread(commands.web_state, self.settings)
+        await self.opened()
         outage = await asyncio.to_thread(read_outage, self.settings.state_dir)
         if outage is None:
             try:

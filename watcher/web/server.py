@@ -92,7 +92,16 @@ def build_app(ctx: Context, sessions: Sessions, *, port: int, hosts: frozenset[s
         Route("/healthz", h.healthz),
         Mount("/static", app=StaticFiles(directory=static_dir()), name="static"),
     ]
-    return Guard(Starlette(routes=routes), sessions, cookie=cookie, hosts=hosts, any_address=any_address)
+    app = Starlette(routes=routes, exception_handlers={Exception: _failed})
+    return Guard(app, sessions, cookie=cookie, hosts=hosts, any_address=any_address)
+
+
+async def _failed(request: Request, exc: Exception) -> Response:
+    """A request that failed unexpectedly: said in the daemon's log (what was asked, what went wrong, secrets
+    redacted) and answered 500 naming only the kind of error; the daemon and the other requests go on."""
+    path, kind = request.url.path, type(exc).__name__
+    log.error("web.request_failed", method=request.method, path=path, error=f"{kind}: {exc}", next="answered 500")
+    return problem(500, f"{path} failed ({kind}); the daemon's log says more; the page asks again")
 
 
 class _Handlers:
