@@ -187,6 +187,24 @@ def test_a_scan_of_a_paused_folder_says_so_and_exits_1(tmp_path, inbox, emu, dae
     assert d.stop() == 0
 
 
+def test_a_scan_of_a_sub_folder_of_a_paused_folder_pays_nothing(tmp_path, inbox, emu):
+    """`watcher scan` of a sub-folder (or `.` in it) of a paused folder, no daemon running: its files are recorded
+    under the paused folder, as the daemon records them, so the pause holds: nothing is sent, the scan says so and
+    exits 1 (an attack found them analysed, paid for and the scan exiting 0)."""
+    for name in ("a", "b"):
+        write_tone(inbox / "album" / f"{name}.wav", 0.3, freq=300.0 + ord(name))
+    env, cfg = env_for(tmp_path), write_config(tmp_path, base_config(tmp_path, inbox, emu))
+    assert cli("pause", str(inbox), env=env, cfg=cfg).returncode == 0
+    by_path = cli("scan", str(inbox / "album"), env=env, cfg=cfg)
+    from_inside = cli("scan", ".", env=env, cfg=cfg, cwd=inbox / "album")
+    for scanned in (by_path, from_inside):
+        assert scanned.returncode == 1, scanned.stderr
+        assert f"watcher: {inbox} is paused: 2 file(s) recorded but not processed" in scanned.stderr
+    assert emu.api.counts().get(STREAM, 0) == 0
+    assert not sidecar(inbox / "album" / "a.wav").exists()
+    assert query(tmp_path, "SELECT DISTINCT folder FROM files") == (str(inbox),)
+
+
 def test_a_command_waits_for_a_daemon_between_its_lock_and_its_socket(tmp_path, inbox, emu):
     """`watcher status` while the state folder's lock is held and no socket answers (a daemon starting): it says
     it waits, and answers once the lock is let go (it failed with exit 3 at once, a flake of every poll of status

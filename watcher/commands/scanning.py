@@ -35,7 +35,7 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
     (exit code, problems, files already waiting moved to the front, files left in paused folders). The state
     folder's lock is held throughout (a daemon starting meanwhile waits)."""
     paths = absolute(paths)
-    folders, files = scan_targets(settings, paths)
+    folders, walks, files = scan_targets(settings, paths)
     lock = StateLock(settings.state_dir, role="`watcher scan`")
     lock.acquire()
     try:
@@ -50,9 +50,8 @@ async def scan(settings: Settings, paths: Sequence[Path], *, progress: bool = Fa
         # The user says the files are there now: one quiet second (or less) confirms nothing is writing.
         folders = [f.model_copy(update={"settle_seconds": min(f.settle_seconds, SCAN_SETTLE)}) for f in folders]
         detector = app.make_detector(folders)
-        for folder in folders:
-            if any(str(p) == str(folder.path) for p in paths):
-                await detector.scan(str(folder.path), live=True)  # the user says these are today's
+        for root, start in walks:  # the user says these are today's
+            await detector.scan(root, start=None if start == root else start, live=True)
         for f in files:
             detector.hint(str(f), live=True)
         await detector.settle_all()
@@ -255,9 +254,14 @@ def _why_held(job: Job, held: tuple[set[str], dict[str, str]]) -> str | None:
     return None
 
 
-def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[FolderConfig], list[Path]]:
-    """Folders to walk and single files to hint; a path inside a configured folder keeps that folder's options."""
+def scan_targets(
+    settings: Settings, paths: Sequence[Path]
+) -> tuple[list[FolderConfig], list[tuple[str, str]], list[Path]]:
+    """What `watcher scan` without a daemon walks: the folders (a path inside a configured folder is that folder,
+    so its files are recorded as the daemon records them, and its pause holds), the folders to walk as (folder,
+    where in it the walk starts), and the single files to hint."""
     folders: dict[str, FolderConfig] = {}
+    walks: list[tuple[str, str]] = []
     files: list[Path] = []
     for raw in paths:
         path = Path(os.path.abspath(raw))
@@ -265,15 +269,14 @@ def scan_targets(settings: Settings, paths: Sequence[Path]) -> tuple[list[Folder
             raise ConfigError(f"{path} does not exist")
         configured = settings.folder_for(path)
         if path.is_dir():
-            folder = configured if configured is not None and configured.path == path else FolderConfig(path=path)
-            if configured is not None and folder is not configured:
-                folder = configured.model_copy(update={"path": path})
-            folders[str(folder.path)] = folder
+            folder = configured or FolderConfig(path=path)
+            folders.setdefault(str(folder.path), folder)
+            walks.append((str(folder.path), str(path)))
         else:
             folder = configured or FolderConfig(path=path.parent, recursive=False)
             folders.setdefault(str(folder.path), folder)
             files.append(path)
-    return list(folders.values()), files
+    return list(folders.values()), walks, files
 
 
 def _progress(total: int, *, enabled: bool) -> Any:
