@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+# Hypothesis first: imported after trio (which selenium brings), its plugin's end-of-run import warned, and the
+# warning, an error here, ended a run of a few test files with an internal error after all had passed.
+import hypothesis  # noqa: F401
 import pytest
 
 from tests.billcheck import discrepancies, postgres_lines, sqlite_lines, unique

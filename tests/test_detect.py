@@ -891,11 +891,11 @@ def test_the_loop_sleeps_while_nothing_is_due(tmp_path):
 )
 def test_a_hinted_path_is_placed_in_its_folder_as_os_path_would(path, root):
     """The fast way a hint's path is normalised and made relative to its folder agrees with os.path."""
-    from watcher.detect.detector import _absolute, _inside
+    from watcher.detect.folders import absolute_path, inside
 
-    normal = _absolute(path)
+    normal = absolute_path(path)
     assert normal == os.path.abspath(path)
-    assert _inside(normal, root) == os.path.relpath(normal, root)
+    assert inside(normal, root) == os.path.relpath(normal, root)
 
 
 def test_the_observer_is_not_woken_by_listing_or_reading_the_folder(tmp_path):

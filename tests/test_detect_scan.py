@@ -266,3 +266,47 @@ def test_the_first_scan_uses_the_answer_asked_while_the_watches_start(tmp_path):
     assert sink.asked.count(str(inbox)) == 1
     assert set(sink.asked) <= {str(inbox), str(missing)}
     assert [p for p, *_ in detector._hints] == [str(new)]
+
+
+def test_a_scan_of_many_new_files_lets_the_loop_serve_others_between_hints(tmp_path, monkeypatch):
+    """A first start over 120,000 new files hinted them all in one go on the loop (two seconds without a pulse or
+    a page answer); the hints now come a batch at a time, the loop serving others between."""
+    from watcher.detect import detector as module
+
+    monkeypatch.setattr(module, "PER_TURN", 10)
+    inbox = tmp_path / "in"
+    build(inbox, 35)
+
+    class Empty:
+        def known(self, path: str, sig: object) -> bool:
+            return False
+
+        async def ready(self, *args: object, **kwargs: object) -> None:
+            return None
+
+        def recorded(self, folder: str) -> Signatures:
+            return {}
+
+    detector = Detector([FolderConfig(path=inbox)], Empty())
+    order: list[str] = []
+    hint = detector.hint
+    detector.hint = lambda path, **kw: (order.append("hint"), hint(path, **kw))[1]  # type: ignore[method-assign]
+
+    async def scan_beside_a_ticker() -> int:
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                order.append("tick")
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        try:
+            return await detector.scan()
+        finally:
+            done.set()
+            await task
+
+    assert asyncio.run(scan_beside_a_ticker()) == 35
+    first, last = order.index("hint"), len(order) - 1 - order[::-1].index("hint")
+    assert order.count("hint") == 35 and order[first:last].count("tick") >= 3

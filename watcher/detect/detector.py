@@ -35,8 +35,10 @@ from watcher.detect.folders import (
     FolderState,
     FsPool,
     Watches,
+    absolute_path,
     collector_paused,
     decide_polling_for,
+    inside,
     reason_of,
     walk_changed,
 )
@@ -49,6 +51,7 @@ from watcher.names import display
 
 log = structlog.get_logger("watcher.detect")
 HEALTH_EVERY = 5.0
+PER_TURN = 1000  # hints or findings handled on the loop before it serves anything else again
 
 __all__ = ["HEALTH_EVERY", "Detector", "ReadySink", "Settled"]  # the sink's types are defined in detect.sink
 
@@ -125,12 +128,12 @@ class Detector:
             self._report_failure("detect.hint_failed", path, reason_of(exc), "ignored; the next scan looks again")
 
     def _hint(self, path: str, *, is_dir: bool, closed: bool, live: bool = False) -> None:
-        path = _absolute(path)
+        path = absolute_path(path)
         state = self.folder_of(path)
         if state is None:
             return
         root = str(state.config.path)
-        rel = _inside(path, root)
+        rel = inside(path, root)
         if is_dir:
             if rel == "." or (state.config.recursive and state.filter.wants_dir(rel)):
                 self._pending_dirs.add(path)
@@ -148,7 +151,7 @@ class Detector:
     def hint_threadsafe(self, path: str, *, is_dir: bool, closed: bool) -> None:
         """The observers' way in: hop onto the event loop. Events and polls are live, except a whole folder to
         rescan (an overflow, a folder back after an outage): its files are live only when recent."""
-        live = not (is_dir and _absolute(path) in self.folders)
+        live = not (is_dir and absolute_path(path) in self.folders)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(lambda: self.hint(path, is_dir=is_dir, closed=closed, live=live))
@@ -189,8 +192,10 @@ class Detector:
             except Exception as exc:
                 log.error("scan.failed", folder=display(folder), error=reason_of(exc), next="trying at the next scan")
                 continue
-            for p in paths:
+            for n, p in enumerate(paths, 1):
                 self.hint(p, live=live)
+                if n % PER_TURN == 0:
+                    await asyncio.sleep(0)  # a first start over 100,000 new files: the page and pulse go on between
             count += len(paths)
             if start is None:
                 log.info("scan.done", folder=display(folder), files=seen, new_or_changed=len(paths))
@@ -240,7 +245,9 @@ class Detector:
 
         findings, next_deadline = await self._pool.call(check)
         settled: list[Settled] = []
-        for finding in findings:
+        for n, finding in enumerate(findings, 1):
+            if n % PER_TURN == 0:
+                await asyncio.sleep(0)  # a check that settled 100,000 files: the loop serves others between
             path = finding.candidate.path
             if finding.readiness in (Readiness.GONE, Readiness.KNOWN):
                 self._failures.forget(path)  # deleted, or recorded already: an old failure there is history
@@ -265,7 +272,7 @@ class Detector:
             if state is None:
                 return []
             recent = time.time() - sig.mtime_ns / 1e9 <= state.config.live_hours * 3600
-            return [Settled(state.config, path, _inside(path, str(state.config.path)), sig, live or recent)]
+            return [Settled(state.config, path, inside(path, str(state.config.path)), sig, live or recent)]
         except Exception as exc:
             self._report_failure("detect.record_failed", path, reason_of(exc), "it will be seen again at the next scan")
             return []
@@ -376,23 +383,3 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
-
-
-def _absolute(path: str) -> str:
-    """``os.path.abspath(path)``, without its work for a path that is absolute and normal already (an observer's):
-    no ``.`` or ``..`` part, no doubled or trailing separator."""
-    sep = os.sep
-    if path[:1] == sep and f"{sep}." not in path and sep + sep not in path and not path.endswith(sep):
-        return path
-    return os.path.abspath(path)
-
-
-def _inside(path: str, root: str) -> str:
-    """``os.path.relpath(path, root)`` for a normal ``path`` that :meth:`Detector.folder_of` placed under ``root``
-    (so it is ``root`` or starts with it and a separator): a slice, not two more normalisations."""
-    if path == root:
-        return "."
-    prefix = root.rstrip(os.sep) + os.sep
-    if path.startswith(prefix) and root == _absolute(root):
-        return path[len(prefix) :]
-    return os.path.relpath(path, root)

@@ -345,3 +345,23 @@ class _CollectorPause:
 
 
 collector_paused = _CollectorPause()
+
+
+def absolute_path(path: str) -> str:
+    """``os.path.abspath(path)``, without its work for a path that is absolute and normal already (an observer's):
+    no ``.`` or ``..`` part, no doubled or trailing separator."""
+    sep = os.sep
+    if path[:1] == sep and f"{sep}." not in path and sep + sep not in path and not path.endswith(sep):
+        return path
+    return os.path.abspath(path)
+
+
+def inside(path: str, root: str) -> str:
+    """``os.path.relpath(path, root)`` for a normal ``path`` that :meth:`Detector.folder_of` placed under ``root``
+    (so it is ``root`` or starts with it and a separator): a slice, not two more normalisations."""
+    if path == root:
+        return "."
+    prefix = root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix) and root == absolute_path(root):
+        return path[len(prefix) :]
+    return os.path.relpath(path, root)
