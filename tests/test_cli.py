@@ -124,3 +124,23 @@ def test_retry_needs_a_target(tmp_path, emulator, inbox):
     assert watcher("scan", str(inbox), env=env).returncode == 0
     proc = watcher("retry", env=env)
     assert proc.returncode == 2 and "PATH..., --failed or --in-doubt" in proc.stderr
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly_with_141(tmp_path):
+    """`watcher status --json | head -c 10`: the reader closes the pipe; the command ends as a shell reports one
+    its pipe ended (141), saying nothing (it said "cannot start: Broken pipe" with exit 3 and logged a start-up
+    failure)."""
+    state = tmp_path / "state"
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f'state_dir = "{state}"\n[analysis]\napi_key = "k"\nbase_url = "http://127.0.0.1:9"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "watcher", "--config", str(cfg), "completion", "bash"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it writes: its first write meets a closed pipe
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""

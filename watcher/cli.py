@@ -29,6 +29,7 @@ from watcher.clidaemon import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_PIPE,
     EXIT_STARTUP,
     Exit,
     cmd_backfill,
@@ -173,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"watcher: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        # the reader went away (`watcher status --json | head`): it has what it wanted; nothing more to say, and
+        # the exit a shell gives a command its pipe ended (128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return EXIT_PIPE
     except StartupError as exc:
         print(f"watcher: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP

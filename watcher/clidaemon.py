@@ -20,6 +20,7 @@ from watcher.log import configure_logging
 from watcher.names import display
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STARTUP = 0, 1, 2, 3
+EXIT_PIPE = 141  # the reader of our output went away: what a shell reports for a command its pipe ended
 STARTING_WAIT_SECONDS = 10.0  # how long a command waits for a daemon that holds the lock to open its socket
 
 
