@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import API_KEY, make_settings, query, wait_for, write_tone
+from tests.conftest import API_KEY, make_settings, query, wait_for, write_silent_wav, write_tone
 from watcher.sdnotify import NullNotifier, SystemdNotifier, notifier_from_environ
 from watcher.store import Store
 
@@ -296,6 +297,41 @@ def test_a_reload_neither_cuts_nor_pays_again_for_a_running_stream(tmp_path, inb
     text = log.read_text()
     assert '"job.checkpointed"' not in text and '"paid.resend"' not in text, text[-2000:]
     assert emulator.api.counts()[stream] == 3
+
+
+def test_a_reload_that_lifts_the_bandwidth_limit_speeds_up_the_transfer_under_way(tmp_path, inbox, emulator):
+    """`bwlimit` lifted by a reload while a 1 MB stream crawls at 16 KiB/s (a minute): the transfer under way speeds
+    up at once and ends, then the reload applies; nothing is cut or sent again. (It held the reload for its 60 s
+    grace, then cut the transfer and sent it again from the start.)"""
+    stream = "POST /v1/analysis/stream"
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('bwlimit = "16k"\n' + folder_config(inbox))
+    log = tmp_path / "daemon.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
+    env.update(WATCHER_STATE_DIR=str(tmp_path / "state"), WATCHER_ANALYSIS__BASE_URL=emulator.url,
+               ESSENTIA_API_KEY=API_KEY)  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        write_silent_wav(inbox / "long.wav", 1)
+        wait_for(lambda: emulator.api.counts().get(stream) == 1, timeout=30, what="the stream under way")
+        cfg.write_text('bwlimit = "off"\n' + folder_config(inbox))
+        reloaded_at = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: '"daemon.reloaded"' in log.read_text(), timeout=30, what="the reload, once the stream ended")
+        assert time.monotonic() - reloaded_at < 20, "the stream did not speed up"
+        assert (inbox / "long.wav.analysis.json").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert '"bandwidth.retimed"' in text
+    assert '"job.checkpointed"' not in text and '"paid.resend"' not in text, text[-2000:]
+    assert emulator.api.counts()[stream] == 1
 
 
 def test_a_sighup_during_start_up_does_not_end_the_daemon(tmp_path, inbox, emulator):

@@ -150,8 +150,10 @@ class App:
         pipelines: Sequence[Pipeline],
         events: Events,
         closers: list[Any],
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self.settings = settings
+        self.bandwidth = bandwidth  # the limit every client of the graph shares (None: none)
         self.folders = {str(f.path): f for f in folders}
         self.aio = aio  # the store for code on the event loop: every call in the store's own threads
         self.store = aio.sync  # the same store, for code already off the loop (commands, worker threads)
@@ -205,7 +207,18 @@ class App:
         except BaseException:
             store.close()
             raise
-        return cls(settings, folders if folders is not None else settings.folders, aio, pipelines, events, closers)
+        chosen = folders if folders is not None else settings.folders
+        return cls(settings, chosen, aio, pipelines, events, closers, bandwidth)
+
+    def retime(self, bwlimit: str) -> None:
+        """A reload's new ``bwlimit`` for the transfers under way (before the graph is rebuilt with it): the shared
+        limit takes the new timetable at once, so a limit lifted speeds them up instead of holding the reload.
+        Transfers that started without any limit stay without."""
+        from watcher.config.bwlimit import parse_bwlimit
+
+        if self.bandwidth is not None:
+            self.bandwidth.table = parse_bwlimit(bwlimit)
+            log.info("bandwidth.retimed", bwlimit=str(self.bandwidth.table), next="transfers under way follow it now")
 
     def rates(self) -> dict[str, Callable[[], float]]:
         """The current adaptive rate of each service session the graph holds, by service name (for metrics)."""

@@ -122,6 +122,8 @@ class Daemon(Steering):
         if new is None:
             return
         self._new_settings = new
+        if self.app is not None:
+            self.app.retime(new.bwlimit)
         log.info(
             "daemon.reloading",
             next=f"letting running jobs finish for up to {RELOAD_GRACE_SECONDS:.0f} s, then starting again with the "
