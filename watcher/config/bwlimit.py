@@ -120,7 +120,7 @@ def parse_bwlimit(text: str) -> Timetable:
         if not comma or match is None:
             weekday = " (weekdays, as rclone's Mon-08:00, are not supported: each entry holds every day)"
             raise ValueError(
-                f"{part!r}: a timetable entry is HH:MM,RATE (e.g. 08:00,512k), entries separated by spaces"
+                f"{part!r}: a timetable entry is HH:MM,RATE (e.g. 08:00,512k), entries apart by spaces or semicolons"
                 + (weekday if "-" in when else "")
             )
         if not rate.strip():
