@@ -20,18 +20,19 @@ from watcher.store import Store
 pytestmark = pytest.mark.timeout(60)
 
 
-def start_watcher(tmp_path: Path, cfg: Path, url: str, **env_extra: str) -> subprocess.Popen[str]:
+def start_watcher(
+    tmp_path: Path, cfg: Path, url: str, *, log: Path | None = None, **env_extra: str
+) -> subprocess.Popen[str]:
+    """`watcher run` with JSON logs, its output piped (or, with ``log``, written to that file)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
     env.update(
         WATCHER_STATE_DIR=str(tmp_path / "state"), WATCHER_ANALYSIS__BASE_URL=url, ESSENTIA_API_KEY=API_KEY, **env_extra
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = [sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"]
+    if log is None:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def folder_config(*folders: Path) -> str:
@@ -267,12 +268,7 @@ def test_a_reload_neither_cuts_nor_pays_again_for_a_running_stream(tmp_path, inb
     cfg = tmp_path / "w.toml"
     cfg.write_text(folder_config(inbox))
     log = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
-    env.update(WATCHER_STATE_DIR=str(tmp_path / "state"), WATCHER_ANALYSIS__BASE_URL=emulator.url,
-               ESSENTIA_API_KEY=API_KEY)  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = start_watcher(tmp_path, cfg, emulator.url, log=log)
     try:
         write_tone(inbox / "a.wav", 0.2)
         wait_for(lambda: emulator.api.counts().get(stream) == 1, timeout=30, what="the first stream under way")
@@ -307,12 +303,7 @@ def test_a_reload_that_lifts_the_bandwidth_limit_speeds_up_the_transfer_under_wa
     cfg = tmp_path / "w.toml"
     cfg.write_text('bwlimit = "16k"\n' + folder_config(inbox))
     log = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHER_")}
-    env.update(WATCHER_STATE_DIR=str(tmp_path / "state"), WATCHER_ANALYSIS__BASE_URL=emulator.url,
-               ESSENTIA_API_KEY=API_KEY)  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "watcher", "--config", str(cfg), "--log-format", "json", "run"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = start_watcher(tmp_path, cfg, emulator.url, log=log)
     try:
         write_silent_wav(inbox / "long.wav", 1)
         wait_for(lambda: emulator.api.counts().get(stream) == 1, timeout=30, what="the stream under way")
