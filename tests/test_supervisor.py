@@ -368,3 +368,26 @@ def test_the_early_sighup_guard_is_the_first_line_of_watcher_that_runs() -> None
     ):
         out = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True)
         assert out.stdout.strip() == expected, (argv, out.stderr)
+
+
+def test_a_stopped_daemon_ends_without_waiting_for_a_thread_stuck_on_a_slow_share() -> None:
+    """A daemon that stopped while a thread still waits on a slow share (a read that takes a minute): the process
+    ends about a second later with the daemon's exit code, saying so (asyncio.run and the interpreter waited for
+    the thread without limit: a CI run's daemon outlived its 15 s after SIGTERM)."""
+    program = (
+        "import asyncio, threading, sys\n"
+        "from watcher.cli import run_to_exit\n"
+        "from watcher.log import configure_logging\n"
+        "configure_logging('json', 'info')\n"
+        "forever = threading.Event()\n"
+        "async def daemon():\n"
+        "    asyncio.get_running_loop().run_in_executor(None, forever.wait, 60)  # a read on a share that hangs\n"
+        "    await asyncio.sleep(0.1)\n"
+        "    return 0\n"
+        "sys.exit(run_to_exit(daemon()))\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 10
+    assert "daemon.exit_without_threads" in done.stdout + done.stderr

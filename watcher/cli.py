@@ -18,7 +18,9 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return fresh
 
         daemon = Daemon(settings, reload=reload, notifier=notifier_from_environ(os.environ))
-        return asyncio.run(daemon.run())
+        return run_to_exit(daemon.run())
     if args.command == "scan":
         return cmd_scan(args, _settings(args))
     if args.command == "status":
@@ -244,3 +246,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "spend":
         return cmd_spend(_settings(args), args.first, args.last, as_csv=args.csv)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
+
+
+EXIT_PATIENCE = 1.0  # seconds a stopped daemon waits for threads still blocked (on a slow share) before it ends
+
+
+def run_to_exit(main: Coroutine[Any, Any, int]) -> int:
+    """`watcher run`'s event loop, and the process's end. Once the daemon has stopped (work checkpointed, the
+    store closed), a thread still blocked on a slow share (a file read, a listing) must not hold the process:
+    asyncio.run and the interpreter would wait for it without limit (a stop took over 15 s on a slow share). It
+    gets EXIT_PATIENCE seconds; then the process ends without it (its work is taken up again from the store)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        code = loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()  # its thread pool is told to shut down, not waited for
+    deadline = time.monotonic() + EXIT_PATIENCE
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    me = threading.current_thread()
+    stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not me]
+    if stuck:
+        structlog.get_logger("watcher.cli").warning(
+            "daemon.exit_without_threads", threads=stuck, next="their work is taken up again at the next start"
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
