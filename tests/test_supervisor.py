@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,19 @@ def start_watcher(
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with log.open("w") as out:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+@contextlib.contextmanager
+def ended_by_sigterm(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The daemon for a test's body, then a SIGTERM that must end it with 0 (killed if the body failed)."""
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def folder_config(*folders: Path) -> str:
@@ -268,8 +283,7 @@ def test_a_reload_neither_cuts_nor_pays_again_for_a_running_stream(tmp_path, inb
     cfg = tmp_path / "w.toml"
     cfg.write_text(folder_config(inbox))
     log = tmp_path / "daemon.log"
-    proc = start_watcher(tmp_path, cfg, emulator.url, log=log)
-    try:
+    with ended_by_sigterm(start_watcher(tmp_path, cfg, emulator.url, log=log)) as proc:
         write_tone(inbox / "a.wav", 0.2)
         wait_for(lambda: emulator.api.counts().get(stream) == 1, timeout=30, what="the first stream under way")
         cfg.write_text("[analysis]\nmodles = 1\n")
@@ -284,12 +298,6 @@ def test_a_reload_neither_cuts_nor_pays_again_for_a_running_stream(tmp_path, inb
         assert (inbox / "b.wav.analysis.json").exists()  # the stream ended before the rebuild, not cut by it
         write_tone(second / "c.wav", 0.2, freq=700)
         wait_for(lambda: (second / "c.wav.analysis.json").exists(), timeout=40, what="the new folder watched")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert '"job.checkpointed"' not in text and '"paid.resend"' not in text, text[-2000:]
     assert emulator.api.counts()[stream] == 3
@@ -303,8 +311,7 @@ def test_a_reload_that_lifts_the_bandwidth_limit_speeds_up_the_transfer_under_wa
     cfg = tmp_path / "w.toml"
     cfg.write_text('bwlimit = "16k"\n' + folder_config(inbox))
     log = tmp_path / "daemon.log"
-    proc = start_watcher(tmp_path, cfg, emulator.url, log=log)
-    try:
+    with ended_by_sigterm(start_watcher(tmp_path, cfg, emulator.url, log=log)) as proc:
         write_silent_wav(inbox / "long.wav", 1)
         wait_for(lambda: emulator.api.counts().get(stream) == 1, timeout=30, what="the stream under way")
         cfg.write_text('bwlimit = "off"\n' + folder_config(inbox))
@@ -313,12 +320,6 @@ def test_a_reload_that_lifts_the_bandwidth_limit_speeds_up_the_transfer_under_wa
         wait_for(lambda: '"daemon.reloaded"' in log.read_text(), timeout=30, what="the reload, once the stream ended")
         assert time.monotonic() - reloaded_at < 20, "the stream did not speed up"
         assert (inbox / "long.wav.analysis.json").exists()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert '"bandwidth.retimed"' in text
     assert '"job.checkpointed"' not in text and '"paid.resend"' not in text, text[-2000:]
@@ -379,10 +380,13 @@ def test_a_stopped_daemon_ends_without_waiting_for_a_thread_stuck_on_a_slow_shar
         "from watcher.cli import run_to_exit\n"
         "from watcher.log import configure_logging\n"
         "configure_logging('json', 'info')\n"
-        "forever = threading.Event()\n"
+        "forever, reading = threading.Event(), threading.Event()\n"
+        "def read():  # a read on a share that hangs\n"
+        "    reading.set()\n"
+        "    forever.wait(60)\n"
         "async def daemon():\n"
-        "    asyncio.get_running_loop().run_in_executor(None, forever.wait, 60)  # a read on a share that hangs\n"
-        "    await asyncio.sleep(0.1)\n"
+        "    asyncio.get_running_loop().run_in_executor(None, read)\n"
+        "    await asyncio.to_thread(reading.wait, 10)\n"
         "    return 0\n"
         "sys.exit(run_to_exit(daemon()))\n"
     )
